@@ -1,0 +1,1 @@
+"""Cost model: cluster descriptions, profilers, time and memory predictions."""

@@ -1,0 +1,139 @@
+"""capture(): an unmodified nn.Module and example inputs → an annotated Program.
+
+The steps, in order: check the inputs against the forward signature; export (non-strict) in training
+mode so that dropout is recorded; give the Program its own copy of the parameters so that training it
+never touches the user's model; then the passes — discover layers, split them into modules, annotate
+nodes, sum per layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from .errors import CaptureError
+from .program import Program
+
+
+def capture(model: nn.Module, example_args: tuple = (), example_kwargs: dict | None = None, *, training: bool = True) -> Program:
+    """Capture ``model`` called as ``model(*example_args, **example_kwargs)`` into a Program.
+
+    The example batch's first dimension is taken as the batch (use at least 2 samples). Pass
+    ``use_cache=False`` to decoders. ``training=True`` records dropout as in training; the model's own
+    mode and parameters are left as they were.
+    """
+    from galvatron_fx.passes.annotate import annotate_nodes, sum_layer_stats
+    from galvatron_fx.passes.discover_layers import discover_layers
+    from galvatron_fx.passes.split_layers import split_layers
+
+    example_args = tuple(example_args) if isinstance(example_args, (tuple, list)) else (example_args,)
+    example_kwargs = dict(example_kwargs or {})
+    _check_signature(model, example_args, example_kwargs)
+    _check_no_cache(model, example_kwargs)
+
+    exported = _export(model, example_args, example_kwargs, training)
+    graph_module = exported.module()
+    _drop_guard_calls(graph_module)
+    _own_parameters(graph_module)
+    placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+    flat_inputs = pytree.tree_leaves((example_args, example_kwargs))
+    batch_size = _batch_size(flat_inputs)
+
+    segments = discover_layers(graph_module, model)
+    layers = split_layers(graph_module, segments, batch_size)
+    annotate_nodes(graph_module, dict(zip((n.name for n in placeholders), flat_inputs)))
+    sum_layer_stats(graph_module, layers)
+    return Program(
+        graph_module=graph_module,
+        layers=layers,
+        batch_size=batch_size,
+        placeholder_names=tuple(n.name for n in placeholders),
+        in_spec=graph_module._in_spec,
+        out_spec=graph_module._out_spec,
+        model_name=type(model).__name__,
+        exported=exported,
+    )
+
+
+def _check_signature(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    try:
+        inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as error:
+        params = ", ".join(inspect.signature(model.forward).parameters)
+        raise CaptureError(
+            f"the example inputs do not fit {type(model).__name__}.forward({params}): {error}",
+            "pass example_args/example_kwargs exactly as you would call the model",
+        ) from None
+
+
+def _check_no_cache(model: nn.Module, kwargs: dict) -> None:
+    """A decoder that returns its key/value cache cannot be trained layer by layer: refuse it early."""
+    config = getattr(model, "config", None)
+    accepts = "use_cache" in inspect.signature(model.forward).parameters
+    if not accepts or kwargs.get("use_cache") is False:
+        return
+    if kwargs.get("use_cache") or getattr(config, "use_cache", False) and getattr(config, "is_decoder", True):
+        raise CaptureError(
+            f"{type(model).__name__} would return its decoder key/value cache (use_cache is on)",
+            "pass use_cache=False in example_kwargs (and in every training batch), or set model.config.use_cache = False",
+        )
+
+
+@contextlib.contextmanager
+def _mode(model: nn.Module, training: bool):
+    was_training = {m: m.training for m in model.modules()}
+    model.train(training)
+    try:
+        yield
+    finally:
+        for module, mode in was_training.items():
+            module.training = mode
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, training: bool):
+    try:
+        with _mode(model, training):
+            return torch.export.export(model, args, kwargs, strict=False)
+    except Exception as error:  # torch.export raises many types; we only translate the message
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        gist = lines[0][:300] if lines else type(error).__name__
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}: {type(error).__name__}: {gist}",
+            "make forward traceable: avoid Python control flow on tensor values (use torch.cond or fixed shapes), "
+            "pass plain tensors as inputs, turn off caches (use_cache=False), and try the model in eager mode first",
+        ) from error
+
+
+def _drop_guard_calls(graph_module: torch.fx.GraphModule) -> None:
+    """ep.module() re-checks input shapes in a ``_guards_fn`` call; the Program validates its inputs itself."""
+    for node in list(graph_module.graph.nodes):
+        if node.op == "call_module" and node.target.startswith("_guards"):
+            graph_module.graph.erase_node(node)
+    graph_module.recompile()
+
+
+def _own_parameters(graph_module: torch.fx.GraphModule) -> None:
+    """Replace parameters and buffers with copies (tied ones stay tied): the user's model stays untouched."""
+    copies: dict[int, torch.Tensor] = {}
+    for owner in list(graph_module.modules()):
+        for name, param in list(owner.named_parameters(recurse=False)):
+            if id(param) not in copies:
+                copies[id(param)] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+            setattr(owner, name, copies[id(param)])
+        for name, buffer in list(owner.named_buffers(recurse=False)):
+            if id(buffer) not in copies:
+                copies[id(buffer)] = buffer.detach().clone()
+            owner._buffers[name] = copies[id(buffer)]
+    # Tensor constants lifted by export are plain attributes; they are never trained, so sharing is fine.
+
+
+def _batch_size(flat_inputs: list[Any]) -> int:
+    for value in flat_inputs:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    raise CaptureError("no example input is a tensor with a batch dimension", "pass at least one batched tensor input")

@@ -1,0 +1,1 @@
+"""Graph passes: analysis (layers, shapes, FLOPs, memory), search and lowering."""

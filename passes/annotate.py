@@ -1,0 +1,146 @@
+"""Analysis passes: annotate every node, then sum the annotations per layer.
+
+``annotate_nodes`` requires a flat GraphModule with ``meta["val"]`` on its nodes. It runs the graph once
+forward and once backward on fake tensors (no memory, no compute) and ensures every call node has a
+``NodeInfo`` under ``node.meta["galvatron"]``: output shape and dtype, forward FLOPs and the FLOPs of its
+backward (torch.utils.flop_counter's formulas, attributed through autograd hooks on the node's grad_fn),
+and the activation bytes autograd saves for backward (storages first saved by this node, parameters
+excluded). ``sum_layer_stats`` requires annotated nodes and ensures every layer's ``stats``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils.flop_counter import FlopCounterMode
+
+from galvatron_fx.program import META_KEY, Layer, LayerStats, NodeInfo
+
+# Assertion ops pin the capture device and carry no cost.
+_SKIPPED_TARGETS = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size"}
+
+
+class _CostInterpreter(fx.Interpreter):
+    """Runs the graph on fake tensors and records per-node FLOPs and saved bytes."""
+
+    def __init__(self, graph_module: fx.GraphModule, fake_mode: FakeTensorMode, counter: FlopCounterMode):
+        super().__init__(graph_module)
+        self.fake_mode = fake_mode
+        self.counter = counter
+        self.info: dict[fx.Node, NodeInfo] = {}
+        self.current: fx.Node | None = None
+        self.seen_storages: set[StorageWeakRef] = set()
+        self.keep_alive: list[torch.Tensor] = []  # so that storage identities are not reused
+        self.fake_attrs: dict[str, torch.Tensor] = {}
+        self.known_grad_fns: set[Any] = set()
+
+    # -- fake parameters --------------------------------------------------------------------
+    def fetch_attr(self, target: str) -> Any:
+        if target not in self.fake_attrs:
+            real = super().fetch_attr(target)
+            if not isinstance(real, torch.Tensor):  # submodules of higher-order ops
+                return real
+            with self.fake_mode:
+                fake = torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device=_device(real))
+            fake.requires_grad_(real.requires_grad)
+            if isinstance(real, torch.nn.Parameter):
+                self.seen_storages.add(StorageWeakRef(fake.untyped_storage()))
+            self.fake_attrs[target] = fake
+        return self.fake_attrs[target]
+
+    # -- per-node accounting ----------------------------------------------------------------
+    def run_node(self, node: fx.Node) -> Any:
+        if node.op == "call_function" and getattr(node.target, "__name__", "").split(".")[0] in _SKIPPED_TARGETS:
+            return None
+        self.current = node
+        before = self.counter.get_total_flops()
+        result = super().run_node(node)
+        info = self.info.setdefault(node, NodeInfo())
+        info.fwd_flops += self.counter.get_total_flops() - before
+        self._hook_backward(node, result)
+        return result
+
+    def pack_saved(self, tensor: torch.Tensor) -> torch.Tensor:
+        key = StorageWeakRef(tensor.untyped_storage())
+        if key not in self.seen_storages and self.current is not None:
+            self.seen_storages.add(key)
+            self.keep_alive.append(tensor)
+            self.info.setdefault(self.current, NodeInfo()).saved_bytes += tensor.untyped_storage().nbytes()
+        return tensor
+
+    def _hook_backward(self, node: fx.Node, result: Any) -> None:
+        """Attribute to this node the FLOPs of every autograd node it created (one op can create several,
+        e.g. linear = view(addmm)): count between each one's pre- and post-hook."""
+        frontier = [getattr(v, "grad_fn", None) for v in pytree.tree_leaves(result)]
+        while frontier:
+            grad_fn = frontier.pop()
+            if grad_fn is None or grad_fn in self.known_grad_fns:
+                continue
+            self.known_grad_fns.add(grad_fn)  # also keeps the wrapper alive, so identity is stable
+            frontier.extend(fn for fn, _ in grad_fn.next_functions)
+            start: list[int] = []
+            grad_fn.register_prehook(lambda grads, start=start: start.append(self.counter.get_total_flops()))
+
+            def after(grad_inputs, grad_outputs, node=node, start=start):
+                self.info.setdefault(node, NodeInfo()).bwd_flops += self.counter.get_total_flops() - start.pop()
+
+            grad_fn.register_hook(after)
+
+
+def _device(tensor: torch.Tensor) -> torch.device:
+    # A model built on the meta device is analysed as if it lived on the CPU.
+    return torch.device("cpu") if tensor.device.type == "meta" else tensor.device
+
+
+def _fake_input(fake_mode: FakeTensorMode, node: fx.Node, example: Any) -> Any:
+    value = node.meta.get("val", example)
+    if not isinstance(value, torch.Tensor):
+        return example
+    with fake_mode:
+        return torch.empty(tuple(value.shape), dtype=value.dtype, device=_device(value))
+
+
+def annotate_nodes(graph_module: fx.GraphModule, example_inputs: dict[str, Any]) -> None:
+    """Annotate every call node of ``graph_module`` (see module docstring). ``example_inputs``: by placeholder."""
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    counter = FlopCounterMode(display=False)
+    interpreter = _CostInterpreter(graph_module, fake_mode, counter)
+    placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+    inputs = [_fake_input(fake_mode, n, example_inputs.get(n.name)) for n in placeholders]
+    with fake_mode, counter:
+        with torch.autograd.graph.saved_tensors_hooks(interpreter.pack_saved, lambda t: t):
+            with torch.enable_grad():
+                outputs = interpreter.run(*inputs)
+        interpreter.current = None
+        differentiable = [o for o in pytree.tree_leaves(outputs) if isinstance(o, torch.Tensor) and o.requires_grad]
+        if differentiable:
+            torch.autograd.backward(differentiable, [torch.ones_like(o) for o in differentiable])
+
+    for node in graph_module.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        info = interpreter.info.get(node, NodeInfo())
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor):
+            info.shape, info.dtype = tuple(int(s) for s in value.shape), value.dtype
+        node.meta[META_KEY] = info
+
+
+def sum_layer_stats(graph_module: fx.GraphModule, layers: list[Layer]) -> None:
+    """Fill every layer's ``stats`` from its nodes' annotations and its parameters."""
+    nodes = {n.name: n for n in graph_module.graph.nodes}
+    for layer in layers:
+        infos = [nodes[name].meta.get(META_KEY, NodeInfo()) for name in layer.node_names]
+        params = [graph_module.get_parameter(name) for name in layer.param_names]
+        layer.stats = LayerStats(
+            param_count=sum(p.numel() for p in params),
+            param_bytes=sum(p.numel() * p.element_size() for p in params),
+            fwd_flops=sum(i.fwd_flops for i in infos),
+            bwd_flops=sum(i.bwd_flops for i in infos),
+            saved_activation_bytes=sum(i.saved_bytes for i in infos),
+        )

@@ -1,0 +1,1 @@
+"""Runtime: process groups, stage execution, pipeline schedules, data parallelism, checkpoints."""
