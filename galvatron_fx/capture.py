@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 from typing import Any
 
 import torch
@@ -34,9 +35,8 @@ def capture(model: nn.Module, example_args: tuple = (), example_kwargs: dict | N
     example_args = tuple(example_args) if isinstance(example_args, (tuple, list)) else (example_args,)
     example_kwargs = dict(example_kwargs or {})
     _check_signature(model, example_args, example_kwargs)
-    _check_no_cache(model, example_kwargs)
-
     exported = _export(model, example_args, example_kwargs, training)
+    _check_no_cache(model, exported.call_spec.out_spec)
     graph_module = exported.module()
     _drop_guard_calls(graph_module)
     _own_parameters(graph_module)
@@ -71,17 +71,23 @@ def _check_signature(model: nn.Module, args: tuple, kwargs: dict) -> None:
         ) from None
 
 
-def _check_no_cache(model: nn.Module, kwargs: dict) -> None:
-    """A decoder that returns its key/value cache cannot be trained layer by layer: refuse it early."""
-    config = getattr(model, "config", None)
-    accepts = "use_cache" in inspect.signature(model.forward).parameters
-    if not accepts or kwargs.get("use_cache") is False:
-        return
-    if kwargs.get("use_cache") or getattr(config, "use_cache", False) and getattr(config, "is_decoder", True):
-        raise CaptureError(
-            f"{type(model).__name__} would return its decoder key/value cache (use_cache is on)",
-            "pass use_cache=False in example_kwargs (and in every training batch), or set model.config.use_cache = False",
-        )
+def _check_no_cache(model: nn.Module, out_spec: pytree.TreeSpec) -> None:
+    """A decoder that returns its key/value cache cannot be trained layer by layer: refuse it."""
+    def keys(spec: pytree.TreeSpec):
+        context = spec.context if isinstance(spec.context, (list, tuple)) else []
+        yield from (k for k in context if isinstance(k, str))
+        for child in spec.children_specs:
+            yield from keys(child)
+
+    if "past_key_values" in set(keys(out_spec)):
+        raise _cache_error(model)
+
+
+def _cache_error(model: nn.Module) -> CaptureError:
+    return CaptureError(
+        f"{type(model).__name__} returns its decoder key/value cache (use_cache is on)",
+        "pass use_cache=False in example_kwargs (and in every training batch), or set model.config.use_cache = False",
+    )
 
 
 @contextlib.contextmanager
@@ -100,6 +106,8 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, training: bool):
         with _mode(model, training):
             return torch.export.export(model, args, kwargs, strict=False)
     except Exception as error:  # torch.export raises many types; we only translate the message
+        if re.search(r"cache_utils\.\w*Cache", str(error)):
+            raise _cache_error(model) from error
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         gist = lines[0][:300] if lines else type(error).__name__
         raise CaptureError(

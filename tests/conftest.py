@@ -1,0 +1,22 @@
+"""Test tiers: the default run is the fast tier; `pytest -m full` runs the slow tier as well."""
+
+import warnings
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("-m"):
+        return  # an explicit marker expression decides
+    skip_full = pytest.mark.skip(reason="full tier: run with `pytest -m full`")
+    for item in items:
+        if "full" in item.keywords:
+            item.add_marker(skip_full)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    yield

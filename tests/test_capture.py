@@ -1,0 +1,120 @@
+"""Capture and layer discovery on the seven reference models; annotations against eager measurements."""
+
+import copy
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import galvatron_fx
+from galvatron_fx.models import build_model
+
+# Body layer types in execution order, for the small configurations of galvatron_fx.models.
+EXPECTED_BODY_TYPES = {
+    "gpt2": ["GPT2Block"] * 4,
+    "llama": ["LlamaDecoderLayer"] * 4,
+    "bert": ["BertLayer"] * 4,
+    "vit": ["ViTLayer"] * 4,
+    "nanogpt": ["Block"] * 4,
+    # The first block of each T5 stack owns the relative position bias, so it is a type of its own;
+    # the encoder's final norm and the decoder's embedding form the transition between the stacks.
+    "t5": ["T5Block.0", "T5Block.1", "T5Block.1", "Transition", "T5Block.2", "T5Block.3", "T5Block.3"],
+    # Swin alternates plain and shifted windows, each stage has its own width, patch merging joins stages;
+    # the last stage's window covers its whole resolution, so neither of its blocks shifts.
+    "swin": ["SwinLayer.0", "SwinLayer.1", "Transition.0", "SwinLayer.2", "SwinLayer.3", "Transition.1",
+             "SwinLayer.4", "SwinLayer.4"],
+}
+MODELS = sorted(EXPECTED_BODY_TYPES)
+
+
+@pytest.fixture(scope="module")
+def captured():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            torch.manual_seed(0)
+            model, batch = build_model(name, size="small", batch=2, seq=16)
+            cache[name] = (model, batch, galvatron_fx.capture(model, example_kwargs=batch))
+        return cache[name]
+
+    return get
+
+
+def _loss(output):
+    return output if isinstance(output, torch.Tensor) else output.loss
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_layer_discovery(captured, name):
+    _, _, program = captured(name)
+    assert [layer.layer_type for layer in program.body] == EXPECTED_BODY_TYPES[name]
+    assert program.layers[0].kind == "prologue" and program.layers[-1].kind == "epilogue"
+    assert [layer.index for layer in program.layers] == list(range(len(program.layers)))
+    # Every call node belongs to exactly one layer.
+    calls = [n.name for n in program.graph_module.graph.nodes if n.op in ("call_function", "call_module")]
+    owned = [name for layer in program.layers for name in layer.node_names]
+    assert sorted(owned) == sorted(calls)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_flops_and_parameter_bytes(captured, name):
+    model, batch, program = captured(name)
+    with FlopCounterMode(display=False) as counter:
+        _loss(model(**batch)).backward()
+    model.zero_grad(set_to_none=True)
+    program_flops = sum(layer.stats.fwd_flops + layer.stats.bwd_flops for layer in program.layers)
+    assert program_flops == pytest.approx(counter.get_total_flops(), rel=0.01)
+    assert program.param_bytes == sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_saved_activation_bytes(captured, name):
+    model, batch, program = captured(name)
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen, saved_bytes, keep = set(), 0, []
+
+    def pack(tensor):
+        nonlocal saved_bytes
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen and storage.data_ptr() not in param_storages:
+            seen.add(storage.data_ptr())
+            saved_bytes += storage.nbytes()
+            keep.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**batch)
+    predicted = sum(layer.stats.saved_activation_bytes for layer in program.layers)
+    assert predicted == pytest.approx(saved_bytes, rel=0.10)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_program_trains_like_eager(captured, name):
+    model, batch, program = captured(name)
+    before = copy.deepcopy(model.state_dict())
+    eager_loss = _loss(model(**batch))
+    eager_loss.backward()
+    program_loss = _loss(program.run_layers(**batch))
+    program_loss.backward()
+    assert abs(program_loss.item() - eager_loss.item()) <= 1e-6
+    for param_name, param in program.named_parameters():
+        reference = model.get_parameter(param_name).grad
+        assert param.grad is not None, param_name
+        assert (param.grad - reference).abs().max().item() <= 1e-6, param_name
+    # The user's model is untouched by training the Program: its parameters are not the Program's.
+    model_params = {id(p) for p in model.parameters()}
+    assert not any(id(p) in model_params for _, p in program.named_parameters())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    model.zero_grad(set_to_none=True)
+
+
+def test_layer_table_and_boundaries(captured):
+    _, _, program = captured("gpt2")
+    text = program.summary()
+    assert "GPT2Block" in text and "boundary MB/sample" in text
+    hidden = program.body[0].boundary_out
+    # After a GPT-2 block the residual stream [batch, seq, hidden] (and the attention mask) are live.
+    assert any(t.shape == (2, 16, 64) and t.batched for t in hidden)
+    assert all(layer.boundary_bytes > 0 for layer in program.layers[:-1])
