@@ -46,6 +46,7 @@ class NodeInfo:
     fwd_flops: int = 0
     bwd_flops: int = 0
     saved_bytes: int = 0  # activation bytes autograd saves for backward, first saved by this node
+    param_bytes: int = 0  # for get_attr nodes that fetch a parameter
 
 
 @dataclass

@@ -1,11 +1,11 @@
 """Analysis passes: annotate every node, then sum the annotations per layer.
 
 ``annotate_nodes`` requires a flat GraphModule with ``meta["val"]`` on its nodes. It runs the graph once
-forward and once backward on fake tensors (no memory, no compute) and ensures every call node has a
+forward and once backward on fake tensors (no memory, no compute) and ensures every node has a
 ``NodeInfo`` under ``node.meta["galvatron"]``: output shape and dtype, forward FLOPs and the FLOPs of its
 backward (torch.utils.flop_counter's formulas, attributed through autograd hooks on the node's grad_fn),
 and the activation bytes autograd saves for backward (storages first saved by this node, parameters
-excluded). ``sum_layer_stats`` requires annotated nodes and ensures every layer's ``stats``.
+excluded); get_attr nodes of parameters carry their bytes. ``sum_layer_stats`` requires annotated nodes and ensures every layer's ``stats``.
 """
 
 from __future__ import annotations
@@ -121,11 +121,15 @@ def annotate_nodes(graph_module: fx.GraphModule, example_inputs: dict[str, Any])
         if differentiable:
             torch.autograd.backward(differentiable, [torch.ones_like(o) for o in differentiable])
 
+    parameters = dict(graph_module.named_parameters(remove_duplicate=False))
     for node in graph_module.graph.nodes:
-        if node.op not in ("call_function", "call_method", "call_module"):
+        if node.op == "output":
             continue
         info = interpreter.info.get(node, NodeInfo())
         value = node.meta.get("val")
+        if node.op == "get_attr" and node.target in parameters:
+            value = parameters[node.target]
+            info.param_bytes = value.numel() * value.element_size()
         if isinstance(value, torch.Tensor):
             info.shape, info.dtype = tuple(int(s) for s in value.shape), value.dtype
         node.meta[META_KEY] = info

@@ -67,6 +67,15 @@ def _common_prefix(paths: list[str]) -> str:
     return ".".join(prefix)
 
 
+def _describe(paths: list[str]) -> str:
+    """Where a non-block segment's nodes come from: their common module, else first → last module."""
+    named = list(dict.fromkeys(p for p in paths if p))
+    prefix = _common_prefix(named)
+    if prefix or not named:
+        return prefix
+    return named[0] if len(named) == 1 else f"{named[0]} → {named[-1]}"
+
+
 def _module_paths(nodes: list[fx.Node]) -> list[str]:
     paths = []
     for node in nodes:
@@ -116,6 +125,6 @@ def discover_layers(graph_module: fx.GraphModule, model: nn.Module) -> list[Segm
 
     for segment in segments:
         if segment.kind != BLOCK:
-            segment.module_path = _common_prefix(_module_paths(segment.nodes))
+            segment.module_path = _describe(_module_paths(segment.nodes))
             segment.module_class = segment.kind
     return segments

@@ -118,3 +118,23 @@ def test_layer_table_and_boundaries(captured):
     # After a GPT-2 block the residual stream [batch, seq, hidden] (and the attention mask) are live.
     assert any(t.shape == (2, 16, 64) and t.batched for t in hidden)
     assert all(layer.boundary_bytes > 0 for layer in program.layers[:-1])
+
+
+def test_every_node_is_annotated(captured):
+    from galvatron_fx.program import META_KEY
+
+    _, _, program = captured("gpt2")
+    graph = program.graph_module.graph
+    assert all(META_KEY in node.meta for node in graph.nodes if node.op != "output")
+    # Tied weights (wte / lm_head) are one parameter behind two names: count each parameter once.
+    get_attr_bytes = {id(program.graph_module.get_parameter(n.target)): n.meta[META_KEY].param_bytes
+                      for n in graph.nodes if n.op == "get_attr"}
+    assert sum(get_attr_bytes.values()) == program.param_bytes
+    # GPT-2's fused QKV projection is addmm(bias, x[M, K], W[K, N]): 2·M·K·N forward; backward computes
+    # the input and the weight gradients, twice that.
+    addmm = next(n for n in graph.nodes if n.op == "call_function" and "addmm" in str(n.target))
+    info = addmm.meta[META_KEY]
+    (m, k), (_, n) = addmm.args[1].meta["val"].shape, addmm.args[2].meta["val"].shape
+    assert info.shape == (m, n) and info.dtype == torch.float32
+    assert info.fwd_flops == 2 * m * k * n
+    assert info.bwd_flops == 2 * info.fwd_flops
