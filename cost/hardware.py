@@ -1,0 +1,223 @@
+"""HardwareProfile: what the cost model knows about the devices and the links between them.
+
+Every collective is a fit ``time_s = latency_s + nbytes / bandwidth_Bps`` per (collective, group size,
+layout), where ``nbytes`` is the size of the tensor handed to the collective: the buffer for all-reduce
+and all-to-all, the gathered output for all-gather, the input for reduce-scatter. ``bandwidth_Bps`` is
+therefore an *algorithm* bandwidth (what a user sees), not NCCL's bus bandwidth. Layouts: a
+``consecutive`` group holds ranks ``k*g .. k*g+g-1``; a strided one holds ranks ``k, k+w/g, k+2w/g, ...``
+(``w`` = world size), as in Galvatron's ``consec_1`` / ``consec_0``.
+
+Profiles come from a Cluster preset (datasheet figures), from the hardware profiler, or from Galvatron's
+hardware files (cost/galvatron_import.py), and serialise to JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from galvatron_fx.errors import ProfileError
+
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+FORMAT = "galvatron_fx.hardware_profile/1"
+
+
+@dataclass(frozen=True)
+class CommFit:
+    """``time_s(nbytes) = latency_s + nbytes / bandwidth_Bps``."""
+
+    latency_s: float
+    bandwidth_Bps: float
+
+    def time_s(self, nbytes: float) -> float:
+        return self.latency_s + nbytes / self.bandwidth_Bps if nbytes > 0 else 0.0
+
+
+def fit_latency_bandwidth(sizes_bytes: Sequence[float], times_s: Sequence[float]) -> CommFit:
+    """Least-squares line through (bytes, seconds); latency clamped at 0, bandwidth kept positive."""
+    n = len(sizes_bytes)
+    if n == 0:
+        raise ValueError("no measurements to fit")
+    if n == 1 or max(sizes_bytes) == min(sizes_bytes):
+        return CommFit(0.0, max(sizes_bytes) / max(max(times_s), 1e-12))
+    mean_x, mean_y = sum(sizes_bytes) / n, sum(times_s) / n
+    sxx = sum((x - mean_x) ** 2 for x in sizes_bytes)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(sizes_bytes, times_s)) / sxx
+    intercept = mean_y - slope * mean_x
+    if slope <= 0:  # noise dominates: fall back to the largest message's average rate
+        return CommFit(0.0, max(sizes_bytes) / max(max(times_s), 1e-12))
+    if intercept < 0:  # a negative latency is noise too: refit through the origin
+        slope = sum(x * y for x, y in zip(sizes_bytes, times_s)) / sum(x * x for x in sizes_bytes)
+        intercept = 0.0
+    return CommFit(intercept, 1.0 / slope)
+
+
+def ring_volume_factor(op: str, group: int) -> float:
+    """Bytes each rank moves per byte of ``nbytes`` under the ring algorithm (used to rescale fits)."""
+    if group <= 1:
+        return 0.0
+    return 2.0 * (group - 1) / group if op == "all_reduce" else (group - 1) / group
+
+
+def _key(op: str, group: int, consecutive: bool) -> str:
+    return f"{op}/{group}/{'consecutive' if consecutive else 'strided'}"
+
+
+@dataclass
+class HardwareProfile:
+    """Collective fits, pipeline p2p fits, overlap slowdown, memory and sustained throughput of a cluster.
+
+    ``collectives`` maps ``"<op>/<group>/<consecutive|strided>"`` to a CommFit; ``p2p`` maps a pipeline
+    degree to the CommFit of one send/recv between neighbouring stages; ``overlap_slowdown`` (≥ 1) is
+    how much slower compute and communication each run while they overlap; ``flops_per_s`` is the
+    sustained throughput per dtype ("fp32", "bf16", "fp16"); ``memory_bytes`` per device.
+    """
+
+    world_size: int
+    devices_per_node: int
+    device: str
+    memory_bytes: int | None = None
+    collectives: dict[str, CommFit] = field(default_factory=dict)
+    p2p: dict[int, CommFit] = field(default_factory=dict)
+    overlap_slowdown: float = 1.0
+    flops_per_s: dict[str, float] = field(default_factory=dict)
+    backend: str = ""
+    source: str = ""
+
+    # -- queries -------------------------------------------------------------------------------
+    def fit(self, op: str, group: int, consecutive: bool = True) -> CommFit:
+        """The fit for ``op`` on ``group`` ranks; a missing size is rescaled from the nearest measured one."""
+        if op not in COLLECTIVES:
+            raise ValueError(f"unknown collective {op!r}")
+        for layout in (consecutive, not consecutive):
+            if _key(op, group, layout) in self.collectives:
+                return self.collectives[_key(op, group, layout)]
+        measured = [(int(k.split("/")[1]), v) for k, v in self.collectives.items() if k.startswith(op + "/")]
+        if not measured and op in ("all_gather", "reduce_scatter") and any(k.startswith("all_reduce/") for k in self.collectives):
+            # all-gather and reduce-scatter are each half of a ring all-reduce
+            base = self.fit("all_reduce", group, consecutive)
+            return CommFit(base.latency_s / 2, base.bandwidth_Bps * 2)
+        if not measured:
+            raise ProfileError(f"hardware profile {self.source or '(in memory)'} has no key collectives/{op}",
+                               "profile the hardware again with galvatron-fx profile-hardware")
+        near_group, near = min(measured, key=lambda item: (abs(math.log2(item[0]) - math.log2(group)), -item[0]))
+        scale = ring_volume_factor(op, group) / ring_volume_factor(op, near_group)
+        return CommFit(near.latency_s, near.bandwidth_Bps / scale)
+
+    def collective_s(self, op: str, nbytes: float, group: int, consecutive: bool = True) -> float:
+        """Seconds for ``op`` over ``group`` ranks on a tensor of ``nbytes`` (0 for a group of one)."""
+        if group <= 1 or nbytes <= 0:
+            return 0.0
+        return self.fit(op, group, consecutive).time_s(nbytes)
+
+    def p2p_s(self, nbytes: float, pp: int) -> float:
+        """Seconds for one send/recv of ``nbytes`` between neighbouring stages of a ``pp``-stage pipeline."""
+        if nbytes <= 0 or pp <= 1:
+            return 0.0
+        if not self.p2p:
+            raise ProfileError(f"hardware profile {self.source or '(in memory)'} has no key p2p",
+                               "profile the hardware again with galvatron-fx profile-hardware")
+        fit = self.p2p.get(pp) or self.p2p[min(self.p2p, key=lambda k: abs(math.log2(k) - math.log2(pp)))]
+        return fit.time_s(nbytes)
+
+    def sustained_flops(self, dtype: str) -> float:
+        """Sustained FLOP/s for ``dtype``; raises ProfileError if the profile has none."""
+        value = self.flops_per_s.get(dtype)
+        if not value:
+            raise ProfileError(f"hardware profile {self.source or '(in memory)'} has no key flops_per_s/{dtype}",
+                               "use a Cluster preset or add the sustained throughput of the device")
+        return value
+
+    def check(self, *, world_size: int | None = None, device: str | None = None) -> None:
+        """Raise ProfileError (naming the file and key) if this profile describes another cluster."""
+        where = self.source or "hardware profile"
+        if world_size is not None and world_size != self.world_size:
+            raise ProfileError(f"{where}: key world_size is {self.world_size}, but the plan is for {world_size} devices",
+                               f"profile the hardware with {world_size} processes, or use a preset for that cluster")
+        if device is not None and device.lower() != self.device.lower():
+            raise ProfileError(f"{where}: key device is {self.device!r}, but the cluster has {device!r}",
+                               "profile this cluster's hardware, or pick the matching preset")
+
+    # -- JSON ----------------------------------------------------------------------------------
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "world_size": self.world_size,
+            "devices_per_node": self.devices_per_node,
+            "device": self.device,
+            "memory_bytes": self.memory_bytes,
+            "backend": self.backend,
+            "overlap_slowdown": self.overlap_slowdown,
+            "flops_per_s": dict(self.flops_per_s),
+            "collectives": {k: [v.latency_s, v.bandwidth_Bps] for k, v in sorted(self.collectives.items())},
+            "p2p": {str(k): [v.latency_s, v.bandwidth_Bps] for k, v in sorted(self.p2p.items())},
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path, *, world_size: int | None = None, device: str | None = None) -> "HardwareProfile":
+        """Read a profile written by ``save`` or profile-hardware; check it against the cluster if asked."""
+        profile = cls.from_json_dict(read_json(path), source=str(path))
+        profile.check(world_size=world_size, device=device)
+        return profile
+
+    @classmethod
+    def from_json_dict(cls, data: Any, source: str = "hardware profile") -> "HardwareProfile":
+        if not isinstance(data, dict):
+            raise ProfileError(f"{source} is not a JSON object", "write it with galvatron-fx profile-hardware")
+        if data.get("format") != FORMAT:
+            raise ProfileError(f"{source}: key format is {data.get('format')!r}, not {FORMAT!r}",
+                               "write it with galvatron-fx profile-hardware (Galvatron's files load with cost.galvatron_import)")
+        key = "world_size"
+        try:
+            world_size, devices_per_node = int(data["world_size"]), int(data["devices_per_node"])
+            key = "collectives"
+            collectives = {str(k): _comm_fit(v) for k, v in data["collectives"].items()}
+            for name in collectives:
+                op, group, layout = name.split("/")
+                if op not in COLLECTIVES or int(group) < 2 or layout not in ("consecutive", "strided"):
+                    raise ValueError(f"bad entry {name!r}")
+            key = "p2p"
+            p2p = {int(k): _comm_fit(v) for k, v in data.get("p2p", {}).items()}
+            key = "overlap_slowdown"
+            overlap = float(data.get("overlap_slowdown", 1.0))
+            if not overlap >= 1.0:
+                raise ValueError(f"{overlap} < 1")
+            key = "flops_per_s"
+            flops = {str(k): float(v) for k, v in (data.get("flops_per_s") or {}).items()}
+            key = "memory_bytes"
+            memory = data.get("memory_bytes")
+            memory = int(memory) if memory is not None else None
+            key = "device"
+            device = str(data["device"])
+        except (KeyError, ValueError, TypeError, AttributeError) as error:
+            raise ProfileError(f"{source}: key {key} is missing or malformed ({type(error).__name__}: {error})",
+                               "profile the hardware again with galvatron-fx profile-hardware") from None
+        if world_size < 1 or devices_per_node < 1:
+            raise ProfileError(f"{source}: key world_size/devices_per_node must be positive", "profile the hardware again")
+        return cls(world_size, devices_per_node, device, memory, collectives, p2p, overlap, flops,
+                   str(data.get("backend", "")), source)
+
+
+def _comm_fit(value: Any) -> CommFit:
+    latency, bandwidth = (float(v) for v in value)
+    if latency < 0 or not bandwidth > 0 or math.isinf(bandwidth):
+        raise ValueError(f"latency {latency} / bandwidth {bandwidth} out of range")
+    return CommFit(latency, bandwidth)
+
+
+def read_json(path: str | Path) -> Any:
+    """JSON from ``path``; a missing or corrupt file raises ProfileError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ProfileError(f"profile file {path} does not exist", "check the path, or run the profiler to write it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ProfileError(f"profile file {path} is not valid JSON ({error})", "run the profiler again to rewrite it") from None
+    except OSError as error:
+        raise ProfileError(f"profile file {path} cannot be read ({error})", "check the path and its permissions") from None

@@ -1,0 +1,88 @@
+"""Memory terms: bytes of model states per parameter, and how a layer's saved activations split under TP.
+
+Model states, per parameter (Adam):
+- ``fp32``: 4 parameter + 4 gradient + 8 Adam moments = 16 bytes.
+- ``bf16`` (mixed precision, Megatron-style): 2 bf16 parameter + 4 fp32 gradient (gradients are
+  accumulated in fp32 across micro-batches, so that small updates are not lost) + 12 fp32 master copy and
+  Adam moments = 18 bytes.
+ZeRO-2 shards gradients and optimizer states over the data-parallel group; ZeRO-3 shards all three.
+
+Activations: ``tp_activation_split`` walks a layer's nodes and marks which saved tensors a Megatron
+lowering would shard over the TP group — everything computed from a column-parallel projection's output
+until a row-parallel projection brings the result back to a replicated tensor. TP lowering is a later
+step: this is the analytic scaling the cost model uses until measured per-TP activations exist.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from galvatron_fx.program import META_KEY, Layer
+
+# (parameter, gradient, optimizer) bytes per parameter
+STATE_BYTES_PER_PARAM = {"fp32": (4, 4, 8), "bf16": (2, 4, 12)}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+_LINEAR_OPS = {torch.ops.aten.linear.default, torch.ops.aten.addmm.default, torch.ops.aten.mm.default,
+               torch.ops.aten.matmul.default, torch.ops.aten.bmm.default}
+
+
+def check_precision(mixed_precision: str) -> None:
+    from galvatron_fx.errors import ConfigError
+
+    if mixed_precision not in STATE_BYTES_PER_PARAM:
+        raise ConfigError(f"mixed_precision={mixed_precision!r} is unknown", f"use one of {sorted(STATE_BYTES_PER_PARAM)}")
+
+
+def model_state_bytes(param_count: float, dp: int, dp_type: str, mixed_precision: str) -> int:
+    """Bytes of parameters, gradients and Adam states that one device of a ``dp``-way group holds."""
+    check_precision(mixed_precision)
+    param_b, grad_b, optim_b = STATE_BYTES_PER_PARAM[mixed_precision]
+    if dp_type == "zero3":
+        per_param = (param_b + grad_b + optim_b) / dp
+    elif dp_type == "zero2":
+        per_param = param_b + (grad_b + optim_b) / dp
+    else:
+        per_param = param_b + grad_b + optim_b
+    return int(param_count * per_param)
+
+
+def _is_param(graph_module: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op != "get_attr":
+        return False
+    try:
+        graph_module.get_parameter(node.target)
+        return True
+    except AttributeError:
+        return False
+
+
+def tp_activation_split(graph_module: fx.GraphModule, layer: Layer) -> tuple[int, int]:
+    """(replicated, TP-sharded) saved-activation bytes of ``layer`` for the Program's example batch.
+
+    Requires node annotations (``node.meta["galvatron"].saved_bytes``) on ``graph_module``, the flat
+    graph. A projection with a parameter weight whose input is replicated is column-parallel (its output
+    is sharded); one whose input is sharded is row-parallel (output replicated after the all-reduce);
+    any other op is sharded when one of its inputs is.
+    """
+    nodes = {n.name: n for n in graph_module.graph.nodes}
+    sharded: set[str] = set()
+    replicated_bytes = sharded_bytes = 0
+    for name in layer.node_names:
+        node = nodes[name]
+        inputs = [n for n in node.all_input_nodes if n.op != "get_attr"]
+        any_sharded = any(n.name in sharded for n in inputs)
+        has_weight = any(_is_param(graph_module, n) for n in node.all_input_nodes)
+        if node.target in _LINEAR_OPS and has_weight:
+            is_sharded = not any_sharded
+        else:
+            is_sharded = any_sharded
+        if is_sharded:
+            sharded.add(name)
+        info = node.meta.get(META_KEY)
+        saved = info.saved_bytes if info is not None else 0
+        if is_sharded:
+            sharded_bytes += saved
+        else:
+            replicated_bytes += saved
+    return replicated_bytes, sharded_bytes

@@ -1,0 +1,261 @@
+"""CostModel: (layer type, LayerStrategy, micro-batch) → time and memory on one device; Plan → Prediction.
+
+Terms of one layer, for a micro-batch of ``mb`` samples on a stage (each of the ``dp`` replicas runs
+``mb / dp`` samples, each TP rank ``1 / tp`` of the compute):
+- compute: the profile's forward and backward formulas at ``mb / dp`` samples, divided by ``tp``;
+  checkpointing adds the forward (compute and TP collectives) again to the backward.
+- TP collectives on the hidden state ``h`` = boundary bytes × ``mb / dp``: Megatron 2 all-reduces in
+  forward and 2 in backward; Megatron-SP 2 all-gathers + 2 reduce-scatters each way; Ulysses 4
+  all-to-alls of ``h / tp`` each way (q, k, v in, output back).
+- gradient sync over the ``dp`` group on the device's gradient bytes: DDP all-reduce; ZeRO-2
+  reduce-scatter plus the all-gather of updated parameters; ZeRO-3 reduce-scatter, and a parameter
+  all-gather in forward and again in backward. Communication overlapped with compute (grad sync with the
+  backward, ZeRO-3 gathers with the layer's compute, as with prefetching) is hidden up to the compute
+  time, and the hidden part costs ``overlap_slowdown − 1`` of itself.
+- memory: model states (cost/memory.py: 16 bytes/param fp32, 18 bf16 mixed; ZeRO shards), the
+  activations one micro-batch keeps (the layer's inputs only, if checkpointed), and transient peaks
+  (ZeRO-3's gathered parameters, a checkpointed layer's recomputed activations).
+Precision: activation and hidden-state bytes are rescaled from the profile's dtype to the training
+dtype (bf16 halves fp32 bytes). Tied weights shared by embedding and head count once per part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+from galvatron_fx.errors import ConfigError, PlanError, ProfileError
+from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan, Prediction
+
+from .hardware import HardwareProfile
+from .memory import DTYPE_BYTES, STATE_BYTES_PER_PARAM, check_precision, model_state_bytes
+from .model_profile import LayerTypeProfile, ModelProfile
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One layer (or the embedding/head part of a stage) on ONE device; see the cost contract."""
+
+    fwd_s: float
+    bwd_s: float
+    grad_sync_s: float
+    model_state_bytes: int
+    activation_bytes: int
+    peak_extra_bytes: int = 0
+
+
+class CostModel:
+    """Predicts per-layer costs and whole-plan iteration time and memory (see module docstring)."""
+
+    def __init__(self, model: ModelProfile, hardware: HardwareProfile, *, mixed_precision: str = "fp32",
+                 optimizer: str = "adam"):
+        check_precision(mixed_precision)
+        if optimizer != "adam":
+            raise ConfigError(f"optimizer={optimizer!r} has no memory model", "use optimizer='adam'")
+        self.model, self.hardware = model, hardware
+        self.mixed_precision, self.optimizer = mixed_precision, optimizer
+        self.layer_types: list[str] = list(model.layer_types)
+        compute_dtype = "bf16" if mixed_precision == "bf16" else "fp32"
+        self.activation_scale = DTYPE_BYTES[compute_dtype] / DTYPE_BYTES.get(model.dtype, 4)
+        # An analytic profile priced in one dtype is re-priced at the training dtype's throughput.
+        self.time_scale = 1.0
+        if model.mode == "analytic" and model.dtype != compute_dtype:
+            have, want = hardware.flops_per_s.get(model.dtype), hardware.flops_per_s.get(compute_dtype)
+            if have and want:
+                self.time_scale = have / want
+        self.seq = model.seq_length
+        self.overlap = hardware.overlap_slowdown
+
+    # -- one layer ------------------------------------------------------------------------------
+    def layer_cost(self, layer_type: str, strategy: LayerStrategy, micro_batch: int) -> LayerCost:
+        profile = self.model.layer(layer_type)
+        local = micro_batch / strategy.dp
+        sharded_seq = strategy.sp != "none"
+        fwd_compute = profile.fwd(local, self.seq) * self.time_scale / strategy.tp
+        bwd_compute = profile.bwd(local, self.seq) * self.time_scale / strategy.tp
+        hidden_bytes = profile.boundary_bytes_per_sample * local * self.activation_scale
+        tp_fwd = tp_bwd = self._tp_comm_s(strategy, hidden_bytes)
+        params = profile.param_count if strategy.sp == "ulysses" else profile.param_count / strategy.tp
+        gather_s, sync_s, gathered_bytes = self._dp_comm(params, strategy.dp, strategy.dp_type, not strategy.tp_consecutive or strategy.tp == 1)
+        fwd_s = fwd_compute + tp_fwd + self._overlapped(gather_s, fwd_compute)
+        bwd_s = bwd_compute + tp_bwd + self._overlapped(gather_s, bwd_compute)
+        if strategy.ckpt:
+            bwd_s += fwd_compute + tp_fwd
+        full_activation = profile.activation_per_sample(strategy.tp, sharded_seq) * local * self.activation_scale
+        if strategy.ckpt:
+            kept = profile.ckpt_activation_bytes_per_sample * local * self.activation_scale / (strategy.tp if sharded_seq else 1)
+        else:
+            kept = full_activation
+        peak_extra = gathered_bytes + (full_activation if strategy.ckpt else 0.0)
+        return LayerCost(fwd_s, bwd_s, self._overlapped(sync_s, bwd_compute),
+                         model_state_bytes(params, strategy.dp, strategy.dp_type, self.mixed_precision), int(kept), int(peak_extra))
+
+    def _tp_comm_s(self, strategy: LayerStrategy, hidden_bytes: float) -> float:
+        """TP/SP/Ulysses collectives of one direction (forward or backward) of one layer."""
+        tp, hw, cons = strategy.tp, self.hardware, strategy.tp_consecutive
+        if tp == 1:
+            return 0.0
+        if strategy.sp == "none":
+            return 2 * hw.collective_s("all_reduce", hidden_bytes, tp, cons)
+        if strategy.sp == "megatron":
+            return 2 * (hw.collective_s("all_gather", hidden_bytes, tp, cons) + hw.collective_s("reduce_scatter", hidden_bytes, tp, cons))
+        return 4 * hw.collective_s("all_to_all", hidden_bytes / tp, tp, cons)
+
+    def _dp_comm(self, params: float, dp: int, dp_type: str, consecutive: bool) -> tuple[float, float, float]:
+        """(ZeRO-3 parameter gather per pass, gradient sync per step, gathered bytes) on ``params`` parameters."""
+        if dp == 1:
+            return 0.0, 0.0, 0.0
+        param_b, grad_b, _ = STATE_BYTES_PER_PARAM[self.mixed_precision]
+        hw = self.hardware
+        grads, weights = params * grad_b, params * param_b
+        if dp_type == "ddp":
+            return 0.0, hw.collective_s("all_reduce", grads, dp, consecutive), 0.0
+        if dp_type == "zero2":
+            return 0.0, hw.collective_s("reduce_scatter", grads, dp, consecutive) + hw.collective_s("all_gather", weights, dp, consecutive), 0.0
+        gather = hw.collective_s("all_gather", weights, dp, consecutive)
+        return gather, hw.collective_s("reduce_scatter", grads, dp, consecutive), weights * (1 - 1 / dp)
+
+    def _overlapped(self, comm_s: float, compute_s: float) -> float:
+        """Visible cost of ``comm_s`` overlapped with ``compute_s``: the excess, plus the slowdown of the overlap."""
+        hidden = min(comm_s, compute_s)
+        return (comm_s - hidden) + hidden * (self.overlap - 1.0)
+
+    # -- embedding and head ------------------------------------------------------------------------
+    def embedding_cost(self, embedding: EmbeddingStrategy, devices: int, micro_batch: int, *, first_stage: bool,
+                       last_stage: bool, dp_type: str = "ddp") -> LayerCost:
+        """The prologue (embedding, on the first stage) and/or epilogue (head and loss, on the last stage).
+
+        Vocab TP ``vtp`` splits the vocabulary-sized weights and the head's compute; the embedding's output
+        and the head's input gradient are all-reduced over the ``vtp`` group (all-gather + reduce-scatter
+        with ``vsp``). The ``devices // vtp`` replicas use ZeRO-3 with ``embed_sdp``, else ``dp_type``.
+        """
+        vtp = embedding.vtp
+        dp = max(devices // vtp, 1)
+        local = micro_batch / dp
+        kind = "zero3" if embedding.embed_sdp else dp_type
+        hidden_bytes = self.model.prologue.boundary_bytes_per_sample * local * self.activation_scale
+        strategy = LayerStrategy(tp=vtp, dp=dp, dp_type=kind, sp="megatron" if embedding.vsp and vtp > 1 else "none")
+        half_comm = self._tp_comm_s(strategy, hidden_bytes) / 2  # one collective, not Megatron's two
+        parts: list[LayerCost] = []
+        for part, wanted, comm_fwd, comm_bwd in ((self.model.prologue, first_stage, half_comm, 0.0),
+                                                (self.model.epilogue, last_stage, 0.0, half_comm)):
+            if wanted:
+                parts.append(self._part_cost(part, strategy, local, comm_fwd, comm_bwd))
+        if not parts:
+            return LayerCost(0.0, 0.0, 0.0, 0, 0, 0)
+        return LayerCost(sum(p.fwd_s for p in parts), sum(p.bwd_s for p in parts), sum(p.grad_sync_s for p in parts),
+                         sum(p.model_state_bytes for p in parts), sum(p.activation_bytes for p in parts),
+                         max(p.peak_extra_bytes for p in parts))
+
+    def _part_cost(self, part: LayerTypeProfile, strategy: LayerStrategy, local: float, comm_fwd: float, comm_bwd: float) -> LayerCost:
+        vtp = strategy.tp
+        fwd_compute = part.fwd(local, self.seq) * self.time_scale / vtp
+        bwd_compute = part.bwd(local, self.seq) * self.time_scale / vtp
+        params = part.param_count - part.vocab_param_count + part.vocab_param_count / vtp
+        gather_s, sync_s, gathered = self._dp_comm(params, strategy.dp, strategy.dp_type, vtp == 1)
+        activation = part.activation_per_sample(vtp, strategy.sp != "none") * local * self.activation_scale
+        return LayerCost(fwd_compute + comm_fwd + self._overlapped(gather_s, fwd_compute),
+                         bwd_compute + comm_bwd + self._overlapped(gather_s, bwd_compute),
+                         self._overlapped(sync_s, bwd_compute),
+                         model_state_bytes(params, strategy.dp, strategy.dp_type, self.mixed_precision), int(activation), int(gathered))
+
+    # -- between layers and stages ---------------------------------------------------------------------
+    def redistribution_s(self, before: LayerStrategy, after: LayerStrategy, boundary_index: int, micro_batch: int) -> float:
+        """Moving the activations live between body layers ``boundary_index - 1`` and ``boundary_index`` from
+        ``before``'s layout to ``after``'s (forward), and their gradients back (backward). 0 when equal."""
+        if _layout(before) == _layout(after):
+            return 0.0
+        total = self.model.cut_bytes_per_sample[boundary_index - 1] * micro_batch * self.activation_scale
+        return self._move_s(before, after, total) + self._move_s(after, before, total)
+
+    def _move_s(self, src: LayerStrategy, dst: LayerStrategy, total_bytes: float) -> float:
+        devices = src.devices
+        held, needed = _pieces(src, devices), _pieces(dst, devices)
+        missing = max(_area(n) - _area(_intersect(h, n)) for h, n in zip(held, needed))
+        if missing == 0:
+            return 0.0  # every rank slices what it needs from what it has
+        src_area, dst_area = _area(held[0]), _area(needed[0])
+        if all(_intersect(h, n) == h for h, n in zip(held, needed)):  # each rank's piece grows: all-gather
+            group = round(dst_area / src_area)
+            return self.hardware.collective_s("all_gather", float(dst_area) * total_bytes, group, dst.tp_consecutive)
+        group = max(src.tp, dst.tp, 2)
+        return self.hardware.collective_s("all_to_all", float(max(src_area, dst_area)) * total_bytes, group, True)
+
+    def p2p_s(self, stage: int, plan_pp: int, devices_per_stage: int, micro_batch: int, cut_after_body_index: int) -> float:
+        """Send/recv of one micro-batch's activations at the cut after ``cut_after_body_index`` (forward) and of
+        their gradients (backward); each of the stage's devices sends ``1 / devices_per_stage`` of them."""
+        nbytes = self.model.cut_bytes_per_sample[cut_after_body_index] * micro_batch * self.activation_scale / devices_per_stage
+        return 2 * self.hardware.p2p_s(nbytes, plan_pp)
+
+    def in_flight_micro_batches(self, pipeline: str, pp: int, stage: int, chunks: int) -> int:
+        """Micro-batches whose activations a stage holds at once: GPipe all, 1F1B at most ``pp - stage``."""
+        return chunks if pipeline == "gpipe" else min(chunks, pp - stage)
+
+    def unsupported_reason(self, layer_type: str, strategy: LayerStrategy) -> str | None:
+        """None if the layer can run ``strategy``; otherwise why not."""
+        if layer_type not in self.model.types:
+            return f"layer type {layer_type!r} is not in the model profile"
+        heads, tp = self.model.types[layer_type].num_heads, strategy.tp
+        if tp > 1 and heads and heads % tp:
+            return f"tp {tp} does not divide {heads} heads"
+        if tp > 1 and strategy.sp != "none" and self.seq % tp:
+            return f"tp {tp} does not divide sequence length {self.seq} ({strategy.sp} sequence parallelism)"
+        return None
+
+    # -- the whole plan ----------------------------------------------------------------------------
+    def evaluate(self, plan: Plan) -> Prediction:
+        """Iteration time, samples/s and peak bytes per stage of ``plan`` (formula in the cost contract)."""
+        if len(plan.layers) != len(self.layer_types):
+            raise PlanError(f"the plan has {len(plan.layers)} layer strategies, the model profile {len(self.layer_types)} body layers",
+                            "use a plan made for this model")
+        if plan.world_size != self.hardware.world_size:
+            raise ProfileError(f"{self.hardware.source or 'hardware profile'}: key world_size is {self.hardware.world_size}, "
+                               f"but the plan is for {plan.world_size} devices",
+                               f"use a hardware profile or Cluster preset of {plan.world_size} devices")
+        mb, chunks, pp = plan.micro_batch, plan.chunks, plan.pp
+        dp_types = [s.dp_type for s in plan.layers if s.dp_type != "zero3"]
+        embed_dp_type = max(("ddp", "zero2"), key=dp_types.count) if dp_types else "ddp"
+        busy, sync, memory = [], [], []
+        for stage in range(pp):
+            indices = list(plan.stage_layers(stage))
+            costs = [self.layer_cost(self.layer_types[i], plan.layers[i], mb) for i in indices]
+            costs.append(self.embedding_cost(plan.embedding, plan.devices_per_stage, mb, first_stage=stage == 0,
+                                             last_stage=stage == pp - 1, dp_type=embed_dp_type))
+            x = sum(c.fwd_s + c.bwd_s for c in costs)
+            x += sum(self.redistribution_s(plan.layers[i - 1], plan.layers[i], i, mb) for i in indices[1:])
+            if stage < pp - 1:
+                x += self.p2p_s(stage, pp, plan.devices_per_stage, mb, indices[-1])
+            g = sum(c.grad_sync_s for c in costs) * (chunks if plan.grad_sync_every_micro_batch else 1)
+            in_flight = self.in_flight_micro_batches(plan.pipeline, pp, stage, chunks)
+            memory.append(sum(c.model_state_bytes + in_flight * c.activation_bytes for c in costs)
+                          + max(c.peak_extra_bytes for c in costs))
+            busy.append(x)
+            sync.append(g)
+        iteration_s = sum(busy) + (chunks - 1) * max(busy) + max(sync)
+        return Prediction(iteration_s, plan.global_batch / iteration_s if iteration_s > 0 else float("inf"), tuple(int(m) for m in memory))
+
+
+# -- activation layouts, for redistribution ------------------------------------------------------------
+def _layout(strategy: LayerStrategy) -> tuple:
+    return (strategy.tp, strategy.dp, strategy.sp != "none", strategy.tp_consecutive or strategy.tp == 1)
+
+
+def _pieces(strategy: LayerStrategy, devices: int) -> list[tuple[tuple[Fraction, Fraction], tuple[Fraction, Fraction]]]:
+    """Per rank: the (batch, sequence) fractions of a boundary activation it holds under ``strategy``."""
+    tp, dp = strategy.tp, strategy.dp
+    pieces = []
+    for rank in range(devices):
+        tp_index, dp_index = (rank % tp, rank // tp) if strategy.tp_consecutive else (rank // dp, rank % dp)
+        batch = (Fraction(dp_index, dp), Fraction(dp_index + 1, dp))
+        seq = (Fraction(tp_index, tp), Fraction(tp_index + 1, tp)) if strategy.sp != "none" else (Fraction(0), Fraction(1))
+        pieces.append((batch, seq))
+    return pieces
+
+
+def _intersect(a, b):
+    return tuple((max(x[0], y[0]), max(min(x[1], y[1]), max(x[0], y[0]))) for x, y in zip(a, b))
+
+
+def _area(piece) -> Fraction:
+    (b0, b1), (s0, s1) = piece
+    return (b1 - b0) * (s1 - s0)

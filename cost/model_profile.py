@@ -1,0 +1,322 @@
+"""ModelProfile: per layer type, what a layer costs on one device, as formulas and byte counts.
+
+Times are ``TimeFormula``s: sums of ``coefficient · b^i · s^j`` seconds for a micro-batch of ``b``
+samples at sequence length ``s`` on one device, kept as sympy expressions and lambdified for the search.
+They come from measurement (cost/layer_profiler.py, fitted by least squares), from FLOPs ÷ sustained
+throughput (``ModelProfile.from_program``, the analytic mode for clusters not at hand), or from
+Galvatron's computation profile. Memory: parameters, saved activations per sample for every TP degree
+(with and without checkpointing), the bytes a pipeline cut after each body layer sends per sample.
+JSON stores the terms as numbers: loading a profile never evaluates text.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import sympy
+
+from galvatron_fx.errors import ProfileError
+
+from .hardware import read_json
+from .memory import tp_activation_split
+
+FORMAT = "galvatron_fx.model_profile/1"
+B, S = sympy.symbols("b s", positive=True)
+MAX_TP = 64
+
+
+@dataclass(frozen=True)
+class TimeFormula:
+    """Seconds as ``Σ coefficient · b^i · s^j``; ``terms`` holds ``(i, j, coefficient)``."""
+
+    terms: tuple[tuple[int, int, float], ...] = ()
+
+    @cached_property
+    def expr(self) -> sympy.Expr:
+        return sympy.Add(*(sympy.Float(c) * B**i * S**j for i, j, c in self.terms)) if self.terms else sympy.Integer(0)
+
+    @cached_property
+    def _function(self):
+        return sympy.lambdify((B, S), self.expr, "math")
+
+    def __call__(self, batch: float, seq: float) -> float:
+        return float(self._function(batch, seq)) if self.terms else 0.0
+
+    def scaled(self, factor: float) -> "TimeFormula":
+        return TimeFormula(tuple((i, j, c * factor) for i, j, c in self.terms))
+
+    def to_json(self) -> list:
+        return [[i, j, c] for i, j, c in self.terms]
+
+    @classmethod
+    def from_json(cls, value: Any) -> "TimeFormula":
+        terms = tuple((int(i), int(j), float(c)) for i, j, c in value)
+        if any(i < 0 or j < 0 or i > 3 or j > 3 or c != c for i, j, c in terms):
+            raise ValueError(f"terms {value!r} out of range")
+        return cls(terms)
+
+
+def fit_time_formula(samples: Sequence[tuple[float, float, float]]) -> TimeFormula:
+    """Least-squares fit of ``(batch, seq, seconds)`` samples with non-negative coefficients.
+
+    Basis: ``1, b`` when one sequence length was measured; ``1, b, b·s`` with two; ``1, b, b·s, b·s²``
+    (attention's quadratic part) with three or more. Terms that would come out negative are dropped.
+    """
+    seqs = {s for _, s, _ in samples}
+    basis = [(0, 0), (1, 0)] + ([(1, 1)] if len(seqs) >= 2 else []) + ([(1, 2)] if len(seqs) >= 3 else [])
+    if len({b for b, _, _ in samples}) < 2 and len(seqs) < 2:
+        basis = [(1, 0)]
+    while True:
+        matrix = np.array([[b**i * s**j for i, j in basis] for b, s, _ in samples], dtype=float)
+        target = np.array([t for _, _, t in samples], dtype=float)
+        coefficients = np.linalg.lstsq(matrix, target, rcond=None)[0]
+        if (coefficients >= 0).all() or len(basis) == 1:
+            break
+        basis = [term for term, c in zip(basis, coefficients) if c >= 0] or [(1, 0)]
+    return TimeFormula(tuple((i, j, float(max(c, 0.0))) for (i, j), c in zip(basis, coefficients)))
+
+
+@dataclass
+class LayerTypeProfile:
+    """One layer type on one device (also used for the prologue = embedding and epilogue = head)."""
+
+    layer_type: str
+    fwd: TimeFormula
+    bwd: TimeFormula
+    param_count: int
+    activation_bytes_per_sample: dict[int, int]  # TP degree → saved bytes, Megatron TP without SP
+    ckpt_activation_bytes_per_sample: int  # what a checkpointed layer keeps: its inputs
+    boundary_bytes_per_sample: int  # the hidden-state tensor TP/SP collectives move
+    num_heads: int = 0  # 0: no attention (any TP degree the projections allow)
+    vocab_param_count: int = 0  # parameters split by vocab TP (embedding / head)
+    sp_activation_bytes_per_sample: dict[int, int] | None = None  # with Megatron-SP/Ulysses; None: total / tp
+    fwd_flops_per_sample: int = 0
+    bwd_flops_per_sample: int = 0
+
+    def activation_per_sample(self, tp: int, sequence_sharded: bool) -> float:
+        table = self.sp_activation_bytes_per_sample if sequence_sharded and self.sp_activation_bytes_per_sample else None
+        if table is None and sequence_sharded:
+            return self._lookup(self.activation_bytes_per_sample, 1) / tp
+        return self._lookup(table or self.activation_bytes_per_sample, tp)
+
+    @staticmethod
+    def _lookup(table: dict[int, int], tp: int) -> float:
+        if tp in table:
+            return float(table[tp])
+        below = max((k for k in table if k <= tp), default=min(table))
+        return table[below] * below / tp  # beyond the table: assume the rest shards perfectly
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "layer_type": self.layer_type, "fwd": self.fwd.to_json(), "bwd": self.bwd.to_json(),
+            "param_count": self.param_count, "vocab_param_count": self.vocab_param_count,
+            "activation_bytes_per_sample": {str(k): v for k, v in self.activation_bytes_per_sample.items()},
+            "sp_activation_bytes_per_sample": ({str(k): v for k, v in self.sp_activation_bytes_per_sample.items()}
+                                               if self.sp_activation_bytes_per_sample else None),
+            "ckpt_activation_bytes_per_sample": self.ckpt_activation_bytes_per_sample,
+            "boundary_bytes_per_sample": self.boundary_bytes_per_sample, "num_heads": self.num_heads,
+            "fwd_flops_per_sample": self.fwd_flops_per_sample, "bwd_flops_per_sample": self.bwd_flops_per_sample,
+        }
+
+    @classmethod
+    def from_json_dict(cls, data: dict[str, Any]) -> "LayerTypeProfile":
+        sp = data.get("sp_activation_bytes_per_sample")
+        activation = {int(k): int(v) for k, v in data["activation_bytes_per_sample"].items()}
+        if 1 not in activation:
+            raise ValueError("activation_bytes_per_sample has no entry for tp 1")
+        return cls(
+            layer_type=str(data["layer_type"]), fwd=TimeFormula.from_json(data["fwd"]), bwd=TimeFormula.from_json(data["bwd"]),
+            param_count=int(data["param_count"]), activation_bytes_per_sample=activation,
+            ckpt_activation_bytes_per_sample=int(data["ckpt_activation_bytes_per_sample"]),
+            boundary_bytes_per_sample=int(data["boundary_bytes_per_sample"]), num_heads=int(data.get("num_heads", 0)),
+            vocab_param_count=int(data.get("vocab_param_count", 0)),
+            sp_activation_bytes_per_sample={int(k): int(v) for k, v in sp.items()} if sp else None,
+            fwd_flops_per_sample=int(data.get("fwd_flops_per_sample", 0)), bwd_flops_per_sample=int(data.get("bwd_flops_per_sample", 0)),
+        )
+
+
+@dataclass
+class ModelProfile:
+    """Everything the cost model needs about a model (see module docstring).
+
+    ``layer_types`` lists the type of every body layer in order; ``types`` profiles each type once;
+    ``prologue`` / ``epilogue`` are the embedding and head parts; ``cut_bytes_per_sample[i]`` is what a
+    pipeline cut after body layer ``i`` sends per sample (every live activation). ``dtype`` is the
+    precision the times and activation bytes were taken in.
+    """
+
+    name: str
+    layer_types: list[str]
+    types: dict[str, LayerTypeProfile]
+    prologue: LayerTypeProfile
+    epilogue: LayerTypeProfile
+    cut_bytes_per_sample: list[int]
+    seq_length: int
+    hidden_size: int
+    num_heads: int
+    dtype: str = "fp32"
+    mode: str = "analytic"  # analytic | measured | galvatron
+    device: str = ""
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def layer(self, layer_type: str) -> LayerTypeProfile:
+        try:
+            return self.types[layer_type]
+        except KeyError:
+            raise ProfileError(f"model profile {self.source or self.name} has no layer type {layer_type!r}",
+                               f"profile the model again; it knows {sorted(self.types)}") from None
+
+    # -- construction from a Program ---------------------------------------------------------------
+    @classmethod
+    def from_program(cls, program, *, flops_per_s: float, dtype: str = "fp32", num_heads: int | None = None,
+                     device: str = "", name: str | None = None) -> "ModelProfile":
+        """Analytic profile: time = FLOPs ÷ ``flops_per_s`` (sustained), memory from the graph's annotations.
+
+        Times are linear in the micro-batch at the captured sequence length (one capture cannot separate
+        the sequence terms; profile-model measures them). Activation bytes per TP degree are derived from
+        the graph (``tp_activation_split``), not measured: TP lowering is a later step.
+        """
+        heads = num_heads if num_heads is not None else infer_num_heads(program)
+        batch = program.batch_size
+        types: dict[str, LayerTypeProfile] = {}
+        for layer in program.body:
+            if layer.layer_type not in types:
+                types[layer.layer_type] = layer_type_profile(program, layer, flops_per_s, heads)
+        seq, hidden = infer_seq_hidden(program)
+        return cls(
+            name=name or program.model_name, layer_types=[layer.layer_type for layer in program.body], types=types,
+            prologue=layer_type_profile(program, program.prologue, flops_per_s, 0, vocab=True),
+            epilogue=layer_type_profile(program, program.epilogue, flops_per_s, 0, vocab=True),
+            cut_bytes_per_sample=[_batched_bytes(layer.boundary_out) // batch for layer in program.body],
+            seq_length=seq, hidden_size=hidden, num_heads=heads, dtype=dtype, mode="analytic", device=device,
+        )
+
+    # -- JSON ----------------------------------------------------------------------------------
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "name": self.name, "mode": self.mode, "device": self.device, "dtype": self.dtype,
+            "seq_length": self.seq_length, "hidden_size": self.hidden_size, "num_heads": self.num_heads,
+            "layer_types": list(self.layer_types), "cut_bytes_per_sample": list(self.cut_bytes_per_sample),
+            "types": {k: v.to_json_dict() for k, v in self.types.items()},
+            "prologue": self.prologue.to_json_dict(), "epilogue": self.epilogue.to_json_dict(), "extra": self.extra,
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | None = None) -> "ModelProfile":
+        """Read a profile written by ``save`` / profile-model; ``device`` checks what it was measured on."""
+        profile = cls.from_json_dict(read_json(path), source=str(path))
+        if device is not None and profile.mode == "measured" and profile.device.lower() != device.lower():
+            raise ProfileError(f"{path}: key device is {profile.device!r}, but the cluster has {device!r}",
+                               "profile the model on this device, or build an analytic profile for it")
+        return profile
+
+    @classmethod
+    def from_json_dict(cls, data: Any, source: str = "model profile") -> "ModelProfile":
+        if not isinstance(data, dict):
+            raise ProfileError(f"{source} is not a JSON object", "write it with galvatron-fx profile-model")
+        if data.get("format") != FORMAT:
+            raise ProfileError(f"{source}: key format is {data.get('format')!r}, not {FORMAT!r}",
+                               "write it with galvatron-fx profile-model (Galvatron's files load with cost.galvatron_import)")
+        key = "types"
+        try:
+            types = {}
+            for name, entry in data["types"].items():
+                key = f"types/{name}"
+                types[str(name)] = LayerTypeProfile.from_json_dict(entry)
+            key = "prologue"
+            prologue = LayerTypeProfile.from_json_dict(data["prologue"])
+            key = "epilogue"
+            epilogue = LayerTypeProfile.from_json_dict(data["epilogue"])
+            key = "layer_types"
+            layer_types = [str(t) for t in data["layer_types"]]
+            missing = sorted(set(layer_types) - set(types))
+            if missing or not layer_types:
+                raise ValueError(f"types {missing} are not profiled" if missing else "no body layers")
+            key = "cut_bytes_per_sample"
+            cuts = [int(v) for v in data["cut_bytes_per_sample"]]
+            if len(cuts) != len(layer_types):
+                raise ValueError(f"{len(cuts)} entries for {len(layer_types)} layers")
+            key = "seq_length"
+            scalars = {k: int(data[k]) for k in ("seq_length", "hidden_size", "num_heads")}
+        except (KeyError, ValueError, TypeError, AttributeError) as error:
+            raise ProfileError(f"{source}: key {key} is missing or malformed ({type(error).__name__}: {error})",
+                               "profile the model again with galvatron-fx profile-model") from None
+        return cls(str(data.get("name", "")), layer_types, types, prologue, epilogue, cuts, **scalars,
+                   dtype=str(data.get("dtype", "fp32")), mode=str(data.get("mode", "")), device=str(data.get("device", "")),
+                   source=source, extra=dict(data.get("extra") or {}))
+
+
+# -- helpers shared with the measuring profiler ----------------------------------------------------
+def _batched_bytes(specs) -> int:
+    return sum(spec.nbytes for spec in specs if spec.batched)
+
+
+def layer_type_profile(program, layer, flops_per_s: float, heads: int, vocab: bool = False) -> LayerTypeProfile:
+    """A LayerTypeProfile of ``layer`` with analytic times (FLOPs ÷ ``flops_per_s``) and graph memory."""
+    batch = program.batch_size
+    stats = layer.stats
+    replicated, sharded = tp_activation_split(program.graph_module, layer)
+    per_tp = {}
+    tp = 1
+    while tp <= MAX_TP:
+        per_tp[tp] = int((replicated + sharded / tp) / batch)
+        tp *= 2
+    outputs = [spec for spec in layer.boundary_out if spec.name in layer.output_names and spec.batched and spec.dtype.is_floating_point]
+    hidden_bytes = max((spec.nbytes for spec in outputs), default=0) // batch
+    fwd_flops, bwd_flops = stats.fwd_flops // batch, stats.bwd_flops // batch
+    return LayerTypeProfile(
+        layer_type=layer.layer_type if layer.kind not in ("prologue", "epilogue") else layer.kind,
+        fwd=TimeFormula(((1, 0, fwd_flops / flops_per_s),)) if fwd_flops else TimeFormula(),
+        bwd=TimeFormula(((1, 0, bwd_flops / flops_per_s),)) if bwd_flops else TimeFormula(),
+        param_count=stats.param_count,
+        activation_bytes_per_sample=per_tp,
+        ckpt_activation_bytes_per_sample=_batched_bytes(layer.inputs) // batch,
+        boundary_bytes_per_sample=hidden_bytes,
+        num_heads=heads,
+        vocab_param_count=_vocab_params(program, layer) if vocab else 0,
+        fwd_flops_per_sample=fwd_flops, bwd_flops_per_sample=bwd_flops,
+    )
+
+
+def _vocab_params(program, layer) -> int:
+    """Parameters of ``layer`` with a vocabulary dimension (the largest dimension among its 2-D weights)."""
+    params = dict(program.graph_module.named_parameters())
+    matrices = [params[n] for n in layer.param_names if n in params and params[n].dim() == 2]
+    if not matrices:
+        return 0
+    vocab = max(max(p.shape) for p in matrices)
+    return sum(p.numel() for p in matrices if vocab in p.shape)
+
+
+def infer_num_heads(program) -> int:
+    """Attention heads, read from the first scaled-dot-product attention (or 4-D score) in the body."""
+    names = {name for layer in program.body for name in layer.node_names}
+    for node in program.graph_module.graph.nodes:
+        if node.name in names and "scaled_dot_product" in str(node.target):
+            value = node.args[0].meta.get("val")
+            if value is not None and value.dim() == 4:
+                return int(value.shape[1])
+    for node in program.graph_module.graph.nodes:  # eager attention: softmax over a [b, h, s, s] tensor
+        if node.name in names and "softmax" in str(node.target):
+            value = node.meta.get("val")
+            if value is not None and value.dim() == 4:
+                return int(value.shape[1])
+    return 0
+
+
+def infer_seq_hidden(program) -> tuple[int, int]:
+    """(sequence length, hidden size) from the first body layer's 3-D batched outputs."""
+    for layer in program.body:
+        for spec in layer.boundary_out:
+            if spec.batched and len(spec.shape) == 3 and spec.dtype.is_floating_point:
+                return spec.shape[1], spec.shape[2]
+    return 1, 0
