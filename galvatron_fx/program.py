@@ -119,9 +119,14 @@ class Program:
 
     @property
     def hierarchy(self) -> torch.nn.Module:
-        """The unflattened module tree (``torch.export.unflatten``): one submodule per user module."""
+        """The unflattened module tree (``torch.export.unflatten``): one submodule per user module, each
+        with its own graph, holding the Program's parameters (not the user's)."""
         if self._hierarchy is None:
-            self._hierarchy = torch.export.unflatten(self.exported)
+            tree = torch.export.unflatten(self.exported)
+            for name, param in self.graph_module.named_parameters(remove_duplicate=False):
+                owner, _, leaf = name.rpartition(".")
+                tree.get_submodule(owner)._parameters[leaf] = param
+            self._hierarchy = tree
         return self._hierarchy
 
     def named_parameters(self) -> Iterable[tuple[str, torch.nn.Parameter]]:

@@ -138,3 +138,16 @@ def test_every_node_is_annotated(captured):
     assert info.shape == (m, n) and info.dtype == torch.float32
     assert info.fwd_flops == 2 * m * k * n
     assert info.bwd_flops == 2 * info.fwd_flops
+
+
+@pytest.mark.parametrize("name", ["t5", "swin"])
+def test_module_hierarchy_is_kept(captured, name):
+    model, batch, program = captured(name)
+    tree = program.hierarchy
+    for layer in program.body:
+        if layer.kind == "block":
+            block = tree.get_submodule(layer.module_path)
+            assert hasattr(block, "graph")  # each block is its own submodule with its own graph
+    ours = {id(p) for _, p in program.named_parameters()}
+    assert {id(p) for p in tree.parameters()} <= ours
+    assert torch.allclose(tree(**batch).loss, model(**batch).loss, atol=1e-6)
