@@ -1,0 +1,165 @@
+"""Data parallelism per layer: DDP-style all-reduce, ZeRO-2 and ZeRO-3, and sums of tied weights' gradients.
+
+Each layer of a stage follows its LayerStrategy on its data-parallel mesh:
+
+- ``zero3``: FSDP2 ``fully_shard`` on the layer (parameters, gradients and optimizer states sharded;
+  parameters gathered for forward and again for backward);
+- ``zero2``: ``fully_shard`` with ``reshard_after_forward=False`` (parameters stay gathered from forward to
+  backward; gradients and optimizer states sharded);
+- ``ddp``: parameters replicated; gradients averaged with one flat all-reduce per group.
+
+Weights that several layers use (GPT-2's ``wte``/``lm_head``, T5's shared embedding) are left out of
+sharding and kept replicated: they may sit in layers with different strategies or on different stages.
+When they are on several stages, their gradients are summed over the ranks with the same local index on
+those stages (Megatron's embedding group). Gradients are accumulated over micro-batches and synchronised
+once per step, or after every micro-batch when ``plan.grad_sync_every_micro_batch``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.fsdp import FSDPModule, fully_shard
+
+from galvatron_fx.passes.lower_stage import StageModule, stage_layer_indices
+from galvatron_fx.plan import Plan
+from galvatron_fx.program import Program
+
+from . import groups
+
+
+@dataclass
+class ReplicatedBucket:
+    """Replicated parameters synchronised by one all-reduce over ``group`` (``size`` ranks)."""
+
+    group: dist.ProcessGroup
+    size: int
+    params: list[nn.Parameter] = field(default_factory=list)
+    synced: list[torch.Tensor | None] = field(default_factory=list)  # per-micro-batch mode: sums so far
+
+    def all_reduce_grads(self) -> list[torch.Tensor]:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=self.group)
+        flat /= self.size
+        return list(_unflatten_dense_tensors(flat, grads))
+
+
+@dataclass
+class TiedWeight:
+    name: str
+    param: nn.Parameter
+    group: dist.ProcessGroup
+
+
+class GradSync:
+    """Gradient synchronisation of one stage. The schedule calls ``before_backward`` and
+    ``after_backward`` around each micro-batch's backward, and ``finish`` once after the last one."""
+
+    def __init__(self, fsdp_units: list[FSDPModule], buckets: list[ReplicatedBucket], tied: list[TiedWeight],
+                 every_micro_batch: bool):
+        self.fsdp_units = fsdp_units
+        self.buckets = buckets
+        self.tied = tied
+        self.every_micro_batch = every_micro_batch
+
+    def before_backward(self, last: bool) -> None:
+        for unit in self.fsdp_units:
+            unit.set_requires_gradient_sync(self.every_micro_batch or last)
+
+    def after_backward(self, last: bool) -> None:
+        if not self.every_micro_batch:
+            return
+        for bucket in self.buckets:  # reduce this micro-batch's gradients, keep the sum aside
+            reduced = bucket.all_reduce_grads()
+            if not bucket.synced:
+                bucket.synced = [None] * len(bucket.params)
+            for i, (param, grad) in enumerate(zip(bucket.params, reduced)):
+                bucket.synced[i] = grad if bucket.synced[i] is None else bucket.synced[i] + grad
+                param.grad = None
+            if last:
+                for param, total in zip(bucket.params, bucket.synced):
+                    param.grad = total
+                bucket.synced = []
+
+    def finish(self) -> None:
+        if not self.every_micro_batch:
+            for bucket in self.buckets:
+                for param, grad in zip(bucket.params, bucket.all_reduce_grads()):
+                    param.grad = grad
+        for weight in self.tied:
+            if weight.param.grad is None:
+                weight.param.grad = torch.zeros_like(weight.param)
+            dist.all_reduce(weight.param.grad, group=weight.group)
+
+    def describe(self) -> str:
+        lines = [f"{len(self.fsdp_units)} sharded units, {sum(len(b.params) for b in self.buckets)} replicated "
+                 f"parameters in {len(self.buckets)} all-reduce groups, tied: {[w.name for w in self.tied]}"]
+        return "\n".join(lines)
+
+
+def layers_using(program: Program) -> dict[str, list[int]]:
+    """Parameter name → indices of the Program layers that use it."""
+    users: dict[str, list[int]] = defaultdict(list)
+    for layer in program.layers:
+        for name in layer.param_names:
+            users[name].append(layer.index)
+    return users
+
+
+def tied_stages(program: Program, plan: Plan) -> dict[str, tuple[int, ...]]:
+    """Shared parameter name → the stages that hold a copy (only those on more than one stage)."""
+    stage_of = {index: stage for stage in range(plan.pp) for index in stage_layer_indices(program, plan, stage)}
+    tied = {}
+    for name, users in layers_using(program).items():
+        stages = tuple(sorted({stage_of[i] for i in users}))
+        if len(stages) > 1:
+            tied[name] = stages
+    return tied
+
+
+def prepare_groups(program: Program, plan: Plan) -> None:
+    """Create every group the plan needs, in the same order on every rank (group creation is collective)."""
+    if plan.devices_per_stage > 1:
+        for tp, consecutive in dict.fromkeys((layer.tp, layer.tp_consecutive) for layer in plan.layers):
+            groups.world_mesh(plan, tp, consecutive)
+        groups.world_mesh(plan)  # prologue and epilogue
+    for stages in dict.fromkeys(tied_stages(program, plan).values()):
+        groups.tied_group(plan, stages, 0)
+
+
+def apply_data_parallel(stage: StageModule, program: Program, plan: Plan) -> GradSync:
+    """Requires: ``prepare_groups`` ran on every rank. Ensures: ZeRO layers are FSDP2 modules on their dp
+    mesh, all other parameters are in all-reduce buckets, tied weights know their cross-stage group."""
+    users = layers_using(program)
+    shared = {name for name, layer_indices in users.items() if len(layer_indices) > 1}
+    params = stage.user_parameters()
+    fsdp_units: list[FSDPModule] = []
+    buckets: dict[tuple, ReplicatedBucket] = {}
+    replicated: set[int] = set()
+    for layer in stage.stage_layers:
+        strategy = layer.strategy
+        module = stage.layers[layer.name]
+        names = [n for n in dict.fromkeys(program.layers[layer.index].param_names) if n in params]
+        if strategy.dp == 1:
+            continue
+        mesh = groups.layer_mesh(plan, strategy)
+        ignored = {params[n] for n in names if n in shared}
+        if strategy.dp_type in ("zero2", "zero3") and len(ignored) < len(names):
+            fully_shard(module, mesh=mesh, reshard_after_forward=strategy.dp_type == "zero3", ignored_params=ignored)
+            fsdp_units.append(module)
+            names = [n for n in names if n in shared]
+        key = tuple(groups.world_group_ranks(mesh))
+        bucket = buckets.setdefault(key, ReplicatedBucket(mesh.get_group(), strategy.dp))
+        for name in names:
+            if id(params[name]) not in replicated:
+                replicated.add(id(params[name]))
+                bucket.params.append(params[name])
+    tied = [TiedWeight(name, params[name], groups.tied_group(plan, stages, stage.layout.local))
+            for name, stages in sorted(tied_stages(program, plan).items()) if name in params]
+    return GradSync(fsdp_units, [b for b in buckets.values() if b.params], tied, plan.grad_sync_every_micro_batch)

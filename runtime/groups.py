@@ -1,0 +1,96 @@
+"""Process groups and device meshes a plan needs, each created once per process and cached.
+
+World layout: ``rank = stage * devices_per_stage + local`` (see ``passes.lower_stage.RankLayout``).
+The world mesh of a plan has dims ``("pp", "dp", "tp")``: stage, data-parallel index, tensor-parallel
+index. A layer's data-parallel mesh is its 1-D ``"dp"`` slice; a layer with ``tp > 1`` (next issue) gets
+the ``("dp", "tp")`` slice of a mesh built for its tp degree, from the same cache. Creating a group is a
+collective over the world, so every rank must ask for the same groups in the same order: the runtime
+asks for them while building a trainer, before any other communication.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from galvatron_fx.errors import ConfigError
+from galvatron_fx.plan import LayerStrategy, Plan
+
+_CACHE: dict[tuple, Any] = {}
+CREATED: list[tuple] = []  # keys in creation order; a key never appears twice (tests assert this)
+
+
+def device_type() -> str:
+    """``"cuda"`` when the default process group runs NCCL on GPUs, else ``"cpu"``."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return "cuda"
+    return "cpu"
+
+
+def default_backend() -> str:
+    """NCCL where CUDA devices are present, gloo otherwise."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def current_device() -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` under NCCL, the CPU otherwise."""
+    if device_type() == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _cached(key: tuple, create):
+    if key not in _CACHE:
+        _CACHE[key] = create()
+        CREATED.append(key)
+    return _CACHE[key]
+
+
+def clear_cache() -> None:
+    """Forget cached groups (after ``destroy_process_group``)."""
+    _CACHE.clear()
+    CREATED.clear()
+
+
+def world_mesh(plan: Plan, tp: int = 1, tp_consecutive: bool = True) -> DeviceMesh:
+    """The ``("pp", "dp", "tp")`` mesh over the whole world for one tp degree and tp rank order."""
+    world, pp = plan.world_size, plan.pp
+    stage_devices = world // pp
+    dp = stage_devices // tp
+    key = ("mesh", world, pp, tp, tp_consecutive)
+
+    def create() -> DeviceMesh:
+        ranks = torch.arange(world).view(pp, stage_devices)
+        # consecutive: tp peers are neighbours; strided: tp peers are dp apart (dp index varies fastest)
+        grid = ranks.view(pp, dp, tp) if tp_consecutive else ranks.view(pp, tp, dp).transpose(1, 2)
+        return DeviceMesh(device_type(), grid, mesh_dim_names=("pp", "dp", "tp"))
+
+    return _cached(key, create)
+
+
+def layer_mesh(plan: Plan, strategy: LayerStrategy) -> DeviceMesh:
+    """The data-parallel mesh of a layer with ``strategy`` on this rank's stage (1-D, dim ``"dp"``)."""
+    if strategy.tp != 1:
+        raise ConfigError(f"layer strategy {strategy.short()} has tp={strategy.tp}", "tensor parallelism is lowered elsewhere")
+    return world_mesh(plan, strategy.tp, strategy.tp_consecutive)["dp"]
+
+
+def tied_group(plan: Plan, stages: tuple[int, ...], local: int) -> dist.ProcessGroup:
+    """The group of ranks with index ``local`` on each of ``stages``: where gradients of a weight used on
+    several stages (tied embedding and head) are summed, like Megatron's embedding group."""
+    stage_devices = plan.devices_per_stage
+    key = ("tied", plan.world_size, stage_devices, stages)
+
+    def create() -> list[dist.ProcessGroup]:
+        # new_group is collective over the world: create the group of every local index on every rank
+        return [dist.new_group([s * stage_devices + i for s in stages]) for i in range(stage_devices)]
+
+    return _cached(key, create)[local]
+
+
+def world_group_ranks(mesh: DeviceMesh) -> list[int]:
+    """Global ranks of a 1-D mesh slice, in order."""
+    return [int(r) for r in mesh.mesh.flatten().tolist()]
