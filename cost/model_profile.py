@@ -289,8 +289,8 @@ def layer_type_profile(program, layer, flops_per_s: float, heads: int, vocab: bo
 
 def _vocab_params(program, layer) -> int:
     """Parameters of ``layer`` with a vocabulary dimension (the largest dimension among its 2-D weights)."""
-    params = dict(program.graph_module.named_parameters())
-    matrices = [params[n] for n in layer.param_names if n in params and params[n].dim() == 2]
+    params = [program.graph_module.get_parameter(n) for n in layer.param_names]  # tied names too
+    matrices = [p for p in params if p.dim() == 2]
     if not matrices:
         return 0
     vocab = max(max(p.shape) for p in matrices)

@@ -12,6 +12,8 @@ from .errors import GalvatronError
 # name → (module under galvatron_fx.commands, one-line help)
 COMMANDS = {
     "inspect": ("inspect", "capture a model and print its layer table"),
+    "profile-hardware": ("profile_hardware", "measure collectives, send/recv and overlap; write a hardware profile"),
+    "profile-model": ("profile_model", "profile each layer type's time and memory; write a model profile"),
 }
 
 

@@ -1,0 +1,251 @@
+"""The hardware profiler: time the collectives the plans use, fit latency + bytes / bandwidth.
+
+Runs on every rank of an initialised process group (torchrun, or ``launch_local`` which starts CPU/GPU
+processes in-process). For every power-of-two group size ``g`` ≤ world size and both layouts
+(consecutive ranks, and ranks strided by ``world / g``), all groups of that shape run each collective at
+once (as in training, where every TP or DP group communicates together) over a few message sizes, with a
+warm-up and the median of the repetitions; the slowest rank's median counts. Then send/recv between the
+neighbouring stages of every pipeline degree, the slowdown of a matmul while an all-reduce is in flight,
+and the sustained matmul throughput. Time and memory are bounded by the message sizes and repetitions
+(``ProfilerConfig``); the defaults on CPU keep 4 gloo processes on 2 cores well under a minute.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from .hardware import COLLECTIVES, HardwareProfile, fit_latency_bandwidth
+
+KiB, MiB = 2**10, 2**20
+
+
+@dataclass(frozen=True)
+class ProfilerConfig:
+    """Message sizes (bytes), repetitions and the overlap test's matrix size."""
+
+    sizes_bytes: tuple[int, ...] = (64 * KiB, 512 * KiB, 2 * MiB)
+    repeats: int = 3
+    warmup: int = 1
+    matmul_dim: int = 256
+    progress: bool = True
+
+    @classmethod
+    def for_device(cls, device: torch.device, progress: bool = True) -> "ProfilerConfig":
+        if device.type == "cuda":
+            return cls((1 * MiB, 16 * MiB, 64 * MiB, 256 * MiB), repeats=5, warmup=2, matmul_dim=4096, progress=progress)
+        return cls(progress=progress)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Progress:
+    """A one-line progress bar on rank 0's stderr."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.done, self.enabled, self.start = total, 0, enabled, time.perf_counter()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if self.enabled:
+            filled = int(30 * self.done / self.total)
+            elapsed = time.perf_counter() - self.start
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {elapsed:5.1f}s {label:<40}")
+            if self.done == self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _median_time(run: Callable[[], None], device: torch.device, config: ProfilerConfig, group=None) -> float:
+    for _ in range(config.warmup):
+        run()
+    _sync(device)
+    times = []
+    for _ in range(config.repeats):
+        dist.barrier(group=group)
+        start = time.perf_counter()
+        run()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _collective(op: str, nbytes: int, group, group_size: int, device: torch.device) -> Callable[[], None]:
+    numel = max(nbytes // 4 // group_size, 1) * group_size  # divisible by the group for the sharded ops
+    full = torch.ones(numel, device=device)
+    shard = torch.ones(numel // group_size, device=device)
+    if op == "all_reduce":
+        return lambda: dist.all_reduce(full, group=group)
+    # torch 2.13 names these *_single; older releases only have *_into_tensor / *_tensor
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    if op == "all_gather":
+        return lambda: gather(full, shard, group=group)
+    if op == "reduce_scatter":
+        return lambda: scatter(shard, full, group=group)
+    out = torch.empty_like(full)
+    return lambda: dist.all_to_all_single(out, full, group=group)
+
+
+def _group_shapes(world: int) -> list[tuple[int, bool, list[list[int]]]]:
+    shapes = []
+    group = 2
+    while group <= world:
+        count = world // group
+        shapes.append((group, True, [[k * group + i for i in range(group)] for k in range(count)]))
+        if group < world:
+            shapes.append((group, False, [[k + i * count for i in range(group)] for k in range(count)]))
+        group *= 2
+    return shapes
+
+
+def profile_hardware(config: ProfilerConfig | None = None, device: torch.device | None = None) -> HardwareProfile | None:
+    """Measure on every rank of the default process group; returns the profile on rank 0, None elsewhere."""
+    from galvatron_fx.cluster import Cluster
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    config = config or ProfilerConfig.for_device(device)
+    shapes = _group_shapes(world)
+    pipelines = [pp for pp in (2**k for k in range(1, world.bit_length())) if world % pp == 0]
+    progress = _Progress(len(shapes) * len(COLLECTIVES) + len(pipelines) + 2, config.progress and rank == 0)
+
+    keys, medians = [], []
+    for group_size, consecutive, enumeration in shapes:
+        group, _ = dist.new_subgroups_by_enumeration(enumeration)
+        layout = "consecutive" if consecutive else "strided"
+        for op in COLLECTIVES:
+            for nbytes in config.sizes_bytes:
+                keys.append((f"{op}/{group_size}/{layout}", nbytes))
+                medians.append(_median_time(_collective(op, nbytes, group, group_size, device), device, config, group))
+            progress.step(f"{op} g={group_size} {layout}")
+    for pp in pipelines:
+        for nbytes in config.sizes_bytes:
+            keys.append((f"p2p/{pp}", nbytes))
+            medians.append(_ping_pong(nbytes, world // pp, rank, device, config) if rank < 2 * (world // pp) else 0.0)
+            dist.barrier()
+        progress.step(f"send/recv pp={pp}")
+    flops_per_s = _matmul_flops(device, config)
+    progress.step("matmul throughput")
+    slowdown = _overlap_slowdown(device, config)
+    progress.step("compute/communication overlap")
+
+    # the slowest rank's median counts: one all-reduce (MAX) of every measurement
+    table = torch.tensor(medians + [slowdown], dtype=torch.float64, device=device)
+    dist.all_reduce(table, op=dist.ReduceOp.MAX)
+    if rank != 0:
+        return None
+    values = table.tolist()
+    samples: dict[str, list[tuple[int, float]]] = {}
+    for (key, nbytes), seconds in zip(keys, values):
+        samples.setdefault(key, []).append((nbytes, seconds))
+    fits = {key: fit_latency_bandwidth([b for b, _ in pts], [t for _, t in pts]) for key, pts in samples.items()}
+    cluster = Cluster.detect()
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    return HardwareProfile(
+        world_size=world, devices_per_node=min(cluster.devices_per_node, world), device=cluster.device,
+        memory_bytes=cluster.memory_bytes, collectives={k: v for k, v in fits.items() if not k.startswith("p2p/")},
+        p2p={int(k.split("/")[1]): v for k, v in fits.items() if k.startswith("p2p/")},
+        overlap_slowdown=max(1.0, values[-1]), flops_per_s={dtype: flops_per_s}, backend=dist.get_backend(),
+        source="profile-hardware",
+    )
+
+
+def _ping_pong(nbytes: int, step: int, rank: int, device: torch.device, config: ProfilerConfig) -> float:
+    """One-way send/recv time between rank ``r`` of stage 0 and ``r + step`` of stage 1 (half a round trip)."""
+    buffer = torch.ones(max(nbytes // 4, 1), device=device)
+    peer = rank + step if rank < step else rank - step
+
+    def round_trip():
+        if rank < step:
+            dist.send(buffer, peer)
+            dist.recv(buffer, peer)
+        else:
+            dist.recv(buffer, peer)
+            dist.send(buffer, peer)
+
+    for _ in range(config.warmup):
+        round_trip()
+    times = []
+    for _ in range(config.repeats):
+        start = time.perf_counter()
+        round_trip()
+        _sync(device)
+        times.append((time.perf_counter() - start) / 2)
+    return statistics.median(times)
+
+
+def _matmul_flops(device: torch.device, config: ProfilerConfig) -> float:
+    n = config.matmul_dim
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    seconds = _median_time(lambda: a @ b, device, config)
+    return 2 * n**3 / max(seconds, 1e-9)
+
+
+def _overlap_slowdown(device: torch.device, config: ProfilerConfig) -> float:
+    """Matmul time while an all-reduce of the largest message runs, over its time alone (≥ 1)."""
+    n = config.matmul_dim
+    a = torch.randn(n, n, device=device)
+    comm = torch.ones(config.sizes_bytes[-1] // 4, device=device)
+    alone = _median_time(lambda: a @ a, device, config)
+    comm_s = _median_time(lambda: dist.all_reduce(comm), device, config)
+    repeats = max(1, min(200, int(comm_s / max(alone, 1e-9))))  # compute about as long as the communication
+
+    def compute():
+        for _ in range(repeats):
+            a @ a
+
+    compute_s = _median_time(compute, device, config)
+    times = []
+    for _ in range(config.repeats):
+        dist.barrier()
+        work = dist.all_reduce(comm, async_op=True)
+        start = time.perf_counter()
+        compute()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        work.wait()
+    return max(1.0, statistics.median(times) / compute_s)
+
+
+# -- launching without torchrun ----------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, backend: str, fn: Callable, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    try:
+        fn(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch_local(fn: Callable, nprocs: int, backend: str = "gloo", args: tuple = ()) -> None:
+    """Run ``fn(*args)`` on ``nprocs`` freshly spawned processes forming a process group (like torchrun).
+
+    ``fn`` must be importable (a module-level function) because the processes are spawned.
+    """
+    import torch.multiprocessing as mp
+
+    mp.spawn(_worker, args=(nprocs, _free_port(), backend, fn, args), nprocs=nprocs, join=True)
