@@ -46,7 +46,7 @@ class _CostInterpreter(fx.Interpreter):
             if not isinstance(real, torch.Tensor):  # submodules of higher-order ops
                 return real
             with self.fake_mode:
-                fake = torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device=_device(real))
+                fake = torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device=real.device)
             fake.requires_grad_(real.requires_grad)
             if isinstance(real, torch.nn.Parameter):
                 self.seen_storages.add(StorageWeakRef(fake.untyped_storage()))
@@ -92,17 +92,12 @@ class _CostInterpreter(fx.Interpreter):
             grad_fn.register_hook(after)
 
 
-def _device(tensor: torch.Tensor) -> torch.device:
-    # A model built on the meta device is analysed as if it lived on the CPU.
-    return torch.device("cpu") if tensor.device.type == "meta" else tensor.device
-
-
 def _fake_input(fake_mode: FakeTensorMode, node: fx.Node, example: Any) -> Any:
     value = node.meta.get("val", example)
     if not isinstance(value, torch.Tensor):
         return example
     with fake_mode:
-        return torch.empty(tuple(value.shape), dtype=value.dtype, device=_device(value))
+        return torch.empty(tuple(value.shape), dtype=value.dtype, device=value.device)
 
 
 def annotate_nodes(graph_module: fx.GraphModule, example_inputs: dict[str, Any]) -> None:

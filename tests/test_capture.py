@@ -151,3 +151,13 @@ def test_module_hierarchy_is_kept(captured, name):
     ours = {id(p) for _, p in program.named_parameters()}
     assert {id(p) for p in tree.parameters()} <= ours
     assert torch.allclose(tree(**batch).loss, model(**batch).loss, atol=1e-6)
+
+
+def test_meta_device_model_is_captured_without_memory(captured):
+    _, _, on_cpu = captured("gpt2")
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model, batch = build_model("gpt2", size="small", batch=2, seq=16)
+    program = galvatron_fx.capture(model, example_kwargs=batch)
+    assert all(p.device.type == "meta" for _, p in program.named_parameters())
+    assert [l.stats for l in program.layers] == [l.stats for l in on_cpu.layers]
