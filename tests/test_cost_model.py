@@ -1,0 +1,146 @@
+"""CostModel terms against hand-computed cases, and the orderings every cost model must respect."""
+
+import dataclasses
+
+import pytest
+
+from galvatron_fx.cost.hardware import COLLECTIVES, CommFit, HardwareProfile
+from galvatron_fx.cost.model import CostModel
+from galvatron_fx.cost.model_profile import LayerTypeProfile, ModelProfile, TimeFormula
+from galvatron_fx.errors import ConfigError, PlanError, ProfileError
+from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy as S, Plan
+
+BW = 1e9  # every link: 1 GB/s, no latency, so each collective costs nbytes / 1e9 s
+
+
+def per_sample(seconds: float) -> TimeFormula:
+    return TimeFormula(((1, 0, seconds),))
+
+
+def synthetic_profile(seq: int = 64) -> ModelProfile:
+    block = LayerTypeProfile("blk", per_sample(1e-3), per_sample(2e-3), param_count=1_000_000,
+                             activation_bytes_per_sample={1: 8000, 2: 5000, 4: 3500}, ckpt_activation_bytes_per_sample=1000,
+                             boundary_bytes_per_sample=1000, num_heads=12)
+    prologue = LayerTypeProfile("prologue", TimeFormula(), TimeFormula(), 500_000, {1: 1000, 2: 600}, 0, 1000, vocab_param_count=400_000)
+    epilogue = LayerTypeProfile("epilogue", per_sample(5e-4), per_sample(1e-3), 400_000, {1: 4000, 2: 2000}, 0, 1000, vocab_param_count=400_000)
+    return ModelProfile("synthetic", ["blk"] * 4, {"blk": block}, prologue, epilogue, [1000] * 4, seq, 256, 12, mode="measured")
+
+
+def uniform_hardware(world: int = 8) -> HardwareProfile:
+    collectives = {f"{op}/{g}/{layout}": CommFit(0.0, BW) for op in COLLECTIVES for g in (2, 4, 8)
+                   for layout in ("consecutive", "strided")}
+    return HardwareProfile(world, 8, "test", 80 * 2**30, collectives, {2: CommFit(0.0, BW), 4: CommFit(0.0, BW)}, 1.25, {"fp32": 1e12})
+
+
+@pytest.fixture
+def model():
+    return CostModel(synthetic_profile(), uniform_hardware())
+
+
+def test_tp_compute_communication_and_ddp_sync(model):
+    cost = model.layer_cost("blk", S(tp=2, dp=2), micro_batch=8)  # 4 samples per replica, half the work each
+    assert cost.fwd_s == pytest.approx(4e-3 / 2 + 2 * 4000 / BW)  # 2 all-reduces of 4 samples × 1000 B
+    assert cost.bwd_s == pytest.approx(8e-3 / 2 + 2 * 4000 / BW)
+    # DDP all-reduce of 500k fp32 gradients = 2 ms, all hidden behind 4 ms of backward, at 25% slowdown
+    assert cost.grad_sync_s == pytest.approx(2e-3 * 0.25)
+    assert cost.model_state_bytes == 500_000 * 16
+    assert cost.activation_bytes == 5000 * 4 and cost.peak_extra_bytes == 0
+
+
+def test_checkpointing_recomputes_forward_and_keeps_inputs(model):
+    plain = model.layer_cost("blk", S(tp=2, dp=2), 8)
+    ckpt = model.layer_cost("blk", S(tp=2, dp=2, ckpt=True), 8)
+    assert ckpt.bwd_s == pytest.approx(plain.bwd_s + plain.fwd_s)
+    assert ckpt.fwd_s == plain.fwd_s
+    assert ckpt.activation_bytes == 1000 * 4 and ckpt.peak_extra_bytes == plain.activation_bytes
+
+
+def test_sequence_parallel_variants(model):
+    sp = model.layer_cost("blk", S(tp=2, dp=2, sp="megatron"), 8)
+    assert sp.fwd_s == pytest.approx(2e-3 + 2 * (4000 + 4000) / BW)  # 2 all-gathers + 2 reduce-scatters
+    assert sp.activation_bytes == 8000 // 2 * 4  # everything sequence-sharded
+    ulysses = model.layer_cost("blk", S(tp=2, dp=2, sp="ulysses"), 8)
+    assert ulysses.fwd_s == pytest.approx(2e-3 + 4 * 2000 / BW)  # 4 all-to-alls of the local half
+    assert ulysses.model_state_bytes == 1_000_000 * 16  # weights are not split
+    assert ulysses.grad_sync_s == pytest.approx(4e-3 * 0.25)  # 4 MB all-reduce, hidden behind 4 ms
+
+
+def test_zero_stages(model):
+    zero2 = model.layer_cost("blk", S(tp=1, dp=4, dp_type="zero2"), 8)
+    # reduce-scatter 4 MB gradients + all-gather 4 MB parameters = 8 ms; 4 ms hide behind the backward
+    assert zero2.grad_sync_s == pytest.approx(4e-3 + 4e-3 * 0.25)
+    assert zero2.model_state_bytes == 1_000_000 * (4 + 12 / 4)
+    zero3 = model.layer_cost("blk", S(tp=1, dp=4, dp_type="zero3"), 8)
+    assert zero3.fwd_s == pytest.approx(2e-3 + (4e-3 - 2e-3) + 2e-3 * 0.25)  # 4 ms gather vs 2 ms forward
+    assert zero3.bwd_s == pytest.approx(4e-3 + 4e-3 * 0.25)
+    assert zero3.grad_sync_s == pytest.approx(4e-3 * 0.25)
+    assert zero3.model_state_bytes == 1_000_000 * 16 // 4
+    assert zero3.peak_extra_bytes == 1_000_000 * 4 * 3 // 4
+
+
+def test_bf16_mixed_precision_bytes():
+    bf16 = CostModel(synthetic_profile(), uniform_hardware(), mixed_precision="bf16")
+    cost = bf16.layer_cost("blk", S(), 8)
+    assert cost.model_state_bytes == 1_000_000 * 18 and cost.activation_bytes == 8000 * 8 // 2
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        CostModel(synthetic_profile(), uniform_hardware(), mixed_precision="fp8")
+
+
+def test_redistribution_between_layouts(model):
+    assert model.redistribution_s(S(tp=2, dp=2), S(tp=2, dp=2, dp_type="zero3", ckpt=True), 1, 8) == 0.0
+    # dp4 → tp2: each rank gathers its pair's samples (half of 8 × 1000 B); backward only slices
+    assert model.redistribution_s(S(tp=1, dp=4), S(tp=2, dp=2), 1, 8) == pytest.approx(4000 / BW)
+    # Megatron-SP → TP: forward slices, backward gathers the gradient halves
+    assert model.redistribution_s(S(tp=2, dp=2, sp="megatron"), S(tp=2, dp=2), 1, 8) == pytest.approx(4000 / BW)
+    # consecutive → strided TP: batch halves land on other ranks, both ways
+    assert model.redistribution_s(S(tp=2, dp=2), S(tp=2, dp=2, tp_consecutive=False), 1, 8) == pytest.approx(2 * 4000 / BW)
+
+
+def test_p2p_in_flight_and_unsupported(model):
+    assert model.p2p_s(0, 2, 4, 8, 1) == pytest.approx(2 * 8000 / 4 / BW)
+    assert model.in_flight_micro_batches("gpipe", 4, 0, 8) == 8
+    assert [model.in_flight_micro_batches("1f1b", 4, s, 8) for s in range(4)] == [4, 3, 2, 1]
+    assert model.in_flight_micro_batches("1f1b", 4, 0, 2) == 2
+    assert model.unsupported_reason("blk", S(tp=4, dp=2)) is None
+    assert model.unsupported_reason("blk", S(tp=8)) == "tp 8 does not divide 12 heads"
+    odd_seq = CostModel(dataclasses.replace(synthetic_profile(), seq_length=30), uniform_hardware())
+    assert "sequence length 30" in odd_seq.unsupported_reason("blk", S(tp=4, dp=2, sp="ulysses"))
+    assert odd_seq.unsupported_reason("blk", S(tp=4, dp=2)) is None
+
+
+def test_embedding_and_head_with_vocab_tp(model):
+    cost = model.embedding_cost(EmbeddingStrategy(vtp=2), 4, 8, first_stage=True, last_stage=True)
+    assert cost.fwd_s == pytest.approx(4000 / BW + 5e-4 * 4 / 2)  # embedding all-reduce + head compute
+    assert cost.bwd_s == pytest.approx(1e-3 * 4 / 2 + 4000 / BW)  # head backward + its input-gradient all-reduce
+    # embedding: 100k + 400k/2 params, unhidden 1.2 MB all-reduce; head: 200k params, 0.8 ms hidden in 2 ms
+    assert cost.grad_sync_s == pytest.approx(1.2e-3 + 0.8e-3 * 0.25)
+    assert cost.model_state_bytes == (300_000 + 200_000) * 16
+    assert cost.activation_bytes == (600 + 2000) * 4
+    assert model.embedding_cost(EmbeddingStrategy(), 4, 8, first_stage=False, last_stage=False).fwd_s == 0.0
+
+
+def test_evaluate_follows_the_pipeline_formula(model):
+    layers = [S(tp=2, dp=2), S(tp=2, dp=2), S(tp=1, dp=4, dp_type="zero3"), S(tp=1, dp=4, ckpt=True)]
+    plan = Plan(world_size=8, layers=layers, pp=2, chunks=2, global_batch=16, embedding=EmbeddingStrategy(vtp=2))
+    mb = 8
+    costs = [[model.layer_cost("blk", layers[i], mb) for i in stage] for stage in ((0, 1), (2, 3))]
+    embed = [model.embedding_cost(plan.embedding, 4, mb, first_stage=s == 0, last_stage=s == 1) for s in (0, 1)]
+    busy = [sum(c.fwd_s + c.bwd_s for c in costs[0]) + embed[0].fwd_s + embed[0].bwd_s + model.p2p_s(0, 2, 4, mb, 1),
+            sum(c.fwd_s + c.bwd_s for c in costs[1]) + embed[1].fwd_s + embed[1].bwd_s
+            + model.redistribution_s(layers[2], layers[3], 3, mb)]
+    sync = [sum(c.grad_sync_s for c in costs[s]) + embed[s].grad_sync_s for s in (0, 1)]
+    prediction = model.evaluate(plan)
+    expected = sum(busy) + (2 - 1) * max(busy) + max(sync)
+    assert prediction.iteration_time_s == pytest.approx(expected)
+    assert prediction.samples_per_s == pytest.approx(16 / expected)
+    in_flight = (2, 1)  # 1F1B: stage 0 holds both micro-batches, the last stage one
+    for s in (0, 1):
+        parts = costs[s] + [embed[s]]
+        memory = sum(c.model_state_bytes + in_flight[s] * c.activation_bytes for c in parts) + max(c.peak_extra_bytes for c in parts)
+        assert prediction.memory_bytes_per_stage[s] == memory
+    every = model.evaluate(dataclasses.replace(plan, grad_sync_every_micro_batch=True))
+    assert every.iteration_time_s == pytest.approx(expected + max(2 * x for x in sync) - max(sync))
+    with pytest.raises(ProfileError, match="world_size"):
+        model.evaluate(Plan(world_size=4, layers=[S(tp=1, dp=4)] * 4, global_batch=8))
+    with pytest.raises(PlanError, match="body layers"):
+        model.evaluate(Plan(world_size=8, layers=[S(tp=1, dp=8)] * 3, global_batch=8))
