@@ -1,0 +1,142 @@
+"""The communication a plan implies: each layer's collectives, redistributions between layers, pipeline transfers.
+
+These mirror the cost model's terms (cost/model.py) so that what the page shows is what was priced:
+- TP (Megatron): 2 all-reduces of the hidden state in forward, 2 in backward;
+- Megatron-SP: 2 all-gathers + 2 reduce-scatters each way; Ulysses: 4 all-to-alls of ``hidden / tp`` each way;
+- gradient sync over the ``dp`` replicas, once per step: DDP all-reduce; ZeRO-2 reduce-scatter of gradients
+  and all-gather of the updated parameters; ZeRO-3 the same, plus a parameter all-gather in forward and
+  again in backward of every micro-batch;
+- vocab TP of the embedding / head: one all-reduce (all-gather / reduce-scatter with vsp) each way.
+A collective's ``bytes_per_call`` is the tensor handed to it (the gathered output for all-gather), as in
+cost/hardware.py; ``time_s`` covers all ``count`` calls and is None without a cost model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy
+
+# (parameter, gradient) bytes per parameter, by mixed precision; cost/memory.py has the full table
+_PARAM_GRAD_BYTES = {"fp32": (4, 4), "bf16": (2, 4)}
+SHORT_OP = {"all_reduce": "AR", "all_gather": "AG", "reduce_scatter": "RS", "all_to_all": "A2A", "send_recv": "P2P"}
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One kind of communication call a layer (or a boundary) makes."""
+
+    op: str  # all_reduce | all_gather | reduce_scatter | all_to_all | send_recv
+    purpose: str  # tp | megatron_sp | ulysses | ddp | zero2 | zero3 | vtp | vsp | redistribution | pipeline
+    group_size: int
+    consecutive: bool
+    phase: str  # forward | backward (per micro-batch) | step (once per iteration)
+    count: int
+    bytes_per_call: int
+    time_s: float | None = None
+
+    def label(self) -> str:
+        """A compact badge such as ``AR×2 tp2 fwd``."""
+        phase = {"forward": "fwd", "backward": "bwd", "step": "step"}[self.phase]
+        return f"{SHORT_OP[self.op]}×{self.count} {self.purpose}{self.group_size} {phase}"
+
+
+def _timed(hardware, op: str, nbytes: float, group: int, consecutive: bool, count: int) -> float | None:
+    if hardware is None:
+        return None
+    return count * hardware.collective_s(op, nbytes, group, consecutive)
+
+
+def tp_collectives(tp: int, sp: str, consecutive: bool, hidden_bytes: float, hardware=None, calls_per_pass: int = 2) -> list[Collective]:
+    """Intra-layer collectives of a TP / Megatron-SP / Ulysses group on a hidden state of ``hidden_bytes``."""
+    if tp <= 1:
+        return []
+    if sp == "none":
+        plan = [("all_reduce", "tp", hidden_bytes, calls_per_pass)]
+    elif sp == "megatron":
+        plan = [("all_gather", "megatron_sp", hidden_bytes, calls_per_pass),
+                ("reduce_scatter", "megatron_sp", hidden_bytes, calls_per_pass)]
+    else:
+        plan = [("all_to_all", "ulysses", hidden_bytes / tp, 2 * calls_per_pass)]
+    return [Collective(op, purpose, tp, consecutive, phase, count, int(nbytes), _timed(hardware, op, nbytes, tp, consecutive, count))
+            for phase in ("forward", "backward") for op, purpose, nbytes, count in plan]
+
+
+def dp_collectives(dp: int, dp_type: str, consecutive: bool, params: float, mixed_precision: str = "fp32",
+                   hardware=None) -> list[Collective]:
+    """Gradient synchronisation (and ZeRO-3 parameter gathers) of ``params`` parameters over ``dp`` replicas."""
+    if dp <= 1:
+        return []
+    param_b, grad_b = _PARAM_GRAD_BYTES.get(mixed_precision, (4, 4))
+    grads, weights = params * grad_b, params * param_b
+    if dp_type == "ddp":
+        plan = [("all_reduce", "step", grads)]
+    elif dp_type == "zero2":
+        plan = [("reduce_scatter", "step", grads), ("all_gather", "step", weights)]
+    else:
+        plan = [("all_gather", "forward", weights), ("all_gather", "backward", weights), ("reduce_scatter", "step", grads)]
+    return [Collective(op, dp_type, dp, consecutive, phase, 1, int(nbytes), _timed(hardware, op, nbytes, dp, consecutive, 1))
+            for op, phase, nbytes in plan]
+
+
+def layer_collectives(strategy: LayerStrategy, hidden_bytes: float, param_count: int, *, mixed_precision: str = "fp32",
+                      hardware=None) -> list[Collective]:
+    """Everything a body layer running ``strategy`` communicates (``hidden_bytes`` for one micro-batch)."""
+    local_hidden = hidden_bytes / strategy.dp
+    params = param_count if strategy.sp == "ulysses" else param_count / strategy.tp
+    dp_consecutive = not strategy.tp_consecutive or strategy.tp == 1
+    return (tp_collectives(strategy.tp, strategy.sp, strategy.tp_consecutive, local_hidden, hardware)
+            + dp_collectives(strategy.dp, strategy.dp_type, dp_consecutive, params, mixed_precision, hardware))
+
+
+def embedding_collectives(embedding: EmbeddingStrategy, devices: int, part: str, hidden_bytes: float, param_count: int,
+                          vocab_param_count: int, dp_type: str, *, mixed_precision: str = "fp32", hardware=None) -> list[Collective]:
+    """The embedding (``part="prologue"``) or head (``"epilogue"``) under vocab TP and its data parallelism."""
+    vtp = embedding.vtp
+    dp = max(devices // vtp, 1)
+    local_hidden = hidden_bytes / dp
+    found: list[Collective] = []
+    if vtp > 1:
+        sp = "megatron" if embedding.vsp else "none"
+        phase = "forward" if part == "prologue" else "backward"  # embedding output forward, head input-grad backward
+        found += [c for c in tp_collectives(vtp, sp, True, local_hidden, hardware, calls_per_pass=1) if c.phase == phase]
+        found = [Collective(c.op, "vsp" if embedding.vsp else "vtp", c.group_size, c.consecutive, c.phase, c.count,
+                            c.bytes_per_call, c.time_s) for c in found]
+    params = param_count - vocab_param_count + vocab_param_count / vtp
+    found += dp_collectives(dp, "zero3" if embedding.embed_sdp else dp_type, vtp == 1, params, mixed_precision, hardware)
+    return found
+
+
+# -- redistribution between layers --------------------------------------------------------------------
+def layout(strategy: LayerStrategy) -> tuple:
+    """What decides where a boundary activation lives: (tp, dp, sequence sharded, consecutive)."""
+    return (strategy.tp, strategy.dp, strategy.sp != "none", strategy.tp_consecutive or strategy.tp == 1)
+
+
+def _pieces(strategy: LayerStrategy) -> list[tuple[Fraction, Fraction, Fraction, Fraction]]:
+    """Per rank of the stage: the (batch start, batch end, seq start, seq end) it holds of an activation."""
+    tp, dp = strategy.tp, strategy.dp
+    pieces = []
+    for rank in range(strategy.devices):
+        tp_index, dp_index = (rank % tp, rank // tp) if strategy.tp_consecutive else (rank // dp, rank % dp)
+        seq = (Fraction(tp_index, tp), Fraction(tp_index + 1, tp)) if strategy.sp != "none" else (Fraction(0), Fraction(1))
+        pieces.append((Fraction(dp_index, dp), Fraction(dp_index + 1, dp), *seq))
+    return pieces
+
+
+def redistribution_op(before: LayerStrategy, after: LayerStrategy) -> str | None:
+    """How activations move from ``before``'s layout to ``after``'s: None (same layout), ``slice`` (every
+    rank already holds what it needs), ``all_gather`` (every rank's piece grows) or ``all_to_all``."""
+    if layout(before) == layout(after):
+        return None
+    held, needed = _pieces(before), _pieces(after)
+
+    def inside(inner, outer):
+        return outer[0] <= inner[0] and inner[1] <= outer[1] and outer[2] <= inner[2] and inner[3] <= outer[3]
+
+    if all(inside(n, h) for h, n in zip(held, needed)):
+        return "slice"
+    if all(inside(h, n) for h, n in zip(held, needed)):
+        return "all_gather"
+    return "all_to_all"
