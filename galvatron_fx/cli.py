@@ -14,6 +14,7 @@ COMMANDS = {
     "inspect": ("inspect", "capture a model and print its layer table"),
     "profile-hardware": ("profile_hardware", "measure collectives, send/recv and overlap; write a hardware profile"),
     "profile-model": ("profile_model", "profile each layer type's time and memory; write a model profile"),
+    "viz": ("viz", "draw a plan: HTML page, ONNX for Netron, Graphviz DOT"),
 }
 
 
