@@ -1,0 +1,73 @@
+"""Orderings on a real captured model (GPT-2 small, analytic profile on an A100 preset)."""
+
+import warnings
+
+import pytest
+
+from galvatron_fx import Cluster, capture
+from galvatron_fx.cost.memory import tp_activation_split
+from galvatron_fx.cost.model import CostModel
+from galvatron_fx.cost.model_profile import ModelProfile
+from galvatron_fx.models import build_model
+from galvatron_fx.plan import LayerStrategy as S, Plan
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, kwargs = build_model("gpt2", batch=4, seq=32)
+        program = capture(model, example_kwargs=kwargs)
+    cluster = Cluster.preset("A100-80GB", nodes=1, devices_per_node=8)
+    profile = ModelProfile.from_program(program, flops_per_s=cluster.sustained_flops["fp32"])
+    return program, profile, CostModel(profile, cluster.hardware_profile())
+
+
+def test_graph_split_and_profile_shape(gpt2):
+    program, profile, _ = gpt2
+    replicated, sharded = tp_activation_split(program.graph_module, program.body[0])
+    assert replicated > 0 and sharded > 0
+    assert replicated + sharded == program.body[0].stats.saved_activation_bytes
+    block = profile.types[program.body[0].layer_type]
+    assert profile.num_heads == 4 and profile.seq_length == 32 and profile.hidden_size == 64
+    assert block.activation_bytes_per_sample[1] * 4 == program.body[0].stats.saved_activation_bytes
+    assert block.boundary_bytes_per_sample == 32 * 64 * 4
+    assert block.fwd(4, 32) == pytest.approx(program.body[0].stats.fwd_flops / Cluster.preset("A100-80GB").sustained_flops["fp32"])
+    assert profile.prologue.vocab_param_count == 256 * 64 and profile.epilogue.vocab_param_count == 256 * 64
+
+
+def test_more_tp_less_memory_per_device(gpt2):
+    _, profile, model = gpt2
+    kind = profile.layer_types[0]
+    totals = []
+    for tp in (1, 2, 4):
+        cost = model.layer_cost(kind, S(tp=tp, dp=4 // tp), micro_batch=8)
+        totals.append(cost.model_state_bytes + cost.activation_bytes)
+    assert totals[0] > totals[1] > totals[2]
+
+
+def test_zero_shards_model_states(gpt2):
+    _, profile, model = gpt2
+    kind = profile.layer_types[0]
+    states = {t: model.layer_cost(kind, S(dp=4, dp_type=t), 8).model_state_bytes for t in ("ddp", "zero2", "zero3")}
+    assert states["zero3"] < states["zero2"] < states["ddp"]
+
+
+def test_checkpointing_trades_time_for_memory(gpt2):
+    _, profile, model = gpt2
+    kind = profile.layer_types[0]
+    plain, ckpt = (model.layer_cost(kind, S(tp=2, dp=2, ckpt=c), 8) for c in (False, True))
+    assert ckpt.activation_bytes < plain.activation_bytes
+    assert ckpt.fwd_s + ckpt.bwd_s > plain.fwd_s + plain.bwd_s
+
+
+def test_1f1b_holds_fewer_micro_batches_than_gpipe(gpt2):
+    _, profile, model = gpt2
+    layers = [S(tp=1, dp=2)] * len(profile.layer_types)
+    gpipe = Plan(world_size=8, layers=layers, pp=4, chunks=8, global_batch=16, pipeline="gpipe")
+    one_f_one_b = Plan(world_size=8, layers=layers, pp=4, chunks=8, global_batch=16, pipeline="1f1b")
+    for stage in range(4):
+        assert model.in_flight_micro_batches("1f1b", 4, stage, 8) < model.in_flight_micro_batches("gpipe", 4, stage, 8)
+    memory_gpipe, memory_1f1b = model.evaluate(gpipe).memory_bytes_per_stage, model.evaluate(one_f_one_b).memory_bytes_per_stage
+    assert all(a < b for a, b in zip(memory_1f1b, memory_gpipe))
+    assert model.evaluate(gpipe).iteration_time_s == pytest.approx(model.evaluate(one_f_one_b).iteration_time_s)
