@@ -59,8 +59,11 @@ def _object(path: Path) -> dict:
     return data
 
 
-def load_hardware(folder: str | Path, *, memory_bytes: int | None = None, device: str = "unknown") -> HardwareProfile:
-    """A HardwareProfile from the Galvatron hardware files in ``folder``."""
+def load_hardware(folder: str | Path, *, memory_bytes: "int | str | None" = None, device: str = "unknown") -> HardwareProfile:
+    """A HardwareProfile from the Galvatron hardware files in ``folder``; ``memory_bytes`` may be "36GB"."""
+    from galvatron_fx.units import parse_bytes
+
+    memory_bytes = parse_bytes(memory_bytes) if memory_bytes is not None else None
     folder = Path(folder)
     if not folder.is_dir():
         raise ProfileError(f"hardware profile folder {folder} does not exist", "check the path")

@@ -82,15 +82,16 @@ def profile_model(build: Builder, batches: Sequence[int] = (2, 4, 8), seqs: Sequ
     started = time.perf_counter()
     for done, (batch, seq) in enumerate(cases, 1):
         model, kwargs = build(batch, seq)
-        program = capture(model, example_kwargs=kwargs)
-        program.graph_module.to(device)
+        # capture on the device: exported graphs bake in the device of the tensors they create
+        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        program = capture(model.to(device), example_kwargs=kwargs)
         if base is None or (seq == reference_seq and base[1] != reference_seq):
             base = (program, seq)
         representatives = representatives or _representatives(program)
         if base[0] is not program and len(program.layers) != len(base[0].layers):
             raise ProfileError(f"the model has {len(program.layers)} layers at batch {batch}, seq {seq} but {len(base[0].layers)} before",
                                "profile a model whose structure does not depend on the batch or sequence length")
-        env = program.flatten_inputs((), {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+        env = program.flatten_inputs((), kwargs)
         env_before = dict(env)
         with torch.no_grad():
             for layer in program.layers:

@@ -8,7 +8,7 @@ import pytest
 
 from galvatron_fx.cost.galvatron_import import load_hardware, load_model
 from galvatron_fx.cost.model import CostModel
-from galvatron_fx.errors import ProfileError
+from galvatron_fx.errors import ConfigError, ProfileError
 from galvatron_fx.plan import LayerStrategy, Plan
 
 FIXTURE = Path(__file__).parent / "fixtures" / "galvatron-llama2-7b"
@@ -86,3 +86,6 @@ def test_missing_and_corrupt_files_name_file_and_key(copy):
         load_model(copy)
     with pytest.raises(ProfileError, match="does not exist"):
         load_hardware(copy / "nowhere")
+    with pytest.raises(ConfigError, match="unknown units"):
+        load_hardware(FIXTURE, memory_bytes="36 parsecs")
+    assert load_hardware(FIXTURE, memory_bytes="36GB").memory_bytes == 36 * 10**9

@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seqs", default="32,64", help="sequence lengths to measure (text models); the largest is the reference")
     parser.add_argument("--cluster", default="A100-80GB", help="analytic mode: a device preset name or a cluster JSON file")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="analytic mode: training precision to price")
+    parser.add_argument("--device", default="cpu", help='measured mode: where to run the layers ("cpu", "cuda", "cuda:1")')
     parser.add_argument("--repeats", type=int, default=3, help="measured mode: timed repetitions (median taken)")
     parser.add_argument("--out", default="model_profile.json", help="where to write the profile")
     parser.add_argument("--no-progress", action="store_true", help="no progress display")
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore")
         if args.mode == "measured":
             profile = profile_model(lambda b, s: build_model(args.model, size=args.size, batch=b, seq=s), batches, seqs,
-                                    repeats=args.repeats, progress=not args.no_progress, name=args.model)
+                                    device=args.device, repeats=args.repeats, progress=not args.no_progress, name=args.model)
         else:
             cluster = Cluster.load(args.cluster) if Path(args.cluster).suffix == ".json" else Cluster.preset(args.cluster)
             model, kwargs = build_model(args.model, size=args.size, batch=max(min(batches), 2), seq=max(seqs))
