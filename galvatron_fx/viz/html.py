@@ -31,7 +31,7 @@ h1{font-size:22px;margin:0 0 6px} h2{font-size:17px;margin:22px 0 8px;border-bot
 .swatch{width:30px;height:18px;border-radius:3px;border:1px solid #333}
 .note{font-size:12px;color:#555;margin:4px 0}
 svg text{font-family:'DejaVu Sans',Helvetica,Arial,sans-serif}
-table{border-collapse:collapse;font-size:12px} th,td{border:1px solid #ddd;padding:3px 6px;text-align:right}
+table{border-collapse:collapse;font-size:12px} th,td{border:1px solid #ddd;padding:3px 6px;text-align:right;white-space:nowrap} td.wrap{white-space:normal;min-width:260px}
 th{background:#f1f3f5} td.l{text-align:left} tr.hl td{background:#fff3bf}
 g.layer.hl rect.box{stroke:#000;stroke-width:3}
 """
@@ -241,7 +241,7 @@ def _table(g: LayerGraph) -> str:
                  format_seconds(n.fwd_s), format_seconds(n.bwd_s), format_seconds(n.grad_sync_s), format_bytes(n.model_state_bytes),
                  format_bytes(n.activation_bytes), comms)
         rows.append(f'<tr data-layer="{n.index}">' + "".join(
-            f'<td class="{"l" if i in (1, 2, 3, 5, 15) else ""}">{c if i == 5 else _e(c)}</td>' for i, c in enumerate(cells)) + "</tr>")
+            f'<td class="{"l wrap" if i == 15 else "l" if i in (1, 2, 3, 5) else ""}">{c if i == 5 else _e(c)}</td>' for i, c in enumerate(cells)) + "</tr>")
     return ('<table id="layer-table"><tr>' + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>")
 
 
@@ -271,8 +271,8 @@ lines: pipeline send/recv. Times and memory are predictions for one device.</p>
 <h2>Memory per stage (one device) against the budget</h2>
 {_memory_bars(g)}
 <h2>Pipeline schedule ({_e(g.pipeline.upper())}, {g.chunks} micro-batches)</h2>
-<p class="note">Per micro-batch — {_e(stage_times)}. Simulated length {_e(format_seconds(g.schedule_s))}; the cost model's iteration time
-{_e(format_seconds(g.iteration_s))}.</p>
+<p class="note">Per micro-batch — {_e(stage_times)}. Simulated length {_e(format_seconds(g.schedule_s))}; predicted iteration time
+{_e(format_seconds(g.iteration_s))} ({_e(g.source)}).</p>
 {_timeline(g)}
 <h2>Layers</h2>
 {_table(g)}

@@ -182,7 +182,7 @@ def build_layer_graph(program: Program, plan: Plan, cost_model=None, memory_budg
     ensures:  every layer, stage cut and layout change of the plan appears once; times in seconds, bytes per
               device unless stated; nothing of ``program`` or ``plan`` is modified.
     """
-    plan.check_fits(len(program.body), plan.world_size, program.model_name or None)
+    plan.check_fits(len(program.body), plan.world_size)
     mb, devices = plan.micro_batch, plan.devices_per_stage
     scale = mb / program.batch_size
     precision = getattr(cost_model, "mixed_precision", "fp32")
@@ -322,7 +322,10 @@ def _stages(plan: Plan, nodes: list[LayerNode], redistributions, transfers, cost
         peak = max((n.peak_extra_bytes for n in members), default=0)
         memory = states + activations + peak
         if cost_model is None and plan.prediction is not None and stage < len(plan.prediction.memory_bytes_per_stage):
-            memory = plan.prediction.memory_bytes_per_stage[stage]
+            # the plan's figure is the total; the annotations only say how it splits
+            total = plan.prediction.memory_bytes_per_stage[stage]
+            factor = total / memory if memory else 0.0
+            states, activations, peak, memory = int(states * factor), int(activations * factor), int(peak * factor), total
         start = stage * plan.devices_per_stage
         stages.append(StageNode(
             stage=stage, ranks=tuple(range(start, start + plan.devices_per_stage)), layer_indices=tuple(n.index for n in members),
