@@ -226,31 +226,33 @@ def cut_specs(program: Program, plan: Plan, stage: int) -> tuple[TensorSpec, ...
 
 def copy_layer_modules(modules: Sequence[fx.GraphModule]) -> list[fx.GraphModule]:
     """Copies with their own graphs and parameters; parameters shared between the originals stay shared."""
-    clones: dict[int, torch.Tensor] = {}
-    copies = []
-    for module in modules:
-        graph = fx.Graph()
-        graph.output(graph.graph_copy(module.graph, {}))
-        attrs = {}
-        for node in graph.nodes:
-            if node.op == "get_attr":
-                value = module.get_parameter(node.target) if _is_param(module, node.target) else _getattr(module, node.target)
-                if id(value) not in clones:
-                    clone = value.detach().clone()
-                    clones[id(value)] = nn.Parameter(clone, value.requires_grad) if isinstance(value, nn.Parameter) else clone
-                attrs[node.target] = clones[id(value)]
-        copies.append(fx.GraphModule(attrs, graph, class_name="LayerModule"))
-    return copies
+    clones: dict[int, Any] = {}
+    return [_copy_graph_module(module, clones) for module in modules]
+
+
+def _copy_graph_module(module: fx.GraphModule, clones: dict[int, Any]) -> fx.GraphModule:
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(module.graph, {}))
+    attrs = {}
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value = _getattr(module, node.target)
+        if id(value) not in clones:
+            if isinstance(value, fx.GraphModule):  # a higher-order op's body (e.g. a no-grad region)
+                clones[id(value)] = _copy_graph_module(value, clones)
+            elif isinstance(value, nn.Parameter):
+                clones[id(value)] = nn.Parameter(value.detach().clone(), value.requires_grad)
+            else:
+                clones[id(value)] = value.detach().clone() if isinstance(value, torch.Tensor) else value
+        attrs[node.target] = clones[id(value)]
+    return fx.GraphModule(attrs, graph, class_name=type(module).__name__)
 
 
 def _getattr(module: nn.Module, target: str) -> Any:
     for part in target.split("."):
         module = getattr(module, part)
     return module
-
-
-def _is_param(module: nn.Module, target: str) -> bool:
-    return isinstance(_getattr(module, target), nn.Parameter)
 
 
 def build_stage(context: LoweringContext) -> StageModule:
@@ -324,14 +326,17 @@ def retarget_device(stage: StageModule, context: LoweringContext) -> StageModule
     """Requires: nothing. Ensures: parameters, buffers and every device constant in the graphs (export
     records ``device='cpu'`` in casts and factory calls) are on ``context.device``."""
     device = context.device
+
+    def move(arg: Any) -> Any:
+        return device if isinstance(arg, torch.device) else arg
+
     for layer in stage.stage_layers:
-        module = unwrap(stage.layers[layer.name])
-        changed = False
-        for node in module.graph.nodes:
-            if isinstance(node.kwargs.get("device"), torch.device) and node.kwargs["device"] != device:
-                node.kwargs = {**node.kwargs, "device": device}
-                changed = True
-        if changed:
+        for module in unwrap(stage.layers[layer.name]).modules():
+            if not isinstance(module, fx.GraphModule):
+                continue
+            for node in module.graph.nodes:
+                node.args = fx.node.map_aggregate(node.args, move)
+                node.kwargs = fx.node.map_aggregate(node.kwargs, move)
             module.recompile()
     stage.to(device)
     return stage

@@ -1,0 +1,164 @@
+"""Shared machinery of the multi-rank tests: plan recipes, a worker that trains many (model, plan) cases
+inside one spawned group, and the single-process eager reference they are compared with.
+
+One spawn per world size runs every case sequentially (each rank captures each model once and reuses the
+Program: lowering copies the weights, so a Program is never modified). Ranks return their losses and,
+from the first rank of each stage, the stage's unsharded parameters under the user's names.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from galvatron_fx.plan import LayerStrategy, Plan
+
+STEPS = 5
+GLOBAL_BATCH = 8
+SEQ = 16
+LR = 1e-3
+TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class PlanRecipe:
+    """A plan for any number of body layers: ``pattern`` ((dp_type, ckpt) pairs) repeats over the layers."""
+
+    name: str
+    world_size: int
+    pattern: tuple[tuple[str, bool], ...] = (("ddp", False),)
+    pp: int = 1
+    chunks: int = 1
+    pipeline: str = "1f1b"
+    every_micro_batch: bool = False
+
+    def plan(self, num_layers: int, model: str = "") -> Plan:
+        dp = self.world_size // self.pp
+        layers = tuple(LayerStrategy(dp=dp, dp_type=self.pattern[i % len(self.pattern)][0],
+                                     ckpt=self.pattern[i % len(self.pattern)][1]) for i in range(num_layers))
+        return Plan(world_size=self.world_size, layers=layers, pp=self.pp, chunks=self.chunks, pipeline=self.pipeline,
+                    global_batch=GLOBAL_BATCH, grad_sync_every_micro_batch=self.every_micro_batch,
+                    provenance={"model": model} if model else {})
+
+
+# The acceptance plans. Every one runs micro-batches of 2 samples per rank, so each rank captures a model once.
+RECIPES = {
+    "dp2": PlanRecipe("dp2", 2, chunks=2),
+    "zero2_2": PlanRecipe("zero2_2", 2, (("zero2", False),), chunks=2),
+    "ckpt": PlanRecipe("ckpt", 2, (("ddp", True),), chunks=2),
+    "pp2_gpipe": PlanRecipe("pp2_gpipe", 2, pp=2, chunks=4, pipeline="gpipe"),
+    "pp2_1f1b": PlanRecipe("pp2_1f1b", 2, pp=2, chunks=4, pipeline="1f1b"),
+    "dp4": PlanRecipe("dp4", 4),
+    "zero3_4": PlanRecipe("zero3_4", 4, (("zero3", False),)),
+    "pp4_1f1b": PlanRecipe("pp4_1f1b", 4, pp=4, chunks=4),
+    "pp2_zero3_2": PlanRecipe("pp2_zero3_2", 4, (("zero3", False),), pp=2, chunks=2),
+    "hetero4": PlanRecipe("hetero4", 4, (("ddp", False), ("zero3", True), ("zero2", False), ("zero3", False), ("ddp", True)),
+                          pp=2, chunks=2, every_micro_batch=True),
+}
+MODELS = ("gpt2", "llama", "bert", "t5", "vit", "swin")
+
+
+def build(model_name: str):
+    """The model with fixed initial weights and ``STEPS`` global batches of data (the same in every process)."""
+    from galvatron_fx.models import build_model
+
+    torch.manual_seed(1234)
+    model, data = build_model(model_name, batch=GLOBAL_BATCH * STEPS, seq=SEQ)
+    batches = [{k: v[s * GLOBAL_BATCH:(s + 1) * GLOBAL_BATCH] if _batched(v) else v for k, v in data.items()}
+               for s in range(STEPS)]
+    return model, batches
+
+
+def _batched(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == GLOBAL_BATCH * STEPS
+
+
+@functools.lru_cache(maxsize=None)
+def eager_reference(model_name: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Single-process training on the whole global batch: losses per step and final parameters (every
+    name of a tied weight included)."""
+    model, batches = build(model_name)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    losses = []
+    for batch in batches:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    clones: dict[int, torch.Tensor] = {}  # tied weights: one clone under each of their names
+    return losses, {n: clones.setdefault(id(p), p.detach().clone()) for n, p in model.named_parameters(remove_duplicate=False)}
+
+
+@functools.lru_cache(maxsize=None)
+def _program(model_name: str, micro_batch: int):
+    import galvatron_fx
+
+    model, batches = build(model_name)
+    example = {k: v[:micro_batch] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batches[0].items()}
+    return galvatron_fx.capture(model, example_kwargs=example), batches
+
+
+def train_cases(rank: int, world_size: int, cases: list[tuple[str, str]]) -> dict[str, dict]:
+    """Spawned worker: train each (model, recipe name) case; return losses and local-0 parameters."""
+    from galvatron_fx.passes.lower_stage import local_micro_batch
+    from galvatron_fx.runtime import Trainer
+
+    results = {}
+    for model_name, recipe_name in cases:
+        recipe = RECIPES[recipe_name]
+        probe = recipe.plan(1 if recipe.pp == 1 else recipe.pp)
+        program, batches = _program(model_name, local_micro_batch(probe))
+        plan = recipe.plan(len(program.body), program.model_name)
+        trainer = Trainer(program, plan, config=_config(), model_name=program.model_name)
+        losses = [trainer.step(batch) for batch in batches]
+        params = trainer.full_parameters()
+        results[f"{model_name}/{recipe_name}"] = {
+            "losses": losses, "params": params if trainer.stage.layout.local == 0 else {},
+            "stage": trainer.stage.layout.stage, "describe": trainer.describe()}
+    return results
+
+
+def _config():
+    from galvatron_fx.runtime import TrainConfig
+
+    return TrainConfig(lr=LR)
+
+
+def run_group(world_size: int, cases: list[tuple[str, str]], timeout_s: float = 900.0) -> dict[str, dict]:
+    """Spawn ``world_size`` ranks that train ``cases``; merge their results per case."""
+    from galvatron_fx.runtime import spawn
+
+    per_rank = spawn(train_cases, world_size, cases, timeout_s=timeout_s)
+    merged: dict[str, dict] = {}
+    for rank_results in per_rank:
+        for case, result in rank_results.items():
+            entry = merged.setdefault(case, {"losses": [], "params": [], "describe": []})
+            entry["losses"].append(result["losses"])
+            if result["params"]:
+                entry["params"].append(result["params"])
+            entry["describe"].append(result["describe"])
+    return merged
+
+
+def check_parity(model_name: str, result: dict) -> None:
+    """Every rank's losses within TOLERANCE of eager per step; every parameter within TOLERANCE."""
+    ref_losses, ref_params = eager_reference(model_name)
+    for rank, losses in enumerate(result["losses"]):
+        assert len(losses) == len(ref_losses)
+        worst = max(abs(a - b) for a, b in zip(losses, ref_losses))
+        assert worst <= TOLERANCE, f"rank {rank}: losses {losses} vs eager {ref_losses} (max diff {worst:.2e})"
+    # each stage's copy is checked: a tied weight held by two stages must match eager on both
+    copies = [(name, tensor) for stage_params in result["params"] for name, tensor in stage_params.items()]
+    unknown = {name for name, _ in copies} - set(ref_params)
+    assert not unknown, f"parameters unknown to the eager model: {sorted(unknown)[:5]}"
+    covered = {id(ref_params[name]) for name, _ in copies}
+    missing = [n for n, tensor in ref_params.items() if id(tensor) not in covered]
+    assert not missing, f"parameters not returned by any stage: {missing[:5]}"
+    diffs = [(name, (tensor - ref_params[name]).abs().max().item()) for name, tensor in copies]
+    name, worst = max(diffs, key=lambda item: item[1])
+    assert worst <= TOLERANCE, f"parameter {name} differs from eager by {worst:.2e}"
+
