@@ -1,0 +1,201 @@
+"""Collectives that lowering passes insert into layer graphs, as plain functions with autograd.
+
+Each function is the target of a visible ``call_function`` node (``tp_copy``, ``tp_reduce``, ...) and
+takes its group as a tuple of global ranks, so a lowered graph prints which ranks talk and lowering needs
+no process group (a plan can be lowered for any rank of any world in one process). At run time the ranks
+resolve to the process group that was created for them (``DeviceMesh`` or ``new_group``) through
+``torch.distributed._functional_collectives``. On fake or meta tensors (shape propagation) the functions
+only compute shapes.
+
+Autograd follows Megatron's conjugate pairs: ``tp_copy`` is identity forward / all-reduce backward (before
+column-parallel work), ``tp_reduce`` all-reduce forward / identity backward (after row-parallel work),
+``tp_scatter`` keeps this rank's slice of a replicated value (backward: the slices' gradients summed
+into the full tensor), ``gather_dim`` / ``scatter_dim`` all-gather or split along a dimension (each the
+other's backward) and ``reduce_scatter_dim`` reduce-scatters (backward: all-gather).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed._functional_collectives as funcol
+from torch._subclasses.fake_tensor import FakeTensor
+
+Ranks = tuple[int, ...]
+
+
+def _is_fake(x: torch.Tensor) -> bool:
+    return isinstance(x, FakeTensor) or x.device.type == "meta"
+
+
+def all_reduce_sum(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """Sum of ``x`` over ``ranks`` (no autograd)."""
+    if len(ranks) == 1 or _is_fake(x):
+        return x.clone()
+    out = funcol.all_reduce(x.contiguous(), "sum", list(ranks))
+    return out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else funcol.wait_tensor(out)
+
+
+def all_gather_dim(x: torch.Tensor, dim: int, ranks: Ranks) -> torch.Tensor:
+    """Concatenation along ``dim`` of ``x`` from every rank of ``ranks``, in order (no autograd)."""
+    if len(ranks) == 1:
+        return x
+    if _is_fake(x):
+        return torch.cat([x] * len(ranks), dim)
+    moved = x.movedim(dim, 0).contiguous()
+    out = funcol.all_gather_tensor(moved, 0, list(ranks))
+    out = out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else funcol.wait_tensor(out)
+    return out.movedim(0, dim)
+
+
+def reduce_scatter_sum_dim(x: torch.Tensor, dim: int, ranks: Ranks) -> torch.Tensor:
+    """This rank's part along ``dim`` of the sum of ``x`` over ``ranks`` (no autograd)."""
+    size = len(ranks)
+    if size == 1:
+        return x
+    if _is_fake(x):
+        return x.narrow(dim, 0, x.shape[dim] // size).clone()
+    moved = x.movedim(dim, 0).contiguous()
+    out = funcol.reduce_scatter_tensor(moved, "sum", 0, list(ranks))
+    out = out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else funcol.wait_tensor(out)
+    return out.movedim(0, dim)
+
+
+def _my_index(ranks: Ranks) -> int:
+    import torch.distributed as dist
+
+    return ranks.index(dist.get_rank()) if dist.is_initialized() else 0
+
+
+# -- autograd -------------------------------------------------------------------------------------------
+class _Copy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ranks):
+        ctx.ranks = ranks
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce_sum(grad, ctx.ranks), None
+
+
+class _Reduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ranks):
+        return all_reduce_sum(x, ranks)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def select_local(x: torch.Tensor, spec: tuple) -> torch.Tensor:
+    """Keep the indices a shard spec names. ``spec`` is ``((dim, digit_sizes, picks), ...)`` where a dim of
+    ``x`` is viewed as digits (row-major) and ``picks[i]`` is ``(start, length)`` on digit i, or None."""
+    for dim, sizes, picks in spec:
+        dim = dim % x.dim()
+        shape = list(x.shape)
+        y = x.reshape(shape[:dim] + list(sizes) + shape[dim + 1:])
+        for i, pick in enumerate(picks):
+            if pick is not None:
+                y = y.narrow(dim + i, pick[0], pick[1])
+        shape[dim] = -1
+        x = y.reshape(shape)
+    return x
+
+
+class _Scatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, spec, ranks):
+        ctx.spec, ctx.ranks, ctx.shape = spec, ranks, x.shape
+        return select_local(x, spec).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        # the positions this rank kept, found by selecting from a tensor of flat indices
+        positions = select_local(torch.arange(grad.new_empty(ctx.shape).numel(), device=grad.device).view(ctx.shape), ctx.spec)
+        full = grad.new_zeros(ctx.shape)
+        full.view(-1)[positions.reshape(-1)] = grad.reshape(-1)
+        return all_reduce_sum(full, ctx.ranks), None, None
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, ranks):
+        ctx.dim, ctx.ranks = dim, ranks
+        return all_gather_dim(x, dim, ranks)
+
+    @staticmethod
+    def backward(ctx, grad):
+        size = len(ctx.ranks)
+        return grad.chunk(size, ctx.dim)[_my_index(ctx.ranks)].contiguous(), None, None
+
+
+class _Split(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, ranks):
+        ctx.dim, ctx.ranks = dim, ranks
+        return x.chunk(len(ranks), dim)[_my_index(ranks)].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_dim(grad, ctx.dim, ctx.ranks), None, None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, ranks):
+        ctx.dim, ctx.ranks = dim, ranks
+        return reduce_scatter_sum_dim(x, dim, ranks)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_dim(grad, ctx.dim, ctx.ranks), None, None
+
+
+class _GatherSumBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, ranks):
+        ctx.dim, ctx.ranks = dim, ranks
+        return all_gather_dim(x, dim, ranks)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter_sum_dim(grad, ctx.dim, ctx.ranks), None, None
+
+
+# -- graph-visible functions ------------------------------------------------------------------------------
+def tp_copy(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """Identity forward, gradient summed over ``ranks`` backward (enters a tensor-parallel region)."""
+    return _Copy.apply(x, ranks) if len(ranks) > 1 else x
+
+
+def tp_reduce(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """Partial sums summed over ``ranks`` forward, identity backward (leaves a row-parallel projection)."""
+    return _Reduce.apply(x, ranks) if len(ranks) > 1 else x
+
+
+def tp_scatter(x: torch.Tensor, spec: tuple, ranks: Ranks) -> torch.Tensor:
+    """This rank's slice (``select_local(x, spec)``) of a replicated value used by sharded work."""
+    return _Scatter.apply(x, spec, ranks)
+
+
+def gather_dim(x: torch.Tensor, dim: int, ranks: Ranks) -> torch.Tensor:
+    """All-gather along ``dim`` forward, keep this rank's part of the gradient backward."""
+    return _Gather.apply(x, dim, ranks) if len(ranks) > 1 else x
+
+
+def gather_dim_sum_grad(x: torch.Tensor, dim: int, ranks: Ranks) -> torch.Tensor:
+    """All-gather along ``dim`` forward, reduce-scatter the gradient backward (Megatron-SP's all-gather
+    before a column-parallel projection: every rank's gradient is a partial sum)."""
+    return _GatherSumBackward.apply(x, dim, ranks) if len(ranks) > 1 else x
+
+
+def split_dim(x: torch.Tensor, dim: int, ranks: Ranks) -> torch.Tensor:
+    """Keep this rank's part along ``dim`` forward, all-gather the gradient backward."""
+    return _Split.apply(x, dim, ranks) if len(ranks) > 1 else x
+
+
+def reduce_scatter_dim(x: torch.Tensor, dim: int, ranks: Ranks) -> torch.Tensor:
+    """Partial sums reduce-scattered along ``dim`` forward, all-gather backward (Megatron-SP after a
+    row-parallel projection)."""
+    return _ReduceScatter.apply(x, dim, ranks) if len(ranks) > 1 else x

@@ -1,0 +1,279 @@
+"""Tensor parallelism found in a layer's graph: Megatron column/row-parallel pairs, with no per-model code.
+
+How the pairs are found. Every projection whose weight is a parameter (``aten.linear``, ``addmm``, ``mm``,
+``matmul``) and whose input is replicated is a candidate *column-parallel* projection ("root"); its output
+feature dimension is one unit, a ``Digit``. Values derived from roots are followed through the graph
+(``passes.dim_tracking``): views split digits (192 → 3 sections × 4 heads × 16), elementwise ops and
+attention align digits of different tensors (q heads ≡ k heads, GQA: q heads = kv heads × repeats), and
+ops that mix along a digit (attention over head_dim, softmax, norms, sections picked by ``split``) forbid
+sharding it. A projection whose input is derived is *row-parallel* ("sink"): its contraction digits are
+where the work is cut. For each group of roots and sinks the pass picks the outermost allowed digits whose
+sizes divide tp (heads, or kv heads then repeats when tp exceeds the kv heads), shards the weights
+accordingly, rewrites view/expand/split sizes to the local ones, and inserts visible collectives:
+``tp_copy`` (identity forward, all-reduce backward) where replicated values enter the sharded region,
+``tp_scatter`` where a replicated value carrying a sharded digit (T5/Swin position bias) meets it,
+``tp_reduce`` (all-reduce forward) after row-parallel projections, whose biases are added after the sum.
+A group that cannot be sharded (no divisible digit, an unknown op on sharded values, no row-parallel
+end) stays replicated with a warning naming the obstacle, or raises PlanError when ``strict``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from galvatron_fx.errors import PlanError
+
+from .collectives import tp_copy, tp_reduce, tp_scatter
+from .dim_tracking import Analysis, Digit, analyze, local_shape, refresh_meta, shard_spec
+
+aten = torch.ops.aten
+META_KEY = "galvatron_tp"  # node.meta / GraphModule.meta key of the shard records
+
+
+@dataclass(frozen=True)
+class TPConfig:
+    """``tp`` ranks (global ids ``ranks``, in tp-rank order) share the layer; this process is ``tp_rank``."""
+
+    tp: int
+    tp_rank: int
+    ranks: tuple[int, ...]
+    strict: bool = False  # raise PlanError instead of replicating what cannot be sharded
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """How a parameter was sharded: enough to reshard a checkpoint. ``dim`` of the full tensor is viewed as
+    ``digit_sizes`` (row-major); ``picks[i]`` is this rank's ``(start, length)`` on digit i, or None."""
+
+    name: str
+    full_shape: tuple[int, ...]
+    dim: int
+    digit_sizes: tuple[int, ...]
+    picks: tuple[tuple[int, int] | None, ...]
+    replicas: int  # tp ranks holding this same shard (their gradients are summed)
+
+    def select(self, full: torch.Tensor) -> torch.Tensor:
+        from .collectives import select_local
+
+        return select_local(full, ((self.dim, self.digit_sizes, self.picks),))
+
+
+@dataclass
+class TPResult:
+    module: fx.GraphModule
+    sharded: list[str] = field(default_factory=list)  # names of sharded parameters
+    warnings: list[str] = field(default_factory=list)
+
+
+# -- choosing what to cut --------------------------------------------------------------------------------
+def _choose(analysis: Analysis, component: frozenset[fx.Node], tp: int) -> dict[Digit, int] | str:
+    """Digit class → ways it is split (product tp), or the reason no choice exists."""
+    sinks = [s for s, info in analysis.sinks.items() if info.roots <= component]
+    if not sinks:
+        return "its column-parallel output reaches no row-parallel projection"
+    order = analysis.digits.leaves_of(analysis.sinks[sinks[0]].contraction)
+    picks: dict[Digit, int] = {}
+    remaining = tp
+    for leaf in order:
+        cls = analysis.digits.find(leaf)
+        if cls in picks or cls.reason:
+            continue
+        ways = math.gcd(remaining, leaf.size)
+        if ways > 1:
+            picks[cls] = ways
+            remaining //= ways
+        if remaining == 1:
+            break
+    if remaining > 1:
+        units = " × ".join(f"{leaf.size}" + (f" ({analysis.digits.find(leaf).reason})" if analysis.digits.find(leaf).reason else "")
+                           for leaf in order)
+        return f"tp={tp} does not divide its shardable units (contraction {units})"
+    for sink in sinks:
+        covered = math.prod(picks.get(analysis.digits.find(leaf), 1) for leaf in analysis.digits.leaves_of(analysis.sinks[sink].contraction))
+        if covered != tp:
+            return f"row-parallel {sink.name} would see only {covered} of {tp} parts"
+    return picks
+
+
+def _rank_indices(picks: dict[Digit, int], tp_rank: int) -> dict[Digit, int]:
+    """Mixed-radix decomposition of the tp rank over the picked digit classes (first pick outermost)."""
+    indices, stride = {}, math.prod(picks.values())
+    for cls, ways in picks.items():
+        stride //= ways
+        indices[cls] = (tp_rank // stride) % ways
+    return indices
+
+
+# -- rewriting -------------------------------------------------------------------------------------------
+def _set_param(gm: fx.GraphModule, target: str, value: torch.Tensor, requires_grad: bool) -> None:
+    *path, leaf = target.split(".")
+    owner = gm
+    for part in path:
+        owner = getattr(owner, part)
+    setattr(owner, leaf, nn.Parameter(value.detach().clone().contiguous(), requires_grad=requires_grad))
+
+
+def _get_attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _shard_param(gm, node: fx.Node, dim: int, leaves, analysis, picks, indices, tp, result, records) -> ShardRecord:
+    spec = shard_spec(analysis.digits, leaves, picks, indices)
+    covered = math.prod(picks.get(analysis.digits.find(leaf), 1) for leaf in leaves)
+    full = _get_attr(gm, node.target)
+    record = ShardRecord(node.target, tuple(full.shape), dim, spec[0], spec[1], tp // covered)
+    if node.target not in records:
+        _set_param(gm, node.target, record.select(full), full.requires_grad)
+        records[node.target] = record
+        result.sharded.append(node.target)
+    node.meta[META_KEY] = record
+    return record
+
+
+def _subgroup(cfg: TPConfig, picks, indices, leaves, digits) -> tuple[int, ...]:
+    """The tp ranks that hold the same shard as this one (agree on every picked class in ``leaves``)."""
+    classes = {digits.find(leaf) for leaf in leaves} & set(picks)
+    return tuple(cfg.ranks[r] for r in range(cfg.tp)
+                 if all(_rank_indices(picks, r)[c] == indices[c] for c in classes))
+
+
+def _rewrite(gm: fx.GraphModule, analysis: Analysis, chosen: dict[frozenset, dict], cfg: TPConfig, result: TPResult) -> None:
+    digits, graph, ranks = analysis.digits, gm.graph, cfg.ranks
+    picks = {cls: ways for choice in chosen.values() for cls, ways in choice.items()}
+    indices = {}
+    for choice in chosen.values():
+        indices.update(_rank_indices(choice, cfg.tp_rank))
+    live = {root for component in chosen for root in component}
+    tainted = {n for n, roots in analysis.taint.items() if roots & live}
+    records: dict[str, ShardRecord] = {}
+
+    # parameters: column-parallel weights/biases along their output units, row-parallel along contraction
+    choice_of = {root: choice for component, choice in chosen.items() for root in component}
+    for root, info in analysis.roots.items():
+        if root not in live:
+            continue
+        leaves = digits.leaves_of([info.out_digit])
+        record = _shard_param(gm, info.weight, info.weight_out_dim, leaves, analysis, picks, indices, cfg.tp, result, records)
+        params = [info.weight]
+        if info.bias is not None:
+            _shard_param(gm, info.bias, 0, leaves, analysis, picks, indices, cfg.tp, result, records)
+            params.append(info.bias)
+        if record.replicas > 1:  # e.g. kv heads shared by several tp ranks: their gradients are partial
+            group = _subgroup(cfg, choice_of[root], indices, leaves, digits)
+            for param in params:
+                with graph.inserting_before(root):
+                    copy = graph.call_function(tp_copy, (param, group))
+                root.replace_input_with(param, copy)
+    sharded_nodes = {info.weight for root, info in analysis.roots.items() if root in live}
+    sharded_nodes |= {info.bias for root, info in analysis.roots.items() if root in live and info.bias is not None}
+    for sink, info in analysis.sinks.items():
+        if info.roots & live:
+            leaves = digits.leaves_of(info.contraction)
+            _shard_param(gm, info.weight, info.weight_in_dim, leaves, analysis, picks, indices, cfg.tp, result, records)
+            sharded_nodes.add(info.weight)
+
+    # local sizes in views, expands and splits of sharded values
+    for node in list(graph.nodes):
+        if node not in tainted or node.op != "call_function":
+            continue
+        if node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default):
+            local = local_shape(digits, analysis.dims[node], picks)
+            old = list(node.args[1])
+            node.args = (node.args[0], [-1 if o == -1 else n for o, n in zip(old, local)], *node.args[2:])
+        elif node.target in (aten.split.Tensor, aten.split_with_sizes.default):
+            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+            pieces = [local_shape(digits, d, picks)[dim] for d in analysis.dims[node]]
+            size = pieces[0] if node.target is aten.split.Tensor else pieces
+            node.args = (node.args[0], size, *node.args[2:])
+
+    # replicated values entering sharded work: copy (gradient all-reduce), or scatter when they carry a cut digit
+    entered: dict[tuple, fx.Node] = {}
+    for node in list(graph.nodes):
+        if node not in tainted or node in analysis.sinks or node.op != "call_function":
+            continue
+        for arg in list(node.all_input_nodes):
+            if arg in tainted or arg in sharded_nodes or arg.target in (tp_copy,) or not _is_float_tensor(arg):
+                continue
+            spec = tuple(entry for entry in (
+                (dim, *shard_spec(digits, digits.leaves_of(d), picks, indices)) for dim, d in enumerate(analysis.dims.get(arg, []))
+            ) if any(p is not None for p in entry[2]))
+            key = (arg, spec)
+            if key not in entered:
+                with graph.inserting_after(arg):
+                    entered[key] = graph.call_function(tp_scatter, (arg, spec, ranks)) if spec else graph.call_function(tp_copy, (arg, ranks))
+            node.replace_input_with(arg, entered[key])
+
+    # row-parallel ends: sum the partial products, then add the bias once
+    for sink, info in analysis.sinks.items():
+        if not info.roots & live:
+            continue
+        bias = info.bias
+        if bias is not None:
+            if sink.target is aten.addmm.default:
+                sink.target, sink.args = aten.mm.default, (sink.args[1], sink.args[2])
+            else:
+                sink.args = sink.args[:2]
+                sink.kwargs = {}
+        with graph.inserting_after(sink):
+            reduced = graph.call_function(tp_reduce, (sink, ranks))
+        out = reduced
+        if bias is not None:
+            with graph.inserting_after(reduced):
+                out = graph.call_function(aten.add.Tensor, (reduced, bias))
+        sink.replace_all_uses_with(out, delete_user_cb=lambda user: user is not reduced)
+    graph.lint()
+    gm.recompile()
+    gm.meta[META_KEY] = records
+
+
+def _is_float_tensor(node: fx.Node) -> bool:
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+# -- the pass ------------------------------------------------------------------------------------------
+def tensor_parallel(gm: fx.GraphModule, cfg: TPConfig, layer_name: str = "layer") -> TPResult:
+    """Requires: an ATen-level layer GraphModule with ``meta["val"]`` on its nodes, whose parameters are
+    the full ones. Ensures: ``gm`` rewritten in place for tp rank ``cfg.tp_rank``: parameters sharded (each
+    with a ShardRecord in ``gm.meta["galvatron_tp"]``), local view sizes, collectives as nodes; parts that
+    cannot be sharded stay replicated and are named in ``result.warnings`` (PlanError when strict)."""
+    result = TPResult(gm)
+    if cfg.tp == 1:
+        return result
+    excluded: set[fx.Node] = set()
+    while True:
+        analysis = analyze(gm, excluded)
+        blocked: dict[frozenset, str] = {}
+        chosen: dict[frozenset, dict] = {}
+        for component in analysis.components():
+            reason = analysis.obstacles.get(component) or _choose(analysis, component, cfg.tp)
+            if isinstance(reason, str):
+                blocked[component] = reason
+            else:
+                chosen[component] = reason
+        if not blocked:
+            break
+        for component, reason in blocked.items():
+            weights = ", ".join(sorted(analysis.roots[r].weight.target for r in component))
+            result.warnings.append(f"{layer_name}: projections {weights} stay replicated: {reason}")
+            # its row-parallel ends must not start new regions either
+            excluded |= component | {s for s, info in analysis.sinks.items() if info.roots & component}
+    if result.warnings and cfg.strict:
+        raise PlanError("; ".join(result.warnings), "choose a tp degree that divides the attention heads and hidden sizes, "
+                        "or let those parts replicate (strict=False)")
+    for message in result.warnings:
+        warnings.warn(message, stacklevel=2)
+    if not chosen:
+        return result
+    _rewrite(gm, analysis, chosen, cfg, result)
+    refresh_meta(gm)
+    return result
