@@ -136,22 +136,26 @@ class CostModel:
         hidden_bytes = self.model.prologue.boundary_bytes_per_sample * local * self.activation_scale
         strategy = LayerStrategy(tp=vtp, dp=dp, dp_type=kind, sp="megatron" if embedding.vsp and vtp > 1 else "none")
         half_comm = self._tp_comm_s(strategy, hidden_bytes) / 2  # one collective, not Megatron's two
+        # A tied embedding/head weight lives once on a stage that holds both parts.
+        tied = self.model.tied_param_count if first_stage and last_stage else 0
         parts: list[LayerCost] = []
-        for part, wanted, comm_fwd, comm_bwd in ((self.model.prologue, first_stage, half_comm, 0.0),
-                                                (self.model.epilogue, last_stage, 0.0, half_comm)):
+        for part, wanted, comm_fwd, comm_bwd, shared in ((self.model.prologue, first_stage, half_comm, 0.0, 0),
+                                                         (self.model.epilogue, last_stage, 0.0, half_comm, tied)):
             if wanted:
-                parts.append(self._part_cost(part, strategy, local, comm_fwd, comm_bwd))
+                parts.append(self._part_cost(part, strategy, local, comm_fwd, comm_bwd, shared))
         if not parts:
             return LayerCost(0.0, 0.0, 0.0, 0, 0, 0)
         return LayerCost(sum(p.fwd_s for p in parts), sum(p.bwd_s for p in parts), sum(p.grad_sync_s for p in parts),
                          sum(p.model_state_bytes for p in parts), sum(p.activation_bytes for p in parts),
                          max(p.peak_extra_bytes for p in parts))
 
-    def _part_cost(self, part: LayerTypeProfile, strategy: LayerStrategy, local: float, comm_fwd: float, comm_bwd: float) -> LayerCost:
+    def _part_cost(self, part: LayerTypeProfile, strategy: LayerStrategy, local: float, comm_fwd: float, comm_bwd: float,
+                   shared_vocab_params: int = 0) -> LayerCost:
+        """``shared_vocab_params``: vocabulary-sized parameters another part on this stage already holds."""
         vtp = strategy.tp
         fwd_compute = part.fwd(local, self.seq) * self.time_scale / vtp
         bwd_compute = part.bwd(local, self.seq) * self.time_scale / vtp
-        params = part.param_count - part.vocab_param_count + part.vocab_param_count / vtp
+        params = part.param_count - part.vocab_param_count + (part.vocab_param_count - shared_vocab_params) / vtp
         gather_s, sync_s, gathered = self._dp_comm(params, strategy.dp, strategy.dp_type, vtp == 1)
         activation = part.activation_per_sample(vtp, strategy.sp != "none") * local * self.activation_scale
         return LayerCost(fwd_compute + comm_fwd + self._overlapped(gather_s, fwd_compute),

@@ -164,6 +164,7 @@ class ModelProfile:
     device: str = ""
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    tied_param_count: int = 0  # parameters the prologue and epilogue share (tied embedding and head)
 
     def layer(self, layer_type: str) -> LayerTypeProfile:
         try:
@@ -195,6 +196,7 @@ class ModelProfile:
             epilogue=layer_type_profile(program, program.epilogue, flops_per_s, 0, vocab=True),
             cut_bytes_per_sample=[_batched_bytes(layer.boundary_out) // batch for layer in program.body],
             seq_length=seq, hidden_size=hidden, num_heads=heads, dtype=dtype, mode="analytic", device=device,
+            tied_param_count=_tied_param_count(program),
         )
 
     # -- JSON ----------------------------------------------------------------------------------
@@ -205,6 +207,7 @@ class ModelProfile:
             "layer_types": list(self.layer_types), "cut_bytes_per_sample": list(self.cut_bytes_per_sample),
             "types": {k: v.to_json_dict() for k, v in self.types.items()},
             "prologue": self.prologue.to_json_dict(), "epilogue": self.epilogue.to_json_dict(), "extra": self.extra,
+            "tied_param_count": self.tied_param_count,
         }
 
     def save(self, path: str | Path) -> None:
@@ -252,7 +255,7 @@ class ModelProfile:
                                "profile the model again with galvatron-fx profile-model") from None
         return cls(str(data.get("name", "")), layer_types, types, prologue, epilogue, cuts, **scalars,
                    dtype=str(data.get("dtype", "fp32")), mode=str(data.get("mode", "")), device=str(data.get("device", "")),
-                   source=source, extra=dict(data.get("extra") or {}))
+                   source=source, extra=dict(data.get("extra") or {}), tied_param_count=int(data.get("tied_param_count", 0)))
 
 
 # -- helpers shared with the measuring profiler ----------------------------------------------------
@@ -285,6 +288,12 @@ def layer_type_profile(program, layer, flops_per_s: float, heads: int, vocab: bo
         vocab_param_count=_vocab_params(program, layer) if vocab else 0,
         fwd_flops_per_sample=fwd_flops, bwd_flops_per_sample=bwd_flops,
     )
+
+
+def _tied_param_count(program) -> int:
+    """Parameters used by both the prologue and the epilogue (a tied embedding and LM head)."""
+    shared = set(program.prologue.param_names) & set(program.epilogue.param_names)
+    return sum(program.graph_module.get_parameter(name).numel() for name in shared)
 
 
 def _vocab_params(program, layer) -> int:

@@ -71,3 +71,17 @@ def test_1f1b_holds_fewer_micro_batches_than_gpipe(gpt2):
     memory_gpipe, memory_1f1b = model.evaluate(gpipe).memory_bytes_per_stage, model.evaluate(one_f_one_b).memory_bytes_per_stage
     assert all(a < b for a, b in zip(memory_1f1b, memory_gpipe))
     assert model.evaluate(gpipe).iteration_time_s == pytest.approx(model.evaluate(one_f_one_b).iteration_time_s)
+
+
+def test_tied_embedding_and_head_count_once_on_one_stage(gpt2):
+    from galvatron_fx.cost.memory import model_state_bytes
+    from galvatron_fx.plan import EmbeddingStrategy
+
+    _, profile, model = gpt2
+    assert profile.tied_param_count == 256 * 64  # GPT-2 ties wte and lm_head
+    embedding = EmbeddingStrategy()
+    costs = {(first, last): model.embedding_cost(embedding, 4, 8, first_stage=first, last_stage=last)
+             for first, last in ((True, False), (False, True), (True, True))}
+    apart = costs[True, False].model_state_bytes + costs[False, True].model_state_bytes
+    tied_bytes = model_state_bytes(profile.tied_param_count, 4, "ddp", "fp32")
+    assert costs[True, True].model_state_bytes == pytest.approx(apart - tied_bytes, abs=16)
