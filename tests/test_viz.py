@@ -119,6 +119,7 @@ def test_redistribution_ops():
     assert redistribution_op(S(tp=2, sp="megatron"), S(tp=2)) == "all_gather"
     assert redistribution_op(S(dp=2), S(tp=2, sp="ulysses")) == "all_to_all"
     assert redistribution_op(S(tp=2, dp=2), S(tp=2, dp=2, tp_consecutive=False)) == "all_to_all"
+    assert redistribution_op(S(tp=2), S(tp=2, tp_consecutive=False)) is None  # replicated either way
 
 
 def test_schedule_uniform_stages_take_the_textbook_time():

@@ -126,11 +126,14 @@ def _pieces(strategy: LayerStrategy) -> list[tuple[Fraction, Fraction, Fraction,
 
 
 def redistribution_op(before: LayerStrategy, after: LayerStrategy) -> str | None:
-    """How activations move from ``before``'s layout to ``after``'s: None (same layout), ``slice`` (every
-    rank already holds what it needs), ``all_gather`` (every rank's piece grows) or ``all_to_all``."""
+    """How activations move from ``before``'s layout to ``after``'s: None (every rank keeps the same piece),
+    ``slice`` (every rank already holds what it needs), ``all_gather`` (every rank's piece grows) or
+    ``all_to_all``."""
     if layout(before) == layout(after):
         return None
     held, needed = _pieces(before), _pieces(after)
+    if held == needed:  # e.g. replicated activations under consecutive vs strided TP: nothing moves
+        return None
 
     def inside(inner, outer):
         return outer[0] <= inner[0] and inner[1] <= outer[1] and outer[2] <= inner[2] and inner[3] <= outer[3]

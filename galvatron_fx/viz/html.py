@@ -31,8 +31,8 @@ h1{font-size:22px;margin:0 0 6px} h2{font-size:17px;margin:22px 0 8px;border-bot
 .swatch{width:30px;height:18px;border-radius:3px;border:1px solid #333}
 .note{font-size:12px;color:#555;margin:4px 0}
 svg text{font-family:'DejaVu Sans',Helvetica,Arial,sans-serif}
-table{border-collapse:collapse;font-size:12px} th,td{border:1px solid #ddd;padding:3px 6px;text-align:right;white-space:nowrap} td.wrap{white-space:normal;min-width:260px}
-th{background:#f1f3f5} td.l{text-align:left} tr.hl td{background:#fff3bf}
+table{border-collapse:collapse;font-size:11.5px;max-width:100%} th,td{border:1px solid #ddd;padding:3px 5px;text-align:right;white-space:nowrap} td.wrap{white-space:normal;min-width:120px} td.path{white-space:normal;max-width:180px}
+th{background:#f1f3f5;white-space:normal} td.l{text-align:left} tr.hl td{background:#fff3bf}
 g.layer.hl rect.box{stroke:#000;stroke-width:3}
 """
 
@@ -65,6 +65,11 @@ def _text(x, y, text, size=12, weight="normal", anchor="start", fill="#222", cls
             f'fill="{fill}"{klass}>{_e(text)}</text>')
 
 
+def _clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters with an ellipsis (the tooltip keeps it whole)."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def _text_color(fill: str) -> str:
     """Black or white, whichever reads better on ``fill``."""
     r, g, b = (int(fill[i:i + 2], 16) for i in (1, 3, 5))
@@ -85,7 +90,7 @@ def _layer_box(node: LayerNode, y: float, max_time_s: float, max_memory: int) ->
     parts = [f'<g class="layer" data-layer="{node.index}" data-stage="{node.stage}" data-strategy="{_e(node.strategy_label)}">',
              f"<title>{_e(tip)}</title>",
              f'<rect class="box" x="{BOX_X}" y="{y:.1f}" width="{BOX_W}" height="{BOX_H}" rx="6" fill="{node.color}" stroke="#333"/>',
-             _text(BOX_X + 10, y + 18, node.name, 13, "bold", fill=ink),
+             _text(BOX_X + 10, y + 18, _clip(node.name, 40), 13, "bold", fill=ink),
              _text(BOX_X + 10, y + 34, f"{node.layer_type} · {node.strategy_label}", 12, fill=ink),
              _text(BOX_X + 10, y + 50, f"{format_seconds(total_s)} fwd+bwd · {format_bytes(node.memory_bytes)}", 12, fill=ink)]
     xs = [BOX_X + BOX_W + 14] * 2  # row 0: forward and per-step calls; row 1: backward
@@ -230,18 +235,19 @@ def _timeline(g: LayerGraph) -> str:
 
 # -- table and page ----------------------------------------------------------------------------------------
 def _table(g: LayerGraph) -> str:
-    head = ("#", "kind", "type", "module", "stage", "strategy", "params", "fwd GFLOPs", "saved", "boundary",
-            "fwd", "bwd", "grad sync", "states", "activations", "collectives")
+    head = ("#", "type", "module", "stage", "strategy", "params", "fwd GFLOPs", "saved", "boundary",
+            "fwd / bwd", "grad sync", "states", "activations", "collectives")
     rows = []
     for n in g.layers:
         comms = ", ".join(c.label() for c in n.collectives) or "–"
-        cells = (n.index, n.kind, n.layer_type, n.module_path, n.stage,
+        cells = (n.index, n.layer_type, n.module_path, n.stage,
                  f'<span class="swatch" style="display:inline-block;width:10px;height:10px;background:{n.color}"></span> {_e(n.strategy_label)}',
                  f"{n.param_count:,}", f"{n.fwd_flops / 1e9:.4g}", format_bytes(n.saved_activation_bytes), format_bytes(n.boundary_bytes),
-                 format_seconds(n.fwd_s), format_seconds(n.bwd_s), format_seconds(n.grad_sync_s), format_bytes(n.model_state_bytes),
+                 f"{format_seconds(n.fwd_s)} / {format_seconds(n.bwd_s)}", format_seconds(n.grad_sync_s), format_bytes(n.model_state_bytes),
                  format_bytes(n.activation_bytes), comms)
         rows.append(f'<tr data-layer="{n.index}">' + "".join(
-            f'<td class="{"l wrap" if i == 15 else "l" if i in (1, 2, 3, 5) else ""}">{c if i == 5 else _e(c)}</td>' for i, c in enumerate(cells)) + "</tr>")
+            f'<td class="{"l wrap" if i == 13 else "l path" if i == 2 else "l" if i in (1, 4) else ""}">{c if i == 4 else _e(c)}</td>'
+            for i, c in enumerate(cells)) + "</tr>")
     return ('<table id="layer-table"><tr>' + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>")
 
 
