@@ -33,12 +33,14 @@ class PlanRecipe:
     chunks: int = 1
     pipeline: str = "1f1b"
     every_micro_batch: bool = False
+    pp_division: tuple[int, ...] = ()  # () = even; counts may be negative: -1 means "all but the others"
 
     def plan(self, num_layers: int, model: str = "") -> Plan:
         dp = self.world_size // self.pp
         layers = tuple(LayerStrategy(dp=dp, dp_type=self.pattern[i % len(self.pattern)][0],
                                      ckpt=self.pattern[i % len(self.pattern)][1]) for i in range(num_layers))
-        return Plan(world_size=self.world_size, layers=layers, pp=self.pp, chunks=self.chunks, pipeline=self.pipeline,
+        division = tuple(num_layers - sum(d for d in self.pp_division if d > 0) if d < 0 else d for d in self.pp_division)
+        return Plan(world_size=self.world_size, layers=layers, pp=self.pp, pp_division=division, chunks=self.chunks, pipeline=self.pipeline,
                     global_batch=GLOBAL_BATCH, grad_sync_every_micro_batch=self.every_micro_batch,
                     provenance={"model": model} if model else {})
 
@@ -50,6 +52,9 @@ RECIPES = {
     "ckpt": PlanRecipe("ckpt", 2, (("ddp", True),), chunks=2),
     "pp2_gpipe": PlanRecipe("pp2_gpipe", 2, pp=2, chunks=4, pipeline="gpipe"),
     "pp2_1f1b": PlanRecipe("pp2_1f1b", 2, pp=2, chunks=4, pipeline="1f1b"),
+    # dropout on: these two must give the same losses (the RNG depends on layers, not on stages or recompute)
+    "drop_pp2_first1": PlanRecipe("drop_pp2_first1", 2, pp=2, chunks=2, pipeline="gpipe", pp_division=(1, -1)),
+    "drop_pp2_last1_ckpt": PlanRecipe("drop_pp2_last1_ckpt", 2, (("ddp", True),), pp=2, chunks=2, pp_division=(-1, 1)),
     "dp4": PlanRecipe("dp4", 4),
     "zero3_4": PlanRecipe("zero3_4", 4, (("zero3", False),)),
     "pp4_1f1b": PlanRecipe("pp4_1f1b", 4, pp=4, chunks=4),
@@ -61,11 +66,17 @@ MODELS = ("gpt2", "llama", "bert", "t5", "vit", "swin")
 
 
 def build(model_name: str):
-    """The model with fixed initial weights and ``STEPS`` global batches of data (the same in every process)."""
+    """The model with fixed initial weights and ``STEPS`` global batches of data (the same in every process).
+    ``NAME+dropout`` turns every dropout module of model NAME to p=0.1."""
     from galvatron_fx.models import build_model
 
     torch.manual_seed(1234)
-    model, data = build_model(model_name, batch=GLOBAL_BATCH * STEPS, seq=SEQ)
+    base, _, variant = model_name.partition("+")
+    model, data = build_model(base, batch=GLOBAL_BATCH * STEPS, seq=SEQ)
+    if variant == "dropout":
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.1
     batches = [{k: v[s * GLOBAL_BATCH:(s + 1) * GLOBAL_BATCH] if _batched(v) else v for k, v in data.items()}
                for s in range(STEPS)]
     return model, batches
