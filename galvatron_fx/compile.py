@@ -1,0 +1,174 @@
+"""compile(): one call from an unmodified model to hybrid-parallel training, on every rank.
+
+The steps, in order: join the process group; capture the model (with the loss function, if given, so the
+loss is part of the graph); build the cost model from the cluster; search the plan on rank 0 and share it
+(or take the plan given); capture again at the plan's per-rank micro-batch (shapes are part of the graph);
+lower this rank's stage and wrap it in a runtime Trainer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from .capture import capture
+from .cluster import Cluster
+from .errors import ConfigError
+from .plan import Plan
+from .plan_sources import UniformPlan, resolve_given_plan
+from .program import Program
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+class _WithLoss(nn.Module):
+    """``loss_fn(model(batch), batch)`` as one module, so that the loss is captured into the graph."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, *args, **kwargs):
+        return self.loss_fn(self.model(*args, **kwargs), kwargs if kwargs else args)
+
+
+def compile(model: nn.Module, cluster: Cluster | None = None, *, example_args: tuple = (), example_kwargs: dict | None = None,
+            loss_fn: LossFn | None = None, optimizer: Callable[[Any], torch.optim.Optimizer] | None = None,
+            memory_budget: "int | str | None" = None, plan: "Plan | UniformPlan | str | Path | None" = None,
+            search_space: str = "full", profile: str = "analytic", mixed_precision: str = "fp32",
+            lr: float = 1e-3, seed: int | None = 0) -> "CompiledModel":
+    """Capture, plan and lower ``model`` for the running process group; call it on every rank.
+
+    ``example_args`` / ``example_kwargs``: one global batch, as the model's forward takes it (its first
+    dimension is the global batch size). ``loss_fn(output, batch)`` computes the loss, else the output
+    carries it (a scalar, ``.loss`` or ``["loss"]``). ``optimizer``: a factory taking the parameters
+    (default Adam with ``lr``). ``plan``: ``None`` searches (in ``search_space`` under ``memory_budget``,
+    default the cluster's device memory), or a plan JSON path (Galvatron's too), ``uniform_plan(...)``, or
+    a ``Plan``. ``cluster=None`` detects the cluster from the launcher's environment. ``profile``:
+    ``"analytic"`` (FLOPs and datasheet figures) or a model-profile JSON from ``galvatron-fx profile-model``.
+    """
+    from galvatron_fx import runtime
+
+    device = runtime.init_distributed()
+    world_size = dist.get_world_size()
+    cluster = cluster or Cluster.detect()
+    if cluster.world_size != world_size:
+        raise ConfigError(f"the cluster has {cluster.world_size} devices ({cluster.nodes} × {cluster.devices_per_node}) "
+                          f"but {world_size} processes run", "describe the cluster you launched on, or pass cluster=None to detect it")
+    wrapped = _WithLoss(model, loss_fn) if loss_fn else model
+    example_args, example_kwargs = tuple(example_args), dict(example_kwargs or {})
+    program = _capture(wrapped, model, example_args, example_kwargs)
+    global_batch = program.batch_size
+    cost_model = build_cost_model(program, cluster, profile, mixed_precision)
+    if plan is None:
+        plan = _search_on_rank0(cost_model, world_size, memory_budget or cluster.memory_bytes, search_space,
+                                global_batch, {"model": program.model_name, "cluster": f"{cluster.nodes}x{cluster.devices_per_node} {cluster.device}"})
+    else:
+        plan = resolve_given_plan(plan, len(program.body), world_size, global_batch, program.model_name)
+    local_batch = plan.micro_batch // plan.devices_per_stage
+    if local_batch != program.batch_size:
+        program = _capture(wrapped, model, *_resize_batch(example_args, example_kwargs, local_batch))
+    trainer = runtime.Trainer(program, plan, config=runtime.TrainConfig(lr=lr, seed=seed, mixed_precision=mixed_precision),
+                              optimizer=optimizer, device=device, model_name=program.model_name)
+    return CompiledModel(program, plan, trainer, cost_model)
+
+
+def _capture(wrapped: nn.Module, model: nn.Module, args: tuple, kwargs: dict) -> Program:
+    program = capture(wrapped, args, kwargs)
+    program.model_name = type(model).__name__  # the user's model, not the loss wrapper
+    return program
+
+
+def build_cost_model(program: Program, cluster: Cluster, profile: str = "analytic", mixed_precision: str = "fp32"):
+    """The CostModel for ``program`` on ``cluster``: analytic from the graph, or from a profile JSON."""
+    from galvatron_fx.cost.model import CostModel
+    from galvatron_fx.cost.model_profile import ModelProfile
+
+    if profile == "analytic":
+        dtype = "bf16" if mixed_precision == "bf16" else "fp32"
+        model_profile = ModelProfile.from_program(program, flops_per_s=cluster.sustained_flops[dtype], dtype="fp32")
+    else:
+        model_profile = ModelProfile.load(profile)
+    return CostModel(model_profile, cluster.hardware_profile(), mixed_precision=mixed_precision)
+
+
+def _search_on_rank0(cost_model, world_size: int, memory_budget, search_space: str, global_batch: int,
+                     provenance: dict[str, Any]) -> Plan:
+    """Rank 0 searches; the others receive the plan as JSON text (never pickled)."""
+    from galvatron_fx.passes.search import search
+    from galvatron_fx.passes.search_space import SearchSpace
+
+    text = ""
+    if dist.get_rank() == 0:
+        space = SearchSpace.named(search_space, global_batch=(global_batch, global_batch, 1))
+        text = json.dumps(search(cost_model, world_size, memory_budget, space, provenance=provenance).to_json_dict())
+    return Plan.from_json_dict(json.loads(broadcast_text(text)), source="searched plan")
+
+
+def broadcast_text(text: str, src: int = 0) -> str:
+    """``text`` from rank ``src`` on every rank, as bytes in a tensor."""
+    from galvatron_fx.runtime import groups
+
+    device = groups.current_device()
+    size = torch.tensor([len(text.encode())], dtype=torch.long, device=device)
+    dist.broadcast(size, src)
+    data = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
+    if dist.get_rank() == src:
+        data.copy_(torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8))
+    dist.broadcast(data, src)
+    return bytes(data.cpu().tolist()).decode()
+
+
+def _resize_batch(args: tuple, kwargs: dict, size: int) -> tuple[tuple, dict]:
+    """The example batch cut (or tiled) to ``size`` samples along dim 0."""
+    def resize(value):
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            return value
+        repeats = -(-size // value.shape[0])
+        return value.repeat(repeats, *([1] * (value.dim() - 1)))[:size]
+
+    return pytree.tree_map(resize, args), pytree.tree_map(resize, kwargs)
+
+
+class CompiledModel:
+    """One rank's share of the compiled model: train, evaluate, inspect, save."""
+
+    def __init__(self, program: Program, plan: Plan, trainer, cost_model):
+        self.program, self.plan, self.trainer, self.cost_model = program, plan, trainer, cost_model
+
+    def _kwargs(self, batch) -> dict[str, Any]:
+        if isinstance(batch, dict):
+            return batch
+        names = self.program.placeholder_names
+        return dict(zip(names, batch if isinstance(batch, (tuple, list)) else (batch,)))
+
+    def train_step(self, batch) -> float:
+        """One optimizer step on the global ``batch`` (a dict of kwargs or a tuple of args, the same on every
+        rank); returns its mean loss on every rank."""
+        return self.trainer.step(self._kwargs(batch))
+
+    def eval_step(self, batch) -> float:
+        """The mean loss of the global ``batch`` without updating anything; on every rank."""
+        return self.trainer.evaluate(self._kwargs(batch))
+
+    def save_plan(self, path: str | Path) -> None:
+        """Write the plan as JSON (Galvatron's keys plus ours)."""
+        self.plan.save(path)
+
+    def explain(self) -> str:
+        """The plan as a table, with the cost model's prediction."""
+        from galvatron_fx.passes.search import describe_plan
+
+        return describe_plan(self.plan, self.cost_model)
+
+    def visualize(self, path: str | Path, formats: tuple[str, ...] = ("html", "onnx", "dot")) -> list[Path]:
+        """Write the annotated layer graph under this plan (HTML page, ONNX, DOT) into folder ``path``."""
+        from galvatron_fx.viz import visualize
+
+        return visualize(self.program, self.plan, path, cost_model=self.cost_model, formats=formats)
