@@ -282,6 +282,10 @@ def _transfer(D: Digits, node: fx.Node, dims: dict, tainted) -> object:
             out.append(get(chosen)[-j] if chosen is not None else ([D.new(out_shape[-j])] if out_shape[-j] > 1 else []))
         return list(reversed(out))
     x = args[0] if args else None
+    if t is aten.linear.default:  # a projection left replicated
+        return [*get(x)[:-1], *D.fresh(out_shape[-1:])]
+    if t is aten.addmm.default:
+        return [*get(args[1])[:-1], *D.fresh(out_shape[-1:])]
     if t in VIEWS:
         out = get(x) if _shape(x) == out_shape else D.regroup(get(x), out_shape)
         if out is None:

@@ -88,8 +88,9 @@ def embedding_strategy(plan: Plan) -> LayerStrategy:
 
 
 def local_micro_batch(plan: Plan, stage: int = 0) -> int:
-    """Samples each rank of ``stage`` processes per micro-batch: ``global_batch / chunks / dp``."""
-    return plan.micro_batch // plan.layers[plan.stage_layers(stage)[0]].dp
+    """Samples each rank of ``stage`` receives per micro-batch: ``global_batch / chunks / devices_per_stage``
+    (layers with tensor parallelism run a larger batch; see ``passes.lower_parallel``)."""
+    return plan.micro_batch // plan.devices_per_stage
 
 
 def loss_name(program: Program) -> str:
@@ -357,11 +358,13 @@ def lower(program: Program, plan: Plan, rank: int, device: torch.device | str = 
           passes: Sequence[LoweringPass] = DEFAULT_PASSES) -> StageModule:
     """This rank's stage: ``build_stage`` followed by ``passes`` in order. Collective-free, so a plan can
     be lowered for any rank of any world in one process."""
-    if any(layer.tp > 1 or layer.sp != "none" for layer in plan.layers) or plan.embedding.vtp > 1:
-        raise PlanError("this plan cuts inside layers (tp, sp or vtp > 1), which this lowering does not do",
-                        "use tp=1, sp='none' and vtp=1 in every layer")
+    if any(layer.sp != "none" for layer in plan.layers) or plan.embedding.vtp > 1:
+        raise PlanError("this plan uses sequence parallelism or vtp > 1, which this lowering does not do yet",
+                        "use sp='none' and vtp=1 in every layer")
+    from .lower_parallel import PARALLEL_PASSES  # imports this module
+
     context = LoweringContext(program, plan, RankLayout.of(plan, rank), torch.device(device))
     stage = build_stage(context)
-    for lowering_pass in passes:
+    for lowering_pass in (*PARALLEL_PASSES, *passes):
         stage = lowering_pass(stage, context)
     return stage

@@ -57,6 +57,11 @@ class ShardRecord:
     digit_sizes: tuple[int, ...]
     picks: tuple[tuple[int, int] | None, ...]
     replicas: int  # tp ranks holding this same shard (their gradients are summed)
+    ranks: tuple[int, ...] = ()  # the tp group (global ranks) that holds the shards
+
+    def positions(self) -> torch.Tensor:
+        """Flat indices into the full tensor of this shard's elements, in the shard's order."""
+        return self.select(torch.arange(math.prod(self.full_shape)).view(self.full_shape)).reshape(-1)
 
     def select(self, full: torch.Tensor) -> torch.Tensor:
         from .collectives import select_local
@@ -67,6 +72,7 @@ class ShardRecord:
 @dataclass
 class TPResult:
     module: fx.GraphModule
+    ranks: tuple[int, ...] = ()
     sharded: list[str] = field(default_factory=list)  # names of sharded parameters
     warnings: list[str] = field(default_factory=list)
 
@@ -130,7 +136,7 @@ def _shard_param(gm, node: fx.Node, dim: int, leaves, analysis, picks, indices, 
     spec = shard_spec(analysis.digits, leaves, picks, indices)
     covered = math.prod(picks.get(analysis.digits.find(leaf), 1) for leaf in leaves)
     full = _get_attr(gm, node.target)
-    record = ShardRecord(node.target, tuple(full.shape), dim, spec[0], spec[1], tp // covered)
+    record = ShardRecord(node.target, tuple(full.shape), dim, spec[0], spec[1], tp // covered, result.ranks)
     if node.target not in records:
         _set_param(gm, node.target, record.select(full), full.requires_grad)
         records[node.target] = record
@@ -246,7 +252,7 @@ def tensor_parallel(gm: fx.GraphModule, cfg: TPConfig, layer_name: str = "layer"
     the full ones. Ensures: ``gm`` rewritten in place for tp rank ``cfg.tp_rank``: parameters sharded (each
     with a ShardRecord in ``gm.meta["galvatron_tp"]``), local view sizes, collectives as nodes; parts that
     cannot be sharded stay replicated and are named in ``result.warnings`` (PlanError when strict)."""
-    result = TPResult(gm)
+    result = TPResult(gm, cfg.ranks)
     if cfg.tp == 1:
         return result
     excluded: set[fx.Node] = set()
@@ -277,3 +283,27 @@ def tensor_parallel(gm: fx.GraphModule, cfg: TPConfig, layer_name: str = "layer"
     _rewrite(gm, analysis, chosen, cfg, result)
     refresh_meta(gm)
     return result
+
+
+def unshard(local: torch.Tensor, record: ShardRecord) -> torch.Tensor:
+    """The full tensor from every rank's shard: an all-gather over ``record.ranks`` (collective there)."""
+    from .collectives import all_gather_dim
+
+    values = all_gather_dim(local.detach().reshape(-1).contiguous(), 0, record.ranks)
+    positions = all_gather_dim(record.positions(), 0, record.ranks)
+    full = local.new_zeros(math.prod(record.full_shape))
+    full[positions] = values
+    return full.view(record.full_shape)
+
+
+def unshard_parameters(stage, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``params`` (user names → this rank's tensors) with every tensor-parallel shard of ``stage`` made whole.
+    Collective over each tp group: every rank of the stage calls it."""
+    from .lower_stage import unwrap
+
+    out = dict(params)
+    for layer in stage.stage_layers:
+        for name, record in unwrap(stage.layers[layer.name]).meta.get(META_KEY, {}).items():
+            if name in out:
+                out[name] = unshard(out[name], record)
+    return out

@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from galvatron_fx.errors import ConfigError
 from galvatron_fx.plan import LayerStrategy, Plan
 
 _CACHE: dict[tuple, Any] = {}
@@ -73,8 +72,6 @@ def world_mesh(plan: Plan, tp: int = 1, tp_consecutive: bool = True) -> DeviceMe
 
 def layer_mesh(plan: Plan, strategy: LayerStrategy) -> DeviceMesh:
     """The data-parallel mesh of a layer with ``strategy`` on this rank's stage (1-D, dim ``"dp"``)."""
-    if strategy.tp != 1:
-        raise ConfigError(f"layer strategy {strategy.short()} has tp={strategy.tp}", "tensor parallelism is lowered elsewhere")
     return world_mesh(plan, strategy.tp, strategy.tp_consecutive)["dp"]
 
 

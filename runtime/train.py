@@ -137,7 +137,9 @@ class Trainer:
         for name, param in self.stage.user_parameters().items():
             value = param.full_tensor() if isinstance(param, DTensor) else param
             out[name] = value.detach().cpu().clone()
-        return out
+        from galvatron_fx.passes.tensor_parallel import unshard_parameters  # tensor-parallel shards made whole
+
+        return unshard_parameters(self.stage, out)
 
     def describe(self) -> str:
         return self.stage.describe() + "\n  " + self.sync.describe()

@@ -1,0 +1,127 @@
+"""Lowering passes for the parallelisms that cut inside layers, in the order ``lower`` runs them:
+
+1. ``rescale_batches``: each layer's graph runs at its own local batch (``micro_batch / dp``);
+2. ``apply_tensor_parallel``: layers with ``tp > 1`` sharded for this rank (``passes.tensor_parallel``);
+3. ``apply_layouts``: parameter gradients of layers that see more than the captured batch scaled, a
+   ``redistribute`` node where a layer reads a value produced under another layout (also one received
+   over a pipeline cut), and the stage's send/receive specs set to the blocks that actually travel.
+
+Each pass is ``pass_(stage, context) -> stage`` (see ``passes.lower_stage``) and does nothing for plans
+whose layers all have ``tp == 1``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from fractions import Fraction
+
+import torch
+
+from galvatron_fx.errors import PlanError
+from galvatron_fx.plan import LayerStrategy
+
+from .lower_stage import LoweringContext, StageModule, embedding_strategy, unwrap
+from .redistribute import Layout, insert_redistribute, rescale_batch, scale_param_grads, tp_group, with_shape
+from .tensor_parallel import TPConfig, tensor_parallel
+
+
+def _strategies(context: LoweringContext) -> dict[int, LayerStrategy]:
+    """Program layer index → its strategy (prologue and epilogue: the embedding strategy)."""
+    program, plan = context.program, context.plan
+    embed = embedding_strategy(plan)
+    out = {layer.index: embed for layer in program.layers}
+    out.update({layer.index: strategy for layer, strategy in zip(program.body, plan.layers)})
+    return out
+
+
+def _producers(context: LoweringContext) -> dict[str, LayerStrategy]:
+    """Value name → strategy of the layer that produces it; graph inputs: the data split of the trainer."""
+    strategies = _strategies(context)
+    producers = {name: LayerStrategy(dp=context.plan.devices_per_stage) for name in context.program.placeholder_names}
+    for layer in context.program.layers:
+        for name in layer.output_names:
+            producers[name] = strategies[layer.index]
+    return producers
+
+
+def _batched_names(context: LoweringContext) -> set[str]:
+    names = {spec.name for layer in context.program.layers for spec in (*layer.inputs, *layer.boundary_out) if spec.batched}
+    values = {n.name: n.meta.get("val") for n in context.program.graph_module.graph.find_nodes(op="placeholder")}
+    names |= {n for n, v in values.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == context.program.batch_size}
+    return names
+
+
+def _check_capture(context: LoweringContext) -> None:
+    plan, program = context.plan, context.program
+    if program.batch_size * plan.devices_per_stage != plan.micro_batch:
+        raise PlanError(f"the Program was captured with batch {program.batch_size}, but the plan splits micro-batches of "
+                        f"{plan.micro_batch} over {plan.devices_per_stage} devices per stage",
+                        f"capture the model with an example batch of {plan.micro_batch // plan.devices_per_stage} samples")
+
+
+def rescale_batches(stage: StageModule, context: LoweringContext) -> StageModule:
+    """Requires: a Program captured at ``micro_batch / devices_per_stage``. Ensures: every layer's graph runs
+    at its own local batch ``micro_batch / dp`` (views rewritten, metadata recomputed)."""
+    plan = context.plan
+    if all(layer.strategy.dp == plan.devices_per_stage for layer in stage.stage_layers):
+        return stage
+    _check_capture(context)
+    batched = _batched_names(context)
+    for layer in stage.stage_layers:
+        ratio = Fraction(plan.devices_per_stage, layer.strategy.dp)
+        rescale_batch(unwrap(stage.layers[layer.name]), batched, ratio, layer.name)
+    return stage
+
+
+def make_tensor_parallel_pass(strict: bool = False):
+    """The tensor-parallel pass; ``strict`` refuses (PlanError) layers that cannot be sharded as asked."""
+
+    def apply_tensor_parallel(stage: StageModule, context: LoweringContext) -> StageModule:
+        """Requires: layers at their local batch. Ensures: every layer with tp > 1 (and no Ulysses) is
+        rewritten for this rank: sharded parameters, local sizes, collectives over its tp group."""
+        rank = context.layout.rank
+        for layer in stage.stage_layers:
+            strategy = layer.strategy
+            if strategy.tp == 1 or strategy.sp == "ulysses":
+                continue
+            ranks = tp_group(context.plan, strategy, rank)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                tensor_parallel(unwrap(stage.layers[layer.name]), TPConfig(strategy.tp, ranks.index(rank), ranks, strict),
+                                f"{layer.name} ({layer.layer_type})")
+            for warning in caught:  # one warning per layer type is enough
+                warnings.warn(str(warning.message), stacklevel=2)
+        return stage
+
+    return apply_tensor_parallel
+
+
+apply_tensor_parallel = make_tensor_parallel_pass()
+
+
+def apply_layouts(stage: StageModule, context: LoweringContext) -> StageModule:
+    """Requires: layers rewritten for their strategies. Ensures: gradient scaling for layers that see
+    ``devices_per_stage / dp`` times the captured batch, redistribution on entry wherever a layer reads a
+    value produced under another layout, send/receive specs in the producers' layouts."""
+    plan, layout = context.plan, context.layout
+    devices = plan.devices_per_stage
+    producers = _producers(context)
+    if all(s.dp == devices for s in producers.values()) and all(l.strategy.dp == devices for l in stage.stage_layers):
+        return stage
+    batched = _batched_names(context)
+    stage_ranks = tuple(layout.stage * devices + i for i in range(devices))
+    for layer in stage.stage_layers:
+        module = unwrap(stage.layers[layer.name])
+        scale_param_grads(module, layer.strategy.dp / devices)
+        for name in layer.input_names:
+            if name in batched and name in producers:
+                insert_redistribute(module, name, Layout(producers[name]), Layout(layer.strategy), devices, layout.local,
+                                    stage_ranks, plan.micro_batch, 0)
+    local = lambda spec: with_shape(spec, (plan.micro_batch // producers[spec.name].dp, *spec.shape[1:])) \
+        if spec.batched and spec.name in producers else spec  # noqa: E731
+    stage.recv_specs = tuple(local(spec) for spec in stage.recv_specs)
+    stage.send_specs = tuple(local(spec) for spec in stage.send_specs)
+    return stage
+
+
+PARALLEL_PASSES = (rescale_batches, apply_tensor_parallel, apply_layouts)
