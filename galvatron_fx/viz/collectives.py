@@ -37,9 +37,9 @@ class Collective:
     time_s: float | None = None
 
     def label(self) -> str:
-        """A compact badge such as ``AR×2 tp2 fwd``."""
+        """A compact badge such as ``AR×2 tp g2 fwd``: op, calls, purpose, group of 2 ranks, phase."""
         phase = {"forward": "fwd", "backward": "bwd", "step": "step"}[self.phase]
-        return f"{SHORT_OP[self.op]}×{self.count} {self.purpose}{self.group_size} {phase}"
+        return f"{SHORT_OP[self.op]}×{self.count} {self.purpose} g{self.group_size} {phase}"
 
 
 def _timed(hardware, op: str, nbytes: float, group: int, consecutive: bool, count: int) -> float | None:

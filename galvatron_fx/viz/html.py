@@ -271,7 +271,7 @@ def render_html(g: LayerGraph) -> str:
 <h2>Strategies</h2><div class="legend" id="legend">{legend}</div>
 <h2>Layer graph</h2>
 <p class="note">Layers in execution order, grouped by pipeline stage and coloured by strategy. Badges: collectives each layer's strategy
-implies ({_e(ops)}; ×count per micro-batch, or per step for gradient sync). Yellow diamonds: redistribution between layouts; red dashed
+implies ({_e(ops)}; ×calls per micro-batch, or per step for gradient sync; gN = a group of N ranks). Yellow diamonds: redistribution between layouts; red dashed
 lines: pipeline send/recv. Times and memory are predictions for one device.</p>
 {_layer_graph(g)}
 <h2>Memory per stage (one device) against the budget</h2>
