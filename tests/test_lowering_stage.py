@@ -1,0 +1,153 @@
+"""Lowering a Program + Plan to one rank's stage, in one process: stage contents, cuts, checks, dumps,
+and group construction for a 64-rank plan under the fake process group."""
+
+import functools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import galvatron_fx
+from galvatron_fx.errors import PlanError
+from galvatron_fx.models import build_model
+from galvatron_fx.passes.lower_stage import (CheckpointedLayer, RankLayout, cut_specs, local_micro_batch, lower,
+                                             stage_layer_indices)
+from galvatron_fx.plan import LayerStrategy, Plan
+
+
+@functools.lru_cache(maxsize=None)
+def captured(name: str, batch: int = 2):
+    torch.manual_seed(0)
+    model, kwargs = build_model(name, batch=batch, seq=16)
+    return galvatron_fx.capture(model, example_kwargs=kwargs), kwargs
+
+
+def plan_for(program, world_size=2, pp=2, dp_types=("ddp",), ckpt=(False,), chunks=2, **kw):
+    n = len(program.body)
+    dp = world_size // pp
+    layers = tuple(LayerStrategy(dp=dp, dp_type=dp_types[i % len(dp_types)], ckpt=ckpt[i % len(ckpt)]) for i in range(n))
+    return Plan(world_size=world_size, layers=layers, pp=pp, chunks=chunks, global_batch=chunks * dp * program.batch_size, **kw)
+
+
+def test_pipeline_split_follows_pp_division_and_layer_table():
+    program, _ = captured("gpt2")
+    plan = plan_for(program, pp=2, pp_division=(1, 3))
+    first, last = lower(program, plan, 0), lower(program, plan, 1)
+    assert [l.index for l in first.stage_layers] == [0, 1]  # prologue + first block
+    assert [l.index for l in last.stage_layers] == [2, 3, 4, 5]  # three blocks + epilogue
+    sent = {spec.name for spec in first.send_specs}
+    assert sent == {spec.name for spec in program.layers[1].boundary_out}  # hidden state and mask
+    assert first.send_specs == last.recv_specs and not first.recv_specs and not last.send_specs
+    assert first.loss_name is None and last.loss_name == "cross_entropy_loss"
+    assert first.batch_names == ("input_ids",) and last.batch_names == ("labels",)
+    # the tied weight is on both stages, as a copy: lowering never shares tensors with the Program
+    program_weight = dict(program.graph_module.named_parameters(remove_duplicate=False))["lm_head.weight"]
+    ours = first.user_parameters()["lm_head.weight"], last.user_parameters()["lm_head.weight"]
+    assert ours[0] is not ours[1] and all(p is not program_weight for p in ours)
+    assert all(torch.equal(p, program_weight) for p in ours)
+
+
+def test_t5_pipeline_cut_between_encoder_and_decoder():
+    program, _ = captured("t5")
+    plan = plan_for(program, pp=2)
+    stage_modules = [program.layers[i].module_path for i in stage_layer_indices(program, plan, 1)]
+    assert all("encoder" not in path for path in stage_modules) and any("decoder" in path for path in stage_modules)
+    assert "encoder" in program.layers[stage_layer_indices(program, plan, 0)[1]].module_path
+    # the encoder's output crosses the cut, values read only by the model's outputs do not
+    names = {spec.name for spec in cut_specs(program, plan, 0)}
+    assert names and names <= {spec.name for spec in program.layers[stage_layer_indices(program, plan, 0)[-1]].boundary_out}
+    assert not any(spec.name in program.output_names and spec.name not in
+                   {n for layer in program.layers[stage_layer_indices(program, plan, 1)[0]:] for n in layer.input_names}
+                   for spec in cut_specs(program, plan, 0))
+
+
+def test_stage_runs_like_the_program_layers():
+    from galvatron_fx.program import run_layer
+
+    program, kwargs = captured("llama")
+    plan = plan_for(program, world_size=1, pp=1, chunks=1)
+    stage = lower(program, plan, 0)
+    env = program.flatten_inputs((), kwargs)
+    got = stage(dict(env), seed=None)[stage.loss_name]
+    for layer in program.layers:
+        run_layer(layer, env)
+    assert torch.allclose(got, env[stage.loss_name], atol=1e-6)
+
+
+def test_checkpointing_wraps_marked_layers_only_and_prints_readably(tmp_path):
+    program, _ = captured("bert")
+    plan = plan_for(program, pp=2, ckpt=(True, False), dp_types=("ddp", "zero3"))
+    stage = lower(program, plan, 0)
+    body = [l for l in stage.stage_layers if l.kind == "block"]
+    wrapped = [isinstance(stage.layers[l.name], CheckpointedLayer) for l in body]
+    assert wrapped == [l.strategy.ckpt for l in body] and any(wrapped) and not all(wrapped)
+    text = repr(stage)
+    assert "stage 0/2" in text and "BertLayer" in text and "ckpt" in text and "send " in text
+    files = stage.dump(tmp_path)
+    assert (tmp_path / "stage.txt").read_text().startswith("stage 0/2")
+    assert len(files) == 1 + len(stage.stage_layers)
+    assert "def forward" in (tmp_path / f"{body[0].name}.py").read_text()
+
+
+def test_shapes_checked_against_the_micro_batch():
+    program, _ = captured("gpt2")  # captured with 2 samples
+    plan = plan_for(program, world_size=2, pp=1, chunks=1)
+    wrong = Plan(world_size=2, layers=plan.layers, chunks=1, global_batch=8)  # 4 samples per rank
+    assert local_micro_batch(wrong) == 4
+    with pytest.raises(PlanError, match="captured with batch 2.*capture the model with an example batch of 4"):
+        lower(program, wrong, 0)
+
+
+def test_rank_layout():
+    plan = Plan(world_size=8, layers=(LayerStrategy(dp=2),) * 4, pp=4, global_batch=8)
+    layouts = [RankLayout.of(plan, r) for r in range(8)]
+    assert [(l.stage, l.local) for l in layouts] == [(s, i) for s in range(4) for i in range(2)]
+    assert layouts[5].rank_of(3) == 7 and layouts[0].is_first and layouts[7].is_last
+
+
+def test_64_rank_groups_and_stages_under_fake_process_group():
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from galvatron_fx.runtime import groups
+    from galvatron_fx.runtime.data_parallel import apply_data_parallel, prepare_groups
+
+    program, _ = captured("gpt2")  # 4 body layers, micro-batch 2
+    types = (("ddp", False), ("zero2", False), ("zero3", False), ("zero3", True))
+    plan = Plan(world_size=64, layers=tuple(LayerStrategy(dp=16, dp_type=t, ckpt=c) for t, c in types), pp=4,
+                chunks=2, global_batch=64, pipeline="1f1b")
+    expected_layers = {0: [0, 1], 1: [2], 2: [3], 3: [4, 5]}
+    for rank in range(64):
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=64)
+        try:
+            groups.clear_cache()
+            prepare_groups(program, plan)
+            stage_index, local = divmod(rank, 16)
+            mesh = groups.world_mesh(plan)
+            assert groups.world_group_ranks(mesh["dp"]) == list(range(stage_index * 16, stage_index * 16 + 16))
+            assert groups.world_group_ranks(mesh["pp"]) == [s * 16 + local for s in range(4)]
+            tied = groups.tied_group(plan, (0, 3), local)
+            if stage_index in (0, 3):  # the tied embedding/head lives on the first and last stage
+                assert dist.get_process_group_ranks(tied) == [local, 48 + local]
+            else:
+                assert tied == dist.GroupMember.NON_GROUP_MEMBER
+            created = list(groups.CREATED)
+            stage = lower(program, plan, rank)
+            sync = apply_data_parallel(stage, program, plan)
+            assert groups.CREATED == created and len(set(created)) == len(created)  # nothing created twice
+            assert [l.index for l in stage.stage_layers] == expected_layers[stage_index]
+            strategy = plan.layers[stage_index]
+            assert stage.micro_batch == 2
+            assert (len(stage.recv_specs) > 0) == (stage_index > 0) and (len(stage.send_specs) > 0) == (stage_index < 3)
+            zero_units = [l for l in stage.stage_layers if l.kind == "block" and l.strategy.dp_type != "ddp"]
+            assert len(sync.fsdp_units) == len(zero_units)  # prologue and epilogue follow the default (ddp)
+            assert [w.name for w in sync.tied] == (["lm_head.weight"] if stage_index in (0, 3) else [])
+            block = next(l for l in stage.stage_layers if l.kind == "block")
+            assert block.strategy == strategy
+            assert isinstance(stage.layers[block.name], CheckpointedLayer) == strategy.ckpt
+            if strategy.dp_type != "ddp":  # sharded over the 16 ranks of the stage
+                param = next(iter(stage.layers[block.name].parameters()))
+                assert param.device_mesh.mesh.tolist() == list(range(stage_index * 16, stage_index * 16 + 16))
+                assert param.to_local().shape[0] * 16 >= param.shape[0]
+        finally:
+            dist.destroy_process_group()
+            groups.clear_cache()
