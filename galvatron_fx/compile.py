@@ -167,8 +167,10 @@ class CompiledModel:
 
         return describe_plan(self.plan, self.cost_model)
 
-    def visualize(self, path: str | Path, formats: tuple[str, ...] = ("html", "onnx", "dot")) -> list[Path]:
-        """Write the annotated layer graph under this plan (HTML page, ONNX, DOT) into folder ``path``."""
+    def visualize(self, path: str | Path, formats: tuple[str, ...] = ("html", "onnx", "dot")) -> dict[str, Path]:
+        """Write the annotated layer graph under this plan (HTML page, ONNX, DOT) into folder ``path``;
+        returns the file of each format."""
         from galvatron_fx.viz import visualize
 
-        return visualize(self.program, self.plan, path, cost_model=self.cost_model, formats=formats)
+        return visualize(self.program, self.plan, path, cost_model=self.cost_model, formats=formats,
+                         memory_budget_bytes=self.plan.provenance.get("memory_budget_bytes"))
