@@ -173,3 +173,50 @@ def check_parity(model_name: str, result: dict) -> None:
     name, worst = max(diffs, key=lambda item: item[1])
     assert worst <= TOLERANCE, f"parameter {name} differs from eager by {worst:.2e}"
 
+
+
+# -- bad input and failures -----------------------------------------------------------------------------------
+def bad_plans_worker(rank: int, world_size: int) -> list[str]:
+    """Rank 0 alone builds trainers from plans that do not fit: each must raise PlanError before any
+    collective (a collective would block, since rank 1 takes no part). Returns the messages."""
+    from galvatron_fx.errors import GalvatronError
+    from galvatron_fx.runtime import Trainer
+
+    if rank != 0:
+        return []
+    program, _ = _program("gpt2", 2)
+    n = len(program.body)
+    bad = [
+        PlanRecipe("other_world", 4).plan(n),  # made for 4 processes
+        PlanRecipe("other_model_layers", 2).plan(n + 3),  # made for a model with more layers
+        PlanRecipe("other_model_name", 2, chunks=2).plan(n, "BertForMaskedLM"),  # same depth, other model
+    ]
+    messages = []
+    for plan in bad:
+        try:
+            Trainer(program, plan, model_name=program.model_name)
+        except GalvatronError as error:
+            messages.append(f"{type(error).__name__}: {error}")
+    return messages
+
+
+def dying_rank_worker(rank: int, world_size: int, recipe_name: str, die_in_step: int) -> list[float]:
+    """Train GPT-2 under ``recipe_name``; the last rank exits abruptly in the middle of step ``die_in_step``
+    (after its first forward), as a crashed process would."""
+    import os
+
+    from galvatron_fx.runtime import Trainer
+
+    program, batches = _program("gpt2", 2)
+    trainer = Trainer(program, RECIPES[recipe_name].plan(len(program.body)), config=_config())
+    if rank == world_size - 1:
+        forward = trainer.executor._forward
+
+        def forward_then_die(*args, **kwargs):
+            result = forward(*args, **kwargs)
+            if trainer.steps_done == die_in_step:
+                os._exit(3)
+            return result
+
+        trainer.executor._forward = forward_then_die
+    return [trainer.step(batch) for batch in batches]

@@ -1,0 +1,57 @@
+"""Pipeline schedules as action lists: every micro-batch runs forward then backward once per stage, in
+an order that lets neighbouring stages meet; 1F1B bounds the micro-batches in flight."""
+
+import pytest
+
+from galvatron_fx.runtime.schedules import SCHEDULES, gpipe, one_f_one_b
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+@pytest.mark.parametrize("pp,chunks", [(1, 1), (2, 4), (4, 4), (4, 2), (3, 7)])
+def test_every_micro_batch_forward_then_backward_in_order(name, pp, chunks):
+    for stage in range(pp):
+        actions = SCHEDULES[name](pp, stage, chunks)
+        forwards = [a.micro_batch for a in actions if a.kind == "F"]
+        backwards = [a.micro_batch for a in actions if a.kind == "B"]
+        assert forwards == list(range(chunks)) and backwards == list(range(chunks))
+        for mb in range(chunks):
+            assert actions.index(next(a for a in actions if a.kind == "F" and a.micro_batch == mb)) < \
+                actions.index(next(a for a in actions if a.kind == "B" and a.micro_batch == mb))
+
+
+def _simulate(schedule, pp, chunks):
+    """Run all stages' action lists with blocking receives; returns True when every stage finishes."""
+    lists = [list(schedule(pp, s, chunks)) for s in range(pp)]
+    done_f = [set() for _ in range(pp)]
+    done_b = [set() for _ in range(pp)]
+    progress = True
+    while progress:
+        progress = False
+        for s in range(pp):
+            while lists[s]:
+                action = lists[s][0]
+                ready = (action.kind == "F" and (s == 0 or action.micro_batch in done_f[s - 1])) or \
+                        (action.kind == "B" and (s == pp - 1 or action.micro_batch in done_b[s + 1]))
+                if not ready:
+                    break
+                (done_f if action.kind == "F" else done_b)[s].add(lists[s].pop(0).micro_batch)
+                progress = True
+    return all(not rest for rest in lists)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+@pytest.mark.parametrize("pp,chunks", [(2, 4), (4, 4), (4, 8), (4, 2), (8, 3)])
+def test_schedules_cannot_deadlock(name, pp, chunks):
+    assert _simulate(SCHEDULES[name], pp, chunks)
+
+
+def test_one_f_one_b_limits_micro_batches_in_flight():
+    pp, chunks = 4, 8
+    for stage in range(pp):
+        in_flight = peak = 0
+        for action in one_f_one_b(pp, stage, chunks):
+            in_flight += 1 if action.kind == "F" else -1
+            peak = max(peak, in_flight)
+        assert peak == pp - stage
+    assert [repr(a) for a in one_f_one_b(2, 0, 3)] == ["F0", "F1", "B0", "F2", "B1", "B2"]
+    assert [repr(a) for a in gpipe(2, 0, 2)] == ["F0", "F1", "B0", "B1"]
