@@ -1,17 +1,21 @@
 """galvatron_fx: automatic hybrid parallelism for unmodified PyTorch Transformers.
 
-``capture`` turns a model into an annotated ``Program``; later steps profile it, search a plan and
-lower it into per-rank programs (see README.md for the architecture).
+``compile(model, cluster, example_kwargs=batch)`` captures the model, searches (or takes) a plan and lowers
+it for this rank; ``capture`` alone turns a model into an annotated ``Program`` (see README.md).
 """
 
 from .capture import capture
+from .compile import CompiledModel, compile
 from .cluster import Cluster
 from .errors import CaptureError, ConfigError, GalvatronError, PlanError, ProfileError
+from .plan import EmbeddingStrategy, LayerStrategy, Plan
+from .plan_sources import uniform_plan
 from .program import Layer, LayerStats, Program, TensorSpec
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "capture", "Cluster", "Program", "Layer", "LayerStats", "TensorSpec",
+    "capture", "compile", "CompiledModel", "uniform_plan", "Plan", "LayerStrategy", "EmbeddingStrategy",
+    "Cluster", "Program", "Layer", "LayerStats", "TensorSpec",
     "GalvatronError", "CaptureError", "ConfigError", "PlanError", "ProfileError",
 ]

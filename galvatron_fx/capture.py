@@ -76,7 +76,7 @@ def _check_no_cache(model: nn.Module, out_spec: pytree.TreeSpec) -> None:
     def keys(spec: pytree.TreeSpec):
         context = spec.context if isinstance(spec.context, (list, tuple)) else []
         yield from (k for k in context if isinstance(k, str))
-        for child in spec.children_specs:
+        for child in spec.children():
             yield from keys(child)
 
     if "past_key_values" in set(keys(out_spec)):

@@ -15,6 +15,7 @@ COMMANDS = {
     "profile-hardware": ("profile_hardware", "measure collectives, send/recv and overlap; write a hardware profile"),
     "profile-model": ("profile_model", "profile each layer type's time and memory; write a model profile"),
     "viz": ("viz", "draw a plan: HTML page, ONNX for Netron, Graphviz DOT"),
+    "train": ("train", "train an example model under torchrun with a searched or given plan"),
 }
 
 

@@ -163,9 +163,9 @@ class CompiledModel:
 
     def explain(self) -> str:
         """The plan as a table, with the cost model's prediction."""
-        from galvatron_fx.passes.search import describe_plan
+        from galvatron_fx.report import plan_table
 
-        return describe_plan(self.plan, self.cost_model)
+        return plan_table(self.plan, self.cost_model)
 
     def visualize(self, path: str | Path, formats: tuple[str, ...] = ("html", "onnx", "dot")) -> dict[str, Path]:
         """Write the annotated layer graph under this plan (HTML page, ONNX, DOT) into folder ``path``;

@@ -141,7 +141,7 @@ class Program:
     def flatten_inputs(self, args: tuple = (), kwargs: dict | None = None) -> dict[str, Any]:
         """Map a call's arguments to the flat graph's placeholders, by name."""
         kwargs = kwargs or {}
-        kwarg_keys = self.in_spec.children_specs[1].context if self.in_spec.num_children > 1 else []
+        kwarg_keys = self.in_spec.child(1).context if self.in_spec.num_children > 1 else []
         missing = [key for key in kwarg_keys if key not in kwargs]
         extra = [key for key in kwargs if key not in kwarg_keys]
         if missing or extra:

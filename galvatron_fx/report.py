@@ -45,3 +45,38 @@ def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 
 def _numeric(cell: str) -> bool:
     return cell.replace(",", "").replace(".", "", 1).lstrip("-").isdigit()
+
+
+def plan_table(plan, cost_model=None, layer_types: list[str] | None = None) -> str:
+    """A plan as text: one row per run of consecutive body layers with the same strategy and stage, then one
+    row per stage with its predicted time and memory (when a cost model is given), then the prediction."""
+    types = layer_types or (list(cost_model.layer_types) if cost_model is not None else None)
+    runs: list[list[int]] = []
+    for i, strategy in enumerate(plan.layers):
+        if runs and plan.layers[runs[-1][-1]] == strategy and plan.stage_of_layer(runs[-1][-1]) == plan.stage_of_layer(i) \
+                and (types is None or types[runs[-1][-1]] == types[i]):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    rows = []
+    for run in runs:
+        strategy = plan.layers[run[0]]
+        span = f"{run[0]}" if len(run) == 1 else f"{run[0]}-{run[-1]}"
+        time_s = ""
+        if cost_model is not None:
+            cost = cost_model.layer_cost(types[run[0]], strategy, plan.micro_batch)
+            time_s = f"{(cost.fwd_s + cost.bwd_s) * 1e3:.3f}"
+        rows.append((span, types[run[0]] if types else "-", str(plan.stage_of_layer(run[0])), strategy.short(), time_s))
+    header = ("layers", "type", "stage", "strategy", "fwd+bwd ms/micro-batch/layer")
+    lines = [f"plan for {plan.world_size} devices: pp {plan.pp} ({plan.pipeline}, division {list(plan.pp_division)}), "
+             f"global batch {plan.global_batch} in {plan.chunks} micro-batches of {plan.micro_batch}; "
+             f"embedding/head vtp {plan.embedding.vtp}{' vsp' if plan.embedding.vsp else ''}"
+             f"{' zero3' if plan.embedding.embed_sdp else ''}",
+             format_table(header, rows)]
+    prediction = plan.prediction or (cost_model.evaluate(plan) if cost_model is not None else None)
+    if prediction is not None:
+        stage_rows = [(str(s), str(plan.pp_division[s]), f"{memory / 2**30:.3f}")
+                      for s, memory in enumerate(prediction.memory_bytes_per_stage)]
+        lines += ["", format_table(("stage", "layers", "predicted memory GiB/device"), stage_rows), "",
+                  f"predicted: {prediction.iteration_time_s * 1e3:.3f} ms per iteration, {prediction.samples_per_s:.2f} samples/s"]
+    return "\n".join(lines)
