@@ -1,0 +1,211 @@
+"""Search the layerwise hybrid-parallel plan with the highest throughput under a per-device memory budget.
+
+``search(cost_model, world_size, "36GB", space)`` returns the Plan maximising samples/s under
+``cost_model.evaluate`` — the cost contract's formula, rebuilt from its per-layer terms:
+
+1. outer loops over pp, global batch, chunks and pipeline type, visited from the highest throughput
+   upper bound down and cut as soon as the bound cannot beat the best plan found;
+2. per (devices per stage, micro-batch): one cost-model query per (layer type, strategy) — identical
+   layer types share a row, and runs of identical types share their fronts;
+3. per stage: exact Pareto fronts over (memory, time, gradient sync) — search_front;
+4. per setting: branch-and-bound over pp_division and the embedding strategy, with the exact pipeline
+   formula over the fronts — search_stage.
+
+requires: a CostModel following docs' cost contract (layer_cost, embedding_cost, redistribution_s, p2p_s,
+          in_flight_micro_batches, unsupported_reason, evaluate).
+ensures:  the returned plan is the optimum of evaluate() over the space (ties broken arbitrarily), its
+          ``prediction`` is evaluate(plan), its provenance names model, cluster, budget, version and
+          ``search_time_s``; strategies a layer cannot run are left out with the reason recorded.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from galvatron_fx.errors import PlanError
+from galvatron_fx.plan import Plan
+from galvatron_fx.units import format_bytes, parse_bytes
+
+from .search_front import build_cost_table, subset
+from .search_space import SearchSpace
+from .search_stage import EmbeddingPart, StageSolver
+
+Progress = Callable[[int, int, float], None]   # (settings done, settings total, best samples/s so far)
+
+
+def search(cost_model, world_size: int, memory_budget: "int | str", space: SearchSpace | None = None, *,
+           progress: Progress | None = None, provenance: dict[str, Any] | None = None) -> Plan:
+    """The plan with the highest predicted samples/s whose every stage fits ``memory_budget`` bytes per device.
+
+    Raises PlanError when nothing fits, naming the smallest budget that does and its plan."""
+    started = time.perf_counter()
+    engine = SearchEngine(cost_model, world_size, parse_bytes(memory_budget), space or SearchSpace(), progress)
+    plan = engine.run()
+    if plan is None:
+        raise engine.infeasible_error()
+    from galvatron_fx import __version__
+    record = {"model": None, "cluster": None, **(provenance or {}), "memory_budget_bytes": engine.budget,
+              "version": __version__, "search_time_s": round(time.perf_counter() - started, 4),
+              "search_settings_visited": engine.visited, "left_out": engine.left_out_summary()}
+    return Plan(**{**_fields(plan), "prediction": cost_model.evaluate(plan), "provenance": record})
+
+
+def _fields(plan: Plan) -> dict[str, Any]:
+    return {name: getattr(plan, name) for name in plan.__dataclass_fields__}
+
+
+class SearchEngine:
+    """State of one search: caches, incumbent, reasons for left-out strategies."""
+
+    def __init__(self, cost_model, world_size: int, budget: int, space: SearchSpace, progress: Progress | None):
+        self.cost_model, self.world_size, self.budget, self.space, self.progress = cost_model, world_size, budget, space, progress
+        self.types = tuple(cost_model.layer_types)
+        self.pair_index: dict[tuple[str, str], int] = {}
+        for i in range(1, len(self.types)):
+            self.pair_index.setdefault((self.types[i - 1], self.types[i]), i)
+        self.best_throughput = 0.0
+        self.best: Plan | None = None
+        self.front_memo: dict = {}
+        self.tables: dict[tuple[int, int], Any] = {}
+        self.embedding_parts: dict = {}
+        self.uniform_tables: dict = {}
+        self.left_out: dict[str, set] = {}
+        self.visited = 0
+
+    # -- settings ----------------------------------------------------------------------------------------
+    def settings(self) -> list[tuple]:
+        """(upper bound on samples/s, pp, global batch, chunks, pipeline, in-flight) for every setting."""
+        out, seen = [], set()
+        L = len(self.types)
+        pps = self.space.pp_degrees(self.world_size, L)
+        if not pps:
+            self.left_out.setdefault(f"no pipeline degree fits world size {self.world_size} and {L} layers "
+                                     f"(max_pp {self.space.max_pp})", set())
+        for pp in pps:
+            devices = self.world_size // pp
+            strategies = self.space.layer_strategies(devices)
+            for gb in self.space.global_batches():
+                for c in self.space.chunk_counts(gb):
+                    mb = gb // c
+                    usable = [s for s in strategies if mb % s.dp == 0]
+                    if not usable:
+                        self.left_out.setdefault(f"micro-batch {mb} is not divisible by any dp degree on {devices} devices", set()).add(
+                            f"pp{pp} batch {gb} chunks {c}")
+                        continue
+                    for pipeline in self.space.pipelines:
+                        k = tuple(self.cost_model.in_flight_micro_batches(pipeline, pp, s, c) for s in range(pp))
+                        if (pp, gb, c, k) in seen:
+                            continue   # both schedules keep the same micro-batches: one search covers both
+                        seen.add((pp, gb, c, k))
+                        table = self.table(devices, mb, usable)
+                        out.append((gb / self.time_lower_bound(table, pp, c, mb), pp, gb, c, pipeline, k))
+        out.sort(key=lambda item: -item[0])
+        return out
+
+    def table(self, devices: int, mb: int, strategies):
+        key = (devices, mb)
+        if key not in self.tables:
+            self.tables[key] = build_cost_table(self.cost_model, strategies, mb, self.left_out)
+        return self.tables[key]
+
+    def time_lower_bound(self, table, pp: int, c: int, mb: int) -> float:
+        """Σ fastest layer times spread over pp stages: no plan of this setting is faster."""
+        total = 0.0
+        for t in self.types:
+            ok = table.allowed[t]
+            if not ok.any():
+                return np.inf
+            total += table.x[t][ok].min()
+        return total * (1 + (c - 1) / pp) + 1e-30
+
+    def parts(self, devices: int, mb: int, pp: int, embedding) -> list[EmbeddingPart]:
+        out = []
+        for s in range(pp):
+            key = (devices, mb, embedding, s == 0, s == pp - 1)
+            if key not in self.embedding_parts:
+                cost = self.cost_model.embedding_cost(embedding, devices, mb, first_stage=s == 0, last_stage=s == pp - 1)
+                self.embedding_parts[key] = EmbeddingPart(cost.fwd_s + cost.bwd_s, cost.grad_sync_s, cost.model_state_bytes,
+                                                          cost.activation_bytes, cost.peak_extra_bytes)
+            out.append(self.embedding_parts[key])
+        return out
+
+    # -- the search --------------------------------------------------------------------------------------
+    def run(self) -> Plan | None:
+        settings = self.settings()
+        for done, (upper, pp, gb, c, pipeline, k) in enumerate(settings):
+            if upper <= self.best_throughput * (1 + 1e-12):
+                break   # sorted by upper bound: nothing later can win
+            self.visited += 1
+            self.solve_setting(pp, gb, c, pipeline, k)
+            if self.progress:
+                self.progress(done + 1, len(settings), self.best_throughput)
+        if self.progress:
+            self.progress(len(settings), len(settings), self.best_throughput)
+        return self.best
+
+    def solve_setting(self, pp: int, gb: int, c: int, pipeline: str, k: tuple[int, ...]) -> None:
+        devices, mb = self.world_size // pp, gb // c
+        full = self.tables[(devices, mb)]
+        if not self.space.uniform:
+            self.solve_table(full, pp, gb, c, pipeline, k)
+            return
+        for j in range(len(full.strategies)):   # one strategy for every layer: a table of one
+            if all(full.allowed[t][j] for t in self.types):
+                key = (devices, mb, j)
+                if key not in self.uniform_tables:
+                    self.uniform_tables[key] = subset(full, [j])
+                self.solve_table(self.uniform_tables[key], pp, gb, c, pipeline, k)
+
+    def solve_table(self, table, pp: int, gb: int, c: int, pipeline: str, k: tuple[int, ...]) -> None:
+        devices, mb = self.world_size // pp, gb // c
+        solver = StageSolver(self, table, pp, mb, c, k)
+        embeddings = self.space.embedding_strategies(devices)
+        ranked = sorted(embeddings, key=lambda e: sum(p.x_s for p in self.parts(devices, mb, pp, e)))
+        for embedding in ranked:
+            bound_s = gb / self.best_throughput if self.best_throughput > 0 else np.inf
+            found = solver.best_division(self.parts(devices, mb, pp, embedding), bound_s)
+            if found is None:
+                continue
+            time_s, division, (stages, picks) = found
+            layers = []
+            for s, ((front, a, b), pick) in enumerate(zip(stages, picks)):
+                layer_front = solver.layer_front(a, b, k[s], int(front.cap[pick]))
+                layers += [table.strategies[j] for j in layer_front.backtrack(int(front.layout_class[pick]), int(front.index[pick]))]
+            self.best_throughput = gb / time_s
+            self.best = Plan(world_size=self.world_size, layers=tuple(layers), pp=pp, pp_division=tuple(division),
+                             pipeline=pipeline, chunks=c, global_batch=gb, embedding=embedding,
+                             grad_sync_every_micro_batch=self.space.grad_sync_every_micro_batch)
+
+    # -- reporting ---------------------------------------------------------------------------------------
+    def left_out_summary(self) -> list[str]:
+        return [f"{reason} ({len(items)} strategies)" if items else reason for reason, items in sorted(self.left_out.items())]
+
+    def infeasible_error(self) -> PlanError:
+        """Name the smallest budget that fits and the plan that fits it, or why nothing can run at all."""
+        from .search_memory import smallest_budget
+        found = smallest_budget(self)
+        if found is None:
+            reasons = "; ".join(self.left_out_summary()) or "no setting of the space is valid"
+            return PlanError(f"no plan of this search space can run {len(self.types)} layers on {self.world_size} devices: {reasons}",
+                             "change the world size, the batch options or the search space")
+        need, _ = found
+        plan = search(self.cost_model, self.world_size, need, self.space)
+        return PlanError(f"no plan fits {format_bytes(self.budget)} per device; the smallest budget that fits is "
+                         f"{format_bytes(need)} ({need} bytes), with pp={plan.pp} chunks={plan.chunks} "
+                         f"layers {_describe(plan)} vtp={plan.embedding.vtp}",
+                         f"raise the memory budget to at least {need} bytes, add devices, or widen the search space")
+
+
+def _describe(plan: Plan) -> str:
+    runs, out = [], []
+    for strategy in plan.layers:
+        if runs and runs[-1][0] == strategy:
+            runs[-1][1] += 1
+        else:
+            runs.append([strategy, 1])
+    for strategy, count in runs:
+        out.append(f"{count}×[{strategy.short()}]")
+    return " ".join(out)

@@ -1,0 +1,191 @@
+"""Exact Pareto fronts of one pipeline stage's layers: the dynamic programme inside a stage.
+
+A stage's layers are chosen so that the stage's memory ``M`` (model states + in-flight activations,
+bytes, exact integers), its compute-and-communication time per micro-batch ``X`` and its unhidden
+gradient synchronisation ``G`` are Pareto-optimal. All three are kept exactly (no memory rounding): the
+pipeline formula couples stages through ``max X`` and ``max G``, so a single scalar per stage would not
+be exact, and rounding memory would lose plans right at the budget. The front after each layer is kept
+per layout class of the last layer, because the redistribution to the next layer depends on it.
+
+requires: a CostModel following the cost contract; strategies whose layout (tp, sp, consecutive) is
+          equal redistribute alike (the contract's "0.0 when layouts are equal", extended to pairs).
+ensures:  every plan of the stage that could be optimal is represented by a point on the front
+          (dominance in (M, X, G) within a class loses nothing); points beyond the memory limit or the
+          time limit (an incumbent bound) are dropped, which is safe since every term only grows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from galvatron_fx.plan import LayerStrategy
+
+_BLOCK = 256
+
+
+def pareto_indices(M: np.ndarray, X: np.ndarray, G: np.ndarray) -> np.ndarray:
+    """Indices of the points not dominated in (M, X, G), all minimised; of equal points one is kept."""
+    n = len(M)
+    if n <= 1:
+        return np.arange(n)
+    order = np.lexsort((G, X, M))
+    m, x, g = M[order], X[order], G[order]
+    if g[0] == g.max() == g.min():
+        # 2-D: after sorting by M, a point survives iff its X beats every earlier X.
+        keep = np.empty(n, bool)
+        keep[0] = True
+        keep[1:] = x[1:] < np.minimum.accumulate(x)[:-1]
+        return order[keep]
+    kept_x = np.empty(0)
+    kept_g = np.empty(0)
+    keep = np.zeros(n, bool)
+    for start in range(0, n, _BLOCK):
+        bx, bg = x[start:start + _BLOCK], g[start:start + _BLOCK]
+        # dominated by an earlier block's survivor (earlier in (M, X, G) order, so M is no larger)
+        dom = ((kept_x[None, :] <= bx[:, None]) & (kept_g[None, :] <= bg[:, None])).any(axis=1)
+        # dominated inside the block by an earlier point
+        inner = (bx[None, :] <= bx[:, None]) & (bg[None, :] <= bg[:, None])
+        inner &= np.tri(len(bx), k=-1, dtype=bool)
+        dom |= inner.any(axis=1)
+        keep[start:start + _BLOCK] = ~dom
+        kept_x = np.concatenate([kept_x, bx[~dom]])
+        kept_g = np.concatenate([kept_g, bg[~dom]])
+    return order[keep]
+
+
+@dataclass
+class CostTable:
+    """Per-layer costs of every allowed strategy for one (devices per stage, micro-batch)."""
+
+    strategies: list[LayerStrategy]
+    layout: np.ndarray                      # layout class of each strategy
+    layouts: list[tuple]                    # (tp, sp, tp_consecutive) per class
+    allowed: dict[str, np.ndarray]          # per layer type: may the layer run the strategy
+    ms: dict[str, np.ndarray]               # model-state bytes (int64)
+    act: dict[str, np.ndarray]              # activation bytes of one micro-batch (int64)
+    x: dict[str, np.ndarray]                # fwd + bwd seconds
+    g: dict[str, np.ndarray]                # grad sync seconds
+    peak: dict[str, np.ndarray]             # transient bytes (int64)
+    redistribution: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # class × class seconds
+
+
+def subset(table: CostTable, keep: list[int]) -> CostTable:
+    """The same costs for the strategies ``keep`` only (uniform spaces search one strategy at a time)."""
+    pick = np.asarray(keep, dtype=np.int64)
+    classes = sorted(set(table.layout[pick].tolist()))
+    remap = {c: i for i, c in enumerate(classes)}
+    out = CostTable([table.strategies[j] for j in keep], np.array([remap[int(c)] for c in table.layout[pick]], dtype=np.int64),
+                    [table.layouts[c] for c in classes], *({t: v[pick] for t, v in d.items()} for d in
+                                                            (table.allowed, table.ms, table.act, table.x, table.g, table.peak)))
+    out.redistribution = {key: m[np.ix_(classes, classes)] for key, m in table.redistribution.items()}
+    return out
+
+
+def layout_key(strategy: LayerStrategy) -> tuple:
+    return (strategy.tp, strategy.sp, strategy.tp_consecutive)
+
+
+def build_cost_table(cost_model, strategies: list[LayerStrategy], micro_batch: int, left_out: dict) -> CostTable:
+    """Query the cost model once per (layer type, strategy); record why strategies are left out."""
+    layouts = list(dict.fromkeys(layout_key(s) for s in strategies))
+    index = {key: i for i, key in enumerate(layouts)}
+    table = CostTable(strategies, np.array([index[layout_key(s)] for s in strategies], dtype=np.int64), layouts,
+                      {}, {}, {}, {}, {}, {})
+    for layer_type in dict.fromkeys(cost_model.layer_types):
+        n = len(strategies)
+        ok = np.zeros(n, bool)
+        ms, act, peak = (np.zeros(n, np.int64) for _ in range(3))
+        x, g = np.zeros(n), np.zeros(n)
+        for j, strategy in enumerate(strategies):
+            reason = cost_model.unsupported_reason(layer_type, strategy)
+            if reason is not None:
+                left_out.setdefault(f"layer type {layer_type}: {reason}", set()).add(strategy.short())
+                continue
+            cost = cost_model.layer_cost(layer_type, strategy, micro_batch)
+            ok[j] = True
+            ms[j], act[j], peak[j] = cost.model_state_bytes, cost.activation_bytes, cost.peak_extra_bytes
+            x[j], g[j] = cost.fwd_s + cost.bwd_s, cost.grad_sync_s
+        table.allowed[layer_type], table.ms[layer_type], table.act[layer_type] = ok, ms, act
+        table.x[layer_type], table.g[layer_type], table.peak[layer_type] = x, g, peak
+    return table
+
+
+def redistribution_matrix(cost_model, table: CostTable, before_type: str, after_type: str, boundary_index: int,
+                          micro_batch: int) -> np.ndarray:
+    """Seconds to redistribute between every pair of layout classes at one boundary (cached per type pair)."""
+    key = (before_type, after_type)
+    if key not in table.redistribution:
+        reps = [table.strategies[int(np.flatnonzero(table.layout == c)[0])] for c in range(len(table.layouts))]
+        table.redistribution[key] = np.array(
+            [[cost_model.redistribution_s(a, b, boundary_index, micro_batch) for b in reps] for a in reps])
+    return table.redistribution[key]
+
+
+@dataclass
+class Front:
+    """Pareto points after a run of layers, per layout class of the last layer, with back-pointers."""
+
+    prev: "Front | None"
+    M: dict[int, np.ndarray]
+    X: dict[int, np.ndarray]
+    G: dict[int, np.ndarray]
+    parent_class: dict[int, np.ndarray]
+    parent_index: dict[int, np.ndarray]
+    strategy: dict[int, np.ndarray]
+
+    def merged(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """All points: (M, X, G, class, index)."""
+        classes = sorted(self.M)
+        if not classes:
+            empty = np.empty(0)
+            return empty, empty, empty, empty.astype(np.int64), empty.astype(np.int64)
+        cat = np.concatenate
+        return (cat([self.M[c] for c in classes]), cat([self.X[c] for c in classes]), cat([self.G[c] for c in classes]),
+                cat([np.full(len(self.M[c]), c) for c in classes]), cat([np.arange(len(self.M[c])) for c in classes]))
+
+    def backtrack(self, layout_class: int, index: int) -> list[int]:
+        """Strategy indices of the layers, first to last, for one point."""
+        out, front = [], self
+        while front is not None:
+            out.append(int(front.strategy[layout_class][index]))
+            layout_class, index = int(front.parent_class[layout_class][index]), int(front.parent_index[layout_class][index])
+            front = front.prev
+        return out[::-1]
+
+
+def extend(front: Front | None, table: CostTable, layer_type: str, redistribution: np.ndarray | None,
+           in_flight: int, cap_bytes: int, memory_limit: int, time_limit_s: float) -> Front:
+    """The front after one more layer of ``layer_type`` (strategies with peak <= ``cap_bytes`` only)."""
+    usable = table.allowed[layer_type] & (table.peak[layer_type] <= cap_bytes)
+    mem = table.ms[layer_type] + in_flight * table.act[layer_type]
+    x, g = table.x[layer_type], table.g[layer_type]
+    out = Front(front, {}, {}, {}, {}, {}, {})
+    if front is not None:
+        sM, sX, sG, sC, sI = front.merged()
+    for c in range(len(table.layouts)):
+        J = np.flatnonzero(usable & (table.layout == c))
+        if len(J) == 0:
+            continue
+        if front is None:
+            M, X, G = mem[J], x[J].copy(), g[J].copy()
+            pc, pi, st = np.full(len(J), -1), np.full(len(J), -1), J
+        else:
+            if len(sM) == 0:
+                continue
+            shifted = sX + redistribution[sC, c]
+            keep = pareto_indices(sM, shifted, sG)
+            M = (sM[keep][:, None] + mem[J][None, :]).ravel()
+            X = (shifted[keep][:, None] + x[J][None, :]).ravel()
+            G = (sG[keep][:, None] + g[J][None, :]).ravel()
+            pc = np.repeat(sC[keep], len(J))
+            pi = np.repeat(sI[keep], len(J))
+            st = np.tile(J, len(keep))
+        ok = np.flatnonzero((M <= memory_limit) & (X <= time_limit_s))
+        M, X, G, pc, pi, st = M[ok], X[ok], G[ok], pc[ok], pi[ok], st[ok]
+        keep = pareto_indices(M, X, G)
+        if len(keep):
+            out.M[c], out.X[c], out.G[c] = M[keep], X[keep], G[keep]
+            out.parent_class[c], out.parent_index[c], out.strategy[c] = pc[keep], pi[keep], st[keep]
+    return out

@@ -1,0 +1,149 @@
+"""The plan space the search explores: which per-layer strategies, embedding strategies, pipeline degrees,
+batches and micro-batch counts are allowed (Galvatron's named spaces plus per-dimension switches).
+
+requires: nothing but the world size and the number of body layers.
+ensures:  every enumerated ``LayerStrategy`` uses exactly the stage's devices; duplicates that describe
+          the same execution are left out (strided groups only when ``1 < tp < devices``; ZeRO only when
+          ``dp > 1``; sequence parallelism only when ``tp > 1``), so the search and the brute-force
+          enumerator walk the same, duplicate-free space.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from galvatron_fx.errors import ConfigError
+from galvatron_fx.plan import DP_TYPES, PIPELINES, SP_TYPES, EmbeddingStrategy, LayerStrategy
+
+SPACE_NAMES = ("full", "3d", "dp+tp", "dp+pp", "dp", "sdp", "tp", "pp")
+
+
+def _powers_of_two_dividing(n: int, limit: int) -> list[int]:
+    out, d = [], 1
+    while d <= min(n, limit):
+        if n % d == 0:
+            out.append(d)
+        d *= 2
+    return out
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What the search may choose. ``uniform``: one strategy for every layer (Megatron-style 3D).
+
+    ``global_batch`` is ``(min, max, step)``; ``chunks`` ``None`` means every divisor of the global
+    batch, else the allowed micro-batch counts. ``dp_types`` / ``sp_types`` list the allowed values;
+    ``max_*`` cap degrees; ``disable_*`` switch a dimension off.
+    """
+
+    global_batch: tuple[int, int, int] = (8, 8, 1)
+    chunks: tuple[int, ...] | None = None
+    pipelines: tuple[str, ...] = ("1f1b", "gpipe")
+    dp_types: tuple[str, ...] = DP_TYPES
+    sp_types: tuple[str, ...] = SP_TYPES
+    max_tp: int = 1 << 30
+    max_pp: int = 1 << 30
+    max_vtp: int = 1 << 30
+    only_max_tp: bool = False        # Galvatron's "tp" space: just the largest tp allowed
+    only_max_pp: bool = False        # Galvatron's "pp" space: just the largest pp allowed
+    disable_dp: bool = False          # no plain data parallelism: dp > 1 only with ZeRO-3
+    disable_tp: bool = False
+    disable_pp: bool = False
+    disable_tp_consec: bool = False   # no consecutive TP groups (Galvatron's switch)
+    disable_tp_strided: bool = False
+    disable_ckpt: bool = False
+    disable_vtp: bool = False
+    disable_vsp: bool = False
+    disable_embed_sdp: bool = False
+    uniform: bool = False
+    grad_sync_every_micro_batch: bool = False
+
+    def __post_init__(self):
+        lo, hi, step = self.global_batch
+        if not (1 <= lo <= hi and step >= 1):
+            raise ConfigError(f"global batch range {self.global_batch} is empty", "give min <= max and step >= 1")
+        for name, values, allowed in (("pipelines", self.pipelines, PIPELINES), ("dp_types", self.dp_types, DP_TYPES),
+                                      ("sp_types", self.sp_types, SP_TYPES)):
+            bad = [v for v in values if v not in allowed]
+            if bad or not values:
+                raise ConfigError(f"{name} {values} contains {bad or 'nothing'}", f"use a non-empty subset of {allowed}")
+        if self.chunks is not None and (not self.chunks or min(self.chunks) < 1):
+            raise ConfigError(f"chunks {self.chunks} are not positive", "give micro-batch counts >= 1")
+
+    @classmethod
+    def named(cls, name: str, **overrides) -> "SearchSpace":
+        """Galvatron's named spaces (``dp_types`` in ``overrides`` gives the non-ZeRO-3 data-parallel
+        types, ZeRO-3 being Galvatron's "sdp" switch): ``full``; ``3d`` (uniform tp × pp × dp, no ZeRO-3, no ckpt); ``dp+tp``;
+        ``dp+pp`` (no ZeRO-3); ``dp``, ``sdp`` (ZeRO-3), ``tp`` (the largest tp allowed), ``pp`` (the largest
+        pp allowed), the last five uniform without checkpointing. ``overrides`` set any other field."""
+        no_zero3 = tuple(t for t in overrides.pop("dp_types", DP_TYPES) if t != "zero3") or ("ddp",)
+        uniform = dict(uniform=True, dp_types=no_zero3, disable_ckpt=True)
+        presets = {
+            "full": dict(dp_types=no_zero3 + ("zero3",)),
+            "3d": uniform,
+            "dp+tp": dict(disable_pp=True, dp_types=no_zero3),
+            "dp+pp": dict(disable_tp=True, dp_types=no_zero3),
+            "dp": dict(uniform, disable_tp=True, disable_pp=True),
+            "sdp": dict(uniform, disable_tp=True, disable_pp=True, dp_types=("zero3",)),
+            "tp": dict(uniform, disable_pp=True, only_max_tp=True),
+            "pp": dict(uniform, disable_tp=True, only_max_pp=True),
+        }
+        if name not in presets:
+            raise ConfigError(f"search space {name!r} is unknown", f"use one of {SPACE_NAMES}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(overrides) - fields
+        if unknown:
+            raise ConfigError(f"unknown search option(s) {sorted(unknown)}", f"use fields of SearchSpace: {sorted(fields)}")
+        return cls(**{**presets[name], **overrides})
+
+    # -- enumeration ---------------------------------------------------------------------------------
+    def pp_degrees(self, world_size: int, num_layers: int) -> list[int]:
+        """Pipeline degrees: powers of two dividing the world, at most the number of body layers."""
+        if self.disable_pp:
+            return [1]
+        degrees = _powers_of_two_dividing(world_size, min(self.max_pp, num_layers))
+        return degrees[-1:] if self.only_max_pp else degrees
+
+    def tp_degrees(self, devices: int) -> list[int]:
+        if self.disable_tp:
+            return [1]
+        degrees = _powers_of_two_dividing(devices, self.max_tp)
+        return degrees[-1:] if self.only_max_tp else degrees
+
+    def layer_strategies(self, devices: int) -> list[LayerStrategy]:
+        """Every distinct LayerStrategy on ``devices`` devices that this space allows."""
+        out = []
+        for tp in self.tp_degrees(devices):
+            dp = devices // tp
+            consecutive = [True] if tp in (1, devices) else (
+                [c for c, off in ((True, self.disable_tp_consec), (False, self.disable_tp_strided)) if not off])
+            sps = ["none"] if tp == 1 else list(self.sp_types)
+            dps = ["ddp"] if dp == 1 else [t for t in self.dp_types if not (self.disable_dp and t != "zero3")]
+            ckpts = [False] if self.disable_ckpt else [False, True]
+            for sp in sps:
+                for cons in consecutive:
+                    for dp_type in dps:
+                        for ckpt in ckpts:
+                            out.append(LayerStrategy(tp=tp, dp=dp, dp_type=dp_type, sp=sp, tp_consecutive=cons, ckpt=ckpt))
+        return out
+
+    def embedding_strategies(self, devices: int) -> list[EmbeddingStrategy]:
+        """Embedding/head strategies: vocab TP degrees dividing the stage, Ulysses and ZeRO-3 variants."""
+        vtps = [1] if self.disable_vtp else _powers_of_two_dividing(devices, self.max_vtp)
+        out = []
+        for vtp in vtps:
+            for vsp in ([False] if vtp == 1 or self.disable_vsp else [False, True]):
+                for sdp in ([False] if devices // vtp == 1 or self.disable_embed_sdp else [False, True]):
+                    out.append(EmbeddingStrategy(vtp=vtp, vsp=vsp, embed_sdp=sdp))
+        return out
+
+    def global_batches(self) -> list[int]:
+        lo, hi, step = self.global_batch
+        return list(range(lo, hi + 1, step))
+
+    def chunk_counts(self, global_batch: int) -> list[int]:
+        """Micro-batch counts dividing ``global_batch`` (Plan requires it)."""
+        candidates = self.chunks if self.chunks is not None else range(1, global_batch + 1)
+        return sorted({c for c in candidates if global_batch % c == 0})
+

@@ -1,0 +1,162 @@
+"""Stages and the pipeline: exact per-stage (X, G) fronts, the pipeline formula over them, and a
+branch-and-bound over pp_division.
+
+For one setting (pp, devices per stage, micro-batch, chunks, in-flight counts, embedding strategy):
+stage ``s`` over body layers ``[a, b)`` has a front of (X_s, G_s) pairs whose memory fits the budget.
+The iteration time  Σ_s X_s + (c − 1)·max_s X_s + max_s G_s  is minimised exactly over the fronts by
+sweeping γ = max_s G_s over every G on them (each stage then takes its fastest point with G ≤ γ).
+Divisions are explored depth-first, stage by stage, cut by a lower bound from each stage's fastest
+point and the remaining layers' fastest strategies, so no division that could win is skipped.
+
+requires: fronts from search_front; non-negative times and bytes (every term only grows).
+ensures:  ``StageSolver.best_division`` returns the exact minimum over divisions and front points.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .search_front import Front, extend, pareto_indices, redistribution_matrix
+
+_TOL = 1e-12
+
+
+@dataclass(frozen=True)
+class EmbeddingPart:
+    """The embedding/head share of one stage (zeros for middle stages)."""
+
+    x_s: float
+    g_s: float
+    model_state_bytes: int
+    activation_bytes: int
+    peak_bytes: int
+
+
+@dataclass
+class StageFront:
+    X: np.ndarray          # ascending
+    G: np.ndarray          # descending
+    cap: np.ndarray        # index into caps
+    layout_class: np.ndarray
+    index: np.ndarray
+
+
+def pipeline_time(fronts: list[tuple[np.ndarray, np.ndarray]], chunks: int) -> tuple[float, list[int]]:
+    """min over front points of Σ X + (c-1) max X + max G; returns (time, chosen index per stage)."""
+    gammas = np.unique(np.concatenate([G for _, G in fronts]))
+    picks = np.empty((len(fronts), len(gammas)), dtype=np.int64)
+    times = np.empty((len(fronts), len(gammas)))
+    for s, (X, G) in enumerate(fronts):
+        i = np.searchsorted(-G, -gammas, side="left")   # first point with G <= γ (G descends)
+        valid = i < len(G)
+        picks[s] = np.minimum(i, len(G) - 1)
+        times[s] = np.where(valid, X[picks[s]], np.inf)
+    total = times.sum(axis=0) + (chunks - 1) * times.max(axis=0) + gammas
+    best = int(np.argmin(total))
+    return float(total[best]), [int(p) for p in picks[:, best]]
+
+
+class StageSolver:
+    """Everything for one (pp, devices, micro-batch, chunks, in-flight) setting; caches across embeddings."""
+
+    def __init__(self, engine, table, pp: int, micro_batch: int, chunks: int, in_flight: tuple[int, ...]):
+        self.engine, self.table, self.pp, self.mb, self.c, self.k = engine, table, pp, micro_batch, chunks, in_flight
+        self.types = engine.types
+        L = len(self.types)
+        usable = [table.allowed[t] for t in self.types]
+        peaks = np.concatenate([table.peak[t][ok] for t, ok in zip(self.types, usable)])
+        self.caps = np.unique(peaks) if len(peaks) else np.zeros(0, np.int64)
+        xmin = np.array([table.x[t][ok].min() if ok.any() else np.inf for t, ok in zip(self.types, usable)])
+        self.rest_x = np.concatenate([np.cumsum(xmin[::-1])[::-1], [0.0]])   # Σ_{l >= a} fastest x
+        self.p2p = np.zeros((pp, L + 1))
+        for s in range(pp - 1):
+            for b in range(s + 1, L - (pp - 2 - s)):
+                self.p2p[s, b] = engine.cost_model.p2p_s(s, pp, engine.world_size // pp, micro_batch, b - 1)
+        self._stage_cache: dict = {}
+
+    # -- layer and stage fronts --------------------------------------------------------------------------
+    def layer_front(self, a: int, b: int, k: int, cap_index: int) -> Front | None:
+        key = (self.types[a:b], k, cap_index)
+        memo = self.engine.front_memo.setdefault((id(self.table), self.mb), {})
+        if key in memo:
+            return memo[key]
+        prev = self.layer_front(a, b - 1, k, cap_index) if b - a > 1 else None
+        if b - a > 1 and (prev is None or not prev.M):
+            memo[key] = None
+            return None
+        cap = int(self.caps[cap_index])
+        redis = None
+        if prev is not None:
+            pair = (self.types[b - 2], self.types[b - 1])
+            redis = redistribution_matrix(self.engine.cost_model, self.table, *pair, self.engine.pair_index[pair], self.mb)
+        limit_s = self.mb / self.engine.best_throughput * (1 + 1e-9) if self.engine.best_throughput > 0 else np.inf
+        front = extend(prev, self.table, self.types[b - 1], redis, k, cap, self.engine.budget - cap, limit_s)
+        memo[key] = front
+        return front
+
+    def stage_front(self, s: int, a: int, b: int, part: EmbeddingPart) -> StageFront | None:
+        k = self.k[s]
+        key = (self.types[a:b], k, part)
+        if key in self._stage_cache:
+            return self._stage_cache[key]
+        xs, gs, caps, cls, idx = [], [], [], [], []
+        emb_bytes = part.model_state_bytes + k * part.activation_bytes
+        for ci, cap in enumerate(self.caps):
+            front = self.layer_front(a, b, k, ci)
+            if front is None or not front.M:
+                continue
+            M, X, G, C, I = front.merged()
+            ok = np.flatnonzero(M + emb_bytes + max(int(cap), part.peak_bytes) <= self.engine.budget)
+            xs.append(X[ok] + part.x_s), gs.append(G[ok] + part.g_s)
+            caps.append(np.full(len(ok), ci)), cls.append(C[ok]), idx.append(I[ok])
+        result = None
+        if xs and sum(map(len, xs)):
+            X, G = np.concatenate(xs), np.concatenate(gs)
+            if self.engine.space.grad_sync_every_micro_batch:
+                G = G * self.c
+            keep = pareto_indices(X, G, np.zeros(len(X)))
+            result = StageFront(X[keep], G[keep], np.concatenate(caps)[keep], np.concatenate(cls)[keep], np.concatenate(idx)[keep])
+        self._stage_cache[key] = result
+        return result
+
+    # -- divisions ---------------------------------------------------------------------------------------
+    def best_division(self, parts: list[EmbeddingPart], bound_s: float):
+        """Exact min iteration time over divisions and fronts, if below ``bound_s``: (time, division, picks)."""
+        L, pp, c = len(self.types), self.pp, self.c
+        best = [bound_s, None, None]
+        last_x = parts[-1].x_s
+
+        def beats(lower_bound: float) -> bool:   # ties are kept: they may be the optimum itself
+            return lower_bound <= best[0] * (1 + _TOL)
+
+        def visit(s: int, a: int, chosen: list, sum_x: float, max_x: float, max_g: float):
+            if s == pp - 1:
+                front = self.stage_front(s, a, L, parts[s])
+                if front is None:
+                    return
+                fr = [(f.X + self.p2p[t, e], f.G) for t, (f, _, e) in enumerate(chosen)] + [(front.X, front.G)]
+                if not beats(sum_x + front.X[0] + (c - 1) * max(max_x, front.X[0]) + max(max_g, front.G[-1])):
+                    return
+                time_s, picks = pipeline_time(fr, c)
+                if time_s < best[0]:
+                    best[:] = [time_s, [e - b0 for (_, b0, e) in chosen] + [L - a], (chosen + [(front, a, L)], picks)]
+                return
+            options = []
+            for b in range(a + 1, L - (pp - 1 - s) + 1):
+                front = self.stage_front(s, a, b, parts[s])
+                if front is None:
+                    continue
+                x0 = front.X[0] + self.p2p[s, b]
+                rest = self.rest_x[b] + last_x
+                lb = sum_x + x0 + rest + (c - 1) * max(max_x, x0, rest / (pp - 1 - s)) + max(max_g, front.G[-1])
+                if beats(lb):
+                    options.append((lb, b, front, x0))
+            for lb, b, front, x0 in sorted(options, key=lambda o: o[0]):
+                if not beats(lb):
+                    break
+                visit(s + 1, b, chosen + [(front, a, b)], sum_x + x0, max(max_x, x0), max(max_g, front.G[-1]))
+
+        visit(0, 0, [], 0.0, 0.0, 0.0)
+        return best if best[1] is not None else None

@@ -1,0 +1,250 @@
+"""The search is exact on its own cost model: equal to brute force over every plan (toy cost model that
+follows the cost contract, with random but deterministic terms), restricted spaces are honoured, and bad
+inputs give errors that name the way out."""
+
+import functools
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from galvatron_fx.errors import PlanError
+from galvatron_fx.passes.search import search
+from galvatron_fx.passes.search_brute import all_plans, brute_force_search
+from galvatron_fx.passes.search_front import pareto_indices
+from galvatron_fx.passes.search_space import SearchSpace
+from galvatron_fx.plan import Plan, Prediction
+
+
+@dataclass(frozen=True)
+class ToyLayerCost:
+    fwd_s: float
+    bwd_s: float
+    grad_sync_s: float
+    model_state_bytes: int
+    activation_bytes: int
+    peak_extra_bytes: int = 0
+
+
+@functools.lru_cache(maxsize=None)
+def _rand_values(key: str) -> tuple:
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
+    return tuple(rng.random(8))
+
+
+class _Draws:
+    """Deterministic pseudo-random draws per key (cached: brute force asks for the same terms often)."""
+
+    def __init__(self, *key):
+        self.values, self.i = _rand_values(repr(key)), 0
+
+    def random(self) -> float:
+        self.i += 1
+        return self.values[self.i - 1]
+
+    def integers(self, lo, hi=None):
+        lo, hi = (0, lo) if hi is None else (lo, hi)
+        return lo + int(self.random() * (hi - lo))
+
+
+def _rand(*key) -> _Draws:
+    return _Draws(*key)
+
+
+class ToyCostModel:
+    """The cost contract with random terms: nothing in the search may rely on more than the contract."""
+
+    def __init__(self, layer_types, seed=0, heads=None, peak_values=(0, 0, 3_000, 7_000)):
+        self.layer_types = list(layer_types)
+        self.seed, self.heads, self.peak_values = seed, heads or {}, peak_values
+
+    @functools.lru_cache(maxsize=None)
+    def layer_cost(self, layer_type, s, mb):
+        r = _rand(self.seed, layer_type, s, mb)
+        work = mb * (1.0 + r.random()) / s.tp
+        ckpt = 1.3 if s.ckpt else 1.0
+        state = int(r.integers(20_000, 60_000) * (1 / s.dp if s.dp_type == "zero3" else 1) / s.tp)
+        act = int(mb * r.integers(1_000, 8_000) * (0.3 if s.ckpt else 1.0) / s.tp)
+        sync = 0.0 if s.dp == 1 else float(r.random()) * (0.5 if s.dp_type == "ddp" else 1.0)
+        peak = int(self.peak_values[int(r.integers(len(self.peak_values)))]) if (s.ckpt or s.dp_type == "zero3") else 0
+        return ToyLayerCost(work, work * ckpt * 2, sync, state, act, peak)
+
+    def embedding_cost(self, e, devices, mb, *, first_stage, last_stage):
+        if not (first_stage or last_stage):
+            return ToyLayerCost(0.0, 0.0, 0.0, 0, 0, 0)
+        r = _rand(self.seed, "emb", e, devices, mb, first_stage, last_stage)
+        return ToyLayerCost(float(r.random()) * mb / e.vtp, float(r.random()) * mb / e.vtp, float(r.random()) * 0.3,
+                            int(r.integers(5_000, 30_000) / e.vtp / (devices // e.vtp if e.embed_sdp else 1)),
+                            int(mb * r.integers(100, 900) / (e.vtp if e.vsp else 1)), 2_000 if e.embed_sdp else 0)
+
+    def redistribution_s(self, before, after, boundary_index, mb):
+        a, b = (before.tp, before.sp, before.tp_consecutive), (after.tp, after.sp, after.tp_consecutive)
+        if a == b:
+            return 0.0
+        i, j = boundary_index, boundary_index - 1
+        return float(_rand(self.seed, "redis", a, b, self.layer_types[j], self.layer_types[i], mb).random()) * 0.4 * mb
+
+    def p2p_s(self, stage, plan_pp, devices_per_stage, mb, cut_after_body_index):
+        return 0.05 * mb * (1 + (cut_after_body_index % 3)) / devices_per_stage
+
+    def in_flight_micro_batches(self, pipeline, pp, stage, chunks):
+        return chunks if pipeline == "gpipe" else min(chunks, pp - stage)
+
+    def unsupported_reason(self, layer_type, s):
+        heads = self.heads.get(layer_type)
+        if heads and s.tp > 1 and heads % s.tp:
+            return f"tp {s.tp} does not divide {heads} heads"
+        return None
+
+    def evaluate(self, plan: Plan) -> Prediction:
+        mb, c, pp = plan.micro_batch, plan.chunks, plan.pp
+        xs, gs, mems = [], [], []
+        for s in range(pp):
+            idx = list(plan.stage_layers(s))
+            costs = [self.layer_cost(self.layer_types[i], plan.layers[i], mb) for i in idx]
+            emb = self.embedding_cost(plan.embedding, plan.devices_per_stage, mb, first_stage=s == 0, last_stage=s == pp - 1)
+            k = self.in_flight_micro_batches(plan.pipeline, pp, s, c)
+            x = sum(q.fwd_s + q.bwd_s for q in costs) + emb.fwd_s + emb.bwd_s
+            x += sum(self.redistribution_s(plan.layers[i - 1], plan.layers[i], i, mb) for i in idx[1:])
+            if s < pp - 1:
+                x += self.p2p_s(s, pp, plan.devices_per_stage, mb, idx[-1])
+            g = (sum(q.grad_sync_s for q in costs) + emb.grad_sync_s) * (c if plan.grad_sync_every_micro_batch else 1)
+            mem = sum(q.model_state_bytes + k * q.activation_bytes for q in costs + [emb])
+            mem += max(q.peak_extra_bytes for q in costs + [emb])
+            xs.append(x), gs.append(g), mems.append(mem)
+        t = sum(xs) + (c - 1) * max(xs) + max(gs)
+        return Prediction(t, plan.global_batch / t, tuple(mems))
+
+
+def _budget_between(model, world, space, quantile):
+    """A budget at a quantile of all plans' peak stage memory (so that some, not all, plans fit)."""
+    mems = sorted(max(model.evaluate(p).memory_bytes_per_stage) for p in all_plans(model, world, space))
+    return mems[int(quantile * (len(mems) - 1))]
+
+
+def _space(**fields) -> SearchSpace:
+    base = dict(global_batch=(4, 4, 1), sp_types=("none",), dp_types=("ddp", "zero3"), disable_tp_strided=True, disable_vsp=True)
+    return SearchSpace(**{**base, **fields})
+
+
+# each case stays below ~30k plans so that brute force takes seconds
+@pytest.mark.parametrize("types,world,seed,quantile,space", [
+    (["a", "a", "a"], 4, 0, 0.3, _space(chunks=(1, 2))),
+    (["a", "b", "a"], 4, 1, 0.5, _space(global_batch=(2, 4, 2), chunks=(1, 2), dp_types=("zero2",), sp_types=("megatron",))),
+    (["a", "a", "b", "b", "a"], 2, 2, 0.2, _space(dp_types=("zero3",), disable_embed_sdp=True, chunks=(2, 4))),
+    (["a", "b", "c", "a", "b", "c"], 2, 3, 0.6, _space(global_batch=(2, 2, 1), sp_types=("ulysses",), dp_types=("ddp",), disable_embed_sdp=True)),
+    (["a", "a"], 8, 4, 0.4, _space(global_batch=(8, 8, 1), chunks=(2,), sp_types=("none", "megatron"), disable_tp_strided=False)),
+    (["a", "b", "a", "b"], 4, 5, 0.5, _space(global_batch=(4, 4, 1), chunks=(2,), pipelines=("1f1b",), disable_vtp=True)),
+])
+def test_search_equals_brute_force(types, world, seed, quantile, space):
+    model = ToyCostModel(types, seed=seed, heads={"b": 2})
+    budget = _budget_between(model, world, space, quantile)
+    expected, reference = brute_force_search(model, world, budget, space)
+    plan = search(model, world, budget, space)
+    assert expected > 0
+    assert plan.prediction.samples_per_s == pytest.approx(expected, rel=1e-9), (plan, reference)
+    assert max(plan.prediction.memory_bytes_per_stage) <= budget
+    assert plan.prediction == model.evaluate(plan)
+
+
+def test_budget_exactly_at_a_plans_memory_is_feasible():
+    model = ToyCostModel(["a", "a", "a"], seed=7)
+    space = SearchSpace(global_batch=(4, 4, 1), sp_types=("none",))
+    budget = _budget_between(model, 4, space, 0.0)   # only the least-memory plans fit, with no slack
+    expected, _ = brute_force_search(model, 4, budget, space)
+    assert expected > 0
+    assert search(model, 4, budget, space).prediction.samples_per_s == pytest.approx(expected, rel=1e-9)
+
+
+def test_grad_sync_every_micro_batch_and_gpipe_only():
+    model = ToyCostModel(["a", "b", "a"], seed=5)
+    space = SearchSpace(global_batch=(8, 8, 1), pipelines=("gpipe",), grad_sync_every_micro_batch=True, sp_types=("none",))
+    budget = _budget_between(model, 4, space, 0.5)
+    expected, _ = brute_force_search(model, 4, budget, space)
+    plan = search(model, 4, budget, space)
+    assert plan.pipeline == "gpipe" and plan.grad_sync_every_micro_batch
+    assert plan.prediction.samples_per_s == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["3d", "dp+tp", "dp+pp", "dp", "sdp", "tp", "pp"])
+def test_restricted_spaces_are_honoured_and_exact(name):
+    model = ToyCostModel(["a", "b", "a"], seed=11)
+    space = SearchSpace.named(name, global_batch=(8, 8, 1), chunks=(1, 2), sp_types=("megatron",),
+                              dp_types=("ddp", "zero3"), disable_tp_strided=True, disable_vsp=True)
+    budget = _budget_between(model, 8, space, 0.7)
+    expected, _ = brute_force_search(model, 8, budget, space)
+    plan = search(model, 8, budget, space)
+    assert plan.prediction.samples_per_s == pytest.approx(expected, rel=1e-9)
+    strategies = set(plan.layers)
+    if space.uniform:
+        assert len(strategies) == 1
+    if name in ("dp+tp", "dp", "sdp", "tp"):
+        assert plan.pp == 1
+    if name in ("dp+pp", "dp", "sdp", "pp"):
+        assert all(s.tp == 1 for s in strategies)
+    if name == "pp":
+        assert plan.pp == 2   # the largest pp that 3 layers allow on 8 devices
+    if name == "tp":
+        assert all(s.tp == 8 for s in strategies)
+    if name == "sdp":
+        assert all(s.dp_type == "zero3" for s in strategies)
+    if name != "sdp":
+        assert all(s.dp_type != "zero3" for s in strategies)
+    if name in ("3d", "dp", "sdp", "tp", "pp"):
+        assert not any(s.ckpt for s in strategies)
+
+
+def test_switches_and_maximum_degrees():
+    model = ToyCostModel(["a"] * 4, seed=2)
+    space = SearchSpace(global_batch=(8, 8, 1), chunks=(2,), max_tp=2, max_pp=2, disable_ckpt=True, disable_vtp=True,
+                        pipelines=("1f1b",), dp_types=("zero2",), sp_types=("megatron",), disable_tp_strided=True)
+    plan = search(model, 8, 10**12, space)
+    assert plan.chunks == 2 and plan.pp <= 2 and plan.pipeline == "1f1b" and plan.embedding.vtp == 1
+    for s in plan.layers:
+        assert s.tp <= 2 and not s.ckpt and s.tp_consecutive and (s.dp == 1 or s.dp_type == "zero2")
+        assert s.sp == ("megatron" if s.tp > 1 else "none")
+
+
+def test_heads_not_divisible_leave_strategies_out_with_reason():
+    model = ToyCostModel(["a", "a"], seed=3, heads={"a": 6})
+    plan = search(model, 8, 10**12, SearchSpace(global_batch=(8, 8, 1)))
+    assert all(s.tp in (1, 2) for s in plan.layers)
+    assert any("tp 4 does not divide 6 heads" in reason for reason in plan.provenance["left_out"])
+
+
+def test_infeasible_budget_names_smallest_budget_and_plan():
+    model = ToyCostModel(["a", "b", "a"], seed=9)
+    space = SearchSpace(global_batch=(4, 4, 1), sp_types=("none",))
+    least = _budget_between(model, 4, space, 0.0)
+    with pytest.raises(PlanError) as error:
+        search(model, 4, least - 1, space)
+    assert f"({least} bytes)" in str(error.value) and "pp=" in str(error.value)
+    assert search(model, 4, least, space).prediction is not None
+
+
+def test_world_size_no_plan_can_use():
+    model = ToyCostModel(["a", "a"], seed=1)
+    with pytest.raises(PlanError, match="not divisible by any dp"):
+        search(model, 3, 10**12, SearchSpace(global_batch=(4, 4, 1)))
+
+
+def test_pareto_indices_matches_definition():
+    rng = np.random.default_rng(0)
+    for n in (1, 5, 300, 700):
+        pts = rng.integers(0, 12, size=(n, 3)).astype(float)
+        keep = set(pareto_indices(pts[:, 0], pts[:, 1], pts[:, 2]).tolist())
+        for i in range(n):
+            dominated = any((pts[j] <= pts[i]).all() and (pts[j] < pts[i]).any() for j in range(n))
+            assert (i in keep) != dominated or (not dominated and any((pts[j] == pts[i]).all() for j in keep))
+        assert len({tuple(pts[i]) for i in keep}) == len(keep)   # one of equal points
+
+
+def test_plan_json_round_trip(tmp_path):
+    model = ToyCostModel(["a", "b", "a", "b"], seed=4)
+    plan = search(model, 8, 10**12, SearchSpace(global_batch=(8, 16, 8)), provenance={"model": "toy", "cluster": "1x8"})
+    plan.save(tmp_path / "plan.json")
+    again = Plan.load(tmp_path / "plan.json")
+    assert again == plan and again.prediction == plan.prediction
+    assert again.provenance["model"] == "toy" and again.provenance["search_time_s"] >= 0
+    assert model.evaluate(again) == plan.prediction
