@@ -343,6 +343,21 @@ def retarget_device(stage: StageModule, context: LoweringContext) -> StageModule
     return stage
 
 
+def drop_metadata_asserts(stage: StageModule, context: LoweringContext) -> StageModule:
+    """Requires: nothing. Ensures: no ``aten._assert_tensor_metadata`` checks remain. Export records the
+    dtype and device every cast saw while capturing; under autocast (bf16) or on another device these
+    checks fail although the computation is right."""
+    target = torch.ops.aten._assert_tensor_metadata.default
+    for layer in stage.stage_layers:
+        for module in unwrap(stage.layers[layer.name]).modules():
+            if isinstance(module, fx.GraphModule):
+                for node in list(module.graph.find_nodes(op="call_function", target=target)):
+                    if not node.users:
+                        module.graph.erase_node(node)
+                module.recompile()
+    return stage
+
+
 def apply_checkpointing(stage: StageModule, context: LoweringContext) -> StageModule:
     """Requires: nothing. Ensures: every layer whose strategy has ``ckpt`` is wrapped in a CheckpointedLayer."""
     for layer in stage.stage_layers:
@@ -351,7 +366,7 @@ def apply_checkpointing(stage: StageModule, context: LoweringContext) -> StageMo
     return stage
 
 
-DEFAULT_PASSES: tuple[LoweringPass, ...] = (check_shapes, retarget_device, apply_checkpointing)
+DEFAULT_PASSES: tuple[LoweringPass, ...] = (check_shapes, drop_metadata_asserts, retarget_device, apply_checkpointing)
 
 
 def lower(program: Program, plan: Plan, rank: int, device: torch.device | str = "cpu",

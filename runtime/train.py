@@ -37,6 +37,14 @@ class DistributedFailure(RuntimeError):
     """A collective or transfer failed during a step, most often because another rank died."""
 
 
+def _is_communication_error(error: BaseException) -> bool:
+    """Errors of collectives and transfers (a peer closed its connection, a timeout), not of the model."""
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error)
+    return any(marker in text for marker in ("gloo", "Gloo", "NCCL", "Connection", "connection", "timed out", "Timeout", "peer"))
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """``lr`` for the default Adam optimizer; ``seed`` makes dropout depend on (seed, step, data-parallel
@@ -114,6 +122,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss = self._global_loss(losses)
         except RuntimeError as error:
+            if not _is_communication_error(error):
+                raise
             layout = self.stage.layout
             raise DistributedFailure(f"rank {layout.rank} (stage {layout.stage}) failed in step {self.steps_done}: "
                                      f"{type(error).__name__}: {str(error).strip()[:500]}. If another rank died, its report "

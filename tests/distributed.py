@@ -220,3 +220,13 @@ def dying_rank_worker(rank: int, world_size: int, recipe_name: str, die_in_step:
 
         trainer.executor._forward = forward_then_die
     return [trainer.step(batch) for batch in batches]
+
+
+def bf16_worker(rank: int, world_size: int, recipe_name: str) -> dict:
+    """Train GPT-2 under ``recipe_name`` with bf16 autocast; returns losses and parameter dtypes."""
+    from galvatron_fx.runtime import TrainConfig, Trainer
+
+    program, batches = _program("gpt2", 2)
+    trainer = Trainer(program, RECIPES[recipe_name].plan(len(program.body)), config=TrainConfig(lr=LR, mixed_precision="bf16"))
+    losses = [trainer.step(batch) for batch in batches]
+    return {"losses": losses, "dtypes": sorted({str(p.dtype) for p in trainer.stage.parameters()})}
