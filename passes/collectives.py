@@ -78,6 +78,22 @@ class _Copy(torch.autograd.Function):
         return all_reduce_sum(grad, ctx.ranks), None
 
 
+class _CopySlotted(torch.autograd.Function):
+    """Gradients summed only among ranks with the same ``slot``: each rank contributes to its slot of a
+    ``slots``-long buffer, one all-reduce over all ``ranks`` sums every slot (no sub-group needed)."""
+
+    @staticmethod
+    def forward(ctx, x, ranks, slot, slots):
+        ctx.ranks, ctx.slot, ctx.slots = ranks, slot, slots
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        buffer = grad.new_zeros((ctx.slots, *grad.shape))
+        buffer[ctx.slot] = grad
+        return all_reduce_sum(buffer, ctx.ranks)[ctx.slot], None, None, None
+
+
 class _Reduce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ranks):
@@ -164,9 +180,12 @@ class _GatherSumBackward(torch.autograd.Function):
 
 
 # -- graph-visible functions ------------------------------------------------------------------------------
-def tp_copy(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
-    """Identity forward, gradient summed over ``ranks`` backward (enters a tensor-parallel region)."""
-    return _Copy.apply(x, ranks) if len(ranks) > 1 else x
+def tp_copy(x: torch.Tensor, ranks: Ranks, slot: int = 0, slots: int = 1) -> torch.Tensor:
+    """Identity forward, gradient summed over ``ranks`` backward (enters a tensor-parallel region). With
+    ``slots > 1`` the sum runs only over the ranks with the same ``slot`` (a shard several ranks hold)."""
+    if len(ranks) == 1:
+        return x
+    return _Copy.apply(x, ranks) if slots == 1 else _CopySlotted.apply(x, ranks, slot, slots)
 
 
 def tp_reduce(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:

@@ -66,6 +66,9 @@ def rescale_batches(stage: StageModule, context: LoweringContext) -> StageModule
     if all(layer.strategy.dp == plan.devices_per_stage for layer in stage.stage_layers):
         return stage
     _check_capture(context)
+    if context.program.batch_size == 1:  # a batch dim of size 1 cannot be told apart in the views
+        raise PlanError("the Program was captured with batch 1, but layers with tp > 1 run larger batches",
+                        "use a global batch with at least 2 samples per device and micro-batch")
     batched = _batched_names(context)
     for layer in stage.stage_layers:
         ratio = Fraction(plan.devices_per_stage, layer.strategy.dp)

@@ -145,11 +145,15 @@ def _shard_param(gm, node: fx.Node, dim: int, leaves, analysis, picks, indices, 
     return record
 
 
-def _subgroup(cfg: TPConfig, picks, indices, leaves, digits) -> tuple[int, ...]:
-    """The tp ranks that hold the same shard as this one (agree on every picked class in ``leaves``)."""
-    classes = {digits.find(leaf) for leaf in leaves} & set(picks)
-    return tuple(cfg.ranks[r] for r in range(cfg.tp)
-                 if all(_rank_indices(picks, r)[c] == indices[c] for c in classes))
+def _slot(picks, indices, leaves, digits) -> tuple[int, int]:
+    """Which shard of a partly replicated parameter this rank holds, and how many distinct shards exist:
+    ranks with the same slot hold the same shard (they agree on every picked class in ``leaves``)."""
+    classes = {digits.find(leaf) for leaf in leaves}
+    slot, slots = 0, 1
+    for cls, ways in picks.items():
+        if cls in classes:
+            slot, slots = slot * ways + indices[cls], slots * ways
+    return slot, slots
 
 
 def _rewrite(gm: fx.GraphModule, analysis: Analysis, chosen: dict[frozenset, dict], cfg: TPConfig, result: TPResult) -> None:
@@ -174,10 +178,10 @@ def _rewrite(gm: fx.GraphModule, analysis: Analysis, chosen: dict[frozenset, dic
             _shard_param(gm, info.bias, 0, leaves, analysis, picks, indices, cfg.tp, result, records)
             params.append(info.bias)
         if record.replicas > 1:  # e.g. kv heads shared by several tp ranks: their gradients are partial
-            group = _subgroup(cfg, choice_of[root], indices, leaves, digits)
+            slot, slots = _slot(choice_of[root], indices, leaves, digits)
             for param in params:
                 with graph.inserting_before(root):
-                    copy = graph.call_function(tp_copy, (param, group))
+                    copy = graph.call_function(tp_copy, (param, ranks, slot, slots))
                 root.replace_input_with(param, copy)
     sharded_nodes = {info.weight for root, info in analysis.roots.items() if root in live}
     sharded_nodes |= {info.bias for root, info in analysis.roots.items() if root in live and info.bias is not None}

@@ -20,7 +20,7 @@ RECIPES = {
     "tp2": (2, 1, 1, ((2, "ddp", True),)),
     "tp4": (4, 1, 1, ((4, "ddp", True),)),
     "tp2_strided": (4, 1, 1, ((2, "ddp", False),)),
-    "tp2_dp2": (4, 1, 2, ((2, "ddp", True),)),
+    "tp2_dp2": (4, 1, 1, ((2, "ddp", True),)),
     "tp2_zero3": (4, 1, 1, ((2, "zero3", True),)),
     "pp2_tp2": (4, 2, 2, ((2, "ddp", True),)),
     "hetero_tp": (4, 1, 1, ((1, "ddp", True), (2, "zero3", True), (4, "ddp", True), (2, "ddp", False))),

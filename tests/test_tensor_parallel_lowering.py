@@ -1,0 +1,109 @@
+"""Lowering at scale in one process: a 64-rank plan (pp 4 × tp 4 × dp 4, layers of different tp) of a
+24-layer LLaMA (grouped-query attention), under the fake process group. Every rank's stage is built and its
+parameter shards, rewritten view sizes and collectives are checked against what the plan implies."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import galvatron_fx
+from galvatron_fx.passes.collectives import tp_copy, tp_reduce
+from galvatron_fx.passes.lower_stage import lower, unwrap
+from galvatron_fx.passes.redistribute import redistribute, tp_group
+from galvatron_fx.passes.tensor_parallel import META_KEY
+from galvatron_fx.plan import LayerStrategy, Plan
+
+WORLD, PP, LAYERS, GLOBAL_BATCH, SEQ = 64, 4, 24, 32, 8
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN = 64, 4, 2, 16, 128
+PATTERN = (4, 2, 4, 1, 4, 2)  # tp per layer; dp = 16 / tp
+
+
+@pytest.fixture(scope="module")
+def program():
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                      num_key_value_heads=KV_HEADS, intermediate_size=FFN, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config)
+    capture_batch = GLOBAL_BATCH // (WORLD // PP)
+    ids = torch.randint(0, 128, (capture_batch, SEQ))
+    return galvatron_fx.capture(model, example_kwargs={"input_ids": ids, "labels": ids, "use_cache": False})
+
+
+@pytest.fixture(scope="module")
+def fake_world():
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=WORLD)
+    yield
+    dist.destroy_process_group()
+
+
+def _plan() -> Plan:
+    layers = tuple(LayerStrategy(tp=tp, dp=16 // tp, tp_consecutive=(i % 4 != 1)) for i, tp in
+                   ((i, PATTERN[i % len(PATTERN)]) for i in range(LAYERS)))
+    return Plan(world_size=WORLD, layers=layers, pp=PP, global_batch=GLOBAL_BATCH)
+
+
+def _calls(module, fn):
+    return [n for n in module.graph.nodes if n.op == "call_function" and n.target is fn]
+
+
+@pytest.mark.full
+def test_64_rank_plan_lowers_with_checked_shards_views_and_collectives(program, fake_world):
+    plan = _plan()
+    warnings.simplefilter("ignore")
+    for rank in range(WORLD):
+        stage = lower(program, plan, rank)
+        stage_ranks = tuple(range(stage.layout.stage * 16, stage.layout.stage * 16 + 16))
+        previous = None
+        for layer in stage.stage_layers:
+            module = unwrap(stage.layers[layer.name])
+            strategy = layer.strategy
+            if layer.kind != "block":
+                assert META_KEY not in module.meta or not module.meta[META_KEY]
+                previous = strategy
+                continue
+            tp, local_batch = strategy.tp, GLOBAL_BATCH // strategy.dp
+            prefix = f"model.layers.{program.layers[layer.index].module_path.split('.')[-1]}."
+            params = dict(module.named_parameters())
+            # parameter shards: heads, kv heads (shared by pairs when tp > kv heads), MLP columns
+            expected = {"self_attn.q_proj.weight": (HIDDEN // tp, HIDDEN), "self_attn.k_proj.weight": (max(KV_HEADS // tp, 1) * HEAD_DIM, HIDDEN),
+                        "self_attn.o_proj.weight": (HIDDEN, HIDDEN // tp), "mlp.gate_proj.weight": (FFN // tp, HIDDEN),
+                        "mlp.down_proj.weight": (HIDDEN, FFN // tp), "input_layernorm.weight": (HIDDEN,)}
+            for name, shape in expected.items():
+                assert tuple(params[prefix + name].shape) == shape, (rank, layer.name, name, params[prefix + name].shape)
+            group = tp_group(plan, strategy, rank)
+            assert rank in group and len(group) == tp
+            if tp > 1:
+                q = module.meta[META_KEY][prefix + "self_attn.q_proj.weight"]
+                assert q.full_shape == (HIDDEN, HIDDEN) and q.ranks == group
+                assert q.picks[0] == (group.index(rank) * HEADS // tp, HEADS // tp)  # this rank's heads
+                assert q.replicas == 1 and module.meta[META_KEY][prefix + "self_attn.k_proj.weight"].replicas == max(tp // KV_HEADS, 1)
+                # collectives: one all-reduce after each row-parallel projection, copies on the tp group
+                assert [n.args[1] for n in _calls(module, tp_reduce)] == [group, group]
+                assert all(n.args[1] == group for n in _calls(module, tp_copy))
+            else:
+                assert not _calls(module, tp_reduce) and not module.meta.get(META_KEY)
+            # views of the attention: this layer's local batch and local heads
+            head_views = [n.args[1] for n in module.graph.nodes
+                          if n.target is torch.ops.aten.view.default and len(n.args[1]) == 4 and n.args[1][-1] == HEAD_DIM]
+            assert head_views and all(v[0] == local_batch and v[1] == SEQ for v in head_views), (rank, layer.name, head_views)
+            expands = [n.args[1] for n in module.graph.nodes if n.target is torch.ops.aten.expand.default and len(n.args[1]) == 5]
+            assert expands == [[local_batch, max(KV_HEADS // tp, 1), HEADS // KV_HEADS // max(tp // KV_HEADS, 1), SEQ, HEAD_DIM]] * 2
+            # redistribution on entry exactly when the producer's layout differs, over the stage's ranks
+            moves = _calls(module, redistribute)
+            if previous is not None and (previous.dp, previous.tp_consecutive if previous.tp > 1 else True) != \
+                    (strategy.dp, strategy.tp_consecutive if strategy.tp > 1 else True):
+                assert moves and all(n.args[3] == stage_ranks for n in moves)
+            if previous is not None and previous == strategy:
+                assert not [n for n in moves if n.args[0].name == layer.input_names[0]]
+            previous = strategy
+        sizes = {spec.name: spec.shape[0] for spec in stage.send_specs}
+        if sizes:  # what crosses a cut is the last layer's block
+            assert set(sizes.values()) <= {GLOBAL_BATCH // s.dp for s in plan.layers} | {GLOBAL_BATCH // 16}
