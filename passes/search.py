@@ -63,9 +63,7 @@ class SearchEngine:
     def __init__(self, cost_model, world_size: int, budget: int, space: SearchSpace, progress: Progress | None):
         self.cost_model, self.world_size, self.budget, self.space, self.progress = cost_model, world_size, budget, space, progress
         self.types = tuple(cost_model.layer_types)
-        self.pair_index: dict[tuple[str, str], int] = {}
-        for i in range(1, len(self.types)):
-            self.pair_index.setdefault((self.types[i - 1], self.types[i]), i)
+        self.boundary_group, self.group_index = self._boundary_groups()
         self.best_throughput = 0.0
         self.best: Plan | None = None
         self.front_memo: dict = {}
@@ -74,6 +72,22 @@ class SearchEngine:
         self.uniform_tables: dict = {}
         self.left_out: dict[str, set] = {}
         self.visited = 0
+
+    def _boundary_groups(self) -> tuple[tuple, dict]:
+        """Boundaries whose redistribution costs agree share a group: between the same layer types, and
+        equal on a probe (a cut whose activations differ in size gets a group of its own). Runs of layers
+        with equal types and groups share their fronts."""
+        group, first = [None], {}
+        probe = None
+        if self.world_size % 2 == 0:
+            from galvatron_fx.plan import LayerStrategy
+            probe = (LayerStrategy(tp=1, dp=self.world_size), LayerStrategy(tp=2, dp=self.world_size // 2, sp="megatron"))
+        for i in range(1, len(self.types)):
+            value = self.cost_model.redistribution_s(*probe, i, 1) if probe else 0.0
+            key = (self.types[i - 1], self.types[i], value)
+            first.setdefault(key, i)
+            group.append(key)
+        return tuple(group), first
 
     # -- settings ----------------------------------------------------------------------------------------
     def settings(self) -> list[tuple]:
@@ -84,9 +98,9 @@ class SearchEngine:
         if not pps:
             self.left_out.setdefault(f"no pipeline degree fits world size {self.world_size} and {L} layers "
                                      f"(max_pp {self.space.max_pp})", set())
-        for pp in pps:
+        for pp, mode in ((p, m) for p in pps for m in self.space.default_dp_types()):
             devices = self.world_size // pp
-            strategies = self.space.layer_strategies(devices)
+            strategies = self.space.layer_strategies(devices, mode)
             for gb in self.space.global_batches():
                 for c in self.space.chunk_counts(gb):
                     mb = gb // c
@@ -97,16 +111,16 @@ class SearchEngine:
                         continue
                     for pipeline in self.space.pipelines:
                         k = tuple(self.cost_model.in_flight_micro_batches(pipeline, pp, s, c) for s in range(pp))
-                        if (pp, gb, c, k) in seen:
+                        if (pp, gb, c, k, mode) in seen:
                             continue   # both schedules keep the same micro-batches: one search covers both
-                        seen.add((pp, gb, c, k))
-                        table = self.table(devices, mb, usable)
-                        out.append((gb / self.time_lower_bound(table, pp, c, mb), pp, gb, c, pipeline, k))
+                        seen.add((pp, gb, c, k, mode))
+                        table = self.table(devices, mb, mode, usable)
+                        out.append((gb / self.time_lower_bound(table, pp, c, mb), pp, gb, c, pipeline, k, mode))
         out.sort(key=lambda item: -item[0])
         return out
 
-    def table(self, devices: int, mb: int, strategies):
-        key = (devices, mb)
+    def table(self, devices: int, mb: int, mode: str, strategies):
+        key = (devices, mb, mode)
         if key not in self.tables:
             self.tables[key] = build_cost_table(self.cost_model, strategies, mb, self.left_out)
         return self.tables[key]
@@ -121,12 +135,13 @@ class SearchEngine:
             total += table.x[t][ok].min()
         return total * (1 + (c - 1) / pp) + 1e-30
 
-    def parts(self, devices: int, mb: int, pp: int, embedding) -> list[EmbeddingPart]:
+    def parts(self, devices: int, mb: int, pp: int, embedding, mode: str) -> list[EmbeddingPart]:
         out = []
         for s in range(pp):
-            key = (devices, mb, embedding, s == 0, s == pp - 1)
+            key = (devices, mb, embedding, s == 0, s == pp - 1, mode)
             if key not in self.embedding_parts:
-                cost = self.cost_model.embedding_cost(embedding, devices, mb, first_stage=s == 0, last_stage=s == pp - 1)
+                cost = self.cost_model.embedding_cost(embedding, devices, mb, first_stage=s == 0, last_stage=s == pp - 1,
+                                                      dp_type=mode)
                 self.embedding_parts[key] = EmbeddingPart(cost.fwd_s + cost.bwd_s, cost.grad_sync_s, cost.model_state_bytes,
                                                           cost.activation_bytes, cost.peak_extra_bytes)
             out.append(self.embedding_parts[key])
@@ -135,38 +150,38 @@ class SearchEngine:
     # -- the search --------------------------------------------------------------------------------------
     def run(self) -> Plan | None:
         settings = self.settings()
-        for done, (upper, pp, gb, c, pipeline, k) in enumerate(settings):
+        for done, (upper, pp, gb, c, pipeline, k, mode) in enumerate(settings):
             if upper <= self.best_throughput * (1 + 1e-12):
                 break   # sorted by upper bound: nothing later can win
             self.visited += 1
-            self.solve_setting(pp, gb, c, pipeline, k)
+            self.solve_setting(pp, gb, c, pipeline, k, mode)
             if self.progress:
                 self.progress(done + 1, len(settings), self.best_throughput)
         if self.progress:
             self.progress(len(settings), len(settings), self.best_throughput)
         return self.best
 
-    def solve_setting(self, pp: int, gb: int, c: int, pipeline: str, k: tuple[int, ...]) -> None:
+    def solve_setting(self, pp: int, gb: int, c: int, pipeline: str, k: tuple[int, ...], mode: str) -> None:
         devices, mb = self.world_size // pp, gb // c
-        full = self.tables[(devices, mb)]
+        full = self.tables[(devices, mb, mode)]
         if not self.space.uniform:
-            self.solve_table(full, pp, gb, c, pipeline, k)
+            self.solve_table(full, pp, gb, c, pipeline, k, mode)
             return
         for j in range(len(full.strategies)):   # one strategy for every layer: a table of one
             if all(full.allowed[t][j] for t in self.types):
-                key = (devices, mb, j)
+                key = (devices, mb, mode, j)
                 if key not in self.uniform_tables:
                     self.uniform_tables[key] = subset(full, [j])
-                self.solve_table(self.uniform_tables[key], pp, gb, c, pipeline, k)
+                self.solve_table(self.uniform_tables[key], pp, gb, c, pipeline, k, mode)
 
-    def solve_table(self, table, pp: int, gb: int, c: int, pipeline: str, k: tuple[int, ...]) -> None:
+    def solve_table(self, table, pp: int, gb: int, c: int, pipeline: str, k: tuple[int, ...], mode: str) -> None:
         devices, mb = self.world_size // pp, gb // c
         solver = StageSolver(self, table, pp, mb, c, k)
         embeddings = self.space.embedding_strategies(devices)
-        ranked = sorted(embeddings, key=lambda e: sum(p.x_s for p in self.parts(devices, mb, pp, e)))
+        ranked = sorted(embeddings, key=lambda e: sum(p.x_s for p in self.parts(devices, mb, pp, e, mode)))
         for embedding in ranked:
             bound_s = gb / self.best_throughput if self.best_throughput > 0 else np.inf
-            found = solver.best_division(self.parts(devices, mb, pp, embedding), bound_s)
+            found = solver.best_division(self.parts(devices, mb, pp, embedding, mode), bound_s)
             if found is None:
                 continue
             time_s, division, (stages, picks) = found
@@ -174,10 +189,18 @@ class SearchEngine:
             for s, ((front, a, b), pick) in enumerate(zip(stages, picks)):
                 layer_front = solver.layer_front(a, b, k[s], int(front.cap[pick]))
                 layers += [table.strategies[j] for j in layer_front.backtrack(int(front.layout_class[pick]), int(front.index[pick]))]
+            plan = Plan(world_size=self.world_size, layers=tuple(layers), pp=pp, pp_division=tuple(division),
+                        pipeline=pipeline, chunks=c, global_batch=gb, embedding=embedding,
+                        grad_sync_every_micro_batch=self.space.grad_sync_every_micro_batch)
+            if mode != "ddp" and not any(layer.dp_type == mode for layer in layers):
+                # Only ZeRO-3 layers: evaluate() prices the embedding as DDP, not as this mode assumed;
+                # the plan itself is also in the DDP mode's space. Keep it only at its true value.
+                true = self.cost_model.evaluate(plan)
+                if max(true.memory_bytes_per_stage) > self.budget or true.samples_per_s <= self.best_throughput:
+                    continue
+                time_s = true.iteration_time_s
             self.best_throughput = gb / time_s
-            self.best = Plan(world_size=self.world_size, layers=tuple(layers), pp=pp, pp_division=tuple(division),
-                             pipeline=pipeline, chunks=c, global_batch=gb, embedding=embedding,
-                             grad_sync_every_micro_batch=self.space.grad_sync_every_micro_batch)
+            self.best = plan
 
     # -- reporting ---------------------------------------------------------------------------------------
     def left_out_summary(self) -> list[str]:

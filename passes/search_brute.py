@@ -29,22 +29,28 @@ def all_plans(cost_model, world_size: int, space: SearchSpace) -> Iterator[Plan]
     L = len(types)
     for pp in space.pp_degrees(world_size, L):
         devices = world_size // pp
-        strategies = space.layer_strategies(devices)
-        per_layer = [[s for s in strategies if cost_model.unsupported_reason(t, s) is None] for t in types]
-        for gb in space.global_batches():
-            for c in space.chunk_counts(gb):
-                mb = gb // c
-                usable = [[s for s in options if mb % s.dp == 0] for options in per_layer]
-                choices = ([[s] * L for s in usable[0] if all(s in u for u in usable)] if space.uniform
-                           else itertools.product(*usable))
-                choices = list(choices)
-                for pipeline in space.pipelines:
-                    for division in compositions(L, pp):
-                        for embedding in space.embedding_strategies(devices):
-                            for layers in choices:
-                                yield Plan(world_size=world_size, layers=tuple(layers), pp=pp, pp_division=division,
-                                           pipeline=pipeline, chunks=c, global_batch=gb, embedding=embedding,
-                                           grad_sync_every_micro_batch=space.grad_sync_every_micro_batch)
+        for mode in space.default_dp_types():
+            yield from _plans(cost_model, world_size, space, pp, space.layer_strategies(devices, mode))
+
+
+def _plans(cost_model, world_size, space, pp, strategies):
+    types = list(cost_model.layer_types)
+    L, devices = len(types), world_size // pp
+    per_layer = [[s for s in strategies if cost_model.unsupported_reason(t, s) is None] for t in types]
+    for gb in space.global_batches():
+        for c in space.chunk_counts(gb):
+            mb = gb // c
+            usable = [[s for s in options if mb % s.dp == 0] for options in per_layer]
+            choices = ([[s] * L for s in usable[0] if all(s in u for u in usable)] if space.uniform
+                       else itertools.product(*usable))
+            choices = list(choices)
+            for pipeline in space.pipelines:
+                for division in compositions(L, pp):
+                    for embedding in space.embedding_strategies(devices):
+                        for layers in choices:
+                            yield Plan(world_size=world_size, layers=tuple(layers), pp=pp, pp_division=division,
+                                       pipeline=pipeline, chunks=c, global_batch=gb, embedding=embedding,
+                                       grad_sync_every_micro_batch=space.grad_sync_every_micro_batch)
 
 
 def brute_force_search(cost_model, world_size: int, memory_budget: int, space: SearchSpace) -> tuple[float, Plan | None]:

@@ -68,7 +68,7 @@ class CostTable:
     x: dict[str, np.ndarray]                # fwd + bwd seconds
     g: dict[str, np.ndarray]                # grad sync seconds
     peak: dict[str, np.ndarray]             # transient bytes (int64)
-    redistribution: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # class × class seconds
+    redistribution: dict = field(default_factory=dict)  # boundary group → class × class seconds
 
 
 def subset(table: CostTable, keep: list[int]) -> CostTable:
@@ -112,10 +112,9 @@ def build_cost_table(cost_model, strategies: list[LayerStrategy], micro_batch: i
     return table
 
 
-def redistribution_matrix(cost_model, table: CostTable, before_type: str, after_type: str, boundary_index: int,
-                          micro_batch: int) -> np.ndarray:
-    """Seconds to redistribute between every pair of layout classes at one boundary (cached per type pair)."""
-    key = (before_type, after_type)
+def redistribution_matrix(cost_model, table: CostTable, key, boundary_index: int, micro_batch: int) -> np.ndarray:
+    """Seconds to redistribute between every pair of layout classes at ``boundary_index`` (cached per ``key``,
+    the boundary's group)."""
     if key not in table.redistribution:
         reps = [table.strategies[int(np.flatnonzero(table.layout == c)[0])] for c in range(len(table.layouts))]
         table.redistribution[key] = np.array(

@@ -15,12 +15,12 @@ def smallest_budget(engine) -> tuple[int, tuple] | None:
     """(bytes, (pp, global batch, chunks, pipeline)) of the least-memory plan, or None if no plan exists."""
     best = None
     L = len(engine.types)
-    for _, pp, gb, c, pipeline, k in engine.settings():
+    for _, pp, gb, c, pipeline, k, mode in engine.settings():
         devices, mb = engine.world_size // pp, gb // c
-        table = engine.tables[(devices, mb)]
+        table = engine.tables[(devices, mb, mode)]
         caps = np.unique(np.concatenate([table.peak[t][table.allowed[t]] for t in engine.types]))
         for embedding in engine.space.embedding_strategies(devices):
-            parts = engine.parts(devices, mb, pp, embedding)
+            parts = engine.parts(devices, mb, pp, embedding, mode)
             # stage_mem[s][a, b]: least memory of stage s over layers [a, b)
             stage_mem = np.full((pp, L + 1, L + 1), np.inf)
             for s in range(pp):

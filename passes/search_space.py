@@ -111,15 +111,22 @@ class SearchSpace:
         degrees = _powers_of_two_dividing(devices, self.max_tp)
         return degrees[-1:] if self.only_max_tp else degrees
 
-    def layer_strategies(self, devices: int) -> list[LayerStrategy]:
-        """Every distinct LayerStrategy on ``devices`` devices that this space allows."""
+    def default_dp_types(self) -> list[str]:
+        """The data-parallel types non-ZeRO-3 layers may share (Galvatron's ``default_dp_type``)."""
+        return [t for t in ("ddp", "zero2") if t in self.dp_types] or ["ddp"]
+
+    def layer_strategies(self, devices: int, default_dp_type: str = "ddp") -> list[LayerStrategy]:
+        """Every distinct LayerStrategy on ``devices`` devices that this space allows, for plans whose
+        non-ZeRO-3 layers use ``default_dp_type`` (layers with dp = 1 are labelled with it: the cost is the
+        same, and the embedding follows the plan's dp type in CostModel.evaluate)."""
         out = []
         for tp in self.tp_degrees(devices):
             dp = devices // tp
             consecutive = [True] if tp in (1, devices) else (
                 [c for c, off in ((True, self.disable_tp_consec), (False, self.disable_tp_strided)) if not off])
             sps = ["none"] if tp == 1 else list(self.sp_types)
-            dps = ["ddp"] if dp == 1 else [t for t in self.dp_types if not (self.disable_dp and t != "zero3")]
+            allowed = [t for t in (default_dp_type, "zero3") if t in self.dp_types and not (self.disable_dp and t != "zero3")]
+            dps = [default_dp_type] if dp == 1 else allowed
             ckpts = [False] if self.disable_ckpt else [False, True]
             for sp in sps:
                 for cons in consecutive:

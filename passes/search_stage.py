@@ -78,7 +78,7 @@ class StageSolver:
 
     # -- layer and stage fronts --------------------------------------------------------------------------
     def layer_front(self, a: int, b: int, k: int, cap_index: int) -> Front | None:
-        key = (self.types[a:b], k, cap_index)
+        key = (self.types[a:b], self.engine.boundary_group[a + 1:b], k, cap_index)
         memo = self.engine.front_memo.setdefault((id(self.table), self.mb), {})
         if key in memo:
             return memo[key]
@@ -89,8 +89,8 @@ class StageSolver:
         cap = int(self.caps[cap_index])
         redis = None
         if prev is not None:
-            pair = (self.types[b - 2], self.types[b - 1])
-            redis = redistribution_matrix(self.engine.cost_model, self.table, *pair, self.engine.pair_index[pair], self.mb)
+            group = self.engine.boundary_group[b - 1]
+            redis = redistribution_matrix(self.engine.cost_model, self.table, group, self.engine.group_index[group], self.mb)
         limit_s = self.mb / self.engine.best_throughput * (1 + 1e-9) if self.engine.best_throughput > 0 else np.inf
         front = extend(prev, self.table, self.types[b - 1], redis, k, cap, self.engine.budget - cap, limit_s)
         memo[key] = front
@@ -98,7 +98,7 @@ class StageSolver:
 
     def stage_front(self, s: int, a: int, b: int, part: EmbeddingPart) -> StageFront | None:
         k = self.k[s]
-        key = (self.types[a:b], k, part)
+        key = (self.types[a:b], self.engine.boundary_group[a + 1:b], k, part)
         if key in self._stage_cache:
             return self._stage_cache[key]
         xs, gs, caps, cls, idx = [], [], [], [], []
