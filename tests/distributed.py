@@ -19,6 +19,9 @@ STEPS = 5
 GLOBAL_BATCH = 8
 SEQ = 16
 LR = 1e-3
+# Adam's eps sits above fp32 rounding noise of near-zero gradients: with the default 1e-8, an element whose
+# gradient is ~1e-8 gets an update of ~lr from noise alone, which measures rounding order, not parallelism.
+ADAM_EPS = 1e-6
 TOLERANCE = 1e-4
 
 
@@ -92,7 +95,7 @@ def eager_reference(model_name: str) -> tuple[list[float], dict[str, torch.Tenso
     name of a tied weight included)."""
     model, batches = build(model_name)
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR, eps=ADAM_EPS)
     losses = []
     for batch in batches:
         loss = model(**batch).loss
@@ -124,13 +127,17 @@ def train_cases(rank: int, world_size: int, cases: list[tuple[str, str]]) -> dic
         probe = recipe.plan(1 if recipe.pp == 1 else recipe.pp)
         program, batches = _program(model_name, local_micro_batch(probe))
         plan = recipe.plan(len(program.body), program.model_name)
-        trainer = Trainer(program, plan, config=_config(), model_name=program.model_name)
+        trainer = Trainer(program, plan, config=_config(), optimizer=_adam, model_name=program.model_name)
         losses = [trainer.step(batch) for batch in batches]
         params = trainer.full_parameters()
         results[f"{model_name}/{recipe_name}"] = {
             "losses": losses, "params": params if trainer.stage.layout.local == 0 else {},
             "stage": trainer.stage.layout.stage, "describe": trainer.describe()}
     return results
+
+
+def _adam(params):
+    return torch.optim.Adam(params, lr=LR, eps=ADAM_EPS)
 
 
 def _config():
