@@ -1,0 +1,239 @@
+"""Cost-model accuracy: predicted against measured iteration time and peak memory per rank.
+
+1. Profile this machine: ``galvatron-fx profile-hardware`` on 2 and 4 processes (gloo on CPU, NCCL on
+   GPUs), and each model's layer types with the measured model profiler.
+2. For every plan (uniform and heterogeneous; PP, TP, DP, ZeRO-2/3, checkpointing) of a GPT-2-like and a
+   BERT-like model: predict with ``CostModel.evaluate``, then train it on the processes — warm-up steps,
+   timed steps (median; the slowest rank counts), one step under the peak-memory meter (common.py).
+3. Report per plan and overall: time error, memory error per rank, Spearman rank correlation of
+   predicted and measured time, throughput and MFU; JSON to benchmarks/results/cost_accuracy.json.
+
+    python benchmarks/cost_accuracy.py                 # the full run (about 10 minutes on 2 CPU cores)
+    python benchmarks/cost_accuracy.py --reprofile     # measure the hardware and models again first
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+
+from benchmarks.common import (RESULTS, SHAPES, build_model, command_line, device_peak_flops, median, mfu,
+                               model_flops_per_sample, peak_step_bytes, print_table, spawn, time_steps,
+                               training_state, write_json)
+from galvatron_fx.plan import LayerStrategy, Plan
+
+MODELS = ("gpt2", "bert")
+GLOBAL_BATCH = 8
+
+
+# -- plans ---------------------------------------------------------------------------------------------
+def _plan(name: str, world: int, pattern, *, pp: int = 1, chunks: int = 1, pipeline: str = "1f1b",
+          division: tuple[int, ...] = (), layers: int = 4) -> tuple[str, Plan]:
+    """``pattern``: (tp, dp_type, ckpt[, consecutive]) repeated over the body layers."""
+    devices = world // pp
+    strategies = []
+    for i in range(layers):
+        tp, dp_type, ckpt, *rest = pattern[i % len(pattern)]
+        dp = devices // tp
+        strategies.append(LayerStrategy(tp=tp, dp=dp, dp_type=dp_type if dp > 1 else "ddp", ckpt=ckpt,
+                                        tp_consecutive=rest[0] if rest else True))
+    return name, Plan(world_size=world, layers=tuple(strategies), pp=pp, pp_division=division, chunks=chunks,
+                      pipeline=pipeline, global_batch=GLOBAL_BATCH)
+
+
+def plans(world: int, layers: int, model: str) -> list[tuple[str, Plan]]:
+    """The measured plans for ``world`` processes; BERT runs a subset of GPT-2's."""
+    p = lambda name, pattern, **kw: _plan(name, world, pattern, layers=layers, **kw)  # noqa: E731
+    if world == 2:
+        cases = [p("dp2", [(1, "ddp", False)]),
+                 p("dp2-zero2", [(1, "zero2", False)]),
+                 p("dp2-zero3-ckpt", [(1, "zero3", True)]),
+                 p("tp2", [(2, "ddp", False)]),
+                 p("pp2-1f1b-c4", [(1, "ddp", False)], pp=2, chunks=4),
+                 p("pp2-gpipe-c2-ckpt", [(1, "ddp", True)], pp=2, chunks=2, pipeline="gpipe"),
+                 p("hetero-dp/zero3/tp2", [(1, "ddp", False), (1, "zero3", True), (2, "ddp", False), (1, "zero2", False)])]
+    else:
+        cases = [p("dp4", [(1, "ddp", False)]),
+                 p("dp4-zero3-ckpt", [(1, "zero3", True)]),
+                 p("tp2-dp2-zero3", [(2, "zero3", False)]),
+                 p("tp4", [(4, "ddp", False)]),
+                 p("pp2-dp2-c2", [(1, "ddp", False)], pp=2, chunks=2),
+                 p("pp2-tp2-c2", [(2, "ddp", False)], pp=2, chunks=2),
+                 p("pp4-1f1b-c4", [(1, "ddp", False)], pp=4, chunks=4),
+                 p("hetero-tp1/2/4/2s", [(1, "ddp", False), (2, "zero3", True), (4, "ddp", False), (2, "ddp", False, False)]),
+                 p("pp2-hetero-uneven", [(1, "ddp", True), (1, "zero2", False)], pp=2, chunks=2, division=(1, layers - 1))]
+    if model == "bert":
+        keep = {"dp2", "dp2-zero3-ckpt", "tp2", "pp2-1f1b-c4", "hetero-dp/zero3/tp2",
+                "dp4", "tp2-dp2-zero3", "pp2-tp2-c2", "pp4-1f1b-c4", "hetero-tp1/2/4/2s"}
+        cases = [c for c in cases if c[0] in keep]
+    return cases
+
+
+# -- measuring (on every rank) -------------------------------------------------------------------------
+def run_plans(rank: int, world: int, model_name: str, shape: str, cases: list[tuple[str, Plan]],
+              warmup: int, repeats: int) -> list[dict]:
+    """Spawned worker: train every plan; per plan the step times, the peak bytes and this rank's stage."""
+    from galvatron_fx import capture
+    from galvatron_fx.passes.lower_stage import local_micro_batch
+    from galvatron_fx.runtime import Trainer, groups
+
+    warnings.simplefilter("ignore")
+    device = groups.current_device()
+    model, batch = build_model(model_name, shape, GLOBAL_BATCH)
+    model, batch = model.to(device), {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    programs, out = {}, []
+    for name, plan in cases:
+        local = local_micro_batch(plan)
+        if local not in programs:
+            example = {k: v[:local] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            programs[local] = capture(model, example_kwargs=example)
+        trainer = Trainer(programs[local], plan, device=device)
+        step = lambda: trainer.step(batch)  # noqa: E731
+        times = time_steps(step, device, warmup, repeats)
+        peak = peak_step_bytes(step, device, lambda: training_state(trainer.stage, trainer.optimizer))
+        out.append({"plan": name, "rank": rank, "stage": trainer.stage.layout.stage, "times_s": times, "peak_bytes": peak})
+        del trainer, step
+        gc.collect()
+    return out
+
+
+# -- profiles ------------------------------------------------------------------------------------------
+def hardware_profile(world: int, folder: Path, source: str, reprofile: bool):
+    """The measured profile of ``world`` processes (profile-hardware, reused unless ``reprofile``), or with
+    ``source="cluster"`` the detected cluster's datasheet-style estimate (fast; for smoke runs)."""
+    from galvatron_fx.cluster import Cluster
+    from galvatron_fx.cost.hardware import HardwareProfile
+
+    if source == "cluster":
+        return Cluster.detect({"WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world)}).hardware_profile()
+    path = folder / f"hardware_profile_{world}.json"
+    if reprofile or not path.exists():
+        subprocess.run([sys.executable, "-m", "galvatron_fx.cli", "profile-hardware", "--nprocs", str(world),
+                        "--out", str(path), "--no-progress"], check=True)
+    return HardwareProfile.load(path)
+
+
+def model_profile(name: str, shape: str, folder: Path, reprofile: bool, repeats: int = 5):
+    """The measured model profile (layer types timed here, one thread, as each rank runs)."""
+    from galvatron_fx.cost.layer_profiler import profile_model
+    from galvatron_fx.cost.model_profile import ModelProfile
+
+    path = folder / f"model_profile_{name}_{shape}.json"
+    if reprofile or not path.exists():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            profile = profile_model(lambda b, s: build_model(name, shape, b, seq=s), batches=(2, 4, 8),
+                                    seqs=(SHAPES[shape]["seq"],), repeats=repeats, progress=False, name=name)
+        torch.set_num_threads(threads)
+        profile.save(path)
+    return ModelProfile.load(path)
+
+
+# -- statistics ----------------------------------------------------------------------------------------
+def spearman(x, y) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    def ranks(values):
+        values = np.asarray(values, dtype=float)
+        order = values.argsort()
+        r = np.empty(len(values))
+        r[order] = np.arange(len(values))
+        for v in np.unique(values):  # ties share their mean rank
+            r[values == v] = r[values == v].mean()
+        return r
+
+    if len(x) < 2:
+        return float("nan")
+    return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
+
+
+def summarise(rows: list[dict]) -> dict:
+    time_errors = [abs(r["time_error"]) for r in rows]
+    memory_errors = [abs(e) for r in rows for e in r["memory_errors_per_rank"]]
+    return {"plans": len(rows), "median_time_error": median(time_errors), "worst_time_error": max(time_errors),
+            "median_memory_error": median(memory_errors), "worst_memory_error": max(memory_errors),
+            "spearman_time": spearman([r["predicted_s"] for r in rows], [r["measured_s"] for r in rows]),
+            "targets": {"median_time_error": 0.10, "worst_time_error": 0.25, "memory_error": 0.10, "spearman_time": 0.9}}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--worlds", default="2,4", help="process counts")
+    parser.add_argument("--shape", default="bench", choices=sorted(SHAPES))
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--max-plans", type=int, default=None, help="per model and world (smoke runs)")
+    parser.add_argument("--hardware", choices=("measure", "cluster"), default="measure", help="profile-hardware, or the detected cluster's estimate")
+    parser.add_argument("--reprofile", action="store_true", help="profile hardware and models again")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    from galvatron_fx.cost.model import CostModel
+
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    worlds = [int(w) for w in args.worlds.split(",")]
+    peak_flops, peak_source = device_peak_flops()
+    hardware = {w: hardware_profile(w, folder, args.hardware, args.reprofile) for w in worlds}
+    rows = []
+    for model_name in args.models.split(","):
+        profile = model_profile(model_name, args.shape, folder, args.reprofile)
+        flops_per_step = model_flops_per_sample(profile) * GLOBAL_BATCH
+        for world in worlds:
+            cases = plans(world, len(profile.layer_types), model_name)[:args.max_plans]
+            cost = CostModel(profile, hardware[world])
+            per_rank = spawn(run_plans, world, model_name, args.shape, cases, args.warmup, args.repeats)
+            for name, plan in cases:
+                prediction = cost.evaluate(plan)
+                results = [r for rank in per_rank for r in rank if r["plan"] == name]
+                measured_s = max(median(r["times_s"]) for r in results)
+                predicted_mem = [prediction.memory_bytes_per_stage[r["stage"]] for r in results]
+                measured_mem = [r["peak_bytes"] for r in results]
+                rows.append({
+                    "model": model_name, "world": world, "plan": name, "plan_json": plan.to_json_dict(),
+                    "predicted_s": prediction.iteration_time_s, "measured_s": measured_s,
+                    "time_error": prediction.iteration_time_s / measured_s - 1,
+                    "predicted_peak_bytes": max(predicted_mem), "measured_peak_bytes": max(measured_mem),
+                    "memory_errors_per_rank": [p / m - 1 for p, m in zip(predicted_mem, measured_mem)],
+                    "memory_error_max_rank": max(predicted_mem) / max(measured_mem) - 1,
+                    "measured_peak_bytes_per_rank": measured_mem, "predicted_peak_bytes_per_rank": predicted_mem,
+                    "step_times_s": [r["times_s"] for r in results],
+                    "samples_per_s": GLOBAL_BATCH / measured_s, "mfu": mfu(flops_per_step, measured_s, world, peak_flops)})
+                row = rows[-1]
+                print(f"{model_name} w{world} {name:<22} predicted {row['predicted_s'] * 1e3:7.1f} ms  measured {measured_s * 1e3:7.1f} ms "
+                      f"({row['time_error']:+.0%})  memory {max(measured_mem) / 2**20:6.1f} MiB ({row['memory_error_max_rank']:+.0%})", flush=True)
+    for row in rows:
+        row["predicted_ms"], row["measured_ms"] = row["predicted_s"] * 1e3, row["measured_s"] * 1e3
+        row["predicted_mib"], row["measured_mib"] = row["predicted_peak_bytes"] / 2**20, row["measured_peak_bytes"] / 2**20
+        row["worst_rank_memory_error"] = max(row["memory_errors_per_rank"], key=abs)
+        row["mfu_pct"] = row["mfu"] * 100
+    table = print_table(rows, [("model", "model", ""), ("world", "procs", ""), ("plan", "plan", ""),
+                               ("predicted_ms", "predicted ms", ".1f"), ("measured_ms", "measured ms", ".1f"),
+                               ("time_error", "time err", "+.1%"), ("predicted_mib", "pred. peak MiB", ".1f"),
+                               ("measured_mib", "meas. peak MiB", ".1f"), ("worst_rank_memory_error", "worst-rank mem err", "+.1%"),
+                               ("samples_per_s", "samples/s", ".1f"), ("mfu_pct", "MFU %", ".2f")])
+    summary = summarise(rows)
+    print(f"\nmedian |time error| {summary['median_time_error']:.1%} (target ≤ 10%), worst {summary['worst_time_error']:.1%} (≤ 25%); "
+          f"median |memory error| {summary['median_memory_error']:.1%}, worst {summary['worst_memory_error']:.1%} (≤ 10%); "
+          f"Spearman {summary['spearman_time']:.3f} (≥ 0.9); {summary['plans']} plans")
+    payload = {"command": command_line(), "shape": SHAPES[args.shape], "global_batch": GLOBAL_BATCH, "summary": summary,
+               "peak_flops_per_device": peak_flops, "peak_source": peak_source, "rows": rows, "table": table,
+               "hardware_profiles": {w: hardware[w].source for w in worlds}}
+    path = write_json("cost_accuracy", payload, folder)
+    print(f"wrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
