@@ -81,7 +81,7 @@ def plans(world: int, layers: int, model: str) -> list[tuple[str, Plan]]:
 
 # -- measuring (on every rank) -------------------------------------------------------------------------
 def run_plans(rank: int, world: int, model_name: str, shape: str, cases: list[tuple[str, Plan]],
-              warmup: int, repeats: int) -> list[dict]:
+              warmup: int, repeats: int, global_batch: int = GLOBAL_BATCH) -> list[dict]:
     """Spawned worker: train every plan; per plan the step times, the peak bytes and this rank's stage."""
     from galvatron_fx import capture
     from galvatron_fx.passes.lower_stage import local_micro_batch
@@ -89,7 +89,7 @@ def run_plans(rank: int, world: int, model_name: str, shape: str, cases: list[tu
 
     warnings.simplefilter("ignore")
     device = groups.current_device()
-    model, batch = build_model(model_name, shape, GLOBAL_BATCH)
+    model, batch = build_model(model_name, shape, global_batch)
     model, batch = model.to(device), {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     programs, out = {}, []
     for name, plan in cases:

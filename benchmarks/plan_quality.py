@@ -1,0 +1,169 @@
+"""Plan quality: the searched plan against every feasible uniform plan and the torch-native baselines.
+
+On one model (LLaMA-style, benchmarks/common.py) and one set of processes: measure every uniform plan of
+the pp × tp × dp grid with DDP / ZeRO-2 / ZeRO-3 and with and without checkpointing (pipelines with
+``pp`` and ``2·pp`` micro-batches), the plan ``passes.search.search`` picks from the measured profiles
+(benchmarks/results/hardware_profile_<N>.json and the model's measured layer profile), and the native
+runners of benchmarks/native.py, all in one process launch. Targets: searched throughput ≥ 0.95 × the
+best measured plan, and ≥ the best native baseline.
+
+The search space is what the runtime executes (no sequence parallelism, no vocab TP) and micro-batches
+of at least 2 samples per rank (capture recognises the batch dimension only then): one search per
+pipeline degree with the chunk counts that keep that, the best prediction wins.
+
+    python benchmarks/plan_quality.py               # 4 processes
+    python benchmarks/plan_quality.py --world 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import warnings
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import (RESULTS, SHAPES, build_model, command_line, device_peak_flops, median, mfu,
+                               model_flops_per_sample, print_table, spawn, time_steps, write_json)
+from benchmarks.cost_accuracy import hardware_profile, model_profile, run_plans
+from benchmarks.native import STRATEGIES, NativeConfig, NativeRunner
+from galvatron_fx.plan import LayerStrategy, Plan
+
+MODEL = "llama"
+MIN_LOCAL_BATCH = 2
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in (1, 2, 4, 8, 16, 32, 64) if d <= n and n % d == 0]
+
+
+def uniform_grid(world: int, layers: int, global_batch: int) -> list[tuple[str, Plan]]:
+    """Every uniform plan whose micro-batches give each rank at least MIN_LOCAL_BATCH samples."""
+    out = []
+    for pp in [d for d in _divisors(world) if d <= layers]:
+        devices = world // pp
+        for tp in _divisors(devices):
+            dp = devices // tp
+            for dp_type in (("ddp", "zero2", "zero3") if dp > 1 else ("ddp",)):
+                for ckpt in (False, True):
+                    for chunks in ((1,) if pp == 1 else (pp, 2 * pp)):
+                        if global_batch % chunks or global_batch // chunks // devices < MIN_LOCAL_BATCH:
+                            continue
+                        layer = LayerStrategy(tp=tp, dp=dp, dp_type=dp_type, ckpt=ckpt)
+                        name = f"pp{pp} tp{tp} dp{dp}" + (f" {dp_type}" if dp > 1 else "") + (" ckpt" if ckpt else "") + \
+                            (f" c{chunks}" if pp > 1 else "")
+                        out.append((name, Plan(world_size=world, layers=(layer,) * layers, pp=pp, chunks=chunks,
+                                               pipeline="1f1b", global_batch=global_batch)))
+    return out
+
+
+def searched_plan(cost_model, world: int, layers: int, global_batch: int, budget: str) -> Plan:
+    """The best predicted plan over one search per pipeline degree (chunks keeping MIN_LOCAL_BATCH)."""
+    from galvatron_fx.passes.search import search
+    from galvatron_fx.passes.search_space import SearchSpace
+
+    best = None
+    for pp in [d for d in _divisors(world) if d <= layers]:
+        chunks = tuple(c for c in _divisors(global_batch) if global_batch // c // (world // pp) >= MIN_LOCAL_BATCH)
+        if not chunks:
+            continue
+        space = SearchSpace(global_batch=(global_batch, global_batch, 1), chunks=chunks, sp_types=("none",), max_pp=pp,
+                            only_max_pp=True, disable_vtp=True, disable_vsp=True)
+        plan = search(cost_model, world, budget, space, provenance={"model": MODEL})
+        if best is None or plan.prediction.samples_per_s > best.prediction.samples_per_s:
+            best = plan
+    return best
+
+
+def measure(rank: int, world: int, shape: str, cases, global_batch: int, warmup: int, repeats: int, chunks_pp: int) -> dict:
+    """Spawned worker: our plans (cost_accuracy.run_plans), then the native runners."""
+    from galvatron_fx.runtime import groups
+
+    ours = run_plans(rank, world, MODEL, shape, cases, warmup, repeats, global_batch)
+    device = groups.current_device()
+    native = {}
+    for strategy in STRATEGIES:
+        model, batch = build_model(MODEL, shape, global_batch)
+        if strategy == "tp" and model.config.num_attention_heads % world:
+            continue
+        runner = NativeRunner(model, NativeConfig(strategy, world, chunks_pp if strategy == "pp" else 1), device)
+        native[strategy] = time_steps(lambda: runner.step(batch), device, warmup, repeats)
+        del runner
+        gc.collect()
+    return {"ours": ours, "native": native}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world", type=int, default=4)
+    parser.add_argument("--shape", default="bench", choices=sorted(SHAPES))
+    parser.add_argument("--global-batch", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--memory-budget", default="4GiB")
+    parser.add_argument("--max-plans", type=int, default=None, help="uniform plans to measure (smoke runs)")
+    parser.add_argument("--hardware", choices=("measure", "cluster"), default="measure")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    from galvatron_fx.cost.model import CostModel
+
+    folder = Path(args.out)
+    world, gb = args.world, args.global_batch
+    profile = model_profile(MODEL, args.shape, folder, reprofile=False)
+    cost = CostModel(profile, hardware_profile(world, folder, args.hardware, reprofile=False))
+    layers = len(profile.layer_types)
+    searched = searched_plan(cost, world, layers, gb, args.memory_budget)
+    grid = uniform_grid(world, layers, gb)[:args.max_plans]
+    cases = grid + [("searched", searched)]
+    chunks_pp = 2 * world if gb // (2 * world) >= 1 else world
+    per_rank = spawn(measure, world, args.shape, cases, gb, args.warmup, args.repeats, chunks_pp)
+    flops_per_step = model_flops_per_sample(profile) * gb
+    peak_flops, peak_source = device_peak_flops()
+    rows = []
+    for name, plan in cases:
+        measured = max(median(r["times_s"]) for rank in per_rank for r in rank["ours"] if r["plan"] == name)
+        peak = max(r["peak_bytes"] for rank in per_rank for r in rank["ours"] if r["plan"] == name)
+        rows.append({"plan": name, "kind": "searched" if name == "searched" else "uniform", "measured_ms": measured * 1e3,
+                     "samples_per_s": gb / measured, "predicted_samples_per_s": cost.evaluate(plan).samples_per_s,
+                     "peak_mib": peak / 2**20, "mfu_pct": 100 * mfu(flops_per_step, measured, world, peak_flops),
+                     "plan_json": plan.to_json_dict()})
+    for strategy in per_rank[0]["native"]:
+        measured = max(median(rank["native"][strategy]) for rank in per_rank)
+        rows.append({"plan": f"native {strategy}", "kind": "native", "measured_ms": measured * 1e3, "samples_per_s": gb / measured,
+                     "mfu_pct": 100 * mfu(flops_per_step, measured, world, peak_flops)})
+    rows.sort(key=lambda r: -r["samples_per_s"])
+    searched_row = next(r for r in rows if r["kind"] == "searched")
+    best_plan = max(r["samples_per_s"] for r in rows if r["kind"] != "native")
+    best_native = max((r["samples_per_s"] for r in rows if r["kind"] == "native"), default=0.0)
+    best_uniform_predicted = max((r for r in rows if r["kind"] == "uniform"), key=lambda r: r["predicted_samples_per_s"])
+    table = print_table(rows, [("plan", "plan", ""), ("kind", "kind", ""), ("measured_ms", "step ms", ".1f"),
+                               ("samples_per_s", "samples/s", ".2f"), ("predicted_samples_per_s", "predicted samples/s", ".2f"),
+                               ("peak_mib", "peak MiB", ".1f"), ("mfu_pct", "MFU %", ".2f")])
+    summary = {"searched_plan": searched.layers[0].short() if len(set(searched.layers)) == 1 else "heterogeneous",
+               "searched_description": _describe(searched), "searched_samples_per_s": searched_row["samples_per_s"],
+               "best_measured_samples_per_s": best_plan, "best_native_samples_per_s": best_native,
+               "ratio_to_best_plan": searched_row["samples_per_s"] / best_plan,
+               "ratio_to_best_native": searched_row["samples_per_s"] / best_native if best_native else None,
+               "best_uniform_by_prediction": best_uniform_predicted["plan"],
+               "targets": {"ratio_to_best_plan": 0.95, "ratio_to_best_native": 1.0}}
+    print(f"\nsearched plan ({summary['searched_description']}): {summary['searched_samples_per_s']:.2f} samples/s = "
+          f"{summary['ratio_to_best_plan']:.3f} × the best measured plan (target ≥ 0.95), "
+          f"{summary['ratio_to_best_native'] or 0:.3f} × the best native baseline (target ≥ 1)")
+    payload = {"command": command_line(), "model": MODEL, "shape": SHAPES[args.shape], "world": world, "global_batch": gb,
+               "memory_budget": args.memory_budget, "peak_flops_per_device": peak_flops, "peak_source": peak_source,
+               "summary": summary, "rows": rows, "table": table}
+    path = write_json(f"plan_quality_w{world}", payload, folder)
+    print(f"wrote {path}")
+    return payload
+
+
+def _describe(plan: Plan) -> str:
+    layers = ", ".join(s.short() for s in plan.layers)
+    return f"pp{plan.pp} {plan.pipeline} chunks {plan.chunks} division {list(plan.pp_division)}; layers: {layers}"
+
+
+if __name__ == "__main__":
+    main()
