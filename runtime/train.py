@@ -13,6 +13,7 @@ gradients equal those of one process on the whole batch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -28,7 +29,7 @@ from galvatron_fx.program import Program
 
 from . import groups
 from .data_parallel import GradSync, apply_data_parallel, prepare_groups
-from .schedules import SCHEDULES, StageExecutor
+from .schedules import SCHEDULES, Action, StageExecutor
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
@@ -115,12 +116,28 @@ class Trainer:
     def step(self, batch: dict[str, Any]) -> float:
         """One optimizer step on the global ``batch``; returns its mean loss (the same on every rank)."""
         micro_batches = self.micro_batches(batch)  # user errors surface here, before any communication
-        try:
+        with self._communication_errors():
             losses = self.executor.run(self.actions, micro_batches, self._seeds())
             self.sync.finish()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             loss = self._global_loss(losses)
+        self.steps_done += 1
+        return loss
+
+    def evaluate(self, batch: dict[str, Any]) -> float:
+        """The mean loss of the global ``batch``: forwards only, no gradients, nothing updated. The graph
+        runs as captured (training mode), so dropout applies if the model has any."""
+        micro_batches = self.micro_batches(batch)
+        forwards = tuple(Action("F", i) for i in range(self.plan.chunks))
+        with self._communication_errors(), torch.no_grad():
+            return self._global_loss(self.executor.run(forwards, micro_batches, self._seeds()))
+
+    @contextlib.contextmanager
+    def _communication_errors(self):
+        """A failed collective or transfer (most often: another rank died) becomes a DistributedFailure."""
+        try:
+            yield
         except RuntimeError as error:
             if not _is_communication_error(error):
                 raise
@@ -128,8 +145,6 @@ class Trainer:
             raise DistributedFailure(f"rank {layout.rank} (stage {layout.stage}) failed in step {self.steps_done}: "
                                      f"{type(error).__name__}: {str(error).strip()[:500]}. If another rank died, its report "
                                      "names the cause") from error
-        self.steps_done += 1
-        return loss
 
     def _global_loss(self, losses: list[torch.Tensor]) -> float:
         # the last stage's ranks each hold the mean over their slice; one world all-reduce gives everyone the mean
