@@ -1,0 +1,103 @@
+"""The benchmarks' code paths on a tiny model: the memory meter, the statistics, the plan grids and the
+search used by plan quality in this process, and one spawned group of 2 ranks running the measuring
+workers of the three benchmarks (our plans with the memory meter; ours against native DDP and 1F1B).
+No timing is asserted: figures live in benchmarks/results, not in tests."""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common, cost_accuracy, plan_quality, runtime_overhead  # noqa: E402
+from galvatron_fx.plan import LayerStrategy, Plan  # noqa: E402
+
+MiB = 2**20
+
+
+def test_peak_step_bytes_counts_live_tensors_at_their_peak():
+    state = [torch.zeros(MiB // 4)]  # 1 MiB live before the step
+
+    def step():
+        a = torch.empty(MiB // 4)
+        del a
+        b = torch.ones(MiB // 2)  # 2 MiB
+        c = b * 2  # and 2 more: the peak is 4 MiB above the state
+        return float(c.sum())
+
+    peak = common.peak_step_bytes(step, torch.device("cpu"), lambda: state)
+    assert 5 * MiB <= peak < 5 * MiB + 1024  # the scalar sum adds a few bytes
+
+
+def test_tensor_bytes_counts_shared_storage_once():
+    x = torch.zeros(1024)
+    assert common.tensor_bytes([x, x[:10], x.view(32, 32), None]) == 4096
+
+
+def test_spearman_and_summary():
+    assert cost_accuracy.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert cost_accuracy.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    rows = [{"time_error": e, "memory_errors_per_rank": [m], "predicted_s": p, "measured_s": q}
+            for e, m, p, q in ((0.1, -0.05, 1, 1.1), (-0.3, 0.2, 2, 1.5), (0.05, 0.0, 3, 3.2))]
+    summary = cost_accuracy.summarise(rows)
+    assert summary["median_time_error"] == pytest.approx(0.1) and summary["worst_time_error"] == pytest.approx(0.3)
+    assert summary["worst_memory_error"] == pytest.approx(0.2) and summary["spearman_time"] == pytest.approx(1.0)
+
+
+def test_cost_accuracy_plans_cover_the_strategies():
+    plans = [p for w in (2, 4) for _, p in cost_accuracy.plans(w, 4, "gpt2")]
+    strategies = [s for p in plans for s in p.layers]
+    assert len(plans) >= 15
+    assert {p.pp for p in plans} >= {1, 2, 4} and {s.tp for s in strategies} >= {1, 2, 4}
+    assert {s.dp_type for s in strategies if s.dp > 1} == {"ddp", "zero2", "zero3"}
+    assert any(s.ckpt for s in strategies) and any(not s.tp_consecutive for s in strategies)
+    assert any(len(set(p.layers)) > 1 for p in plans) and any(len(set(p.pp_division)) > 1 for p in plans)
+
+
+def test_uniform_grid_and_search_keep_two_samples_per_rank():
+    from galvatron_fx.cluster import Cluster
+    from galvatron_fx.cost.model import CostModel
+    from galvatron_fx.cost.model_profile import ModelProfile
+    from galvatron_fx.passes.lower_stage import local_micro_batch
+
+    grid = plan_quality.uniform_grid(4, 2, 8)
+    names = [n for n, _ in grid]
+    assert len(names) == len(set(names)) and all(local_micro_batch(p) >= 2 for _, p in grid)
+    assert {(p.pp, p.layers[0].tp) for _, p in grid} == {(1, 1), (1, 2), (1, 4), (2, 1), (2, 2)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, batch = common.build_model("llama", "tiny", 2)
+        from galvatron_fx import capture
+        profile = ModelProfile.from_program(capture(model, example_kwargs=batch), flops_per_s=1e10)
+    cost = CostModel(profile, Cluster.detect({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}).hardware_profile())
+    searched = plan_quality.searched_plan(cost, 4, 2, 8, "4GiB")
+    assert local_micro_batch(searched) >= 2 and all(s.sp == "none" for s in searched.layers)
+    best_uniform = max(cost.evaluate(p).samples_per_s for _, p in grid)
+    assert searched.prediction.samples_per_s >= best_uniform * (1 - 1e-9)  # the search covers the grid
+
+
+def _workers(rank: int, world: int) -> dict:
+    hetero = Plan(world_size=2, layers=(LayerStrategy(dp=2, dp_type="zero3", ckpt=True), LayerStrategy(tp=2)),
+                  global_batch=8)
+    ours = cost_accuracy.run_plans(rank, world, "gpt2", "tiny", [("hetero", hetero)], 1, 1)
+    compared = runtime_overhead.compare(rank, world, "tiny", ["ddp", "pp"], 2, 1, 1, 1)
+    return {"ours": ours, "compared": {k: {"first_loss": v["first_loss"], "counts": {n: len(t) for n, t in v["times_s"].items()}}
+                                       for k, v in compared.items()}}
+
+
+def test_measuring_workers_on_two_ranks():
+    results = common.spawn(_workers, 2, timeout_s=300)
+    for rank, result in enumerate(results):
+        (row,) = result["ours"]
+        assert row["rank"] == rank and len(row["times_s"]) == 1 and row["times_s"][0] > 0
+        assert 0 < row["peak_bytes"] < 64 * MiB
+        for strategy, entry in result["compared"].items():
+            # the same weights and data: ours and native start from the same loss
+            assert math.isclose(entry["first_loss"]["ours"], entry["first_loss"]["native"], rel_tol=1e-5), strategy
+            assert entry["counts"] == {"ours": 1, "native": 1}
