@@ -19,7 +19,7 @@ import torch.utils._pytree as pytree
 
 from .capture import capture
 from .cluster import Cluster
-from .errors import ConfigError
+from .errors import ConfigError, GalvatronError, PlanError, ProfileError
 from .plan import Plan
 from .plan_sources import UniformPlan, resolve_given_plan
 from .program import Program
@@ -42,7 +42,7 @@ def compile(model: nn.Module, cluster: Cluster | None = None, *, example_args: t
             loss_fn: LossFn | None = None, optimizer: Callable[[Any], torch.optim.Optimizer] | None = None,
             memory_budget: "int | str | None" = None, plan: "Plan | UniformPlan | str | Path | None" = None,
             search_space: str = "full", profile: str = "analytic", mixed_precision: str = "fp32",
-            lr: float = 1e-3, seed: int | None = 0) -> "CompiledModel":
+            lr: float = 1e-3, seed: int | None = 0, init: "str | Callable[[nn.Module], None] | None" = None) -> "CompiledModel":
     """Capture, plan and lower ``model`` for the running process group; call it on every rank.
 
     ``example_args`` / ``example_kwargs``: one global batch, as the model's forward takes it (its first
@@ -52,6 +52,9 @@ def compile(model: nn.Module, cluster: Cluster | None = None, *, example_args: t
     default the cluster's device memory), or a plan JSON path (Galvatron's too), ``uniform_plan(...)``, or
     a ``Plan``. ``cluster=None`` detects the cluster from the launcher's environment. ``profile``:
     ``"analytic"`` (FLOPs and datasheet figures) or a model-profile JSON from ``galvatron-fx profile-model``.
+    ``init``: how each rank fills its own shards (``runtime.materialize``): ``"model"`` (the model's own
+    initialisation; the default for a model built on the meta device), ``"safetensors:DIR"`` (a Hugging Face
+    checkpoint folder, read slice by slice), or a function of the full meta model; ``None`` keeps the values.
     """
     from galvatron_fx import runtime
 
@@ -61,6 +64,12 @@ def compile(model: nn.Module, cluster: Cluster | None = None, *, example_args: t
     if cluster.world_size != world_size:
         raise ConfigError(f"the cluster has {cluster.world_size} devices ({cluster.nodes} × {cluster.devices_per_node}) "
                           f"but {world_size} processes run", "describe the cluster you launched on, or pass cluster=None to detect it")
+    from galvatron_fx.runtime import materialize as mat
+
+    on_meta = mat.has_meta_parameters(model)
+    init = init or ("model" if on_meta else None)
+    if isinstance(init, str) and init.startswith("safetensors:"):
+        mat.check_safetensors(init.removeprefix("safetensors:"), model)  # before any collective
     wrapped = _WithLoss(model, loss_fn) if loss_fn else model
     example_args, example_kwargs = tuple(example_args), dict(example_kwargs or {})
     program = _capture(wrapped, model, example_args, example_kwargs)
@@ -76,10 +85,14 @@ def compile(model: nn.Module, cluster: Cluster | None = None, *, example_args: t
         program = _capture(wrapped, model, *_resize_batch(example_args, example_kwargs, local_batch))
     trainer = runtime.Trainer(program, plan, config=runtime.TrainConfig(lr=lr, seed=seed, mixed_precision=mixed_precision),
                               optimizer=optimizer, device=device, model_name=program.model_name)
+    if init is not None:
+        mat.materialize(trainer.stage, model, init, seed or 0, device)
     return CompiledModel(program, plan, trainer, cost_model)
 
 
 def _capture(wrapped: nn.Module, model: nn.Module, args: tuple, kwargs: dict) -> Program:
+    if any(p.is_meta for p in model.parameters()):  # a meta model is captured with a meta batch (shapes only)
+        args, kwargs = pytree.tree_map(lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v, (args, kwargs))
     program = capture(wrapped, args, kwargs)
     program.model_name = type(model).__name__  # the user's model, not the loss wrapper
     return program
@@ -106,9 +119,16 @@ def _search_on_rank0(cost_model, world_size: int, memory_budget, search_space: s
 
     text = ""
     if dist.get_rank() == 0:
-        space = SearchSpace.named(search_space, global_batch=(global_batch, global_batch, 1))
-        text = json.dumps(search(cost_model, world_size, memory_budget, space, provenance=provenance).to_json_dict())
-    return Plan.from_json_dict(json.loads(broadcast_text(text)), source="searched plan")
+        try:
+            space = SearchSpace.named(search_space, global_batch=(global_batch, global_batch, 1))
+            text = json.dumps(search(cost_model, world_size, memory_budget, space, provenance=provenance).to_json_dict())
+        except GalvatronError as error:  # every rank must raise it, not wait for a plan
+            text = json.dumps({"error": {"type": type(error).__name__, "cause": error.cause, "remedy": error.remedy}})
+    data = json.loads(broadcast_text(text))
+    if "error" in data:
+        error_type = {cls.__name__: cls for cls in (PlanError, ConfigError, ProfileError)}.get(data["error"]["type"], GalvatronError)
+        raise error_type(data["error"]["cause"], data["error"]["remedy"])
+    return Plan.from_json_dict(data, source="searched plan")
 
 
 def broadcast_text(text: str, src: int = 0) -> str:

@@ -120,3 +120,30 @@ def test_per_layer_python_plan():
 
 def test_loss_function_given_apart_from_the_model():
     _assert_close(_distributed()[0]["loss_fn"]["losses"], _eager("nanogpt", 3, _next_token_loss))
+
+
+def bad_input_worker(rank: int, world_size: int) -> dict[str, str]:
+    """Each bad input must raise on every rank (no rank left waiting in a collective)."""
+    model, data = _model_and_data("gpt2")
+    outcomes = {}
+    attempts = {
+        "budget": dict(cluster=Cluster.preset("A100-80GB", nodes=1, devices_per_node=world_size), memory_budget="1MB"),
+        "cluster": dict(cluster=Cluster.preset("A100-80GB", nodes=1, devices_per_node=8)),
+        "other_model": dict(cluster=Cluster.preset("A100-80GB", nodes=1, devices_per_node=world_size),
+                            plan=Plan(world_size=world_size, layers=(LayerStrategy(dp=world_size),) * 7, global_batch=GLOBAL_BATCH)),
+    }
+    for name, options in attempts.items():
+        try:
+            galvatron_fx.compile(model, example_kwargs=data[0], **options)
+            outcomes[name] = "compiled"
+        except galvatron_fx.GalvatronError as error:
+            outcomes[name] = f"{type(error).__name__}: {error}"
+    return outcomes
+
+
+def test_bad_input_raises_on_every_rank():
+    results = runtime.spawn(bad_input_worker, 2, timeout_s=600)
+    for outcomes in results:
+        assert outcomes["budget"].startswith("PlanError") and "smallest budget" in outcomes["budget"], outcomes["budget"]
+        assert outcomes["cluster"].startswith("ConfigError") and "2 processes run" in outcomes["cluster"]
+        assert outcomes["other_model"].startswith("PlanError") and "7 layer strategies" in outcomes["other_model"]
