@@ -1,0 +1,171 @@
+"""Draw the plots of benchmarks/results/*.json (PNG, matplotlib) and write BENCHMARKS.md from them.
+
+    python benchmarks/report.py            # after the benchmarks have run
+
+Every figure in BENCHMARKS.md comes from a results JSON, next to the command that made it and the machine
+and load it was taken under; ``--search-speed FILE`` adds the search-scaling output (a text file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import REPO, RESULTS
+
+
+def _load(folder: Path, name: str) -> dict | None:
+    path = folder / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def plot_cost_accuracy(data: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = data["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
+    for ax, (pred, meas, unit, scale) in zip(axes, (("predicted_s", "measured_s", "iteration time (ms)", 1e3),
+                                                     ("predicted_peak_bytes", "measured_peak_bytes", "peak memory per rank (MiB)", 2**-20))):
+        for (model, world), marker in zip(sorted({(r["model"], r["world"]) for r in rows}), "osD^v<>"):
+            chosen = [r for r in rows if (r["model"], r["world"]) == (model, world)]
+            if pred == "predicted_peak_bytes":  # one point per rank
+                xs = [m * scale for r in chosen for m in r["measured_peak_bytes_per_rank"]]
+                ys = [p * scale for r in chosen for p in r["predicted_peak_bytes_per_rank"]]
+            else:
+                xs, ys = [r[meas] * scale for r in chosen], [r[pred] * scale for r in chosen]
+            ax.scatter(xs, ys, marker=marker, label=f"{model}, {world} procs", alpha=0.8)
+        values = [v for line in ax.collections for v in line.get_offsets().flatten()]
+        lo, hi = min(values) * 0.8, max(values) * 1.2
+        ax.plot([lo, hi], [lo, hi], "k-", lw=1, label="exact")
+        band = 0.10 if pred == "predicted_peak_bytes" else 0.25
+        ax.fill_between([lo, hi], [lo * (1 - band), hi * (1 - band)], [lo * (1 + band), hi * (1 + band)], color="grey", alpha=0.2,
+                        label=f"±{band:.0%}")
+        ax.set_xscale("log"), ax.set_yscale("log")
+        ax.set_xlabel(f"measured {unit}"), ax.set_ylabel(f"predicted {unit}")
+        ax.legend(fontsize=8)
+    s = data["summary"]
+    fig.suptitle(f"Cost model: median |time error| {s['median_time_error']:.0%}, Spearman {s['spearman_time']:.2f}; "
+                 f"median |memory error| {s['median_memory_error']:.0%}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_runtime_overhead(datasets: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels, ratios = [], []
+    for data in datasets:
+        for row in data["rows"]:
+            labels.append(f"{row['strategy']}\n{row['world']} procs")
+            ratios.append(row["ratio"])
+    ax.bar(range(len(ratios)), ratios, color=["tab:green" if r <= 1.05 else "tab:red" for r in ratios])
+    ax.axhline(1.0, color="k", lw=1)
+    ax.axhline(1.05, color="tab:red", ls="--", lw=1, label="target 1.05")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylabel("step time, ours / torch-native")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_plan_quality(data: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(data["rows"], key=lambda r: r["samples_per_s"])
+    colors = {"uniform": "tab:blue", "searched": "tab:orange", "native": "tab:grey"}
+    fig, ax = plt.subplots(figsize=(8, max(4, 0.25 * len(rows))))
+    ax.barh(range(len(rows)), [r["samples_per_s"] for r in rows], color=[colors[r["kind"]] for r in rows])
+    ax.set_yticks(range(len(rows)), [r["plan"] for r in rows], fontsize=7)
+    ax.set_xlabel("measured samples/s")
+    for kind, color in colors.items():
+        ax.barh([], [], color=color, label=kind)
+    ax.legend(loc="lower right")
+    ax.set_title(f"{data['model']}, {data['world']} processes, global batch {data['global_batch']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _environment(data: dict) -> str:
+    env = data["environment"]
+    load = env.get("load_average_at_start")
+    where = env.get("cuda") or f"CPU ({env['cpus']} cores, {env['backend']})"
+    return (f"{env['time']}, {where}, torch {env['torch']}"
+            + (f", load average at start {load[0]:.1f}" if load else ""))
+
+
+def write_markdown(folder: Path, out: Path, search_speed: str | None) -> str:
+    cost = _load(folder, "cost_accuracy")
+    overheads = [d for d in (_load(folder, f"runtime_overhead_w{w}") for w in (2, 4, 8)) if d]
+    quality = [d for d in (_load(folder, f"plan_quality_w{w}") for w in (2, 4, 8)) if d]
+    rel = lambda p: p.relative_to(out.parent).as_posix()  # noqa: E731
+    parts = ["# Benchmarks", "",
+             "Latest figures; each section names the command that made it, the machine and its load. "
+             "Regenerate this file with `python benchmarks/report.py` after running the benchmarks. "
+             "Timing targets are ratios measured side by side in one run; none is asserted in the test suite.", ""]
+    if cost:
+        plot = folder / "cost_accuracy.png"
+        plot_cost_accuracy(cost, plot)
+        s = cost["summary"]
+        parts += ["## 1. Cost-model accuracy", "", f"`{cost['command']}` — {_environment(cost)}", "",
+                  f"{s['plans']} plans. Median |time error| **{s['median_time_error']:.1%}** (target ≤ 10 %), worst "
+                  f"**{s['worst_time_error']:.1%}** (≤ 25 %); Spearman rank correlation of predicted and measured time "
+                  f"**{s['spearman_time']:.3f}** (≥ 0.9); memory per rank: median |error| **{s['median_memory_error']:.1%}**, "
+                  f"worst **{s['worst_memory_error']:.1%}** (≤ 10 %).", "",
+                  f"![cost model accuracy]({rel(plot)})", "", cost["table"], "",
+                  f"MFU against {cost['peak_source']}.", ""]
+    if overheads:
+        plot = folder / "runtime_overhead.png"
+        plot_runtime_overhead(overheads, plot)
+        parts += ["## 2. Runtime overhead against torch-native parallelism", ""]
+        for data in overheads:
+            parts += [f"`{data['command']}` — {_environment(data)}", "", data["table"], ""]
+        parts += [f"![runtime overhead]({rel(plot)})", "", f"MFU against {overheads[0]['peak_source']}.", ""]
+    for data in quality:
+        plot = folder / f"plan_quality_w{data['world']}.png"
+        plot_plan_quality(data, plot)
+        s = data["summary"]
+        parts += [f"## 3. Plan quality ({data['world']} processes)", "", f"`{data['command']}` — {_environment(data)}", "",
+                  f"Searched plan: {s['searched_description']}. Measured **{s['searched_samples_per_s']:.2f} samples/s** = "
+                  f"**{s['ratio_to_best_plan']:.3f}** × the best measured plan (target ≥ 0.95) and "
+                  f"**{(s['ratio_to_best_native'] or 0):.3f}** × the best torch-native baseline (target ≥ 1).", "",
+                  f"![plan quality]({rel(plot)})", "", data["table"], ""]
+    if search_speed:
+        parts += ["## 4. Search scaling", "", search_speed.strip(), ""]
+    parts += ["## 5. Throughput and MFU", "",
+              "Every table above reports samples/s and model FLOPs utilisation: graph-counted forward + backward FLOPs "
+              "per step (recomputation not counted), over the step time and the summed peak of the devices from the "
+              "cluster preset (GPUs: the datasheet dense peak of the training dtype; on CPU the preset's nominal "
+              "100 GFLOP/s per process, so CPU MFU figures only compare runs with each other).", ""]
+    text = "\n".join(parts)
+    out.write_text(text)
+    return text
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
+    parser.add_argument("--search-speed", default=None, help="a text file with the search-scaling section (Markdown)")
+    args = parser.parse_args(argv)
+    search_speed = Path(args.search_speed).read_text() if args.search_speed else None
+    write_markdown(Path(args.results), Path(args.out), search_speed)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
