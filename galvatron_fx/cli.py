@@ -16,6 +16,7 @@ COMMANDS = {
     "profile-model": ("profile_model", "profile each layer type's time and memory; write a model profile"),
     "viz": ("viz", "draw a plan: HTML page, ONNX for Netron, Graphviz DOT"),
     "train": ("train", "train an example model under torchrun with a searched or given plan"),
+    "search": ("search", "search the fastest hybrid-parallel plan under a memory budget (offline)"),
 }
 
 

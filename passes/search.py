@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from galvatron_fx.errors import PlanError
-from galvatron_fx.plan import Plan
+from galvatron_fx.plan import Plan, even_division
 from galvatron_fx.units import format_bytes, parse_bytes
 
 from .search_front import build_cost_table, subset
@@ -70,6 +70,7 @@ class SearchEngine:
         self.tables: dict[tuple[int, int], Any] = {}
         self.embedding_parts: dict = {}
         self.uniform_tables: dict = {}
+        self.folded_tables: dict = {}
         self.left_out: dict[str, set] = {}
         self.visited = 0
 
@@ -178,6 +179,7 @@ class SearchEngine:
         devices, mb = self.world_size // pp, gb // c
         solver = StageSolver(self, table, pp, mb, c, k)
         embeddings = self.space.embedding_strategies(devices)
+        self.seed_uniform(table, solver, pp, gb, c, pipeline, k, mode, embeddings)
         ranked = sorted(embeddings, key=lambda e: sum(p.x_s for p in self.parts(devices, mb, pp, e, mode)))
         for embedding in ranked:
             bound_s = gb / self.best_throughput if self.best_throughput > 0 else np.inf
@@ -201,6 +203,42 @@ class SearchEngine:
                 time_s = true.iteration_time_s
             self.best_throughput = gb / time_s
             self.best = plan
+
+    def seed_uniform(self, table, solver, pp, gb, c, pipeline, k, mode, embeddings) -> None:
+        """A first incumbent, cheaply: every uniform plan (one strategy for all layers, even division),
+        priced with the contract's formula, vectorised over strategies. Its time is exact (equal layouts
+        redistribute nothing), so it only ever tightens the bounds."""
+        n = len(table.strategies)
+        ok = np.logical_and.reduce([table.allowed[t] for t in self.types])
+        if mode != "ddp":   # ZeRO-3 everywhere would price the embedding as DDP in evaluate()
+            ok &= np.array([st.dp_type != "zero3" for st in table.strategies])
+        if not ok.any():
+            return
+        division = even_division(len(self.types), pp)
+        syncs = c if self.space.grad_sync_every_micro_batch else 1
+        best = (np.inf, None, None)
+        for embedding in embeddings:
+            parts = self.parts(self.world_size // pp, gb // c, pp, embedding, mode)
+            X, G, fits = np.zeros((pp, n)), np.zeros((pp, n)), ok.copy()
+            start = 0
+            for s, count in enumerate(division):
+                layer_types = self.types[start:start + count]
+                part = parts[s]
+                X[s] = sum(table.x[t] for t in layer_types) + part.x_s + (solver.p2p[s, start + count] if s < pp - 1 else 0.0)
+                G[s] = (sum(table.g[t] for t in layer_types) + part.g_s) * syncs
+                memory = sum(table.ms[t] + k[s] * table.act[t] for t in layer_types) + part.model_state_bytes + k[s] * part.activation_bytes
+                memory = memory + np.maximum(np.max([table.peak[t] for t in layer_types], axis=0), part.peak_bytes)
+                fits &= memory <= self.budget
+                start += count
+            T = np.where(fits, X.sum(0) + (c - 1) * X.max(0) + G.max(0), np.inf)
+            j = int(np.argmin(T))
+            if T[j] < best[0]:
+                best = (float(T[j]), j, embedding)
+        if best[1] is not None and gb / best[0] > self.best_throughput:
+            self.best_throughput = gb / best[0]
+            self.best = Plan(world_size=self.world_size, layers=(table.strategies[best[1]],) * len(self.types), pp=pp,
+                             pp_division=division, pipeline=pipeline, chunks=c, global_batch=gb, embedding=best[2],
+                             grad_sync_every_micro_batch=self.space.grad_sync_every_micro_batch)
 
     # -- reporting ---------------------------------------------------------------------------------------
     def left_out_summary(self) -> list[str]:

@@ -25,33 +25,35 @@ from galvatron_fx.plan import LayerStrategy
 _BLOCK = 256
 
 
-def pareto_indices(M: np.ndarray, X: np.ndarray, G: np.ndarray) -> np.ndarray:
-    """Indices of the points not dominated in (M, X, G), all minimised; of equal points one is kept."""
+def pareto_indices(M: np.ndarray, X: np.ndarray, G: np.ndarray, group: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the points not dominated in (M, X, G), all minimised, within each ``group`` (points of
+    different groups never dominate each other); of equal points one is kept. Sorted by (group, M, X)."""
     n = len(M)
     if n <= 1:
         return np.arange(n)
-    order = np.lexsort((G, X, M))
-    m, x, g = M[order], X[order], G[order]
-    if g[0] == g.max() == g.min():
-        # 2-D: after sorting by M, a point survives iff its X beats every earlier X.
+    grp = np.zeros(n, np.int64) if group is None else group
+    order = np.lexsort((G, X, M, grp))
+    x, g, c = X[order], G[order], grp[order]
+    if g.min() == g.max():
+        # 2-D: in (group, M) order a point survives iff its X beats every earlier X of its group. Exact
+        # integer ranks shifted down per group make one running minimum restart at each group.
+        rank = np.unique(x, return_inverse=True)[1].astype(np.int64) - c * (n + 1)
         keep = np.empty(n, bool)
         keep[0] = True
-        keep[1:] = x[1:] < np.minimum.accumulate(x)[:-1]
+        keep[1:] = rank[1:] < np.minimum.accumulate(rank)[:-1]
         return order[keep]
-    kept_x = np.empty(0)
-    kept_g = np.empty(0)
+    kept_x, kept_g, kept_c = np.empty(0), np.empty(0), np.empty(0, np.int64)
     keep = np.zeros(n, bool)
     for start in range(0, n, _BLOCK):
-        bx, bg = x[start:start + _BLOCK], g[start:start + _BLOCK]
-        # dominated by an earlier block's survivor (earlier in (M, X, G) order, so M is no larger)
-        dom = ((kept_x[None, :] <= bx[:, None]) & (kept_g[None, :] <= bg[:, None])).any(axis=1)
-        # dominated inside the block by an earlier point
-        inner = (bx[None, :] <= bx[:, None]) & (bg[None, :] <= bg[:, None])
+        bx, bg, bc = x[start:start + _BLOCK], g[start:start + _BLOCK], c[start:start + _BLOCK]
+        # dominated by an earlier survivor of the same group (earlier in (M, X, G) order: M no larger)
+        dom = ((kept_x[None, :] <= bx[:, None]) & (kept_g[None, :] <= bg[:, None]) & (kept_c[None, :] == bc[:, None])).any(axis=1)
+        inner = (bx[None, :] <= bx[:, None]) & (bg[None, :] <= bg[:, None]) & (bc[None, :] == bc[:, None])
         inner &= np.tri(len(bx), k=-1, dtype=bool)
         dom |= inner.any(axis=1)
         keep[start:start + _BLOCK] = ~dom
-        kept_x = np.concatenate([kept_x, bx[~dom]])
-        kept_g = np.concatenate([kept_g, bg[~dom]])
+        kept_x, kept_g, kept_c = (np.concatenate([kept_x, bx[~dom]]), np.concatenate([kept_g, bg[~dom]]),
+                                  np.concatenate([kept_c, bc[~dom]]))
     return order[keep]
 
 
@@ -81,6 +83,33 @@ def subset(table: CostTable, keep: list[int]) -> CostTable:
                                                             (table.allowed, table.ms, table.act, table.x, table.g, table.peak)))
     out.redistribution = {key: m[np.ix_(classes, classes)] for key, m in table.redistribution.items()}
     return out
+
+
+def folded(table: CostTable, chunks: int, syncs: int = 1) -> CostTable:
+    """Costs with X := chunks·X + syncs·G and G := 0: with one stage the iteration time is exactly c·X + G, so
+    the fronts lose a dimension."""
+    out = CostTable(table.strategies, table.layout, table.layouts, table.allowed, table.ms, table.act,
+                    {t: chunks * table.x[t] + syncs * table.g[t] for t in table.x}, {t: np.zeros_like(v) for t, v in table.g.items()},
+                    table.peak)
+    out.redistribution = _Scaled(table.redistribution, chunks)
+    return out
+
+
+class _Scaled(dict):
+    """A view of a redistribution cache with every matrix multiplied by ``factor`` (filled on demand)."""
+
+    def __init__(self, base: dict, factor: float):
+        super().__init__()
+        self.base, self.factor = base, factor
+
+    def __contains__(self, key) -> bool:
+        return key in self.base
+
+    def __getitem__(self, key):
+        return self.base[key] * self.factor
+
+    def __setitem__(self, key, value):
+        self.base[key] = value / self.factor
 
 
 def layout_key(strategy: LayerStrategy) -> tuple:
@@ -157,34 +186,36 @@ class Front:
 def extend(front: Front | None, table: CostTable, layer_type: str, redistribution: np.ndarray | None,
            in_flight: int, cap_bytes: int, memory_limit: int, time_limit_s: float) -> Front:
     """The front after one more layer of ``layer_type`` (strategies with peak <= ``cap_bytes`` only)."""
-    usable = table.allowed[layer_type] & (table.peak[layer_type] <= cap_bytes)
-    mem = table.ms[layer_type] + in_flight * table.act[layer_type]
-    x, g = table.x[layer_type], table.g[layer_type]
+    usable = np.flatnonzero(table.allowed[layer_type] & (table.peak[layer_type] <= cap_bytes))
+    mem = (table.ms[layer_type] + in_flight * table.act[layer_type])[usable]
+    x, g, cls = table.x[layer_type][usable], table.g[layer_type][usable], table.layout[usable]
     out = Front(front, {}, {}, {}, {}, {}, {})
-    if front is not None:
+    if front is None:
+        M, X, G, C = mem, x.copy(), g.copy(), cls
+        pc, pi, st = np.full(len(usable), -1), np.full(len(usable), -1), usable
+    else:
         sM, sX, sG, sC, sI = front.merged()
-    for c in range(len(table.layouts)):
-        J = np.flatnonzero(usable & (table.layout == c))
-        if len(J) == 0:
-            continue
-        if front is None:
-            M, X, G = mem[J], x[J].copy(), g[J].copy()
-            pc, pi, st = np.full(len(J), -1), np.full(len(J), -1), J
-        else:
-            if len(sM) == 0:
-                continue
-            shifted = sX + redistribution[sC, c]
-            keep = pareto_indices(sM, shifted, sG)
-            M = (sM[keep][:, None] + mem[J][None, :]).ravel()
-            X = (shifted[keep][:, None] + x[J][None, :]).ravel()
-            G = (sG[keep][:, None] + g[J][None, :]).ravel()
-            pc = np.repeat(sC[keep], len(J))
-            pi = np.repeat(sI[keep], len(J))
-            st = np.tile(J, len(keep))
-        ok = np.flatnonzero((M <= memory_limit) & (X <= time_limit_s))
-        M, X, G, pc, pi, st = M[ok], X[ok], G[ok], pc[ok], pi[ok], st[ok]
-        keep = pareto_indices(M, X, G)
-        if len(keep):
-            out.M[c], out.X[c], out.G[c] = M[keep], X[keep], G[keep]
-            out.parent_class[c], out.parent_index[c], out.strategy[c] = pc[keep], pi[keep], st[keep]
+        if len(sM) == 0 or len(usable) == 0:
+            return out
+        targets = np.unique(cls)
+        # sources seen from each target class (redistribution differs), pruned per target class first
+        tM, tX, tG = np.tile(sM, len(targets)), (sX[None, :] + redistribution[sC][:, targets].T).ravel(), np.tile(sG, len(targets))
+        tT = np.repeat(targets, len(sM))
+        src = np.tile(np.arange(len(sM)), len(targets))
+        keep = pareto_indices(tM, tX, tG, tT)
+        tM, tX, tG, tT, src = tM[keep], tX[keep], tG[keep], tT[keep], src[keep]
+        # every kept source × every strategy of its target class
+        pair_src, pair_j = np.nonzero(tT[:, None] == cls[None, :])
+        M, X, G = tM[pair_src] + mem[pair_j], tX[pair_src] + x[pair_j], tG[pair_src] + g[pair_j]
+        C, pc, pi, st = cls[pair_j], sC[src[pair_src]], sI[src[pair_src]], usable[pair_j]
+    ok = np.flatnonzero((M <= memory_limit) & (X <= time_limit_s))
+    M, X, G, C, pc, pi, st = M[ok], X[ok], G[ok], C[ok], pc[ok], pi[ok], st[ok]
+    keep = pareto_indices(M, X, G, C)
+    M, X, G, C, pc, pi, st = M[keep], X[keep], G[keep], C[keep], pc[keep], pi[keep], st[keep]
+    bounds = np.flatnonzero(np.diff(C)) + 1          # pareto_indices sorts by group first
+    for lo, hi in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(C)]])):
+        if hi > lo:
+            c = int(C[lo])
+            out.M[c], out.X[c], out.G[c] = M[lo:hi], X[lo:hi], G[lo:hi]
+            out.parent_class[c], out.parent_index[c], out.strategy[c] = pc[lo:hi], pi[lo:hi], st[lo:hi]
     return out

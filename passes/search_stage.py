@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .search_front import Front, extend, pareto_indices, redistribution_matrix
+from .search_front import Front, extend, folded, pareto_indices, redistribution_matrix
 
 _TOL = 1e-12
 
@@ -62,6 +62,15 @@ class StageSolver:
     """Everything for one (pp, devices, micro-batch, chunks, in-flight) setting; caches across embeddings."""
 
     def __init__(self, engine, table, pp: int, micro_batch: int, chunks: int, in_flight: tuple[int, ...]):
+        # One stage: time = c·X + G exactly, so fold G into X (2-D fronts) and run the formula with c = 1.
+        self.fold = chunks if pp == 1 else None
+        if self.fold:
+            key = (id(table), chunks)
+            if key not in engine.folded_tables:
+                syncs = chunks if engine.space.grad_sync_every_micro_batch else 1
+                engine.folded_tables[key] = (table, folded(table, chunks, syncs))
+            table, chunks = engine.folded_tables[key][1], 1
+        self.time_scale = self.fold or 1
         self.engine, self.table, self.pp, self.mb, self.c, self.k = engine, table, pp, micro_batch, chunks, in_flight
         self.types = engine.types
         L = len(self.types)
@@ -70,6 +79,7 @@ class StageSolver:
         self.caps = np.unique(peaks) if len(peaks) else np.zeros(0, np.int64)
         xmin = np.array([table.x[t][ok].min() if ok.any() else np.inf for t, ok in zip(self.types, usable)])
         self.rest_x = np.concatenate([np.cumsum(xmin[::-1])[::-1], [0.0]])   # Σ_{l >= a} fastest x
+        self.xmin = float(xmin.min()) if len(xmin) else 0.0
         self.p2p = np.zeros((pp, L + 1))
         for s in range(pp - 1):
             for b in range(s + 1, L - (pp - 2 - s)):
@@ -79,25 +89,37 @@ class StageSolver:
     # -- layer and stage fronts --------------------------------------------------------------------------
     def layer_front(self, a: int, b: int, k: int, cap_index: int) -> Front | None:
         key = (self.types[a:b], self.engine.boundary_group[a + 1:b], k, cap_index)
-        memo = self.engine.front_memo.setdefault((id(self.table), self.mb), {})
-        if key in memo:
-            return memo[key]
+        memo = self.engine.front_memo.setdefault(id(self.table), {})
+        limit_s = self.time_limit(b - a)
+        if key in memo and memo[key][1] >= limit_s:
+            return memo[key][0]
         prev = self.layer_front(a, b - 1, k, cap_index) if b - a > 1 else None
         if b - a > 1 and (prev is None or not prev.M):
-            memo[key] = None
+            memo[key] = (None, limit_s)
             return None
         cap = int(self.caps[cap_index])
         redis = None
         if prev is not None:
             group = self.engine.boundary_group[b - 1]
             redis = redistribution_matrix(self.engine.cost_model, self.table, group, self.engine.group_index[group], self.mb)
-        limit_s = self.mb / self.engine.best_throughput * (1 + 1e-9) if self.engine.best_throughput > 0 else np.inf
         front = extend(prev, self.table, self.types[b - 1], redis, k, cap, self.engine.budget - cap, limit_s)
-        memo[key] = front
+        memo[key] = (front, limit_s)
         return front
+
+    def time_limit(self, layers: int) -> float:
+        """Largest X a run of ``layers`` layers may have in a plan that beats the best one found: the
+        iteration time is at least c·X_s of its stage plus the fastest time of every other layer."""
+        if self.engine.best_throughput <= 0:
+            return np.inf
+        bound_s = self.time_scale * self.c * self.mb / self.engine.best_throughput    # global batch / best samples/s
+        others = (len(self.types) - layers) * self.xmin
+        return (bound_s - others) / self.c * (1 + 1e-9) + 1e-12
 
     def stage_front(self, s: int, a: int, b: int, part: EmbeddingPart) -> StageFront | None:
         k = self.k[s]
+        if self.fold:
+            syncs = self.fold if self.engine.space.grad_sync_every_micro_batch else 1
+            part = EmbeddingPart(self.fold * part.x_s + syncs * part.g_s, 0.0, part.model_state_bytes, part.activation_bytes, part.peak_bytes)
         key = (self.types[a:b], self.engine.boundary_group[a + 1:b], k, part)
         if key in self._stage_cache:
             return self._stage_cache[key]
@@ -114,7 +136,7 @@ class StageSolver:
         result = None
         if xs and sum(map(len, xs)):
             X, G = np.concatenate(xs), np.concatenate(gs)
-            if self.engine.space.grad_sync_every_micro_batch:
+            if self.engine.space.grad_sync_every_micro_batch and not self.fold:
                 G = G * self.c
             keep = pareto_indices(X, G, np.zeros(len(X)))
             result = StageFront(X[keep], G[keep], np.concatenate(caps)[keep], np.concatenate(cls)[keep], np.concatenate(idx)[keep])
