@@ -1,0 +1,114 @@
+"""Search speed and quality (not a test): prints tables and writes benchmarks/results/search_speed.json.
+
+1. The reference case: Galvatron's LLaMA-2-7B profiles, 1 node × 8 GPUs, 36 GB, bf16, global batch 16,
+   every chunk count, full space with Megatron-SP. Search wall time, our plan's predicted samples/s and
+   Galvatron's strategy file's, both under our cost model (Galvatron's engine: 82 s, 14.73 samples/s).
+2. Scale: the same layer profile repeated to 80 layers on 64 nodes × 8 GPUs (A100 preset) with a batch range.
+3. Search time against layers (12..192) and devices (8..4096), each run capped (--cap seconds).
+
+Usage: python benchmarks/search_speed.py [--quick] [--cap 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import signal
+import time
+from pathlib import Path
+
+from galvatron_fx.cluster import Cluster
+from galvatron_fx.cost.galvatron_import import load_hardware, load_model
+from galvatron_fx.cost.model import CostModel
+from galvatron_fx.errors import PlanError
+from galvatron_fx.passes.search import search
+from galvatron_fx.passes.search_space import SearchSpace
+from galvatron_fx.plan import Plan
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = ROOT / "tests" / "fixtures" / "galvatron-llama2-7b"
+GALVATRON = {"search_s": 82.0, "samples_per_s": 14.73}
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _timed_search(cost_model, world, budget, space, cap_s):
+    def alarm(*_):
+        raise _Timeout()
+    signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(int(cap_s))
+    started = time.perf_counter()
+    try:
+        plan = search(cost_model, world, budget, space)
+        return time.perf_counter() - started, plan
+    except _Timeout:
+        return None, None
+    except PlanError as error:
+        return time.perf_counter() - started, str(error)
+    finally:
+        signal.alarm(0)
+
+
+def _scaled(layers: int, nodes: int, per_node: int) -> CostModel:
+    """LLaMA-2-7B's layer profile repeated ``layers`` times, on an A100-80GB preset cluster."""
+    profile = load_model(FIXTURE)
+    profile = dataclasses.replace(profile, layer_types=[profile.layer_types[0]] * layers,
+                                  cut_bytes_per_sample=[profile.cut_bytes_per_sample[0]] * layers)
+    return CostModel(profile, Cluster.preset("A100-80GB", nodes=nodes, devices_per_node=per_node).hardware_profile(),
+                     mixed_precision="bf16")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="skip the sweeps")
+    parser.add_argument("--cap", type=float, default=60.0, help="seconds per sweep search")
+    args = parser.parse_args()
+    results: dict = {}
+
+    cost_model = CostModel(load_model(FIXTURE), load_hardware(FIXTURE, memory_bytes=36 * 10**9), mixed_precision="bf16")
+    theirs = cost_model.evaluate(Plan.load(FIXTURE / "galvatron_config_llama2-7b_1nodes_8gpus_per_node_36GB_bf16.json", world_size=8))
+    space = SearchSpace(global_batch=(16, 16, 1))
+    started = time.perf_counter()
+    ours = search(cost_model, 8, "36GB", space)
+    wall = time.perf_counter() - started
+    results["fixture"] = {"search_s": wall, "ours_samples_per_s": ours.prediction.samples_per_s,
+                          "galvatron_plan_samples_per_s_our_model": theirs.samples_per_s, "galvatron_engine": GALVATRON,
+                          "plan": ours.to_json_dict()}
+    print("reference case (LLaMA-2-7B, 1x8, 36 GB, bf16, global batch 16, full space)")
+    print(f"  search wall time      {wall:8.2f} s   (Galvatron's engine: {GALVATRON['search_s']:.0f} s; target <= 1 s)")
+    print(f"  our plan              {ours.prediction.samples_per_s:8.3f} samples/s (our cost model)")
+    print(f"  Galvatron's plan      {theirs.samples_per_s:8.3f} samples/s (our cost model; Galvatron's own estimate {GALVATRON['samples_per_s']})")
+    print(f"  ratio ours/theirs     {ours.prediction.samples_per_s / theirs.samples_per_s:8.3f}")
+
+    scale_space = SearchSpace(global_batch=(256, 1024, 256), chunks=(1, 2, 4, 8, 16, 32, 64))
+    seconds, plan = _timed_search(_scaled(80, 64, 8), 512, "80GB", scale_space, 600)
+    results["scale"] = {"layers": 80, "devices": 512, "search_s": seconds,
+                        "samples_per_s": plan.prediction.samples_per_s if isinstance(plan, Plan) else None}
+    print(f"scale case (80 layers, 64x8 A100, batch 256..1024 step 256): "
+          f"{'over 600 s' if seconds is None else f'{seconds:.1f} s'} (target <= 30 s)")
+
+    if not args.quick:
+        rows = []
+        for layers in (12, 24, 48, 96, 192):
+            seconds, _ = _timed_search(_scaled(layers, 1, 8), 8, "80GB", SearchSpace(global_batch=(64, 64, 1)), args.cap)
+            rows.append({"layers": layers, "devices": 8, "search_s": seconds})
+        for nodes in (1, 4, 16, 64, 512):
+            seconds, _ = _timed_search(_scaled(32, nodes, 8), nodes * 8, "80GB",
+                                       SearchSpace(global_batch=(nodes * 64, nodes * 64, 1)), args.cap)
+            rows.append({"layers": 32, "devices": nodes * 8, "search_s": seconds})
+        results["sweep"] = rows
+        print(f"{'layers':>7} {'devices':>8} {'search s':>10}")
+        for row in rows:
+            print(f"{row['layers']:>7} {row['devices']:>8} {'> cap' if row['search_s'] is None else format(row['search_s'], '.2f'):>10}")
+
+    out = ROOT / "benchmarks" / "results" / "search_speed.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
