@@ -177,6 +177,21 @@ class CompiledModel:
         """The mean loss of the global ``batch`` without updating anything; on every rank."""
         return self.trainer.evaluate(self._kwargs(batch))
 
+    def save_checkpoint(self, directory: str | Path) -> Path:
+        """Write parameters (under the model's own names), optimizer states, step and RNG state into
+        ``directory``, sharded and atomically (``runtime.checkpoint``); on every rank."""
+        from galvatron_fx.runtime import checkpoint
+
+        return checkpoint.save(self.trainer, directory)
+
+    def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
+        """Continue from a checkpoint saved under any plan or world size; returns its manifest (``step``...).
+        A half-written, corrupt or foreign checkpoint raises CheckpointError on every rank, before any
+        collective. On every rank."""
+        from galvatron_fx.runtime import checkpoint
+
+        return checkpoint.load(self.trainer, directory)
+
     def save_plan(self, path: str | Path) -> None:
         """Write the plan as JSON (Galvatron's keys plus ours)."""
         self.plan.save(path)

@@ -482,7 +482,8 @@ def refresh_meta(gm: fx.GraphModule) -> None:
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     inputs = []
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))  # meta for a model built on meta
     for node in gm.graph.find_nodes(op="placeholder"):
         value = node.meta.get("val")
-        inputs.append(mode.from_tensor(torch.empty(value.shape, dtype=value.dtype)) if isinstance(value, torch.Tensor) else value)
+        inputs.append(mode.from_tensor(torch.empty(value.shape, dtype=value.dtype, device=device)) if isinstance(value, torch.Tensor) else value)
     FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)

@@ -339,7 +339,8 @@ def retarget_device(stage: StageModule, context: LoweringContext) -> StageModule
                 node.args = fx.node.map_aggregate(node.args, move)
                 node.kwargs = fx.node.map_aggregate(node.kwargs, move)
             module.recompile()
-    stage.to(device)
+    if not any(p.is_meta for p in stage.parameters()):  # meta stages are materialised shard by shard later
+        stage.to(device)
     return stage
 
 

@@ -1,0 +1,377 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP): sharded, atomic, loadable under another plan.
+
+What is saved. Every parameter under the user's fully-qualified name (``model/<name>``) in its full shape,
+each rank writing only the blocks it holds: FSDP2 shards, tensor-parallel shards (their ``ShardMap``, see
+``runtime.materialize``, cut into boxes) and replicated tensors (DCP keeps one copy). Optimizer states of the
+parameter's shape follow the parameter's blocks (``optim/<name>/<state>``); scalars such as Adam's ``step``
+are saved whole. Each rank's RNG state is ``rng/<rank>/<device>``. A JSON manifest holds the step counter, the
+plan, the optimizer's hyperparameters, every tensor's shape and dtype, and the size and SHA-256 of every file.
+
+Resharding. On load each rank asks DCP for the blocks *it* holds under the current plan; DCP reads the
+overlapping parts of the saved blocks, whatever plan or world size wrote them. RNG states are restored only
+when the world size is the same (the trainer's dropout draws from (seed, step) anyway).
+
+Atomicity. All ranks write into ``.<name>.partial`` next to the target; rank 0 then writes the manifest (the
+completion marker) and renames the folder to its name. A folder without a valid manifest, with a file whose
+size or hash differs, or written for another model is refused with a CheckpointError on every rank before
+any collective. Nothing is unpickled freely: tensors load with ``weights_only=True`` and DCP's metadata file
+with an unpickler that admits only DCP's own metadata classes. The folder must be visible to all ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta,
+                                                   TensorProperties)
+from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.tensor import DTensor
+
+from galvatron_fx.errors import GalvatronError
+
+from .materialize import LocalShard, ShardMap, local_shards
+
+FORMAT = "galvatron-fx-checkpoint/1"
+MANIFEST = "galvatron_checkpoint.json"
+
+
+class CheckpointError(GalvatronError):
+    """A checkpoint is half-written, corrupt, or belongs to another model."""
+
+
+# -- what each rank holds ------------------------------------------------------------------------------------
+def _local(value: torch.Tensor) -> torch.Tensor:
+    return (value.to_local() if isinstance(value, DTensor) else value).detach()
+
+
+def _rng_states(device: torch.device) -> dict[str, torch.Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def state_shards(trainer, with_optimizer: bool = True) -> dict[str, LocalShard]:
+    """Checkpoint key → this rank's piece of it (a view of the live tensor and where it sits in the full one)."""
+    params = local_shards(trainer.stage)
+    out = {f"model/{name}": shard for name, shard in params.items()}
+    if with_optimizer:
+        live = trainer.stage.user_parameters()
+        for name, param in live.items():
+            for key, value in trainer.optimizer.state.get(param, {}).items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                local = _local(value)
+                same = local.dim() > 0 and tuple(local.shape) == params[name].map.local_shape
+                out[f"optim/{name}/{key}"] = LocalShard(local, params[name].map if same else ShardMap.whole(local.shape))
+    rank = dist.get_rank()
+    for device, state in _rng_states(trainer.device).items():
+        out[f"rng/{rank}/{device}"] = LocalShard(state, ShardMap.whole(state.shape))
+    return out
+
+
+# -- DCP planners over boxes -----------------------------------------------------------------------------------
+class _BoxSavePlanner(DefaultSavePlanner):
+    """Writes each LocalShard as the boxes of the full tensor it covers; DCP drops duplicate boxes (replicas)."""
+
+    def __init__(self, shards: dict[str, LocalShard]):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.shards = shards
+        self.blocks: dict[MetadataIndex, torch.Tensor] = {}
+
+    def set_up_planner(self, state_dict, storage_meta=None, is_coordinator: bool = False) -> None:
+        self.state_dict, self.is_coordinator = state_dict, is_coordinator
+
+    def create_local_plan(self) -> SavePlan:
+        items = []
+        for key, shard in self.shards.items():
+            properties = TensorProperties.create_from_tensor(shard.tensor)
+            for box in shard.map.boxes():
+                index = MetadataIndex(key, box.full_offsets)
+                self.blocks[index] = box.of(shard.tensor)
+                chunk = ChunkStorageMetadata(offsets=torch.Size(box.full_offsets), sizes=torch.Size(box.sizes))
+                items.append(WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=TensorWriteData(
+                    chunk=chunk, properties=properties, size=torch.Size(shard.map.full_shape))))
+        self.plan = SavePlan(items)
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
+        return self.blocks[write_item.index].detach().clone()  # its own storage: only the block is written
+
+
+class _BoxLoadPlanner(DefaultLoadPlanner):
+    """Reads, for each LocalShard, the parts of the saved blocks that overlap the boxes this rank holds."""
+
+    def __init__(self, shards: dict[str, LocalShard]):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.shards = shards
+        self.targets: dict[tuple[str, int], torch.Tensor] = {}
+
+    def set_up_planner(self, state_dict, metadata: Metadata | None = None, is_coordinator: bool = False) -> None:
+        self.state_dict, self.metadata, self.is_coordinator = state_dict, metadata, is_coordinator
+
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for key, shard in self.shards.items():
+            boxes = list(shard.map.boxes())
+            for i, box in enumerate(boxes):
+                self.targets[(key, i)] = box.of(shard.tensor)
+            chunks = [ChunkStorageMetadata(torch.Size(b.full_offsets), torch.Size(b.sizes)) for b in boxes]
+            items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], chunks)
+        return LoadPlan(items)
+
+    def resolve_tensor(self, read_item) -> torch.Tensor:
+        target = self.targets[(read_item.dest_index.fqn, read_item.dest_index.index)]
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            target = target.narrow(dim, start, length)
+        return target
+
+    def commit_tensor(self, read_item, tensor: torch.Tensor) -> None:
+        pass  # resolve_tensor returned a view of the live tensor: the data is already in place
+
+
+_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", n) for n in
+    ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+     "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("collections", "OrderedDict"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+    ("torch.distributed.checkpoint.planner", "WriteItemType"), ("torch.distributed.checkpoint.planner", "LoadItemType")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits DCP's metadata classes and torch dtypes/layouts/memory formats, nothing else."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_CLASSES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of checkpoint metadata")
+
+
+class _SafeReader(FileSystemReader):
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        with open(Path(self.path) / ".metadata", "rb") as handle:
+            metadata = _MetadataUnpickler(handle).load()
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{self.path}/.metadata is not checkpoint metadata", "save the checkpoint again")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+# -- manifest ------------------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return value if isinstance(value, (int, float, str, bool, type(None))) else repr(value)
+
+
+def expected_parameters(program) -> dict[str, tuple[int, ...]]:
+    """Every parameter of the program under the names stages use, with its full shape."""
+    out = {}
+    for layer in program.layers:
+        for name in layer.param_names:
+            out.setdefault(name, tuple(layer.module.get_parameter(name).shape))
+    return out
+
+
+def _write_manifest(folder: Path, metadata: Metadata, trainer) -> None:
+    tensors = {key: {"shape": list(md.size), "dtype": str(md.properties.dtype).removeprefix("torch.")}
+               for key, md in sorted(metadata.state_dict_metadata.items())}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir()) if p.is_file()}
+    groups = [{k: _json_safe(v) for k, v in group.items() if k != "params"} for group in trainer.optimizer.param_groups]
+    manifest = {"format": FORMAT, "model": trainer.program.model_name, "step": trainer.steps_done,
+                "world_size": dist.get_world_size(), "plan": trainer.plan.to_json_dict(),
+                "optimizer": {"class": type(trainer.optimizer).__name__, "param_groups": groups},
+                "tensors": tensors, "files": files}
+    temporary = folder / (MANIFEST + ".tmp")
+    with open(temporary, "w") as handle:
+        json.dump(manifest, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, folder / MANIFEST)
+
+
+def read_manifest(folder: str | Path, verify_files: bool = True) -> dict[str, Any]:
+    """The manifest of a complete checkpoint; CheckpointError if the folder is missing, half-written, not a
+    galvatron_fx checkpoint, or (``verify_files``) a file's size or SHA-256 differs from the manifest."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist", "pass the folder save_checkpoint wrote")
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {MANIFEST}: it is half-written or not a galvatron_fx checkpoint",
+                              "load a checkpoint that save_checkpoint completed")
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error})", "the checkpoint is corrupt: load another one") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a {FORMAT} manifest", "load a checkpoint written by save_checkpoint")
+    for name, entry in manifest["files"].items():
+        file = folder / name
+        if not file.is_file() or file.stat().st_size != entry["bytes"]:
+            raise CheckpointError(f"checkpoint file {file} is missing or has the wrong size", "the checkpoint is corrupt: load another one")
+        if verify_files and _sha256(file) != entry["sha256"]:
+            raise CheckpointError(f"checkpoint file {file} does not match its SHA-256", "the checkpoint is corrupt: load another one")
+    return manifest
+
+
+def _check_fits(manifest: dict[str, Any], trainer, shards: dict[str, LocalShard], folder: Path) -> None:
+    tensors = manifest["tensors"]
+    saved = {k.removeprefix("model/"): tuple(v["shape"]) for k, v in tensors.items() if k.startswith("model/")}
+    expected = expected_parameters(trainer.program)
+    missing = sorted(set(expected) - set(saved))
+    extra = sorted(set(saved) - set(expected))
+    wrong = [f"{n} {list(saved[n])} ≠ {list(s)}" for n, s in expected.items() if n in saved and saved[n] != s]
+    if missing or extra or wrong:
+        parts = [f"missing {missing[:4]}" if missing else "", f"unexpected {extra[:4]}" if extra else "",
+                 f"wrong shapes {wrong[:4]}" if wrong else ""]
+        raise CheckpointError(f"checkpoint {folder} (model {manifest.get('model')}) does not fit {trainer.program.model_name}: "
+                              + "; ".join(p for p in parts if p), "load a checkpoint of this model and configuration")
+    for key, shard in shards.items():
+        if key.startswith("rng/"):
+            continue
+        entry = tensors.get(key)
+        if entry is None:
+            raise CheckpointError(f"checkpoint {folder} has no {key}", "load a checkpoint saved with the same optimizer")
+        if tuple(entry["shape"]) != shard.map.full_shape or entry["dtype"] != str(shard.tensor.dtype).removeprefix("torch."):
+            raise CheckpointError(f"{key} is {entry['dtype']}{entry['shape']} in {folder} but {shard.tensor.dtype}"
+                                  f"{list(shard.map.full_shape)} here", "load a checkpoint of this model and configuration")
+
+
+def _optimizer_shards(trainer, manifest: dict[str, Any]) -> dict[str, LocalShard]:
+    """Empty optimizer states for this rank's parameters, shaped as the checkpoint says, registered with the
+    optimizer (DCP fills them in place)."""
+    saved_class = manifest["optimizer"]["class"]
+    if saved_class != type(trainer.optimizer).__name__:
+        raise CheckpointError(f"the checkpoint's optimizer is {saved_class}, this one is {type(trainer.optimizer).__name__}",
+                              "use the optimizer the checkpoint was trained with")
+    params = local_shards(trainer.stage)
+    dtypes = {k: getattr(torch, v["dtype"]) for k, v in manifest["tensors"].items()}
+    out = {}
+    for name, param in trainer.stage.user_parameters().items():
+        prefix = f"optim/{name}/"
+        state = {}
+        for key in (k for k in manifest["tensors"] if k.startswith(prefix)):
+            shape = tuple(manifest["tensors"][key]["shape"])
+            if shape and shape == params[name].map.full_shape:
+                value = torch.zeros_like(param, dtype=dtypes[key])
+                out[key] = LocalShard(_local(value), params[name].map)
+            else:
+                value = torch.zeros(shape, dtype=dtypes[key])
+                out[key] = LocalShard(value, ShardMap.whole(shape))
+            state[key.removeprefix(prefix)] = value
+        if state:
+            trainer.optimizer.state[param] = state
+    return out
+
+
+# -- save and load -------------------------------------------------------------------------------------------
+def save(trainer, folder: str | Path) -> Path:
+    """Write a checkpoint of ``trainer`` into ``folder`` (replaced if it exists), atomically. Collective: every
+    rank calls it with the same folder, which all ranks see."""
+    from galvatron_fx.compile import broadcast_text
+
+    folder = Path(folder).absolute()
+    partial = folder.with_name(f".{folder.name}.partial")
+    if dist.get_rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a save that died
+        partial.mkdir(parents=True)
+    dist.barrier()
+    planner = _BoxSavePlanner(state_shards(trainer))
+    dcp.save({}, storage_writer=FileSystemWriter(partial), planner=planner)
+    error = ""
+    if dist.get_rank() == 0:
+        try:
+            _write_manifest(partial, planner.metadata, trainer)
+            _replace(partial, folder)
+        except OSError as failure:
+            error = f"{type(failure).__name__}: {failure}"
+    error = broadcast_text(error or "ok").removeprefix("ok")
+    if error:
+        raise CheckpointError(f"writing checkpoint {folder} failed on rank 0: {error}", "check the folder's space and permissions")
+    return folder
+
+
+def _replace(partial: Path, folder: Path) -> None:
+    old = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(partial, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    descriptor = os.open(folder.parent, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)  # the rename itself is durable
+    finally:
+        os.close(descriptor)
+
+
+def load(trainer, folder: str | Path, verify_files: bool = True) -> dict[str, Any]:
+    """Load a checkpoint into ``trainer``, whatever plan or world size saved it; returns its manifest.
+    Checks (each rank, before any collective) that it is complete, intact and of this model."""
+    folder = Path(folder).absolute()
+    manifest = read_manifest(folder, verify_files)
+    shards = state_shards(trainer, with_optimizer=False)
+    same_world = manifest["world_size"] == dist.get_world_size()
+    shards = {k: s for k, s in shards.items() if same_world or not k.startswith("rng/")}
+    _check_fits(manifest, trainer, shards, folder)
+    rng = {k: s for k, s in shards.items() if k.startswith("rng/")}
+    shards.update(_optimizer_shards(trainer, manifest))
+    dcp.load({}, storage_reader=_SafeReader(folder), planner=_BoxLoadPlanner(shards))
+    for key, shard in rng.items():
+        if key.endswith("/cpu"):
+            torch.set_rng_state(shard.tensor)
+        else:
+            torch.cuda.set_rng_state(shard.tensor, trainer.device)
+    groups = manifest["optimizer"]["param_groups"]
+    if len(groups) == len(trainer.optimizer.param_groups):
+        for group, saved in zip(trainer.optimizer.param_groups, groups):
+            group.update({k: tuple(v) if isinstance(group.get(k), tuple) else v for k, v in saved.items()
+                          if k in group and not isinstance(group[k], torch.Tensor)})
+    trainer.steps_done = int(manifest["step"])
+    return manifest
+
+
+def latest(root: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step among the folders of ``root`` (None if there is none).
+    Folders being written (``.name.partial``) and folders without a valid manifest are skipped."""
+    best: tuple[int, str] | None = None
+    root = Path(root)
+    for child in sorted(root.iterdir()) if root.is_dir() else ():
+        if child.name.startswith(".") or not (child / MANIFEST).is_file():
+            continue
+        try:
+            manifest = read_manifest(child, verify_files=False)
+        except CheckpointError:
+            continue
+        key = (int(manifest["step"]), child.name)
+        best = max(best, key) if best else key
+    return root / best[1] if best else None
