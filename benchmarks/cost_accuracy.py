@@ -85,6 +85,7 @@ def run_plans(rank: int, world: int, model_name: str, shape: str, cases: list[tu
     """Spawned worker: train every plan; per plan the step times, the peak bytes and this rank's stage."""
     from galvatron_fx import capture
     from galvatron_fx.passes.lower_stage import local_micro_batch
+    from galvatron_fx.errors import GalvatronError
     from galvatron_fx.runtime import Trainer, groups
 
     warnings.simplefilter("ignore")
@@ -97,7 +98,11 @@ def run_plans(rank: int, world: int, model_name: str, shape: str, cases: list[tu
         if local not in programs:
             example = {k: v[:local] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             programs[local] = capture(model, example_kwargs=example)
-        trainer = Trainer(programs[local], plan, device=device)
+        try:
+            trainer = Trainer(programs[local], plan, device=device)
+        except GalvatronError as error:  # raised on every rank alike, before any collective: report, go on
+            out.append({"plan": name, "rank": rank, "error": f"{type(error).__name__}: {str(error)[:400]}"})
+            continue
         step = lambda: trainer.step(batch)  # noqa: E731
         times = time_steps(step, device, warmup, repeats)
         peak = peak_step_bytes(step, device, lambda: training_state(trainer.stage, trainer.optimizer))
@@ -186,7 +191,7 @@ def main(argv=None) -> dict:
     worlds = [int(w) for w in args.worlds.split(",")]
     peak_flops, peak_source = device_peak_flops()
     hardware = {w: hardware_profile(w, folder, args.hardware, args.reprofile) for w in worlds}
-    rows = []
+    rows, failed = [], []
     for model_name in args.models.split(","):
         profile = model_profile(model_name, args.shape, folder, args.reprofile)
         flops_per_step = model_flops_per_sample(profile) * GLOBAL_BATCH
@@ -197,6 +202,10 @@ def main(argv=None) -> dict:
             for name, plan in cases:
                 prediction = cost.evaluate(plan)
                 results = [r for rank in per_rank for r in rank if r["plan"] == name]
+                if any("error" in r for r in results):
+                    failed.append({"model": model_name, "world": world, "plan": name, "error": results[0].get("error")})
+                    print(f"{model_name} w{world} {name:<22} FAILED: {failed[-1]['error']}", flush=True)
+                    continue
                 measured_s = max(median(r["times_s"]) for r in results)
                 predicted_mem = [prediction.memory_bytes_per_stage[r["stage"]] for r in results]
                 measured_mem = [r["peak_bytes"] for r in results]
@@ -226,10 +235,10 @@ def main(argv=None) -> dict:
     summary = summarise(rows)
     print(f"\nmedian |time error| {summary['median_time_error']:.1%} (target ≤ 10%), worst {summary['worst_time_error']:.1%} (≤ 25%); "
           f"median |memory error| {summary['median_memory_error']:.1%}, worst {summary['worst_memory_error']:.1%} (≤ 10%); "
-          f"Spearman {summary['spearman_time']:.3f} (≥ 0.9); {summary['plans']} plans")
+          f"Spearman {summary['spearman_time']:.3f} (≥ 0.9); {summary['plans']} plans" + (f"; {len(failed)} failed to lower" if failed else ""))
     payload = {"command": command_line(), "shape": SHAPES[args.shape], "global_batch": GLOBAL_BATCH, "summary": summary,
                "peak_flops_per_device": peak_flops, "peak_source": peak_source, "rows": rows, "table": table,
-               "hardware_profiles": {w: hardware[w].source for w in worlds}}
+               "hardware_profiles": {w: hardware[w].source for w in worlds}, "failed": failed}
     path = write_json("cost_accuracy", payload, folder)
     print(f"wrote {path}")
     return payload

@@ -122,10 +122,14 @@ def main(argv=None) -> dict:
     per_rank = spawn(measure, world, args.shape, cases, gb, args.warmup, args.repeats, chunks_pp)
     flops_per_step = model_flops_per_sample(profile) * gb
     peak_flops, peak_source = device_peak_flops()
-    rows = []
+    rows, failed = [], []
     for name, plan in cases:
-        measured = max(median(r["times_s"]) for rank in per_rank for r in rank["ours"] if r["plan"] == name)
-        peak = max(r["peak_bytes"] for rank in per_rank for r in rank["ours"] if r["plan"] == name)
+        results = [r for rank in per_rank for r in rank["ours"] if r["plan"] == name]
+        if any("error" in r for r in results):
+            failed.append({"plan": name, "error": results[0].get("error")})
+            continue
+        measured = max(median(r["times_s"]) for r in results)
+        peak = max(r["peak_bytes"] for r in results)
         rows.append({"plan": name, "kind": "searched" if name == "searched" else "uniform", "measured_ms": measured * 1e3,
                      "samples_per_s": gb / measured, "predicted_samples_per_s": cost.evaluate(plan).samples_per_s,
                      "peak_mib": peak / 2**20, "mfu_pct": 100 * mfu(flops_per_step, measured, world, peak_flops),
@@ -154,7 +158,7 @@ def main(argv=None) -> dict:
           f"{summary['ratio_to_best_native'] or 0:.3f} × the best native baseline (target ≥ 1)")
     payload = {"command": command_line(), "model": MODEL, "shape": SHAPES[args.shape], "world": world, "global_batch": gb,
                "memory_budget": args.memory_budget, "peak_flops_per_device": peak_flops, "peak_source": peak_source,
-               "summary": summary, "rows": rows, "table": table}
+               "summary": summary, "rows": rows, "table": table, "failed": failed}
     path = write_json(f"plan_quality_w{world}", payload, folder)
     print(f"wrote {path}")
     return payload
