@@ -185,6 +185,7 @@ class ShardInit(TorchDispatchMode):
         self.tracked: dict[int, tuple[torch.Tensor, str, LocalShard | None]] = {}
         self.seed = seed
         self.draws: dict[str, int] = {}
+        self.written: set[str] = set()
 
     def track(self, meta: torch.Tensor, name: str, shard: LocalShard | None) -> None:
         self.tracked[id(meta)] = (meta, name, shard)
@@ -245,6 +246,7 @@ class ShardInit(TorchDispatchMode):
             raise ConfigError(f"the initialisation of {name} writes through a view this runtime cannot follow ({func})",
                               "initialise from a safetensors directory (init='safetensors:DIR') or write an elementwise init")
         local = shard.tensor
+        self.written.add(name)
         rest = list(args[1:])
         if func is aten.copy_.default:
             src = args[1]
@@ -319,6 +321,12 @@ def init_shards(model: nn.Module, shards: dict[str, LocalShard], init: Callable[
         for param in model.parameters():
             if flags.get(id(param)):
                 param._is_hf_initialized = flags[id(param)]
+    # an init that skips meta tensors (some torch.nn.init functions do) or a parameter no rule covers
+    unset = sorted(name for name, shard in shards.items() if first_name[id(named[name])] not in mode.written)
+    if unset:
+        raise ConfigError(f"the initialisation did not set {unset[:5]}{' ...' if len(unset) > 5 else ''} (it skips meta "
+                          "tensors, or no module rule covers them)", "pass init=<a function of the meta model> or "
+                          "init='safetensors:DIR'")
 
 
 # -- safetensors -----------------------------------------------------------------------------------------
