@@ -122,17 +122,17 @@ class CostModel:
 
     # -- embedding and head ------------------------------------------------------------------------
     def embedding_cost(self, embedding: EmbeddingStrategy, devices: int, micro_batch: int, *, first_stage: bool,
-                       last_stage: bool, dp_type: str = "ddp") -> LayerCost:
+                       last_stage: bool) -> LayerCost:
         """The prologue (embedding, on the first stage) and/or epilogue (head and loss, on the last stage).
 
         Vocab TP ``vtp`` splits the vocabulary-sized weights and the head's compute; the embedding's output
         and the head's input gradient are all-reduced over the ``vtp`` group (all-gather + reduce-scatter
-        with ``vsp``). The ``devices // vtp`` replicas use ZeRO-3 with ``embed_sdp``, else ``dp_type``.
+        with ``vsp``). The ``devices // vtp`` replicas use ``embedding.data_parallel_type``.
         """
         vtp = embedding.vtp
         dp = max(devices // vtp, 1)
         local = micro_batch / dp
-        kind = "zero3" if embedding.embed_sdp else dp_type
+        kind = embedding.data_parallel_type
         hidden_bytes = self.model.prologue.boundary_bytes_per_sample * local * self.activation_scale
         strategy = LayerStrategy(tp=vtp, dp=dp, dp_type=kind, sp="megatron" if embedding.vsp and vtp > 1 else "none")
         half_comm = self._tp_comm_s(strategy, hidden_bytes) / 2  # one collective, not Megatron's two
@@ -217,14 +217,12 @@ class CostModel:
                                f"but the plan is for {plan.world_size} devices",
                                f"use a hardware profile or Cluster preset of {plan.world_size} devices")
         mb, chunks, pp = plan.micro_batch, plan.chunks, plan.pp
-        dp_types = [s.dp_type for s in plan.layers if s.dp_type != "zero3"]
-        embed_dp_type = max(("ddp", "zero2"), key=dp_types.count) if dp_types else "ddp"
         busy, sync, memory = [], [], []
         for stage in range(pp):
             indices = list(plan.stage_layers(stage))
             costs = [self.layer_cost(self.layer_types[i], plan.layers[i], mb) for i in indices]
             costs.append(self.embedding_cost(plan.embedding, plan.devices_per_stage, mb, first_stage=stage == 0,
-                                             last_stage=stage == pp - 1, dp_type=embed_dp_type))
+                                             last_stage=stage == pp - 1))
             x = sum(c.fwd_s + c.bwd_s for c in costs)
             x += sum(self.redistribution_s(plan.layers[i - 1], plan.layers[i], i, mb) for i in indices[1:])
             if stage < pp - 1:

@@ -77,14 +77,24 @@ class LayerStrategy:
 
 @dataclass(frozen=True)
 class EmbeddingStrategy:
-    """The embedding and LM head: vocab tensor parallelism ``vtp``, Ulysses ``vsp``, ZeRO-3 ``embed_sdp``."""
+    """The embedding and LM head: vocab tensor parallelism ``vtp``, Ulysses ``vsp``; their ``devices / vtp``
+    replicas synchronise with ZeRO-3 when ``embed_sdp``, else with ``dp_type`` (``ddp`` or ``zero2``:
+    Galvatron's ``default_dp_type``)."""
 
     vtp: int = 1
     vsp: bool = False
     embed_sdp: bool = False
+    dp_type: str = "ddp"
 
     def __post_init__(self):
         _require(isinstance(self.vtp, int) and _is_power_of_two(self.vtp), f"vtp={self.vtp!r} is not a power of two", "use vtp in 1, 2, 4, 8, ...")
+        _require(self.dp_type in ("ddp", "zero2"), f"embedding dp_type={self.dp_type!r} is not ddp or zero2",
+                 "use embed_sdp=True for ZeRO-3, else dp_type 'ddp' or 'zero2'")
+
+    @property
+    def data_parallel_type(self) -> str:
+        """How the replicas synchronise: ``zero3`` with ``embed_sdp``, else ``dp_type``."""
+        return "zero3" if self.embed_sdp else self.dp_type
 
 
 @dataclass(frozen=True)
@@ -210,6 +220,7 @@ class Plan:
             "galvatron_fx": {
                 "format_version": FORMAT_VERSION,
                 "world_size": self.world_size,
+                "embedding_dp_type": self.embedding.dp_type,
                 "layers": [dataclasses.asdict(layer) for layer in self.layers],
                 "grad_sync_every_micro_batch": self.grad_sync_every_micro_batch,
                 "prediction": dataclasses.asdict(self.prediction) if self.prediction else None,
@@ -276,7 +287,8 @@ def _from_ours(data: dict[str, Any], ours: dict[str, Any], world_size: int | Non
         pipeline="gpipe" if data["pipeline_type"] == "gpipe" else "1f1b",
         chunks=int(data["chunks"]),
         global_batch=int(data["global_bsz"]),
-        embedding=EmbeddingStrategy(vtp=int(data.get("vtp", 1)), vsp=bool(int(data.get("vsp", 0))), embed_sdp=bool(int(data.get("embed_sdp", 0)))),
+        embedding=EmbeddingStrategy(vtp=int(data.get("vtp", 1)), vsp=bool(int(data.get("vsp", 0))), embed_sdp=bool(int(data.get("embed_sdp", 0))),
+                                    dp_type=ours.get("embedding_dp_type", "ddp")),
         grad_sync_every_micro_batch=bool(ours.get("grad_sync_every_micro_batch", False)),
         prediction=Prediction(**{**prediction, "memory_bytes_per_stage": tuple(prediction["memory_bytes_per_stage"])}) if prediction else None,
         provenance=dict(ours.get("provenance") or {}),
@@ -316,6 +328,7 @@ def _from_galvatron(data: dict[str, Any], world_size: int | None, source: str) -
         pipeline="gpipe" if data.get("pipeline_type") == "gpipe" else "1f1b",
         chunks=int(data.get("chunks", 1)),
         global_batch=int(data["global_bsz"]),
-        embedding=EmbeddingStrategy(vtp=int(data.get("vtp", 1)), vsp=bool(int(data.get("vsp", 0))), embed_sdp=bool(int(data.get("embed_sdp", 0)))),
+        embedding=EmbeddingStrategy(vtp=int(data.get("vtp", 1)), vsp=bool(int(data.get("vsp", 0))), embed_sdp=bool(int(data.get("embed_sdp", 0))),
+                                    dp_type=default_dp),
         provenance={"source": "galvatron"},
     )

@@ -45,7 +45,8 @@ class UniformPlan:
                               sp=self.sp, tp_consecutive=self.tp_consecutive, ckpt=self.ckpt)
         return Plan(world_size=world_size, layers=(layer,) * num_body_layers, pp=self.pp, pipeline=self.pipeline,
                     chunks=self.chunks, global_batch=self.global_batch or global_batch,
-                    embedding=EmbeddingStrategy(vtp=self.vtp), provenance={"source": "uniform_plan"})
+                    embedding=EmbeddingStrategy(vtp=self.vtp, embed_sdp=self.sdp,
+                                                dp_type=self.dp_type if self.dp_type != "zero3" else "ddp"), provenance={"source": "uniform_plan"})
 
 
 def uniform_plan(**flags) -> UniformPlan:

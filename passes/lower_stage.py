@@ -78,13 +78,8 @@ class StageLayer:
 
 
 def embedding_strategy(plan: Plan) -> LayerStrategy:
-    """The strategy of prologue and epilogue: ZeRO-3 when ``embed_sdp``, else Galvatron's default dp type
-    (the more common of ddp and zero2 among the body layers, as written to ``default_dp_type``)."""
-    dp = plan.devices_per_stage // plan.embedding.vtp
-    if plan.embedding.embed_sdp:
-        return LayerStrategy(dp=dp, dp_type="zero3")
-    types = [layer.dp_type for layer in plan.layers]
-    return LayerStrategy(dp=dp, dp_type=max(("ddp", "zero2"), key=types.count))
+    """The data-parallel strategy of prologue and epilogue (``plan.embedding.data_parallel_type``)."""
+    return LayerStrategy(dp=plan.devices_per_stage // plan.embedding.vtp, dp_type=plan.embedding.data_parallel_type)
 
 
 def local_micro_batch(plan: Plan, stage: int = 0) -> int:

@@ -141,8 +141,7 @@ class SearchEngine:
         for s in range(pp):
             key = (devices, mb, embedding, s == 0, s == pp - 1, mode)
             if key not in self.embedding_parts:
-                cost = self.cost_model.embedding_cost(embedding, devices, mb, first_stage=s == 0, last_stage=s == pp - 1,
-                                                      dp_type=mode)
+                cost = self.cost_model.embedding_cost(embedding, devices, mb, first_stage=s == 0, last_stage=s == pp - 1)
                 self.embedding_parts[key] = EmbeddingPart(cost.fwd_s + cost.bwd_s, cost.grad_sync_s, cost.model_state_bytes,
                                                           cost.activation_bytes, cost.peak_extra_bytes)
             out.append(self.embedding_parts[key])
@@ -178,7 +177,7 @@ class SearchEngine:
     def solve_table(self, table, pp: int, gb: int, c: int, pipeline: str, k: tuple[int, ...], mode: str) -> None:
         devices, mb = self.world_size // pp, gb // c
         solver = StageSolver(self, table, pp, mb, c, k)
-        embeddings = self.space.embedding_strategies(devices)
+        embeddings = self.space.embedding_strategies(devices, mode)
         self.seed_uniform(table, solver, pp, gb, c, pipeline, k, mode, embeddings)
         ranked = sorted(embeddings, key=lambda e: sum(p.x_s for p in self.parts(devices, mb, pp, e, mode)))
         for embedding in ranked:

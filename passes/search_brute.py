@@ -30,10 +30,11 @@ def all_plans(cost_model, world_size: int, space: SearchSpace) -> Iterator[Plan]
     for pp in space.pp_degrees(world_size, L):
         devices = world_size // pp
         for mode in space.default_dp_types():
-            yield from _plans(cost_model, world_size, space, pp, space.layer_strategies(devices, mode))
+            yield from _plans(cost_model, world_size, space, pp, space.layer_strategies(devices, mode),
+                              space.embedding_strategies(devices, mode))
 
 
-def _plans(cost_model, world_size, space, pp, strategies):
+def _plans(cost_model, world_size, space, pp, strategies, embeddings):
     types = list(cost_model.layer_types)
     L, devices = len(types), world_size // pp
     per_layer = [[s for s in strategies if cost_model.unsupported_reason(t, s) is None] for t in types]
@@ -46,7 +47,7 @@ def _plans(cost_model, world_size, space, pp, strategies):
             choices = list(choices)
             for pipeline in space.pipelines:
                 for division in compositions(L, pp):
-                    for embedding in space.embedding_strategies(devices):
+                    for embedding in embeddings:
                         for layers in choices:
                             yield Plan(world_size=world_size, layers=tuple(layers), pp=pp, pp_division=division,
                                        pipeline=pipeline, chunks=c, global_batch=gb, embedding=embedding,

@@ -19,7 +19,7 @@ def smallest_budget(engine) -> tuple[int, tuple] | None:
         devices, mb = engine.world_size // pp, gb // c
         table = engine.tables[(devices, mb, mode)]
         caps = np.unique(np.concatenate([table.peak[t][table.allowed[t]] for t in engine.types]))
-        for embedding in engine.space.embedding_strategies(devices):
+        for embedding in engine.space.embedding_strategies(devices, mode):
             parts = engine.parts(devices, mb, pp, embedding, mode)
             # stage_mem[s][a, b]: least memory of stage s over layers [a, b)
             stage_mem = np.full((pp, L + 1, L + 1), np.inf)

@@ -135,14 +135,15 @@ class SearchSpace:
                             out.append(LayerStrategy(tp=tp, dp=dp, dp_type=dp_type, sp=sp, tp_consecutive=cons, ckpt=ckpt))
         return out
 
-    def embedding_strategies(self, devices: int) -> list[EmbeddingStrategy]:
-        """Embedding/head strategies: vocab TP degrees dividing the stage, Ulysses and ZeRO-3 variants."""
+    def embedding_strategies(self, devices: int, default_dp_type: str = "ddp") -> list[EmbeddingStrategy]:
+        """Embedding/head strategies: vocab TP degrees dividing the stage, Ulysses and ZeRO-3 variants; the
+        replicas otherwise use ``default_dp_type``, like the non-ZeRO-3 layers."""
         vtps = [1] if self.disable_vtp else _powers_of_two_dividing(devices, self.max_vtp)
         out = []
         for vtp in vtps:
             for vsp in ([False] if vtp == 1 or self.disable_vsp else [False, True]):
                 for sdp in ([False] if devices // vtp == 1 or self.disable_embed_sdp else [False, True]):
-                    out.append(EmbeddingStrategy(vtp=vtp, vsp=vsp, embed_sdp=sdp))
+                    out.append(EmbeddingStrategy(vtp=vtp, vsp=vsp, embed_sdp=sdp, dp_type=default_dp_type))
         return out
 
     def global_batches(self) -> list[int]:

@@ -70,7 +70,7 @@ class ToyCostModel:
         peak = int(self.peak_values[int(r.integers(len(self.peak_values)))]) if (s.ckpt or s.dp_type == "zero3") else 0
         return ToyLayerCost(work, work * ckpt * 2, sync, state, act, peak)
 
-    def embedding_cost(self, e, devices, mb, *, first_stage, last_stage, dp_type="ddp"):
+    def embedding_cost(self, e, devices, mb, *, first_stage, last_stage):
         if not (first_stage or last_stage):
             return ToyLayerCost(0.0, 0.0, 0.0, 0, 0, 0)
         r = _rand(self.seed, "emb", e, devices, mb, first_stage, last_stage)

@@ -91,7 +91,7 @@ def layer_collectives(strategy: LayerStrategy, hidden_bytes: float, param_count:
 
 
 def embedding_collectives(embedding: EmbeddingStrategy, devices: int, part: str, hidden_bytes: float, param_count: int,
-                          vocab_param_count: int, dp_type: str, *, mixed_precision: str = "fp32", hardware=None) -> list[Collective]:
+                          vocab_param_count: int, *, mixed_precision: str = "fp32", hardware=None) -> list[Collective]:
     """The embedding (``part="prologue"``) or head (``"epilogue"``) under vocab TP and its data parallelism."""
     vtp = embedding.vtp
     dp = max(devices // vtp, 1)
@@ -104,7 +104,7 @@ def embedding_collectives(embedding: EmbeddingStrategy, devices: int, part: str,
         found = [Collective(c.op, "vsp" if embedding.vsp else "vtp", c.group_size, c.consecutive, c.phase, c.count,
                             c.bytes_per_call, c.time_s) for c in found]
     params = param_count - vocab_param_count + vocab_param_count / vtp
-    found += dp_collectives(dp, "zero3" if embedding.embed_sdp else dp_type, vtp == 1, params, mixed_precision, hardware)
+    found += dp_collectives(dp, embedding.data_parallel_type, vtp == 1, params, mixed_precision, hardware)
     return found
 
 

@@ -168,12 +168,6 @@ def _vocab_param_count(program: Program, layer: Layer) -> int:
     return sum(p.numel() for p in matrices if vocab in p.shape)
 
 
-def _embed_dp_type(plan: Plan) -> str:
-    """The embedding's replicas follow the body's most common non-ZeRO-3 type, as the cost model does."""
-    types = [s.dp_type for s in plan.layers if s.dp_type != "zero3"]
-    return max(("ddp", "zero2"), key=types.count) if types else "ddp"
-
-
 def build_layer_graph(program: Program, plan: Plan, cost_model=None, memory_budget_bytes: int | None = None) -> LayerGraph:
     """The annotated layer graph of ``program`` under ``plan`` (see the module docstring).
 
@@ -190,7 +184,6 @@ def build_layer_graph(program: Program, plan: Plan, cost_model=None, memory_budg
     hardware = getattr(cost_model, "hardware", None)
     body_index = {layer.index: i for i, layer in enumerate(program.body)}
     producer = {name: layer.index for layer in program.layers for name in layer.output_names}
-    embed_dp = _embed_dp_type(plan)
     colors: dict[str, str] = {}
 
     nodes = []
@@ -207,8 +200,8 @@ def build_layer_graph(program: Program, plan: Plan, cost_model=None, memory_budg
             comms = layer_collectives(strategy, hidden, layer.stats.param_count, mixed_precision=precision, hardware=hardware)
         else:
             comms = embedding_collectives(strategy, devices, layer.kind, hidden, layer.stats.param_count,
-                                          _vocab_param_count(program, layer), embed_dp, mixed_precision=precision, hardware=hardware)
-        cost = _layer_cost(cost_model, plan, layer, bi, strategy, stage, embed_dp) if cost_model else _annotated_cost(layer, strategy, scale, devices)
+                                          _vocab_param_count(program, layer), mixed_precision=precision, hardware=hardware)
+        cost = _layer_cost(cost_model, plan, layer, bi, strategy, stage) if cost_model else _annotated_cost(layer, strategy, scale, devices)
         nodes.append(LayerNode(
             index=layer.index, body_index=bi, kind=layer.kind, layer_type=layer.layer_type, module_path=layer.module_path,
             stage=stage, strategy=strategy, strategy_label=label, color=colors[label],
@@ -244,13 +237,13 @@ def build_layer_graph(program: Program, plan: Plan, cost_model=None, memory_budg
         legend=tuple(colors.items()))
 
 
-def _layer_cost(cost_model, plan: Plan, layer: Layer, bi: int | None, strategy, stage: int, embed_dp: str) -> dict:
+def _layer_cost(cost_model, plan: Plan, layer: Layer, bi: int | None, strategy, stage: int) -> dict:
     if bi is not None:
         cost = cost_model.layer_cost(cost_model.layer_types[bi], strategy, plan.micro_batch)
     else:
         first = layer.kind == PROLOGUE
         cost = cost_model.embedding_cost(strategy, plan.devices_per_stage, plan.micro_batch, first_stage=first,
-                                         last_stage=not first, dp_type=embed_dp)
+                                         last_stage=not first)
     sync = cost.grad_sync_s * (plan.chunks if plan.grad_sync_every_micro_batch else 1)
     return dict(fwd_s=cost.fwd_s, bwd_s=cost.bwd_s, grad_sync_s=sync, model_state_bytes=int(cost.model_state_bytes),
                 activation_bytes=int(cost.activation_bytes), peak_extra_bytes=int(cost.peak_extra_bytes))
