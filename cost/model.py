@@ -65,6 +65,9 @@ class CostModel:
                 self.time_scale = have / want
         self.seq = model.seq_length
         self.overlap = hardware.overlap_slowdown
+        # redistribution_s depends only on the two layouts, the boundary's bytes and the micro-batch; its
+        # rank-by-rank geometry costs ~1 ms, and the search asks for the same pairs many times.
+        self._redistribution_cache: dict[tuple, float] = {}
 
     # -- one layer ------------------------------------------------------------------------------
     def layer_cost(self, layer_type: str, strategy: LayerStrategy, micro_batch: int) -> LayerCost:
@@ -169,8 +172,12 @@ class CostModel:
         ``before``'s layout to ``after``'s (forward), and their gradients back (backward). 0 when equal."""
         if _layout(before) == _layout(after):
             return 0.0
-        total = self.model.cut_bytes_per_sample[boundary_index - 1] * micro_batch * self.activation_scale
-        return self._move_s(before, after, total) + self._move_s(after, before, total)
+        per_sample = self.model.cut_bytes_per_sample[boundary_index - 1]
+        key = (_move_key(before), _move_key(after), per_sample, micro_batch)
+        if key not in self._redistribution_cache:
+            total = per_sample * micro_batch * self.activation_scale
+            self._redistribution_cache[key] = self._move_s(before, after, total) + self._move_s(after, before, total)
+        return self._redistribution_cache[key]
 
     def _move_s(self, src: LayerStrategy, dst: LayerStrategy, total_bytes: float) -> float:
         devices = src.devices
@@ -240,6 +247,11 @@ class CostModel:
 # -- activation layouts, for redistribution ------------------------------------------------------------
 def _layout(strategy: LayerStrategy) -> tuple:
     return (strategy.tp, strategy.dp, strategy.sp != "none", strategy.tp_consecutive or strategy.tp == 1)
+
+
+def _move_key(strategy: LayerStrategy) -> tuple:
+    """Every field of a strategy that ``_move_s`` reads."""
+    return (strategy.tp, strategy.dp, strategy.sp != "none", strategy.tp_consecutive)
 
 
 def _pieces(strategy: LayerStrategy, devices: int) -> list[tuple[tuple[Fraction, Fraction], tuple[Fraction, Fraction]]]:

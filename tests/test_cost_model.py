@@ -96,6 +96,27 @@ def test_redistribution_between_layouts(model):
     assert model.redistribution_s(S(tp=2, dp=2), S(tp=2, dp=2, tp_consecutive=False), 1, 8) == pytest.approx(2 * 4000 / BW)
 
 
+
+def test_redistribution_cache_equals_direct_computation():
+    """Cached answers equal the rank-by-rank computation for every layout pair, boundary and micro-batch, and
+    boundaries whose activations differ in size are not confused."""
+    profile = dataclasses.replace(synthetic_profile(), cut_bytes_per_sample=[1000, 3000, 1000, 2500])
+    model = CostModel(profile, uniform_hardware())
+    strategies = [S(tp=tp, dp=8 // tp, sp=sp, tp_consecutive=cons, dp_type=dp_type)
+                  for tp in (1, 2, 4, 8) for sp in (("none",) if tp == 1 else ("none", "megatron", "ulysses"))
+                  for cons in ((True,) if tp in (1, 8) else (True, False)) for dp_type in ("ddp", "zero3")]
+    for boundary in (1, 2, 3):
+        for mb in (8, 16):
+            total = profile.cut_bytes_per_sample[boundary - 1] * mb * model.activation_scale
+            for a in strategies:
+                for b in strategies:
+                    direct = 0.0 if a == b else model._move_s(a, b, total) + model._move_s(b, a, total)
+                    for _ in range(2):   # first call fills the cache, second reads it
+                        assert model.redistribution_s(a, b, boundary, mb) == pytest.approx(direct, abs=0.0)
+    dp8, tp2 = S(tp=1, dp=8), S(tp=2, dp=4)
+    assert model.redistribution_s(dp8, tp2, 1, 8) > 0
+    assert model.redistribution_s(dp8, tp2, 2, 8) == pytest.approx(3 * model.redistribution_s(dp8, tp2, 1, 8))
+
 def test_p2p_in_flight_and_unsupported(model):
     assert model.p2p_s(0, 2, 4, 8, 1) == pytest.approx(2 * 8000 / 4 / BW)
     assert model.in_flight_micro_batches("gpipe", 4, 0, 8) == 8
