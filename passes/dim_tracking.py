@@ -298,6 +298,17 @@ def _transfer(D: Digits, node: fx.Node, dims: dict, tainted) -> object:
         for i, n in enumerate(out_shape[lead:]):
             out.append(xd[i] if xs[i] == n else D.fresh([n])[0])
         return out
+    if t is aten.roll.default:  # moves elements along the rolled dims only
+        D.forbid([get(x)[d % len(out_shape)] for d in args[2]], "rolled")
+        return list(get(x))
+    if t in (aten.pad.default, aten.constant_pad_nd.default):
+        out = list(get(x))
+        for i in range(len(args[1]) // 2):  # pad pairs run from the last dim backwards
+            d = len(out_shape) - 1 - i
+            if args[1][2 * i] or args[1][2 * i + 1]:
+                D.forbid(out[d], "padded")
+                out[d] = D.fresh([out_shape[d]])[0]
+        return out
     if t is aten.unsqueeze.default:
         out = list(get(x))
         out.insert(args[1] % (len(out) + 1), [])

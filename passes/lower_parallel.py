@@ -72,7 +72,7 @@ def rescale_batches(stage: StageModule, context: LoweringContext) -> StageModule
     batched = _batched_names(context)
     for layer in stage.stage_layers:
         ratio = Fraction(plan.devices_per_stage, layer.strategy.dp)
-        rescale_batch(unwrap(stage.layers[layer.name]), batched, ratio, layer.name)
+        rescale_batch(unwrap(stage.layers[layer.name]), batched, ratio, layer.name, layer.output_names)
     return stage
 
 

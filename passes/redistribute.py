@@ -169,7 +169,8 @@ class _ScaleGrad(torch.autograd.Function):
 
 
 # -- batch size of a layer -----------------------------------------------------------------------------------
-def rescale_batch(gm: fx.GraphModule, batched: set[str], ratio: Fraction, what: str = "layer") -> None:
+def rescale_batch(gm: fx.GraphModule, batched: set[str], ratio: Fraction, what: str = "layer",
+                  output_names: tuple[str, ...] = ()) -> None:
     """Requires: ``gm`` with ``meta["val"]``; ``batched`` names the placeholders whose dim 0 is the batch.
     Ensures: every view/reshape/expand size that carries the batch is multiplied by ``ratio``, placeholder
     metadata too, and ``meta["val"]`` is recomputed (PlanError if a size cannot follow the batch)."""
@@ -184,6 +185,13 @@ def rescale_batch(gm: fx.GraphModule, batched: set[str], ratio: Fraction, what: 
             if leaf.children:
                 raise PlanError(f"{what}: the batch dimension of {node.name} is split by a view", "keep dp equal across these layers")
             batch_classes.add(digits.find(leaf))
+    # outputs that carry the batch but are built without reading it (a mask expanded to the batch size)
+    output = gm.graph.output_node()
+    for name, value in zip(output_names, output.args[0]):
+        dims = analysis.dims.get(value) if isinstance(value, fx.Node) else None
+        if name in batched and batch_classes and dims and len(dims[0]) == 1 and not dims[0][0].children:
+            digits.union(next(iter(batch_classes)), dims[0][0])
+            batch_classes = {digits.find(next(iter(batch_classes)))}
 
     def scaled(dims) -> list[int]:
         sizes = []

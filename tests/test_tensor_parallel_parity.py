@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 
-from distributed import GLOBAL_BATCH, _config, _program, check_parity
+from distributed import GLOBAL_BATCH, _adam, _config, _program, check_parity
 from galvatron_fx.plan import LayerStrategy, Plan
 
 # name → (world size, pp, chunks, per-layer pattern of (tp, dp_type, consecutive))
@@ -47,7 +47,7 @@ def train_cases(rank: int, world_size: int, cases: list[tuple[str, str]]) -> dic
         _, pp, chunks, _ = RECIPES[recipe]
         program, batches = _program(model_name, GLOBAL_BATCH // chunks // (world_size // pp))
         plan = make_plan(recipe, len(program.body), program.model_name)
-        trainer = Trainer(program, plan, config=_config(), model_name=program.model_name)
+        trainer = Trainer(program, plan, config=_config(), optimizer=_adam, model_name=program.model_name)
         losses = [trainer.step(batch) for batch in batches]
         params = trainer.full_parameters()
         results[f"{model_name}/{recipe}"] = {"losses": losses, "params": params, "local": trainer.stage.layout.local,
