@@ -6,9 +6,12 @@ Peak memory per rank (``peak_step_bytes``):
   live tensor bytes, the figure the field reports);
 - on CPU, the same quantity at the allocator level: ``torch.profiler`` with ``profile_memory=True``
   records every allocation and free of the CPU allocator with the running total of bytes allocated
-  since profiling began, so the step's peak is ``bytes live at the start`` (parameters, gradients and
-  optimizer states, counted from the tensors themselves; DTensors by their local shard) plus the largest
-  running total seen during the step. Memory that is not a tensor (gloo's buffers, Python objects) is not
+  since profiling began. Two steps run under the profiler and the second is measured: its peak is
+  ``bytes live before the first`` (parameters, gradients and optimizer states, counted from the tensors
+  themselves; DTensors by their local shard) plus the largest running total inside the second step. The
+  first step makes every buffer the runtime keeps from one step to the next (reduce-scatter inputs,
+  pipeline send buffers) an allocation the profiler saw, so that its free is counted too; the total is
+  then exact in steady state. Memory that is not a tensor (gloo's buffers, Python objects) is not
   counted, on either device; the cost model does not predict it either.
 """
 
@@ -136,25 +139,34 @@ def training_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer | N
 
 
 def peak_step_bytes(step: Callable[[], Any], device: torch.device, state: Callable[[], list[torch.Tensor]]) -> int:
-    """Peak bytes of live tensors on this rank during one call of ``step`` (see the module docstring);
-    ``state()`` lists the tensors live before the step (parameters, gradients, optimizer states)."""
+    """Peak bytes of live tensors on this rank during a call of ``step`` in steady state (see the module
+    docstring; ``step`` runs twice on CPU); ``state()`` lists the tensors live before the step (parameters,
+    gradients, optimizer states)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         step()
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device))
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     before = tensor_bytes(state())
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
+        with record_function(_MEASURED):
+            step()
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "trace.json"
         prof.export_chrome_trace(str(path))
         events = json.loads(path.read_text())["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0]
+    window = next(e for e in events if e.get("name") == _MEASURED and e.get("ph") == "X")
+    start, end = window["ts"], window["ts"] + window["dur"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"
+              and e["args"].get("Device Type", 0) == 0 and start <= e["ts"] <= end]
     return before + max(totals, default=0)
+
+
+_MEASURED = "galvatron_fx.benchmarks.measured_step"
 
 
 # -- FLOPs and MFU -------------------------------------------------------------------------------------
