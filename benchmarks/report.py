@@ -100,6 +100,49 @@ def plot_plan_quality(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_search_speed(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (key, fixed, label) in zip(axes, (("layers", ("devices", 8), "layers (8 devices)"),
+                                              ("devices", ("layers", 32), "devices (32 layers)"))):
+        chosen = [r for r in rows if r[fixed[0]] == fixed[1] and r["search_s"] is not None]
+        ax.plot([r[key] for r in chosen], [r["search_s"] for r in chosen], "o-")
+        ax.set_xscale("log", base=2), ax.set_yscale("log")
+        ax.set_xlabel(label), ax.set_ylabel("search wall time (s)")
+    fig.suptitle("Search time (LLaMA-2-7B layer profile, A100 preset)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def search_speed_section(data: dict, folder: Path, rel) -> list[str]:
+    """Section 4 from benchmarks/search_speed.py's JSON."""
+    parts = ["## 4. Search scaling", "", "`python benchmarks/search_speed.py`", ""]
+    fixture = data.get("fixture")
+    if fixture:
+        engine = fixture["galvatron_engine"]
+        parts += [f"Galvatron's LLaMA-2-7B case (1 × 8 GPUs, 36 GB, bf16, global batch 16): search **{fixture['search_s']:.2f} s** "
+                  f"(Galvatron's engine: {engine['search_s']:.0f} s); our plan **{fixture['ours_samples_per_s']:.3f} samples/s**, "
+                  f"Galvatron's strategy file {fixture['galvatron_plan_samples_per_s_our_model']:.3f} samples/s, both under our cost "
+                  f"model (Galvatron's own estimate of its plan: {engine['samples_per_s']} samples/s).", ""]
+    scale = data.get("scale")
+    if scale:
+        took = "over 600 s" if scale["search_s"] is None else f"{scale['search_s']:.1f} s"
+        parts += [f"Scale case ({scale['layers']} layers, {scale['devices']} devices, batch 256..1024): {took}.", ""]
+    sweep = data.get("sweep")
+    if sweep:
+        plot = folder / "search_speed.png"
+        plot_search_speed(sweep, plot)
+        parts += ["| layers | devices | search s |", "| --- | --- | --- |"]
+        parts += [f"| {r['layers']} | {r['devices']} | {'> cap' if r['search_s'] is None else format(r['search_s'], '.2f')} |"
+                  for r in sweep]
+        parts += ["", f"![search time]({rel(plot)})", ""]
+    return parts
+
+
 def _environment(data: dict) -> str:
     env = data["environment"]
     load = env.get("load_average_at_start")
@@ -128,6 +171,9 @@ def write_markdown(folder: Path, out: Path, search_speed: str | None) -> str:
                   f"worst **{s['worst_memory_error']:.1%}** (≤ 10 %).", "",
                   f"![cost model accuracy]({rel(plot)})", "", cost["table"], "",
                   f"MFU against {cost['peak_source']}.", ""]
+        if cost.get("failed"):
+            parts += ["Plans that failed to lower (left out of the figures):", ""]
+            parts += [f"- {f['model']}, {f['world']} processes, {f['plan']}: {f['error']}" for f in cost["failed"]] + [""]
     if overheads:
         plot = folder / "runtime_overhead.png"
         plot_runtime_overhead(overheads, plot)
@@ -144,7 +190,10 @@ def write_markdown(folder: Path, out: Path, search_speed: str | None) -> str:
                   f"**{s['ratio_to_best_plan']:.3f}** × the best measured plan (target ≥ 0.95) and "
                   f"**{(s['ratio_to_best_native'] or 0):.3f}** × the best torch-native baseline (target ≥ 1).", "",
                   f"![plan quality]({rel(plot)})", "", data["table"], ""]
-    if search_speed:
+    speed = _load(folder, "search_speed")
+    if speed:
+        parts += search_speed_section(speed, folder, rel)
+    elif search_speed:
         parts += ["## 4. Search scaling", "", search_speed.strip(), ""]
     parts += ["## 5. Throughput and MFU", "",
               "Every table above reports samples/s and model FLOPs utilisation: graph-counted forward + backward FLOPs "
