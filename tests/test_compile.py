@@ -2,13 +2,15 @@
 given apart from the model, evaluation — each compared with single-process eager training."""
 
 import functools
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import galvatron_fx
-from galvatron_fx import Cluster, LayerStrategy, Plan, runtime, uniform_plan
+from galvatron_fx import Cluster, LayerStrategy, Plan, cli, runtime, uniform_plan
 from galvatron_fx.models import build_model, example_batch
 
 from distributed import ADAM_EPS, LR, TOLERANCE
@@ -42,7 +44,7 @@ def _train(compiled, data, steps=STEPS):
     return [compiled.train_step(data[step % len(data)]) for step in range(steps)]
 
 
-def compile_worker(rank: int, world_size: int) -> dict:
+def compile_worker(rank: int, world_size: int, cli_plan_path: str) -> dict:
     results = {}
     for name in ("gpt2", "t5"):
         model, data = _model_and_data(name)
@@ -60,6 +62,10 @@ def compile_worker(rank: int, world_size: int) -> dict:
     per_layer = Plan(world_size=WORLD, layers=layers, chunks=2, global_batch=GLOBAL_BATCH)
     compiled = galvatron_fx.compile(model, _cluster(), example_kwargs=data[0], optimizer=_adam, plan=per_layer)
     results["per_layer"] = {"losses": _train(compiled, data, 3)}
+
+    model, data = _model_and_data("gpt2")
+    compiled = galvatron_fx.compile(model, _cluster(), example_kwargs=data[0], optimizer=_adam, plan=cli_plan_path)
+    results["cli_plan"] = {"pp": compiled.plan.pp, "losses": _train(compiled, data, 3)}
 
     model, data = _model_and_data("nanogpt")
     data = [{"idx": batch["idx"]} for batch in data]
@@ -89,7 +95,11 @@ def _eager(name: str, steps: int, loss_fn=None) -> list[float]:
 
 @functools.lru_cache(maxsize=None)
 def _distributed():
-    return runtime.spawn(compile_worker, WORLD, timeout_s=1200)
+    plan_path = Path(tempfile.mkdtemp()) / "plan.json"
+    status = cli.main(["search", "gpt2", "--size", "small", "--cluster", f"A100-80GB:1x{WORLD}", "--batch", str(GLOBAL_BATCH),
+                       "--seq", str(SEQ), "--out", str(plan_path), "--quiet"])
+    assert status == 0 and plan_path.exists()
+    return runtime.spawn(compile_worker, WORLD, str(plan_path), timeout_s=1200)
 
 
 def _assert_close(losses, reference):
@@ -112,6 +122,11 @@ def test_global_flags_plan_and_eval_step():
     with torch.no_grad():
         assert abs(results[0]["uniform"]["eval"] - model(**data[0]).loss.item()) <= TOLERANCE
     _assert_close(results[0]["uniform"]["losses"], _eager("gpt2", 3))
+
+
+def test_plan_dumped_by_the_search_command():
+    result = _distributed()[0]["cli_plan"]
+    _assert_close(result["losses"], _eager("gpt2", 3))
 
 
 def test_per_layer_python_plan():

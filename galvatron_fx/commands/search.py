@@ -17,6 +17,7 @@ from galvatron_fx.errors import ConfigError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", help="built-in model name, HF config.json path, or entry point 'module:function'")
     parser.add_argument("--galvatron-profiles", metavar="DIR", help="Galvatron's profile folder: model and hardware from its files")
+    parser.add_argument("--size", choices=("small", "real"), default="real", help="built-in models: configuration size")
     parser.add_argument("--cluster", default="A100-80GB:1x8", help="preset[:NODESxGPUS], a size NODESxGPUS, or a cluster JSON")
     parser.add_argument("--memory", default=None, help='memory budget per device, e.g. "36GB" (default: the device memory)')
     parser.add_argument("--batch", type=int, default=None, help="fixed global batch")
@@ -90,7 +91,7 @@ def _cost_model(args):
     if not args.model:
         raise ConfigError("no model given", "name a built-in model, an HF config.json, an entry point, or --galvatron-profiles DIR")
     cluster = _cluster(args.cluster)
-    program, name = _program(args.model, args.seq)
+    program, name = _program(args.model, args.seq, args.size)
     from galvatron_fx.compile import build_cost_model
     return (build_cost_model(program, cluster, "analytic", args.mixed_precision), cluster.world_size,
             args.memory or cluster.memory_bytes, (name, f"{cluster.nodes}x{cluster.devices_per_node} {cluster.device}"))
@@ -108,8 +109,8 @@ def _cluster(spec: str):
     return Cluster.preset(spec)
 
 
-def _program(model: str, seq: int):
-    """Capture the model at its real size without memory (meta device), batch 2."""
+def _program(model: str, seq: int, size: str = "real"):
+    """Capture the model without memory (meta device), batch 2; built-in models at ``size``."""
     import torch
 
     from galvatron_fx.capture import capture
@@ -122,13 +123,11 @@ def _program(model: str, seq: int):
             config = transformers.AutoConfig.from_pretrained(model)
             net = transformers.AutoModelForCausalLM.from_config(config)
             ids = torch.zeros(2, seq, dtype=torch.long)
-            kwargs, name = {"input_ids": ids, "labels": ids, "use_cache": False}, getattr(config, "model_type", model)
+            kwargs = {"input_ids": ids, "labels": ids, "use_cache": False}
         else:
-            net, kwargs = build_model(model, size="real", batch=2, seq=seq)
-            name = model
+            net, kwargs = build_model(model, size=size, batch=2, seq=seq)
         program = capture(net, example_kwargs=kwargs)
-    program.model_name = name
-    return program, name
+    return program, program.model_name  # the model's class, which compile() checks a plan against
 
 
 class _Progress:
