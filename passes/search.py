@@ -176,8 +176,8 @@ class SearchEngine:
 
     def solve_table(self, table, pp: int, gb: int, c: int, pipeline: str, k: tuple[int, ...], mode: str) -> None:
         devices, mb = self.world_size // pp, gb // c
-        solver = StageSolver(self, table, pp, mb, c, k)
         embeddings = self.space.embedding_strategies(devices, mode)
+        solver = StageSolver(self, table, pp, mb, c, k, [self.parts(devices, mb, pp, e, mode) for e in embeddings])
         self.seed_uniform(table, solver, pp, gb, c, pipeline, k, mode, embeddings)
         ranked = sorted(embeddings, key=lambda e: sum(p.x_s for p in self.parts(devices, mb, pp, e, mode)))
         for embedding in ranked:

@@ -71,6 +71,23 @@ class CostTable:
     g: dict[str, np.ndarray]                # grad sync seconds
     peak: dict[str, np.ndarray]             # transient bytes (int64)
     redistribution: dict = field(default_factory=dict)  # boundary group → class × class seconds
+    useful: dict = field(default_factory=dict)          # per layer type: allowed and not dominated
+    redistribution_scale: float = 1.0                   # folded tables: seconds count ``chunks`` times
+
+
+def mark_useful(table: CostTable) -> CostTable:
+    """Per layer type, the allowed strategies that no other allowed strategy of the same layout class beats
+    or ties in every term (model states, activations, time, sync, peak): a dominated strategy can be swapped
+    for its dominator in any plan without changing a redistribution, and nothing gets worse."""
+    same_class = table.layout[:, None] == table.layout[None, :]
+    earlier = np.tri(len(table.strategies), k=-1, dtype=bool).T   # [i, j]: i < j, the tie-break
+    for t, ok in table.allowed.items():
+        terms = [table.ms[t], table.act[t], table.x[t], table.g[t], table.peak[t]]
+        no_worse = np.logical_and.reduce([v[:, None] <= v[None, :] for v in terms])     # [i, j]: i ≤ j everywhere
+        better = np.logical_or.reduce([v[:, None] < v[None, :] for v in terms])
+        dominated = (no_worse & (better | earlier) & same_class & ok[:, None]).any(axis=0)
+        table.useful[t] = ok & ~dominated
+    return table
 
 
 def subset(table: CostTable, keep: list[int]) -> CostTable:
@@ -82,7 +99,8 @@ def subset(table: CostTable, keep: list[int]) -> CostTable:
                     [table.layouts[c] for c in classes], *({t: v[pick] for t, v in d.items()} for d in
                                                             (table.allowed, table.ms, table.act, table.x, table.g, table.peak)))
     out.redistribution = {key: m[np.ix_(classes, classes)] for key, m in table.redistribution.items()}
-    return out
+    out.redistribution_scale = table.redistribution_scale
+    return mark_useful(out)
 
 
 def folded(table: CostTable, chunks: int, syncs: int = 1) -> CostTable:
@@ -91,25 +109,9 @@ def folded(table: CostTable, chunks: int, syncs: int = 1) -> CostTable:
     out = CostTable(table.strategies, table.layout, table.layouts, table.allowed, table.ms, table.act,
                     {t: chunks * table.x[t] + syncs * table.g[t] for t in table.x}, {t: np.zeros_like(v) for t, v in table.g.items()},
                     table.peak)
-    out.redistribution = _Scaled(table.redistribution, chunks)
-    return out
-
-
-class _Scaled(dict):
-    """A view of a redistribution cache with every matrix multiplied by ``factor`` (filled on demand)."""
-
-    def __init__(self, base: dict, factor: float):
-        super().__init__()
-        self.base, self.factor = base, factor
-
-    def __contains__(self, key) -> bool:
-        return key in self.base
-
-    def __getitem__(self, key):
-        return self.base[key] * self.factor
-
-    def __setitem__(self, key, value):
-        self.base[key] = value / self.factor
+    out.redistribution = table.redistribution      # shared cache of unscaled matrices
+    out.redistribution_scale = table.redistribution_scale * chunks
+    return mark_useful(out)
 
 
 def layout_key(strategy: LayerStrategy) -> tuple:
@@ -138,17 +140,18 @@ def build_cost_table(cost_model, strategies: list[LayerStrategy], micro_batch: i
             x[j], g[j] = cost.fwd_s + cost.bwd_s, cost.grad_sync_s
         table.allowed[layer_type], table.ms[layer_type], table.act[layer_type] = ok, ms, act
         table.x[layer_type], table.g[layer_type], table.peak[layer_type] = x, g, peak
-    return table
+    return mark_useful(table)
 
 
 def redistribution_matrix(cost_model, table: CostTable, key, boundary_index: int, micro_batch: int) -> np.ndarray:
-    """Seconds to redistribute between every pair of layout classes at ``boundary_index`` (cached per ``key``,
-    the boundary's group)."""
+    """Seconds to redistribute between every pair of layout classes at ``boundary_index`` (the cost model's
+    values cached per ``key``, the boundary's group), times the table's ``redistribution_scale``."""
     if key not in table.redistribution:
         reps = [table.strategies[int(np.flatnonzero(table.layout == c)[0])] for c in range(len(table.layouts))]
         table.redistribution[key] = np.array(
             [[cost_model.redistribution_s(a, b, boundary_index, micro_batch) for b in reps] for a in reps])
-    return table.redistribution[key]
+    matrix = table.redistribution[key]
+    return matrix if table.redistribution_scale == 1.0 else matrix * table.redistribution_scale
 
 
 @dataclass
@@ -184,9 +187,10 @@ class Front:
 
 
 def extend(front: Front | None, table: CostTable, layer_type: str, redistribution: np.ndarray | None,
-           in_flight: int, cap_bytes: int, memory_limit: int, time_limit_s: float) -> Front:
-    """The front after one more layer of ``layer_type`` (strategies with peak <= ``cap_bytes`` only)."""
-    usable = np.flatnonzero(table.allowed[layer_type] & (table.peak[layer_type] <= cap_bytes))
+           in_flight: int, cap_bytes: int, memory_limit: int, promising=None) -> Front:
+    """The front after one more layer of ``layer_type`` (strategies with peak <= ``cap_bytes`` only);
+    ``promising(M, X, G)`` (a mask) drops points no plan that beats the incumbent can extend."""
+    usable = np.flatnonzero(table.useful[layer_type] & (table.peak[layer_type] <= cap_bytes))
     mem = (table.ms[layer_type] + in_flight * table.act[layer_type])[usable]
     x, g, cls = table.x[layer_type][usable], table.g[layer_type][usable], table.layout[usable]
     out = Front(front, {}, {}, {}, {}, {}, {})
@@ -208,7 +212,10 @@ def extend(front: Front | None, table: CostTable, layer_type: str, redistributio
         pair_src, pair_j = np.nonzero(tT[:, None] == cls[None, :])
         M, X, G = tM[pair_src] + mem[pair_j], tX[pair_src] + x[pair_j], tG[pair_src] + g[pair_j]
         C, pc, pi, st = cls[pair_j], sC[src[pair_src]], sI[src[pair_src]], usable[pair_j]
-    ok = np.flatnonzero((M <= memory_limit) & (X <= time_limit_s))
+    ok = M <= memory_limit
+    if promising is not None:
+        ok &= promising(M, X, G)
+    ok = np.flatnonzero(ok)
     M, X, G, C, pc, pi, st = M[ok], X[ok], G[ok], C[ok], pc[ok], pi[ok], st[ok]
     keep = pareto_indices(M, X, G, C)
     M, X, G, C, pc, pi, st = M[keep], X[keep], G[keep], C[keep], pc[keep], pi[keep], st[keep]

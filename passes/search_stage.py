@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .search_bound import RestBound
 from .search_front import Front, extend, folded, pareto_indices, redistribution_matrix
 
 _TOL = 1e-12
@@ -61,7 +62,8 @@ def pipeline_time(fronts: list[tuple[np.ndarray, np.ndarray]], chunks: int) -> t
 class StageSolver:
     """Everything for one (pp, devices, micro-batch, chunks, in-flight) setting; caches across embeddings."""
 
-    def __init__(self, engine, table, pp: int, micro_batch: int, chunks: int, in_flight: tuple[int, ...]):
+    def __init__(self, engine, table, pp: int, micro_batch: int, chunks: int, in_flight: tuple[int, ...],
+                 embedding_parts: list[list[EmbeddingPart]]):
         # One stage: time = c·X + G exactly, so fold G into X (2-D fronts) and run the formula with c = 1.
         self.fold = chunks if pp == 1 else None
         if self.fold:
@@ -74,7 +76,7 @@ class StageSolver:
         self.engine, self.table, self.pp, self.mb, self.c, self.k = engine, table, pp, micro_batch, chunks, in_flight
         self.types = engine.types
         L = len(self.types)
-        usable = [table.allowed[t] for t in self.types]
+        usable = [table.useful[t] for t in self.types]
         peaks = np.concatenate([table.peak[t][ok] for t, ok in zip(self.types, usable)])
         self.caps = np.unique(peaks) if len(peaks) else np.zeros(0, np.int64)
         xmin = np.array([table.x[t][ok].min() if ok.any() else np.inf for t, ok in zip(self.types, usable)])
@@ -85,41 +87,53 @@ class StageSolver:
             for b in range(s + 1, L - (pp - 2 - s)):
                 self.p2p[s, b] = engine.cost_model.p2p_s(s, pp, engine.world_size // pp, micro_batch, b - 1)
         self._stage_cache: dict = {}
+        # what the rest of a plan costs at least, for dropping front points early (search_bound)
+        self.k_rest = in_flight[0] if pp == 1 else min(in_flight)
+        self.rest_bound = RestBound(table, self.types, self.k_rest, self.caps, per_cap=pp == 1)
+        self.syncs = chunks if engine.space.grad_sync_every_micro_batch and not self.fold else 1
+        folded_parts = [[self._folded(p) for p in parts] for parts in embedding_parts]
+        self.embedding_min_s = min((sum(p.x_s for p in parts) for parts in folded_parts), default=0.0)
+        self.embedding_min_bytes = min((sum(p.model_state_bytes + self.k_rest * p.activation_bytes for p in parts)
+                                        for parts in folded_parts), default=0)
 
     # -- layer and stage fronts --------------------------------------------------------------------------
     def layer_front(self, a: int, b: int, k: int, cap_index: int) -> Front | None:
-        key = (self.types[a:b], self.engine.boundary_group[a + 1:b], k, cap_index)
+        key = (self.types[a:b], self.engine.boundary_group[a + 1:b], k, cap_index, self.c, self.k_rest)
         memo = self.engine.front_memo.setdefault(id(self.table), {})
-        limit_s = self.time_limit(b - a)
-        if key in memo and memo[key][1] >= limit_s:
+        bound_s = self.bound_s()
+        if key in memo and memo[key][1] >= bound_s:
             return memo[key][0]
         prev = self.layer_front(a, b - 1, k, cap_index) if b - a > 1 else None
         if b - a > 1 and (prev is None or not prev.M):
-            memo[key] = (None, limit_s)
+            memo[key] = (None, bound_s)
             return None
         cap = int(self.caps[cap_index])
         redis = None
         if prev is not None:
             group = self.engine.boundary_group[b - 1]
             redis = redistribution_matrix(self.engine.cost_model, self.table, group, self.engine.group_index[group], self.mb)
-        front = extend(prev, self.table, self.types[b - 1], redis, k, cap, self.engine.budget - cap, limit_s)
-        memo[key] = (front, limit_s)
+        m_avail = self.pp * self.engine.budget - cap - self.embedding_min_bytes
+        promising = self.rest_bound.promising(self.types[a:b], cap_index, m_avail, self.c, self.syncs,
+                                              self.embedding_min_s, bound_s)
+        front = extend(prev, self.table, self.types[b - 1], redis, k, cap, self.engine.budget - cap, promising)
+        memo[key] = (front, bound_s)
         return front
 
-    def time_limit(self, layers: int) -> float:
-        """Largest X a run of ``layers`` layers may have in a plan that beats the best one found: the
-        iteration time is at least c·X_s of its stage plus the fastest time of every other layer."""
+    def bound_s(self) -> float:
+        """The incumbent's iteration time (global batch / best samples/s): a plan must beat it."""
         if self.engine.best_throughput <= 0:
             return np.inf
-        bound_s = self.time_scale * self.c * self.mb / self.engine.best_throughput    # global batch / best samples/s
-        others = (len(self.types) - layers) * self.xmin
-        return (bound_s - others) / self.c * (1 + 1e-9) + 1e-12
+        return self.time_scale * self.c * self.mb / self.engine.best_throughput
+
+    def _folded(self, part: EmbeddingPart) -> EmbeddingPart:
+        if not self.fold:
+            return part
+        syncs = self.fold if self.engine.space.grad_sync_every_micro_batch else 1
+        return EmbeddingPart(self.fold * part.x_s + syncs * part.g_s, 0.0, part.model_state_bytes, part.activation_bytes, part.peak_bytes)
 
     def stage_front(self, s: int, a: int, b: int, part: EmbeddingPart) -> StageFront | None:
         k = self.k[s]
-        if self.fold:
-            syncs = self.fold if self.engine.space.grad_sync_every_micro_batch else 1
-            part = EmbeddingPart(self.fold * part.x_s + syncs * part.g_s, 0.0, part.model_state_bytes, part.activation_bytes, part.peak_bytes)
+        part = self._folded(part)
         key = (self.types[a:b], self.engine.boundary_group[a + 1:b], k, part)
         if key in self._stage_cache:
             return self._stage_cache[key]

@@ -1,0 +1,106 @@
+"""A lower bound on the iteration time of every plan that extends a partial stage: the front points that
+cannot beat the incumbent are dropped while the fronts are built, not after.
+
+For a run of layers with memory ``M``, time ``X`` and sync ``G`` inside stage ``s``:
+
+    iteration time  >=  c·X + syncs·G + (fastest embedding/head time) + H(rest, m_avail − M)
+
+where ``rest`` are the body layers outside the run and ``H(rest, m)`` the least time they can take when
+their memory adds up to at most ``m`` bytes (every stage's budget counts, minus the embedding's least
+memory and the run's own cap). ``H`` is bounded from below by its Lagrangian relaxation
+
+    H(rest, m)  >=  max_λ≥0  Σ_{l in rest} min_j (x_lj + λ·mem_lj)  −  λ·m
+
+(weak duality: any λ gives a valid bound), so the bound is the upper envelope of one line per λ in M.
+Redistribution, p2p and the (c − 1)·max term of other stages are left out (all >= 0), and other stages'
+in-flight counts are taken at their least: every relaxation only lowers the bound.
+
+requires: a CostTable (search_front), non-negative terms.
+ensures:  ``RestBound.promising`` never drops a point that some plan beating ``bound_s`` extends.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_SLACK = 1e-9   # relative: never prune a tie on rounding
+
+
+def _hull_slopes(mem: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Exchange rates (seconds per byte) along the lower convex hull of (mem, x): where the LP optimum bends."""
+    order = np.lexsort((x, mem))
+    hull: list[tuple[float, float]] = []
+    for m, t in zip(mem[order].astype(float), x[order]):
+        if hull and hull[-1][0] == m:
+            continue
+        while len(hull) >= 2 and (hull[-1][1] - hull[-2][1]) * (m - hull[-1][0]) >= (t - hull[-1][1]) * (hull[-1][0] - hull[-2][0]):
+            hull.pop()
+        hull.append((m, t))
+    return np.array([(a[1] - b[1]) / (b[0] - a[0]) for a, b in zip(hull, hull[1:]) if b[1] < a[1]])
+
+
+class RestBound:
+    """Per (table, in-flight count of the rest, cap set): the Lagrangian terms of each layer type."""
+
+    def __init__(self, table, types: tuple[str, ...], in_flight: int, caps: np.ndarray, per_cap: bool):
+        slopes = [np.zeros(1)]
+        for t in dict.fromkeys(types):
+            ok = table.useful[t]
+            if ok.any():
+                slopes.append(_hull_slopes((table.ms[t] + in_flight * table.act[t])[ok], table.x[t][ok]))
+        lam = np.unique(np.concatenate(slopes))
+        if len(lam) > 96:   # any subset of multipliers is still a valid bound
+            lam = lam[np.unique(np.linspace(0, len(lam) - 1, 96).round().astype(int))]
+        self.lam = np.concatenate([lam, [lam[-1] * 1e3 + 1e-30]])   # a steep one: rest cannot fit at all
+        # phi[t][cap index, λ]: min_j x + λ·mem over the strategies allowed under that cap (all if not per_cap)
+        self.phi = {}
+        for t in dict.fromkeys(types):
+            mem, x = (table.ms[t] + in_flight * table.act[t]).astype(float), table.x[t]
+            rows = []
+            for cap in (caps if per_cap else caps[-1:]):
+                ok = table.useful[t] & (table.peak[t] <= cap)
+                rows.append((x[ok][:, None] + mem[ok][:, None] * self.lam[None, :]).min(axis=0) if ok.any()
+                            else np.full(len(self.lam), np.inf))
+            self.phi[t] = np.array(rows)
+        self.per_cap = per_cap
+        self.total = sum(self.phi[t] for t in types)
+
+    def promising(self, run_types: tuple[str, ...], cap_index: int, m_avail: float, c: int, syncs: int, fixed_s: float,
+                  bound_s: float):
+        """A mask function over (M, X, G) of the run's points: True where some plan under ``bound_s`` may extend it."""
+        if not np.isfinite(bound_s):
+            return None
+        row = cap_index if self.per_cap else 0
+        rest = self.total[row] - sum(self.phi[t][row] for t in run_types)
+        if not np.all(np.isfinite(rest)):
+            return lambda M, X, G: np.zeros(len(M), bool)
+        # each line is a valid bound on its own; lower it by more than its rounding error
+        error = 1e-9 * (np.abs(self.total[row]) + np.abs(rest) + self.lam * (2 * abs(m_avail) + 1))
+        slopes, breaks, icepts = _envelope(self.lam, rest - self.lam * m_avail - error)
+        limit = bound_s * (1 + _SLACK) + 1e-12
+
+        def mask(M, X, G):
+            i = np.searchsorted(breaks, M, side="right")
+            return c * X + syncs * G + fixed_s + icepts[i] + slopes[i] * M <= limit
+        return mask
+
+
+def _envelope(slopes: np.ndarray, intercepts: np.ndarray):
+    """Upper envelope of lines y = s·M + b (slopes ascending): (slopes, breakpoints, intercepts) of its pieces."""
+    keep: list[int] = []
+    for i in range(len(slopes)):
+        if keep and slopes[keep[-1]] == slopes[i]:
+            if intercepts[i] <= intercepts[keep[-1]]:
+                continue
+            keep.pop()
+        while len(keep) >= 2:
+            a, b = keep[-2], keep[-1]
+            # b is never on top if a and i cross at or left of where a and b cross
+            if (intercepts[i] - intercepts[a]) * (slopes[b] - slopes[a]) >= (intercepts[b] - intercepts[a]) * (slopes[i] - slopes[a]):
+                keep.pop()
+            else:
+                break
+        keep.append(i)
+    s, b = slopes[keep], intercepts[keep]
+    breaks = (b[:-1] - b[1:]) / (s[1:] - s[:-1])
+    return s, breaks, b
