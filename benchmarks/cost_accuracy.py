@@ -3,8 +3,9 @@
 1. Profile this machine: ``galvatron-fx profile-hardware`` on 2 and 4 processes (gloo on CPU, NCCL on
    GPUs), and each model's layer types with the measured model profiler.
 2. For every plan (uniform and heterogeneous; PP, TP, DP, ZeRO-2/3, checkpointing) of a GPT-2-like and a
-   BERT-like model: predict with ``CostModel.evaluate``, then train it on the processes — warm-up steps,
-   timed steps (median; the slowest rank counts), one step under the peak-memory meter (common.py).
+   BERT-like model: predict with ``CostModel.evaluate``, then train it on fresh processes (one launch per
+   plan) — warm-up steps, timed steps (median; the slowest rank counts), steps under the peak-memory
+   meter (common.py).
 3. Report per plan and overall: time error, memory error per rank, Spearman rank correlation of
    predicted and measured time, throughput and MFU; JSON to benchmarks/results/cost_accuracy.json.
 
@@ -128,7 +129,7 @@ def hardware_profile(world: int, folder: Path, source: str, reprofile: bool):
     return HardwareProfile.load(path)
 
 
-def model_profile(name: str, shape: str, folder: Path, reprofile: bool, repeats: int = 5):
+def model_profile(name: str, shape: str, folder: Path, reprofile: bool, repeats: int = 10):
     """The measured model profile (layer types timed here, one thread, as each rank runs)."""
     from galvatron_fx.cost.layer_profiler import profile_model
     from galvatron_fx.cost.model_profile import ModelProfile
@@ -140,7 +141,8 @@ def model_profile(name: str, shape: str, folder: Path, reprofile: bool, repeats:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             profile = profile_model(lambda b, s: build_model(name, shape, b, seq=s), batches=(2, 4, 8),
-                                    seqs=(SHAPES[shape]["seq"],), repeats=repeats, progress=False, name=name)
+                                    seqs=(SHAPES[shape]["seq"],), repeats=repeats, progress=False, name=name,
+                                    device="cuda" if torch.cuda.is_available() else "cpu")
         torch.set_num_threads(threads)
         profile.save(path)
     return ModelProfile.load(path)
@@ -198,7 +200,10 @@ def main(argv=None) -> dict:
         for world in worlds:
             cases = plans(world, len(profile.layer_types), model_name)[:args.max_plans]
             cost = CostModel(profile, hardware[world])
-            per_rank = spawn(run_plans, world, model_name, args.shape, cases, args.warmup, args.repeats)
+            # one process launch per plan: state a runtime leaves behind (caches, hooks) must not
+            # reach the next plan's memory or time
+            launches = [spawn(run_plans, world, model_name, args.shape, [case], args.warmup, args.repeats) for case in cases]
+            per_rank = [[r for launch in launches for r in launch[rank]] for rank in range(world)]
             for name, plan in cases:
                 prediction = cost.evaluate(plan)
                 results = [r for rank in per_rank for r in rank if r["plan"] == name]
