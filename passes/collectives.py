@@ -218,3 +218,136 @@ def reduce_scatter_dim(x: torch.Tensor, dim: int, ranks: Ranks) -> torch.Tensor:
     """Partial sums reduce-scattered along ``dim`` forward, all-gather backward (Megatron-SP after a
     row-parallel projection)."""
     return _ReduceScatter.apply(x, dim, ranks) if len(ranks) > 1 else x
+
+
+# -- sequence parallelism: collectives along one digit of a dimension ------------------------------------------
+# A sequence-sharded value may carry the sequence inside a merged dimension (GPT-2 flattens [batch, seq] to
+# [batch * seq] before its projections). ``(dim, sizes, index)`` names it: dimension ``dim`` viewed row-major
+# as ``sizes`` (this rank's sizes), the sequence being digit ``index``.
+def _on_digit(x: torch.Tensor, dim: int, sizes: tuple, index: int, op) -> torch.Tensor:
+    dim = dim % x.dim()
+    shape = list(x.shape)
+    y = op(x.reshape(shape[:dim] + list(sizes) + shape[dim + 1:]), dim + index)
+    return y.reshape(shape[:dim] + [-1] + shape[dim + 1:])
+
+
+def _digit_gather(x, dim, sizes, index, ranks):
+    return _on_digit(x, dim, sizes, index, lambda y, d: all_gather_dim(y, d, ranks))
+
+
+def _digit_reduce_scatter(x, dim, sizes, index, ranks):
+    return _on_digit(x, dim, sizes, index, lambda y, d: reduce_scatter_sum_dim(y, d, ranks))
+
+
+def _digit_split(x, dim, sizes, index, ranks):
+    return _on_digit(x, dim, sizes, index, lambda y, d: y.chunk(len(ranks), d)[_my_index(ranks)].contiguous())
+
+
+class _SeqGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, sizes, index, ranks, sum_grad):
+        ctx.args, ctx.sum_grad = (dim, tuple(s * len(ranks) if i == index else s for i, s in enumerate(sizes)), index, ranks), sum_grad
+        return _digit_gather(x, dim, sizes, index, ranks)
+
+    @staticmethod
+    def backward(ctx, grad):
+        op = _digit_reduce_scatter if ctx.sum_grad else _digit_split
+        return op(grad.contiguous(), *ctx.args), None, None, None, None, None
+
+
+class _SeqReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, sizes, index, ranks):
+        ctx.args = (dim, tuple(s // len(ranks) if i == index else s for i, s in enumerate(sizes)), index, ranks)
+        return _digit_reduce_scatter(x, dim, sizes, index, ranks)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _digit_gather(grad.contiguous(), *ctx.args), None, None, None, None
+
+
+class _SeqSplit(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, sizes, index, ranks):
+        ctx.args = (dim, tuple(s // len(ranks) if i == index else s for i, s in enumerate(sizes)), index, ranks)
+        return _digit_split(x, dim, sizes, index, ranks)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _digit_gather(grad.contiguous(), *ctx.args), None, None, None, None
+
+
+def sp_gather(x: torch.Tensor, dim: int, sizes: tuple, index: int, ranks: Ranks, sum_grad: bool = True) -> torch.Tensor:
+    """All-gather the sequence digit (``sizes``: this rank's) forward; backward reduce-scatter the gradient
+    (``sum_grad``: Megatron-SP before column-parallel work, whose input gradients are partial) or keep this
+    rank's part of it (the gradient is already whole)."""
+    return _SeqGather.apply(x, dim, tuple(sizes), index, ranks, sum_grad) if len(ranks) > 1 else x
+
+
+def sp_reduce_scatter(x: torch.Tensor, dim: int, sizes: tuple, index: int, ranks: Ranks) -> torch.Tensor:
+    """Partial sums reduce-scattered along the sequence digit (``sizes``: whole) forward, all-gather backward
+    (Megatron-SP after a row-parallel projection)."""
+    return _SeqReduceScatter.apply(x, dim, tuple(sizes), index, ranks) if len(ranks) > 1 else x
+
+
+def sp_split(x: torch.Tensor, dim: int, sizes: tuple, index: int, ranks: Ranks) -> torch.Tensor:
+    """This rank's part of a whole (replicated) value along the sequence digit; backward all-gather."""
+    return _SeqSplit.apply(x, dim, tuple(sizes), index, ranks) if len(ranks) > 1 else x
+
+
+def _all_to_all(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """Chunk i of dim 0 goes to rank i; the result's chunk j came from rank j."""
+    if _is_fake(x):
+        return x.clone()
+    out = funcol.all_to_all_single(x.contiguous(), None, None, list(ranks))
+    return out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else funcol.wait_tensor(out)
+
+
+def _seq_to_heads(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """[..., H, S/u, D] sequence-sharded → [..., H/u, S, D] head-sharded."""
+    u, lead = len(ranks), x.shape[:-3]
+    heads, seq, width = x.shape[-3:]
+    y = x.reshape(*lead, u, heads // u, seq, width).movedim(-4, 0)  # [u (dest), ..., H/u, S/u, D]
+    y = _all_to_all(y, ranks)  # [u (source = sequence chunk), ..., H/u, S/u, D]
+    return y.movedim(0, -3).reshape(*lead, heads // u, u * seq, width)
+
+
+def _heads_to_seq(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """[..., H/u, S, D] head-sharded → [..., H, S/u, D] sequence-sharded."""
+    u, lead = len(ranks), x.shape[:-3]
+    heads, seq, width = x.shape[-3:]
+    y = x.reshape(*lead, heads, u, seq // u, width).movedim(-3, 0)  # [u (dest = sequence chunk), ..., H/u, S/u, D]
+    y = _all_to_all(y, ranks)  # [u (source = head chunk), ..., H/u, S/u, D]
+    return y.movedim(0, -4).reshape(*lead, u * heads, seq // u, width)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ranks):
+        ctx.ranks = ranks
+        return _seq_to_heads(x, ranks)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _heads_to_seq(grad, ctx.ranks), None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ranks):
+        ctx.ranks = ranks
+        return _heads_to_seq(x, ranks)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _seq_to_heads(grad, ctx.ranks), None
+
+
+def seq_to_heads(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """Ulysses before attention: all-to-all from sequence sharding to head sharding (``[..., H, S, D]``)."""
+    return _SeqToHeads.apply(x, ranks) if len(ranks) > 1 else x
+
+
+def heads_to_seq(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """Ulysses after attention: all-to-all from head sharding back to sequence sharding."""
+    return _HeadsToSeq.apply(x, ranks) if len(ranks) > 1 else x

@@ -22,6 +22,7 @@ from galvatron_fx.plan import LayerStrategy
 
 from .lower_stage import LoweringContext, StageModule, embedding_strategy, unwrap
 from .redistribute import Layout, insert_redistribute, rescale_batch, scale_param_grads, tp_group, with_shape
+from .sequence_parallel import META_KEY as SP_KEY, apply_sequence_parallel
 from .tensor_parallel import TPConfig, tensor_parallel
 
 
@@ -34,13 +35,22 @@ def _strategies(context: LoweringContext) -> dict[int, LayerStrategy]:
     return out
 
 
-def _producers(context: LoweringContext) -> dict[str, LayerStrategy]:
-    """Value name → strategy of the layer that produces it; graph inputs: the data split of the trainer."""
+def _producers(context: LoweringContext) -> dict[str, Layout]:
+    """Value name → layout it is produced in (sequence-parallel layers: per output); graph inputs: the data
+    split of the trainer."""
+    from .sequence_parallel import sequence_flags
+
     strategies = _strategies(context)
-    producers = {name: LayerStrategy(dp=context.plan.devices_per_stage) for name in context.program.placeholder_names}
+    producers = {name: Layout(LayerStrategy(dp=context.plan.devices_per_stage)) for name in context.program.placeholder_names}
+    batched = None
     for layer in context.program.layers:
-        for name in layer.output_names:
-            producers[name] = strategies[layer.index]
+        strategy = strategies[layer.index]
+        flags = (False,) * len(layer.output_names)
+        if strategy.sp != "none":
+            batched = batched if batched is not None else frozenset(_batched_names(context))
+            flags = sequence_flags(context, layer.index, strategy, batched)["outputs"]
+        for name, seq in zip(layer.output_names, flags):
+            producers[name] = Layout(strategy, seq)
     return producers
 
 
@@ -85,7 +95,7 @@ def make_tensor_parallel_pass(strict: bool = False):
         rank = context.layout.rank
         for layer in stage.stage_layers:
             strategy = layer.strategy
-            if strategy.tp == 1 or strategy.sp == "ulysses":
+            if strategy.tp == 1 or strategy.sp != "none":  # sequence parallelism: apply_sequence_parallel
                 continue
             ranks = tp_group(context.plan, strategy, rank)
             with warnings.catch_warnings(record=True) as caught:
@@ -109,22 +119,31 @@ def apply_layouts(stage: StageModule, context: LoweringContext) -> StageModule:
     plan, layout = context.plan, context.layout
     devices = plan.devices_per_stage
     producers = _producers(context)
-    if all(s.dp == devices for s in producers.values()) and all(l.strategy.dp == devices for l in stage.stage_layers):
+    if all(p.dp == devices and p.seq == 1 for p in producers.values()) and all(l.strategy.dp == devices for l in stage.stage_layers):
         return stage
     batched = _batched_names(context)
+    full_shapes = {spec.name: spec.shape for l in context.program.layers for spec in (*l.inputs, *l.boundary_out)}
     stage_ranks = tuple(layout.stage * devices + i for i in range(devices))
     for layer in stage.stage_layers:
         module = unwrap(stage.layers[layer.name])
         scale_param_grads(module, layer.strategy.dp / devices)
+        seq_inputs = module.meta.get(SP_KEY, {}).get("inputs", frozenset())
         for name in layer.input_names:
             if name in batched and name in producers:
-                insert_redistribute(module, name, Layout(producers[name]), Layout(layer.strategy), devices, layout.local,
-                                    stage_ranks, plan.micro_batch, 0)
-    local = lambda spec: with_shape(spec, (plan.micro_batch // producers[spec.name].dp, *spec.shape[1:])) \
-        if spec.batched and spec.name in producers else spec  # noqa: E731
+                seq_len = full_shapes[name][1] if len(full_shapes.get(name, ())) > 1 else 0
+                insert_redistribute(module, name, producers[name], Layout(layer.strategy, name in seq_inputs), devices, layout.local,
+                                    stage_ranks, plan.micro_batch, seq_len)
+
+    def local(spec):
+        if not (spec.batched and spec.name in producers):
+            return spec
+        source = producers[spec.name]
+        rest = (spec.shape[1] // source.seq, *spec.shape[2:]) if len(spec.shape) > 1 else ()
+        return with_shape(spec, (plan.micro_batch // source.dp, *rest))
+
     stage.recv_specs = tuple(local(spec) for spec in stage.recv_specs)
     stage.send_specs = tuple(local(spec) for spec in stage.send_specs)
     return stage
 
 
-PARALLEL_PASSES = (rescale_batches, apply_tensor_parallel, apply_layouts)
+PARALLEL_PASSES = (rescale_batches, apply_tensor_parallel, apply_sequence_parallel, apply_layouts)

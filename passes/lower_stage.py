@@ -369,9 +369,8 @@ def lower(program: Program, plan: Plan, rank: int, device: torch.device | str = 
           passes: Sequence[LoweringPass] = DEFAULT_PASSES) -> StageModule:
     """This rank's stage: ``build_stage`` followed by ``passes`` in order. Collective-free, so a plan can
     be lowered for any rank of any world in one process."""
-    if any(layer.sp != "none" for layer in plan.layers) or plan.embedding.vtp > 1:
-        raise PlanError("this plan uses sequence parallelism or vtp > 1, which this lowering does not do yet",
-                        "use sp='none' and vtp=1 in every layer")
+    if plan.embedding.vtp > 1:
+        raise PlanError("this plan uses vtp > 1, which this lowering does not do yet", "use vtp=1")
     from .lower_parallel import PARALLEL_PASSES  # imports this module
 
     context = LoweringContext(program, plan, RankLayout.of(plan, rank), torch.device(device))

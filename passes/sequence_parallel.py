@@ -1,0 +1,321 @@
+"""Sequence parallelism in a layer's graph: Megatron-SP and Ulysses, with no per-model code.
+
+Both keep the residual stream sharded along the sequence over the layer's tp group; they differ in where
+whole sequences are needed and what the group does with weights:
+
+- ``megatron``: the layer is first made tensor-parallel (``passes.tensor_parallel``). Values enter the
+  tensor-parallel region through ``tp_copy``; where such a value is sequence-sharded it is all-gathered
+  along the sequence instead (``sp_gather``, reduce-scatter backward), and every ``tp_reduce`` after a
+  row-parallel projection becomes a reduce-scatter (``sp_reduce_scatter``, all-gather backward). Norms,
+  dropout and residual adds run on sequence shards.
+- ``ulysses``: weights stay whole; everything runs on sequence shards except attention, whose q, k, v go
+  from sequence to head sharding by an all-to-all (``seq_to_heads``) and back after it (``heads_to_seq``).
+
+How the sequence is found: the digit analysis of ``passes.dim_tracking`` follows the sequence dimension of
+the layer's first batched activation through views, transposes and merges (GPT-2's ``[batch * seq]``), so
+every value knows where its sequence digit sits. Which inputs arrive sharded: those with that digit that
+reach work outside the whole-sequence region (not only attention or the tensor-parallel region); inputs
+that are not batched (rotary tables) are split in the layer. States then propagate in graph order: a value
+computed from a sharded value is sharded, views of sharded values get the local sequence length, and whole
+values meeting sharded ones are split. Parameters used on sequence shards get ``tp_copy`` (their gradients
+are partial sums over the group). Ops that mix positions along the sequence outside attention are refused.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from galvatron_fx.errors import PlanError
+
+from .collectives import (heads_to_seq, seq_to_heads, sp_gather, sp_reduce_scatter, sp_split, tp_copy, tp_reduce,
+                          tp_scatter)
+from .dim_tracking import VIEWS, analyze, local_shape, param_matmul, refresh_meta
+from .tensor_parallel import TPConfig, TPResult, tensor_parallel
+
+aten = torch.ops.aten
+META_KEY = "galvatron_sp"  # GraphModule.meta: which inputs and outputs are sequence-sharded
+SDPA = aten.scaled_dot_product_attention.default
+TRANSPARENT = VIEWS | {aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+                       aten.squeeze.default, aten.transpose.int, aten.permute.default, aten.t.default, aten.to.dtype,
+                       aten._to_copy.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
+                       aten.detach.default, aten._assert_tensor_metadata.default, operator.getitem}
+REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten._softmax.default,
+              aten.softmax.int, aten._log_softmax.default, aten.log_softmax.int, aten.cumsum.default}
+
+
+@dataclass(frozen=True)
+class SPConfig:
+    """Sequence parallelism ``mode`` ("megatron" or "ulysses") over ``ranks`` (this process: ``tp_rank``);
+    ``batched``: placeholders whose dim 0 is the batch (they can arrive sharded by redistribution)."""
+
+    mode: str
+    tp: int
+    tp_rank: int
+    ranks: tuple[int, ...]
+    batched: frozenset[str] = frozenset()
+    strict: bool = False
+
+
+@dataclass
+class SPResult:
+    module: fx.GraphModule
+    seq_inputs: frozenset[str] = frozenset()  # placeholders that arrive sequence-sharded
+    seq_outputs: tuple[bool, ...] = ()  # per output: sequence-sharded?
+    tensor_parallel: TPResult | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+class _Sequence:
+    """Where the sequence digit sits in every value of the (pre-rewrite) graph."""
+
+    def __init__(self, gm: fx.GraphModule, cfg: SPConfig):
+        self.tp = cfg.tp
+        self.analysis = analyze(gm, excluded={n for n in gm.graph.nodes if n.op == "call_function" and param_matmul(gm, n)})
+        digits, dims = self.analysis.digits, self.analysis.dims
+        self.cls, self.length = None, 0
+        for node in gm.graph.find_nodes(op="placeholder"):
+            value = node.meta.get("val")
+            if node.name in cfg.batched and _is_float(node) and value.dim() >= 3 and dims.get(node) and dims[node][1]:
+                leaf = digits.leaves_of(dims[node][1])[0]
+                self.cls, self.length = digits.find(leaf), leaf.size
+                break
+
+    def dims(self, node: fx.Node):
+        while node not in self.analysis.dims and node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node):
+            node = node.args[0]  # inserted collectives and bias adds keep their input's dims
+        dims = self.analysis.dims.get(node)
+        return dims if isinstance(dims, list) and all(isinstance(d, list) for d in dims) else None
+
+    def position(self, node: fx.Node, sharded: bool):
+        """``(dim, digit sizes, index)`` of the sequence digit in ``node`` (local sizes when ``sharded``)."""
+        dims = self.dims(node)
+        if self.cls is None or dims is None:
+            return None
+        digits = self.analysis.digits
+        for d, digit_list in enumerate(dims):
+            leaves = digits.leaves_of(digit_list)
+            for i, leaf in enumerate(leaves):
+                if digits.find(leaf) is self.cls:
+                    sizes = tuple(l.size // (self.tp if (j == i and sharded) else 1) for j, l in enumerate(leaves))
+                    return d, sizes, i
+        return None
+
+    def local_sizes(self, node: fx.Node) -> list[int]:
+        return local_shape(self.analysis.digits, self.dims(node), {self.cls: self.tp})
+
+
+def _is_float(node) -> bool:
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+def _whole_region(gm: fx.GraphModule, mode: str) -> set[fx.Node]:
+    """Nodes that need whole sequences: the tensor-parallel region (megatron) or attention (ulysses)."""
+    if mode == "ulysses":
+        return set(gm.graph.find_nodes(op="call_function", target=SDPA))
+    region, stack = set(), [n for n in gm.graph.nodes if n.target in (tp_copy, tp_scatter)]
+    while stack:
+        node = stack.pop()
+        if node in region or node.target is tp_reduce:
+            continue
+        region.add(node)
+        stack.extend(node.users)
+    return region
+
+
+def _wants_shards(node: fx.Node, region: set[fx.Node]) -> bool:
+    """Does ``node`` reach work outside the whole-sequence region through layout-neutral ops?"""
+    stack, seen = list(node.users), set()
+    while stack:
+        user = stack.pop()
+        if user in seen or user in region or user.op == "output":
+            continue
+        seen.add(user)
+        if user.op == "call_function" and user.target in TRANSPARENT:
+            stack.extend(user.users)
+        elif user.op == "call_function":
+            return True
+    return False
+
+
+def _check_mixing(node: fx.Node, seq: _Sequence, gm: fx.GraphModule) -> None:
+    """Refuse ops that combine positions along the sequence while it is sharded."""
+    where = seq.position(node.args[0], True) if node.args and isinstance(node.args[0], fx.Node) else None
+    mixes = node.target in (SDPA, aten.bmm.default) or (node.target in (aten.mm.default, aten.matmul.default) and not param_matmul(gm, node))
+    if node.target in REDUCTIONS and where is not None:
+        value = node.args[0].meta["val"]
+        reduced = node.args[1] if len(node.args) > 1 and node.args[1] is not None else list(range(value.dim()))
+        reduced = [reduced] if isinstance(reduced, int) else reduced
+        mixes = any(r % value.dim() == where[0] for r in reduced)
+    if mixes:
+        raise PlanError(f"sequence parallelism: {node.name} ({node.target}) combines positions along the sharded sequence",
+                        "use sp='none' for this layer")
+
+
+def sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, layer_name: str = "layer") -> SPResult:
+    """Requires: an ATen-level layer GraphModule with ``meta["val"]``, at the layer's local batch, full
+    parameters. Ensures: ``gm`` rewritten for ``cfg.mode`` on rank ``cfg.tp_rank`` (megatron: tensor-parallel
+    too); ``gm.meta["galvatron_sp"]`` and the result say which inputs arrive and which outputs leave
+    sequence-sharded. Raises PlanError for sequences the group cannot split or ops that mix along them."""
+    result = SPResult(gm)
+    seq = _Sequence(gm, cfg)
+    if seq.cls is None:
+        raise PlanError(f"{layer_name}: sequence parallelism found no [batch, sequence, ...] activation among the layer's inputs",
+                        "use sp='none' for this layer")
+    if seq.length % cfg.tp:
+        raise PlanError(f"{layer_name}: sequence length {seq.length} is not divisible by the group size {cfg.tp}",
+                        f"use a sequence length divisible by {cfg.tp}, or sp='none'")
+    if cfg.mode == "megatron":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result.tensor_parallel = tensor_parallel(gm, TPConfig(cfg.tp, cfg.tp_rank, cfg.ranks, cfg.strict), layer_name)
+        result.warnings = [str(w.message) for w in caught]
+    graph, ranks = gm.graph, cfg.ranks
+    region = _whole_region(gm, cfg.mode)
+    sharded: set[fx.Node] = set()
+
+    def split(value: fx.Node, before: fx.Node) -> fx.Node:
+        dim, sizes, index = seq.position(value, False)
+        with graph.inserting_before(before):
+            return graph.call_function(sp_split, (value, dim, sizes, index, ranks))
+
+    seq_inputs = set()
+    for node in list(graph.find_nodes(op="placeholder")):
+        if not (_is_float(node) and seq.position(node, False) and _wants_shards(node, region)):
+            continue
+        if node.name in cfg.batched and seq.position(node, False)[0] == 1:
+            seq_inputs.add(node.name)
+            sharded.add(node)
+        else:  # whole on every rank (a rotary table): keep this rank's part
+            with graph.inserting_after(node):
+                part = graph.call_function(sp_split, (node, *seq.position(node, False), ranks))
+            node.replace_all_uses_with(part, delete_user_cb=lambda user: user is not part)
+            sharded.add(part)
+
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node in sharded or node.target is sp_split:
+            continue
+        inputs = node.all_input_nodes
+        if node.target is tp_copy and inputs[0] in sharded:  # entering the TP region: gather the sequence
+            with graph.inserting_before(node):
+                whole = graph.call_function(sp_gather, (inputs[0], *seq.position(inputs[0], True), ranks, True))
+            node.replace_all_uses_with(whole)
+            graph.erase_node(node)
+        elif node.target is tp_scatter and inputs[0] in sharded:
+            with graph.inserting_before(node):
+                whole = graph.call_function(sp_gather, (inputs[0], *seq.position(inputs[0], True), ranks, False))
+            node.replace_input_with(inputs[0], whole)
+        elif node.target is tp_reduce and seq.position(inputs[0], False):  # leaving it: reduce-scatter
+            with graph.inserting_before(node):
+                part = graph.call_function(sp_reduce_scatter, (inputs[0], *seq.position(inputs[0], False), ranks))
+            node.replace_all_uses_with(part)
+            graph.erase_node(node)
+            sharded.add(part)
+        elif node.target is SDPA and cfg.mode == "ulysses":
+            for qkv in node.args[:3]:
+                if qkv not in sharded:
+                    raise PlanError(f"{layer_name}: attention input {qkv.name} is not sequence-sharded", "use sp='none' for this layer")
+                if qkv.meta["val"].shape[-3] % cfg.tp:
+                    raise PlanError(f"{layer_name}: {qkv.meta['val'].shape[-3]} attention heads are not divisible by the Ulysses degree {cfg.tp}",
+                                    "choose a degree that divides the (key/value) heads, or sp='none'")
+                with graph.inserting_before(node):
+                    node.replace_input_with(qkv, graph.call_function(seq_to_heads, (qkv, ranks)))
+            with graph.inserting_after(node):
+                back = graph.call_function(heads_to_seq, (node, ranks))
+            node.replace_all_uses_with(back, delete_user_cb=lambda user: user is not back)
+            sharded.add(back)
+        elif any(a in sharded for a in inputs):
+            if node in region:
+                raise PlanError(f"{layer_name}: {node.name} needs the whole sequence but reads a sharded value", "use sp='none' for this layer")
+            _check_mixing(node, seq, gm)
+            for arg in inputs:  # whole values with the sequence meet shards: keep this rank's part
+                if arg not in sharded and _is_float(arg) and seq.position(arg, False) and arg.op != "get_attr":
+                    node.replace_input_with(arg, split(arg, node))
+            sharded.add(node)
+            if node.target in VIEWS | {aten.expand.default} and seq.dims(node) is not None:
+                node.args = (node.args[0], [-1 if o == -1 else n for o, n in zip(node.args[1], seq.local_sizes(node))], *node.args[2:])
+
+    # parameters used on sequence shards: their gradients are partial over the group
+    for node in list(graph.find_nodes(op="get_attr")):
+        if isinstance(_attr(gm, node.target), nn.Parameter) and any(u in sharded for u in node.users):
+            with graph.inserting_after(node):
+                copy = graph.call_function(tp_copy, (node, ranks))
+            node.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy and user in sharded)
+
+    for node in graph.find_nodes(op="placeholder"):
+        if node.name in seq_inputs:
+            value = node.meta["val"]
+            node.meta["val"] = torch.empty((value.shape[0], value.shape[1] // cfg.tp, *value.shape[2:]), dtype=value.dtype, device="meta")
+    outputs = graph.output_node().args[0]
+    result.seq_inputs = frozenset(seq_inputs)
+    result.seq_outputs = tuple(isinstance(o, fx.Node) and o in sharded for o in outputs)
+    gm.meta[META_KEY] = {"inputs": result.seq_inputs, "outputs": result.seq_outputs}
+    graph.lint()
+    gm.recompile()
+    refresh_meta(gm)
+    return result
+
+
+def _attr(gm, target):
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+# -- lowering ------------------------------------------------------------------------------------------------
+def _config(context, strategy, rank: int, batched: frozenset[str], strict: bool = False) -> SPConfig:
+    from .redistribute import tp_group
+
+    ranks = tp_group(context.plan, strategy, rank)
+    return SPConfig(strategy.sp, strategy.tp, ranks.index(rank), ranks, batched, strict)
+
+
+_FLAGS: dict = {}
+
+
+def sequence_flags(context, layer_index: int, strategy, batched: frozenset[str]) -> dict:
+    """``{"inputs": names, "outputs": flags}`` of Program layer ``layer_index`` under ``strategy`` without
+    lowering its stage (for values that cross a pipeline cut): the pass runs on a copy, once per process."""
+    from .lower_stage import copy_layer_modules
+
+    key = (id(context.program), layer_index, strategy, batched)
+    if key not in _FLAGS:
+        module = copy_layer_modules([context.program.layers[layer_index].module])[0]
+        rank = context.layout.stage * context.plan.devices_per_stage  # any rank gives the same layout
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sequence_parallel(module, _config(context, strategy, rank, batched), f"layer{layer_index}")
+        _FLAGS[key] = module.meta[META_KEY]
+    return _FLAGS[key]
+
+
+def make_sequence_parallel_pass(strict: bool = False):
+    """The sequence-parallel pass (Megatron-SP and Ulysses layers); ``strict`` as in tensor parallelism."""
+
+    def apply_sequence_parallel(stage, context):
+        """Requires: layers at their local batch. Ensures: every layer with sp "megatron" or "ulysses" is
+        rewritten for this rank (``sequence_parallel``); its module's meta names its sharded inputs/outputs."""
+        from .lower_parallel import _batched_names
+        from .lower_stage import unwrap
+
+        batched = frozenset(_batched_names(context))
+        for layer in stage.stage_layers:
+            if layer.strategy.sp == "none":
+                continue
+            result = sequence_parallel(unwrap(stage.layers[layer.name]), _config(context, layer.strategy, context.layout.rank, batched, strict),
+                                       f"{layer.name} ({layer.layer_type})")
+            for message in dict.fromkeys(result.warnings):
+                warnings.warn(message, stacklevel=2)
+        return stage
+
+    return apply_sequence_parallel
+
+
+apply_sequence_parallel = make_sequence_parallel_pass()

@@ -1,0 +1,90 @@
+"""Parity with single-process eager training for sequence parallelism (fp32, dropout 0, Adam, 5 steps):
+Megatron-SP on tp 2, Ulysses 2, and plans that mix sequence-parallel layers with plain tensor-parallel and
+data-parallel ones (redistribution between sequence and batch layouts, inside a stage and across a cut).
+
+One spawned group per world size runs its cases one after another. The default tier covers GPT-2, LLaMA
+(grouped-query attention) and BERT on 2 ranks; ``pytest -m full`` adds 4-rank combinations.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from distributed import GLOBAL_BATCH, _adam, _config, _program, check_parity
+from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan
+
+# name → (world size, pp, chunks, vtp, per-layer pattern of (tp, sp, dp_type))
+RECIPES = {
+    "tp2_sp": (2, 1, 1, 1, ((2, "megatron", "ddp"),)),
+    "ulysses2": (2, 1, 1, 1, ((2, "ulysses", "ddp"),)),
+    "mixed_sp": (2, 1, 1, 1, ((2, "megatron", "ddp"), (2, "none", "ddp"), (1, "none", "ddp"), (2, "ulysses", "ddp"))),
+    "pp2_mixed_sp": (4, 2, 2, 1, ((2, "megatron", "ddp"), (1, "none", "ddp"), (2, "ulysses", "ddp"), (2, "megatron", "ddp"))),
+    "tp2_sp_dp2": (4, 1, 1, 1, ((2, "megatron", "zero3"), (2, "ulysses", "ddp"))),
+    "ulysses4": (4, 1, 1, 1, ((4, "ulysses", "ddp"), (4, "megatron", "ddp"))),
+}
+
+
+def make_plan(recipe: str, num_layers: int, model: str = "") -> Plan:
+    world, pp, chunks, vtp, pattern = RECIPES[recipe]
+    devices = world // pp
+    layers = []
+    for i in range(num_layers):
+        tp, sp, dp_type = pattern[i % len(pattern)]
+        layers.append(LayerStrategy(tp=tp, dp=devices // tp, sp=sp, dp_type=dp_type if devices // tp > 1 else "ddp"))
+    return Plan(world_size=world, layers=tuple(layers), pp=pp, chunks=chunks, global_batch=GLOBAL_BATCH,
+                embedding=EmbeddingStrategy(vtp=vtp), provenance={"model": model} if model else {})
+
+
+def train_cases(rank: int, world_size: int, cases: list[tuple[str, str]]) -> dict:
+    from galvatron_fx.runtime import Trainer
+
+    warnings.simplefilter("ignore")
+    results = {}
+    for model_name, recipe in cases:
+        _, pp, chunks, _, _ = RECIPES[recipe]
+        program, batches = _program(model_name, GLOBAL_BATCH // chunks // (world_size // pp))
+        plan = make_plan(recipe, len(program.body), program.model_name)
+        trainer = Trainer(program, plan, config=_config(), optimizer=_adam, model_name=program.model_name)
+        losses = [trainer.step(batch) for batch in batches]
+        results[f"{model_name}/{recipe}"] = {"losses": losses, "params": trainer.full_parameters()}
+    return results
+
+
+def run_group(world_size: int, cases) -> dict:
+    from galvatron_fx.runtime import spawn
+
+    merged: dict = {}
+    for rank_results in spawn(train_cases, world_size, cases, timeout_s=1200):
+        for case, result in rank_results.items():
+            entry = merged.setdefault(case, {"losses": [], "params": []})
+            entry["losses"].append(result["losses"])
+            entry["params"].append(result["params"])
+    return merged
+
+
+MODELS = ("gpt2", "llama", "bert")
+FAST = {2: [(m, r) for m in MODELS for r in ("tp2_sp", "ulysses2")] + [("llama", "mixed_sp")]}
+FULL = {2: [("gpt2", "mixed_sp"), ("bert", "mixed_sp")],
+        4: [(m, r) for m in MODELS for r in ("pp2_mixed_sp", "tp2_sp_dp2", "ulysses4")]}
+_RESULTS: dict = {}
+
+
+def _results(world_size: int, fast: bool) -> dict:
+    if (world_size, fast) not in _RESULTS:
+        _RESULTS[(world_size, fast)] = run_group(world_size, (FAST if fast else FULL)[world_size])
+    return _RESULTS[(world_size, fast)]
+
+
+def _params():
+    out = []
+    for fast, table in ((True, FAST), (False, FULL)):
+        for world, cases in table.items():
+            out += [pytest.param(world, fast, m, r, id=f"{m}-{r}", marks=() if fast else (pytest.mark.full,)) for m, r in cases]
+    return out
+
+
+@pytest.mark.parametrize("world_size,fast,model,recipe", _params())
+def test_sequence_parallel_parity_with_eager(world_size, fast, model, recipe):
+    check_parity(model, _results(world_size, fast)[f"{model}/{recipe}"])
