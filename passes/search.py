@@ -26,10 +26,12 @@ from typing import Any, Callable
 import numpy as np
 
 from galvatron_fx.errors import PlanError
-from galvatron_fx.plan import Plan, even_division
+from galvatron_fx.plan import Plan
 from galvatron_fx.units import format_bytes, parse_bytes
 
-from .search_front import build_cost_table, subset
+from .search_bound import RestBound
+from .search_front import build_cost_table, folded, subset
+from .search_seed import seed_plan
 from .search_space import SearchSpace
 from .search_stage import EmbeddingPart, StageSolver
 
@@ -71,6 +73,7 @@ class SearchEngine:
         self.embedding_parts: dict = {}
         self.uniform_tables: dict = {}
         self.folded_tables: dict = {}
+        self.rest_bounds: dict = {}
         self.left_out: dict[str, set] = {}
         self.visited = 0
 
@@ -93,7 +96,7 @@ class SearchEngine:
     # -- settings ----------------------------------------------------------------------------------------
     def settings(self) -> list[tuple]:
         """(upper bound on samples/s, pp, global batch, chunks, pipeline, in-flight) for every setting."""
-        out, seen = [], set()
+        out = []
         L = len(self.types)
         pps = self.space.pp_degrees(self.world_size, L)
         if not pps:
@@ -110,15 +113,25 @@ class SearchEngine:
                         self.left_out.setdefault(f"micro-batch {mb} is not divisible by any dp degree on {devices} devices", set()).add(
                             f"pp{pp} batch {gb} chunks {c}")
                         continue
+                    candidates = {}
                     for pipeline in self.space.pipelines:
                         k = tuple(self.cost_model.in_flight_micro_batches(pipeline, pp, s, c) for s in range(pp))
-                        if (pp, gb, c, k, mode) in seen:
-                            continue   # both schedules keep the same micro-batches: one search covers both
-                        seen.add((pp, gb, c, k, mode))
+                        candidates.setdefault(k, pipeline)   # both schedules keep the same micro-batches: one search
+                    for k, pipeline in candidates.items():
+                        if any(other != k and all(a <= b for a, b in zip(other, k)) for other in candidates):
+                            continue   # fewer micro-batches in flight everywhere: same time, no more memory
                         table = self.table(devices, mb, mode, usable)
-                        out.append((gb / self.time_lower_bound(table, pp, c, mb), pp, gb, c, pipeline, k, mode))
+                        out.append((gb / self.time_lower_bound(table, pp, c, mb, k, mode), pp, gb, c, pipeline, k, mode))
         out.sort(key=lambda item: -item[0])
         return out
+
+    def folded_table(self, table, chunks: int):
+        """``table`` with X := chunks·X + syncs·G (one stage: the iteration time is exactly that sum)."""
+        key = (id(table), chunks)
+        if key not in self.folded_tables:
+            syncs = chunks if self.space.grad_sync_every_micro_batch else 1
+            self.folded_tables[key] = (table, folded(table, chunks, syncs))
+        return self.folded_tables[key][1]
 
     def table(self, devices: int, mb: int, mode: str, strategies):
         key = (devices, mb, mode)
@@ -126,15 +139,33 @@ class SearchEngine:
             self.tables[key] = build_cost_table(self.cost_model, strategies, mb, self.left_out)
         return self.tables[key]
 
-    def time_lower_bound(self, table, pp: int, c: int, mb: int) -> float:
-        """Σ fastest layer times spread over pp stages: no plan of this setting is faster."""
-        total = 0.0
-        for t in self.types:
-            ok = table.allowed[t]
-            if not ok.any():
-                return np.inf
-            total += table.x[t][ok].min()
-        return total * (1 + (c - 1) / pp) + 1e-30
+    def time_lower_bound(self, table, pp: int, c: int, mb: int, k: tuple[int, ...], mode: str) -> float:
+        """No plan of this setting is faster: T >= (1 + (c-1)/pp)·Σ_s X_s, and the layers' Σ X is at least the
+        Lagrangian bound of fitting them all into pp budgets (search_bound); with one stage T = c·X + G exactly."""
+        if not all(table.useful[t].any() for t in self.types):
+            return np.inf
+        devices = self.world_size // pp
+        weight = 1.0
+        if pp == 1:
+            table = self.folded_table(table, c)
+        else:
+            weight = 1 + (c - 1) / pp
+        k_rest = min(k)
+        key = (id(table), k_rest)
+        if key not in self.rest_bounds:
+            caps = np.array([max(int(table.peak[t][table.useful[t]].max()) for t in self.types)])
+            self.rest_bounds[key] = RestBound(table, self.types, k_rest, caps, per_cap=False)
+        bound = self.rest_bounds[key]
+        syncs = c if self.space.grad_sync_every_micro_batch else 1
+        emb_s, emb_bytes = np.inf, np.inf
+        for embedding in self.space.embedding_strategies(devices, mode):
+            parts = self.parts(devices, mb, pp, embedding, mode)
+            emb_s = min(emb_s, sum(c * p.x_s + syncs * p.g_s if pp == 1 else p.x_s for p in parts))
+            emb_bytes = min(emb_bytes, sum(p.model_state_bytes + k_rest * p.activation_bytes for p in parts))
+        rest = bound.total[0]
+        m_avail = pp * self.budget - emb_bytes
+        layers_s = float(np.max(rest - bound.lam * m_avail - 1e-9 * (np.abs(rest) + bound.lam * (2 * abs(m_avail) + 1))))
+        return weight * (max(layers_s, 0.0) + emb_s) + 1e-30
 
     def parts(self, devices: int, mb: int, pp: int, embedding, mode: str) -> list[EmbeddingPart]:
         out = []
@@ -178,7 +209,10 @@ class SearchEngine:
         devices, mb = self.world_size // pp, gb // c
         embeddings = self.space.embedding_strategies(devices, mode)
         solver = StageSolver(self, table, pp, mb, c, k, [self.parts(devices, mb, pp, e, mode) for e in embeddings])
-        self.seed_uniform(table, solver, pp, gb, c, pipeline, k, mode, embeddings)
+        seeded = seed_plan(self, table, solver, pp, gb, c, pipeline, k, embeddings,
+                           lambda e: self.parts(devices, mb, pp, e, mode))
+        if seeded is not None and seeded[1].samples_per_s > self.best_throughput:
+            self.best, self.best_throughput = seeded[0], seeded[1].samples_per_s
         ranked = sorted(embeddings, key=lambda e: sum(p.x_s for p in self.parts(devices, mb, pp, e, mode)))
         for embedding in ranked:
             bound_s = gb / self.best_throughput if self.best_throughput > 0 else np.inf
@@ -193,51 +227,8 @@ class SearchEngine:
             plan = Plan(world_size=self.world_size, layers=tuple(layers), pp=pp, pp_division=tuple(division),
                         pipeline=pipeline, chunks=c, global_batch=gb, embedding=embedding,
                         grad_sync_every_micro_batch=self.space.grad_sync_every_micro_batch)
-            if mode != "ddp" and not any(layer.dp_type == mode for layer in layers):
-                # Only ZeRO-3 layers: evaluate() prices the embedding as DDP, not as this mode assumed;
-                # the plan itself is also in the DDP mode's space. Keep it only at its true value.
-                true = self.cost_model.evaluate(plan)
-                if max(true.memory_bytes_per_stage) > self.budget or true.samples_per_s <= self.best_throughput:
-                    continue
-                time_s = true.iteration_time_s
             self.best_throughput = gb / time_s
             self.best = plan
-
-    def seed_uniform(self, table, solver, pp, gb, c, pipeline, k, mode, embeddings) -> None:
-        """A first incumbent, cheaply: every uniform plan (one strategy for all layers, even division),
-        priced with the contract's formula, vectorised over strategies. Its time is exact (equal layouts
-        redistribute nothing), so it only ever tightens the bounds."""
-        n = len(table.strategies)
-        ok = np.logical_and.reduce([table.allowed[t] for t in self.types])
-        if mode != "ddp":   # ZeRO-3 everywhere would price the embedding as DDP in evaluate()
-            ok &= np.array([st.dp_type != "zero3" for st in table.strategies])
-        if not ok.any():
-            return
-        division = even_division(len(self.types), pp)
-        syncs = c if self.space.grad_sync_every_micro_batch else 1
-        best = (np.inf, None, None)
-        for embedding in embeddings:
-            parts = self.parts(self.world_size // pp, gb // c, pp, embedding, mode)
-            X, G, fits = np.zeros((pp, n)), np.zeros((pp, n)), ok.copy()
-            start = 0
-            for s, count in enumerate(division):
-                layer_types = self.types[start:start + count]
-                part = parts[s]
-                X[s] = sum(table.x[t] for t in layer_types) + part.x_s + (solver.p2p[s, start + count] if s < pp - 1 else 0.0)
-                G[s] = (sum(table.g[t] for t in layer_types) + part.g_s) * syncs
-                memory = sum(table.ms[t] + k[s] * table.act[t] for t in layer_types) + part.model_state_bytes + k[s] * part.activation_bytes
-                memory = memory + np.maximum(np.max([table.peak[t] for t in layer_types], axis=0), part.peak_bytes)
-                fits &= memory <= self.budget
-                start += count
-            T = np.where(fits, X.sum(0) + (c - 1) * X.max(0) + G.max(0), np.inf)
-            j = int(np.argmin(T))
-            if T[j] < best[0]:
-                best = (float(T[j]), j, embedding)
-        if best[1] is not None and gb / best[0] > self.best_throughput:
-            self.best_throughput = gb / best[0]
-            self.best = Plan(world_size=self.world_size, layers=(table.strategies[best[1]],) * len(self.types), pp=pp,
-                             pp_division=division, pipeline=pipeline, chunks=c, global_batch=gb, embedding=best[2],
-                             grad_sync_every_micro_batch=self.space.grad_sync_every_micro_batch)
 
     # -- reporting ---------------------------------------------------------------------------------------
     def left_out_summary(self) -> list[str]:

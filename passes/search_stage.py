@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .search_bound import RestBound
-from .search_front import Front, extend, folded, pareto_indices, redistribution_matrix
+from .search_front import Front, extend, pareto_indices, redistribution_matrix
 
 _TOL = 1e-12
 
@@ -67,11 +67,7 @@ class StageSolver:
         # One stage: time = c·X + G exactly, so fold G into X (2-D fronts) and run the formula with c = 1.
         self.fold = chunks if pp == 1 else None
         if self.fold:
-            key = (id(table), chunks)
-            if key not in engine.folded_tables:
-                syncs = chunks if engine.space.grad_sync_every_micro_batch else 1
-                engine.folded_tables[key] = (table, folded(table, chunks, syncs))
-            table, chunks = engine.folded_tables[key][1], 1
+            table, chunks = engine.folded_table(table, chunks), 1
         self.time_scale = self.fold or 1
         self.engine, self.table, self.pp, self.mb, self.c, self.k = engine, table, pp, micro_batch, chunks, in_flight
         self.types = engine.types
