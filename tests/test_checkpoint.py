@@ -150,6 +150,7 @@ def test_broken_and_foreign_checkpoints_are_refused_on_every_rank(saved):
         assert "does not fit" in errors["another_model"] and "unexpected" in errors["another_model"]
 
 
+@pytest.mark.full
 def test_another_world_size_continues_the_losses(saved):
     folder, results = saved
     four = spawn(_load_on_four, 4, str(folder), timeout_s=500)
