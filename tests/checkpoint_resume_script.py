@@ -11,7 +11,6 @@ SIGKILLs itself before step ``--kill-step`` of the first attempt (once: a marker
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import signal
 from pathlib import Path
@@ -25,16 +24,6 @@ from galvatron_fx.models import build_model, example_batch
 from galvatron_fx.runtime import checkpoint
 
 
-def _join_group(timeout_s: float) -> None:
-    """The default group over torchrun's store, under a prefix per restart: gloo publishes each rank's address
-    under fixed keys, and a restarted rank must not read the address of a process of the attempt before."""
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                          timeout=datetime.timedelta(seconds=timeout_s))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group("gloo", store=dist.PrefixStore(f"attempt{attempt}", store), rank=int(os.environ["RANK"]),
-                            world_size=int(os.environ["WORLD_SIZE"]), timeout=datetime.timedelta(seconds=timeout_s))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("root", type=Path)
@@ -44,7 +33,7 @@ def main() -> None:
     parser.add_argument("--kill-step", type=int, default=-1)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    _join_group(timeout_s=120)
+    runtime.init_distributed(timeout_s=120)
     torch.manual_seed(0)
     model, _ = build_model("gpt2")
     batches = [example_batch("gpt2", model, 8, 16, seed=i) for i in range(2)]
