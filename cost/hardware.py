@@ -74,6 +74,10 @@ class HardwareProfile:
     degree to the CommFit of one send/recv between neighbouring stages; ``overlap_slowdown`` (≥ 1) is
     how much slower compute and communication each run while they overlap; ``flops_per_s`` is the
     sustained throughput per dtype ("fp32", "bf16", "fp16"); ``memory_bytes`` per device.
+    ``optimizer_s_per_param``: seconds of one Adam step per parameter the device updates (0: not
+    measured); ``compute_slowdown`` (≥ 1): how much slower a process computes while every process of the
+    node computes than alone (processes sharing CPU cores; 1 on GPUs), which a layer profile timed on one
+    process does not see.
     """
 
     world_size: int
@@ -86,6 +90,8 @@ class HardwareProfile:
     flops_per_s: dict[str, float] = field(default_factory=dict)
     backend: str = ""
     source: str = ""
+    optimizer_s_per_param: float = 0.0
+    compute_slowdown: float = 1.0
 
     # -- queries -------------------------------------------------------------------------------
     def fit(self, op: str, group: int, consecutive: bool = True) -> CommFit:
@@ -152,6 +158,8 @@ class HardwareProfile:
             "backend": self.backend,
             "overlap_slowdown": self.overlap_slowdown,
             "flops_per_s": dict(self.flops_per_s),
+            "optimizer_s_per_param": self.optimizer_s_per_param,
+            "compute_slowdown": self.compute_slowdown,
             "collectives": {k: [v.latency_s, v.bandwidth_Bps] for k, v in sorted(self.collectives.items())},
             "p2p": {str(k): [v.latency_s, v.bandwidth_Bps] for k, v in sorted(self.p2p.items())},
         }
@@ -190,6 +198,14 @@ class HardwareProfile:
                 raise ValueError(f"{overlap} < 1")
             key = "flops_per_s"
             flops = {str(k): float(v) for k, v in (data.get("flops_per_s") or {}).items()}
+            key = "optimizer_s_per_param"
+            optimizer_s = float(data.get("optimizer_s_per_param", 0.0))
+            if not optimizer_s >= 0.0:
+                raise ValueError(f"{optimizer_s} < 0")
+            key = "compute_slowdown"
+            compute_slowdown = float(data.get("compute_slowdown", 1.0))
+            if not compute_slowdown >= 1.0:
+                raise ValueError(f"{compute_slowdown} < 1")
             key = "memory_bytes"
             memory = data.get("memory_bytes")
             memory = int(memory) if memory is not None else None
@@ -201,7 +217,7 @@ class HardwareProfile:
         if world_size < 1 or devices_per_node < 1:
             raise ProfileError(f"{source}: key world_size/devices_per_node must be positive", "profile the hardware again")
         return cls(world_size, devices_per_node, device, memory, collectives, p2p, overlap, flops,
-                   str(data.get("backend", "")), source)
+                   str(data.get("backend", "")), source, optimizer_s, compute_slowdown)
 
 
 def _comm_fit(value: Any) -> CommFit:

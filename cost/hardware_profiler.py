@@ -6,7 +6,8 @@ processes in-process). For every power-of-two group size ``g`` ≤ world size an
 once (as in training, where every TP or DP group communicates together) over a few message sizes, with a
 warm-up and the median of the repetitions; the slowest rank's median counts. Then send/recv between the
 neighbouring stages of every pipeline degree, the slowdown of a matmul while an all-reduce is in flight,
-and the sustained matmul throughput. Time and memory are bounded by the message sizes and repetitions
+the sustained matmul throughput, the slowdown of compute when every rank computes at once (processes
+sharing CPU cores), and the time of an Adam step per parameter. Time and memory are bounded by the message sizes and repetitions
 (``ProfilerConfig``); the defaults on CPU keep 4 gloo processes on 2 cores well under a minute.
 """
 
@@ -37,11 +38,13 @@ class ProfilerConfig:
     warmup: int = 1
     matmul_dim: int = 256
     progress: bool = True
+    optimizer_params: int = 4 * 2**20  # beyond the caches, as a model's parameters are
 
     @classmethod
     def for_device(cls, device: torch.device, progress: bool = True) -> "ProfilerConfig":
         if device.type == "cuda":
-            return cls((1 * MiB, 16 * MiB, 64 * MiB, 256 * MiB), repeats=5, warmup=2, matmul_dim=4096, progress=progress)
+            return cls((1 * MiB, 16 * MiB, 64 * MiB, 256 * MiB), repeats=5, warmup=2, matmul_dim=4096, progress=progress,
+                       optimizer_params=64 * 2**20)
         return cls(progress=progress)
 
 
@@ -74,6 +77,20 @@ def _median_time(run: Callable[[], None], device: torch.device, config: Profiler
     times = []
     for _ in range(config.repeats):
         dist.barrier(group=group)
+        start = time.perf_counter()
+        run()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _local_median_time(run: Callable[[], None], device: torch.device, config: ProfilerConfig) -> float:
+    """Like ``_median_time`` without the barriers: for timing one rank while the others wait."""
+    for _ in range(config.warmup):
+        run()
+    times = []
+    for _ in range(config.repeats):
+        _sync(device)
         start = time.perf_counter()
         run()
         _sync(device)
@@ -120,7 +137,7 @@ def profile_hardware(config: ProfilerConfig | None = None, device: torch.device 
     config = config or ProfilerConfig.for_device(device)
     shapes = _group_shapes(world)
     pipelines = [pp for pp in (2**k for k in range(1, world.bit_length())) if world % pp == 0]
-    progress = _Progress(len(shapes) * len(COLLECTIVES) + len(pipelines) + 2, config.progress and rank == 0)
+    progress = _Progress(len(shapes) * len(COLLECTIVES) + len(pipelines) + 4, config.progress and rank == 0)
 
     keys, medians = [], []
     for group_size, consecutive, enumeration in shapes:
@@ -141,9 +158,13 @@ def profile_hardware(config: ProfilerConfig | None = None, device: torch.device 
     progress.step("matmul throughput")
     slowdown = _overlap_slowdown(device, config)
     progress.step("compute/communication overlap")
+    compute_slowdown = _compute_slowdown(device, config)
+    progress.step("compute of all ranks at once")
+    optimizer_s = _optimizer_s_per_param(device, config)
+    progress.step("optimizer step")
 
     # the slowest rank's median counts: one all-reduce (MAX) of every measurement
-    table = torch.tensor(medians + [slowdown], dtype=torch.float64, device=device)
+    table = torch.tensor(medians + [optimizer_s, compute_slowdown, slowdown], dtype=torch.float64, device=device)
     dist.all_reduce(table, op=dist.ReduceOp.MAX)
     if rank != 0:
         return None
@@ -159,7 +180,7 @@ def profile_hardware(config: ProfilerConfig | None = None, device: torch.device 
         memory_bytes=cluster.memory_bytes, collectives={k: v for k, v in fits.items() if not k.startswith("p2p/")},
         p2p={int(k.split("/")[1]): v for k, v in fits.items() if k.startswith("p2p/")},
         overlap_slowdown=max(1.0, values[-1]), flops_per_s={dtype: flops_per_s}, backend=dist.get_backend(),
-        source="profile-hardware",
+        source="profile-hardware", optimizer_s_per_param=values[-3], compute_slowdown=max(1.0, values[-2]),
     )
 
 
@@ -193,6 +214,36 @@ def _matmul_flops(device: torch.device, config: ProfilerConfig) -> float:
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     seconds = _median_time(lambda: a @ b, device, config)
     return 2 * n**3 / max(seconds, 1e-9)
+
+
+def _compute_slowdown(device: torch.device, config: ProfilerConfig) -> float:
+    """Matmul time while every rank computes, over rank 0's time computing alone (≥ 1; about 1 on GPUs,
+    the oversubscription factor when ranks share fewer CPU cores). Rank 0's ratio; others return 1."""
+    n = config.matmul_dim
+    a = torch.randn(n, n, device=device)
+    single = _median_time(lambda: a @ a, device, config)
+    repeats = max(1, min(200, int(0.02 / max(single, 1e-9))))  # about 20 ms of work per timing
+
+    def compute():
+        for _ in range(repeats):
+            a @ a
+
+    alone = _local_median_time(compute, device, config) if dist.get_rank() == 0 else 0.0  # the others wait
+    dist.barrier()
+    together = _median_time(compute, device, config)
+    return max(1.0, together / alone) if dist.get_rank() == 0 else 1.0
+
+
+def _optimizer_s_per_param(device: torch.device, config: ProfilerConfig) -> float:
+    """Seconds of one ``torch.optim.Adam`` step per parameter, on ``config.optimizer_params`` parameters
+    in a few tensors, every rank at once (as in training)."""
+    params = [torch.nn.Parameter(torch.zeros(config.optimizer_params // 8, device=device)) for _ in range(8)]
+    for param in params:
+        param.grad = torch.ones_like(param)
+    optimizer = torch.optim.Adam(params)
+    optimizer.step()  # creates the states
+    seconds = _median_time(optimizer.step, device, config)
+    return seconds / (len(params) * (config.optimizer_params // 8))
 
 
 def _overlap_slowdown(device: torch.device, config: ProfilerConfig) -> float:

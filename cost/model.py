@@ -3,7 +3,9 @@
 Terms of one layer, for a micro-batch of ``mb`` samples on a stage (each of the ``dp`` replicas runs
 ``mb / dp`` samples, each TP rank ``1 / tp`` of the compute):
 - compute: the profile's forward and backward formulas at ``mb / dp`` samples, divided by ``tp``;
-  checkpointing adds the forward (compute and TP collectives) again to the backward.
+  checkpointing adds the forward (compute and TP collectives) again to the backward. A measured profile
+  was timed on one process: its times are scaled by the hardware's ``compute_slowdown`` (processes that
+  share CPU cores compute slower together than alone).
 - TP collectives on the hidden state ``h`` = boundary bytes × ``mb / dp``: Megatron 2 all-reduces in
   forward and 2 in backward; Megatron-SP 2 all-gathers + 2 reduce-scatters each way; Ulysses 4
   all-to-alls of ``h / tp`` each way (q, k, v in, output back).
@@ -12,6 +14,9 @@ Terms of one layer, for a micro-batch of ``mb`` samples on a stage (each of the 
   all-gather in forward and again in backward. Communication overlapped with compute (grad sync with the
   backward, ZeRO-3 gathers with the layer's compute, as with prefetching) is hidden up to the compute
   time, and the hidden part costs ``overlap_slowdown − 1`` of itself.
+- optimizer step: the parameters the device updates (its ZeRO shard) × the hardware's measured
+  ``optimizer_s_per_param``; it follows the gradient sync, so it is counted in ``grad_sync_s`` (0 for
+  profiles without the figure: presets and Galvatron's files).
 - memory: model states (cost/memory.py: 16 bytes/param fp32, 18 bf16 mixed; ZeRO shards), the
   activations one micro-batch keeps (the layer's inputs only, if checkpointed), and transient peaks
   (ZeRO-3's gathered parameters, a checkpointed layer's recomputed activations).
@@ -63,6 +68,8 @@ class CostModel:
             have, want = hardware.flops_per_s.get(model.dtype), hardware.flops_per_s.get(compute_dtype)
             if have and want:
                 self.time_scale = have / want
+        if model.mode == "measured":
+            self.time_scale *= hardware.compute_slowdown
         self.seq = model.seq_length
         self.overlap = hardware.overlap_slowdown
         # redistribution_s depends only on the two layouts, the boundary's bytes and the micro-batch; its
@@ -90,8 +97,13 @@ class CostModel:
         else:
             kept = full_activation
         peak_extra = gathered_bytes + (full_activation if strategy.ckpt else 0.0)
-        return LayerCost(fwd_s, bwd_s, self._overlapped(sync_s, bwd_compute),
+        return LayerCost(fwd_s, bwd_s, self._overlapped(sync_s, bwd_compute) + self._optimizer_s(params, strategy.dp, strategy.dp_type),
                          model_state_bytes(params, strategy.dp, strategy.dp_type, self.mixed_precision), int(kept), int(peak_extra))
+
+    def _optimizer_s(self, params: float, dp: int, dp_type: str) -> float:
+        """One optimizer step over the parameters this device updates (a ZeRO shard, or all of them)."""
+        updated = params / dp if dp_type in ("zero2", "zero3") else params
+        return updated * self.hardware.optimizer_s_per_param
 
     def _tp_comm_s(self, strategy: LayerStrategy, hidden_bytes: float) -> float:
         """TP/SP/Ulysses collectives of one direction (forward or backward) of one layer."""
@@ -163,7 +175,7 @@ class CostModel:
         activation = part.activation_per_sample(vtp, strategy.sp != "none") * local * self.activation_scale
         return LayerCost(fwd_compute + comm_fwd + self._overlapped(gather_s, fwd_compute),
                          bwd_compute + comm_bwd + self._overlapped(gather_s, bwd_compute),
-                         self._overlapped(sync_s, bwd_compute),
+                         self._overlapped(sync_s, bwd_compute) + self._optimizer_s(params, strategy.dp, strategy.dp_type),
                          model_state_bytes(params, strategy.dp, strategy.dp_type, self.mixed_precision), int(activation), int(gathered))
 
     # -- between layers and stages ---------------------------------------------------------------------

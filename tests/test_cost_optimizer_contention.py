@@ -1,0 +1,54 @@
+"""Cost terms measured by the hardware profiler: the optimizer step per parameter, and the slowdown of
+compute when the node's processes share cores; hand-computed cases, JSON round trip and bad values."""
+
+import dataclasses
+import json
+
+import pytest
+
+from galvatron_fx.cost.hardware import HardwareProfile
+from galvatron_fx.cost.model import CostModel
+from galvatron_fx.errors import ProfileError
+from galvatron_fx.plan import LayerStrategy as S, Plan
+from test_cost_model import synthetic_profile, uniform_hardware
+
+
+def test_optimizer_step_counts_the_parameters_the_device_updates():
+    base = CostModel(synthetic_profile(), uniform_hardware())
+    timed = CostModel(synthetic_profile(), dataclasses.replace(uniform_hardware(), optimizer_s_per_param=1e-9))
+    for strategy, updated in ((S(tp=2, dp=4), 500_000), (S(tp=2, dp=4, dp_type="zero2"), 125_000),
+                              (S(tp=1, dp=8, dp_type="zero3"), 125_000)):
+        plain, with_step = base.layer_cost("blk", strategy, 8), timed.layer_cost("blk", strategy, 8)
+        assert with_step.grad_sync_s == pytest.approx(plain.grad_sync_s + updated * 1e-9)
+        assert (with_step.fwd_s, with_step.bwd_s) == (plain.fwd_s, plain.bwd_s)
+    plan = Plan(world_size=8, layers=(S(dp=8),) * 4, global_batch=8)
+    # one stage: every layer's step and the embedding/head's follow the sync, once per iteration
+    params = 4 * 1_000_000 + 500_000 + 400_000
+    assert timed.evaluate(plan).iteration_time_s == pytest.approx(base.evaluate(plan).iteration_time_s + params * 1e-9)
+
+
+def test_compute_slowdown_scales_measured_compute_only():
+    slow = dataclasses.replace(uniform_hardware(), compute_slowdown=2.0)
+    measured = CostModel(synthetic_profile(), slow)
+    plain = CostModel(synthetic_profile(), uniform_hardware())
+    a, b = measured.layer_cost("blk", S(dp=8), 8), plain.layer_cost("blk", S(dp=8), 8)
+    assert a.fwd_s == pytest.approx(2 * b.fwd_s) and a.bwd_s == pytest.approx(2 * b.bwd_s)
+    analytic = dataclasses.replace(synthetic_profile(), mode="analytic")  # FLOPs ÷ a throughput: not one lone process
+    assert CostModel(analytic, slow).layer_cost("blk", S(dp=8), 8).fwd_s == pytest.approx(b.fwd_s)
+
+
+def test_hardware_json_keeps_the_new_figures_and_rejects_bad_ones(tmp_path):
+    profile = dataclasses.replace(uniform_hardware(), optimizer_s_per_param=3e-9, compute_slowdown=1.5)
+    path = tmp_path / "hw.json"
+    profile.save(path)
+    loaded = HardwareProfile.load(path)
+    assert (loaded.optimizer_s_per_param, loaded.compute_slowdown) == (3e-9, 1.5)
+    data = json.loads(path.read_text())
+    for key in ("optimizer_s_per_param", "compute_slowdown"):  # older profiles without them still load
+        data.pop(key)
+    path.write_text(json.dumps(data))
+    assert (HardwareProfile.load(path).optimizer_s_per_param, HardwareProfile.load(path).compute_slowdown) == (0.0, 1.0)
+    for key, bad in (("optimizer_s_per_param", -1.0), ("compute_slowdown", 0.5)):
+        path.write_text(json.dumps({**data, key: bad}))
+        with pytest.raises(ProfileError, match=key):
+            HardwareProfile.load(path)
