@@ -240,7 +240,7 @@ def _digit_reduce_scatter(x, dim, sizes, index, ranks):
 
 
 def _digit_split(x, dim, sizes, index, ranks):
-    return _on_digit(x, dim, sizes, index, lambda y, d: y.chunk(len(ranks), d)[_my_index(ranks)].contiguous())
+    return _on_digit(x, dim, sizes, index, lambda y, d: y.chunk(len(ranks), d)[0 if _is_fake(y) else _my_index(ranks)].contiguous())
 
 
 class _SeqGather(torch.autograd.Function):

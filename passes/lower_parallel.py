@@ -20,16 +20,23 @@ import torch
 from galvatron_fx.errors import PlanError
 from galvatron_fx.plan import LayerStrategy
 
-from .lower_stage import LoweringContext, StageModule, embedding_strategy, unwrap
+from .lower_stage import LoweringContext, StageModule, unwrap
 from .redistribute import Layout, insert_redistribute, rescale_batch, scale_param_grads, tp_group, with_shape
 from .sequence_parallel import META_KEY as SP_KEY, apply_sequence_parallel
+from .vocab_parallel import apply_vocab_parallel
 from .tensor_parallel import TPConfig, tensor_parallel
 
 
+def layout_strategy(plan, layer) -> LayerStrategy:
+    """The strategy that decides where a layer's activations live: prologue and epilogue keep the trainer's
+    data split whatever their vtp (``passes.vocab_parallel``), other layers follow their own strategy."""
+    return LayerStrategy(dp=plan.devices_per_stage) if layer.kind in ("prologue", "epilogue") else layer.strategy
+
+
 def _strategies(context: LoweringContext) -> dict[int, LayerStrategy]:
-    """Program layer index → its strategy (prologue and epilogue: the embedding strategy)."""
+    """Program layer index → the strategy its activations are laid out by (prologue and epilogue: the data split)."""
     program, plan = context.program, context.plan
-    embed = embedding_strategy(plan)
+    embed = LayerStrategy(dp=plan.devices_per_stage)
     out = {layer.index: embed for layer in program.layers}
     out.update({layer.index: strategy for layer, strategy in zip(program.body, plan.layers)})
     return out
@@ -73,7 +80,7 @@ def rescale_batches(stage: StageModule, context: LoweringContext) -> StageModule
     """Requires: a Program captured at ``micro_batch / devices_per_stage``. Ensures: every layer's graph runs
     at its own local batch ``micro_batch / dp`` (views rewritten, metadata recomputed)."""
     plan = context.plan
-    if all(layer.strategy.dp == plan.devices_per_stage for layer in stage.stage_layers):
+    if all(layout_strategy(plan, layer).dp == plan.devices_per_stage for layer in stage.stage_layers):
         return stage
     _check_capture(context)
     if context.program.batch_size == 1:  # a batch dim of size 1 cannot be told apart in the views
@@ -81,7 +88,7 @@ def rescale_batches(stage: StageModule, context: LoweringContext) -> StageModule
                         "use a global batch with at least 2 samples per device and micro-batch")
     batched = _batched_names(context)
     for layer in stage.stage_layers:
-        ratio = Fraction(plan.devices_per_stage, layer.strategy.dp)
+        ratio = Fraction(plan.devices_per_stage, layout_strategy(plan, layer).dp)
         rescale_batch(unwrap(stage.layers[layer.name]), batched, ratio, layer.name, layer.output_names)
     return stage
 
@@ -95,7 +102,7 @@ def make_tensor_parallel_pass(strict: bool = False):
         rank = context.layout.rank
         for layer in stage.stage_layers:
             strategy = layer.strategy
-            if strategy.tp == 1 or strategy.sp != "none":  # sequence parallelism: apply_sequence_parallel
+            if strategy.tp == 1 or strategy.sp != "none" or layer.kind in ("prologue", "epilogue"):  # done by other passes
                 continue
             ranks = tp_group(context.plan, strategy, rank)
             with warnings.catch_warnings(record=True) as caught:
@@ -119,19 +126,20 @@ def apply_layouts(stage: StageModule, context: LoweringContext) -> StageModule:
     plan, layout = context.plan, context.layout
     devices = plan.devices_per_stage
     producers = _producers(context)
-    if all(p.dp == devices and p.seq == 1 for p in producers.values()) and all(l.strategy.dp == devices for l in stage.stage_layers):
+    if all(p.dp == devices and p.seq == 1 for p in producers.values()) and all(layout_strategy(plan, l).dp == devices for l in stage.stage_layers):
         return stage
     batched = _batched_names(context)
     full_shapes = {spec.name: spec.shape for l in context.program.layers for spec in (*l.inputs, *l.boundary_out)}
     stage_ranks = tuple(layout.stage * devices + i for i in range(devices))
     for layer in stage.stage_layers:
         module = unwrap(stage.layers[layer.name])
-        scale_param_grads(module, layer.strategy.dp / devices)
+        strategy = layout_strategy(plan, layer)
+        scale_param_grads(module, strategy.dp / devices)
         seq_inputs = module.meta.get(SP_KEY, {}).get("inputs", frozenset())
         for name in layer.input_names:
             if name in batched and name in producers:
                 seq_len = full_shapes[name][1] if len(full_shapes.get(name, ())) > 1 else 0
-                insert_redistribute(module, name, producers[name], Layout(layer.strategy, name in seq_inputs), devices, layout.local,
+                insert_redistribute(module, name, producers[name], Layout(strategy, name in seq_inputs), devices, layout.local,
                                     stage_ranks, plan.micro_batch, seq_len)
 
     def local(spec):
@@ -146,4 +154,4 @@ def apply_layouts(stage: StageModule, context: LoweringContext) -> StageModule:
     return stage
 
 
-PARALLEL_PASSES = (rescale_batches, apply_tensor_parallel, apply_sequence_parallel, apply_layouts)
+PARALLEL_PASSES = (rescale_batches, apply_tensor_parallel, apply_sequence_parallel, apply_vocab_parallel, apply_layouts)

@@ -78,8 +78,11 @@ class StageLayer:
 
 
 def embedding_strategy(plan: Plan) -> LayerStrategy:
-    """The data-parallel strategy of prologue and epilogue (``plan.embedding.data_parallel_type``)."""
-    return LayerStrategy(dp=plan.devices_per_stage // plan.embedding.vtp, dp_type=plan.embedding.data_parallel_type)
+    """The strategy of prologue and epilogue: ``vtp`` ranks share the vocabulary, ``devices / vtp``
+    replicas of each shard synchronise with ``plan.embedding.data_parallel_type``. Their activations keep
+    the trainer's data layout (each rank its own samples; see ``passes.vocab_parallel``)."""
+    vtp = plan.embedding.vtp
+    return LayerStrategy(tp=vtp, dp=plan.devices_per_stage // vtp, dp_type=plan.embedding.data_parallel_type)
 
 
 def local_micro_batch(plan: Plan, stage: int = 0) -> int:
@@ -369,8 +372,6 @@ def lower(program: Program, plan: Plan, rank: int, device: torch.device | str = 
           passes: Sequence[LoweringPass] = DEFAULT_PASSES) -> StageModule:
     """This rank's stage: ``build_stage`` followed by ``passes`` in order. Collective-free, so a plan can
     be lowered for any rank of any world in one process."""
-    if plan.embedding.vtp > 1:
-        raise PlanError("this plan uses vtp > 1, which this lowering does not do yet", "use vtp=1")
     from .lower_parallel import PARALLEL_PASSES  # imports this module
 
     context = LoweringContext(program, plan, RankLayout.of(plan, rank), torch.device(device))

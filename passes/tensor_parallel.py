@@ -296,7 +296,8 @@ def unshard(local: torch.Tensor, record: ShardRecord) -> torch.Tensor:
     values = all_gather_dim(local.detach().reshape(-1).contiguous(), 0, record.ranks)
     positions = all_gather_dim(record.positions(), 0, record.ranks)
     full = local.new_zeros(math.prod(record.full_shape))
-    full[positions] = values
+    keep = positions >= 0  # negative positions: padding (a vocabulary not divisible by vtp)
+    full[positions[keep]] = values[keep]
     return full.view(record.full_shape)
 
 
@@ -305,9 +306,10 @@ def unshard_parameters(stage, params: dict[str, torch.Tensor]) -> dict[str, torc
     Collective over each tp group: every rank of the stage calls it."""
     from .lower_stage import unwrap
 
-    out = dict(params)
+    out, done = dict(params), set()
     for layer in stage.stage_layers:
         for name, record in unwrap(stage.layers[layer.name]).meta.get(META_KEY, {}).items():
-            if name in out:
+            if name in out and name not in done:  # a tied shard appears in several layers
                 out[name] = unshard(out[name], record)
+                done.add(name)
     return out

@@ -129,6 +129,7 @@ def prepare_groups(program: Program, plan: Plan) -> None:
         for tp, consecutive in dict.fromkeys((layer.tp, layer.tp_consecutive) for layer in plan.layers):
             groups.world_mesh(plan, tp, consecutive)
         groups.world_mesh(plan)  # prologue and epilogue
+        groups.world_mesh(plan, plan.embedding.vtp)  # their vocab-parallel shards (the same mesh when vtp is 1)
     for stages in dict.fromkeys(tied_stages(program, plan).values()):
         groups.tied_group(plan, stages, 0)
 

@@ -23,6 +23,11 @@ RECIPES = {
     "pp2_mixed_sp": (4, 2, 2, 1, ((2, "megatron", "ddp"), (1, "none", "ddp"), (2, "ulysses", "ddp"), (2, "megatron", "ddp"))),
     "tp2_sp_dp2": (4, 1, 1, 1, ((2, "megatron", "zero3"), (2, "ulysses", "ddp"))),
     "ulysses4": (4, 1, 1, 1, ((4, "ulysses", "ddp"), (4, "megatron", "ddp"))),
+    # vocab-parallel embedding and head (tests/test_vocab_parallel_parity.py)
+    "vtp2": (2, 1, 1, 2, ((1, "none", "ddp"),)),
+    "vtp2_tp2_sp": (2, 1, 1, 2, ((2, "megatron", "ddp"), (2, "ulysses", "ddp"))),
+    "pp2_vtp2": (4, 2, 2, 2, ((2, "megatron", "ddp"), (1, "none", "zero2"))),
+    "vtp4": (4, 1, 1, 4, ((2, "none", "ddp"),)),
 }
 
 

@@ -1,0 +1,260 @@
+"""Vocab parallelism for the embedding (prologue) and the LM head with its cross-entropy (epilogue).
+
+The ``vtp`` ranks of a group each hold ``ceil(V / vtp)`` rows of the vocabulary (the last rank's tail is
+zero padding when ``vtp`` does not divide ``V``; padded logits never enter the softmax). Prologue and
+epilogue keep the data layout of the trainer (each rank its own samples), so nothing around them changes:
+
+- embedding: the group's token ids are all-gathered (integers, cheap), each rank looks up the rows of its
+  shard (ids outside it give zeros: ``masked_embedding``) and a reduce-scatter along the batch returns to
+  every rank the summed embeddings of its own samples (backward: all-gather of the gradients);
+- head: the hidden states are all-gathered along the batch (backward: reduce-scatter of the partial
+  gradients), each rank computes the logits of its vocabulary shard for the group's rows, and
+  ``vocab_cross_entropy`` (all-reduced max, sum of exponentials and target logit) gives the loss of every
+  row of the group. Its mean has the value of the plain loss; its gradient is scaled by ``vtp`` so that each
+  sample's gradient is the one its own rank would have produced.
+
+Tied weights (GPT-2's ``wte``/``lm_head``) are sharded once and shared. Every parameter of prologue and
+epilogue has its gradient scaled by ``1 / vtp``; replicated ones (position embeddings, final norm) also get
+``tp_copy`` over the group, because each rank's gradient covers only its own samples; the runtime then
+averages them over the ``devices / vtp`` replicas of the same shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed._functional_collectives as funcol
+import torch.fx as fx
+import torch.nn as nn
+
+from galvatron_fx.errors import PlanError
+
+from .collectives import _is_fake, all_gather_dim, all_reduce_sum, gather_dim_sum_grad, reduce_scatter_dim, tp_copy
+from .dim_tracking import VIEWS, param_matmul, refresh_meta
+from .redistribute import scale_grad
+from .tensor_parallel import META_KEY, ShardRecord
+
+aten = torch.ops.aten
+CROSS_ENTROPY = aten.cross_entropy_loss.default
+
+
+@dataclass(frozen=True)
+class VocabConfig:
+    """``vtp`` ranks (``ranks``, this process ``vtp_rank``) share a vocabulary of ``vocab`` entries."""
+
+    vtp: int
+    vtp_rank: int
+    ranks: tuple[int, ...]
+    vocab: int
+
+    @property
+    def rows(self) -> int:
+        return math.ceil(self.vocab / self.vtp)
+
+    @property
+    def start(self) -> int:
+        return self.vtp_rank * self.rows
+
+
+@dataclass(frozen=True)
+class VocabShardRecord(ShardRecord):
+    """A shard along the vocabulary of ``vocab`` entries, ``padded_rows`` zero rows appended at the end."""
+
+    padded_rows: int = 0
+
+    def select(self, full: torch.Tensor) -> torch.Tensor:
+        pad = [0, 0] * (full.dim() - 1 - self.dim) + [0, self.padded_rows]
+        return super().select(torch.nn.functional.pad(full, pad) if self.padded_rows else full)
+
+    def positions(self) -> torch.Tensor:
+        """Flat indices of the shard's elements in the full tensor; -1 for padding."""
+        return self.select(torch.arange(math.prod(self.full_shape)).view(self.full_shape) + 1).reshape(-1) - 1
+
+
+# -- graph-visible functions ---------------------------------------------------------------------------------
+def masked_embedding(weight: torch.Tensor, ids: torch.Tensor, start: int, padding_idx: int = -1) -> torch.Tensor:
+    """Rows of this rank's vocabulary shard (``start`` onwards); ids outside it give zeros."""
+    rows = weight.shape[0]
+    local = ids - start
+    inside = (local >= 0) & (local < rows)
+    local_padding = padding_idx - start if 0 <= padding_idx - start < rows else -1
+    out = torch.ops.aten.embedding(weight, local.clamp(0, rows - 1), local_padding)
+    return out * inside.unsqueeze(-1).to(out.dtype)
+
+
+def _all_reduce_max(x: torch.Tensor, ranks) -> torch.Tensor:
+    if _is_fake(x):
+        return x.clone()
+    out = funcol.all_reduce(x.contiguous(), "max", list(ranks))
+    return out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else funcol.wait_tensor(out)
+
+
+class _VocabCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, start, vocab, ranks, ignore_index):
+        logits = logits.float()
+        columns = start + torch.arange(logits.shape[-1], device=logits.device)
+        logits = logits.masked_fill(columns >= vocab, float("-inf"))  # padding rows of the vocabulary
+        shifted = logits - _all_reduce_max(logits.amax(-1), ranks).unsqueeze(-1)
+        exp = shifted.exp()
+        sum_exp = all_reduce_sum(exp.sum(-1), ranks)
+        local = target - start
+        mine = (local >= 0) & (local < logits.shape[-1]) & (target != ignore_index)
+        picked = shifted.gather(-1, local.clamp(0, logits.shape[-1] - 1).unsqueeze(-1)).squeeze(-1) * mine
+        target_logit = all_reduce_sum(picked, ranks)
+        valid = (target != ignore_index).to(logits.dtype)
+        count = valid.sum().clamp(min=1)
+        ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), local, mine, valid)
+        ctx.count = count
+        return (((sum_exp.log() - target_logit) * valid).sum() / count)
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, local, mine, valid = ctx.saved_tensors
+        grad_logits = softmax.clone()
+        rows = torch.arange(grad_logits.shape[0], device=grad_logits.device)[mine]
+        grad_logits[rows, local[mine]] -= 1
+        return grad_logits * (valid / ctx.count * grad).unsqueeze(-1), None, None, None, None, None
+
+
+def vocab_cross_entropy(logits: torch.Tensor, target: torch.Tensor, start: int, vocab: int, ranks, ignore_index: int = -100):
+    """Mean cross-entropy of ``[rows, shard]`` logits whose columns are vocabulary entries ``start...``
+    (entries at or past ``vocab`` are padding) against whole-vocabulary targets, over the group ``ranks``."""
+    return _VocabCrossEntropy.apply(logits, target, start, vocab, ranks, ignore_index)
+
+
+# -- the pass ------------------------------------------------------------------------------------------------
+def _attr(gm, target):
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _set_attr(gm, target, value):
+    *path, leaf = target.split(".")
+    owner = gm
+    for part in path:
+        owner = getattr(owner, part)
+    setattr(owner, leaf, value)
+
+
+def _shard(gm, node: fx.Node, dim: int, cfg: VocabConfig, shared: dict) -> None:
+    """Replace parameter ``node`` by its vocabulary shard along ``dim`` (once per parameter object)."""
+    full = _attr(gm, node.target)
+    if id(full) not in shared:
+        record = VocabShardRecord(node.target, tuple(full.shape), dim, (cfg.rows * cfg.vtp,), ((cfg.start, cfg.rows),), 1, cfg.ranks,
+                                  cfg.rows * cfg.vtp - cfg.vocab)
+        shared[id(full)] = (nn.Parameter(record.select(full.detach()).clone().contiguous(), full.requires_grad), record)
+    param, record = shared[id(full)]
+    _set_attr(gm, node.target, param)
+    gm.meta.setdefault(META_KEY, {})[node.target] = record
+    shared.setdefault("ids", set()).add(id(param))
+
+
+def vocab_size(epilogue: fx.GraphModule) -> int | None:
+    """The vocabulary size: the class dimension of the epilogue's cross-entropy."""
+    for node in epilogue.graph.find_nodes(op="call_function", target=CROSS_ENTROPY):
+        return int(node.args[0].meta["val"].shape[-1])
+    return None
+
+
+def vocab_parallel(gm: fx.GraphModule, cfg: VocabConfig, shared: dict, what: str = "layer") -> list[str]:
+    """Requires: a prologue or epilogue GraphModule with ``meta["val"]``. Ensures: embeddings with ``vocab``
+    rows and the projection feeding the cross-entropy sharded along the vocabulary with the collectives
+    described above; every parameter's gradient scaled by ``1 / vtp`` (``tp_copy`` on replicated ones).
+    ``shared`` maps parameters already sharded (tied weights) to their shard. Returns what was sharded."""
+    graph, ranks, done = gm.graph, cfg.ranks, []
+    for node in list(graph.find_nodes(op="call_function", target=aten.embedding.default)):
+        weight, ids = node.args[0], node.args[1]
+        if weight.op != "get_attr" or _attr(gm, weight.target).shape[0] != cfg.vocab:
+            continue
+        _shard(gm, weight, 0, cfg, shared)
+        with graph.inserting_before(node):
+            every = graph.call_function(all_gather_dim, (ids, 0, ranks))
+            part = graph.call_function(masked_embedding, (weight, every, cfg.start, node.args[2] if len(node.args) > 2 else -1))
+            mine = graph.call_function(reduce_scatter_dim, (part, 0, ranks))
+        node.replace_all_uses_with(mine)
+        graph.erase_node(node)
+        done.append(weight.target)
+    for loss in list(graph.find_nodes(op="call_function", target=CROSS_ENTROPY)):
+        logits, target, *rest = loss.args
+        weight_arg, reduction, ignore_index, smoothing = (rest + [None, 1, -100, 0.0][len(rest):])[:4]
+        if weight_arg is not None or reduction != 1 or smoothing:
+            raise PlanError(f"{what}: vocab parallelism supports mean cross-entropy without class weights or label smoothing",
+                            "use vtp=1 for this model")
+        path, head = [], logits
+        while param_matmul(gm, head) is None:  # back from the loss to the projection through single-input ops
+            path.append(head)
+            inputs = [a for a in head.all_input_nodes if a.op != "get_attr"]
+            if head.op != "call_function" or len(inputs) != 1:
+                raise PlanError(f"{what}: cannot find the projection that produces the logits of {loss.name}", "use vtp=1 for this model")
+            head = inputs[0]
+        x, w, b, w_in, w_out = param_matmul(gm, head)
+        _shard(gm, w, w_out, cfg, shared)
+        if b is not None:
+            _shard(gm, b, 0, cfg, shared)
+        with graph.inserting_before(head):
+            head.replace_input_with(x, graph.call_function(gather_dim_sum_grad, (x, 0, ranks)))
+        for node in path:  # the rows are now the group's, the classes this rank's shard
+            if node.target in VIEWS and len(node.args[1]) > 1:
+                node.args = (node.args[0], [-1, *[cfg.rows if s == cfg.vocab else s for s in node.args[1][1:]]])
+        with graph.inserting_before(loss):
+            every = graph.call_function(all_gather_dim, (target, 0, ranks))
+            value = graph.call_function(vocab_cross_entropy, (logits, every, cfg.start, cfg.vocab, ranks, ignore_index))
+            scaled = graph.call_function(scale_grad, (value, float(cfg.vtp)))
+        loss.replace_all_uses_with(scaled)
+        graph.erase_node(loss)
+        done.append(w.target)
+    for node in list(graph.find_nodes(op="get_attr")):
+        param = _attr(gm, node.target)
+        if not isinstance(param, nn.Parameter):
+            continue
+        with graph.inserting_after(node):
+            grad = graph.call_function(scale_grad, (node, 1.0 / cfg.vtp))
+            if id(param) not in shared.get("ids", ()):  # replicated: each rank saw only its own samples
+                with graph.inserting_after(grad):
+                    last = graph.call_function(tp_copy, (grad, ranks))
+            else:
+                last = grad
+        node.replace_all_uses_with(last, delete_user_cb=lambda user: user is not grad)
+    graph.lint()
+    gm.recompile()
+    refresh_meta(gm)
+    return done
+
+
+def make_vocab_parallel_pass():
+    """The lowering pass: prologue and epilogue of this rank's stage made vocab-parallel when vtp > 1."""
+
+    def apply_vocab_parallel(stage, context):
+        """Requires: a built stage. Ensures: with ``plan.embedding.vtp > 1``, the stage's prologue and
+        epilogue are rewritten by ``vocab_parallel`` for this rank's vtp group."""
+        from .lower_stage import embedding_strategy, unwrap
+        from .redistribute import tp_group
+
+        plan = context.plan
+        if plan.embedding.vtp == 1:
+            return stage
+        vocab = vocab_size(context.program.epilogue.module)
+        if vocab is None:
+            warnings.warn("vtp > 1 but the model has no cross-entropy head: prologue and epilogue stay replicated", stacklevel=2)
+            return stage
+        ranks = tp_group(plan, embedding_strategy(plan), context.layout.rank)
+        cfg = VocabConfig(plan.embedding.vtp, ranks.index(context.layout.rank), ranks, vocab)
+        shared: dict = {}
+        for layer in stage.stage_layers:
+            if layer.kind in ("prologue", "epilogue"):
+                vocab_parallel(unwrap(stage.layers[layer.name]), cfg, shared, f"{layer.name} ({layer.kind})")
+        return stage
+
+    return apply_vocab_parallel
+
+
+apply_vocab_parallel = make_vocab_parallel_pass()
+
+
