@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import subprocess
 import sys
 import warnings
@@ -113,6 +114,38 @@ def run_plans(rank: int, world: int, model_name: str, shape: str, cases: list[tu
     return out
 
 
+def compare_row(model_name: str, world: int, name: str, plan: Plan, prediction, results: list[dict], flops_per_step: float,
+                peak_flops: float) -> dict:
+    """One plan's predicted and measured figures (``results``: one entry per rank, in rank order)."""
+    measured_s = max(median(r["times_s"]) for r in results)
+    predicted_mem = [prediction.memory_bytes_per_stage[r["stage"]] for r in results]
+    measured_mem = [r["peak_bytes"] for r in results]
+    row = {"model": model_name, "world": world, "plan": name, "plan_json": plan.to_json_dict(),
+           "predicted_s": prediction.iteration_time_s, "measured_s": measured_s,
+           "time_error": prediction.iteration_time_s / measured_s - 1,
+           "predicted_peak_bytes": max(predicted_mem), "measured_peak_bytes": max(measured_mem),
+           "memory_errors_per_rank": [p / m - 1 for p, m in zip(predicted_mem, measured_mem)],
+           "memory_error_max_rank": max(predicted_mem) / max(measured_mem) - 1,
+           "measured_peak_bytes_per_rank": measured_mem, "predicted_peak_bytes_per_rank": predicted_mem,
+           "step_times_s": [r["times_s"] for r in results],
+           "samples_per_s": GLOBAL_BATCH / measured_s, "mfu": mfu(flops_per_step, measured_s, world, peak_flops)}
+    print(f"{model_name} w{world} {name:<22} predicted {row['predicted_s'] * 1e3:7.1f} ms  measured {measured_s * 1e3:7.1f} ms "
+          f"({row['time_error']:+.0%})  memory {max(measured_mem) / 2**20:6.1f} MiB ({row['memory_error_max_rank']:+.0%})", flush=True)
+    return row
+
+
+def _measured_again(previous: dict, model_name: str, world: int, cases) -> list[list[dict]]:
+    """Per rank, the measurements a previous run's JSON holds for ``cases`` (rank r is on stage r // devices per stage)."""
+    per_rank: list[list[dict]] = [[] for _ in range(world)]
+    for name, plan in cases:
+        row = previous.get((model_name, world, name))
+        if row is None:
+            continue
+        for rank, (times, peak) in enumerate(zip(row["step_times_s"], row["measured_peak_bytes_per_rank"])):
+            per_rank[rank].append({"plan": name, "rank": rank, "stage": rank // plan.devices_per_stage, "times_s": times, "peak_bytes": peak})
+    return per_rank
+
+
 # -- profiles ------------------------------------------------------------------------------------------
 def hardware_profile(world: int, folder: Path, source: str, reprofile: bool):
     """The measured profile of ``world`` processes (profile-hardware, reused unless ``reprofile``), or with
@@ -185,6 +218,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--hardware", choices=("measure", "cluster"), default="measure", help="profile-hardware, or the detected cluster's estimate")
     parser.add_argument("--reprofile", action="store_true", help="profile hardware and models again")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--predict-only", default=None, metavar="JSON",
+                        help="price the measurements of an earlier run's JSON again (after a cost-model or profile change)")
     args = parser.parse_args(argv)
     from galvatron_fx.cost.model import CostModel
 
@@ -194,39 +229,30 @@ def main(argv=None) -> dict:
     peak_flops, peak_source = device_peak_flops()
     hardware = {w: hardware_profile(w, folder, args.hardware, args.reprofile) for w in worlds}
     rows, failed = [], []
+    previous = {(r["model"], r["world"], r["plan"]): r for r in json.loads(Path(args.predict_only).read_text())["rows"]} \
+        if args.predict_only else None
     for model_name in args.models.split(","):
         profile = model_profile(model_name, args.shape, folder, args.reprofile)
         flops_per_step = model_flops_per_sample(profile) * GLOBAL_BATCH
         for world in worlds:
             cases = plans(world, len(profile.layer_types), model_name)[:args.max_plans]
             cost = CostModel(profile, hardware[world])
-            # one process launch per plan: state a runtime leaves behind (caches, hooks) must not
-            # reach the next plan's memory or time
-            launches = [spawn(run_plans, world, model_name, args.shape, [case], args.warmup, args.repeats) for case in cases]
-            per_rank = [[r for launch in launches for r in launch[rank]] for rank in range(world)]
+            if previous is not None:  # the measurements of an earlier run, priced again
+                per_rank = _measured_again(previous, model_name, world, cases)
+            else:
+                # one process launch per plan: state a runtime leaves behind (caches, hooks) must not
+                # reach the next plan's memory or time
+                launches = [spawn(run_plans, world, model_name, args.shape, [case], args.warmup, args.repeats) for case in cases]
+                per_rank = [[r for launch in launches for r in launch[rank]] for rank in range(world)]
             for name, plan in cases:
-                prediction = cost.evaluate(plan)
                 results = [r for rank in per_rank for r in rank if r["plan"] == name]
+                if not results:
+                    continue
                 if any("error" in r for r in results):
                     failed.append({"model": model_name, "world": world, "plan": name, "error": results[0].get("error")})
                     print(f"{model_name} w{world} {name:<22} FAILED: {failed[-1]['error']}", flush=True)
                     continue
-                measured_s = max(median(r["times_s"]) for r in results)
-                predicted_mem = [prediction.memory_bytes_per_stage[r["stage"]] for r in results]
-                measured_mem = [r["peak_bytes"] for r in results]
-                rows.append({
-                    "model": model_name, "world": world, "plan": name, "plan_json": plan.to_json_dict(),
-                    "predicted_s": prediction.iteration_time_s, "measured_s": measured_s,
-                    "time_error": prediction.iteration_time_s / measured_s - 1,
-                    "predicted_peak_bytes": max(predicted_mem), "measured_peak_bytes": max(measured_mem),
-                    "memory_errors_per_rank": [p / m - 1 for p, m in zip(predicted_mem, measured_mem)],
-                    "memory_error_max_rank": max(predicted_mem) / max(measured_mem) - 1,
-                    "measured_peak_bytes_per_rank": measured_mem, "predicted_peak_bytes_per_rank": predicted_mem,
-                    "step_times_s": [r["times_s"] for r in results],
-                    "samples_per_s": GLOBAL_BATCH / measured_s, "mfu": mfu(flops_per_step, measured_s, world, peak_flops)})
-                row = rows[-1]
-                print(f"{model_name} w{world} {name:<22} predicted {row['predicted_s'] * 1e3:7.1f} ms  measured {measured_s * 1e3:7.1f} ms "
-                      f"({row['time_error']:+.0%})  memory {max(measured_mem) / 2**20:6.1f} MiB ({row['memory_error_max_rank']:+.0%})", flush=True)
+                rows.append(compare_row(model_name, world, name, plan, cost.evaluate(plan), results, flops_per_step, peak_flops))
     for row in rows:
         row["predicted_ms"], row["measured_ms"] = row["predicted_s"] * 1e3, row["measured_s"] * 1e3
         row["predicted_mib"], row["measured_mib"] = row["predicted_peak_bytes"] / 2**20, row["measured_peak_bytes"] / 2**20
@@ -241,7 +267,7 @@ def main(argv=None) -> dict:
     print(f"\nmedian |time error| {summary['median_time_error']:.1%} (target ≤ 10%), worst {summary['worst_time_error']:.1%} (≤ 25%); "
           f"median |memory error| {summary['median_memory_error']:.1%}, worst {summary['worst_memory_error']:.1%} (≤ 10%); "
           f"Spearman {summary['spearman_time']:.3f} (≥ 0.9); {summary['plans']} plans" + (f"; {len(failed)} failed to lower" if failed else ""))
-    payload = {"command": command_line(), "shape": SHAPES[args.shape], "global_batch": GLOBAL_BATCH, "summary": summary,
+    payload = {"command": command_line(), "measured_by": args.predict_only, "shape": SHAPES[args.shape], "global_batch": GLOBAL_BATCH, "summary": summary,
                "peak_flops_per_device": peak_flops, "peak_source": peak_source, "rows": rows, "table": table,
                "hardware_profiles": {w: hardware[w].source for w in worlds}, "failed": failed}
     path = write_json("cost_accuracy", payload, folder)
