@@ -87,7 +87,7 @@ def masked_embedding(weight: torch.Tensor, ids: torch.Tensor, start: int, paddin
 
 
 def _all_reduce_max(x: torch.Tensor, ranks) -> torch.Tensor:
-    if _is_fake(x):
+    if len(ranks) == 1 or _is_fake(x):
         return x.clone()
     out = funcol.all_reduce(x.contiguous(), "max", list(ranks))
     return out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else funcol.wait_tensor(out)

@@ -1,0 +1,104 @@
+"""Sequence and vocab parallelism lowered in one process (lowering is collective-free): which collectives
+each layer gets, local shapes, and plans the graph cannot follow refused with a PlanError."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+
+import galvatron_fx
+from galvatron_fx.errors import PlanError
+from galvatron_fx.models import build_model
+from galvatron_fx.passes import collectives as C
+from galvatron_fx.passes.lower_stage import lower, unwrap
+from galvatron_fx.passes.vocab_parallel import masked_embedding, vocab_cross_entropy
+from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan
+
+
+@functools.lru_cache(maxsize=None)
+def _program(name: str, batch: int = 2, seq: int = 16):
+    torch.manual_seed(0)
+    model, kwargs = build_model(name, batch=batch, seq=seq)
+    return galvatron_fx.capture(model, example_kwargs=kwargs)
+
+
+def _plan(program, world: int, sp: str, vtp: int = 1) -> Plan:
+    layers = tuple(LayerStrategy(tp=world, dp=1, sp=sp) for _ in program.body)
+    return Plan(world_size=world, layers=layers, global_batch=program.batch_size * world, embedding=EmbeddingStrategy(vtp=vtp))
+
+
+def _targets(module) -> list:
+    return [n.target for n in unwrap(module).graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_megatron_sp_layer_collectives_and_shapes(name):
+    program = _program(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stage = lower(program, _plan(program, 4, "megatron"), rank=1)
+    block = program.body[0]
+    targets = _targets(stage.layers[f"layer{block.index}"])
+    # attention and MLP: gather before each column-parallel pair, reduce-scatter after each row-parallel end
+    assert targets.count(C.sp_gather) == 2 and targets.count(C.sp_reduce_scatter) == 2
+    assert C.tp_reduce not in targets
+    gm = unwrap(stage.layers[f"layer{block.index}"])
+    hidden = next(iter(gm.graph.find_nodes(op="placeholder")))
+    out = gm.graph.output_node().args[0][0]
+    # the layer runs the tp group's samples (dp 1: all 4 ranks'), with a quarter of the sequence each
+    assert tuple(out.meta["val"].shape)[:2] == (program.batch_size * 4, 16 // 4)
+    assert hidden.name in gm.meta["galvatron_sp"]["inputs"]
+    # norms' weights are replicated: their gradients are summed over the group
+    norm_params = [n for n in gm.graph.find_nodes(op="get_attr") if "norm" in n.target.lower() or "ln_" in n.target]
+    assert norm_params and all(any(u.target is C.tp_copy for u in n.users) or
+                               any(v.target is C.tp_copy for u in n.users for v in u.users) for n in norm_params)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_ulysses_layer_all_to_alls(name):
+    program = _program(name)
+    stage = lower(program, _plan(program, 2, "ulysses"), rank=0)
+    targets = _targets(stage.layers[f"layer{program.body[-1].index}"])
+    assert targets.count(C.seq_to_heads) == 3 and targets.count(C.heads_to_seq) == 1
+    assert C.tp_reduce not in targets and C.sp_gather not in targets
+    params = stage.user_parameters()
+    full = {n: p for layer in program.layers for n, p in layer.module.named_parameters()}
+    assert all(params[n].shape == full[n].shape for n in params)  # Ulysses keeps weights whole
+
+
+def test_ulysses_degree_must_divide_heads():
+    program = _program("llama")  # 4 attention heads
+    with pytest.raises(PlanError, match="heads"):
+        lower(program, _plan(program, 8, "ulysses"), rank=0)
+
+
+def test_sequence_length_must_divide():
+    program = _program("gpt2", batch=2, seq=6)
+    with pytest.raises(PlanError, match="sequence length 6"):
+        lower(program, _plan(program, 4, "megatron"), rank=0)
+
+
+def test_vocab_parallel_shards_and_shares_tied_weights():
+    program = _program("gpt2")
+    stage = lower(program, _plan(program, 2, "none", vtp=2), rank=1)
+    prologue, epilogue = (unwrap(stage.layers[f"layer{program.layers[i].index}"]) for i in (0, -1))
+    assert prologue.get_parameter("lm_head.weight") is epilogue.get_parameter("lm_head.weight")
+    assert tuple(prologue.get_parameter("lm_head.weight").shape) == (128, 64)
+    assert vocab_cross_entropy in _targets(epilogue) and torch.ops.aten.cross_entropy_loss.default not in _targets(epilogue)
+
+
+def test_vocab_parallel_functions_match_whole_vocabulary_in_one_process():
+    torch.manual_seed(0)
+    weight, ids = torch.randn(10, 4), torch.tensor([[0, 3, 9, 5]])
+    assert torch.equal(masked_embedding(weight[5:], ids, 5) + masked_embedding(weight[:5], ids, 0), weight[ids])
+    logits, target = torch.randn(6, 7, requires_grad=True), torch.tensor([0, 6, 3, -100, 2, 5])
+    padded = torch.cat([logits, torch.zeros(6, 1)], 1)  # one padding column past the vocabulary of 7
+    loss = vocab_cross_entropy(padded, target, 0, 7, (0,))
+    expected = torch.nn.functional.cross_entropy(logits, target)
+    assert abs(loss.item() - expected.item()) < 1e-6
+    grad, = torch.autograd.grad(loss, logits)
+    expected_grad, = torch.autograd.grad(expected, logits)
+    assert torch.allclose(grad, expected_grad, atol=1e-6)
