@@ -151,7 +151,7 @@ def _environment(data: dict) -> str:
             + (f", load average at start {load[0]:.1f}" if load else ""))
 
 
-def write_markdown(folder: Path, out: Path, search_speed: str | None) -> str:
+def write_markdown(folder: Path, out: Path, search_speed: str | None, notes: str | None = None) -> str:
     cost = _load(folder, "cost_accuracy")
     overheads = [d for d in (_load(folder, f"runtime_overhead_w{w}") for w in (2, 4, 8)) if d]
     quality = [d for d in (_load(folder, f"plan_quality_w{w}") for w in (2, 4, 8)) if d]
@@ -160,6 +160,8 @@ def write_markdown(folder: Path, out: Path, search_speed: str | None) -> str:
              "Latest figures; each section names the command that made it, the machine and its load. "
              "Regenerate this file with `python benchmarks/report.py` after running the benchmarks. "
              "Timing targets are ratios measured side by side in one run; none is asserted in the test suite.", ""]
+    if notes:
+        parts += [notes.strip(), ""]
     if cost:
         plot = folder / "cost_accuracy.png"
         plot_cost_accuracy(cost, plot)
@@ -210,9 +212,11 @@ def main(argv=None) -> None:
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     parser.add_argument("--search-speed", default=None, help="a text file with the search-scaling section (Markdown)")
+    parser.add_argument("--notes", default=None, help="a Markdown file of findings, placed after the introduction")
     args = parser.parse_args(argv)
     search_speed = Path(args.search_speed).read_text() if args.search_speed else None
-    write_markdown(Path(args.results), Path(args.out), search_speed)
+    notes = Path(args.notes).read_text() if args.notes else None
+    write_markdown(Path(args.results), Path(args.out), search_speed, notes)
     print(f"wrote {args.out}")
 
 
