@@ -26,8 +26,11 @@ dtype (bf16 halves fp32 bytes). Tied weights shared by embedding and head count 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from fractions import Fraction
+
+import numpy as np
 
 from galvatron_fx.errors import ConfigError, PlanError, ProfileError
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan, Prediction
@@ -188,10 +191,19 @@ class CostModel:
         key = (_move_key(before), _move_key(after), per_sample, micro_batch)
         if key not in self._redistribution_cache:
             total = per_sample * micro_batch * self.activation_scale
-            self._redistribution_cache[key] = self._move_s(before, after, total) + self._move_s(after, before, total)
+            self._redistribution_cache[key] = sum(self._collective_s(_move_plan(a, b), total)
+                                                  for a, b in ((key[0], key[1]), (key[1], key[0])))
         return self._redistribution_cache[key]
 
+    def _collective_s(self, plan: tuple | None, total_bytes: float) -> float:
+        if plan is None:
+            return 0.0
+        op, fraction, group, consecutive = plan
+        return self.hardware.collective_s(op, fraction * total_bytes, group, consecutive)
+
     def _move_s(self, src: LayerStrategy, dst: LayerStrategy, total_bytes: float) -> float:
+        """Rank-by-rank reference of one direction of ``redistribution_s`` (exact fractions; ``_move_plan`` is
+        the same geometry on integer arrays)."""
         devices = src.devices
         held, needed = _pieces(src, devices), _pieces(dst, devices)
         missing = max(_area(n) - _area(_intersect(h, n)) for h, n in zip(held, needed))
@@ -264,6 +276,35 @@ def _layout(strategy: LayerStrategy) -> tuple:
 def _move_key(strategy: LayerStrategy) -> tuple:
     """Every field of a strategy that ``_move_s`` reads."""
     return (strategy.tp, strategy.dp, strategy.sp != "none", strategy.tp_consecutive)
+
+
+@functools.lru_cache(maxsize=None)
+def _move_plan(src: tuple, dst: tuple) -> tuple | None:
+    """The collective that moves a boundary activation from layout ``src`` to ``dst`` (``_move_key`` tuples):
+    None when every rank already holds what it needs, else (op, fraction of the activation per rank, group,
+    consecutive). Coordinates are integers in units of 1/devices, so areas are exact."""
+    devices = src[0] * src[1]
+    rank = np.arange(devices)
+
+    def pieces(key):
+        tp, dp, sharded, consecutive = key
+        tp_index, dp_index = (rank % tp, rank // tp) if consecutive else (rank // dp, rank % dp)
+        batch = (dp_index * (devices // dp), (dp_index + 1) * (devices // dp))
+        seq = (tp_index * (devices // tp), (tp_index + 1) * (devices // tp)) if sharded else (0 * rank, 0 * rank + devices)
+        return batch, seq
+
+    held, needed = pieces(src), pieces(dst)
+    overlap = []
+    for (h0, h1), (n0, n1) in zip(held, needed):
+        lo = np.maximum(h0, n0)
+        overlap.append((lo, np.maximum(np.minimum(h1, n1), lo)))
+    area = lambda piece: (piece[0][1] - piece[0][0]) * (piece[1][1] - piece[1][0])
+    if int((area(needed) - area(overlap)).max()) == 0:
+        return None   # every rank slices what it needs from what it has
+    src_area, dst_area = int(area(held)[0]), int(area(needed)[0])
+    if all((o0 == h0).all() and (o1 == h1).all() for (o0, o1), (h0, h1) in zip(overlap, held)):   # pieces grow
+        return ("all_gather", dst_area / devices**2, round(dst_area / src_area), bool(dst[3]))
+    return ("all_to_all", max(src_area, dst_area) / devices**2, max(src[0], dst[0], 2), True)
 
 
 def _pieces(strategy: LayerStrategy, devices: int) -> list[tuple[tuple[Fraction, Fraction], tuple[Fraction, Fraction]]]:

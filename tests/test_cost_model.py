@@ -105,6 +105,12 @@ def test_redistribution_cache_equals_direct_computation():
     strategies = [S(tp=tp, dp=8 // tp, sp=sp, tp_consecutive=cons, dp_type=dp_type)
                   for tp in (1, 2, 4, 8) for sp in (("none",) if tp == 1 else ("none", "megatron", "ulysses"))
                   for cons in ((True,) if tp in (1, 8) else (True, False)) for dp_type in ("ddp", "zero3")]
+    wide = [S(tp=tp, dp=32 // tp, sp=sp, tp_consecutive=cons) for tp in (1, 2, 4, 8, 16, 32)
+            for sp in ("none", "megatron") for cons in (True, False) if (tp > 1 or sp == "none") and (1 < tp < 32 or cons)]
+    for a in wide:
+        for b in wide:
+            direct = model._move_s(a, b, 8000.0) + model._move_s(b, a, 8000.0)
+            assert model.redistribution_s(a, b, 1, 8) == pytest.approx(0.0 if a == b else direct, abs=0.0)
     for boundary in (1, 2, 3):
         for mb in (8, 16):
             total = profile.cut_bytes_per_sample[boundary - 1] * mb * model.activation_scale
