@@ -74,6 +74,7 @@ class SearchEngine:
         self.uniform_tables: dict = {}
         self.folded_tables: dict = {}
         self.rest_bounds: dict = {}
+        self.solvers: dict = {}
         self.left_out: dict[str, set] = {}
         self.visited = 0
 
@@ -181,6 +182,11 @@ class SearchEngine:
     # -- the search --------------------------------------------------------------------------------------
     def run(self) -> Plan | None:
         settings = self.settings()
+        # First a cheap seeded plan for every setting that might win: the exact pass then prunes with the best.
+        for upper, pp, gb, c, pipeline, k, mode in settings:
+            if upper <= self.best_throughput * (1 + 1e-12):
+                break
+            self.solve_setting(pp, gb, c, pipeline, k, mode, exact=False)
         for done, (upper, pp, gb, c, pipeline, k, mode) in enumerate(settings):
             if upper <= self.best_throughput * (1 + 1e-12):
                 break   # sorted by upper bound: nothing later can win
@@ -192,27 +198,38 @@ class SearchEngine:
             self.progress(len(settings), len(settings), self.best_throughput)
         return self.best
 
-    def solve_setting(self, pp: int, gb: int, c: int, pipeline: str, k: tuple[int, ...], mode: str) -> None:
+    def solve_setting(self, pp: int, gb: int, c: int, pipeline: str, k: tuple[int, ...], mode: str, exact: bool = True) -> None:
         devices, mb = self.world_size // pp, gb // c
         full = self.tables[(devices, mb, mode)]
         if not self.space.uniform:
-            self.solve_table(full, pp, gb, c, pipeline, k, mode)
+            self.solve_table(full, pp, gb, c, pipeline, k, mode, exact)
             return
         for j in range(len(full.strategies)):   # one strategy for every layer: a table of one
             if all(full.allowed[t][j] for t in self.types):
                 key = (devices, mb, mode, j)
                 if key not in self.uniform_tables:
                     self.uniform_tables[key] = subset(full, [j])
-                self.solve_table(self.uniform_tables[key], pp, gb, c, pipeline, k, mode)
+                self.solve_table(self.uniform_tables[key], pp, gb, c, pipeline, k, mode, exact)
 
-    def solve_table(self, table, pp: int, gb: int, c: int, pipeline: str, k: tuple[int, ...], mode: str) -> None:
+    def solver(self, table, pp: int, gb: int, c: int, k: tuple[int, ...], mode: str) -> StageSolver:
+        key = (id(table), pp, gb, c, k)
+        if key not in self.solvers:
+            devices, mb = self.world_size // pp, gb // c
+            embeddings = self.space.embedding_strategies(devices, mode)
+            self.solvers[key] = StageSolver(self, table, pp, mb, c, k, [self.parts(devices, mb, pp, e, mode) for e in embeddings])
+        return self.solvers[key]
+
+    def solve_table(self, table, pp: int, gb: int, c: int, pipeline: str, k: tuple[int, ...], mode: str, exact: bool = True) -> None:
         devices, mb = self.world_size // pp, gb // c
         embeddings = self.space.embedding_strategies(devices, mode)
-        solver = StageSolver(self, table, pp, mb, c, k, [self.parts(devices, mb, pp, e, mode) for e in embeddings])
-        seeded = seed_plan(self, table, solver, pp, gb, c, pipeline, k, embeddings,
-                           lambda e: self.parts(devices, mb, pp, e, mode))
-        if seeded is not None and seeded[1].samples_per_s > self.best_throughput:
-            self.best, self.best_throughput = seeded[0], seeded[1].samples_per_s
+        solver = self.solver(table, pp, gb, c, k, mode)
+        if not exact:
+            seeded = seed_plan(self, table, solver, pp, gb, c, pipeline, k, embeddings,
+                               lambda e: self.parts(devices, mb, pp, e, mode))
+            if seeded is not None and seeded[1].samples_per_s > self.best_throughput:
+                self.best, self.best_throughput = seeded[0], seeded[1].samples_per_s
+            return
+        self.solvers.pop((id(table), pp, gb, c, k), None)   # solved once: its caches are not needed again
         ranked = sorted(embeddings, key=lambda e: sum(p.x_s for p in self.parts(devices, mb, pp, e, mode)))
         for embedding in ranked:
             bound_s = gb / self.best_throughput if self.best_throughput > 0 else np.inf

@@ -2,7 +2,8 @@
 closer it starts to the optimum, the smaller every front stays.
 
 Plans seeded: even pp_division; in each stage the first ``m`` layers run strategy A and the rest strategy B
-(A = B: a uniform stage), for every A, B allowed on all the stage's layers and every m, vectorised. With a
+(A = B: a uniform stage), for every A, B allowed on all the stage's layers and every m (at most 33 values
+of m, evenly spread), vectorised. With a
 single memory constraint the relaxed optimum of a run of equal layers mixes at most two strategies, so
 this family is usually within a few percent of the optimum. Each stage takes its candidate with the least
 c·X + G that fits; the plan is then priced by CostModel.evaluate itself, so a seed is never wrong, only
@@ -40,17 +41,20 @@ def _stage_candidates(engine, table, a: int, b: int, k: int, mb: int):
     head_peak = np.concatenate([np.zeros((1, len(js)), np.int64), np.maximum.accumulate(peaks, axis=0)])
     tail_peak = np.concatenate([np.maximum.accumulate(peaks[::-1], axis=0)[::-1], np.zeros((1, len(js)), np.int64)])
 
-    def split(p):   # (n + 1, J_A, J_B): head of A up to m, tail of B from m
-        return p[:, :, None] + (p[n][None, None, :] - p[:, None, :])
+    ms = np.arange(n + 1) if n <= 32 else np.unique(np.linspace(0, n, 33).round().astype(int))   # A on the first m
+
+    def split(p):   # (m, J_A, J_B): head of A up to m, tail of B from m
+        return p[ms][:, :, None] + (p[n][None, None, :] - p[ms][:, None, :])
 
     X, G, M = split(px), split(pg), split(pm)
-    P = np.maximum(head_peak[:, :, None], tail_peak[:, None, :])
+    P = np.maximum(head_peak[ms][:, :, None], tail_peak[ms][:, None, :])
     cls = table.layout[js]
-    for i in range(1, n):   # a layout change between layer a+i-1 (A) and a+i (B)
-        group = engine.boundary_group[a + i]
-        R = redistribution_matrix(engine.cost_model, table, group, engine.group_index[group], mb)
-        X[i] += R[cls[:, None], cls[None, :]]
-    return js, X.ravel(), G.ravel(), M.ravel(), P.ravel(), (n + 1, len(js), len(js))
+    for row, i in enumerate(ms):
+        if 0 < i < n:   # a layout change between layer a+i-1 (A) and a+i (B)
+            group = engine.boundary_group[a + i]
+            R = redistribution_matrix(engine.cost_model, table, group, engine.group_index[group], mb)
+            X[row] += R[cls[:, None], cls[None, :]]
+    return js, ms, X.ravel(), G.ravel(), M.ravel(), P.ravel(), (len(ms), len(js), len(js))
 
 
 def seed_plan(engine, table, solver, pp: int, gb: int, c: int, pipeline: str, k: tuple[int, ...], embeddings, parts_of):
@@ -66,14 +70,15 @@ def seed_plan(engine, table, solver, pp: int, gb: int, c: int, pipeline: str, k:
     for embedding in embeddings:
         parts = parts_of(embedding)
         picks, xs, gs = [], [], []
-        for s, (js, X, G, M, P, shape) in enumerate(stages):
+        for s, (js, ms, X, G, M, P, shape) in enumerate(stages):
             part = parts[s]
             fits = M + part.model_state_bytes + k[s] * part.activation_bytes + np.maximum(P, part.peak_bytes) <= engine.budget
             if not fits.any():
                 break
             proxy = np.where(fits, c * X + syncs * G, np.inf)
             i = int(np.argmin(proxy))
-            picks.append((js, np.unravel_index(i, shape)))
+            row, ia, ib = np.unravel_index(i, shape)
+            picks.append((js, ms[row], ia, ib))
             xs.append(X[i] + part.x_s + (solver.p2p[s, bounds[s + 1]] if s < pp - 1 else 0.0))
             gs.append((G[i] + part.g_s) * syncs)
         else:
@@ -83,7 +88,7 @@ def seed_plan(engine, table, solver, pp: int, gb: int, c: int, pipeline: str, k:
     if best is None:
         return None
     layers = []
-    for s, (js, (m, ia, ib)) in enumerate(best[2]):
+    for s, (js, m, ia, ib) in enumerate(best[2]):
         n = int(bounds[s + 1] - bounds[s])
         layers += [table.strategies[js[ia]]] * int(m) + [table.strategies[js[ib]]] * (n - int(m))
     plan = Plan(world_size=engine.world_size, layers=tuple(layers), pp=pp, pp_division=division, pipeline=pipeline,
