@@ -136,6 +136,11 @@ def _space(**fields) -> SearchSpace:
     (["a", "b", "c", "a", "b", "c"], 2, 3, 0.6, _space(global_batch=(2, 2, 1), sp_types=("ulysses",), dp_types=("ddp",), disable_embed_sdp=True)),
     (["a", "a"], 8, 4, 0.4, _space(global_batch=(8, 8, 1), chunks=(2,), sp_types=("none", "megatron"), disable_tp_strided=False)),
     (["a", "b", "a", "b"], 4, 5, 0.5, _space(global_batch=(4, 4, 1), chunks=(2,), pipelines=("1f1b",), disable_vtp=True)),
+    # one stage (folded fronts) with several micro-batch counts, redistribution between layouts, ZeRO-3 peaks
+    (["a", "b", "a", "b"], 2, 12, 0.35, _space(chunks=(1, 2, 4), sp_types=("megatron",), max_pp=1)),
+    (["a", "a", "a", "a"], 2, 13, 0.5, _space(chunks=(2,), sp_types=("none", "ulysses"), dp_types=("zero2", "zero3"))),
+    (["a", "b", "b", "a"], 4, 14, 0.25, _space(global_batch=(8, 8, 1), chunks=(4, 8), max_pp=1, max_tp=2, pipelines=("gpipe",))),
+    (["b", "a", "a"], 4, 15, 0.65, _space(global_batch=(4, 8, 4), chunks=(2, 4), disable_vsp=False, sp_types=("megatron",), max_tp=2)),
 ])
 def test_search_equals_brute_force(types, world, seed, quantile, space):
     model = ToyCostModel(types, seed=seed, heads={"b": 2})
