@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import operator
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -277,7 +278,7 @@ def _config(context, strategy, rank: int, batched: frozenset[str], strict: bool 
     return SPConfig(strategy.sp, strategy.tp, ranks.index(rank), ranks, batched, strict)
 
 
-_FLAGS: dict = {}
+_FLAGS: "weakref.WeakKeyDictionary[fx.GraphModule, dict]" = weakref.WeakKeyDictionary()
 
 
 def sequence_flags(context, layer_index: int, strategy, batched: frozenset[str]) -> dict:
@@ -285,15 +286,16 @@ def sequence_flags(context, layer_index: int, strategy, batched: frozenset[str])
     lowering its stage (for values that cross a pipeline cut): the pass runs on a copy, once per process."""
     from .lower_stage import copy_layer_modules
 
-    key = (id(context.program), layer_index, strategy, batched)
-    if key not in _FLAGS:
-        module = copy_layer_modules([context.program.layers[layer_index].module])[0]
+    original = context.program.layers[layer_index].module
+    cache = _FLAGS.setdefault(original, {})
+    if (strategy, batched) not in cache:
+        module = copy_layer_modules([original])[0]
         rank = context.layout.stage * context.plan.devices_per_stage  # any rank gives the same layout
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sequence_parallel(module, _config(context, strategy, rank, batched), f"layer{layer_index}")
-        _FLAGS[key] = module.meta[META_KEY]
-    return _FLAGS[key]
+        cache[(strategy, batched)] = module.meta[META_KEY]
+    return cache[(strategy, batched)]
 
 
 def make_sequence_parallel_pass(strict: bool = False):

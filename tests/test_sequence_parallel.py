@@ -102,3 +102,42 @@ def test_vocab_parallel_functions_match_whole_vocabulary_in_one_process():
     grad, = torch.autograd.grad(loss, logits)
     expected_grad, = torch.autograd.grad(expected, logits)
     assert torch.allclose(grad, expected_grad, atol=1e-6)
+
+
+def test_pipeline_cut_sends_the_sequence_shard():
+    program = _program("gpt2")
+    layers = tuple(LayerStrategy(tp=2, dp=1, sp="megatron") for _ in program.body)
+    plan = Plan(world_size=4, layers=layers, pp=2, global_batch=program.batch_size * 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first, second = lower(program, plan, rank=0), lower(program, plan, rank=2)
+    # the tp group's samples (4), half of the sequence each: what Megatron-SP holds, nothing gathered first
+    # (the attention mask made by the prologue travels in the data split: its own samples, whole sequence)
+    assert [tuple(s.shape) for s in first.send_specs] == [(program.batch_size, 1, 16, 16), (program.batch_size * 2, 8, 64)]
+    assert [tuple(s.shape) for s in second.recv_specs] == [tuple(s.shape) for s in first.send_specs]
+    from galvatron_fx.passes.redistribute import redistribute
+
+    receiver = unwrap(second.layers[f"layer{program.body[plan.pp_division[0]].index}"])
+    received = next(n for n in receiver.graph.find_nodes(op="placeholder") if n.name == second.recv_specs[1].name)
+    assert received.users and all(user.target is not redistribute for user in received.users)  # already in its layout
+
+
+@pytest.mark.parametrize("src,dst", [(("megatron", 2), ("none", 1)), (("none", 1), ("ulysses", 2)), (("megatron", 2), ("none", 2))])
+def test_redistribution_moves_only_missing_blocks(src, dst):
+    from galvatron_fx.passes.redistribute import Layout, exchange_plan
+
+    devices, rows, seq = 4, 8, 16
+
+    def layout(spec):
+        sp, tp = spec
+        return Layout(LayerStrategy(tp=tp, dp=devices // tp, sp=sp if tp > 1 else "none"), sp != "none")
+
+    a, b = layout(src), layout(dst)
+    for me in range(devices):
+        sends, recvs = exchange_plan(a, b, devices, me, rows, seq)
+        moved = sum(nb * ns for peer, _, nb, _, ns in recvs if peer != me)
+        have = {(i, j) for i in range(rows) for j in range(seq)
+                if i // (rows // a.dp) == a.block(me)[0] and j // (seq // a.seq) == a.block(me)[1]}
+        need = {(i, j) for i in range(rows) for j in range(seq)
+                if i // (rows // b.dp) == b.block(me)[0] and j // (seq // b.seq) == b.block(me)[1]}
+        assert moved == len(need - have)  # every element it lacks arrives once; nothing it holds is sent to it

@@ -23,6 +23,7 @@ RECIPES = {
     "pp2_mixed_sp": (4, 2, 2, 1, ((2, "megatron", "ddp"), (1, "none", "ddp"), (2, "ulysses", "ddp"), (2, "megatron", "ddp"))),
     "tp2_sp_dp2": (4, 1, 1, 1, ((2, "megatron", "zero3"), (2, "ulysses", "ddp"))),
     "ulysses4": (4, 1, 1, 1, ((4, "ulysses", "ddp"), (4, "megatron", "ddp"))),
+    "pp2_sp_cut": (4, 2, 2, 1, ((2, "ulysses", "ddp"), (2, "megatron", "ddp"))),  # the cut carries sequence shards
     # vocab-parallel embedding and head (tests/test_vocab_parallel_parity.py)
     "vtp2": (2, 1, 1, 2, ((1, "none", "ddp"),)),
     "vtp2_tp2_sp": (2, 1, 1, 2, ((2, "megatron", "ddp"), (2, "ulysses", "ddp"))),
@@ -73,7 +74,7 @@ MODELS = ("gpt2", "llama", "bert")
 # one 2-rank group also runs the vocab-parallel fast cases (tests/test_vocab_parallel_parity.py): one capture per model
 FAST = {2: [(m, r) for m in MODELS for r in ("tp2_sp", "ulysses2", "vtp2")] + [("llama", "mixed_sp")]}
 FULL = {2: [("gpt2", "mixed_sp"), ("bert", "mixed_sp")],
-        4: [(m, r) for m in MODELS for r in ("pp2_mixed_sp", "tp2_sp_dp2", "ulysses4")]}
+        4: [(m, r) for m in MODELS for r in ("pp2_mixed_sp", "tp2_sp_dp2", "ulysses4", "pp2_sp_cut")]}
 _RESULTS: dict = {}
 
 
