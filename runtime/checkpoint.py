@@ -21,7 +21,6 @@ with an unpickler that admits only DCP's own metadata classes. The folder must b
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import pickle

@@ -8,7 +8,6 @@ heterogeneous plans on the other models; ``pytest -m full`` runs every plan on e
 """
 
 import pytest
-import torch
 
 from distributed import MODELS, RECIPES, check_parity, run_group
 
