@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -66,7 +67,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="skip the sweeps")
     parser.add_argument("--cap", type=float, default=60.0, help="seconds per sweep search")
     args = parser.parse_args()
-    results: dict = {}
+    results: dict = {"load_average_before": os.getloadavg(), "cpus": os.cpu_count()}
+    print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cpus")
 
     cost_model = CostModel(load_model(FIXTURE), load_hardware(FIXTURE, memory_bytes=36 * 10**9), mixed_precision="bf16")
     theirs = cost_model.evaluate(Plan.load(FIXTURE / "galvatron_config_llama2-7b_1nodes_8gpus_per_node_36GB_bf16.json", world_size=8))
@@ -94,16 +96,21 @@ def main() -> None:
         rows = []
         for layers in (12, 24, 48, 96, 192):
             seconds, _ = _timed_search(_scaled(layers, 1, 8), 8, "80GB", SearchSpace(global_batch=(64, 64, 1)), args.cap)
-            rows.append({"layers": layers, "devices": 8, "search_s": seconds})
+            rows.append({"sweep": "layers", "layers": layers, "devices": 8, "search_s": seconds})
         for nodes in (1, 4, 16, 64, 512):
             seconds, _ = _timed_search(_scaled(32, nodes, 8), nodes * 8, "80GB",
                                        SearchSpace(global_batch=(nodes * 64, nodes * 64, 1)), args.cap)
-            rows.append({"layers": 32, "devices": nodes * 8, "search_s": seconds})
+            rows.append({"sweep": "devices", "layers": 32, "devices": nodes * 8, "search_s": seconds})
         results["sweep"] = rows
-        print(f"{'layers':>7} {'devices':>8} {'search s':>10}")
-        for row in rows:
-            print(f"{row['layers']:>7} {row['devices']:>8} {'> cap' if row['search_s'] is None else format(row['search_s'], '.2f'):>10}")
+        for sweep, title in (("layers", "search time against layers (8 devices, batch 64)"),
+                             ("devices", "search time against devices (32 layers, batch 64 per node)")):
+            print(title)
+            print(f"{'layers':>7} {'devices':>8} {'search s':>10}")
+            for row in (r for r in rows if r["sweep"] == sweep):
+                print(f"{row['layers']:>7} {row['devices']:>8} {'> cap' if row['search_s'] is None else format(row['search_s'], '.2f'):>10}")
 
+    results["load_average_after"] = os.getloadavg()
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
     out = ROOT / "benchmarks" / "results" / "search_speed.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str) + "\n")

@@ -3,13 +3,22 @@
 ``search(cost_model, world_size, "36GB", space)`` returns the Plan maximising samples/s under
 ``cost_model.evaluate`` — the cost contract's formula, rebuilt from its per-layer terms:
 
-1. outer loops over pp, global batch, chunks and pipeline type, visited from the highest throughput
-   upper bound down and cut as soon as the bound cannot beat the best plan found;
-2. per (devices per stage, micro-batch): one cost-model query per (layer type, strategy) — identical
-   layer types share a row, and runs of identical types share their fronts;
-3. per stage: exact Pareto fronts over (memory, time, gradient sync) — search_front;
-4. per setting: branch-and-bound over pp_division and the embedding strategy, with the exact pipeline
+1. settings (pp, global batch, chunks, pipeline, default dp type) ordered by an upper bound on samples/s
+   (the Lagrangian bound of fitting every layer into pp memory budgets, search_bound); a setting whose
+   in-flight counts are nowhere lower than another's of the same (pp, batch, chunks) is skipped (same
+   time, no less memory: GPipe next to 1F1B);
+2. a seeded plan (search_seed, priced by evaluate) for every setting that might win, so that the exact
+   pass starts from a near-optimal incumbent; then the exact pass, cut as soon as the bound cannot win;
+3. per (devices per stage, micro-batch): one cost-model query per (layer type, strategy); strategies
+   another of the same layout beats in every term are left out; identical layer runs share fronts;
+4. per stage: exact Pareto fronts over (memory, time, gradient sync) — search_front — whose points are
+   dropped as soon as the rest of the plan cannot beat the incumbent (search_bound);
+5. per setting: branch-and-bound over pp_division and the embedding strategy, with the exact pipeline
    formula over the fronts — search_stage.
+
+Data-parallel types follow Galvatron's ``default_dp_type``: each setting fixes one of ddp/zero2 for every
+layer that is not ZeRO-3 and for the embedding/head replicas (unless ``embed_sdp``); ZeRO-3 is free per
+layer. Both modes are searched, so the optimum is exact over that space (the brute force walks the same).
 
 requires: a CostModel following docs' cost contract (layer_cost, embedding_cost, redistribution_s, p2p_s,
           in_flight_micro_batches, unsupported_reason, evaluate).

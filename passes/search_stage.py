@@ -77,7 +77,6 @@ class StageSolver:
         self.caps = np.unique(peaks) if len(peaks) else np.zeros(0, np.int64)
         xmin = np.array([table.x[t][ok].min() if ok.any() else np.inf for t, ok in zip(self.types, usable)])
         self.rest_x = np.concatenate([np.cumsum(xmin[::-1])[::-1], [0.0]])   # Σ_{l >= a} fastest x
-        self.xmin = float(xmin.min()) if len(xmin) else 0.0
         self.p2p = np.zeros((pp, L + 1))
         for s in range(pp - 1):
             for b in range(s + 1, L - (pp - 2 - s)):
@@ -110,7 +109,7 @@ class StageSolver:
             redis = redistribution_matrix(self.engine.cost_model, self.table, group, self.engine.group_index[group], self.mb)
         m_avail = self.pp * self.engine.budget - cap - self.embedding_min_bytes
         promising = self.rest_bound.promising(self.types[a:b], cap_index, m_avail, self.c, self.syncs,
-                                              self.embedding_min_s, bound_s)
+                                              self.embedding_min_s, bound_s, self.pp)
         front = extend(prev, self.table, self.types[b - 1], redis, k, cap, self.engine.budget - cap, promising)
         memo[key] = (front, bound_s)
         return front
