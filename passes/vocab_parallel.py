@@ -240,6 +240,8 @@ def make_vocab_parallel_pass():
         plan = context.plan
         if plan.embedding.vtp == 1:
             return stage
+        if plan.embedding.vsp:
+            warnings.warn("vsp is lowered as vocab tensor parallelism (sequence-sharded embedding/head is not implemented)", stacklevel=2)
         vocab = vocab_size(context.program.epilogue.module)
         if vocab is None:
             warnings.warn("vtp > 1 but the model has no cross-entropy head: prologue and epilogue stay replicated", stacklevel=2)
