@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -91,9 +92,9 @@ def plot_plan_quality(data: dict, path: Path) -> None:
     ax.barh(range(len(rows)), [r["samples_per_s"] for r in rows], color=[colors[r["kind"]] for r in rows])
     ax.set_yticks(range(len(rows)), [r["plan"] for r in rows], fontsize=7)
     ax.set_xlabel("measured samples/s")
-    for kind, color in colors.items():
-        ax.barh([], [], color=color, label=kind)
-    ax.legend(loc="lower right")
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=color, label=kind) for kind, color in colors.items()], loc="lower right")
     ax.set_title(f"{data['model']}, {data['world']} processes, global batch {data['global_batch']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -155,7 +156,7 @@ def write_markdown(folder: Path, out: Path, search_speed: str | None, notes: str
     cost = _load(folder, "cost_accuracy")
     overheads = [d for d in (_load(folder, f"runtime_overhead_w{w}") for w in (2, 4, 8)) if d]
     quality = [d for d in (_load(folder, f"plan_quality_w{w}") for w in (2, 4, 8)) if d]
-    rel = lambda p: p.relative_to(out.parent).as_posix()  # noqa: E731
+    rel = lambda p: os.path.relpath(p, out.parent).replace(os.sep, "/")  # noqa: E731
     parts = ["# Benchmarks", "",
              "Latest figures; each section names the command that made it, the machine and its load. "
              "Regenerate this file with `python benchmarks/report.py` after running the benchmarks. "
@@ -212,10 +213,12 @@ def main(argv=None) -> None:
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     parser.add_argument("--search-speed", default=None, help="a text file with the search-scaling section (Markdown)")
-    parser.add_argument("--notes", default=None, help="a Markdown file of findings, placed after the introduction")
+    parser.add_argument("--notes", default=None, help="a Markdown file of findings, placed after the introduction "
+                        "(default: findings.md in the results folder)")
     args = parser.parse_args(argv)
     search_speed = Path(args.search_speed).read_text() if args.search_speed else None
-    notes = Path(args.notes).read_text() if args.notes else None
+    default_notes = Path(args.results) / "findings.md"
+    notes = Path(args.notes).read_text() if args.notes else default_notes.read_text() if default_notes.exists() else None
     write_markdown(Path(args.results), Path(args.out), search_speed, notes)
     print(f"wrote {args.out}")
 
