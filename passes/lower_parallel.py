@@ -1,10 +1,13 @@
 """Lowering passes for the parallelisms that cut inside layers, in the order ``lower`` runs them:
 
 1. ``rescale_batches``: each layer's graph runs at its own local batch (``micro_batch / dp``);
-2. ``apply_tensor_parallel``: layers with ``tp > 1`` sharded for this rank (``passes.tensor_parallel``);
-3. ``apply_layouts``: parameter gradients of layers that see more than the captured batch scaled, a
-   ``redistribute`` node where a layer reads a value produced under another layout (also one received
-   over a pipeline cut), and the stage's send/receive specs set to the blocks that actually travel.
+2. ``apply_tensor_parallel``: layers with ``tp > 1`` and sp "none" sharded for this rank (``passes.tensor_parallel``);
+3. ``apply_sequence_parallel``: Megatron-SP and Ulysses layers (``passes.sequence_parallel``);
+4. ``apply_vocab_parallel``: prologue and epilogue vocab-parallel when ``vtp > 1`` (``passes.vocab_parallel``);
+5. ``apply_layouts``: parameter gradients of layers that see more than the captured batch scaled, a
+   ``redistribute`` node where a layer reads a value produced under another layout (batch and sequence
+   blocks; also one received over a pipeline cut), and the stage's send/receive specs set to the blocks
+   that actually travel.
 
 Each pass is ``pass_(stage, context) -> stage`` (see ``passes.lower_stage``) and does nothing for plans
 whose layers all have ``tp == 1``.
