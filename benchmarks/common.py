@@ -217,7 +217,7 @@ def environment() -> dict[str, Any]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "cpus": os.cpu_count(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "backend": backend(), "load_average_at_start": load, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "backend": backend(), "load_average_1_5_15_min": load, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def write_json(name: str, payload: dict[str, Any], folder: Path | None = None) -> Path:

@@ -146,10 +146,10 @@ def search_speed_section(data: dict, folder: Path, rel) -> list[str]:
 
 def _environment(data: dict) -> str:
     env = data["environment"]
-    load = env.get("load_average_at_start")
+    load = env.get("load_average_1_5_15_min") or env.get("load_average_at_start")
     where = env.get("cuda") or f"CPU ({env['cpus']} cores, {env['backend']})"
-    return (f"{env['time']}, {where}, torch {env['torch']}"
-            + (f", load average at start {load[0]:.1f}" if load else ""))
+    return (f"written {env['time']}, {where}, torch {env['torch']}"
+            + (f", load average over the last 1/5/15 min {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}" if load else ""))
 
 
 def write_markdown(folder: Path, out: Path, search_speed: str | None, notes: str | None = None) -> str:
@@ -167,7 +167,12 @@ def write_markdown(folder: Path, out: Path, search_speed: str | None, notes: str
         plot = folder / "cost_accuracy.png"
         plot_cost_accuracy(cost, plot)
         s = cost["summary"]
-        parts += ["## 1. Cost-model accuracy", "", f"`{cost['command']}` — {_environment(cost)}", "",
+        measured = ""
+        if cost.get("measured_by"):
+            source = _load(folder, Path(cost["measured_by"]).stem) or {}
+            measured = (f" — pricing the measurements of `{source.get('command', cost['measured_by'])}` "
+                        f"({_environment(source)})" if source else f" — pricing the measurements in {cost['measured_by']}")
+        parts += ["## 1. Cost-model accuracy", "", f"`{cost['command']}`{measured}", "",
                   f"{s['plans']} plans. Median |time error| **{s['median_time_error']:.1%}** (target ≤ 10 %), worst "
                   f"**{s['worst_time_error']:.1%}** (≤ 25 %); Spearman rank correlation of predicted and measured time "
                   f"**{s['spearman_time']:.3f}** (≥ 0.9); memory per rank: median |error| **{s['median_memory_error']:.1%}**, "
