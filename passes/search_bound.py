@@ -3,7 +3,8 @@ cannot beat the incumbent are dropped while the fronts are built, not after.
 
 For a run of layers with memory ``M``, time ``X`` and sync ``G`` inside stage ``s``:
 
-    iteration time  >=  c·X + syncs·G + (fastest embedding/head time) + H(rest, m_avail − M)
+    Σ_s X_s  >=  S = X + (fastest embedding/head time) + H(rest, m_avail − M)
+    iteration time  >=  S + (c − 1)·max(X, S / pp) + syncs·G        (the slowest stage is at least the mean)
 
 where ``rest`` are the body layers outside the run and ``H(rest, m)`` the least time they can take when
 their memory adds up to at most ``m`` bytes (every stage's budget counts, minus the embedding's least
@@ -12,7 +13,7 @@ memory and the run's own cap). ``H`` is bounded from below by its Lagrangian rel
     H(rest, m)  >=  max_λ≥0  Σ_{l in rest} min_j (x_lj + λ·mem_lj)  −  λ·m
 
 (weak duality: any λ gives a valid bound), so the bound is the upper envelope of one line per λ in M.
-Redistribution, p2p and the (c − 1)·max term of other stages are left out (all >= 0), and other stages'
+Redistribution and p2p are left out (both >= 0), and other stages'
 in-flight counts are taken at their least: every relaxation only lowers the bound.
 
 requires: a CostTable (search_front), non-negative terms.
@@ -66,7 +67,7 @@ class RestBound:
         self.total = sum(self.phi[t] for t in types)
 
     def promising(self, run_types: tuple[str, ...], cap_index: int, m_avail: float, c: int, syncs: int, fixed_s: float,
-                  bound_s: float):
+                  bound_s: float, pp: int = 1):
         """A mask function over (M, X, G) of the run's points: True where some plan under ``bound_s`` may extend it."""
         if not np.isfinite(bound_s):
             return None
@@ -81,7 +82,8 @@ class RestBound:
 
         def mask(M, X, G):
             i = np.searchsorted(breaks, M, side="right")
-            return c * X + syncs * G + fixed_s + icepts[i] + slopes[i] * M <= limit
+            total = X + fixed_s + icepts[i] + slopes[i] * M      # Σ_s X_s at least
+            return total + (c - 1) * np.maximum(X, total / pp) + syncs * G <= limit
         return mask
 
 
