@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from galvatron_fx.plan import LayerStrategy, Plan
@@ -93,7 +94,12 @@ def _batched(value) -> bool:
 def eager_reference(model_name: str) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Single-process training on the whole global batch: losses per step and final parameters (every
     name of a tied weight included)."""
-    model, batches = build(model_name)
+    return train_eager(*build(model_name))
+
+
+def train_eager(model: torch.nn.Module, batches: list[dict]) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Adam on one process, one step per batch: the losses and the final parameters (every name of a tied
+    weight included)."""
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=LR, eps=ADAM_EPS)
     losses = []
@@ -146,11 +152,12 @@ def _config():
     return TrainConfig(lr=LR)
 
 
-def run_group(world_size: int, cases: list[tuple[str, str]], timeout_s: float = 900.0) -> dict[str, dict]:
-    """Spawn ``world_size`` ranks that train ``cases``; merge their results per case."""
+def run_group(world_size: int, cases: list[tuple[str, str]], worker=None, timeout_s: float = 900.0) -> dict[str, dict]:
+    """Spawn ``world_size`` ranks that train ``cases`` with ``worker`` (default ``train_cases``); merge
+    their results per case."""
     from galvatron_fx.runtime import spawn
 
-    per_rank = spawn(train_cases, world_size, cases, timeout_s=timeout_s)
+    per_rank = spawn(worker or train_cases, world_size, cases, timeout_s=timeout_s)
     merged: dict[str, dict] = {}
     for rank_results in per_rank:
         for case, result in rank_results.items():
@@ -158,8 +165,19 @@ def run_group(world_size: int, cases: list[tuple[str, str]], timeout_s: float = 
             entry["losses"].append(result["losses"])
             if result["params"]:
                 entry["params"].append(result["params"])
-            entry["describe"].append(result["describe"])
+            if "describe" in result:
+                entry["describe"].append(result["describe"])
     return merged
+
+
+def tier_params(fast: dict[int, list], full: dict[int, list]) -> list:
+    """pytest params (world_size, fast, model, recipe) of both tiers; the full ones marked ``full``."""
+    out = []
+    for is_fast, table in ((True, fast), (False, full)):
+        for world, cases in table.items():
+            out += [pytest.param(world, is_fast, m, r, id=f"{m}-{r}", marks=() if is_fast else (pytest.mark.full,))
+                    for m, r in cases]
+    return out
 
 
 def check_parity(model_name: str, result: dict) -> None:

@@ -3,7 +3,6 @@ batch 16). Galvatron's own strategy file loads and is priced by the same cost mo
 at least as fast whenever the space holds Galvatron's plan; and the search equals brute force on the real
 cost model cut to a few layers."""
 
-import dataclasses
 import json
 from pathlib import Path
 

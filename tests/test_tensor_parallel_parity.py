@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 
-from distributed import GLOBAL_BATCH, _adam, _config, _program, check_parity
+from distributed import GLOBAL_BATCH, _adam, _config, _program, check_parity, run_group, tier_params
 from galvatron_fx.plan import LayerStrategy, Plan
 
 # name → (world size, pp, chunks, per-layer pattern of (tp, dp_type, consecutive))
@@ -55,18 +55,6 @@ def train_cases(rank: int, world_size: int, cases: list[tuple[str, str]]) -> dic
     return results
 
 
-def run_group(world_size: int, cases) -> dict:
-    from galvatron_fx.runtime import spawn
-
-    merged: dict = {}
-    for rank_results in spawn(train_cases, world_size, cases, timeout_s=1200):
-        for case, result in rank_results.items():
-            entry = merged.setdefault(case, {"losses": [], "params": []})
-            entry["losses"].append(result["losses"])
-            entry["params"].append(result["params"])
-    return merged
-
-
 FAST = {2: [("gpt2", "tp2"), ("llama", "tp2")],
         4: [("gpt2", "tp4"), ("llama", "tp4"), ("bert", "tp2_strided"), ("gpt2", "tp2_dp2"), ("llama", "tp2_zero3"),
             ("gpt2", "pp2_tp2"), ("llama", "hetero_tp")]}
@@ -78,19 +66,11 @@ _RESULTS: dict = {}
 
 def _results(world_size: int, fast: bool) -> dict:
     if (world_size, fast) not in _RESULTS:
-        _RESULTS[(world_size, fast)] = run_group(world_size, (FAST if fast else FULL)[world_size])
+        _RESULTS[(world_size, fast)] = run_group(world_size, (FAST if fast else FULL)[world_size], train_cases, timeout_s=1200)
     return _RESULTS[(world_size, fast)]
 
 
-def _params():
-    out = []
-    for fast, table in ((True, FAST), (False, FULL)):
-        for world, cases in table.items():
-            out += [pytest.param(world, fast, m, r, id=f"{m}-{r}", marks=() if fast else (pytest.mark.full,)) for m, r in cases]
-    return out
-
-
-@pytest.mark.parametrize("world_size,fast,model,recipe", _params())
+@pytest.mark.parametrize("world_size,fast,model,recipe", tier_params(FAST, FULL))
 def test_tensor_parallel_parity_with_eager(world_size, fast, model, recipe):
     result = _results(world_size, fast)[f"{model}/{recipe}"]
     # sharded parameters come back whole (full_parameters), from every rank

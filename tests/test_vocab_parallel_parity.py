@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 import test_sequence_parallel_parity as sp
-from distributed import check_parity
+from distributed import check_parity, run_group, tier_params, train_eager
 
 MODELS = ("gpt2", "llama", "bert")
 FAST = {2: [(m, "vtp2") for m in MODELS]}  # run by the sequence-parallel tests' 2-rank group
@@ -20,19 +20,11 @@ def _results(world_size: int, fast: bool) -> dict:
     if fast:
         return sp._results(world_size, True)
     if world_size not in _RESULTS:
-        _RESULTS[world_size] = sp.run_group(world_size, FULL[world_size])
+        _RESULTS[world_size] = run_group(world_size, FULL[world_size], sp.train_cases, timeout_s=1200)
     return _RESULTS[world_size]
 
 
-def _params():
-    out = []
-    for fast, table in ((True, FAST), (False, FULL)):
-        for world, cases in table.items():
-            out += [pytest.param(world, fast, m, r, id=f"{m}-{r}", marks=() if fast else (pytest.mark.full,)) for m, r in cases]
-    return out
-
-
-@pytest.mark.parametrize("world_size,fast,model,recipe", _params())
+@pytest.mark.parametrize("world_size,fast,model,recipe", tier_params(FAST, FULL))
 def test_vocab_parallel_parity_with_eager(world_size, fast, model, recipe):
     check_parity(model, _results(world_size, fast)[f"{model}/{recipe}"])
 
@@ -84,23 +76,13 @@ ODD_CASES = [("gpt2", "vtp2"), ("llama", "vtp2_tp2_sp")]
 
 
 def test_vocab_not_divisible_by_vtp_is_padded():
-    import torch
-
-    from distributed import ADAM_EPS, LR, TOLERANCE
+    from distributed import TOLERANCE
     from galvatron_fx.runtime import spawn
 
     per_rank = spawn(_odd_worker, 2, ODD_CASES, timeout_s=900)
     for name, recipe in ODD_CASES:
         model, batches = _odd_model(name)
-        optimizer = torch.optim.Adam(model.parameters(), lr=LR, eps=ADAM_EPS)
-        losses = []
-        for batch in batches:
-            loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-        reference = dict(model.named_parameters(remove_duplicate=False))
+        losses, reference = train_eager(model, batches)
         for result in (r[f"{name}/{recipe}"] for r in per_rank):
             assert max(abs(a - b) for a, b in zip(result["losses"], losses)) <= TOLERANCE, (name, result["losses"], losses)
             head = "lm_head.weight"
