@@ -120,7 +120,8 @@ def _search_on_rank0(cost_model, world_size: int, memory_budget, search_space: s
     text = ""
     if dist.get_rank() == 0:
         try:
-            space = SearchSpace.named(search_space, global_batch=(global_batch, global_batch, 1))
+            # The runtime runs vsp plans as plain vocab TP, so a plan to execute here is searched without vsp.
+            space = SearchSpace.named(search_space, global_batch=(global_batch, global_batch, 1), disable_vsp=True)
             text = json.dumps(search(cost_model, world_size, memory_budget, space, provenance=provenance).to_json_dict())
         except GalvatronError as error:  # every rank must raise it, not wait for a plan
             text = json.dumps({"error": {"type": type(error).__name__, "cause": error.cause, "remedy": error.remedy}})
