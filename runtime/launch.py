@@ -126,7 +126,10 @@ def _collect(processes: list, folder: Path, elapsed_s: float, timeout_s: float, 
                 f"exited with code {process.exitcode} without an error report"
             failures.append(f"rank {rank} {how}")
     if failures:
-        first = failed_order[0] if failed_order else None
+        # A rank that died without a report (crash, os._exit, OOM kill) is the likely cause: the others' errors
+        # usually report its absence. Among those, and otherwise, the first seen failing.
+        silent = [rank for rank in failed_order if not (folder / f"{rank}.err").exists()]
+        first = (silent or failed_order or [None])[0]
         headline = (f"{len(failures)} of {len(processes)} ranks failed after {elapsed_s:.1f} s"
                     + (f" (first: rank {first})" if first is not None else "")
                     + (f"; the run exceeded its {timeout_s:.0f} s limit" if elapsed_s > timeout_s else ""))
