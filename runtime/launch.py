@@ -99,15 +99,19 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
         start = time.monotonic()
         first_failure: float | None = None
         failed_order: list[int] = []  # ranks in the order they were seen failing
-        while any(p.is_alive() for p in processes):
-            now = time.monotonic()
+        def note_failures(now: float) -> float | None:
             for rank, process in enumerate(processes):
                 if process.exitcode not in (None, 0) and rank not in failed_order:
                     failed_order.append(rank)
-                    first_failure = first_failure or now
+            return first_failure or (now if failed_order else None)
+
+        while any(p.is_alive() for p in processes):
+            now = time.monotonic()
+            first_failure = note_failures(now)
             if now - start > timeout_s or (first_failure is not None and now - first_failure > grace_s):
                 break
             time.sleep(0.05)
+        note_failures(time.monotonic())  # ranks that ended between the last poll and the loop's end
         for process in processes:
             if process.is_alive():
                 process.kill()
