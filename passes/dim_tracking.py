@@ -1,8 +1,7 @@
 """Following dimensions through an ATen layer graph: which "digits" (units such as heads, head_dim, q/k/v
-sections, kv heads, GQA repeats) every dimension of every value is made of, which digits must line up
-across tensors, and which ones an op mixes (so they cannot be cut).
+sections, kv heads, GQA repeats; passes/dim_digits.py) every dimension of every value is made of, which
+digits must line up across tensors, and which ones an op mixes (so they cannot be cut).
 
-A dimension is a row-major list of ``Digit``s whose sizes multiply to its size (size-1 dims: empty list).
 A view that splits a digit refines it everywhere (``Digits.refine``); ops whose operands must match
 (elementwise, attention q/k/v, matmul batch dims) unite digits into classes (union-find); ops that mix
 along a digit (contractions, softmax, norms, picking sections) mark its class with a reason.
@@ -14,150 +13,15 @@ region, *sinks* (input tainted) end it. Used by tensor parallelism; the machiner
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .dim_digits import Digit, Digits
+
 aten = torch.ops.aten
-
-
-class Digit:
-    __slots__ = ("size", "children", "parent", "reason", "members")
-
-    def __repr__(self) -> str:
-        return f"Digit({self.size})"
-
-
-class Digits:
-    """Digits with refinement and union-find classes; a class's ``reason`` says why it cannot be cut."""
-
-    def new(self, size: int) -> Digit:
-        d = Digit()
-        d.size, d.children, d.parent, d.reason, d.members = size, None, d, None, [d]
-        return d
-
-    def fresh(self, shape) -> list[list[Digit]]:
-        return [[self.new(int(s))] if int(s) > 1 else [] for s in shape]
-
-    def find(self, d: Digit) -> Digit:
-        while d.parent is not d:
-            d.parent = d.parent.parent
-            d = d.parent
-        return d
-
-    def union(self, a: Digit, b: Digit) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra is not rb:
-            rb.parent = ra
-            ra.members += rb.members
-            ra.reason = ra.reason or rb.reason
-
-    def refine(self, leaf: Digit, outer: int) -> list[Digit]:
-        """Split ``leaf`` (and every digit of its class) into ``outer × size/outer``."""
-        root = self.find(leaf)
-        first = None
-        for member in list(root.members):
-            member.children = [self.new(outer), self.new(member.size // outer)]
-            for child in member.children:
-                child.reason = root.reason
-            if first is None:
-                first = member.children
-            else:
-                self.union(first[0], member.children[0])
-                self.union(first[1], member.children[1])
-        return leaf.children
-
-    def leaves_of(self, items) -> list[Digit]:
-        out: list[Digit] = []
-        stack = list(reversed(list(items)))
-        while stack:
-            item = stack.pop()
-            if isinstance(item, list):
-                stack.extend(reversed(item))
-            elif item.children:
-                stack.extend(reversed(item.children))
-            else:
-                out.append(item)
-        return out
-
-    def forbid(self, dims, reason: str) -> None:
-        for leaf in self.leaves_of(dims):
-            root = self.find(leaf)
-            root.reason = root.reason or reason
-
-    def unify(self, a: list[Digit], b: list[Digit]) -> bool:
-        """Make two equal-sized dims line up digit by digit (refining where boundaries differ)."""
-        xs, ys = deque(self.leaves_of(a)), deque(self.leaves_of(b))
-        while xs and ys:
-            x, y = xs.popleft(), ys.popleft()
-            if x.children or y.children:
-                (xs if x.children else ys).extendleft(reversed(self.leaves_of([x if x.children else y])))
-                (ys if x.children else xs).appendleft(y if x.children else x)
-                continue
-            if x.size == y.size:
-                self.union(x, y)
-            elif x.size % y.size == 0:
-                head, tail = self.refine(x, y.size)
-                self.union(head, y)
-                xs.appendleft(tail)
-            elif y.size % x.size == 0:
-                head, tail = self.refine(y, x.size)
-                self.union(head, x)
-                ys.appendleft(tail)
-            else:
-                return False
-        return not xs and not ys
-
-    def regroup(self, dims, shape) -> list[list[Digit]] | None:
-        """The digits of a reshape's output dims (``None`` when a boundary falls inside an indivisible digit)."""
-        queue = deque(self.leaves_of(dims))
-        out = []
-        for n in (int(s) for s in shape):
-            taken, product = [], 1
-            while product < n:
-                if not queue:
-                    return None
-                leaf = queue.popleft()
-                if leaf.children:
-                    queue.extendleft(reversed(self.leaves_of([leaf])))
-                    continue
-                need = n // product
-                if n % product:
-                    return None
-                if need % leaf.size == 0:
-                    taken.append(leaf)
-                    product *= leaf.size
-                elif leaf.size % need == 0:
-                    head, tail = self.refine(leaf, need)
-                    taken.append(head)
-                    product *= need
-                    queue.appendleft(tail)
-                else:
-                    return None
-            out.append(taken)
-        return out if not queue else None
-
-
-def local_shape(digits: Digits, dims, picks: dict) -> list[int]:
-    """Sizes of ``dims`` on one rank when each picked class is split ``picks[class]`` ways."""
-    return [math.prod(leaf.size // picks.get(digits.find(leaf), 1) for leaf in digits.leaves_of(d)) for d in dims]
-
-
-def shard_spec(digits: Digits, leaves, picks: dict, indices: dict):
-    """``(digit sizes, picks)`` of one dim for the rank with class ``indices`` (see collectives.select_local)."""
-    sizes, chosen = [], []
-    for leaf in leaves:
-        cls = digits.find(leaf)
-        sizes.append(leaf.size)
-        if cls in picks:
-            length = leaf.size // picks[cls]
-            chosen.append((indices[cls] * length, length))
-        else:
-            chosen.append(None)
-    return tuple(sizes), tuple(chosen)
 
 
 # -- analysis ----------------------------------------------------------------------------------------------

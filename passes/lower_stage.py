@@ -14,7 +14,7 @@ applied by the runtime afterwards.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from galvatron_fx.errors import PlanError
 from galvatron_fx.plan import LayerStrategy, Plan
-from galvatron_fx.program import EPILOGUE, PROLOGUE, Program, TensorSpec
+from galvatron_fx.program import Program, TensorSpec
 
 
 @dataclass(frozen=True)

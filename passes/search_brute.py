@@ -36,7 +36,7 @@ def all_plans(cost_model, world_size: int, space: SearchSpace) -> Iterator[Plan]
 
 def _plans(cost_model, world_size, space, pp, strategies, embeddings):
     types = list(cost_model.layer_types)
-    L, devices = len(types), world_size // pp
+    L = len(types)
     per_layer = [[s for s in strategies if cost_model.unsupported_reason(t, s) is None] for t in types]
     for gb in space.global_batches():
         for c in space.chunk_counts(gb):

@@ -10,7 +10,6 @@ import dataclasses
 from collections import Counter
 
 from galvatron_fx.errors import PlanError
-from galvatron_fx.report import plan_table  # noqa: F401  (re-exported for the command line)
 from galvatron_fx.units import format_bytes
 
 from .search_space import SearchSpace

@@ -36,7 +36,8 @@ from galvatron_fx.errors import PlanError
 
 from .collectives import (heads_to_seq, seq_to_heads, sp_gather, sp_reduce_scatter, sp_split, tp_copy, tp_reduce,
                           tp_scatter)
-from .dim_tracking import VIEWS, analyze, local_shape, param_matmul, refresh_meta
+from .dim_digits import local_shape
+from .dim_tracking import VIEWS, analyze, param_matmul, refresh_meta
 from .tensor_parallel import TPConfig, TPResult, tensor_parallel
 
 aten = torch.ops.aten

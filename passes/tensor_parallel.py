@@ -30,7 +30,8 @@ import torch.nn as nn
 from galvatron_fx.errors import PlanError
 
 from .collectives import tp_copy, tp_reduce, tp_scatter
-from .dim_tracking import Analysis, Digit, analyze, local_shape, refresh_meta, shard_spec
+from .dim_digits import Digit, local_shape, shard_spec
+from .dim_tracking import Analysis, analyze, refresh_meta
 
 aten = torch.ops.aten
 META_KEY = "galvatron_tp"  # node.meta / GraphModule.meta key of the shard records

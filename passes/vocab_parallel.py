@@ -21,7 +21,6 @@ averages them over the ``devices / vtp`` replicas of the same shard.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from dataclasses import dataclass

@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from galvatron_fx.passes.search import search
-    from galvatron_fx.passes.search_report import explain, plan_table
+    from galvatron_fx.passes.search_report import explain
+    from galvatron_fx.report import plan_table
 
     cost_model, world_size, budget, names = _cost_model(args)
     space = _space(args)
@@ -77,7 +78,6 @@ def _space(args):
 
 def _cost_model(args):
     """(CostModel, world size, budget, (model name, cluster name)) from the command line."""
-    from galvatron_fx.cluster import Cluster
     from galvatron_fx.cost.model import CostModel
 
     if args.galvatron_profiles:
