@@ -8,7 +8,6 @@ head, loss). Each layer owns a GraphModule of its nodes, so a pipeline stage is 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -180,9 +179,6 @@ class Program:
         from .report import layer_table
 
         return layer_table(self)
-
-    def replace(self, **changes) -> "Program":
-        return dataclasses.replace(self, **changes)
 
 
 def run_layer(layer: Layer, env: dict[str, Any]) -> None:
