@@ -126,7 +126,9 @@ def unwrap(module: nn.Module) -> fx.GraphModule:
 
 class StageModule(nn.Module):
     """The layers of one pipeline stage. ``forward(env)`` reads its inputs by name from ``env`` (batch
-    values and received activations), adds what every layer produced, and returns ``env``."""
+    values and received activations), runs every layer, and returns the stage's outputs: the values to send
+    to the next stage in ``send_specs`` order, or ``[loss]`` on the last stage. Returning only these (not
+    every intermediate value) keeps the data-parallel root's backward hooks on what backward starts from."""
 
     def __init__(self, layout: RankLayout, layers: Sequence[StageLayer], modules: dict[str, nn.Module],
                  recv_specs: tuple[TensorSpec, ...], send_specs: tuple[TensorSpec, ...],
@@ -141,13 +143,15 @@ class StageModule(nn.Module):
         self.loss_name = loss_name  # set on the last stage only
         self.micro_batch = micro_batch  # samples per micro-batch on this rank
 
-    def forward(self, env: dict[str, Any], seed: int | None = None) -> dict[str, Any]:
+    def forward(self, env: dict[str, Any], seed: int | None = None) -> list[torch.Tensor]:
         for layer in self.stage_layers:
             if seed is not None:  # dropout masks depend on (seed, layer), not on the stage running it
                 torch.manual_seed(layer_seed(seed, layer.index))
             outputs = self.layers[layer.name](*[env[name] for name in layer.input_names])
             env.update(zip(layer.output_names, outputs))
-        return env
+        if self.loss_name is not None:
+            return [env[self.loss_name]]
+        return [env[spec.name] for spec in self.send_specs]
 
     def user_parameters(self) -> dict[str, nn.Parameter]:
         """Parameters under the user's fully-qualified names (shared ones once)."""

@@ -6,7 +6,13 @@ Each layer of a stage follows its LayerStrategy on its data-parallel mesh:
   parameters gathered for forward and again for backward);
 - ``zero2``: ``fully_shard`` with ``reshard_after_forward=False`` (parameters stay gathered from forward to
   backward; gradients and optimizer states sharded);
-- ``ddp``: parameters replicated; gradients averaged with one flat all-reduce per group.
+- ``ddp``: parameters replicated; each layer's gradients averaged by one flat all-reduce, started during
+  backward as soon as they are complete.
+
+The stage module itself becomes the FSDP2 root over its ZeRO layers (it manages no parameter of its own).
+One root shares one communication context across the layers: each layer's reduce-scatter input (its whole
+unsharded gradient) is freed once the next layer's reduce-scatter is issued rather than at the end of
+backward, and the next layer's all-gather is prefetched during the current layer's compute.
 
 Weights that several layers use (GPT-2's ``wte``/``lm_head``, T5's shared embedding) are left out of
 sharding and kept replicated: they may sit in layers with different strategies or on different stages.
@@ -18,13 +24,14 @@ once per step, or after every micro-batch when ``plan.grad_sync_every_micro_batc
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
 from galvatron_fx.passes.lower_stage import StageModule, stage_layer_indices
 from galvatron_fx.plan import Plan
@@ -33,21 +40,57 @@ from galvatron_fx.program import Program
 from . import groups
 
 
-@dataclass
 class ReplicatedBucket:
-    """Replicated parameters synchronised by one all-reduce over ``group`` (``size`` ranks)."""
+    """One layer's replicated parameters on one data-parallel group of ``size`` ranks.
 
-    group: dist.ProcessGroup
-    size: int
-    params: list[nn.Parameter] = field(default_factory=list)
-    synced: list[torch.Tensor | None] = field(default_factory=list)  # per-micro-batch mode: sums so far
+    In the backward that synchronises, the moment the last of these gradients is accumulated a hook
+    copies them into one flat buffer, makes each ``.grad`` a view of it and starts the buffer's all-reduce
+    asynchronously, so that it overlaps with the backward of the layers before (as DDP's buckets do);
+    ``wait`` completes it and averages. A parameter that got no gradient in that backward holds the bucket
+    back until ``wait``, which then launches it with zeros in place of the missing gradients.
+    """
 
-    def all_reduce_grads(self) -> list[torch.Tensor]:
+    def __init__(self, group: dist.ProcessGroup, size: int):
+        self.group, self.size = group, size
+        self.params: list[nn.Parameter] = []
+        self.synced: list[torch.Tensor] = []  # per-micro-batch mode: the averaged sums so far
+        self._armed, self._ready, self._work = False, 0, None
+
+    def add(self, param: nn.Parameter) -> None:
+        self.params.append(param)
+        param.register_post_accumulate_grad_hook(self._on_grad_accumulated)
+
+    def arm(self, syncing: bool) -> None:
+        """Called before each backward: whether this backward's gradients are to be all-reduced."""
+        self._armed, self._ready = syncing, 0
+
+    def _on_grad_accumulated(self, param: nn.Parameter) -> None:
+        if self._armed:
+            self._ready += 1
+            if self._ready == len(self.params):
+                self._launch()
+
+    def _launch(self) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         flat = _flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=self.group)
+        for param, view in zip(self.params, _unflatten_dense_tensors(flat, grads)):
+            param.grad = view  # the unflattened gradients are freed: no second copy stays alive
+        self._work = (dist.all_reduce(flat, group=self.group, async_op=True), flat)
+        self._armed = False
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether this backward's all-reduce has started and not yet been waited for."""
+        return self._work is not None
+
+    def wait(self) -> None:
+        """Finish this backward's all-reduce: every ``.grad`` of the bucket then holds the mean."""
+        if self._work is None:
+            self._launch()
+        work, flat = self._work
+        work.wait()
         flat /= self.size
-        return list(_unflatten_dense_tensors(flat, grads))
+        self._work = None
 
 
 @dataclass
@@ -69,18 +112,20 @@ class GradSync:
         self.every_micro_batch = every_micro_batch
 
     def before_backward(self, last: bool) -> None:
+        syncing = self.every_micro_batch or last
         for unit in self.fsdp_units:
-            unit.set_requires_gradient_sync(self.every_micro_batch or last)
+            unit.set_requires_gradient_sync(syncing)
+        for bucket in self.buckets:
+            bucket.arm(syncing)
 
     def after_backward(self, last: bool) -> None:
         if not self.every_micro_batch:
             return
-        for bucket in self.buckets:  # reduce this micro-batch's gradients, keep the sum aside
-            reduced = bucket.all_reduce_grads()
-            if not bucket.synced:
-                bucket.synced = [None] * len(bucket.params)
-            for i, (param, grad) in enumerate(zip(bucket.params, reduced)):
-                bucket.synced[i] = grad if bucket.synced[i] is None else bucket.synced[i] + grad
+        for bucket in self.buckets:  # this micro-batch's gradients are averaged: add them to the sums so far
+            bucket.wait()
+            grads = [p.grad for p in bucket.params]
+            bucket.synced = grads if not bucket.synced else [a + b for a, b in zip(bucket.synced, grads)]
+            for param in bucket.params:
                 param.grad = None
             if last:
                 for param, total in zip(bucket.params, bucket.synced):
@@ -90,17 +135,15 @@ class GradSync:
     def finish(self) -> None:
         if not self.every_micro_batch:
             for bucket in self.buckets:
-                for param, grad in zip(bucket.params, bucket.all_reduce_grads()):
-                    param.grad = grad
+                bucket.wait()
         for weight in self.tied:
             if weight.param.grad is None:
                 weight.param.grad = torch.zeros_like(weight.param)
             dist.all_reduce(weight.param.grad, group=weight.group)
 
     def describe(self) -> str:
-        lines = [f"{len(self.fsdp_units)} sharded units, {sum(len(b.params) for b in self.buckets)} replicated "
-                 f"parameters in {len(self.buckets)} all-reduce groups, tied: {[w.name for w in self.tied]}"]
-        return "\n".join(lines)
+        return (f"{len(self.fsdp_units)} sharded units, {sum(len(b.params) for b in self.buckets)} replicated "
+                f"parameters in {len(self.buckets)} all-reduce buckets, tied: {[w.name for w in self.tied]}")
 
 
 def layers_using(program: Program) -> dict[str, list[int]]:
@@ -141,8 +184,9 @@ def apply_data_parallel(stage: StageModule, program: Program, plan: Plan) -> Gra
     shared = {name for name, layer_indices in users.items() if len(layer_indices) > 1}
     params = stage.user_parameters()
     fsdp_units: list[FSDPModule] = []
-    buckets: dict[tuple, ReplicatedBucket] = {}
+    buckets: list[ReplicatedBucket] = []  # one per layer, in forward order
     replicated: set[int] = set()
+    root_mesh = None
     for layer in stage.stage_layers:
         strategy = layer.strategy
         module = stage.layers[layer.name]
@@ -154,13 +198,18 @@ def apply_data_parallel(stage: StageModule, program: Program, plan: Plan) -> Gra
         if strategy.dp_type in ("zero2", "zero3") and len(ignored) < len(names):
             fully_shard(module, mesh=mesh, reshard_after_forward=strategy.dp_type == "zero3", ignored_params=ignored)
             fsdp_units.append(module)
+            root_mesh = root_mesh or mesh
             names = [n for n in names if n in shared]
-        key = tuple(groups.world_group_ranks(mesh))
-        bucket = buckets.setdefault(key, ReplicatedBucket(mesh.get_group(), strategy.dp))
+        bucket = ReplicatedBucket(mesh.get_group(), strategy.dp)
         for name in names:
             if id(params[name]) not in replicated:
                 replicated.add(id(params[name]))
-                bucket.params.append(params[name])
+                bucket.add(params[name])
+        if bucket.params:
+            buckets.append(bucket)
+    if fsdp_units:
+        sharded = {id(p) for unit in fsdp_units for p in unit.parameters() if isinstance(p, DTensor)}
+        fully_shard(stage, mesh=root_mesh, ignored_params={p for p in stage.parameters() if id(p) not in sharded})
     tied = [TiedWeight(name, params[name], groups.tied_group(plan, stages, stage.layout.local))
             for name, stages in sorted(tied_stages(program, plan).items()) if name in params]
-    return GradSync(fsdp_units, [b for b in buckets.values() if b.params], tied, plan.grad_sync_every_micro_batch)
+    return GradSync(fsdp_units, buckets, tied, plan.grad_sync_every_micro_batch)

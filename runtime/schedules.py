@@ -104,12 +104,11 @@ class StageExecutor:
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else contextlib.nullcontext())
         with autocast:
-            env = self.stage(env, seed=seed)
+            outputs = self.stage(env, seed=seed)
         if self.next_rank is None:
-            loss = env[self.stage.loss_name]
+            loss = outputs[0]
             losses.append(loss.detach().float())
             return received, [loss / self.chunks]
-        outputs = [env[spec.name] for spec in self.stage.send_specs]
         for i, (spec, value) in enumerate(zip(self.stage.send_specs, outputs)):
             if tuple(value.shape) != spec.shape:
                 raise RuntimeError(f"stage {self.stage.layout.stage} computed {spec.name} of shape {tuple(value.shape)}, "

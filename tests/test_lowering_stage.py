@@ -68,7 +68,7 @@ def test_stage_runs_like_the_program_layers():
     plan = plan_for(program, world_size=1, pp=1, chunks=1)
     stage = lower(program, plan, 0)
     env = program.flatten_inputs((), kwargs)
-    got = stage(dict(env), seed=None)[stage.loss_name]
+    (got,) = stage(dict(env), seed=None)
     for layer in program.layers:
         run_layer(layer, env)
     assert torch.allclose(got, env[stage.loss_name], atol=1e-6)
