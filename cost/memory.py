@@ -7,6 +7,12 @@ Model states, per parameter (Adam):
   Adam moments = 18 bytes.
 ZeRO-2 shards gradients and optimizer states over the data-parallel group; ZeRO-3 shards all three.
 
+Peak bytes of a stage follow the step's phases (``InFlight``): before the first backward of a step the
+activations in flight are live but no gradient is (``zero_grad(set_to_none=True)``: backward allocates
+them); after it, gradients persist until the optimizer step; the optimizer step holds gradients and its
+own temporaries. Each layer counts its worst phase, so the sum stays additive (the search needs that); it
+is exact when every layer of the stage peaks in the same phase, and an upper bound otherwise.
+
 Activations: ``tp_activation_split`` walks a layer's nodes and marks which saved tensors a Megatron
 lowering would shard over the TP group — everything computed from a column-parallel projection's output
 until a row-parallel projection brings the result back to a replicated tensor. TP lowering is a later
@@ -15,6 +21,9 @@ step: this is the analytic scaling the cost model uses until measured per-TP act
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.fx as fx
 
@@ -45,6 +54,45 @@ def model_state_bytes(param_count: float, dp: int, dp_type: str, mixed_precision
     else:
         per_param = param_b + grad_b + optim_b
     return int(param_count * per_param)
+
+
+def model_state_split(param_count: float, dp: int, dp_type: str, mixed_precision: str) -> tuple[int, int]:
+    """(model-state bytes, of which gradient bytes) that one device of a ``dp``-way group holds."""
+    grad_b = STATE_BYTES_PER_PARAM[mixed_precision][1]
+    grads = param_count * grad_b / (dp if dp_type in ("zero2", "zero3") else 1)
+    return model_state_bytes(param_count, dp, dp_type, mixed_precision), int(grads)
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """Micro-batches whose activations a stage holds: ``first`` at its first backward of a step (no
+    gradient exists yet), ``later`` at any later backward (gradients of earlier micro-batches exist)."""
+
+    first: int
+    later: int
+
+    @staticmethod
+    def of(pipeline: str, pp: int, stage: int, chunks: int) -> "InFlight":
+        """GPipe holds every micro-batch, 1F1B at most ``pp - stage``; after the first backward one fewer is
+        held, unless a forward of a micro-batch not yet started refills it (1F1B with more chunks)."""
+        first = chunks if pipeline == "gpipe" else min(chunks, pp - stage)
+        return InFlight(first, first if chunks > first else first - 1)
+
+    @staticmethod
+    def least(values) -> "InFlight":
+        """Fieldwise minimum: no stage of ``values`` holds fewer (for lower bounds on memory)."""
+        values = list(values)
+        return InFlight(min(v.first for v in values), min(v.later for v in values))
+
+    def __le__(self, other: "InFlight") -> bool:
+        return self.first <= other.first and self.later <= other.later
+
+    def layer_bytes(self, model_state, activation, grad, optimizer_temp):
+        """Bytes of a layer (scalars or numpy arrays) in its worst phase: before the first backward
+        (states without gradients + ``first`` activations), at a later backward (+ gradients, ``later``
+        activations), or in the optimizer step (states + its temporaries)."""
+        backward = np.maximum(self.first * activation, self.later * activation + grad)
+        return model_state - grad + np.maximum(backward, grad + optimizer_temp)
 
 
 def _is_param(graph_module: fx.GraphModule, node: fx.Node) -> bool:

@@ -18,14 +18,20 @@ Terms of one layer, for a micro-batch of ``mb`` samples on a stage (each of the 
   ``optimizer_s_per_param``; it follows the gradient sync, so it is counted in ``grad_sync_s`` (0 for
   profiles without the figure: presets and Galvatron's files).
 - memory: model states (cost/memory.py: 16 bytes/param fp32, 18 bf16 mixed; ZeRO shards), the
-  activations one micro-batch keeps (the layer's inputs only, if checkpointed), and transient peaks
-  (ZeRO-3's gathered parameters, a checkpointed layer's recomputed activations).
+  activations one micro-batch keeps (the layer's inputs only, if checkpointed), each in the worst phase of
+  the step (cost/memory.py ``InFlight``: gradients do not exist before the first backward), and transient
+  peaks of the layer in backward: FSDP2 holds a ZeRO layer's gathered parameters and the next layer's
+  prefetched ones (ZeRO-3), and the layer's unsharded gradients next to the previous layer's, whose
+  reduce-scatter is in flight (ZeRO-2 and -3); a checkpointed layer's recomputed activations. ZeRO-2 keeps
+  the gathered parameters from forward to backward besides their shard. The optimizer step's temporaries
+  are one fp32 copy of the updated parameters with multi-tensor Adam (GPUs' default), none on CPU.
 Precision: activation and hidden-state bytes are rescaled from the profile's dtype to the training
 dtype (bf16 halves fp32 bytes). Tied weights shared by embedding and head count once per part.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from fractions import Fraction
@@ -36,7 +42,7 @@ from galvatron_fx.errors import ConfigError, PlanError, ProfileError
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan, Prediction
 
 from .hardware import HardwareProfile
-from .memory import DTYPE_BYTES, STATE_BYTES_PER_PARAM, check_precision, model_state_bytes
+from .memory import DTYPE_BYTES, STATE_BYTES_PER_PARAM, InFlight, check_precision, model_state_split
 from .model_profile import LayerTypeProfile, ModelProfile
 
 
@@ -50,6 +56,8 @@ class LayerCost:
     model_state_bytes: int
     activation_bytes: int
     peak_extra_bytes: int = 0
+    grad_bytes: int = 0  # the gradient part of model_state_bytes
+    optimizer_temp_bytes: int = 0  # the optimizer step's temporaries
 
 
 class CostModel:
@@ -89,7 +97,7 @@ class CostModel:
         hidden_bytes = profile.boundary_bytes_per_sample * local * self.activation_scale
         tp_fwd = tp_bwd = self._tp_comm_s(strategy, hidden_bytes)
         params = profile.param_count if strategy.sp == "ulysses" else profile.param_count / strategy.tp
-        gather_s, sync_s, gathered_bytes = self._dp_comm(params, strategy.dp, strategy.dp_type, not strategy.tp_consecutive or strategy.tp == 1)
+        gather_s, sync_s, transient_bytes = self._dp_comm(params, strategy.dp, strategy.dp_type, not strategy.tp_consecutive or strategy.tp == 1)
         fwd_s = fwd_compute + tp_fwd + self._overlapped(gather_s, fwd_compute)
         bwd_s = bwd_compute + tp_bwd + self._overlapped(gather_s, bwd_compute)
         if strategy.ckpt:
@@ -99,9 +107,18 @@ class CostModel:
             kept = profile.ckpt_activation_bytes_per_sample * local * self.activation_scale / (strategy.tp if sharded_seq else 1)
         else:
             kept = full_activation
-        peak_extra = gathered_bytes + (full_activation if strategy.ckpt else 0.0)
-        return LayerCost(fwd_s, bwd_s, self._overlapped(sync_s, bwd_compute) + self._optimizer_s(params, strategy.dp, strategy.dp_type),
-                         model_state_bytes(params, strategy.dp, strategy.dp_type, self.mixed_precision), int(kept), int(peak_extra))
+        peak_extra = transient_bytes + (full_activation if strategy.ckpt else 0.0)
+        return self._with_states(LayerCost(fwd_s, bwd_s, self._overlapped(sync_s, bwd_compute) + self._optimizer_s(params, strategy.dp, strategy.dp_type),
+                                           0, int(kept), int(peak_extra)), params, strategy.dp, strategy.dp_type)
+
+    def _with_states(self, cost: LayerCost, params: float, dp: int, dp_type: str) -> LayerCost:
+        """``cost`` with the model states of ``params`` parameters on a ``dp``-way ``dp_type`` group."""
+        states, grads = model_state_split(params, dp, dp_type, self.mixed_precision)
+        if dp_type == "zero2" and dp > 1:  # the shard stays besides the gathered parameters during a step
+            states += int(params * STATE_BYTES_PER_PARAM[self.mixed_precision][0] / dp)
+        updated = params / dp if dp_type in ("zero2", "zero3") else params
+        temp = 4 * updated if self.hardware.device != "cpu" else 0.0  # multi-tensor Adam: one fp32 temporary
+        return dataclasses.replace(cost, model_state_bytes=states, grad_bytes=grads, optimizer_temp_bytes=int(temp))
 
     def _optimizer_s(self, params: float, dp: int, dp_type: str) -> float:
         """One optimizer step over the parameters this device updates (a ZeRO shard, or all of them)."""
@@ -120,7 +137,10 @@ class CostModel:
         return 4 * hw.collective_s("all_to_all", hidden_bytes / tp, tp, cons)
 
     def _dp_comm(self, params: float, dp: int, dp_type: str, consecutive: bool) -> tuple[float, float, float]:
-        """(ZeRO-3 parameter gather per pass, gradient sync per step, gathered bytes) on ``params`` parameters."""
+        """(ZeRO-3 parameter gather per pass, gradient sync per step, transient bytes in backward) on
+        ``params`` parameters. The transient bytes are FSDP2's: the layer's unsharded gradients and the
+        previous layer's, whose reduce-scatter is in flight (ZeRO-2 and -3), and with ZeRO-3 the layer's
+        gathered parameters and the next layer's, prefetched."""
         if dp == 1:
             return 0.0, 0.0, 0.0
         param_b, grad_b, _ = STATE_BYTES_PER_PARAM[self.mixed_precision]
@@ -129,9 +149,9 @@ class CostModel:
         if dp_type == "ddp":
             return 0.0, hw.collective_s("all_reduce", grads, dp, consecutive), 0.0
         if dp_type == "zero2":
-            return 0.0, hw.collective_s("reduce_scatter", grads, dp, consecutive) + hw.collective_s("all_gather", weights, dp, consecutive), 0.0
+            return 0.0, hw.collective_s("reduce_scatter", grads, dp, consecutive) + hw.collective_s("all_gather", weights, dp, consecutive), 2 * grads
         gather = hw.collective_s("all_gather", weights, dp, consecutive)
-        return gather, hw.collective_s("reduce_scatter", grads, dp, consecutive), weights * (1 - 1 / dp)
+        return gather, hw.collective_s("reduce_scatter", grads, dp, consecutive), 2 * (weights + grads)
 
     def _overlapped(self, comm_s: float, compute_s: float) -> float:
         """Visible cost of ``comm_s`` overlapped with ``compute_s``: the excess, plus the slowdown of the overlap."""
@@ -163,9 +183,10 @@ class CostModel:
                 parts.append(self._part_cost(part, strategy, local, comm_fwd, comm_bwd, shared))
         if not parts:
             return LayerCost(0.0, 0.0, 0.0, 0, 0, 0)
-        return LayerCost(sum(p.fwd_s for p in parts), sum(p.bwd_s for p in parts), sum(p.grad_sync_s for p in parts),
-                         sum(p.model_state_bytes for p in parts), sum(p.activation_bytes for p in parts),
-                         max(p.peak_extra_bytes for p in parts))
+        return LayerCost(*(sum(getattr(p, name) for p in parts) for name in ("fwd_s", "bwd_s", "grad_sync_s", "model_state_bytes",
+                                                                                "activation_bytes")),
+                         max(p.peak_extra_bytes for p in parts), sum(p.grad_bytes for p in parts),
+                         sum(p.optimizer_temp_bytes for p in parts))
 
     def _part_cost(self, part: LayerTypeProfile, strategy: LayerStrategy, local: float, comm_fwd: float, comm_bwd: float,
                    shared_vocab_params: int = 0) -> LayerCost:
@@ -174,12 +195,13 @@ class CostModel:
         fwd_compute = part.fwd(local, self.seq) * self.time_scale / vtp
         bwd_compute = part.bwd(local, self.seq) * self.time_scale / vtp
         params = part.param_count - part.vocab_param_count + (part.vocab_param_count - shared_vocab_params) / vtp
-        gather_s, sync_s, gathered = self._dp_comm(params, strategy.dp, strategy.dp_type, vtp == 1)
+        gather_s, sync_s, transient = self._dp_comm(params, strategy.dp, strategy.dp_type, vtp == 1)
         activation = part.activation_per_sample(vtp, strategy.sp != "none") * local * self.activation_scale
-        return LayerCost(fwd_compute + comm_fwd + self._overlapped(gather_s, fwd_compute),
+        cost = LayerCost(fwd_compute + comm_fwd + self._overlapped(gather_s, fwd_compute),
                          bwd_compute + comm_bwd + self._overlapped(gather_s, bwd_compute),
                          self._overlapped(sync_s, bwd_compute) + self._optimizer_s(params, strategy.dp, strategy.dp_type),
-                         model_state_bytes(params, strategy.dp, strategy.dp_type, self.mixed_precision), int(activation), int(gathered))
+                         0, int(activation), int(transient))
+        return self._with_states(cost, params, strategy.dp, strategy.dp_type)
 
     # -- between layers and stages ---------------------------------------------------------------------
     def redistribution_s(self, before: LayerStrategy, after: LayerStrategy, boundary_index: int, micro_batch: int) -> float:
@@ -222,9 +244,13 @@ class CostModel:
         nbytes = self.model.cut_bytes_per_sample[cut_after_body_index] * micro_batch * self.activation_scale / devices_per_stage
         return 2 * self.hardware.p2p_s(nbytes, plan_pp)
 
+    def in_flight(self, pipeline: str, pp: int, stage: int, chunks: int) -> InFlight:
+        """Micro-batches whose activations a stage holds, before and after its first backward (cost/memory.py)."""
+        return InFlight.of(pipeline, pp, stage, chunks)
+
     def in_flight_micro_batches(self, pipeline: str, pp: int, stage: int, chunks: int) -> int:
         """Micro-batches whose activations a stage holds at once: GPipe all, 1F1B at most ``pp - stage``."""
-        return chunks if pipeline == "gpipe" else min(chunks, pp - stage)
+        return self.in_flight(pipeline, pp, stage, chunks).first
 
     def unsupported_reason(self, layer_type: str, strategy: LayerStrategy) -> str | None:
         """None if the layer can run ``strategy``; otherwise why not."""
@@ -259,9 +285,9 @@ class CostModel:
             if stage < pp - 1:
                 x += self.p2p_s(stage, pp, plan.devices_per_stage, mb, indices[-1])
             g = sum(c.grad_sync_s for c in costs) * (chunks if plan.grad_sync_every_micro_batch else 1)
-            in_flight = self.in_flight_micro_batches(plan.pipeline, pp, stage, chunks)
-            memory.append(sum(c.model_state_bytes + in_flight * c.activation_bytes for c in costs)
-                          + max(c.peak_extra_bytes for c in costs))
+            held = self.in_flight(plan.pipeline, pp, stage, chunks)
+            memory.append(sum(int(held.layer_bytes(c.model_state_bytes, c.activation_bytes, c.grad_bytes, c.optimizer_temp_bytes))
+                              for c in costs) + max(c.peak_extra_bytes for c in costs))
             busy.append(x)
             sync.append(g)
         iteration_s = sum(busy) + (chunks - 1) * max(busy) + max(sync)

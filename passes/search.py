@@ -21,7 +21,7 @@ layer that is not ZeRO-3 and for the embedding/head replicas (unless ``embed_sdp
 layer. Both modes are searched, so the optimum is exact over that space (the brute force walks the same).
 
 requires: a CostModel following docs' cost contract (layer_cost, embedding_cost, redistribution_s, p2p_s,
-          in_flight_micro_batches, unsupported_reason, evaluate).
+          in_flight, unsupported_reason, evaluate).
 ensures:  the returned plan is the optimum of evaluate() over the space (ties broken arbitrarily), its
           ``prediction`` is evaluate(plan), its provenance names model, cluster, budget, version and
           ``search_time_s``; strategies a layer cannot run are left out with the reason recorded.
@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from galvatron_fx.cost.memory import InFlight
 from galvatron_fx.errors import PlanError
 from galvatron_fx.plan import Plan
 from galvatron_fx.units import format_bytes, parse_bytes
@@ -125,7 +126,7 @@ class SearchEngine:
                         continue
                     candidates = {}
                     for pipeline in self.space.pipelines:
-                        k = tuple(self.cost_model.in_flight_micro_batches(pipeline, pp, s, c) for s in range(pp))
+                        k = tuple(self.cost_model.in_flight(pipeline, pp, s, c) for s in range(pp))
                         candidates.setdefault(k, pipeline)   # both schedules keep the same micro-batches: one search
                     for k, pipeline in candidates.items():
                         if any(other != k and all(a <= b for a, b in zip(other, k)) for other in candidates):
@@ -160,7 +161,7 @@ class SearchEngine:
             table = self.folded_table(table, c)
         else:
             weight = 1 + (c - 1) / pp
-        k_rest = min(k)
+        k_rest = InFlight.least(k)
         key = (id(table), k_rest)
         if key not in self.rest_bounds:
             caps = np.array([max(int(table.peak[t][table.useful[t]].max()) for t in self.types)])
@@ -171,7 +172,7 @@ class SearchEngine:
         for embedding in self.space.embedding_strategies(devices, mode):
             parts = self.parts(devices, mb, pp, embedding, mode)
             emb_s = min(emb_s, sum(c * p.x_s + syncs * p.g_s if pp == 1 else p.x_s for p in parts))
-            emb_bytes = min(emb_bytes, sum(p.model_state_bytes + k_rest * p.activation_bytes for p in parts))
+            emb_bytes = min(emb_bytes, sum(p.memory(k_rest) for p in parts))
         rest = bound.total[0]
         m_avail = pp * self.budget - emb_bytes
         layers_s = float(np.max(rest - bound.lam * m_avail - 1e-9 * (np.abs(rest) + bound.lam * (2 * abs(m_avail) + 1))))
@@ -184,7 +185,8 @@ class SearchEngine:
             if key not in self.embedding_parts:
                 cost = self.cost_model.embedding_cost(embedding, devices, mb, first_stage=s == 0, last_stage=s == pp - 1)
                 self.embedding_parts[key] = EmbeddingPart(cost.fwd_s + cost.bwd_s, cost.grad_sync_s, cost.model_state_bytes,
-                                                          cost.activation_bytes, cost.peak_extra_bytes)
+                                                          cost.activation_bytes, cost.peak_extra_bytes, cost.grad_bytes,
+                                                          cost.optimizer_temp_bytes)
             out.append(self.embedding_parts[key])
         return out
 

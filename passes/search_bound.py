@@ -43,12 +43,12 @@ def _hull_slopes(mem: np.ndarray, x: np.ndarray) -> np.ndarray:
 class RestBound:
     """Per (table, in-flight count of the rest, cap set): the Lagrangian terms of each layer type."""
 
-    def __init__(self, table, types: tuple[str, ...], in_flight: int, caps: np.ndarray, per_cap: bool):
+    def __init__(self, table, types: tuple[str, ...], in_flight, caps: np.ndarray, per_cap: bool):
         slopes = [np.zeros(1)]
         for t in dict.fromkeys(types):
             ok = table.useful[t]
             if ok.any():
-                slopes.append(_hull_slopes((table.ms[t] + in_flight * table.act[t])[ok], table.x[t][ok]))
+                slopes.append(_hull_slopes(table.memory(t, in_flight)[ok], table.x[t][ok]))
         lam = np.unique(np.concatenate(slopes))
         if len(lam) > 96:   # any subset of multipliers is still a valid bound
             lam = lam[np.unique(np.linspace(0, len(lam) - 1, 96).round().astype(int))]
@@ -56,7 +56,7 @@ class RestBound:
         # phi[t][cap index, λ]: min_j x + λ·mem over the strategies allowed under that cap (all if not per_cap)
         self.phi = {}
         for t in dict.fromkeys(types):
-            mem, x = (table.ms[t] + in_flight * table.act[t]).astype(float), table.x[t]
+            mem, x = table.memory(t, in_flight).astype(float), table.x[t]
             rows = []
             for cap in (caps if per_cap else caps[-1:]):
                 ok = table.useful[t] & (table.peak[t] <= cap)

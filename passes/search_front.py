@@ -70,9 +70,20 @@ class CostTable:
     x: dict[str, np.ndarray]                # fwd + bwd seconds
     g: dict[str, np.ndarray]                # grad sync seconds
     peak: dict[str, np.ndarray]             # transient bytes (int64)
+    grad: dict[str, np.ndarray]             # the gradient part of ms (int64)
+    temp: dict[str, np.ndarray]             # optimizer-step temporaries (int64)
     redistribution: dict = field(default_factory=dict)  # boundary group → class × class seconds
     useful: dict = field(default_factory=dict)          # per layer type: allowed and not dominated
     redistribution_scale: float = 1.0                   # folded tables: seconds count ``chunks`` times
+    _memory: dict = field(default_factory=dict)         # (layer type, in-flight) → bytes, see memory()
+
+    def memory(self, layer_type: str, in_flight) -> np.ndarray:
+        """Bytes of each strategy of ``layer_type`` with ``in_flight`` (cost/memory.py InFlight) micro-batches."""
+        key = (layer_type, in_flight)
+        if key not in self._memory:
+            self._memory[key] = in_flight.layer_bytes(self.ms[layer_type], self.act[layer_type], self.grad[layer_type],
+                                                      self.temp[layer_type]).astype(np.int64)
+        return self._memory[key]
 
 
 def mark_useful(table: CostTable) -> CostTable:
@@ -82,7 +93,7 @@ def mark_useful(table: CostTable) -> CostTable:
     same_class = table.layout[:, None] == table.layout[None, :]
     earlier = np.tri(len(table.strategies), k=-1, dtype=bool).T   # [i, j]: i < j, the tie-break
     for t, ok in table.allowed.items():
-        terms = [table.ms[t], table.act[t], table.x[t], table.g[t], table.peak[t]]
+        terms = [table.ms[t], table.act[t], table.x[t], table.g[t], table.peak[t], table.grad[t], table.temp[t]]
         no_worse = np.logical_and.reduce([v[:, None] <= v[None, :] for v in terms])     # [i, j]: i ≤ j everywhere
         better = np.logical_or.reduce([v[:, None] < v[None, :] for v in terms])
         dominated = (no_worse & (better | earlier) & same_class & ok[:, None]).any(axis=0)
@@ -97,7 +108,8 @@ def subset(table: CostTable, keep: list[int]) -> CostTable:
     remap = {c: i for i, c in enumerate(classes)}
     out = CostTable([table.strategies[j] for j in keep], np.array([remap[int(c)] for c in table.layout[pick]], dtype=np.int64),
                     [table.layouts[c] for c in classes], *({t: v[pick] for t, v in d.items()} for d in
-                                                            (table.allowed, table.ms, table.act, table.x, table.g, table.peak)))
+                                                            (table.allowed, table.ms, table.act, table.x, table.g, table.peak,
+                                                             table.grad, table.temp)))
     out.redistribution = {key: m[np.ix_(classes, classes)] for key, m in table.redistribution.items()}
     out.redistribution_scale = table.redistribution_scale
     return mark_useful(out)
@@ -108,7 +120,7 @@ def folded(table: CostTable, chunks: int, syncs: int = 1) -> CostTable:
     the fronts lose a dimension."""
     out = CostTable(table.strategies, table.layout, table.layouts, table.allowed, table.ms, table.act,
                     {t: chunks * table.x[t] + syncs * table.g[t] for t in table.x}, {t: np.zeros_like(v) for t, v in table.g.items()},
-                    table.peak)
+                    table.peak, table.grad, table.temp)
     out.redistribution = table.redistribution      # shared cache of unscaled matrices
     out.redistribution_scale = table.redistribution_scale * chunks
     return mark_useful(out)
@@ -123,11 +135,11 @@ def build_cost_table(cost_model, strategies: list[LayerStrategy], micro_batch: i
     layouts = list(dict.fromkeys(layout_key(s) for s in strategies))
     index = {key: i for i, key in enumerate(layouts)}
     table = CostTable(strategies, np.array([index[layout_key(s)] for s in strategies], dtype=np.int64), layouts,
-                      {}, {}, {}, {}, {}, {})
+                      {}, {}, {}, {}, {}, {}, {}, {})
     for layer_type in dict.fromkeys(cost_model.layer_types):
         n = len(strategies)
         ok = np.zeros(n, bool)
-        ms, act, peak = (np.zeros(n, np.int64) for _ in range(3))
+        ms, act, peak, grad, temp = (np.zeros(n, np.int64) for _ in range(5))
         x, g = np.zeros(n), np.zeros(n)
         for j, strategy in enumerate(strategies):
             reason = cost_model.unsupported_reason(layer_type, strategy)
@@ -137,9 +149,11 @@ def build_cost_table(cost_model, strategies: list[LayerStrategy], micro_batch: i
             cost = cost_model.layer_cost(layer_type, strategy, micro_batch)
             ok[j] = True
             ms[j], act[j], peak[j] = cost.model_state_bytes, cost.activation_bytes, cost.peak_extra_bytes
+            grad[j], temp[j] = cost.grad_bytes, cost.optimizer_temp_bytes
             x[j], g[j] = cost.fwd_s + cost.bwd_s, cost.grad_sync_s
         table.allowed[layer_type], table.ms[layer_type], table.act[layer_type] = ok, ms, act
         table.x[layer_type], table.g[layer_type], table.peak[layer_type] = x, g, peak
+        table.grad[layer_type], table.temp[layer_type] = grad, temp
     return mark_useful(table)
 
 
@@ -187,11 +201,11 @@ class Front:
 
 
 def extend(front: Front | None, table: CostTable, layer_type: str, redistribution: np.ndarray | None,
-           in_flight: int, cap_bytes: int, memory_limit: int, promising=None) -> Front:
+           in_flight, cap_bytes: int, memory_limit: int, promising=None) -> Front:
     """The front after one more layer of ``layer_type`` (strategies with peak <= ``cap_bytes`` only);
     ``promising(M, X, G)`` (a mask) drops points no plan that beats the incumbent can extend."""
     usable = np.flatnonzero(table.useful[layer_type] & (table.peak[layer_type] <= cap_bytes))
-    mem = (table.ms[layer_type] + in_flight * table.act[layer_type])[usable]
+    mem = table.memory(layer_type, in_flight)[usable]
     x, g, cls = table.x[layer_type][usable], table.g[layer_type][usable], table.layout[usable]
     out = Front(front, {}, {}, {}, {}, {}, {})
     if front is None:

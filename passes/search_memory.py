@@ -27,7 +27,7 @@ def smallest_budget(engine) -> tuple[int, tuple] | None:
                 for cap in caps:
                     per_layer = np.array([_least(table, t, k[s], cap) for t in engine.types])
                     prefix = np.concatenate([[0.0], np.cumsum(per_layer)])
-                    extra = parts[s].model_state_bytes + k[s] * parts[s].activation_bytes + max(int(cap), parts[s].peak_bytes)
+                    extra = parts[s].memory(k[s]) + max(int(cap), parts[s].peak_bytes)
                     span = prefix[None, :] - prefix[:, None] + extra
                     span[np.tril_indices(L + 1)] = np.inf
                     stage_mem[s] = np.minimum(stage_mem[s], span)
@@ -41,8 +41,8 @@ def smallest_budget(engine) -> tuple[int, tuple] | None:
     return best
 
 
-def _least(table, layer_type: str, in_flight: int, cap: int) -> float:
+def _least(table, layer_type: str, in_flight, cap: int) -> float:
     ok = table.allowed[layer_type] & (table.peak[layer_type] <= cap)
     if not ok.any():
         return np.inf
-    return float((table.ms[layer_type] + in_flight * table.act[layer_type])[ok].min())
+    return float(table.memory(layer_type, in_flight)[ok].min())

@@ -36,7 +36,7 @@ def _stage_candidates(engine, table, a: int, b: int, k: int, mb: int):
         return np.concatenate([np.zeros((1, len(js)), rows.dtype), np.cumsum(rows, axis=0)])   # (n + 1, J)
 
     px, pg = prefix(table.x), prefix(table.g)
-    pm = prefix(table.ms) + k * prefix(table.act)
+    pm = prefix({t: table.memory(t, k) for t in types})
     peaks = np.array([table.peak[t][js] for t in types])                 # (n, J)
     head_peak = np.concatenate([np.zeros((1, len(js)), np.int64), np.maximum.accumulate(peaks, axis=0)])
     tail_peak = np.concatenate([np.maximum.accumulate(peaks[::-1], axis=0)[::-1], np.zeros((1, len(js)), np.int64)])
@@ -72,7 +72,7 @@ def seed_plan(engine, table, solver, pp: int, gb: int, c: int, pipeline: str, k:
         picks, xs, gs = [], [], []
         for s, (js, ms, X, G, M, P, shape) in enumerate(stages):
             part = parts[s]
-            fits = M + part.model_state_bytes + k[s] * part.activation_bytes + np.maximum(P, part.peak_bytes) <= engine.budget
+            fits = M + part.memory(k[s]) + np.maximum(P, part.peak_bytes) <= engine.budget
             if not fits.any():
                 break
             proxy = np.where(fits, c * X + syncs * G, np.inf)

@@ -14,9 +14,12 @@ ensures:  ``StageSolver.best_division`` returns the exact minimum over divisions
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
+
+from galvatron_fx.cost.memory import InFlight
 
 from .search_bound import RestBound
 from .search_front import Front, extend, pareto_indices, redistribution_matrix
@@ -33,6 +36,12 @@ class EmbeddingPart:
     model_state_bytes: int
     activation_bytes: int
     peak_bytes: int
+    grad_bytes: int
+    optimizer_temp_bytes: int
+
+    def memory(self, in_flight) -> int:
+        """Bytes with ``in_flight`` (cost/memory.py InFlight) micro-batches, transients left out."""
+        return int(in_flight.layer_bytes(self.model_state_bytes, self.activation_bytes, self.grad_bytes, self.optimizer_temp_bytes))
 
 
 @dataclass
@@ -83,12 +92,12 @@ class StageSolver:
                 self.p2p[s, b] = engine.cost_model.p2p_s(s, pp, engine.world_size // pp, micro_batch, b - 1)
         self._stage_cache: dict = {}
         # what the rest of a plan costs at least, for dropping front points early (search_bound)
-        self.k_rest = in_flight[0] if pp == 1 else min(in_flight)
+        self.k_rest = InFlight.least(in_flight)
         self.rest_bound = RestBound(table, self.types, self.k_rest, self.caps, per_cap=pp == 1)
         self.syncs = chunks if engine.space.grad_sync_every_micro_batch and not self.fold else 1
         folded_parts = [[self._folded(p) for p in parts] for parts in embedding_parts]
         self.embedding_min_s = min((sum(p.x_s for p in parts) for parts in folded_parts), default=0.0)
-        self.embedding_min_bytes = min((sum(p.model_state_bytes + self.k_rest * p.activation_bytes for p in parts)
+        self.embedding_min_bytes = min((sum(p.memory(self.k_rest) for p in parts)
                                         for parts in folded_parts), default=0)
 
     # -- layer and stage fronts --------------------------------------------------------------------------
@@ -124,7 +133,7 @@ class StageSolver:
         if not self.fold:
             return part
         syncs = self.fold if self.engine.space.grad_sync_every_micro_batch else 1
-        return EmbeddingPart(self.fold * part.x_s + syncs * part.g_s, 0.0, part.model_state_bytes, part.activation_bytes, part.peak_bytes)
+        return dataclasses.replace(part, x_s=self.fold * part.x_s + syncs * part.g_s, g_s=0.0)
 
     def stage_front(self, s: int, a: int, b: int, part: EmbeddingPart) -> StageFront | None:
         k = self.k[s]
@@ -133,7 +142,7 @@ class StageSolver:
         if key in self._stage_cache:
             return self._stage_cache[key]
         xs, gs, caps, cls, idx = [], [], [], [], []
-        emb_bytes = part.model_state_bytes + k * part.activation_bytes
+        emb_bytes = part.memory(k)
         for ci, cap in enumerate(self.caps):
             front = self.layer_front(a, b, k, ci)
             if front is None or not front.M:

@@ -69,13 +69,49 @@ def test_zero_stages(model):
     zero2 = model.layer_cost("blk", S(tp=1, dp=4, dp_type="zero2"), 8)
     # reduce-scatter 4 MB gradients + all-gather 4 MB parameters = 8 ms; 4 ms hide behind the backward
     assert zero2.grad_sync_s == pytest.approx(4e-3 + 4e-3 * 0.25)
-    assert zero2.model_state_bytes == 1_000_000 * (4 + 12 / 4)
+    # the shard of the parameters stays besides the gathered ones during a step
+    assert zero2.model_state_bytes == 1_000_000 * (4 + 12 / 4 + 4 / 4) and zero2.grad_bytes == 1_000_000 * 4 // 4
+    assert zero2.peak_extra_bytes == 2 * 1_000_000 * 4  # this layer's unsharded gradients and the previous one's
+    assert zero2.optimizer_temp_bytes == 1_000_000 * 4 // 4  # multi-tensor Adam on the shard
     zero3 = model.layer_cost("blk", S(tp=1, dp=4, dp_type="zero3"), 8)
     assert zero3.fwd_s == pytest.approx(2e-3 + (4e-3 - 2e-3) + 2e-3 * 0.25)  # 4 ms gather vs 2 ms forward
     assert zero3.bwd_s == pytest.approx(4e-3 + 4e-3 * 0.25)
     assert zero3.grad_sync_s == pytest.approx(4e-3 * 0.25)
     assert zero3.model_state_bytes == 1_000_000 * 16 // 4
-    assert zero3.peak_extra_bytes == 1_000_000 * 4 * 3 // 4
+    # gathered parameters of this layer and the prefetched next; unsharded gradients of this and the previous
+    assert zero3.peak_extra_bytes == 2 * (1_000_000 * 4 + 1_000_000 * 4)
+
+
+def test_memory_phases_of_a_step():
+    from galvatron_fx.cost.memory import InFlight
+
+    assert InFlight.of("gpipe", 4, 0, 8) == InFlight(8, 7)  # one backward done: one micro-batch fewer
+    assert InFlight.of("1f1b", 4, 0, 8) == InFlight(4, 4)  # a new forward refills it
+    assert InFlight.of("1f1b", 4, 0, 2) == InFlight(2, 1) and InFlight.of("1f1b", 1, 0, 1) == InFlight(1, 0)
+    one = InFlight(1, 0)
+    assert one.layer_bytes(100, 50, 20, 5) == 100 - 20 + 50  # activations without gradients peak first
+    assert one.layer_bytes(100, 10, 20, 5) == 100 + 5  # the optimizer step: gradients + its temporaries
+    assert InFlight(2, 2).layer_bytes(100, 10, 20, 5) == 100 + 2 * 10  # gradients of earlier micro-batches
+
+
+def test_single_micro_batch_plans_count_gradients_only_where_they_peak():
+    model = CostModel(synthetic_profile(), uniform_hardware(world=2))
+    mb = 2048  # 1024 samples per replica: a block's activations (8 MB) outweigh its gradients (4 MB)
+    cost = model.layer_cost("blk", S(dp=2), mb)
+    embedding = model.embedding_cost(EmbeddingStrategy(), 2, mb, first_stage=True, last_stage=True)
+
+    def expected(held_first, held_later):
+        return sum(c.model_state_bytes - c.grad_bytes + max(held_first * c.activation_bytes, held_later * c.activation_bytes + c.grad_bytes,
+                                                            c.grad_bytes + c.optimizer_temp_bytes) for c in [cost] * 4 + [embedding])
+
+    layers = tuple(S(dp=2) for _ in range(4))
+    one = model.evaluate(Plan(world_size=2, layers=layers, chunks=1, global_batch=mb))
+    assert one.memory_bytes_per_stage == (expected(1, 0),)
+    assert one.memory_bytes_per_stage[0] == 4 * (cost.model_state_bytes - cost.grad_bytes + cost.activation_bytes) + (
+        embedding.model_state_bytes - embedding.grad_bytes + max(embedding.activation_bytes, embedding.grad_bytes + embedding.optimizer_temp_bytes))
+    two = model.evaluate(Plan(world_size=2, layers=layers, chunks=2, global_batch=2 * mb))  # accumulation: gradients persist
+    assert two.memory_bytes_per_stage == (expected(1, 1),)
+    assert two.memory_bytes_per_stage[0] > one.memory_bytes_per_stage[0]
 
 
 def test_bf16_mixed_precision_bytes():
@@ -128,6 +164,7 @@ def test_p2p_in_flight_and_unsupported(model):
     assert model.in_flight_micro_batches("gpipe", 4, 0, 8) == 8
     assert [model.in_flight_micro_batches("1f1b", 4, s, 8) for s in range(4)] == [4, 3, 2, 1]
     assert model.in_flight_micro_batches("1f1b", 4, 0, 2) == 2
+    assert model.in_flight("1f1b", 4, 0, 2).later == 1
     assert model.unsupported_reason("blk", S(tp=4, dp=2)) is None
     assert model.unsupported_reason("blk", S(tp=8)) == "tp 8 does not divide 12 heads"
     odd_seq = CostModel(dataclasses.replace(synthetic_profile(), seq_length=30), uniform_hardware())
@@ -160,10 +197,15 @@ def test_evaluate_follows_the_pipeline_formula(model):
     expected = sum(busy) + (2 - 1) * max(busy) + max(sync)
     assert prediction.iteration_time_s == pytest.approx(expected)
     assert prediction.samples_per_s == pytest.approx(16 / expected)
-    in_flight = (2, 1)  # 1F1B: stage 0 holds both micro-batches, the last stage one
+    # 1F1B with 2 micro-batches: stage 0 holds both at its first backward and one after it; the last stage
+    # one, then one again (its second forward follows its first backward)
+    in_flight = ((2, 1), (1, 1))
     for s in (0, 1):
         parts = costs[s] + [embed[s]]
-        memory = sum(c.model_state_bytes + in_flight[s] * c.activation_bytes for c in parts) + max(c.peak_extra_bytes for c in parts)
+        first, later = in_flight[s]
+        memory = sum(c.model_state_bytes - c.grad_bytes + max(first * c.activation_bytes, later * c.activation_bytes + c.grad_bytes,
+                                                              c.grad_bytes + c.optimizer_temp_bytes) for c in parts)
+        memory += max(c.peak_extra_bytes for c in parts)
         assert prediction.memory_bytes_per_stage[s] == memory
     every = model.evaluate(dataclasses.replace(plan, grad_sync_every_micro_batch=True))
     assert every.iteration_time_s == pytest.approx(expected + max(2 * x for x in sync) - max(sync))

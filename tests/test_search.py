@@ -12,6 +12,7 @@ import pytest
 from galvatron_fx.errors import PlanError
 from galvatron_fx.passes.search import search
 from galvatron_fx.passes.search_brute import all_plans, brute_force_search
+from galvatron_fx.cost.memory import InFlight
 from galvatron_fx.passes.search_front import pareto_indices
 from galvatron_fx.passes.search_space import SearchSpace
 from galvatron_fx.plan import Plan, Prediction
@@ -25,6 +26,8 @@ class ToyLayerCost:
     model_state_bytes: int
     activation_bytes: int
     peak_extra_bytes: int = 0
+    grad_bytes: int = 0  # part of model_state_bytes
+    optimizer_temp_bytes: int = 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,15 +71,16 @@ class ToyCostModel:
         act = int(mb * r.integers(1_000, 8_000) * (0.3 if s.ckpt else 1.0) / s.tp)
         sync = 0.0 if s.dp == 1 else float(r.random()) * (0.5 if s.dp_type == "ddp" else 1.0)
         peak = int(self.peak_values[int(r.integers(len(self.peak_values)))]) if (s.ckpt or s.dp_type == "zero3") else 0
-        return ToyLayerCost(work, work * ckpt * 2, sync, state, act, peak)
+        grad = int(state * r.random() * 0.5)
+        return ToyLayerCost(work, work * ckpt * 2, sync, state, act, peak, grad, int(grad * r.random()))
 
     def embedding_cost(self, e, devices, mb, *, first_stage, last_stage):
         if not (first_stage or last_stage):
             return ToyLayerCost(0.0, 0.0, 0.0, 0, 0, 0)
         r = _rand(self.seed, "emb", e, devices, mb, first_stage, last_stage)
-        return ToyLayerCost(float(r.random()) * mb / e.vtp, float(r.random()) * mb / e.vtp, float(r.random()) * 0.3,
-                            int(r.integers(5_000, 30_000) / e.vtp / (devices // e.vtp if e.embed_sdp else 1)),
-                            int(mb * r.integers(100, 900) / (e.vtp if e.vsp else 1)), 2_000 if e.embed_sdp else 0)
+        state = int(r.integers(5_000, 30_000) / e.vtp / (devices // e.vtp if e.embed_sdp else 1))
+        return ToyLayerCost(float(r.random()) * mb / e.vtp, float(r.random()) * mb / e.vtp, float(r.random()) * 0.3, state,
+                            int(mb * r.integers(100, 900) / (e.vtp if e.vsp else 1)), 2_000 if e.embed_sdp else 0, state // 4, state // 8)
 
     def redistribution_s(self, before, after, boundary_index, mb):
         a, b = (before.tp, before.sp, before.tp_consecutive), (after.tp, after.sp, after.tp_consecutive)
@@ -88,8 +92,8 @@ class ToyCostModel:
     def p2p_s(self, stage, plan_pp, devices_per_stage, mb, cut_after_body_index):
         return 0.05 * mb * (1 + (cut_after_body_index % 3)) / devices_per_stage
 
-    def in_flight_micro_batches(self, pipeline, pp, stage, chunks):
-        return chunks if pipeline == "gpipe" else min(chunks, pp - stage)
+    def in_flight(self, pipeline, pp, stage, chunks):
+        return InFlight.of(pipeline, pp, stage, chunks)
 
     def unsupported_reason(self, layer_type, s):
         heads = self.heads.get(layer_type)
@@ -104,13 +108,13 @@ class ToyCostModel:
             idx = list(plan.stage_layers(s))
             costs = [self.layer_cost(self.layer_types[i], plan.layers[i], mb) for i in idx]
             emb = self.embedding_cost(plan.embedding, plan.devices_per_stage, mb, first_stage=s == 0, last_stage=s == pp - 1)
-            k = self.in_flight_micro_batches(plan.pipeline, pp, s, c)
+            k = self.in_flight(plan.pipeline, pp, s, c)
             x = sum(q.fwd_s + q.bwd_s for q in costs) + emb.fwd_s + emb.bwd_s
             x += sum(self.redistribution_s(plan.layers[i - 1], plan.layers[i], i, mb) for i in idx[1:])
             if s < pp - 1:
                 x += self.p2p_s(s, pp, plan.devices_per_stage, mb, idx[-1])
             g = (sum(q.grad_sync_s for q in costs) + emb.grad_sync_s) * (c if plan.grad_sync_every_micro_batch else 1)
-            mem = sum(q.model_state_bytes + k * q.activation_bytes for q in costs + [emb])
+            mem = sum(int(k.layer_bytes(q.model_state_bytes, q.activation_bytes, q.grad_bytes, q.optimizer_temp_bytes)) for q in costs + [emb])
             mem += max(q.peak_extra_bytes for q in costs + [emb])
             xs.append(x), gs.append(g), mems.append(mem)
         t = sum(xs) + (c - 1) * max(xs) + max(gs)

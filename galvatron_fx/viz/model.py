@@ -303,6 +303,7 @@ def _calibrate(nodes: list[LayerNode], plan: Plan, redistributions, transfers) -
 
 def _stages(plan: Plan, nodes: list[LayerNode], redistributions, transfers, cost_model) -> list[StageNode]:
     stages = []
+    predicted_memory = cost_model.evaluate(plan).memory_bytes_per_stage if cost_model is not None else ()
     for stage in range(plan.pp):
         members = [n for n in nodes if n.stage == stage]
         moves = [r.time_s or 0.0 for r in redistributions if r.stage == stage]
@@ -314,9 +315,10 @@ def _stages(plan: Plan, nodes: list[LayerNode], redistributions, transfers, cost
         activations = in_flight * sum(n.activation_bytes for n in members)
         peak = max((n.peak_extra_bytes for n in members), default=0)
         memory = states + activations + peak
-        if cost_model is None and plan.prediction is not None and stage < len(plan.prediction.memory_bytes_per_stage):
-            # the plan's figure is the total; the annotations only say how it splits
-            total = plan.prediction.memory_bytes_per_stage[stage]
+        totals = predicted_memory if cost_model is not None else (plan.prediction.memory_bytes_per_stage if plan.prediction else ())
+        if stage < len(totals):
+            # the prediction's figure (phase-aware, cost/memory.py) is the total; the parts only say how it splits
+            total = totals[stage]
             factor = total / memory if memory else 0.0
             states, activations, peak, memory = int(states * factor), int(activations * factor), int(peak * factor), total
         start = stage * plan.devices_per_stage
