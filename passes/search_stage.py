@@ -63,7 +63,8 @@ def pipeline_time(fronts: list[tuple[np.ndarray, np.ndarray]], chunks: int) -> t
         valid = i < len(G)
         picks[s] = np.minimum(i, len(G) - 1)
         times[s] = np.where(valid, X[picks[s]], np.inf)
-    total = times.sum(axis=0) + (chunks - 1) * times.max(axis=0) + gammas
+    # with one chunk the max term vanishes (0 · inf would be NaN where a stage has no point under γ)
+    total = times.sum(axis=0) + gammas + ((chunks - 1) * times.max(axis=0) if chunks > 1 else 0.0)
     best = int(np.argmin(total))
     return float(total[best]), [int(p) for p in picks[:, best]]
 

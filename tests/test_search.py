@@ -257,3 +257,12 @@ def test_plan_json_round_trip(tmp_path):
     assert again == plan and again.prediction == plan.prediction
     assert again.provenance["model"] == "toy" and again.provenance["search_time_s"] >= 0
     assert model.evaluate(again) == plan.prediction
+
+
+def test_pipeline_time_with_one_chunk_skips_unreachable_sync_levels():
+    from galvatron_fx.passes.search_stage import pipeline_time
+
+    # stage 1's smallest sync (2.0) is above stage 0's (1.0): γ = 1.0 is unreachable for it, γ = 2.0 is the answer
+    fronts = [(np.array([1.0, 3.0]), np.array([2.0, 1.0])), (np.array([5.0]), np.array([2.0]))]
+    time_s, picks = pipeline_time(fronts, chunks=1)
+    assert time_s == 1.0 + 5.0 + 2.0 and picks == [0, 0]
