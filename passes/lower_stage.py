@@ -132,7 +132,8 @@ class StageModule(nn.Module):
 
     def __init__(self, layout: RankLayout, layers: Sequence[StageLayer], modules: dict[str, nn.Module],
                  recv_specs: tuple[TensorSpec, ...], send_specs: tuple[TensorSpec, ...],
-                 batch_names: tuple[str, ...], loss_name: str | None, micro_batch: int):
+                 batch_names: tuple[str, ...], loss_name: str | None, micro_batch: int,
+                 grad_names: frozenset[str] = frozenset()):
         super().__init__()
         self.layout = layout
         self.stage_layers = tuple(layers)
@@ -142,6 +143,8 @@ class StageModule(nn.Module):
         self.batch_names = batch_names  # graph inputs (from the batch) this stage reads
         self.loss_name = loss_name  # set on the last stage only
         self.micro_batch = micro_batch  # samples per micro-batch on this rank
+        # received and sent values whose gradient travels back across the cut
+        self.grad_names = frozenset(spec.name for spec in recv_specs + send_specs if spec.name in grad_names)
 
     def forward(self, env: dict[str, Any], seed: int | None = None) -> list[torch.Tensor]:
         for layer in self.stage_layers:
@@ -219,6 +222,25 @@ def stage_layer_indices(program: Program, plan: Plan, stage: int) -> list[int]:
     return indices
 
 
+def differentiable_names(program: Program) -> frozenset[str]:
+    """Values of the flat graph that can carry a gradient: floating point and computed from a trainable
+    parameter. Only these get a gradient sent back across a pipeline cut; both sides of a cut derive the
+    same set from the same graph. (A superset is safe: a value that ends up without a gradient sends zeros.)"""
+    graph_module = program.graph_module
+    names: set[str] = set()
+    for node in graph_module.graph.nodes:
+        value = node.meta.get("val")
+        floating = isinstance(value, torch.Tensor) and value.dtype.is_floating_point
+        if node.op == "get_attr":
+            attr = _getattr(graph_module, node.target)
+            differentiable = isinstance(attr, nn.Parameter) and attr.requires_grad
+        else:
+            differentiable = any(arg.name in names for arg in node.all_input_nodes)
+        if differentiable and (floating or node.op == "get_attr" or not isinstance(value, torch.Tensor)):
+            names.add(node.name)  # a tuple-valued node passes differentiability on to its getitems
+    return frozenset(names)
+
+
 def cut_specs(program: Program, plan: Plan, stage: int) -> tuple[TensorSpec, ...]:
     """What stage ``stage`` sends to ``stage + 1``: the live values after its last layer that a later
     layer reads (values only the model's output reads, such as logits, do not travel)."""
@@ -281,6 +303,7 @@ def build_stage(context: LoweringContext) -> StageModule:
         modules={layer.name: module for layer, module in zip(layers, copies)},
         recv_specs=cut_specs(program, plan, layout.stage - 1) if layout.stage > 0 else (),
         send_specs=cut_specs(program, plan, layout.stage) if not layout.is_last else (),
+        grad_names=differentiable_names(program),
         batch_names=batch_names,
         loss_name=loss_name(program) if layout.is_last else None,
         micro_batch=local_micro_batch(plan, layout.stage),

@@ -9,8 +9,10 @@ We run our own executor rather than ``torch.distributed.pipelining``: stages her
 (labels, T5's decoder ids) besides activations, pass integer and boolean tensors (masks) that carry no
 gradient, and must tell the per-layer data-parallel wrappers which backward is the last one.
 Activations travel with non-blocking sends and blocking receives, in micro-batch order in each direction
-between a pair of ranks, which cannot deadlock; every floating-point activation sent forward gets a
-gradient (zeros when unused) sent back.
+between a pair of ranks, which cannot deadlock. Each transfer is one message: the values crossing a cut
+packed into one byte buffer (one latency per micro-batch and direction, not one per value); gradients
+travel back only for values that can carry one (``StageModule.grad_names``: the rotary tables and masks
+a cut also carries do not), zeros where the receiving stage left one unused.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from galvatron_fx.passes.lower_stage import StageModule
+from galvatron_fx.program import TensorSpec
 
 from .data_parallel import GradSync
 
@@ -56,8 +59,8 @@ SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b}
 _GRAD_TAG_OFFSET = 1 << 20  # gradients use their own tag range (gloo matches messages by peer and tag)
 
 
-def _tag(micro_batch: int, index: int, backward: bool) -> int:
-    return (_GRAD_TAG_OFFSET if backward else 0) + micro_batch * 256 + index
+def _tag(micro_batch: int, backward: bool) -> int:
+    return (_GRAD_TAG_OFFSET if backward else 0) + micro_batch
 
 
 class StageExecutor:
@@ -109,11 +112,15 @@ class StageExecutor:
             loss = outputs[0]
             losses.append(loss.detach().float())
             return received, [loss / self.chunks]
-        for i, (spec, value) in enumerate(zip(self.stage.send_specs, outputs)):
+        for spec, value in zip(self.stage.send_specs, outputs):
             if tuple(value.shape) != spec.shape:
                 raise RuntimeError(f"stage {self.stage.layout.stage} computed {spec.name} of shape {tuple(value.shape)}, "
                                    f"but the layer table says {spec.shape}")
-            pending.append(dist.isend(value.detach().to(spec.dtype).contiguous(), self.next_rank, tag=_tag(mb, i, False)))
+            if value.requires_grad and spec.name not in self.stage.grad_names:  # its gradient would be lost
+                raise RuntimeError(f"stage {self.stage.layout.stage} sends {spec.name}, which requires a gradient, but the "
+                                   "graph analysis (differentiable_names) says it cannot carry one")
+        payload = pack([value.detach().to(spec.dtype) for spec, value in zip(self.stage.send_specs, outputs)])
+        pending.append(dist.isend(payload, self.next_rank, tag=_tag(mb, backward=False)))
         return received, outputs
 
     def _backward(self, mb: int, saved: tuple, pending: list) -> None:
@@ -122,36 +129,65 @@ class StageExecutor:
             torch.autograd.backward(outputs[0])
         else:
             grads = self._recv_grads(mb)
-            pairs = [(out, grad.to(out.dtype)) for out, spec, grad in zip(outputs, self.stage.send_specs, grads)
-                     if grad is not None and out.requires_grad]
+            pairs = [(out, grads[spec.name].to(out.dtype)) for out, spec in zip(outputs, self.stage.send_specs)
+                     if spec.name in grads and out.requires_grad]
             if pairs:
                 torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
         if self.prev_rank is not None:
-            for i, (spec, value) in enumerate(zip(self.stage.recv_specs, received)):
-                if spec.dtype.is_floating_point:
-                    grad = value.grad if value.grad is not None else torch.zeros_like(value)
-                    pending.append(dist.isend(grad.detach().contiguous(), self.prev_rank, tag=_tag(mb, i, True)))
+            grads = [value.grad if value.grad is not None else torch.zeros_like(value)
+                     for spec, value in zip(self.stage.recv_specs, received) if spec.name in self.stage.grad_names]
+            if grads:
+                pending.append(dist.isend(pack([g.detach() for g in grads]), self.prev_rank, tag=_tag(mb, backward=True)))
 
     # -- point to point ----------------------------------------------------------------------------------
     def _recv_activations(self, mb: int) -> list[torch.Tensor]:
         if self.prev_rank is None:
             return []
-        buffers = [torch.empty(spec.shape, dtype=spec.dtype, device=self.device) for spec in self.stage.recv_specs]
-        works = [dist.irecv(buf, self.prev_rank, tag=_tag(mb, i, False)) for i, buf in enumerate(buffers)]
-        for work in works:
-            work.wait()
-        return [buf.requires_grad_() if buf.dtype.is_floating_point else buf for buf in buffers]
+        specs = self.stage.recv_specs
+        values = unpack(self._recv(specs, mb, backward=False), specs)
+        return [value.requires_grad_() if spec.name in self.stage.grad_names else value for spec, value in zip(specs, values)]
 
-    def _recv_grads(self, mb: int) -> list[torch.Tensor | None]:
-        grads: list[torch.Tensor | None] = []
-        works = []
-        for i, spec in enumerate(self.stage.send_specs):
-            if spec.dtype.is_floating_point:
-                buf = torch.empty(spec.shape, dtype=spec.dtype, device=self.device)
-                works.append(dist.irecv(buf, self.next_rank, tag=_tag(mb, i, True)))
-                grads.append(buf)
-            else:
-                grads.append(None)
-        for work in works:
-            work.wait()
-        return grads
+    def _recv_grads(self, mb: int) -> dict[str, torch.Tensor]:
+        """Gradients of the sent values that carry one, by name."""
+        specs = tuple(spec for spec in self.stage.send_specs if spec.name in self.stage.grad_names)
+        if not specs:
+            return {}
+        return {spec.name: grad for spec, grad in zip(specs, unpack(self._recv(specs, mb, backward=True), specs))}
+
+    def _recv(self, specs: tuple[TensorSpec, ...], mb: int, backward: bool) -> torch.Tensor:
+        peer = self.next_rank if backward else self.prev_rank
+        buffer = torch.empty(packed_bytes(specs), dtype=torch.uint8, device=self.device)
+        dist.irecv(buffer, peer, tag=_tag(mb, backward)).wait()
+        return buffer
+
+
+# -- one message per transfer: values packed into one byte buffer ------------------------------------------
+_ALIGN_BYTES = 16  # every value starts at a multiple of this, so that each unpacks as a view of its dtype
+
+
+def _padded(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN_BYTES) * _ALIGN_BYTES
+
+
+def packed_bytes(specs: tuple[TensorSpec, ...]) -> int:
+    return sum(_padded(spec.nbytes) for spec in specs)
+
+
+def pack(values: list[torch.Tensor]) -> torch.Tensor:
+    """``values`` (any dtypes) as one uint8 buffer: one transfer pays one latency, not one per value."""
+    pieces = []
+    for value in values:
+        raw = value.contiguous().reshape(-1).view(torch.uint8)
+        pieces.append(raw)
+        if _padded(raw.numel()) > raw.numel():
+            pieces.append(raw.new_zeros(_padded(raw.numel()) - raw.numel()))
+    return torch.cat(pieces)
+
+
+def unpack(buffer: torch.Tensor, specs: tuple[TensorSpec, ...]) -> list[torch.Tensor]:
+    """The values ``pack`` wrote, as views of ``buffer`` with the shapes and dtypes of ``specs``."""
+    values, offset = [], 0
+    for spec in specs:
+        values.append(buffer[offset:offset + spec.nbytes].view(spec.dtype).view(spec.shape))
+        offset += _padded(spec.nbytes)
+    return values

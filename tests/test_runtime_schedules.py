@@ -55,3 +55,29 @@ def test_one_f_one_b_limits_micro_batches_in_flight():
         assert peak == pp - stage
     assert [repr(a) for a in one_f_one_b(2, 0, 3)] == ["F0", "F1", "B0", "F2", "B1", "B2"]
     assert [repr(a) for a in gpipe(2, 0, 2)] == ["F0", "F1", "B0", "B1"]
+
+
+def test_pipeline_cuts_pack_values_and_send_gradients_only_where_they_flow():
+    import torch
+
+    import galvatron_fx
+    from galvatron_fx.models import build_model, example_batch
+    from galvatron_fx.passes.lower_stage import lower
+    from galvatron_fx.plan import LayerStrategy, Plan
+    from galvatron_fx.runtime.schedules import pack, packed_bytes, unpack
+
+    model, _ = build_model("llama")
+    program = galvatron_fx.capture(model, example_kwargs=example_batch("llama", model, batch=2))
+    plan = Plan(world_size=2, layers=(LayerStrategy(),) * len(program.body), pp=2, chunks=1, global_batch=2)
+    first, second = lower(program, plan, 0), lower(program, plan, 1)
+    assert first.send_specs == second.recv_specs and first.grad_names == second.grad_names
+    floating = [spec for spec in first.send_specs if spec.dtype.is_floating_point]
+    # the hidden state carries a gradient; the rotary tables (from a buffer) and the mask do not
+    assert any(spec.shape[-1] == model.config.hidden_size for spec in floating)
+    assert first.grad_names == {spec.name for spec in floating if spec.shape[-1] == model.config.hidden_size}
+    values = [torch.randn(spec.shape).to(spec.dtype) if spec.dtype.is_floating_point else torch.rand(spec.shape) > 0.5
+              for spec in first.send_specs]
+    buffer = pack(values)
+    assert buffer.dtype == torch.uint8 and buffer.numel() == packed_bytes(first.send_specs)
+    for value, back in zip(values, unpack(buffer, first.send_specs)):
+        assert back.dtype == value.dtype and torch.equal(back, value)
