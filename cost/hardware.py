@@ -77,7 +77,9 @@ class HardwareProfile:
     ``optimizer_s_per_param``: seconds of one Adam step per parameter the device updates (0: not
     measured); ``compute_slowdown`` (≥ 1): how much slower a process computes while every process of the
     node computes than alone (processes sharing CPU cores; 1 on GPUs), which a layer profile timed on one
-    process does not see.
+    process does not see. ``blocking_collective_s``: what a collective the ranks wait for in the middle of
+    compute (tensor parallelism; FSDP without streams) costs beyond its own time, for the ranks to arrive
+    together (0 on dedicated devices; the scheduler's time slices where ranks share CPU cores).
     """
 
     world_size: int
@@ -92,6 +94,7 @@ class HardwareProfile:
     source: str = ""
     optimizer_s_per_param: float = 0.0
     compute_slowdown: float = 1.0
+    blocking_collective_s: float = 0.0
 
     # -- queries -------------------------------------------------------------------------------
     def fit(self, op: str, group: int, consecutive: bool = True) -> CommFit:
@@ -112,6 +115,11 @@ class HardwareProfile:
         near_group, near = min(measured, key=lambda item: (abs(math.log2(item[0]) - math.log2(group)), -item[0]))
         scale = ring_volume_factor(op, group) / ring_volume_factor(op, near_group)
         return CommFit(near.latency_s, near.bandwidth_Bps / scale)
+
+    @property
+    def comm_streams(self) -> bool:
+        """Whether collectives can run on streams of their own beside compute (GPUs; not CPUs)."""
+        return self.device != "cpu"
 
     def collective_s(self, op: str, nbytes: float, group: int, consecutive: bool = True) -> float:
         """Seconds for ``op`` over ``group`` ranks on a tensor of ``nbytes`` (0 for a group of one)."""
@@ -160,6 +168,7 @@ class HardwareProfile:
             "flops_per_s": dict(self.flops_per_s),
             "optimizer_s_per_param": self.optimizer_s_per_param,
             "compute_slowdown": self.compute_slowdown,
+            "blocking_collective_s": self.blocking_collective_s,
             "collectives": {k: [v.latency_s, v.bandwidth_Bps] for k, v in sorted(self.collectives.items())},
             "p2p": {str(k): [v.latency_s, v.bandwidth_Bps] for k, v in sorted(self.p2p.items())},
         }
@@ -206,6 +215,10 @@ class HardwareProfile:
             compute_slowdown = float(data.get("compute_slowdown", 1.0))
             if not compute_slowdown >= 1.0:
                 raise ValueError(f"{compute_slowdown} < 1")
+            key = "blocking_collective_s"
+            blocking_s = float(data.get("blocking_collective_s", 0.0))
+            if not blocking_s >= 0.0:
+                raise ValueError(f"{blocking_s} < 0")
             key = "memory_bytes"
             memory = data.get("memory_bytes")
             memory = int(memory) if memory is not None else None
@@ -217,7 +230,7 @@ class HardwareProfile:
         if world_size < 1 or devices_per_node < 1:
             raise ProfileError(f"{source}: key world_size/devices_per_node must be positive", "profile the hardware again")
         return cls(world_size, devices_per_node, device, memory, collectives, p2p, overlap, flops,
-                   str(data.get("backend", "")), source, optimizer_s, compute_slowdown)
+                   str(data.get("backend", "")), source, optimizer_s, compute_slowdown, blocking_s)
 
 
 def _comm_fit(value: Any) -> CommFit:

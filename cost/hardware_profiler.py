@@ -45,7 +45,8 @@ class ProfilerConfig:
         if device.type == "cuda":
             return cls((1 * MiB, 16 * MiB, 64 * MiB, 256 * MiB), repeats=5, warmup=2, matmul_dim=4096, progress=progress,
                        optimizer_params=64 * 2**20)
-        return cls(progress=progress)
+        # CPU timings are noisy (other processes, shared cores): more repetitions, medians of them
+        return cls(repeats=10, warmup=2, progress=progress)
 
 
 def _sync(device: torch.device) -> None:
@@ -137,7 +138,7 @@ def profile_hardware(config: ProfilerConfig | None = None, device: torch.device 
     config = config or ProfilerConfig.for_device(device)
     shapes = _group_shapes(world)
     pipelines = [pp for pp in (2**k for k in range(1, world.bit_length())) if world % pp == 0]
-    progress = _Progress(len(shapes) * len(COLLECTIVES) + len(pipelines) + 4, config.progress and rank == 0)
+    progress = _Progress(len(shapes) * len(COLLECTIVES) + len(pipelines) + 5, config.progress and rank == 0)
 
     keys, medians = [], []
     for group_size, consecutive, enumeration in shapes:
@@ -162,9 +163,11 @@ def profile_hardware(config: ProfilerConfig | None = None, device: torch.device 
     progress.step("compute of all ranks at once")
     optimizer_s = _optimizer_s_per_param(device, config)
     progress.step("optimizer step")
+    in_situ_s = _in_situ_collective_s(device, config)
+    progress.step("collectives between compute")
 
     # the slowest rank's median counts: one all-reduce (MAX) of every measurement
-    table = torch.tensor(medians + [optimizer_s, compute_slowdown, slowdown], dtype=torch.float64, device=device)
+    table = torch.tensor(medians + [in_situ_s, optimizer_s, compute_slowdown, slowdown], dtype=torch.float64, device=device)
     dist.all_reduce(table, op=dist.ReduceOp.MAX)
     if rank != 0:
         return None
@@ -173,6 +176,9 @@ def profile_hardware(config: ProfilerConfig | None = None, device: torch.device 
     for (key, nbytes), seconds in zip(keys, values):
         samples.setdefault(key, []).append((nbytes, seconds))
     fits = {key: fit_latency_bandwidth([b for b, _ in pts], [t for _, t in pts]) for key, pts in samples.items()}
+    # what the fit does not predict of a collective between compute: the arrival skew
+    world_fit = fits.get(f"all_reduce/{world}/consecutive")
+    blocking_s = max(0.0, values[-4] - (world_fit.time_s(1024))) if world_fit else 0.0
     cluster = Cluster.detect()
     dtype = "bf16" if device.type == "cuda" else "fp32"
     return HardwareProfile(
@@ -181,6 +187,7 @@ def profile_hardware(config: ProfilerConfig | None = None, device: torch.device 
         p2p={int(k.split("/")[1]): v for k, v in fits.items() if k.startswith("p2p/")},
         overlap_slowdown=max(1.0, values[-1]), flops_per_s={dtype: flops_per_s}, backend=dist.get_backend(),
         source="profile-hardware", optimizer_s_per_param=values[-3], compute_slowdown=max(1.0, values[-2]),
+        blocking_collective_s=blocking_s,
     )
 
 
@@ -232,6 +239,36 @@ def _compute_slowdown(device: torch.device, config: ProfilerConfig) -> float:
     dist.barrier()
     together = _median_time(compute, device, config)
     return max(1.0, together / alone) if dist.get_rank() == 0 else 1.0
+
+
+def _in_situ_collective_s(device: torch.device, config: ProfilerConfig, rounds: int = 8) -> float:
+    """Seconds a small all-reduce (1 KiB) costs when every rank computes a few ms before it, as between
+    tensor-parallel collectives: rounds of compute + all-reduce against the same compute alone, alternated,
+    medians of each. Back-to-back timings (the fits) miss the ranks' arrival skew, which is what dominates
+    where ranks share CPU cores."""
+    n = config.matmul_dim
+    a = torch.randn(n, n, device=device)
+    token = torch.ones(256, device=device)
+    single = _local_median_time(lambda: a @ a, device, config)
+    repeats = max(1, min(200, int(4e-3 / max(single, 1e-9))))
+
+    def run(with_collective: bool) -> float:
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(rounds):
+            for _ in range(repeats):
+                a @ a
+            if with_collective:
+                dist.all_reduce(token)
+        _sync(device)
+        return time.perf_counter() - start
+
+    run(True)
+    alone, together = [], []
+    for _ in range(max(3, config.repeats // 2)):
+        alone.append(run(False))
+        together.append(run(True))
+    return max(0.0, (statistics.median(together) - statistics.median(alone)) / rounds)
 
 
 def _optimizer_s_per_param(device: torch.device, config: ProfilerConfig) -> float:

@@ -98,8 +98,8 @@ class CostModel:
         tp_fwd = tp_bwd = self._tp_comm_s(strategy, hidden_bytes)
         params = profile.param_count if strategy.sp == "ulysses" else profile.param_count / strategy.tp
         gather_s, sync_s, transient_bytes = self._dp_comm(params, strategy.dp, strategy.dp_type, not strategy.tp_consecutive or strategy.tp == 1)
-        fwd_s = fwd_compute + tp_fwd + self._overlapped(gather_s, fwd_compute)
-        bwd_s = bwd_compute + tp_bwd + self._overlapped(gather_s, bwd_compute)
+        fwd_s = fwd_compute + tp_fwd + self._visible(gather_s, fwd_compute, strategy.dp_type)
+        bwd_s = bwd_compute + tp_bwd + self._visible(gather_s, bwd_compute, strategy.dp_type)
         if strategy.ckpt:
             bwd_s += fwd_compute + tp_fwd
         full_activation = profile.activation_per_sample(strategy.tp, sharded_seq) * local * self.activation_scale
@@ -108,7 +108,9 @@ class CostModel:
         else:
             kept = full_activation
         peak_extra = transient_bytes + (full_activation if strategy.ckpt else 0.0)
-        return self._with_states(LayerCost(fwd_s, bwd_s, self._overlapped(sync_s, bwd_compute) + self._optimizer_s(params, strategy.dp, strategy.dp_type),
+        sync_calls = 2 if strategy.dp_type == "zero2" else 1  # ZeRO-2: reduce-scatter, then all-gather of the update
+        sync_s = self._visible(sync_s, bwd_compute, strategy.dp_type, sync_calls) + self._optimizer_s(params, strategy.dp, strategy.dp_type)
+        return self._with_states(LayerCost(fwd_s, bwd_s, sync_s,
                                            0, int(kept), int(peak_extra)), params, strategy.dp, strategy.dp_type)
 
     def _with_states(self, cost: LayerCost, params: float, dp: int, dp_type: str) -> LayerCost:
@@ -130,11 +132,12 @@ class CostModel:
         tp, hw, cons = strategy.tp, self.hardware, strategy.tp_consecutive
         if tp == 1:
             return 0.0
+        wait = hw.blocking_collective_s  # compute waits for each: the ranks must arrive together
         if strategy.sp == "none":
-            return 2 * hw.collective_s("all_reduce", hidden_bytes, tp, cons)
+            return 2 * (hw.collective_s("all_reduce", hidden_bytes, tp, cons) + wait)
         if strategy.sp == "megatron":
-            return 2 * (hw.collective_s("all_gather", hidden_bytes, tp, cons) + hw.collective_s("reduce_scatter", hidden_bytes, tp, cons))
-        return 4 * hw.collective_s("all_to_all", hidden_bytes / tp, tp, cons)
+            return 2 * (hw.collective_s("all_gather", hidden_bytes, tp, cons) + hw.collective_s("reduce_scatter", hidden_bytes, tp, cons) + 2 * wait)
+        return 4 * (hw.collective_s("all_to_all", hidden_bytes / tp, tp, cons) + wait)
 
     def _dp_comm(self, params: float, dp: int, dp_type: str, consecutive: bool) -> tuple[float, float, float]:
         """(ZeRO-3 parameter gather per pass, gradient sync per step, transient bytes in backward) on
@@ -152,6 +155,15 @@ class CostModel:
             return 0.0, hw.collective_s("reduce_scatter", grads, dp, consecutive) + hw.collective_s("all_gather", weights, dp, consecutive), 2 * grads
         gather = hw.collective_s("all_gather", weights, dp, consecutive)
         return gather, hw.collective_s("reduce_scatter", grads, dp, consecutive), 2 * (weights + grads)
+
+    def _visible(self, comm_s: float, compute_s: float, dp_type: str, calls: int = 1) -> float:
+        """Visible cost of data-parallel communication next to ``compute_s``. DDP's all-reduce is started as
+        asynchronous work from backward hooks, so it overlaps on every device; FSDP2 (ZeRO) overlaps its
+        collectives by running them on their own streams, which only GPUs have: on CPU it waits for each
+        in place, and each of the ``calls`` collectives also pays the ranks' arrival skew."""
+        if dp_type != "ddp" and not self.hardware.comm_streams:
+            return comm_s + (calls * self.hardware.blocking_collective_s if comm_s > 0 else 0.0)
+        return self._overlapped(comm_s, compute_s)
 
     def _overlapped(self, comm_s: float, compute_s: float) -> float:
         """Visible cost of ``comm_s`` overlapped with ``compute_s``: the excess, plus the slowdown of the overlap."""
@@ -197,9 +209,10 @@ class CostModel:
         params = part.param_count - part.vocab_param_count + (part.vocab_param_count - shared_vocab_params) / vtp
         gather_s, sync_s, transient = self._dp_comm(params, strategy.dp, strategy.dp_type, vtp == 1)
         activation = part.activation_per_sample(vtp, strategy.sp != "none") * local * self.activation_scale
-        cost = LayerCost(fwd_compute + comm_fwd + self._overlapped(gather_s, fwd_compute),
-                         bwd_compute + comm_bwd + self._overlapped(gather_s, bwd_compute),
-                         self._overlapped(sync_s, bwd_compute) + self._optimizer_s(params, strategy.dp, strategy.dp_type),
+        kind = strategy.dp_type
+        cost = LayerCost(fwd_compute + comm_fwd + self._visible(gather_s, fwd_compute, kind),
+                         bwd_compute + comm_bwd + self._visible(gather_s, bwd_compute, kind),
+                         self._visible(sync_s, bwd_compute, kind, 2 if kind == "zero2" else 1) + self._optimizer_s(params, strategy.dp, kind),
                          0, int(activation), int(transient))
         return self._with_states(cost, params, strategy.dp, strategy.dp_type)
 

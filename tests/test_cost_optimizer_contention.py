@@ -1,5 +1,6 @@
-"""Cost terms measured by the hardware profiler: the optimizer step per parameter, and the slowdown of
-compute when the node's processes share cores; hand-computed cases, JSON round trip and bad values."""
+"""Cost terms measured by the hardware profiler: the optimizer step per parameter, the slowdown of compute
+when the node's processes share cores, and the arrival skew of collectives between compute; and how CPUs
+(no communication streams) expose ZeRO's collectives. Hand-computed cases, JSON round trip, bad values."""
 
 import dataclasses
 import json
@@ -38,17 +39,37 @@ def test_compute_slowdown_scales_measured_compute_only():
 
 
 def test_hardware_json_keeps_the_new_figures_and_rejects_bad_ones(tmp_path):
-    profile = dataclasses.replace(uniform_hardware(), optimizer_s_per_param=3e-9, compute_slowdown=1.5)
+    profile = dataclasses.replace(uniform_hardware(), optimizer_s_per_param=3e-9, compute_slowdown=1.5, blocking_collective_s=2e-3)
     path = tmp_path / "hw.json"
     profile.save(path)
     loaded = HardwareProfile.load(path)
-    assert (loaded.optimizer_s_per_param, loaded.compute_slowdown) == (3e-9, 1.5)
+    assert (loaded.optimizer_s_per_param, loaded.compute_slowdown, loaded.blocking_collective_s) == (3e-9, 1.5, 2e-3)
     data = json.loads(path.read_text())
-    for key in ("optimizer_s_per_param", "compute_slowdown"):  # older profiles without them still load
+    for key in ("optimizer_s_per_param", "compute_slowdown", "blocking_collective_s"):  # older profiles still load
         data.pop(key)
     path.write_text(json.dumps(data))
-    assert (HardwareProfile.load(path).optimizer_s_per_param, HardwareProfile.load(path).compute_slowdown) == (0.0, 1.0)
-    for key, bad in (("optimizer_s_per_param", -1.0), ("compute_slowdown", 0.5)):
+    loaded = HardwareProfile.load(path)
+    assert (loaded.optimizer_s_per_param, loaded.compute_slowdown, loaded.blocking_collective_s) == (0.0, 1.0, 0.0)
+    for key, bad in (("optimizer_s_per_param", -1.0), ("compute_slowdown", 0.5), ("blocking_collective_s", -1e-3)):
         path.write_text(json.dumps({**data, key: bad}))
         with pytest.raises(ProfileError, match=key):
             HardwareProfile.load(path)
+
+
+def test_cpu_exposes_zero_collectives_and_every_blocking_collective_pays_the_skew():
+    skew = 2e-3
+    gpu = dataclasses.replace(uniform_hardware(), blocking_collective_s=skew)
+    cpu = dataclasses.replace(gpu, device="cpu")
+    on_gpu, on_cpu = CostModel(synthetic_profile(), gpu), CostModel(synthetic_profile(), cpu)
+    zero3 = S(tp=1, dp=4, dp_type="zero3")
+    # 4 MB parameter gather (4 ms) per pass, 2 ms of forward compute: on a GPU 2 ms hide (at 25% slowdown)
+    assert on_gpu.layer_cost("blk", zero3, 8).fwd_s == pytest.approx(2e-3 + 2e-3 + 2e-3 * 0.25)
+    assert on_cpu.layer_cost("blk", zero3, 8).fwd_s == pytest.approx(2e-3 + 4e-3 + skew)  # waited for in place
+    assert on_cpu.layer_cost("blk", zero3, 8).grad_sync_s == pytest.approx(4e-3 + skew)  # reduce-scatter, exposed
+    zero2 = S(tp=1, dp=4, dp_type="zero2")  # reduce-scatter and all-gather: two collectives
+    assert on_cpu.layer_cost("blk", zero2, 8).grad_sync_s == pytest.approx(8e-3 + 2 * skew)
+    ddp = S(tp=1, dp=4)  # DDP's all-reduce runs asynchronously from backward hooks: hidden on both
+    assert on_cpu.layer_cost("blk", ddp, 8).grad_sync_s == on_gpu.layer_cost("blk", ddp, 8).grad_sync_s
+    plain = CostModel(synthetic_profile(), uniform_hardware())
+    tp = S(tp=2, dp=2)  # 2 all-reduces per pass, each waited for by the compute after it
+    assert on_gpu.layer_cost("blk", tp, 8).fwd_s == pytest.approx(plain.layer_cost("blk", tp, 8).fwd_s + 2 * skew)
