@@ -12,6 +12,7 @@ of at least 2 samples per rank (capture recognises the batch dimension only then
 pipeline degree with the chunk counts that keep that, the best prediction wins.
 
     python benchmarks/plan_quality.py               # 4 processes
+    python benchmarks/plan_quality.py --reprofile   # measure the hardware and the model's layers again first
     python benchmarks/plan_quality.py --world 2
 """
 
@@ -106,14 +107,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--memory-budget", default="4GiB")
     parser.add_argument("--max-plans", type=int, default=None, help="uniform plans to measure (smoke runs)")
     parser.add_argument("--hardware", choices=("measure", "cluster"), default="measure")
+    parser.add_argument("--reprofile", action="store_true", help="profile the hardware and the model again first "
+                        "(profiles timed at another moment, under another load, mislead the search)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     from galvatron_fx.cost.model import CostModel
 
     folder = Path(args.out)
     world, gb = args.world, args.global_batch
-    profile = model_profile(MODEL, args.shape, folder, reprofile=False)
-    cost = CostModel(profile, hardware_profile(world, folder, args.hardware, reprofile=False))
+    profile = model_profile(MODEL, args.shape, folder, reprofile=args.reprofile)
+    cost = CostModel(profile, hardware_profile(world, folder, args.hardware, reprofile=args.reprofile))
     layers = len(profile.layer_types)
     searched = searched_plan(cost, world, layers, gb, args.memory_budget)
     grid = uniform_grid(world, layers, gb)[:args.max_plans]

@@ -173,6 +173,23 @@ class Program:
         output_node = next(n for n in reversed(self.graph_module.graph.nodes) if n.op == "output")
         return tuple(arg.name if isinstance(arg, fx.Node) else None for arg in pytree.tree_leaves(output_node.args[0]))
 
+    def differentiable_names(self) -> frozenset[str]:
+        """Values of the flat graph that can carry a gradient: floating point and computed from a trainable
+        parameter. A pipeline cut sends gradients back for these only (both sides derive the same set; a
+        superset is safe: a value left without a gradient sends zeros)."""
+        trainable = {name for name, param in self.graph_module.named_parameters() if param.requires_grad}
+        names: set[str] = set()
+        for node in self.graph_module.graph.nodes:
+            if node.op == "get_attr":
+                differentiable = node.target in trainable
+            else:
+                differentiable = any(arg.name in names for arg in node.all_input_nodes)
+            value = node.meta.get("val")
+            # a tuple-valued node passes differentiability on to its getitems
+            if differentiable and (not isinstance(value, torch.Tensor) or value.dtype.is_floating_point):
+                names.add(node.name)
+        return frozenset(names)
+
     # -- reporting ---------------------------------------------------------------------------
     def summary(self) -> str:
         """The layer table as text: index, type, parameters, GFLOPs, saved and boundary MB per sample."""

@@ -222,25 +222,6 @@ def stage_layer_indices(program: Program, plan: Plan, stage: int) -> list[int]:
     return indices
 
 
-def differentiable_names(program: Program) -> frozenset[str]:
-    """Values of the flat graph that can carry a gradient: floating point and computed from a trainable
-    parameter. Only these get a gradient sent back across a pipeline cut; both sides of a cut derive the
-    same set from the same graph. (A superset is safe: a value that ends up without a gradient sends zeros.)"""
-    graph_module = program.graph_module
-    names: set[str] = set()
-    for node in graph_module.graph.nodes:
-        value = node.meta.get("val")
-        floating = isinstance(value, torch.Tensor) and value.dtype.is_floating_point
-        if node.op == "get_attr":
-            attr = _getattr(graph_module, node.target)
-            differentiable = isinstance(attr, nn.Parameter) and attr.requires_grad
-        else:
-            differentiable = any(arg.name in names for arg in node.all_input_nodes)
-        if differentiable and (floating or node.op == "get_attr" or not isinstance(value, torch.Tensor)):
-            names.add(node.name)  # a tuple-valued node passes differentiability on to its getitems
-    return frozenset(names)
-
-
 def cut_specs(program: Program, plan: Plan, stage: int) -> tuple[TensorSpec, ...]:
     """What stage ``stage`` sends to ``stage + 1``: the live values after its last layer that a later
     layer reads (values only the model's output reads, such as logits, do not travel)."""
@@ -303,7 +284,7 @@ def build_stage(context: LoweringContext) -> StageModule:
         modules={layer.name: module for layer, module in zip(layers, copies)},
         recv_specs=cut_specs(program, plan, layout.stage - 1) if layout.stage > 0 else (),
         send_specs=cut_specs(program, plan, layout.stage) if not layout.is_last else (),
-        grad_names=differentiable_names(program),
+        grad_names=program.differentiable_names(),
         batch_names=batch_names,
         loss_name=loss_name(program) if layout.is_last else None,
         micro_batch=local_micro_batch(plan, layout.stage),

@@ -22,7 +22,7 @@ import numpy as np
 
 from galvatron_fx.plan import LayerStrategy
 
-_BLOCK = 256
+_BLOCK = 128
 
 
 def pareto_indices(M: np.ndarray, X: np.ndarray, G: np.ndarray, group: np.ndarray | None = None) -> np.ndarray:
@@ -42,19 +42,34 @@ def pareto_indices(M: np.ndarray, X: np.ndarray, G: np.ndarray, group: np.ndarra
         keep[0] = True
         keep[1:] = rank[1:] < np.minimum.accumulate(rank)[:-1]
         return order[keep]
-    kept_x, kept_g, kept_c = np.empty(0), np.empty(0), np.empty(0, np.int64)
     keep = np.zeros(n, bool)
-    for start in range(0, n, _BLOCK):
-        bx, bg, bc = x[start:start + _BLOCK], g[start:start + _BLOCK], c[start:start + _BLOCK]
-        # dominated by an earlier survivor of the same group (earlier in (M, X, G) order: M no larger)
-        dom = ((kept_x[None, :] <= bx[:, None]) & (kept_g[None, :] <= bg[:, None]) & (kept_c[None, :] == bc[:, None])).any(axis=1)
-        inner = (bx[None, :] <= bx[:, None]) & (bg[None, :] <= bg[:, None]) & (bc[None, :] == bc[:, None])
-        inner &= np.tri(len(bx), k=-1, dtype=bool)
+    bounds = np.flatnonzero(np.diff(c)) + 1
+    for lo, hi in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [n]])):
+        keep[lo:hi] = _front_3d(x[lo:hi], g[lo:hi])
+    return order[keep]
+
+
+def _front_3d(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Survivors among points already in (M, X, G) order: a point is dominated iff an earlier one has X and
+    G no larger. Earlier survivors are kept as their 2-D (X, G) staircase (X ascending, G descending), so
+    each point asks one binary search: the least G among survivors with X <= its X. Points of the same
+    block are compared with each other directly."""
+    keep = np.zeros(len(x), bool)
+    stair_x, stair_g = np.empty(0), np.empty(0)
+    for start in range(0, len(x), _BLOCK):
+        bx, bg = x[start:start + _BLOCK], g[start:start + _BLOCK]
+        at = np.searchsorted(stair_x, bx, side="right") - 1
+        dom = (at >= 0) & (stair_g[np.maximum(at, 0)] <= bg) if len(stair_x) else np.zeros(len(bx), bool)
+        inner = (bx[None, :] <= bx[:, None]) & (bg[None, :] <= bg[:, None]) & np.tri(len(bx), k=-1, dtype=bool)
         dom |= inner.any(axis=1)
         keep[start:start + _BLOCK] = ~dom
-        kept_x, kept_g, kept_c = (np.concatenate([kept_x, bx[~dom]]), np.concatenate([kept_g, bg[~dom]]),
-                                  np.concatenate([kept_c, bc[~dom]]))
-    return order[keep]
+        # the new staircase: the 2-D front of the old one and this block's survivors
+        sx, sg = np.concatenate([stair_x, bx[~dom]]), np.concatenate([stair_g, bg[~dom]])
+        by = np.lexsort((sg, sx))
+        sx, sg = sx[by], sg[by]
+        lower = np.concatenate([[True], sg[1:] < np.minimum.accumulate(sg)[:-1]])
+        stair_x, stair_g = sx[lower], sg[lower]
+    return keep
 
 
 @dataclass

@@ -247,6 +247,16 @@ def test_pareto_indices_matches_definition():
             dominated = any((pts[j] <= pts[i]).all() and (pts[j] < pts[i]).any() for j in range(n))
             assert (i in keep) != dominated or (not dominated and any((pts[j] == pts[i]).all() for j in keep))
         assert len({tuple(pts[i]) for i in keep}) == len(keep)   # one of equal points
+    for n in (9, 600, 2000):  # groups: only points of the same group dominate each other
+        pts = rng.integers(0, 15, size=(n, 3)).astype(float)
+        grp = rng.integers(0, 3, size=n)
+        keep = set(pareto_indices(pts[:, 0], pts[:, 1], pts[:, 2], grp).tolist())
+        for k in range(3):
+            members = np.flatnonzero(grp == k)
+            front = {tuple(pts[i]) for i in members
+                     if not any((pts[j] <= pts[i]).all() and (pts[j] < pts[i]).any() for j in members)}
+            assert {tuple(pts[i]) for i in keep if grp[i] == k} == front
+            assert sum(grp[i] == k for i in keep) == len(front)
 
 
 def test_plan_json_round_trip(tmp_path):
