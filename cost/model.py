@@ -182,7 +182,9 @@ class CostModel:
         vtp = embedding.vtp
         dp = max(devices // vtp, 1)
         local = micro_batch / dp
-        kind = embedding.data_parallel_type
+        # A sharded embedding/head stays gathered from forward to backward (as FSDP2's root does): it gathers
+        # once per step and keeps its gradients and states sharded, which is ZeRO-2's price
+        kind = "zero2" if embedding.data_parallel_type == "zero3" else embedding.data_parallel_type
         hidden_bytes = self.model.prologue.boundary_bytes_per_sample * local * self.activation_scale
         strategy = LayerStrategy(tp=vtp, dp=dp, dp_type=kind, sp="megatron" if embedding.vsp and vtp > 1 else "none")
         half_comm = self._tp_comm_s(strategy, hidden_bytes) / 2  # one collective, not Megatron's two

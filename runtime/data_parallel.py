@@ -3,7 +3,8 @@
 Each layer of a stage follows its LayerStrategy on its data-parallel mesh:
 
 - ``zero3``: FSDP2 ``fully_shard`` on the layer (parameters, gradients and optimizer states sharded;
-  parameters gathered for forward and again for backward);
+  parameters gathered for forward and again for backward; the embedding and head, which run first and
+  last, stay gathered from forward to backward, as FSDP2's root does);
 - ``zero2``: ``fully_shard`` with ``reshard_after_forward=False`` (parameters stay gathered from forward to
   backward; gradients and optimizer states sharded);
 - ``ddp``: parameters replicated; each layer's gradients averaged by one flat all-reduce, started during
@@ -35,7 +36,7 @@ from torch.distributed.tensor import DTensor
 
 from galvatron_fx.passes.lower_stage import StageModule, stage_layer_indices
 from galvatron_fx.plan import Plan
-from galvatron_fx.program import Program
+from galvatron_fx.program import EPILOGUE, PROLOGUE, Program
 
 from . import groups
 
@@ -196,7 +197,10 @@ def apply_data_parallel(stage: StageModule, program: Program, plan: Plan) -> Gra
         mesh = groups.layer_mesh(plan, strategy)
         ignored = {params[n] for n in names if n in shared}
         if strategy.dp_type in ("zero2", "zero3") and len(ignored) < len(names):
-            fully_shard(module, mesh=mesh, reshard_after_forward=strategy.dp_type == "zero3", ignored_params=ignored)
+            # Like FSDP2's root, the embedding and head stay gathered from forward to backward: they run
+            # first and last, so resharding them would only gather them again (cost model: priced as ZeRO-2)
+            reshard = strategy.dp_type == "zero3" and layer.kind not in (PROLOGUE, EPILOGUE)
+            fully_shard(module, mesh=mesh, reshard_after_forward=reshard, ignored_params=ignored)
             fsdp_units.append(module)
             root_mesh = root_mesh or mesh
             names = [n for n in names if n in shared]

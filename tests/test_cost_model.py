@@ -213,3 +213,11 @@ def test_evaluate_follows_the_pipeline_formula(model):
         model.evaluate(Plan(world_size=4, layers=[S(tp=1, dp=4)] * 4, global_batch=8))
     with pytest.raises(PlanError, match="body layers"):
         model.evaluate(Plan(world_size=8, layers=[S(tp=1, dp=8)] * 3, global_batch=8))
+
+
+def test_sharded_embedding_is_priced_as_it_runs_gathered_from_forward_to_backward(model):
+    # the runtime keeps a sharded embedding/head gathered for the step (as FSDP2's root): ZeRO-2's price
+    sharded = model.embedding_cost(EmbeddingStrategy(embed_sdp=True), 4, 8, first_stage=True, last_stage=True)
+    zero2 = model.embedding_cost(EmbeddingStrategy(dp_type="zero2"), 4, 8, first_stage=True, last_stage=True)
+    ddp = model.embedding_cost(EmbeddingStrategy(), 4, 8, first_stage=True, last_stage=True)
+    assert sharded == zero2 and sharded.model_state_bytes < ddp.model_state_bytes

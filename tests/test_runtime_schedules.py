@@ -81,3 +81,19 @@ def test_pipeline_cuts_pack_values_and_send_gradients_only_where_they_flow():
     assert buffer.dtype == torch.uint8 and buffer.numel() == packed_bytes(first.send_specs)
     for value, back in zip(values, unpack(buffer, first.send_specs)):
         assert back.dtype == value.dtype and torch.equal(back, value)
+
+
+def test_tied_parameters_under_every_name_carry_gradients():
+    import galvatron_fx
+    from galvatron_fx.models import build_model, example_batch
+
+    model, _ = build_model("t5")  # the shared embedding is also reached as lm_head.weight
+    program = galvatron_fx.capture(model, example_kwargs=example_batch("t5", model, batch=2))
+    graph_module = program.graph_module
+    params = dict(graph_module.named_parameters(remove_duplicate=False))
+    fetched = [n for n in graph_module.graph.nodes if n.op == "get_attr" and n.target in params]
+    assert "lm_head.weight" in {n.target for n in fetched}
+    names = program.differentiable_names()
+    for node in fetched:  # every fetch of a parameter, and every floating value computed from it directly
+        assert node.name in names
+        assert all(user.name in names for user in node.users if user.meta["val"].dtype.is_floating_point)
