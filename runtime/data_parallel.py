@@ -7,8 +7,8 @@ Each layer of a stage follows its LayerStrategy on its data-parallel mesh:
   last, stay gathered from forward to backward, as FSDP2's root does);
 - ``zero2``: ``fully_shard`` with ``reshard_after_forward=False`` (parameters stay gathered from forward to
   backward; gradients and optimizer states sharded);
-- ``ddp``: parameters replicated; each layer's gradients averaged by one flat all-reduce, started during
-  backward as soon as they are complete.
+- ``ddp``: parameters replicated; the gradients of consecutive layers averaged by one flat all-reduce per
+  bucket of up to ``BUCKET_CAP_BYTES`` (DDP's default), started during backward as soon as it is complete.
 
 The stage module itself becomes the FSDP2 root over its ZeRO layers (it manages no parameter of its own).
 One root shares one communication context across the layers: each layer's reduce-scatter input (its whole
@@ -41,8 +41,11 @@ from galvatron_fx.program import EPILOGUE, PROLOGUE, Program
 from . import groups
 
 
+BUCKET_CAP_BYTES = 25 * 2**20  # as DDP's bucket_cap_mb: fewer, larger all-reduces, each paying one latency
+
+
 class ReplicatedBucket:
-    """One layer's replicated parameters on one data-parallel group of ``size`` ranks.
+    """Replicated parameters of consecutive layers on one data-parallel group of ``size`` ranks.
 
     In the backward that synchronises, the moment the last of these gradients is accumulated a hook
     copies them into one flat buffer, makes each ``.grad`` a view of it and starts the buffer's all-reduce
@@ -60,6 +63,10 @@ class ReplicatedBucket:
     def add(self, param: nn.Parameter) -> None:
         self.params.append(param)
         param.register_post_accumulate_grad_hook(self._on_grad_accumulated)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.params)
 
     def arm(self, syncing: bool) -> None:
         """Called before each backward: whether this backward's gradients are to be all-reduced."""
@@ -185,7 +192,8 @@ def apply_data_parallel(stage: StageModule, program: Program, plan: Plan) -> Gra
     shared = {name for name, layer_indices in users.items() if len(layer_indices) > 1}
     params = stage.user_parameters()
     fsdp_units: list[FSDPModule] = []
-    buckets: list[ReplicatedBucket] = []  # one per layer, in forward order
+    buckets: list[ReplicatedBucket] = []  # in forward order
+    filling: dict[tuple[int, ...], ReplicatedBucket] = {}  # per data-parallel group: the bucket being filled
     replicated: set[int] = set()
     root_mesh = None
     for layer in stage.stage_layers:
@@ -204,16 +212,17 @@ def apply_data_parallel(stage: StageModule, program: Program, plan: Plan) -> Gra
             fsdp_units.append(module)
             root_mesh = root_mesh or mesh
             names = [n for n in names if n in shared]
-        bucket = ReplicatedBucket(mesh.get_group(), strategy.dp)
+        key = tuple(groups.world_group_ranks(mesh))
+        if key not in filling or filling[key].nbytes >= BUCKET_CAP_BYTES:
+            filling[key] = ReplicatedBucket(mesh.get_group(), strategy.dp)
+            buckets.append(filling[key])
         for name in names:
             if id(params[name]) not in replicated:
                 replicated.add(id(params[name]))
-                bucket.add(params[name])
-        if bucket.params:
-            buckets.append(bucket)
+                filling[key].add(params[name])
     if fsdp_units:
         sharded = {id(p) for unit in fsdp_units for p in unit.parameters() if isinstance(p, DTensor)}
         fully_shard(stage, mesh=root_mesh, ignored_params={p for p in stage.parameters() if id(p) not in sharded})
     tied = [TiedWeight(name, params[name], groups.tied_group(plan, stages, stage.layout.local))
             for name, stages in sorted(tied_stages(program, plan).items()) if name in params]
-    return GradSync(fsdp_units, buckets, tied, plan.grad_sync_every_micro_batch)
+    return GradSync(fsdp_units, [b for b in buckets if b.params], tied, plan.grad_sync_every_micro_batch)
