@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -49,7 +48,8 @@ class ReplicatedBucket:
 
     In the backward that synchronises, the moment the last of these gradients is accumulated a hook
     copies them into one flat buffer, makes each ``.grad`` a view of it and starts the buffer's all-reduce
-    asynchronously, so that it overlaps with the backward of the layers before (as DDP's buckets do);
+    asynchronously, so that it overlaps with the backward of the layers before (as DDP's buckets do); the
+    copy goes one gradient at a time, so a bucket costs no second copy of its gradients at any moment;
     ``wait`` completes it and averages. A parameter that got no gradient in that backward holds the bucket
     back until ``wait``, which then launches it with zeros in place of the missing gradients.
     """
@@ -61,6 +61,8 @@ class ReplicatedBucket:
         self._armed, self._ready, self._work = False, 0, None
 
     def add(self, param: nn.Parameter) -> None:
+        if self.params and param.dtype != self.params[0].dtype:  # one flat buffer holds one dtype
+            raise TypeError(f"a bucket holds one dtype: {param.dtype} next to {self.params[0].dtype}")
         self.params.append(param)
         param.register_post_accumulate_grad_hook(self._on_grad_accumulated)
 
@@ -79,10 +81,17 @@ class ReplicatedBucket:
                 self._launch()
 
     def _launch(self) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = _flatten_dense_tensors(grads)
-        for param, view in zip(self.params, _unflatten_dense_tensors(flat, grads)):
-            param.grad = view  # the unflattened gradients are freed: no second copy stays alive
+        first = self.params[0]
+        flat = torch.empty(sum(p.numel() for p in self.params), dtype=first.dtype, device=first.device)
+        offset = 0
+        for param in self.params:  # one gradient at a time: each original is freed as soon as it is copied
+            view = flat[offset:offset + param.numel()].view_as(param)
+            if param.grad is None:
+                view.zero_()
+            else:
+                view.copy_(param.grad)
+            param.grad = view
+            offset += param.numel()
         self._work = (dist.all_reduce(flat, group=self.group, async_op=True), flat)
         self._armed = False
 
