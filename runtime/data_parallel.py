@@ -7,8 +7,8 @@ Each layer of a stage follows its LayerStrategy on its data-parallel mesh:
   last, stay gathered from forward to backward, as FSDP2's root does);
 - ``zero2``: ``fully_shard`` with ``reshard_after_forward=False`` (parameters stay gathered from forward to
   backward; gradients and optimizer states sharded);
-- ``ddp``: parameters replicated; the gradients of consecutive layers averaged by one flat all-reduce per
-  bucket of up to ``BUCKET_CAP_BYTES`` (DDP's default), started during backward as soon as it is complete.
+- ``ddp``: parameters replicated; each layer's gradients averaged by one flat all-reduce, started during
+  backward as soon as they are complete.
 
 The stage module itself becomes the FSDP2 root over its ZeRO layers (it manages no parameter of its own).
 One root shares one communication context across the layers: each layer's reduce-scatter input (its whole
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -40,18 +41,18 @@ from galvatron_fx.program import EPILOGUE, PROLOGUE, Program
 from . import groups
 
 
-BUCKET_CAP_BYTES = 25 * 2**20  # as DDP's bucket_cap_mb: fewer, larger all-reduces, each paying one latency
-
-
 class ReplicatedBucket:
-    """Replicated parameters of consecutive layers on one data-parallel group of ``size`` ranks.
+    """One layer's replicated parameters on one data-parallel group of ``size`` ranks.
 
     In the backward that synchronises, the moment the last of these gradients is accumulated a hook
     copies them into one flat buffer, makes each ``.grad`` a view of it and starts the buffer's all-reduce
-    asynchronously, so that it overlaps with the backward of the layers before (as DDP's buckets do); the
-    copy goes one gradient at a time, so a bucket costs no second copy of its gradients at any moment;
+    asynchronously, so that it overlaps with the backward of the layers before (as DDP's buckets do);
     ``wait`` completes it and averages. A parameter that got no gradient in that backward holds the bucket
     back until ``wait``, which then launches it with zeros in place of the missing gradients.
+
+    A bucket per layer, not DDP's 25 MiB buckets across layers: the copy briefly holds a bucket's gradients
+    twice, and one layer's worth is what the cost model's memory allows for. (Fewer, larger buckets save
+    collective latencies where those dominate, as on CPU cores shared by several ranks.)
     """
 
     def __init__(self, group: dist.ProcessGroup, size: int):
@@ -61,14 +62,8 @@ class ReplicatedBucket:
         self._armed, self._ready, self._work = False, 0, None
 
     def add(self, param: nn.Parameter) -> None:
-        if self.params and param.dtype != self.params[0].dtype:  # one flat buffer holds one dtype
-            raise TypeError(f"a bucket holds one dtype: {param.dtype} next to {self.params[0].dtype}")
         self.params.append(param)
         param.register_post_accumulate_grad_hook(self._on_grad_accumulated)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.params)
 
     def arm(self, syncing: bool) -> None:
         """Called before each backward: whether this backward's gradients are to be all-reduced."""
@@ -81,17 +76,10 @@ class ReplicatedBucket:
                 self._launch()
 
     def _launch(self) -> None:
-        first = self.params[0]
-        flat = torch.empty(sum(p.numel() for p in self.params), dtype=first.dtype, device=first.device)
-        offset = 0
-        for param in self.params:  # one gradient at a time: each original is freed as soon as it is copied
-            view = flat[offset:offset + param.numel()].view_as(param)
-            if param.grad is None:
-                view.zero_()
-            else:
-                view.copy_(param.grad)
-            param.grad = view
-            offset += param.numel()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = _flatten_dense_tensors(grads)
+        for param, view in zip(self.params, _unflatten_dense_tensors(flat, grads)):
+            param.grad = view  # the unflattened gradients are freed: no second copy stays alive
         self._work = (dist.all_reduce(flat, group=self.group, async_op=True), flat)
         self._armed = False
 
@@ -201,8 +189,7 @@ def apply_data_parallel(stage: StageModule, program: Program, plan: Plan) -> Gra
     shared = {name for name, layer_indices in users.items() if len(layer_indices) > 1}
     params = stage.user_parameters()
     fsdp_units: list[FSDPModule] = []
-    buckets: list[ReplicatedBucket] = []  # in forward order
-    filling: dict[tuple[int, ...], ReplicatedBucket] = {}  # per data-parallel group: the bucket being filled
+    buckets: list[ReplicatedBucket] = []  # one per layer, in forward order
     replicated: set[int] = set()
     root_mesh = None
     for layer in stage.stage_layers:
@@ -221,17 +208,16 @@ def apply_data_parallel(stage: StageModule, program: Program, plan: Plan) -> Gra
             fsdp_units.append(module)
             root_mesh = root_mesh or mesh
             names = [n for n in names if n in shared]
-        key = tuple(groups.world_group_ranks(mesh))
-        if key not in filling or filling[key].nbytes >= BUCKET_CAP_BYTES:
-            filling[key] = ReplicatedBucket(mesh.get_group(), strategy.dp)
-            buckets.append(filling[key])
+        bucket = ReplicatedBucket(mesh.get_group(), strategy.dp)
         for name in names:
             if id(params[name]) not in replicated:
                 replicated.add(id(params[name]))
-                filling[key].add(params[name])
+                bucket.add(params[name])
+        if bucket.params:
+            buckets.append(bucket)
     if fsdp_units:
         sharded = {id(p) for unit in fsdp_units for p in unit.parameters() if isinstance(p, DTensor)}
         fully_shard(stage, mesh=root_mesh, ignored_params={p for p in stage.parameters() if id(p) not in sharded})
     tied = [TiedWeight(name, params[name], groups.tied_group(plan, stages, stage.layout.local))
             for name, stages in sorted(tied_stages(program, plan).items()) if name in params]
-    return GradSync(fsdp_units, [b for b in buckets if b.params], tied, plan.grad_sync_every_micro_batch)
+    return GradSync(fsdp_units, buckets, tied, plan.grad_sync_every_micro_batch)

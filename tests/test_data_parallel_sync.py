@@ -1,6 +1,5 @@
 """Gradient synchronisation inside the backward pass: DDP buckets start their all-reduce during the last
-micro-batch's backward (not after it), small layers share a bucket, and a stage's ZeRO layers share one
-FSDP2 root."""
+micro-batch's backward (not after it), and a stage's ZeRO layers share one FSDP2 root."""
 
 from __future__ import annotations
 
@@ -9,13 +8,12 @@ import torch
 from distributed import GLOBAL_BATCH, _program
 
 
-def _sync_timeline(cap_bytes: int) -> dict:
+def _sync_timeline_worker(rank: int, world_size: int) -> dict:
     from torch.distributed.fsdp import FSDPModule
 
     from galvatron_fx.plan import LayerStrategy, Plan
-    from galvatron_fx.runtime import Trainer, data_parallel
+    from galvatron_fx.runtime import Trainer
 
-    data_parallel.BUCKET_CAP_BYTES = cap_bytes
     program, batches = _program("gpt2", 2)
     kinds = ("ddp", "zero3", "ddp", "zero2")
     plan = Plan(world_size=2, layers=tuple(LayerStrategy(dp=2, dp_type=k) for k in kinds), chunks=2, global_batch=GLOBAL_BATCH)
@@ -32,30 +30,22 @@ def _sync_timeline(cap_bytes: int) -> dict:
     executor.run(trainer.actions, trainer.micro_batches(batches[0]), trainer._seeds())
     sync.finish()
     reduced = [p.grad.clone() for bucket in sync.buckets for p in bucket.params]
-    return {"seen": seen, "after_finish": [b.in_flight for b in sync.buckets], "reduced": reduced,
-            "stage_is_root": isinstance(trainer.stage, FSDPModule),
-            "units": [isinstance(trainer.stage.layers[l.name], FSDPModule) for l in trainer.stage.stage_layers]}
-
-
-def _worker(rank: int, world_size: int) -> dict:
-    from galvatron_fx.runtime import data_parallel
-
-    default = data_parallel.BUCKET_CAP_BYTES
-    return {"per_layer": _sync_timeline(1), "default": _sync_timeline(default)}
+    return {rank: {"seen": seen, "after_finish": [b.in_flight for b in sync.buckets], "reduced": reduced,
+                   "stage_is_root": isinstance(trainer.stage, FSDPModule),
+                   "units": [isinstance(trainer.stage.layers[l.name], FSDPModule) for l in trainer.stage.stage_layers]}}
 
 
 def test_ddp_buckets_all_reduce_during_the_last_backward_and_zero_layers_share_one_root():
     from galvatron_fx.runtime import spawn
 
-    ranks = spawn(_worker, 2, timeout_s=300.0)
-    # replicated parameters: prologue, ddp blocks 0 and 2, epilogue (the tied weight); all fit one default bucket
-    for name, buckets in (("per_layer", 4), ("default", 1)):
-        results = [r[name] for r in ranks]
-        for result in results:
-            assert len(result["seen"]) == 2 and len(result["seen"][0]) == buckets
-            assert not any(result["seen"][0])  # the first micro-batch only accumulates
-            assert all(result["seen"][1])  # every bucket's all-reduce started inside the last backward
-            assert not any(result["after_finish"])
-            assert result["stage_is_root"] and result["units"] == [False, False, True, False, True, False]
-        for a, b in zip(*(r["reduced"] for r in results)):  # both ranks hold the same averaged gradients
-            assert torch.equal(a, b)
+    ranks = spawn(_sync_timeline_worker, 2, timeout_s=300.0)
+    results = [r[i] for i, r in enumerate(ranks)]
+    for result in results:
+        # layers: prologue, 4 blocks, epilogue; buckets: prologue, ddp blocks 0 and 2, epilogue (tied weight's bucket)
+        assert len(result["seen"]) == 2 and len(result["seen"][0]) == 4
+        assert not any(result["seen"][0])  # the first micro-batch only accumulates
+        assert all(result["seen"][1])  # every bucket's all-reduce started inside the last backward
+        assert not any(result["after_finish"])
+        assert result["stage_is_root"] and result["units"] == [False, False, True, False, True, False]
+    for a, b in zip(*(r["reduced"] for r in results)):  # both ranks hold the same averaged gradients
+        assert torch.equal(a, b)
