@@ -255,26 +255,18 @@ class _SeqGather(torch.autograd.Function):
         return op(grad.contiguous(), *ctx.args), None, None, None, None, None
 
 
-class _SeqReduceScatter(torch.autograd.Function):
+class _SeqShard(torch.autograd.Function):
+    """Forward: this rank's part of the sequence digit, reduce-scattered from partial sums (``reduce``) or
+    split from a whole value; backward: all-gather of the gradient."""
+
     @staticmethod
-    def forward(ctx, x, dim, sizes, index, ranks):
+    def forward(ctx, x, dim, sizes, index, ranks, reduce):
         ctx.args = (dim, tuple(s // len(ranks) if i == index else s for i, s in enumerate(sizes)), index, ranks)
-        return _digit_reduce_scatter(x, dim, sizes, index, ranks)
+        return (_digit_reduce_scatter if reduce else _digit_split)(x, dim, sizes, index, ranks)
 
     @staticmethod
     def backward(ctx, grad):
-        return _digit_gather(grad.contiguous(), *ctx.args), None, None, None, None
-
-
-class _SeqSplit(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, sizes, index, ranks):
-        ctx.args = (dim, tuple(s // len(ranks) if i == index else s for i, s in enumerate(sizes)), index, ranks)
-        return _digit_split(x, dim, sizes, index, ranks)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _digit_gather(grad.contiguous(), *ctx.args), None, None, None, None
+        return _digit_gather(grad.contiguous(), *ctx.args), None, None, None, None, None
 
 
 def sp_gather(x: torch.Tensor, dim: int, sizes: tuple, index: int, ranks: Ranks, sum_grad: bool = True) -> torch.Tensor:
@@ -287,12 +279,12 @@ def sp_gather(x: torch.Tensor, dim: int, sizes: tuple, index: int, ranks: Ranks,
 def sp_reduce_scatter(x: torch.Tensor, dim: int, sizes: tuple, index: int, ranks: Ranks) -> torch.Tensor:
     """Partial sums reduce-scattered along the sequence digit (``sizes``: whole) forward, all-gather backward
     (Megatron-SP after a row-parallel projection)."""
-    return _SeqReduceScatter.apply(x, dim, tuple(sizes), index, ranks) if len(ranks) > 1 else x
+    return _SeqShard.apply(x, dim, tuple(sizes), index, ranks, True) if len(ranks) > 1 else x
 
 
 def sp_split(x: torch.Tensor, dim: int, sizes: tuple, index: int, ranks: Ranks) -> torch.Tensor:
     """This rank's part of a whole (replicated) value along the sequence digit; backward all-gather."""
-    return _SeqSplit.apply(x, dim, tuple(sizes), index, ranks) if len(ranks) > 1 else x
+    return _SeqShard.apply(x, dim, tuple(sizes), index, ranks, False) if len(ranks) > 1 else x
 
 
 def _all_to_all(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:

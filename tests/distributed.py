@@ -170,6 +170,17 @@ def run_group(world_size: int, cases: list[tuple[str, str]], worker=None, timeou
     return merged
 
 
+def shared_runs(cases, worker=None, timeout_s: float = 900.0):
+    """``results(world_size, fast)``: ``run_group`` of ``cases(world_size, fast)``, spawned once per world size
+    and tier and shared by every test that asks for it (one spawn trains many cases)."""
+
+    @functools.cache
+    def results(world_size: int, fast: bool) -> dict[str, dict]:
+        return run_group(world_size, cases(world_size, fast), worker, timeout_s)
+
+    return results
+
+
 def tier_params(fast: dict[int, list], full: dict[int, list]) -> list:
     """pytest params (world_size, fast, model, recipe) of both tiers; the full ones marked ``full``."""
     out = []

@@ -9,7 +9,7 @@ heterogeneous plans on the other models; ``pytest -m full`` runs every plan on e
 
 import pytest
 
-from distributed import MODELS, RECIPES, check_parity, run_group
+from distributed import MODELS, RECIPES, check_parity, shared_runs
 
 PARITY_PLANS = [name for name in RECIPES if not name.startswith("drop_")]
 FAST_MODELS = ("gpt2", "t5")
@@ -30,13 +30,7 @@ def _cases(world_size: int, fast: bool) -> list[tuple[str, str]]:
     return cases
 
 
-_RESULTS: dict[tuple[int, bool], dict] = {}
-
-
-def _results(world_size: int, fast: bool) -> dict:
-    if (world_size, fast) not in _RESULTS:  # one spawn per world size and tier, shared by its tests
-        _RESULTS[(world_size, fast)] = run_group(world_size, _cases(world_size, fast))
-    return _RESULTS[(world_size, fast)]
+_results = shared_runs(_cases)
 
 
 def _params(fast: bool):

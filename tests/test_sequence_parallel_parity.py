@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 
-from distributed import GLOBAL_BATCH, _adam, _config, _program, check_parity, run_group, tier_params
+from distributed import GLOBAL_BATCH, _adam, _config, _program, check_parity, shared_runs, tier_params
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan
 
 # name → (world size, pp, chunks, vtp, per-layer pattern of (tp, sp, dp_type))
@@ -63,13 +63,7 @@ MODELS = ("gpt2", "llama", "bert")
 FAST = {2: [(m, r) for m in MODELS for r in ("tp2_sp", "ulysses2", "vtp2")] + [("llama", "mixed_sp")]}
 FULL = {2: [("gpt2", "mixed_sp"), ("bert", "mixed_sp")],
         4: [(m, r) for m in MODELS for r in ("pp2_mixed_sp", "tp2_sp_dp2", "ulysses4", "pp2_sp_cut")]}
-_RESULTS: dict = {}
-
-
-def _results(world_size: int, fast: bool) -> dict:
-    if (world_size, fast) not in _RESULTS:
-        _RESULTS[(world_size, fast)] = run_group(world_size, (FAST if fast else FULL)[world_size], train_cases, timeout_s=1200)
-    return _RESULTS[(world_size, fast)]
+_results = shared_runs(lambda world_size, fast: (FAST if fast else FULL)[world_size], train_cases, timeout_s=1200)
 
 
 @pytest.mark.parametrize("world_size,fast,model,recipe", tier_params(FAST, FULL))

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 
-from distributed import GLOBAL_BATCH, _adam, _config, _program, check_parity, run_group, tier_params
+from distributed import GLOBAL_BATCH, _adam, _config, _program, check_parity, shared_runs, tier_params
 from galvatron_fx.plan import LayerStrategy, Plan
 
 # name → (world size, pp, chunks, per-layer pattern of (tp, dp_type, consecutive))
@@ -61,13 +61,7 @@ FAST = {2: [("gpt2", "tp2"), ("llama", "tp2")],
 FULL = {2: [("bert", "tp2"), ("t5", "tp2"), ("vit", "tp2"), ("swin", "tp2")],
         4: [(m, r) for m in ("gpt2", "llama", "bert") for r in RECIPES if RECIPES[r][0] == 4 and (m, r) not in FAST[4]]
         + [(m, "pp2_tp2") for m in ("t5", "vit", "swin")]}
-_RESULTS: dict = {}
-
-
-def _results(world_size: int, fast: bool) -> dict:
-    if (world_size, fast) not in _RESULTS:
-        _RESULTS[(world_size, fast)] = run_group(world_size, (FAST if fast else FULL)[world_size], train_cases, timeout_s=1200)
-    return _RESULTS[(world_size, fast)]
+_results = shared_runs(lambda world_size, fast: (FAST if fast else FULL)[world_size], train_cases, timeout_s=1200)
 
 
 @pytest.mark.parametrize("world_size,fast,model,recipe", tier_params(FAST, FULL))

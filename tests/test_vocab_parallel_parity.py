@@ -7,21 +7,17 @@ from __future__ import annotations
 import pytest
 
 import test_sequence_parallel_parity as sp
-from distributed import check_parity, run_group, tier_params, train_eager
+from distributed import check_parity, shared_runs, tier_params, train_eager
 
 MODELS = ("gpt2", "llama", "bert")
 FAST = {2: [(m, "vtp2") for m in MODELS]}  # run by the sequence-parallel tests' 2-rank group
 FULL = {2: [(m, "vtp2_tp2_sp") for m in MODELS],
         4: [(m, r) for m in MODELS for r in ("pp2_vtp2", "vtp4")]}
-_RESULTS: dict = {}
+_full_results = shared_runs(lambda world_size, fast: FULL[world_size], sp.train_cases, timeout_s=1200)
 
 
 def _results(world_size: int, fast: bool) -> dict:
-    if fast:
-        return sp._results(world_size, True)
-    if world_size not in _RESULTS:
-        _RESULTS[world_size] = run_group(world_size, FULL[world_size], sp.train_cases, timeout_s=1200)
-    return _RESULTS[world_size]
+    return sp._results(world_size, True) if fast else _full_results(world_size, False)
 
 
 @pytest.mark.parametrize("world_size,fast,model,recipe", tier_params(FAST, FULL))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from galvatron_fx.cost.memory import model_state_bytes
+from galvatron_fx.cost.memory import InFlight, model_state_bytes
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan
 from galvatron_fx.program import BLOCK, EPILOGUE, PROLOGUE, TRANSITION, Layer, Program
 
@@ -308,9 +308,7 @@ def _stages(plan: Plan, nodes: list[LayerNode], redistributions, transfers, cost
         members = [n for n in nodes if n.stage == stage]
         moves = [r.time_s or 0.0 for r in redistributions if r.stage == stage]
         moves += [t.time_s or 0.0 for t in transfers if t.src_stage == stage]
-        in_flight = plan.chunks if plan.pipeline == "gpipe" else min(plan.chunks, plan.pp - stage)
-        if cost_model is not None:
-            in_flight = cost_model.in_flight_micro_batches(plan.pipeline, plan.pp, stage, plan.chunks)
+        in_flight = InFlight.of(plan.pipeline, plan.pp, stage, plan.chunks).first
         states = sum(n.model_state_bytes for n in members)
         activations = in_flight * sum(n.activation_bytes for n in members)
         peak = max((n.peak_extra_bytes for n in members), default=0)
