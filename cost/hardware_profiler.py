@@ -5,14 +5,15 @@ processes in-process). For every power-of-two group size ``g`` ≤ world size an
 (consecutive ranks, and ranks strided by ``world / g``), all groups of that shape run each collective at
 once (as in training, where every TP or DP group communicates together) over a few message sizes, with a
 warm-up and the median of the repetitions; the slowest rank's median counts. Then send/recv between the
-neighbouring stages of every pipeline degree, the slowdown of a matmul while an all-reduce is in flight,
-the sustained matmul throughput, the slowdown of compute when every rank computes at once (processes
-sharing CPU cores), and the time of an Adam step per parameter. Time and memory are bounded by the message sizes and repetitions
+neighbouring stages of every pipeline degree, how much of an all-reduce stays visible next to compute,
+the sustained matmul throughput, the slowdown of a Transformer block when every rank computes at once
+(processes sharing CPU cores), and the time of an Adam step per parameter. Time and memory are bounded by the message sizes and repetitions
 (``ProfilerConfig``); the defaults on CPU keep 4 gloo processes on 2 cores well under a minute.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import statistics
@@ -23,6 +24,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from .hardware import COLLECTIVES, HardwareProfile, fit_latency_bandwidth
 
@@ -223,21 +225,32 @@ def _matmul_flops(device: torch.device, config: ProfilerConfig) -> float:
     return 2 * n**3 / max(seconds, 1e-9)
 
 
+def _transformer_block(dim: int, device: torch.device) -> Callable[[], None]:
+    """Forward and backward of a small pre-norm Transformer block (attention and MLP) on ``dim`` tokens of
+    width ``dim``: the mix of matmuls and memory-bound kernels (layer norm, softmax, GELU) that a model's
+    layers run, which slow down differently when processes share cores (a matmul alone hides that)."""
+    heads, tokens = 4, dim
+    scale = 1.0 / math.sqrt(dim // heads)
+    x = torch.randn(tokens, dim, device=device, requires_grad=True)
+    w_qkv, w_out = (torch.randn(dim, n * dim, device=device, requires_grad=True) for n in (3, 1))
+    w_up, w_down = torch.randn(dim, 4 * dim, device=device, requires_grad=True), torch.randn(4 * dim, dim, device=device, requires_grad=True)
+
+    def step():
+        q, k, v = (F.layer_norm(x, (dim,)) @ w_qkv).view(tokens, 3, heads, dim // heads).unbind(1)
+        scores = torch.softmax(q.transpose(0, 1) @ k.permute(1, 2, 0) * scale, dim=-1)
+        y = x + (scores @ v.transpose(0, 1)).transpose(0, 1).reshape(tokens, dim) @ w_out
+        (y + F.gelu(F.layer_norm(y, (dim,)) @ w_up) @ w_down).sum().backward()
+    return step
+
+
 def _compute_slowdown(device: torch.device, config: ProfilerConfig) -> float:
-    """Matmul time while every rank computes, over rank 0's time computing alone (≥ 1; about 1 on GPUs,
-    the oversubscription factor when ranks share fewer CPU cores). Rank 0's ratio; others return 1."""
-    n = config.matmul_dim
-    a = torch.randn(n, n, device=device)
-    single = _median_time(lambda: a @ a, device, config)
-    repeats = max(1, min(200, int(0.02 / max(single, 1e-9))))  # about 20 ms of work per timing
-
-    def compute():
-        for _ in range(repeats):
-            a @ a
-
-    alone = _local_median_time(compute, device, config) if dist.get_rank() == 0 else 0.0  # the others wait
+    """A Transformer block's forward and backward while every rank runs it, over rank 0's time running it
+    alone (≥ 1; about 1 on GPUs, the oversubscription factor when ranks share fewer CPU cores). Rank 0's
+    ratio; the others return 1."""
+    step = _transformer_block(config.matmul_dim, device)
+    alone = _local_median_time(step, device, config) if dist.get_rank() == 0 else 0.0  # the others wait
     dist.barrier()
-    together = _median_time(compute, device, config)
+    together = _median_time(step, device, config)
     return max(1.0, together / alone) if dist.get_rank() == 0 else 1.0
 
 
@@ -284,7 +297,11 @@ def _optimizer_s_per_param(device: torch.device, config: ProfilerConfig) -> floa
 
 
 def _overlap_slowdown(device: torch.device, config: ProfilerConfig) -> float:
-    """Matmul time while an all-reduce of the largest message runs, over its time alone (≥ 1)."""
+    """1 + the share of an all-reduce (of the largest message) that stays visible next to compute of the
+    same length: (time for both to finish − compute alone) / communication alone. 1 when the
+    communication hides completely (its own stream and engine), 2 when compute and communication only
+    take turns (gloo's threads and the compute sharing the same cores), more when they also slow each
+    other down. Timing compute alone would miss the communication's own slowdown."""
     n = config.matmul_dim
     a = torch.randn(n, n, device=device)
     comm = torch.ones(config.sizes_bytes[-1] // 4, device=device)
@@ -297,16 +314,14 @@ def _overlap_slowdown(device: torch.device, config: ProfilerConfig) -> float:
             a @ a
 
     compute_s = _median_time(compute, device, config)
-    times = []
-    for _ in range(config.repeats):
-        dist.barrier()
+
+    def both():
         work = dist.all_reduce(comm, async_op=True)
-        start = time.perf_counter()
         compute()
-        _sync(device)
-        times.append(time.perf_counter() - start)
         work.wait()
-    return max(1.0, statistics.median(times) / compute_s)
+
+    both_s = _median_time(both, device, config)
+    return max(1.0, 1.0 + (both_s - compute_s) / max(comm_s, 1e-9))
 
 
 # -- launching without torchrun ----------------------------------------------------------------------

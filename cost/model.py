@@ -4,8 +4,10 @@ Terms of one layer, for a micro-batch of ``mb`` samples on a stage (each of the 
 ``mb / dp`` samples, each TP rank ``1 / tp`` of the compute):
 - compute: the profile's forward and backward formulas at ``mb / dp`` samples, divided by ``tp``;
   checkpointing adds the forward (compute and TP collectives) again to the backward. A measured profile
-  was timed on one process: its times are scaled by the hardware's ``compute_slowdown`` (processes that
-  share CPU cores compute slower together than alone).
+  was timed on one process: where processes share CPU cores they compute slower together than alone, by
+  the hardware's ``compute_slowdown`` when every rank computes. A pipeline's ranks compute only for their
+  ``busy_share`` = c / (c + pp − 1) of the step (the rest is bubble), so the slowdown is
+  1 + (compute_slowdown − 1) · busy_share.
 - TP collectives on the hidden state ``h`` = boundary bytes × ``mb / dp``: Megatron 2 all-reduces in
   forward and 2 in backward; Megatron-SP 2 all-gathers + 2 reduce-scatters each way; Ulysses 4
   all-to-alls of ``h / tp`` each way (q, k, v in, output back).
@@ -79,21 +81,35 @@ class CostModel:
             have, want = hardware.flops_per_s.get(model.dtype), hardware.flops_per_s.get(compute_dtype)
             if have and want:
                 self.time_scale = have / want
-        if model.mode == "measured":
-            self.time_scale *= hardware.compute_slowdown
+        # processes sharing cores slow each other's compute (cost/hardware.py); analytic times already
+        # describe one device of the cluster
+        self.compute_slowdown = hardware.compute_slowdown if model.mode == "measured" else 1.0
         self.seq = model.seq_length
         self.overlap = hardware.overlap_slowdown
         # redistribution_s depends only on the two layouts, the boundary's bytes and the micro-batch; its
         # rank-by-rank geometry costs ~1 ms, and the search asks for the same pairs many times.
         self._redistribution_cache: dict[tuple, float] = {}
 
+    # -- contention ------------------------------------------------------------------------------
+    def busy_share(self, pp: int, chunks: int) -> float:
+        """Share of a step each rank of a ``pp``-stage pipeline computes, with ``chunks`` micro-batches: the
+        share of the ranks computing at once, on average. 1.0 wherever compute does not slow down with
+        other ranks (then the value changes nothing, and callers may share what they priced with it)."""
+        return 1.0 if self.compute_slowdown == 1.0 else chunks / (chunks + pp - 1)
+
+    def _compute_scale(self, busy_share: float) -> float:
+        return self.time_scale * (1.0 + (self.compute_slowdown - 1.0) * busy_share)
+
     # -- one layer ------------------------------------------------------------------------------
-    def layer_cost(self, layer_type: str, strategy: LayerStrategy, micro_batch: int) -> LayerCost:
+    def layer_cost(self, layer_type: str, strategy: LayerStrategy, micro_batch: int, busy_share: float = 1.0) -> LayerCost:
+        """One body layer of ``layer_type`` under ``strategy`` at ``micro_batch`` samples per stage, while
+        ``busy_share`` of the ranks compute (``busy_share(pp, chunks)``; 1 without a pipeline)."""
         profile = self.model.layer(layer_type)
         local = micro_batch / strategy.dp
         sharded_seq = strategy.sp != "none"
-        fwd_compute = profile.fwd(local, self.seq) * self.time_scale / strategy.tp
-        bwd_compute = profile.bwd(local, self.seq) * self.time_scale / strategy.tp
+        scale = self._compute_scale(busy_share) / strategy.tp
+        fwd_compute = profile.fwd(local, self.seq) * scale
+        bwd_compute = profile.bwd(local, self.seq) * scale
         hidden_bytes = profile.boundary_bytes_per_sample * local * self.activation_scale
         tp_fwd = tp_bwd = self._tp_comm_s(strategy, hidden_bytes)
         params = profile.param_count if strategy.sp == "ulysses" else profile.param_count / strategy.tp
@@ -172,7 +188,7 @@ class CostModel:
 
     # -- embedding and head ------------------------------------------------------------------------
     def embedding_cost(self, embedding: EmbeddingStrategy, devices: int, micro_batch: int, *, first_stage: bool,
-                       last_stage: bool) -> LayerCost:
+                       last_stage: bool, busy_share: float = 1.0) -> LayerCost:
         """The prologue (embedding, on the first stage) and/or epilogue (head and loss, on the last stage).
 
         Vocab TP ``vtp`` splits the vocabulary-sized weights and the head's compute; the embedding's output
@@ -194,7 +210,7 @@ class CostModel:
         for part, wanted, comm_fwd, comm_bwd, shared in ((self.model.prologue, first_stage, half_comm, 0.0, 0),
                                                          (self.model.epilogue, last_stage, 0.0, half_comm, tied)):
             if wanted:
-                parts.append(self._part_cost(part, strategy, local, comm_fwd, comm_bwd, shared))
+                parts.append(self._part_cost(part, strategy, local, comm_fwd, comm_bwd, busy_share, shared))
         if not parts:
             return LayerCost(0.0, 0.0, 0.0, 0, 0, 0)
         return LayerCost(*(sum(getattr(p, name) for p in parts) for name in ("fwd_s", "bwd_s", "grad_sync_s", "model_state_bytes",
@@ -203,11 +219,11 @@ class CostModel:
                          sum(p.optimizer_temp_bytes for p in parts))
 
     def _part_cost(self, part: LayerTypeProfile, strategy: LayerStrategy, local: float, comm_fwd: float, comm_bwd: float,
-                   shared_vocab_params: int = 0) -> LayerCost:
+                   busy_share: float, shared_vocab_params: int = 0) -> LayerCost:
         """``shared_vocab_params``: vocabulary-sized parameters another part on this stage already holds."""
         vtp = strategy.tp
-        fwd_compute = part.fwd(local, self.seq) * self.time_scale / vtp
-        bwd_compute = part.bwd(local, self.seq) * self.time_scale / vtp
+        fwd_compute = part.fwd(local, self.seq) * self._compute_scale(busy_share) / vtp
+        bwd_compute = part.bwd(local, self.seq) * self._compute_scale(busy_share) / vtp
         params = part.param_count - part.vocab_param_count + (part.vocab_param_count - shared_vocab_params) / vtp
         gather_s, sync_s, transient = self._dp_comm(params, strategy.dp, strategy.dp_type, vtp == 1)
         activation = part.activation_per_sample(vtp, strategy.sp != "none") * local * self.activation_scale
@@ -289,12 +305,13 @@ class CostModel:
                                f"but the plan is for {plan.world_size} devices",
                                f"use a hardware profile or Cluster preset of {plan.world_size} devices")
         mb, chunks, pp = plan.micro_batch, plan.chunks, plan.pp
+        share = self.busy_share(pp, chunks)
         busy, sync, memory = [], [], []
         for stage in range(pp):
             indices = list(plan.stage_layers(stage))
-            costs = [self.layer_cost(self.layer_types[i], plan.layers[i], mb) for i in indices]
+            costs = [self.layer_cost(self.layer_types[i], plan.layers[i], mb, share) for i in indices]
             costs.append(self.embedding_cost(plan.embedding, plan.devices_per_stage, mb, first_stage=stage == 0,
-                                             last_stage=stage == pp - 1))
+                                             last_stage=stage == pp - 1, busy_share=share))
             x = sum(c.fwd_s + c.bwd_s for c in costs)
             x += sum(self.redistribution_s(plan.layers[i - 1], plan.layers[i], i, mb) for i in indices[1:])
             if stage < pp - 1:

@@ -64,7 +64,7 @@ def plan_table(plan, cost_model=None, layer_types: list[str] | None = None) -> s
         span = f"{run[0]}" if len(run) == 1 else f"{run[0]}-{run[-1]}"
         time_s = ""
         if cost_model is not None:
-            cost = cost_model.layer_cost(types[run[0]], strategy, plan.micro_batch)
+            cost = cost_model.layer_cost(types[run[0]], strategy, plan.micro_batch, cost_model.busy_share(plan.pp, plan.chunks))
             time_s = f"{(cost.fwd_s + cost.bwd_s) * 1e3:.3f}"
         rows.append((span, types[run[0]] if types else "-", str(plan.stage_of_layer(run[0])), strategy.short(), time_s))
     header = ("layers", "type", "stage", "strategy", "fwd+bwd ms/micro-batch/layer")

@@ -21,7 +21,7 @@ layer that is not ZeRO-3 and for the embedding/head replicas (unless ``embed_sdp
 layer. Both modes are searched, so the optimum is exact over that space (the brute force walks the same).
 
 requires: a CostModel following docs' cost contract (layer_cost, embedding_cost, redistribution_s, p2p_s,
-          in_flight, unsupported_reason, evaluate).
+          in_flight, busy_share, unsupported_reason, evaluate).
 ensures:  the returned plan is the optimum of evaluate() over the space (ties broken arbitrarily), its
           ``prediction`` is evaluate(plan), its provenance names model, cluster, budget, version and
           ``search_time_s``; strategies a layer cannot run are left out with the reason recorded.
@@ -131,7 +131,7 @@ class SearchEngine:
                     for k, pipeline in candidates.items():
                         if any(other != k and all(a <= b for a, b in zip(other, k)) for other in candidates):
                             continue   # fewer micro-batches in flight everywhere: same time, no more memory
-                        table = self.table(devices, mb, mode, usable)
+                        table = self.table(self.table_key(pp, c, mb, mode), usable)
                         out.append((gb / self.time_lower_bound(table, pp, c, mb, k, mode), pp, gb, c, pipeline, k, mode))
         out.sort(key=lambda item: -item[0])
         return out
@@ -144,10 +144,14 @@ class SearchEngine:
             self.folded_tables[key] = (table, folded(table, chunks, syncs))
         return self.folded_tables[key][1]
 
-    def table(self, devices: int, mb: int, mode: str, strategies):
-        key = (devices, mb, mode)
+    def table_key(self, pp: int, c: int, mb: int, mode: str) -> tuple:
+        """(devices per stage, micro-batch, dp mode, busy share): what a setting's layer costs depend on."""
+        return self.world_size // pp, mb, mode, self.cost_model.busy_share(pp, c)
+
+    def table(self, key: tuple, strategies):
         if key not in self.tables:
-            self.tables[key] = build_cost_table(self.cost_model, strategies, mb, self.left_out)
+            _, mb, _, share = key
+            self.tables[key] = build_cost_table(self.cost_model, strategies, mb, self.left_out, share)
         return self.tables[key]
 
     def time_lower_bound(self, table, pp: int, c: int, mb: int, k: tuple[int, ...], mode: str) -> float:
@@ -170,7 +174,7 @@ class SearchEngine:
         syncs = c if self.space.grad_sync_every_micro_batch else 1
         emb_s, emb_bytes = np.inf, np.inf
         for embedding in self.space.embedding_strategies(devices, mode):
-            parts = self.parts(devices, mb, pp, embedding, mode)
+            parts = self.parts(devices, mb, pp, c, embedding, mode)
             emb_s = min(emb_s, sum(c * p.x_s + syncs * p.g_s if pp == 1 else p.x_s for p in parts))
             emb_bytes = min(emb_bytes, sum(p.memory(k_rest) for p in parts))
         rest = bound.total[0]
@@ -178,12 +182,13 @@ class SearchEngine:
         layers_s = float(np.max(rest - bound.lam * m_avail - 1e-9 * (np.abs(rest) + bound.lam * (2 * abs(m_avail) + 1))))
         return weight * (max(layers_s, 0.0) + emb_s) + 1e-30
 
-    def parts(self, devices: int, mb: int, pp: int, embedding, mode: str) -> list[EmbeddingPart]:
-        out = []
+    def parts(self, devices: int, mb: int, pp: int, c: int, embedding, mode: str) -> list[EmbeddingPart]:
+        out, share = [], self.cost_model.busy_share(pp, c)
         for s in range(pp):
-            key = (devices, mb, embedding, s == 0, s == pp - 1, mode)
+            key = (devices, mb, embedding, s == 0, s == pp - 1, mode, share)
             if key not in self.embedding_parts:
-                cost = self.cost_model.embedding_cost(embedding, devices, mb, first_stage=s == 0, last_stage=s == pp - 1)
+                cost = self.cost_model.embedding_cost(embedding, devices, mb, first_stage=s == 0, last_stage=s == pp - 1,
+                                                      busy_share=share)
                 self.embedding_parts[key] = EmbeddingPart(cost.fwd_s + cost.bwd_s, cost.grad_sync_s, cost.model_state_bytes,
                                                           cost.activation_bytes, cost.peak_extra_bytes, cost.grad_bytes,
                                                           cost.optimizer_temp_bytes)
@@ -210,14 +215,14 @@ class SearchEngine:
         return self.best
 
     def solve_setting(self, pp: int, gb: int, c: int, pipeline: str, k: tuple[int, ...], mode: str, exact: bool = True) -> None:
-        devices, mb = self.world_size // pp, gb // c
-        full = self.tables[(devices, mb, mode)]
+        key = self.table_key(pp, c, gb // c, mode)
+        full = self.tables[key]
         if not self.space.uniform:
             self.solve_table(full, pp, gb, c, pipeline, k, mode, exact)
             return
         for j in range(len(full.strategies)):   # one strategy for every layer: a table of one
             if all(full.allowed[t][j] for t in self.types):
-                key = (devices, mb, mode, j)
+                key = (*key, j)
                 if key not in self.uniform_tables:
                     self.uniform_tables[key] = subset(full, [j])
                 self.solve_table(self.uniform_tables[key], pp, gb, c, pipeline, k, mode, exact)
@@ -227,7 +232,7 @@ class SearchEngine:
         if key not in self.solvers:
             devices, mb = self.world_size // pp, gb // c
             embeddings = self.space.embedding_strategies(devices, mode)
-            self.solvers[key] = StageSolver(self, table, pp, mb, c, k, [self.parts(devices, mb, pp, e, mode) for e in embeddings])
+            self.solvers[key] = StageSolver(self, table, pp, mb, c, k, [self.parts(devices, mb, pp, c, e, mode) for e in embeddings])
         return self.solvers[key]
 
     def solve_table(self, table, pp: int, gb: int, c: int, pipeline: str, k: tuple[int, ...], mode: str, exact: bool = True) -> None:
@@ -236,15 +241,15 @@ class SearchEngine:
         solver = self.solver(table, pp, gb, c, k, mode)
         if not exact:
             seeded = seed_plan(self, table, solver, pp, gb, c, pipeline, k, embeddings,
-                               lambda e: self.parts(devices, mb, pp, e, mode))
+                               lambda e: self.parts(devices, mb, pp, c, e, mode))
             if seeded is not None and seeded[1].samples_per_s > self.best_throughput:
                 self.best, self.best_throughput = seeded[0], seeded[1].samples_per_s
             return
         self.solvers.pop((id(table), pp, gb, c, k), None)   # solved once: its caches are not needed again
-        ranked = sorted(embeddings, key=lambda e: sum(p.x_s for p in self.parts(devices, mb, pp, e, mode)))
+        ranked = sorted(embeddings, key=lambda e: sum(p.x_s for p in self.parts(devices, mb, pp, c, e, mode)))
         for embedding in ranked:
             bound_s = gb / self.best_throughput if self.best_throughput > 0 else np.inf
-            found = solver.best_division(self.parts(devices, mb, pp, embedding, mode), bound_s)
+            found = solver.best_division(self.parts(devices, mb, pp, c, embedding, mode), bound_s)
             if found is None:
                 continue
             time_s, division, (stages, picks) = found

@@ -145,8 +145,10 @@ def layout_key(strategy: LayerStrategy) -> tuple:
     return (strategy.tp, strategy.sp, strategy.tp_consecutive)
 
 
-def build_cost_table(cost_model, strategies: list[LayerStrategy], micro_batch: int, left_out: dict) -> CostTable:
-    """Query the cost model once per (layer type, strategy); record why strategies are left out."""
+def build_cost_table(cost_model, strategies: list[LayerStrategy], micro_batch: int, left_out: dict,
+                     busy_share: float = 1.0) -> CostTable:
+    """Query the cost model once per (layer type, strategy) at ``busy_share`` (the cost model's
+    ``busy_share`` of the setting's pipeline); record why strategies are left out."""
     layouts = list(dict.fromkeys(layout_key(s) for s in strategies))
     index = {key: i for i, key in enumerate(layouts)}
     table = CostTable(strategies, np.array([index[layout_key(s)] for s in strategies], dtype=np.int64), layouts,
@@ -161,7 +163,7 @@ def build_cost_table(cost_model, strategies: list[LayerStrategy], micro_batch: i
             if reason is not None:
                 left_out.setdefault(f"layer type {layer_type}: {reason}", set()).add(strategy.short())
                 continue
-            cost = cost_model.layer_cost(layer_type, strategy, micro_batch)
+            cost = cost_model.layer_cost(layer_type, strategy, micro_batch, busy_share)
             ok[j] = True
             ms[j], act[j], peak[j] = cost.model_state_bytes, cost.activation_bytes, cost.peak_extra_bytes
             grad[j], temp[j] = cost.grad_bytes, cost.optimizer_temp_bytes

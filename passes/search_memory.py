@@ -17,10 +17,10 @@ def smallest_budget(engine) -> tuple[int, tuple] | None:
     L = len(engine.types)
     for _, pp, gb, c, pipeline, k, mode in engine.settings():
         devices, mb = engine.world_size // pp, gb // c
-        table = engine.tables[(devices, mb, mode)]
+        table = engine.tables[engine.table_key(pp, c, mb, mode)]
         caps = np.unique(np.concatenate([table.peak[t][table.allowed[t]] for t in engine.types]))
         for embedding in engine.space.embedding_strategies(devices, mode):
-            parts = engine.parts(devices, mb, pp, embedding, mode)
+            parts = engine.parts(devices, mb, pp, c, embedding, mode)
             # stage_mem[s][a, b]: least memory of stage s over layers [a, b)
             stage_mem = np.full((pp, L + 1, L + 1), np.inf)
             for s in range(pp):

@@ -62,10 +62,13 @@ class ToyCostModel:
         self.layer_types = list(layer_types)
         self.seed, self.heads, self.peak_values = seed, heads or {}, peak_values
 
+    def busy_share(self, pp, chunks):
+        return chunks / (chunks + pp - 1)
+
     @functools.lru_cache(maxsize=None)
-    def layer_cost(self, layer_type, s, mb):
+    def layer_cost(self, layer_type, s, mb, busy_share=1.0):
         r = _rand(self.seed, layer_type, s, mb)
-        work = mb * (1.0 + r.random()) / s.tp
+        work = mb * (1.0 + r.random()) / s.tp * (0.5 + busy_share)  # contention grows with the busy share
         ckpt = 1.3 if s.ckpt else 1.0
         state = int(r.integers(20_000, 60_000) * (1 / s.dp if s.dp_type == "zero3" else 1) / s.tp)
         act = int(mb * r.integers(1_000, 8_000) * (0.3 if s.ckpt else 1.0) / s.tp)
@@ -74,12 +77,13 @@ class ToyCostModel:
         grad = int(state * r.random() * 0.5)
         return ToyLayerCost(work, work * ckpt * 2, sync, state, act, peak, grad, int(grad * r.random()))
 
-    def embedding_cost(self, e, devices, mb, *, first_stage, last_stage):
+    def embedding_cost(self, e, devices, mb, *, first_stage, last_stage, busy_share=1.0):
         if not (first_stage or last_stage):
             return ToyLayerCost(0.0, 0.0, 0.0, 0, 0, 0)
         r = _rand(self.seed, "emb", e, devices, mb, first_stage, last_stage)
         state = int(r.integers(5_000, 30_000) / e.vtp / (devices // e.vtp if e.embed_sdp else 1))
-        return ToyLayerCost(float(r.random()) * mb / e.vtp, float(r.random()) * mb / e.vtp, float(r.random()) * 0.3, state,
+        work = mb / e.vtp * (0.5 + busy_share)
+        return ToyLayerCost(float(r.random()) * work, float(r.random()) * work, float(r.random()) * 0.3, state,
                             int(mb * r.integers(100, 900) / (e.vtp if e.vsp else 1)), 2_000 if e.embed_sdp else 0, state // 4, state // 8)
 
     def redistribution_s(self, before, after, boundary_index, mb):
@@ -103,11 +107,13 @@ class ToyCostModel:
 
     def evaluate(self, plan: Plan) -> Prediction:
         mb, c, pp = plan.micro_batch, plan.chunks, plan.pp
+        share = self.busy_share(pp, c)
         xs, gs, mems = [], [], []
         for s in range(pp):
             idx = list(plan.stage_layers(s))
-            costs = [self.layer_cost(self.layer_types[i], plan.layers[i], mb) for i in idx]
-            emb = self.embedding_cost(plan.embedding, plan.devices_per_stage, mb, first_stage=s == 0, last_stage=s == pp - 1)
+            costs = [self.layer_cost(self.layer_types[i], plan.layers[i], mb, share) for i in idx]
+            emb = self.embedding_cost(plan.embedding, plan.devices_per_stage, mb, first_stage=s == 0, last_stage=s == pp - 1,
+                                      busy_share=share)
             k = self.in_flight(plan.pipeline, pp, s, c)
             x = sum(q.fwd_s + q.bwd_s for q in costs) + emb.fwd_s + emb.bwd_s
             x += sum(self.redistribution_s(plan.layers[i - 1], plan.layers[i], i, mb) for i in idx[1:])

@@ -238,12 +238,13 @@ def build_layer_graph(program: Program, plan: Plan, cost_model=None, memory_budg
 
 
 def _layer_cost(cost_model, plan: Plan, layer: Layer, bi: int | None, strategy, stage: int) -> dict:
+    share = cost_model.busy_share(plan.pp, plan.chunks)
     if bi is not None:
-        cost = cost_model.layer_cost(cost_model.layer_types[bi], strategy, plan.micro_batch)
+        cost = cost_model.layer_cost(cost_model.layer_types[bi], strategy, plan.micro_batch, share)
     else:
         first = layer.kind == PROLOGUE
         cost = cost_model.embedding_cost(strategy, plan.devices_per_stage, plan.micro_batch, first_stage=first,
-                                         last_stage=not first)
+                                         last_stage=not first, busy_share=share)
     sync = cost.grad_sync_s * (plan.chunks if plan.grad_sync_every_micro_batch else 1)
     return dict(fwd_s=cost.fwd_s, bwd_s=cost.bwd_s, grad_sync_s=sync, model_state_bytes=int(cost.model_state_bytes),
                 activation_bytes=int(cost.activation_bytes), peak_extra_bytes=int(cost.peak_extra_bytes))
