@@ -82,6 +82,9 @@ class HardwareProfile:
     process does not see. ``blocking_collective_s``: what a collective the ranks wait for in the middle of
     compute (tensor parallelism; FSDP without streams) costs beyond its own time, for the ranks to arrive
     together (0 on dedicated devices; the scheduler's time slices where ranks share CPU cores).
+    ``sharded_units`` maps ``"<zero2|zero3>/<group>"`` to the CommFit of what one FSDP2 unit of ``nbytes``
+    of fp32 parameters costs a training step beyond its compute (every gather, reduce-scatter, copy and
+    wait), measured where collectives are waited for in place (CPUs); empty elsewhere.
     """
 
     world_size: int
@@ -97,6 +100,7 @@ class HardwareProfile:
     optimizer_s_per_param: float = 0.0
     compute_slowdown: float = 1.0
     blocking_collective_s: float = 0.0
+    sharded_units: dict[str, CommFit] = field(default_factory=dict)
 
     # -- queries -------------------------------------------------------------------------------
     def fit(self, op: str, group: int, consecutive: bool = True) -> CommFit:
@@ -128,6 +132,12 @@ class HardwareProfile:
         if group <= 1 or nbytes <= 0:
             return 0.0
         return self.fit(op, group, consecutive).time_s(nbytes)
+
+    def sharded_unit_s(self, dp_type: str, nbytes: float, group: int) -> float | None:
+        """Measured seconds per step of a ``dp_type`` FSDP2 unit of ``nbytes`` parameters over ``group``
+        ranks (see ``sharded_units``), or None where the profile has no such measurement."""
+        fit = self.sharded_units.get(f"{dp_type}/{group}")
+        return None if fit is None or group <= 1 else fit.time_s(nbytes)
 
     def p2p_s(self, nbytes: float, pp: int) -> float:
         """Seconds for one send/recv of ``nbytes`` between neighbouring stages of a ``pp``-stage pipeline."""
@@ -173,6 +183,7 @@ class HardwareProfile:
             "blocking_collective_s": self.blocking_collective_s,
             "collectives": {k: [v.latency_s, v.bandwidth_Bps] for k, v in sorted(self.collectives.items())},
             "p2p": {str(k): [v.latency_s, v.bandwidth_Bps] for k, v in sorted(self.p2p.items())},
+            "sharded_units": {k: [v.latency_s, v.bandwidth_Bps] for k, v in sorted(self.sharded_units.items())},
         }
 
     def save(self, path: str | Path) -> None:
@@ -221,6 +232,12 @@ class HardwareProfile:
             blocking_s = float(data.get("blocking_collective_s", 0.0))
             if not blocking_s >= 0.0:
                 raise ValueError(f"{blocking_s} < 0")
+            key = "sharded_units"
+            sharded_units = {str(k): _comm_fit(v) for k, v in (data.get("sharded_units") or {}).items()}
+            for name in sharded_units:
+                kind, group = name.split("/")
+                if kind not in ("zero2", "zero3") or int(group) < 2:
+                    raise ValueError(f"bad entry {name!r}")
             key = "memory_bytes"
             memory = data.get("memory_bytes")
             memory = int(memory) if memory is not None else None
@@ -232,7 +249,7 @@ class HardwareProfile:
         if world_size < 1 or devices_per_node < 1:
             raise ProfileError(f"{source}: key world_size/devices_per_node must be positive", "profile the hardware again")
         return cls(world_size, devices_per_node, device, memory, collectives, p2p, overlap, flops,
-                   str(data.get("backend", "")), source, optimizer_s, compute_slowdown, blocking_s)
+                   str(data.get("backend", "")), source, optimizer_s, compute_slowdown, blocking_s, sharded_units)
 
 
 def _comm_fit(value: Any) -> CommFit:

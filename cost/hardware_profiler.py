@@ -7,7 +7,8 @@ once (as in training, where every TP or DP group communicates together) over a f
 warm-up and the median of the repetitions; the slowest rank's median counts. Then send/recv between the
 neighbouring stages of every pipeline degree, how much of an all-reduce stays visible next to compute,
 the sustained matmul throughput, the slowdown of a Transformer block when every rank computes at once
-(processes sharing CPU cores), and the time of an Adam step per parameter. Time and memory are bounded by the message sizes and repetitions
+(processes sharing CPU cores), the time of an Adam step per parameter, and on CPUs what an FSDP2 unit
+costs a step (cost/fsdp_probe.py). Time and memory are bounded by the message sizes and repetitions
 (``ProfilerConfig``); the defaults on CPU keep 4 gloo processes on 2 cores well under a minute.
 """
 
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .fsdp_probe import sharded_unit_times
 from .hardware import COLLECTIVES, HardwareProfile, fit_latency_bandwidth
 
 KiB, MiB = 2**10, 2**20
@@ -140,7 +142,7 @@ def profile_hardware(config: ProfilerConfig | None = None, device: torch.device 
     config = config or ProfilerConfig.for_device(device)
     shapes = _group_shapes(world)
     pipelines = [pp for pp in (2**k for k in range(1, world.bit_length())) if world % pp == 0]
-    progress = _Progress(len(shapes) * len(COLLECTIVES) + len(pipelines) + 5, config.progress and rank == 0)
+    progress = _Progress(len(shapes) * len(COLLECTIVES) + len(pipelines) + 6, config.progress and rank == 0)
 
     keys, medians = [], []
     for group_size, consecutive, enumeration in shapes:
@@ -167,9 +169,13 @@ def profile_hardware(config: ProfilerConfig | None = None, device: torch.device 
     progress.step("optimizer step")
     in_situ_s = _in_situ_collective_s(device, config)
     progress.step("collectives between compute")
+    # FSDP2 waits for its collectives in place where there are no communication streams: time it there
+    units = sharded_unit_times(config.sizes_bytes, config.repeats, config.warmup, device) if device.type != "cuda" else {}
+    progress.step("FSDP2 units")
 
     # the slowest rank's median counts: one all-reduce (MAX) of every measurement
-    table = torch.tensor(medians + [in_situ_s, optimizer_s, compute_slowdown, slowdown], dtype=torch.float64, device=device)
+    table = torch.tensor(medians + list(units.values()) + [in_situ_s, optimizer_s, compute_slowdown, slowdown],
+                         dtype=torch.float64, device=device)
     dist.all_reduce(table, op=dist.ReduceOp.MAX)
     if rank != 0:
         return None
@@ -178,6 +184,10 @@ def profile_hardware(config: ProfilerConfig | None = None, device: torch.device 
     for (key, nbytes), seconds in zip(keys, values):
         samples.setdefault(key, []).append((nbytes, seconds))
     fits = {key: fit_latency_bandwidth([b for b, _ in pts], [t for _, t in pts]) for key, pts in samples.items()}
+    unit_samples: dict[str, list[tuple[int, float]]] = {}
+    for (kind, group, nbytes), seconds in zip(units, values[len(medians):]):
+        unit_samples.setdefault(f"{kind}/{group}", []).append((nbytes, seconds))
+    unit_fits = {key: fit_latency_bandwidth([b for b, _ in pts], [t for _, t in pts]) for key, pts in unit_samples.items()}
     # what the fit does not predict of a collective between compute: the arrival skew
     world_fit = fits.get(f"all_reduce/{world}/consecutive")
     blocking_s = max(0.0, values[-4] - (world_fit.time_s(1024))) if world_fit else 0.0
@@ -189,7 +199,7 @@ def profile_hardware(config: ProfilerConfig | None = None, device: torch.device 
         p2p={int(k.split("/")[1]): v for k, v in fits.items() if k.startswith("p2p/")},
         overlap_slowdown=max(1.0, values[-1]), flops_per_s={dtype: flops_per_s}, backend=dist.get_backend(),
         source="profile-hardware", optimizer_s_per_param=values[-3], compute_slowdown=max(1.0, values[-2]),
-        blocking_collective_s=blocking_s,
+        blocking_collective_s=blocking_s, sharded_units=unit_fits,
     )
 
 

@@ -124,8 +124,7 @@ class CostModel:
         else:
             kept = full_activation
         peak_extra = transient_bytes + (full_activation if strategy.ckpt else 0.0)
-        sync_calls = 2 if strategy.dp_type == "zero2" else 1  # ZeRO-2: reduce-scatter, then all-gather of the update
-        sync_s = self._visible(sync_s, bwd_compute, strategy.dp_type, sync_calls) + self._optimizer_s(params, strategy.dp, strategy.dp_type)
+        sync_s = self._visible(sync_s, bwd_compute, strategy.dp_type) + self._optimizer_s(params, strategy.dp, strategy.dp_type)
         return self._with_states(LayerCost(fwd_s, bwd_s, sync_s,
                                            0, int(kept), int(peak_extra)), params, strategy.dp, strategy.dp_type)
 
@@ -167,18 +166,36 @@ class CostModel:
         grads, weights = params * grad_b, params * param_b
         if dp_type == "ddp":
             return 0.0, hw.collective_s("all_reduce", grads, dp, consecutive), 0.0
-        if dp_type == "zero2":
-            return 0.0, hw.collective_s("reduce_scatter", grads, dp, consecutive) + hw.collective_s("all_gather", weights, dp, consecutive), 2 * grads
-        gather = hw.collective_s("all_gather", weights, dp, consecutive)
-        return gather, hw.collective_s("reduce_scatter", grads, dp, consecutive), 2 * (weights + grads)
+        if dp_type == "zero2":  # reduce-scatter, then the all-gather of the updated parameters
+            gather, sync, calls = 0.0, hw.collective_s("reduce_scatter", grads, dp, consecutive) + hw.collective_s("all_gather", weights, dp, consecutive), (0, 2)
+            transient = 2 * grads
+        else:
+            gather, sync, calls = hw.collective_s("all_gather", weights, dp, consecutive), hw.collective_s("reduce_scatter", grads, dp, consecutive), (1, 1)
+            transient = 2 * (weights + grads)
+        if not hw.comm_streams:
+            gather, sync = self._in_place(dp_type, params * 4, dp, gather, sync, calls)
+        return gather, sync, transient
 
-    def _visible(self, comm_s: float, compute_s: float, dp_type: str, calls: int = 1) -> float:
+    def _in_place(self, dp_type: str, fp32_bytes: float, dp: int, gather_s: float, sync_s: float,
+                  calls: tuple[int, int]) -> tuple[float, float]:
+        """(gather, sync) of a ZeRO unit whose collectives are waited for in place (no communication
+        streams): FSDP2's measured cost of a unit of this size (every collective, copy and wait of a step),
+        split as the collectives' times; without that measurement, each of the ``calls`` (gather, sync)
+        collectives plus the ranks' arrival skew."""
+        unit_s = self.hardware.sharded_unit_s(dp_type, fp32_bytes, dp)
+        if unit_s is None:
+            skew = self.hardware.blocking_collective_s
+            return gather_s + calls[0] * skew, sync_s + calls[1] * skew
+        collectives_s = (2 if dp_type == "zero3" else 0) * gather_s + sync_s  # ZeRO-3 gathers in both passes
+        return gather_s * unit_s / collectives_s, sync_s * unit_s / collectives_s
+
+    def _visible(self, comm_s: float, compute_s: float, dp_type: str) -> float:
         """Visible cost of data-parallel communication next to ``compute_s``. DDP's all-reduce is started as
         asynchronous work from backward hooks, so it overlaps on every device; FSDP2 (ZeRO) overlaps its
         collectives by running them on their own streams, which only GPUs have: on CPU it waits for each
-        in place, and each of the ``calls`` collectives also pays the ranks' arrival skew."""
+        in place (``_in_place`` priced that)."""
         if dp_type != "ddp" and not self.hardware.comm_streams:
-            return comm_s + (calls * self.hardware.blocking_collective_s if comm_s > 0 else 0.0)
+            return comm_s
         return self._overlapped(comm_s, compute_s)
 
     def _overlapped(self, comm_s: float, compute_s: float) -> float:
@@ -230,17 +247,20 @@ class CostModel:
         kind = strategy.dp_type
         cost = LayerCost(fwd_compute + comm_fwd + self._visible(gather_s, fwd_compute, kind),
                          bwd_compute + comm_bwd + self._visible(gather_s, bwd_compute, kind),
-                         self._visible(sync_s, bwd_compute, kind, 2 if kind == "zero2" else 1) + self._optimizer_s(params, strategy.dp, kind),
+                         self._visible(sync_s, bwd_compute, kind) + self._optimizer_s(params, strategy.dp, kind),
                          0, int(activation), int(transient))
         return self._with_states(cost, params, strategy.dp, strategy.dp_type)
 
     # -- between layers and stages ---------------------------------------------------------------------
     def redistribution_s(self, before: LayerStrategy, after: LayerStrategy, boundary_index: int, micro_batch: int) -> float:
         """Moving the activations live between body layers ``boundary_index - 1`` and ``boundary_index`` from
-        ``before``'s layout to ``after``'s (forward), and their gradients back (backward). 0 when equal."""
+        ``before``'s layout to ``after``'s (forward), and their gradients back (backward). 0 when equal.
+        Boundary 0 is the embedding's output entering the first body layer, boundary L (the number of body
+        layers) the last layer's output entering the head: both parts lay activations out by the data
+        split (``data_split``); the embedding's outputs are the values that cross the first cut."""
         if _layout(before) == _layout(after):
             return 0.0
-        per_sample = self.model.cut_bytes_per_sample[boundary_index - 1]
+        per_sample = self.model.cut_bytes_per_sample[max(boundary_index - 1, 0)]
         key = (_move_key(before), _move_key(after), per_sample, micro_batch)
         if key not in self._redistribution_cache:
             total = per_sample * micro_batch * self.activation_scale
@@ -249,10 +269,11 @@ class CostModel:
         return self._redistribution_cache[key]
 
     def _collective_s(self, plan: tuple | None, total_bytes: float) -> float:
+        """One move of ``_move_plan``; compute waits for it, so it pays the ranks' arrival skew too."""
         if plan is None:
             return 0.0
         op, fraction, group, consecutive = plan
-        return self.hardware.collective_s(op, fraction * total_bytes, group, consecutive)
+        return self.hardware.collective_s(op, fraction * total_bytes, group, consecutive) + self.hardware.blocking_collective_s
 
     def _move_s(self, src: LayerStrategy, dst: LayerStrategy, total_bytes: float) -> float:
         """Rank-by-rank reference of one direction of ``redistribution_s`` (exact fractions; ``_move_plan`` is
@@ -314,6 +335,11 @@ class CostModel:
                                              last_stage=stage == pp - 1, busy_share=share))
             x = sum(c.fwd_s + c.bwd_s for c in costs)
             x += sum(self.redistribution_s(plan.layers[i - 1], plan.layers[i], i, mb) for i in indices[1:])
+            split = data_split(plan.devices_per_stage)
+            if stage == 0:
+                x += self.redistribution_s(split, plan.layers[0], 0, mb)
+            if stage == pp - 1:
+                x += self.redistribution_s(plan.layers[-1], split, len(plan.layers), mb)
             if stage < pp - 1:
                 x += self.p2p_s(stage, pp, plan.devices_per_stage, mb, indices[-1])
             g = sum(c.grad_sync_s for c in costs) * (chunks if plan.grad_sync_every_micro_batch else 1)
@@ -327,6 +353,11 @@ class CostModel:
 
 
 # -- activation layouts, for redistribution ------------------------------------------------------------
+def data_split(devices: int) -> LayerStrategy:
+    """The layout of the embedding's and the head's activations: the micro-batch split over the stage."""
+    return LayerStrategy(dp=devices)
+
+
 def _layout(strategy: LayerStrategy) -> tuple:
     return (strategy.tp, strategy.dp, strategy.sp != "none", strategy.tp_consecutive or strategy.tp == 1)
 

@@ -26,6 +26,8 @@ from galvatron_fx.errors import PlanError
 from galvatron_fx.plan import LayerStrategy, Plan
 from galvatron_fx.program import Program, TensorSpec
 
+from .redistribute import shared_conversions
+
 
 @dataclass(frozen=True)
 class RankLayout:
@@ -147,11 +149,12 @@ class StageModule(nn.Module):
         self.grad_names = frozenset(spec.name for spec in recv_specs + send_specs if spec.name in grad_names)
 
     def forward(self, env: dict[str, Any], seed: int | None = None) -> list[torch.Tensor]:
-        for layer in self.stage_layers:
-            if seed is not None:  # dropout masks depend on (seed, layer), not on the stage running it
-                torch.manual_seed(layer_seed(seed, layer.index))
-            outputs = self.layers[layer.name](*[env[name] for name in layer.input_names])
-            env.update(zip(layer.output_names, outputs))
+        with shared_conversions():   # a value several layers read in one layout moves once
+            for layer in self.stage_layers:
+                if seed is not None:  # dropout masks depend on (seed, layer), not on the stage running it
+                    torch.manual_seed(layer_seed(seed, layer.index))
+                outputs = self.layers[layer.name](*[env[name] for name in layer.input_names])
+                env.update(zip(layer.output_names, outputs))
         if self.loss_name is not None:
             return [env[self.loss_name]]
         return [env[spec.name] for spec in self.send_specs]

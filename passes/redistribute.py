@@ -5,7 +5,8 @@ chunks (the rank's data-parallel index picks one) and, under sequence parallelis
 ``tp`` chunks (its tp index picks one); ranks of a tp group hold the same batch chunk. Every activation
 stays in the layout of the layer that produced it; the layer that reads it converts it on entry with a
 ``redistribute`` node: one all-to-all over the stage's ranks in which each rank receives exactly the
-blocks it lacks, from a rank that holds them (itself when it can), so the fewest bytes move. Its backward
+blocks it lacks, from a rank that holds them (itself when it can), so the fewest bytes move; a stage converts
+each value to each layout once (``shared_conversions``), however many of its layers read it. Its backward
 is the reverse exchange: each holder of a block gets that block's gradient once (gradients of replicated
 activations are replicated, as tensor parallelism keeps them). Across a pipeline cut the receiving rank
 gets the sender's block (same local index) and converts it the same way.
@@ -18,6 +19,8 @@ over the micro-batch like everywhere else.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -144,12 +147,35 @@ class _Redistribute(torch.autograd.Function):
         return _exchange(grad.contiguous(), *ctx.backward_plan, ctx.ranks, ctx.in_rows, ctx.in_cols), None, None, None, None, None
 
 
+_conversions: contextvars.ContextVar[dict | None] = contextvars.ContextVar("galvatron_fx_conversions", default=None)
+
+
+@contextlib.contextmanager
+def shared_conversions():
+    """Within this context a value is converted to a layout once, however many layers read it in that
+    layout (every layer of a stage reads the embedding's attention mask, say): later readers get the first
+    conversion's result, and its backward exchange runs once, on their summed gradient."""
+    token = _conversions.set({})
+    try:
+        yield
+    finally:
+        _conversions.reset(token)
+
+
 def redistribute(x: torch.Tensor, forward_plan: tuple, backward_plan: tuple, ranks: tuple[int, ...],
                  out_rows: int, out_cols: int | None) -> torch.Tensor:
     """Exchange blocks of ``x`` over ``ranks`` (see ``exchange_plan``); non-float tensors get no backward."""
+    done = _conversions.get()
+    key = (id(x), forward_plan, backward_plan, ranks, out_rows, out_cols)
+    if done is not None and key in done and done[key][0] is x:
+        return done[key][1]
     if not x.is_floating_point():
-        return _exchange(x, *forward_plan, ranks, out_rows, out_cols)
-    return _Redistribute.apply(x, forward_plan, backward_plan, ranks, out_rows, out_cols)
+        moved = _exchange(x, *forward_plan, ranks, out_rows, out_cols)
+    else:
+        moved = _Redistribute.apply(x, forward_plan, backward_plan, ranks, out_rows, out_cols)
+    if done is not None:
+        done[key] = (x, moved)   # holding x keeps its id from being reused within the context
+    return moved
 
 
 def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:

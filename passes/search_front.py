@@ -174,11 +174,16 @@ def build_cost_table(cost_model, strategies: list[LayerStrategy], micro_batch: i
     return mark_useful(table)
 
 
+def class_representatives(table: CostTable) -> list[LayerStrategy]:
+    """One strategy per layout class (strategies of a class redistribute alike)."""
+    return [table.strategies[int(np.flatnonzero(table.layout == c)[0])] for c in range(len(table.layouts))]
+
+
 def redistribution_matrix(cost_model, table: CostTable, key, boundary_index: int, micro_batch: int) -> np.ndarray:
     """Seconds to redistribute between every pair of layout classes at ``boundary_index`` (the cost model's
     values cached per ``key``, the boundary's group), times the table's ``redistribution_scale``."""
     if key not in table.redistribution:
-        reps = [table.strategies[int(np.flatnonzero(table.layout == c)[0])] for c in range(len(table.layouts))]
+        reps = class_representatives(table)
         table.redistribution[key] = np.array(
             [[cost_model.redistribution_s(a, b, boundary_index, micro_batch) for b in reps] for a in reps])
     matrix = table.redistribution[key]
@@ -218,15 +223,16 @@ class Front:
 
 
 def extend(front: Front | None, table: CostTable, layer_type: str, redistribution: np.ndarray | None,
-           in_flight, cap_bytes: int, memory_limit: int, promising=None) -> Front:
+           in_flight, cap_bytes: int, memory_limit: int, promising=None, entry_s: np.ndarray | None = None) -> Front:
     """The front after one more layer of ``layer_type`` (strategies with peak <= ``cap_bytes`` only);
-    ``promising(M, X, G)`` (a mask) drops points no plan that beats the incumbent can extend."""
+    ``promising(M, X, G)`` (a mask) drops points no plan that beats the incumbent can extend. A first layer
+    (``front`` None) pays ``entry_s[layout class]`` to receive its input, if given."""
     usable = np.flatnonzero(table.useful[layer_type] & (table.peak[layer_type] <= cap_bytes))
     mem = table.memory(layer_type, in_flight)[usable]
     x, g, cls = table.x[layer_type][usable], table.g[layer_type][usable], table.layout[usable]
     out = Front(front, {}, {}, {}, {}, {}, {})
     if front is None:
-        M, X, G, C = mem, x.copy(), g.copy(), cls
+        M, X, G, C = mem, x + (entry_s[cls] if entry_s is not None else 0.0), g.copy(), cls
         pc, pi, st = np.full(len(usable), -1), np.full(len(usable), -1), usable
     else:
         sM, sX, sG, sC, sI = front.merged()

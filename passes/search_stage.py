@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from galvatron_fx.cost.memory import InFlight
+from galvatron_fx.cost.model import data_split
 
 from .search_bound import RestBound
-from .search_front import Front, extend, pareto_indices, redistribution_matrix
+from .search_front import Front, class_representatives, extend, pareto_indices, redistribution_matrix
 
 _TOL = 1e-12
 
@@ -87,6 +88,13 @@ class StageSolver:
         self.caps = np.unique(peaks) if len(peaks) else np.zeros(0, np.int64)
         xmin = np.array([table.x[t][ok].min() if ok.any() else np.inf for t, ok in zip(self.types, usable)])
         self.rest_x = np.concatenate([np.cumsum(xmin[::-1])[::-1], [0.0]])   # Σ_{l >= a} fastest x
+        # the first body layer receives the embedding's output, the last one feeds the head: both parts lay
+        # activations out by the data split, so a layer of another layout class pays a move (cost contract)
+        split = data_split(engine.world_size // pp)
+        reps = class_representatives(table)
+        cost = engine.cost_model
+        self.entry_s = np.array([cost.redistribution_s(split, r, 0, micro_batch) for r in reps]) * table.redistribution_scale
+        self.exit_s = np.array([cost.redistribution_s(r, split, L, micro_batch) for r in reps]) * table.redistribution_scale
         self.p2p = np.zeros((pp, L + 1))
         for s in range(pp - 1):
             for b in range(s + 1, L - (pp - 2 - s)):
@@ -103,7 +111,7 @@ class StageSolver:
 
     # -- layer and stage fronts --------------------------------------------------------------------------
     def layer_front(self, a: int, b: int, k: int, cap_index: int) -> Front | None:
-        key = (self.types[a:b], self.engine.boundary_group[a + 1:b], k, cap_index, self.c, self.k_rest)
+        key = (a == 0, self.types[a:b], self.engine.boundary_group[a + 1:b], k, cap_index, self.c, self.k_rest)
         memo = self.engine.front_memo.setdefault(id(self.table), {})
         bound_s = self.bound_s()
         if key in memo and memo[key][1] >= bound_s:
@@ -120,7 +128,8 @@ class StageSolver:
         m_avail = self.pp * self.engine.budget - cap - self.embedding_min_bytes
         promising = self.rest_bound.promising(self.types[a:b], cap_index, m_avail, self.c, self.syncs,
                                               self.embedding_min_s, bound_s, self.pp)
-        front = extend(prev, self.table, self.types[b - 1], redis, k, cap, self.engine.budget - cap, promising)
+        front = extend(prev, self.table, self.types[b - 1], redis, k, cap, self.engine.budget - cap, promising,
+                       self.entry_s if a == 0 else None)
         memo[key] = (front, bound_s)
         return front
 
@@ -139,7 +148,8 @@ class StageSolver:
     def stage_front(self, s: int, a: int, b: int, part: EmbeddingPart) -> StageFront | None:
         k = self.k[s]
         part = self._folded(part)
-        key = (self.types[a:b], self.engine.boundary_group[a + 1:b], k, part)
+        last = b == len(self.types)
+        key = (a == 0, last, self.types[a:b], self.engine.boundary_group[a + 1:b], k, part)
         if key in self._stage_cache:
             return self._stage_cache[key]
         xs, gs, caps, cls, idx = [], [], [], [], []
@@ -150,7 +160,7 @@ class StageSolver:
                 continue
             M, X, G, C, I = front.merged()
             ok = np.flatnonzero(M + emb_bytes + max(int(cap), part.peak_bytes) <= self.engine.budget)
-            xs.append(X[ok] + part.x_s), gs.append(G[ok] + part.g_s)
+            xs.append(X[ok] + part.x_s + (self.exit_s[C[ok]] if last else 0.0)), gs.append(G[ok] + part.g_s)
             caps.append(np.full(len(ok), ci)), cls.append(C[ok]), idx.append(I[ok])
         result = None
         if xs and sum(map(len, xs)):

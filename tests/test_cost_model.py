@@ -189,9 +189,12 @@ def test_evaluate_follows_the_pipeline_formula(model):
     mb = 8
     costs = [[model.layer_cost("blk", layers[i], mb) for i in stage] for stage in ((0, 1), (2, 3))]
     embed = [model.embedding_cost(plan.embedding, 4, mb, first_stage=s == 0, last_stage=s == 1) for s in (0, 1)]
-    busy = [sum(c.fwd_s + c.bwd_s for c in costs[0]) + embed[0].fwd_s + embed[0].bwd_s + model.p2p_s(0, 2, 4, mb, 1),
+    split = S(dp=4)  # the embedding's output enters layer 0 (tp2) and layer 3 (dp4) feeds the head: by the data split
+    busy = [sum(c.fwd_s + c.bwd_s for c in costs[0]) + embed[0].fwd_s + embed[0].bwd_s + model.p2p_s(0, 2, 4, mb, 1)
+            + model.redistribution_s(split, layers[0], 0, mb),
             sum(c.fwd_s + c.bwd_s for c in costs[1]) + embed[1].fwd_s + embed[1].bwd_s
-            + model.redistribution_s(layers[2], layers[3], 3, mb)]
+            + model.redistribution_s(layers[2], layers[3], 3, mb) + model.redistribution_s(layers[3], split, 4, mb)]
+    assert model.redistribution_s(split, layers[0], 0, mb) > 0 and model.redistribution_s(layers[3], split, 4, mb) == 0
     sync = [sum(c.grad_sync_s for c in costs[s]) + embed[s].grad_sync_s for s in (0, 1)]
     prediction = model.evaluate(plan)
     expected = sum(busy) + (2 - 1) * max(busy) + max(sync)

@@ -15,7 +15,7 @@ from galvatron_fx.passes.search_brute import all_plans, brute_force_search
 from galvatron_fx.cost.memory import InFlight
 from galvatron_fx.passes.search_front import pareto_indices
 from galvatron_fx.passes.search_space import SearchSpace
-from galvatron_fx.plan import Plan, Prediction
+from galvatron_fx.plan import LayerStrategy as S, Plan, Prediction
 
 
 @dataclass(frozen=True)
@@ -90,8 +90,10 @@ class ToyCostModel:
         a, b = (before.tp, before.sp, before.tp_consecutive), (after.tp, after.sp, after.tp_consecutive)
         if a == b:
             return 0.0
-        i, j = boundary_index, boundary_index - 1
-        return float(_rand(self.seed, "redis", a, b, self.layer_types[j], self.layer_types[i], mb).random()) * 0.4 * mb
+        i, j = boundary_index, boundary_index - 1   # boundary 0: from the embedding; L: into the head
+        left = self.layer_types[j] if j >= 0 else "embedding"
+        right = self.layer_types[i] if i < len(self.layer_types) else "head"
+        return float(_rand(self.seed, "redis", a, b, left, right, mb).random()) * 0.4 * mb
 
     def p2p_s(self, stage, plan_pp, devices_per_stage, mb, cut_after_body_index):
         return 0.05 * mb * (1 + (cut_after_body_index % 3)) / devices_per_stage
@@ -117,6 +119,9 @@ class ToyCostModel:
             k = self.in_flight(plan.pipeline, pp, s, c)
             x = sum(q.fwd_s + q.bwd_s for q in costs) + emb.fwd_s + emb.bwd_s
             x += sum(self.redistribution_s(plan.layers[i - 1], plan.layers[i], i, mb) for i in idx[1:])
+            split = S(dp=plan.devices_per_stage)
+            x += self.redistribution_s(split, plan.layers[0], 0, mb) if s == 0 else 0.0
+            x += self.redistribution_s(plan.layers[-1], split, len(plan.layers), mb) if s == pp - 1 else 0.0
             if s < pp - 1:
                 x += self.p2p_s(s, pp, plan.devices_per_stage, mb, idx[-1])
             g = (sum(q.grad_sync_s for q in costs) + emb.grad_sync_s) * (c if plan.grad_sync_every_micro_batch else 1)

@@ -122,6 +122,27 @@ def test_pipeline_cut_sends_the_sequence_shard():
     assert received.users and all(user.target is not redistribute for user in received.users)  # already in its layout
 
 
+def test_a_stage_converts_a_value_once_per_layout(monkeypatch):
+    """Layers reading one value in one layout share its conversion: one exchange forward, one backward on
+    the summed gradient; another layout, or no shared context, exchanges again."""
+    from galvatron_fx.passes import redistribute as R
+
+    exchanges = []
+    monkeypatch.setattr(R, "_exchange", lambda x, sends, recvs, ranks, rows, cols: exchanges.append(x.shape) or x * 1.0)
+    x = torch.ones(4, 3, requires_grad=True)
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    plan, other = (((1, 0, 2, 0, 0),), ((1, 0, 2, 0, 0),)), (((2, 0, 2, 0, 0),), ((2, 0, 2, 0, 0),))
+    with R.shared_conversions():
+        first, again = (R.redistribute(x, plan, plan, (0, 1), 4, None) for _ in range(2))
+        elsewhere = R.redistribute(x, other, other, (0, 1), 4, None)
+        masks = [R.redistribute(mask, plan, plan, (0, 1), 4, None) for _ in range(3)]
+    assert first is again and elsewhere is not first and masks[0] is masks[2]
+    assert len(exchanges) == 3  # x twice (two layouts), the mask once
+    (2 * first + 3 * again).sum().backward()
+    assert len(exchanges) == 4 and torch.equal(x.grad, torch.full((4, 3), 5.0))
+    assert R.redistribute(x, plan, plan, (0, 1), 4, None) is not first and len(exchanges) == 5  # outside: no sharing
+
+
 @pytest.mark.parametrize("src,dst", [(("megatron", 2), ("none", 1)), (("none", 1), ("ulysses", 2)), (("megatron", 2), ("none", 2))])
 def test_redistribution_moves_only_missing_blocks(src, dst):
     from galvatron_fx.passes.redistribute import Layout, exchange_plan
