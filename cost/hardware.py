@@ -81,7 +81,8 @@ class HardwareProfile:
     node computes than alone (processes sharing CPU cores; 1 on GPUs), which a layer profile timed on one
     process does not see. ``blocking_collective_s``: what a collective the ranks wait for in the middle of
     compute (tensor parallelism; FSDP without streams) costs beyond its own time, for the ranks to arrive
-    together (0 on dedicated devices; the scheduler's time slices where ranks share CPU cores).
+    together (0 on dedicated devices; the scheduler's time slices where ranks share CPU cores), for a group of
+    all ranks; ``blocking_by_group_s`` the same per group size where measured (``blocking_s``).
     ``sharded_units`` maps ``"<zero2|zero3>/<group>"`` to the CommFit of what one FSDP2 unit of ``nbytes``
     of fp32 parameters costs a training step beyond its compute (every gather, reduce-scatter, copy and
     wait), measured where collectives are waited for in place (CPUs); empty elsewhere.
@@ -100,6 +101,7 @@ class HardwareProfile:
     optimizer_s_per_param: float = 0.0
     compute_slowdown: float = 1.0
     blocking_collective_s: float = 0.0
+    blocking_by_group_s: dict[int, float] = field(default_factory=dict)
     sharded_units: dict[str, CommFit] = field(default_factory=dict)
 
     # -- queries -------------------------------------------------------------------------------
@@ -132,6 +134,10 @@ class HardwareProfile:
         if group <= 1 or nbytes <= 0:
             return 0.0
         return self.fit(op, group, consecutive).time_s(nbytes)
+
+    def blocking_s(self, group: int) -> float:
+        """The arrival skew of a collective over ``group`` ranks between compute (0 for a group of one)."""
+        return 0.0 if group <= 1 else self.blocking_by_group_s.get(group, self.blocking_collective_s)
 
     def sharded_unit_s(self, dp_type: str, nbytes: float, group: int) -> float | None:
         """Measured seconds per step of a ``dp_type`` FSDP2 unit of ``nbytes`` parameters over ``group``
@@ -181,6 +187,7 @@ class HardwareProfile:
             "optimizer_s_per_param": self.optimizer_s_per_param,
             "compute_slowdown": self.compute_slowdown,
             "blocking_collective_s": self.blocking_collective_s,
+            "blocking_by_group_s": {str(k): v for k, v in sorted(self.blocking_by_group_s.items())},
             "collectives": {k: [v.latency_s, v.bandwidth_Bps] for k, v in sorted(self.collectives.items())},
             "p2p": {str(k): [v.latency_s, v.bandwidth_Bps] for k, v in sorted(self.p2p.items())},
             "sharded_units": {k: [v.latency_s, v.bandwidth_Bps] for k, v in sorted(self.sharded_units.items())},
@@ -232,6 +239,10 @@ class HardwareProfile:
             blocking_s = float(data.get("blocking_collective_s", 0.0))
             if not blocking_s >= 0.0:
                 raise ValueError(f"{blocking_s} < 0")
+            key = "blocking_by_group_s"
+            blocking_by_group = {int(k): float(v) for k, v in (data.get("blocking_by_group_s") or {}).items()}
+            if any(not (k >= 2 and v >= 0.0) for k, v in blocking_by_group.items()):
+                raise ValueError(f"{blocking_by_group} has a group below 2 or a negative time")
             key = "sharded_units"
             sharded_units = {str(k): _comm_fit(v) for k, v in (data.get("sharded_units") or {}).items()}
             for name in sharded_units:
@@ -249,7 +260,8 @@ class HardwareProfile:
         if world_size < 1 or devices_per_node < 1:
             raise ProfileError(f"{source}: key world_size/devices_per_node must be positive", "profile the hardware again")
         return cls(world_size, devices_per_node, device, memory, collectives, p2p, overlap, flops,
-                   str(data.get("backend", "")), source, optimizer_s, compute_slowdown, blocking_s, sharded_units)
+                   str(data.get("backend", "")), source, optimizer_s, compute_slowdown, blocking_s, blocking_by_group,
+                   sharded_units)
 
 
 def _comm_fit(value: Any) -> CommFit:

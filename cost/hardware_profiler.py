@@ -14,6 +14,7 @@ costs a step (cost/fsdp_probe.py). Time and memory are bounded by the message si
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import socket
@@ -144,10 +145,12 @@ def profile_hardware(config: ProfilerConfig | None = None, device: torch.device 
     pipelines = [pp for pp in (2**k for k in range(1, world.bit_length())) if world % pp == 0]
     progress = _Progress(len(shapes) * len(COLLECTIVES) + len(pipelines) + 6, config.progress and rank == 0)
 
-    keys, medians = [], []
+    keys, medians, consecutive_groups = [], [], {}
     for group_size, consecutive, enumeration in shapes:
         group, _ = dist.new_subgroups_by_enumeration(enumeration)
         layout = "consecutive" if consecutive else "strided"
+        if consecutive:
+            consecutive_groups[group_size] = group
         for op in COLLECTIVES:
             for nbytes in config.sizes_bytes:
                 keys.append((f"{op}/{group_size}/{layout}", nbytes))
@@ -167,14 +170,14 @@ def profile_hardware(config: ProfilerConfig | None = None, device: torch.device 
     progress.step("compute of all ranks at once")
     optimizer_s = _optimizer_s_per_param(device, config)
     progress.step("optimizer step")
-    in_situ_s = _in_situ_collective_s(device, config)
+    in_situ_s = {size: _in_situ_collective_s(device, config, group) for size, group in consecutive_groups.items()}
     progress.step("collectives between compute")
     # FSDP2 waits for its collectives in place where there are no communication streams: time it there
     units = sharded_unit_times(config.sizes_bytes, config.repeats, config.warmup, device) if device.type != "cuda" else {}
     progress.step("FSDP2 units")
 
     # the slowest rank's median counts: one all-reduce (MAX) of every measurement
-    table = torch.tensor(medians + list(units.values()) + [in_situ_s, optimizer_s, compute_slowdown, slowdown],
+    table = torch.tensor(medians + list(units.values()) + list(in_situ_s.values()) + [optimizer_s, compute_slowdown, slowdown],
                          dtype=torch.float64, device=device)
     dist.all_reduce(table, op=dist.ReduceOp.MAX)
     if rank != 0:
@@ -188,9 +191,10 @@ def profile_hardware(config: ProfilerConfig | None = None, device: torch.device 
     for (kind, group, nbytes), seconds in zip(units, values[len(medians):]):
         unit_samples.setdefault(f"{kind}/{group}", []).append((nbytes, seconds))
     unit_fits = {key: fit_latency_bandwidth([b for b, _ in pts], [t for _, t in pts]) for key, pts in unit_samples.items()}
-    # what the fit does not predict of a collective between compute: the arrival skew
-    world_fit = fits.get(f"all_reduce/{world}/consecutive")
-    blocking_s = max(0.0, values[-4] - (world_fit.time_s(1024))) if world_fit else 0.0
+    # what the fit does not predict of a collective between compute: the arrival skew, per group size
+    in_situ_at = len(medians) + len(units)
+    blocking_s = {size: max(0.0, seconds - fits[f"all_reduce/{size}/consecutive"].time_s(1024))
+                  for size, seconds in zip(in_situ_s, values[in_situ_at:in_situ_at + len(in_situ_s)])}
     cluster = Cluster.detect()
     dtype = "bf16" if device.type == "cuda" else "fp32"
     return HardwareProfile(
@@ -199,7 +203,7 @@ def profile_hardware(config: ProfilerConfig | None = None, device: torch.device 
         p2p={int(k.split("/")[1]): v for k, v in fits.items() if k.startswith("p2p/")},
         overlap_slowdown=max(1.0, values[-1]), flops_per_s={dtype: flops_per_s}, backend=dist.get_backend(),
         source="profile-hardware", optimizer_s_per_param=values[-3], compute_slowdown=max(1.0, values[-2]),
-        blocking_collective_s=blocking_s, sharded_units=unit_fits,
+        blocking_collective_s=blocking_s.get(world, 0.0), blocking_by_group_s=blocking_s, sharded_units=unit_fits,
     )
 
 
@@ -258,16 +262,17 @@ def _compute_slowdown(device: torch.device, config: ProfilerConfig) -> float:
     alone (≥ 1; about 1 on GPUs, the oversubscription factor when ranks share fewer CPU cores). Rank 0's
     ratio; the others return 1."""
     step = _transformer_block(config.matmul_dim, device)
+    config = dataclasses.replace(config, repeats=2 * config.repeats)
     alone = _local_median_time(step, device, config) if dist.get_rank() == 0 else 0.0  # the others wait
     dist.barrier()
     together = _median_time(step, device, config)
     return max(1.0, together / alone) if dist.get_rank() == 0 else 1.0
 
 
-def _in_situ_collective_s(device: torch.device, config: ProfilerConfig, rounds: int = 8) -> float:
-    """Seconds a small all-reduce (1 KiB) costs when every rank computes a few ms before it, as between
-    tensor-parallel collectives: rounds of compute + all-reduce against the same compute alone, alternated,
-    medians of each. Back-to-back timings (the fits) miss the ranks' arrival skew, which is what dominates
+def _in_situ_collective_s(device: torch.device, config: ProfilerConfig, group, rounds: int = 8) -> float:
+    """Seconds a small all-reduce (1 KiB) over ``group`` costs when every rank computes a few ms before it,
+    as between tensor-parallel collectives: rounds of compute + all-reduce against the same compute alone,
+    alternated, medians of each. The ranks of a larger group wait for more of each other. Back-to-back timings (the fits) miss the ranks' arrival skew, which is what dominates
     where ranks share CPU cores."""
     n = config.matmul_dim
     a = torch.randn(n, n, device=device)
@@ -282,7 +287,7 @@ def _in_situ_collective_s(device: torch.device, config: ProfilerConfig, rounds: 
             for _ in range(repeats):
                 a @ a
             if with_collective:
-                dist.all_reduce(token)
+                dist.all_reduce(token, group=group)
         _sync(device)
         return time.perf_counter() - start
 
@@ -330,7 +335,7 @@ def _overlap_slowdown(device: torch.device, config: ProfilerConfig) -> float:
         compute()
         work.wait()
 
-    both_s = _median_time(both, device, config)
+    both_s = _median_time(both, device, dataclasses.replace(config, repeats=3 * config.repeats))  # the noisiest figure
     return max(1.0, 1.0 + (both_s - compute_s) / max(comm_s, 1e-9))
 
 

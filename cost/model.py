@@ -2,7 +2,8 @@
 
 Terms of one layer, for a micro-batch of ``mb`` samples on a stage (each of the ``dp`` replicas runs
 ``mb / dp`` samples, each TP rank ``1 / tp`` of the compute):
-- compute: the profile's forward and backward formulas at ``mb / dp`` samples, divided by ``tp``;
+- compute: the profile's forward and backward formulas at ``mb / dp`` samples, divided by ``tp`` except
+  their batch-independent part (per-call overhead, which every TP rank pays whole);
   checkpointing adds the forward (compute and TP collectives) again to the backward. A measured profile
   was timed on one process: where processes share CPU cores they compute slower together than alone, by
   the hardware's ``compute_slowdown`` when every rank computes. A pipeline's ranks compute only for their
@@ -45,7 +46,7 @@ from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan, Prediction
 
 from .hardware import HardwareProfile
 from .memory import DTYPE_BYTES, STATE_BYTES_PER_PARAM, InFlight, check_precision, model_state_split
-from .model_profile import LayerTypeProfile, ModelProfile
+from .model_profile import LayerTypeProfile, ModelProfile, TimeFormula
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,11 @@ class CostModel:
         other ranks (then the value changes nothing, and callers may share what they priced with it)."""
         return 1.0 if self.compute_slowdown == 1.0 else chunks / (chunks + pp - 1)
 
-    def _compute_scale(self, busy_share: float) -> float:
-        return self.time_scale * (1.0 + (self.compute_slowdown - 1.0) * busy_share)
+    def _compute_s(self, formula: TimeFormula, local: float, tp: int, busy_share: float) -> float:
+        """Seconds of ``formula`` at ``local`` samples on one of ``tp`` ranks: they split the work, but each
+        pays the batch-independent part (per-call overhead) whole."""
+        fixed = formula.fixed_s(self.seq)
+        return (fixed + (formula(local, self.seq) - fixed) / tp) * self.time_scale * (1.0 + (self.compute_slowdown - 1.0) * busy_share)
 
     # -- one layer ------------------------------------------------------------------------------
     def layer_cost(self, layer_type: str, strategy: LayerStrategy, micro_batch: int, busy_share: float = 1.0) -> LayerCost:
@@ -107,9 +111,8 @@ class CostModel:
         profile = self.model.layer(layer_type)
         local = micro_batch / strategy.dp
         sharded_seq = strategy.sp != "none"
-        scale = self._compute_scale(busy_share) / strategy.tp
-        fwd_compute = profile.fwd(local, self.seq) * scale
-        bwd_compute = profile.bwd(local, self.seq) * scale
+        fwd_compute = self._compute_s(profile.fwd, local, strategy.tp, busy_share)
+        bwd_compute = self._compute_s(profile.bwd, local, strategy.tp, busy_share)
         hidden_bytes = profile.boundary_bytes_per_sample * local * self.activation_scale
         tp_fwd = tp_bwd = self._tp_comm_s(strategy, hidden_bytes)
         params = profile.param_count if strategy.sp == "ulysses" else profile.param_count / strategy.tp
@@ -147,7 +150,7 @@ class CostModel:
         tp, hw, cons = strategy.tp, self.hardware, strategy.tp_consecutive
         if tp == 1:
             return 0.0
-        wait = hw.blocking_collective_s  # compute waits for each: the ranks must arrive together
+        wait = hw.blocking_s(tp)  # compute waits for each: the ranks must arrive together
         if strategy.sp == "none":
             return 2 * (hw.collective_s("all_reduce", hidden_bytes, tp, cons) + wait)
         if strategy.sp == "megatron":
@@ -184,7 +187,7 @@ class CostModel:
         collectives plus the ranks' arrival skew."""
         unit_s = self.hardware.sharded_unit_s(dp_type, fp32_bytes, dp)
         if unit_s is None:
-            skew = self.hardware.blocking_collective_s
+            skew = self.hardware.blocking_s(dp)
             return gather_s + calls[0] * skew, sync_s + calls[1] * skew
         collectives_s = (2 if dp_type == "zero3" else 0) * gather_s + sync_s  # ZeRO-3 gathers in both passes
         return gather_s * unit_s / collectives_s, sync_s * unit_s / collectives_s
@@ -239,8 +242,8 @@ class CostModel:
                    busy_share: float, shared_vocab_params: int = 0) -> LayerCost:
         """``shared_vocab_params``: vocabulary-sized parameters another part on this stage already holds."""
         vtp = strategy.tp
-        fwd_compute = part.fwd(local, self.seq) * self._compute_scale(busy_share) / vtp
-        bwd_compute = part.bwd(local, self.seq) * self._compute_scale(busy_share) / vtp
+        fwd_compute = self._compute_s(part.fwd, local, vtp, busy_share)
+        bwd_compute = self._compute_s(part.bwd, local, vtp, busy_share)
         params = part.param_count - part.vocab_param_count + (part.vocab_param_count - shared_vocab_params) / vtp
         gather_s, sync_s, transient = self._dp_comm(params, strategy.dp, strategy.dp_type, vtp == 1)
         activation = part.activation_per_sample(vtp, strategy.sp != "none") * local * self.activation_scale
@@ -273,7 +276,7 @@ class CostModel:
         if plan is None:
             return 0.0
         op, fraction, group, consecutive = plan
-        return self.hardware.collective_s(op, fraction * total_bytes, group, consecutive) + self.hardware.blocking_collective_s
+        return self.hardware.collective_s(op, fraction * total_bytes, group, consecutive) + self.hardware.blocking_s(group)
 
     def _move_s(self, src: LayerStrategy, dst: LayerStrategy, total_bytes: float) -> float:
         """Rank-by-rank reference of one direction of ``redistribution_s`` (exact fractions; ``_move_plan`` is

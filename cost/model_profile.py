@@ -47,6 +47,10 @@ class TimeFormula:
     def __call__(self, batch: float, seq: float) -> float:
         return float(self._function(batch, seq)) if self.terms else 0.0
 
+    def fixed_s(self, seq: float) -> float:
+        """The batch-independent part at sequence length ``seq``: per-call overhead (launches, dispatch)."""
+        return sum(c * seq**j for i, j, c in self.terms if i == 0)
+
     def scaled(self, factor: float) -> "TimeFormula":
         return TimeFormula(tuple((i, j, c * factor) for i, j, c in self.terms))
 

@@ -47,6 +47,15 @@ def test_tp_compute_communication_and_ddp_sync(model):
     assert cost.activation_bytes == 5000 * 4 and cost.peak_extra_bytes == 0
 
 
+def test_tp_ranks_each_pay_the_per_call_overhead():
+    """A measured time's batch-independent part (launches, dispatch) does not shrink with tensor parallelism."""
+    profile = synthetic_profile()
+    block = dataclasses.replace(profile.types["blk"], fwd=TimeFormula(((0, 0, 1e-3), (1, 0, 1e-3))))
+    cost = CostModel(dataclasses.replace(profile, types={"blk": block}), uniform_hardware())
+    assert cost.layer_cost("blk", S(tp=2, dp=2), 8).fwd_s == pytest.approx(1e-3 + 4e-3 / 2 + 2 * 4000 / BW)
+    assert cost.layer_cost("blk", S(tp=1, dp=4), 8).fwd_s == pytest.approx(1e-3 + 2e-3)
+
+
 def test_checkpointing_recomputes_forward_and_keeps_inputs(model):
     plain = model.layer_cost("blk", S(tp=2, dp=2), 8)
     ckpt = model.layer_cost("blk", S(tp=2, dp=2, ckpt=True), 8)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from galvatron_fx.cost.hardware import HardwareProfile
+from galvatron_fx.cost.hardware import CommFit, HardwareProfile
 from galvatron_fx.cost.model import CostModel
 from galvatron_fx.errors import ProfileError
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy as S, Plan
@@ -63,18 +63,23 @@ def test_pipeline_bubbles_lessen_the_contention():
 
 
 def test_hardware_json_keeps_the_new_figures_and_rejects_bad_ones(tmp_path):
-    profile = dataclasses.replace(uniform_hardware(), optimizer_s_per_param=3e-9, compute_slowdown=1.5, blocking_collective_s=2e-3)
+    profile = dataclasses.replace(uniform_hardware(), optimizer_s_per_param=3e-9, compute_slowdown=1.5, blocking_collective_s=2e-3,
+                                  blocking_by_group_s={2: 1e-3, 8: 2e-3}, sharded_units={"zero3/2": CommFit(1e-3, 1e9)})
     path = tmp_path / "hw.json"
     profile.save(path)
     loaded = HardwareProfile.load(path)
     assert (loaded.optimizer_s_per_param, loaded.compute_slowdown, loaded.blocking_collective_s) == (3e-9, 1.5, 2e-3)
+    assert loaded.blocking_by_group_s == {2: 1e-3, 8: 2e-3} and loaded.sharded_units == {"zero3/2": CommFit(1e-3, 1e9)}
+    assert (loaded.blocking_s(1), loaded.blocking_s(2), loaded.blocking_s(4)) == (0.0, 1e-3, 2e-3)  # unmeasured: all ranks'
     data = json.loads(path.read_text())
-    for key in ("optimizer_s_per_param", "compute_slowdown", "blocking_collective_s"):  # older profiles still load
-        data.pop(key)
+    for key in ("optimizer_s_per_param", "compute_slowdown", "blocking_collective_s", "blocking_by_group_s", "sharded_units"):
+        data.pop(key)   # older profiles still load
     path.write_text(json.dumps(data))
     loaded = HardwareProfile.load(path)
     assert (loaded.optimizer_s_per_param, loaded.compute_slowdown, loaded.blocking_collective_s) == (0.0, 1.0, 0.0)
-    for key, bad in (("optimizer_s_per_param", -1.0), ("compute_slowdown", 0.5), ("blocking_collective_s", -1e-3)):
+    assert loaded.sharded_unit_s("zero3", 1e6, 2) is None
+    for key, bad in (("optimizer_s_per_param", -1.0), ("compute_slowdown", 0.5), ("blocking_collective_s", -1e-3),
+                     ("blocking_by_group_s", {"1": 1e-3}), ("sharded_units", {"zero1/2": [0.0, 1e9]})):
         path.write_text(json.dumps({**data, key: bad}))
         with pytest.raises(ProfileError, match=key):
             HardwareProfile.load(path)
@@ -97,3 +102,23 @@ def test_cpu_exposes_zero_collectives_and_every_blocking_collective_pays_the_ske
     plain = CostModel(synthetic_profile(), uniform_hardware())
     tp = S(tp=2, dp=2)  # 2 all-reduces per pass, each waited for by the compute after it
     assert on_gpu.layer_cost("blk", tp, 8).fwd_s == pytest.approx(plain.layer_cost("blk", tp, 8).fwd_s + 2 * skew)
+    pairs = CostModel(synthetic_profile(), dataclasses.replace(gpu, blocking_by_group_s={2: skew / 4}))  # smaller groups wait less
+    assert pairs.layer_cost("blk", tp, 8).fwd_s == pytest.approx(plain.layer_cost("blk", tp, 8).fwd_s + 2 * skew / 4)
+
+
+def test_cpu_prices_zero_units_as_measured_in_place():
+    """Where FSDP2 units were timed (CPU), a ZeRO layer's communication is that time, split as its collectives
+    are: ZeRO-3 gathers in forward and again in backward and reduce-scatters; ZeRO-2's sync is both."""
+    unit = CommFit(1e-3, 1e9)   # 4 MB of fp32 parameters per layer: 5 ms a step
+    cpu = dataclasses.replace(uniform_hardware(), device="cpu", blocking_collective_s=7.0,
+                              sharded_units={"zero3/4": unit, "zero2/4": unit})
+    measured, plain = CostModel(synthetic_profile(), cpu), CostModel(synthetic_profile(), uniform_hardware())
+    zero3, compute = S(tp=1, dp=4, dp_type="zero3"), plain.layer_cost("blk", S(tp=1, dp=4), 8)
+    cost = measured.layer_cost("blk", zero3, 8)
+    gather, scatter = 4e-3, 4e-3   # the raw collectives' 4 ms each (uniform fits): a third of the unit each
+    assert cost.fwd_s - compute.fwd_s == pytest.approx(5e-3 * gather / (2 * gather + scatter))
+    assert cost.bwd_s - compute.bwd_s == pytest.approx(5e-3 * gather / (2 * gather + scatter))
+    assert cost.grad_sync_s == pytest.approx(5e-3 * scatter / (2 * gather + scatter))   # no skew added: it is measured
+    zero2 = measured.layer_cost("blk", S(tp=1, dp=4, dp_type="zero2"), 8)
+    assert zero2.grad_sync_s == pytest.approx(5e-3) and zero2.fwd_s == pytest.approx(compute.fwd_s)
+    assert measured.layer_cost("blk", S(tp=1, dp=2, dp_type="zero3"), 8).fwd_s > 7.0  # no unit for 2 ranks: skew
