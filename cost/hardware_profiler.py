@@ -293,7 +293,7 @@ def _in_situ_collective_s(device: torch.device, config: ProfilerConfig, group, r
 
     run(True)
     alone, together = [], []
-    for _ in range(max(3, config.repeats // 2)):
+    for _ in range(max(3, 2 * config.repeats)):   # alternated, so that drifts of the machine cancel
         alone.append(run(False))
         together.append(run(True))
     return max(0.0, (statistics.median(together) - statistics.median(alone)) / rounds)
@@ -328,14 +328,18 @@ def _overlap_slowdown(device: torch.device, config: ProfilerConfig) -> float:
         for _ in range(repeats):
             a @ a
 
-    compute_s = _median_time(compute, device, config)
-
     def both():
         work = dist.all_reduce(comm, async_op=True)
         compute()
         work.wait()
 
-    both_s = _median_time(both, device, dataclasses.replace(config, repeats=3 * config.repeats))  # the noisiest figure
+    runs = {"comm": lambda: dist.all_reduce(comm), "compute": compute, "both": both}
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    once = dataclasses.replace(config, repeats=1, warmup=0)
+    for _ in range(3 * config.repeats):   # alternated, so that drifts of the machine cancel (the noisiest figure)
+        for name, run in runs.items():
+            samples[name].append(_median_time(run, device, once))
+    comm_s, compute_s, both_s = (statistics.median(samples[name]) for name in runs)
     return max(1.0, 1.0 + (both_s - compute_s) / max(comm_s, 1e-9))
 
 

@@ -183,14 +183,14 @@ class CostModel:
                   calls: tuple[int, int]) -> tuple[float, float]:
         """(gather, sync) of a ZeRO unit whose collectives are waited for in place (no communication
         streams): FSDP2's measured cost of a unit of this size (every collective, copy and wait of a step),
-        split as the collectives' times; without that measurement, each of the ``calls`` (gather, sync)
-        collectives plus the ranks' arrival skew."""
+        split as the collectives' times, or without that measurement the collectives' own times; and each
+        of the ``calls`` (gather, sync) collectives pays the ranks' arrival skew after compute."""
+        skew = self.hardware.blocking_s(dp)
         unit_s = self.hardware.sharded_unit_s(dp_type, fp32_bytes, dp)
-        if unit_s is None:
-            skew = self.hardware.blocking_s(dp)
-            return gather_s + calls[0] * skew, sync_s + calls[1] * skew
-        collectives_s = (2 if dp_type == "zero3" else 0) * gather_s + sync_s  # ZeRO-3 gathers in both passes
-        return gather_s * unit_s / collectives_s, sync_s * unit_s / collectives_s
+        if unit_s is not None:   # the probe's ranks arrive together (nothing computes between): add the skew
+            collectives_s = (2 if dp_type == "zero3" else 0) * gather_s + sync_s  # ZeRO-3 gathers in both passes
+            gather_s, sync_s = gather_s * unit_s / collectives_s, sync_s * unit_s / collectives_s
+        return gather_s + calls[0] * skew, sync_s + calls[1] * skew
 
     def _visible(self, comm_s: float, compute_s: float, dp_type: str) -> float:
         """Visible cost of data-parallel communication next to ``compute_s``. DDP's all-reduce is started as

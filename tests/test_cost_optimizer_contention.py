@@ -108,17 +108,20 @@ def test_cpu_exposes_zero_collectives_and_every_blocking_collective_pays_the_ske
 
 def test_cpu_prices_zero_units_as_measured_in_place():
     """Where FSDP2 units were timed (CPU), a ZeRO layer's communication is that time, split as its collectives
-    are: ZeRO-3 gathers in forward and again in backward and reduce-scatters; ZeRO-2's sync is both."""
+    are (ZeRO-3 gathers in forward and again in backward and reduce-scatters; ZeRO-2's sync is both), plus
+    the arrival skew of each collective."""
     unit = CommFit(1e-3, 1e9)   # 4 MB of fp32 parameters per layer: 5 ms a step
-    cpu = dataclasses.replace(uniform_hardware(), device="cpu", blocking_collective_s=7.0,
+    skew = 1e-4
+    cpu = dataclasses.replace(uniform_hardware(), device="cpu", blocking_collective_s=7.0, blocking_by_group_s={4: skew},
                               sharded_units={"zero3/4": unit, "zero2/4": unit})
     measured, plain = CostModel(synthetic_profile(), cpu), CostModel(synthetic_profile(), uniform_hardware())
     zero3, compute = S(tp=1, dp=4, dp_type="zero3"), plain.layer_cost("blk", S(tp=1, dp=4), 8)
     cost = measured.layer_cost("blk", zero3, 8)
     gather, scatter = 4e-3, 4e-3   # the raw collectives' 4 ms each (uniform fits): a third of the unit each
-    assert cost.fwd_s - compute.fwd_s == pytest.approx(5e-3 * gather / (2 * gather + scatter))
-    assert cost.bwd_s - compute.bwd_s == pytest.approx(5e-3 * gather / (2 * gather + scatter))
-    assert cost.grad_sync_s == pytest.approx(5e-3 * scatter / (2 * gather + scatter))   # no skew added: it is measured
+    # and each collective waits for the ranks to arrive from compute, which the probe does not
+    assert cost.fwd_s - compute.fwd_s == pytest.approx(5e-3 * gather / (2 * gather + scatter) + skew)
+    assert cost.bwd_s - compute.bwd_s == pytest.approx(5e-3 * gather / (2 * gather + scatter) + skew)
+    assert cost.grad_sync_s == pytest.approx(5e-3 * scatter / (2 * gather + scatter) + skew)
     zero2 = measured.layer_cost("blk", S(tp=1, dp=4, dp_type="zero2"), 8)
-    assert zero2.grad_sync_s == pytest.approx(5e-3) and zero2.fwd_s == pytest.approx(compute.fwd_s)
+    assert zero2.grad_sync_s == pytest.approx(5e-3 + 2 * skew) and zero2.fwd_s == pytest.approx(compute.fwd_s)
     assert measured.layer_cost("blk", S(tp=1, dp=2, dp_type="zero3"), 8).fwd_s > 7.0  # no unit for 2 ranks: skew
