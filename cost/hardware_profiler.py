@@ -50,8 +50,8 @@ class ProfilerConfig:
         if device.type == "cuda":
             return cls((1 * MiB, 16 * MiB, 64 * MiB, 256 * MiB), repeats=5, warmup=2, matmul_dim=4096, progress=progress,
                        optimizer_params=64 * 2**20)
-        # CPU timings are noisy (other processes, shared cores): more repetitions, medians of them
-        return cls(repeats=10, warmup=2, progress=progress)
+        # CPU timings are noisy (other processes, shared cores): more sizes and repetitions, medians of them
+        return cls((16 * KiB, 64 * KiB, 256 * KiB, 512 * KiB, MiB, 2 * MiB), repeats=10, warmup=2, progress=progress)
 
 
 def _sync(device: torch.device) -> None:
@@ -170,14 +170,14 @@ def profile_hardware(config: ProfilerConfig | None = None, device: torch.device 
     progress.step("compute of all ranks at once")
     optimizer_s = _optimizer_s_per_param(device, config)
     progress.step("optimizer step")
-    in_situ_s = {size: _in_situ_collective_s(device, config, group) for size, group in consecutive_groups.items()}
+    skew_s = {size: _arrival_skew_s(device, config, group) for size, group in consecutive_groups.items()}
     progress.step("collectives between compute")
     # FSDP2 waits for its collectives in place where there are no communication streams: time it there
-    units = sharded_unit_times(config.sizes_bytes, config.repeats, config.warmup, device) if device.type != "cuda" else {}
+    units = sharded_unit_times(config.sizes_bytes[-3:], config.repeats, config.warmup, device) if device.type != "cuda" else {}
     progress.step("FSDP2 units")
 
     # the slowest rank's median counts: one all-reduce (MAX) of every measurement
-    table = torch.tensor(medians + list(units.values()) + list(in_situ_s.values()) + [optimizer_s, compute_slowdown, slowdown],
+    table = torch.tensor(medians + list(units.values()) + list(skew_s.values()) + [optimizer_s, compute_slowdown, slowdown],
                          dtype=torch.float64, device=device)
     dist.all_reduce(table, op=dist.ReduceOp.MAX)
     if rank != 0:
@@ -191,10 +191,8 @@ def profile_hardware(config: ProfilerConfig | None = None, device: torch.device 
     for (kind, group, nbytes), seconds in zip(units, values[len(medians):]):
         unit_samples.setdefault(f"{kind}/{group}", []).append((nbytes, seconds))
     unit_fits = {key: fit_latency_bandwidth([b for b, _ in pts], [t for _, t in pts]) for key, pts in unit_samples.items()}
-    # what the fit does not predict of a collective between compute: the arrival skew, per group size
-    in_situ_at = len(medians) + len(units)
-    blocking_s = {size: max(0.0, seconds - fits[f"all_reduce/{size}/consecutive"].time_s(1024))
-                  for size, seconds in zip(in_situ_s, values[in_situ_at:in_situ_at + len(in_situ_s)])}
+    skew_at = len(medians) + len(units)
+    blocking_s = dict(zip(skew_s, values[skew_at:skew_at + len(skew_s)]))
     cluster = Cluster.detect()
     dtype = "bf16" if device.type == "cuda" else "fp32"
     return HardwareProfile(
@@ -269,34 +267,35 @@ def _compute_slowdown(device: torch.device, config: ProfilerConfig) -> float:
     return max(1.0, together / alone) if dist.get_rank() == 0 else 1.0
 
 
-def _in_situ_collective_s(device: torch.device, config: ProfilerConfig, group, rounds: int = 8) -> float:
-    """Seconds a small all-reduce (1 KiB) over ``group`` costs when every rank computes a few ms before it,
-    as between tensor-parallel collectives: rounds of compute + all-reduce against the same compute alone,
-    alternated, medians of each. The ranks of a larger group wait for more of each other. Back-to-back timings (the fits) miss the ranks' arrival skew, which is what dominates
-    where ranks share CPU cores."""
+def _arrival_skew_s(device: torch.device, config: ProfilerConfig, group, rounds: int = 8) -> float:
+    """What a small all-reduce (1 KiB) over ``group`` costs beyond its back-to-back time when every rank
+    computes a few ms before it, as between tensor-parallel collectives: rounds of compute + all-reduce,
+    of the same compute alone and of the all-reduces alone, alternated (so that drifts of the machine
+    cancel), medians of each. The ranks of a larger group wait for more of each other."""
     n = config.matmul_dim
     a = torch.randn(n, n, device=device)
     token = torch.ones(256, device=device)
     single = _local_median_time(lambda: a @ a, device, config)
     repeats = max(1, min(200, int(4e-3 / max(single, 1e-9))))
 
-    def run(with_collective: bool) -> float:
+    def run(compute: bool, collective: bool) -> float:
         dist.barrier()
         start = time.perf_counter()
         for _ in range(rounds):
-            for _ in range(repeats):
+            for _ in range(repeats if compute else 0):
                 a @ a
-            if with_collective:
+            if collective:
                 dist.all_reduce(token, group=group)
         _sync(device)
         return time.perf_counter() - start
 
-    run(True)
-    alone, together = [], []
-    for _ in range(max(3, 2 * config.repeats)):   # alternated, so that drifts of the machine cancel
-        alone.append(run(False))
-        together.append(run(True))
-    return max(0.0, (statistics.median(together) - statistics.median(alone)) / rounds)
+    run(True, True)
+    samples: dict[tuple[bool, bool], list[float]] = {(True, False): [], (True, True): [], (False, True): []}
+    for _ in range(max(3, 2 * config.repeats)):
+        for kind, times in samples.items():
+            times.append(run(*kind))
+    compute_s, both_s, collective_s = (statistics.median(times) for times in samples.values())
+    return max(0.0, both_s - compute_s - collective_s) / rounds
 
 
 def _optimizer_s_per_param(device: torch.device, config: ProfilerConfig) -> float:

@@ -23,6 +23,7 @@ import numpy as np
 from galvatron_fx.plan import LayerStrategy
 
 _BLOCK = 128
+_EARLIER = np.tri(_BLOCK, k=-1, dtype=bool)   # [i, j]: j comes before i within a block
 
 
 def pareto_indices(M: np.ndarray, X: np.ndarray, G: np.ndarray, group: np.ndarray | None = None) -> np.ndarray:
@@ -60,7 +61,7 @@ def _front_3d(x: np.ndarray, g: np.ndarray) -> np.ndarray:
         bx, bg = x[start:start + _BLOCK], g[start:start + _BLOCK]
         at = np.searchsorted(stair_x, bx, side="right") - 1
         dom = (at >= 0) & (stair_g[np.maximum(at, 0)] <= bg) if len(stair_x) else np.zeros(len(bx), bool)
-        inner = (bx[None, :] <= bx[:, None]) & (bg[None, :] <= bg[:, None]) & np.tri(len(bx), k=-1, dtype=bool)
+        inner = (bx[None, :] <= bx[:, None]) & (bg[None, :] <= bg[:, None]) & _EARLIER[:len(bx), :len(bx)]
         dom |= inner.any(axis=1)
         keep[start:start + _BLOCK] = ~dom
         # the new staircase: the 2-D front of the old one and this block's survivors
