@@ -295,9 +295,10 @@ class CostModel:
 
     def p2p_s(self, stage: int, plan_pp: int, devices_per_stage: int, micro_batch: int, cut_after_body_index: int) -> float:
         """Send/recv of one micro-batch's activations at the cut after ``cut_after_body_index`` (forward) and of
-        their gradients (backward); each of the stage's devices sends ``1 / devices_per_stage`` of them."""
+        their gradients (backward); each of the stage's devices sends ``1 / devices_per_stage`` of them. The
+        receiver waits for its sender, so each transfer also pays a pair's arrival skew."""
         nbytes = self.model.cut_bytes_per_sample[cut_after_body_index] * micro_batch * self.activation_scale / devices_per_stage
-        return 2 * self.hardware.p2p_s(nbytes, plan_pp)
+        return 2 * (self.hardware.p2p_s(nbytes, plan_pp) + self.hardware.blocking_s(2))
 
     def in_flight(self, pipeline: str, pp: int, stage: int, chunks: int) -> InFlight:
         """Micro-batches whose activations a stage holds, before and after its first backward (cost/memory.py)."""

@@ -104,6 +104,8 @@ def test_cpu_exposes_zero_collectives_and_every_blocking_collective_pays_the_ske
     assert on_gpu.layer_cost("blk", tp, 8).fwd_s == pytest.approx(plain.layer_cost("blk", tp, 8).fwd_s + 2 * skew)
     pairs = CostModel(synthetic_profile(), dataclasses.replace(gpu, blocking_by_group_s={2: skew / 4}))  # smaller groups wait less
     assert pairs.layer_cost("blk", tp, 8).fwd_s == pytest.approx(plain.layer_cost("blk", tp, 8).fwd_s + 2 * skew / 4)
+    # a pipeline transfer is waited for by its receiver: forward and backward each pay a pair's skew
+    assert pairs.p2p_s(0, 2, 4, 8, 1) == pytest.approx(plain.p2p_s(0, 2, 4, 8, 1) + 2 * skew / 4)
 
 
 def test_cpu_prices_zero_units_as_measured_in_place():
