@@ -87,13 +87,16 @@ def _workers(rank: int, world: int) -> dict:
                   global_batch=8)
     ours = cost_accuracy.run_plans(rank, world, "gpt2", "tiny", [("hetero", hetero)], 1, 1)
     compared = runtime_overhead.compare(rank, world, "tiny", ["ddp", "pp"], 2, 1, 1, 1)
-    return {"ours": ours, "compared": {k: {"first_loss": v["first_loss"], "counts": {n: len(t) for n, t in v["times_s"].items()}}
+    ddp = Plan(world_size=2, layers=(LayerStrategy(dp=2),) * 2, global_batch=8)
+    side = plan_quality.side_by_side(rank, world, "tiny", [("searched", hetero), ("best", ddp)], "ddp", 8, 1, 1, 2, 4)
+    return {"ours": ours, "side": {name: len(times) for name, times in side.items()}, "compared": {k: {"first_loss": v["first_loss"], "counts": {n: len(t) for n, t in v["times_s"].items()}}
                                        for k, v in compared.items()}}
 
 
 def test_measuring_workers_on_two_ranks():
     results = common.spawn(_workers, 2, timeout_s=300)
     for rank, result in enumerate(results):
+        assert result["side"] == {"searched": 2, "best": 2, "native ddp": 2}   # one step per round, alternated
         (row,) = result["ours"]
         assert row["rank"] == rank and len(row["times_s"]) == 1 and row["times_s"][0] > 0
         assert 0 < row["peak_bytes"] < 64 * MiB
