@@ -35,16 +35,13 @@ dtype (bf16 halves fp32 bytes). Tied weights shared by embedding and head count 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
-from fractions import Fraction
-
-import numpy as np
 
 from galvatron_fx.errors import ConfigError, PlanError, ProfileError
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan, Prediction
 
 from .hardware import HardwareProfile
+from .layouts import data_split, layout_of, move_key, move_plan, piece_area, piece_intersection, rank_pieces
 from .memory import DTYPE_BYTES, STATE_BYTES_PER_PARAM, InFlight, check_precision, model_state_split
 from .model_profile import LayerTypeProfile, ModelProfile, TimeFormula
 
@@ -102,7 +99,8 @@ class CostModel:
         """Seconds of ``formula`` at ``local`` samples on one of ``tp`` ranks: they split the work, but each
         pays the batch-independent part (per-call overhead) whole."""
         fixed = formula.fixed_s(self.seq)
-        return (fixed + (formula(local, self.seq) - fixed) / tp) * self.time_scale * (1.0 + (self.compute_slowdown - 1.0) * busy_share)
+        contention = 1.0 + (self.compute_slowdown - 1.0) * busy_share
+        return (fixed + (formula(local, self.seq) - fixed) / tp) * self.time_scale * contention
 
     # -- one layer ------------------------------------------------------------------------------
     def layer_cost(self, layer_type: str, strategy: LayerStrategy, micro_batch: int, busy_share: float = 1.0) -> LayerCost:
@@ -162,19 +160,19 @@ class CostModel:
         ``params`` parameters. The transient bytes are FSDP2's: the layer's unsharded gradients and the
         previous layer's, whose reduce-scatter is in flight (ZeRO-2 and -3), and with ZeRO-3 the layer's
         gathered parameters and the next layer's, prefetched."""
-        if dp == 1:
+        if dp == 1 or params <= 0:
             return 0.0, 0.0, 0.0
         param_b, grad_b, _ = STATE_BYTES_PER_PARAM[self.mixed_precision]
         hw = self.hardware
         grads, weights = params * grad_b, params * param_b
         if dp_type == "ddp":
             return 0.0, hw.collective_s("all_reduce", grads, dp, consecutive), 0.0
+        scatter_s = hw.collective_s("reduce_scatter", grads, dp, consecutive)
+        gather_s = hw.collective_s("all_gather", weights, dp, consecutive)
         if dp_type == "zero2":  # reduce-scatter, then the all-gather of the updated parameters
-            gather, sync, calls = 0.0, hw.collective_s("reduce_scatter", grads, dp, consecutive) + hw.collective_s("all_gather", weights, dp, consecutive), (0, 2)
-            transient = 2 * grads
+            gather, sync, calls, transient = 0.0, scatter_s + gather_s, (0, 2), 2 * grads
         else:
-            gather, sync, calls = hw.collective_s("all_gather", weights, dp, consecutive), hw.collective_s("reduce_scatter", grads, dp, consecutive), (1, 1)
-            transient = 2 * (weights + grads)
+            gather, sync, calls, transient = gather_s, scatter_s, (1, 1), 2 * (weights + grads)
         if not hw.comm_streams:
             gather, sync = self._in_place(dp_type, params * 4, dp, gather, sync, calls)
         return gather, sync, transient
@@ -261,33 +259,33 @@ class CostModel:
         Boundary 0 is the embedding's output entering the first body layer, boundary L (the number of body
         layers) the last layer's output entering the head: both parts lay activations out by the data
         split (``data_split``); the embedding's outputs are the values that cross the first cut."""
-        if _layout(before) == _layout(after):
+        if layout_of(before) == layout_of(after):
             return 0.0
         per_sample = self.model.cut_bytes_per_sample[max(boundary_index - 1, 0)]
-        key = (_move_key(before), _move_key(after), per_sample, micro_batch)
+        key = (move_key(before), move_key(after), per_sample, micro_batch)
         if key not in self._redistribution_cache:
             total = per_sample * micro_batch * self.activation_scale
-            self._redistribution_cache[key] = sum(self._collective_s(_move_plan(a, b), total)
+            self._redistribution_cache[key] = sum(self._collective_s(move_plan(a, b), total)
                                                   for a, b in ((key[0], key[1]), (key[1], key[0])))
         return self._redistribution_cache[key]
 
     def _collective_s(self, plan: tuple | None, total_bytes: float) -> float:
-        """One move of ``_move_plan``; compute waits for it, so it pays the ranks' arrival skew too."""
+        """One move of ``move_plan``; compute waits for it, so it pays the ranks' arrival skew too."""
         if plan is None:
             return 0.0
         op, fraction, group, consecutive = plan
         return self.hardware.collective_s(op, fraction * total_bytes, group, consecutive) + self.hardware.blocking_s(group)
 
     def _move_s(self, src: LayerStrategy, dst: LayerStrategy, total_bytes: float) -> float:
-        """Rank-by-rank reference of one direction of ``redistribution_s`` (exact fractions; ``_move_plan`` is
+        """Rank-by-rank reference of one direction of ``redistribution_s`` (exact fractions; ``move_plan`` is
         the same geometry on integer arrays)."""
         devices = src.devices
-        held, needed = _pieces(src, devices), _pieces(dst, devices)
-        missing = max(_area(n) - _area(_intersect(h, n)) for h, n in zip(held, needed))
+        held, needed = rank_pieces(src, devices), rank_pieces(dst, devices)
+        missing = max(piece_area(n) - piece_area(piece_intersection(h, n)) for h, n in zip(held, needed))
         if missing == 0:
             return 0.0  # every rank slices what it needs from what it has
-        src_area, dst_area = _area(held[0]), _area(needed[0])
-        if all(_intersect(h, n) == h for h, n in zip(held, needed)):  # each rank's piece grows: all-gather
+        src_area, dst_area = piece_area(held[0]), piece_area(needed[0])
+        if all(piece_intersection(h, n) == h for h, n in zip(held, needed)):  # each rank's piece grows: all-gather
             group = round(dst_area / src_area)
             return self.hardware.collective_s("all_gather", float(dst_area) * total_bytes, group, dst.tp_consecutive)
         group = max(src.tp, dst.tp, 2)
@@ -354,68 +352,3 @@ class CostModel:
             sync.append(g)
         iteration_s = sum(busy) + (chunks - 1) * max(busy) + max(sync)
         return Prediction(iteration_s, plan.global_batch / iteration_s if iteration_s > 0 else float("inf"), tuple(int(m) for m in memory))
-
-
-# -- activation layouts, for redistribution ------------------------------------------------------------
-def data_split(devices: int) -> LayerStrategy:
-    """The layout of the embedding's and the head's activations: the micro-batch split over the stage."""
-    return LayerStrategy(dp=devices)
-
-
-def _layout(strategy: LayerStrategy) -> tuple:
-    return (strategy.tp, strategy.dp, strategy.sp != "none", strategy.tp_consecutive or strategy.tp == 1)
-
-
-def _move_key(strategy: LayerStrategy) -> tuple:
-    """Every field of a strategy that ``_move_s`` reads."""
-    return (strategy.tp, strategy.dp, strategy.sp != "none", strategy.tp_consecutive)
-
-
-@functools.lru_cache(maxsize=None)
-def _move_plan(src: tuple, dst: tuple) -> tuple | None:
-    """The collective that moves a boundary activation from layout ``src`` to ``dst`` (``_move_key`` tuples):
-    None when every rank already holds what it needs, else (op, fraction of the activation per rank, group,
-    consecutive). Coordinates are integers in units of 1/devices, so areas are exact."""
-    devices = src[0] * src[1]
-    rank = np.arange(devices)
-
-    def pieces(key):
-        tp, dp, sharded, consecutive = key
-        tp_index, dp_index = (rank % tp, rank // tp) if consecutive else (rank // dp, rank % dp)
-        batch = (dp_index * (devices // dp), (dp_index + 1) * (devices // dp))
-        seq = (tp_index * (devices // tp), (tp_index + 1) * (devices // tp)) if sharded else (0 * rank, 0 * rank + devices)
-        return batch, seq
-
-    held, needed = pieces(src), pieces(dst)
-    overlap = []
-    for (h0, h1), (n0, n1) in zip(held, needed):
-        lo = np.maximum(h0, n0)
-        overlap.append((lo, np.maximum(np.minimum(h1, n1), lo)))
-    area = lambda piece: (piece[0][1] - piece[0][0]) * (piece[1][1] - piece[1][0])
-    if int((area(needed) - area(overlap)).max()) == 0:
-        return None   # every rank slices what it needs from what it has
-    src_area, dst_area = int(area(held)[0]), int(area(needed)[0])
-    if all((o0 == h0).all() and (o1 == h1).all() for (o0, o1), (h0, h1) in zip(overlap, held)):   # pieces grow
-        return ("all_gather", dst_area / devices**2, round(dst_area / src_area), bool(dst[3]))
-    return ("all_to_all", max(src_area, dst_area) / devices**2, max(src[0], dst[0], 2), True)
-
-
-def _pieces(strategy: LayerStrategy, devices: int) -> list[tuple[tuple[Fraction, Fraction], tuple[Fraction, Fraction]]]:
-    """Per rank: the (batch, sequence) fractions of a boundary activation it holds under ``strategy``."""
-    tp, dp = strategy.tp, strategy.dp
-    pieces = []
-    for rank in range(devices):
-        tp_index, dp_index = (rank % tp, rank // tp) if strategy.tp_consecutive else (rank // dp, rank % dp)
-        batch = (Fraction(dp_index, dp), Fraction(dp_index + 1, dp))
-        seq = (Fraction(tp_index, tp), Fraction(tp_index + 1, tp)) if strategy.sp != "none" else (Fraction(0), Fraction(1))
-        pieces.append((batch, seq))
-    return pieces
-
-
-def _intersect(a, b):
-    return tuple((max(x[0], y[0]), max(min(x[1], y[1]), max(x[0], y[0]))) for x, y in zip(a, b))
-
-
-def _area(piece) -> Fraction:
-    (b0, b1), (s0, s1) = piece
-    return (b1 - b0) * (s1 - s0)

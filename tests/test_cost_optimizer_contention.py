@@ -127,3 +127,7 @@ def test_cpu_prices_zero_units_as_measured_in_place():
     zero2 = measured.layer_cost("blk", S(tp=1, dp=4, dp_type="zero2"), 8)
     assert zero2.grad_sync_s == pytest.approx(5e-3 + 2 * skew) and zero2.fwd_s == pytest.approx(compute.fwd_s)
     assert measured.layer_cost("blk", S(tp=1, dp=2, dp_type="zero3"), 8).fwd_s > 7.0  # no unit for 2 ranks: skew
+    profile = synthetic_profile()   # a layer without parameters (a transition) has nothing to gather or wait for
+    empty = dataclasses.replace(profile, types={"blk": dataclasses.replace(profile.types["blk"], param_count=0)})
+    bare = CostModel(empty, cpu).layer_cost("blk", zero3, 8)
+    assert (bare.fwd_s, bare.grad_sync_s) == (compute.fwd_s, 0.0)

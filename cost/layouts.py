@@ -1,0 +1,81 @@
+"""Activation layouts between layers, and the collective that moves an activation from one to another.
+
+A layout says which block of a micro-batch activation each rank of a stage holds (passes/redistribute.py
+executes the moves): the batch split ``dp`` ways and, under sequence parallelism, the sequence ``tp`` ways.
+``move_plan`` is the cost model's fast geometry on integer arrays; ``rank_pieces``, ``piece_intersection``
+and ``piece_area`` are the exact rank-by-rank reference it is tested against.
+"""
+
+from __future__ import annotations
+
+import functools
+from fractions import Fraction
+
+import numpy as np
+
+from galvatron_fx.plan import LayerStrategy
+
+
+def data_split(devices: int) -> LayerStrategy:
+    """The layout of the embedding's and the head's activations: the micro-batch split over the stage."""
+    return LayerStrategy(dp=devices)
+
+
+def layout_of(strategy: LayerStrategy) -> tuple:
+    """What decides where an activation lives: equal for two strategies, no move between them."""
+    return (strategy.tp, strategy.dp, strategy.sp != "none", strategy.tp_consecutive or strategy.tp == 1)
+
+
+def move_key(strategy: LayerStrategy) -> tuple:
+    """Every field of a strategy that ``CostModel._move_s`` reads."""
+    return (strategy.tp, strategy.dp, strategy.sp != "none", strategy.tp_consecutive)
+
+
+@functools.lru_cache(maxsize=None)
+def move_plan(src: tuple, dst: tuple) -> tuple | None:
+    """The collective that moves a boundary activation from layout ``src`` to ``dst`` (``move_key`` tuples):
+    None when every rank already holds what it needs, else (op, fraction of the activation per rank, group,
+    consecutive). Coordinates are integers in units of 1/devices, so areas are exact."""
+    devices = src[0] * src[1]
+    rank = np.arange(devices)
+
+    def pieces(key):
+        tp, dp, sharded, consecutive = key
+        tp_index, dp_index = (rank % tp, rank // tp) if consecutive else (rank // dp, rank % dp)
+        batch = (dp_index * (devices // dp), (dp_index + 1) * (devices // dp))
+        seq = (tp_index * (devices // tp), (tp_index + 1) * (devices // tp)) if sharded else (0 * rank, 0 * rank + devices)
+        return batch, seq
+
+    held, needed = pieces(src), pieces(dst)
+    overlap = []
+    for (h0, h1), (n0, n1) in zip(held, needed):
+        lo = np.maximum(h0, n0)
+        overlap.append((lo, np.maximum(np.minimum(h1, n1), lo)))
+    area = lambda piece: (piece[0][1] - piece[0][0]) * (piece[1][1] - piece[1][0])
+    if int((area(needed) - area(overlap)).max()) == 0:
+        return None   # every rank slices what it needs from what it has
+    src_area, dst_area = int(area(held)[0]), int(area(needed)[0])
+    if all((o0 == h0).all() and (o1 == h1).all() for (o0, o1), (h0, h1) in zip(overlap, held)):   # pieces grow
+        return ("all_gather", dst_area / devices**2, round(dst_area / src_area), bool(dst[3]))
+    return ("all_to_all", max(src_area, dst_area) / devices**2, max(src[0], dst[0], 2), True)
+
+
+def rank_pieces(strategy: LayerStrategy, devices: int) -> list[tuple[tuple[Fraction, Fraction], tuple[Fraction, Fraction]]]:
+    """Per rank: the (batch, sequence) fractions of a boundary activation it holds under ``strategy``."""
+    tp, dp = strategy.tp, strategy.dp
+    pieces = []
+    for rank in range(devices):
+        tp_index, dp_index = (rank % tp, rank // tp) if strategy.tp_consecutive else (rank // dp, rank % dp)
+        batch = (Fraction(dp_index, dp), Fraction(dp_index + 1, dp))
+        seq = (Fraction(tp_index, tp), Fraction(tp_index + 1, tp)) if strategy.sp != "none" else (Fraction(0), Fraction(1))
+        pieces.append((batch, seq))
+    return pieces
+
+
+def piece_intersection(a, b):
+    return tuple((max(x[0], y[0]), max(min(x[1], y[1]), max(x[0], y[0]))) for x, y in zip(a, b))
+
+
+def piece_area(piece) -> Fraction:
+    (b0, b1), (s0, s1) = piece
+    return (b1 - b0) * (s1 - s0)
