@@ -22,6 +22,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -82,26 +83,42 @@ def plans(world: int, layers: int, model: str) -> list[tuple[str, Plan]]:
 
 
 # -- measuring (on every rank) -------------------------------------------------------------------------
+class Trainers:
+    """Trainers of one model for several plans on this rank's device; the model is captured once per local
+    micro-batch size."""
+
+    def __init__(self, model_name: str, shape: str, global_batch: int):
+        from galvatron_fx.runtime import groups
+
+        self.device = groups.current_device()
+        model, batch = build_model(model_name, shape, global_batch)
+        self.model = model.to(self.device)
+        self.batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        self.programs: dict[int, Any] = {}
+
+    def __call__(self, plan: Plan):
+        from galvatron_fx import capture
+        from galvatron_fx.passes.lower_stage import local_micro_batch
+        from galvatron_fx.runtime import Trainer
+
+        local = local_micro_batch(plan)
+        if local not in self.programs:
+            example = {k: v[:local] if isinstance(v, torch.Tensor) else v for k, v in self.batch.items()}
+            self.programs[local] = capture(self.model, example_kwargs=example)
+        return Trainer(self.programs[local], plan, device=self.device)
+
+
 def run_plans(rank: int, world: int, model_name: str, shape: str, cases: list[tuple[str, Plan]],
               warmup: int, repeats: int, global_batch: int = GLOBAL_BATCH) -> list[dict]:
     """Spawned worker: train every plan; per plan the step times, the peak bytes and this rank's stage."""
-    from galvatron_fx import capture
-    from galvatron_fx.passes.lower_stage import local_micro_batch
     from galvatron_fx.errors import GalvatronError
-    from galvatron_fx.runtime import Trainer, groups
 
     warnings.simplefilter("ignore")
-    device = groups.current_device()
-    model, batch = build_model(model_name, shape, global_batch)
-    model, batch = model.to(device), {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    programs, out = {}, []
+    trainers = Trainers(model_name, shape, global_batch)
+    device, batch, out = trainers.device, trainers.batch, []
     for name, plan in cases:
-        local = local_micro_batch(plan)
-        if local not in programs:
-            example = {k: v[:local] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            programs[local] = capture(model, example_kwargs=example)
         try:
-            trainer = Trainer(programs[local], plan, device=device)
+            trainer = trainers(plan)
         except GalvatronError as error:  # raised on every rank alike, before any collective: report, go on
             out.append({"plan": name, "rank": rank, "error": f"{type(error).__name__}: {str(error)[:400]}"})
             continue

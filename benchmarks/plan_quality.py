@@ -32,7 +32,7 @@ if __package__ in (None, ""):
 
 from benchmarks.common import (RESULTS, SHAPES, build_model, command_line, device_peak_flops, median, mfu,
                                model_flops_per_sample, print_table, spawn, time_steps, write_json)
-from benchmarks.cost_accuracy import hardware_profile, model_profile, run_plans
+from benchmarks.cost_accuracy import Trainers, hardware_profile, model_profile, run_plans
 from benchmarks.native import STRATEGIES, NativeConfig, NativeRunner
 from galvatron_fx.plan import LayerStrategy, Plan
 
@@ -104,19 +104,10 @@ def side_by_side(rank: int, world: int, shape: str, cases, native_strategy: str,
                  repeats: int, rounds: int, chunks_pp: int) -> dict[str, list[float]]:
     """Spawned worker: step our ``cases`` and the native runner in alternation, ``rounds`` rounds of
     ``repeats`` timed steps each; the step times per name."""
-    from galvatron_fx import capture
-    from galvatron_fx.passes.lower_stage import local_micro_batch
-    from galvatron_fx.runtime import Trainer, groups
-
     warnings.simplefilter("ignore")
-    device = groups.current_device()
-    model, batch = build_model(MODEL, shape, global_batch)
-    steps = {}
-    for name, plan in cases:
-        local = local_micro_batch(plan)
-        example = {k: v[:local] if hasattr(v, "shape") else v for k, v in batch.items()}
-        trainer = Trainer(capture(model, example_kwargs=example), plan, device=device)
-        steps[name] = lambda trainer=trainer: trainer.step(batch)
+    trainers = Trainers(MODEL, shape, global_batch)
+    device, batch = trainers.device, trainers.batch
+    steps = {name: (lambda trainer=trainers(plan): trainer.step(batch)) for name, plan in cases}
     native_model, native_batch = build_model(MODEL, shape, global_batch)
     runner = NativeRunner(native_model, NativeConfig(native_strategy, world, chunks_pp if native_strategy == "pp" else 1), device)
     steps[f"native {native_strategy}"] = lambda: runner.step(native_batch)

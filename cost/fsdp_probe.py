@@ -15,8 +15,7 @@ the slowest rank's).
 from __future__ import annotations
 
 import math
-import statistics
-import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -25,10 +24,11 @@ UNITS = 4
 TOKENS = 8
 
 
-def sharded_unit_times(sizes_bytes: tuple[int, ...], repeats: int, warmup: int,
+def sharded_unit_times(sizes_bytes: tuple[int, ...], median_s: Callable[[Callable[[], None]], float],
                        device: torch.device) -> dict[tuple[str, int, int], float]:
     """{(zero2|zero3, group size, unit's fp32 parameter bytes): seconds per unit per step} on this rank,
-    for every power-of-two group size ≥ 2 dividing the world (groups of consecutive ranks)."""
+    for every power-of-two group size ≥ 2 dividing the world (groups of consecutive ranks). ``median_s(run)``
+    times ``run`` on every rank at once (the hardware profiler's timer)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     world = dist.get_world_size()
@@ -37,12 +37,13 @@ def sharded_unit_times(sizes_bytes: tuple[int, ...], repeats: int, warmup: int,
     times: dict[tuple[str, int, int], float] = {}
     for nbytes in sizes_bytes:
         width = max(int(math.sqrt(nbytes / 4)), 8)
-        local = _step_s(_stack(width, device), width, repeats, warmup, device)
+        local = median_s(_step(_stack(width, device), width, device))
         for group, mesh in meshes.items():
             for kind in ("zero2", "zero3"):
                 sharded = _stack(width, device)
                 _shard(sharded, mesh, reshard_after_forward=kind == "zero3")
-                seconds = _step_s(sharded, width, repeats, warmup, device)
+                seconds = median_s(_step(sharded, width, device))
+                dist.barrier()   # every rank's last collective is done before the stack is freed
                 times[(kind, group, width * width * 4)] = max(0.0, seconds - local) / UNITS
     return times
 
@@ -59,24 +60,12 @@ def _shard(stack: torch.nn.Sequential, mesh, reshard_after_forward: bool) -> Non
     fully_shard(stack, mesh=mesh, reshard_after_forward=reshard_after_forward)   # the root holds no parameter
 
 
-def _step_s(stack: torch.nn.Sequential, width: int, repeats: int, warmup: int, device: torch.device) -> float:
-    """Median seconds of forward + backward (gradients dropped, as zero_grad(set_to_none) does)."""
+def _step(stack: torch.nn.Sequential, width: int, device: torch.device) -> Callable[[], None]:
+    """Forward + backward of ``stack`` on a few tokens, gradients dropped (as zero_grad(set_to_none) does)."""
     x = torch.randn(TOKENS, width, device=device)
 
     def step():
         stack(x).sum().backward()
         for param in stack.parameters():
             param.grad = None
-
-    for _ in range(warmup):
-        step()
-    seconds = []
-    for _ in range(repeats):
-        dist.barrier()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    dist.barrier()   # every rank's last collective is done before the stack is freed
-    return statistics.median(seconds)
+    return step

@@ -74,8 +74,8 @@ class HardwareProfile:
     degree to the CommFit of one send/recv between neighbouring stages; ``overlap_slowdown`` (≥ 1) is
     1 + the share of a communication that stays visible while it overlaps compute of the same length
     (1: hidden on a stream of its own; 2: they only take turns, as where gloo shares the cores with
-    compute); ``flops_per_s`` is the
-    sustained throughput per dtype ("fp32", "bf16", "fp16"); ``memory_bytes`` per device.
+    compute); ``flops_per_s`` is the sustained throughput per dtype ("fp32", "bf16", "fp16");
+    ``memory_bytes`` per device.
     ``optimizer_s_per_param``: seconds of one Adam step per parameter the device updates (0: not
     measured); ``compute_slowdown`` (≥ 1): how much slower a process computes while every process of the
     node computes than alone (processes sharing CPU cores; 1 on GPUs), which a layer profile timed on one

@@ -173,7 +173,7 @@ def profile_hardware(config: ProfilerConfig | None = None, device: torch.device 
     skew_s = {size: _arrival_skew_s(device, config, group) for size, group in consecutive_groups.items()}
     progress.step("collectives between compute")
     # FSDP2 waits for its collectives in place where there are no communication streams: time it there
-    units = sharded_unit_times(config.sizes_bytes[-3:], config.repeats, config.warmup, device) if device.type != "cuda" else {}
+    units = sharded_unit_times(config.sizes_bytes[-3:], lambda run: _median_time(run, device, config), device) if device.type != "cuda" else {}
     progress.step("FSDP2 units")
 
     # the slowest rank's median counts: one all-reduce (MAX) of every measurement

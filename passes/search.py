@@ -222,10 +222,10 @@ class SearchEngine:
             return
         for j in range(len(full.strategies)):   # one strategy for every layer: a table of one
             if all(full.allowed[t][j] for t in self.types):
-                key = (*key, j)
-                if key not in self.uniform_tables:
-                    self.uniform_tables[key] = subset(full, [j])
-                self.solve_table(self.uniform_tables[key], pp, gb, c, pipeline, k, mode, exact)
+                uniform_key = (*key, j)
+                if uniform_key not in self.uniform_tables:
+                    self.uniform_tables[uniform_key] = subset(full, [j])
+                self.solve_table(self.uniform_tables[uniform_key], pp, gb, c, pipeline, k, mode, exact)
 
     def solver(self, table, pp: int, gb: int, c: int, k: tuple[int, ...], mode: str) -> StageSolver:
         key = (id(table), pp, gb, c, k)

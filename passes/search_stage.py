@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from galvatron_fx.cost.memory import InFlight
 from galvatron_fx.cost.layouts import data_split
+from galvatron_fx.cost.memory import InFlight
 
 from .search_bound import RestBound
 from .search_front import Front, class_representatives, extend, pareto_indices, redistribution_matrix

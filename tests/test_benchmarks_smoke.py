@@ -89,8 +89,9 @@ def _workers(rank: int, world: int) -> dict:
     compared = runtime_overhead.compare(rank, world, "tiny", ["ddp", "pp"], 2, 1, 1, 1)
     ddp = Plan(world_size=2, layers=(LayerStrategy(dp=2),) * 2, global_batch=8)
     side = plan_quality.side_by_side(rank, world, "tiny", [("searched", hetero), ("best", ddp)], "ddp", 8, 1, 1, 2, 4)
-    return {"ours": ours, "side": {name: len(times) for name, times in side.items()}, "compared": {k: {"first_loss": v["first_loss"], "counts": {n: len(t) for n, t in v["times_s"].items()}}
-                                       for k, v in compared.items()}}
+    return {"ours": ours, "side": {name: len(times) for name, times in side.items()},
+            "compared": {k: {"first_loss": v["first_loss"], "counts": {n: len(t) for n, t in v["times_s"].items()}}
+                         for k, v in compared.items()}}
 
 
 def test_measuring_workers_on_two_ranks():

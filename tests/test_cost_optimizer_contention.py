@@ -38,8 +38,6 @@ def test_compute_slowdown_scales_measured_compute_only():
     assert CostModel(analytic, slow).layer_cost("blk", S(dp=8), 8).fwd_s == pytest.approx(b.fwd_s)
 
 
-
-
 def test_pipeline_bubbles_lessen_the_contention():
     """Ranks idle in a pipeline's bubbles leave their cores to the others: compute slows down by
     1 + (slowdown − 1) · c / (c + pp − 1), in the layer costs and in the whole plan."""
@@ -51,10 +49,8 @@ def test_pipeline_bubbles_lessen_the_contention():
     shared = slow.layer_cost("blk", S(dp=2), 8, busy_share=4 / 7)
     assert shared.fwd_s == pytest.approx(base.fwd_s * (1 + 2 * 4 / 7))
     assert shared.bwd_s == pytest.approx(base.bwd_s * (1 + 2 * 4 / 7))
-    head = slow.embedding_cost(EmbeddingStrategy(), 2, 8, first_stage=True, last_stage=True,
-                               busy_share=0.5)
-    assert head.fwd_s == pytest.approx(plain.embedding_cost(EmbeddingStrategy(), 2, 8,
-                                                            first_stage=True, last_stage=True).fwd_s * 2)
+    head = slow.embedding_cost(EmbeddingStrategy(), 2, 8, first_stage=True, last_stage=True, busy_share=0.5)
+    assert head.fwd_s == pytest.approx(plain.embedding_cost(EmbeddingStrategy(), 2, 8, first_stage=True, last_stage=True).fwd_s * 2)
     pipeline = Plan(world_size=8, layers=(S(dp=2),) * 4, pp=4, pp_division=(1, 1, 1, 1), chunks=4, global_batch=32)
     # evaluate prices the plan at its own share: as a cluster slowed by 1 + 2 · 4/7 with every rank busy
     fixed = CostModel(synthetic_profile(), dataclasses.replace(uniform_hardware(), compute_slowdown=1 + 2 * 4 / 7))
