@@ -124,7 +124,8 @@ def run_plans(rank: int, world: int, model_name: str, shape: str, cases: list[tu
             continue
         step = lambda: trainer.step(batch)  # noqa: E731
         times = time_steps(step, device, warmup, repeats)
-        peak = peak_step_bytes(step, device, lambda: training_state(trainer.stage, trainer.optimizer))
+        # the DDP buckets hold the gradients between steps
+        peak = peak_step_bytes(step, device, lambda: training_state(trainer.stage, trainer.optimizer) + trainer.sync.grad_buffers())
         out.append({"plan": name, "rank": rank, "stage": trainer.stage.layout.stage, "times_s": times, "peak_bytes": peak})
         del trainer, step
         gc.collect()

@@ -9,7 +9,7 @@ ZeRO-2 shards gradients and optimizer states over the data-parallel group; ZeRO-
 
 Peak bytes of a stage follow the step's phases (``InFlight``): before the first backward of a step the
 activations in flight are live but no gradient is (``zero_grad(set_to_none=True)``: backward allocates
-them); after it, gradients persist until the optimizer step; the optimizer step holds gradients and its
+them), except DDP's, which live in buckets that persist between steps; after it, gradients persist until the optimizer step; the optimizer step holds gradients and its
 own temporaries. Each layer counts its worst phase, so the sum stays additive (the search needs that); it
 is exact when every layer of the stage peaks in the same phase, and an upper bound otherwise.
 
@@ -29,6 +29,9 @@ import torch.fx as fx
 
 from galvatron_fx.program import META_KEY, Layer
 
+# DDP layers keep their gradients in flat buckets of up to this many bytes (DDP's default bucket_cap_mb):
+# the buckets persist between steps, and each pays one all-reduce latency
+GRAD_BUCKET_CAP_BYTES = 25 * 2**20
 # (parameter, gradient, optimizer) bytes per parameter
 STATE_BYTES_PER_PARAM = {"fp32": (4, 4, 8), "bf16": (2, 4, 12)}
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}

@@ -12,7 +12,8 @@ Terms of one layer, for a micro-batch of ``mb`` samples on a stage (each of the 
 - TP collectives on the hidden state ``h`` = boundary bytes × ``mb / dp``: Megatron 2 all-reduces in
   forward and 2 in backward; Megatron-SP 2 all-gathers + 2 reduce-scatters each way; Ulysses 4
   all-to-alls of ``h / tp`` each way (q, k, v in, output back).
-- gradient sync over the ``dp`` group on the device's gradient bytes: DDP all-reduce; ZeRO-2
+- gradient sync over the ``dp`` group on the device's gradient bytes: DDP all-reduce (buckets span
+  layers: a layer pays its share of a bucket's latency); ZeRO-2
   reduce-scatter plus the all-gather of updated parameters; ZeRO-3 reduce-scatter, and a parameter
   all-gather in forward and again in backward. Communication overlapped with compute (grad sync with the
   backward, ZeRO-3 gathers with the layer's compute, as with prefetching) is hidden up to the compute
@@ -22,7 +23,8 @@ Terms of one layer, for a micro-batch of ``mb`` samples on a stage (each of the 
   profiles without the figure: presets and Galvatron's files).
 - memory: model states (cost/memory.py: 16 bytes/param fp32, 18 bf16 mixed; ZeRO shards), the
   activations one micro-batch keeps (the layer's inputs only, if checkpointed), each in the worst phase of
-  the step (cost/memory.py ``InFlight``: gradients do not exist before the first backward), and transient
+  the step (cost/memory.py ``InFlight``: gradients do not exist before the first backward, except in DDP's
+  persistent buckets), and transient
   peaks of the layer in backward: FSDP2 holds a ZeRO layer's gathered parameters and the next layer's
   prefetched ones (ZeRO-3), and the layer's unsharded gradients next to the previous layer's, whose
   reduce-scatter is in flight (ZeRO-2 and -3); a checkpointed layer's recomputed activations. ZeRO-2 keeps
@@ -42,7 +44,7 @@ from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan, Prediction
 
 from .hardware import HardwareProfile
 from .layouts import data_split, layout_of, move_key, move_plan, piece_area, piece_intersection, rank_pieces
-from .memory import DTYPE_BYTES, STATE_BYTES_PER_PARAM, InFlight, check_precision, model_state_split
+from .memory import DTYPE_BYTES, GRAD_BUCKET_CAP_BYTES, STATE_BYTES_PER_PARAM, InFlight, check_precision, model_state_split
 from .model_profile import LayerTypeProfile, ModelProfile, TimeFormula
 
 
@@ -56,7 +58,7 @@ class LayerCost:
     model_state_bytes: int
     activation_bytes: int
     peak_extra_bytes: int = 0
-    grad_bytes: int = 0  # the gradient part of model_state_bytes
+    grad_bytes: int = 0  # the part of model_state_bytes that exists only after a step's first backward
     optimizer_temp_bytes: int = 0  # the optimizer step's temporaries
 
 
@@ -132,6 +134,8 @@ class CostModel:
     def _with_states(self, cost: LayerCost, params: float, dp: int, dp_type: str) -> LayerCost:
         """``cost`` with the model states of ``params`` parameters on a ``dp``-way ``dp_type`` group."""
         states, grads = model_state_split(params, dp, dp_type, self.mixed_precision)
+        if dp_type == "ddp" and dp > 1:  # DDP's gradient buckets persist: no phase of the step is without them
+            grads = 0
         if dp_type == "zero2" and dp > 1:  # the shard stays besides the gathered parameters during a step
             states += int(params * STATE_BYTES_PER_PARAM[self.mixed_precision][0] / dp)
         updated = params / dp if dp_type in ("zero2", "zero3") else params
@@ -165,8 +169,9 @@ class CostModel:
         param_b, grad_b, _ = STATE_BYTES_PER_PARAM[self.mixed_precision]
         hw = self.hardware
         grads, weights = params * grad_b, params * param_b
-        if dp_type == "ddp":
-            return 0.0, hw.collective_s("all_reduce", grads, dp, consecutive), 0.0
+        if dp_type == "ddp":  # the layer's share of a bucket's all-reduce: one latency per bucket
+            fit = hw.fit("all_reduce", dp, consecutive)
+            return 0.0, fit.latency_s * min(1.0, grads / GRAD_BUCKET_CAP_BYTES) + grads / fit.bandwidth_Bps, 0.0
         scatter_s = hw.collective_s("reduce_scatter", grads, dp, consecutive)
         gather_s = hw.collective_s("all_gather", weights, dp, consecutive)
         if dp_type == "zero2":  # reduce-scatter, then the all-gather of the updated parameters

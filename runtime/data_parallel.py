@@ -7,8 +7,8 @@ Each layer of a stage follows its LayerStrategy on its data-parallel mesh:
   last, stay gathered from forward to backward, as FSDP2's root does);
 - ``zero2``: ``fully_shard`` with ``reshard_after_forward=False`` (parameters stay gathered from forward to
   backward; gradients and optimizer states sharded);
-- ``ddp``: parameters replicated; each layer's gradients averaged by one flat all-reduce, started during
-  backward as soon as they are complete.
+- ``ddp``: parameters replicated; gradients accumulate in flat buckets spanning consecutive layers (up
+  to DDP's 25 MiB), each averaged by one all-reduce started during backward as soon as it is complete.
 
 The stage module itself becomes the FSDP2 root over its ZeRO layers (it manages no parameter of its own).
 One root shares one communication context across the layers: each layer's reduce-scatter input (its whole
@@ -34,6 +34,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
+from galvatron_fx.cost.memory import GRAD_BUCKET_CAP_BYTES
 from galvatron_fx.passes.lower_stage import StageModule, stage_layer_indices
 from galvatron_fx.plan import Plan
 from galvatron_fx.program import EPILOGUE, PROLOGUE, Program
@@ -42,32 +43,54 @@ from . import groups
 
 
 class ReplicatedBucket:
-    """One layer's replicated parameters on one data-parallel group of ``size`` ranks.
+    """The replicated parameters of consecutive layers on one data-parallel group of ``size`` ranks, whose
+    gradients live in one flat buffer (DDP's ``gradient_as_bucket_view``).
 
-    In the backward that synchronises, the moment the last of these gradients is accumulated a hook
-    copies them into one flat buffer, makes each ``.grad`` a view of it and starts the buffer's all-reduce
-    asynchronously, so that it overlaps with the backward of the layers before (as DDP's buckets do);
-    ``wait`` completes it and averages. A parameter that got no gradient in that backward holds the bucket
-    back until ``wait``, which then launches it with zeros in place of the missing gradients.
+    Before each step's first backward every ``.grad`` becomes a view of the zeroed buffer, so backward
+    accumulates into it in place. In the backward that synchronises, the moment the last of these
+    gradients is accumulated a hook starts the buffer's all-reduce asynchronously, so that it overlaps
+    with the backward of the layers before; ``wait`` completes it and averages. A parameter that got no
+    gradient in that backward holds the bucket back until ``wait``, which then launches it with its zeros.
 
-    A bucket per layer, not DDP's 25 MiB buckets across layers: the copy briefly holds a bucket's gradients
-    twice, and one layer's worth is what the cost model's memory allows for. (Fewer, larger buckets save
-    collective latencies where those dominate, as on CPU cores shared by several ranks.)
+    The buffer persists between steps (it is the gradients' storage), and no copy is made: a bucket may
+    span layers (up to ``GRAD_BUCKET_CAP_BYTES``), which saves a collective's latency per layer.
     """
 
     def __init__(self, group: dist.ProcessGroup, size: int):
         self.group, self.size = group, size
         self.params: list[nn.Parameter] = []
-        self.synced: list[torch.Tensor] = []  # per-micro-batch mode: the averaged sums so far
+        self.flat: torch.Tensor | None = None  # allocated at the first backward: parameters may be materialised late
+        self._views: list[torch.Tensor] = []
+        self._stash: torch.Tensor | None = None  # per-micro-batch mode: the averaged sums so far
         self._armed, self._ready, self._work = False, 0, None
 
     def add(self, param: nn.Parameter) -> None:
         self.params.append(param)
         param.register_post_accumulate_grad_hook(self._on_grad_accumulated)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.params)
+
     def arm(self, syncing: bool) -> None:
         """Called before each backward: whether this backward's gradients are to be all-reduced."""
+        self._attach_views()
         self._armed, self._ready = syncing, 0
+
+    def _attach_views(self) -> None:
+        """Make every ``.grad`` a view of the buffer: after ``zero_grad(set_to_none=True)`` a zeroed one,
+        a gradient set from outside is copied in."""
+        if self.flat is None:
+            self.flat = torch.zeros(sum(p.numel() for p in self.params), dtype=self.params[0].dtype, device=self.params[0].device)
+            self._views = list(_unflatten_dense_tensors(self.flat, self.params))
+        for param, view in zip(self.params, self._views):
+            if param.grad is None:
+                view.zero_()
+            elif param.grad.data_ptr() != view.data_ptr():
+                view.copy_(param.grad)
+            else:
+                continue
+            param.grad = view
 
     def _on_grad_accumulated(self, param: nn.Parameter) -> None:
         if self._armed:
@@ -76,11 +99,7 @@ class ReplicatedBucket:
                 self._launch()
 
     def _launch(self) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = _flatten_dense_tensors(grads)
-        for param, view in zip(self.params, _unflatten_dense_tensors(flat, grads)):
-            param.grad = view  # the unflattened gradients are freed: no second copy stays alive
-        self._work = (dist.all_reduce(flat, group=self.group, async_op=True), flat)
+        self._work = dist.all_reduce(self.flat, group=self.group, async_op=True)
         self._armed = False
 
     @property
@@ -92,10 +111,20 @@ class ReplicatedBucket:
         """Finish this backward's all-reduce: every ``.grad`` of the bucket then holds the mean."""
         if self._work is None:
             self._launch()
-        work, flat = self._work
-        work.wait()
-        flat /= self.size
+        self._work.wait()
+        self.flat /= self.size
         self._work = None
+
+    def stash(self, last: bool) -> None:
+        """Per-micro-batch mode, after ``wait``: set this micro-batch's averaged gradients aside (the next
+        backward accumulates into a zeroed buffer), or after the last one add the earlier ones back."""
+        if last:
+            if self._stash is not None:
+                self.flat += self._stash
+            self._stash = None
+        else:
+            self._stash = self.flat.clone() if self._stash is None else self._stash.add_(self.flat)
+            self.flat.zero_()
 
 
 @dataclass
@@ -126,16 +155,9 @@ class GradSync:
     def after_backward(self, last: bool) -> None:
         if not self.every_micro_batch:
             return
-        for bucket in self.buckets:  # this micro-batch's gradients are averaged: add them to the sums so far
+        for bucket in self.buckets:
             bucket.wait()
-            grads = [p.grad for p in bucket.params]
-            bucket.synced = grads if not bucket.synced else [a + b for a, b in zip(bucket.synced, grads)]
-            for param in bucket.params:
-                param.grad = None
-            if last:
-                for param, total in zip(bucket.params, bucket.synced):
-                    param.grad = total
-                bucket.synced = []
+            bucket.stash(last)
 
     def finish(self) -> None:
         if not self.every_micro_batch:
@@ -145,6 +167,10 @@ class GradSync:
             if weight.param.grad is None:
                 weight.param.grad = torch.zeros_like(weight.param)
             dist.all_reduce(weight.param.grad, group=weight.group)
+
+    def grad_buffers(self) -> list[torch.Tensor]:
+        """The buckets' flat gradient buffers: they persist between steps."""
+        return [bucket.flat for bucket in self.buckets if bucket.flat is not None]
 
     def describe(self) -> str:
         return (f"{len(self.fsdp_units)} sharded units, {sum(len(b.params) for b in self.buckets)} replicated "
@@ -189,8 +215,8 @@ def apply_data_parallel(stage: StageModule, program: Program, plan: Plan) -> Gra
     shared = {name for name, layer_indices in users.items() if len(layer_indices) > 1}
     params = stage.user_parameters()
     fsdp_units: list[FSDPModule] = []
-    buckets: list[ReplicatedBucket] = []  # one per layer, in forward order
-    replicated: set[int] = set()
+    replicated: list[tuple[dist.ProcessGroup, int, list[nn.Parameter]]] = []  # per layer, in forward order
+    seen: set[int] = set()
     root_mesh = None
     for layer in stage.stage_layers:
         strategy = layer.strategy
@@ -208,16 +234,31 @@ def apply_data_parallel(stage: StageModule, program: Program, plan: Plan) -> Gra
             fsdp_units.append(module)
             root_mesh = root_mesh or mesh
             names = [n for n in names if n in shared]
-        bucket = ReplicatedBucket(mesh.get_group(), strategy.dp)
-        for name in names:
-            if id(params[name]) not in replicated:
-                replicated.add(id(params[name]))
-                bucket.add(params[name])
-        if bucket.params:
-            buckets.append(bucket)
+        mine = [params[n] for n in names if id(params[n]) not in seen]
+        seen.update(id(p) for p in mine)
+        if mine:
+            replicated.append((mesh.get_group(), strategy.dp, mine))
     if fsdp_units:
         sharded = {id(p) for unit in fsdp_units for p in unit.parameters() if isinstance(p, DTensor)}
         fully_shard(stage, mesh=root_mesh, ignored_params={p for p in stage.parameters() if id(p) not in sharded})
     tied = [TiedWeight(name, params[name], groups.tied_group(plan, stages, stage.layout.local))
             for name, stages in sorted(tied_stages(program, plan).items()) if name in params]
-    return GradSync(fsdp_units, buckets, tied, plan.grad_sync_every_micro_batch)
+    return GradSync(fsdp_units, bucket_layers(replicated), tied, plan.grad_sync_every_micro_batch)
+
+
+def bucket_layers(replicated: list[tuple[dist.ProcessGroup, int, list[nn.Parameter]]],
+                  cap_bytes: int = GRAD_BUCKET_CAP_BYTES) -> list[ReplicatedBucket]:
+    """Buckets over consecutive layers' replicated parameters (``(group, size, params)`` per layer, in
+    forward order) that share a group, filled in backward order up to ``cap_bytes`` (a layer above the cap
+    gets a bucket of its own): the last layers' bucket is ready first, as in DDP."""
+    buckets: list[ReplicatedBucket] = []
+    for group, size, params in reversed(replicated):
+        bucket = buckets[-1] if buckets else None
+        nbytes = sum(p.numel() * p.element_size() for p in params)
+        same_kind = bucket is not None and bucket.group is group and bucket.params[0].dtype == params[0].dtype
+        if not same_kind or bucket.nbytes + nbytes > cap_bytes:
+            bucket = ReplicatedBucket(group, size)
+            buckets.append(bucket)
+        for param in params:
+            bucket.add(param)
+    return buckets

@@ -105,22 +105,39 @@ def test_memory_phases_of_a_step():
 
 def test_single_micro_batch_plans_count_gradients_only_where_they_peak():
     model = CostModel(synthetic_profile(), uniform_hardware(world=2))
-    mb = 2048  # 1024 samples per replica: a block's activations (8 MB) outweigh its gradients (4 MB)
-    cost = model.layer_cost("blk", S(dp=2), mb)
+    mb = 2048  # 1024 samples per replica: a block's activations (8 MB) outweigh its gradients (2 MB shard)
+    cost = model.layer_cost("blk", S(dp=2, dp_type="zero2"), mb)
     embedding = model.embedding_cost(EmbeddingStrategy(), 2, mb, first_stage=True, last_stage=True)
 
     def expected(held_first, held_later):
         return sum(c.model_state_bytes - c.grad_bytes + max(held_first * c.activation_bytes, held_later * c.activation_bytes + c.grad_bytes,
-                                                            c.grad_bytes + c.optimizer_temp_bytes) for c in [cost] * 4 + [embedding])
+                                                            c.grad_bytes + c.optimizer_temp_bytes) for c in [cost] * 4 + [embedding]) + transient
 
-    layers = tuple(S(dp=2) for _ in range(4))
+    transient = cost.peak_extra_bytes  # the unsharded gradients in backward
+    layers = tuple(S(dp=2, dp_type="zero2") for _ in range(4))
     one = model.evaluate(Plan(world_size=2, layers=layers, chunks=1, global_batch=mb))
     assert one.memory_bytes_per_stage == (expected(1, 0),)
     assert one.memory_bytes_per_stage[0] == 4 * (cost.model_state_bytes - cost.grad_bytes + cost.activation_bytes) + (
-        embedding.model_state_bytes - embedding.grad_bytes + max(embedding.activation_bytes, embedding.grad_bytes + embedding.optimizer_temp_bytes))
+        embedding.model_state_bytes - embedding.grad_bytes + max(embedding.activation_bytes, embedding.grad_bytes + embedding.optimizer_temp_bytes)) + transient
     two = model.evaluate(Plan(world_size=2, layers=layers, chunks=2, global_batch=2 * mb))  # accumulation: gradients persist
     assert two.memory_bytes_per_stage == (expected(1, 1),)
     assert two.memory_bytes_per_stage[0] > one.memory_bytes_per_stage[0]
+
+
+def test_ddp_gradients_live_in_persistent_buckets_that_pay_one_latency_each():
+    from galvatron_fx.cost.memory import GRAD_BUCKET_CAP_BYTES
+
+    model = CostModel(synthetic_profile(), uniform_hardware(world=2))
+    ddp = model.layer_cost("blk", S(dp=2), 2048)
+    assert ddp.grad_bytes == 0 and ddp.model_state_bytes == 1_000_000 * 16  # the gradients are always there
+    layers = tuple(S(dp=2) for _ in range(4))
+    one, two = (model.evaluate(Plan(world_size=2, layers=layers, chunks=c, global_batch=c * 2048)) for c in (1, 2))
+    assert one.memory_bytes_per_stage == two.memory_bytes_per_stage
+    # a 4 MB gradient pays 4 MB / 25 MiB of the all-reduce latency (the rest of its bucket pays the rest)
+    fit = model.hardware.fit("all_reduce", 2)
+    sync = model._dp_comm(1_000_000, 2, "ddp", True)[1]
+    assert sync == pytest.approx(fit.latency_s * 4e6 / GRAD_BUCKET_CAP_BYTES + 4e6 / fit.bandwidth_Bps)
+    assert model._dp_comm(100_000_000, 2, "ddp", True)[1] == pytest.approx(fit.time_s(4e8))  # above the cap: its own bucket
 
 
 def test_bf16_mixed_precision_bytes():

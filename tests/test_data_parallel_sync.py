@@ -1,5 +1,6 @@
 """Gradient synchronisation inside the backward pass: DDP buckets start their all-reduce during the last
-micro-batch's backward (not after it), and a stage's ZeRO layers share one FSDP2 root."""
+micro-batch's backward (not after it), gradients live in the buckets, buckets span consecutive layers of
+one group up to their cap, and a stage's ZeRO layers share one FSDP2 root."""
 
 from __future__ import annotations
 
@@ -30,7 +31,10 @@ def _sync_timeline_worker(rank: int, world_size: int) -> dict:
     executor.run(trainer.actions, trainer.micro_batches(batches[0]), trainer._seeds())
     sync.finish()
     reduced = [p.grad.clone() for bucket in sync.buckets for p in bucket.params]
-    return {rank: {"seen": seen, "after_finish": [b.in_flight for b in sync.buckets], "reduced": reduced,
+    flat = sync.buckets[0].flat
+    views = all(p.grad.data_ptr() >= flat.data_ptr() and p.grad.data_ptr() < flat.data_ptr() + flat.nbytes
+                for bucket in sync.buckets for p in bucket.params)
+    return {rank: {"seen": seen, "views": views, "buffers": len(sync.grad_buffers()), "after_finish": [b.in_flight for b in sync.buckets], "reduced": reduced,
                    "stage_is_root": isinstance(trainer.stage, FSDPModule),
                    "units": [isinstance(trainer.stage.layers[l.name], FSDPModule) for l in trainer.stage.stage_layers]}}
 
@@ -41,11 +45,26 @@ def test_ddp_buckets_all_reduce_during_the_last_backward_and_zero_layers_share_o
     ranks = spawn(_sync_timeline_worker, 2, timeout_s=300.0)
     results = [r[i] for i, r in enumerate(ranks)]
     for result in results:
-        # layers: prologue, 4 blocks, epilogue; buckets: prologue, ddp blocks 0 and 2, epilogue (tied weight's bucket)
-        assert len(result["seen"]) == 2 and len(result["seen"][0]) == 4
+        # replicated: the prologue (with the tied weight), ddp blocks 0 and 2 and the epilogue, all on one
+        # group and far below the cap: one bucket, whose buffer holds the gradients
+        assert len(result["seen"]) == 2 and len(result["seen"][0]) == 1
+        assert result["views"] and result["buffers"] == 1
         assert not any(result["seen"][0])  # the first micro-batch only accumulates
         assert all(result["seen"][1])  # every bucket's all-reduce started inside the last backward
         assert not any(result["after_finish"])
         assert result["stage_is_root"] and result["units"] == [False, False, True, False, True, False]
     for a, b in zip(*(r["reduced"] for r in results)):  # both ranks hold the same averaged gradients
         assert torch.equal(a, b)
+
+
+def test_buckets_span_consecutive_layers_of_one_group_up_to_the_cap():
+    from galvatron_fx.runtime.data_parallel import bucket_layers
+
+    group_a, group_b = object(), object()  # groups are told apart by identity
+    layer = lambda group, *sizes: (group, 2, [torch.nn.Parameter(torch.zeros(n)) for n in sizes])  # noqa: E731
+    layers = [layer(group_a, 10), layer(group_a, 20, 5), layer(group_b, 30), layer(group_a, 40), layer(group_a, 50)]
+    buckets = bucket_layers(layers, cap_bytes=4 * 60)
+    # filled in backward order: the last two layers exceed the cap together; the group changes at layer 2
+    assert [[p.numel() for p in b.params] for b in buckets] == [[50], [40], [30], [20, 5, 10]]
+    assert [b.group for b in buckets] == [group_a, group_a, group_b, group_a]
+    assert bucket_layers([layer(group_a, 100)], cap_bytes=4)[0].nbytes == 400  # a layer above the cap: its own bucket
