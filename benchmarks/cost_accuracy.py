@@ -236,8 +236,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--worlds", default="2,4", help="process counts")
     parser.add_argument("--shape", default="bench", choices=sorted(SHAPES))
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    # a fresh process's first three steps run up to 3x, 2x and 1.2x slower than later ones (allocations
+    # warming up): three are left out; ten timed steps halve the spread of a median of five
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--max-plans", type=int, default=None, help="per model and world (smoke runs)")
     parser.add_argument("--hardware", choices=("measure", "cluster"), default="measure", help="profile-hardware, or the detected cluster's estimate")
     parser.add_argument("--reprofile", action="store_true", help="profile hardware and models again")

@@ -227,35 +227,24 @@ class CostModel:
         hidden_bytes = self.model.prologue.boundary_bytes_per_sample * local * self.activation_scale
         strategy = LayerStrategy(tp=vtp, dp=dp, dp_type=kind, sp="megatron" if embedding.vsp and vtp > 1 else "none")
         half_comm = self._tp_comm_s(strategy, hidden_bytes) / 2  # one collective, not Megatron's two
-        # A tied embedding/head weight lives once on a stage that holds both parts.
-        tied = self.model.tied_param_count if first_stage and last_stage else 0
-        parts: list[LayerCost] = []
-        for part, wanted, comm_fwd, comm_bwd, shared in ((self.model.prologue, first_stage, half_comm, 0.0, 0),
-                                                         (self.model.epilogue, last_stage, 0.0, half_comm, tied)):
-            if wanted:
-                parts.append(self._part_cost(part, strategy, local, comm_fwd, comm_bwd, busy_share, shared))
+        parts = [part for part, wanted in ((self.model.prologue, first_stage), (self.model.epilogue, last_stage)) if wanted]
         if not parts:
             return LayerCost(0.0, 0.0, 0.0, 0, 0, 0)
-        return LayerCost(*(sum(getattr(p, name) for p in parts) for name in ("fwd_s", "bwd_s", "grad_sync_s", "model_state_bytes",
-                                                                                "activation_bytes")),
-                         max(p.peak_extra_bytes for p in parts), sum(p.grad_bytes for p in parts),
-                         sum(p.optimizer_temp_bytes for p in parts))
-
-    def _part_cost(self, part: LayerTypeProfile, strategy: LayerStrategy, local: float, comm_fwd: float, comm_bwd: float,
-                   busy_share: float, shared_vocab_params: int = 0) -> LayerCost:
-        """``shared_vocab_params``: vocabulary-sized parameters another part on this stage already holds."""
-        vtp = strategy.tp
-        fwd_compute = self._compute_s(part.fwd, local, vtp, busy_share)
-        bwd_compute = self._compute_s(part.bwd, local, vtp, busy_share)
-        params = part.param_count - part.vocab_param_count + (part.vocab_param_count - shared_vocab_params) / vtp
-        gather_s, sync_s, transient = self._dp_comm(params, strategy.dp, strategy.dp_type, vtp == 1)
-        activation = part.activation_per_sample(vtp, strategy.sp != "none") * local * self.activation_scale
-        kind = strategy.dp_type
-        cost = LayerCost(fwd_compute + comm_fwd + self._visible(gather_s, fwd_compute, kind),
-                         bwd_compute + comm_bwd + self._visible(gather_s, bwd_compute, kind),
-                         self._visible(sync_s, bwd_compute, kind) + self._optimizer_s(params, strategy.dp, kind),
+        fwd_compute = sum(self._compute_s(part.fwd, local, vtp, busy_share) for part in parts)
+        bwd_compute = sum(self._compute_s(part.bwd, local, vtp, busy_share) for part in parts)
+        # vtp splits the vocabulary-sized weights; a tied embedding/head weight lives once on a stage with both
+        tied = self.model.tied_param_count if first_stage and last_stage else 0
+        params = sum(part.param_count - part.vocab_param_count + part.vocab_param_count / vtp for part in parts) - tied / vtp
+        # the parts of a stage synchronise as one unit (FSDP2 shards them together; DDP: one share of a bucket),
+        # once the first part's backward (the last to run) is done: like a layer's, it hides behind that one
+        gather_s, sync_s, transient = self._dp_comm(params, dp, kind, vtp == 1)
+        last_backward_s = self._compute_s(parts[0].bwd, local, vtp, busy_share)
+        activation = sum(part.activation_per_sample(vtp, strategy.sp != "none") for part in parts) * local * self.activation_scale
+        cost = LayerCost(fwd_compute + (half_comm if first_stage else 0.0) + self._visible(gather_s, fwd_compute, kind),
+                         bwd_compute + (half_comm if last_stage else 0.0) + self._visible(gather_s, bwd_compute, kind),
+                         self._visible(sync_s, last_backward_s, kind) + self._optimizer_s(params, dp, kind),
                          0, int(activation), int(transient))
-        return self._with_states(cost, params, strategy.dp, strategy.dp_type)
+        return self._with_states(cost, params, dp, kind)
 
     # -- between layers and stages ---------------------------------------------------------------------
     def redistribution_s(self, before: LayerStrategy, after: LayerStrategy, boundary_index: int, micro_batch: int) -> float:

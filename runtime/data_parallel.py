@@ -4,7 +4,7 @@ Each layer of a stage follows its LayerStrategy on its data-parallel mesh:
 
 - ``zero3``: FSDP2 ``fully_shard`` on the layer (parameters, gradients and optimizer states sharded;
   parameters gathered for forward and again for backward; the embedding and head, which run first and
-  last, stay gathered from forward to backward, as FSDP2's root does);
+  last, are one unit that stays gathered from forward to backward, as FSDP2's root does);
 - ``zero2``: ``fully_shard`` with ``reshard_after_forward=False`` (parameters stay gathered from forward to
   backward; gradients and optimizer states sharded);
 - ``ddp``: parameters replicated; gradients accumulate in flat buckets spanning consecutive layers (up
@@ -16,7 +16,8 @@ unsharded gradient) is freed once the next layer's reduce-scatter is issued rath
 backward, and the next layer's all-gather is prefetched during the current layer's compute.
 
 Weights that several layers use (GPT-2's ``wte``/``lm_head``, T5's shared embedding) are left out of
-sharding and kept replicated: they may sit in layers with different strategies or on different stages.
+sharding and kept replicated where they may sit in layers with different strategies or on different
+stages; a weight only the embedding and head of one stage use is sharded with them.
 When they are on several stages, their gradients are summed over the ranks with the same local index on
 those stages (Megatron's embedding group). Gradients are accumulated over micro-batches and synchronised
 once per step, or after every micro-batch when ``plan.grad_sync_every_micro_batch``.
@@ -210,31 +211,32 @@ def prepare_groups(program: Program, plan: Plan) -> None:
 
 def apply_data_parallel(stage: StageModule, program: Program, plan: Plan) -> GradSync:
     """Requires: ``prepare_groups`` ran on every rank. Ensures: ZeRO layers are FSDP2 modules on their dp
-    mesh, all other parameters are in all-reduce buckets, tied weights know their cross-stage group."""
+    mesh (the embedding and head of a stage one unit, as FSDP2's root holds both), all other parameters
+    are in all-reduce buckets, tied weights know their cross-stage group."""
     users = layers_using(program)
-    shared = {name for name, layer_indices in users.items() if len(layer_indices) > 1}
     params = stage.user_parameters()
     fsdp_units: list[FSDPModule] = []
     replicated: list[tuple[dist.ProcessGroup, int, list[nn.Parameter]]] = []  # per layer, in forward order
     seen: set[int] = set()
     root_mesh = None
-    for layer in stage.stage_layers:
-        strategy = layer.strategy
-        module = stage.layers[layer.name]
-        names = [n for n in dict.fromkeys(program.layers[layer.index].param_names) if n in params]
-        if strategy.dp == 1:
-            continue
+    for layers in _units(stage):
+        strategy = layers[0].strategy
         mesh = groups.layer_mesh(plan, strategy)
-        ignored = {params[n] for n in names if n in shared}
-        if strategy.dp_type in ("zero2", "zero3") and len(ignored) < len(names):
+        indices = {layer.index for layer in layers}
+        names = [n for layer in layers for n in dict.fromkeys(program.layers[layer.index].param_names) if n in params]
+        # a weight other layers use too (tied embedding and head on other stages, say) stays replicated
+        outside = [n for n in dict.fromkeys(names) if not set(users[n]) <= indices]
+        if strategy.dp_type in ("zero2", "zero3") and len(outside) < len(set(names)):
             # Like FSDP2's root, the embedding and head stay gathered from forward to backward: they run
             # first and last, so resharding them would only gather them again (cost model: priced as ZeRO-2)
-            reshard = strategy.dp_type == "zero3" and layer.kind not in (PROLOGUE, EPILOGUE)
-            fully_shard(module, mesh=mesh, reshard_after_forward=reshard, ignored_params=ignored)
-            fsdp_units.append(module)
+            reshard = strategy.dp_type == "zero3" and layers[0].kind not in (PROLOGUE, EPILOGUE)
+            modules = [stage.layers[layer.name] for layer in layers]
+            fully_shard(modules if len(modules) > 1 else modules[0], mesh=mesh, reshard_after_forward=reshard,
+                        ignored_params={params[n] for n in outside})
+            fsdp_units += modules
             root_mesh = root_mesh or mesh
-            names = [n for n in names if n in shared]
-        mine = [params[n] for n in names if id(params[n]) not in seen]
+            names = outside
+        mine = [params[n] for n in dict.fromkeys(names) if id(params[n]) not in seen]
         seen.update(id(p) for p in mine)
         if mine:
             replicated.append((mesh.get_group(), strategy.dp, mine))
@@ -244,6 +246,22 @@ def apply_data_parallel(stage: StageModule, program: Program, plan: Plan) -> Gra
     tied = [TiedWeight(name, params[name], groups.tied_group(plan, stages, stage.layout.local))
             for name, stages in sorted(tied_stages(program, plan).items()) if name in params]
     return GradSync(fsdp_units, bucket_layers(replicated), tied, plan.grad_sync_every_micro_batch)
+
+
+def _units(stage: StageModule) -> list[list]:
+    """The stage's data-parallel layers grouped as they synchronise: each layer alone, except that the
+    embedding and the head of one stage form one unit (they share a strategy and run first and last)."""
+    units, ends = [], []
+    for layer in stage.stage_layers:
+        if layer.strategy.dp == 1:
+            continue
+        if layer.kind in (PROLOGUE, EPILOGUE):
+            if not ends:
+                units.append(ends)
+            ends.append(layer)
+        else:
+            units.append([layer])
+    return units
 
 
 def bucket_layers(replicated: list[tuple[dist.ProcessGroup, int, list[nn.Parameter]]],

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from galvatron_fx.plan import LayerStrategy, Plan
+from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan
 
 STEPS = 5
 GLOBAL_BATCH = 8
@@ -38,6 +38,7 @@ class PlanRecipe:
     pipeline: str = "1f1b"
     every_micro_batch: bool = False
     pp_division: tuple[int, ...] = ()  # () = even; counts may be negative: -1 means "all but the others"
+    embed_sdp: bool = False  # the embedding and head sharded (ZeRO-3) too
 
     def plan(self, num_layers: int, model: str = "") -> Plan:
         dp = self.world_size // self.pp
@@ -46,6 +47,7 @@ class PlanRecipe:
         division = tuple(num_layers - sum(d for d in self.pp_division if d > 0) if d < 0 else d for d in self.pp_division)
         return Plan(world_size=self.world_size, layers=layers, pp=self.pp, pp_division=division, chunks=self.chunks, pipeline=self.pipeline,
                     global_batch=GLOBAL_BATCH, grad_sync_every_micro_batch=self.every_micro_batch,
+                    embedding=EmbeddingStrategy(embed_sdp=self.embed_sdp),
                     provenance={"model": model} if model else {})
 
 
@@ -60,9 +62,9 @@ RECIPES = {
     "drop_pp2_first1": PlanRecipe("drop_pp2_first1", 2, pp=2, chunks=2, pipeline="gpipe", pp_division=(1, -1)),
     "drop_pp2_last1_ckpt": PlanRecipe("drop_pp2_last1_ckpt", 2, (("ddp", True),), pp=2, chunks=2, pp_division=(-1, 1)),
     "dp4": PlanRecipe("dp4", 4),
-    "zero3_4": PlanRecipe("zero3_4", 4, (("zero3", False),)),
+    "zero3_4": PlanRecipe("zero3_4", 4, (("zero3", False),), embed_sdp=True),  # embedding and head: one unit
     "pp4_1f1b": PlanRecipe("pp4_1f1b", 4, pp=4, chunks=4),
-    "pp2_zero3_2": PlanRecipe("pp2_zero3_2", 4, (("zero3", False),), pp=2, chunks=2),
+    "pp2_zero3_2": PlanRecipe("pp2_zero3_2", 4, (("zero3", False),), pp=2, chunks=2, embed_sdp=True),
     "hetero4": PlanRecipe("hetero4", 4, (("ddp", False), ("zero3", True), ("zero2", False), ("zero3", False), ("ddp", True)),
                           pp=2, chunks=2, every_micro_batch=True),
 }

@@ -11,13 +11,15 @@ from distributed import GLOBAL_BATCH, _program
 
 def _sync_timeline_worker(rank: int, world_size: int) -> dict:
     from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
 
-    from galvatron_fx.plan import LayerStrategy, Plan
+    from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan
     from galvatron_fx.runtime import Trainer
 
     program, batches = _program("gpt2", 2)
     kinds = ("ddp", "zero3", "ddp", "zero2")
-    plan = Plan(world_size=2, layers=tuple(LayerStrategy(dp=2, dp_type=k) for k in kinds), chunks=2, global_batch=GLOBAL_BATCH)
+    plan = Plan(world_size=2, layers=tuple(LayerStrategy(dp=2, dp_type=k) for k in kinds), chunks=2, global_batch=GLOBAL_BATCH,
+                embedding=EmbeddingStrategy(embed_sdp=True))
     trainer = Trainer(program, plan)
     sync, executor = trainer.sync, trainer.executor
     seen = []  # per backward: which buckets were in flight right after it
@@ -30,13 +32,17 @@ def _sync_timeline_worker(rank: int, world_size: int) -> dict:
     sync.after_backward = after_backward
     executor.run(trainer.actions, trainer.micro_batches(batches[0]), trainer._seeds())
     sync.finish()
+    ends = [trainer.stage.layers[l.name] for l in trainer.stage.stage_layers if l.kind in ("prologue", "epilogue")]
+    tied_name = next(n for n, p in ends[0].named_parameters() if p.dim() == 2 and any(p is q for q in ends[1].parameters()))
     reduced = [p.grad.clone() for bucket in sync.buckets for p in bucket.params]
     flat = sync.buckets[0].flat
     views = all(p.grad.data_ptr() >= flat.data_ptr() and p.grad.data_ptr() < flat.data_ptr() + flat.nbytes
                 for bucket in sync.buckets for p in bucket.params)
     return {rank: {"seen": seen, "views": views, "buffers": len(sync.grad_buffers()), "after_finish": [b.in_flight for b in sync.buckets], "reduced": reduced,
                    "stage_is_root": isinstance(trainer.stage, FSDPModule),
-                   "units": [isinstance(trainer.stage.layers[l.name], FSDPModule) for l in trainer.stage.stage_layers]}}
+                   "units": [isinstance(trainer.stage.layers[l.name], FSDPModule) for l in trainer.stage.stage_layers],
+                   "ends_share_a_unit": ends[0]._get_fsdp_state() is ends[1]._get_fsdp_state(),
+                   "tied_weight_sharded": isinstance(ends[0].get_parameter(tied_name), DTensor)}}
 
 
 def test_ddp_buckets_all_reduce_during_the_last_backward_and_zero_layers_share_one_root():
@@ -45,14 +51,15 @@ def test_ddp_buckets_all_reduce_during_the_last_backward_and_zero_layers_share_o
     ranks = spawn(_sync_timeline_worker, 2, timeout_s=300.0)
     results = [r[i] for i, r in enumerate(ranks)]
     for result in results:
-        # replicated: the prologue (with the tied weight), ddp blocks 0 and 2 and the epilogue, all on one
-        # group and far below the cap: one bucket, whose buffer holds the gradients
+        # replicated: ddp blocks 0 and 2, on one group and far below the cap: one bucket, whose buffer holds
+        # the gradients; the embedding and head (sharing GPT-2's tied weight) are one FSDP2 unit
         assert len(result["seen"]) == 2 and len(result["seen"][0]) == 1
         assert result["views"] and result["buffers"] == 1
         assert not any(result["seen"][0])  # the first micro-batch only accumulates
         assert all(result["seen"][1])  # every bucket's all-reduce started inside the last backward
         assert not any(result["after_finish"])
-        assert result["stage_is_root"] and result["units"] == [False, False, True, False, True, False]
+        assert result["stage_is_root"] and result["units"] == [True, False, True, False, True, True]
+        assert result["ends_share_a_unit"] and result["tied_weight_sharded"]
     for a, b in zip(*(r["reduced"] for r in results)):  # both ranks hold the same averaged gradients
         assert torch.equal(a, b)
 

@@ -101,8 +101,9 @@ def test_meta_gpt2_never_holds_a_full_sharded_parameter_and_trains(meta_results)
         sharded = {n for n in local if local[n] < full[n]}
         replicated = set(local) - sharded
         assert {n for n in sharded if "c_attn.weight" in n or "c_fc.weight" in n}  # tp and ZeRO-3 did shard them
-        largest_replicated = max(full[n] for n in replicated)
-        big = [n for n in sharded if full[n] > largest_replicated]
+        # the largest tensor a rank holds anyway: a replicated parameter, or its shard of a sharded one
+        held = max([full[n] for n in replicated] + list(local.values()))
+        big = [n for n in sharded if full[n] > held]
         assert big
         assert result["largest_allocation"] < min(full[n] for n in big)  # never a whole one, not even briefly
         for name in sharded:
