@@ -51,7 +51,8 @@ class ProfilerConfig:
             return cls((1 * MiB, 16 * MiB, 64 * MiB, 256 * MiB), repeats=5, warmup=2, matmul_dim=4096, progress=progress,
                        optimizer_params=64 * 2**20)
         # CPU timings are noisy (other processes, shared cores): more sizes and repetitions, medians of them
-        return cls((16 * KiB, 64 * KiB, 256 * KiB, 512 * KiB, MiB, 2 * MiB), repeats=10, warmup=2, progress=progress)
+        # up to 8 MiB: DDP's buckets reach tens of MiB, so the bandwidth must come from large messages
+        return cls((16 * KiB, 64 * KiB, 256 * KiB, MiB, 4 * MiB, 8 * MiB), repeats=10, warmup=2, progress=progress)
 
 
 def _sync(device: torch.device) -> None:
@@ -255,16 +256,34 @@ def _transformer_block(dim: int, device: torch.device) -> Callable[[], None]:
     return step
 
 
-def _compute_slowdown(device: torch.device, config: ProfilerConfig) -> float:
-    """A Transformer block's forward and backward while every rank runs it, over rank 0's time running it
-    alone (≥ 1; about 1 on GPUs, the oversubscription factor when ranks share fewer CPU cores). Rank 0's
-    ratio; the others return 1."""
+def _compute_slowdown(device: torch.device, config: ProfilerConfig, work_s: float = 25e-3) -> float:
+    """≥ 1: the wall time until every rank has run ``work_s`` of a Transformer block's forward and backward,
+    all at once, over rank 0's time running it alone (about 1 on GPUs, the oversubscription factor when
+    ranks share fewer CPU cores). A training step waits for its slowest rank, so the slowest one counts;
+    the work is long enough (as between a step's synchronisations) that the scheduler's time slices even
+    out; alone and together alternate, so that drifts of the machine cancel. Rank 0's ratio; the others
+    return 1."""
     step = _transformer_block(config.matmul_dim, device)
-    config = dataclasses.replace(config, repeats=2 * config.repeats)
-    alone = _local_median_time(step, device, config) if dist.get_rank() == 0 else 0.0  # the others wait
-    dist.barrier()
-    together = _median_time(step, device, config)
-    return max(1.0, together / alone) if dist.get_rank() == 0 else 1.0
+    steps = torch.tensor([max(1, round(work_s / max(_local_median_time(step, device, config), 1e-9)))], device=device)
+    dist.broadcast(steps, src=0)  # every rank runs the same work
+
+    def run() -> float:
+        start = time.perf_counter()
+        for _ in range(int(steps)):
+            step()
+        _sync(device)
+        return time.perf_counter() - start
+
+    alone, together = [], []
+    for _ in range(config.repeats):
+        dist.barrier()
+        if dist.get_rank() == 0:  # the others wait
+            alone.append(run())
+        dist.barrier()
+        slowest = torch.tensor([run()], dtype=torch.float64, device=device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        together.append(slowest.item())
+    return max(1.0, statistics.median(together) / statistics.median(alone)) if dist.get_rank() == 0 else 1.0
 
 
 def _arrival_skew_s(device: torch.device, config: ProfilerConfig, group, rounds: int = 8) -> float:
