@@ -289,19 +289,20 @@ def _compute_slowdown(device: torch.device, config: ProfilerConfig, work_s: floa
 def _arrival_skew_s(device: torch.device, config: ProfilerConfig, group, rounds: int = 8) -> float:
     """What a small all-reduce (1 KiB) over ``group`` costs beyond its back-to-back time when every rank
     computes a few ms before it, as between tensor-parallel collectives: rounds of compute + all-reduce,
-    of the same compute alone and of the all-reduces alone, alternated (so that drifts of the machine
-    cancel), medians of each. The ranks of a larger group wait for more of each other."""
+    minus the same compute alone and the all-reduces alone, run back to back; the median of these
+    differences. The ranks of a larger group wait for more of each other."""
     n = config.matmul_dim
     a = torch.randn(n, n, device=device)
     token = torch.ones(256, device=device)
     single = _local_median_time(lambda: a @ a, device, config)
-    repeats = max(1, min(200, int(4e-3 / max(single, 1e-9))))
+    repeats = torch.tensor([max(1, min(200, int(4e-3 / max(single, 1e-9))))], device=device)
+    dist.broadcast(repeats, src=0)  # every rank computes the same between collectives, as TP ranks do
 
     def run(compute: bool, collective: bool) -> float:
         dist.barrier()
         start = time.perf_counter()
         for _ in range(rounds):
-            for _ in range(repeats if compute else 0):
+            for _ in range(int(repeats) if compute else 0):
                 a @ a
             if collective:
                 dist.all_reduce(token, group=group)
@@ -309,12 +310,10 @@ def _arrival_skew_s(device: torch.device, config: ProfilerConfig, group, rounds:
         return time.perf_counter() - start
 
     run(True, True)
-    samples: dict[tuple[bool, bool], list[float]] = {(True, False): [], (True, True): [], (False, True): []}
+    extra_s = []  # each from three runs back to back: a drift of the machine hits all three alike
     for _ in range(max(3, 2 * config.repeats)):
-        for kind, times in samples.items():
-            times.append(run(*kind))
-    compute_s, both_s, collective_s = (statistics.median(times) for times in samples.values())
-    return max(0.0, both_s - compute_s - collective_s) / rounds
+        extra_s.append(run(True, True) - run(True, False) - run(False, True))
+    return max(0.0, statistics.median(extra_s)) / rounds
 
 
 def _optimizer_s_per_param(device: torch.device, config: ProfilerConfig) -> float:

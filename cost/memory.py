@@ -9,9 +9,10 @@ ZeRO-2 shards gradients and optimizer states over the data-parallel group; ZeRO-
 
 Peak bytes of a stage follow the step's phases (``InFlight``): before the first backward of a step the
 activations in flight are live but no gradient is (``zero_grad(set_to_none=True)``: backward allocates
-them), except DDP's, which live in buckets that persist between steps; after it, gradients persist until the optimizer step; the optimizer step holds gradients and its
-own temporaries. Each layer counts its worst phase, so the sum stays additive (the search needs that); it
-is exact when every layer of the stage peaks in the same phase, and an upper bound otherwise.
+them), except DDP's, which live in buckets that persist between steps; after it, gradients persist until
+the optimizer step; the optimizer step holds gradients and its own temporaries. Each layer counts its
+worst phase, so the sum stays additive (the search needs that); it is exact when every layer of the stage
+peaks in the same phase, and an upper bound otherwise.
 
 Activations: ``tp_activation_split`` walks a layer's nodes and marks which saved tensors a Megatron
 lowering would shard over the TP group — everything computed from a column-parallel projection's output

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch._utils import _unflatten_dense_tensors
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -223,10 +223,10 @@ def apply_data_parallel(stage: StageModule, program: Program, plan: Plan) -> Gra
         strategy = layers[0].strategy
         mesh = groups.layer_mesh(plan, strategy)
         indices = {layer.index for layer in layers}
-        names = [n for layer in layers for n in dict.fromkeys(program.layers[layer.index].param_names) if n in params]
+        names = list(dict.fromkeys(n for layer in layers for n in program.layers[layer.index].param_names if n in params))
         # a weight other layers use too (tied embedding and head on other stages, say) stays replicated
-        outside = [n for n in dict.fromkeys(names) if not set(users[n]) <= indices]
-        if strategy.dp_type in ("zero2", "zero3") and len(outside) < len(set(names)):
+        outside = [n for n in names if not set(users[n]) <= indices]
+        if strategy.dp_type in ("zero2", "zero3") and len(outside) < len(names):
             # Like FSDP2's root, the embedding and head stay gathered from forward to backward: they run
             # first and last, so resharding them would only gather them again (cost model: priced as ZeRO-2)
             reshard = strategy.dp_type == "zero3" and layers[0].kind not in (PROLOGUE, EPILOGUE)
@@ -236,7 +236,7 @@ def apply_data_parallel(stage: StageModule, program: Program, plan: Plan) -> Gra
             fsdp_units += modules
             root_mesh = root_mesh or mesh
             names = outside
-        mine = [params[n] for n in dict.fromkeys(names) if id(params[n]) not in seen]
+        mine = [params[n] for n in names if id(params[n]) not in seen]
         seen.update(id(p) for p in mine)
         if mine:
             replicated.append((mesh.get_group(), strategy.dp, mine))
@@ -257,7 +257,7 @@ def _units(stage: StageModule) -> list[list]:
             continue
         if layer.kind in (PROLOGUE, EPILOGUE):
             if not ends:
-                units.append(ends)
+                units.append(ends)  # the unit sits where the embedding does; the head joins it
             ends.append(layer)
         else:
             units.append([layer])
