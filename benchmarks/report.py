@@ -121,7 +121,7 @@ def plot_search_speed(rows: list[dict], path: Path) -> None:
 
 def search_speed_section(data: dict, folder: Path, rel) -> list[str]:
     """Section 4 from benchmarks/search_speed.py's JSON."""
-    parts = ["## 4. Search scaling", "", "`python benchmarks/search_speed.py`", ""]
+    parts = ["## 4. Search scaling", "", f"`{data.get('command', 'python benchmarks/search_speed.py')}`", ""]
     fixture = data.get("fixture")
     if fixture:
         engine = fixture["galvatron_engine"]
@@ -138,7 +138,8 @@ def search_speed_section(data: dict, folder: Path, rel) -> list[str]:
         plot = folder / "search_speed.png"
         plot_search_speed(sweep, plot)
         parts += ["| layers | devices | search s |", "| --- | --- | --- |"]
-        parts += [f"| {r['layers']} | {r['devices']} | {'> cap' if r['search_s'] is None else format(r['search_s'], '.2f')} |"
+        over = f"> {data['cap_s']:.0f} (cap)" if "cap_s" in data else "> cap"
+        parts += [f"| {r['layers']} | {r['devices']} | {over if r['search_s'] is None else format(r['search_s'], '.2f')} |"
                   for r in sweep]
         parts += ["", f"![search time]({rel(plot)})", ""]
     return parts

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -67,7 +68,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="skip the sweeps")
     parser.add_argument("--cap", type=float, default=60.0, help="seconds per sweep search")
     args = parser.parse_args()
-    results: dict = {"load_average_before": os.getloadavg(), "cpus": os.cpu_count()}
+    results: dict = {"command": " ".join(["python benchmarks/search_speed.py", *sys.argv[1:]]), "cap_s": args.cap,
+                     "load_average_before": os.getloadavg(), "cpus": os.cpu_count()}
     print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cpus")
 
     cost_model = CostModel(load_model(FIXTURE), load_hardware(FIXTURE, memory_bytes=36 * 10**9), mixed_precision="bf16")
