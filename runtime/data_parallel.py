@@ -249,13 +249,14 @@ def apply_data_parallel(stage: StageModule, program: Program, plan: Plan) -> Gra
 
 
 def _units(stage: StageModule) -> list[list]:
-    """The stage's data-parallel layers grouped as they synchronise: each layer alone, except that the
-    embedding and the head of one stage form one unit (they share a strategy and run first and last)."""
+    """The stage's data-parallel layers grouped as they synchronise: each layer alone, except that a ZeRO
+    embedding and head of one stage form one FSDP2 unit (they share a strategy and run first and last;
+    DDP keeps them apart, so that the head's gradients need not wait for the embedding's backward)."""
     units, ends = [], []
     for layer in stage.stage_layers:
         if layer.strategy.dp == 1:
             continue
-        if layer.kind in (PROLOGUE, EPILOGUE):
+        if layer.kind in (PROLOGUE, EPILOGUE) and layer.strategy.dp_type != "ddp":
             if not ends:
                 units.append(ends)  # the unit sits where the embedding does; the head joins it
             ends.append(layer)
