@@ -38,7 +38,8 @@ def _sync_timeline_worker(rank: int, world_size: int) -> dict:
     flat = sync.buckets[0].flat
     views = all(p.grad.data_ptr() >= flat.data_ptr() and p.grad.data_ptr() < flat.data_ptr() + flat.nbytes
                 for bucket in sync.buckets for p in bucket.params)
-    return {rank: {"seen": seen, "views": views, "buffers": len(sync.grad_buffers()), "after_finish": [b.in_flight for b in sync.buckets], "reduced": reduced,
+    return {rank: {"seen": seen, "views": views, "buffers": len(sync.grad_buffers()),
+                   "after_finish": [b.in_flight for b in sync.buckets], "reduced": reduced,
                    "stage_is_root": isinstance(trainer.stage, FSDPModule),
                    "units": [isinstance(trainer.stage.layers[l.name], FSDPModule) for l in trainer.stage.stage_layers],
                    "ends_share_a_unit": ends[0]._get_fsdp_state() is ends[1]._get_fsdp_state(),
