@@ -12,26 +12,26 @@ Terms of one layer, for a micro-batch of ``mb`` samples on a stage (each of the 
 - TP collectives on the hidden state ``h`` = boundary bytes × ``mb / dp``: Megatron 2 all-reduces in
   forward and 2 in backward; Megatron-SP 2 all-gathers + 2 reduce-scatters each way; Ulysses 4
   all-to-alls of ``h / tp`` each way (q, k, v in, output back).
-- gradient sync over the ``dp`` group on the device's gradient bytes: DDP all-reduce (buckets span
-  layers: a layer pays its share of a bucket's latency); ZeRO-2
-  reduce-scatter plus the all-gather of updated parameters; ZeRO-3 reduce-scatter, and a parameter
-  all-gather in forward and again in backward. Communication overlapped with compute (grad sync with the
-  backward, ZeRO-3 gathers with the layer's compute, as with prefetching) is hidden up to the compute
-  time, and the hidden part costs ``overlap_slowdown − 1`` of itself.
+- gradient sync over the ``dp`` group on the device's gradient bytes: DDP all-reduce (buckets span layers:
+  a layer pays its share of a bucket's latency); ZeRO-2 reduce-scatter plus the all-gather of updated
+  parameters; ZeRO-3 reduce-scatter, and a parameter all-gather in forward and again in backward.
+  Communication overlapped with compute (grad sync with the backward, ZeRO-3 gathers with the layer's
+  compute, as with prefetching) is hidden up to the compute time, and the hidden part costs
+  ``overlap_slowdown − 1`` of itself.
 - optimizer step: the parameters the device updates (its ZeRO shard) × the hardware's measured
   ``optimizer_s_per_param``; it follows the gradient sync, so it is counted in ``grad_sync_s`` (0 for
   profiles without the figure: presets and Galvatron's files).
 - memory: model states (cost/memory.py: 16 bytes/param fp32, 18 bf16 mixed; ZeRO shards), the
   activations one micro-batch keeps (the layer's inputs only, if checkpointed), each in the worst phase of
   the step (cost/memory.py ``InFlight``: gradients do not exist before the first backward, except in DDP's
-  persistent buckets), and transient
-  peaks of the layer in backward: FSDP2 holds a ZeRO layer's gathered parameters and the next layer's
-  prefetched ones (ZeRO-3), and the layer's unsharded gradients next to the previous layer's, whose
-  reduce-scatter is in flight (ZeRO-2 and -3); a checkpointed layer's recomputed activations. ZeRO-2 keeps
-  the gathered parameters from forward to backward besides their shard. The optimizer step's temporaries
-  are one fp32 copy of the updated parameters with multi-tensor Adam (GPUs' default), none on CPU.
+  persistent buckets), and transient peaks of the layer in backward: FSDP2 holds a ZeRO layer's gathered
+  parameters and the next layer's prefetched ones (ZeRO-3), and the layer's unsharded gradients next to
+  the previous layer's, whose reduce-scatter is in flight (ZeRO-2 and -3); a checkpointed layer's
+  recomputed activations. ZeRO-2 keeps the gathered parameters from forward to backward besides their
+  shard. The optimizer step's temporaries are one fp32 copy of the updated parameters with multi-tensor
+  Adam (GPUs' default), none on CPU.
 Precision: activation and hidden-state bytes are rescaled from the profile's dtype to the training
-dtype (bf16 halves fp32 bytes). Tied weights shared by embedding and head count once per part.
+dtype (bf16 halves fp32 bytes). Tied weights shared by embedding and head count once per stage.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan, Prediction
 from .hardware import HardwareProfile
 from .layouts import data_split, layout_of, move_key, move_plan, piece_area, piece_intersection, rank_pieces
 from .memory import DTYPE_BYTES, GRAD_BUCKET_CAP_BYTES, STATE_BYTES_PER_PARAM, InFlight, check_precision, model_state_split
-from .model_profile import LayerTypeProfile, ModelProfile, TimeFormula
+from .model_profile import ModelProfile, TimeFormula
 
 
 @dataclass(frozen=True)
@@ -231,18 +231,18 @@ class CostModel:
         if not parts:
             return LayerCost(0.0, 0.0, 0.0, 0, 0, 0)
         fwd_compute = sum(self._compute_s(part.fwd, local, vtp, busy_share) for part in parts)
-        bwd_compute = sum(self._compute_s(part.bwd, local, vtp, busy_share) for part in parts)
+        bwd_parts = [self._compute_s(part.bwd, local, vtp, busy_share) for part in parts]
+        bwd_compute = sum(bwd_parts)
         # vtp splits the vocabulary-sized weights; a tied embedding/head weight lives once on a stage with both
         tied = self.model.tied_param_count if first_stage and last_stage else 0
         params = sum(part.param_count - part.vocab_param_count + part.vocab_param_count / vtp for part in parts) - tied / vtp
         # the parts of a stage synchronise as one unit (FSDP2 shards them together; DDP: one share of a bucket),
         # once the first part's backward (the last to run) is done: like a layer's, it hides behind that one
         gather_s, sync_s, transient = self._dp_comm(params, dp, kind, vtp == 1)
-        last_backward_s = self._compute_s(parts[0].bwd, local, vtp, busy_share)
         activation = sum(part.activation_per_sample(vtp, strategy.sp != "none") for part in parts) * local * self.activation_scale
         cost = LayerCost(fwd_compute + (half_comm if first_stage else 0.0) + self._visible(gather_s, fwd_compute, kind),
                          bwd_compute + (half_comm if last_stage else 0.0) + self._visible(gather_s, bwd_compute, kind),
-                         self._visible(sync_s, last_backward_s, kind) + self._optimizer_s(params, dp, kind),
+                         self._visible(sync_s, bwd_parts[0], kind) + self._optimizer_s(params, dp, kind),
                          0, int(activation), int(transient))
         return self._with_states(cost, params, dp, kind)
 

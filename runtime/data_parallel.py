@@ -71,7 +71,7 @@ class ReplicatedBucket:
 
     @property
     def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.params)
+        return _param_bytes(self.params)
 
     def arm(self, syncing: bool) -> None:
         """Called before each backward: whether this backward's gradients are to be all-reduced."""
@@ -273,7 +273,7 @@ def bucket_layers(replicated: list[tuple[dist.ProcessGroup, int, list[nn.Paramet
     buckets: list[ReplicatedBucket] = []
     for group, size, params in reversed(replicated):
         bucket = buckets[-1] if buckets else None
-        nbytes = sum(p.numel() * p.element_size() for p in params)
+        nbytes = _param_bytes(params)
         same_kind = bucket is not None and bucket.group is group and bucket.params[0].dtype == params[0].dtype
         if not same_kind or bucket.nbytes + nbytes > cap_bytes:
             bucket = ReplicatedBucket(group, size)
@@ -281,3 +281,7 @@ def bucket_layers(replicated: list[tuple[dist.ProcessGroup, int, list[nn.Paramet
         for param in params:
             bucket.add(param)
     return buckets
+
+
+def _param_bytes(params: list[nn.Parameter]) -> int:
+    return sum(p.numel() * p.element_size() for p in params)

@@ -35,8 +35,7 @@ def _sync_timeline_worker(rank: int, world_size: int) -> dict:
     ends = [trainer.stage.layers[l.name] for l in trainer.stage.stage_layers if l.kind in ("prologue", "epilogue")]
     tied_name = next(n for n, p in ends[0].named_parameters() if p.dim() == 2 and any(p is q for q in ends[1].parameters()))
     reduced = [p.grad.clone() for bucket in sync.buckets for p in bucket.params]
-    flat = sync.buckets[0].flat
-    views = all(p.grad.data_ptr() >= flat.data_ptr() and p.grad.data_ptr() < flat.data_ptr() + flat.nbytes
+    views = all(bucket.flat.data_ptr() <= p.grad.data_ptr() < bucket.flat.data_ptr() + bucket.flat.nbytes
                 for bucket in sync.buckets for p in bucket.params)
     return {rank: {"seen": seen, "views": views, "buffers": len(sync.grad_buffers()),
                    "after_finish": [b.in_flight for b in sync.buckets], "reduced": reduced,
