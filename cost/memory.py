@@ -10,9 +10,14 @@ ZeRO-2 shards gradients and optimizer states over the data-parallel group; ZeRO-
 Peak bytes of a stage follow the step's phases (``InFlight``): before the first backward of a step the
 activations in flight are live but no gradient is (``zero_grad(set_to_none=True)``: backward allocates
 them), except DDP's, which live in buckets that persist between steps; after it, gradients persist until
-the optimizer step; the optimizer step holds gradients and its own temporaries. Each layer counts its
-worst phase, so the sum stays additive (the search needs that); it is exact when every layer of the stage
-peaks in the same phase, and an upper bound otherwise.
+the optimizer step; the optimizer step holds gradients and its own temporaries. Two figures:
+- ``InFlight.stage_peak``, the prediction: the stage's backward walked layer by layer, last to first. While
+  a layer's backward runs, the micro-batch under backward has freed the activations of the layers after it
+  and (in a step's first backward) only those layers have gradients; the layer's transient comes on top.
+- ``InFlight.layer_bytes`` summed over the layers plus the largest transient, the search's budget: each
+  layer in its own worst phase, all transients at the peak of all activations. It is additive over layers,
+  which the search's fronts need, and never below ``stage_peak``; the two agree when every layer of the
+  stage peaks in the same phase with the same transient.
 
 Activations: ``tp_activation_split`` walks a layer's nodes and marks which saved tensors a Megatron
 lowering would shard over the TP group — everything computed from a column-parallel projection's output
@@ -97,6 +102,21 @@ class InFlight:
         activations), or in the optimizer step (states + its temporaries)."""
         backward = np.maximum(self.first * activation, self.later * activation + grad)
         return model_state - grad + np.maximum(backward, grad + optimizer_temp)
+
+    def stage_peak(self, layers) -> int:
+        """Peak bytes of a stage whose ``layers`` (forward order; objects with LayerCost's byte fields) run
+        their backward last to first: the step's first backward, a later one (if any), or the optimizer step."""
+        states = sum(layer.model_state_bytes for layer in layers)
+        grads = sum(layer.grad_bytes for layer in layers)
+        activations = sum(layer.activation_bytes for layer in layers)
+        peak = states + sum(layer.optimizer_temp_bytes for layer in layers)
+        freed = made = 0  # activations freed and gradients made by the layers after the one in backward
+        for layer in reversed(layers):
+            peak = max(peak, states - grads + made + self.first * activations - freed + layer.peak_extra_bytes)
+            if self.later:
+                peak = max(peak, states + self.later * activations - freed + layer.peak_extra_bytes)
+            freed, made = freed + layer.activation_bytes, made + layer.grad_bytes
+        return int(peak)
 
 
 def _is_param(graph_module: fx.GraphModule, node: fx.Node) -> bool:

@@ -22,9 +22,10 @@ Terms of one layer, for a micro-batch of ``mb`` samples on a stage (each of the 
   ``optimizer_s_per_param``; it follows the gradient sync, so it is counted in ``grad_sync_s`` (0 for
   profiles without the figure: presets and Galvatron's files).
 - memory: model states (cost/memory.py: 16 bytes/param fp32, 18 bf16 mixed; ZeRO shards), the
-  activations one micro-batch keeps (the layer's inputs only, if checkpointed), each in the worst phase of
-  the step (cost/memory.py ``InFlight``: gradients do not exist before the first backward, except in DDP's
-  persistent buckets), and transient peaks of the layer in backward: FSDP2 holds a ZeRO layer's gathered
+  activations one micro-batch keeps (the layer's inputs only, if checkpointed), by phase of the step
+  (cost/memory.py ``InFlight``: gradients do not exist before the first backward, except in DDP's
+  persistent buckets; the predicted peak walks the stage's backward layer by layer, the search budgets an
+  additive bound on it), and transient peaks of the layer in backward: FSDP2 holds a ZeRO layer's gathered
   parameters and the next layer's prefetched ones (ZeRO-3), and the layer's unsharded gradients next to
   the previous layer's, whose reduce-scatter is in flight (ZeRO-2 and -3); a checkpointed layer's
   recomputed activations. ZeRO-2 keeps the gathered parameters from forward to backward besides their
@@ -323,12 +324,13 @@ class CostModel:
                                f"use a hardware profile or Cluster preset of {plan.world_size} devices")
         mb, chunks, pp = plan.micro_batch, plan.chunks, plan.pp
         share = self.busy_share(pp, chunks)
-        busy, sync, memory = [], [], []
+        busy, sync, memory, bound = [], [], [], []
         for stage in range(pp):
             indices = list(plan.stage_layers(stage))
-            costs = [self.layer_cost(self.layer_types[i], plan.layers[i], mb, share) for i in indices]
-            costs.append(self.embedding_cost(plan.embedding, plan.devices_per_stage, mb, first_stage=stage == 0,
-                                             last_stage=stage == pp - 1, busy_share=share))
+            body = [self.layer_cost(self.layer_types[i], plan.layers[i], mb, share) for i in indices]
+            part = self.embedding_cost(plan.embedding, plan.devices_per_stage, mb, first_stage=stage == 0,
+                                       last_stage=stage == pp - 1, busy_share=share)
+            costs = body + [part]
             x = sum(c.fwd_s + c.bwd_s for c in costs)
             x += sum(self.redistribution_s(plan.layers[i - 1], plan.layers[i], i, mb) for i in indices[1:])
             split = data_split(plan.devices_per_stage)
@@ -340,9 +342,21 @@ class CostModel:
                 x += self.p2p_s(stage, pp, plan.devices_per_stage, mb, indices[-1])
             g = sum(c.grad_sync_s for c in costs) * (chunks if plan.grad_sync_every_micro_batch else 1)
             held = self.in_flight(plan.pipeline, pp, stage, chunks)
-            memory.append(sum(int(held.layer_bytes(c.model_state_bytes, c.activation_bytes, c.grad_bytes, c.optimizer_temp_bytes))
-                              for c in costs) + max(c.peak_extra_bytes for c in costs))
+            memory.append(held.stage_peak(_forward_order(body, part, stage == 0, stage == pp - 1)))
+            bound.append(sum(int(held.layer_bytes(c.model_state_bytes, c.activation_bytes, c.grad_bytes, c.optimizer_temp_bytes))
+                             for c in costs) + max(c.peak_extra_bytes for c in costs))
             busy.append(x)
             sync.append(g)
         iteration_s = sum(busy) + (chunks - 1) * max(busy) + max(sync)
-        return Prediction(iteration_s, plan.global_batch / iteration_s if iteration_s > 0 else float("inf"), tuple(int(m) for m in memory))
+        return Prediction(iteration_s, plan.global_batch / iteration_s if iteration_s > 0 else float("inf"),
+                          tuple(memory), tuple(int(b) for b in bound))
+
+
+def _forward_order(body: list[LayerCost], part: LayerCost, first_stage: bool, last_stage: bool) -> list[LayerCost]:
+    """A stage's costs in forward order, for the memory walk: the embedding before the body layers, the head
+    after them. A stage with both holds them as one unit: its states and activations count with the head,
+    whose backward runs first, and its transient (the unit's gradient sync) after the embedding's backward,
+    the last of the step."""
+    if first_stage and last_stage:
+        return [LayerCost(0.0, 0.0, 0.0, 0, 0, part.peak_extra_bytes), *body, dataclasses.replace(part, peak_extra_bytes=0)]
+    return ([part] if first_stage else []) + body + ([part] if last_stage else [])

@@ -104,6 +104,14 @@ class Prediction:
     iteration_time_s: float
     samples_per_s: float
     memory_bytes_per_stage: tuple[int, ...]
+    # what the search checks against the memory budget: an upper bound on memory_bytes_per_stage that adds
+    # up layer by layer (cost/memory.py); empty where not recorded (then the prediction itself counts)
+    memory_bound_bytes_per_stage: tuple[int, ...] = ()
+
+    @property
+    def budgeted_bytes(self) -> int:
+        """The largest stage's bytes as the search budgets them."""
+        return max(self.memory_bound_bytes_per_stage or self.memory_bytes_per_stage)
 
 
 @dataclass(frozen=True)
@@ -264,10 +272,15 @@ def even_division(num_layers: int, pp: int) -> tuple[int, ...]:
     return tuple(base + (1 if stage < extra else 0) for stage in range(pp))
 
 
-def _ints(csv_value: Any) -> list[int]:
+def _ints(csv_value: Any) -> tuple[int, ...]:
     if isinstance(csv_value, (list, tuple)):
-        return [int(v) for v in csv_value]
-    return [int(v) for v in str(csv_value).split(",") if v.strip() != ""]
+        return tuple(int(v) for v in csv_value)
+    return tuple(int(v) for v in str(csv_value).split(",") if v.strip() != "")
+
+
+def _prediction(saved: dict[str, Any]) -> Prediction:
+    return Prediction(float(saved["iteration_time_s"]), float(saved["samples_per_s"]), _ints(saved["memory_bytes_per_stage"]),
+                      _ints(saved.get("memory_bound_bytes_per_stage", ())))  # not in plans written before it existed
 
 
 def _from_ours(data: dict[str, Any], ours: dict[str, Any], world_size: int | None) -> Plan:
@@ -283,14 +296,14 @@ def _from_ours(data: dict[str, Any], ours: dict[str, Any], world_size: int | Non
         world_size=saved_world,
         layers=tuple(LayerStrategy(**entry) for entry in ours["layers"]),
         pp=int(data["pp_deg"]),
-        pp_division=tuple(_ints(data["pp_division"])),
+        pp_division=_ints(data["pp_division"]),
         pipeline="gpipe" if data["pipeline_type"] == "gpipe" else "1f1b",
         chunks=int(data["chunks"]),
         global_batch=int(data["global_bsz"]),
         embedding=EmbeddingStrategy(vtp=int(data.get("vtp", 1)), vsp=bool(int(data.get("vsp", 0))), embed_sdp=bool(int(data.get("embed_sdp", 0))),
                                     dp_type=ours.get("embedding_dp_type", "ddp")),
         grad_sync_every_micro_batch=bool(ours.get("grad_sync_every_micro_batch", False)),
-        prediction=Prediction(**{**prediction, "memory_bytes_per_stage": tuple(prediction["memory_bytes_per_stage"])}) if prediction else None,
+        prediction=_prediction(prediction) if prediction else None,
         provenance=dict(ours.get("provenance") or {}),
     )
 
@@ -302,8 +315,8 @@ def _from_galvatron(data: dict[str, Any], world_size: int | None, source: str) -
     tp_sizes = _ints(data["tp_sizes_enc"])
     count = len(tp_sizes)
 
-    def per_layer(key: str, default: int) -> list[int]:
-        values = _ints(data[key]) if key in data else [default] * count
+    def per_layer(key: str, default: int) -> tuple[int, ...]:
+        values = _ints(data[key]) if key in data else (default,) * count
         _require(len(values) == count, f"{key} has {len(values)} entries, tp_sizes_enc has {count}", "give one entry per layer")
         return values
 
@@ -324,7 +337,7 @@ def _from_galvatron(data: dict[str, Any], world_size: int | None, source: str) -
         world_size=world_size,
         layers=layers,
         pp=pp,
-        pp_division=tuple(_ints(data["pp_division"])) if "pp_division" in data else (),
+        pp_division=_ints(data["pp_division"]) if "pp_division" in data else (),
         pipeline="gpipe" if data.get("pipeline_type") == "gpipe" else "1f1b",
         chunks=int(data.get("chunks", 1)),
         global_batch=int(data["global_bsz"]),

@@ -16,6 +16,9 @@
 5. per setting: branch-and-bound over pp_division and the embedding strategy, with the exact pipeline
    formula over the fronts — search_stage.
 
+Memory: a stage fits when its additive bound (``Prediction.memory_bound_bytes_per_stage``: every layer in its
+worst phase, the largest transient on top) fits the budget; the predicted peak never exceeds that bound.
+
 Data-parallel types follow Galvatron's ``default_dp_type``: each setting fixes one of ddp/zero2 for every
 layer that is not ZeRO-3 and for the embedding/head replicas (unless ``embed_sdp``); ZeRO-3 is free per
 layer. Both modes are searched, so the optimum is exact over that space (the brute force walks the same).

@@ -55,10 +55,11 @@ def _plans(cost_model, world_size, space, pp, strategies, embeddings):
 
 
 def brute_force_search(cost_model, world_size: int, memory_budget: int, space: SearchSpace) -> tuple[float, Plan | None]:
-    """The highest samples/s over all plans whose every stage fits ``memory_budget`` bytes."""
+    """The highest samples/s over all plans whose every stage fits ``memory_budget`` bytes as the search
+    budgets them (``Prediction.budgeted_bytes``)."""
     best, best_plan = 0.0, None
     for plan in all_plans(cost_model, world_size, space):
         prediction = cost_model.evaluate(plan)
-        if max(prediction.memory_bytes_per_stage) <= memory_budget and prediction.samples_per_s > best:
+        if prediction.budgeted_bytes <= memory_budget and prediction.samples_per_s > best:
             best, best_plan = prediction.samples_per_s, plan
     return best, best_plan

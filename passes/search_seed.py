@@ -94,6 +94,6 @@ def seed_plan(engine, table, solver, pp: int, gb: int, c: int, pipeline: str, k:
     plan = Plan(world_size=engine.world_size, layers=tuple(layers), pp=pp, pp_division=division, pipeline=pipeline,
                 chunks=c, global_batch=gb, embedding=best[1], grad_sync_every_micro_batch=engine.space.grad_sync_every_micro_batch)
     prediction = engine.cost_model.evaluate(plan)
-    if max(prediction.memory_bytes_per_stage) > engine.budget:
+    if prediction.budgeted_bytes > engine.budget:
         return None
     return plan, prediction

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from galvatron_fx.cost.hardware import COLLECTIVES, CommFit, HardwareProfile
-from galvatron_fx.cost.model import CostModel
+from galvatron_fx.cost.model import CostModel, LayerCost
 from galvatron_fx.cost.model_profile import LayerTypeProfile, ModelProfile, TimeFormula
 from galvatron_fx.errors import ConfigError, PlanError, ProfileError
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy as S, Plan
@@ -103,6 +103,23 @@ def test_memory_phases_of_a_step():
     assert InFlight(2, 2).layer_bytes(100, 10, 20, 5) == 100 + 2 * 10  # gradients of earlier micro-batches
 
 
+def test_stage_peak_walks_the_backward_layer_by_layer():
+    from galvatron_fx.cost.memory import InFlight
+
+    # the first layer's transient (60) comes when the second has freed its activations (50) and made its
+    # gradient (20): 160 states without gradients + 20 + the first layer's 10 + 60
+    first, second = LayerCost(0, 0, 0, 100, 10, 60, 20), LayerCost(0, 0, 0, 100, 50, 0, 20)
+    assert InFlight(1, 0).stage_peak([first, second]) == 160 + 20 + 10 + 60
+    bound = sum(InFlight(1, 0).layer_bytes(c.model_state_bytes, c.activation_bytes, c.grad_bytes, 0) for c in (first, second)) + 60
+    assert bound == 290  # the search's additive bound puts the transient on top of every activation
+    # swapped, the transient comes at the first backward's start: every activation is still there
+    assert InFlight(1, 0).stage_peak([second, first]) == 160 + 60 + 60
+    # a later backward: all gradients exist, two micro-batches are held (the one under backward frees as it goes)
+    assert InFlight(2, 2).stage_peak([second, first]) == 200 + 2 * 60 + 60
+    # the optimizer step: every state and its temporaries
+    assert InFlight(1, 0).stage_peak([LayerCost(0, 0, 0, 100, 1, 0, 20, 500)]) == 600
+
+
 def test_single_micro_batch_plans_count_gradients_only_where_they_peak():
     model = CostModel(synthetic_profile(), uniform_hardware(world=2))
     mb = 2048  # 1024 samples per replica: a block's activations (8 MB) outweigh its gradients (2 MB shard)
@@ -116,12 +133,17 @@ def test_single_micro_batch_plans_count_gradients_only_where_they_peak():
     transient = cost.peak_extra_bytes  # the unsharded gradients in backward
     layers = tuple(S(dp=2, dp_type="zero2") for _ in range(4))
     one = model.evaluate(Plan(world_size=2, layers=layers, chunks=1, global_batch=mb))
-    assert one.memory_bytes_per_stage == (expected(1, 0),)
-    assert one.memory_bytes_per_stage[0] == 4 * (cost.model_state_bytes - cost.grad_bytes + cost.activation_bytes) + (
+    assert one.memory_bound_bytes_per_stage == (expected(1, 0),)
+    assert one.memory_bound_bytes_per_stage[0] == 4 * (cost.model_state_bytes - cost.grad_bytes + cost.activation_bytes) + (
         embedding.model_state_bytes - embedding.grad_bytes + max(embedding.activation_bytes, embedding.grad_bytes + embedding.optimizer_temp_bytes)) + transient
     two = model.evaluate(Plan(world_size=2, layers=layers, chunks=2, global_batch=2 * mb))  # accumulation: gradients persist
-    assert two.memory_bytes_per_stage == (expected(1, 1),)
-    assert two.memory_bytes_per_stage[0] > one.memory_bytes_per_stage[0]
+    assert two.memory_bound_bytes_per_stage == (expected(1, 1),)
+    assert two.memory_bound_bytes_per_stage[0] > one.memory_bound_bytes_per_stage[0]
+    # the predicted peak: the last layer's backward, the head's activations freed and its gradients made;
+    # below the bound, which counts the head's activations there too
+    states = 4 * cost.model_state_bytes + embedding.model_state_bytes - 4 * cost.grad_bytes
+    assert one.memory_bytes_per_stage[0] == states + 4 * cost.activation_bytes + transient
+    assert one.memory_bytes_per_stage[0] < one.memory_bound_bytes_per_stage[0]
 
 
 def test_ddp_gradients_live_in_persistent_buckets_that_pay_one_latency_each():
@@ -238,7 +260,9 @@ def test_evaluate_follows_the_pipeline_formula(model):
         memory = sum(c.model_state_bytes - c.grad_bytes + max(first * c.activation_bytes, later * c.activation_bytes + c.grad_bytes,
                                                               c.grad_bytes + c.optimizer_temp_bytes) for c in parts)
         memory += max(c.peak_extra_bytes for c in parts)
-        assert prediction.memory_bytes_per_stage[s] == memory
+        assert prediction.memory_bound_bytes_per_stage[s] == memory
+        walk = InFlight(first, later).stage_peak(([embed[0]] if s == 0 else []) + costs[s] + ([embed[1]] if s == 1 else []))
+        assert prediction.memory_bytes_per_stage[s] == walk <= memory
     every = model.evaluate(dataclasses.replace(plan, grad_sync_every_micro_batch=True))
     assert every.iteration_time_s == pytest.approx(expected + max(2 * x for x in sync) - max(sync))
     with pytest.raises(ProfileError, match="world_size"):
