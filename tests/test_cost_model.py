@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 
 from galvatron_fx.cost.hardware import COLLECTIVES, CommFit, HardwareProfile
+from galvatron_fx.cost.memory import InFlight
 from galvatron_fx.cost.model import CostModel, LayerCost
 from galvatron_fx.cost.model_profile import LayerTypeProfile, ModelProfile, TimeFormula
 from galvatron_fx.errors import ConfigError, PlanError, ProfileError
@@ -92,8 +93,6 @@ def test_zero_stages(model):
 
 
 def test_memory_phases_of_a_step():
-    from galvatron_fx.cost.memory import InFlight
-
     assert InFlight.of("gpipe", 4, 0, 8) == InFlight(8, 7)  # one backward done: one micro-batch fewer
     assert InFlight.of("1f1b", 4, 0, 8) == InFlight(4, 4)  # a new forward refills it
     assert InFlight.of("1f1b", 4, 0, 2) == InFlight(2, 1) and InFlight.of("1f1b", 1, 0, 1) == InFlight(1, 0)
@@ -104,8 +103,6 @@ def test_memory_phases_of_a_step():
 
 
 def test_stage_peak_walks_the_backward_layer_by_layer():
-    from galvatron_fx.cost.memory import InFlight
-
     # the first layer's transient (60) comes when the second has freed its activations (50) and made its
     # gradient (20): 160 states without gradients + 20 + the first layer's 10 + 60
     first, second = LayerCost(0, 0, 0, 100, 10, 60, 20), LayerCost(0, 0, 0, 100, 50, 0, 20)
