@@ -2,8 +2,10 @@
 follows the cost contract, with random but deterministic terms), restricted spaces are honoured, and bad
 inputs give errors that name the way out."""
 
+import dataclasses
 import functools
 import hashlib
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -278,6 +280,15 @@ def test_plan_json_round_trip(tmp_path):
     assert again == plan and again.prediction == plan.prediction
     assert again.provenance["model"] == "toy" and again.provenance["search_time_s"] >= 0
     assert model.evaluate(again) == plan.prediction
+    # the search's budget figure travels with the prediction; files written before it load without one
+    bounded = dataclasses.replace(plan, prediction=dataclasses.replace(plan.prediction, memory_bound_bytes_per_stage=(7,) * plan.pp))
+    bounded.save(tmp_path / "bounded.json")
+    assert Plan.load(tmp_path / "bounded.json").prediction.budgeted_bytes == 7
+    data = json.loads((tmp_path / "bounded.json").read_text())
+    del data["galvatron_fx"]["prediction"]["memory_bound_bytes_per_stage"]
+    (tmp_path / "older.json").write_text(json.dumps(data))
+    older = Plan.load(tmp_path / "older.json").prediction
+    assert older.memory_bound_bytes_per_stage == () and older.budgeted_bytes == max(plan.prediction.memory_bytes_per_stage)
 
 
 def test_pipeline_time_with_one_chunk_skips_unreachable_sync_levels():
