@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from galvatron_fx.cost.hardware import COLLECTIVES, CommFit, HardwareProfile
@@ -115,6 +116,16 @@ def test_stage_peak_walks_the_backward_layer_by_layer():
     assert InFlight(2, 2).stage_peak([second, first]) == 200 + 2 * 60 + 60
     # the optimizer step: every state and its temporaries
     assert InFlight(1, 0).stage_peak([LayerCost(0, 0, 0, 100, 1, 0, 20, 500)]) == 600
+    # the search's bound is never below the walk, whatever the layers and phases
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        first = int(rng.integers(1, 5))
+        held = InFlight(first, first - int(rng.integers(0, 2)))  # as InFlight.of makes them
+        layers = [LayerCost(0, 0, 0, int(s), int(a), int(x), int(g), int(t)) for s, a, x, g, t in
+                  zip(*(rng.integers(0, 1000, int(rng.integers(1, 6))) for _ in range(5)))]
+        layers = [dataclasses.replace(c, grad_bytes=min(c.grad_bytes, c.model_state_bytes)) for c in layers]
+        bound = sum(held.layer_bytes(c.model_state_bytes, c.activation_bytes, c.grad_bytes, c.optimizer_temp_bytes) for c in layers)
+        assert held.stage_peak(layers) <= bound + max(c.peak_extra_bytes for c in layers)
 
 
 def test_single_micro_batch_plans_count_gradients_only_where_they_peak():
