@@ -23,6 +23,8 @@ from galvatron_fx.errors import ProfileError
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 FORMAT = "galvatron_fx.hardware_profile/1"
+# the compute between collectives at which the profiler measures the arrival skew (blocking_by_group_s)
+BLOCKING_PROBE_COMPUTE_S = 4e-3
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,9 @@ class HardwareProfile:
     process does not see. ``blocking_collective_s``: what a collective the ranks wait for in the middle of
     compute (tensor parallelism; FSDP without streams) costs beyond its own time, for the ranks to arrive
     together (0 on dedicated devices; the scheduler's time slices where ranks share CPU cores), for a group of
-    all ranks; ``blocking_by_group_s`` the same per group size where measured (``blocking_s``).
+    all ranks; ``blocking_by_group_s`` the same per group size where measured, after
+    ``BLOCKING_PROBE_COMPUTE_S`` of compute; ``blocking_growth_by_group`` how much it grows per second of
+    compute beyond that (ranks that share cores drift apart as they work; ``blocking_s``).
     ``sharded_units`` maps ``"<zero2|zero3>/<group>"`` to the CommFit of what one FSDP2 unit of ``nbytes``
     of fp32 parameters costs a training step beyond its compute (every gather, reduce-scatter, copy and
     wait), measured where collectives are waited for in place (CPUs); empty elsewhere.
@@ -103,6 +107,7 @@ class HardwareProfile:
     blocking_collective_s: float = 0.0
     blocking_by_group_s: dict[int, float] = field(default_factory=dict)
     sharded_units: dict[str, CommFit] = field(default_factory=dict)
+    blocking_growth_by_group: dict[int, float] = field(default_factory=dict)
 
     # -- queries -------------------------------------------------------------------------------
     def fit(self, op: str, group: int, consecutive: bool = True) -> CommFit:
@@ -135,9 +140,13 @@ class HardwareProfile:
             return 0.0
         return self.fit(op, group, consecutive).time_s(nbytes)
 
-    def blocking_s(self, group: int) -> float:
-        """The arrival skew of a collective over ``group`` ranks between compute (0 for a group of one)."""
-        return 0.0 if group <= 1 else self.blocking_by_group_s.get(group, self.blocking_collective_s)
+    def blocking_s(self, group: int, compute_s: float = BLOCKING_PROBE_COMPUTE_S) -> float:
+        """The arrival skew of a collective over ``group`` ranks after ``compute_s`` of compute since their
+        last one (0 for a group of one)."""
+        if group <= 1:
+            return 0.0
+        growth = self.blocking_growth_by_group.get(group, 0.0) * max(0.0, compute_s - BLOCKING_PROBE_COMPUTE_S)
+        return self.blocking_by_group_s.get(group, self.blocking_collective_s) + growth
 
     def sharded_unit_s(self, dp_type: str, nbytes: float, group: int) -> float | None:
         """Measured seconds per step of a ``dp_type`` FSDP2 unit of ``nbytes`` parameters over ``group``
@@ -188,6 +197,7 @@ class HardwareProfile:
             "compute_slowdown": self.compute_slowdown,
             "blocking_collective_s": self.blocking_collective_s,
             "blocking_by_group_s": {str(k): v for k, v in sorted(self.blocking_by_group_s.items())},
+            "blocking_growth_by_group": {str(k): v for k, v in sorted(self.blocking_growth_by_group.items())},
             "collectives": {k: [v.latency_s, v.bandwidth_Bps] for k, v in sorted(self.collectives.items())},
             "p2p": {str(k): [v.latency_s, v.bandwidth_Bps] for k, v in sorted(self.p2p.items())},
             "sharded_units": {k: [v.latency_s, v.bandwidth_Bps] for k, v in sorted(self.sharded_units.items())},
@@ -243,6 +253,10 @@ class HardwareProfile:
             blocking_by_group = {int(k): float(v) for k, v in (data.get("blocking_by_group_s") or {}).items()}
             if any(not (k >= 2 and v >= 0.0) for k, v in blocking_by_group.items()):
                 raise ValueError(f"{blocking_by_group} has a group below 2 or a negative time")
+            key = "blocking_growth_by_group"
+            blocking_growth = {int(k): float(v) for k, v in (data.get("blocking_growth_by_group") or {}).items()}
+            if any(not (k >= 2 and v >= 0.0) for k, v in blocking_growth.items()):
+                raise ValueError(f"{blocking_growth} has a group below 2 or a negative growth")
             key = "sharded_units"
             sharded_units = {str(k): _comm_fit(v) for k, v in (data.get("sharded_units") or {}).items()}
             for name in sharded_units:
@@ -261,7 +275,7 @@ class HardwareProfile:
             raise ProfileError(f"{source}: key world_size/devices_per_node must be positive", "profile the hardware again")
         return cls(world_size, devices_per_node, device, memory, collectives, p2p, overlap, flops,
                    str(data.get("backend", "")), source, optimizer_s, compute_slowdown, blocking_s, blocking_by_group,
-                   sharded_units)
+                   sharded_units, blocking_growth)
 
 
 def _comm_fit(value: Any) -> CommFit:

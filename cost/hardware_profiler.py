@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .fsdp_probe import sharded_unit_times
-from .hardware import COLLECTIVES, HardwareProfile, fit_latency_bandwidth
+from .hardware import BLOCKING_PROBE_COMPUTE_S, COLLECTIVES, HardwareProfile, fit_latency_bandwidth
 
 KiB, MiB = 2**10, 2**20
 
@@ -171,14 +171,17 @@ def profile_hardware(config: ProfilerConfig | None = None, device: torch.device 
     progress.step("compute of all ranks at once")
     optimizer_s = _optimizer_s_per_param(device, config)
     progress.step("optimizer step")
-    skew_s = {size: _arrival_skew_s(device, config, group) for size, group in consecutive_groups.items()}
+    skew_s = {size: _arrival_skew_s(device, config, group, BLOCKING_PROBE_COMPUTE_S) for size, group in consecutive_groups.items()}
+    # again after four times the compute: how the skew grows with the work since the ranks last met
+    skew_long_s = {size: _arrival_skew_s(device, config, group, 4 * BLOCKING_PROBE_COMPUTE_S) for size, group in consecutive_groups.items()}
     progress.step("collectives between compute")
     # FSDP2 waits for its collectives in place where there are no communication streams: time it there
     units = sharded_unit_times(config.sizes_bytes[-3:], lambda run: _median_time(run, device, config), device) if device.type != "cuda" else {}
     progress.step("FSDP2 units")
 
     # the slowest rank's median counts: one all-reduce (MAX) of every measurement
-    table = torch.tensor(medians + list(units.values()) + list(skew_s.values()) + [optimizer_s, compute_slowdown, slowdown],
+    table = torch.tensor(medians + list(units.values()) + list(skew_s.values()) + list(skew_long_s.values())
+                         + [optimizer_s, compute_slowdown, slowdown],
                          dtype=torch.float64, device=device)
     dist.all_reduce(table, op=dist.ReduceOp.MAX)
     if rank != 0:
@@ -194,6 +197,8 @@ def profile_hardware(config: ProfilerConfig | None = None, device: torch.device 
     unit_fits = {key: fit_latency_bandwidth([b for b, _ in pts], [t for _, t in pts]) for key, pts in unit_samples.items()}
     skew_at = len(medians) + len(units)
     blocking_s = dict(zip(skew_s, values[skew_at:skew_at + len(skew_s)]))
+    blocking_long_s = dict(zip(skew_s, values[skew_at + len(skew_s):skew_at + 2 * len(skew_s)]))
+    growth = {g: max(0.0, (blocking_long_s[g] - blocking_s[g]) / (3 * BLOCKING_PROBE_COMPUTE_S)) for g in blocking_s}
     cluster = Cluster.detect()
     dtype = "bf16" if device.type == "cuda" else "fp32"
     return HardwareProfile(
@@ -202,7 +207,8 @@ def profile_hardware(config: ProfilerConfig | None = None, device: torch.device 
         p2p={int(k.split("/")[1]): v for k, v in fits.items() if k.startswith("p2p/")},
         overlap_slowdown=max(1.0, values[-1]), flops_per_s={dtype: flops_per_s}, backend=dist.get_backend(),
         source="profile-hardware", optimizer_s_per_param=values[-3], compute_slowdown=max(1.0, values[-2]),
-        blocking_collective_s=blocking_s.get(world, 0.0), blocking_by_group_s=blocking_s, sharded_units=unit_fits,
+        blocking_collective_s=blocking_s.get(world, 0.0), blocking_by_group_s=blocking_s, blocking_growth_by_group=growth,
+        sharded_units=unit_fits,
     )
 
 
@@ -286,16 +292,17 @@ def _compute_slowdown(device: torch.device, config: ProfilerConfig, work_s: floa
     return max(1.0, statistics.median(together) / statistics.median(alone)) if dist.get_rank() == 0 else 1.0
 
 
-def _arrival_skew_s(device: torch.device, config: ProfilerConfig, group, rounds: int = 8) -> float:
+def _arrival_skew_s(device: torch.device, config: ProfilerConfig, group, compute_s: float, rounds: int = 8) -> float:
     """What a small all-reduce (1 KiB) over ``group`` costs beyond its back-to-back time when every rank
-    computes a few ms before it, as between tensor-parallel collectives: rounds of compute + all-reduce,
+    computes ``compute_s`` before it, as between tensor-parallel collectives: rounds of compute + all-reduce,
     minus the same compute alone and the all-reduces alone, run back to back; the median of these
-    differences. The ranks of a larger group wait for more of each other."""
+    differences. The ranks of a larger group wait for more of each other, and the longer they computed
+    since they last met, the further apart they arrive."""
     n = config.matmul_dim
     a = torch.randn(n, n, device=device)
     token = torch.ones(256, device=device)
     single = _local_median_time(lambda: a @ a, device, config)
-    repeats = torch.tensor([max(1, min(200, int(4e-3 / max(single, 1e-9))))], device=device)
+    repeats = torch.tensor([max(1, min(2000, int(compute_s / max(single, 1e-9))))], device=device)
     dist.broadcast(repeats, src=0)  # every rank computes the same between collectives, as TP ranks do
 
     def run(compute: bool, collective: bool) -> float:

@@ -115,9 +115,10 @@ class CostModel:
         fwd_compute = self._compute_s(profile.fwd, local, strategy.tp, busy_share)
         bwd_compute = self._compute_s(profile.bwd, local, strategy.tp, busy_share)
         hidden_bytes = profile.boundary_bytes_per_sample * local * self.activation_scale
-        tp_fwd = tp_bwd = self._tp_comm_s(strategy, hidden_bytes)
+        tp_fwd, tp_bwd = (self._tp_comm_s(strategy, hidden_bytes, compute) for compute in (fwd_compute, bwd_compute))
         params = profile.param_count if strategy.sp == "ulysses" else profile.param_count / strategy.tp
-        gather_s, sync_s, transient_bytes = self._dp_comm(params, strategy.dp, strategy.dp_type, not strategy.tp_consecutive or strategy.tp == 1)
+        gather_s, sync_s, transient_bytes = self._dp_comm(params, strategy.dp, strategy.dp_type, not strategy.tp_consecutive or strategy.tp == 1,
+                                                          (fwd_compute, bwd_compute))
         fwd_s = fwd_compute + tp_fwd + self._visible(gather_s, fwd_compute, strategy.dp_type)
         bwd_s = bwd_compute + tp_bwd + self._visible(gather_s, bwd_compute, strategy.dp_type)
         if strategy.ckpt:
@@ -148,23 +149,28 @@ class CostModel:
         updated = params / dp if dp_type in ("zero2", "zero3") else params
         return updated * self.hardware.optimizer_s_per_param
 
-    def _tp_comm_s(self, strategy: LayerStrategy, hidden_bytes: float) -> float:
-        """TP/SP/Ulysses collectives of one direction (forward or backward) of one layer."""
+    def _tp_comm_s(self, strategy: LayerStrategy, hidden_bytes: float, compute_s: float | None = None) -> float:
+        """TP/SP/Ulysses collectives of one direction (forward or backward) of one layer, whose ``compute_s``
+        of compute they split (None: as much as the profiler's skew probe computes between two)."""
         tp, hw, cons = strategy.tp, self.hardware, strategy.tp_consecutive
         if tp == 1:
             return 0.0
-        wait = hw.blocking_s(tp)  # compute waits for each: the ranks must arrive together
+        calls = 2 if strategy.sp == "none" else 4
+        # compute waits for each: the ranks must arrive together, and drift apart as they compute in between
+        wait = hw.blocking_s(tp) if compute_s is None else hw.blocking_s(tp, compute_s / calls)
         if strategy.sp == "none":
             return 2 * (hw.collective_s("all_reduce", hidden_bytes, tp, cons) + wait)
         if strategy.sp == "megatron":
             return 2 * (hw.collective_s("all_gather", hidden_bytes, tp, cons) + hw.collective_s("reduce_scatter", hidden_bytes, tp, cons) + 2 * wait)
         return 4 * (hw.collective_s("all_to_all", hidden_bytes / tp, tp, cons) + wait)
 
-    def _dp_comm(self, params: float, dp: int, dp_type: str, consecutive: bool) -> tuple[float, float, float]:
+    def _dp_comm(self, params: float, dp: int, dp_type: str, consecutive: bool,
+                 compute_s: tuple[float, float] | None = None) -> tuple[float, float, float]:
         """(ZeRO-3 parameter gather per pass, gradient sync per step, transient bytes in backward) on
-        ``params`` parameters. The transient bytes are FSDP2's: the layer's unsharded gradients and the
-        previous layer's, whose reduce-scatter is in flight (ZeRO-2 and -3), and with ZeRO-3 the layer's
-        gathered parameters and the next layer's, prefetched."""
+        ``params`` parameters, next to ``compute_s`` = (forward, backward) seconds of the layer's compute. The
+        transient bytes are FSDP2's: the layer's unsharded gradients and the previous layer's, whose
+        reduce-scatter is in flight (ZeRO-2 and -3), and with ZeRO-3 the layer's gathered parameters and the
+        next layer's, prefetched."""
         if dp == 1 or params <= 0:
             return 0.0, 0.0, 0.0
         param_b, grad_b, _ = STATE_BYTES_PER_PARAM[self.mixed_precision]
@@ -180,21 +186,23 @@ class CostModel:
         else:
             gather, sync, calls, transient = gather_s, scatter_s, (1, 1), 2 * (weights + grads)
         if not hw.comm_streams:
-            gather, sync = self._in_place(dp_type, params * 4, dp, gather, sync, calls)
+            gather, sync = self._in_place(dp_type, params * 4, dp, gather, sync, calls, compute_s)
         return gather, sync, transient
 
     def _in_place(self, dp_type: str, fp32_bytes: float, dp: int, gather_s: float, sync_s: float,
-                  calls: tuple[int, int]) -> tuple[float, float]:
+                  calls: tuple[int, int], compute_s: tuple[float, float] | None) -> tuple[float, float]:
         """(gather, sync) of a ZeRO unit whose collectives are waited for in place (no communication
         streams): FSDP2's measured cost of a unit of this size (every collective, copy and wait of a step),
         split as the collectives' times, or without that measurement the collectives' own times; and each
-        of the ``calls`` (gather, sync) collectives pays the ranks' arrival skew after compute."""
-        skew = self.hardware.blocking_s(dp)
+        of the ``calls`` (gather, sync) collectives pays the ranks' arrival skew after the layer's forward
+        (gather) or backward (sync) compute."""
+        hw = self.hardware
+        skew = (hw.blocking_s(dp), hw.blocking_s(dp)) if compute_s is None else tuple(hw.blocking_s(dp, c) for c in compute_s)
         unit_s = self.hardware.sharded_unit_s(dp_type, fp32_bytes, dp)
         if unit_s is not None:   # the probe's ranks arrive together (nothing computes between): add the skew
             collectives_s = (2 if dp_type == "zero3" else 0) * gather_s + sync_s  # ZeRO-3 gathers in both passes
             gather_s, sync_s = gather_s * unit_s / collectives_s, sync_s * unit_s / collectives_s
-        return gather_s + calls[0] * skew, sync_s + calls[1] * skew
+        return gather_s + calls[0] * skew[0], sync_s + calls[1] * skew[1]
 
     def _visible(self, comm_s: float, compute_s: float, dp_type: str) -> float:
         """Visible cost of data-parallel communication next to ``compute_s``. DDP's all-reduce is started as

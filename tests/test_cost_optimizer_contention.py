@@ -60,22 +60,26 @@ def test_pipeline_bubbles_lessen_the_contention():
 
 def test_hardware_json_keeps_the_new_figures_and_rejects_bad_ones(tmp_path):
     profile = dataclasses.replace(uniform_hardware(), optimizer_s_per_param=3e-9, compute_slowdown=1.5, blocking_collective_s=2e-3,
-                                  blocking_by_group_s={2: 1e-3, 8: 2e-3}, sharded_units={"zero3/2": CommFit(1e-3, 1e9)})
+                                  blocking_by_group_s={2: 1e-3, 8: 2e-3}, sharded_units={"zero3/2": CommFit(1e-3, 1e9)},
+                                  blocking_growth_by_group={2: 0.05})
     path = tmp_path / "hw.json"
     profile.save(path)
     loaded = HardwareProfile.load(path)
     assert (loaded.optimizer_s_per_param, loaded.compute_slowdown, loaded.blocking_collective_s) == (3e-9, 1.5, 2e-3)
     assert loaded.blocking_by_group_s == {2: 1e-3, 8: 2e-3} and loaded.sharded_units == {"zero3/2": CommFit(1e-3, 1e9)}
+    assert loaded.blocking_growth_by_group == {2: 0.05}
     assert (loaded.blocking_s(1), loaded.blocking_s(2), loaded.blocking_s(4)) == (0.0, 1e-3, 2e-3)  # unmeasured: all ranks'
     data = json.loads(path.read_text())
-    for key in ("optimizer_s_per_param", "compute_slowdown", "blocking_collective_s", "blocking_by_group_s", "sharded_units"):
+    for key in ("optimizer_s_per_param", "compute_slowdown", "blocking_collective_s", "blocking_by_group_s", "sharded_units",
+                "blocking_growth_by_group"):
         data.pop(key)   # older profiles still load
     path.write_text(json.dumps(data))
     loaded = HardwareProfile.load(path)
     assert (loaded.optimizer_s_per_param, loaded.compute_slowdown, loaded.blocking_collective_s) == (0.0, 1.0, 0.0)
     assert loaded.sharded_unit_s("zero3", 1e6, 2) is None
     for key, bad in (("optimizer_s_per_param", -1.0), ("compute_slowdown", 0.5), ("blocking_collective_s", -1e-3),
-                     ("blocking_by_group_s", {"1": 1e-3}), ("sharded_units", {"zero1/2": [0.0, 1e9]})):
+                     ("blocking_by_group_s", {"1": 1e-3}), ("sharded_units", {"zero1/2": [0.0, 1e9]}),
+                     ("blocking_growth_by_group", {"2": -0.1})):
         path.write_text(json.dumps({**data, key: bad}))
         with pytest.raises(ProfileError, match=key):
             HardwareProfile.load(path)
@@ -102,6 +106,28 @@ def test_cpu_exposes_zero_collectives_and_every_blocking_collective_pays_the_ske
     assert pairs.layer_cost("blk", tp, 8).fwd_s == pytest.approx(plain.layer_cost("blk", tp, 8).fwd_s + 2 * skew / 4)
     # a pipeline transfer is waited for by its receiver: forward and backward each pay a pair's skew
     assert pairs.p2p_s(0, 2, 4, 8, 1) == pytest.approx(plain.p2p_s(0, 2, 4, 8, 1) + 2 * skew / 4)
+
+
+def test_the_arrival_skew_grows_with_the_compute_between_collectives():
+    from galvatron_fx.cost.hardware import BLOCKING_PROBE_COMPUTE_S
+
+    hw = dataclasses.replace(uniform_hardware(), device="cpu", blocking_by_group_s={2: 1e-3}, blocking_growth_by_group={2: 0.1})
+    assert hw.blocking_s(2) == hw.blocking_s(2, 1e-3) == 1e-3  # up to the probe's compute: as measured
+    assert hw.blocking_s(2, BLOCKING_PROBE_COMPUTE_S + 20e-3) == pytest.approx(1e-3 + 0.1 * 20e-3)
+    assert hw.blocking_s(4, 1.0) == hw.blocking_collective_s  # no growth measured for the group
+    grows, flat = CostModel(synthetic_profile(), hw), CostModel(synthetic_profile(), dataclasses.replace(hw, blocking_growth_by_group={}))
+    profile, mb = grows.model.layer("blk"), 64
+    # TP: each of a direction's 2 all-reduces waits for the skew after half of the direction's compute
+    tp = S(tp=2, dp=1)
+    fwd, bwd = (grows._compute_s(formula, mb, 2, 1.0) for formula in (profile.fwd, profile.bwd))
+    assert fwd / 2 > BLOCKING_PROBE_COMPUTE_S and bwd / 2 > BLOCKING_PROBE_COMPUTE_S
+    assert grows.layer_cost("blk", tp, mb).fwd_s - flat.layer_cost("blk", tp, mb).fwd_s == pytest.approx(2 * 0.1 * (fwd / 2 - BLOCKING_PROBE_COMPUTE_S))
+    assert grows.layer_cost("blk", tp, mb).bwd_s - flat.layer_cost("blk", tp, mb).bwd_s == pytest.approx(2 * 0.1 * (bwd / 2 - BLOCKING_PROBE_COMPUTE_S))
+    # ZeRO in place (CPU): the reduce-scatter waits for the skew after the layer's whole backward
+    zero3 = S(tp=1, dp=2, dp_type="zero3")
+    bwd = grows._compute_s(profile.bwd, mb / 2, 1, 1.0)
+    assert grows.layer_cost("blk", zero3, mb).grad_sync_s - flat.layer_cost("blk", zero3, mb).grad_sync_s == pytest.approx(
+        0.1 * (bwd - BLOCKING_PROBE_COMPUTE_S))
 
 
 def test_cpu_prices_zero_units_as_measured_in_place():
