@@ -172,8 +172,9 @@ def profile_hardware(config: ProfilerConfig | None = None, device: torch.device 
     optimizer_s = _optimizer_s_per_param(device, config)
     progress.step("optimizer step")
     skew_s = {size: _arrival_skew_s(device, config, group, BLOCKING_PROBE_COMPUTE_S) for size, group in consecutive_groups.items()}
-    # again after four times the compute: how the skew grows with the work since the ranks last met
-    skew_long_s = {size: _arrival_skew_s(device, config, group, 4 * BLOCKING_PROBE_COMPUTE_S) for size, group in consecutive_groups.items()}
+    # again after longer compute: how the skew grows with the work since the ranks last met
+    long_compute_s = 4 * BLOCKING_PROBE_COMPUTE_S
+    skew_long_s = {size: _arrival_skew_s(device, config, group, long_compute_s) for size, group in consecutive_groups.items()}
     progress.step("collectives between compute")
     # FSDP2 waits for its collectives in place where there are no communication streams: time it there
     units = sharded_unit_times(config.sizes_bytes[-3:], lambda run: _median_time(run, device, config), device) if device.type != "cuda" else {}
@@ -198,7 +199,7 @@ def profile_hardware(config: ProfilerConfig | None = None, device: torch.device 
     skew_at = len(medians) + len(units)
     blocking_s = dict(zip(skew_s, values[skew_at:skew_at + len(skew_s)]))
     blocking_long_s = dict(zip(skew_s, values[skew_at + len(skew_s):skew_at + 2 * len(skew_s)]))
-    growth = {g: max(0.0, (blocking_long_s[g] - blocking_s[g]) / (3 * BLOCKING_PROBE_COMPUTE_S)) for g in blocking_s}
+    growth = {g: max(0.0, (blocking_long_s[g] - blocking_s[g]) / (long_compute_s - BLOCKING_PROBE_COMPUTE_S)) for g in blocking_s}
     cluster = Cluster.detect()
     dtype = "bf16" if device.type == "cuda" else "fp32"
     return HardwareProfile(
