@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from galvatron_fx.errors import ConfigError, PlanError, ProfileError
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan, Prediction
 
-from .hardware import HardwareProfile
+from .hardware import BLOCKING_PROBE_COMPUTE_S, HardwareProfile
 from .layouts import data_split, layout_of, move_key, move_plan, piece_area, piece_intersection, rank_pieces
 from .memory import DTYPE_BYTES, GRAD_BUCKET_CAP_BYTES, STATE_BYTES_PER_PARAM, InFlight, check_precision, model_state_split
 from .model_profile import ModelProfile, TimeFormula
@@ -165,7 +165,7 @@ class CostModel:
         return 4 * (hw.collective_s("all_to_all", hidden_bytes / tp, tp, cons) + wait)
 
     def _dp_comm(self, params: float, dp: int, dp_type: str, consecutive: bool,
-                 compute_s: tuple[float, float] | None = None) -> tuple[float, float, float]:
+                 compute_s: tuple[float, float] = (BLOCKING_PROBE_COMPUTE_S, BLOCKING_PROBE_COMPUTE_S)) -> tuple[float, float, float]:
         """(ZeRO-3 parameter gather per pass, gradient sync per step, transient bytes in backward) on
         ``params`` parameters, next to ``compute_s`` = (forward, backward) seconds of the layer's compute. The
         transient bytes are FSDP2's: the layer's unsharded gradients and the previous layer's, whose
@@ -190,14 +190,13 @@ class CostModel:
         return gather, sync, transient
 
     def _in_place(self, dp_type: str, fp32_bytes: float, dp: int, gather_s: float, sync_s: float,
-                  calls: tuple[int, int], compute_s: tuple[float, float] | None) -> tuple[float, float]:
+                  calls: tuple[int, int], compute_s: tuple[float, float]) -> tuple[float, float]:
         """(gather, sync) of a ZeRO unit whose collectives are waited for in place (no communication
         streams): FSDP2's measured cost of a unit of this size (every collective, copy and wait of a step),
         split as the collectives' times, or without that measurement the collectives' own times; and each
         of the ``calls`` (gather, sync) collectives pays the ranks' arrival skew after the layer's forward
         (gather) or backward (sync) compute."""
-        hw = self.hardware
-        skew = (hw.blocking_s(dp), hw.blocking_s(dp)) if compute_s is None else tuple(hw.blocking_s(dp, c) for c in compute_s)
+        skew = [self.hardware.blocking_s(dp, c) for c in compute_s]
         unit_s = self.hardware.sharded_unit_s(dp_type, fp32_bytes, dp)
         if unit_s is not None:   # the probe's ranks arrive together (nothing computes between): add the skew
             collectives_s = (2 if dp_type == "zero3" else 0) * gather_s + sync_s  # ZeRO-3 gathers in both passes
