@@ -49,7 +49,8 @@ def _numeric(cell: str) -> bool:
 
 def plan_table(plan, cost_model=None, layer_types: list[str] | None = None) -> str:
     """A plan as text: one row per run of consecutive body layers with the same strategy and stage, then one
-    row per stage with its predicted time and memory (when a cost model is given), then the prediction."""
+    row per stage with its predicted peak memory and the memory the search budgeted for it (when the plan
+    has a prediction or a cost model is given), then the predicted time."""
     types = layer_types or (list(cost_model.layer_types) if cost_model is not None else None)
     runs: list[list[int]] = []
     for i, strategy in enumerate(plan.layers):
@@ -75,8 +76,10 @@ def plan_table(plan, cost_model=None, layer_types: list[str] | None = None) -> s
              format_table(header, rows)]
     prediction = plan.prediction or (cost_model.evaluate(plan) if cost_model is not None else None)
     if prediction is not None:
-        stage_rows = [(str(s), str(plan.pp_division[s]), f"{memory / 2**30:.3f}")
-                      for s, memory in enumerate(prediction.memory_bytes_per_stage)]
-        lines += ["", format_table(("stage", "layers", "predicted memory GiB/device"), stage_rows), "",
+        # budgeted: the additive bound the search holds against the memory budget (at least the predicted peak)
+        budgeted = prediction.memory_bound_bytes_per_stage or prediction.memory_bytes_per_stage
+        stage_rows = [(str(s), str(plan.pp_division[s]), f"{memory / 2**30:.3f}", f"{bound / 2**30:.3f}")
+                      for s, (memory, bound) in enumerate(zip(prediction.memory_bytes_per_stage, budgeted))]
+        lines += ["", format_table(("stage", "layers", "predicted peak GiB/device", "budgeted GiB/device"), stage_rows), "",
                   f"predicted: {prediction.iteration_time_s * 1e3:.3f} ms per iteration, {prediction.samples_per_s:.2f} samples/s"]
     return "\n".join(lines)

@@ -154,6 +154,20 @@ def test_single_micro_batch_plans_count_gradients_only_where_they_peak():
     assert one.memory_bytes_per_stage[0] < one.memory_bound_bytes_per_stage[0]
 
 
+def test_plan_table_shows_the_predicted_peak_and_the_searchs_budget():
+    from galvatron_fx.report import plan_table
+
+    model = CostModel(synthetic_profile(), uniform_hardware(world=2))
+    # the first layer's gathers and recomputation come after the later layers have freed their activations
+    plan = Plan(world_size=2, layers=(S(dp=2, dp_type="zero3", ckpt=True),) + (S(dp=2),) * 3, global_batch=2048)
+    prediction = model.evaluate(plan)
+    peak, bound = prediction.memory_bytes_per_stage[0], prediction.memory_bound_bytes_per_stage[0]
+    assert bound - peak > 2**20
+    rows = [line.split() for line in plan_table(plan, model).splitlines()]
+    assert ["stage", "layers", "predicted", "peak", "GiB/device", "budgeted", "GiB/device"] in rows
+    assert ["0", "4", f"{peak / 2**30:.3f}", f"{bound / 2**30:.3f}"] in rows
+
+
 def test_ddp_gradients_live_in_persistent_buckets_that_pay_one_latency_each():
     from galvatron_fx.cost.memory import GRAD_BUCKET_CAP_BYTES
 
