@@ -109,9 +109,14 @@ class Prediction:
     memory_bound_bytes_per_stage: tuple[int, ...] = ()
 
     @property
+    def budgeted_bytes_per_stage(self) -> tuple[int, ...]:
+        """Each stage's bytes as the search budgets them."""
+        return self.memory_bound_bytes_per_stage or self.memory_bytes_per_stage
+
+    @property
     def budgeted_bytes(self) -> int:
         """The largest stage's bytes as the search budgets them."""
-        return max(self.memory_bound_bytes_per_stage or self.memory_bytes_per_stage)
+        return max(self.budgeted_bytes_per_stage)
 
 
 @dataclass(frozen=True)

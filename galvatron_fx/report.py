@@ -77,9 +77,8 @@ def plan_table(plan, cost_model=None, layer_types: list[str] | None = None) -> s
     prediction = plan.prediction or (cost_model.evaluate(plan) if cost_model is not None else None)
     if prediction is not None:
         # budgeted: the additive bound the search holds against the memory budget (at least the predicted peak)
-        budgeted = prediction.memory_bound_bytes_per_stage or prediction.memory_bytes_per_stage
         stage_rows = [(str(s), str(plan.pp_division[s]), f"{memory / 2**30:.3f}", f"{bound / 2**30:.3f}")
-                      for s, (memory, bound) in enumerate(zip(prediction.memory_bytes_per_stage, budgeted))]
+                      for s, (memory, bound) in enumerate(zip(prediction.memory_bytes_per_stage, prediction.budgeted_bytes_per_stage))]
         lines += ["", format_table(("stage", "layers", "predicted peak GiB/device", "budgeted GiB/device"), stage_rows), "",
                   f"predicted: {prediction.iteration_time_s * 1e3:.3f} ms per iteration, {prediction.samples_per_s:.2f} samples/s"]
     return "\n".join(lines)

@@ -119,8 +119,8 @@ def test_stage_peak_walks_the_backward_layer_by_layer():
     # the search's bound is never below the walk, whatever the layers and phases
     rng = np.random.default_rng(0)
     for _ in range(200):
-        first = int(rng.integers(1, 5))
-        held = InFlight(first, first - int(rng.integers(0, 2)))  # as InFlight.of makes them
+        held_first = int(rng.integers(1, 5))
+        held = InFlight(held_first, held_first - int(rng.integers(0, 2)))  # as InFlight.of makes them
         layers = [LayerCost(0, 0, 0, int(s), int(a), int(x), int(g), int(t)) for s, a, x, g, t in
                   zip(*(rng.integers(0, 1000, int(rng.integers(1, 6))) for _ in range(5)))]
         layers = [dataclasses.replace(c, grad_bytes=min(c.grad_bytes, c.model_state_bytes)) for c in layers]
