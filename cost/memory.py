@@ -19,6 +19,9 @@ the optimizer step; the optimizer step holds gradients and its own temporaries. 
   which the search's fronts need, and never below ``stage_peak``; the two agree when every layer of the
   stage peaks in the same phase with the same transient.
 
+Activation gradients: ``grad_working_bytes`` walks a layer's backward node by node, net of the activations
+it frees on the way; the cost model adds it to the layer's transient.
+
 Activations: ``tp_activation_split`` walks a layer's nodes and marks which saved tensors a Megatron
 lowering would shard over the TP group — everything computed from a column-parallel projection's output
 until a row-parallel projection brings the result back to a replicated tensor. TP lowering is a later
@@ -27,6 +30,7 @@ step: this is the analytic scaling the cost model uses until measured per-TP act
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,32 +133,103 @@ def _is_param(graph_module: fx.GraphModule, node: fx.Node) -> bool:
         return False
 
 
+def _tp_sharded_nodes(graph_module: fx.GraphModule, layer: Layer) -> set[str]:
+    """Names of ``layer``'s nodes whose values a Megatron lowering shards over the TP group: a projection
+    with a parameter weight whose input is replicated is column-parallel (its output is sharded); one whose
+    input is sharded is row-parallel (output replicated after the all-reduce); any other op is sharded when
+    one of its inputs is."""
+    nodes = {n.name: n for n in graph_module.graph.nodes}
+    sharded: set[str] = set()
+    for name in layer.node_names:
+        node = nodes[name]
+        any_sharded = any(n.name in sharded for n in node.all_input_nodes if n.op != "get_attr")
+        has_weight = any(_is_param(graph_module, n) for n in node.all_input_nodes)
+        if (not any_sharded) if node.target in _LINEAR_OPS and has_weight else any_sharded:
+            sharded.add(name)
+    return sharded
+
+
 def tp_activation_split(graph_module: fx.GraphModule, layer: Layer) -> tuple[int, int]:
     """(replicated, TP-sharded) saved-activation bytes of ``layer`` for the Program's example batch.
 
     Requires node annotations (``node.meta["galvatron"].saved_bytes``) on ``graph_module``, the flat
-    graph. A projection with a parameter weight whose input is replicated is column-parallel (its output
-    is sharded); one whose input is sharded is row-parallel (output replicated after the all-reduce);
-    any other op is sharded when one of its inputs is.
+    graph; which values are sharded follows ``_tp_sharded_nodes``.
     """
     nodes = {n.name: n for n in graph_module.graph.nodes}
-    sharded: set[str] = set()
+    sharded = _tp_sharded_nodes(graph_module, layer)
     replicated_bytes = sharded_bytes = 0
     for name in layer.node_names:
-        node = nodes[name]
-        inputs = [n for n in node.all_input_nodes if n.op != "get_attr"]
-        any_sharded = any(n.name in sharded for n in inputs)
-        has_weight = any(_is_param(graph_module, n) for n in node.all_input_nodes)
-        if node.target in _LINEAR_OPS and has_weight:
-            is_sharded = not any_sharded
-        else:
-            is_sharded = any_sharded
-        if is_sharded:
-            sharded.add(name)
-        info = node.meta.get(META_KEY)
+        info = nodes[name].meta.get(META_KEY)
         saved = info.saved_bytes if info is not None else 0
-        if is_sharded:
+        if name in sharded:
             sharded_bytes += saved
         else:
             replicated_bytes += saved
     return replicated_bytes, sharded_bytes
+
+
+def _needs_grad(graph_module: fx.GraphModule) -> set[str]:
+    """Names of the nodes autograd computes a gradient for: floating values that depend on a parameter."""
+    params = {name for name, p in graph_module.named_parameters(remove_duplicate=False) if p.requires_grad}
+    out: set[str] = set()
+    for node in graph_module.graph.nodes:
+        info = node.meta.get(META_KEY)
+        floating = info is not None and (info.dtype is None or info.dtype.is_floating_point)   # None: a tuple
+        if node.op == "get_attr":
+            if node.target in params:
+                out.add(node.name)
+        elif node.op == "call_function" and floating and any(i.name in out for i in node.all_input_nodes):
+            out.add(node.name)
+    return out
+
+
+def _passes_gradient_through(node: fx.Node) -> bool:
+    """Its input's gradient is a view of its own (a view op, or an item of a tuple output): no allocation."""
+    return node.target is operator.getitem or (isinstance(node.target, torch._ops.OpOverload) and node.target.is_view)
+
+
+def grad_working_bytes(graph_module: fx.GraphModule, layer: Layer, tp: int = 1) -> int:
+    """Peak bytes of activation gradients ``layer``'s backward holds, net of the saved activations it has
+    freed by then, on one of ``tp`` Megatron ranks, for the Program's example batch.
+
+    The backward is walked in reverse forward order: the gradients of the values later layers read are live
+    at its start; each node's backward allocates its inputs' gradients (a view passes its own on), then
+    frees its own gradient and the activations it was the first to save. Weight gradients are model states
+    and not counted here. Requires node annotations (shape, dtype, saved_bytes)."""
+    nodes = {n.name: n for n in graph_module.graph.nodes}
+    needs_grad = _needs_grad(graph_module)
+    sharded = _tp_sharded_nodes(graph_module, layer) if tp > 1 else set()
+    in_layer = set(layer.node_names)
+
+    def grad_bytes(node: fx.Node) -> float:
+        info = node.meta.get(META_KEY)
+        if info is None or info.shape is None or info.dtype is None:
+            return 0.0
+        numel = 1
+        for size in info.shape:
+            numel *= size
+        return numel * info.dtype.itemsize / (tp if node.name in sharded else 1)
+
+    live = {name: grad_bytes(nodes[name]) for name in layer.node_names
+            if name in needs_grad and any(user.name not in in_layer for user in nodes[name].users)}
+    peak = total = sum(live.values())
+    freed = 0
+    for name in reversed(layer.node_names):
+        node = nodes[name]
+        grad = live.pop(name, None)
+        if grad is None:
+            continue   # no gradient reaches it
+        total -= grad
+        inputs = [i for i in dict.fromkeys(node.all_input_nodes) if i.name in needs_grad and i.op != "get_attr"]
+        if _passes_gradient_through(node):
+            for i in inputs[:1]:
+                live[i.name] = live.get(i.name, 0.0) + grad
+                total += grad
+            continue
+        new = {i.name: grad_bytes(i) for i in inputs if i.name not in live}
+        peak = max(peak, total + grad + sum(new.values()) - freed)
+        live.update(new)
+        total += sum(new.values())
+        info = node.meta.get(META_KEY)
+        freed += info.saved_bytes if info is not None else 0
+    return int(max(peak, 0))

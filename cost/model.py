@@ -25,7 +25,9 @@ Terms of one layer, for a micro-batch of ``mb`` samples on a stage (each of the 
   activations one micro-batch keeps (the layer's inputs only, if checkpointed), by phase of the step
   (cost/memory.py ``InFlight``: gradients do not exist before the first backward, except in DDP's
   persistent buckets; the predicted peak walks the stage's backward layer by layer, the search budgets an
-  additive bound on it), and transient peaks of the layer in backward: FSDP2 holds a ZeRO layer's gathered
+  additive bound on it), and transient peaks of the layer in backward: the activation gradients its backward
+  holds, net of the activations it has freed (the profile's ``grad_working_bytes_per_sample``; the
+  embedding's and the head's too, the head's at the start of a stage's backward); FSDP2 holds a ZeRO layer's gathered
   parameters and the next layer's prefetched ones (ZeRO-3), and the layer's unsharded gradients next to
   the previous layer's, whose reduce-scatter is in flight (ZeRO-2 and -3); a checkpointed layer's
   recomputed activations. ZeRO-2 keeps the gathered parameters from forward to backward besides their
@@ -128,7 +130,8 @@ class CostModel:
             kept = profile.ckpt_activation_bytes_per_sample * local * self.activation_scale / (strategy.tp if sharded_seq else 1)
         else:
             kept = full_activation
-        peak_extra = transient_bytes + (full_activation if strategy.ckpt else 0.0)
+        working = profile.grad_working_per_sample(strategy.tp, sharded_seq) * local * self.activation_scale
+        peak_extra = transient_bytes + working + (full_activation if strategy.ckpt else 0.0)
         sync_s = self._visible(sync_s, bwd_compute, strategy.dp_type) + self._optimizer_s(params, strategy.dp, strategy.dp_type)
         return self._with_states(LayerCost(fwd_s, bwd_s, sync_s,
                                            0, int(kept), int(peak_extra)), params, strategy.dp, strategy.dp_type)
@@ -248,11 +251,22 @@ class CostModel:
         # once the first part's backward (the last to run) is done: like a layer's, it hides behind that one
         gather_s, sync_s, transient = self._dp_comm(params, dp, kind, vtp == 1)
         activation = sum(part.activation_per_sample(vtp, strategy.sp != "none") for part in parts) * local * self.activation_scale
+        transient += self._part_working_bytes(parts, vtp, strategy.sp != "none", local)
         cost = LayerCost(fwd_compute + (half_comm if first_stage else 0.0) + self._visible(gather_s, fwd_compute, kind),
                          bwd_compute + (half_comm if last_stage else 0.0) + self._visible(gather_s, bwd_compute, kind),
                          self._visible(sync_s, bwd_parts[0], kind) + self._optimizer_s(params, dp, kind),
                          0, int(activation), int(transient))
         return self._with_states(cost, params, dp, kind)
+
+    def _part_working_bytes(self, parts, vtp: int, vsp: bool, local: float) -> float:
+        """The largest activation-gradient working set among the embedding's and the head's backward (they
+        run at different times) on one of ``vtp`` ranks at ``local`` samples."""
+        return max(part.grad_working_per_sample(vtp, vsp) for part in parts) * local * self.activation_scale
+
+    def head_working_bytes(self, embedding: EmbeddingStrategy, devices: int, micro_batch: int) -> float:
+        """The head's activation-gradient working set (its backward is a stage's first)."""
+        local = micro_batch / max(devices // embedding.vtp, 1)
+        return self._part_working_bytes([self.model.epilogue], embedding.vtp, embedding.vsp and embedding.vtp > 1, local)
 
     # -- between layers and stages ---------------------------------------------------------------------
     def redistribution_s(self, before: LayerStrategy, after: LayerStrategy, boundary_index: int, micro_batch: int) -> float:
@@ -349,7 +363,8 @@ class CostModel:
                 x += self.p2p_s(stage, pp, plan.devices_per_stage, mb, indices[-1])
             g = sum(c.grad_sync_s for c in costs) * (chunks if plan.grad_sync_every_micro_batch else 1)
             held = self.in_flight(plan.pipeline, pp, stage, chunks)
-            memory.append(held.stage_peak(_forward_order(body, part, stage == 0, stage == pp - 1)))
+            head_working = self.head_working_bytes(plan.embedding, plan.devices_per_stage, mb)
+            memory.append(held.stage_peak(_forward_order(body, part, stage == 0, stage == pp - 1, head_working)))
             bound.append(sum(int(held.layer_bytes(c.model_state_bytes, c.activation_bytes, c.grad_bytes, c.optimizer_temp_bytes))
                              for c in costs) + max(c.peak_extra_bytes for c in costs))
             busy.append(x)
@@ -359,11 +374,13 @@ class CostModel:
                           tuple(memory), tuple(int(b) for b in bound))
 
 
-def _forward_order(body: list[LayerCost], part: LayerCost, first_stage: bool, last_stage: bool) -> list[LayerCost]:
+def _forward_order(body: list[LayerCost], part: LayerCost, first_stage: bool, last_stage: bool,
+                   head_working_bytes: float) -> list[LayerCost]:
     """A stage's costs in forward order, for the memory walk: the embedding before the body layers, the head
     after them. A stage with both holds them as one unit: its states and activations count with the head,
-    whose backward runs first, and its transient (the unit's gradient sync) after the embedding's backward,
-    the last of the step."""
+    whose backward runs first with its own activation gradients, and its transient (the unit's gradient
+    sync) after the embedding's backward, the last of the step."""
     if first_stage and last_stage:
-        return [LayerCost(0.0, 0.0, 0.0, 0, 0, part.peak_extra_bytes), *body, dataclasses.replace(part, peak_extra_bytes=0)]
+        return [LayerCost(0.0, 0.0, 0.0, 0, 0, part.peak_extra_bytes), *body,
+                dataclasses.replace(part, peak_extra_bytes=int(head_working_bytes))]
     return ([part] if first_stage else []) + body + ([part] if last_stage else [])

@@ -23,7 +23,7 @@ import sympy
 from galvatron_fx.errors import ProfileError
 
 from .hardware import read_json
-from .memory import tp_activation_split
+from .memory import grad_working_bytes, tp_activation_split
 
 FORMAT = "galvatron_fx.model_profile/1"
 B, S = sympy.symbols("b s", positive=True)
@@ -101,12 +101,23 @@ class LayerTypeProfile:
     sp_activation_bytes_per_sample: dict[int, int] | None = None  # with Megatron-SP/Ulysses; None: total / tp
     fwd_flops_per_sample: int = 0
     bwd_flops_per_sample: int = 0
+    # TP degree → the activation gradients its backward holds net of the activations it has freed
+    # (cost/memory.py grad_working_bytes); None: not in the profile (Galvatron's files), counted as 0
+    grad_working_bytes_per_sample: dict[int, int] | None = None
 
     def activation_per_sample(self, tp: int, sequence_sharded: bool) -> float:
         table = self.sp_activation_bytes_per_sample if sequence_sharded and self.sp_activation_bytes_per_sample else None
         if table is None and sequence_sharded:
             return self._lookup(self.activation_bytes_per_sample, 1) / tp
         return self._lookup(table or self.activation_bytes_per_sample, tp)
+
+    def grad_working_per_sample(self, tp: int, sequence_sharded: bool) -> float:
+        """Backward's activation-gradient working set per sample on one of ``tp`` ranks (sequence-sharded:
+        every value is split, so tp 1's over ``tp``)."""
+        table = self.grad_working_bytes_per_sample
+        if not table:
+            return 0.0
+        return self._lookup(table, 1) / tp if sequence_sharded else self._lookup(table, tp)
 
     @staticmethod
     def _lookup(table: dict[int, int], tp: int) -> float:
@@ -125,11 +136,14 @@ class LayerTypeProfile:
             "ckpt_activation_bytes_per_sample": self.ckpt_activation_bytes_per_sample,
             "boundary_bytes_per_sample": self.boundary_bytes_per_sample, "num_heads": self.num_heads,
             "fwd_flops_per_sample": self.fwd_flops_per_sample, "bwd_flops_per_sample": self.bwd_flops_per_sample,
+            "grad_working_bytes_per_sample": ({str(k): v for k, v in self.grad_working_bytes_per_sample.items()}
+                                              if self.grad_working_bytes_per_sample else None),
         }
 
     @classmethod
     def from_json_dict(cls, data: dict[str, Any]) -> "LayerTypeProfile":
         sp = data.get("sp_activation_bytes_per_sample")
+        working = data.get("grad_working_bytes_per_sample")
         activation = {int(k): int(v) for k, v in data["activation_bytes_per_sample"].items()}
         if 1 not in activation:
             raise ValueError("activation_bytes_per_sample has no entry for tp 1")
@@ -141,6 +155,7 @@ class LayerTypeProfile:
             vocab_param_count=int(data.get("vocab_param_count", 0)),
             sp_activation_bytes_per_sample={int(k): int(v) for k, v in sp.items()} if sp else None,
             fwd_flops_per_sample=int(data.get("fwd_flops_per_sample", 0)), bwd_flops_per_sample=int(data.get("bwd_flops_per_sample", 0)),
+            grad_working_bytes_per_sample={int(k): int(v) for k, v in working.items()} if working else None,
         )
 
 
@@ -272,10 +287,11 @@ def layer_type_profile(program, layer, flops_per_s: float, heads: int, vocab: bo
     batch = program.batch_size
     stats = layer.stats
     replicated, sharded = tp_activation_split(program.graph_module, layer)
-    per_tp = {}
+    per_tp, working = {}, {}
     tp = 1
     while tp <= MAX_TP:
         per_tp[tp] = int((replicated + sharded / tp) / batch)
+        working[tp] = grad_working_bytes(program.graph_module, layer, tp) // batch
         tp *= 2
     outputs = [spec for spec in layer.boundary_out if spec.name in layer.output_names and spec.batched and spec.dtype.is_floating_point]
     hidden_bytes = max((spec.nbytes for spec in outputs), default=0) // batch
@@ -291,6 +307,7 @@ def layer_type_profile(program, layer, flops_per_s: float, heads: int, vocab: bo
         num_heads=heads,
         vocab_param_count=_vocab_params(program, layer) if vocab else 0,
         fwd_flops_per_sample=fwd_flops, bwd_flops_per_sample=bwd_flops,
+        grad_working_bytes_per_sample=working,
     )
 
 

@@ -242,6 +242,29 @@ def test_p2p_in_flight_and_unsupported(model):
     assert odd_seq.unsupported_reason("blk", S(tp=4, dp=2)) is None
 
 
+def test_backward_working_set_is_a_transient_of_its_layer():
+    plain, profile = CostModel(synthetic_profile(), uniform_hardware()), synthetic_profile()
+    profile.types["blk"].grad_working_bytes_per_sample = {1: 300, 2: 200}
+    profile.epilogue.grad_working_bytes_per_sample = {1: 5000}
+    working = CostModel(profile, uniform_hardware())
+    for strategy, per_sample in ((S(dp=8), 300), (S(tp=2, dp=4), 200), (S(tp=2, dp=4, sp="megatron"), 150),
+                                 (S(dp=8, ckpt=True), 300)):
+        a, b = plain.layer_cost("blk", strategy, 16), working.layer_cost("blk", strategy, 16)
+        assert b.peak_extra_bytes - a.peak_extra_bytes == per_sample * 16 // strategy.dp
+        assert b.activation_bytes == a.activation_bytes and b.model_state_bytes == a.model_state_bytes
+    # one stage: the head's backward runs first, while every activation is live, so its working set adds to
+    # the peak there; the embedding/head unit's budget carries the larger of the two parts'
+    plan = Plan(world_size=8, layers=[S(dp=8)] * 4, pp=1, chunks=1, global_batch=8192)   # activations outweigh Adam's step
+    before, after = plain.evaluate(plan), working.evaluate(plan)
+    assert after.memory_bytes_per_stage[0] - before.memory_bytes_per_stage[0] == 5000 * 1024
+    assert after.memory_bound_bytes_per_stage[0] - before.memory_bound_bytes_per_stage[0] == 5000 * 1024
+    # profiles keep the table; files without it (older ones, Galvatron's) load with none
+    data = profile.to_json_dict()
+    assert ModelProfile.from_json_dict(data).types["blk"].grad_working_bytes_per_sample == {1: 300, 2: 200}
+    del data["types"]["blk"]["grad_working_bytes_per_sample"]
+    assert ModelProfile.from_json_dict(data).types["blk"].grad_working_per_sample(2, False) == 0.0
+
+
 def test_embedding_and_head_with_vocab_tp(model):
     cost = model.embedding_cost(EmbeddingStrategy(vtp=2), 4, 8, first_stage=True, last_stage=True)
     assert cost.fwd_s == pytest.approx(4000 / BW + 5e-4 * 4 / 2)  # embedding all-reduce + head compute

@@ -5,7 +5,7 @@ import warnings
 import pytest
 
 from galvatron_fx import Cluster, capture
-from galvatron_fx.cost.memory import tp_activation_split
+from galvatron_fx.cost.memory import grad_working_bytes, tp_activation_split
 from galvatron_fx.cost.model import CostModel
 from galvatron_fx.cost.model_profile import ModelProfile
 from galvatron_fx.models import build_model
@@ -34,6 +34,23 @@ def test_graph_split_and_profile_shape(gpt2):
     assert block.boundary_bytes_per_sample == 32 * 64 * 4
     assert block.fwd(4, 32) == pytest.approx(program.body[0].stats.fwd_flops / Cluster.preset("A100-80GB").sustained_flops["fp32"])
     assert profile.prologue.vocab_param_count == 256 * 64 and profile.epilogue.vocab_param_count == 256 * 64
+
+
+def test_backward_working_set_is_per_sample_and_shards_under_tp(gpt2):
+    program, profile, _ = gpt2
+    block = program.body[0]
+    working = {tp: grad_working_bytes(program.graph_module, block, tp) for tp in (1, 2, 4)}
+    # the gradient the next layer hands back is live when the block's backward starts; the MLP's inner
+    # gradients are 4x wider, and Megatron TP splits them
+    assert working[1] >= 4 * 32 * 64 * 4
+    assert working[1] > working[2] > working[4] > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, kwargs = build_model("gpt2", batch=2, seq=32)
+        half = capture(model, example_kwargs=kwargs)
+    assert grad_working_bytes(half.graph_module, half.body[0]) * 2 == working[1]
+    assert profile.types[block.layer_type].grad_working_bytes_per_sample[2] == working[2] // 4
+    assert profile.epilogue.grad_working_per_sample(1, False) >= 32 * 256 * 4   # the logits' gradient
 
 
 def test_more_tp_less_memory_per_device(gpt2):
