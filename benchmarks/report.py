@@ -137,10 +137,10 @@ def search_speed_section(data: dict, folder: Path, rel) -> list[str]:
     if sweep:
         plot = folder / "search_speed.png"
         plot_search_speed(sweep, plot)
-        parts += ["| layers | devices | search s |", "| --- | --- | --- |"]
+        parts += ["| layers | devices | search s | outcome |", "| --- | --- | --- | --- |"]
         over = f"> {data['cap_s']:.0f} (cap)" if "cap_s" in data else "> cap"
-        parts += [f"| {r['layers']} | {r['devices']} | {over if r['search_s'] is None else format(r['search_s'], '.2f')} |"
-                  for r in sweep]
+        parts += [f"| {r['layers']} | {r['devices']} | {over if r['search_s'] is None else format(r['search_s'], '.2f')} "
+                  f"| {r.get('outcome', '')} |" for r in sweep]
         parts += ["", f"![search time]({rel(plot)})", ""]
     return parts
 

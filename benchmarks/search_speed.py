@@ -54,6 +54,15 @@ def _timed_search(cost_model, world, budget, space, cap_s):
         signal.alarm(0)
 
 
+def _outcome(plan) -> str:
+    """What a timed search ended with: a plan, the error naming the smallest budget, or the cap."""
+    if plan is None:
+        return "over the cap"
+    if isinstance(plan, str):
+        return "no plan fits: " + plan.split(";")[1].split(",")[0].strip() if ";" in plan else plan
+    return f"pp{plan.pp}, {plan.prediction.samples_per_s:.2f} samples/s"
+
+
 def _scaled(layers: int, nodes: int, per_node: int) -> CostModel:
     """LLaMA-2-7B's layer profile repeated ``layers`` times, on an A100-80GB preset cluster."""
     profile = load_model(FIXTURE)
@@ -97,19 +106,20 @@ def main() -> None:
     if not args.quick:
         rows = []
         for layers in (12, 24, 48, 96, 192):
-            seconds, _ = _timed_search(_scaled(layers, 1, 8), 8, "80GB", SearchSpace(global_batch=(64, 64, 1)), args.cap)
-            rows.append({"sweep": "layers", "layers": layers, "devices": 8, "search_s": seconds})
+            seconds, plan = _timed_search(_scaled(layers, 1, 8), 8, "80GB", SearchSpace(global_batch=(64, 64, 1)), args.cap)
+            rows.append({"sweep": "layers", "layers": layers, "devices": 8, "search_s": seconds, "outcome": _outcome(plan)})
         for nodes in (1, 4, 16, 64, 512):
-            seconds, _ = _timed_search(_scaled(32, nodes, 8), nodes * 8, "80GB",
-                                       SearchSpace(global_batch=(nodes * 64, nodes * 64, 1)), args.cap)
-            rows.append({"sweep": "devices", "layers": 32, "devices": nodes * 8, "search_s": seconds})
+            seconds, plan = _timed_search(_scaled(32, nodes, 8), nodes * 8, "80GB",
+                                          SearchSpace(global_batch=(nodes * 64, nodes * 64, 1)), args.cap)
+            rows.append({"sweep": "devices", "layers": 32, "devices": nodes * 8, "search_s": seconds, "outcome": _outcome(plan)})
         results["sweep"] = rows
         for sweep, title in (("layers", "search time against layers (8 devices, batch 64)"),
                              ("devices", "search time against devices (32 layers, batch 64 per node)")):
             print(title)
-            print(f"{'layers':>7} {'devices':>8} {'search s':>10}")
+            print(f"{'layers':>7} {'devices':>8} {'search s':>10}  outcome")
             for row in (r for r in rows if r["sweep"] == sweep):
-                print(f"{row['layers']:>7} {row['devices']:>8} {'> cap' if row['search_s'] is None else format(row['search_s'], '.2f'):>10}")
+                print(f"{row['layers']:>7} {row['devices']:>8} {'> cap' if row['search_s'] is None else format(row['search_s'], '.2f'):>10}"
+                      f"  {row['outcome']}")
 
     results["load_average_after"] = os.getloadavg()
     print(f"load average after: {os.getloadavg()[0]:.2f}")

@@ -8,7 +8,9 @@
    in-flight counts are nowhere lower than another's of the same (pp, batch, chunks) is skipped (same
    time, no less memory: GPipe next to 1F1B);
 2. a seeded plan (search_seed, priced by evaluate) for every setting that might win, so that the exact
-   pass starts from a near-optimal incumbent; then the exact pass, cut as soon as the bound cannot win;
+   pass starts from a near-optimal incumbent; then the exact pass, cut as soon as the bound cannot win,
+   and skipping each setting whose tighter bound (per stage, its own budget and in-flight count, over the
+   best division) cannot;
 3. per (devices per stage, micro-batch): one cost-model query per (layer type, strategy); strategies
    another of the same layout beats in every term are left out; identical layer runs share fronts;
 4. per stage: exact Pareto fronts over (memory, time, gradient sync) — search_front — whose points are
@@ -42,7 +44,7 @@ from galvatron_fx.errors import PlanError
 from galvatron_fx.plan import Plan
 from galvatron_fx.units import format_bytes, parse_bytes
 
-from .search_bound import RestBound
+from .search_bound import RestBound, StageBound, division_bound_s
 from .search_front import build_cost_table, folded, subset
 from .search_seed import seed_plan
 from .search_space import SearchSpace
@@ -87,6 +89,7 @@ class SearchEngine:
         self.uniform_tables: dict = {}
         self.folded_tables: dict = {}
         self.rest_bounds: dict = {}
+        self.stage_bounds: dict = {}
         self.solvers: dict = {}
         self.left_out: dict[str, set] = {}
         self.visited = 0
@@ -185,6 +188,32 @@ class SearchEngine:
         layers_s = float(np.max(rest - bound.lam * m_avail - 1e-9 * (np.abs(rest) + bound.lam * (2 * abs(m_avail) + 1))))
         return weight * (max(layers_s, 0.0) + emb_s) + 1e-30
 
+    def stage_time_lower_bound(self, pp: int, gb: int, c: int, k: tuple[int, ...], mode: str) -> float:
+        """A tighter bound than ``time_lower_bound``, for the settings the exact pass reaches: with stage ``s``
+        over layers ``[a, b)`` taking at least the Lagrangian bound of fitting them into its own budget with
+        its own in-flight count (search_bound ``StageBound``) plus its embedding/head part,
+        T >= Σ_s X_s + (c − 1)·max_s X_s over the best division; with one stage T = c·X + G exactly."""
+        mb = gb // c
+        table = self.tables[self.table_key(pp, c, mb, mode)]
+        if not all(table.useful[t].any() for t in self.types):
+            return np.inf
+        devices = self.world_size // pp
+        syncs = c if self.space.grad_sync_every_micro_batch else 1
+        if pp == 1:
+            table = self.folded_table(table, c)
+        best, spans_s = np.inf, {}   # middle stages have no part: their spans repeat across embeddings
+        for embedding in self.space.embedding_strategies(devices, mode):
+            spans = []
+            for s, part in enumerate(self.parts(devices, mb, pp, c, embedding, mode)):
+                key = (k[s], part.memory(k[s]) + part.peak_bytes)
+                if key not in spans_s:
+                    if (id(table), k[s]) not in self.stage_bounds:
+                        self.stage_bounds[id(table), k[s]] = StageBound(table, self.types, k[s])
+                    spans_s[key] = self.stage_bounds[id(table), k[s]].spans_s(self.budget - key[1])
+                spans.append(spans_s[key] + (c * part.x_s + syncs * part.g_s if pp == 1 else part.x_s))
+            best = min(best, division_bound_s(spans, 1 if pp == 1 else c))
+        return best * (1 - 1e-9) + 1e-30
+
     def parts(self, devices: int, mb: int, pp: int, c: int, embedding, mode: str) -> list[EmbeddingPart]:
         out, share = [], self.cost_model.busy_share(pp, c)
         for s in range(pp):
@@ -210,7 +239,8 @@ class SearchEngine:
             if upper <= self.best_throughput * (1 + 1e-12):
                 break   # sorted by upper bound: nothing later can win
             self.visited += 1
-            self.solve_setting(pp, gb, c, pipeline, k, mode)
+            if gb / self.stage_time_lower_bound(pp, gb, c, k, mode) > self.best_throughput * (1 + 1e-12):
+                self.solve_setting(pp, gb, c, pipeline, k, mode)
             if self.progress:
                 self.progress(done + 1, len(settings), self.best_throughput)
         if self.progress:

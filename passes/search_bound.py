@@ -40,19 +40,25 @@ def _hull_slopes(mem: np.ndarray, x: np.ndarray) -> np.ndarray:
     return np.array([(a[1] - b[1]) / (b[0] - a[0]) for a, b in zip(hull, hull[1:]) if b[1] < a[1]])
 
 
+def multipliers(table, types: tuple[str, ...], in_flight) -> np.ndarray:
+    """The λ of the Lagrangian bounds: 0, where the layers' exchange of time for memory bends, and a steep
+    one (a run that cannot fit at all gets a huge bound)."""
+    slopes = [np.zeros(1)]
+    for t in dict.fromkeys(types):
+        ok = table.useful[t]
+        if ok.any():
+            slopes.append(_hull_slopes(table.memory(t, in_flight)[ok], table.x[t][ok]))
+    lam = np.unique(np.concatenate(slopes))
+    if len(lam) > 96:   # any subset of multipliers is still a valid bound
+        lam = lam[np.unique(np.linspace(0, len(lam) - 1, 96).round().astype(int))]
+    return np.concatenate([lam, [lam[-1] * 1e3 + 1e-30]])
+
+
 class RestBound:
     """Per (table, in-flight count of the rest, cap set): the Lagrangian terms of each layer type."""
 
     def __init__(self, table, types: tuple[str, ...], in_flight, caps: np.ndarray, per_cap: bool):
-        slopes = [np.zeros(1)]
-        for t in dict.fromkeys(types):
-            ok = table.useful[t]
-            if ok.any():
-                slopes.append(_hull_slopes(table.memory(t, in_flight)[ok], table.x[t][ok]))
-        lam = np.unique(np.concatenate(slopes))
-        if len(lam) > 96:   # any subset of multipliers is still a valid bound
-            lam = lam[np.unique(np.linspace(0, len(lam) - 1, 96).round().astype(int))]
-        self.lam = np.concatenate([lam, [lam[-1] * 1e3 + 1e-30]])   # a steep one: rest cannot fit at all
+        self.lam = multipliers(table, types, in_flight)
         # phi[t][cap index, λ]: min_j x + λ·mem over the strategies allowed under that cap (all if not per_cap)
         self.phi = {}
         for t in dict.fromkeys(types):
@@ -106,3 +112,50 @@ def _envelope(slopes: np.ndarray, intercepts: np.ndarray):
     s, b = slopes[keep], intercepts[keep]
     breaks = (b[:-1] - b[1:]) / (s[1:] - s[:-1])
     return s, breaks, b
+
+
+class StageBound:
+    """Per (table, in-flight count): a lower bound on the seconds of a stage's body layers ``[a, b)`` whose
+    memory adds up to at most ``budget`` bytes, for every ``a < b`` at once (the Lagrangian bound above,
+    per span: max over λ of Σ_{a <= l < b} min_j (x_lj + λ·mem_lj) − λ·budget); inf where even the layers'
+    least memory exceeds the budget."""
+
+    _CELLS = 1 << 22   # spans × multipliers evaluated per block of start layers
+
+    def __init__(self, table, types: tuple[str, ...], in_flight):
+        self.lam = multipliers(table, types, in_flight)
+        phi = {}
+        for t in dict.fromkeys(types):
+            ok = table.useful[t]
+            phi[t] = ((table.x[t][ok][:, None] + table.memory(t, in_flight)[ok].astype(float)[:, None] * self.lam[None, :]).min(axis=0)
+                      if ok.any() else np.full(len(self.lam), np.inf))
+        self.prefix = np.concatenate([np.zeros((1, len(self.lam))), np.cumsum([phi[t] for t in types], axis=0)])
+        least = [table.memory(t, in_flight)[table.useful[t]].min(initial=np.iinfo(np.int64).max) for t in types]
+        self.least_bytes = np.concatenate([[0], np.cumsum(least, dtype=np.float64)])
+
+    def spans_s(self, budget: float) -> np.ndarray:
+        """[a, b] → the bound for layers [a, b) (inf where b <= a)."""
+        n = len(self.prefix)
+        out = np.full((n, n), np.inf)
+        block = max(1, self._CELLS // (n * len(self.lam)))
+        for lo in range(0, n - 1, block):
+            starts = self.prefix[lo:lo + block]
+            value = self.prefix[None, :, :] - starts[:, None, :] - self.lam * budget
+            # each line is a valid bound on its own; lower it by more than its rounding error
+            error = 1e-9 * (np.abs(self.prefix)[None] + np.abs(starts)[:, None] + self.lam * (2 * abs(budget) + 1))
+            out[lo:lo + block] = np.maximum((value - error).max(axis=2), 0.0)
+        out[self.least_bytes[None, :] - self.least_bytes[:, None] > budget] = np.inf
+        out[np.tril_indices(n)] = np.inf
+        return out
+
+
+def division_bound_s(spans: list[np.ndarray], chunks: int) -> float:
+    """A lower bound on  Σ_s X_s + (chunks − 1)·max_s X_s  over every division of the layers into
+    ``len(spans)`` non-empty stages, where stage ``s`` over ``[a, b)`` takes at least ``spans[s][a, b]``
+    seconds: the least sum over divisions plus (chunks − 1) × the least maximum (each a small dynamic
+    programme over stage ends; the two minima may come from different divisions, which only lowers it)."""
+    total, slowest = spans[0][0].copy(), spans[0][0].copy()
+    for span in spans[1:]:
+        total = np.min(total[:, None] + span, axis=0)
+        slowest = np.min(np.maximum(slowest[:, None], span), axis=0)
+    return float(total[-1] + ((chunks - 1) * slowest[-1] if chunks > 1 else 0.0))   # 0 · inf is NaN

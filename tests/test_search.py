@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from galvatron_fx.errors import PlanError
-from galvatron_fx.passes.search import search
+from galvatron_fx.passes.search import SearchEngine, search
+from galvatron_fx.passes.search_bound import division_bound_s
 from galvatron_fx.passes.search_brute import all_plans, brute_force_search
 from galvatron_fx.cost.memory import InFlight
 from galvatron_fx.passes.search_front import pareto_indices
@@ -249,6 +250,44 @@ def test_world_size_no_plan_can_use():
     model = ToyCostModel(["a", "a"], seed=1)
     with pytest.raises(PlanError, match="not divisible by any dp"):
         search(model, 3, 10**12, SearchSpace(global_batch=(4, 4, 1)))
+
+
+@pytest.mark.parametrize("types,world,seed,quantile,space", [
+    (["a", "a", "a"], 4, 0, 0.3, _space(chunks=(1, 2))),
+    (["a", "a", "b", "b", "a"], 2, 2, 0.2, _space(dp_types=("zero3",), disable_embed_sdp=True, chunks=(2, 4))),
+    (["b", "a", "a"], 4, 15, 0.65, _space(global_batch=(4, 8, 4), chunks=(2, 4), disable_vsp=False, sp_types=("megatron",), max_tp=2)),
+])
+def test_stage_bound_never_exceeds_a_fitting_plans_time(types, world, seed, quantile, space):
+    """The exact pass skips a setting on its per-stage bound: no plan of the setting that fits may be faster
+    (checked against every plan), and it is never looser than the pooled bound that orders the settings."""
+    model = ToyCostModel(types, seed=seed, heads={"b": 2})
+    budget = _budget_between(model, world, space, quantile)
+    engine = SearchEngine(model, world, budget, space, None)
+    plans = [(plan, model.evaluate(plan)) for plan in all_plans(model, world, space)]
+    checked = 0
+    for upper, pp, gb, c, _, k, mode in engine.settings():
+        devices = world // pp
+        layers, embeddings = set(space.layer_strategies(devices, mode)), set(space.embedding_strategies(devices, mode))
+        bound_s = engine.stage_time_lower_bound(pp, gb, c, k, mode)
+        assert gb / bound_s <= upper * (1 + 1e-6)   # both keep a relative slack against rounding
+        for plan, prediction in plans:
+            if ((plan.pp, plan.global_batch, plan.chunks) == (pp, gb, c) and set(plan.layers) <= layers
+                    and plan.embedding in embeddings and prediction.budgeted_bytes <= budget
+                    and tuple(model.in_flight(plan.pipeline, pp, s, c) for s in range(pp)) == k):
+                assert bound_s <= prediction.iteration_time_s * (1 + 1e-9), plan
+                checked += 1
+    assert checked > 0
+
+
+def test_division_bound_takes_the_least_sum_and_the_least_slowest_stage():
+    inf = np.inf
+    # 3 layers, 2 stages: [a, b] → seconds of a stage over layers [a, b)
+    first = np.array([[inf, 1, 5, 9], [inf] * 4, [inf] * 4, [inf] * 4])
+    second = np.array([[inf] * 4, [inf, inf, 4, 6], [inf, inf, inf, 3], [inf] * 4])
+    # divisions: [0,1)+[1,3) = 1 + 6 (slowest 6), [0,2)+[2,3) = 5 + 3 (slowest 5)
+    assert division_bound_s([first, second], chunks=1) == 7
+    assert division_bound_s([first, second], chunks=4) == 7 + 3 * 5
+    assert division_bound_s([first[:, [0, 1, 2, 3]]], chunks=1) == 9
 
 
 def test_pareto_indices_matches_definition():
