@@ -16,8 +16,14 @@ memory and the run's own cap). ``H`` is bounded from below by its Lagrangian rel
 Redistribution and p2p are left out (both >= 0), and other stages'
 in-flight counts are taken at their least: every relaxation only lowers the bound.
 
+A whole setting is bounded the same way stage by stage (``StageBound``, ``division_bound_s``): stage ``s``
+over layers ``[a, b)`` takes at least H of those layers in its own budget with its own in-flight count
+(infinite where their least memory does not fit), and the iteration at least the least Σ_s + (c − 1)·the
+least max_s of those over divisions.
+
 requires: a CostTable (search_front), non-negative terms.
-ensures:  ``RestBound.promising`` never drops a point that some plan beating ``bound_s`` extends.
+ensures:  ``RestBound.promising`` never drops a point that some plan beating ``bound_s`` extends;
+          ``division_bound_s`` over ``StageBound`` spans never exceeds a fitting plan's time.
 """
 
 from __future__ import annotations
