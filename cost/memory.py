@@ -30,6 +30,7 @@ step: this is the analytic scaling the cost model uses until measured per-TP act
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -143,8 +144,8 @@ def _tp_sharded_nodes(graph_module: fx.GraphModule, layer: Layer) -> set[str]:
     for name in layer.node_names:
         node = nodes[name]
         any_sharded = any(n.name in sharded for n in node.all_input_nodes if n.op != "get_attr")
-        has_weight = any(_is_param(graph_module, n) for n in node.all_input_nodes)
-        if (not any_sharded) if node.target in _LINEAR_OPS and has_weight else any_sharded:
+        projection = node.target in _LINEAR_OPS and any(_is_param(graph_module, n) for n in node.all_input_nodes)
+        if any_sharded != projection:   # a projection flips its input's state, any other op keeps it
             sharded.add(name)
     return sharded
 
@@ -205,31 +206,25 @@ def grad_working_bytes(graph_module: fx.GraphModule, layer: Layer, tp: int = 1) 
         info = node.meta.get(META_KEY)
         if info is None or info.shape is None or info.dtype is None:
             return 0.0
-        numel = 1
-        for size in info.shape:
-            numel *= size
-        return numel * info.dtype.itemsize / (tp if node.name in sharded else 1)
+        return math.prod(info.shape) * info.dtype.itemsize / (tp if node.name in sharded else 1)
 
     live = {name: grad_bytes(nodes[name]) for name in layer.node_names
             if name in needs_grad and any(user.name not in in_layer for user in nodes[name].users)}
-    peak = total = sum(live.values())
+    peak = sum(live.values())
     freed = 0
     for name in reversed(layer.node_names):
         node = nodes[name]
         grad = live.pop(name, None)
         if grad is None:
             continue   # no gradient reaches it
-        total -= grad
         inputs = [i for i in dict.fromkeys(node.all_input_nodes) if i.name in needs_grad and i.op != "get_attr"]
         if _passes_gradient_through(node):
             for i in inputs[:1]:
                 live[i.name] = live.get(i.name, 0.0) + grad
-                total += grad
             continue
         new = {i.name: grad_bytes(i) for i in inputs if i.name not in live}
-        peak = max(peak, total + grad + sum(new.values()) - freed)
+        peak = max(peak, sum(live.values()) + grad + sum(new.values()) - freed)
         live.update(new)
-        total += sum(new.values())
         info = node.meta.get(META_KEY)
         freed += info.saved_bytes if info is not None else 0
     return int(max(peak, 0))

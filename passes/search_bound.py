@@ -60,6 +60,13 @@ def multipliers(table, types: tuple[str, ...], in_flight) -> np.ndarray:
     return np.concatenate([lam, [lam[-1] * 1e3 + 1e-30]])
 
 
+def _cheapest(x: np.ndarray, mem: np.ndarray, ok: np.ndarray, lam: np.ndarray) -> np.ndarray:
+    """Per λ: min over the strategies ``ok`` of x + λ·mem (inf if none)."""
+    if not ok.any():
+        return np.full(len(lam), np.inf)
+    return (x[ok][:, None] + mem[ok].astype(float)[:, None] * lam[None, :]).min(axis=0)
+
+
 class RestBound:
     """Per (table, in-flight count of the rest, cap set): the Lagrangian terms of each layer type."""
 
@@ -68,13 +75,9 @@ class RestBound:
         # phi[t][cap index, λ]: min_j x + λ·mem over the strategies allowed under that cap (all if not per_cap)
         self.phi = {}
         for t in dict.fromkeys(types):
-            mem, x = table.memory(t, in_flight).astype(float), table.x[t]
-            rows = []
-            for cap in (caps if per_cap else caps[-1:]):
-                ok = table.useful[t] & (table.peak[t] <= cap)
-                rows.append((x[ok][:, None] + mem[ok][:, None] * self.lam[None, :]).min(axis=0) if ok.any()
-                            else np.full(len(self.lam), np.inf))
-            self.phi[t] = np.array(rows)
+            mem = table.memory(t, in_flight)
+            self.phi[t] = np.array([_cheapest(table.x[t], mem, table.useful[t] & (table.peak[t] <= cap), self.lam)
+                                    for cap in (caps if per_cap else caps[-1:])])
         self.per_cap = per_cap
         self.total = sum(self.phi[t] for t in types)
 
@@ -130,11 +133,7 @@ class StageBound:
 
     def __init__(self, table, types: tuple[str, ...], in_flight):
         self.lam = multipliers(table, types, in_flight)
-        phi = {}
-        for t in dict.fromkeys(types):
-            ok = table.useful[t]
-            phi[t] = ((table.x[t][ok][:, None] + table.memory(t, in_flight)[ok].astype(float)[:, None] * self.lam[None, :]).min(axis=0)
-                      if ok.any() else np.full(len(self.lam), np.inf))
+        phi = {t: _cheapest(table.x[t], table.memory(t, in_flight), table.useful[t], self.lam) for t in dict.fromkeys(types)}
         self.prefix = np.concatenate([np.zeros((1, len(self.lam))), np.cumsum([phi[t] for t in types], axis=0)])
         least = [table.memory(t, in_flight)[table.useful[t]].min(initial=np.iinfo(np.int64).max) for t in types]
         self.least_bytes = np.concatenate([[0], np.cumsum(least, dtype=np.float64)])

@@ -287,7 +287,7 @@ def test_division_bound_takes_the_least_sum_and_the_least_slowest_stage():
     # divisions: [0,1)+[1,3) = 1 + 6 (slowest 6), [0,2)+[2,3) = 5 + 3 (slowest 5)
     assert division_bound_s([first, second], chunks=1) == 7
     assert division_bound_s([first, second], chunks=4) == 7 + 3 * 5
-    assert division_bound_s([first[:, [0, 1, 2, 3]]], chunks=1) == 9
+    assert division_bound_s([first], chunks=1) == 9
 
 
 def test_pareto_indices_matches_definition():
