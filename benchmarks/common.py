@@ -41,7 +41,7 @@ SHAPES = {
 }
 
 
-def build_model(name: str, shape: str = "bench", batch: int = 8, seed: int = 0, seq: int | None = None):
+def build_model(name: str, shape: str = "bench", batch: int = 8, seq: int | None = None, *, seed: int = 0):
     """``(model, batch kwargs)`` for ``gpt2``, ``bert`` or ``llama`` at a SHAPES entry, fp32, dropout 0,
     fixed weights (``torch.manual_seed(0)``) and a fixed batch drawn from ``seed``."""
     import transformers

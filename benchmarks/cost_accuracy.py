@@ -16,13 +16,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import subprocess
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,7 +31,7 @@ if __package__ in (None, ""):
 import numpy as np
 import torch
 
-from benchmarks.common import (RESULTS, SHAPES, build_model, command_line, device_peak_flops, median, mfu,
+from benchmarks.common import (RESULTS, SHAPES, backend, build_model, command_line, device_peak_flops, median, mfu,
                                model_flops_per_sample, peak_step_bytes, print_table, spawn, time_steps,
                                training_state, write_json)
 from galvatron_fx.plan import LayerStrategy, Plan
@@ -182,21 +183,26 @@ def hardware_profile(world: int, folder: Path, source: str, reprofile: bool):
     return HardwareProfile.load(path)
 
 
-def model_profile(name: str, shape: str, folder: Path, reprofile: bool, repeats: int = 10):
-    """The measured model profile (layer types timed here, one thread, as each rank runs)."""
+def model_profile(name: str, shape: str, folder: Path, reprofile: bool, worlds: Sequence[int], repeats: int = 10):
+    """The measured model profile: layer types timed here, one thread, as each rank runs; and timed in place
+    on each of ``worlds`` processes (cost/in_place_profiler.py)."""
+    from galvatron_fx.cost.in_place_profiler import measure_in_place
     from galvatron_fx.cost.layer_profiler import profile_model
     from galvatron_fx.cost.model_profile import ModelProfile
 
     path = folder / f"model_profile_{name}_{shape}.json"
+    build = functools.partial(build_model, name, shape)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     if reprofile or not path.exists():
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            profile = profile_model(lambda b, s: build_model(name, shape, b, seq=s), batches=(2, 4, 8),
-                                    seqs=(SHAPES[shape]["seq"],), repeats=repeats, progress=False, name=name,
-                                    device="cuda" if torch.cuda.is_available() else "cpu")
+            profile = profile_model(build, batches=(2, 4, 8), seqs=(SHAPES[shape]["seq"],), repeats=repeats, progress=False,
+                                    name=name, device=device)
         torch.set_num_threads(threads)
+        for world in worlds:
+            measure_in_place(profile, build, world, repeats=repeats, backend=backend(), progress=False)
         profile.save(path)
     return ModelProfile.load(path)
 
@@ -258,7 +264,7 @@ def main(argv=None) -> dict:
     previous = {(r["model"], r["world"], r["plan"]): r for r in json.loads(Path(args.predict_only).read_text())["rows"]} \
         if args.predict_only else None
     for model_name in args.models.split(","):
-        profile = model_profile(model_name, args.shape, folder, args.reprofile)
+        profile = model_profile(model_name, args.shape, folder, args.reprofile, worlds)
         flops_per_step = model_flops_per_sample(profile) * GLOBAL_BATCH
         for world in worlds:
             cases = plans(world, len(profile.layer_types), model_name)[:args.max_plans]

@@ -137,7 +137,7 @@ def main(argv=None) -> dict:
 
     folder = Path(args.out)
     world, gb = args.world, args.global_batch
-    profile = model_profile(MODEL, args.shape, folder, reprofile=args.reprofile)
+    profile = model_profile(MODEL, args.shape, folder, args.reprofile, [world])
     cost = CostModel(profile, hardware_profile(world, folder, args.hardware, reprofile=args.reprofile))
     layers = len(profile.layer_types)
     searched = searched_plan(cost, world, layers, gb, args.memory_budget)

@@ -11,7 +11,10 @@ Terms of one layer, for a micro-batch of ``mb`` samples on a stage (each of the 
   1 + (compute_slowdown − 1) · busy_share.
 - TP collectives on the hidden state ``h`` = boundary bytes × ``mb / dp``: Megatron 2 all-reduces in
   forward and 2 in backward; Megatron-SP 2 all-gathers + 2 reduce-scatters each way; Ulysses 4
-  all-to-alls of ``h / tp`` each way (q, k, v in, output back).
+  all-to-alls of ``h / tp`` each way (q, k, v in, output back). Where the profile timed the lowered
+  layer (Megatron TP) on every rank of this world (``LayerTypeProfile.in_place_times``), that one figure replaces
+  the layer's compute and collectives: it holds the contention and the waits for peers that processes
+  sharing cores add. The same goes for every layer, the embedding and the head at TP 1 (no vocab TP).
 - gradient sync over the ``dp`` group on the device's gradient bytes: DDP all-reduce (buckets span layers:
   a layer pays its share of a bucket's latency); ZeRO-2 reduce-scatter plus the all-gather of updated
   parameters; ZeRO-3 reduce-scatter, and a parameter all-gather in forward and again in backward.
@@ -48,7 +51,7 @@ from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan, Prediction
 from .hardware import BLOCKING_PROBE_COMPUTE_S, HardwareProfile
 from .layouts import data_split, layout_of, move_key, move_plan, piece_area, piece_intersection, rank_pieces
 from .memory import DTYPE_BYTES, GRAD_BUCKET_CAP_BYTES, STATE_BYTES_PER_PARAM, InFlight, check_precision, model_state_split
-from .model_profile import ModelProfile, TimeFormula
+from .model_profile import LayerTypeProfile, ModelProfile, TimeFormula
 
 
 @dataclass(frozen=True)
@@ -116,15 +119,18 @@ class CostModel:
         sharded_seq = strategy.sp != "none"
         fwd_compute = self._compute_s(profile.fwd, local, strategy.tp, busy_share)
         bwd_compute = self._compute_s(profile.bwd, local, strategy.tp, busy_share)
-        hidden_bytes = profile.boundary_bytes_per_sample * local * self.activation_scale
-        tp_fwd, tp_bwd = (self._tp_comm_s(strategy, hidden_bytes, compute) for compute in (fwd_compute, bwd_compute))
+        # the layer's own time, compute and TP collectives: timed in place where the profile has it
+        own = self._in_place_s(profile, strategy.tp, local, busy_share) if strategy.tp == 1 or strategy.sp == "none" else None
+        if own is None:
+            hidden_bytes = profile.boundary_bytes_per_sample * local * self.activation_scale
+            own = tuple(compute + self._tp_comm_s(strategy, hidden_bytes, compute) for compute in (fwd_compute, bwd_compute))
         params = profile.param_count if strategy.sp == "ulysses" else profile.param_count / strategy.tp
         gather_s, sync_s, transient_bytes = self._dp_comm(params, strategy.dp, strategy.dp_type, not strategy.tp_consecutive or strategy.tp == 1,
                                                           (fwd_compute, bwd_compute))
-        fwd_s = fwd_compute + tp_fwd + self._visible(gather_s, fwd_compute, strategy.dp_type)
-        bwd_s = bwd_compute + tp_bwd + self._visible(gather_s, bwd_compute, strategy.dp_type)
+        fwd_s = own[0] + self._visible(gather_s, fwd_compute, strategy.dp_type)
+        bwd_s = own[1] + self._visible(gather_s, bwd_compute, strategy.dp_type)
         if strategy.ckpt:
-            bwd_s += fwd_compute + tp_fwd
+            bwd_s += own[0]
         full_activation = profile.activation_per_sample(strategy.tp, sharded_seq) * local * self.activation_scale
         if strategy.ckpt:
             kept = profile.ckpt_activation_bytes_per_sample * local * self.activation_scale / (strategy.tp if sharded_seq else 1)
@@ -151,6 +157,19 @@ class CostModel:
         """One optimizer step over the parameters this device updates (a ZeRO shard, or all of them)."""
         updated = params / dp if dp_type in ("zero2", "zero3") else params
         return updated * self.hardware.optimizer_s_per_param
+
+    def _in_place_s(self, part: LayerTypeProfile, tp: int, local: float, busy_share: float) -> tuple[float, float] | None:
+        """(forward, backward) seconds of ``part`` on one of ``tp`` Megatron-TP ranks at ``local`` samples per
+        TP group, where the profile timed the lowered layer on every rank of this world at once
+        (cost/in_place_profiler.py): compute, contention, collectives and the waits between them in one
+        figure; None where it did not. The figure was taken with every rank computing; a pipeline's ranks
+        compute for their ``busy_share`` only, so it is rescaled to the contention that share leaves, as
+        ``_compute_s`` rescales one process's times."""
+        times = part.in_place_times.get(self.hardware.world_size, {}).get(tp) if self.model.mode == "measured" else None
+        if times is None:
+            return None
+        scale = self.time_scale * (1.0 + (self.compute_slowdown - 1.0) * busy_share) / self.compute_slowdown
+        return times[0](local, self.seq) * scale, times[1](local, self.seq) * scale
 
     def _tp_comm_s(self, strategy: LayerStrategy, hidden_bytes: float, compute_s: float | None = None) -> float:
         """TP/SP/Ulysses collectives of one direction (forward or backward) of one layer, whose ``compute_s``
@@ -241,8 +260,11 @@ class CostModel:
         parts = [part for part, wanted in ((self.model.prologue, first_stage), (self.model.epilogue, last_stage)) if wanted]
         if not parts:
             return LayerCost(0.0, 0.0, 0.0, 0, 0, 0)
-        fwd_compute = sum(self._compute_s(part.fwd, local, vtp, busy_share) for part in parts)
-        bwd_parts = [self._compute_s(part.bwd, local, vtp, busy_share) for part in parts]
+        own = [self._in_place_s(part, 1, local, busy_share) if vtp == 1 else None for part in parts]
+        own = [times or (self._compute_s(part.fwd, local, vtp, busy_share), self._compute_s(part.bwd, local, vtp, busy_share))
+               for part, times in zip(parts, own)]
+        fwd_compute = sum(fwd for fwd, _ in own)
+        bwd_parts = [bwd for _, bwd in own]
         bwd_compute = sum(bwd_parts)
         # vtp splits the vocabulary-sized weights; a tied embedding/head weight lives once on a stage with both
         tied = self.model.tied_param_count if first_stage and last_stage else 0

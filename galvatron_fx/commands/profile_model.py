@@ -6,6 +6,7 @@ that is not at hand."""
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 import warnings
 from pathlib import Path
@@ -24,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="analytic mode: training precision to price")
     parser.add_argument("--device", default="cpu", help='measured mode: where to run the layers ("cpu", "cuda", "cuda:1")')
     parser.add_argument("--repeats", type=int, default=3, help="measured mode: timed repetitions (median taken)")
+    parser.add_argument("--in-place", default="", metavar="N[,N...]",
+                        help="measured mode: also time each layer type on N processes at once, per TP degree "
+                             "(collectives and contention included), for plans on N devices of this machine")
     parser.add_argument("--out", default="model_profile.json", help="where to write the profile")
     parser.add_argument("--no-progress", action="store_true", help="no progress display")
 
@@ -41,16 +45,25 @@ def _ints(text: str, option: str) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     from galvatron_fx.capture import capture
     from galvatron_fx.cluster import Cluster
+    from galvatron_fx.cost.in_place_profiler import measure_in_place
     from galvatron_fx.cost.layer_profiler import profile_model
+    from galvatron_fx.runtime.groups import default_backend
     from galvatron_fx.cost.model_profile import ModelProfile
 
     batches, seqs = _ints(args.batches, "--batches"), _ints(args.seqs, "--seqs")
+    in_place_worlds = _ints(args.in_place, "--in-place") if args.in_place else []
+    if in_place_worlds and args.mode != "measured":
+        raise ConfigError("--in-place times layers here, which analytic mode does not", "drop --in-place, or use --mode measured")
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if args.mode == "measured":
-            profile = profile_model(lambda b, s: build_model(args.model, size=args.size, batch=b, seq=s), batches, seqs,
-                                    device=args.device, repeats=args.repeats, progress=not args.no_progress, name=args.model)
+            build = functools.partial(build_model, args.model, args.size)
+            profile = profile_model(build, batches, seqs, device=args.device, repeats=args.repeats,
+                                    progress=not args.no_progress, name=args.model)
+            for world in in_place_worlds:
+                measure_in_place(profile, build, world, repeats=args.repeats, backend=default_backend(),
+                                 progress=not args.no_progress)
         else:
             cluster = Cluster.load(args.cluster) if Path(args.cluster).suffix == ".json" else Cluster.preset(args.cluster)
             model, kwargs = build_model(args.model, size=args.size, batch=max(min(batches), 2), seq=max(seqs))
@@ -65,4 +78,6 @@ def run(args: argparse.Namespace) -> int:
     for name, layer in profile.types.items():
         print(f"  {name:<20} fwd {layer.fwd.expr}  bwd {layer.bwd.expr}  params {layer.param_count}  "
               f"act/sample {layer.activation_bytes_per_sample[1]} B")
+        for world, by_tp in layer.in_place_times.items():
+            print("    in place on {} processes: {}".format(world, "; ".join(f"tp {tp} fwd {fwd.expr} bwd {bwd.expr}" for tp, (fwd, bwd) in by_tp.items())))
     return 0

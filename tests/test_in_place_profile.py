@@ -1,0 +1,110 @@
+"""Layers timed in place (cost/in_place_profiler.py): the profiler on gloo processes, the JSON, and how the
+cost model prices a layer, the embedding and the head with those times."""
+
+import dataclasses
+import functools
+import warnings
+
+import pytest
+
+from galvatron_fx.capture import capture
+from galvatron_fx.cost.in_place_profiler import measure_in_place, tp_degrees
+from galvatron_fx.cost.model import CostModel
+from galvatron_fx.cost.model_profile import ModelProfile, TimeFormula
+from galvatron_fx.errors import ProfileError
+from galvatron_fx.models import build_model
+from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy as S
+
+from test_cost_model import per_sample, synthetic_profile, uniform_hardware
+
+BLOCK = {1: (per_sample(3e-3), per_sample(5e-3)), 2: (per_sample(4e-3), per_sample(7e-3))}
+HEAD = {1: (per_sample(2e-3), per_sample(6e-3))}
+
+
+def _hardware(world: int, slowdown: float):
+    return dataclasses.replace(uniform_hardware(world), compute_slowdown=slowdown)
+
+
+def _in_place_model(world: int = 8, slowdown: float = 2.0, mode: str = "measured") -> CostModel:
+    """The synthetic profile with in-place times taken on 8 processes."""
+    profile = synthetic_profile()
+    block = dataclasses.replace(profile.types["blk"], in_place_times={8: BLOCK})
+    epilogue = dataclasses.replace(profile.epilogue, in_place_times={8: HEAD})
+    profile = dataclasses.replace(profile, types={"blk": block}, epilogue=epilogue, mode=mode)
+    return CostModel(profile, _hardware(world, slowdown))
+
+
+def test_in_place_times_replace_a_layers_compute_and_tp_collectives():
+    model = _in_place_model()
+    tp2 = model.layer_cost("blk", S(tp=2, dp=4), micro_batch=16)  # 4 samples per TP group
+    assert (tp2.fwd_s, tp2.bwd_s) == pytest.approx((16e-3, 28e-3))
+    dp = model.layer_cost("blk", S(tp=1, dp=8), micro_batch=16)  # 2 samples per rank
+    assert (dp.fwd_s, dp.bwd_s) == pytest.approx((6e-3, 10e-3))
+    checkpointed = model.layer_cost("blk", S(tp=2, dp=4, ckpt=True), micro_batch=16)
+    assert checkpointed.bwd_s == pytest.approx(28e-3 + 16e-3)  # the forward again, collectives included
+    # taken with every rank computing: a pipeline's idle share lessens the contention in them, as in _compute_s
+    piped = model.layer_cost("blk", S(tp=2, dp=4), micro_batch=16, busy_share=0.5)
+    assert piped.fwd_s == pytest.approx(16e-3 * (1 + 0.5) / 2)
+
+
+def test_layers_without_an_in_place_time_keep_the_composed_terms():
+    composed = CostModel(synthetic_profile(), _hardware(8, 2.0))
+    for strategy in (S(tp=4, dp=2), S(tp=2, dp=4, sp="megatron")):  # no time for tp 4; SP is not what was timed
+        assert _in_place_model().layer_cost("blk", strategy, 16) == composed.layer_cost("blk", strategy, 16)
+    on_four = CostModel(synthetic_profile(), _hardware(4, 2.0))  # timed on 8 processes only
+    assert _in_place_model(world=4).layer_cost("blk", S(tp=2, dp=2), 16) == on_four.layer_cost("blk", S(tp=2, dp=2), 16)
+    analytic = dataclasses.replace(synthetic_profile(), mode="analytic")  # only measured profiles hold them
+    assert _in_place_model(mode="analytic").layer_cost("blk", S(tp=2, dp=4), 16) == \
+        CostModel(analytic, _hardware(8, 2.0)).layer_cost("blk", S(tp=2, dp=4), 16)
+
+
+def test_the_head_uses_its_in_place_time_without_vocab_tp():
+    model = _in_place_model()
+    head = model.embedding_cost(EmbeddingStrategy(), 8, 16, first_stage=False, last_stage=True)
+    assert (head.fwd_s, head.bwd_s) == pytest.approx((4e-3, 12e-3))  # 2 samples per rank
+    composed = CostModel(synthetic_profile(), _hardware(8, 2.0))  # vocab TP was not timed in place
+    vocab_tp = EmbeddingStrategy(vtp=2)
+    assert model.embedding_cost(vocab_tp, 8, 16, first_stage=False, last_stage=True) == \
+        composed.embedding_cost(vocab_tp, 8, 16, first_stage=False, last_stage=True)
+
+
+def test_in_place_times_survive_json_and_older_files_load_without_them(tmp_path):
+    profile = _in_place_model().model
+    path = tmp_path / "profile.json"
+    profile.save(path)
+    loaded = ModelProfile.load(path)
+    assert loaded.types["blk"].in_place_times == {8: BLOCK} and loaded.epilogue.in_place_times == {8: HEAD}
+    assert loaded.prologue.in_place_times == {}
+    text = path.read_text().replace('"in_place_times"', '"unused_key"')
+    path.write_text(text)
+    assert ModelProfile.load(path).types["blk"].in_place_times == {}
+
+
+def test_tp_degrees_divide_the_world_and_the_heads():
+    assert tp_degrees(4, 12) == [1, 2, 4]
+    assert tp_degrees(8, 6) == [1, 2]
+    assert tp_degrees(6, 0) == [1, 2]
+    assert tp_degrees(1, 12) == [1]
+
+
+def test_profiler_times_each_degree_on_gloo_processes():
+    """Two processes time GPT-2's block at TP 1 and 2, and the embedding and head at TP 1; each fit runs
+    through the slowest rank's two points, at the samples a TP group runs."""
+    build = functools.partial(build_model, "gpt2", "small")
+    model, kwargs = build(2, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        profile = ModelProfile.from_program(capture(model, example_kwargs=kwargs), flops_per_s=1e12)
+    measure_in_place(profile, build, 2, samples_per_rank=(2, 4), warmup=1, repeats=1, progress=False)
+    block_type = profile.layer_types[0]
+    block = profile.types[block_type]
+    assert set(block.in_place_times) == {2} and set(block.in_place_times[2]) == {1, 2}
+    assert set(profile.prologue.in_place_times[2]) == set(profile.epilogue.in_place_times[2]) == {1}
+    points = profile.extra["in_place_measurements"]["2"][block_type]
+    assert [p[0] for p in points["1"]] == [2, 4] and [p[0] for p in points["2"]] == [4, 8]
+    for tp, (fwd, bwd) in block.in_place_times[2].items():
+        for samples, seq, fwd_s, bwd_s in points[str(tp)]:
+            assert seq == profile.seq_length and fwd_s > 0 and bwd_s > 0
+            assert fwd(samples, seq) == pytest.approx(fwd_s, rel=0.5) and bwd(samples, seq) == pytest.approx(bwd_s, rel=0.5)
+    with pytest.raises(ProfileError, match="two sizes"):
+        measure_in_place(profile, build, 2, samples_per_rank=(2, 2))
