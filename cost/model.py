@@ -7,14 +7,14 @@ Terms of one layer, for a micro-batch of ``mb`` samples on a stage (each of the 
   checkpointing adds the forward (compute and TP collectives) again to the backward. A measured profile
   was timed on one process: where processes share CPU cores they compute slower together than alone, by
   the hardware's ``compute_slowdown`` when every rank computes. A pipeline's ranks compute only for their
-  ``busy_share`` = c / (c + pp − 1) of the step (the rest is bubble), so the slowdown is
-  1 + (compute_slowdown − 1) · busy_share.
+  ``busy_share`` = c / (c + pp − 1) of the step (the rest is bubble): that share of the ranks computes at
+  once on average and shares the cores, so the slowdown is max(1, compute_slowdown · busy_share).
 - TP collectives on the hidden state ``h`` = boundary bytes × ``mb / dp``: Megatron 2 all-reduces in
   forward and 2 in backward; Megatron-SP 2 all-gathers + 2 reduce-scatters each way; Ulysses 4
   all-to-alls of ``h / tp`` each way (q, k, v in, output back). Where the profile timed the lowered
-  layer (Megatron TP) on every rank of this world (``LayerTypeProfile.in_place_times``), that one figure replaces
-  the layer's compute and collectives: it holds the contention and the waits for peers that processes
-  sharing cores add. The same goes for every layer, the embedding and the head at TP 1 (no vocab TP).
+  layer on every rank of this world at once (``LayerTypeProfile.in_place_times``: Megatron TP, or none,
+  the embedding and the head without vocab TP), that one figure replaces the layer's compute and
+  collectives: it holds the contention and the waits for peers that processes sharing cores add.
 - gradient sync over the ``dp`` group on the device's gradient bytes: DDP all-reduce (buckets span layers:
   a layer pays its share of a bucket's latency); ZeRO-2 reduce-scatter plus the all-gather of updated
   parameters; ZeRO-3 reduce-scatter, and a parameter all-gather in forward and again in backward.
@@ -23,7 +23,9 @@ Terms of one layer, for a micro-batch of ``mb`` samples on a stage (each of the 
   ``overlap_slowdown − 1`` of itself.
 - optimizer step: the parameters the device updates (its ZeRO shard) × the hardware's measured
   ``optimizer_s_per_param``; it follows the gradient sync, so it is counted in ``grad_sync_s`` (0 for
-  profiles without the figure: presets and Galvatron's files).
+  profiles without the figure: presets and Galvatron's files). So are the step's blocking collectives
+  after it: the loss all-reduce over the world, and a tied embedding/head gradient between a pipeline's
+  first and last stages.
 - memory: model states (cost/memory.py: 16 bytes/param fp32, 18 bf16 mixed; ZeRO shards), the
   activations one micro-batch keeps (the layer's inputs only, if checkpointed), by phase of the step
   (cost/memory.py ``InFlight``: gradients do not exist before the first backward, except in DDP's
@@ -103,12 +105,15 @@ class CostModel:
         other ranks (then the value changes nothing, and callers may share what they priced with it)."""
         return 1.0 if self.compute_slowdown == 1.0 else chunks / (chunks + pp - 1)
 
+    def contention(self, busy_share: float) -> float:
+        """How much slower a rank computes while ``busy_share`` of the ranks compute, on average, than alone."""
+        return max(1.0, self.compute_slowdown * busy_share)
+
     def _compute_s(self, formula: TimeFormula, local: float, tp: int, busy_share: float) -> float:
         """Seconds of ``formula`` at ``local`` samples on one of ``tp`` ranks: they split the work, but each
         pays the batch-independent part (per-call overhead) whole."""
         fixed = formula.fixed_s(self.seq)
-        contention = 1.0 + (self.compute_slowdown - 1.0) * busy_share
-        return (fixed + (formula(local, self.seq) - fixed) / tp) * self.time_scale * contention
+        return (fixed + (formula(local, self.seq) - fixed) / tp) * self.time_scale * self.contention(busy_share)
 
     # -- one layer ------------------------------------------------------------------------------
     def layer_cost(self, layer_type: str, strategy: LayerStrategy, micro_batch: int, busy_share: float = 1.0) -> LayerCost:
@@ -168,7 +173,7 @@ class CostModel:
         times = part.in_place_times.get(self.hardware.world_size, {}).get(tp) if self.model.mode == "measured" else None
         if times is None:
             return None
-        scale = self.time_scale * (1.0 + (self.compute_slowdown - 1.0) * busy_share) / self.compute_slowdown
+        scale = self.time_scale * self.contention(busy_share) / self.compute_slowdown
         return times[0](local, self.seq) * scale, times[1](local, self.seq) * scale
 
     def _tp_comm_s(self, strategy: LayerStrategy, hidden_bytes: float, compute_s: float | None = None) -> float:
@@ -276,9 +281,23 @@ class CostModel:
         transient += self._part_working_bytes(parts, vtp, strategy.sp != "none", local)
         cost = LayerCost(fwd_compute + (half_comm if first_stage else 0.0) + self._visible(gather_s, fwd_compute, kind),
                          bwd_compute + (half_comm if last_stage else 0.0) + self._visible(gather_s, bwd_compute, kind),
-                         self._visible(sync_s, bwd_parts[0], kind) + self._optimizer_s(params, dp, kind),
+                         self._visible(sync_s, bwd_parts[0], kind) + self._optimizer_s(params, dp, kind)
+                         + self._step_collectives_s(vtp, pipelined=not (first_stage and last_stage)),
                          0, int(activation), int(transient))
         return self._with_states(cost, params, dp, kind)
+
+    def _step_collectives_s(self, vtp: int, pipelined: bool) -> float:
+        """Collectives a stage holding the embedding or the head runs once per step after its gradient sync,
+        each waiting for its slowest peer: the all-reduce of the loss over the world (every rank returns the
+        global mean), and in a pipeline the all-reduce of a tied embedding/head weight's gradient between
+        the first and the last stage. They count with the gradient sync (with ``grad_sync_every_micro_batch``,
+        once per micro-batch: a small over-count kept so that the search and ``evaluate`` agree)."""
+        hw, world = self.hardware, self.hardware.world_size
+        seconds = hw.collective_s("all_reduce", 4, world) + hw.blocking_s(world)
+        if pipelined and self.model.tied_param_count:
+            grad_bytes = self.model.tied_param_count / vtp * STATE_BYTES_PER_PARAM[self.mixed_precision][1]
+            seconds += hw.collective_s("all_reduce", grad_bytes, 2) + hw.blocking_s(2)
+        return seconds
 
     def _part_working_bytes(self, parts, vtp: int, vsp: bool, local: float) -> float:
         """The largest activation-gradient working set among the embedding's and the head's backward (they

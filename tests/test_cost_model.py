@@ -270,13 +270,30 @@ def test_embedding_and_head_with_vocab_tp(model):
     assert cost.fwd_s == pytest.approx(4000 / BW + 5e-4 * 4 / 2)  # embedding all-reduce + head compute
     assert cost.bwd_s == pytest.approx(1e-3 * 4 / 2 + 4000 / BW)  # head backward + its input-gradient all-reduce
     # one unit of 100k + 400k/2 (embedding) + 200k (head) params: a 2 MB all-reduce after the embedding's
-    # backward, the last to run, which takes no time: nothing hides it
-    assert cost.grad_sync_s == pytest.approx(2e-3)
+    # backward, the last to run, which takes no time: nothing hides it; then the loss's all-reduce (4 bytes)
+    assert cost.grad_sync_s == pytest.approx(2e-3 + 4 / BW)
     head_only = model.embedding_cost(EmbeddingStrategy(vtp=2), 4, 8, first_stage=False, last_stage=True)
-    assert head_only.grad_sync_s == pytest.approx(0.8e-3 * 0.25)  # 0.8 ms hidden behind the head's 2 ms backward
+    assert head_only.grad_sync_s == pytest.approx(0.8e-3 * 0.25 + 4 / BW)  # 0.8 ms hidden behind the head's 2 ms backward
     assert cost.model_state_bytes == (300_000 + 200_000) * 16
     assert cost.activation_bytes == (600 + 2000) * 4
     assert model.embedding_cost(EmbeddingStrategy(), 4, 8, first_stage=False, last_stage=False).fwd_s == 0.0
+
+
+def test_stages_with_the_embedding_or_head_pay_the_steps_blocking_collectives():
+    """After the gradient sync every rank all-reduces the loss over the world, and a pipeline's first and
+    last stages all-reduce a tied embedding/head weight's gradient; each waits for the slowest peer."""
+    hardware = dataclasses.replace(uniform_hardware(), blocking_by_group_s={2: 1e-3, 8: 2e-3})
+    tied = CostModel(dataclasses.replace(synthetic_profile(), tied_param_count=100_000), hardware)
+    untied = CostModel(synthetic_profile(), hardware)
+    loss_s = 4 / BW + 2e-3
+    tied_s = 100_000 * 4 / 2 / BW + 1e-3  # the vtp 2 shard's fp32 gradient between 2 ranks
+    def sync_s(model, first, last):
+        return model.embedding_cost(EmbeddingStrategy(vtp=2), 4, 8, first_stage=first, last_stage=last).grad_sync_s
+    assert sync_s(tied, False, True) - sync_s(untied, False, True) == pytest.approx(tied_s)
+    assert sync_s(tied, True, False) - sync_s(untied, True, False) == pytest.approx(tied_s)
+    assert sync_s(tied, True, True) <= sync_s(untied, True, True)  # one stage holds the weight once: no tied all-reduce
+    no_dp = EmbeddingStrategy(vtp=8)  # nothing to synchronise but the step's collectives
+    assert untied.embedding_cost(no_dp, 8, 8, first_stage=False, last_stage=True).grad_sync_s == pytest.approx(loss_s)
 
 
 def test_evaluate_follows_the_pipeline_formula(model):
