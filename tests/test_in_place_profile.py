@@ -3,14 +3,13 @@ cost model prices a layer, the embedding and the head with those times."""
 
 import dataclasses
 import functools
-import warnings
 
 import pytest
 
-from galvatron_fx.capture import capture
+from galvatron_fx.cli import main
 from galvatron_fx.cost.in_place_profiler import measure_in_place, tp_degrees
 from galvatron_fx.cost.model import CostModel
-from galvatron_fx.cost.model_profile import ModelProfile, TimeFormula
+from galvatron_fx.cost.model_profile import ModelProfile
 from galvatron_fx.errors import ProfileError
 from galvatron_fx.models import build_model
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy as S
@@ -88,15 +87,14 @@ def test_tp_degrees_divide_the_world_and_the_heads():
     assert tp_degrees(1, 12) == [1]
 
 
-def test_profiler_times_each_degree_on_gloo_processes():
-    """Two processes time GPT-2's block at TP 1 and 2, and the embedding and head at TP 1; each fit runs
-    through the slowest rank's two points, at the samples a TP group runs."""
-    build = functools.partial(build_model, "gpt2", "small")
-    model, kwargs = build(2, 16)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        profile = ModelProfile.from_program(capture(model, example_kwargs=kwargs), flops_per_s=1e12)
-    measure_in_place(profile, build, 2, samples_per_rank=(2, 4), warmup=1, repeats=1, progress=False)
+def test_profile_model_times_each_degree_on_gloo_processes(tmp_path, capsys):
+    """``profile-model --in-place 2``: two processes time GPT-2's block at TP 1 and 2, and the embedding and
+    head at TP 1; each fit runs through the slowest rank's points, at the samples a TP group runs."""
+    out = tmp_path / "gpt2.json"
+    assert main(["profile-model", "gpt2", "--batches", "2,4", "--seqs", "16", "--repeats", "1", "--in-place", "2",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert "in place on 2 processes: tp 1" in capsys.readouterr().out
+    profile = ModelProfile.load(out)
     block_type = profile.layer_types[0]
     block = profile.types[block_type]
     assert set(block.in_place_times) == {2} and set(block.in_place_times[2]) == {1, 2}
@@ -107,5 +105,7 @@ def test_profiler_times_each_degree_on_gloo_processes():
         for samples, seq, fwd_s, bwd_s in points[str(tp)]:
             assert seq == profile.seq_length and fwd_s > 0 and bwd_s > 0
             assert fwd(samples, seq) == pytest.approx(fwd_s, rel=0.5) and bwd(samples, seq) == pytest.approx(bwd_s, rel=0.5)
+    build = functools.partial(build_model, "gpt2", "small")
     with pytest.raises(ProfileError, match="two sizes"):
         measure_in_place(profile, build, 2, samples_per_rank=(2, 2))
+    assert main(["profile-model", "gpt2", "--mode", "analytic", "--in-place", "2", "--out", str(out)]) == 2
