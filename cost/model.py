@@ -16,7 +16,8 @@ Terms of one layer, for a micro-batch of ``mb`` samples on a stage (each of the 
   the embedding and the head without vocab TP), that one figure replaces the layer's compute and
   collectives: it holds the contention and the waits for peers that processes sharing cores add.
 - gradient sync over the ``dp`` group on the device's gradient bytes: DDP all-reduce (buckets span layers:
-  a layer pays its share of a bucket's latency); ZeRO-2 reduce-scatter plus the all-gather of updated
+  a layer pays its share of a bucket's latency, and the ranks' drift over its compute, which they wait out
+  at that all-reduce: they meet nowhere else in the step); ZeRO-2 reduce-scatter plus the all-gather of updated
   parameters; ZeRO-3 reduce-scatter, and a parameter all-gather in forward and again in backward.
   Communication overlapped with compute (grad sync with the backward, ZeRO-3 gathers with the layer's
   compute, as with prefetching) is hidden up to the compute time, and the hidden part costs
@@ -133,7 +134,7 @@ class CostModel:
         gather_s, sync_s, transient_bytes = self._dp_comm(params, strategy.dp, strategy.dp_type, not strategy.tp_consecutive or strategy.tp == 1,
                                                           (fwd_compute, bwd_compute))
         fwd_s = own[0] + self._visible(gather_s, fwd_compute, strategy.dp_type)
-        bwd_s = own[1] + self._visible(gather_s, bwd_compute, strategy.dp_type)
+        bwd_s = own[1] + self._visible(gather_s, bwd_compute, strategy.dp_type) + self._ddp_drift_s(strategy, own)
         if strategy.ckpt:
             bwd_s += own[0]
         full_activation = profile.activation_per_sample(strategy.tp, sharded_seq) * local * self.activation_scale
@@ -146,6 +147,15 @@ class CostModel:
         sync_s = self._visible(sync_s, bwd_compute, strategy.dp_type) + self._optimizer_s(params, strategy.dp, strategy.dp_type)
         return self._with_states(LayerCost(fwd_s, bwd_s, sync_s,
                                            0, int(kept), int(peak_extra)), params, strategy.dp, strategy.dp_type)
+
+    def _ddp_drift_s(self, strategy: LayerStrategy, own_s: tuple[float, float]) -> float:
+        """A DDP layer without TP runs no collective the ranks wait for until the gradient all-reduce after
+        the step's backward, so they drift apart while it computes (ranks sharing cores; the hardware's
+        skew growth): the slowest rank's lag, which the others wait out at that all-reduce, grows by the
+        drift over this layer's forward and backward ``own_s``, for every micro-batch."""
+        if strategy.tp > 1 or strategy.dp == 1 or strategy.dp_type != "ddp":
+            return 0.0
+        return self.hardware.blocking_s(strategy.dp, BLOCKING_PROBE_COMPUTE_S + sum(own_s)) - self.hardware.blocking_s(strategy.dp)
 
     def _with_states(self, cost: LayerCost, params: float, dp: int, dp_type: str) -> LayerCost:
         """``cost`` with the model states of ``params`` parameters on a ``dp``-way ``dp_type`` group."""

@@ -130,6 +130,11 @@ def test_the_arrival_skew_grows_with_the_compute_between_collectives():
     bwd = grows._compute_s(profile.bwd, mb / 2, 1, 1.0)
     assert grows.layer_cost("blk", zero3, mb).grad_sync_s - flat.layer_cost("blk", zero3, mb).grad_sync_s == pytest.approx(
         0.1 * (bwd - BLOCKING_PROBE_COMPUTE_S))
+    # DDP: the ranks meet only at the all-reduce after the step's backward; they drift over all of its compute
+    ddp = S(tp=1, dp=2)
+    work = sum(grows._compute_s(formula, mb / 2, 1, 1.0) for formula in (profile.fwd, profile.bwd))
+    assert grows.layer_cost("blk", ddp, mb).bwd_s - flat.layer_cost("blk", ddp, mb).bwd_s == pytest.approx(0.1 * work)
+    assert grows.layer_cost("blk", ddp, mb).fwd_s == flat.layer_cost("blk", ddp, mb).fwd_s
 
 
 def test_cpu_prices_zero_units_as_measured_in_place():
