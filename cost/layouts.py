@@ -3,7 +3,7 @@
 A layout says which block of a micro-batch activation each rank of a stage holds (passes/redistribute.py
 executes the moves): the batch split ``dp`` ways and, under sequence parallelism, the sequence ``tp`` ways.
 ``move_plan`` is the cost model's fast geometry on integer arrays; ``rank_pieces``, ``piece_intersection``
-and ``piece_area`` are the exact rank-by-rank reference it is tested against.
+and ``piece_area`` are the exact rank-by-rank reference it is tested against (``reference_move_s``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def layout_of(strategy: LayerStrategy) -> tuple:
 
 
 def move_key(strategy: LayerStrategy) -> tuple:
-    """Every field of a strategy that ``CostModel._move_s`` reads."""
+    """Every field of a strategy that ``reference_move_s`` reads."""
     return (strategy.tp, strategy.dp, strategy.sp != "none", strategy.tp_consecutive)
 
 
@@ -79,3 +79,19 @@ def piece_intersection(a, b):
 def piece_area(piece) -> Fraction:
     (b0, b1), (s0, s1) = piece
     return (b1 - b0) * (s1 - s0)
+
+
+def reference_move_s(hardware, src: LayerStrategy, dst: LayerStrategy, total_bytes: float) -> float:
+    """Rank-by-rank reference of one direction of ``CostModel.redistribution_s`` on ``hardware`` (exact
+    fractions; ``move_plan`` is the same geometry on integer arrays)."""
+    devices = src.devices
+    held, needed = rank_pieces(src, devices), rank_pieces(dst, devices)
+    missing = max(piece_area(n) - piece_area(piece_intersection(h, n)) for h, n in zip(held, needed))
+    if missing == 0:
+        return 0.0  # every rank slices what it needs from what it has
+    src_area, dst_area = piece_area(held[0]), piece_area(needed[0])
+    if all(piece_intersection(h, n) == h for h, n in zip(held, needed)):  # each rank's piece grows: all-gather
+        group = round(dst_area / src_area)
+        return hardware.collective_s("all_gather", float(dst_area) * total_bytes, group, dst.tp_consecutive)
+    group = max(src.tp, dst.tp, 2)
+    return hardware.collective_s("all_to_all", float(max(src_area, dst_area)) * total_bytes, group, True)

@@ -52,7 +52,7 @@ from galvatron_fx.errors import ConfigError, PlanError, ProfileError
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan, Prediction
 
 from .hardware import BLOCKING_PROBE_COMPUTE_S, HardwareProfile
-from .layouts import data_split, layout_of, move_key, move_plan, piece_area, piece_intersection, rank_pieces
+from .layouts import data_split, layout_of, move_key, move_plan
 from .memory import DTYPE_BYTES, GRAD_BUCKET_CAP_BYTES, STATE_BYTES_PER_PARAM, InFlight, check_precision, model_state_split
 from .model_profile import LayerTypeProfile, ModelProfile, TimeFormula
 
@@ -174,7 +174,7 @@ class CostModel:
         return updated * self.hardware.optimizer_s_per_param
 
     def _in_place_s(self, part: LayerTypeProfile, tp: int, local: float, busy_share: float) -> tuple[float, float] | None:
-        """(forward, backward) seconds of ``part`` on one of ``tp`` Megatron-TP ranks at ``local`` samples per
+        """(forward, backward) seconds of ``part`` on one of ``tp`` ranks (Megatron TP) at ``local`` samples per
         TP group, where the profile timed the lowered layer on every rank of this world at once
         (cost/in_place_profiler.py): compute, contention, collectives and the waits between them in one
         figure; None where it did not. The figure was taken with every rank computing; a pipeline's ranks
@@ -343,21 +343,6 @@ class CostModel:
         op, fraction, group, consecutive = plan
         return self.hardware.collective_s(op, fraction * total_bytes, group, consecutive) + self.hardware.blocking_s(group)
 
-    def _move_s(self, src: LayerStrategy, dst: LayerStrategy, total_bytes: float) -> float:
-        """Rank-by-rank reference of one direction of ``redistribution_s`` (exact fractions; ``move_plan`` is
-        the same geometry on integer arrays)."""
-        devices = src.devices
-        held, needed = rank_pieces(src, devices), rank_pieces(dst, devices)
-        missing = max(piece_area(n) - piece_area(piece_intersection(h, n)) for h, n in zip(held, needed))
-        if missing == 0:
-            return 0.0  # every rank slices what it needs from what it has
-        src_area, dst_area = piece_area(held[0]), piece_area(needed[0])
-        if all(piece_intersection(h, n) == h for h, n in zip(held, needed)):  # each rank's piece grows: all-gather
-            group = round(dst_area / src_area)
-            return self.hardware.collective_s("all_gather", float(dst_area) * total_bytes, group, dst.tp_consecutive)
-        group = max(src.tp, dst.tp, 2)
-        return self.hardware.collective_s("all_to_all", float(max(src_area, dst_area)) * total_bytes, group, True)
-
     def p2p_s(self, stage: int, plan_pp: int, devices_per_stage: int, micro_batch: int, cut_after_body_index: int) -> float:
         """Send/recv of one micro-batch's activations at the cut after ``cut_after_body_index`` (forward) and of
         their gradients (backward); each of the stage's devices sends ``1 / devices_per_stage`` of them. The
@@ -423,7 +408,6 @@ class CostModel:
         iteration_s = sum(busy) + (chunks - 1) * max(busy) + max(sync)
         return Prediction(iteration_s, plan.global_batch / iteration_s if iteration_s > 0 else float("inf"),
                           tuple(memory), tuple(int(b) for b in bound))
-
 
 def _forward_order(body: list[LayerCost], part: LayerCost, first_stage: bool, last_stage: bool,
                    head_working_bytes: float) -> list[LayerCost]:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from galvatron_fx.cost.hardware import COLLECTIVES, CommFit, HardwareProfile
+from galvatron_fx.cost.layouts import reference_move_s
 from galvatron_fx.cost.memory import InFlight
 from galvatron_fx.cost.model import CostModel, LayerCost
 from galvatron_fx.cost.model_profile import LayerTypeProfile, ModelProfile, TimeFormula
@@ -215,14 +216,14 @@ def test_redistribution_cache_equals_direct_computation():
             for sp in ("none", "megatron") for cons in (True, False) if (tp > 1 or sp == "none") and (1 < tp < 32 or cons)]
     for a in wide:
         for b in wide:
-            direct = model._move_s(a, b, 8000.0) + model._move_s(b, a, 8000.0)
+            direct = reference_move_s(model.hardware, a, b, 8000.0) + reference_move_s(model.hardware, b, a, 8000.0)
             assert model.redistribution_s(a, b, 1, 8) == pytest.approx(0.0 if a == b else direct, abs=0.0)
     for boundary in (1, 2, 3):
         for mb in (8, 16):
             total = profile.cut_bytes_per_sample[boundary - 1] * mb * model.activation_scale
             for a in strategies:
                 for b in strategies:
-                    direct = 0.0 if a == b else model._move_s(a, b, total) + model._move_s(b, a, total)
+                    direct = 0.0 if a == b else reference_move_s(model.hardware, a, b, total) + reference_move_s(model.hardware, b, a, total)
                     for _ in range(2):   # first call fills the cache, second reads it
                         assert model.redistribution_s(a, b, boundary, mb) == pytest.approx(direct, abs=0.0)
     dp8, tp2 = S(tp=1, dp=8), S(tp=2, dp=4)
