@@ -105,7 +105,7 @@ class LayerTypeProfile:
     # (cost/memory.py grad_working_bytes); None: not in the profile (Galvatron's files), counted as 0
     grad_working_bytes_per_sample: dict[int, int] | None = None
     # world size → TP degree → (forward, backward) of the lowered layer (collectives included) timed on
-    # every rank of that world at once (cost/tp_layer_profiler.py), in samples per TP group; empty: not measured
+    # every rank of that world at once (cost/in_place_profiler.py), in samples per TP group; empty: not measured
     in_place_times: dict[int, dict[int, tuple[TimeFormula, TimeFormula]]] = field(default_factory=dict)
 
     def activation_per_sample(self, tp: int, sequence_sharded: bool) -> float:
@@ -142,7 +142,7 @@ class LayerTypeProfile:
             "grad_working_bytes_per_sample": ({str(k): v for k, v in self.grad_working_bytes_per_sample.items()}
                                               if self.grad_working_bytes_per_sample else None),
             "in_place_times": {str(world): {str(tp): {"fwd": fwd.to_json(), "bwd": bwd.to_json()} for tp, (fwd, bwd) in by_tp.items()}
-                         for world, by_tp in self.in_place_times.items()},
+                               for world, by_tp in self.in_place_times.items()},
         }
 
     @classmethod
@@ -162,8 +162,8 @@ class LayerTypeProfile:
             fwd_flops_per_sample=int(data.get("fwd_flops_per_sample", 0)), bwd_flops_per_sample=int(data.get("bwd_flops_per_sample", 0)),
             grad_working_bytes_per_sample={int(k): int(v) for k, v in working.items()} if working else None,
             in_place_times={int(world): {int(tp): (TimeFormula.from_json(times["fwd"]), TimeFormula.from_json(times["bwd"]))
-                                   for tp, times in by_tp.items()}
-                      for world, by_tp in (data.get("in_place_times") or {}).items()},
+                                         for tp, times in by_tp.items()}
+                            for world, by_tp in (data.get("in_place_times") or {}).items()},
         )
 
 

@@ -1,7 +1,7 @@
 """Profile a model's layer types — forward and backward time against micro-batch size and sequence length,
 parameters and activation memory — and write a model profile (JSON). --mode measured runs each layer
-type's own graph here; --mode analytic prices FLOPs at a cluster's sustained throughput, for hardware
-that is not at hand."""
+type's own graph here, and with --in-place N also lowered for each TP degree on N processes at once;
+--mode analytic prices FLOPs at a cluster's sustained throughput, for hardware that is not at hand."""
 
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
     from galvatron_fx.cluster import Cluster
     from galvatron_fx.cost.in_place_profiler import measure_in_place
     from galvatron_fx.cost.layer_profiler import profile_model
-    from galvatron_fx.runtime.groups import default_backend
     from galvatron_fx.cost.model_profile import ModelProfile
+    from galvatron_fx.runtime.groups import default_backend
 
     batches, seqs = _ints(args.batches, "--batches"), _ints(args.seqs, "--seqs")
     in_place_worlds = _ints(args.in_place, "--in-place") if args.in_place else []
