@@ -5,8 +5,10 @@ Peak memory per rank (``peak_step_bytes``):
 - on CUDA, ``torch.cuda.max_memory_allocated`` over one training step (the caching allocator's count of
   live tensor bytes, the figure the field reports);
 - on CPU, the same quantity at the allocator level: ``torch.profiler`` with ``profile_memory=True``
-  records every allocation and free of the CPU allocator with the running total of bytes allocated
-  since profiling began. Two steps run under the profiler and the second is measured: its peak is
+  records every allocation and free of the CPU allocator with a running total of bytes allocated. That
+  total is process-wide and outlives a profiling session: a tensor allocated under an earlier session
+  and freed after it stays in the count, so the figures are taken relative to the total at the session's
+  first event. Two steps run under the profiler and the second is measured: its peak is
   ``bytes live before the first`` (parameters, gradients and optimizer states, counted from the tensors
   themselves; DTensors by their local shard) plus the largest running total inside the second step. The
   first step makes every buffer the runtime keeps from one step to the next (reduce-scatter inputs,
@@ -161,8 +163,12 @@ def peak_step_bytes(step: Callable[[], Any], device: torch.device, state: Callab
         events = json.loads(path.read_text())["traceEvents"]
     window = next(e for e in events if e.get("name") == _MEASURED and e.get("ph") == "X")
     start, end = window["ts"], window["ts"] + window["dur"]
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"
-              and e["args"].get("Device Type", 0) == 0 and start <= e["ts"] <= end]
+    memory = sorted((e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0),
+                    key=lambda e: e["ts"])
+    if not memory:
+        return before
+    at_start = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]   # left by earlier sessions
+    totals = [e["args"]["Total Allocated"] - at_start for e in memory if start <= e["ts"] <= end]
     return before + max(totals, default=0)
 
 

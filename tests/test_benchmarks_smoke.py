@@ -35,6 +35,21 @@ def test_peak_step_bytes_counts_live_tensors_at_their_peak():
     assert 5 * MiB <= peak < 5 * MiB + 1024  # the scalar sum adds a few bytes
 
 
+
+def test_peak_step_bytes_ignores_what_an_earlier_measurement_left_in_the_count():
+    kept = []
+
+    def step_keeping_8_mib():   # its 8 MiB outlive the measurement and are freed after it
+        kept.append(torch.ones(2 * MiB))
+
+    def step():
+        return float(torch.ones(MiB // 2).sum())   # 2 MiB at its peak
+
+    common.peak_step_bytes(step_keeping_8_mib, torch.device("cpu"), lambda: [])
+    kept.clear()
+    peak = common.peak_step_bytes(step, torch.device("cpu"), lambda: [])
+    assert 2 * MiB <= peak < 2 * MiB + 1024
+
 def test_tensor_bytes_counts_shared_storage_once():
     x = torch.zeros(1024)
     assert common.tensor_bytes([x, x[:10], x.view(32, 32), None]) == 4096
