@@ -5,10 +5,15 @@ Peak memory per rank (``peak_step_bytes``):
 - on CUDA, ``torch.cuda.max_memory_allocated`` over one training step (the caching allocator's count of
   live tensor bytes, the figure the field reports);
 - on CPU, the same quantity at the allocator level: ``torch.profiler`` with ``profile_memory=True``
-  records every allocation and free of the CPU allocator with a running total of bytes allocated. That
-  total is process-wide and outlives a profiling session: a tensor allocated under an earlier session
-  and freed after it stays in the count, so the figures are taken relative to the total at the session's
-  first event. Two steps run under the profiler and the second is measured: its peak is
+  records every allocation and free of the CPU allocator with a running total of bytes allocated. Two
+  properties of that total need care. It only drops for frees on a thread that runs the profiler, and
+  gloo's worker threads free the copies a collective makes (a reduce-scatter clones its input) when it
+  completes: by default such a free is never counted, and the total stays high for the rest of the
+  step by a collective buffer or more, on some steps and ranks and not on others. ``peak_step_bytes``
+  therefore turns on the allocator's own accounting of every free (``caffe2_report_cpu_memory_usage``,
+  left on for the rest of the process so that no allocation goes unaccounted). And the total is
+  process-wide: what earlier sessions left in it is taken off (the total at the session's first event).
+  Two steps run under the profiler and the second is measured: its peak is
   ``bytes live before the first`` (parameters, gradients and optimizer states, counted from the tensors
   themselves; DTensors by their local shard) plus the largest running total inside the second step. The
   first step makes every buffer the runtime keeps from one step to the next (reduce-scatter inputs,
@@ -152,6 +157,7 @@ def peak_step_bytes(step: Callable[[], Any], device: torch.device, state: Callab
         return int(torch.cuda.max_memory_allocated(device))
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    _count_cpu_frees_on_every_thread()
     before = tensor_bytes(state())
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
@@ -173,6 +179,22 @@ def peak_step_bytes(step: Callable[[], Any], device: torch.device, state: Callab
 
 
 _MEASURED = "galvatron_fx.benchmarks.measured_step"
+
+
+def _count_cpu_frees_on_every_thread() -> None:
+    """Turn on c10's ``caffe2_report_cpu_memory_usage``: the CPU allocator then keeps its running total
+    of allocated bytes for frees on every thread, not only on threads that run the profiler. Left on: turned
+    off, allocations made while it was on could later be freed uncounted."""
+    import ctypes
+
+    library = Path(torch.__file__).parent / "lib" / ("libc10.dylib" if sys.platform == "darwin" else "libc10.so")
+    try:
+        ctypes.c_bool.in_dll(ctypes.CDLL(str(library)), "FLAGS_caffe2_report_cpu_memory_usage").value = True
+    except (OSError, ValueError) as error:
+        import warnings
+
+        warnings.warn(f"cannot turn on the CPU allocator's accounting in {library} ({error}): frees on gloo's "
+                      "threads go uncounted, so CPU peak memory may read high by a collective's buffers")
 
 
 # -- FLOPs and MFU -------------------------------------------------------------------------------------

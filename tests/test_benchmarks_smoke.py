@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -49,6 +50,21 @@ def test_peak_step_bytes_ignores_what_an_earlier_measurement_left_in_the_count()
     kept.clear()
     peak = common.peak_step_bytes(step, torch.device("cpu"), lambda: [])
     assert 2 * MiB <= peak < 2 * MiB + 1024
+
+def test_peak_step_bytes_counts_frees_on_other_threads():
+    # gloo's worker threads free the copies a collective makes: a free there must lower the count too
+    held = []
+
+    def step():
+        held.append(torch.ones(2 * MiB))   # 8 MiB, freed by another thread
+        worker = threading.Thread(target=held.clear)
+        worker.start()
+        worker.join()
+        return float(torch.ones(MiB // 4).sum())   # 1 MiB after it
+
+    peak = common.peak_step_bytes(step, torch.device("cpu"), lambda: [])
+    assert 8 * MiB <= peak < 8 * MiB + 1024
+
 
 def test_tensor_bytes_counts_shared_storage_once():
     x = torch.zeros(1024)
