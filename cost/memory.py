@@ -14,7 +14,8 @@ the optimizer step; the optimizer step holds gradients and its own temporaries. 
 - ``InFlight.stage_peak``, the prediction: the stage's backward walked layer by layer, last to first. While
   a layer's backward runs, the micro-batch under backward has freed the activations of the layers after it
   and (in a step's first backward) only those layers have gradients; the layer's transient comes on top.
-- ``InFlight.layer_bytes`` summed over the layers plus the largest transient, the search's budget: each
+- ``InFlight.layer_bytes`` summed over the layers plus the largest transient (``LayerCost.transient_bound_bytes``),
+  the search's budget: each
   layer in its own worst phase, all transients at the peak of all activations. It is additive over layers,
   which the search's fronts need, and never below ``stage_peak``; the two agree when every layer of the
   stage peaks in the same phase with the same transient.
@@ -117,9 +118,12 @@ class InFlight:
         peak = states + sum(layer.optimizer_temp_bytes for layer in layers)
         freed = made = 0  # activations freed and gradients made by the layers after the one in backward
         for layer in reversed(layers):
-            peak = max(peak, states - grads + made + self.first * activations - freed + layer.peak_extra_bytes)
+            # a backward that finds a stored weight gradient computes the new one whole, then adds it: any
+            # later backward; the first too where gradients persist between steps (DDP's buckets, grad_bytes 0)
+            accumulate_first = layer.accumulate_bytes if layer.grad_bytes == 0 else 0
+            peak = max(peak, states - grads + made + self.first * activations - freed + layer.peak_extra_bytes + accumulate_first)
             if self.later:
-                peak = max(peak, states + self.later * activations - freed + layer.peak_extra_bytes)
+                peak = max(peak, states + self.later * activations - freed + layer.peak_extra_bytes + layer.accumulate_bytes)
             freed, made = freed + layer.activation_bytes, made + layer.grad_bytes
         return int(peak)
 

@@ -36,7 +36,9 @@ Terms of one layer, for a micro-batch of ``mb`` samples on a stage (each of the 
   embedding's and the head's too, the head's at the start of a stage's backward); FSDP2 holds a ZeRO layer's gathered
   parameters and the next layer's prefetched ones (ZeRO-3), and the layer's unsharded gradients next to
   the previous layer's, whose reduce-scatter is in flight (ZeRO-2 and -3); a checkpointed layer's
-  recomputed activations. ZeRO-2 keeps the gathered parameters from forward to backward besides their
+  recomputed activations; a DDP layer's backward that finds a stored gradient (every backward with
+  persistent buckets, a step's later ones without) holds the new gradient of its largest weight before
+  adding it. ZeRO-2 keeps the gathered parameters from forward to backward besides their
   shard. The optimizer step's temporaries are one fp32 copy of the updated parameters with multi-tensor
   Adam (GPUs' default), none on CPU.
 Precision: activation and hidden-state bytes are rescaled from the profile's dtype to the training
@@ -69,6 +71,13 @@ class LayerCost:
     peak_extra_bytes: int = 0
     grad_bytes: int = 0  # the part of model_state_bytes that exists only after a step's first backward
     optimizer_temp_bytes: int = 0  # the optimizer step's temporaries
+    # a weight gradient computed whole before it is added to the stored one, in a backward that finds one
+    accumulate_bytes: int = 0
+
+    @property
+    def transient_bound_bytes(self) -> int:
+        """The largest transient of any of the layer's backwards (for additive memory bounds)."""
+        return self.peak_extra_bytes + self.accumulate_bytes
 
 
 class CostModel:
@@ -130,7 +139,8 @@ class CostModel:
         if own is None:
             hidden_bytes = profile.boundary_bytes_per_sample * local * self.activation_scale
             own = tuple(compute + self._tp_comm_s(strategy, hidden_bytes, compute) for compute in (fwd_compute, bwd_compute))
-        params = profile.param_count if strategy.sp == "ulysses" else profile.param_count / strategy.tp
+        split = 1 if strategy.sp == "ulysses" else strategy.tp   # Ulysses keeps whole weights
+        params, largest = profile.param_count / split, profile.largest_param_count / split
         gather_s, sync_s, transient_bytes = self._dp_comm(params, strategy.dp, strategy.dp_type, not strategy.tp_consecutive or strategy.tp == 1,
                                                           (fwd_compute, bwd_compute))
         fwd_s = own[0] + self._visible(gather_s, fwd_compute, strategy.dp_type)
@@ -145,8 +155,8 @@ class CostModel:
         working = profile.grad_working_per_sample(strategy.tp, sharded_seq) * local * self.activation_scale
         peak_extra = transient_bytes + working + (full_activation if strategy.ckpt else 0.0)
         sync_s = self._visible(sync_s, bwd_compute, strategy.dp_type) + self._optimizer_s(params, strategy.dp, strategy.dp_type)
-        return self._with_states(LayerCost(fwd_s, bwd_s, sync_s,
-                                           0, int(kept), int(peak_extra)), params, strategy.dp, strategy.dp_type)
+        return self._with_states(LayerCost(fwd_s, bwd_s, sync_s, 0, int(kept), int(peak_extra)), params, strategy.dp,
+                                 strategy.dp_type, largest)
 
     def _ddp_drift_s(self, strategy: LayerStrategy, own_s: tuple[float, float]) -> float:
         """A DDP layer without TP runs no collective the ranks wait for until the gradient all-reduce after
@@ -157,16 +167,21 @@ class CostModel:
             return 0.0
         return self.hardware.blocking_s(strategy.dp, BLOCKING_PROBE_COMPUTE_S + sum(own_s)) - self.hardware.blocking_s(strategy.dp)
 
-    def _with_states(self, cost: LayerCost, params: float, dp: int, dp_type: str) -> LayerCost:
-        """``cost`` with the model states of ``params`` parameters on a ``dp``-way ``dp_type`` group."""
+    def _with_states(self, cost: LayerCost, params: float, dp: int, dp_type: str, largest_param: float) -> LayerCost:
+        """``cost`` with the model states of ``params`` parameters on a ``dp``-way ``dp_type`` group, the
+        largest of them ``largest_param`` elements."""
         states, grads = model_state_split(params, dp, dp_type, self.mixed_precision)
+        # autograd computes a weight's gradient whole, then adds it to a stored one; ZeRO's unsharded
+        # gradients are new in every backward (they are in the layer's transient), so only DDP's accumulate
+        accumulate = largest_param * STATE_BYTES_PER_PARAM[self.mixed_precision][1] if dp_type == "ddp" else 0.0
         if dp_type == "ddp" and dp > 1:  # DDP's gradient buckets persist: no phase of the step is without them
             grads = 0
         if dp_type == "zero2" and dp > 1:  # the shard stays besides the gathered parameters during a step
             states += int(params * STATE_BYTES_PER_PARAM[self.mixed_precision][0] / dp)
         updated = params / dp if dp_type in ("zero2", "zero3") else params
         temp = 4 * updated if self.hardware.device != "cpu" else 0.0  # multi-tensor Adam: one fp32 temporary
-        return dataclasses.replace(cost, model_state_bytes=states, grad_bytes=grads, optimizer_temp_bytes=int(temp))
+        return dataclasses.replace(cost, model_state_bytes=states, grad_bytes=grads, optimizer_temp_bytes=int(temp),
+                                   accumulate_bytes=int(accumulate))
 
     def _optimizer_s(self, params: float, dp: int, dp_type: str) -> float:
         """One optimizer step over the parameters this device updates (a ZeRO shard, or all of them)."""
@@ -284,6 +299,7 @@ class CostModel:
         # vtp splits the vocabulary-sized weights; a tied embedding/head weight lives once on a stage with both
         tied = self.model.tied_param_count if first_stage and last_stage else 0
         params = sum(part.param_count - part.vocab_param_count + part.vocab_param_count / vtp for part in parts) - tied / vtp
+        largest = max(part.largest_param_count / (vtp if part.vocab_param_count else 1) for part in parts)
         # the parts of a stage synchronise as one unit (FSDP2 shards them together; DDP: one share of a bucket),
         # once the first part's backward (the last to run) is done: like a layer's, it hides behind that one
         gather_s, sync_s, transient = self._dp_comm(params, dp, kind, vtp == 1)
@@ -294,7 +310,7 @@ class CostModel:
                          self._visible(sync_s, bwd_parts[0], kind) + self._optimizer_s(params, dp, kind)
                          + self._step_collectives_s(vtp, pipelined=not (first_stage and last_stage)),
                          0, int(activation), int(transient))
-        return self._with_states(cost, params, dp, kind)
+        return self._with_states(cost, params, dp, kind, largest)
 
     def _step_collectives_s(self, vtp: int, pipelined: bool) -> float:
         """Collectives a stage holding the embedding or the head runs once per step after its gradient sync,
@@ -402,7 +418,7 @@ class CostModel:
             head_working = self.head_working_bytes(plan.embedding, plan.devices_per_stage, mb)
             memory.append(held.stage_peak(_forward_order(body, part, stage == 0, stage == pp - 1, head_working)))
             bound.append(sum(int(held.layer_bytes(c.model_state_bytes, c.activation_bytes, c.grad_bytes, c.optimizer_temp_bytes))
-                             for c in costs) + max(c.peak_extra_bytes for c in costs))
+                             for c in costs) + max(c.transient_bound_bytes for c in costs))
             busy.append(x)
             sync.append(g)
         iteration_s = sum(busy) + (chunks - 1) * max(busy) + max(sync)

@@ -107,6 +107,9 @@ class LayerTypeProfile:
     # world size → TP degree → (forward, backward) of the lowered layer (collectives included) timed on
     # every rank of that world at once (cost/in_place_profiler.py), in samples per TP group; empty: not measured
     in_place_times: dict[int, dict[int, tuple[TimeFormula, TimeFormula]]] = field(default_factory=dict)
+    # elements of the largest parameter: a backward adding to a stored gradient first computes this one whole
+    # (0: not in the profile, Galvatron's files)
+    largest_param_count: int = 0
 
     def activation_per_sample(self, tp: int, sequence_sharded: bool) -> float:
         table = self.sp_activation_bytes_per_sample if sequence_sharded and self.sp_activation_bytes_per_sample else None
@@ -133,6 +136,7 @@ class LayerTypeProfile:
         return {
             "layer_type": self.layer_type, "fwd": self.fwd.to_json(), "bwd": self.bwd.to_json(),
             "param_count": self.param_count, "vocab_param_count": self.vocab_param_count,
+            "largest_param_count": self.largest_param_count,
             "activation_bytes_per_sample": {str(k): v for k, v in self.activation_bytes_per_sample.items()},
             "sp_activation_bytes_per_sample": ({str(k): v for k, v in self.sp_activation_bytes_per_sample.items()}
                                                if self.sp_activation_bytes_per_sample else None),
@@ -158,6 +162,7 @@ class LayerTypeProfile:
             ckpt_activation_bytes_per_sample=int(data["ckpt_activation_bytes_per_sample"]),
             boundary_bytes_per_sample=int(data["boundary_bytes_per_sample"]), num_heads=int(data.get("num_heads", 0)),
             vocab_param_count=int(data.get("vocab_param_count", 0)),
+            largest_param_count=int(data.get("largest_param_count", 0)),
             sp_activation_bytes_per_sample={int(k): int(v) for k, v in sp.items()} if sp else None,
             fwd_flops_per_sample=int(data.get("fwd_flops_per_sample", 0)), bwd_flops_per_sample=int(data.get("bwd_flops_per_sample", 0)),
             grad_working_bytes_per_sample={int(k): int(v) for k, v in working.items()} if working else None,
@@ -314,6 +319,7 @@ def layer_type_profile(program, layer, flops_per_s: float, heads: int, vocab: bo
         boundary_bytes_per_sample=hidden_bytes,
         num_heads=heads,
         vocab_param_count=_vocab_params(program, layer) if vocab else 0,
+        largest_param_count=max((program.graph_module.get_parameter(n).numel() for n in layer.param_names), default=0),
         fwd_flops_per_sample=fwd_flops, bwd_flops_per_sample=bwd_flops,
         grad_working_bytes_per_sample=working,
     )

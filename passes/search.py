@@ -222,7 +222,7 @@ class SearchEngine:
                 cost = self.cost_model.embedding_cost(embedding, devices, mb, first_stage=s == 0, last_stage=s == pp - 1,
                                                       busy_share=share)
                 self.embedding_parts[key] = EmbeddingPart(cost.fwd_s + cost.bwd_s, cost.grad_sync_s, cost.model_state_bytes,
-                                                          cost.activation_bytes, cost.peak_extra_bytes, cost.grad_bytes,
+                                                          cost.activation_bytes, cost.transient_bound_bytes, cost.grad_bytes,
                                                           cost.optimizer_temp_bytes)
             out.append(self.embedding_parts[key])
         return out

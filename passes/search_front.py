@@ -166,7 +166,7 @@ def build_cost_table(cost_model, strategies: list[LayerStrategy], micro_batch: i
                 continue
             cost = cost_model.layer_cost(layer_type, strategy, micro_batch, busy_share)
             ok[j] = True
-            ms[j], act[j], peak[j] = cost.model_state_bytes, cost.activation_bytes, cost.peak_extra_bytes
+            ms[j], act[j], peak[j] = cost.model_state_bytes, cost.activation_bytes, cost.transient_bound_bytes
             grad[j], temp[j] = cost.grad_bytes, cost.optimizer_temp_bytes
             x[j], g[j] = cost.fwd_s + cost.bwd_s, cost.grad_sync_s
         table.allowed[layer_type], table.ms[layer_type], table.act[layer_type] = ok, ms, act

@@ -9,7 +9,11 @@ We run our own executor rather than ``torch.distributed.pipelining``: stages her
 (labels, T5's decoder ids) besides activations, pass integer and boolean tensors (masks) that carry no
 gradient, and must tell the per-layer data-parallel wrappers which backward is the last one.
 Activations travel with non-blocking sends and blocking receives, in micro-batch order in each direction
-between a pair of ranks, which cannot deadlock. Each transfer is one message: the values crossing a cut
+between a pair of ranks, which cannot deadlock. Gloo reports a send complete only once it is waited on, so
+a sent buffer would live to the end of the step: each send is waited on (and its buffer freed) as soon as
+the peer is known to have received it, which never blocks: an activation sent downstream once its gradient
+has come back, a gradient sent upstream once the upstream stage sends a forward it runs after that
+backward. Each transfer is one message: the values crossing a cut
 packed into one byte buffer (one latency per micro-batch and direction, not one per value); gradients
 travel back only for values that can carry one (``StageModule.grad_names``: the rotary tables and masks
 a cut also carries do not), zeros where the receiving stage left one unused.
@@ -78,30 +82,32 @@ class StageExecutor:
         self.prev_rank = layout.rank_of(layout.stage - 1) if not layout.is_first else None
         self.next_rank = layout.rank_of(layout.stage + 1) if not layout.is_last else None
 
-    def run(self, actions: tuple[Action, ...], batches: list[dict[str, Any]], seeds: list[int | None]) -> list[torch.Tensor]:
-        """Execute ``actions``; ``batches[i]`` holds micro-batch i's batch inputs. Returns the loss of each
+    def run(self, actions: tuple[Action, ...], batches: list[dict[str, Any]], seeds: list[int | None],
+            upstream_actions: tuple[Action, ...] = ()) -> list[torch.Tensor]:
+        """Execute ``actions``; ``batches[i]`` holds micro-batch i's batch inputs; ``upstream_actions`` are
+        the previous stage's (they tell when a gradient sent to it has arrived). Returns the loss of each
         micro-batch on the last stage (detached), nothing elsewhere."""
         saved: dict[int, tuple] = {}
         losses: list[torch.Tensor] = []
-        pending: list[dist.Work] = []
+        sends = _Sends(_backwards_before_forwards(upstream_actions))
         backwards_done = 0
         for action in actions:
             if action.kind == "F":
                 saved[action.micro_batch] = self._forward(action.micro_batch, batches[action.micro_batch],
-                                                          seeds[action.micro_batch], losses, pending)
+                                                          seeds[action.micro_batch], losses, sends)
             else:
                 last = backwards_done == self.chunks - 1
                 self.sync.before_backward(last)
-                self._backward(action.micro_batch, saved.pop(action.micro_batch), pending)
+                self._backward(action.micro_batch, saved.pop(action.micro_batch), sends)
                 self.sync.after_backward(last)
                 backwards_done += 1
-        for work in pending:
-            work.wait()
+        sends.wait_all()
         return losses
 
     # -- one micro-batch -------------------------------------------------------------------------------
-    def _forward(self, mb: int, batch: dict[str, Any], seed: int | None, losses: list, pending: list) -> tuple:
+    def _forward(self, mb: int, batch: dict[str, Any], seed: int | None, losses: list, sends: "_Sends") -> tuple:
         received = self._recv_activations(mb)
+        sends.upstream_sent_forward(mb)
         env = {name: batch[name] for name in self.stage.batch_names}
         env.update(zip((s.name for s in self.stage.recv_specs), received))
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
@@ -120,15 +126,16 @@ class StageExecutor:
                 raise RuntimeError(f"stage {self.stage.layout.stage} sends {spec.name}, which requires a gradient, but the "
                                    "graph analysis (differentiable_names) says it cannot carry one")
         payload = pack([value.detach().to(spec.dtype) for spec, value in zip(self.stage.send_specs, outputs)])
-        pending.append(dist.isend(payload, self.next_rank, tag=_tag(mb, backward=False)))
+        sends.add("F", mb, dist.isend(payload, self.next_rank, tag=_tag(mb, backward=False)))
         return received, outputs
 
-    def _backward(self, mb: int, saved: tuple, pending: list) -> None:
+    def _backward(self, mb: int, saved: tuple, sends: "_Sends") -> None:
         received, outputs = saved
         if self.next_rank is None:
             torch.autograd.backward(outputs[0])
         else:
             grads = self._recv_grads(mb)
+            sends.complete("F", mb)   # its gradient came back: the next stage has received it
             pairs = [(out, grads[spec.name].to(out.dtype)) for out, spec in zip(outputs, self.stage.send_specs)
                      if spec.name in grads and out.requires_grad]
             if pairs:
@@ -137,7 +144,7 @@ class StageExecutor:
             grads = [value.grad if value.grad is not None else torch.zeros_like(value)
                      for spec, value in zip(self.stage.recv_specs, received) if spec.name in self.stage.grad_names]
             if grads:
-                pending.append(dist.isend(pack([g.detach() for g in grads]), self.prev_rank, tag=_tag(mb, backward=True)))
+                sends.add("B", mb, dist.isend(pack([g.detach() for g in grads]), self.prev_rank, tag=_tag(mb, backward=True)))
 
     # -- point to point ----------------------------------------------------------------------------------
     def _recv_activations(self, mb: int) -> list[torch.Tensor]:
@@ -159,6 +166,44 @@ class StageExecutor:
         buffer = torch.empty(packed_bytes(specs), dtype=torch.uint8, device=self.device)
         dist.irecv(buffer, peer, tag=_tag(mb, backward)).wait()
         return buffer
+
+
+class _Sends:
+    """Sends in flight by (kind, micro-batch); ``complete`` waits on one the peer has received, freeing its
+    buffer. ``released_by_forward[m]``: the gradients sent upstream that have arrived once the upstream
+    stage's forward of micro-batch m does (it runs after their backwards)."""
+
+    def __init__(self, released_by_forward: dict[int, tuple[int, ...]]):
+        self.works: dict[tuple[str, int], dist.Work] = {}
+        self.released_by_forward = released_by_forward
+
+    def add(self, kind: str, mb: int, work: dist.Work) -> None:
+        self.works[kind, mb] = work
+
+    def complete(self, kind: str, mb: int) -> None:
+        work = self.works.pop((kind, mb), None)
+        if work is not None:
+            work.wait()
+
+    def upstream_sent_forward(self, mb: int) -> None:
+        for backward in self.released_by_forward.get(mb, ()):
+            self.complete("B", backward)
+
+    def wait_all(self) -> None:
+        for work in self.works.values():
+            work.wait()
+        self.works.clear()
+
+
+def _backwards_before_forwards(actions: tuple[Action, ...]) -> dict[int, tuple[int, ...]]:
+    """For each forward in ``actions``, the backwards that run before it and after the previous forward."""
+    out, since_last = {}, []
+    for action in actions:
+        if action.kind == "B":
+            since_last.append(action.micro_batch)
+        else:
+            out[action.micro_batch], since_last = tuple(since_last), []
+    return out
 
 
 # -- one message per transfer: values packed into one byte buffer ------------------------------------------

@@ -77,7 +77,9 @@ class Trainer:
         self.sync: GradSync = apply_data_parallel(self.stage, program, plan)
         params = list(self.stage.parameters())
         self.optimizer = optimizer(params) if optimizer else torch.optim.Adam(params, lr=config.lr)
-        self.actions = SCHEDULES[plan.pipeline](plan.pp, self.stage.layout.stage, plan.chunks)
+        stage = self.stage.layout.stage
+        self.actions = SCHEDULES[plan.pipeline](plan.pp, stage, plan.chunks)
+        self.upstream_actions = SCHEDULES[plan.pipeline](plan.pp, stage - 1, plan.chunks) if stage > 0 else ()
         autocast = torch.bfloat16 if config.mixed_precision == "bf16" else None
         self.executor = StageExecutor(self.stage, self.sync, plan.chunks, self.device, autocast)
         self.steps_done = 0
@@ -117,7 +119,7 @@ class Trainer:
         """One optimizer step on the global ``batch``; returns its mean loss (the same on every rank)."""
         micro_batches = self.micro_batches(batch)  # user errors surface here, before any communication
         with self._communication_errors():
-            losses = self.executor.run(self.actions, micro_batches, self._seeds())
+            losses = self.executor.run(self.actions, micro_batches, self._seeds(), self.upstream_actions)
             self.sync.finish()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

@@ -104,6 +104,24 @@ def test_memory_phases_of_a_step():
     assert InFlight(2, 2).layer_bytes(100, 10, 20, 5) == 100 + 2 * 10  # gradients of earlier micro-batches
 
 
+def test_a_backward_adding_to_a_stored_gradient_holds_the_largest_weight_gradient():
+    profile = synthetic_profile()
+    block = dataclasses.replace(profile.types["blk"], largest_param_count=300_000)
+    model = CostModel(dataclasses.replace(profile, types={"blk": block}), uniform_hardware())
+    assert model.layer_cost("blk", S(tp=2, dp=1), 8).accumulate_bytes == 300_000 // 2 * 4   # TP splits the weight
+    assert model.layer_cost("blk", S(tp=2, dp=2, sp="ulysses"), 8).accumulate_bytes == 300_000 * 4   # Ulysses does not
+    # ZeRO's unsharded gradients are new in every backward: nothing is added to
+    assert model.layer_cost("blk", S(dp=4, dp_type="zero3"), 8).accumulate_bytes == 0
+    # a plain layer (gradients made by the step's first backward) adds only in later backwards
+    plain = LayerCost(0, 0, 0, 100, 30, 5, grad_bytes=20, accumulate_bytes=7)
+    assert InFlight(1, 0).stage_peak([plain]) == 80 + 30 + 5
+    assert InFlight(2, 2).stage_peak([plain]) == 100 + 2 * 30 + 5 + 7
+    # DDP's buckets persist between steps: the first backward adds too
+    ddp = dataclasses.replace(plain, grad_bytes=0)
+    assert InFlight(1, 0).stage_peak([ddp]) == 100 + 30 + 5 + 7
+    assert plain.transient_bound_bytes == 12   # the search's bound covers it
+
+
 def test_stage_peak_walks_the_backward_layer_by_layer():
     # the first layer's transient (60) comes when the second has freed its activations (50) and made its
     # gradient (20): 160 states without gradients + 20 + the first layer's 10 + 60
@@ -122,11 +140,12 @@ def test_stage_peak_walks_the_backward_layer_by_layer():
     for _ in range(200):
         held_first = int(rng.integers(1, 5))
         held = InFlight(held_first, held_first - int(rng.integers(0, 2)))  # as InFlight.of makes them
-        layers = [LayerCost(0, 0, 0, int(s), int(a), int(x), int(g), int(t)) for s, a, x, g, t in
-                  zip(*(rng.integers(0, 1000, int(rng.integers(1, 6))) for _ in range(5)))]
-        layers = [dataclasses.replace(c, grad_bytes=min(c.grad_bytes, c.model_state_bytes)) for c in layers]
+        layers = [LayerCost(0, 0, 0, int(s), int(a), int(x), int(g), int(t), int(u)) for s, a, x, g, t, u in
+                  zip(*(rng.integers(0, 1000, int(rng.integers(1, 6))) for _ in range(6)))]
+        layers = [dataclasses.replace(c, grad_bytes=min(c.grad_bytes, c.model_state_bytes) * int(rng.integers(0, 2)))
+                  for c in layers]   # grad_bytes 0: DDP's persistent buckets
         bound = sum(held.layer_bytes(c.model_state_bytes, c.activation_bytes, c.grad_bytes, c.optimizer_temp_bytes) for c in layers)
-        assert held.stage_peak(layers) <= bound + max(c.peak_extra_bytes for c in layers)
+        assert held.stage_peak(layers) <= bound + max(c.transient_bound_bytes for c in layers)
 
 
 def test_single_micro_batch_plans_count_gradients_only_where_they_peak():

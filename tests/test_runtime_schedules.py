@@ -3,7 +3,7 @@ an order that lets neighbouring stages meet; 1F1B bounds the micro-batches in fl
 
 import pytest
 
-from galvatron_fx.runtime.schedules import SCHEDULES, gpipe, one_f_one_b
+from galvatron_fx.runtime.schedules import SCHEDULES, Action, _backwards_before_forwards, _Sends, gpipe, one_f_one_b
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
@@ -97,3 +97,31 @@ def test_tied_parameters_under_every_name_carry_gradients():
     for node in fetched:  # every fetch of a parameter, and every floating value computed from it directly
         assert node.name in names
         assert all(user.name in names for user in node.users if user.meta["val"].dtype.is_floating_point)
+
+
+def test_sends_are_waited_on_once_the_peer_has_received_them():
+    """Gloo reports a send complete only when waited on: the executor waits (freeing the buffer) as soon as
+    the peer is known to have the message, so sent buffers do not pile up over a step."""
+    # stage 1 of 4 under 1F1B: F0 F1 F2 B0 F3 B1 B2 B3; a gradient sent to it for micro-batch 0 has
+    # arrived once it sends forward micro-batch 3
+    upstream = one_f_one_b(4, 1, 4)
+    assert _backwards_before_forwards(upstream) == {0: (), 1: (), 2: (), 3: (0,)}
+    assert _backwards_before_forwards(gpipe(4, 1, 4)) == {0: (), 1: (), 2: (), 3: ()}
+
+    class Work:
+        def __init__(self):
+            self.waited = False
+
+        def wait(self):
+            self.waited = True
+
+    sends = _Sends(_backwards_before_forwards(upstream))
+    forward, grad0, grad1 = Work(), Work(), Work()
+    sends.add("F", 0, forward), sends.add("B", 0, grad0), sends.add("B", 1, grad1)
+    sends.complete("F", 0)   # its gradient came back
+    sends.upstream_sent_forward(2)
+    assert forward.waited and not grad0.waited
+    sends.upstream_sent_forward(3)
+    assert grad0.waited and not grad1.waited and set(sends.works) == {("B", 1)}
+    sends.wait_all()
+    assert grad1.waited and not sends.works

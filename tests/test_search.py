@@ -31,6 +31,11 @@ class ToyLayerCost:
     peak_extra_bytes: int = 0
     grad_bytes: int = 0  # part of model_state_bytes
     optimizer_temp_bytes: int = 0
+    accumulate_bytes: int = 0
+
+    @property
+    def transient_bound_bytes(self) -> int:
+        return self.peak_extra_bytes + self.accumulate_bytes
 
 
 @functools.lru_cache(maxsize=None)
