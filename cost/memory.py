@@ -14,11 +14,11 @@ the optimizer step; the optimizer step holds gradients and its own temporaries. 
 - ``InFlight.stage_peak``, the prediction: the stage's backward walked layer by layer, last to first. While
   a layer's backward runs, the micro-batch under backward has freed the activations of the layers after it
   and (in a step's first backward) only those layers have gradients; the layer's transient comes on top.
-- ``InFlight.layer_bytes`` summed over the layers plus the largest transient (``LayerCost.transient_bound_bytes``),
-  the search's budget: each
-  layer in its own worst phase, all transients at the peak of all activations. It is additive over layers,
-  which the search's fronts need, and never below ``stage_peak``; the two agree when every layer of the
-  stage peaks in the same phase with the same transient.
+- ``InFlight.layer_bytes`` summed over the layers plus the largest transient
+  (``LayerCost.transient_bound_bytes``), the search's budget: each layer in its own worst phase, all
+  transients at the peak of all activations. It is additive over layers, which the search's fronts need,
+  and never below ``stage_peak``; the two agree when every layer of the stage peaks in the same phase with
+  the same transient.
 
 Activation gradients: ``grad_working_bytes`` walks a layer's backward node by node, net of the activations
 it frees on the way; the cost model adds it to the layer's transient.

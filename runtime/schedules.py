@@ -13,10 +13,10 @@ between a pair of ranks, which cannot deadlock. Gloo reports a send complete onl
 a sent buffer would live to the end of the step: each send is waited on (and its buffer freed) as soon as
 the peer is known to have received it, which never blocks: an activation sent downstream once its gradient
 has come back, a gradient sent upstream once the upstream stage sends a forward it runs after that
-backward. Each transfer is one message: the values crossing a cut
-packed into one byte buffer (one latency per micro-batch and direction, not one per value); gradients
-travel back only for values that can carry one (``StageModule.grad_names``: the rotary tables and masks
-a cut also carries do not), zeros where the receiving stage left one unused.
+backward. Each transfer is one message: the values crossing a cut packed into one byte buffer (one
+latency per micro-batch and direction, not one per value); gradients travel back only for values that can
+carry one (``StageModule.grad_names``: the rotary tables and masks a cut also carries do not), zeros where
+the receiving stage left one unused.
 """
 
 from __future__ import annotations
@@ -135,7 +135,8 @@ class StageExecutor:
             torch.autograd.backward(outputs[0])
         else:
             grads = self._recv_grads(mb)
-            sends.complete("F", mb)   # its gradient came back: the next stage has received it
+            if grads:
+                sends.complete("F", mb)   # its gradient came back: the next stage has received it
             pairs = [(out, grads[spec.name].to(out.dtype)) for out, spec in zip(outputs, self.stage.send_specs)
                      if spec.name in grads and out.requires_grad]
             if pairs:
