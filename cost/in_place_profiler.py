@@ -14,7 +14,9 @@ that divides the world and the heads, and for two micro-batch sizes, this module
    ``world / tp`` groups, so each layer runs ``k · tp`` samples per group),
 2. runs the stage once without gradients, which leaves every layer's real, laid-out inputs in its env,
 3. times forward and backward of one body layer per type that follows another body layer (its input needs
-   no layout move) with ``layer_profiler.time_layer``, the one-process profile's loop,
+   no layout move), in rounds that take one call of every (layer, TP degree, size) in turn, all ranks
+   starting each call together: a disturbance of the machine lasting seconds then spreads over every point
+   instead of moving one point of a fit (and with it the fit's intercept by tens of milliseconds),
 
 and the driver fits ``time(samples per group)`` from the slowest rank (``fit_time_formula``) into
 ``LayerTypeProfile.in_place_times[world][tp]``.
@@ -22,18 +24,19 @@ and the driver fits ``time(samples per group)`` from the slowest rank (``fit_tim
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 import warnings
-from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
 from galvatron_fx.errors import ProfileError
 from galvatron_fx.plan import LayerStrategy, Plan
 
-from .layer_profiler import time_layer
+from .layer_profiler import time_layer_once
 from .model_profile import LayerTypeProfile, ModelProfile, fit_time_formula
 
 Builder = Callable[[int, int], "tuple[torch.nn.Module, dict[str, Any]]"]
@@ -97,7 +100,7 @@ def _time_in_place(rank: int, world: int, build: Builder, seq: int, degrees: lis
 
     warnings.simplefilter("ignore")
     device = groups.current_device()
-    out: dict[str, dict[int, list]] = {}
+    timed = []   # (layer key, tp, samples per group, module, inputs)
     for tp in degrees:
         for k in samples_per_rank:
             model, batch = build(k * world, seq)
@@ -112,10 +115,19 @@ def _time_in_place(rank: int, world: int, build: Builder, seq: int, degrees: lis
             with torch.no_grad():
                 stage(values)  # the stage writes every layer's outputs into ``values``: the inputs timed below
             for layer in _representatives(stage, with_ends=tp == 1):
-                inputs = [values[name] for name in layer.input_names]
-                fwd_s, bwd_s = time_layer(SimpleNamespace(module=stage.layers[layer.name]), inputs, device, warmup, repeats)
                 key = layer.kind if layer.kind in ENDS else layer.layer_type
-                out.setdefault(key, {}).setdefault(tp, []).append((k * tp, seq, fwd_s, bwd_s))
+                timed.append((key, tp, k * tp, stage.layers[layer.name], [values[name] for name in layer.input_names]))
+    calls: list[list[tuple[float, float]]] = [[] for _ in timed]
+    for round_ in range(warmup + repeats):
+        for i, (_, _, _, module, inputs) in enumerate(timed):
+            dist.barrier()   # every rank starts the call together, as in a training step
+            times = time_layer_once(module, inputs, device)
+            if round_ >= warmup:
+                calls[i].append(times)
+    out: dict[str, dict[int, list]] = {}
+    for (key, tp, samples, _, _), times in zip(timed, calls):
+        fwd_s, bwd_s = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+        out.setdefault(key, {}).setdefault(tp, []).append((samples, seq, fwd_s, bwd_s))
     return out
 
 

@@ -34,31 +34,31 @@ def _sync(device: torch.device) -> None:
 
 def time_layer(layer, inputs: Sequence[Any], device: torch.device, warmup: int = 1, repeats: int = 3) -> tuple[float, float]:
     """Median (forward, backward) seconds of ``layer.module`` on ``inputs``."""
-    params = list(layer.module.parameters())
+    times = [time_layer_once(layer.module, inputs, device) for _ in range(warmup + repeats)][warmup:]
+    return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+
+
+def time_layer_once(module: torch.nn.Module, inputs: Sequence[Any], device: torch.device) -> tuple[float, float]:
+    """(forward, backward) seconds of one call of ``module`` on ``inputs``; its gradients are dropped after."""
 
     def forward():
         leaves = [x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x for x in inputs]
         with torch.enable_grad():
-            outputs = layer.module(*leaves)
+            outputs = module(*leaves)
         return [o for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad]
 
-    fwd_times, bwd_times = [], []
-    for step in range(warmup + repeats):
-        _sync(device)
-        start = time.perf_counter()
-        outputs = forward()
-        _sync(device)
-        middle = time.perf_counter()
-        if outputs:
-            torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
-        _sync(device)
-        end = time.perf_counter()
-        for p in params:
-            p.grad = None
-        if step >= warmup:
-            fwd_times.append(middle - start)
-            bwd_times.append(end - middle)
-    return statistics.median(fwd_times), statistics.median(bwd_times)
+    _sync(device)
+    start = time.perf_counter()
+    outputs = forward()
+    _sync(device)
+    middle = time.perf_counter()
+    if outputs:
+        torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
+    _sync(device)
+    end = time.perf_counter()
+    for param in module.parameters():
+        param.grad = None
+    return middle - start, end - middle
 
 
 def profile_model(build: Builder, batches: Sequence[int] = (2, 4, 8), seqs: Sequence[int] = (32,), *,
