@@ -8,7 +8,7 @@ steps miss time, and by amounts that vary with the layer: how much two ranks slo
 the work, and a rank waits in each TP collective for peers the scheduler has not run yet, over a layer's
 four collectives. Timing the lowered layer itself, with every rank of the world running its group's copy,
 holds all of it in one figure. For TP degree 1 (with the embedding and the head) and each degree above
-that divides the world and the heads, and for two micro-batch sizes, this module
+that divides the world and the heads, and for two or more micro-batch sizes, this module
 
 1. captures the model at ``k`` samples per rank and lowers a uniform plan (``tp`` ranks per group,
    ``world / tp`` groups, so each layer runs ``k · tp`` samples per group),
