@@ -1,16 +1,17 @@
 """Cost-model accuracy: predicted against measured iteration time and peak memory per rank.
 
 1. Profile this machine: ``galvatron-fx profile-hardware`` on 2 and 4 processes (gloo on CPU, NCCL on
-   GPUs), and each model's layer types with the measured model profiler.
+   GPUs), and each model's layer types with the measured model profiler, one process and in place.
 2. For every plan (uniform and heterogeneous; PP, TP, DP, ZeRO-2/3, checkpointing) of a GPT-2-like and a
-   BERT-like model: predict with ``CostModel.evaluate``, then train it on fresh processes (one launch per
-   plan) — warm-up steps, timed steps (median; the slowest rank counts), steps under the peak-memory
-   meter (common.py).
+   BERT-like model: train it on fresh processes (one launch per plan) — warm-up steps, timed steps
+   (median; the slowest rank counts), steps under the peak-memory meter (common.py). With
+   ``--reprofile`` the layers are timed in place once more after a model's plans, and the two passes
+   averaged: the machine's speed drifts over the minutes of a run. Then predict with ``CostModel.evaluate``.
 3. Report per plan and overall: time error, memory error per rank, Spearman rank correlation of
    predicted and measured time, throughput and MFU; JSON to benchmarks/results/cost_accuracy.json.
 
     python benchmarks/cost_accuracy.py                 # the full run (about 10 minutes on 2 CPU cores)
-    python benchmarks/cost_accuracy.py --reprofile     # measure the hardware and models again first
+    python benchmarks/cost_accuracy.py --reprofile     # measure the hardware and models again (about 15 minutes)
 """
 
 from __future__ import annotations
@@ -183,6 +184,9 @@ def hardware_profile(world: int, folder: Path, source: str, reprofile: bool):
     return HardwareProfile.load(path)
 
 
+IN_PLACE_SAMPLES = (2, 4, 8)   # three sizes: one disturbed point moves a two-point fit's intercept by tens of ms
+
+
 def model_profile(name: str, shape: str, folder: Path, reprofile: bool, worlds: Sequence[int], repeats: int = 10):
     """The measured model profile: layer types timed here, one thread, as each rank runs; and timed in place
     on each of ``worlds`` processes (cost/in_place_profiler.py)."""
@@ -201,10 +205,25 @@ def model_profile(name: str, shape: str, folder: Path, reprofile: bool, worlds: 
             profile = profile_model(build, batches=(2, 4, 8), seqs=(SHAPES[shape]["seq"],), repeats=repeats, progress=False,
                                     name=name, device=device)
         torch.set_num_threads(threads)
-        for world in worlds:   # three sizes: one disturbed point moves a two-point fit's intercept by tens of ms
-            measure_in_place(profile, build, world, samples_per_rank=(2, 4, 8), repeats=repeats, backend=backend(), progress=False)
+        for world in worlds:
+            measure_in_place(profile, build, world, samples_per_rank=IN_PLACE_SAMPLES, repeats=repeats, backend=backend(), progress=False)
         profile.save(path)
     return ModelProfile.load(path)
+
+
+def in_place_again(name: str, shape: str, folder: Path, worlds: Sequence[int], repeats: int = 10):
+    """The model profile with its in-place times taken once more and averaged with the stored pass: a pass
+    before the measurements and one after price them at the machine's mean speed over the run."""
+    from galvatron_fx.cost.in_place_profiler import measure_in_place
+    from galvatron_fx.cost.model_profile import ModelProfile
+
+    path = folder / f"model_profile_{name}_{shape}.json"
+    profile = ModelProfile.load(path)
+    for world in worlds:
+        measure_in_place(profile, functools.partial(build_model, name, shape), world, samples_per_rank=IN_PLACE_SAMPLES,
+                         repeats=repeats, backend=backend(), progress=False, merge=True)
+    profile.save(path)
+    return profile
 
 
 # -- statistics ----------------------------------------------------------------------------------------
@@ -266,9 +285,9 @@ def main(argv=None) -> dict:
     for model_name in args.models.split(","):
         profile = model_profile(model_name, args.shape, folder, args.reprofile, worlds)
         flops_per_step = model_flops_per_sample(profile) * GLOBAL_BATCH
+        measured = {}
         for world in worlds:
             cases = plans(world, len(profile.layer_types), model_name)[:args.max_plans]
-            cost = CostModel(profile, hardware[world])
             if previous is not None:  # the measurements of an earlier run, priced again
                 per_rank = _measured_again(previous, model_name, world, cases)
             else:
@@ -276,6 +295,11 @@ def main(argv=None) -> dict:
                 # reach the next plan's memory or time
                 launches = [spawn(run_plans, world, model_name, args.shape, [case], args.warmup, args.repeats) for case in cases]
                 per_rank = [[r for launch in launches for r in launch[rank]] for rank in range(world)]
+            measured[world] = (cases, per_rank)
+        if args.reprofile and previous is None:   # the in-place times again, after the measurements they price
+            profile = in_place_again(model_name, args.shape, folder, worlds)
+        for world, (cases, per_rank) in measured.items():
+            cost = CostModel(profile, hardware[world])
             for name, plan in cases:
                 results = [r for rank in per_rank for r in rank if r["plan"] == name]
                 if not results:

@@ -55,9 +55,12 @@ def tp_degrees(world: int, num_heads: int) -> list[int]:
 
 
 def measure_in_place(profile: ModelProfile, build: Builder, world: int, *, samples_per_rank: Sequence[int] = (2, 4),
-                     warmup: int = 2, repeats: int = 10, backend: str = "gloo", progress: bool = True) -> ModelProfile:
+                     warmup: int = 2, repeats: int = 10, backend: str = "gloo", progress: bool = True,
+                     merge: bool = False) -> ModelProfile:
     """Time ``profile``'s layer types in place on ``world`` processes for every degree of ``tp_degrees``
     and store the fits in each ``LayerTypeProfile.in_place_times[world]`` (in place; returns the profile).
+    With ``merge``, the fits are of the mean of this pass's points and the earlier passes' stored in the
+    profile (the same ``samples_per_rank``): passes taken minutes apart average out the machine's drift.
 
     ``build(batch, seq)`` builds the model and a batch, as for ``profile_model``; it runs in the spawned
     processes, so it must pickle (a module-level function, or a ``functools.partial`` of one).
@@ -72,17 +75,33 @@ def measure_in_place(profile: ModelProfile, build: Builder, world: int, *, sampl
     started = time.perf_counter()
     per_rank = spawn(_time_in_place, world, build, profile.seq_length, degrees, tuple(samples_per_rank), warmup, repeats,
                      backend=backend, timeout_s=3600.0, collective_timeout_s=600.0)
+    stored = profile.extra.setdefault("in_place_measurements", {}).setdefault(str(world), {})
+    passes = profile.extra.setdefault("in_place_passes", {})
+    earlier = passes.get(str(world), 0) if merge else 0
     for key, by_tp in per_rank[0].items():
         for tp, points in by_tp.items():
             # points are (samples per group, seq, forward s, backward s); the slowest rank's count
             slowest = [max((rank[key][tp][i] for rank in per_rank), key=lambda p: p[2] + p[3]) for i in range(len(points))]
+            if earlier:
+                slowest = running_mean(stored[key][str(tp)], slowest, earlier)
             times = (fit_time_formula([(b, s, f) for b, s, f, _ in slowest]),
                      fit_time_formula([(b, s, w) for b, s, _, w in slowest]))
             _part(profile, key).in_place_times.setdefault(world, {})[int(tp)] = times
-            profile.extra.setdefault("in_place_measurements", {}).setdefault(str(world), {}).setdefault(key, {})[str(tp)] = slowest
+            stored.setdefault(key, {})[str(tp)] = slowest
+    passes[str(world)] = earlier + 1
     if progress:
         sys.stderr.write(f"timed layers in place (tp {degrees}) on {world} processes in {time.perf_counter() - started:.1f}s\n")
     return profile
+
+
+def running_mean(mean_points: list, new_points: list, passes: int) -> list:
+    """(samples, seq, forward s, backward s) points: the mean over ``passes`` earlier passes, updated with
+    one more pass at the same sizes."""
+    if [tuple(p[:2]) for p in mean_points] != [tuple(p[:2]) for p in new_points]:   # JSON gives lists
+        raise ProfileError("the stored in-place points are at other sizes than this pass's",
+                           "merge passes taken with the same samples_per_rank, or profile again without merging")
+    return [(b, s, (f0 * passes + f) / (passes + 1), (w0 * passes + w) / (passes + 1))
+            for (_, _, f0, w0), (b, s, f, w) in zip(mean_points, new_points)]
 
 
 def _part(profile: ModelProfile, key: str) -> LayerTypeProfile:

@@ -111,3 +111,15 @@ def test_profile_model_times_each_degree_on_gloo_processes(tmp_path, capsys):
     with pytest.raises(ProfileError, match="two sizes"):
         measure_in_place(profile, build, 2, samples_per_rank=(2, 2))
     assert main(["profile-model", "gpt2", "--mode", "analytic", "--in-place", "2", "--out", str(out)]) == 2
+
+
+def test_passes_taken_apart_are_averaged_point_by_point():
+    from galvatron_fx.cost.in_place_profiler import running_mean
+    from galvatron_fx.errors import ProfileError
+
+    stored = [[2, 64, 0.010, 0.020], [4, 64, 0.020, 0.040]]   # as JSON gives them back: the mean of 3 passes
+    new = [(2, 64, 0.014, 0.028), (4, 64, 0.024, 0.036)]
+    mean = running_mean(stored, new, passes=3)
+    assert mean == [(2, 64, pytest.approx(0.011), pytest.approx(0.022)), (4, 64, pytest.approx(0.021), pytest.approx(0.039))]
+    with pytest.raises(ProfileError, match="other sizes"):
+        running_mean(stored, [(2, 64, 0.01, 0.02), (8, 64, 0.02, 0.04)], passes=1)
