@@ -14,9 +14,9 @@ that divides the world and the heads, and for two or more micro-batch sizes, thi
    ``world / tp`` groups, so each layer runs ``k · tp`` samples per group),
 2. runs the stage once without gradients, which leaves every layer's real, laid-out inputs in its env,
 3. times forward and backward of one body layer per type that follows another body layer (its input needs
-   no layout move), in rounds that take one call of every (layer, TP degree, size) in turn, all ranks
-   starting each call together: a disturbance of the machine lasting seconds then spreads over every point
-   instead of moving one point of a fit (and with it the fit's intercept by tens of milliseconds),
+   no layout move), in rounds that take one call of every (layer, TP degree, size) in turn: a disturbance
+   of the machine lasting seconds then spreads over every point instead of moving one point of a fit
+   (and with it the fit's intercept by tens of milliseconds),
 
 and the driver fits ``time(samples per group)`` from the slowest rank (``fit_time_formula``) into
 ``LayerTypeProfile.in_place_times[world][tp]``.
@@ -31,7 +31,6 @@ import warnings
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.distributed as dist
 
 from galvatron_fx.errors import ProfileError
 from galvatron_fx.plan import LayerStrategy, Plan
@@ -137,9 +136,10 @@ def _time_in_place(rank: int, world: int, build: Builder, seq: int, degrees: lis
                 key = layer.kind if layer.kind in ENDS else layer.layer_type
                 timed.append((key, tp, k * tp, stage.layers[layer.name], [values[name] for name in layer.input_names]))
     calls: list[list[tuple[float, float]]] = [[] for _ in timed]
+    # no barrier between calls: in a step a rank that finishes a layer early goes on computing, and the
+    # slowest rank's time includes that contention (a rank idling at a barrier would leave it the cores)
     for round_ in range(warmup + repeats):
         for i, (_, _, _, module, inputs) in enumerate(timed):
-            dist.barrier()   # every rank starts the call together, as in a training step
             times = time_layer_once(module, inputs, device)
             if round_ >= warmup:
                 calls[i].append(times)
