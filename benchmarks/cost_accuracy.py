@@ -194,7 +194,7 @@ def model_profile(name: str, shape: str, folder: Path, reprofile: bool, worlds: 
     from galvatron_fx.cost.layer_profiler import profile_model
     from galvatron_fx.cost.model_profile import ModelProfile
 
-    path = folder / f"model_profile_{name}_{shape}.json"
+    path = _model_profile_path(name, shape, folder)
     build = functools.partial(build_model, name, shape)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if reprofile or not path.exists():
@@ -217,13 +217,17 @@ def in_place_again(name: str, shape: str, folder: Path, worlds: Sequence[int], r
     from galvatron_fx.cost.in_place_profiler import measure_in_place
     from galvatron_fx.cost.model_profile import ModelProfile
 
-    path = folder / f"model_profile_{name}_{shape}.json"
+    path = _model_profile_path(name, shape, folder)
     profile = ModelProfile.load(path)
     for world in worlds:
         measure_in_place(profile, functools.partial(build_model, name, shape), world, samples_per_rank=IN_PLACE_SAMPLES,
                          repeats=repeats, backend=backend(), progress=False, merge=True)
     profile.save(path)
     return profile
+
+
+def _model_profile_path(name: str, shape: str, folder: Path) -> Path:
+    return folder / f"model_profile_{name}_{shape}.json"
 
 
 # -- statistics ----------------------------------------------------------------------------------------

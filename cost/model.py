@@ -425,6 +425,7 @@ class CostModel:
         return Prediction(iteration_s, plan.global_batch / iteration_s if iteration_s > 0 else float("inf"),
                           tuple(memory), tuple(int(b) for b in bound))
 
+
 def _forward_order(body: list[LayerCost], part: LayerCost, first_stage: bool, last_stage: bool,
                    head_working_bytes: float) -> list[LayerCost]:
     """A stage's costs in forward order, for the memory walk: the embedding before the body layers, the head

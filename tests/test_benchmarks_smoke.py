@@ -36,7 +36,6 @@ def test_peak_step_bytes_counts_live_tensors_at_their_peak():
     assert 5 * MiB <= peak < 5 * MiB + 1024  # the scalar sum adds a few bytes
 
 
-
 def test_peak_step_bytes_ignores_what_an_earlier_measurement_left_in_the_count():
     kept = []
 
@@ -50,6 +49,7 @@ def test_peak_step_bytes_ignores_what_an_earlier_measurement_left_in_the_count()
     kept.clear()
     peak = common.peak_step_bytes(step, torch.device("cpu"), lambda: [])
     assert 2 * MiB <= peak < 2 * MiB + 1024
+
 
 def test_peak_step_bytes_counts_frees_on_other_threads():
     # gloo's worker threads free the copies a collective makes: a free there must lower the count too

@@ -7,7 +7,7 @@ import functools
 import pytest
 
 from galvatron_fx.cli import main
-from galvatron_fx.cost.in_place_profiler import measure_in_place, tp_degrees
+from galvatron_fx.cost.in_place_profiler import measure_in_place, running_mean, tp_degrees
 from galvatron_fx.cost.model import CostModel
 from galvatron_fx.cost.model_profile import ModelProfile, fit_time_formula
 from galvatron_fx.errors import ProfileError
@@ -114,9 +114,6 @@ def test_profile_model_times_each_degree_on_gloo_processes(tmp_path, capsys):
 
 
 def test_passes_taken_apart_are_averaged_point_by_point():
-    from galvatron_fx.cost.in_place_profiler import running_mean
-    from galvatron_fx.errors import ProfileError
-
     stored = [[2, 64, 0.010, 0.020], [4, 64, 0.020, 0.040]]   # as JSON gives them back: the mean of 3 passes
     new = [(2, 64, 0.014, 0.028), (4, 64, 0.024, 0.036)]
     mean = running_mean(stored, new, passes=3)
