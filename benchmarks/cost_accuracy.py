@@ -3,15 +3,17 @@
 1. Profile this machine: ``galvatron-fx profile-hardware`` on 2 and 4 processes (gloo on CPU, NCCL on
    GPUs), and each model's layer types with the measured model profiler, one process and in place.
 2. For every plan (uniform and heterogeneous; PP, TP, DP, ZeRO-2/3, checkpointing) of a GPT-2-like and a
-   BERT-like model: train it on fresh processes (one launch per plan) — warm-up steps, timed steps
-   (median; the slowest rank counts), steps under the peak-memory meter (common.py). With
-   ``--reprofile`` the layers are timed in place once more after a model's plans, and the two passes
-   averaged: the machine's speed drifts over the minutes of a run. Then predict with ``CostModel.evaluate``.
+   BERT-like model: train it on fresh processes (one launch per plan and round) — warm-up steps, timed
+   steps (median of both rounds' steps; the slowest rank counts), steps under the peak-memory meter
+   (common.py) in the first round. The machine's speed drifts over the minutes of a run, so the second
+   round runs the plans in reverse order, and with ``--reprofile`` the layers are timed in place once more
+   after a model's plans and the two passes averaged: measurements and profile both centre on the middle
+   of the run. Then predict with ``CostModel.evaluate``.
 3. Report per plan and overall: time error, memory error per rank, Spearman rank correlation of
    predicted and measured time, throughput and MFU; JSON to benchmarks/results/cost_accuracy.json.
 
-    python benchmarks/cost_accuracy.py                 # the full run (about 10 minutes on 2 CPU cores)
-    python benchmarks/cost_accuracy.py --reprofile     # measure the hardware and models again (about 15 minutes)
+    python benchmarks/cost_accuracy.py                 # the full run (about 15 minutes on 2 CPU cores)
+    python benchmarks/cost_accuracy.py --reprofile     # measure the hardware and models again (about 22 minutes)
 """
 
 from __future__ import annotations
@@ -111,8 +113,9 @@ class Trainers:
 
 
 def run_plans(rank: int, world: int, model_name: str, shape: str, cases: list[tuple[str, Plan]],
-              warmup: int, repeats: int, global_batch: int = GLOBAL_BATCH) -> list[dict]:
-    """Spawned worker: train every plan; per plan the step times, the peak bytes and this rank's stage."""
+              warmup: int, repeats: int, global_batch: int = GLOBAL_BATCH, measure_memory: bool = True) -> list[dict]:
+    """Spawned worker: train every plan; per plan the step times, the peak bytes (None without
+    ``measure_memory``) and this rank's stage."""
     from galvatron_fx.errors import GalvatronError
 
     warnings.simplefilter("ignore")
@@ -127,11 +130,34 @@ def run_plans(rank: int, world: int, model_name: str, shape: str, cases: list[tu
         step = lambda: trainer.step(batch)  # noqa: E731
         times = time_steps(step, device, warmup, repeats)
         # the DDP buckets hold the gradients between steps
-        peak = peak_step_bytes(step, device, lambda: training_state(trainer.stage, trainer.optimizer) + trainer.sync.grad_buffers())
+        peak = peak_step_bytes(step, device, lambda: training_state(trainer.stage, trainer.optimizer) + trainer.sync.grad_buffers()) \
+            if measure_memory else None
         out.append({"plan": name, "rank": rank, "stage": trainer.stage.layout.stage, "times_s": times, "peak_bytes": peak})
         del trainer, step
         gc.collect()
     return out
+
+
+def measure_in_rounds(model_name: str, shape: str, cases_by_world: dict[int, list[tuple[str, Plan]]], warmup: int,
+                      repeats: int, rounds: int) -> dict[int, list[list[dict]]]:
+    """Per world, per rank: every plan's results, its step times pooled over ``rounds`` rounds. One process
+    launch per plan and round: state a runtime leaves behind (caches, hooks) must not reach the next plan's
+    memory or time. Every other round runs the plans in reverse order, so that each plan's measurements
+    centre on the middle of the run, as the profile passes before and after it do; the machine's speed
+    drifts by up to a quarter over minutes. Memory is measured in the first round (it does not drift)."""
+    order = [(world, case) for world, cases in cases_by_world.items() for case in cases]
+    pooled: dict[tuple[int, str], list[dict]] = {}
+    for round_ in range(rounds):
+        for world, case in order if round_ % 2 == 0 else order[::-1]:
+            ranks = spawn(run_plans, world, model_name, shape, [case], warmup, repeats, GLOBAL_BATCH, round_ == 0)
+            results = [r for rank in ranks for r in rank]
+            if (world, case[0]) not in pooled:
+                pooled[(world, case[0])] = results
+            elif not any("error" in r for r in results):
+                for first, again in zip(pooled[(world, case[0])], results):
+                    first["times_s"] = first["times_s"] + again["times_s"]
+    return {world: [[pooled[(world, name)][rank] for name, _ in cases] for rank in range(world)]
+            for world, cases in cases_by_world.items()}
 
 
 def compare_row(model_name: str, world: int, name: str, plan: Plan, prediction, results: list[dict], flops_per_step: float,
@@ -268,7 +294,8 @@ def main(argv=None) -> dict:
     # a fresh process's first three steps run up to 3x, 2x and 1.2x slower than later ones (allocations
     # warming up): three are left out; ten timed steps halve the spread of a median of five
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps per plan and round")
+    parser.add_argument("--rounds", type=int, default=2, help="launches per plan, spread over the run (step times pooled)")
     parser.add_argument("--max-plans", type=int, default=None, help="per model and world (smoke runs)")
     parser.add_argument("--hardware", choices=("measure", "cluster"), default="measure", help="profile-hardware, or the detected cluster's estimate")
     parser.add_argument("--reprofile", action="store_true", help="profile hardware and models again")
@@ -289,20 +316,15 @@ def main(argv=None) -> dict:
     for model_name in args.models.split(","):
         profile = model_profile(model_name, args.shape, folder, args.reprofile, worlds)
         flops_per_step = model_flops_per_sample(profile) * GLOBAL_BATCH
-        measured = {}
-        for world in worlds:
-            cases = plans(world, len(profile.layer_types), model_name)[:args.max_plans]
-            if previous is not None:  # the measurements of an earlier run, priced again
-                per_rank = _measured_again(previous, model_name, world, cases)
-            else:
-                # one process launch per plan: state a runtime leaves behind (caches, hooks) must not
-                # reach the next plan's memory or time
-                launches = [spawn(run_plans, world, model_name, args.shape, [case], args.warmup, args.repeats) for case in cases]
-                per_rank = [[r for launch in launches for r in launch[rank]] for rank in range(world)]
-            measured[world] = (cases, per_rank)
+        cases_by_world = {world: plans(world, len(profile.layer_types), model_name)[:args.max_plans] for world in worlds}
+        if previous is not None:  # the measurements of an earlier run, priced again
+            measured = {world: _measured_again(previous, model_name, world, cases) for world, cases in cases_by_world.items()}
+        else:
+            measured = measure_in_rounds(model_name, args.shape, cases_by_world, args.warmup, args.repeats, args.rounds)
         if args.reprofile and previous is None:   # the in-place times again, after the measurements they price
             profile = in_place_again(model_name, args.shape, folder, worlds)
-        for world, (cases, per_rank) in measured.items():
+        for world, per_rank in measured.items():
+            cases = cases_by_world[world]
             cost = CostModel(profile, hardware[world])
             for name, plan in cases:
                 results = [r for rank in per_rank for r in rank if r["plan"] == name]

@@ -91,6 +91,25 @@ def test_cost_accuracy_plans_cover_the_strategies():
     assert any(len(set(p.layers)) > 1 for p in plans) and any(len(set(p.pp_division)) > 1 for p in plans)
 
 
+def test_measuring_in_rounds_alternates_the_order_and_pools_step_times(monkeypatch):
+    launched = []
+
+    def fake_spawn(fn, world, model, shape, cases, warmup, repeats, batch, measure_memory):
+        (name, _), = cases
+        launched.append((world, name, measure_memory))
+        return [[{"plan": name, "rank": rank, "stage": 0, "times_s": [len(launched) + rank / 10],
+                  "peak_bytes": 1 if measure_memory else None}] for rank in range(world)]
+
+    monkeypatch.setattr(cost_accuracy, "spawn", fake_spawn)
+    by_world = {w: cost_accuracy.plans(w, 4, "gpt2")[:2] for w in (2, 4)}
+    measured = cost_accuracy.measure_in_rounds("gpt2", "tiny", by_world, 1, 1, rounds=3)
+    first = [(w, name) for w, cases in by_world.items() for name, _ in cases]
+    assert [(w, n) for w, n, _ in launched] == first + first[::-1] + first   # every other round reversed
+    assert [m for *_, m in launched] == [True] * 4 + [False] * 8              # memory in the first round only
+    dp4 = measured[4][3][0]                                                    # rank 3's first plan
+    assert dp4["plan"] == "dp4" and dp4["times_s"] == [3.3, 6.3, 11.3] and dp4["peak_bytes"] == 1
+
+
 def test_uniform_grid_and_search_keep_two_samples_per_rank():
     from galvatron_fx.cluster import Cluster
     from galvatron_fx.cost.model import CostModel
