@@ -7,8 +7,8 @@
    steps (median of both rounds' steps; the slowest rank counts), steps under the peak-memory meter
    (common.py) in the first round. The machine's speed drifts over the minutes of a run, so the second
    round runs the plans in reverse order, and with ``--reprofile`` the layers are timed in place once more
-   after a model's plans and the two passes averaged: measurements and profile both centre on the middle
-   of the run. Then predict with ``CostModel.evaluate``.
+   after each round and all passes averaged: measurements and profile both centre on the middle of the
+   run. Then predict with ``CostModel.evaluate``.
 3. Report per plan and overall: time error, memory error per rank, Spearman rank correlation of
    predicted and measured time, throughput and MFU; JSON to benchmarks/results/cost_accuracy.json.
 
@@ -26,7 +26,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -133,18 +133,19 @@ def run_plans(rank: int, world: int, model_name: str, shape: str, cases: list[tu
         peak = peak_step_bytes(step, device, lambda: training_state(trainer.stage, trainer.optimizer) + trainer.sync.grad_buffers()) \
             if measure_memory else None
         out.append({"plan": name, "rank": rank, "stage": trainer.stage.layout.stage, "times_s": times, "peak_bytes": peak})
-        del trainer, step
+        trainer = step = None   # the plan's state goes before the next plan's is built
         gc.collect()
     return out
 
 
 def measure_in_rounds(model_name: str, shape: str, cases_by_world: dict[int, list[tuple[str, Plan]]], warmup: int,
-                      repeats: int, rounds: int) -> dict[int, list[list[dict]]]:
-    """Per world, per rank: every plan's results, its step times pooled over ``rounds`` rounds. One process
-    launch per plan and round: state a runtime leaves behind (caches, hooks) must not reach the next plan's
-    memory or time. Every other round runs the plans in reverse order, so that each plan's measurements
-    centre on the middle of the run, as the profile passes before and after it do; the machine's speed
-    drifts by up to a quarter over minutes. Memory is measured in the first round (it does not drift)."""
+                      repeats: int, rounds: int, after_round: Callable[[], Any] = lambda: None) -> dict[int, list[list[dict]]]:
+    """Per world, per rank: every plan's results, its step times pooled over ``rounds`` rounds; ``after_round()``
+    runs after each. One process launch per plan and round: state a runtime leaves behind (caches, hooks)
+    must not reach the next plan's memory or time. Every other round runs the plans in reverse order, so
+    that each plan's measurements centre on the middle of the run, as profile passes spread over it do; the
+    machine's speed drifts by up to a quarter over minutes. Memory is measured in the first round (it does
+    not drift)."""
     order = [(world, case) for world, cases in cases_by_world.items() for case in cases]
     pooled: dict[tuple[int, str], list[dict]] = {}
     for round_ in range(rounds):
@@ -156,6 +157,7 @@ def measure_in_rounds(model_name: str, shape: str, cases_by_world: dict[int, lis
             elif not any("error" in r for r in results):
                 for first, again in zip(pooled[(world, case[0])], results):
                     first["times_s"] = first["times_s"] + again["times_s"]
+        after_round()
     return {world: [[pooled[(world, name)][rank] for name, _ in cases] for rank in range(world)]
             for world, cases in cases_by_world.items()}
 
@@ -238,8 +240,8 @@ def model_profile(name: str, shape: str, folder: Path, reprofile: bool, worlds: 
 
 
 def in_place_again(name: str, shape: str, folder: Path, worlds: Sequence[int], repeats: int = 10):
-    """The model profile with its in-place times taken once more and averaged with the stored pass: a pass
-    before the measurements and one after price them at the machine's mean speed over the run."""
+    """The model profile with its in-place times taken once more and averaged with the stored passes: passes
+    before, between and after the measurements price them at the machine's mean speed over the run."""
     from galvatron_fx.cost.in_place_profiler import measure_in_place
     from galvatron_fx.cost.model_profile import ModelProfile
 
@@ -320,9 +322,11 @@ def main(argv=None) -> dict:
         if previous is not None:  # the measurements of an earlier run, priced again
             measured = {world: _measured_again(previous, model_name, world, cases) for world, cases in cases_by_world.items()}
         else:
-            measured = measure_in_rounds(model_name, args.shape, cases_by_world, args.warmup, args.repeats, args.rounds)
-        if args.reprofile and previous is None:   # the in-place times again, after the measurements they price
-            profile = in_place_again(model_name, args.shape, folder, worlds)
+            # with --reprofile, the in-place times again after each round: the profile is the mean of passes
+            # spread over the measurements it prices
+            again = functools.partial(in_place_again, model_name, args.shape, folder, worlds) if args.reprofile else lambda: None
+            measured = measure_in_rounds(model_name, args.shape, cases_by_world, args.warmup, args.repeats, args.rounds, again)
+            profile = model_profile(model_name, args.shape, folder, False, worlds)   # with the passes of the rounds
         for world, per_rank in measured.items():
             cases = cases_by_world[world]
             cost = CostModel(profile, hardware[world])
