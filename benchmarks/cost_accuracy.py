@@ -6,14 +6,15 @@
    BERT-like model: train it on fresh processes (one launch per plan and round) — warm-up steps, timed
    steps (median of both rounds' steps; the slowest rank counts), steps under the peak-memory meter
    (common.py) in the first round. The machine's speed drifts over the minutes of a run, so the second
-   round runs the plans in reverse order, and with ``--reprofile`` the layers are timed in place once more
-   after each round and all passes averaged: measurements and profile both centre on the middle of the
-   run. Then predict with ``CostModel.evaluate``.
+   round runs the plans in reverse order; with ``--reprofile`` the layers are timed in place once more
+   after each round, the hardware profiled once more after each model, and the passes averaged
+   (``measure_in_place(merge=True)``, ``mean_profile``): measurements and profiles both centre on the
+   middle of the run. Then predict with ``CostModel.evaluate``.
 3. Report per plan and overall: time error, memory error per rank, Spearman rank correlation of
    predicted and measured time, throughput and MFU; JSON to benchmarks/results/cost_accuracy.json.
 
     python benchmarks/cost_accuracy.py                 # the full run (about 15 minutes on 2 CPU cores)
-    python benchmarks/cost_accuracy.py --reprofile     # measure the hardware and models again (about 22 minutes)
+    python benchmarks/cost_accuracy.py --reprofile     # measure the hardware and models again (about 26 minutes)
 """
 
 from __future__ import annotations
@@ -207,9 +208,25 @@ def hardware_profile(world: int, folder: Path, source: str, reprofile: bool):
         return Cluster.detect({"WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world)}).hardware_profile()
     path = folder / f"hardware_profile_{world}.json"
     if reprofile or not path.exists():
-        subprocess.run([sys.executable, "-m", "galvatron_fx.cli", "profile-hardware", "--nprocs", str(world),
-                        "--out", str(path), "--no-progress"], check=True)
+        _profile_hardware(world, path)
     return HardwareProfile.load(path)
+
+
+def hardware_pass(world: int, folder: Path):
+    """One more profile-hardware pass on ``world`` processes, not stored: the caller averages the passes."""
+    from galvatron_fx.cost.hardware import HardwareProfile
+
+    path = folder / f"hardware_profile_{world}.pass.json"
+    _profile_hardware(world, path)
+    try:
+        return HardwareProfile.load(path)
+    finally:
+        path.unlink()
+
+
+def _profile_hardware(world: int, path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "galvatron_fx.cli", "profile-hardware", "--nprocs", str(world),
+                    "--out", str(path), "--no-progress"], check=True)
 
 
 IN_PLACE_SAMPLES = (2, 4, 8)   # three sizes: one disturbed point moves a two-point fit's intercept by tens of ms
@@ -305,32 +322,43 @@ def main(argv=None) -> dict:
     parser.add_argument("--predict-only", default=None, metavar="JSON",
                         help="price the measurements of an earlier run's JSON again (after a cost-model or profile change)")
     args = parser.parse_args(argv)
+    from galvatron_fx.cost.hardware import mean_profile
     from galvatron_fx.cost.model import CostModel
 
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     worlds = [int(w) for w in args.worlds.split(",")]
     peak_flops, peak_source = device_peak_flops()
-    hardware = {w: hardware_profile(w, folder, args.hardware, args.reprofile) for w in worlds}
-    rows, failed = [], []
+    hardware_passes = {w: [hardware_profile(w, folder, args.hardware, args.reprofile)] for w in worlds}
     previous = {(r["model"], r["world"], r["plan"]): r for r in json.loads(Path(args.predict_only).read_text())["rows"]} \
         if args.predict_only else None
+    measured_models = []
     for model_name in args.models.split(","):
         profile = model_profile(model_name, args.shape, folder, args.reprofile, worlds)
-        flops_per_step = model_flops_per_sample(profile) * GLOBAL_BATCH
         cases_by_world = {world: plans(world, len(profile.layer_types), model_name)[:args.max_plans] for world in worlds}
         if previous is not None:  # the measurements of an earlier run, priced again
             measured = {world: _measured_again(previous, model_name, world, cases) for world, cases in cases_by_world.items()}
         else:
-            # with --reprofile, the in-place times again after each round: the profile is the mean of passes
-            # spread over the measurements it prices
+            # with --reprofile, the in-place times again after each round and the hardware after each model:
+            # the profiles are means of passes spread over the measurements they price
             again = functools.partial(in_place_again, model_name, args.shape, folder, worlds) if args.reprofile else lambda: None
             measured = measure_in_rounds(model_name, args.shape, cases_by_world, args.warmup, args.repeats, args.rounds, again)
             profile = model_profile(model_name, args.shape, folder, False, worlds)   # with the passes of the rounds
+            if args.reprofile:
+                for world in worlds:
+                    hardware_passes[world].append(hardware_pass(world, folder))
+        measured_models.append((model_name, profile, cases_by_world, measured))
+    hardware = {w: mean_profile(passes) for w, passes in hardware_passes.items()}
+    for world, passes in hardware_passes.items():
+        if len(passes) > 1:
+            hardware[world].save(folder / f"hardware_profile_{world}.json")
+
+    rows, failed = [], []
+    for model_name, profile, cases_by_world, measured in measured_models:
+        flops_per_step = model_flops_per_sample(profile) * GLOBAL_BATCH
         for world, per_rank in measured.items():
-            cases = cases_by_world[world]
             cost = CostModel(profile, hardware[world])
-            for name, plan in cases:
+            for name, plan in cases_by_world[world]:
                 results = [r for rank in per_rank for r in rank if r["plan"] == name]
                 if not results:
                     continue

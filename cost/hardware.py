@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+import statistics
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -276,6 +277,39 @@ class HardwareProfile:
         return cls(world_size, devices_per_node, device, memory, collectives, p2p, overlap, flops,
                    str(data.get("backend", "")), source, optimizer_s, compute_slowdown, blocking_s, blocking_by_group,
                    sharded_units, blocking_growth)
+
+
+def mean_profile(passes: Sequence[HardwareProfile]) -> HardwareProfile:
+    """One profile from several passes over the same cluster, taken minutes apart where the machine's speed
+    drifts: every scalar and per-group figure is the passes' mean, and every fit gives at each size the mean
+    of the passes' times (mean latency, mean seconds per byte)."""
+    first = passes[0]
+    for other in passes[1:]:
+        same = ((other.world_size, other.devices_per_node, other.device, other.backend)
+                == (first.world_size, first.devices_per_node, first.device, first.backend))
+        for name in ("collectives", "p2p", "sharded_units", "flops_per_s", "blocking_by_group_s", "blocking_growth_by_group"):
+            same = same and getattr(other, name).keys() == getattr(first, name).keys()
+        if not same:
+            raise ProfileError(f"{other.source or 'a hardware profile'} is not a pass over the cluster of {first.source or 'the first'}",
+                               "average passes of profile-hardware taken on the same processes and devices")
+
+    def mean(name: str) -> float:
+        return statistics.fmean(getattr(p, name) for p in passes)
+
+    def means(name: str) -> dict:
+        return {key: statistics.fmean(getattr(p, name)[key] for p in passes) for key in getattr(first, name)}
+
+    def fits(name: str) -> dict:
+        return {key: CommFit(statistics.fmean(getattr(p, name)[key].latency_s for p in passes),
+                             1 / statistics.fmean(1 / getattr(p, name)[key].bandwidth_Bps for p in passes))
+                for key in getattr(first, name)}
+
+    return replace(first, collectives=fits("collectives"), p2p=fits("p2p"), sharded_units=fits("sharded_units"),
+                   overlap_slowdown=mean("overlap_slowdown"), flops_per_s=means("flops_per_s"),
+                   optimizer_s_per_param=mean("optimizer_s_per_param"), compute_slowdown=mean("compute_slowdown"),
+                   blocking_collective_s=mean("blocking_collective_s"), blocking_by_group_s=means("blocking_by_group_s"),
+                   blocking_growth_by_group=means("blocking_growth_by_group"),
+                   source=f"mean of {len(passes)} passes of {first.source or 'profile-hardware'}")
 
 
 def _comm_fit(value: Any) -> CommFit:

@@ -1,10 +1,11 @@
 """HardwareProfile: latency + bandwidth fits, look-ups, JSON and its errors."""
 
+import dataclasses
 import json
 
 import pytest
 
-from galvatron_fx.cost.hardware import CommFit, HardwareProfile, fit_latency_bandwidth
+from galvatron_fx.cost.hardware import CommFit, HardwareProfile, fit_latency_bandwidth, mean_profile
 from galvatron_fx.errors import ProfileError
 
 
@@ -67,3 +68,21 @@ def test_json_round_trip_and_bad_files(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ProfileError, match="key collectives is missing"):
         HardwareProfile.load(path)
+
+
+def test_mean_of_passes_averages_every_figure_and_each_fit_pointwise():
+    slow = dataclasses.replace(_profile(), collectives={"all_reduce/2/consecutive": CommFit(2e-3, 1e9)}, p2p={2: CommFit(1e-4, 2e9)},
+                               optimizer_s_per_param=3e-9, compute_slowdown=2.0, blocking_by_group_s={2: 1e-3}, source="a")
+    fast = dataclasses.replace(slow, collectives={"all_reduce/2/consecutive": CommFit(1e-3, 4e9)}, p2p={2: CommFit(3e-4, 2e9)},
+                               optimizer_s_per_param=1e-9, compute_slowdown=1.0, blocking_by_group_s={2: 3e-3}, source="b")
+    mean = mean_profile([slow, fast])
+    for nbytes in (1e3, 1e6, 1e8):   # a fit's time at every size is the mean of the passes'
+        expected = (slow.collective_s("all_reduce", nbytes, 2) + fast.collective_s("all_reduce", nbytes, 2)) / 2
+        assert mean.collective_s("all_reduce", nbytes, 2) == pytest.approx(expected)
+        assert mean.p2p[2].time_s(nbytes) == pytest.approx((slow.p2p[2].time_s(nbytes) + fast.p2p[2].time_s(nbytes)) / 2)
+    assert (mean.optimizer_s_per_param, mean.compute_slowdown) == pytest.approx((2e-9, 1.5))
+    assert mean.blocking_by_group_s[2] == pytest.approx(2e-3) and mean.source.startswith("mean of 2 passes")
+    with pytest.raises(ProfileError, match="not a pass over the cluster"):
+        mean_profile([slow, dataclasses.replace(fast, world_size=4)])
+    with pytest.raises(ProfileError, match="not a pass over the cluster"):
+        mean_profile([slow, dataclasses.replace(fast, p2p={})])
