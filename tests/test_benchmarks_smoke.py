@@ -91,6 +91,16 @@ def test_cost_accuracy_plans_cover_the_strategies():
     assert any(len(set(p.layers)) > 1 for p in plans) and any(len(set(p.pp_division)) > 1 for p in plans)
 
 
+def test_paired_ratio_compares_each_round_within_itself():
+    # the machine slows down between the two sides of round 2: pooled medians read 1.5, the rounds 1.0
+    ours = [[100, 100, 100, 100, 150, 150, 150, 150, 150, 150], [90] * 10]   # rank 0 is the slowest
+    native = [[100, 100, 100, 100, 100, 100, 150, 150, 150, 150], [80] * 10]
+    assert runtime_overhead.paired_ratio(ours, native, steps=2) == pytest.approx(1.0)
+    assert common.median(ours[0]) / common.median(native[0]) == pytest.approx(1.5)
+    slower = [[t * 1.04 for t in ours[0]], ours[1]]
+    assert runtime_overhead.paired_ratio(slower, native, steps=2) == pytest.approx(1.04)
+
+
 def test_measuring_in_rounds_alternates_the_order_and_pools_step_times(monkeypatch):
     launched = []
 
