@@ -283,13 +283,13 @@ def mean_profile(passes: Sequence[HardwareProfile]) -> HardwareProfile:
     """One profile from several passes over the same cluster, taken minutes apart where the machine's speed
     drifts: every scalar and per-group figure is the passes' mean, and every fit gives at each size the mean
     of the passes' times (mean latency, mean seconds per byte)."""
+    def cluster(p: HardwareProfile) -> tuple:   # what every pass must share: the processes, devices and measured keys
+        keyed = ("collectives", "p2p", "sharded_units", "flops_per_s", "blocking_by_group_s", "blocking_growth_by_group")
+        return (p.world_size, p.devices_per_node, p.device, p.backend, *(sorted(getattr(p, name)) for name in keyed))
+
     first = passes[0]
     for other in passes[1:]:
-        same = ((other.world_size, other.devices_per_node, other.device, other.backend)
-                == (first.world_size, first.devices_per_node, first.device, first.backend))
-        for name in ("collectives", "p2p", "sharded_units", "flops_per_s", "blocking_by_group_s", "blocking_growth_by_group"):
-            same = same and getattr(other, name).keys() == getattr(first, name).keys()
-        if not same:
+        if cluster(other) != cluster(first):
             raise ProfileError(f"{other.source or 'a hardware profile'} is not a pass over the cluster of {first.source or 'the first'}",
                                "average passes of profile-hardware taken on the same processes and devices")
 
