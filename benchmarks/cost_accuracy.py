@@ -235,7 +235,6 @@ IN_PLACE_SAMPLES = (2, 4, 8)   # three sizes: one disturbed point moves a two-po
 def model_profile(name: str, shape: str, folder: Path, reprofile: bool, worlds: Sequence[int], repeats: int = 10):
     """The measured model profile: layer types timed here, one thread, as each rank runs; and timed in place
     on each of ``worlds`` processes (cost/in_place_profiler.py)."""
-    from galvatron_fx.cost.in_place_profiler import measure_in_place
     from galvatron_fx.cost.layer_profiler import profile_model
     from galvatron_fx.cost.model_profile import ModelProfile
 
@@ -250,25 +249,28 @@ def model_profile(name: str, shape: str, folder: Path, reprofile: bool, worlds: 
             profile = profile_model(build, batches=(2, 4, 8), seqs=(SHAPES[shape]["seq"],), repeats=repeats, progress=False,
                                     name=name, device=device)
         torch.set_num_threads(threads)
-        for world in worlds:
-            measure_in_place(profile, build, world, samples_per_rank=IN_PLACE_SAMPLES, repeats=repeats, backend=backend(), progress=False)
+        _in_place_pass(profile, name, shape, worlds, repeats, merge=False)
         profile.save(path)
     return ModelProfile.load(path)
 
 
-def in_place_again(name: str, shape: str, folder: Path, worlds: Sequence[int], repeats: int = 10):
-    """The model profile with its in-place times taken once more and averaged with the stored passes: passes
+def in_place_again(name: str, shape: str, folder: Path, worlds: Sequence[int], repeats: int = 10) -> None:
+    """Time the stored model profile's layers in place once more and average with its stored passes: passes
     before, between and after the measurements price them at the machine's mean speed over the run."""
-    from galvatron_fx.cost.in_place_profiler import measure_in_place
     from galvatron_fx.cost.model_profile import ModelProfile
 
     path = _model_profile_path(name, shape, folder)
     profile = ModelProfile.load(path)
+    _in_place_pass(profile, name, shape, worlds, repeats, merge=True)
+    profile.save(path)
+
+
+def _in_place_pass(profile, name: str, shape: str, worlds: Sequence[int], repeats: int, merge: bool) -> None:
+    from galvatron_fx.cost.in_place_profiler import measure_in_place
+
     for world in worlds:
         measure_in_place(profile, functools.partial(build_model, name, shape), world, samples_per_rank=IN_PLACE_SAMPLES,
-                         repeats=repeats, backend=backend(), progress=False, merge=True)
-    profile.save(path)
-    return profile
+                         repeats=repeats, backend=backend(), progress=False, merge=merge)
 
 
 def _model_profile_path(name: str, shape: str, folder: Path) -> Path:

@@ -24,7 +24,6 @@ and the driver fits ``time(samples per group)`` from the slowest rank (``fit_tim
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 import warnings
@@ -35,7 +34,7 @@ import torch
 from galvatron_fx.errors import ProfileError
 from galvatron_fx.plan import LayerStrategy, Plan
 
-from .layer_profiler import time_layer_once
+from .layer_profiler import median_times, time_layer_once
 from .model_profile import LayerTypeProfile, ModelProfile, fit_time_formula
 
 Builder = Callable[[int, int], "tuple[torch.nn.Module, dict[str, Any]]"]
@@ -145,8 +144,7 @@ def _time_in_place(rank: int, world: int, build: Builder, seq: int, degrees: lis
                 calls[i].append(times)
     out: dict[str, dict[int, list]] = {}
     for (key, tp, samples, _, _), times in zip(timed, calls):
-        fwd_s, bwd_s = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
-        out.setdefault(key, {}).setdefault(tp, []).append((samples, seq, fwd_s, bwd_s))
+        out.setdefault(key, {}).setdefault(tp, []).append((samples, seq, *median_times(times)))
     return out
 
 

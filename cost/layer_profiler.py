@@ -34,7 +34,11 @@ def _sync(device: torch.device) -> None:
 
 def time_layer(layer, inputs: Sequence[Any], device: torch.device, warmup: int = 1, repeats: int = 3) -> tuple[float, float]:
     """Median (forward, backward) seconds of ``layer.module`` on ``inputs``."""
-    times = [time_layer_once(layer.module, inputs, device) for _ in range(warmup + repeats)][warmup:]
+    return median_times([time_layer_once(layer.module, inputs, device) for _ in range(warmup + repeats)][warmup:])
+
+
+def median_times(times: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """The median forward and the median backward seconds of (forward, backward) calls."""
     return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
 
 
