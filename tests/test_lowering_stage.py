@@ -74,6 +74,22 @@ def test_stage_runs_like_the_program_layers():
     assert torch.allclose(got, env[stage.loss_name], atol=1e-6)
 
 
+def test_seeded_dropout_repeats_without_touching_the_global_seed(monkeypatch):
+    torch.manual_seed(0)
+    model, kwargs = build_model("gpt2", batch=2, seq=16)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    program = galvatron_fx.capture(model, example_kwargs=kwargs)
+    stage = lower(program, plan_for(program, world_size=1, pp=1, chunks=1), 0)
+    env = program.flatten_inputs((), kwargs)
+    # each layer seeds the generators it draws from; torch.manual_seed would also queue a seed, with a
+    # formatted stack trace, for every accelerator type (a cost paid per layer and micro-batch)
+    monkeypatch.setattr(torch, "manual_seed", lambda seed: pytest.fail("the stage called torch.manual_seed"))
+    first, again, other = (stage(dict(env), seed=seed)[0] for seed in (1, 1, 2))
+    assert torch.equal(first, again) and not torch.allclose(first, other)
+
+
 def test_checkpointing_wraps_marked_layers_only_and_prints_readably(tmp_path):
     program, _ = captured("bert")
     plan = plan_for(program, pp=2, ckpt=(True, False), dp_types=("ddp", "zero3"))
