@@ -74,7 +74,7 @@ def test_stage_runs_like_the_program_layers():
     assert torch.allclose(got, env[stage.loss_name], atol=1e-6)
 
 
-def test_seeded_dropout_repeats_without_touching_the_global_seed(monkeypatch):
+def test_seeded_dropout_repeats_without_torch_manual_seed(monkeypatch):
     torch.manual_seed(0)
     model, kwargs = build_model("gpt2", batch=2, seq=16)
     for module in model.modules():
