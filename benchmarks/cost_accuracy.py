@@ -345,8 +345,8 @@ def main(argv=None) -> dict:
             # the profiles are means of passes spread over the measurements they price
             again = functools.partial(in_place_again, model_name, args.shape, folder, worlds) if args.reprofile else lambda: None
             measured = measure_in_rounds(model_name, args.shape, cases_by_world, args.warmup, args.repeats, args.rounds, again)
-            profile = model_profile(model_name, args.shape, folder, False, worlds)   # with the passes of the rounds
             if args.reprofile:
+                profile = model_profile(model_name, args.shape, folder, False, worlds)   # with the passes of the rounds
                 for world in worlds:
                     hardware_passes[world].append(hardware_pass(world, folder))
         measured_models.append((model_name, profile, cases_by_world, measured))
