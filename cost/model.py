@@ -379,6 +379,9 @@ class CostModel:
         if layer_type not in self.model.types:
             return f"layer type {layer_type!r} is not in the model profile"
         heads, tp = self.model.types[layer_type].num_heads, strategy.tp
+        obstacle = self.model.types[layer_type].lowering_obstacles.get(strategy.lowering_key)
+        if obstacle:
+            return f"lowering: {obstacle}"
         if tp > 1 and heads and heads % tp:
             return f"tp {tp} does not divide {heads} heads"
         if tp > 1 and strategy.sp != "none" and self.seq % tp:

@@ -110,6 +110,9 @@ class LayerTypeProfile:
     # elements of the largest parameter: a backward adding to a stored gradient first computes this one whole
     # (0: not in the profile, Galvatron's files)
     largest_param_count: int = 0
+    # ``LayerStrategy.lowering_key`` → why lowering cannot shard the layer so (passes.lowering_obstacles);
+    # for the embedding part, ``vtp{n}`` → why it cannot be vocab-parallel. Empty: nothing known against it
+    lowering_obstacles: dict[str, str] = field(default_factory=dict)
 
     def activation_per_sample(self, tp: int, sequence_sharded: bool) -> float:
         table = self.sp_activation_bytes_per_sample if sequence_sharded and self.sp_activation_bytes_per_sample else None
@@ -147,6 +150,7 @@ class LayerTypeProfile:
                                               if self.grad_working_bytes_per_sample else None),
             "in_place_times": {str(world): {str(tp): {"fwd": fwd.to_json(), "bwd": bwd.to_json()} for tp, (fwd, bwd) in by_tp.items()}
                                for world, by_tp in self.in_place_times.items()},
+            "lowering_obstacles": dict(self.lowering_obstacles),
         }
 
     @classmethod
@@ -169,6 +173,7 @@ class LayerTypeProfile:
             in_place_times={int(world): {int(tp): (TimeFormula.from_json(times["fwd"]), TimeFormula.from_json(times["bwd"]))
                                          for tp, times in by_tp.items()}
                             for world, by_tp in (data.get("in_place_times") or {}).items()},
+            lowering_obstacles={str(k): str(v) for k, v in (data.get("lowering_obstacles") or {}).items()},
         )
 
 
@@ -230,6 +235,14 @@ class ModelProfile:
             seq_length=seq, hidden_size=hidden, num_heads=heads, dtype=dtype, mode="analytic", device=device,
             tied_param_count=_tied_param_count(program),
         )
+
+    def add_lowering_obstacles(self, obstacles: dict[str, dict[str, str]]) -> None:
+        """Record what lowering cannot do (``passes.lowering_obstacles``): per layer type, and ``"embedding"``
+        for vocab parallelism (kept on the epilogue's part)."""
+        for layer_type, reasons in obstacles.items():
+            part = self.epilogue if layer_type == "embedding" else self.types.get(layer_type)
+            if part is not None:
+                part.lowering_obstacles.update(reasons)
 
     # -- JSON ----------------------------------------------------------------------------------
     def to_json_dict(self) -> dict[str, Any]:

@@ -11,11 +11,12 @@ from .errors import CaptureError, ConfigError, GalvatronError, PlanError, Profil
 from .plan import EmbeddingStrategy, LayerStrategy, Plan
 from .plan_sources import uniform_plan
 from .program import Layer, LayerStats, Program, TensorSpec
+from .runtime.materialize import empty_parameters
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "capture", "compile", "CompiledModel", "uniform_plan", "Plan", "LayerStrategy", "EmbeddingStrategy",
+    "capture", "compile", "CompiledModel", "uniform_plan", "empty_parameters", "Plan", "LayerStrategy", "EmbeddingStrategy",
     "Cluster", "Program", "Layer", "LayerStats", "TensorSpec",
     "GalvatronError", "CaptureError", "ConfigError", "PlanError", "ProfileError",
 ]

@@ -1,9 +1,10 @@
 """capture(): an unmodified nn.Module and example inputs → an annotated Program.
 
 The steps, in order: check the inputs against the forward signature; export (non-strict) in training
-mode so that dropout is recorded; give the Program its own copy of the parameters so that training it
-never touches the user's model; then the passes — discover layers, split them into modules, annotate
-nodes, sum per layer.
+mode so that dropout is recorded, with a symbolic batch dimension so that the Program runs at any batch;
+give the Program its own copy of the parameters so that training it never touches the user's model; then
+the passes — mark batched values and fix the example's sizes, discover layers, give each its own batch
+sizes, split them into modules, annotate nodes, sum per layer.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -18,34 +20,45 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from .errors import CaptureError
-from .program import Program
+from .program import BATCHED_KEY, Program
 
 
 def capture(model: nn.Module, example_args: tuple = (), example_kwargs: dict | None = None, *, training: bool = True) -> Program:
     """Capture ``model`` called as ``model(*example_args, **example_kwargs)`` into a Program.
 
-    The example batch's first dimension is taken as the batch (use at least 2 samples). Pass
-    ``use_cache=False`` to decoders. ``training=True`` records dropout as in training; the model's own
-    mode and parameters are left as they were.
+    The example batch's first dimension is taken as the batch; every input whose dim 0 has that size is
+    batched. The batch is captured as a symbol, so the Program runs at any batch size (an example of one
+    sample is captured at two). Pass ``use_cache=False`` to decoders. ``training=True`` records dropout as in
+    training; the model's own mode and parameters are left as they were.
     """
     from galvatron_fx.passes.annotate import annotate_nodes, sum_layer_stats
+    from galvatron_fx.passes.batch_dim import concretize, localize_sizes, mark_batched
     from galvatron_fx.passes.discover_layers import discover_layers
     from galvatron_fx.passes.split_layers import split_layers
 
     example_args = tuple(example_args) if isinstance(example_args, (tuple, list)) else (example_args,)
     example_kwargs = dict(example_kwargs or {})
     _check_signature(model, example_args, example_kwargs)
-    exported = _export(model, example_args, example_kwargs, training)
+    batch_size = batch_size_of(pytree.tree_leaves((example_args, example_kwargs)))
+    if batch_size == 1:  # a size-1 dimension would be specialised: capture at two, run at any batch
+        example_args, example_kwargs = resize_batch(example_args, example_kwargs, 2)
+        batch_size = 2
+    exported, static_reason = _export(model, example_args, example_kwargs, training, batch_size)
     _check_no_cache(model, exported.call_spec.out_spec)
     graph_module = exported.module()
     _drop_guard_calls(graph_module)
     _own_parameters(graph_module)
     placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
     flat_inputs = pytree.tree_leaves((example_args, example_kwargs))
-    batch_size = _batch_size(flat_inputs)
+    if static_reason:
+        _mark_batched_by_size(graph_module, batch_size)
+    else:
+        mark_batched(graph_module)
+        concretize(graph_module, flat_inputs)
 
     segments = discover_layers(graph_module, model)
-    layers = split_layers(graph_module, segments, batch_size)
+    localize_sizes(graph_module, segments)
+    layers = split_layers(graph_module, segments)
     annotate_nodes(graph_module, dict(zip((n.name for n in placeholders), flat_inputs)))
     sum_layer_stats(graph_module, layers)
     return Program(
@@ -57,6 +70,8 @@ def capture(model: nn.Module, example_args: tuple = (), example_kwargs: dict | N
         out_spec=graph_module._out_spec,
         model_name=type(model).__name__,
         exported=exported,
+        dynamic_batch=not static_reason,
+        static_batch_reason=static_reason,
     )
 
 
@@ -101,17 +116,46 @@ def _mode(model: nn.Module, training: bool):
             module.training = mode
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict, training: bool):
+def _batch_shapes(model: nn.Module, args: tuple, kwargs: dict, batch_size: int) -> dict[str, Any]:
+    """``dynamic_shapes`` for export: one symbol, ``batch``, on dim 0 of every input with the batch's size."""
+    batch = torch.export.Dim("batch", min=1, max=1 << 30)
+    bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+
+    def spec(value):
+        return {0: batch} if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size else None
+
+    return {name: pytree.tree_map(spec, value) for name, value in bound.items()}
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, training: bool, batch_size: int):
+    """The export with a symbolic batch, and ``""``; or, where the model's code fixes the batch, a static export
+    and the reason (plans then must run every layer at the example's batch)."""
+    try:
+        with _mode(model, training):
+            return torch.export.export(model, args, kwargs, dynamic_shapes=_batch_shapes(model, args, kwargs, batch_size),
+                                       strict=False), ""
+    except Exception as error:  # any failure of the symbolic export: try the static one, which names real problems
+        reason = _gist(error)
+    exported = _export_static(model, args, kwargs, training)
+    warnings.warn(f"{type(model).__name__} could not be captured with a symbolic batch ({reason}); it is captured at "
+                  f"batch {batch_size}, and only plans whose layers all run that batch lower", stacklevel=3)
+    return exported, reason
+
+
+def _gist(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+
+
+def _export_static(model: nn.Module, args: tuple, kwargs: dict, training: bool):
     try:
         with _mode(model, training):
             return torch.export.export(model, args, kwargs, strict=False)
     except Exception as error:  # torch.export raises many types; we only translate the message
         if re.search(r"cache_utils\.\w*Cache", str(error)):
             raise _cache_error(model) from error
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        gist = lines[0][:300] if lines else type(error).__name__
         raise CaptureError(
-            f"torch.export could not capture {type(model).__name__}: {type(error).__name__}: {gist}",
+            f"torch.export could not capture {type(model).__name__}: {_gist(error)}",
             "make forward traceable: avoid Python control flow on tensor values (use torch.cond or fixed shapes), "
             "pass plain tensors as inputs, turn off caches (use_cache=False), and try the model in eager mode first",
         ) from error
@@ -140,8 +184,29 @@ def _own_parameters(graph_module: torch.fx.GraphModule) -> None:
     # Tensor constants lifted by export are plain attributes; they are never trained, so sharing is fine.
 
 
-def _batch_size(flat_inputs: list[Any]) -> int:
+def batch_size_of(flat_inputs: list[Any]) -> int:
     for value in flat_inputs:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return int(value.shape[0])
     raise CaptureError("no example input is a tensor with a batch dimension", "pass at least one batched tensor input")
+
+
+def _mark_batched_by_size(graph_module: torch.fx.GraphModule, batch_size: int) -> None:
+    """A static capture has no batch symbol: values whose dim 0 has the batch's size count as batched."""
+    for node in graph_module.graph.nodes:
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size:
+            node.meta[BATCHED_KEY] = True
+
+
+def resize_batch(args: tuple, kwargs: dict, size: int) -> tuple[tuple, dict]:
+    """The example batch cut (or tiled) to ``size`` samples along dim 0 of its batched tensors."""
+    batch = batch_size_of(pytree.tree_leaves((args, kwargs)))
+
+    def resize(value):
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != batch:
+            return value
+        repeats = -(-size // value.shape[0])
+        return value.repeat(repeats, *([1] * (value.dim() - 1)))[:size]
+
+    return pytree.tree_map(resize, args), pytree.tree_map(resize, kwargs)

@@ -1,13 +1,14 @@
 """compile(): one call from an unmodified model to hybrid-parallel training, on every rank.
 
 The steps, in order: join the process group; capture the model (with the loss function, if given, so the
-loss is part of the graph); build the cost model from the cluster; search the plan on rank 0 and share it
-(or take the plan given); capture again at the plan's per-rank micro-batch (shapes are part of the graph);
-lower this rank's stage and wrap it in a runtime Trainer.
+loss is part of the graph), once: its batch is a symbol, so the same Program runs every layer at the batch the
+plan gives it; build the cost model from the cluster; search the plan on rank 0 and share it (or take the
+plan given); lower this rank's stage and wrap it in a runtime Trainer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -17,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from .capture import capture
+from .capture import batch_size_of, capture, resize_batch
 from .cluster import Cluster
 from .errors import ConfigError, GalvatronError, PlanError, ProfileError
 from .plan import Plan
@@ -65,35 +66,41 @@ def compile(model: nn.Module, cluster: Cluster | None = None, *, example_args: t
         raise ConfigError(f"the cluster has {cluster.world_size} devices ({cluster.nodes} × {cluster.devices_per_node}) "
                           f"but {world_size} processes run", "describe the cluster you launched on, or pass cluster=None to detect it")
     from galvatron_fx.runtime import materialize as mat
+    from galvatron_fx.runtime.safetensors_io import check_safetensors
 
     on_meta = mat.has_meta_parameters(model)
     init = init or ("model" if on_meta else None)
     if isinstance(init, str) and init.startswith("safetensors:"):
-        mat.check_safetensors(init.removeprefix("safetensors:"), model)  # before any collective
+        check_safetensors(init.removeprefix("safetensors:"), model)  # before any collective
+    known_buffers = mat.real_buffers(model) if on_meta else {}  # built with real buffers: keep their values
     wrapped = _WithLoss(model, loss_fn) if loss_fn else model
     example_args, example_kwargs = tuple(example_args), dict(example_kwargs or {})
     program = _capture(wrapped, model, example_args, example_kwargs)
-    global_batch = program.batch_size
+    global_batch = batch_size_of(pytree.tree_leaves((example_args, example_kwargs)))
     cost_model = build_cost_model(program, cluster, profile, mixed_precision)
     if plan is None:
-        plan = _search_on_rank0(cost_model, world_size, memory_budget or cluster.memory_bytes, search_space,
+        plan = _search_on_rank0(cost_model, program, world_size, memory_budget or cluster.memory_bytes, search_space,
                                 global_batch, {"model": program.model_name, "cluster": f"{cluster.nodes}x{cluster.devices_per_node} {cluster.device}"})
     else:
         plan = resolve_given_plan(plan, len(program.body), world_size, global_batch, program.model_name)
     local_batch = plan.micro_batch // plan.devices_per_stage
-    if local_batch != program.batch_size:
-        program = _capture(wrapped, model, *_resize_batch(example_args, example_kwargs, local_batch))
+    if not program.dynamic_batch and local_batch != program.batch_size:  # a fixed batch: capture the one that runs
+        program = _capture(wrapped, model, *resize_batch(example_args, example_kwargs, local_batch))
     trainer = runtime.Trainer(program, plan, config=runtime.TrainConfig(lr=lr, seed=seed, mixed_precision=mixed_precision),
                               optimizer=optimizer, device=device, model_name=program.model_name)
     if init is not None:
-        mat.materialize(trainer.stage, model, init, seed or 0, device)
+        mat.materialize(trainer.stage, model, init, seed or 0, device, known_buffers)
     return CompiledModel(program, plan, trainer, cost_model)
 
 
 def _capture(wrapped: nn.Module, model: nn.Module, args: tuple, kwargs: dict) -> Program:
-    if any(p.is_meta for p in model.parameters()):  # a meta model is captured with a meta batch (shapes only)
+    from galvatron_fx.runtime.materialize import buffers_on_meta, has_meta_parameters
+
+    on_meta = has_meta_parameters(model)
+    if on_meta:  # a meta model is captured with a meta batch and meta buffers (shapes only)
         args, kwargs = pytree.tree_map(lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v, (args, kwargs))
-    program = capture(wrapped, args, kwargs)
+    with buffers_on_meta(model) if on_meta else contextlib.nullcontext():
+        program = capture(wrapped, args, kwargs)
     program.model_name = type(model).__name__  # the user's model, not the loss wrapper
     return program
 
@@ -111,17 +118,24 @@ def build_cost_model(program: Program, cluster: Cluster, profile: str = "analyti
     return CostModel(model_profile, cluster.hardware_profile(), mixed_precision=mixed_precision)
 
 
-def _search_on_rank0(cost_model, world_size: int, memory_budget, search_space: str, global_batch: int,
+def _search_on_rank0(cost_model, program: Program, world_size: int, memory_budget, search_space: str, global_batch: int,
                      provenance: dict[str, Any]) -> Plan:
-    """Rank 0 searches; the others receive the plan as JSON text (never pickled)."""
+    """Rank 0 searches, over the strategies this Program lowers; the others receive the plan as JSON text
+    (never pickled)."""
+    from galvatron_fx.passes.lowering_obstacles import lowering_obstacles
     from galvatron_fx.passes.search import search
     from galvatron_fx.passes.search_space import SearchSpace
 
     text = ""
     if dist.get_rank() == 0:
         try:
+            obstacles = lowering_obstacles(program, world_size)
+            cost_model.model.add_lowering_obstacles(obstacles)
+            blocked_vtp = [int(key.removeprefix("vtp")) for key in obstacles.get("embedding", {})]
             # The runtime runs vsp plans as plain vocab TP, so a plan to execute here is searched without vsp.
-            space = SearchSpace.named(search_space, global_batch=(global_batch, global_batch, 1), disable_vsp=True)
+            space = SearchSpace.named(search_space, global_batch=(global_batch, global_batch, 1), disable_vsp=True,
+                                      max_vtp=min(blocked_vtp) // 2 if blocked_vtp else 1 << 30)
+            provenance = {**provenance, "lowering_left_out": {t: dict(r) for t, r in obstacles.items()}}
             text = json.dumps(search(cost_model, world_size, memory_budget, space, provenance=provenance).to_json_dict())
         except GalvatronError as error:  # every rank must raise it, not wait for a plan
             text = json.dumps({"error": {"type": type(error).__name__, "cause": error.cause, "remedy": error.remedy}})
@@ -144,17 +158,6 @@ def broadcast_text(text: str, src: int = 0) -> str:
         data.copy_(torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8))
     dist.broadcast(data, src)
     return bytes(data.cpu().tolist()).decode()
-
-
-def _resize_batch(args: tuple, kwargs: dict, size: int) -> tuple[tuple, dict]:
-    """The example batch cut (or tiled) to ``size`` samples along dim 0."""
-    def resize(value):
-        if not isinstance(value, torch.Tensor) or value.dim() == 0:
-            return value
-        repeats = -(-size // value.shape[0])
-        return value.repeat(repeats, *([1] * (value.dim() - 1)))[:size]
-
-    return pytree.tree_map(resize, args), pytree.tree_map(resize, kwargs)
 
 
 class CompiledModel:

@@ -57,10 +57,18 @@ class LayerStrategy:
         _require(self.dp_type in DP_TYPES, f"dp_type={self.dp_type!r} is unknown", f"use one of {DP_TYPES}")
         _require(self.sp in SP_TYPES, f"sp={self.sp!r} is unknown", f"use one of {SP_TYPES}")
         _require(self.sp == "none" or self.tp > 1, f"sp={self.sp!r} needs a group: tp is 1", "set tp > 1 or sp='none'")
+        for name in ("tp_consecutive", "ckpt"):
+            value = getattr(self, name)
+            _require(isinstance(value, bool), f"{name}={value!r} is not a boolean", f"write {name} as true or false")
 
     @property
     def devices(self) -> int:
         return self.tp * self.dp
+
+    @property
+    def lowering_key(self) -> str:
+        """What lowering a layer's graph depends on, ``tp{tp}/{sp}``: the key of its lowering obstacles."""
+        return f"tp{self.tp}/{self.sp}"
 
     def short(self) -> str:
         """A compact label such as ``tp2-megatron dp4 zero3 ckpt``."""
@@ -185,6 +193,10 @@ class Plan:
         _require(self.chunks >= 1 and self.global_batch >= 1 and self.global_batch % self.chunks == 0,
                  f"global_batch={self.global_batch} is not divisible into chunks={self.chunks} micro-batches",
                  "choose chunks that divide the global batch")
+        _require(self.micro_batch % self.devices_per_stage == 0,
+                 f"micro-batch {self.micro_batch} (global_batch / chunks) does not give each of the {self.devices_per_stage} "
+                 "devices of a stage its own samples (the embedding and head run data-parallel over them)",
+                 f"use a global batch / chunks that is a multiple of {self.devices_per_stage}")
         for i, layer in enumerate(self.layers):
             _require(layer.devices == self.devices_per_stage,
                      f"layer {i}: tp {layer.tp} × dp {layer.dp} = {layer.devices} devices, but each of the {self.pp} stages has {self.devices_per_stage}",
@@ -277,51 +289,106 @@ def even_division(num_layers: int, pp: int) -> tuple[int, ...]:
     return tuple(base + (1 if stage < extra else 0) for stage in range(pp))
 
 
-def _ints(csv_value: Any) -> tuple[int, ...]:
+def _whole(value: Any, key: str) -> int:
+    """``value`` as an int: an int, an integral float, or a string of one; PlanError naming ``key`` otherwise."""
+    if isinstance(value, bool):
+        raise PlanError(f"key {key!r} is {value!r}, not a number", f"write {key} as a whole number")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip()) if value.strip() else None
+        except ValueError:
+            value = None
+        if value is None:
+            raise PlanError(f"key {key!r} is not a number", f"write {key} as a whole number")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int):
+        raise PlanError(f"key {key!r} is {value!r}, not a whole number", f"write {key} as a whole number")
+    return value
+
+
+def _ints(csv_value: Any, key: str = "value") -> tuple[int, ...]:
     if isinstance(csv_value, (list, tuple)):
-        return tuple(int(v) for v in csv_value)
-    return tuple(int(v) for v in str(csv_value).split(",") if v.strip() != "")
+        return tuple(_whole(v, key) for v in csv_value)
+    return tuple(_whole(v, key) for v in str(csv_value).split(",") if v.strip() != "")
+
+
+def _flags(csv_value: Any, key: str) -> tuple[int, ...]:
+    """Per-layer 0/1 flags of a Galvatron key; PlanError naming the key for anything else."""
+    values = _ints(csv_value, key)
+    _require(all(v in (0, 1) for v in values), f"key {key!r} has values {sorted(set(values) - {0, 1})} that are not 0 or 1",
+             f"write {key} as comma-separated 0/1 flags, one per layer")
+    return values
+
+
+def _flag(data: dict[str, Any], key: str, default: int = 0) -> bool:
+    """One 0/1 (or true/false) flag; a string such as "false" is refused, not read as true."""
+    value = data.get(key, default)
+    if isinstance(value, bool):
+        return value
+    return bool(_flags([value], key)[0])
 
 
 def _prediction(saved: dict[str, Any]) -> Prediction:
-    return Prediction(float(saved["iteration_time_s"]), float(saved["samples_per_s"]), _ints(saved["memory_bytes_per_stage"]),
-                      _ints(saved.get("memory_bound_bytes_per_stage", ())))  # not in plans written before it existed
+    return Prediction(float(saved["iteration_time_s"]), float(saved["samples_per_s"]),
+                      _ints(saved["memory_bytes_per_stage"], "memory_bytes_per_stage"),
+                      _ints(saved.get("memory_bound_bytes_per_stage", ()), "memory_bound_bytes_per_stage"))
 
 
-def _from_ours(data: dict[str, Any], ours: dict[str, Any], world_size: int | None) -> Plan:
+def _from_ours(data: dict[str, Any], ours: Any, world_size: int | None) -> Plan:
+    _require(isinstance(ours, dict), f"key 'galvatron_fx' is a {type(ours).__name__}, not an object",
+             "write the plan with Plan.save, or remove the galvatron_fx key to load Galvatron's keys alone")
     _require(ours.get("format_version") == FORMAT_VERSION, f"format_version {ours.get('format_version')!r} is not {FORMAT_VERSION}",
              "write the plan again with this version of galvatron_fx")
-    saved_world = int(ours["world_size"])
+    saved_world = _whole(ours["world_size"], "world_size")
     _require(world_size is None or world_size == saved_world, f"the plan is for world size {saved_world}, not {world_size}",
              f"search a plan for {world_size} devices")
+    _require(isinstance(ours["layers"], list) and all(isinstance(e, dict) for e in ours["layers"]),
+             "key 'layers' is not a list of objects", "write one object per body layer, as Plan.save does")
     unknown = [set(entry) - {f.name for f in dataclasses.fields(LayerStrategy)} for entry in ours["layers"]]
     _require(not any(unknown), f"unknown layer keys {sorted(set().union(*unknown))}", "remove them")
+    layers = []
+    for i, entry in enumerate(ours["layers"]):
+        try:
+            layers.append(LayerStrategy(**entry))
+        except PlanError as error:
+            raise PlanError(f"layers[{i}]: {error.cause}", error.remedy) from None
     prediction = ours.get("prediction")
+    sync = ours.get("grad_sync_every_micro_batch", False)
+    _require(isinstance(sync, bool), f"key 'grad_sync_every_micro_batch' is {sync!r}, not a boolean", "write true or false")
     return Plan(
         world_size=saved_world,
-        layers=tuple(LayerStrategy(**entry) for entry in ours["layers"]),
-        pp=int(data["pp_deg"]),
-        pp_division=_ints(data["pp_division"]),
-        pipeline="gpipe" if data["pipeline_type"] == "gpipe" else "1f1b",
-        chunks=int(data["chunks"]),
-        global_batch=int(data["global_bsz"]),
-        embedding=EmbeddingStrategy(vtp=int(data.get("vtp", 1)), vsp=bool(int(data.get("vsp", 0))), embed_sdp=bool(int(data.get("embed_sdp", 0))),
+        layers=tuple(layers),
+        pp=_whole(data["pp_deg"], "pp_deg"),
+        pp_division=_ints(data["pp_division"], "pp_division"),
+        pipeline=_pipeline(data),
+        chunks=_whole(data["chunks"], "chunks"),
+        global_batch=_whole(data["global_bsz"], "global_bsz"),
+        embedding=EmbeddingStrategy(vtp=_whole(data.get("vtp", 1), "vtp"), vsp=_flag(data, "vsp"), embed_sdp=_flag(data, "embed_sdp"),
                                     dp_type=ours.get("embedding_dp_type", "ddp")),
-        grad_sync_every_micro_batch=bool(ours.get("grad_sync_every_micro_batch", False)),
+        grad_sync_every_micro_batch=sync,
         prediction=_prediction(prediction) if prediction else None,
         provenance=dict(ours.get("provenance") or {}),
     )
 
 
+def _pipeline(data: dict[str, Any]) -> str:
+    """Galvatron's ``pipeline_type``: ``gpipe``, or ``pipedream_flush`` (= 1F1B; ``1f1b`` accepted too)."""
+    kind = data.get("pipeline_type", "pipedream_flush")
+    _require(kind in ("gpipe", "pipedream_flush", "1f1b"), f"key 'pipeline_type' is {kind!r}",
+             "use gpipe or pipedream_flush (1F1B)")
+    return "gpipe" if kind == "gpipe" else "1f1b"
+
+
 def _from_galvatron(data: dict[str, Any], world_size: int | None, source: str) -> Plan:
     _require(world_size is not None, "this Galvatron strategy file does not record the world size",
              "pass world_size (the number of devices it was made for)")
-    pp = int(data["pp_deg"])
-    tp_sizes = _ints(data["tp_sizes_enc"])
+    pp = _whole(data["pp_deg"], "pp_deg")
+    tp_sizes = _ints(data["tp_sizes_enc"], "tp_sizes_enc")
     count = len(tp_sizes)
 
     def per_layer(key: str, default: int) -> tuple[int, ...]:
-        values = _ints(data[key]) if key in data else (default,) * count
+        values = _flags(data[key], key) if key in data else (default,) * count
         _require(len(values) == count, f"{key} has {len(values)} entries, tp_sizes_enc has {count}", "give one entry per layer")
         return values
 
@@ -342,11 +409,11 @@ def _from_galvatron(data: dict[str, Any], world_size: int | None, source: str) -
         world_size=world_size,
         layers=layers,
         pp=pp,
-        pp_division=_ints(data["pp_division"]) if "pp_division" in data else (),
-        pipeline="gpipe" if data.get("pipeline_type") == "gpipe" else "1f1b",
-        chunks=int(data.get("chunks", 1)),
-        global_batch=int(data["global_bsz"]),
-        embedding=EmbeddingStrategy(vtp=int(data.get("vtp", 1)), vsp=bool(int(data.get("vsp", 0))), embed_sdp=bool(int(data.get("embed_sdp", 0))),
+        pp_division=_ints(data["pp_division"], "pp_division") if "pp_division" in data else (),
+        pipeline=_pipeline(data),
+        chunks=_whole(data.get("chunks", 1), "chunks"),
+        global_batch=_whole(data["global_bsz"], "global_bsz"),
+        embedding=EmbeddingStrategy(vtp=_whole(data.get("vtp", 1), "vtp"), vsp=_flag(data, "vsp"), embed_sdp=_flag(data, "embed_sdp"),
                                     dp_type=default_dp),
         provenance={"source": "galvatron"},
     )

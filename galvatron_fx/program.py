@@ -17,6 +17,7 @@ import torch.utils._pytree as pytree
 
 PROLOGUE, BLOCK, TRANSITION, EPILOGUE = "prologue", "block", "transition", "epilogue"
 META_KEY = "galvatron"  # node.meta[META_KEY] holds the NodeInfo of every annotated node
+BATCHED_KEY = "galvatron_batched"  # node.meta[BATCHED_KEY]: the value's dim 0 is the batch (passes.batch_dim)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,10 @@ class Program:
     out_spec: pytree.TreeSpec
     model_name: str = ""
     exported: Any = field(default=None, repr=False)  # torch.export.ExportedProgram
+    # the batch is a symbol in every layer graph (any batch runs); False where the model could only be captured
+    # at the example's batch (see ``static_batch_reason``)
+    dynamic_batch: bool = True
+    static_batch_reason: str = ""
     _hierarchy: Any = field(default=None, repr=False)
 
     # -- structure ---------------------------------------------------------------------------

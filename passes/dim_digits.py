@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from collections import deque
 
+from galvatron_fx.errors import PlanError
+
 
 class Digit:
     __slots__ = ("size", "children", "parent", "reason", "members")
@@ -146,3 +148,17 @@ def shard_spec(digits: Digits, leaves, picks: dict, indices: dict):
         else:
             chosen.append(None)
     return tuple(sizes), tuple(chosen)
+
+
+def rewrite_sizes(sizes, local: list[int], full: list[int]) -> list:
+    """The size argument of a view or expand whose dims shrink from ``full`` to ``local``: constants become the
+    local sizes, ``-1`` stays, and a size read from a tensor (an ``fx.Node``: the batch) stays where its dim keeps
+    its size, else becomes ``-1`` when that is the only inferred dim. PlanError when none of that fits."""
+    out = [-1 if s == -1 else s if not isinstance(s, int) else n for s, n in zip(sizes, local)]
+    changed = [i for i, s in enumerate(sizes) if not isinstance(s, int) and local[i] != full[i]]
+    if changed:
+        if len(changed) > 1 or -1 in out:
+            raise PlanError(f"a view's sizes {list(sizes)}, read from tensors, would have to shrink in dims {changed}",
+                            "use tp=1 (or sp='none') for this layer")
+        out[changed[0]] = -1
+    return out

@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from galvatron_fx.errors import PlanError
 
 from .dim_digits import Digit, Digits
 
@@ -350,15 +354,42 @@ def _fresh_like(D: Digits, value):
     return None
 
 
-def refresh_meta(gm: fx.GraphModule) -> None:
-    """Recompute ``meta["val"]`` of every node with fake tensors (checks that the rewritten shapes fit)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+def rewritten_meta(gm: fx.GraphModule, what: str, remedy: str) -> None:
+    """``refresh_meta`` after a rewrite: a shape that no longer fits is a PlanError naming ``what`` was done."""
+    try:
+        refresh_meta(gm)
+    except Exception as error:  # fake propagation raises whatever the op raises
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise PlanError(f"{what}: the rewritten graph does not fit ({type(error).__name__}: {lines[0][:200] if lines else ''})",
+                        remedy) from None
 
+
+def refresh_meta(gm: fx.GraphModule) -> None:
+    """Recompute ``meta["val"]`` of every node with fake tensors (checks that the rewritten shapes fit).
+
+    Parameters and buffers enter as fakes made from their shape: fakifying the real ones would leave weak
+    references to them in the fake mode's memo, and a module holding such tensors cannot be moved with
+    ``swap_tensors`` later (materialising a meta model does that)."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     inputs = []
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))  # meta for a model built on meta
     for node in gm.graph.find_nodes(op="placeholder"):
         value = node.meta.get("val")
-        inputs.append(mode.from_tensor(torch.empty(value.shape, dtype=value.dtype, device=device)) if isinstance(value, torch.Tensor) else value)
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+        inputs.append(_fake(mode, value.shape, value.stride(), value.dtype, device) if isinstance(value, torch.Tensor) else value)
+    _ShapeOnlyProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+
+
+def _fake(mode: FakeTensorMode, shape, stride, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    with mode:
+        return torch.empty_strided(shape, stride, dtype=dtype, device=device)
+
+
+class _ShapeOnlyProp(FakeTensorProp):
+    """Fake-tensor propagation that never fakifies the module's own tensors (see ``refresh_meta``)."""
+
+    def fetch_attr(self, target: str):
+        value = super().fetch_attr(target)
+        if not isinstance(value, torch.Tensor):
+            return value
+        fake = _fake(self._mode, value.shape, value.stride(), value.dtype, value.device)
+        return fake.requires_grad_(value.requires_grad) if value.requires_grad else fake

@@ -1,13 +1,14 @@
 """Lowering passes for the parallelisms that cut inside layers, in the order ``lower`` runs them:
 
-1. ``rescale_batches``: each layer's graph runs at its own local batch (``micro_batch / dp``);
+1. ``set_local_batches``: each layer's graph at its own local batch (``micro_batch / dp``);
 2. ``apply_tensor_parallel``: layers with ``tp > 1`` and sp "none" sharded for this rank (``passes.tensor_parallel``);
 3. ``apply_sequence_parallel``: Megatron-SP and Ulysses layers (``passes.sequence_parallel``);
 4. ``apply_vocab_parallel``: prologue and epilogue vocab-parallel when ``vtp > 1`` (``passes.vocab_parallel``);
 5. ``apply_layouts``: parameter gradients of layers that see more than the captured batch scaled, a
    ``redistribute`` node where a layer reads a value produced under another layout (batch and sequence
    blocks; also one received over a pipeline cut), and the stage's send/receive specs set to the blocks
-   that actually travel.
+   that actually travel;
+6. ``apply_random_streams``: every random op on the stream its value calls for (``passes.random_streams``).
 
 Each pass is ``pass_(stage, context) -> stage`` (see ``passes.lower_stage``) and does nothing for plans
 whose layers all have ``tp == 1``.
@@ -16,24 +17,18 @@ whose layers all have ``tp == 1``.
 from __future__ import annotations
 
 import warnings
-from fractions import Fraction
-
-import torch
 
 from galvatron_fx.errors import PlanError
 from galvatron_fx.plan import LayerStrategy
+from galvatron_fx.program import BATCHED_KEY
 
-from .lower_stage import LoweringContext, StageModule, unwrap
-from .redistribute import Layout, insert_redistribute, rescale_batch, scale_param_grads, tp_group, with_shape
+from .lower_stage import LoweringContext, StageModule, layout_strategy, unwrap
+from .batch_dim import set_batch
+from .random_streams import assign_streams
+from .redistribute import Layout, insert_redistribute, scale_param_grads, tp_group, tp_index, with_shape
 from .sequence_parallel import META_KEY as SP_KEY, apply_sequence_parallel
 from .vocab_parallel import apply_vocab_parallel
 from .tensor_parallel import TPConfig, tensor_parallel
-
-
-def layout_strategy(plan, layer) -> LayerStrategy:
-    """The strategy that decides where a layer's activations live: prologue and epilogue keep the trainer's
-    data split whatever their vtp (``passes.vocab_parallel``), other layers follow their own strategy."""
-    return LayerStrategy(dp=plan.devices_per_stage) if layer.kind in ("prologue", "epilogue") else layer.strategy
 
 
 def _strategies(context: LoweringContext) -> dict[int, LayerStrategy]:
@@ -65,34 +60,31 @@ def _producers(context: LoweringContext) -> dict[str, Layout]:
 
 
 def _batched_names(context: LoweringContext) -> set[str]:
+    """Values of the Program whose dim 0 is the batch (captured as a symbol: ``passes.batch_dim``)."""
     names = {spec.name for layer in context.program.layers for spec in (*layer.inputs, *layer.boundary_out) if spec.batched}
-    values = {n.name: n.meta.get("val") for n in context.program.graph_module.graph.find_nodes(op="placeholder")}
-    names |= {n for n, v in values.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == context.program.batch_size}
+    names |= {n.name for n in context.program.graph_module.graph.find_nodes(op="placeholder") if n.meta.get(BATCHED_KEY)}
     return names
 
 
-def _check_capture(context: LoweringContext) -> None:
-    plan, program = context.plan, context.program
-    if program.batch_size * plan.devices_per_stage != plan.micro_batch:
-        raise PlanError(f"the Program was captured with batch {program.batch_size}, but the plan splits micro-batches of "
-                        f"{plan.micro_batch} over {plan.devices_per_stage} devices per stage",
-                        f"capture the model with an example batch of {plan.micro_batch // plan.devices_per_stage} samples")
+def layer_batch(plan, layer) -> int:
+    """Samples of a micro-batch that ``layer`` runs on each rank: ``micro_batch / dp`` of its layout."""
+    return plan.micro_batch // layout_strategy(plan, layer).dp
 
 
-def rescale_batches(stage: StageModule, context: LoweringContext) -> StageModule:
-    """Requires: a Program captured at ``micro_batch / devices_per_stage``. Ensures: every layer's graph runs
-    at its own local batch ``micro_batch / dp`` (views rewritten, metadata recomputed)."""
-    plan = context.plan
-    if all(layout_strategy(plan, layer).dp == plan.devices_per_stage for layer in stage.stage_layers):
-        return stage
-    _check_capture(context)
-    if context.program.batch_size == 1:  # a batch dim of size 1 cannot be told apart in the views
-        raise PlanError("the Program was captured with batch 1, but layers with tp > 1 run larger batches",
-                        "use a global batch with at least 2 samples per device and micro-batch")
-    batched = _batched_names(context)
+def set_local_batches(stage: StageModule, context: LoweringContext) -> StageModule:
+    """Requires: a built stage. Ensures: every layer's graph metadata is at its own local batch (``layer_batch``):
+    the graphs read the batch from their inputs, so nothing else changes. PlanError where the Program was
+    captured with a fixed batch that differs."""
+    program, plan = context.program, context.plan
     for layer in stage.stage_layers:
-        ratio = Fraction(plan.devices_per_stage, layout_strategy(plan, layer).dp)
-        rescale_batch(unwrap(stage.layers[layer.name]), batched, ratio, layer.name, layer.output_names)
+        batch = layer_batch(plan, layer)
+        if program.dynamic_batch:
+            set_batch(unwrap(stage.layers[layer.name]), batch)
+        elif batch != program.batch_size:
+            raise PlanError(f"{layer.name} ({layer.strategy.short()}) runs {batch} samples per micro-batch, but the model "
+                            f"was captured at batch {program.batch_size} only ({program.static_batch_reason})",
+                            f"capture it at an example batch of {batch}, or use a plan whose layers all run "
+                            f"{program.batch_size} samples per rank and micro-batch")
     return stage
 
 
@@ -126,11 +118,29 @@ def apply_layouts(stage: StageModule, context: LoweringContext) -> StageModule:
     """Requires: layers rewritten for their strategies. Ensures: gradient scaling for layers that see
     ``devices_per_stage / dp`` times the captured batch, redistribution on entry wherever a layer reads a
     value produced under another layout, send/receive specs in the producers' layouts."""
-    plan, layout = context.plan, context.layout
+    plan = context.plan
     devices = plan.devices_per_stage
     producers = _producers(context)
-    if all(p.dp == devices and p.seq == 1 for p in producers.values()) and all(layout_strategy(plan, l).dp == devices for l in stage.stage_layers):
-        return stage
+    uniform = (all(p.dp == devices and p.seq == 1 for p in producers.values())
+               and all(layout_strategy(plan, l).dp == devices for l in stage.stage_layers))
+    if not uniform:
+        _redistribute_inputs(stage, context, producers)
+
+    def local(spec):
+        if not (spec.batched and spec.name in producers):
+            return spec
+        source = producers[spec.name]
+        rest = (spec.shape[1] // source.seq, *spec.shape[2:]) if len(spec.shape) > 1 else ()
+        return with_shape(spec, (plan.micro_batch // source.dp, *rest))
+
+    stage.recv_specs = tuple(local(spec) for spec in stage.recv_specs)
+    stage.send_specs = tuple(local(spec) for spec in stage.send_specs)
+    return stage
+
+
+def _redistribute_inputs(stage: StageModule, context: LoweringContext, producers: dict[str, Layout]) -> None:
+    plan, layout = context.plan, context.layout
+    devices = plan.devices_per_stage
     batched = _batched_names(context)
     full_shapes = {spec.name: spec.shape for l in context.program.layers for spec in (*l.inputs, *l.boundary_out)}
     stage_ranks = tuple(layout.stage * devices + i for i in range(devices))
@@ -145,16 +155,17 @@ def apply_layouts(stage: StageModule, context: LoweringContext) -> StageModule:
                 insert_redistribute(module, name, producers[name], Layout(strategy, name in seq_inputs), devices, layout.local,
                                     stage_ranks, plan.micro_batch, seq_len)
 
-    def local(spec):
-        if not (spec.batched and spec.name in producers):
-            return spec
-        source = producers[spec.name]
-        rest = (spec.shape[1] // source.seq, *spec.shape[2:]) if len(spec.shape) > 1 else ()
-        return with_shape(spec, (plan.micro_batch // source.dp, *rest))
 
-    stage.recv_specs = tuple(local(spec) for spec in stage.recv_specs)
-    stage.send_specs = tuple(local(spec) for spec in stage.send_specs)
+def apply_random_streams(stage: StageModule, context: LoweringContext) -> StageModule:
+    """Requires: layers rewritten for their strategies (shards marked). Ensures: every random op runs on its
+    random stream (``passes.random_streams``): the ranks holding a value draw alike, those holding different
+    shards of it draw independently."""
+    for layer in stage.stage_layers:
+        shard_stream = 1 + tp_index(layer.strategy, context.layout.local) if layer.strategy.tp > 1 and layer.kind not in (
+            "prologue", "epilogue") else 0
+        assign_streams(unwrap(stage.layers[layer.name]), shard_stream)
     return stage
 
 
-PARALLEL_PASSES = (rescale_batches, apply_tensor_parallel, apply_sequence_parallel, apply_vocab_parallel, apply_layouts)
+PARALLEL_PASSES = (set_local_batches, apply_tensor_parallel, apply_sequence_parallel, apply_vocab_parallel, apply_layouts,
+                   apply_random_streams)

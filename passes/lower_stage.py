@@ -13,7 +13,7 @@ applied by the runtime afterwards.
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,7 +26,8 @@ from galvatron_fx.errors import PlanError
 from galvatron_fx.plan import LayerStrategy, Plan
 from galvatron_fx.program import Program, TensorSpec
 
-from .redistribute import shared_conversions
+from .random_streams import layer_seed, seed_generators
+from .redistribute import dp_index, shared_conversions
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class StageLayer:
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     strategy: LayerStrategy
+    data_index: int = 0  # which block of the micro-batch's samples this rank holds here (its random seed's key)
 
 
 def embedding_strategy(plan: Plan) -> LayerStrategy:
@@ -85,6 +87,12 @@ def embedding_strategy(plan: Plan) -> LayerStrategy:
     the trainer's data layout (each rank its own samples; see ``passes.vocab_parallel``)."""
     vtp = plan.embedding.vtp
     return LayerStrategy(tp=vtp, dp=plan.devices_per_stage // vtp, dp_type=plan.embedding.data_parallel_type)
+
+
+def layout_strategy(plan: Plan, layer: "StageLayer") -> LayerStrategy:
+    """The strategy that decides where a layer's activations live: prologue and epilogue keep the trainer's
+    data split whatever their vtp (``passes.vocab_parallel``), other layers follow their own strategy."""
+    return LayerStrategy(dp=plan.devices_per_stage) if layer.kind in ("prologue", "epilogue") else layer.strategy
 
 
 def local_micro_batch(plan: Plan, stage: int = 0) -> int:
@@ -152,8 +160,8 @@ class StageModule(nn.Module):
     def forward(self, env: dict[str, Any], seed: int | None = None) -> list[torch.Tensor]:
         with shared_conversions():   # a value several layers read in one layout moves once
             for layer in self.stage_layers:
-                if seed is not None:  # dropout masks depend on (seed, layer), not on the stage running it
-                    seed_generators(layer_seed(seed, layer.index), self.device)
+                if seed is not None:  # random draws depend on (seed, layer, samples held), not on the stage
+                    seed_generators(layer_seed(seed, layer.index, layer.data_index), self.device)
                 outputs = self.layers[layer.name](*[env[name] for name in layer.input_names])
                 env.update(zip(layer.output_names, outputs))
         if self.loss_name is not None:
@@ -207,22 +215,6 @@ class StageModule(nn.Module):
 
 def _spec_text(spec: TensorSpec) -> str:
     return f"{spec.name}{list(spec.shape)}:{str(spec.dtype).removeprefix('torch.')}"
-
-
-def seed_generators(seed: int, device: torch.device) -> None:
-    """Seed the generators random ops on ``device`` draw from: the CPU's and, on a GPU, that GPU's. Not
-    ``torch.manual_seed``: on a machine without an initialised GPU it queues a lazy seed for every
-    accelerator type, formatting a stack trace each time (0.07-0.6 ms a call, called per layer and
-    micro-batch: a few percent of a pipeline step)."""
-    torch.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        torch.cuda.default_generators[index].manual_seed(seed)
-
-
-def layer_seed(seed: int, layer_index: int) -> int:
-    digest = hashlib.blake2b(f"{seed}/{layer_index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 # -- building ------------------------------------------------------------------------------------------
@@ -288,8 +280,8 @@ def build_stage(context: LoweringContext) -> StageModule:
     for index in indices:
         layer = program.layers[index]
         strategy = plan.layers[body_position[index]] if index in body_position else embed
-        layers.append(StageLayer(index, f"layer{index}", layer.kind, layer.layer_type, layer.input_names,
-                                 layer.output_names, strategy))
+        stage_layer = StageLayer(index, f"layer{index}", layer.kind, layer.layer_type, layer.input_names, layer.output_names, strategy)
+        layers.append(dataclasses.replace(stage_layer, data_index=dp_index(layout_strategy(plan, stage_layer), layout.local)))
     copies = copy_layer_modules([program.layers[i].module for i in indices])
     placeholders = set(program.placeholder_names)
     batch_names = tuple(dict.fromkeys(n for layer in layers for n in layer.input_names if n in placeholders))
@@ -312,15 +304,8 @@ LoweringPass = Callable[[StageModule, LoweringContext], StageModule]
 
 
 def check_shapes(stage: StageModule, context: LoweringContext) -> StageModule:
-    """Requires: a built stage. Ensures: the Program's batch dimension equals this rank's micro-batch,
-    every layer's inputs are produced before it (by the batch, the previous stage or an earlier layer)
-    with the shapes its graph was captured with; raises PlanError otherwise."""
-    program = context.program
-    if program.batch_size != stage.micro_batch:
-        raise PlanError(
-            f"the Program was captured with batch {program.batch_size}, but each rank of stage {context.layout.stage} "
-            f"runs micro-batches of {stage.micro_batch} samples (global_batch {context.plan.global_batch} / chunks "
-            f"{context.plan.chunks} / dp)", f"capture the model with an example batch of {stage.micro_batch} samples")
+    """Requires: a stage rewritten for its plan. Ensures: every layer's inputs are produced before it (by the
+    batch, the previous stage or an earlier layer) with the shapes its graph expects; PlanError otherwise."""
     shapes = {spec.name: spec.shape for spec in stage.recv_specs}
     shapes.update({name: None for name in stage.batch_names})
     for layer in stage.stage_layers:

@@ -11,10 +11,9 @@ is the reverse exchange: each holder of a block gets that block's gradient once 
 activations are replicated, as tensor parallelism keeps them). Across a pipeline cut the receiving rank
 gets the sender's block (same local index) and converts it the same way.
 
-A layer with ``dp`` smaller than the stage's data split runs ``devices_per_stage / dp`` times the batch the
-Program was captured with: ``rescale_batch`` rewrites its views to that batch, and its parameters'
-gradients are scaled by ``dp / devices_per_stage`` so that averaging over its dp replicas gives the mean
-over the micro-batch like everywhere else.
+A layer with ``dp`` smaller than the stage's data split runs ``devices_per_stage / dp`` times a rank's own
+samples: its parameters' gradients are scaled by ``dp / devices_per_stage`` so that averaging over its dp
+replicas gives the mean over the micro-batch like everywhere else.
 """
 
 from __future__ import annotations
@@ -24,17 +23,14 @@ import contextvars
 import dataclasses
 import math
 from dataclasses import dataclass
-from fractions import Fraction
 
 import torch
 import torch.distributed._functional_collectives as funcol
 import torch.fx as fx
 
-from galvatron_fx.errors import PlanError
 from galvatron_fx.plan import LayerStrategy, Plan
 
 from .collectives import _is_fake
-from .dim_tracking import analyze, param_matmul, refresh_meta
 
 aten = torch.ops.aten
 
@@ -194,58 +190,7 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
-# -- batch size of a layer -----------------------------------------------------------------------------------
-def rescale_batch(gm: fx.GraphModule, batched: set[str], ratio: Fraction, what: str = "layer",
-                  output_names: tuple[str, ...] = ()) -> None:
-    """Requires: ``gm`` with ``meta["val"]``; ``batched`` names the placeholders whose dim 0 is the batch.
-    Ensures: every view/reshape/expand size that carries the batch is multiplied by ``ratio``, placeholder
-    metadata too, and ``meta["val"]`` is recomputed (PlanError if a size cannot follow the batch)."""
-    if ratio == 1:
-        return
-    analysis = analyze(gm, excluded={n for n in gm.graph.nodes if n.op == "call_function" and param_matmul(gm, n)})
-    digits = analysis.digits
-    batch_classes = set()
-    for node in gm.graph.find_nodes(op="placeholder"):
-        if node.name in batched and analysis.dims.get(node) and analysis.dims[node][0]:
-            leaf = analysis.dims[node][0][0]
-            if leaf.children:
-                raise PlanError(f"{what}: the batch dimension of {node.name} is split by a view", "keep dp equal across these layers")
-            batch_classes.add(digits.find(leaf))
-    # outputs that carry the batch but are built without reading it (a mask expanded to the batch size)
-    output = gm.graph.output_node()
-    for name, value in zip(output_names, output.args[0]):
-        dims = analysis.dims.get(value) if isinstance(value, fx.Node) else None
-        if name in batched and batch_classes and dims and len(dims[0]) == 1 and not dims[0][0].children:
-            digits.union(next(iter(batch_classes)), dims[0][0])
-            batch_classes = {digits.find(next(iter(batch_classes)))}
-
-    def scaled(dims) -> list[int]:
-        sizes = []
-        for d in dims:
-            size = Fraction(1)
-            for leaf in digits.leaves_of(d):
-                size *= leaf.size * (ratio if digits.find(leaf) in batch_classes else 1)
-            if size.denominator != 1:
-                raise PlanError(f"{what}: a dimension of size {size} does not follow a batch scaled by {ratio}", "use equal dp on these layers")
-            sizes.append(int(size))
-        return sizes
-
-    for node in gm.graph.nodes:
-        if node.op == "placeholder" and node.name in batched:
-            value = node.meta["val"]
-            node.meta["val"] = torch.empty((int(value.shape[0] * ratio), *value.shape[1:]), dtype=value.dtype, device="meta")
-        elif node.op == "call_function" and node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-                                                                aten.expand.default) and node in analysis.dims:
-            new = scaled(analysis.dims[node])
-            node.args = (node.args[0], [-1 if o == -1 else n for o, n in zip(node.args[1], new)], *node.args[2:])
-    gm.recompile()
-    try:
-        refresh_meta(gm)
-    except Exception as error:  # a size that does not follow the batch (a factory call, say)
-        raise PlanError(f"{what}: cannot run at a batch scaled by {ratio}: {type(error).__name__}: {str(error)[:300]}",
-                        "capture the model at this layer's batch, or use equal dp across layers") from None
-
-
+# -- gradients of layers that see more than the rank's own samples ------------------------------------------
 def scale_param_grads(gm: fx.GraphModule, factor: float) -> None:
     """Insert ``scale_grad`` after every parameter fetch of ``gm``."""
     if factor == 1:

@@ -125,6 +125,10 @@ class SearchEngine:
             for gb in self.space.global_batches():
                 for c in self.space.chunk_counts(gb):
                     mb = gb // c
+                    if mb % devices:
+                        self.left_out.setdefault(f"micro-batch {mb} does not give each of the {devices} devices of a stage "
+                                                 "its own samples", set()).add(f"pp{pp} batch {gb} chunks {c}")
+                        continue
                     usable = [s for s in strategies if mb % s.dp == 0]
                     if not usable:
                         self.left_out.setdefault(f"micro-batch {mb} is not divisible by any dp degree on {devices} devices", set()).add(

@@ -41,6 +41,8 @@ def _plans(cost_model, world_size, space, pp, strategies, embeddings):
     for gb in space.global_batches():
         for c in space.chunk_counts(gb):
             mb = gb // c
+            if mb % (world_size // pp):  # not every device of a stage gets its own samples (Plan refuses it)
+                continue
             usable = [[s for s in options if mb % s.dp == 0] for options in per_layer]
             choices = ([[s] * L for s in usable[0] if all(s in u for u in usable)] if space.uniform
                        else itertools.product(*usable))

@@ -36,8 +36,10 @@ from galvatron_fx.errors import PlanError
 
 from .collectives import (heads_to_seq, seq_to_heads, sp_gather, sp_reduce_scatter, sp_split, tp_copy, tp_reduce,
                           tp_scatter)
-from .dim_digits import local_shape
-from .dim_tracking import VIEWS, analyze, param_matmul, refresh_meta
+from .batch_dim import is_size_node
+from .dim_digits import local_shape, rewrite_sizes
+from .dim_tracking import VIEWS, analyze, param_matmul, rewritten_meta
+from .random_streams import mark_sharded
 from .tensor_parallel import TPConfig, TPResult, tensor_parallel
 
 aten = torch.ops.aten
@@ -139,6 +141,8 @@ def _wants_shards(node: fx.Node, region: set[fx.Node]) -> bool:
         if user in seen or user in region or user.op == "output":
             continue
         seen.add(user)
+        if is_size_node(user):
+            continue
         if user.op == "call_function" and user.target in TRANSPARENT:
             stack.extend(user.users)
         elif user.op == "call_function":
@@ -201,7 +205,8 @@ def sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, layer_name: str = "laye
             sharded.add(part)
 
     for node in list(graph.nodes):
-        if node.op != "call_function" or node in sharded or node.target is sp_split:
+        # sizes read from shards are batch sizes (the sequence is never a symbol), the same on every rank
+        if node.op != "call_function" or node in sharded or node.target is sp_split or is_size_node(node):
             continue
         inputs = node.all_input_nodes
         if node.target is tp_copy and inputs[0] in sharded:  # entering the TP region: gather the sequence
@@ -241,7 +246,7 @@ def sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, layer_name: str = "laye
                     node.replace_input_with(arg, split(arg, node))
             sharded.add(node)
             if node.target in VIEWS | {aten.expand.default} and seq.dims(node) is not None:
-                node.args = (node.args[0], [-1 if o == -1 else n for o, n in zip(node.args[1], seq.local_sizes(node))], *node.args[2:])
+                node.args = (node.args[0], rewrite_sizes(node.args[1], seq.local_sizes(node), list(node.meta["val"].shape)), *node.args[2:])
 
     # parameters used on sequence shards: their gradients are partial over the group
     for node in list(graph.find_nodes(op="get_attr")):
@@ -250,6 +255,8 @@ def sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, layer_name: str = "laye
                 copy = graph.call_function(tp_copy, (node, ranks))
             node.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy and user in sharded)
 
+    heads = set(graph.find_nodes(op="call_function", target=SDPA)) if cfg.mode == "ulysses" else set()
+    mark_sharded(sharded | heads)  # sequence shards; Ulysses' attention runs on head shards
     for node in graph.find_nodes(op="placeholder"):
         if node.name in seq_inputs:
             value = node.meta["val"]
@@ -260,7 +267,7 @@ def sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, layer_name: str = "laye
     gm.meta[META_KEY] = {"inputs": result.seq_inputs, "outputs": result.seq_outputs}
     graph.lint()
     gm.recompile()
-    refresh_meta(gm)
+    rewritten_meta(gm, f"{layer_name}: sequence parallelism ({cfg.mode})", "use sp='none' for this layer")
     return result
 
 

@@ -16,20 +16,16 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from galvatron_fx.program import BLOCK, TRANSITION, Layer, TensorSpec
+from galvatron_fx.program import BATCHED_KEY, BLOCK, TRANSITION, Layer, TensorSpec
 
 from .discover_layers import Segment
 
 
-def _is_batched(value: Any, batch_size: int) -> bool:
-    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size and batch_size > 1
-
-
-def tensor_spec(node: fx.Node, batch_size: int) -> TensorSpec | None:
+def tensor_spec(node: fx.Node) -> TensorSpec | None:
     value = node.meta.get("val")
     if not isinstance(value, torch.Tensor):
         return None
-    return TensorSpec(node.name, tuple(int(s) for s in value.shape), value.dtype, _is_batched(value, batch_size))
+    return TensorSpec(node.name, tuple(int(s) for s in value.shape), value.dtype, bool(node.meta.get(BATCHED_KEY)))
 
 
 def _graph_output_names(graph: fx.Graph) -> set[str]:
@@ -103,7 +99,7 @@ def getattr_path(module: torch.nn.Module, target: str) -> Any:
     return value
 
 
-def split_layers(root: fx.GraphModule, segments: list[Segment], batch_size: int) -> list[Layer]:
+def split_layers(root: fx.GraphModule, segments: list[Segment]) -> list[Layer]:
     """Build the layer table's skeleton (modules, types, boundaries); statistics come later."""
     owner = {node.name: i for i, segment in enumerate(segments) for node in segment.nodes}
     graph_outputs = _graph_output_names(root.graph)
@@ -132,8 +128,8 @@ def split_layers(root: fx.GraphModule, segments: list[Segment], batch_size: int)
             layer_type=segment.kind,
             node_names=tuple(n.name for n in segment.nodes),
             param_names=param_names,
-            inputs=_specs(nodes_by_name, [n for n in input_names if n in owner], batch_size),
-            boundary_out=_specs(nodes_by_name, live_after, batch_size),
+            inputs=_specs(nodes_by_name, [n for n in input_names if n in owner]),
+            boundary_out=_specs(nodes_by_name, live_after),
             module=module,
             input_names=tuple(input_names),
             output_names=tuple(produced),
@@ -142,8 +138,8 @@ def split_layers(root: fx.GraphModule, segments: list[Segment], batch_size: int)
     return layers
 
 
-def _specs(nodes_by_name: dict[str, fx.Node], names: list[str], batch_size: int) -> tuple[TensorSpec, ...]:
-    specs = (tensor_spec(nodes_by_name[name], batch_size) for name in names)
+def _specs(nodes_by_name: dict[str, fx.Node], names: list[str]) -> tuple[TensorSpec, ...]:
+    specs = (tensor_spec(nodes_by_name[name]) for name in names)
     return tuple(spec for spec in specs if spec is not None)
 
 

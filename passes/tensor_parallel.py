@@ -30,8 +30,9 @@ import torch.nn as nn
 from galvatron_fx.errors import PlanError
 
 from .collectives import tp_copy, tp_reduce, tp_scatter
-from .dim_digits import Digit, local_shape, shard_spec
-from .dim_tracking import Analysis, analyze, refresh_meta
+from .dim_digits import Digit, local_shape, rewrite_sizes, shard_spec
+from .dim_tracking import Analysis, analyze, rewritten_meta
+from .random_streams import mark_sharded
 
 aten = torch.ops.aten
 META_KEY = "galvatron_tp"  # node.meta / GraphModule.meta key of the shard records
@@ -165,6 +166,7 @@ def _rewrite(gm: fx.GraphModule, analysis: Analysis, chosen: dict[frozenset, dic
         indices.update(_rank_indices(choice, cfg.tp_rank))
     live = {root for component in chosen for root in component}
     tainted = {n for n, roots in analysis.taint.items() if roots & live}
+    mark_sharded(tainted)
     records: dict[str, ShardRecord] = {}
 
     # parameters: column-parallel weights/biases along their output units, row-parallel along contraction
@@ -198,8 +200,7 @@ def _rewrite(gm: fx.GraphModule, analysis: Analysis, chosen: dict[frozenset, dic
             continue
         if node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default):
             local = local_shape(digits, analysis.dims[node], picks)
-            old = list(node.args[1])
-            node.args = (node.args[0], [-1 if o == -1 else n for o, n in zip(old, local)], *node.args[2:])
+            node.args = (node.args[0], rewrite_sizes(node.args[1], local, list(node.meta["val"].shape)), *node.args[2:])
         elif node.target in (aten.split.Tensor, aten.split_with_sizes.default):
             dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
             pieces = [local_shape(digits, d, picks)[dim] for d in analysis.dims[node]]
@@ -286,7 +287,7 @@ def tensor_parallel(gm: fx.GraphModule, cfg: TPConfig, layer_name: str = "layer"
     if not chosen:
         return result
     _rewrite(gm, analysis, chosen, cfg, result)
-    refresh_meta(gm)
+    rewritten_meta(gm, f"{layer_name}: tensor parallelism over {cfg.tp} ranks", "use another tp degree for this layer")
     return result
 
 

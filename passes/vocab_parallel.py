@@ -33,7 +33,7 @@ import torch.nn as nn
 from galvatron_fx.errors import PlanError
 
 from .collectives import _is_fake, all_gather_dim, all_reduce_sum, gather_dim_sum_grad, reduce_scatter_dim, tp_copy
-from .dim_tracking import VIEWS, param_matmul, refresh_meta
+from .dim_tracking import VIEWS, param_matmul, rewritten_meta
 from .redistribute import scale_grad
 from .tensor_parallel import META_KEY, ShardRecord
 
@@ -223,7 +223,7 @@ def vocab_parallel(gm: fx.GraphModule, cfg: VocabConfig, shared: dict, what: str
         node.replace_all_uses_with(last, delete_user_cb=lambda user: user is not grad)
     graph.lint()
     gm.recompile()
-    refresh_meta(gm)
+    rewritten_meta(gm, f"{what}: vocab parallelism over {cfg.vtp} ranks", "use vtp=1")
     return done
 
 
@@ -243,8 +243,8 @@ def make_vocab_parallel_pass():
             warnings.warn("vsp is lowered as vocab tensor parallelism (sequence-sharded embedding/head is not implemented)", stacklevel=2)
         vocab = vocab_size(context.program.epilogue.module)
         if vocab is None:
-            warnings.warn("vtp > 1 but the model has no cross-entropy head: prologue and epilogue stay replicated", stacklevel=2)
-            return stage
+            raise PlanError(f"vtp={plan.embedding.vtp} needs a cross-entropy loss over a vocabulary, and "
+                            f"{context.program.model_name}'s loss is not one", "use vtp=1")
         ranks = tp_group(plan, embedding_strategy(plan), context.layout.rank)
         cfg = VocabConfig(plan.embedding.vtp, ranks.index(context.layout.rank), ranks, vocab)
         shared: dict = {}

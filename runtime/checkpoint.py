@@ -41,7 +41,7 @@ from torch.distributed.tensor import DTensor
 
 from galvatron_fx.errors import GalvatronError
 
-from .materialize import LocalShard, ShardMap, local_shards
+from .shard_maps import LocalShard, ShardMap, local_shards
 
 FORMAT = "galvatron-fx-checkpoint/1"
 MANIFEST = "galvatron_checkpoint.json"

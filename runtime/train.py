@@ -14,7 +14,6 @@ gradients equal those of one process on the whole batch.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -24,6 +23,7 @@ from torch.distributed.tensor import DTensor
 
 from galvatron_fx.errors import ConfigError, PlanError
 from galvatron_fx.passes.lower_stage import LoweringPass, DEFAULT_PASSES, StageModule, lower
+from galvatron_fx.passes.random_streams import layer_seed
 from galvatron_fx.plan import Plan
 from galvatron_fx.program import Program
 
@@ -48,9 +48,9 @@ def _is_communication_error(error: BaseException) -> bool:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """``lr`` for the default Adam optimizer; ``seed`` makes dropout depend on (seed, step, data-parallel
-    index, micro-batch, layer) only, so not on the pipeline division or checkpointing (None: leave the RNG
-    alone); ``mixed_precision``: ``"fp32"`` or ``"bf16"`` (autocast; parameters and gradients stay fp32)."""
+    """``lr`` for the default Adam optimizer; ``seed`` makes dropout depend on (seed, step, micro-batch, layer,
+    the samples a rank holds there, the shard it holds) only, so not on the pipeline division or checkpointing,
+    and alike on the ranks that hold the same activation (``passes.random_streams``; None: leave the RNG alone); ``mixed_precision``: ``"fp32"`` or ``"bf16"`` (autocast; parameters and gradients stay fp32)."""
 
     lr: float = 1e-3
     seed: int | None = 0
@@ -110,9 +110,8 @@ class Trainer:
     def _seeds(self) -> list[int | None]:
         if self.config.seed is None:
             return [None] * self.plan.chunks
-        key = f"{self.config.seed}/{self.steps_done}/{self.stage.layout.local}"
-        return [int.from_bytes(hashlib.blake2b(f"{key}/{i}".encode(), digest_size=7).digest(), "little")
-                for i in range(self.plan.chunks)]
+        # each layer adds itself and the block of samples this rank holds there (passes.random_streams)
+        return [layer_seed(self.config.seed, self.steps_done, i) for i in range(self.plan.chunks)]
 
     # -- step --------------------------------------------------------------------------------------------
     def step(self, batch: dict[str, Any]) -> float:

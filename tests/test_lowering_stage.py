@@ -10,8 +10,7 @@ import torch.distributed as dist
 import galvatron_fx
 from galvatron_fx.errors import PlanError
 from galvatron_fx.models import build_model
-from galvatron_fx.passes.lower_stage import (CheckpointedLayer, RankLayout, cut_specs, local_micro_batch, lower,
-                                             stage_layer_indices)
+from galvatron_fx.passes.lower_stage import CheckpointedLayer, RankLayout, cut_specs, lower, stage_layer_indices
 from galvatron_fx.plan import LayerStrategy, Plan
 
 
@@ -105,13 +104,47 @@ def test_checkpointing_wraps_marked_layers_only_and_prints_readably(tmp_path):
     assert "def forward" in (tmp_path / f"{body[0].name}.py").read_text()
 
 
-def test_shapes_checked_against_the_micro_batch():
-    program, _ = captured("gpt2")  # captured with 2 samples
+def _batched_input_sizes(stage) -> set[int]:
+    from galvatron_fx.passes.lower_stage import unwrap
+    from galvatron_fx.program import BATCHED_KEY
+
+    return {int(node.meta["val"].shape[0]) for layer in stage.stage_layers
+            for node in unwrap(stage.layers[layer.name]).graph.find_nodes(op="placeholder") if node.meta.get(BATCHED_KEY)}
+
+
+@pytest.mark.parametrize("global_batch", [2, 8, 16])
+def test_one_capture_lowers_at_any_micro_batch(global_batch):
+    program, _ = captured("gpt2")  # captured with 2 samples; the batch is a symbol
     plan = plan_for(program, world_size=2, pp=1, chunks=1)
-    wrong = Plan(world_size=2, layers=plan.layers, chunks=1, global_batch=8)  # 4 samples per rank
-    assert local_micro_batch(wrong) == 4
-    with pytest.raises(PlanError, match="captured with batch 2.*capture the model with an example batch of 4"):
-        lower(program, wrong, 0)
+    other = Plan(world_size=2, layers=plan.layers, chunks=1, global_batch=global_batch)
+    stage = lower(program, other, 0)
+    assert _batched_input_sizes(stage) == {global_batch // 2}  # 1, 4 and 8 samples per rank
+
+
+class _BranchesOnBatch(torch.nn.Module):
+    """A model whose forward tests the batch size: it can only be captured at one batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(2))
+
+    def forward(self, x, y):
+        if x.shape[0] == 2:
+            x = x * 1.0
+        for block in self.blocks:
+            x = block(x)
+        return torch.nn.functional.mse_loss(x, y)
+
+
+def test_a_model_captured_at_a_fixed_batch_is_refused_at_another():
+    x = torch.randn(2, 8)
+    with pytest.warns(UserWarning, match="could not be captured with a symbolic batch"):
+        program = galvatron_fx.capture(_BranchesOnBatch(), (x, x))
+    assert not program.dynamic_batch
+    fits = Plan(world_size=2, layers=(LayerStrategy(dp=2),) * 2, global_batch=4)
+    assert _batched_input_sizes(lower(program, fits, 0)) == {2}
+    with pytest.raises(PlanError, match="captured at batch 2 only.*capture it at an example batch of 4"):
+        lower(program, Plan(world_size=2, layers=fits.layers, global_batch=8), 0)
 
 
 def test_rank_layout():

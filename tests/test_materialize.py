@@ -18,7 +18,9 @@ import galvatron_fx
 from galvatron_fx.errors import ConfigError
 from galvatron_fx.models import example_batch
 from galvatron_fx.runtime import spawn
-from galvatron_fx.runtime.materialize import LocalShard, ShardMap, check_safetensors, init_shards
+from galvatron_fx.runtime.safetensors_io import check_safetensors
+from galvatron_fx.runtime.shard_init import init_shards
+from galvatron_fx.runtime.shard_maps import LocalShard, ShardMap
 
 BATCH, SEQ = 8, 16
 

@@ -162,7 +162,7 @@ def _space(**fields) -> SearchSpace:
     # one stage (folded fronts) with several micro-batch counts, redistribution between layouts, ZeRO-3 peaks
     (["a", "b", "a", "b"], 2, 12, 0.35, _space(chunks=(1, 2, 4), sp_types=("megatron",), max_pp=1)),
     (["a", "a", "a", "a"], 2, 13, 0.5, _space(chunks=(2,), sp_types=("none", "ulysses"), dp_types=("zero2", "zero3"))),
-    (["a", "b", "b", "a"], 4, 14, 0.25, _space(global_batch=(8, 8, 1), chunks=(4, 8), max_pp=1, max_tp=2, pipelines=("gpipe",))),
+    (["a", "b", "b", "a"], 4, 14, 0.25, _space(global_batch=(16, 16, 1), chunks=(2, 4), max_pp=1, max_tp=2, pipelines=("gpipe",))),
     (["b", "a", "a"], 4, 15, 0.65, _space(global_batch=(4, 8, 4), chunks=(2, 4), disable_vsp=False, sp_types=("megatron",), max_tp=2)),
 ])
 def test_search_equals_brute_force(types, world, seed, quantile, space):

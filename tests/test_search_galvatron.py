@@ -81,7 +81,7 @@ def test_cli_search_with_galvatron_profiles(tmp_path, capsys):
 
 
 def test_cli_infeasible_budget_reports_smallest(tmp_path, capsys):
-    code = main(["search", "--galvatron-profiles", str(FIXTURE), "--memory", "2GB", "--batch", "16", "--chunks", "16",
+    code = main(["search", "--galvatron-profiles", str(FIXTURE), "--memory", "2GB", "--batch", "16", "--chunks", "2",
                  "--max-pp", "1", "--sp-types", "megatron", "--disable-tp-strided", "--out", str(tmp_path / "p.json"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "smallest budget that fits" in err

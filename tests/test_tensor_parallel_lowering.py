@@ -92,11 +92,15 @@ def test_64_rank_plan_lowers_with_checked_shards_views_and_collectives(program, 
             else:
                 assert not _calls(module, tp_reduce) and not module.meta.get(META_KEY)
             # views of the attention: this layer's local batch and local heads
-            head_views = [n.args[1] for n in module.graph.nodes
+            # (the batch is read from the tensor, so the sizes say "B" and the metadata the local batch)
+            head_views = [n for n in module.graph.nodes
                           if n.target is torch.ops.aten.view.default and len(n.args[1]) == 4 and n.args[1][-1] == HEAD_DIM]
-            assert head_views and all(v[0] == local_batch and v[1] == SEQ for v in head_views), (rank, layer.name, head_views)
-            expands = [n.args[1] for n in module.graph.nodes if n.target is torch.ops.aten.expand.default and len(n.args[1]) == 5]
-            assert expands == [[local_batch, max(KV_HEADS // tp, 1), HEADS // KV_HEADS // max(tp // KV_HEADS, 1), SEQ, HEAD_DIM]] * 2
+            assert head_views and all(isinstance(v.args[1][0], torch.fx.Node) and v.args[1][1] == SEQ
+                                      and tuple(v.meta["val"].shape[:2]) == (local_batch, SEQ) for v in head_views), (rank, layer.name)
+            expands = [n for n in module.graph.nodes if n.target is torch.ops.aten.expand.default and len(n.args[1]) == 5]
+            local_kv = (max(KV_HEADS // tp, 1), HEADS // KV_HEADS // max(tp // KV_HEADS, 1), SEQ, HEAD_DIM)
+            assert [tuple(n.args[1][1:]) for n in expands] == [local_kv] * 2
+            assert [tuple(n.meta["val"].shape) for n in expands] == [(local_batch, *local_kv)] * 2
             # redistribution on entry exactly when the producer's layout differs, over the stage's ranks
             moves = _calls(module, redistribute)
             if previous is not None and (previous.dp, previous.tp_consecutive if previous.tp > 1 else True) != \

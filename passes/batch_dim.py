@@ -1,0 +1,135 @@
+"""The batch dimension: captured as a symbol, so that one Program runs at any batch size, 1 included.
+
+``capture`` exports the model with a symbolic batch (``torch.export`` with a ``Dim`` on dim 0 of every batched
+input). Views then read the batch from the tensor (``sym_size``) instead of baking in the example's size, so a
+layer graph runs at whatever batch it is given. The passes here turn that export into what the rest of the
+package reasons about:
+
+- ``mark_batched``: every value whose dim 0 *is* the batch symbol carries ``node.meta[BATCHED_KEY]``: exact,
+  where comparing sizes would confuse a batch of 16 with a sequence of 16, and cannot see a batch of 1;
+- ``concretize``: ``meta["val"]`` recomputed with the example's sizes, so analyses see plain shapes;
+- ``localize_sizes``: every layer computes the batch sizes it uses from its own inputs (a size computed in an
+  earlier layer would otherwise cross layer boundaries and pipeline cuts as an integer);
+- ``set_batch``: a layer graph's metadata recomputed at another batch (lowering: each layer's local batch).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from galvatron_fx.program import BATCHED_KEY
+
+from .dim_tracking import refresh_meta
+
+aten = torch.ops.aten
+_ARITHMETIC = {operator.mul, operator.add, operator.sub, operator.floordiv, operator.mod, operator.neg}
+
+
+def mark_batched(gm: fx.GraphModule) -> None:
+    """Requires: ``meta["val"]`` from an export with a symbolic batch. Ensures: ``node.meta[BATCHED_KEY]`` is
+    True exactly on the nodes whose value is a tensor with the batch symbol as dim 0."""
+    symbol = _batch_symbol(gm)
+    for node in gm.graph.nodes:
+        value = node.meta.get("val")
+        batched = symbol is not None and isinstance(value, torch.Tensor) and value.dim() > 0 and _is(value.shape[0], symbol)
+        if batched:
+            node.meta[BATCHED_KEY] = True
+        else:
+            node.meta.pop(BATCHED_KEY, None)
+
+
+def _batch_symbol(gm: fx.GraphModule):
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and isinstance(value.shape[0], torch.SymInt):
+            return value.shape[0].node.expr
+    return None
+
+
+def _is(size: Any, symbol) -> bool:
+    return isinstance(size, torch.SymInt) and size.node.expr == symbol
+
+
+def concretize(gm: fx.GraphModule, example_inputs: list[Any]) -> None:
+    """Requires: ``example_inputs`` for the placeholders, in order. Ensures: every ``meta["val"]`` holds the
+    fake value computed at those inputs' sizes (no symbols left)."""
+    for node, value in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
+        if isinstance(value, torch.Tensor):
+            node.meta["val"] = torch.empty(value.shape, dtype=value.dtype, device="meta")
+        else:
+            node.meta["val"] = value
+    refresh_meta(gm)
+
+
+def is_size_node(node: fx.Node) -> bool:
+    """A node computing an integer from tensor sizes: ``sym_size`` and arithmetic on such nodes."""
+    if node.op != "call_function":
+        return False
+    if node.target is aten.sym_size.int:
+        return True
+    return node.target in _ARITHMETIC and any(isinstance(a, fx.Node) and is_size_node(a) for a in node.args)
+
+
+def localize_sizes(gm: fx.GraphModule, segments) -> None:
+    """Requires: ``segments`` (``discover_layers``) covering the call nodes in order, batched nodes marked.
+    Ensures: no segment reads a size node of another one: each gets its own copy of the computation, placed
+    before its first node and reading the batch from a batched tensor the segment already receives."""
+    owner = {node: i for i, segment in enumerate(segments) for node in segment.nodes}
+    for i, segment in enumerate(segments):
+        if not segment.nodes:
+            continue
+        copies: dict[fx.Node, fx.Node] = {}
+        first = segment.nodes[0]
+        for node in list(segment.nodes):
+            for used in node.all_input_nodes:
+                if is_size_node(used) and owner.get(used) != i:
+                    node.replace_input_with(used, _copy_size(gm.graph, used, first, segment, owner, i, copies))
+    for segment in segments:  # sizes only other segments read are now unused
+        for node in reversed(list(segment.nodes)):
+            if is_size_node(node) and not node.users:
+                gm.graph.erase_node(node)
+                segment.nodes.remove(node)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _copy_size(graph: fx.Graph, size: fx.Node, first: fx.Node, segment, owner, index: int, copies: dict) -> fx.Node:
+    if size not in copies:
+        if size.target is aten.sym_size.int:
+            source, dim = size.args
+            if dim == 0 and source.meta.get(BATCHED_KEY):
+                source = _batched_source(segment, owner, index) or source
+            args = (source, dim)
+        else:
+            args = tuple(_copy_size(graph, a, first, segment, owner, index, copies) if isinstance(a, fx.Node) else a
+                         for a in size.args)
+        with graph.inserting_before(first):
+            copy = graph.call_function(size.target, args)
+        copy.meta = {key: value for key, value in size.meta.items() if key != "nn_module_stack"}
+        segment.nodes.insert(segment.nodes.index(first), copy)
+        owner[copy] = index
+        copies[size] = copy
+    return copies[size]
+
+
+def _batched_source(segment, owner, index: int) -> fx.Node | None:
+    """A batched tensor the segment reads from outside (it is a placeholder of the segment's graph)."""
+    for node in segment.nodes:
+        for used in node.all_input_nodes:
+            if owner.get(used, -1) != index and used.meta.get(BATCHED_KEY) and used.op != "get_attr":
+                return used
+    return None
+
+
+def set_batch(gm: fx.GraphModule, batch: int) -> None:
+    """Requires: a layer graph from a Program captured with a symbolic batch. Ensures: its batched placeholders
+    hold ``batch`` samples and every ``meta["val"]`` is recomputed at that batch."""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("val")
+        if node.meta.get(BATCHED_KEY) and isinstance(value, torch.Tensor):
+            node.meta["val"] = torch.empty((batch, *value.shape[1:]), dtype=value.dtype, device="meta")
+    refresh_meta(gm)
