@@ -19,7 +19,7 @@ from galvatron_fx.program import BATCHED_KEY, Program
 from .lower_stage import copy_layer_modules
 from .sequence_parallel import SPConfig, sequence_parallel
 from .tensor_parallel import TPConfig, tensor_parallel
-from .vocab_parallel import VocabConfig, vocab_parallel, vocab_size
+from .vocab_parallel import VocabConfig, tied_vocab_names, vocab_parallel, vocab_size
 
 def _degrees(max_tp: int) -> list[int]:
     out, tp = [], 2
@@ -58,6 +58,9 @@ def vocab_obstacle(program: Program, vtp: int) -> str | None:
     vocab = vocab_size(program.epilogue.module)
     if vocab is None:
         return "the model's loss is not a cross-entropy over a vocabulary"
+    tied = tied_vocab_names(program)
+    if tied:  # lowers where that layer keeps tp=1; the search does not price the combination, so leaves it out
+        return f"body layers look up the embedding {sorted(tied)[0]} too (they must then run with tp=1)"
     prologue, epilogue = copy_layer_modules([program.prologue.module, program.epilogue.module])
     config, shared = VocabConfig(vtp, 0, tuple(range(vtp)), vocab), {}
     try:

@@ -162,24 +162,68 @@ def vocab_size(epilogue: fx.GraphModule) -> int | None:
     return None
 
 
+def _vocab_embeddings(gm: fx.GraphModule, cfg: VocabConfig, shared: dict, names: set[str] | None = None) -> list[str]:
+    """Every lookup in an embedding of ``vocab`` rows (of those in ``names``, if given) made vocab-parallel:
+    the group's ids all-gathered, this rank's rows looked up, the sums reduce-scattered back to each rank's
+    own samples. Returns the sharded weights."""
+    graph, done = gm.graph, []
+    for node in list(graph.find_nodes(op="call_function", target=aten.embedding.default)):
+        weight, ids = node.args[0], node.args[1]
+        if weight.op != "get_attr" or _attr(gm, weight.target).shape[0] != cfg.vocab or (names is not None and weight.target not in names):
+            continue
+        _shard(gm, weight, 0, cfg, shared)
+        with graph.inserting_before(node):
+            every = graph.call_function(all_gather_dim, (ids, 0, cfg.ranks))
+            part = graph.call_function(masked_embedding, (weight, every, cfg.start, node.args[2] if len(node.args) > 2 else -1))
+            mine = graph.call_function(reduce_scatter_dim, (part, 0, cfg.ranks))
+        node.replace_all_uses_with(mine)
+        graph.erase_node(node)
+        done.append(weight.target)
+    return done
+
+
+def vocab_parallel_tied(gm: fx.GraphModule, cfg: VocabConfig, shared: dict, names: set[str], what: str = "layer") -> None:
+    """Requires: a body layer whose rows are this rank's own samples (its dp spans the stage). Ensures: its
+    lookups in the embedding weights ``names`` that the embedding and head shard (T5's decoder embedding, tied
+    to them) use the same shard, as in ``vocab_parallel``, their gradients scaled by ``1 / vtp``. PlanError
+    where such a weight is used other than as an embedding."""
+    reads = [n for n in gm.graph.find_nodes(op="get_attr") if n.target in names]
+    if not reads:
+        return
+    others = [u for n in reads for u in n.users if u.target is not aten.embedding.default]
+    if others:
+        raise PlanError(f"{what} uses the vocab-parallel weight {reads[0].target} in {others[0].name} ({others[0].target}), "
+                        "not as an embedding", "use vtp=1")
+    _vocab_embeddings(gm, cfg, shared, names)
+    for node in reads:
+        with gm.graph.inserting_after(node):
+            scaled = gm.graph.call_function(scale_grad, (node, 1.0 / cfg.vtp))
+        node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+    gm.graph.lint()
+    gm.recompile()
+    rewritten_meta(gm, f"{what}: vocab parallelism over {cfg.vtp} ranks", "use vtp=1")
+
+
+def tied_vocab_names(program) -> set[str]:
+    """Embedding weights of vocabulary size that a body layer reads and the embedding or head holds too."""
+    vocab = vocab_size(program.epilogue.module)
+    ends = set(program.prologue.param_names) | set(program.epilogue.param_names)
+    names = set()
+    for layer in program.body:
+        for node in layer.module.graph.find_nodes(op="call_function", target=aten.embedding.default):
+            weight = node.args[0]
+            if weight.op == "get_attr" and weight.target in ends and _attr(layer.module, weight.target).shape[0] == vocab:
+                names.add(weight.target)
+    return names
+
+
 def vocab_parallel(gm: fx.GraphModule, cfg: VocabConfig, shared: dict, what: str = "layer") -> list[str]:
     """Requires: a prologue or epilogue GraphModule with ``meta["val"]``. Ensures: embeddings with ``vocab``
     rows and the projection feeding the cross-entropy sharded along the vocabulary with the collectives
     described above; every parameter's gradient scaled by ``1 / vtp`` (``tp_copy`` on replicated ones).
     ``shared`` maps parameters already sharded (tied weights) to their shard. Returns what was sharded."""
-    graph, ranks, done = gm.graph, cfg.ranks, []
-    for node in list(graph.find_nodes(op="call_function", target=aten.embedding.default)):
-        weight, ids = node.args[0], node.args[1]
-        if weight.op != "get_attr" or _attr(gm, weight.target).shape[0] != cfg.vocab:
-            continue
-        _shard(gm, weight, 0, cfg, shared)
-        with graph.inserting_before(node):
-            every = graph.call_function(all_gather_dim, (ids, 0, ranks))
-            part = graph.call_function(masked_embedding, (weight, every, cfg.start, node.args[2] if len(node.args) > 2 else -1))
-            mine = graph.call_function(reduce_scatter_dim, (part, 0, ranks))
-        node.replace_all_uses_with(mine)
-        graph.erase_node(node)
-        done.append(weight.target)
+    graph, ranks = gm.graph, cfg.ranks
+    done = _vocab_embeddings(gm, cfg, shared)
     for loss in list(graph.find_nodes(op="call_function", target=CROSS_ENTROPY)):
         logits, target, *rest = loss.args
         weight_arg, reduction, ignore_index, smoothing = (rest + [None, 1, -100, 0.0][len(rest):])[:4]
@@ -248,9 +292,17 @@ def make_vocab_parallel_pass():
         ranks = tp_group(plan, embedding_strategy(plan), context.layout.rank)
         cfg = VocabConfig(plan.embedding.vtp, ranks.index(context.layout.rank), ranks, vocab)
         shared: dict = {}
+        tied = tied_vocab_names(context.program)
         for layer in stage.stage_layers:
+            module, what = unwrap(stage.layers[layer.name]), f"{layer.name} ({layer.kind})"
             if layer.kind in ("prologue", "epilogue"):
-                vocab_parallel(unwrap(stage.layers[layer.name]), cfg, shared, f"{layer.name} ({layer.kind})")
+                vocab_parallel(module, cfg, shared, what)
+            elif tied & set(context.program.layers[layer.index].param_names):
+                if layer.strategy.dp != plan.devices_per_stage:
+                    raise PlanError(f"{what} looks up the vocab-parallel embedding but runs {layer.strategy.short()}; "
+                                    "only a layer that holds each rank's own samples can share its shard",
+                                    f"give {layer.name} tp=1, or use vtp=1")
+                vocab_parallel_tied(module, cfg, shared, tied, what)
         return stage
 
     return apply_vocab_parallel

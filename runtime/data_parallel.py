@@ -221,9 +221,12 @@ def apply_data_parallel(stage: StageModule, program: Program, plan: Plan) -> Gra
     root_mesh = None
     for layers in _units(stage):
         strategy = layers[0].strategy
-        mesh = groups.layer_mesh(plan, strategy)
         indices = {layer.index for layer in layers}
         names = list(dict.fromkeys(n for layer in layers for n in program.layers[layer.index].param_names if n in params))
+        if strategy.dp == 1:  # one replica (a vocab shard, say): nothing to synchronise, and no later layer may
+            seen.update(id(params[n]) for n in names)  # average this weight over a group that holds other shards
+            continue
+        mesh = groups.layer_mesh(plan, strategy)
         # a weight other layers use too (tied embedding and head on other stages, say) stays replicated
         outside = [n for n in names if not set(users[n]) <= indices]
         if strategy.dp_type in ("zero2", "zero3") and len(outside) < len(names):
@@ -249,14 +252,12 @@ def apply_data_parallel(stage: StageModule, program: Program, plan: Plan) -> Gra
 
 
 def _units(stage: StageModule) -> list[list]:
-    """The stage's data-parallel layers grouped as they synchronise: each layer alone, except that a ZeRO
-    embedding and head of one stage form one FSDP2 unit (they share a strategy and run first and last;
+    """The stage's layers grouped as they synchronise, in forward order (the first to use a weight owns it):
+    each layer alone, except that a ZeRO embedding and head of one stage form one FSDP2 unit (they share a strategy and run first and last;
     DDP keeps them apart, so that the head's gradients need not wait for the embedding's backward)."""
     units, ends = [], []
     for layer in stage.stage_layers:
-        if layer.strategy.dp == 1:
-            continue
-        if layer.kind in (PROLOGUE, EPILOGUE) and layer.strategy.dp_type != "ddp":
+        if layer.kind in (PROLOGUE, EPILOGUE) and layer.strategy.dp > 1 and layer.strategy.dp_type != "ddp":
             if not ends:
                 units.append(ends)  # the unit sits where the embedding does; the head joins it
             ends.append(layer)

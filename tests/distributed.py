@@ -1,9 +1,12 @@
 """Shared machinery of the multi-rank tests: plan recipes, a worker that trains many (model, plan) cases
 inside one spawned group, and the single-process eager reference they are compared with.
 
-One spawn per world size runs every case sequentially (each rank captures each model once and reuses the
-Program: lowering copies the weights, so a Program is never modified). Ranks return their losses and,
-from the first rank of each stage, the stage's unsharded parameters under the user's names.
+One spawn per world size runs every case sequentially (each rank captures each model once, at a batch of 2:
+the batch is a symbol, so one Program serves every plan; lowering copies the weights, so a Program is never
+modified). Ranks return their losses and, from the first rank of each stage, the stage's unsharded parameters
+under the user's names. A recipe name ending in ``+sgd`` trains with SGD instead of Adam: SGD's update is
+proportional to the gradient, so a wrong averaging factor over ranks, micro-batches or shards shows (Adam's
+normalisation hides it).
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan
 
 STEPS = 5
 GLOBAL_BATCH = 8
-SEQ = 16
+SEQ = 12  # not the head dim (16): a sequence equal to it hides transposed views
 LR = 1e-3
+SGD_LR = 0.1  # large enough that gradients off by a factor of 2 move parameters by more than TOLERANCE
 # Adam's eps sits above fp32 rounding noise of near-zero gradients: with the default 1e-8, an element whose
 # gradient is ~1e-8 gets an update of ~lr from noise alone, which measures rounding order, not parallelism.
 ADAM_EPS = 1e-6
@@ -92,31 +96,44 @@ def _batched(value) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == GLOBAL_BATCH * STEPS
 
 
+def split_recipe(recipe: str) -> tuple[str, str]:
+    """``"dp2+sgd"`` → ``("dp2", "sgd")``; a plain name trains with Adam."""
+    base, _, optimizer = recipe.partition("+")
+    return base, optimizer or "adam"
+
+
+def optimizer_factory(name: str):
+    """The optimizer every parity test uses, on a list of parameters (the runtime's and eager's alike)."""
+    if name == "sgd":
+        return lambda params: torch.optim.SGD(params, lr=SGD_LR)
+    return lambda params: torch.optim.Adam(params, lr=LR, eps=ADAM_EPS)
+
+
 @functools.lru_cache(maxsize=None)
-def eager_reference(model_name: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+def eager_reference(model_name: str, optimizer: str = "adam") -> tuple[list[float], dict[str, torch.Tensor]]:
     """Single-process training on the whole global batch: losses per step and final parameters (every
     name of a tied weight included)."""
-    return train_eager(*build(model_name))
+    return train_eager(*build(model_name), optimizer)
 
 
-def train_eager(model: torch.nn.Module, batches: list[dict]) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Adam on one process, one step per batch: the losses and the final parameters (every name of a tied
-    weight included)."""
+def train_eager(model: torch.nn.Module, batches: list[dict], optimizer: str = "adam") -> tuple[list[float], dict[str, torch.Tensor]]:
+    """One process, one step per batch: the losses and the final parameters (every name of a tied weight
+    included)."""
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR, eps=ADAM_EPS)
+    step = optimizer_factory(optimizer)(model.parameters())
     losses = []
     for batch in batches:
         loss = model(**batch).loss
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        step.step()
+        step.zero_grad()
         losses.append(loss.item())
     clones: dict[int, torch.Tensor] = {}  # tied weights: one clone under each of their names
     return losses, {n: clones.setdefault(id(p), p.detach().clone()) for n, p in model.named_parameters(remove_duplicate=False)}
 
 
 @functools.lru_cache(maxsize=None)
-def _program(model_name: str, micro_batch: int):
+def _program(model_name: str, micro_batch: int = 2):
     import galvatron_fx
 
     model, batches = build(model_name)
@@ -126,16 +143,14 @@ def _program(model_name: str, micro_batch: int):
 
 def train_cases(rank: int, world_size: int, cases: list[tuple[str, str]]) -> dict[str, dict]:
     """Spawned worker: train each (model, recipe name) case; return losses and local-0 parameters."""
-    from galvatron_fx.passes.lower_stage import local_micro_batch
     from galvatron_fx.runtime import Trainer
 
     results = {}
     for model_name, recipe_name in cases:
-        recipe = RECIPES[recipe_name]
-        probe = recipe.plan(1 if recipe.pp == 1 else recipe.pp)
-        program, batches = _program(model_name, local_micro_batch(probe))
-        plan = recipe.plan(len(program.body), program.model_name)
-        trainer = Trainer(program, plan, config=_config(), optimizer=_adam, model_name=program.model_name)
+        base, optimizer = split_recipe(recipe_name)
+        program, batches = _program(model_name)
+        plan = RECIPES[base].plan(len(program.body), program.model_name)
+        trainer = Trainer(program, plan, config=_config(), optimizer=optimizer_factory(optimizer), model_name=program.model_name)
         losses = [trainer.step(batch) for batch in batches]
         params = trainer.full_parameters()
         results[f"{model_name}/{recipe_name}"] = {
@@ -145,7 +160,7 @@ def train_cases(rank: int, world_size: int, cases: list[tuple[str, str]]) -> dic
 
 
 def _adam(params):
-    return torch.optim.Adam(params, lr=LR, eps=ADAM_EPS)
+    return optimizer_factory("adam")(params)
 
 
 def _config():
@@ -193,9 +208,10 @@ def tier_params(fast: dict[int, list], full: dict[int, list]) -> list:
     return out
 
 
-def check_parity(model_name: str, result: dict) -> None:
-    """Every rank's losses within TOLERANCE of eager per step; every parameter within TOLERANCE."""
-    ref_losses, ref_params = eager_reference(model_name)
+def check_parity(model_name: str, result: dict, recipe: str = "", reference=None) -> None:
+    """Every rank's losses within TOLERANCE of eager per step (trained with ``recipe``'s optimizer, or the
+    given ``reference`` losses and parameters); every parameter within TOLERANCE."""
+    ref_losses, ref_params = reference or eager_reference(model_name, split_recipe(recipe)[1])
     for rank, losses in enumerate(result["losses"]):
         assert len(losses) == len(ref_losses)
         worst = max(abs(a - b) for a, b in zip(losses, ref_losses))

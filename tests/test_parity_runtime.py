@@ -14,6 +14,7 @@ from distributed import MODELS, RECIPES, check_parity, shared_runs
 PARITY_PLANS = [name for name in RECIPES if not name.startswith("drop_")]
 FAST_MODELS = ("gpt2", "t5")
 FAST_PLANS_OTHERS = ("pp2_1f1b", "hetero4")
+SGD_PLANS = ("dp2", "pp2_1f1b", "zero3_4")
 
 
 def _cases(world_size: int, fast: bool) -> list[tuple[str, str]]:
@@ -27,6 +28,8 @@ def _cases(world_size: int, fast: bool) -> list[tuple[str, str]]:
                 cases.append((model, plan))
     if fast and world_size == 2:
         cases += [("gpt2+dropout", "drop_pp2_first1"), ("gpt2+dropout", "drop_pp2_last1_ckpt")]
+    if fast:  # SGD on every model: data parallelism over ranks and micro-batches, pipelines, ZeRO-3
+        cases += [(model, f"{plan}+sgd") for model in MODELS for plan in SGD_PLANS if RECIPES[plan].world_size == world_size]
     return cases
 
 
@@ -42,7 +45,7 @@ def _params(fast: bool):
 @pytest.mark.parametrize("world_size,model,plan", _params(fast=True) + _params(fast=False))
 def test_parity_with_eager(world_size, model, plan):
     fast = (model, plan) in _cases(world_size, True)
-    check_parity(model, _results(world_size, fast)[f"{model}/{plan}"])
+    check_parity(model, _results(world_size, fast)[f"{model}/{plan}"], plan)
 
 
 def test_dropout_does_not_depend_on_stage_division_or_checkpointing():

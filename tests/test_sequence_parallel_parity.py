@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 
-from distributed import GLOBAL_BATCH, _adam, _config, _program, check_parity, shared_runs, tier_params
+from distributed import GLOBAL_BATCH, _config, _program, check_parity, optimizer_factory, shared_runs, split_recipe, tier_params
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan
 
 # name → (world size, pp, chunks, vtp, per-layer pattern of (tp, sp, dp_type))
@@ -49,10 +49,10 @@ def train_cases(rank: int, world_size: int, cases: list[tuple[str, str]]) -> dic
     warnings.simplefilter("ignore")
     results = {}
     for model_name, recipe in cases:
-        _, pp, chunks, _, _ = RECIPES[recipe]
-        program, batches = _program(model_name, GLOBAL_BATCH // chunks // (world_size // pp))
-        plan = make_plan(recipe, len(program.body), program.model_name)
-        trainer = Trainer(program, plan, config=_config(), optimizer=_adam, model_name=program.model_name)
+        base, optimizer = split_recipe(recipe)
+        program, batches = _program(model_name)
+        plan = make_plan(base, len(program.body), program.model_name)
+        trainer = Trainer(program, plan, config=_config(), optimizer=optimizer_factory(optimizer), model_name=program.model_name)
         losses = [trainer.step(batch) for batch in batches]
         results[f"{model_name}/{recipe}"] = {"losses": losses, "params": trainer.full_parameters()}
     return results
@@ -60,7 +60,8 @@ def train_cases(rank: int, world_size: int, cases: list[tuple[str, str]]) -> dic
 
 MODELS = ("gpt2", "llama", "bert")
 # one 2-rank group also runs the vocab-parallel fast cases (tests/test_vocab_parallel_parity.py): one capture per model
-FAST = {2: [(m, r) for m in MODELS for r in ("tp2_sp", "ulysses2", "vtp2")] + [("llama", "mixed_sp")]}
+FAST = {2: [(m, r) for m in MODELS for r in ("tp2_sp", "ulysses2", "vtp2")] + [("llama", "mixed_sp")]
+        + [(m, "vtp2+sgd") for m in ("gpt2", "llama", "bert", "t5", "vit", "swin")]}
 FULL = {2: [("gpt2", "mixed_sp"), ("bert", "mixed_sp")],
         4: [(m, r) for m in MODELS for r in ("pp2_mixed_sp", "tp2_sp_dp2", "ulysses4", "pp2_sp_cut")]}
 _results = shared_runs(lambda world_size, fast: (FAST if fast else FULL)[world_size], train_cases, timeout_s=1200)
@@ -68,4 +69,4 @@ _results = shared_runs(lambda world_size, fast: (FAST if fast else FULL)[world_s
 
 @pytest.mark.parametrize("world_size,fast,model,recipe", tier_params(FAST, FULL))
 def test_sequence_parallel_parity_with_eager(world_size, fast, model, recipe):
-    check_parity(model, _results(world_size, fast)[f"{model}/{recipe}"])
+    check_parity(model, _results(world_size, fast)[f"{model}/{recipe}"], recipe)

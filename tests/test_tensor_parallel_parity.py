@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 
-from distributed import GLOBAL_BATCH, _adam, _config, _program, check_parity, shared_runs, tier_params
+from distributed import GLOBAL_BATCH, _config, _program, check_parity, optimizer_factory, shared_runs, split_recipe, tier_params
 from galvatron_fx.plan import LayerStrategy, Plan
 
 # name → (world size, pp, chunks, per-layer pattern of (tp, dp_type, consecutive))
@@ -44,10 +44,10 @@ def train_cases(rank: int, world_size: int, cases: list[tuple[str, str]]) -> dic
     warnings.simplefilter("ignore")
     results = {}
     for model_name, recipe in cases:
-        _, pp, chunks, _ = RECIPES[recipe]
-        program, batches = _program(model_name, GLOBAL_BATCH // chunks // (world_size // pp))
-        plan = make_plan(recipe, len(program.body), program.model_name)
-        trainer = Trainer(program, plan, config=_config(), optimizer=_adam, model_name=program.model_name)
+        base, optimizer = split_recipe(recipe)
+        program, batches = _program(model_name)
+        plan = make_plan(base, len(program.body), program.model_name)
+        trainer = Trainer(program, plan, config=_config(), optimizer=optimizer_factory(optimizer), model_name=program.model_name)
         losses = [trainer.step(batch) for batch in batches]
         params = trainer.full_parameters()
         results[f"{model_name}/{recipe}"] = {"losses": losses, "params": params, "local": trainer.stage.layout.local,
@@ -55,9 +55,10 @@ def train_cases(rank: int, world_size: int, cases: list[tuple[str, str]]) -> dic
     return results
 
 
-FAST = {2: [("gpt2", "tp2"), ("llama", "tp2")],
+ALL_MODELS = ("gpt2", "llama", "bert", "t5", "vit", "swin")
+FAST = {2: [("gpt2", "tp2"), ("llama", "tp2")] + [(m, "tp2+sgd") for m in ALL_MODELS],
         4: [("gpt2", "tp4"), ("llama", "tp4"), ("bert", "tp2_strided"), ("gpt2", "tp2_dp2"), ("llama", "tp2_zero3"),
-            ("gpt2", "pp2_tp2"), ("llama", "hetero_tp")]}
+            ("gpt2", "pp2_tp2"), ("llama", "hetero_tp")] + [(m, "pp2_tp2+sgd") for m in ALL_MODELS]}
 FULL = {2: [("bert", "tp2"), ("t5", "tp2"), ("vit", "tp2"), ("swin", "tp2")],
         4: [(m, r) for m in ("gpt2", "llama", "bert") for r in RECIPES if RECIPES[r][0] == 4 and (m, r) not in FAST[4]]
         + [(m, "pp2_tp2") for m in ("t5", "vit", "swin")]}
@@ -68,4 +69,4 @@ _results = shared_runs(lambda world_size, fast: (FAST if fast else FULL)[world_s
 def test_tensor_parallel_parity_with_eager(world_size, fast, model, recipe):
     result = _results(world_size, fast)[f"{model}/{recipe}"]
     # sharded parameters come back whole (full_parameters), from every rank
-    check_parity(model, result)
+    check_parity(model, result, recipe)

@@ -10,7 +10,8 @@ import test_sequence_parallel_parity as sp
 from distributed import check_parity, shared_runs, tier_params, train_eager
 
 MODELS = ("gpt2", "llama", "bert")
-FAST = {2: [(m, "vtp2") for m in MODELS]}  # run by the sequence-parallel tests' 2-rank group
+# run by the sequence-parallel tests' 2-rank group; SGD on every model (classifiers shard their classes)
+FAST = {2: [(m, "vtp2") for m in MODELS] + [(m, "vtp2+sgd") for m in ("gpt2", "llama", "bert", "t5", "vit", "swin")]}
 FULL = {2: [(m, "vtp2_tp2_sp") for m in MODELS],
         4: [(m, r) for m in MODELS for r in ("pp2_vtp2", "vtp4")]}
 _full_results = shared_runs(lambda world_size, fast: FULL[world_size], sp.train_cases, timeout_s=1200)
@@ -22,7 +23,7 @@ def _results(world_size: int, fast: bool) -> dict:
 
 @pytest.mark.parametrize("world_size,fast,model,recipe", tier_params(FAST, FULL))
 def test_vocab_parallel_parity_with_eager(world_size, fast, model, recipe):
-    check_parity(model, _results(world_size, fast)[f"{model}/{recipe}"])
+    check_parity(model, _results(world_size, fast)[f"{model}/{recipe}"], recipe)
 
 
 # -- vocabularies not divisible by vtp: padded shards --------------------------------------------------------
@@ -53,15 +54,14 @@ def _odd_worker(rank: int, world_size: int, cases) -> dict:
     import warnings
 
     import galvatron_fx
-    from distributed import GLOBAL_BATCH, _adam, _config
+    from distributed import _adam, _config
     from galvatron_fx.runtime import Trainer
 
     warnings.simplefilter("ignore")
     out = {}
     for name, recipe in cases:
         model, batches = _odd_model(name)
-        example = {k: v[:GLOBAL_BATCH // world_size] if hasattr(v, "dim") else v for k, v in batches[0].items()}
-        program = galvatron_fx.capture(model, example_kwargs=example)
+        program = galvatron_fx.capture(model, example_kwargs=batches[0])
         trainer = Trainer(program, sp.make_plan(recipe, len(program.body)), config=_config(), optimizer=_adam)
         out[f"{name}/{recipe}"] = {"losses": [trainer.step(b) for b in batches], "params": trainer.full_parameters(),
                                    "shapes": {n: tuple(p.shape) for n, p in trainer.stage.user_parameters().items()}}
