@@ -11,7 +11,7 @@ targets are judged on these: searched throughput ≥ 0.95 × the best measured p
 baseline.
 
 The search space is what the runtime executes (no sequence parallelism, no vocab TP) and micro-batches
-of at least 2 samples per rank (capture recognises the batch dimension only then): one search per
+of at least 2 samples per rank (the shapes the committed figures were measured at): one search per
 pipeline degree with the chunk counts that keep that, the best prediction wins.
 
     python benchmarks/plan_quality.py               # 4 processes

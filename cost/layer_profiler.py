@@ -70,14 +70,13 @@ def profile_model(build: Builder, batches: Sequence[int] = (2, 4, 8), seqs: Sequ
                   progress: bool = True, name: str | None = None) -> ModelProfile:
     """Measure every layer type of the model ``build(batch, seq)`` returns; a ModelProfile with fitted times.
 
-    ``batches`` must be ≥ 2 (capture needs a batch dimension it can recognise). The memory figures are
-    those of the largest sequence length, which becomes the profile's ``seq_length``.
+    The memory figures are those of the largest sequence length, which becomes the profile's ``seq_length``.
     """
     from galvatron_fx.capture import capture
 
     device = torch.device(device)
-    if min(batches) < 2:
-        raise ProfileError(f"micro-batch sizes {list(batches)} include one below 2", "profile batches of 2 samples or more")
+    if min(batches) < 1:
+        raise ProfileError(f"micro-batch sizes {list(batches)} include one below 1", "profile batches of 1 sample or more")
     reference_seq = max(seqs)
     cases = [(b, s) for s in sorted(seqs) for b in sorted(batches)]
     base = None

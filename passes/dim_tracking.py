@@ -12,6 +12,7 @@ region, *sinks* (input tainted) end it. Used by tensor parallelism; the machiner
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -355,13 +356,19 @@ def _fresh_like(D: Digits, value):
 
 
 def rewritten_meta(gm: fx.GraphModule, what: str, remedy: str) -> None:
-    """``refresh_meta`` after a rewrite: a shape that no longer fits is a PlanError naming ``what`` was done."""
+    """``refresh_meta`` after a rewrite: a shape that no longer fits is a PlanError naming ``what`` was done (and
+    not also a traceback that the fake-tensor logger would print)."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
     try:
         refresh_meta(gm)
     except Exception as error:  # fake propagation raises whatever the op raises
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         raise PlanError(f"{what}: the rewritten graph does not fit ({type(error).__name__}: {lines[0][:200] if lines else ''})",
                         remedy) from None
+    finally:
+        logger.setLevel(level)
 
 
 def refresh_meta(gm: fx.GraphModule) -> None:
@@ -372,7 +379,8 @@ def refresh_meta(gm: fx.GraphModule) -> None:
     ``swap_tensors`` later (materialising a meta model does that)."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     inputs = []
-    device = next((p.device for p in gm.parameters()), torch.device("cpu"))  # meta for a model built on meta
+    tensors = (*gm.parameters(), *gm.buffers())
+    device = tensors[0].device if tensors else torch.device("cpu")  # meta for a model built on meta
     for node in gm.graph.find_nodes(op="placeholder"):
         value = node.meta.get("val")
         inputs.append(_fake(mode, value.shape, value.stride(), value.dtype, device) if isinstance(value, torch.Tensor) else value)

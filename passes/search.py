@@ -129,11 +129,6 @@ class SearchEngine:
                         self.left_out.setdefault(f"micro-batch {mb} does not give each of the {devices} devices of a stage "
                                                  "its own samples", set()).add(f"pp{pp} batch {gb} chunks {c}")
                         continue
-                    usable = [s for s in strategies if mb % s.dp == 0]
-                    if not usable:
-                        self.left_out.setdefault(f"micro-batch {mb} is not divisible by any dp degree on {devices} devices", set()).add(
-                            f"pp{pp} batch {gb} chunks {c}")
-                        continue
                     candidates = {}
                     for pipeline in self.space.pipelines:
                         k = tuple(self.cost_model.in_flight(pipeline, pp, s, c) for s in range(pp))
@@ -141,7 +136,7 @@ class SearchEngine:
                     for k, pipeline in candidates.items():
                         if any(other != k and all(a <= b for a, b in zip(other, k)) for other in candidates):
                             continue   # fewer micro-batches in flight everywhere: same time, no more memory
-                        table = self.table(self.table_key(pp, c, mb, mode), usable)
+                        table = self.table(self.table_key(pp, c, mb, mode), strategies)  # every dp divides mb
                         out.append((gb / self.time_lower_bound(table, pp, c, mb, k, mode), pp, gb, c, pipeline, k, mode))
         out.sort(key=lambda item: -item[0])
         return out

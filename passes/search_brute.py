@@ -40,12 +40,10 @@ def _plans(cost_model, world_size, space, pp, strategies, embeddings):
     per_layer = [[s for s in strategies if cost_model.unsupported_reason(t, s) is None] for t in types]
     for gb in space.global_batches():
         for c in space.chunk_counts(gb):
-            mb = gb // c
-            if mb % (world_size // pp):  # not every device of a stage gets its own samples (Plan refuses it)
+            if (gb // c) % (world_size // pp):  # not every device of a stage gets its own samples (Plan refuses it)
                 continue
-            usable = [[s for s in options if mb % s.dp == 0] for options in per_layer]
-            choices = ([[s] * L for s in usable[0] if all(s in u for u in usable)] if space.uniform
-                       else itertools.product(*usable))
+            choices = ([[s] * L for s in per_layer[0] if all(s in u for u in per_layer)] if space.uniform
+                       else itertools.product(*per_layer))
             choices = list(choices)
             for pipeline in space.pipelines:
                 for division in compositions(L, pp):

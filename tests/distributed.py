@@ -55,7 +55,7 @@ class PlanRecipe:
                     provenance={"model": model} if model else {})
 
 
-# The acceptance plans. Every one runs micro-batches of 2 samples per rank, so each rank captures a model once.
+# The acceptance plans (a rank captures each model once: its batch is a symbol).
 RECIPES = {
     "dp2": PlanRecipe("dp2", 2, chunks=2),
     "zero2_2": PlanRecipe("zero2_2", 2, (("zero2", False),), chunks=2),

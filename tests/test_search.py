@@ -253,7 +253,7 @@ def test_infeasible_budget_names_smallest_budget_and_plan():
 
 def test_world_size_no_plan_can_use():
     model = ToyCostModel(["a", "a"], seed=1)
-    with pytest.raises(PlanError, match="not divisible by any dp"):
+    with pytest.raises(PlanError, match="micro-batch 4 does not give each of the 3 devices of a stage its own samples"):
         search(model, 3, 10**12, SearchSpace(global_batch=(4, 4, 1)))
 
 

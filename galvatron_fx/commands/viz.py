@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world-size", type=int, default=None, help="devices a Galvatron strategy file was made for "
                                                                      "(our plan JSON records it)")
     parser.add_argument("--size", choices=("small", "real"), default="small", help="built-in models: configuration size")
-    parser.add_argument("--batch", type=int, default=4, help="example batch size to capture with (at least 2)")
+    parser.add_argument("--batch", type=int, default=4, help="example batch size to capture with")
     parser.add_argument("--seq", type=int, default=32, help="example sequence length for text models")
     parser.add_argument("--cluster", default=None, help="price the plan with a cost model for this device preset (e.g. "
                                                         "A100-80GB, H100-80GB) or cluster JSON; nodes × devices follow the plan's world size")
