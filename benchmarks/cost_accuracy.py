@@ -103,7 +103,7 @@ class Trainers:
 
     def __call__(self, plan: Plan):
         from galvatron_fx import capture
-        from galvatron_fx.passes.lower_stage import local_micro_batch
+        from galvatron_fx.passes.lower.stage import local_micro_batch
         from galvatron_fx.runtime import Trainer
 
         local = local_micro_batch(plan)

@@ -66,8 +66,8 @@ def uniform_grid(world: int, layers: int, global_batch: int) -> list[tuple[str, 
 
 def searched_plan(cost_model, world: int, layers: int, global_batch: int, budget: str) -> Plan:
     """The best predicted plan over one search per pipeline degree (chunks keeping MIN_LOCAL_BATCH)."""
-    from galvatron_fx.passes.search import search
-    from galvatron_fx.passes.search_space import SearchSpace
+    from galvatron_fx.passes.search.engine import search
+    from galvatron_fx.passes.search.space import SearchSpace
 
     best = None
     for pp in [d for d in _divisors(world) if d <= layers]:

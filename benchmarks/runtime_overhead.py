@@ -59,7 +59,7 @@ def compare(rank: int, world: int, shape: str, strategies: list[str], chunks: in
             steps: int) -> dict:
     """Spawned worker: for each strategy build ours and native, warm both up, time alternating rounds."""
     from galvatron_fx import capture
-    from galvatron_fx.passes.lower_stage import local_micro_batch
+    from galvatron_fx.passes.lower.stage import local_micro_batch
     from galvatron_fx.runtime import Trainer, groups
 
     warnings.simplefilter("ignore")

@@ -24,8 +24,8 @@ from galvatron_fx.cluster import Cluster
 from galvatron_fx.cost.galvatron_import import load_hardware, load_model
 from galvatron_fx.cost.model import CostModel
 from galvatron_fx.errors import PlanError
-from galvatron_fx.passes.search import search
-from galvatron_fx.passes.search_space import SearchSpace
+from galvatron_fx.passes.search.engine import search
+from galvatron_fx.passes.search.space import SearchSpace
 from galvatron_fx.plan import Plan
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -31,10 +31,10 @@ def capture(model: nn.Module, example_args: tuple = (), example_kwargs: dict | N
     sample is captured at two). Pass ``use_cache=False`` to decoders. ``training=True`` records dropout as in
     training; the model's own mode and parameters are left as they were.
     """
-    from galvatron_fx.passes.annotate import annotate_nodes, sum_layer_stats
-    from galvatron_fx.passes.batch_dim import concretize, localize_sizes, mark_batched
-    from galvatron_fx.passes.discover_layers import discover_layers
-    from galvatron_fx.passes.split_layers import split_layers
+    from galvatron_fx.passes.analysis.annotate import annotate_nodes, sum_layer_stats
+    from galvatron_fx.passes.analysis.batch_dim import concretize, localize_sizes, mark_batched
+    from galvatron_fx.passes.analysis.discover_layers import discover_layers
+    from galvatron_fx.passes.analysis.split_layers import split_layers
 
     example_args = tuple(example_args) if isinstance(example_args, (tuple, list)) else (example_args,)
     example_kwargs = dict(example_kwargs or {})

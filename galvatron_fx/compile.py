@@ -122,9 +122,9 @@ def _search_on_rank0(cost_model, program: Program, world_size: int, memory_budge
                      provenance: dict[str, Any]) -> Plan:
     """Rank 0 searches, over the strategies this Program lowers; the others receive the plan as JSON text
     (never pickled)."""
-    from galvatron_fx.passes.lowering_obstacles import lowering_obstacles
-    from galvatron_fx.passes.search import search
-    from galvatron_fx.passes.search_space import SearchSpace
+    from galvatron_fx.passes.lower.obstacles import lowering_obstacles
+    from galvatron_fx.passes.search.engine import search
+    from galvatron_fx.passes.search.space import SearchSpace
 
     text = ""
     if dist.get_rank() == 0:

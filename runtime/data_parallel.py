@@ -36,7 +36,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from galvatron_fx.cost.memory import GRAD_BUCKET_CAP_BYTES
-from galvatron_fx.passes.lower_stage import StageModule, stage_layer_indices
+from galvatron_fx.passes.lower.stage import StageModule, stage_layer_indices
 from galvatron_fx.plan import Plan
 from galvatron_fx.program import EPILOGUE, PROLOGUE, Program
 

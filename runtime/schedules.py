@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from galvatron_fx.passes.lower_stage import StageModule
+from galvatron_fx.passes.lower.stage import StageModule
 from galvatron_fx.program import TensorSpec
 
 from .data_parallel import GradSync

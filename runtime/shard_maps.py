@@ -16,9 +16,9 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from galvatron_fx.passes.collectives import select_local
-from galvatron_fx.passes.lower_stage import unwrap
-from galvatron_fx.passes.tensor_parallel import META_KEY
+from galvatron_fx.passes.lower.ops.collectives import select_local
+from galvatron_fx.passes.lower.stage import unwrap
+from galvatron_fx.passes.lower.graph.tensor_parallel import META_KEY
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from galvatron_fx.errors import ConfigError, PlanError
-from galvatron_fx.passes.lower_stage import LoweringPass, DEFAULT_PASSES, StageModule, lower
-from galvatron_fx.passes.random_streams import layer_seed
+from galvatron_fx.passes.lower.stage import LoweringPass, DEFAULT_PASSES, StageModule, lower
+from galvatron_fx.passes.lower.graph.random_streams import layer_seed
 from galvatron_fx.plan import Plan
 from galvatron_fx.program import Program
 
@@ -163,7 +163,7 @@ class Trainer:
         for name, param in self.stage.user_parameters().items():
             value = param.full_tensor() if isinstance(param, DTensor) else param
             out[name] = value.detach().cpu().clone()
-        from galvatron_fx.passes.tensor_parallel import unshard_parameters  # tensor-parallel shards made whole
+        from galvatron_fx.passes.lower.graph.tensor_parallel import unshard_parameters  # tensor-parallel shards made whole
 
         return unshard_parameters(self.stage, out)
 

@@ -124,7 +124,7 @@ def test_uniform_grid_and_search_keep_two_samples_per_rank():
     from galvatron_fx.cluster import Cluster
     from galvatron_fx.cost.model import CostModel
     from galvatron_fx.cost.model_profile import ModelProfile
-    from galvatron_fx.passes.lower_stage import local_micro_batch
+    from galvatron_fx.passes.lower.stage import local_micro_batch
 
     grid = plan_quality.uniform_grid(4, 2, 8)
     names = [n for n, _ in grid]

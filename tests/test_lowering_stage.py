@@ -10,7 +10,7 @@ import torch.distributed as dist
 import galvatron_fx
 from galvatron_fx.errors import PlanError
 from galvatron_fx.models import build_model
-from galvatron_fx.passes.lower_stage import CheckpointedLayer, RankLayout, cut_specs, lower, stage_layer_indices
+from galvatron_fx.passes.lower.stage import CheckpointedLayer, RankLayout, cut_specs, lower, stage_layer_indices
 from galvatron_fx.plan import LayerStrategy, Plan
 
 
@@ -105,7 +105,7 @@ def test_checkpointing_wraps_marked_layers_only_and_prints_readably(tmp_path):
 
 
 def _batched_input_sizes(stage) -> set[int]:
-    from galvatron_fx.passes.lower_stage import unwrap
+    from galvatron_fx.passes.lower.stage import unwrap
     from galvatron_fx.program import BATCHED_KEY
 
     return {int(node.meta["val"].shape[0]) for layer in stage.stage_layers

@@ -72,7 +72,7 @@ def test_tp8_plan_with_one_sample_per_device_lowers_on_64_ranks():
     import transformers
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from galvatron_fx.passes.lower_stage import lower, unwrap
+    from galvatron_fx.passes.lower.stage import lower, unwrap
     from galvatron_fx.program import BATCHED_KEY
     from galvatron_fx.runtime import groups
     from galvatron_fx.runtime.data_parallel import apply_data_parallel, prepare_groups

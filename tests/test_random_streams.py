@@ -19,8 +19,8 @@ import torch
 import torch.fx as fx
 
 from distributed import GLOBAL_BATCH, _config, _program, check_parity, optimizer_factory
-from galvatron_fx.passes.lower_stage import copy_layer_modules, loss_name
-from galvatron_fx.passes.random_streams import layer_seed
+from galvatron_fx.passes.lower.stage import copy_layer_modules, loss_name
+from galvatron_fx.passes.lower.graph.random_streams import layer_seed
 from galvatron_fx.plan import LayerStrategy, Plan
 from galvatron_fx.program import BATCHED_KEY
 

@@ -62,7 +62,7 @@ def test_pipeline_cuts_pack_values_and_send_gradients_only_where_they_flow():
 
     import galvatron_fx
     from galvatron_fx.models import build_model, example_batch
-    from galvatron_fx.passes.lower_stage import lower
+    from galvatron_fx.passes.lower.stage import lower
     from galvatron_fx.plan import LayerStrategy, Plan
     from galvatron_fx.runtime.schedules import pack, packed_bytes, unpack
 

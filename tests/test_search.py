@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from galvatron_fx.errors import PlanError
-from galvatron_fx.passes.search import SearchEngine, search
-from galvatron_fx.passes.search_bound import division_bound_s
-from galvatron_fx.passes.search_brute import all_plans, brute_force_search
+from galvatron_fx.passes.search.engine import SearchEngine, search
+from galvatron_fx.passes.search.bounds import division_bound_s
+from galvatron_fx.passes.search.brute_force import all_plans, brute_force_search
 from galvatron_fx.cost.memory import InFlight
-from galvatron_fx.passes.search_front import pareto_indices
-from galvatron_fx.passes.search_space import SearchSpace
+from galvatron_fx.passes.search.front import pareto_indices
+from galvatron_fx.passes.search.space import SearchSpace
 from galvatron_fx.plan import LayerStrategy as S, Plan, Prediction
 
 
@@ -336,7 +336,7 @@ def test_plan_json_round_trip(tmp_path):
 
 
 def test_pipeline_time_with_one_chunk_skips_unreachable_sync_levels():
-    from galvatron_fx.passes.search_stage import pipeline_time
+    from galvatron_fx.passes.search.stage_solver import pipeline_time
 
     # stage 1's smallest sync (2.0) is above stage 0's (1.0): γ = 1.0 is unreachable for it, γ = 2.0 is the answer
     fronts = [(np.array([1.0, 3.0]), np.array([2.0, 1.0])), (np.array([5.0]), np.array([2.0]))]

@@ -11,9 +11,9 @@ import pytest
 from galvatron_fx.cli import main
 from galvatron_fx.cost.galvatron_import import load_hardware, load_model
 from galvatron_fx.cost.model import CostModel
-from galvatron_fx.passes.search import search
-from galvatron_fx.passes.search_brute import brute_force_search
-from galvatron_fx.passes.search_space import SearchSpace
+from galvatron_fx.passes.search.engine import search
+from galvatron_fx.passes.search.brute_force import brute_force_search
+from galvatron_fx.passes.search.space import SearchSpace
 from galvatron_fx.plan import Plan
 
 FIXTURE = Path(__file__).parent / "fixtures" / "galvatron-llama2-7b"

@@ -17,9 +17,9 @@ import galvatron_fx
 from galvatron_fx.cluster import Cluster
 from galvatron_fx.compile import build_cost_model
 from galvatron_fx.models import build_model
-from galvatron_fx.passes.lower_stage import lower
-from galvatron_fx.passes.lowering_obstacles import lowering_obstacles
-from galvatron_fx.passes.search_space import SearchSpace
+from galvatron_fx.passes.lower.stage import lower
+from galvatron_fx.passes.lower.obstacles import lowering_obstacles
+from galvatron_fx.passes.search.space import SearchSpace
 from galvatron_fx.plan import LayerStrategy, Plan
 
 WORLD, GLOBAL = 4, 8
@@ -95,7 +95,7 @@ def test_every_strategy_the_search_may_choose_lowers(name, fake_world):
 
 
 def test_what_lowering_cannot_shard_is_left_out_of_the_search_with_its_reason():
-    from galvatron_fx.passes.search import search
+    from galvatron_fx.passes.search.engine import search
 
     warnings.simplefilter("ignore")
     model, batch = build_model("swin", batch=GLOBAL, seq=12)

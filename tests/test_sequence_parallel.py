@@ -12,9 +12,9 @@ import torch
 import galvatron_fx
 from galvatron_fx.errors import PlanError
 from galvatron_fx.models import build_model
-from galvatron_fx.passes import collectives as C
-from galvatron_fx.passes.lower_stage import lower, unwrap
-from galvatron_fx.passes.vocab_parallel import masked_embedding, vocab_cross_entropy
+from galvatron_fx.passes.lower.ops import collectives as C
+from galvatron_fx.passes.lower.stage import lower, unwrap
+from galvatron_fx.passes.lower.graph.vocab_parallel import masked_embedding, vocab_cross_entropy
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan
 
 
@@ -115,7 +115,7 @@ def test_pipeline_cut_sends_the_sequence_shard():
     # (the attention mask made by the prologue travels in the data split: its own samples, whole sequence)
     assert [tuple(s.shape) for s in first.send_specs] == [(program.batch_size, 1, 16, 16), (program.batch_size * 2, 8, 64)]
     assert [tuple(s.shape) for s in second.recv_specs] == [tuple(s.shape) for s in first.send_specs]
-    from galvatron_fx.passes.redistribute import redistribute
+    from galvatron_fx.passes.lower.ops.redistribute import redistribute
 
     receiver = unwrap(second.layers[f"layer{program.body[plan.pp_division[0]].index}"])
     received = next(n for n in receiver.graph.find_nodes(op="placeholder") if n.name == second.recv_specs[1].name)
@@ -125,7 +125,7 @@ def test_pipeline_cut_sends_the_sequence_shard():
 def test_a_stage_converts_a_value_once_per_layout(monkeypatch):
     """Layers reading one value in one layout share its conversion: one exchange forward, one backward on
     the summed gradient; another layout, or no shared context, exchanges again."""
-    from galvatron_fx.passes import redistribute as R
+    from galvatron_fx.passes.lower.ops import redistribute as R
 
     exchanges = []
     monkeypatch.setattr(R, "_exchange", lambda x, sends, recvs, ranks, rows, cols: exchanges.append(x.shape) or x * 1.0)
@@ -145,7 +145,7 @@ def test_a_stage_converts_a_value_once_per_layout(monkeypatch):
 
 @pytest.mark.parametrize("src,dst", [(("megatron", 2), ("none", 1)), (("none", 1), ("ulysses", 2)), (("megatron", 2), ("none", 2))])
 def test_redistribution_moves_only_missing_blocks(src, dst):
-    from galvatron_fx.passes.redistribute import Layout, exchange_plan
+    from galvatron_fx.passes.lower.ops.redistribute import Layout, exchange_plan
 
     devices, rows, seq = 4, 8, 16
 

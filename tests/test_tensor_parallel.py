@@ -12,9 +12,9 @@ import torch.distributed as dist
 import galvatron_fx
 from galvatron_fx.errors import PlanError
 from galvatron_fx.models import build_model
-from galvatron_fx.passes.collectives import tp_copy, tp_reduce, tp_scatter
-from galvatron_fx.passes.lower_stage import copy_layer_modules
-from galvatron_fx.passes.tensor_parallel import META_KEY, TPConfig, tensor_parallel
+from galvatron_fx.passes.lower.ops.collectives import tp_copy, tp_reduce, tp_scatter
+from galvatron_fx.passes.lower.stage import copy_layer_modules
+from galvatron_fx.passes.lower.graph.tensor_parallel import META_KEY, TPConfig, tensor_parallel
 from galvatron_fx.runtime import spawn
 
 GROUPS = {"tp4": [(0, 1, 2, 3)], "tp2": [(0, 1), (2, 3)], "tp2-strided": [(0, 2), (1, 3)]}

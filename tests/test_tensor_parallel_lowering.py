@@ -11,10 +11,10 @@ import torch
 import torch.distributed as dist
 
 import galvatron_fx
-from galvatron_fx.passes.collectives import tp_copy, tp_reduce
-from galvatron_fx.passes.lower_stage import lower, unwrap
-from galvatron_fx.passes.redistribute import redistribute, tp_group
-from galvatron_fx.passes.tensor_parallel import META_KEY
+from galvatron_fx.passes.lower.ops.collectives import tp_copy, tp_reduce
+from galvatron_fx.passes.lower.stage import lower, unwrap
+from galvatron_fx.passes.lower.ops.redistribute import redistribute, tp_group
+from galvatron_fx.passes.lower.graph.tensor_parallel import META_KEY
 from galvatron_fx.plan import LayerStrategy, Plan
 
 WORLD, PP, LAYERS, GLOBAL_BATCH, SEQ = 64, 4, 24, 32, 8

@@ -39,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from galvatron_fx.passes.search import search
-    from galvatron_fx.passes.search_report import explain
+    from galvatron_fx.passes.search.engine import search
+    from galvatron_fx.passes.search.report import explain
     from galvatron_fx.report import plan_table
 
     cost_model, world_size, budget, names = _cost_model(args)
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _space(args):
-    from galvatron_fx.passes.search_space import SearchSpace
+    from galvatron_fx.passes.search.space import SearchSpace
 
     if args.batch_range:
         batch = tuple(args.batch_range)

@@ -29,10 +29,10 @@ import torch.nn as nn
 
 from galvatron_fx.errors import PlanError
 
-from .collectives import tp_copy, tp_reduce, tp_scatter
-from .dim_digits import Digit, local_shape, rewrite_sizes, shard_spec
-from .dim_tracking import Analysis, analyze, rewritten_meta
-from .random_streams import mark_sharded
+from galvatron_fx.passes.lower.ops.collectives import tp_copy, tp_reduce, tp_scatter
+from galvatron_fx.passes.analysis.dim_factors import Digit, local_shape, rewrite_sizes, shard_spec
+from galvatron_fx.passes.analysis.dim_tracking import Analysis, analyze, rewritten_meta
+from galvatron_fx.passes.lower.graph.random_streams import mark_sharded
 
 aten = torch.ops.aten
 META_KEY = "galvatron_tp"  # node.meta / GraphModule.meta key of the shard records
@@ -66,7 +66,7 @@ class ShardRecord:
         return self.select(torch.arange(math.prod(self.full_shape)).view(self.full_shape)).reshape(-1)
 
     def select(self, full: torch.Tensor) -> torch.Tensor:
-        from .collectives import select_local
+        from galvatron_fx.passes.lower.ops.collectives import select_local
 
         return select_local(full, ((self.dim, self.digit_sizes, self.picks),))
 
@@ -293,7 +293,7 @@ def tensor_parallel(gm: fx.GraphModule, cfg: TPConfig, layer_name: str = "layer"
 
 def unshard(local: torch.Tensor, record: ShardRecord) -> torch.Tensor:
     """The full tensor from every rank's shard: an all-gather over ``record.ranks`` (collective there)."""
-    from .collectives import all_gather_dim
+    from galvatron_fx.passes.lower.ops.collectives import all_gather_dim
 
     values = all_gather_dim(local.detach().reshape(-1).contiguous(), 0, record.ranks)
     positions = all_gather_dim(record.positions(), 0, record.ranks)
@@ -306,7 +306,7 @@ def unshard(local: torch.Tensor, record: ShardRecord) -> torch.Tensor:
 def unshard_parameters(stage, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``params`` (user names → this rank's tensors) with every tensor-parallel shard of ``stage`` made whole.
     Collective over each tp group: every rank of the stage calls it."""
-    from .lower_stage import unwrap
+    from galvatron_fx.passes.lower.stage import unwrap
 
     out, done = dict(params), set()
     for layer in stage.stage_layers:

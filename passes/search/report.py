@@ -12,12 +12,12 @@ from collections import Counter
 from galvatron_fx.errors import PlanError
 from galvatron_fx.units import format_bytes
 
-from .search_space import SearchSpace
+from galvatron_fx.passes.search.space import SearchSpace
 
 
 def explain(plan, cost_model, memory_budget: int, space: SearchSpace) -> str:
     """Compare ``plan`` with the best uniform plan of the same space under the same budget."""
-    from .search import search
+    from galvatron_fx.passes.search.engine import search
 
     try:
         uniform = search(cost_model, plan.world_size, memory_budget, dataclasses.replace(space, uniform=True))

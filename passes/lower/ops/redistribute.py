@@ -30,7 +30,7 @@ import torch.fx as fx
 
 from galvatron_fx.plan import LayerStrategy, Plan
 
-from .collectives import _is_fake
+from galvatron_fx.passes.lower.ops.collectives import _is_fake
 
 aten = torch.ops.aten
 

@@ -32,10 +32,10 @@ import torch.nn as nn
 
 from galvatron_fx.errors import PlanError
 
-from .collectives import _is_fake, all_gather_dim, all_reduce_sum, gather_dim_sum_grad, reduce_scatter_dim, tp_copy
-from .dim_tracking import VIEWS, param_matmul, rewritten_meta
-from .redistribute import scale_grad
-from .tensor_parallel import META_KEY, ShardRecord
+from galvatron_fx.passes.lower.ops.collectives import _is_fake, all_gather_dim, all_reduce_sum, gather_dim_sum_grad, reduce_scatter_dim, tp_copy
+from galvatron_fx.passes.analysis.dim_tracking import VIEWS, param_matmul, rewritten_meta
+from galvatron_fx.passes.lower.ops.redistribute import scale_grad
+from galvatron_fx.passes.lower.graph.tensor_parallel import META_KEY, ShardRecord
 
 aten = torch.ops.aten
 CROSS_ENTROPY = aten.cross_entropy_loss.default
@@ -277,8 +277,8 @@ def make_vocab_parallel_pass():
     def apply_vocab_parallel(stage, context):
         """Requires: a built stage. Ensures: with ``plan.embedding.vtp > 1``, the stage's prologue and
         epilogue are rewritten by ``vocab_parallel`` for this rank's vtp group."""
-        from .lower_stage import embedding_strategy, unwrap
-        from .redistribute import tp_group
+        from galvatron_fx.passes.lower.stage import embedding_strategy, unwrap
+        from galvatron_fx.passes.lower.ops.redistribute import tp_group
 
         plan = context.plan
         if plan.embedding.vtp == 1:

@@ -16,10 +16,10 @@ from galvatron_fx.errors import PlanError
 from galvatron_fx.plan import LayerStrategy, SP_TYPES
 from galvatron_fx.program import BATCHED_KEY, Program
 
-from .lower_stage import copy_layer_modules
-from .sequence_parallel import SPConfig, sequence_parallel
-from .tensor_parallel import TPConfig, tensor_parallel
-from .vocab_parallel import VocabConfig, tied_vocab_names, vocab_parallel, vocab_size
+from galvatron_fx.passes.lower.stage import copy_layer_modules
+from galvatron_fx.passes.lower.graph.sequence_parallel import SPConfig, sequence_parallel
+from galvatron_fx.passes.lower.graph.tensor_parallel import TPConfig, tensor_parallel
+from galvatron_fx.passes.lower.graph.vocab_parallel import VocabConfig, tied_vocab_names, vocab_parallel, vocab_size
 
 def _degrees(max_tp: int) -> list[int]:
     out, tp = [], 2

@@ -23,7 +23,7 @@ import torch.fx as fx
 
 from galvatron_fx.program import BATCHED_KEY
 
-from .dim_tracking import refresh_meta
+from galvatron_fx.passes.analysis.dim_tracking import refresh_meta
 
 aten = torch.ops.aten
 _ARITHMETIC = {operator.mul, operator.add, operator.sub, operator.floordiv, operator.mod, operator.neg}

@@ -19,7 +19,7 @@ import numpy as np
 
 from galvatron_fx.plan import Plan, even_division
 
-from .search_front import redistribution_matrix
+from galvatron_fx.passes.search.front import redistribution_matrix
 
 
 def _stage_candidates(engine, table, a: int, b: int, k: int, mb: int):

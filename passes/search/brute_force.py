@@ -13,7 +13,7 @@ from typing import Iterator
 
 from galvatron_fx.plan import Plan
 
-from .search_space import SearchSpace
+from galvatron_fx.passes.search.space import SearchSpace
 
 
 def compositions(total: int, parts: int) -> Iterator[tuple[int, ...]]:

@@ -24,7 +24,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from galvatron_fx.errors import PlanError
 
-from .dim_digits import Digit, Digits
+from galvatron_fx.passes.analysis.dim_factors import Digit, Digits
 
 aten = torch.ops.aten
 

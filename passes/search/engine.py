@@ -44,11 +44,11 @@ from galvatron_fx.errors import PlanError
 from galvatron_fx.plan import Plan
 from galvatron_fx.units import format_bytes, parse_bytes
 
-from .search_bound import RestBound, StageBound, division_bound_s
-from .search_front import build_cost_table, folded, subset
-from .search_seed import seed_plan
-from .search_space import SearchSpace
-from .search_stage import EmbeddingPart, StageSolver
+from galvatron_fx.passes.search.bounds import RestBound, StageBound, division_bound_s
+from galvatron_fx.passes.search.front import build_cost_table, folded, subset
+from galvatron_fx.passes.search.seed_plan import seed_plan
+from galvatron_fx.passes.search.space import SearchSpace
+from galvatron_fx.passes.search.stage_solver import EmbeddingPart, StageSolver
 
 Progress = Callable[[int, int, float], None]   # (settings done, settings total, best samples/s so far)
 
@@ -301,7 +301,7 @@ class SearchEngine:
 
     def infeasible_error(self) -> PlanError:
         """Name the smallest budget that fits and the plan that fits it, or why nothing can run at all."""
-        from .search_memory import smallest_budget
+        from galvatron_fx.passes.search.smallest_budget import smallest_budget
         found = smallest_budget(self)
         if found is None:
             reasons = "; ".join(self.left_out_summary()) or "no setting of the space is valid"

@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from galvatron_fx.program import BATCHED_KEY, BLOCK, TRANSITION, Layer, TensorSpec
 
-from .discover_layers import Segment
+from galvatron_fx.passes.analysis.discover_layers import Segment
 
 
 def tensor_spec(node: fx.Node) -> TensorSpec | None:

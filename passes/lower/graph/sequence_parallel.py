@@ -34,13 +34,13 @@ import torch.nn as nn
 
 from galvatron_fx.errors import PlanError
 
-from .collectives import (heads_to_seq, seq_to_heads, sp_gather, sp_reduce_scatter, sp_split, tp_copy, tp_reduce,
+from galvatron_fx.passes.lower.ops.collectives import (heads_to_seq, seq_to_heads, sp_gather, sp_reduce_scatter, sp_split, tp_copy, tp_reduce,
                           tp_scatter)
-from .batch_dim import is_size_node
-from .dim_digits import local_shape, rewrite_sizes
-from .dim_tracking import VIEWS, analyze, param_matmul, rewritten_meta
-from .random_streams import mark_sharded
-from .tensor_parallel import TPConfig, TPResult, tensor_parallel
+from galvatron_fx.passes.analysis.batch_dim import is_size_node
+from galvatron_fx.passes.analysis.dim_factors import local_shape, rewrite_sizes
+from galvatron_fx.passes.analysis.dim_tracking import VIEWS, analyze, param_matmul, rewritten_meta
+from galvatron_fx.passes.lower.graph.random_streams import mark_sharded
+from galvatron_fx.passes.lower.graph.tensor_parallel import TPConfig, TPResult, tensor_parallel
 
 aten = torch.ops.aten
 META_KEY = "galvatron_sp"  # GraphModule.meta: which inputs and outputs are sequence-sharded
@@ -280,7 +280,7 @@ def _attr(gm, target):
 
 # -- lowering ------------------------------------------------------------------------------------------------
 def _config(context, strategy, rank: int, batched: frozenset[str], strict: bool = False) -> SPConfig:
-    from .redistribute import tp_group
+    from galvatron_fx.passes.lower.ops.redistribute import tp_group
 
     ranks = tp_group(context.plan, strategy, rank)
     return SPConfig(strategy.sp, strategy.tp, ranks.index(rank), ranks, batched, strict)
@@ -292,7 +292,7 @@ _FLAGS: "weakref.WeakKeyDictionary[fx.GraphModule, dict]" = weakref.WeakKeyDicti
 def sequence_flags(context, layer_index: int, strategy, batched: frozenset[str]) -> dict:
     """``{"inputs": names, "outputs": flags}`` of Program layer ``layer_index`` under ``strategy`` without
     lowering its stage (for values that cross a pipeline cut): the pass runs on a copy, once per process."""
-    from .lower_stage import copy_layer_modules
+    from galvatron_fx.passes.lower.stage import copy_layer_modules
 
     original = context.program.layers[layer_index].module
     cache = _FLAGS.setdefault(original, {})
@@ -312,8 +312,8 @@ def make_sequence_parallel_pass(strict: bool = False):
     def apply_sequence_parallel(stage, context):
         """Requires: layers at their local batch. Ensures: every layer with sp "megatron" or "ulysses" is
         rewritten for this rank (``sequence_parallel``); its module's meta names its sharded inputs/outputs."""
-        from .lower_parallel import _batched_names
-        from .lower_stage import unwrap
+        from galvatron_fx.passes.lower.pipeline import _batched_names
+        from galvatron_fx.passes.lower.stage import unwrap
 
         batched = frozenset(_batched_names(context))
         for layer in stage.stage_layers:

@@ -26,8 +26,8 @@ from galvatron_fx.errors import PlanError
 from galvatron_fx.plan import LayerStrategy, Plan
 from galvatron_fx.program import Program, TensorSpec
 
-from .random_streams import layer_seed, seed_generators
-from .redistribute import dp_index, shared_conversions
+from galvatron_fx.passes.lower.graph.random_streams import layer_seed, seed_generators
+from galvatron_fx.passes.lower.ops.redistribute import dp_index, shared_conversions
 
 
 @dataclass(frozen=True)
@@ -381,7 +381,7 @@ def lower(program: Program, plan: Plan, rank: int, device: torch.device | str = 
           passes: Sequence[LoweringPass] = DEFAULT_PASSES) -> StageModule:
     """This rank's stage: ``build_stage`` followed by ``passes`` in order. Collective-free, so a plan can
     be lowered for any rank of any world in one process."""
-    from .lower_parallel import PARALLEL_PASSES  # imports this module
+    from galvatron_fx.passes.lower.pipeline import PARALLEL_PASSES  # imports this module
 
     context = LoweringContext(program, plan, RankLayout.of(plan, rank), torch.device(device))
     stage = build_stage(context)

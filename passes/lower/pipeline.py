@@ -22,13 +22,13 @@ from galvatron_fx.errors import PlanError
 from galvatron_fx.plan import LayerStrategy
 from galvatron_fx.program import BATCHED_KEY
 
-from .lower_stage import LoweringContext, StageModule, layout_strategy, unwrap
-from .batch_dim import set_batch
-from .random_streams import assign_streams
-from .redistribute import Layout, insert_redistribute, scale_param_grads, tp_group, tp_index, with_shape
-from .sequence_parallel import META_KEY as SP_KEY, apply_sequence_parallel
-from .vocab_parallel import apply_vocab_parallel
-from .tensor_parallel import TPConfig, tensor_parallel
+from galvatron_fx.passes.lower.stage import LoweringContext, StageModule, layout_strategy, unwrap
+from galvatron_fx.passes.analysis.batch_dim import set_batch
+from galvatron_fx.passes.lower.graph.random_streams import assign_streams
+from galvatron_fx.passes.lower.ops.redistribute import Layout, insert_redistribute, scale_param_grads, tp_group, tp_index, with_shape
+from galvatron_fx.passes.lower.graph.sequence_parallel import META_KEY as SP_KEY, apply_sequence_parallel
+from galvatron_fx.passes.lower.graph.vocab_parallel import apply_vocab_parallel
+from galvatron_fx.passes.lower.graph.tensor_parallel import TPConfig, tensor_parallel
 
 
 def _strategies(context: LoweringContext) -> dict[int, LayerStrategy]:
@@ -43,7 +43,7 @@ def _strategies(context: LoweringContext) -> dict[int, LayerStrategy]:
 def _producers(context: LoweringContext) -> dict[str, Layout]:
     """Value name → layout it is produced in (sequence-parallel layers: per output); graph inputs: the data
     split of the trainer."""
-    from .sequence_parallel import sequence_flags
+    from galvatron_fx.passes.lower.graph.sequence_parallel import sequence_flags
 
     strategies = _strategies(context)
     producers = {name: Layout(LayerStrategy(dp=context.plan.devices_per_stage)) for name in context.program.placeholder_names}

@@ -22,8 +22,8 @@ import numpy as np
 from galvatron_fx.cost.layouts import data_split
 from galvatron_fx.cost.memory import InFlight
 
-from .search_bound import RestBound
-from .search_front import Front, class_representatives, extend, pareto_indices, redistribution_matrix
+from galvatron_fx.passes.search.bounds import RestBound
+from galvatron_fx.passes.search.front import Front, class_representatives, extend, pareto_indices, redistribution_matrix
 
 _TOL = 1e-12
 

@@ -1,0 +1,1 @@
+"""Analysis passes: layers, batch dimension, shapes, FLOPs, memory, dimension factors."""

@@ -1,0 +1,1 @@
+"""Rewrites of one layer's graph: tensor, sequence and vocab parallelism, random streams."""

@@ -1,0 +1,1 @@
+"""The functions lowered graphs call: collectives, redistribution, random streams."""

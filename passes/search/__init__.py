@@ -1,0 +1,1 @@
+"""The plan search: space, cost tables, Pareto fronts, bounds, the exact engine."""
