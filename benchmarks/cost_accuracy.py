@@ -133,7 +133,7 @@ def run_plans(rank: int, world: int, model_name: str, shape: str, cases: list[tu
         # the DDP buckets hold the gradients between steps
         peak = peak_step_bytes(step, device, lambda: training_state(trainer.stage, trainer.optimizer) + trainer.sync.grad_buffers()) \
             if measure_memory else None
-        out.append({"plan": name, "rank": rank, "stage": trainer.stage.layout.stage, "times_s": times, "peak_bytes": peak})
+        out.append({"plan": name, "rank": rank, "stage": trainer.stage.position.stage, "times_s": times, "peak_bytes": peak})
         trainer = step = None   # the plan's state goes before the next plan's is built
         gc.collect()
     return out

@@ -111,7 +111,7 @@ def _time_in_place(rank: int, world: int, build: Builder, seq: int, degrees: lis
     """Spawned worker: {layer type, "prologue" or "epilogue": {tp: [(samples per group, seq, forward s,
     backward s), ...]}}. Every rank runs the same layers in the same order (their collectives pair up)."""
     from galvatron_fx.capture import capture
-    from galvatron_fx.passes.lower.stage import lower
+    from galvatron_fx.passes.lower.pipeline import lower
     from galvatron_fx.runtime import groups
     from galvatron_fx.runtime.data_parallel import prepare_groups
 

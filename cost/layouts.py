@@ -13,12 +13,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from galvatron_fx.parallel_dims import dp_index as dp_of, tp_index as tp_of
 from galvatron_fx.plan import LayerStrategy
-
-
-def data_split(devices: int) -> LayerStrategy:
-    """The layout of the embedding's and the head's activations: the micro-batch split over the stage."""
-    return LayerStrategy(dp=devices)
 
 
 def layout_of(strategy: LayerStrategy) -> tuple:
@@ -41,7 +37,8 @@ def move_plan(src: tuple, dst: tuple) -> tuple | None:
 
     def pieces(key):
         tp, dp, sharded, consecutive = key
-        tp_index, dp_index = (rank % tp, rank // tp) if consecutive else (rank // dp, rank % dp)
+        strategy = LayerStrategy(tp=tp, dp=dp, tp_consecutive=bool(consecutive))
+        tp_index, dp_index = tp_of(strategy, rank), dp_of(strategy, rank)
         batch = (dp_index * (devices // dp), (dp_index + 1) * (devices // dp))
         seq = (tp_index * (devices // tp), (tp_index + 1) * (devices // tp)) if sharded else (0 * rank, 0 * rank + devices)
         return batch, seq
@@ -65,7 +62,7 @@ def rank_pieces(strategy: LayerStrategy, devices: int) -> list[tuple[tuple[Fract
     tp, dp = strategy.tp, strategy.dp
     pieces = []
     for rank in range(devices):
-        tp_index, dp_index = (rank % tp, rank // tp) if strategy.tp_consecutive else (rank // dp, rank % dp)
+        tp_index, dp_index = tp_of(strategy, rank), dp_of(strategy, rank)
         batch = (Fraction(dp_index, dp), Fraction(dp_index + 1, dp))
         seq = (Fraction(tp_index, tp), Fraction(tp_index + 1, tp)) if strategy.sp != "none" else (Fraction(0), Fraction(1))
         pieces.append((batch, seq))

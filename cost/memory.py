@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from galvatron_fx.program import META_KEY, Layer
+from galvatron_fx.program import Layer, node_meta
 
 # DDP layers keep their gradients in flat buckets of up to this many bytes (DDP's default bucket_cap_mb):
 # the buckets persist between steps, and each pays one all-reduce latency
@@ -157,14 +157,14 @@ def _tp_sharded_nodes(graph_module: fx.GraphModule, layer: Layer) -> set[str]:
 def tp_activation_split(graph_module: fx.GraphModule, layer: Layer) -> tuple[int, int]:
     """(replicated, TP-sharded) saved-activation bytes of ``layer`` for the Program's example batch.
 
-    Requires node annotations (``node.meta["galvatron"].saved_bytes``) on ``graph_module``, the flat
+    Requires node annotations (``node_meta(node).info.saved_bytes``) on ``graph_module``, the flat
     graph; which values are sharded follows ``_tp_sharded_nodes``.
     """
     nodes = {n.name: n for n in graph_module.graph.nodes}
     sharded = _tp_sharded_nodes(graph_module, layer)
     replicated_bytes = sharded_bytes = 0
     for name in layer.node_names:
-        info = nodes[name].meta.get(META_KEY)
+        info = node_meta(nodes[name]).info
         saved = info.saved_bytes if info is not None else 0
         if name in sharded:
             sharded_bytes += saved
@@ -178,7 +178,7 @@ def _needs_grad(graph_module: fx.GraphModule) -> set[str]:
     params = {name for name, p in graph_module.named_parameters(remove_duplicate=False) if p.requires_grad}
     out: set[str] = set()
     for node in graph_module.graph.nodes:
-        info = node.meta.get(META_KEY)
+        info = node_meta(node).info
         floating = info is not None and (info.dtype is None or info.dtype.is_floating_point)   # None: a tuple
         if node.op == "get_attr":
             if node.target in params:
@@ -207,7 +207,7 @@ def grad_working_bytes(graph_module: fx.GraphModule, layer: Layer, tp: int = 1) 
     in_layer = set(layer.node_names)
 
     def grad_bytes(node: fx.Node) -> float:
-        info = node.meta.get(META_KEY)
+        info = node_meta(node).info
         if info is None or info.shape is None or info.dtype is None:
             return 0.0
         return math.prod(info.shape) * info.dtype.itemsize / (tp if node.name in sharded else 1)
@@ -229,6 +229,6 @@ def grad_working_bytes(graph_module: fx.GraphModule, layer: Layer, tp: int = 1) 
         new = {i.name: grad_bytes(i) for i in inputs if i.name not in live}
         peak = max(peak, sum(live.values()) + grad + sum(new.values()) - freed)
         live.update(new)
-        info = node.meta.get(META_KEY)
+        info = node_meta(node).info
         freed += info.saved_bytes if info is not None else 0
     return int(max(peak, 0))

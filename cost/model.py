@@ -51,10 +51,11 @@ import dataclasses
 from dataclasses import dataclass
 
 from galvatron_fx.errors import ConfigError, PlanError, ProfileError
+from galvatron_fx.parallel_dims import data_split
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan, Prediction
 
 from .hardware import BLOCKING_PROBE_COMPUTE_S, HardwareProfile
-from .layouts import data_split, layout_of, move_key, move_plan
+from .layouts import layout_of, move_key, move_plan
 from .memory import DTYPE_BYTES, GRAD_BUCKET_CAP_BYTES, STATE_BYTES_PER_PARAM, InFlight, check_precision, model_state_split
 from .model_profile import LayerTypeProfile, ModelProfile, TimeFormula
 

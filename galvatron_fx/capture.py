@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from .errors import CaptureError
-from .program import BATCHED_KEY, Program
+from .program import Program
 
 
 def capture(model: nn.Module, example_args: tuple = (), example_kwargs: dict | None = None, *, training: bool = True) -> Program:
@@ -31,10 +31,8 @@ def capture(model: nn.Module, example_args: tuple = (), example_kwargs: dict | N
     sample is captured at two). Pass ``use_cache=False`` to decoders. ``training=True`` records dropout as in
     training; the model's own mode and parameters are left as they were.
     """
-    from galvatron_fx.passes.analysis.annotate import annotate_nodes, sum_layer_stats
-    from galvatron_fx.passes.analysis.batch_dim import concretize, localize_sizes, mark_batched
-    from galvatron_fx.passes.analysis.discover_layers import discover_layers
-    from galvatron_fx.passes.analysis.split_layers import split_layers
+    from galvatron_fx.passes.analysis.pipeline import ANALYSIS_PASSES, Capture
+    from galvatron_fx.passes.infra import run_passes
 
     example_args = tuple(example_args) if isinstance(example_args, (tuple, list)) else (example_args,)
     example_kwargs = dict(example_kwargs or {})
@@ -48,19 +46,10 @@ def capture(model: nn.Module, example_args: tuple = (), example_kwargs: dict | N
     graph_module = exported.module()
     _drop_guard_calls(graph_module)
     _own_parameters(graph_module)
-    placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
     flat_inputs = pytree.tree_leaves((example_args, example_kwargs))
-    if static_reason:
-        _mark_batched_by_size(graph_module, batch_size)
-    else:
-        mark_batched(graph_module)
-        concretize(graph_module, flat_inputs)
-
-    segments = discover_layers(graph_module, model)
-    localize_sizes(graph_module, segments)
-    layers = split_layers(graph_module, segments)
-    annotate_nodes(graph_module, dict(zip((n.name for n in placeholders), flat_inputs)))
-    sum_layer_stats(graph_module, layers)
+    done = run_passes(ANALYSIS_PASSES, Capture(graph_module, model, flat_inputs, batch_size, static_reason), None)
+    placeholders = done.placeholders
+    layers = done.layers
     return Program(
         graph_module=graph_module,
         layers=layers,
@@ -189,14 +178,6 @@ def batch_size_of(flat_inputs: list[Any]) -> int:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return int(value.shape[0])
     raise CaptureError("no example input is a tensor with a batch dimension", "pass at least one batched tensor input")
-
-
-def _mark_batched_by_size(graph_module: torch.fx.GraphModule, batch_size: int) -> None:
-    """A static capture has no batch symbol: values whose dim 0 has the batch's size count as batched."""
-    for node in graph_module.graph.nodes:
-        value = node.meta.get("val")
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size:
-            node.meta[BATCHED_KEY] = True
 
 
 def resize_batch(args: tuple, kwargs: dict, size: int) -> tuple[tuple, dict]:

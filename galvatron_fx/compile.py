@@ -18,12 +18,23 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from galvatron_fx import runtime
+from galvatron_fx.cost.model import CostModel
+from galvatron_fx.cost.model_profile import ModelProfile
+from galvatron_fx.passes.lower.obstacles import lowering_obstacles
+from galvatron_fx.passes.search.engine import search
+from galvatron_fx.passes.search.space import SearchSpace
+from galvatron_fx.runtime import checkpoint, groups
+from galvatron_fx.runtime.materialize import buffers_on_meta, has_meta_parameters, materialize, real_buffers
+from galvatron_fx.runtime.safetensors_io import check_safetensors
+
 from .capture import batch_size_of, capture, resize_batch
 from .cluster import Cluster
 from .errors import ConfigError, GalvatronError, PlanError, ProfileError
 from .plan import Plan
 from .plan_sources import UniformPlan, resolve_given_plan
 from .program import Program
+from .report import plan_table
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -57,59 +68,58 @@ def compile(model: nn.Module, cluster: Cluster | None = None, *, example_args: t
     initialisation; the default for a model built on the meta device), ``"safetensors:DIR"`` (a Hugging Face
     checkpoint folder, read slice by slice), or a function of the full meta model; ``None`` keeps the values.
     """
-    from galvatron_fx import runtime
-
     device = runtime.init_distributed()
-    world_size = dist.get_world_size()
-    cluster = cluster or Cluster.detect()
-    if cluster.world_size != world_size:
-        raise ConfigError(f"the cluster has {cluster.world_size} devices ({cluster.nodes} × {cluster.devices_per_node}) "
-                          f"but {world_size} processes run", "describe the cluster you launched on, or pass cluster=None to detect it")
-    from galvatron_fx.runtime import materialize as mat
-    from galvatron_fx.runtime.safetensors_io import check_safetensors
-
-    on_meta = mat.has_meta_parameters(model)
-    init = init or ("model" if on_meta else None)
-    if isinstance(init, str) and init.startswith("safetensors:"):
-        check_safetensors(init.removeprefix("safetensors:"), model)  # before any collective
-    known_buffers = mat.real_buffers(model) if on_meta else {}  # built with real buffers: keep their values
-    wrapped = _WithLoss(model, loss_fn) if loss_fn else model
+    cluster = _check_cluster(cluster or Cluster.detect(), dist.get_world_size())
+    init = _check_init(model, init)  # before any collective
+    known_buffers = real_buffers(model) if has_meta_parameters(model) else {}  # real buffers of a meta model: kept
     example_args, example_kwargs = tuple(example_args), dict(example_kwargs or {})
-    program = _capture(wrapped, model, example_args, example_kwargs)
+    program = _capture(model, loss_fn, example_args, example_kwargs)
     global_batch = batch_size_of(pytree.tree_leaves((example_args, example_kwargs)))
     cost_model = build_cost_model(program, cluster, profile, mixed_precision)
     if plan is None:
-        plan = _search_on_rank0(cost_model, program, world_size, memory_budget or cluster.memory_bytes, search_space,
-                                global_batch, {"model": program.model_name, "cluster": f"{cluster.nodes}x{cluster.devices_per_node} {cluster.device}"})
+        provenance = {"model": program.model_name, "cluster": f"{cluster.nodes}x{cluster.devices_per_node} {cluster.device}"}
+        plan = _search_on_rank0(cost_model, program, memory_budget or cluster.memory_bytes, search_space, global_batch, provenance)
     else:
-        plan = resolve_given_plan(plan, len(program.body), world_size, global_batch, program.model_name)
+        plan = resolve_given_plan(plan, len(program.body), dist.get_world_size(), global_batch, program.model_name)
     local_batch = plan.micro_batch // plan.devices_per_stage
     if not program.dynamic_batch and local_batch != program.batch_size:  # a fixed batch: capture the one that runs
-        program = _capture(wrapped, model, *resize_batch(example_args, example_kwargs, local_batch))
+        program = _capture(model, loss_fn, *resize_batch(example_args, example_kwargs, local_batch))
     trainer = runtime.Trainer(program, plan, config=runtime.TrainConfig(lr=lr, seed=seed, mixed_precision=mixed_precision),
                               optimizer=optimizer, device=device, model_name=program.model_name)
     if init is not None:
-        mat.materialize(trainer.stage, model, init, seed or 0, device, known_buffers)
+        materialize(trainer.stage, model, init, seed or 0, device, known_buffers)
     return CompiledModel(program, plan, trainer, cost_model)
 
 
-def _capture(wrapped: nn.Module, model: nn.Module, args: tuple, kwargs: dict) -> Program:
-    from galvatron_fx.runtime.materialize import buffers_on_meta, has_meta_parameters
+def _check_cluster(cluster: Cluster, world_size: int) -> Cluster:
+    if cluster.world_size != world_size:
+        raise ConfigError(f"the cluster has {cluster.world_size} devices ({cluster.nodes} × {cluster.devices_per_node}) "
+                          f"but {world_size} processes run", "describe the cluster you launched on, or pass cluster=None to detect it")
+    return cluster
 
+
+def _check_init(model: nn.Module, init):
+    """The initialisation to run: the model's own for a model built on meta, unless given; a safetensors
+    folder is checked against the model now, so that every rank refuses it before any collective."""
+    init = init or ("model" if has_meta_parameters(model) else None)
+    if isinstance(init, str) and init.startswith("safetensors:"):
+        check_safetensors(init.removeprefix("safetensors:"), model)
+    return init
+
+
+def _capture(model: nn.Module, loss_fn: LossFn | None, args: tuple, kwargs: dict) -> Program:
+    """The model (with its loss, if given apart) captured; a meta model with a meta batch and meta buffers."""
     on_meta = has_meta_parameters(model)
-    if on_meta:  # a meta model is captured with a meta batch and meta buffers (shapes only)
+    if on_meta:
         args, kwargs = pytree.tree_map(lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v, (args, kwargs))
     with buffers_on_meta(model) if on_meta else contextlib.nullcontext():
-        program = capture(wrapped, args, kwargs)
+        program = capture(_WithLoss(model, loss_fn) if loss_fn else model, args, kwargs)
     program.model_name = type(model).__name__  # the user's model, not the loss wrapper
     return program
 
 
 def build_cost_model(program: Program, cluster: Cluster, profile: str = "analytic", mixed_precision: str = "fp32"):
     """The CostModel for ``program`` on ``cluster``: analytic from the graph, or from a profile JSON."""
-    from galvatron_fx.cost.model import CostModel
-    from galvatron_fx.cost.model_profile import ModelProfile
-
     if profile == "analytic":
         dtype = "bf16" if mixed_precision == "bf16" else "fp32"
         model_profile = ModelProfile.from_program(program, flops_per_s=cluster.sustained_flops[dtype], dtype="fp32")
@@ -118,14 +128,11 @@ def build_cost_model(program: Program, cluster: Cluster, profile: str = "analyti
     return CostModel(model_profile, cluster.hardware_profile(), mixed_precision=mixed_precision)
 
 
-def _search_on_rank0(cost_model, program: Program, world_size: int, memory_budget, search_space: str, global_batch: int,
+def _search_on_rank0(cost_model, program: Program, memory_budget, search_space: str, global_batch: int,
                      provenance: dict[str, Any]) -> Plan:
     """Rank 0 searches, over the strategies this Program lowers; the others receive the plan as JSON text
     (never pickled)."""
-    from galvatron_fx.passes.lower.obstacles import lowering_obstacles
-    from galvatron_fx.passes.search.engine import search
-    from galvatron_fx.passes.search.space import SearchSpace
-
+    world_size = dist.get_world_size()
     text = ""
     if dist.get_rank() == 0:
         try:
@@ -139,25 +146,11 @@ def _search_on_rank0(cost_model, program: Program, world_size: int, memory_budge
             text = json.dumps(search(cost_model, world_size, memory_budget, space, provenance=provenance).to_json_dict())
         except GalvatronError as error:  # every rank must raise it, not wait for a plan
             text = json.dumps({"error": {"type": type(error).__name__, "cause": error.cause, "remedy": error.remedy}})
-    data = json.loads(broadcast_text(text))
+    data = json.loads(groups.broadcast_text(text))
     if "error" in data:
         error_type = {cls.__name__: cls for cls in (PlanError, ConfigError, ProfileError)}.get(data["error"]["type"], GalvatronError)
         raise error_type(data["error"]["cause"], data["error"]["remedy"])
     return Plan.from_json_dict(data, source="searched plan")
-
-
-def broadcast_text(text: str, src: int = 0) -> str:
-    """``text`` from rank ``src`` on every rank, as bytes in a tensor."""
-    from galvatron_fx.runtime import groups
-
-    device = groups.current_device()
-    size = torch.tensor([len(text.encode())], dtype=torch.long, device=device)
-    dist.broadcast(size, src)
-    data = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
-    if dist.get_rank() == src:
-        data.copy_(torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8))
-    dist.broadcast(data, src)
-    return bytes(data.cpu().tolist()).decode()
 
 
 class CompiledModel:
@@ -184,16 +177,12 @@ class CompiledModel:
     def save_checkpoint(self, directory: str | Path) -> Path:
         """Write parameters (under the model's own names), optimizer states, step and RNG state into
         ``directory``, sharded and atomically (``runtime.checkpoint``); on every rank."""
-        from galvatron_fx.runtime import checkpoint
-
         return checkpoint.save(self.trainer, directory)
 
     def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
         """Continue from a checkpoint saved under any plan or world size; returns its manifest (``step``...).
         A half-written, corrupt or foreign checkpoint raises CheckpointError on every rank, before any
         collective. On every rank."""
-        from galvatron_fx.runtime import checkpoint
-
         return checkpoint.load(self.trainer, directory)
 
     def save_plan(self, path: str | Path) -> None:
@@ -202,8 +191,6 @@ class CompiledModel:
 
     def explain(self) -> str:
         """The plan as a table, with the cost model's prediction."""
-        from galvatron_fx.report import plan_table
-
         return plan_table(self.plan, self.cost_model)
 
     def visualize(self, path: str | Path, formats: tuple[str, ...] = ("html", "onnx", "dot")) -> dict[str, Path]:

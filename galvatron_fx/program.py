@@ -8,6 +8,7 @@ head, loss). Each layer owns a GraphModule of its nodes, so a pipeline stage is 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -16,8 +17,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 PROLOGUE, BLOCK, TRANSITION, EPILOGUE = "prologue", "block", "transition", "epilogue"
-META_KEY = "galvatron"  # node.meta[META_KEY] holds the NodeInfo of every annotated node
-BATCHED_KEY = "galvatron_batched"  # node.meta[BATCHED_KEY]: the value's dim 0 is the batch (passes.batch_dim)
+META_KEY = "galvatron_fx"  # node.meta[META_KEY]: a NodeMeta; GraphModule.meta[META_KEY]: a LayerMeta
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class TensorSpec:
 
 @dataclass
 class NodeInfo:
-    """Annotations one node carries under ``node.meta["galvatron"]``."""
+    """What analysis measured of one node (``passes.analysis.annotate``): ``NodeMeta.info``."""
 
     shape: tuple[int, ...] | None = None
     dtype: torch.dtype | None = None
@@ -47,6 +47,47 @@ class NodeInfo:
     bwd_flops: int = 0
     saved_bytes: int = 0  # activation bytes autograd saves for backward, first saved by this node
     param_bytes: int = 0  # for get_attr nodes that fetch a parameter
+
+
+@dataclass(frozen=True)
+class NodeMeta:
+    """Everything the passes record on one FX node, under ``node.meta[META_KEY]``. Frozen: copies of a graph
+    share the values of ``node.meta``, so a pass replaces the record (``set_node_meta``) and a rewrite of one
+    copy never shows in another, or in the Program."""
+
+    info: NodeInfo | None = None  # shape, FLOPs, saved bytes (passes.analysis.annotate)
+    batched: bool = False  # dim 0 of the value is the batch (passes.analysis.batch_dim)
+    sharded: bool = False  # this rank's shard of a value its tensor-parallel group shares (lowering)
+
+
+def node_meta(node: fx.Node) -> NodeMeta:
+    return node.meta.get(META_KEY) or _NO_NODE_META
+
+
+def set_node_meta(node: fx.Node, **changes: Any) -> None:
+    node.meta[META_KEY] = dataclasses.replace(node_meta(node), **changes)
+
+
+@dataclass(frozen=True)
+class LayerMeta:
+    """What lowering records on one layer's GraphModule, under ``gm.meta[META_KEY]``: the shards of its
+    parameters (tensor and vocab parallelism: target → ShardRecord) and, under sequence parallelism, which of
+    its inputs arrive and which outputs leave sequence-sharded."""
+
+    shards: dict[str, Any] = field(default_factory=dict)
+    seq_inputs: frozenset[str] = frozenset()
+    seq_outputs: tuple[bool, ...] = ()
+
+
+def layer_meta(gm: fx.GraphModule) -> LayerMeta:
+    return gm.meta.get(META_KEY) or _NO_LAYER_META
+
+
+def set_layer_meta(gm: fx.GraphModule, **changes: Any) -> None:
+    gm.meta[META_KEY] = dataclasses.replace(layer_meta(gm), **changes)
+
+
+_NO_NODE_META, _NO_LAYER_META = NodeMeta(), LayerMeta()
 
 
 @dataclass
@@ -194,13 +235,6 @@ class Program:
             if differentiable and (not isinstance(value, torch.Tensor) or value.dtype.is_floating_point):
                 names.add(node.name)
         return frozenset(names)
-
-    # -- reporting ---------------------------------------------------------------------------
-    def summary(self) -> str:
-        """The layer table as text: index, type, parameters, GFLOPs, saved and boundary MB per sample."""
-        from .report import layer_table
-
-        return layer_table(self)
 
 
 def run_layer(layer: Layer, env: dict[str, Any]) -> None:

@@ -41,6 +41,7 @@ from torch.distributed.tensor import DTensor
 
 from galvatron_fx.errors import GalvatronError
 
+from . import groups
 from .shard_maps import LocalShard, ShardMap, local_shards
 
 FORMAT = "galvatron-fx-checkpoint/1"
@@ -296,7 +297,6 @@ def _optimizer_shards(trainer, manifest: dict[str, Any]) -> dict[str, LocalShard
 def save(trainer, folder: str | Path) -> Path:
     """Write a checkpoint of ``trainer`` into ``folder`` (replaced if it exists), atomically. Collective: every
     rank calls it with the same folder, which all ranks see."""
-    from galvatron_fx.compile import broadcast_text
 
     folder = Path(folder).absolute()
     partial = folder.with_name(f".{folder.name}.partial")
@@ -313,7 +313,7 @@ def save(trainer, folder: str | Path) -> Path:
             _replace(partial, folder)
         except OSError as failure:
             error = f"{type(failure).__name__}: {failure}"
-    error = broadcast_text(error or "ok").removeprefix("ok")
+    error = groups.broadcast_text(error or "ok").removeprefix("ok")
     if error:
         raise CheckpointError(f"writing checkpoint {folder} failed on rank 0: {error}", "check the folder's space and permissions")
     return folder

@@ -246,7 +246,7 @@ def apply_data_parallel(stage: StageModule, program: Program, plan: Plan) -> Gra
     if fsdp_units:
         sharded = {id(p) for unit in fsdp_units for p in unit.parameters() if isinstance(p, DTensor)}
         fully_shard(stage, mesh=root_mesh, ignored_params={p for p in stage.parameters() if id(p) not in sharded})
-    tied = [TiedWeight(name, params[name], groups.tied_group(plan, stages, stage.layout.local))
+    tied = [TiedWeight(name, params[name], groups.tied_group(plan, stages, stage.position.local))
             for name, stages in sorted(tied_stages(program, plan).items()) if name in params]
     return GradSync(fsdp_units, bucket_layers(replicated), tied, plan.grad_sync_every_micro_batch)
 

@@ -1,6 +1,6 @@
 """Process groups and device meshes a plan needs, each created once per process and cached.
 
-World layout: ``rank = stage * devices_per_stage + local`` (see ``passes.lower_stage.RankLayout``).
+World layout: ``rank = stage * devices_per_stage + local`` (``galvatron_fx.parallel_dims``).
 The world mesh of a plan has dims ``("pp", "dp", "tp")``: stage, data-parallel index, tensor-parallel
 index. A layer's data-parallel mesh is its 1-D ``"dp"`` slice; a layer with ``tp > 1`` (next issue) gets
 the ``("dp", "tp")`` slice of a mesh built for its tp degree, from the same cache. Creating a group is a
@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+from galvatron_fx.parallel_dims import ParallelDims
 from galvatron_fx.plan import LayerStrategy, Plan
 
 _CACHE: dict[tuple, Any] = {}
@@ -56,16 +57,11 @@ def clear_cache() -> None:
 
 def world_mesh(plan: Plan, tp: int = 1, tp_consecutive: bool = True) -> DeviceMesh:
     """The ``("pp", "dp", "tp")`` mesh over the whole world for one tp degree and tp rank order."""
-    world, pp = plan.world_size, plan.pp
-    stage_devices = world // pp
-    dp = stage_devices // tp
-    key = ("mesh", world, pp, tp, tp_consecutive)
+    dims = ParallelDims.of(plan)
+    key = ("mesh", dims.world_size, dims.pp, tp, tp_consecutive)
 
     def create() -> DeviceMesh:
-        ranks = torch.arange(world).view(pp, stage_devices)
-        # consecutive: tp peers are neighbours; strided: tp peers are dp apart (dp index varies fastest)
-        grid = ranks.view(pp, dp, tp) if tp_consecutive else ranks.view(pp, tp, dp).transpose(1, 2)
-        return DeviceMesh(device_type(), grid, mesh_dim_names=("pp", "dp", "tp"))
+        return DeviceMesh(device_type(), dims.mesh_ranks(tp, tp_consecutive), mesh_dim_names=("pp", "dp", "tp"))
 
     return _cached(key, create)
 
@@ -78,12 +74,12 @@ def layer_mesh(plan: Plan, strategy: LayerStrategy) -> DeviceMesh:
 def tied_group(plan: Plan, stages: tuple[int, ...], local: int) -> dist.ProcessGroup:
     """The group of ranks with index ``local`` on each of ``stages``: where gradients of a weight used on
     several stages (tied embedding and head) are summed, like Megatron's embedding group."""
-    stage_devices = plan.devices_per_stage
-    key = ("tied", plan.world_size, stage_devices, stages)
+    dims = ParallelDims.of(plan)
+    key = ("tied", dims.world_size, dims.devices_per_stage, stages)
 
     def create() -> list[dist.ProcessGroup]:
         # new_group is collective over the world: create the group of every local index on every rank
-        return [dist.new_group([s * stage_devices + i for s in stages]) for i in range(stage_devices)]
+        return [dist.new_group(dims.peers_across_stages(stages, i)) for i in range(dims.devices_per_stage)]
 
     return _cached(key, create)[local]
 
@@ -91,3 +87,15 @@ def tied_group(plan: Plan, stages: tuple[int, ...], local: int) -> dist.ProcessG
 def world_group_ranks(mesh: DeviceMesh) -> list[int]:
     """Global ranks of a 1-D mesh slice, in order."""
     return [int(r) for r in mesh.mesh.flatten().tolist()]
+
+
+def broadcast_text(text: str, src: int = 0) -> str:
+    """``text`` from rank ``src`` on every rank (a plan, an error), as bytes in a tensor: never pickled."""
+    device = current_device()
+    size = torch.tensor([len(text.encode())], dtype=torch.long, device=device)
+    dist.broadcast(size, src)
+    data = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
+    if dist.get_rank() == src:
+        data.copy_(torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8))
+    dist.broadcast(data, src)
+    return bytes(data.cpu().tolist()).decode()

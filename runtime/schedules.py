@@ -78,9 +78,9 @@ class StageExecutor:
         self.chunks = chunks
         self.device = device
         self.autocast_dtype = autocast_dtype
-        layout = stage.layout
-        self.prev_rank = layout.rank_of(layout.stage - 1) if not layout.is_first else None
-        self.next_rank = layout.rank_of(layout.stage + 1) if not layout.is_last else None
+        position = stage.position
+        self.prev_rank = position.rank_of(position.stage - 1) if not position.is_first else None
+        self.next_rank = position.rank_of(position.stage + 1) if not position.is_last else None
 
     def run(self, actions: tuple[Action, ...], batches: list[dict[str, Any]], seeds: list[int | None],
             upstream_actions: tuple[Action, ...] = ()) -> list[torch.Tensor]:
@@ -120,10 +120,10 @@ class StageExecutor:
             return received, [loss / self.chunks]
         for spec, value in zip(self.stage.send_specs, outputs):
             if tuple(value.shape) != spec.shape:
-                raise RuntimeError(f"stage {self.stage.layout.stage} computed {spec.name} of shape {tuple(value.shape)}, "
+                raise RuntimeError(f"stage {self.stage.position.stage} computed {spec.name} of shape {tuple(value.shape)}, "
                                    f"but the layer table says {spec.shape}")
             if value.requires_grad and spec.name not in self.stage.grad_names:  # its gradient would be lost
-                raise RuntimeError(f"stage {self.stage.layout.stage} sends {spec.name}, which requires a gradient, but the "
+                raise RuntimeError(f"stage {self.stage.position.stage} sends {spec.name}, which requires a gradient, but the "
                                    "graph analysis (differentiable_names) says it cannot carry one")
         payload = pack([value.detach().to(spec.dtype) for spec, value in zip(self.stage.send_specs, outputs)])
         sends.add("F", mb, dist.isend(payload, self.next_rank, tag=_tag(mb, backward=False)))

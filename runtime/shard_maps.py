@@ -9,6 +9,7 @@ of a lowered stage with its map; materialisation (``runtime.materialize``) and c
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -16,9 +17,9 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from galvatron_fx.passes.lower.ops.collectives import select_local
+from galvatron_fx.passes.lower.ops.collectives import all_gather_dim, select_local
 from galvatron_fx.passes.lower.stage import unwrap
-from galvatron_fx.passes.lower.graph.tensor_parallel import META_KEY
+from galvatron_fx.program import layer_meta
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ class LocalShard:
 def _tp_records(stage) -> dict[str, Any]:
     records = {}
     for layer in stage.stage_layers:
-        records.update(unwrap(stage.layers[layer.name]).meta.get(META_KEY, {}))
+        records.update(layer_meta(unwrap(stage.layers[layer.name])).shards)
     return records
 
 
@@ -140,4 +141,27 @@ def local_buffers(stage) -> dict[str, LocalShard]:
     for layer in stage.stage_layers:
         for name, buffer in unwrap(stage.layers[layer.name]).named_buffers():
             out.setdefault(name, LocalShard(buffer, ShardMap.whole(buffer.shape)))
+    return out
+
+
+# -- whole tensors from shards (collective) ------------------------------------------------------------------
+def unshard(local: torch.Tensor, record) -> torch.Tensor:
+    """The full tensor from every rank's shard: an all-gather over ``record.ranks`` (collective there)."""
+    values = all_gather_dim(local.detach().reshape(-1).contiguous(), 0, record.ranks)
+    positions = all_gather_dim(record.positions(), 0, record.ranks)
+    full = local.new_zeros(math.prod(record.full_shape))
+    keep = positions >= 0  # negative positions: padding (a vocabulary not divisible by vtp)
+    full[positions[keep]] = values[keep]
+    return full.view(record.full_shape)
+
+
+def unshard_parameters(stage, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``params`` (user names → this rank's tensors) with every tensor-parallel shard of ``stage`` made whole.
+    Collective over each tp group: every rank of the stage calls it."""
+    out, done = dict(params), set()
+    for layer in stage.stage_layers:
+        for name, record in layer_meta(unwrap(stage.layers[layer.name])).shards.items():
+            if name in out and name not in done:  # a tied shard appears in several layers
+                out[name] = unshard(out[name], record)
+                done.add(name)
     return out

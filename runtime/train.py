@@ -22,12 +22,15 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from galvatron_fx.errors import ConfigError, PlanError
-from galvatron_fx.passes.lower.stage import LoweringPass, DEFAULT_PASSES, StageModule, lower
-from galvatron_fx.passes.lower.graph.random_streams import layer_seed
+from galvatron_fx.passes.infra import Pass
+from galvatron_fx.passes.lower.ops.random import layer_seed
+from galvatron_fx.passes.lower.pipeline import LOWERING_PASSES, lower
+from galvatron_fx.passes.lower.stage import StageModule
 from galvatron_fx.plan import Plan
 from galvatron_fx.program import Program
 
 from . import groups
+from .shard_maps import unshard_parameters
 from .data_parallel import GradSync, apply_data_parallel, prepare_groups
 from .schedules import SCHEDULES, Action, StageExecutor
 
@@ -66,7 +69,7 @@ class Trainer:
 
     def __init__(self, program: Program, plan: Plan, *, config: TrainConfig = TrainConfig(),
                  optimizer: OptimizerFactory | None = None, device: torch.device | str | None = None,
-                 model_name: str | None = None, passes: tuple[LoweringPass, ...] = DEFAULT_PASSES):
+                 model_name: str | None = None, passes: tuple[Pass[StageModule], ...] = LOWERING_PASSES):
         if not dist.is_initialized():
             raise ConfigError("torch.distributed is not initialised", "call runtime.init_distributed() (under torchrun) first")
         plan.check_fits(len(program.body), dist.get_world_size(), model_name)
@@ -77,7 +80,7 @@ class Trainer:
         self.sync: GradSync = apply_data_parallel(self.stage, program, plan)
         params = list(self.stage.parameters())
         self.optimizer = optimizer(params) if optimizer else torch.optim.Adam(params, lr=config.lr)
-        stage = self.stage.layout.stage
+        stage = self.stage.position.stage
         self.actions = SCHEDULES[plan.pipeline](plan.pp, stage, plan.chunks)
         self.upstream_actions = SCHEDULES[plan.pipeline](plan.pp, stage - 1, plan.chunks) if stage > 0 else ()
         autocast = torch.bfloat16 if config.mixed_precision == "bf16" else None
@@ -88,7 +91,7 @@ class Trainer:
     def micro_batches(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
         """This rank's micro-batches of the global ``batch``: its data-parallel slice along dim 0, in
         ``chunks`` pieces; values without the batch dimension are passed to every micro-batch."""
-        plan, layout = self.plan, self.stage.layout
+        plan, position = self.plan, self.stage.position
         flat = self.program.flatten_inputs((), batch)
         dp = plan.devices_per_stage  # tp == 1: the data-parallel index is the local index
         per_rank = plan.global_batch // dp
@@ -99,7 +102,7 @@ class Trainer:
                 if value.shape[0] != plan.global_batch:
                     raise PlanError(f"batch input {name} has {value.shape[0]} samples, the plan's global batch is {plan.global_batch}",
                                     "pass the whole global batch to every rank, or change the plan's global_batch")
-                mine = value[layout.local * per_rank:(layout.local + 1) * per_rank].to(self.device)
+                mine = value[position.local * per_rank:(position.local + 1) * per_rank].to(self.device)
                 for i, piece in enumerate(mine.chunk(plan.chunks)):
                     out[i][name] = piece
             else:
@@ -142,8 +145,8 @@ class Trainer:
         except RuntimeError as error:
             if not _is_communication_error(error):
                 raise
-            layout = self.stage.layout
-            raise DistributedFailure(f"rank {layout.rank} (stage {layout.stage}) failed in step {self.steps_done}: "
+            position = self.stage.position
+            raise DistributedFailure(f"rank {position.rank} (stage {position.stage}) failed in step {self.steps_done}: "
                                      f"{type(error).__name__}: {str(error).strip()[:500]}. If another rank died, its report "
                                      "names the cause") from error
 
@@ -163,9 +166,7 @@ class Trainer:
         for name, param in self.stage.user_parameters().items():
             value = param.full_tensor() if isinstance(param, DTensor) else param
             out[name] = value.detach().cpu().clone()
-        from galvatron_fx.passes.lower.graph.tensor_parallel import unshard_parameters  # tensor-parallel shards made whole
-
-        return unshard_parameters(self.stage, out)
+        return unshard_parameters(self.stage, out)  # tensor-parallel shards made whole
 
     def describe(self) -> str:
         return self.stage.describe() + "\n  " + self.sync.describe()

@@ -1,9 +1,13 @@
 """Test tiers: the default run is the fast tier; `pytest -m full` runs the slow tier as well."""
 
+import os
 import warnings
 
 import pytest
 import torch
+
+# every pass checks what it requires and ensures (passes.infra), here and in every rank the tests spawn
+os.environ.setdefault("GALVATRON_FX_CHECK_PASSES", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -154,8 +154,8 @@ def train_cases(rank: int, world_size: int, cases: list[tuple[str, str]]) -> dic
         losses = [trainer.step(batch) for batch in batches]
         params = trainer.full_parameters()
         results[f"{model_name}/{recipe_name}"] = {
-            "losses": losses, "params": params if trainer.stage.layout.local == 0 else {},
-            "stage": trainer.stage.layout.stage, "describe": trainer.describe()}
+            "losses": losses, "params": params if trainer.stage.position.local == 0 else {},
+            "stage": trainer.stage.position.stage, "describe": trainer.describe()}
     return results
 
 

@@ -7,6 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import galvatron_fx
+from galvatron_fx.report import layer_table
 from galvatron_fx.models import build_model
 
 # Body layer types in execution order, for the small configurations of galvatron_fx.models.
@@ -112,7 +113,7 @@ def test_program_trains_like_eager(captured, name):
 
 def test_layer_table_and_boundaries(captured):
     _, _, program = captured("gpt2")
-    text = program.summary()
+    text = layer_table(program)
     assert "GPT2Block" in text and "boundary MB/sample" in text
     hidden = program.body[0].boundary_out
     # After a GPT-2 block the residual stream [batch, seq, hidden] (and the attention mask) are live.
@@ -121,19 +122,19 @@ def test_layer_table_and_boundaries(captured):
 
 
 def test_every_node_is_annotated(captured):
-    from galvatron_fx.program import META_KEY
+    from galvatron_fx.program import node_meta
 
     _, _, program = captured("gpt2")
     graph = program.graph_module.graph
-    assert all(META_KEY in node.meta for node in graph.nodes if node.op != "output")
+    assert all(node_meta(node).info is not None for node in graph.nodes if node.op != "output")
     # Tied weights (wte / lm_head) are one parameter behind two names: count each parameter once.
-    get_attr_bytes = {id(program.graph_module.get_parameter(n.target)): n.meta[META_KEY].param_bytes
+    get_attr_bytes = {id(program.graph_module.get_parameter(n.target)): node_meta(n).info.param_bytes
                       for n in graph.nodes if n.op == "get_attr"}
     assert sum(get_attr_bytes.values()) == program.param_bytes
     # GPT-2's fused QKV projection is addmm(bias, x[M, K], W[K, N]): 2·M·K·N forward; backward computes
     # the input and the weight gradients, twice that.
     addmm = next(n for n in graph.nodes if n.op == "call_function" and "addmm" in str(n.target))
-    info = addmm.meta[META_KEY]
+    info = node_meta(addmm).info
     (m, k), (_, n) = addmm.args[1].meta["val"].shape, addmm.args[2].meta["val"].shape
     assert info.shape == (m, n) and info.dtype == torch.float32
     assert info.fwd_flops == 2 * m * k * n

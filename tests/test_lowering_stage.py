@@ -10,7 +10,9 @@ import torch.distributed as dist
 import galvatron_fx
 from galvatron_fx.errors import PlanError
 from galvatron_fx.models import build_model
-from galvatron_fx.passes.lower.stage import CheckpointedLayer, RankLayout, cut_specs, lower, stage_layer_indices
+from galvatron_fx.parallel_dims import ParallelDims
+from galvatron_fx.passes.lower.pipeline import lower
+from galvatron_fx.passes.lower.stage import CheckpointedLayer, cut_specs, stage_layer_indices
 from galvatron_fx.plan import LayerStrategy, Plan
 
 
@@ -106,10 +108,10 @@ def test_checkpointing_wraps_marked_layers_only_and_prints_readably(tmp_path):
 
 def _batched_input_sizes(stage) -> set[int]:
     from galvatron_fx.passes.lower.stage import unwrap
-    from galvatron_fx.program import BATCHED_KEY
+    from galvatron_fx.program import node_meta
 
     return {int(node.meta["val"].shape[0]) for layer in stage.stage_layers
-            for node in unwrap(stage.layers[layer.name]).graph.find_nodes(op="placeholder") if node.meta.get(BATCHED_KEY)}
+            for node in unwrap(stage.layers[layer.name]).graph.find_nodes(op="placeholder") if node_meta(node).batched}
 
 
 @pytest.mark.parametrize("global_batch", [2, 8, 16])
@@ -149,7 +151,7 @@ def test_a_model_captured_at_a_fixed_batch_is_refused_at_another():
 
 def test_rank_layout():
     plan = Plan(world_size=8, layers=(LayerStrategy(dp=2),) * 4, pp=4, global_batch=8)
-    layouts = [RankLayout.of(plan, r) for r in range(8)]
+    layouts = [ParallelDims.of(plan).position(r) for r in range(8)]
     assert [(l.stage, l.local) for l in layouts] == [(s, i) for s in range(4) for i in range(2)]
     assert layouts[5].rank_of(3) == 7 and layouts[0].is_first and layouts[7].is_last
 

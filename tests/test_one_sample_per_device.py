@@ -47,7 +47,7 @@ def _worker(rank: int, world_size: int) -> dict:
             assert trainer.stage.micro_batch == 1  # each rank's own samples per micro-batch
             losses = [trainer.step(batch) for batch in batches]
             params = trainer.full_parameters()
-            out[f"{name}/{recipe}"] = {"losses": losses, "params": params if trainer.stage.layout.local == 0 else {}}
+            out[f"{name}/{recipe}"] = {"losses": losses, "params": params if trainer.stage.position.local == 0 else {}}
     return out
 
 
@@ -72,8 +72,9 @@ def test_tp8_plan_with_one_sample_per_device_lowers_on_64_ranks():
     import transformers
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from galvatron_fx.passes.lower.stage import lower, unwrap
-    from galvatron_fx.program import BATCHED_KEY
+    from galvatron_fx.passes.lower.pipeline import lower
+    from galvatron_fx.passes.lower.stage import unwrap
+    from galvatron_fx.program import node_meta
     from galvatron_fx.runtime import groups
     from galvatron_fx.runtime.data_parallel import apply_data_parallel, prepare_groups
 
@@ -93,7 +94,7 @@ def test_tp8_plan_with_one_sample_per_device_lowers_on_64_ranks():
             for layer in stage.stage_layers:
                 module = unwrap(stage.layers[layer.name])
                 outputs = module.graph.output_node().args[0]
-                batches = {int(o.meta["val"].shape[0]) for o in outputs if o.meta.get(BATCHED_KEY)}
+                batches = {int(o.meta["val"].shape[0]) for o in outputs if node_meta(o).batched}
                 # the embedding and head hold each rank's own sample; the tp8 blocks the group's 8
                 assert batches == ({1} if layer.kind in ("prologue", "epilogue") else {8}), (rank, layer.name, batches)
                 if layer.kind == "block":

@@ -19,10 +19,11 @@ import torch
 import torch.fx as fx
 
 from distributed import GLOBAL_BATCH, _config, _program, check_parity, optimizer_factory
-from galvatron_fx.passes.lower.stage import copy_layer_modules, loss_name
-from galvatron_fx.passes.lower.graph.random_streams import layer_seed
+from galvatron_fx.fx_utils import copy_layer_modules
+from galvatron_fx.passes.lower.ops.random import layer_seed
+from galvatron_fx.passes.lower.stage import loss_name
 from galvatron_fx.plan import LayerStrategy, Plan
-from galvatron_fx.program import BATCHED_KEY
+from galvatron_fx.program import node_meta
 
 MODEL = "gpt2+dropout"
 SP_OF = {"tp2": "none", "tp2_sp": "megatron", "ulysses2": "ulysses"}
@@ -163,7 +164,7 @@ def _per_block(layer, module, env, micro_seed):
     per_block = []
     for block in range(2):
         rows = slice(block * GLOBAL_BATCH // 2, (block + 1) * GLOBAL_BATCH // 2)
-        inputs = [env[n][rows] if placeholders[n].meta.get(BATCHED_KEY) else env[n] for n in layer.input_names]
+        inputs = [env[n][rows] if node_meta(placeholders[n]).batched else env[n] for n in layer.input_names]
         torch.manual_seed(layer_seed(micro_seed, layer.index, block))
         per_block.append(_Reference(module, None, False).run(*inputs))
     if layer.kind == "epilogue":

@@ -3,7 +3,7 @@ an order that lets neighbouring stages meet; 1F1B bounds the micro-batches in fl
 
 import pytest
 
-from galvatron_fx.runtime.schedules import SCHEDULES, Action, _backwards_before_forwards, _Sends, gpipe, one_f_one_b
+from galvatron_fx.runtime.schedules import SCHEDULES, _backwards_before_forwards, _Sends, gpipe, one_f_one_b
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
@@ -62,7 +62,7 @@ def test_pipeline_cuts_pack_values_and_send_gradients_only_where_they_flow():
 
     import galvatron_fx
     from galvatron_fx.models import build_model, example_batch
-    from galvatron_fx.passes.lower.stage import lower
+    from galvatron_fx.passes.lower.pipeline import lower
     from galvatron_fx.plan import LayerStrategy, Plan
     from galvatron_fx.runtime.schedules import pack, packed_bytes, unpack
 

@@ -17,7 +17,7 @@ import galvatron_fx
 from galvatron_fx.cluster import Cluster
 from galvatron_fx.compile import build_cost_model
 from galvatron_fx.models import build_model
-from galvatron_fx.passes.lower.stage import lower
+from galvatron_fx.passes.lower.pipeline import lower
 from galvatron_fx.passes.lower.obstacles import lowering_obstacles
 from galvatron_fx.passes.search.space import SearchSpace
 from galvatron_fx.plan import LayerStrategy, Plan

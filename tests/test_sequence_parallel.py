@@ -13,8 +13,10 @@ import galvatron_fx
 from galvatron_fx.errors import PlanError
 from galvatron_fx.models import build_model
 from galvatron_fx.passes.lower.ops import collectives as C
-from galvatron_fx.passes.lower.stage import lower, unwrap
-from galvatron_fx.passes.lower.graph.vocab_parallel import masked_embedding, vocab_cross_entropy
+from galvatron_fx.passes.lower.ops.vocab import masked_embedding, vocab_cross_entropy
+from galvatron_fx.passes.lower.pipeline import lower
+from galvatron_fx.passes.lower.stage import unwrap
+from galvatron_fx.program import layer_meta
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan
 
 
@@ -50,7 +52,7 @@ def test_megatron_sp_layer_collectives_and_shapes(name):
     out = gm.graph.output_node().args[0][0]
     # the layer runs the tp group's samples (dp 1: all 4 ranks'), with a quarter of the sequence each
     assert tuple(out.meta["val"].shape)[:2] == (program.batch_size * 4, 16 // 4)
-    assert hidden.name in gm.meta["galvatron_sp"]["inputs"]
+    assert hidden.name in layer_meta(gm).seq_inputs
     # norms' weights are replicated: their gradients are summed over the group
     norm_params = [n for n in gm.graph.find_nodes(op="get_attr") if "norm" in n.target.lower() or "ln_" in n.target]
     assert norm_params and all(any(u.target is C.tp_copy for u in n.users) or
@@ -145,7 +147,7 @@ def test_a_stage_converts_a_value_once_per_layout(monkeypatch):
 
 @pytest.mark.parametrize("src,dst", [(("megatron", 2), ("none", 1)), (("none", 1), ("ulysses", 2)), (("megatron", 2), ("none", 2))])
 def test_redistribution_moves_only_missing_blocks(src, dst):
-    from galvatron_fx.passes.lower.ops.redistribute import Layout, exchange_plan
+    from galvatron_fx.passes.lower.layouts import Layout, exchange_plan
 
     devices, rows, seq = 4, 8, 16
 

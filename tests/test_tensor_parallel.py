@@ -13,8 +13,9 @@ import galvatron_fx
 from galvatron_fx.errors import PlanError
 from galvatron_fx.models import build_model
 from galvatron_fx.passes.lower.ops.collectives import tp_copy, tp_reduce, tp_scatter
-from galvatron_fx.passes.lower.stage import copy_layer_modules
-from galvatron_fx.passes.lower.graph.tensor_parallel import META_KEY, TPConfig, tensor_parallel
+from galvatron_fx.fx_utils import copy_layer_modules
+from galvatron_fx.passes.lower.graph.tensor_parallel import TPConfig, tensor_parallel
+from galvatron_fx.program import layer_meta
 from galvatron_fx.runtime import spawn
 
 GROUPS = {"tp4": [(0, 1, 2, 3)], "tp2": [(0, 1), (2, 3)], "tp2-strided": [(0, 2), (1, 3)]}
@@ -64,7 +65,7 @@ def _worker(rank: int, world: int, names: list[str], plans: list[str]) -> dict:
                     warnings.simplefilter("ignore")
                     tensor_parallel(module, TPConfig(len(ranks), ranks.index(rank), ranks), f"layer{layer.index}")
                 outs, in_grads, param_grads = _run(module, layer, env, seed=layer.index)
-                records = module.meta.get(META_KEY, {})
+                records = layer_meta(module).shards
                 worst = max([_error(a, b) for a, b in zip(outs, reference[0])]
                             + [_error(a, b) for a, b in zip(in_grads, reference[1])]
                             + [_error(g, records[n].select(reference[2][n]) if n in records else reference[2][n])
@@ -116,7 +117,7 @@ def _sizes(module, target):
 
 def test_gpt2_fused_qkv_shards_heads_of_each_section():
     program, module, result = _rewrite("gpt2", 1, tp=2, tp_rank=1)
-    records = module.meta[META_KEY]
+    records = layer_meta(module).shards
     qkv = records["transformer.h.0.attn.c_attn.weight"]
     assert qkv.full_shape == (64, 192) and qkv.dim == 1
     full = program.layers[1].module.get_parameter("transformer.h.0.attn.c_attn.weight")
@@ -134,7 +135,7 @@ def test_gpt2_fused_qkv_shards_heads_of_each_section():
 
 def test_llama_gqa_tp4_shares_kv_heads_between_pairs():
     _, module, _ = _rewrite("llama", 1, tp=4, tp_rank=3)
-    records = module.meta[META_KEY]
+    records = layer_meta(module).shards
     k = records["model.layers.0.self_attn.k_proj.weight"]
     assert module.get_parameter("model.layers.0.self_attn.k_proj.weight").shape == (16, 64)  # one of two kv heads
     assert k.replicas == 2 and k.picks[0] == (1, 1)  # tp rank 3 holds kv head 1, like rank 2

@@ -12,9 +12,11 @@ import torch.distributed as dist
 
 import galvatron_fx
 from galvatron_fx.passes.lower.ops.collectives import tp_copy, tp_reduce
-from galvatron_fx.passes.lower.stage import lower, unwrap
-from galvatron_fx.passes.lower.ops.redistribute import redistribute, tp_group
-from galvatron_fx.passes.lower.graph.tensor_parallel import META_KEY
+from galvatron_fx.parallel_dims import ParallelDims
+from galvatron_fx.passes.lower.ops.redistribute import redistribute
+from galvatron_fx.passes.lower.pipeline import lower
+from galvatron_fx.passes.lower.stage import unwrap
+from galvatron_fx.program import layer_meta
 from galvatron_fx.plan import LayerStrategy, Plan
 
 WORLD, PP, LAYERS, GLOBAL_BATCH, SEQ = 64, 4, 24, 32, 8
@@ -59,13 +61,13 @@ def test_64_rank_plan_lowers_with_checked_shards_views_and_collectives(program, 
     warnings.simplefilter("ignore")
     for rank in range(WORLD):
         stage = lower(program, plan, rank)
-        stage_ranks = tuple(range(stage.layout.stage * 16, stage.layout.stage * 16 + 16))
+        stage_ranks = tuple(range(stage.position.stage * 16, stage.position.stage * 16 + 16))
         previous = None
         for layer in stage.stage_layers:
             module = unwrap(stage.layers[layer.name])
             strategy = layer.strategy
             if layer.kind != "block":
-                assert META_KEY not in module.meta or not module.meta[META_KEY]
+                assert not layer_meta(module).shards
                 previous = strategy
                 continue
             tp, local_batch = strategy.tp, GLOBAL_BATCH // strategy.dp
@@ -77,20 +79,20 @@ def test_64_rank_plan_lowers_with_checked_shards_views_and_collectives(program, 
                         "mlp.down_proj.weight": (HIDDEN, FFN // tp), "input_layernorm.weight": (HIDDEN,)}
             for name, shape in expected.items():
                 assert tuple(params[prefix + name].shape) == shape, (rank, layer.name, name, params[prefix + name].shape)
-            group = tp_group(plan, strategy, rank)
+            group = ParallelDims.of(plan).tp_group(strategy, rank)
             assert rank in group and len(group) == tp
             if tp > 1:
-                q = module.meta[META_KEY][prefix + "self_attn.q_proj.weight"]
+                q = layer_meta(module).shards[prefix + "self_attn.q_proj.weight"]
                 assert q.full_shape == (HIDDEN, HIDDEN) and q.ranks == group
                 rows = q.select(torch.arange(HIDDEN)[:, None].expand(HIDDEN, HIDDEN))[:, 0]
                 first = group.index(rank) * HIDDEN // tp
                 assert rows.tolist() == list(range(first, first + HIDDEN // tp))  # this rank's heads, whole
-                assert q.replicas == 1 and module.meta[META_KEY][prefix + "self_attn.k_proj.weight"].replicas == max(tp // KV_HEADS, 1)
+                assert q.replicas == 1 and layer_meta(module).shards[prefix + "self_attn.k_proj.weight"].replicas == max(tp // KV_HEADS, 1)
                 # collectives: one all-reduce after each row-parallel projection, copies on the tp group
                 assert [n.args[1] for n in _calls(module, tp_reduce)] == [group, group]
                 assert all(n.args[1] == group for n in _calls(module, tp_copy))
             else:
-                assert not _calls(module, tp_reduce) and not module.meta.get(META_KEY)
+                assert not _calls(module, tp_reduce) and not layer_meta(module).shards
             # views of the attention: this layer's local batch and local heads
             # (the batch is read from the tensor, so the sizes say "B" and the metadata the local batch)
             head_views = [n for n in module.graph.nodes

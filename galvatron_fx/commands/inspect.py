@@ -6,6 +6,7 @@ import warnings
 
 from galvatron_fx.capture import capture
 from galvatron_fx.models import MODELS, build_model
+from galvatron_fx.report import layer_table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,5 +22,5 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         program = capture(model, example_kwargs=example_kwargs)
-    print(program.summary())
+    print(layer_table(program))
     return 0

@@ -2,7 +2,7 @@
 
 ``annotate_nodes`` requires a flat GraphModule with ``meta["val"]`` on its nodes. It runs the graph once
 forward and once backward on fake tensors (no memory, no compute) and ensures every node has a
-``NodeInfo`` under ``node.meta["galvatron"]``: output shape and dtype, forward FLOPs and the FLOPs of its
+``NodeInfo`` in its ``NodeMeta`` (``program.node_meta(node).info``): output shape and dtype, forward FLOPs and the FLOPs of its
 backward (torch.utils.flop_counter's formulas, attributed through autograd hooks on the node's grad_fn),
 and the activation bytes autograd saves for backward (storages first saved by this node, parameters
 excluded); get_attr nodes of parameters carry their bytes. ``sum_layer_stats`` requires annotated nodes and ensures every layer's ``stats``.
@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.flop_counter import FlopCounterMode
 
-from galvatron_fx.program import META_KEY, Layer, LayerStats, NodeInfo
+from galvatron_fx.program import Layer, LayerStats, NodeInfo, node_meta, set_node_meta
 
 # Assertion ops pin the capture device and carry no cost.
 _SKIPPED_TARGETS = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size"}
@@ -127,14 +127,14 @@ def annotate_nodes(graph_module: fx.GraphModule, example_inputs: dict[str, Any])
             info.param_bytes = value.numel() * value.element_size()
         if isinstance(value, torch.Tensor):
             info.shape, info.dtype = tuple(int(s) for s in value.shape), value.dtype
-        node.meta[META_KEY] = info
+        set_node_meta(node, info=info)
 
 
 def sum_layer_stats(graph_module: fx.GraphModule, layers: list[Layer]) -> None:
     """Fill every layer's ``stats`` from its nodes' annotations and its parameters."""
     nodes = {n.name: n for n in graph_module.graph.nodes}
     for layer in layers:
-        infos = [nodes[name].meta.get(META_KEY, NodeInfo()) for name in layer.node_names]
+        infos = [node_meta(nodes[name]).info or NodeInfo() for name in layer.node_names]
         params = [graph_module.get_parameter(name) for name in layer.param_names]
         layer.stats = LayerStats(
             param_count=sum(p.numel() for p in params),

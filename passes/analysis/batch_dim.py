@@ -5,7 +5,7 @@ input). Views then read the batch from the tensor (``sym_size``) instead of baki
 layer graph runs at whatever batch it is given. The passes here turn that export into what the rest of the
 package reasons about:
 
-- ``mark_batched``: every value whose dim 0 *is* the batch symbol carries ``node.meta[BATCHED_KEY]``: exact,
+- ``mark_batched``: every value whose dim 0 *is* the batch symbol is marked (``NodeMeta.batched``): exact,
   where comparing sizes would confuse a batch of 16 with a sequence of 16, and cannot see a batch of 1;
 - ``concretize``: ``meta["val"]`` recomputed with the example's sizes, so analyses see plain shapes;
 - ``localize_sizes``: every layer computes the batch sizes it uses from its own inputs (a size computed in an
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from galvatron_fx.program import BATCHED_KEY
+from galvatron_fx.program import node_meta, set_node_meta
 
 from galvatron_fx.passes.analysis.dim_tracking import refresh_meta
 
@@ -30,16 +30,21 @@ _ARITHMETIC = {operator.mul, operator.add, operator.sub, operator.floordiv, oper
 
 
 def mark_batched(gm: fx.GraphModule) -> None:
-    """Requires: ``meta["val"]`` from an export with a symbolic batch. Ensures: ``node.meta[BATCHED_KEY]`` is
-    True exactly on the nodes whose value is a tensor with the batch symbol as dim 0."""
+    """Requires: ``meta["val"]`` from an export with a symbolic batch. Ensures: ``node_meta(node).batched``
+    is True exactly on the nodes whose value is a tensor with the batch symbol as dim 0."""
     symbol = _batch_symbol(gm)
     for node in gm.graph.nodes:
         value = node.meta.get("val")
         batched = symbol is not None and isinstance(value, torch.Tensor) and value.dim() > 0 and _is(value.shape[0], symbol)
-        if batched:
-            node.meta[BATCHED_KEY] = True
-        else:
-            node.meta.pop(BATCHED_KEY, None)
+        set_node_meta(node, batched=bool(batched))
+
+
+def mark_batched_by_size(gm: fx.GraphModule, batch_size: int) -> None:
+    """A static capture has no batch symbol: values whose dim 0 has the batch's size count as batched."""
+    for node in gm.graph.nodes:
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size:
+            set_node_meta(node, batched=True)
 
 
 def _batch_symbol(gm: fx.GraphModule):
@@ -101,7 +106,7 @@ def _copy_size(graph: fx.Graph, size: fx.Node, first: fx.Node, segment, owner, i
     if size not in copies:
         if size.target is aten.sym_size.int:
             source, dim = size.args
-            if dim == 0 and source.meta.get(BATCHED_KEY):
+            if dim == 0 and node_meta(source).batched:
                 source = _batched_source(segment, owner, index) or source
             args = (source, dim)
         else:
@@ -120,7 +125,7 @@ def _batched_source(segment, owner, index: int) -> fx.Node | None:
     """A batched tensor the segment reads from outside (it is a placeholder of the segment's graph)."""
     for node in segment.nodes:
         for used in node.all_input_nodes:
-            if owner.get(used, -1) != index and used.meta.get(BATCHED_KEY) and used.op != "get_attr":
+            if owner.get(used, -1) != index and node_meta(used).batched and used.op != "get_attr":
                 return used
     return None
 
@@ -130,6 +135,6 @@ def set_batch(gm: fx.GraphModule, batch: int) -> None:
     hold ``batch`` samples and every ``meta["val"]`` is recomputed at that batch."""
     for node in gm.graph.find_nodes(op="placeholder"):
         value = node.meta.get("val")
-        if node.meta.get(BATCHED_KEY) and isinstance(value, torch.Tensor):
+        if node_meta(node).batched and isinstance(value, torch.Tensor):
             node.meta["val"] = torch.empty((batch, *value.shape[1:]), dtype=value.dtype, device="meta")
     refresh_meta(gm)

@@ -23,6 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from galvatron_fx.errors import PlanError
+from galvatron_fx.fx_utils import get_attr_path
 
 from galvatron_fx.passes.analysis.dim_factors import Digit, Digits
 
@@ -83,12 +84,6 @@ class Analysis:
         return comps
 
 
-def _attr(gm: nn.Module, target: str):
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
-
 
 def param_matmul(gm: fx.GraphModule, node: fx.Node):
     """``(x, weight, bias, weight_in_dim, weight_out_dim)`` when ``node`` projects by a 2-D parameter."""
@@ -102,9 +97,9 @@ def param_matmul(gm: fx.GraphModule, node: fx.Node):
     else:
         return None
     for p in (w, b):
-        if p is not None and not (isinstance(p, fx.Node) and p.op == "get_attr" and isinstance(_attr(gm, p.target), nn.Parameter)):
+        if p is not None and not (isinstance(p, fx.Node) and p.op == "get_attr" and isinstance(get_attr_path(gm, p.target), nn.Parameter)):
             return None
-    if _attr(gm, w.target).dim() != 2:
+    if get_attr_path(gm, w.target).dim() != 2:
         return None
     return x, w, b, w_in, w_out
 
@@ -306,7 +301,7 @@ def analyze(gm: fx.GraphModule, excluded=frozenset()) -> Analysis:
             continue
         value = node.meta.get("val")
         if node.op == "get_attr":
-            value = _attr(gm, node.target)
+            value = get_attr_path(gm, node.target)
         inputs = node.all_input_nodes
         taint[node] = frozenset().union(*(taint.get(a, frozenset()) for a in inputs)) if inputs else frozenset()
         if node.op in ("placeholder", "get_attr"):
@@ -322,7 +317,7 @@ def analyze(gm: fx.GraphModule, excluded=frozenset()) -> Analysis:
             x, w, b, w_in, w_out = matmul
             xd = dims[x]
             if not tainted(x):
-                digit = D.new(int(_shape(w)[w_out] if _shape(w) else _attr(gm, w.target).shape[w_out]))
+                digit = D.new(int(_shape(w)[w_out] if _shape(w) else get_attr_path(gm, w.target).shape[w_out]))
                 an.roots[node] = RootInfo(w, b, w_out, digit)
                 dims[node] = [*xd[:-1], [digit]]
                 taint[node] = frozenset({node})

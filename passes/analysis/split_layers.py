@@ -16,7 +16,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from galvatron_fx.program import BATCHED_KEY, BLOCK, TRANSITION, Layer, TensorSpec
+from galvatron_fx.fx_utils import get_attr_path
+from galvatron_fx.program import BLOCK, TRANSITION, Layer, TensorSpec, node_meta
 
 from galvatron_fx.passes.analysis.discover_layers import Segment
 
@@ -25,7 +26,7 @@ def tensor_spec(node: fx.Node) -> TensorSpec | None:
     value = node.meta.get("val")
     if not isinstance(value, torch.Tensor):
         return None
-    return TensorSpec(node.name, tuple(int(s) for s in value.shape), value.dtype, bool(node.meta.get(BATCHED_KEY)))
+    return TensorSpec(node.name, tuple(int(s) for s in value.shape), value.dtype, node_meta(node).batched)
 
 
 def _graph_output_names(graph: fx.Graph) -> set[str]:
@@ -81,7 +82,7 @@ def structural_signature(module: fx.GraphModule) -> str:
         if node.op == "placeholder":
             items.append(f"placeholder {shape}")
         elif node.op == "get_attr":
-            tensor = module.get_parameter(node.target) if _is_parameter(module, node.target) else getattr_path(module, node.target)
+            tensor = module.get_parameter(node.target) if _is_parameter(module, node.target) else get_attr_path(module, node.target)
             items.append(f"get_attr {tuple(tensor.shape)} {tensor.dtype} {isinstance(tensor, torch.nn.Parameter)}")
         else:
             items.append(f"{node.op} {node.target} {encode(node.args)} {encode(node.kwargs)} {shape}")
@@ -89,14 +90,7 @@ def structural_signature(module: fx.GraphModule) -> str:
 
 
 def _is_parameter(module: torch.nn.Module, target: str) -> bool:
-    return isinstance(getattr_path(module, target), torch.nn.Parameter)
-
-
-def getattr_path(module: torch.nn.Module, target: str) -> Any:
-    value: Any = module
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
+    return isinstance(get_attr_path(module, target), torch.nn.Parameter)
 
 
 def split_layers(root: fx.GraphModule, segments: list[Segment]) -> list[Layer]:

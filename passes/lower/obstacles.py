@@ -13,10 +13,10 @@ from __future__ import annotations
 import warnings
 
 from galvatron_fx.errors import PlanError
+from galvatron_fx.fx_utils import copy_layer_modules
 from galvatron_fx.plan import LayerStrategy, SP_TYPES
-from galvatron_fx.program import BATCHED_KEY, Program
+from galvatron_fx.program import Program, node_meta
 
-from galvatron_fx.passes.lower.stage import copy_layer_modules
 from galvatron_fx.passes.lower.graph.sequence_parallel import SPConfig, sequence_parallel
 from galvatron_fx.passes.lower.graph.tensor_parallel import TPConfig, tensor_parallel
 from galvatron_fx.passes.lower.graph.vocab_parallel import VocabConfig, tied_vocab_names, vocab_parallel, vocab_size
@@ -38,7 +38,7 @@ def layer_obstacle(program: Program, layer_index: int, strategy: LayerStrategy) 
         return f"the model was captured at a fixed batch ({program.static_batch_reason})"
     module = copy_layer_modules([program.layers[layer_index].module])[0]
     ranks = tuple(range(strategy.tp))
-    batched = frozenset(n.name for n in module.graph.find_nodes(op="placeholder") if n.meta.get(BATCHED_KEY))
+    batched = frozenset(n.name for n in module.graph.find_nodes(op="placeholder") if node_meta(n).batched)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -1,171 +1,350 @@
-"""Lowering passes for the parallelisms that cut inside layers, in the order ``lower`` runs them:
+"""Lowering: a Program and a Plan become one rank's pipeline stage. Every lowering pass, in order, is here.
 
-1. ``set_local_batches``: each layer's graph at its own local batch (``micro_batch / dp``);
-2. ``apply_tensor_parallel``: layers with ``tp > 1`` and sp "none" sharded for this rank (``passes.tensor_parallel``);
-3. ``apply_sequence_parallel``: Megatron-SP and Ulysses layers (``passes.sequence_parallel``);
-4. ``apply_vocab_parallel``: prologue and epilogue vocab-parallel when ``vtp > 1`` (``passes.vocab_parallel``);
-5. ``apply_layouts``: parameter gradients of layers that see more than the captured batch scaled, a
-   ``redistribute`` node where a layer reads a value produced under another layout (batch and sequence
-   blocks; also one received over a pipeline cut), and the stage's send/receive specs set to the blocks
-   that actually travel;
-6. ``apply_random_streams``: every random op on the stream its value calls for (``passes.random_streams``).
+``lower(program, plan, rank)`` builds the stage (``passes.lower.stage.build_stage``: copies of the stage's
+layer graphs) and runs ``LOWERING_PASSES`` over it (``passes.infra``: each pass has one job and states what it
+requires and ensures). A caller can read, extend or reorder the tuple and pass its own to ``lower``. Lowering
+is collective-free, so a plan can be lowered for any rank of any world in one process; data parallelism needs
+process groups and is applied by the runtime afterwards.
 
-Each pass is ``pass_(stage, context) -> stage`` (see ``passes.lower_stage``) and does nothing for plans
-whose layers all have ``tp == 1``.
+1. ``SetLocalBatches``: each layer's graph at its own local batch (``micro_batch / dp``);
+2. ``ApplyTensorParallel``: layers with ``tp > 1`` and sp "none" sharded for this rank (``graph.tensor_parallel``);
+3. ``ApplySequenceParallel``: Megatron-SP and Ulysses layers (``graph.sequence_parallel``);
+4. ``ApplyVocabParallel``: the embedding and head vocab-parallel when ``vtp > 1`` (``graph.vocab_parallel``);
+5. ``ApplyLayouts``: a ``redistribute`` node wherever a layer reads a value produced in another layout (also
+   one received over a pipeline cut), gradients scaled where a layer sees more than the rank's own samples,
+   and the stage's send/receive specs set to the blocks that actually travel (``layouts``);
+6. ``ApplyRandomStreams``: every random op on the stream its value calls for (``graph.random_streams``);
+7. ``CheckShapes``: every layer's inputs exist before it, with the shapes its graph expects;
+8. ``DropMetadataAsserts``: export's dtype/device assertions removed (they fail under autocast or elsewhere);
+9. ``RetargetDevice``: parameters, buffers and device constants on this rank's device;
+10. ``ApplyCheckpointing``: layers with ``ckpt`` recompute their activations in backward.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
 
 from galvatron_fx.errors import PlanError
-from galvatron_fx.plan import LayerStrategy
-from galvatron_fx.program import BATCHED_KEY
+from galvatron_fx.parallel_dims import ParallelDims, embedding_strategy, layout_strategy, tp_index
+from galvatron_fx.plan import Plan
+from galvatron_fx.program import Program, layer_meta, node_meta
 
-from galvatron_fx.passes.lower.stage import LoweringContext, StageModule, layout_strategy, unwrap
 from galvatron_fx.passes.analysis.batch_dim import set_batch
-from galvatron_fx.passes.lower.graph.random_streams import assign_streams
-from galvatron_fx.passes.lower.ops.redistribute import Layout, insert_redistribute, scale_param_grads, tp_group, tp_index, with_shape
-from galvatron_fx.passes.lower.graph.sequence_parallel import META_KEY as SP_KEY, apply_sequence_parallel
-from galvatron_fx.passes.lower.graph.vocab_parallel import apply_vocab_parallel
+from galvatron_fx.passes.infra import Pass, PassFailure, run_passes
+from galvatron_fx.passes.lower.graph.random_streams import assign_streams, is_random
+from galvatron_fx.passes.lower.graph.sequence_parallel import sequence_parallel
 from galvatron_fx.passes.lower.graph.tensor_parallel import TPConfig, tensor_parallel
+from galvatron_fx.passes.lower.graph.vocab_parallel import VocabConfig, tied_vocab_names, vocab_parallel, vocab_parallel_tied, vocab_size
+from galvatron_fx.passes.lower.layouts import (Layout, batched_names, insert_redistribute, producer_layouts, scale_param_grads,
+                                               sp_config, with_shape)
+from galvatron_fx.passes.lower.stage import CheckpointedLayer, LoweringContext, StageLayer, StageModule, build_stage, unwrap
+
+PROLOGUE_AND_EPILOGUE = ("prologue", "epilogue")
 
 
-def _strategies(context: LoweringContext) -> dict[int, LayerStrategy]:
-    """Program layer index → the strategy its activations are laid out by (prologue and epilogue: the data split)."""
-    program, plan = context.program, context.plan
-    embed = LayerStrategy(dp=plan.devices_per_stage)
-    out = {layer.index: embed for layer in program.layers}
-    out.update({layer.index: strategy for layer, strategy in zip(program.body, plan.layers)})
-    return out
-
-
-def _producers(context: LoweringContext) -> dict[str, Layout]:
-    """Value name → layout it is produced in (sequence-parallel layers: per output); graph inputs: the data
-    split of the trainer."""
-    from galvatron_fx.passes.lower.graph.sequence_parallel import sequence_flags
-
-    strategies = _strategies(context)
-    producers = {name: Layout(LayerStrategy(dp=context.plan.devices_per_stage)) for name in context.program.placeholder_names}
-    batched = None
-    for layer in context.program.layers:
-        strategy = strategies[layer.index]
-        flags = (False,) * len(layer.output_names)
-        if strategy.sp != "none":
-            batched = batched if batched is not None else frozenset(_batched_names(context))
-            flags = sequence_flags(context, layer.index, strategy, batched)["outputs"]
-        for name, seq in zip(layer.output_names, flags):
-            producers[name] = Layout(strategy, seq)
-    return producers
-
-
-def _batched_names(context: LoweringContext) -> set[str]:
-    """Values of the Program whose dim 0 is the batch (captured as a symbol: ``passes.batch_dim``)."""
-    names = {spec.name for layer in context.program.layers for spec in (*layer.inputs, *layer.boundary_out) if spec.batched}
-    names |= {n.name for n in context.program.graph_module.graph.find_nodes(op="placeholder") if n.meta.get(BATCHED_KEY)}
-    return names
-
-
-def layer_batch(plan, layer) -> int:
+def layer_batch(plan: Plan, layer: StageLayer) -> int:
     """Samples of a micro-batch that ``layer`` runs on each rank: ``micro_batch / dp`` of its layout."""
-    return plan.micro_batch // layout_strategy(plan, layer).dp
+    return plan.micro_batch // layout_strategy(layer.kind, layer.strategy, plan.devices_per_stage).dp
 
 
-def set_local_batches(stage: StageModule, context: LoweringContext) -> StageModule:
-    """Requires: a built stage. Ensures: every layer's graph metadata is at its own local batch (``layer_batch``):
-    the graphs read the batch from their inputs, so nothing else changes. PlanError where the Program was
-    captured with a fixed batch that differs."""
-    program, plan = context.program, context.plan
-    for layer in stage.stage_layers:
-        batch = layer_batch(plan, layer)
-        if program.dynamic_batch:
-            set_batch(unwrap(stage.layers[layer.name]), batch)
-        elif batch != program.batch_size:
-            raise PlanError(f"{layer.name} ({layer.strategy.short()}) runs {batch} samples per micro-batch, but the model "
-                            f"was captured at batch {program.batch_size} only ({program.static_batch_reason})",
-                            f"capture it at an example batch of {batch}, or use a plan whose layers all run "
-                            f"{program.batch_size} samples per rank and micro-batch")
-    return stage
+def _graphs(stage: StageModule):
+    """(stage layer, its GraphModule) for every layer of the stage."""
+    return [(layer, unwrap(stage.layers[layer.name])) for layer in stage.stage_layers]
 
 
-def make_tensor_parallel_pass(strict: bool = False):
-    """The tensor-parallel pass; ``strict`` refuses (PlanError) layers that cannot be sharded as asked."""
+def _emit_once(caught) -> None:
+    for message in dict.fromkeys(str(w.message) for w in caught):  # one warning per layer type is enough
+        warnings.warn(message, stacklevel=3)
 
-    def apply_tensor_parallel(stage: StageModule, context: LoweringContext) -> StageModule:
-        """Requires: layers at their local batch. Ensures: every layer with tp > 1 (and no Ulysses) is
-        rewritten for this rank: sharded parameters, local sizes, collectives over its tp group."""
-        rank = context.layout.rank
-        for layer in stage.stage_layers:
-            strategy = layer.strategy
-            if strategy.tp == 1 or strategy.sp != "none" or layer.kind in ("prologue", "epilogue"):  # done by other passes
-                continue
-            ranks = tp_group(context.plan, strategy, rank)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                tensor_parallel(unwrap(stage.layers[layer.name]), TPConfig(strategy.tp, ranks.index(rank), ranks, strict),
-                                f"{layer.name} ({layer.layer_type})")
-            for warning in caught:  # one warning per layer type is enough
-                warnings.warn(str(warning.message), stacklevel=2)
+
+# -- 1 ------------------------------------------------------------------------------------------------------------
+class SetLocalBatches(Pass[StageModule]):
+    """Each layer's graph metadata at its own local batch: the graphs read the batch from their inputs, so
+    nothing else changes. PlanError where the model was captured at a fixed batch that differs."""
+
+    def requires(self, stage, context):
+        if not stage.stage_layers:
+            raise PassFailure("the stage has no layers")
+
+    def __call__(self, stage, context):
+        program, plan = context.program, context.plan
+        for layer, graph in _graphs(stage):
+            batch = layer_batch(plan, layer)
+            if program.dynamic_batch:
+                set_batch(graph, batch)
+            elif batch != program.batch_size:
+                raise PlanError(f"{layer.name} ({layer.strategy.short()}) runs {batch} samples per micro-batch, but the model "
+                                f"was captured at batch {program.batch_size} only ({program.static_batch_reason})",
+                                f"capture it at an example batch of {batch}, or use a plan whose layers all run "
+                                f"{program.batch_size} samples per rank and micro-batch")
         return stage
 
-    return apply_tensor_parallel
+    def ensures(self, stage, context):
+        for layer, graph in _graphs(stage):
+            sizes = {n.meta["val"].shape[0] for n in graph.graph.find_nodes(op="placeholder") if node_meta(n).batched}
+            if sizes - {layer_batch(context.plan, layer)}:
+                raise PassFailure(f"{layer.name}: batched inputs of sizes {sorted(sizes)}")
 
 
-apply_tensor_parallel = make_tensor_parallel_pass()
+# -- 2 ------------------------------------------------------------------------------------------------------------
+class ApplyTensorParallel(Pass[StageModule]):
+    """Every body layer with ``tp > 1`` and no sequence parallelism rewritten for this rank: sharded
+    parameters, local sizes, collectives over its tp group. ``strict``: a part that cannot be sharded is a
+    PlanError instead of staying replicated with a warning."""
+
+    def __init__(self, strict: bool = False):
+        self.strict = strict
+
+    @staticmethod
+    def _applies(layer: StageLayer) -> bool:
+        return layer.strategy.tp > 1 and layer.strategy.sp == "none" and layer.kind not in PROLOGUE_AND_EPILOGUE
+
+    def __call__(self, stage, context):
+        dims, rank = ParallelDims.of(context.plan), context.position.rank
+        for layer, graph in _graphs(stage):
+            if self._applies(layer):
+                ranks = dims.tp_group(layer.strategy, rank)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    tensor_parallel(graph, TPConfig(layer.strategy.tp, ranks.index(rank), ranks, self.strict), f"{layer.name} ({layer.layer_type})")
+                _emit_once(caught)
+        return stage
+
+    def ensures(self, stage, context):
+        dims = ParallelDims.of(context.plan)
+        for layer, graph in _graphs(stage):
+            group = dims.tp_group(layer.strategy, context.position.rank)
+            for record in layer_meta(graph).shards.values() if self._applies(layer) else ():
+                if record.ranks != group:
+                    raise PassFailure(f"{layer.name}: {record.name} is sharded over {record.ranks}, not {group}")
 
 
-def apply_layouts(stage: StageModule, context: LoweringContext) -> StageModule:
-    """Requires: layers rewritten for their strategies. Ensures: gradient scaling for layers that see
-    ``devices_per_stage / dp`` times the captured batch, redistribution on entry wherever a layer reads a
-    value produced under another layout, send/receive specs in the producers' layouts."""
-    plan = context.plan
-    devices = plan.devices_per_stage
-    producers = _producers(context)
-    uniform = (all(p.dp == devices and p.seq == 1 for p in producers.values())
-               and all(layout_strategy(plan, l).dp == devices for l in stage.stage_layers))
-    if not uniform:
-        _redistribute_inputs(stage, context, producers)
+# -- 3 ------------------------------------------------------------------------------------------------------------
+class ApplySequenceParallel(Pass[StageModule]):
+    """Every layer with sp "megatron" or "ulysses" rewritten for this rank; its LayerMeta names the inputs that
+    arrive and the outputs that leave sequence-sharded."""
 
-    def local(spec):
-        if not (spec.batched and spec.name in producers):
-            return spec
-        source = producers[spec.name]
-        rest = (spec.shape[1] // source.seq, *spec.shape[2:]) if len(spec.shape) > 1 else ()
-        return with_shape(spec, (plan.micro_batch // source.dp, *rest))
+    def __init__(self, strict: bool = False):
+        self.strict = strict
 
-    stage.recv_specs = tuple(local(spec) for spec in stage.recv_specs)
-    stage.send_specs = tuple(local(spec) for spec in stage.send_specs)
-    return stage
+    def __call__(self, stage, context):
+        dims, batched = ParallelDims.of(context.plan), batched_names(context.program)
+        for layer, graph in _graphs(stage):
+            if layer.strategy.sp != "none":
+                config = sp_config(dims, layer.strategy, context.position.rank, batched, self.strict)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    sequence_parallel(graph, config, f"{layer.name} ({layer.layer_type})")
+                _emit_once(caught)
+        return stage
 
-
-def _redistribute_inputs(stage: StageModule, context: LoweringContext, producers: dict[str, Layout]) -> None:
-    plan, layout = context.plan, context.layout
-    devices = plan.devices_per_stage
-    batched = _batched_names(context)
-    full_shapes = {spec.name: spec.shape for l in context.program.layers for spec in (*l.inputs, *l.boundary_out)}
-    stage_ranks = tuple(layout.stage * devices + i for i in range(devices))
-    for layer in stage.stage_layers:
-        module = unwrap(stage.layers[layer.name])
-        strategy = layout_strategy(plan, layer)
-        scale_param_grads(module, strategy.dp / devices)
-        seq_inputs = module.meta.get(SP_KEY, {}).get("inputs", frozenset())
-        for name in layer.input_names:
-            if name in batched and name in producers:
-                seq_len = full_shapes[name][1] if len(full_shapes.get(name, ())) > 1 else 0
-                insert_redistribute(module, name, producers[name], Layout(strategy, name in seq_inputs), devices, layout.local,
-                                    stage_ranks, plan.micro_batch, seq_len)
+    def ensures(self, stage, context):
+        for layer, graph in _graphs(stage):
+            outputs = layer_meta(graph).seq_outputs
+            if layer.strategy.sp != "none" and len(outputs) != len(layer.output_names):
+                raise PassFailure(f"{layer.name}: {len(outputs)} sequence flags for {len(layer.output_names)} outputs")
 
 
-def apply_random_streams(stage: StageModule, context: LoweringContext) -> StageModule:
-    """Requires: layers rewritten for their strategies (shards marked). Ensures: every random op runs on its
-    random stream (``passes.random_streams``): the ranks holding a value draw alike, those holding different
-    shards of it draw independently."""
-    for layer in stage.stage_layers:
-        shard_stream = 1 + tp_index(layer.strategy, context.layout.local) if layer.strategy.tp > 1 and layer.kind not in (
-            "prologue", "epilogue") else 0
-        assign_streams(unwrap(stage.layers[layer.name]), shard_stream)
-    return stage
+# -- 4 ------------------------------------------------------------------------------------------------------------
+class ApplyVocabParallel(Pass[StageModule]):
+    """With ``vtp > 1``, the embedding and head (and a body layer that looks up their tied embedding, T5's
+    decoder input) vocab-parallel over this rank's vtp group."""
+
+    def __call__(self, stage, context):
+        program, plan = context.program, context.plan
+        if plan.embedding.vtp == 1:
+            return stage
+        if plan.embedding.vsp:
+            warnings.warn("vsp is lowered as vocab tensor parallelism (sequence-sharded embedding/head is not implemented)", stacklevel=2)
+        vocab = vocab_size(program.epilogue.module)
+        if vocab is None:
+            raise PlanError(f"vtp={plan.embedding.vtp} needs a cross-entropy loss over a vocabulary, and "
+                            f"{program.model_name}'s loss is not one", "use vtp=1")
+        rank = context.position.rank
+        ranks = ParallelDims.of(plan).tp_group(embedding_strategy(plan.embedding, plan.devices_per_stage), rank)
+        config, shared, tied = VocabConfig(plan.embedding.vtp, ranks.index(rank), ranks, vocab), {}, tied_vocab_names(program)
+        for layer, graph in _graphs(stage):
+            what = f"{layer.name} ({layer.kind})"
+            if layer.kind in PROLOGUE_AND_EPILOGUE:
+                vocab_parallel(graph, config, shared, what)
+            elif tied & set(program.layers[layer.index].param_names):
+                if layer.strategy.dp != plan.devices_per_stage:
+                    raise PlanError(f"{what} looks up the vocab-parallel embedding but runs {layer.strategy.short()}; only a "
+                                    "layer that holds each rank's own samples can share its shard", f"give {layer.name} tp=1, or use vtp=1")
+                vocab_parallel_tied(graph, config, shared, tied, what)
+        return stage
 
 
-PARALLEL_PASSES = (set_local_batches, apply_tensor_parallel, apply_sequence_parallel, apply_vocab_parallel, apply_layouts,
-                   apply_random_streams)
+# -- 5 ------------------------------------------------------------------------------------------------------------
+class ApplyLayouts(Pass[StageModule]):
+    """A ``redistribute`` node on entry wherever a layer reads a value produced in another layout, gradient
+    scaling for layers that see ``devices_per_stage / dp`` times a rank's samples, and send/receive specs in
+    the producers' layouts at this plan's micro-batch."""
+
+    def __call__(self, stage, context):
+        program, plan = context.program, context.plan
+        devices = plan.devices_per_stage
+        producers = producer_layouts(program, plan)
+        layouts = [layout_strategy(layer.kind, layer.strategy, devices) for layer in stage.stage_layers]
+        if any(p.dp != devices or p.seq != 1 for p in producers.values()) or any(s.dp != devices for s in layouts):
+            self._redistribute_inputs(stage, context, producers)
+
+        def local(spec):
+            if not (spec.batched and spec.name in producers):
+                return spec
+            source = producers[spec.name]
+            rest = (spec.shape[1] // source.seq, *spec.shape[2:]) if len(spec.shape) > 1 else ()
+            return with_shape(spec, (plan.micro_batch // source.dp, *rest))
+
+        stage.recv_specs = tuple(local(spec) for spec in stage.recv_specs)
+        stage.send_specs = tuple(local(spec) for spec in stage.send_specs)
+        return stage
+
+    @staticmethod
+    def _redistribute_inputs(stage, context, producers: dict[str, Layout]) -> None:
+        program, plan, position = context.program, context.plan, context.position
+        devices = plan.devices_per_stage
+        batched = batched_names(program)
+        full_shapes = {spec.name: spec.shape for layer in program.layers for spec in (*layer.inputs, *layer.boundary_out)}
+        stage_ranks = ParallelDims.of(plan).stage_ranks(position.stage)
+        for layer, graph in _graphs(stage):
+            strategy = layout_strategy(layer.kind, layer.strategy, devices)
+            scale_param_grads(graph, strategy.dp / devices)
+            seq_inputs = layer_meta(graph).seq_inputs
+            for name in layer.input_names:
+                if name in batched and name in producers:
+                    seq_len = full_shapes[name][1] if len(full_shapes.get(name, ())) > 1 else 0
+                    insert_redistribute(graph, name, producers[name], Layout(strategy, name in seq_inputs), devices, position.local,
+                                        stage_ranks, plan.micro_batch, seq_len)
+
+
+# -- 6 ------------------------------------------------------------------------------------------------------------
+class ApplyRandomStreams(Pass[StageModule]):
+    """Every random op on its random stream (``graph.random_streams``): the ranks holding a value draw alike,
+    those holding different shards of it draw independently."""
+
+    def __call__(self, stage, context):
+        for layer, graph in _graphs(stage):
+            sharded = layer.strategy.tp > 1 and layer.kind not in PROLOGUE_AND_EPILOGUE
+            assign_streams(graph, 1 + tp_index(layer.strategy, context.position.local) if sharded else 0)
+        return stage
+
+    def ensures(self, stage, context):
+        for layer, graph in _graphs(stage):
+            loose = [n.name for n in graph.graph.nodes if is_random(n)]
+            if loose:
+                raise PassFailure(f"{layer.name}: random ops {loose} draw outside their stream")
+
+
+# -- 7 ------------------------------------------------------------------------------------------------------------
+class CheckShapes(Pass[StageModule]):
+    """Every layer's inputs are produced before it (by the batch, the previous stage or an earlier layer) with
+    the shapes its rewritten graph expects, and the stage computes what it sends; PlanError otherwise."""
+
+    def __call__(self, stage, context):
+        where = f"stage {context.position.stage}"
+        shapes = {spec.name: spec.shape for spec in stage.recv_specs}
+        shapes.update({name: None for name in stage.batch_names})
+        for layer, graph in _graphs(stage):
+            for node in graph.graph.find_nodes(op="placeholder"):
+                if node.name not in shapes:
+                    raise PlanError(f"{layer.name} reads {node.name}, which nothing before it on {where} provides",
+                                    "check pp_division against the layer table (galvatron-fx inspect)")
+                value, expected = node.meta.get("val"), shapes[node.name]
+                if expected is not None and isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(expected):
+                    raise PlanError(f"{layer.name} expects {node.name} of shape {tuple(value.shape)}, but gets {tuple(expected)}",
+                                    "capture the model again with the plan's micro-batch")
+            for name, produced in zip(layer.output_names, graph.graph.output_node().args[0]):
+                value = produced.meta.get("val") if isinstance(produced, fx.Node) else None
+                shapes[name] = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+        for spec in stage.send_specs:
+            if spec.name not in shapes:
+                raise PlanError(f"{where} must send {spec.name} but does not compute it", "check pp_division")
+        return stage
+
+
+# -- 8 ------------------------------------------------------------------------------------------------------------
+class DropMetadataAsserts(Pass[StageModule]):
+    """No ``aten._assert_tensor_metadata`` checks remain: export records the dtype and device every cast saw
+    while capturing; under autocast (bf16) or on another device these checks fail although the computation is
+    right."""
+
+    TARGET = torch.ops.aten._assert_tensor_metadata.default
+
+    def __call__(self, stage, context):
+        for _, graph in _graphs(stage):
+            for module in graph.modules():
+                if isinstance(module, fx.GraphModule):
+                    for node in list(module.graph.find_nodes(op="call_function", target=self.TARGET)):
+                        if not node.users:
+                            module.graph.erase_node(node)
+                    module.recompile()
+        return stage
+
+    def ensures(self, stage, context):
+        for layer, graph in _graphs(stage):
+            if graph.graph.find_nodes(op="call_function", target=self.TARGET):
+                raise PassFailure(f"{layer.name} still asserts tensor metadata")
+
+
+# -- 9 ------------------------------------------------------------------------------------------------------------
+class RetargetDevice(Pass[StageModule]):
+    """Parameters, buffers and every device constant in the graphs (export records ``device='cpu'`` in casts
+    and factory calls) on ``context.device``; a meta stage keeps its tensors on meta (it is materialised shard
+    by shard later)."""
+
+    def __call__(self, stage, context):
+        device = context.device
+
+        def move(arg: Any) -> Any:
+            return device if isinstance(arg, torch.device) else arg
+
+        for _, graph in _graphs(stage):
+            for module in graph.modules():
+                if isinstance(module, fx.GraphModule):
+                    for node in module.graph.nodes:
+                        node.args = fx.node.map_aggregate(node.args, move)
+                        node.kwargs = fx.node.map_aggregate(node.kwargs, move)
+                    module.recompile()
+        if not any(p.is_meta for p in stage.parameters()):
+            stage.to(device)
+        return stage
+
+    def ensures(self, stage, context):
+        wrong = {t.device for t in (*stage.parameters(), *stage.buffers()) if t.device.type not in (context.device.type, "meta")}
+        if wrong:
+            raise PassFailure(f"tensors left on {sorted(map(str, wrong))}, not {context.device}")
+
+
+# -- 10 -----------------------------------------------------------------------------------------------------------
+class ApplyCheckpointing(Pass[StageModule]):
+    """Every layer whose strategy has ``ckpt`` wrapped in a CheckpointedLayer (recomputed in backward)."""
+
+    def __call__(self, stage, context):
+        for layer in stage.stage_layers:
+            if layer.strategy.ckpt and not isinstance(stage.layers[layer.name], CheckpointedLayer):
+                stage.layers[layer.name] = CheckpointedLayer(stage.layers[layer.name])
+        return stage
+
+    def ensures(self, stage, context):
+        for layer in stage.stage_layers:
+            if layer.strategy.ckpt != isinstance(stage.layers[layer.name], CheckpointedLayer):
+                raise PassFailure(f"{layer.name}: ckpt={layer.strategy.ckpt} but the layer is {type(stage.layers[layer.name]).__name__}")
+
+
+LOWERING_PASSES: tuple[Pass[StageModule], ...] = (
+    SetLocalBatches(), ApplyTensorParallel(), ApplySequenceParallel(), ApplyVocabParallel(), ApplyLayouts(),
+    ApplyRandomStreams(), CheckShapes(), DropMetadataAsserts(), RetargetDevice(), ApplyCheckpointing(),
+)
+
+
+def lower(program: Program, plan: Plan, rank: int, device: torch.device | str = "cpu",
+          passes: Sequence[Pass[StageModule]] = LOWERING_PASSES) -> StageModule:
+    """This rank's stage: ``build_stage`` followed by ``passes`` in order (see the module docstring)."""
+    context = LoweringContext(program, plan, ParallelDims.of(plan).position(rank), torch.device(device))
+    return run_passes(passes, build_stage(context), context)
+

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from galvatron_fx.cost.layouts import data_split
+from galvatron_fx.parallel_dims import data_split
 from galvatron_fx.cost.memory import InFlight
 
 from galvatron_fx.passes.search.bounds import RestBound

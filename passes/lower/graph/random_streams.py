@@ -16,53 +16,21 @@ Recomputation (activation checkpointing) restores the generators' state, and so 
 
 from __future__ import annotations
 
-import hashlib
-from typing import Any, Callable, Iterable
+from typing import Iterable
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensor
+
+from galvatron_fx.passes.lower.ops.random import in_stream
+from galvatron_fx.program import node_meta, set_node_meta
 
 aten = torch.ops.aten
-SHARDED_KEY = "galvatron_sharded"  # node.meta: the value is this rank's shard of a value its group shares
-_DRAW_LIMIT = 1 << 62
 
 
 def mark_sharded(nodes: Iterable[fx.Node]) -> None:
     """Record that each of ``nodes`` holds one rank's shard (its random ops draw a stream of their own)."""
     for node in nodes:
-        node.meta[SHARDED_KEY] = True
-
-
-def layer_seed(*parts: Any) -> int:
-    """A 63-bit seed from ``parts`` (run seed, step, micro-batch, layer, data block...)."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def seed_generators(seed: int, device: torch.device) -> None:
-    """Seed the generators random ops on ``device`` draw from: the CPU's and, on a GPU, that GPU's. Not
-    ``torch.manual_seed``: on a machine without an initialised GPU it queues a lazy seed for every
-    accelerator type, formatting a stack trace each time (0.07-0.6 ms a call, called per layer and
-    micro-batch: a few percent of a pipeline step)."""
-    torch.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        torch.cuda.default_generators[index].manual_seed(seed)
-
-
-def in_stream(op: Callable, stream: int, *args, **kwargs):
-    """``op(*args, **kwargs)`` on random stream ``stream`` (see the module docstring). The number that keys the
-    stream comes from the CPU generator, so no device synchronises."""
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if any(isinstance(t, FakeTensor) or t.is_meta for t in tensors):  # shape propagation draws nothing
-        return op(*args, **kwargs)
-    base = int(torch.randint(0, _DRAW_LIMIT, (1,), generator=torch.default_generator))
-    device = tensors[0].device if tensors else torch.device("cpu")
-    seed_generators(layer_seed(base, stream), device)
-    out = op(*args, **kwargs)
-    seed_generators(layer_seed(base, "next"), device)
-    return out
+        set_node_meta(node, sharded=True)
 
 
 def is_random(node: fx.Node) -> bool:
@@ -86,7 +54,7 @@ def assign_streams(gm: fx.GraphModule, shard_stream: int) -> int:
     for node in gm.graph.nodes:
         if not is_random(node):
             continue
-        sharded = node.meta.get(SHARDED_KEY) or any(a.meta.get(SHARDED_KEY) for a in node.all_input_nodes)
+        sharded = node_meta(node).sharded or any(node_meta(a).sharded for a in node.all_input_nodes)
         node.args = (node.target, shard_stream if sharded else 0, *node.args)
         node.target = in_stream
         count += 1

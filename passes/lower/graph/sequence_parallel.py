@@ -3,7 +3,7 @@
 Both keep the residual stream sharded along the sequence over the layer's tp group; they differ in where
 whole sequences are needed and what the group does with weights:
 
-- ``megatron``: the layer is first made tensor-parallel (``passes.tensor_parallel``). Values enter the
+- ``megatron``: the layer is first made tensor-parallel (``passes.lower.graph.tensor_parallel``). Values enter the
   tensor-parallel region through ``tp_copy``; where such a value is sequence-sharded it is all-gathered
   along the sequence instead (``sp_gather``, reduce-scatter backward), and every ``tp_reduce`` after a
   row-parallel projection becomes a reduce-scatter (``sp_reduce_scatter``, all-gather backward). Norms,
@@ -11,7 +11,7 @@ whole sequences are needed and what the group does with weights:
 - ``ulysses``: weights stay whole; everything runs on sequence shards except attention, whose q, k, v go
   from sequence to head sharding by an all-to-all (``seq_to_heads``) and back after it (``heads_to_seq``).
 
-How the sequence is found: the digit analysis of ``passes.dim_tracking`` follows the sequence dimension of
+How the sequence is found: the factor analysis of ``passes.analysis.dim_tracking`` follows the sequence dimension of
 the layer's first batched activation through views, transposes and merges (GPT-2's ``[batch * seq]``), so
 every value knows where its sequence digit sits. Which inputs arrive sharded: those with that digit that
 reach work outside the whole-sequence region (not only attention or the tensor-parallel region); inputs
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import operator
 import warnings
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +32,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from galvatron_fx.errors import PlanError
+from galvatron_fx.fx_utils import get_attr_path
+from galvatron_fx.program import set_layer_meta
 
 from galvatron_fx.passes.lower.ops.collectives import (heads_to_seq, seq_to_heads, sp_gather, sp_reduce_scatter, sp_split, tp_copy, tp_reduce,
                           tp_scatter)
@@ -43,7 +44,6 @@ from galvatron_fx.passes.lower.graph.random_streams import mark_sharded
 from galvatron_fx.passes.lower.graph.tensor_parallel import TPConfig, TPResult, tensor_parallel
 
 aten = torch.ops.aten
-META_KEY = "galvatron_sp"  # GraphModule.meta: which inputs and outputs are sequence-sharded
 SDPA = aten.scaled_dot_product_attention.default
 TRANSPARENT = VIEWS | {aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
                        aten.squeeze.default, aten.transpose.int, aten.permute.default, aten.t.default, aten.to.dtype,
@@ -167,7 +167,7 @@ def _check_mixing(node: fx.Node, seq: _Sequence, gm: fx.GraphModule) -> None:
 def sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, layer_name: str = "layer") -> SPResult:
     """Requires: an ATen-level layer GraphModule with ``meta["val"]``, at the layer's local batch, full
     parameters. Ensures: ``gm`` rewritten for ``cfg.mode`` on rank ``cfg.tp_rank`` (megatron: tensor-parallel
-    too); ``gm.meta["galvatron_sp"]`` and the result say which inputs arrive and which outputs leave
+    too); ``layer_meta(gm)`` and the result say which inputs arrive and which outputs leave
     sequence-sharded. Raises PlanError for sequences the group cannot split or ops that mix along them."""
     result = SPResult(gm)
     seq = _Sequence(gm, cfg)
@@ -250,7 +250,7 @@ def sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, layer_name: str = "laye
 
     # parameters used on sequence shards: their gradients are partial over the group
     for node in list(graph.find_nodes(op="get_attr")):
-        if isinstance(_attr(gm, node.target), nn.Parameter) and any(u in sharded for u in node.users):
+        if isinstance(get_attr_path(gm, node.target), nn.Parameter) and any(u in sharded for u in node.users):
             with graph.inserting_after(node):
                 copy = graph.call_function(tp_copy, (node, ranks))
             node.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy and user in sharded)
@@ -264,68 +264,8 @@ def sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, layer_name: str = "laye
     outputs = graph.output_node().args[0]
     result.seq_inputs = frozenset(seq_inputs)
     result.seq_outputs = tuple(isinstance(o, fx.Node) and o in sharded for o in outputs)
-    gm.meta[META_KEY] = {"inputs": result.seq_inputs, "outputs": result.seq_outputs}
+    set_layer_meta(gm, seq_inputs=result.seq_inputs, seq_outputs=result.seq_outputs)
     graph.lint()
     gm.recompile()
     rewritten_meta(gm, f"{layer_name}: sequence parallelism ({cfg.mode})", "use sp='none' for this layer")
     return result
-
-
-def _attr(gm, target):
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
-
-
-# -- lowering ------------------------------------------------------------------------------------------------
-def _config(context, strategy, rank: int, batched: frozenset[str], strict: bool = False) -> SPConfig:
-    from galvatron_fx.passes.lower.ops.redistribute import tp_group
-
-    ranks = tp_group(context.plan, strategy, rank)
-    return SPConfig(strategy.sp, strategy.tp, ranks.index(rank), ranks, batched, strict)
-
-
-_FLAGS: "weakref.WeakKeyDictionary[fx.GraphModule, dict]" = weakref.WeakKeyDictionary()
-
-
-def sequence_flags(context, layer_index: int, strategy, batched: frozenset[str]) -> dict:
-    """``{"inputs": names, "outputs": flags}`` of Program layer ``layer_index`` under ``strategy`` without
-    lowering its stage (for values that cross a pipeline cut): the pass runs on a copy, once per process."""
-    from galvatron_fx.passes.lower.stage import copy_layer_modules
-
-    original = context.program.layers[layer_index].module
-    cache = _FLAGS.setdefault(original, {})
-    if (strategy, batched) not in cache:
-        module = copy_layer_modules([original])[0]
-        rank = context.layout.stage * context.plan.devices_per_stage  # any rank gives the same layout
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sequence_parallel(module, _config(context, strategy, rank, batched), f"layer{layer_index}")
-        cache[(strategy, batched)] = module.meta[META_KEY]
-    return cache[(strategy, batched)]
-
-
-def make_sequence_parallel_pass(strict: bool = False):
-    """The sequence-parallel pass (Megatron-SP and Ulysses layers); ``strict`` as in tensor parallelism."""
-
-    def apply_sequence_parallel(stage, context):
-        """Requires: layers at their local batch. Ensures: every layer with sp "megatron" or "ulysses" is
-        rewritten for this rank (``sequence_parallel``); its module's meta names its sharded inputs/outputs."""
-        from galvatron_fx.passes.lower.pipeline import _batched_names
-        from galvatron_fx.passes.lower.stage import unwrap
-
-        batched = frozenset(_batched_names(context))
-        for layer in stage.stage_layers:
-            if layer.strategy.sp == "none":
-                continue
-            result = sequence_parallel(unwrap(stage.layers[layer.name]), _config(context, layer.strategy, context.layout.rank, batched, strict),
-                                       f"{layer.name} ({layer.layer_type})")
-            for message in dict.fromkeys(result.warnings):
-                warnings.warn(message, stacklevel=2)
-        return stage
-
-    return apply_sequence_parallel
-
-
-apply_sequence_parallel = make_sequence_parallel_pass()

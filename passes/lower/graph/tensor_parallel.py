@@ -28,6 +28,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from galvatron_fx.errors import PlanError
+from galvatron_fx.fx_utils import get_attr_path, set_attr_path
+from galvatron_fx.program import set_layer_meta
 
 from galvatron_fx.passes.lower.ops.collectives import tp_copy, tp_reduce, tp_scatter
 from galvatron_fx.passes.analysis.dim_factors import Digit, local_shape, rewrite_sizes, shard_spec
@@ -35,7 +37,6 @@ from galvatron_fx.passes.analysis.dim_tracking import Analysis, analyze, rewritt
 from galvatron_fx.passes.lower.graph.random_streams import mark_sharded
 
 aten = torch.ops.aten
-META_KEY = "galvatron_tp"  # node.meta / GraphModule.meta key of the shard records
 
 
 @dataclass(frozen=True)
@@ -120,30 +121,19 @@ def _rank_indices(picks: dict[Digit, int], tp_rank: int) -> dict[Digit, int]:
 
 # -- rewriting -------------------------------------------------------------------------------------------
 def _set_param(gm: fx.GraphModule, target: str, value: torch.Tensor, requires_grad: bool) -> None:
-    *path, leaf = target.split(".")
-    owner = gm
-    for part in path:
-        owner = getattr(owner, part)
-    setattr(owner, leaf, nn.Parameter(value.detach().clone().contiguous(), requires_grad=requires_grad))
+    set_attr_path(gm, target, nn.Parameter(value.detach().clone().contiguous(), requires_grad=requires_grad))
 
-
-def _get_attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _shard_param(gm, node: fx.Node, dim: int, leaves, analysis, picks, indices, tp, result, records) -> ShardRecord:
     spec = shard_spec(analysis.digits, leaves, picks, indices)
     covered = math.prod(picks.get(analysis.digits.find(leaf), 1) for leaf in leaves)
-    full = _get_attr(gm, node.target)
+    full = get_attr_path(gm, node.target)
     record = ShardRecord(node.target, tuple(full.shape), dim, spec[0], spec[1], tp // covered, result.ranks)
     if node.target not in records:
         _set_param(gm, node.target, record.select(full), full.requires_grad)
         records[node.target] = record
         result.sharded.append(node.target)
-    node.meta[META_KEY] = record
     return record
 
 
@@ -244,7 +234,7 @@ def _rewrite(gm: fx.GraphModule, analysis: Analysis, chosen: dict[frozenset, dic
         sink.replace_all_uses_with(out, delete_user_cb=lambda user: user is not reduced)
     graph.lint()
     gm.recompile()
-    gm.meta[META_KEY] = records
+    set_layer_meta(gm, shards=records)
 
 
 def _is_float_tensor(node: fx.Node) -> bool:
@@ -256,7 +246,7 @@ def _is_float_tensor(node: fx.Node) -> bool:
 def tensor_parallel(gm: fx.GraphModule, cfg: TPConfig, layer_name: str = "layer") -> TPResult:
     """Requires: an ATen-level layer GraphModule with ``meta["val"]`` on its nodes, whose parameters are
     the full ones. Ensures: ``gm`` rewritten in place for tp rank ``cfg.tp_rank``: parameters sharded (each
-    with a ShardRecord in ``gm.meta["galvatron_tp"]``), local view sizes, collectives as nodes; parts that
+    with a ShardRecord in ``layer_meta(gm).shards``), local view sizes, collectives as nodes; parts that
     cannot be sharded stay replicated and are named in ``result.warnings`` (PlanError when strict)."""
     result = TPResult(gm, cfg.ranks)
     if cfg.tp == 1:
@@ -289,29 +279,3 @@ def tensor_parallel(gm: fx.GraphModule, cfg: TPConfig, layer_name: str = "layer"
     _rewrite(gm, analysis, chosen, cfg, result)
     rewritten_meta(gm, f"{layer_name}: tensor parallelism over {cfg.tp} ranks", "use another tp degree for this layer")
     return result
-
-
-def unshard(local: torch.Tensor, record: ShardRecord) -> torch.Tensor:
-    """The full tensor from every rank's shard: an all-gather over ``record.ranks`` (collective there)."""
-    from galvatron_fx.passes.lower.ops.collectives import all_gather_dim
-
-    values = all_gather_dim(local.detach().reshape(-1).contiguous(), 0, record.ranks)
-    positions = all_gather_dim(record.positions(), 0, record.ranks)
-    full = local.new_zeros(math.prod(record.full_shape))
-    keep = positions >= 0  # negative positions: padding (a vocabulary not divisible by vtp)
-    full[positions[keep]] = values[keep]
-    return full.view(record.full_shape)
-
-
-def unshard_parameters(stage, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``params`` (user names → this rank's tensors) with every tensor-parallel shard of ``stage`` made whole.
-    Collective over each tp group: every rank of the stage calls it."""
-    from galvatron_fx.passes.lower.stage import unwrap
-
-    out, done = dict(params), set()
-    for layer in stage.stage_layers:
-        for name, record in unwrap(stage.layers[layer.name]).meta.get(META_KEY, {}).items():
-            if name in out and name not in done:  # a tied shard appears in several layers
-                out[name] = unshard(out[name], record)
-                done.add(name)
-    return out

@@ -22,20 +22,21 @@ averages them over the ``devices / vtp`` replicas of the same shard.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.distributed._functional_collectives as funcol
 import torch.fx as fx
 import torch.nn as nn
 
 from galvatron_fx.errors import PlanError
+from galvatron_fx.fx_utils import get_attr_path, set_attr_path
+from galvatron_fx.program import layer_meta, set_layer_meta
 
-from galvatron_fx.passes.lower.ops.collectives import _is_fake, all_gather_dim, all_reduce_sum, gather_dim_sum_grad, reduce_scatter_dim, tp_copy
+from galvatron_fx.passes.lower.ops.collectives import all_gather_dim, gather_dim_sum_grad, reduce_scatter_dim, tp_copy
+from galvatron_fx.passes.lower.ops.vocab import masked_embedding, vocab_cross_entropy
 from galvatron_fx.passes.analysis.dim_tracking import VIEWS, param_matmul, rewritten_meta
 from galvatron_fx.passes.lower.ops.redistribute import scale_grad
-from galvatron_fx.passes.lower.graph.tensor_parallel import META_KEY, ShardRecord
+from galvatron_fx.passes.lower.graph.tensor_parallel import ShardRecord
 
 aten = torch.ops.aten
 CROSS_ENTROPY = aten.cross_entropy_loss.default
@@ -74,84 +75,19 @@ class VocabShardRecord(ShardRecord):
         return self.select(torch.arange(math.prod(self.full_shape)).view(self.full_shape) + 1).reshape(-1) - 1
 
 
-# -- graph-visible functions ---------------------------------------------------------------------------------
-def masked_embedding(weight: torch.Tensor, ids: torch.Tensor, start: int, padding_idx: int = -1) -> torch.Tensor:
-    """Rows of this rank's vocabulary shard (``start`` onwards); ids outside it give zeros."""
-    rows = weight.shape[0]
-    local = ids - start
-    inside = (local >= 0) & (local < rows)
-    local_padding = padding_idx - start if 0 <= padding_idx - start < rows else -1
-    out = torch.ops.aten.embedding(weight, local.clamp(0, rows - 1), local_padding)
-    return out * inside.unsqueeze(-1).to(out.dtype)
-
-
-def _all_reduce_max(x: torch.Tensor, ranks) -> torch.Tensor:
-    if len(ranks) == 1 or _is_fake(x):
-        return x.clone()
-    out = funcol.all_reduce(x.contiguous(), "max", list(ranks))
-    return out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else funcol.wait_tensor(out)
-
-
-class _VocabCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, target, start, vocab, ranks, ignore_index):
-        logits = logits.float()
-        columns = start + torch.arange(logits.shape[-1], device=logits.device)
-        logits = logits.masked_fill(columns >= vocab, float("-inf"))  # padding rows of the vocabulary
-        shifted = logits - _all_reduce_max(logits.amax(-1), ranks).unsqueeze(-1)
-        exp = shifted.exp()
-        sum_exp = all_reduce_sum(exp.sum(-1), ranks)
-        local = target - start
-        mine = (local >= 0) & (local < logits.shape[-1]) & (target != ignore_index)
-        picked = shifted.gather(-1, local.clamp(0, logits.shape[-1] - 1).unsqueeze(-1)).squeeze(-1) * mine
-        target_logit = all_reduce_sum(picked, ranks)
-        valid = (target != ignore_index).to(logits.dtype)
-        count = valid.sum().clamp(min=1)
-        ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), local, mine, valid)
-        ctx.count = count
-        return (((sum_exp.log() - target_logit) * valid).sum() / count)
-
-    @staticmethod
-    def backward(ctx, grad):
-        softmax, local, mine, valid = ctx.saved_tensors
-        grad_logits = softmax.clone()
-        rows = torch.arange(grad_logits.shape[0], device=grad_logits.device)[mine]
-        grad_logits[rows, local[mine]] -= 1
-        return grad_logits * (valid / ctx.count * grad).unsqueeze(-1), None, None, None, None, None
-
-
-def vocab_cross_entropy(logits: torch.Tensor, target: torch.Tensor, start: int, vocab: int, ranks, ignore_index: int = -100):
-    """Mean cross-entropy of ``[rows, shard]`` logits whose columns are vocabulary entries ``start...``
-    (entries at or past ``vocab`` are padding) against whole-vocabulary targets, over the group ``ranks``."""
-    return _VocabCrossEntropy.apply(logits, target, start, vocab, ranks, ignore_index)
-
-
 # -- the pass ------------------------------------------------------------------------------------------------
-def _attr(gm, target):
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def _set_attr(gm, target, value):
-    *path, leaf = target.split(".")
-    owner = gm
-    for part in path:
-        owner = getattr(owner, part)
-    setattr(owner, leaf, value)
 
 
 def _shard(gm, node: fx.Node, dim: int, cfg: VocabConfig, shared: dict) -> None:
     """Replace parameter ``node`` by its vocabulary shard along ``dim`` (once per parameter object)."""
-    full = _attr(gm, node.target)
+    full = get_attr_path(gm, node.target)
     if id(full) not in shared:
         record = VocabShardRecord(node.target, tuple(full.shape), dim, (cfg.rows * cfg.vtp,), ((cfg.start, cfg.rows),), 1, cfg.ranks,
                                   cfg.rows * cfg.vtp - cfg.vocab)
         shared[id(full)] = (nn.Parameter(record.select(full.detach()).clone().contiguous(), full.requires_grad), record)
     param, record = shared[id(full)]
-    _set_attr(gm, node.target, param)
-    gm.meta.setdefault(META_KEY, {})[node.target] = record
+    set_attr_path(gm, node.target, param)
+    set_layer_meta(gm, shards={**layer_meta(gm).shards, node.target: record})
     shared.setdefault("ids", set()).add(id(param))
 
 
@@ -169,7 +105,7 @@ def _vocab_embeddings(gm: fx.GraphModule, cfg: VocabConfig, shared: dict, names:
     graph, done = gm.graph, []
     for node in list(graph.find_nodes(op="call_function", target=aten.embedding.default)):
         weight, ids = node.args[0], node.args[1]
-        if weight.op != "get_attr" or _attr(gm, weight.target).shape[0] != cfg.vocab or (names is not None and weight.target not in names):
+        if weight.op != "get_attr" or get_attr_path(gm, weight.target).shape[0] != cfg.vocab or (names is not None and weight.target not in names):
             continue
         _shard(gm, weight, 0, cfg, shared)
         with graph.inserting_before(node):
@@ -212,7 +148,7 @@ def tied_vocab_names(program) -> set[str]:
     for layer in program.body:
         for node in layer.module.graph.find_nodes(op="call_function", target=aten.embedding.default):
             weight = node.args[0]
-            if weight.op == "get_attr" and weight.target in ends and _attr(layer.module, weight.target).shape[0] == vocab:
+            if weight.op == "get_attr" and weight.target in ends and get_attr_path(layer.module, weight.target).shape[0] == vocab:
                 names.add(weight.target)
     return names
 
@@ -254,7 +190,7 @@ def vocab_parallel(gm: fx.GraphModule, cfg: VocabConfig, shared: dict, what: str
         graph.erase_node(loss)
         done.append(w.target)
     for node in list(graph.find_nodes(op="get_attr")):
-        param = _attr(gm, node.target)
+        param = get_attr_path(gm, node.target)
         if not isinstance(param, nn.Parameter):
             continue
         with graph.inserting_after(node):
@@ -269,45 +205,3 @@ def vocab_parallel(gm: fx.GraphModule, cfg: VocabConfig, shared: dict, what: str
     gm.recompile()
     rewritten_meta(gm, f"{what}: vocab parallelism over {cfg.vtp} ranks", "use vtp=1")
     return done
-
-
-def make_vocab_parallel_pass():
-    """The lowering pass: prologue and epilogue of this rank's stage made vocab-parallel when vtp > 1."""
-
-    def apply_vocab_parallel(stage, context):
-        """Requires: a built stage. Ensures: with ``plan.embedding.vtp > 1``, the stage's prologue and
-        epilogue are rewritten by ``vocab_parallel`` for this rank's vtp group."""
-        from galvatron_fx.passes.lower.stage import embedding_strategy, unwrap
-        from galvatron_fx.passes.lower.ops.redistribute import tp_group
-
-        plan = context.plan
-        if plan.embedding.vtp == 1:
-            return stage
-        if plan.embedding.vsp:
-            warnings.warn("vsp is lowered as vocab tensor parallelism (sequence-sharded embedding/head is not implemented)", stacklevel=2)
-        vocab = vocab_size(context.program.epilogue.module)
-        if vocab is None:
-            raise PlanError(f"vtp={plan.embedding.vtp} needs a cross-entropy loss over a vocabulary, and "
-                            f"{context.program.model_name}'s loss is not one", "use vtp=1")
-        ranks = tp_group(plan, embedding_strategy(plan), context.layout.rank)
-        cfg = VocabConfig(plan.embedding.vtp, ranks.index(context.layout.rank), ranks, vocab)
-        shared: dict = {}
-        tied = tied_vocab_names(context.program)
-        for layer in stage.stage_layers:
-            module, what = unwrap(stage.layers[layer.name]), f"{layer.name} ({layer.kind})"
-            if layer.kind in ("prologue", "epilogue"):
-                vocab_parallel(module, cfg, shared, what)
-            elif tied & set(context.program.layers[layer.index].param_names):
-                if layer.strategy.dp != plan.devices_per_stage:
-                    raise PlanError(f"{what} looks up the vocab-parallel embedding but runs {layer.strategy.short()}; "
-                                    "only a layer that holds each rank's own samples can share its shard",
-                                    f"give {layer.name} tp=1, or use vtp=1")
-                vocab_parallel_tied(module, cfg, shared, tied, what)
-        return stage
-
-    return apply_vocab_parallel
-
-
-apply_vocab_parallel = make_vocab_parallel_pass()
-
-

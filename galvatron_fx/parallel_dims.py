@@ -1,0 +1,110 @@
+"""Rank arithmetic of a plan, in one place: which stage a rank is on, which block of samples and which
+tensor-parallel index it has under each layer's strategy, and the groups and meshes that follow.
+
+World layout: ``rank = stage * devices_per_stage + local``: pipeline stages are contiguous blocks of ranks.
+Inside a stage, a layer with ``tp × dp`` devices puts its tensor-parallel peers on consecutive local ranks
+(``tp_consecutive``) or ``dp`` apart (strided), its data-parallel index varying the other way. The embedding
+and head keep the trainer's data split (each rank its own samples) whatever their vtp: ``layout_strategy``.
+Lowering, the runtime's process groups and the cost model's redistribution geometry all ask this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .plan import EmbeddingStrategy, LayerStrategy, Plan
+
+PROLOGUE_AND_EPILOGUE = ("prologue", "epilogue")
+
+
+def dp_index(strategy: LayerStrategy, local):
+    """Data-parallel index (which block of the micro-batch) of stage-local rank ``local`` (an int or an array)."""
+    return local // strategy.tp if strategy.tp_consecutive else local % strategy.dp
+
+
+def tp_index(strategy: LayerStrategy, local):
+    """Tensor-parallel index of stage-local rank ``local`` (an int or an array)."""
+    return local % strategy.tp if strategy.tp_consecutive else local // strategy.dp
+
+
+def data_split(devices: int) -> LayerStrategy:
+    """The layout of the embedding's and the head's activations: the micro-batch split over the stage."""
+    return LayerStrategy(dp=devices)
+
+
+def layout_strategy(kind: str, strategy: LayerStrategy, devices: int) -> LayerStrategy:
+    """The strategy that decides where a layer's activations live: the data split for the embedding and head,
+    the layer's own strategy for every other layer."""
+    return data_split(devices) if kind in PROLOGUE_AND_EPILOGUE else strategy
+
+
+def embedding_strategy(embedding: EmbeddingStrategy, devices: int) -> LayerStrategy:
+    """The embedding's and head's parameters as a layer strategy: ``vtp`` ranks share the vocabulary, the
+    ``devices / vtp`` replicas of each shard synchronise with the embedding's data-parallel type."""
+    return LayerStrategy(tp=embedding.vtp, dp=devices // embedding.vtp, dp_type=embedding.data_parallel_type)
+
+
+@dataclass(frozen=True)
+class RankPosition:
+    """Where one rank sits: ``rank = stage * devices_per_stage + local``."""
+
+    rank: int
+    stage: int
+    local: int
+    num_stages: int
+    devices_per_stage: int
+
+    def rank_of(self, stage: int, local: int | None = None) -> int:
+        """The rank with local index ``local`` (default: this rank's) on ``stage``."""
+        return stage * self.devices_per_stage + (self.local if local is None else local)
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.num_stages - 1
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """The world of a plan: ``pp`` stages of ``world_size / pp`` devices each."""
+
+    world_size: int
+    pp: int
+
+    @classmethod
+    def of(cls, plan: Plan) -> "ParallelDims":
+        return cls(plan.world_size, plan.pp)
+
+    @property
+    def devices_per_stage(self) -> int:
+        return self.world_size // self.pp
+
+    def position(self, rank: int) -> RankPosition:
+        stage, local = divmod(rank, self.devices_per_stage)
+        return RankPosition(rank, stage, local, self.pp, self.devices_per_stage)
+
+    def stage_ranks(self, stage: int) -> tuple[int, ...]:
+        return tuple(stage * self.devices_per_stage + i for i in range(self.devices_per_stage))
+
+    def tp_group(self, strategy: LayerStrategy, rank: int) -> tuple[int, ...]:
+        """Global ranks of ``rank``'s tensor-parallel group under ``strategy``, in tp-index order."""
+        stage, local = divmod(rank, self.devices_per_stage)
+        base = stage * self.devices_per_stage
+        if strategy.tp_consecutive:
+            return tuple(base + (local // strategy.tp) * strategy.tp + j for j in range(strategy.tp))
+        return tuple(base + j * strategy.dp + local % strategy.dp for j in range(strategy.tp))
+
+    def mesh_ranks(self, tp: int, tp_consecutive: bool) -> torch.Tensor:
+        """Global ranks as a ``(pp, dp, tp)`` grid for one tp degree and order (a DeviceMesh's layout)."""
+        dp = self.devices_per_stage // tp
+        ranks = torch.arange(self.world_size).view(self.pp, self.devices_per_stage)
+        return ranks.view(self.pp, dp, tp) if tp_consecutive else ranks.view(self.pp, tp, dp).transpose(1, 2)
+
+    def peers_across_stages(self, stages: tuple[int, ...], local: int) -> list[int]:
+        """The ranks with local index ``local`` on each of ``stages`` (Megatron's embedding group)."""
+        return [stage * self.devices_per_stage + local for stage in stages]

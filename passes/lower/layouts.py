@@ -1,0 +1,168 @@
+"""Activation layouts between layers, and the ``redistribute`` node that converts a value for a layer that
+wants it in another layout.
+
+A *layout* says which block of a micro-batch activation a rank holds: the batch is split into ``dp`` chunks
+(the rank's data-parallel index picks one) and, under sequence parallelism, the sequence into ``tp`` chunks
+(its tp index picks one); ranks of a tp group hold the same batch chunk. Every activation stays in the layout
+of the layer that produced it; the layer that reads it converts it on entry: one all-to-all over the stage's
+ranks in which each rank receives exactly the blocks it lacks, from a rank that holds them (itself when it
+can), so the fewest bytes move (``exchange_plan``; the op is ``passes.lower.ops.redistribute``). Across a
+pipeline cut the receiving rank gets the sender's block (same local index) and converts it the same way.
+
+A layer with ``dp`` smaller than the stage's data split runs ``devices_per_stage / dp`` times a rank's own
+samples: its parameters' gradients are scaled by ``dp / devices_per_stage`` (``scale_param_grads``) so that
+averaging over its dp replicas gives the mean over the micro-batch like everywhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from galvatron_fx.fx_utils import copy_layer_modules, get_attr_path
+from galvatron_fx.parallel_dims import ParallelDims, data_split, dp_index, tp_index
+from galvatron_fx.plan import LayerStrategy, Plan
+from galvatron_fx.program import LayerMeta, Program, layer_meta, node_meta
+
+from galvatron_fx.passes.lower.graph.sequence_parallel import SPConfig, sequence_parallel
+from galvatron_fx.passes.lower.ops.redistribute import redistribute, scale_grad
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Batch in ``dp`` chunks, sequence (dim 1) in ``seq`` chunks; ``block(local)`` = (batch chunk, seq chunk)."""
+
+    strategy: LayerStrategy
+    seq_sharded: bool = False
+
+    @property
+    def dp(self) -> int:
+        return self.strategy.dp
+
+    @property
+    def seq(self) -> int:
+        return self.strategy.tp if self.seq_sharded else 1
+
+    def block(self, local: int) -> tuple[int, int]:
+        return dp_index(self.strategy, local), (tp_index(self.strategy, local) if self.seq_sharded else 0)
+
+    def same_blocks(self, other: "Layout", devices: int) -> bool:
+        return (self.dp, self.seq) == (other.dp, other.seq) and all(self.block(l) == other.block(l) for l in range(devices))
+
+
+def exchange_plan(src: Layout, dst: Layout, devices: int, me: int, batch_rows: int, seq_len: int):
+    """This rank's part of the all-to-all turning ``src`` blocks into ``dst`` blocks: ``sends`` (peer,
+    batch start, batch rows, seq start, seq len) in its local coordinates, ``recvs`` the same in the output's."""
+    ub, us = max(src.dp, dst.dp), max(src.seq, dst.seq)
+    rows, cols = batch_rows // ub, seq_len // us  # one unit, in samples and positions
+
+    def units(layout: Layout, local: int):
+        b, s = layout.block(local)
+        fb, fs = ub // layout.dp, us // layout.seq
+        return [(b * fb + i, s * fs + j) for i in range(fb) for j in range(fs)]
+
+    holders: dict[tuple, list[int]] = {}
+    for local in range(devices):
+        for unit in units(src, local):
+            holders.setdefault(unit, []).append(local)
+    sends, recvs = [], []
+    for dest in range(devices):
+        origin_b, origin_s = dst.block(dest)
+        for unit in units(dst, dest):
+            candidates = holders[unit]
+            source = dest if dest in candidates else candidates[dest % len(candidates)]
+            if source == me:
+                sb, ss = src.block(me)
+                sends.append((dest, unit[0] * rows - sb * (batch_rows // src.dp), rows, unit[1] * cols - ss * (seq_len // src.seq), cols))
+            if dest == me:
+                recvs.append((source, unit[0] * rows - origin_b * (batch_rows // dst.dp), rows,
+                              unit[1] * cols - origin_s * (seq_len // dst.seq), cols))
+    return tuple(sorted(sends)), tuple(sorted(recvs))
+
+
+def scale_param_grads(gm: fx.GraphModule, factor: float) -> None:
+    """Insert ``scale_grad`` after every parameter fetch of ``gm``."""
+    if factor == 1:
+        return
+    for node in list(gm.graph.find_nodes(op="get_attr")):
+        if isinstance(get_attr_path(gm, node.target), torch.nn.Parameter):
+            with gm.graph.inserting_after(node):
+                scaled = gm.graph.call_function(scale_grad, (node, factor))
+            node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+    gm.recompile()
+
+
+def insert_redistribute(gm: fx.GraphModule, name: str, src: Layout, dst: Layout, devices: int, local: int,
+                        stage_ranks: tuple[int, ...], batch_rows: int, seq_len: int) -> bool:
+    """Convert placeholder ``name`` from ``src`` to ``dst`` on entry (its meta becomes the ``src`` block)."""
+    if src.same_blocks(dst, devices):
+        return False
+    node = next(n for n in gm.graph.find_nodes(op="placeholder") if n.name == name)
+    forward = exchange_plan(src, dst, devices, local, batch_rows, seq_len)
+    backward = exchange_plan(dst, src, devices, local, batch_rows, seq_len)
+    value = node.meta["val"]
+    seq_cut = src.seq > 1 or dst.seq > 1
+    out_rows, out_cols = batch_rows // dst.dp, (seq_len // dst.seq if seq_cut else None)
+    in_shape = (batch_rows // src.dp, *((seq_len // src.seq,) if seq_cut else ()), *value.shape[2 if seq_cut else 1:])
+    node.meta["val"] = torch.empty(in_shape, dtype=value.dtype, device="meta")
+    with gm.graph.inserting_after(node):
+        moved = gm.graph.call_function(redistribute, (node, forward, backward, stage_ranks, out_rows, out_cols))
+    node.replace_all_uses_with(moved, delete_user_cb=lambda user: user is not moved)
+    gm.recompile()
+    return True
+
+
+def with_shape(spec, shape):
+    return dataclasses.replace(spec, shape=tuple(shape))
+
+
+# -- where every value of a Program lives under a plan ----------------------------------------------------------
+def batched_names(program: Program) -> frozenset[str]:
+    """Values of the Program whose dim 0 is the batch (captured as a symbol: ``passes.analysis.batch_dim``)."""
+    names = {spec.name for layer in program.layers for spec in (*layer.inputs, *layer.boundary_out) if spec.batched}
+    names |= {n.name for n in program.graph_module.graph.find_nodes(op="placeholder") if node_meta(n).batched}
+    return frozenset(names)
+
+
+def sp_config(dims: ParallelDims, strategy: LayerStrategy, rank: int, batched: frozenset[str], strict: bool = False) -> SPConfig:
+    """The sequence-parallel rewrite of a layer under ``strategy`` for ``rank``."""
+    ranks = dims.tp_group(strategy, rank)
+    return SPConfig(strategy.sp, strategy.tp, ranks.index(rank), ranks, batched, strict)
+
+
+_SEQUENCE_FLAGS: "weakref.WeakKeyDictionary[fx.GraphModule, dict]" = weakref.WeakKeyDictionary()
+
+
+def sequence_flags(program: Program, plan: Plan, layer_index: int, strategy: LayerStrategy) -> LayerMeta:
+    """Which inputs of Program layer ``layer_index`` arrive and which outputs leave sequence-sharded under
+    ``strategy``, without lowering its stage (for values that cross a pipeline cut): the rewrite runs on a
+    copy, once per process."""
+    original = program.layers[layer_index].module
+    cache = _SEQUENCE_FLAGS.setdefault(original, {})
+    if strategy not in cache:
+        module = copy_layer_modules([original])[0]
+        dims = ParallelDims.of(plan)  # any rank of the stage gives the same layout: rank 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sequence_parallel(module, sp_config(dims, strategy, 0, batched_names(program)), f"layer{layer_index}")
+        cache[strategy] = layer_meta(module)
+    return cache[strategy]
+
+
+def producer_layouts(program: Program, plan: Plan) -> dict[str, Layout]:
+    """Value name → the layout it is produced in (sequence-parallel layers: per output); graph inputs and the
+    embedding's and head's outputs: the trainer's data split."""
+    devices = plan.devices_per_stage
+    strategies = {layer.index: strategy for layer, strategy in zip(program.body, plan.layers)}
+    producers = {name: Layout(data_split(devices)) for name in program.placeholder_names}
+    for layer in program.layers:
+        strategy = strategies.get(layer.index, data_split(devices))
+        flags = sequence_flags(program, plan, layer.index, strategy).seq_outputs if strategy.sp != "none" else ()
+        for i, name in enumerate(layer.output_names):
+            producers[name] = Layout(strategy, bool(flags[i]) if flags else False)
+    return producers
