@@ -111,7 +111,7 @@ def shard_map(param: torch.Tensor, record=None) -> ShardMap:
     ``record``) sits in the user's full parameter."""
     if record is not None:
         full = tuple(record.full_shape)
-        kept = select_local(torch.arange(full[record.dim]), ((0, record.digit_sizes, record.picks),))
+        kept = select_local(torch.arange(full[record.dim]), ((0, record.factor_sizes, record.picks),))
         indices = [torch.arange(n) for n in full]
         indices[record.dim] = kept
         smap = ShardMap(full, tuple(indices))

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+import galvatron_fx
+
 from galvatron_fx.errors import PlanError
 from galvatron_fx.passes.search.engine import SearchEngine, search
 from galvatron_fx.passes.search.bounds import division_bound_s
@@ -270,15 +272,16 @@ def test_stage_bound_never_exceeds_a_fitting_plans_time(types, world, seed, quan
     engine = SearchEngine(model, world, budget, space, None)
     plans = [(plan, model.evaluate(plan)) for plan in all_plans(model, world, space)]
     checked = 0
-    for upper, pp, gb, c, _, k, mode in engine.settings():
-        devices = world // pp
-        layers, embeddings = set(space.layer_strategies(devices, mode)), set(space.embedding_strategies(devices, mode))
-        bound_s = engine.stage_time_lower_bound(pp, gb, c, k, mode)
-        assert gb / bound_s <= upper * (1 + 1e-6)   # both keep a relative slack against rounding
+    for setting in engine.settings():
+        pp, c = setting.pp, setting.chunks
+        layers = set(space.layer_strategies(setting.devices, setting.dp_mode))
+        embeddings = set(space.embedding_strategies(setting.devices, setting.dp_mode))
+        bound_s = engine.stage_time_lower_bound(setting)
+        assert setting.global_batch / bound_s <= setting.upper_bound * (1 + 1e-6)   # both keep a relative slack against rounding
         for plan, prediction in plans:
-            if ((plan.pp, plan.global_batch, plan.chunks) == (pp, gb, c) and set(plan.layers) <= layers
+            if ((plan.pp, plan.global_batch, plan.chunks) == (pp, setting.global_batch, c) and set(plan.layers) <= layers
                     and plan.embedding in embeddings and prediction.budgeted_bytes <= budget
-                    and tuple(model.in_flight(plan.pipeline, pp, s, c) for s in range(pp)) == k):
+                    and tuple(model.in_flight(plan.pipeline, pp, s, c) for s in range(pp)) == setting.in_flight):
                 assert bound_s <= prediction.iteration_time_s * (1 + 1e-9), plan
                 checked += 1
     assert checked > 0
@@ -342,3 +345,15 @@ def test_pipeline_time_with_one_chunk_skips_unreachable_sync_levels():
     fronts = [(np.array([1.0, 3.0]), np.array([2.0, 1.0])), (np.array([5.0]), np.array([2.0]))]
     time_s, picks = pipeline_time(fronts, chunks=1)
     assert time_s == 1.0 + 5.0 + 2.0 and picks == [0, 0]
+
+
+def test_the_real_and_the_toy_cost_models_both_follow_the_cost_contract():
+    from galvatron_fx.cluster import Cluster
+    from galvatron_fx.compile import build_cost_model
+    from galvatron_fx.models import build_model
+    from galvatron_fx.passes.search.cost_contract import CostContract
+
+    model, batch = build_model("gpt2", batch=4, seq=12)
+    real = build_cost_model(galvatron_fx.capture(model, example_kwargs=batch), Cluster.preset("A100-80GB", 1, 2))
+    assert isinstance(real, CostContract) and isinstance(ToyCostModel(["a"]), CostContract)
+    assert not isinstance(object(), CostContract)

@@ -1,7 +1,7 @@
-"""Digits: the units a dimension is made of (heads, head_dim, q/k/v sections, kv heads, GQA repeats).
+"""Factors: the units a dimension is made of (heads, head_dim, q/k/v sections, kv heads, GQA repeats).
 
-A dimension is a row-major list of ``Digit``s whose sizes multiply to its size (size-1 dims: empty list).
-A view that splits a digit refines it everywhere (``Digits.refine``); digits that must line up are united
+A dimension is a row-major list of ``Factor``s whose sizes multiply to its size (size-1 dims: empty list).
+A view that splits a factor refines it everywhere (``Factors.refine``); factors that must line up are united
 into classes (union-find), and a class an op mixes along carries the reason. ``local_shape`` and
 ``shard_spec`` say what one rank holds when classes are split. Used by passes/dim_tracking.py.
 """
@@ -14,39 +14,39 @@ from collections import deque
 from galvatron_fx.errors import PlanError
 
 
-class Digit:
+class Factor:
     __slots__ = ("size", "children", "parent", "reason", "members")
 
     def __repr__(self) -> str:
-        return f"Digit({self.size})"
+        return f"Factor({self.size})"
 
 
-class Digits:
-    """Digits with refinement and union-find classes; a class's ``reason`` says why it cannot be cut."""
+class Factors:
+    """Factors with refinement and union-find classes; a class's ``reason`` says why it cannot be cut."""
 
-    def new(self, size: int) -> Digit:
-        d = Digit()
+    def new(self, size: int) -> Factor:
+        d = Factor()
         d.size, d.children, d.parent, d.reason, d.members = size, None, d, None, [d]
         return d
 
-    def fresh(self, shape) -> list[list[Digit]]:
+    def fresh(self, shape) -> list[list[Factor]]:
         return [[self.new(int(s))] if int(s) > 1 else [] for s in shape]
 
-    def find(self, d: Digit) -> Digit:
+    def find(self, d: Factor) -> Factor:
         while d.parent is not d:
             d.parent = d.parent.parent
             d = d.parent
         return d
 
-    def union(self, a: Digit, b: Digit) -> None:
+    def union(self, a: Factor, b: Factor) -> None:
         ra, rb = self.find(a), self.find(b)
         if ra is not rb:
             rb.parent = ra
             ra.members += rb.members
             ra.reason = ra.reason or rb.reason
 
-    def refine(self, leaf: Digit, outer: int) -> list[Digit]:
-        """Split ``leaf`` (and every digit of its class) into ``outer × size/outer``."""
+    def refine(self, leaf: Factor, outer: int) -> list[Factor]:
+        """Split ``leaf`` (and every factor of its class) into ``outer × size/outer``."""
         root = self.find(leaf)
         first = None
         for member in list(root.members):
@@ -60,8 +60,8 @@ class Digits:
                 self.union(first[1], member.children[1])
         return leaf.children
 
-    def leaves_of(self, items) -> list[Digit]:
-        out: list[Digit] = []
+    def leaves_of(self, items) -> list[Factor]:
+        out: list[Factor] = []
         stack = list(reversed(list(items)))
         while stack:
             item = stack.pop()
@@ -78,8 +78,8 @@ class Digits:
             root = self.find(leaf)
             root.reason = root.reason or reason
 
-    def unify(self, a: list[Digit], b: list[Digit]) -> bool:
-        """Make two equal-sized dims line up digit by digit (refining where boundaries differ)."""
+    def unify(self, a: list[Factor], b: list[Factor]) -> bool:
+        """Make two equal-sized dims line up factor by factor (refining where boundaries differ)."""
         xs, ys = deque(self.leaves_of(a)), deque(self.leaves_of(b))
         while xs and ys:
             x, y = xs.popleft(), ys.popleft()
@@ -101,8 +101,8 @@ class Digits:
                 return False
         return not xs and not ys
 
-    def regroup(self, dims, shape) -> list[list[Digit]] | None:
-        """The digits of a reshape's output dims (``None`` when a boundary falls inside an indivisible digit)."""
+    def regroup(self, dims, shape) -> list[list[Factor]] | None:
+        """The factors of a reshape's output dims (``None`` when a boundary falls inside an indivisible factor)."""
         queue = deque(self.leaves_of(dims))
         out = []
         for n in (int(s) for s in shape):
@@ -131,16 +131,16 @@ class Digits:
         return out if not queue else None
 
 
-def local_shape(digits: Digits, dims, picks: dict) -> list[int]:
+def local_shape(factors: Factors, dims, picks: dict) -> list[int]:
     """Sizes of ``dims`` on one rank when each picked class is split ``picks[class]`` ways."""
-    return [math.prod(leaf.size // picks.get(digits.find(leaf), 1) for leaf in digits.leaves_of(d)) for d in dims]
+    return [math.prod(leaf.size // picks.get(factors.find(leaf), 1) for leaf in factors.leaves_of(d)) for d in dims]
 
 
-def shard_spec(digits: Digits, leaves, picks: dict, indices: dict):
-    """``(digit sizes, picks)`` of one dim for the rank with class ``indices`` (see collectives.select_local)."""
+def shard_spec(factors: Factors, leaves, picks: dict, indices: dict):
+    """``(factor sizes, picks)`` of one dim for the rank with class ``indices`` (see collectives.select_local)."""
     sizes, chosen = [], []
     for leaf in leaves:
-        cls = digits.find(leaf)
+        cls = factors.find(leaf)
         sizes.append(leaf.size)
         if cls in picks:
             length = leaf.size // picks[cls]

@@ -1,10 +1,10 @@
-"""Following dimensions through an ATen layer graph: which "digits" (units such as heads, head_dim, q/k/v
-sections, kv heads, GQA repeats; passes/dim_digits.py) every dimension of every value is made of, which
-digits must line up across tensors, and which ones an op mixes (so they cannot be cut).
+"""Following dimensions through an ATen layer graph: which "factors" (units such as heads, head_dim, q/k/v
+sections, kv heads, GQA repeats; passes/dim_factors.py) every dimension of every value is made of, which
+factors must line up across tensors, and which ones an op mixes (so they cannot be cut).
 
-A view that splits a digit refines it everywhere (``Digits.refine``); ops whose operands must match
-(elementwise, attention q/k/v, matmul batch dims) unite digits into classes (union-find); ops that mix
-along a digit (contractions, softmax, norms, picking sections) mark its class with a reason.
+A view that splits a factor refines it everywhere (``Factors.refine``); ops whose operands must match
+(elementwise, attention q/k/v, matmul batch dims) unite factors into classes (union-find); ops that mix
+along a factor (contractions, softmax, norms, picking sections) mark its class with a reason.
 
 ``analyze`` also finds projections with a parameter weight: *roots* (input replicated) start a tainted
 region, *sinks* (input tainted) end it. Used by tensor parallelism; the machinery knows nothing of ranks.
@@ -25,7 +25,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from galvatron_fx.errors import PlanError
 from galvatron_fx.fx_utils import get_attr_path
 
-from galvatron_fx.passes.analysis.dim_factors import Digit, Digits
+from galvatron_fx.passes.analysis.dim_factors import Factor, Factors
 
 aten = torch.ops.aten
 
@@ -36,7 +36,7 @@ class RootInfo:
     weight: fx.Node
     bias: fx.Node | None
     weight_out_dim: int
-    out_digit: Digit
+    out_factor: Factor
 
 
 @dataclass
@@ -44,13 +44,13 @@ class SinkInfo:
     weight: fx.Node
     bias: fx.Node | None
     weight_in_dim: int
-    contraction: list[Digit]
+    contraction: list[Factor]
     roots: frozenset
 
 
 @dataclass
 class Analysis:
-    digits: Digits
+    factors: Factors
     dims: dict = field(default_factory=dict)  # node → list of dims (tuple outputs: list of those)
     taint: dict = field(default_factory=dict)  # node → frozenset of roots it derives from
     roots: dict = field(default_factory=dict)
@@ -127,8 +127,8 @@ def _tensor_args(node):
     return [a for a in node.all_input_nodes if isinstance(_val(a), torch.Tensor)]
 
 
-def _transfer(D: Digits, node: fx.Node, dims: dict, tainted) -> object:
-    """Digits of ``node``'s output; unites and forbids along the way. Raises Unsupported."""
+def _transfer(D: Factors, node: fx.Node, dims: dict, tainted) -> object:
+    """Factors of ``node``'s output; unites and forbids along the way. Raises Unsupported."""
     t, args = node.target, node.args
     out_shape = _shape(node)
     get = lambda n: dims[n]  # noqa: E731
@@ -288,8 +288,8 @@ def _shape_item(node, i):
 
 
 def analyze(gm: fx.GraphModule, excluded=frozenset()) -> Analysis:
-    """Digits, taint, roots and sinks of ``gm``; projections in ``excluded`` are not roots."""
-    D = Digits()
+    """Factors, taint, roots and sinks of ``gm``; projections in ``excluded`` are not roots."""
+    D = Factors()
     an = Analysis(D)
     dims, taint = an.dims, an.taint
     tainted = lambda n: bool(taint.get(n))  # noqa: E731
@@ -317,9 +317,9 @@ def analyze(gm: fx.GraphModule, excluded=frozenset()) -> Analysis:
             x, w, b, w_in, w_out = matmul
             xd = dims[x]
             if not tainted(x):
-                digit = D.new(int(_shape(w)[w_out] if _shape(w) else get_attr_path(gm, w.target).shape[w_out]))
-                an.roots[node] = RootInfo(w, b, w_out, digit)
-                dims[node] = [*xd[:-1], [digit]]
+                factor = D.new(int(_shape(w)[w_out] if _shape(w) else get_attr_path(gm, w.target).shape[w_out]))
+                an.roots[node] = RootInfo(w, b, w_out, factor)
+                dims[node] = [*xd[:-1], [factor]]
                 taint[node] = frozenset({node})
             else:
                 an.sinks[node] = SinkInfo(w, b, w_in, list(xd[-1]), taint[x])
@@ -342,7 +342,7 @@ def analyze(gm: fx.GraphModule, excluded=frozenset()) -> Analysis:
     return an
 
 
-def _fresh_like(D: Digits, value):
+def _fresh_like(D: Factors, value):
     if isinstance(value, torch.Tensor):
         return D.fresh(value.shape)
     if isinstance(value, (tuple, list)):

@@ -25,8 +25,7 @@ Data-parallel types follow Galvatron's ``default_dp_type``: each setting fixes o
 layer that is not ZeRO-3 and for the embedding/head replicas (unless ``embed_sdp``); ZeRO-3 is free per
 layer. Both modes are searched, so the optimum is exact over that space (the brute force walks the same).
 
-requires: a CostModel following docs' cost contract (layer_cost, embedding_cost, redistribution_s, p2p_s,
-          in_flight, busy_share, unsupported_reason, evaluate).
+requires: a cost model following the cost contract (``search.cost_contract.CostContract``).
 ensures:  the returned plan is the optimum of evaluate() over the space (ties broken arbitrarily), its
           ``prediction`` is evaluate(plan), its provenance names model, cluster, budget, version and
           ``search_time_s``; strategies a layer cannot run are left out with the reason recorded.
@@ -34,7 +33,9 @@ ensures:  the returned plan is the optimum of evaluate() over the space (ties br
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -44,6 +45,7 @@ from galvatron_fx.errors import PlanError
 from galvatron_fx.plan import Plan
 from galvatron_fx.units import format_bytes, parse_bytes
 
+from galvatron_fx.passes.search.cost_contract import CostContract
 from galvatron_fx.passes.search.bounds import RestBound, StageBound, division_bound_s
 from galvatron_fx.passes.search.front import build_cost_table, folded, subset
 from galvatron_fx.passes.search.seed_plan import seed_plan
@@ -53,7 +55,28 @@ from galvatron_fx.passes.search.stage_solver import EmbeddingPart, StageSolver
 Progress = Callable[[int, int, float], None]   # (settings done, settings total, best samples/s so far)
 
 
-def search(cost_model, world_size: int, memory_budget: "int | str", space: SearchSpace | None = None, *,
+@dataclass(frozen=True)
+class Setting:
+    """One point of the outer search: ``pp`` stages of ``devices`` devices, ``chunks`` micro-batches of the
+    global batch under ``pipeline``, the micro-batches each stage holds in flight (``cost.memory.InFlight``),
+    and the dp type every layer that is not ZeRO-3 shares (Galvatron's ``default_dp_type``); ``upper_bound``:
+    samples/s no plan of this setting exceeds (0 until computed)."""
+
+    upper_bound: float
+    pp: int
+    devices: int
+    global_batch: int
+    chunks: int
+    pipeline: str
+    in_flight: tuple[InFlight, ...]
+    dp_mode: str
+
+    @property
+    def micro_batch(self) -> int:
+        return self.global_batch // self.chunks
+
+
+def search(cost_model: CostContract, world_size: int, memory_budget: "int | str", space: SearchSpace | None = None, *,
            progress: Progress | None = None, provenance: dict[str, Any] | None = None) -> Plan:
     """The plan with the highest predicted samples/s whose every stage fits ``memory_budget`` bytes per device.
 
@@ -111,34 +134,35 @@ class SearchEngine:
         return tuple(group), first
 
     # -- settings ----------------------------------------------------------------------------------------
-    def settings(self) -> list[tuple]:
-        """(upper bound on samples/s, pp, global batch, chunks, pipeline, in-flight) for every setting."""
+    def settings(self) -> list[Setting]:
+        """Every setting of the space, the most promising (highest upper bound on samples/s) first."""
         out = []
         L = len(self.types)
         pps = self.space.pp_degrees(self.world_size, L)
         if not pps:
             self.left_out.setdefault(f"no pipeline degree fits world size {self.world_size} and {L} layers "
                                      f"(max_pp {self.space.max_pp})", set())
-        for pp, mode in ((p, m) for p in pps for m in self.space.default_dp_types()):
+        for pp, dp_mode in ((p, m) for p in pps for m in self.space.default_dp_types()):
             devices = self.world_size // pp
-            strategies = self.space.layer_strategies(devices, mode)
-            for gb in self.space.global_batches():
-                for c in self.space.chunk_counts(gb):
-                    mb = gb // c
-                    if mb % devices:
-                        self.left_out.setdefault(f"micro-batch {mb} does not give each of the {devices} devices of a stage "
-                                                 "its own samples", set()).add(f"pp{pp} batch {gb} chunks {c}")
+            strategies = self.space.layer_strategies(devices, dp_mode)
+            for global_batch in self.space.global_batches():
+                for chunks in self.space.chunk_counts(global_batch):
+                    micro_batch = global_batch // chunks
+                    if micro_batch % devices:
+                        self.left_out.setdefault(f"micro-batch {micro_batch} does not give each of the {devices} devices of "
+                                                 "a stage its own samples", set()).add(f"pp{pp} batch {global_batch} chunks {chunks}")
                         continue
                     candidates = {}
                     for pipeline in self.space.pipelines:
-                        k = tuple(self.cost_model.in_flight(pipeline, pp, s, c) for s in range(pp))
-                        candidates.setdefault(k, pipeline)   # both schedules keep the same micro-batches: one search
-                    for k, pipeline in candidates.items():
-                        if any(other != k and all(a <= b for a, b in zip(other, k)) for other in candidates):
+                        in_flight = tuple(self.cost_model.in_flight(pipeline, pp, s, chunks) for s in range(pp))
+                        candidates.setdefault(in_flight, pipeline)   # both schedules keep the same micro-batches: one search
+                    for in_flight, pipeline in candidates.items():
+                        if any(other != in_flight and all(a <= b for a, b in zip(other, in_flight)) for other in candidates):
                             continue   # fewer micro-batches in flight everywhere: same time, no more memory
-                        table = self.table(self.table_key(pp, c, mb, mode), strategies)  # every dp divides mb
-                        out.append((gb / self.time_lower_bound(table, pp, c, mb, k, mode), pp, gb, c, pipeline, k, mode))
-        out.sort(key=lambda item: -item[0])
+                        setting = Setting(0.0, pp, devices, global_batch, chunks, pipeline, in_flight, dp_mode)
+                        table = self.table(self.table_key(setting), strategies)  # every dp divides the micro-batch
+                        out.append(dataclasses.replace(setting, upper_bound=global_batch / self.time_lower_bound(table, setting)))
+        out.sort(key=lambda setting: -setting.upper_bound)
         return out
 
     def folded_table(self, table, chunks: int):
@@ -149,9 +173,9 @@ class SearchEngine:
             self.folded_tables[key] = (table, folded(table, chunks, syncs))
         return self.folded_tables[key][1]
 
-    def table_key(self, pp: int, c: int, mb: int, mode: str) -> tuple:
+    def table_key(self, setting: Setting) -> tuple:
         """(devices per stage, micro-batch, dp mode, busy share): what a setting's layer costs depend on."""
-        return self.world_size // pp, mb, mode, self.cost_model.busy_share(pp, c)
+        return setting.devices, setting.micro_batch, setting.dp_mode, self.cost_model.busy_share(setting.pp, setting.chunks)
 
     def table(self, key: tuple, strategies):
         if key not in self.tables:
@@ -159,66 +183,69 @@ class SearchEngine:
             self.tables[key] = build_cost_table(self.cost_model, strategies, mb, self.left_out, share)
         return self.tables[key]
 
-    def time_lower_bound(self, table, pp: int, c: int, mb: int, k: tuple[int, ...], mode: str) -> float:
-        """No plan of this setting is faster: T >= (1 + (c-1)/pp)·Σ_s X_s, and the layers' Σ X is at least the
-        Lagrangian bound of fitting them all into pp budgets (search_bound); with one stage T = c·X + G exactly."""
+    def time_lower_bound(self, table, setting: Setting) -> float:
+        """No plan of this setting is faster: T >= (1 + (chunks-1)/pp)·Σ_s X_s, and the layers' Σ X is at least
+        the Lagrangian bound of fitting them all into pp budgets (search.bounds); with one stage T = chunks·X + G
+        exactly."""
         if not all(table.useful[t].any() for t in self.types):
             return np.inf
-        devices = self.world_size // pp
+        pp, chunks = setting.pp, setting.chunks
         weight = 1.0
         if pp == 1:
-            table = self.folded_table(table, c)
+            table = self.folded_table(table, chunks)
         else:
-            weight = 1 + (c - 1) / pp
-        k_rest = InFlight.least(k)
-        key = (id(table), k_rest)
+            weight = 1 + (chunks - 1) / pp
+        least_in_flight = InFlight.least(setting.in_flight)
+        key = (id(table), least_in_flight)
         if key not in self.rest_bounds:
             caps = np.array([max(int(table.peak[t][table.useful[t]].max()) for t in self.types)])
-            self.rest_bounds[key] = RestBound(table, self.types, k_rest, caps, per_cap=False)
+            self.rest_bounds[key] = RestBound(table, self.types, least_in_flight, caps, per_cap=False)
         bound = self.rest_bounds[key]
-        syncs = c if self.space.grad_sync_every_micro_batch else 1
+        syncs = chunks if self.space.grad_sync_every_micro_batch else 1
         emb_s, emb_bytes = np.inf, np.inf
-        for embedding in self.space.embedding_strategies(devices, mode):
-            parts = self.parts(devices, mb, pp, c, embedding, mode)
-            emb_s = min(emb_s, sum(c * p.x_s + syncs * p.g_s if pp == 1 else p.x_s for p in parts))
-            emb_bytes = min(emb_bytes, sum(p.memory(k_rest) for p in parts))
+        for embedding in self.space.embedding_strategies(setting.devices, setting.dp_mode):
+            parts = self.parts(setting, embedding)
+            emb_s = min(emb_s, sum(chunks * p.x_s + syncs * p.g_s if pp == 1 else p.x_s for p in parts))
+            emb_bytes = min(emb_bytes, sum(p.memory(least_in_flight) for p in parts))
         rest = bound.total[0]
         m_avail = pp * self.budget - emb_bytes
         layers_s = float(np.max(rest - bound.lam * m_avail - 1e-9 * (np.abs(rest) + bound.lam * (2 * abs(m_avail) + 1))))
         return weight * (max(layers_s, 0.0) + emb_s) + 1e-30
 
-    def stage_time_lower_bound(self, pp: int, gb: int, c: int, k: tuple[int, ...], mode: str) -> float:
+    def stage_time_lower_bound(self, setting: Setting) -> float:
         """A tighter bound than ``time_lower_bound``, for the settings the exact pass reaches: with stage ``s``
         over layers ``[a, b)`` taking at least the Lagrangian bound of fitting them into its own budget with
-        its own in-flight count (search_bound ``StageBound``) plus its embedding/head part,
-        T >= Σ_s X_s + (c − 1)·max_s X_s over the best division; with one stage T = c·X + G exactly."""
-        mb = gb // c
-        table = self.tables[self.table_key(pp, c, mb, mode)]
+        its own in-flight count (search.bounds ``StageBound``) plus its embedding/head part,
+        T >= Σ_s X_s + (chunks − 1)·max_s X_s over the best division; with one stage T = chunks·X + G exactly."""
+        table = self.tables[self.table_key(setting)]
         if not all(table.useful[t].any() for t in self.types):
             return np.inf
-        devices = self.world_size // pp
-        syncs = c if self.space.grad_sync_every_micro_batch else 1
+        pp, chunks = setting.pp, setting.chunks
+        syncs = chunks if self.space.grad_sync_every_micro_batch else 1
         if pp == 1:
-            table = self.folded_table(table, c)
+            table = self.folded_table(table, chunks)
         best, spans_s = np.inf, {}   # middle stages have no part: their spans repeat across embeddings
-        for embedding in self.space.embedding_strategies(devices, mode):
+        for embedding in self.space.embedding_strategies(setting.devices, setting.dp_mode):
             spans = []
-            for s, part in enumerate(self.parts(devices, mb, pp, c, embedding, mode)):
-                key = (k[s], part.memory(k[s]) + part.peak_bytes)
+            for s, part in enumerate(self.parts(setting, embedding)):
+                in_flight = setting.in_flight[s]
+                key = (in_flight, part.memory(in_flight) + part.peak_bytes)
                 if key not in spans_s:
-                    if (id(table), k[s]) not in self.stage_bounds:
-                        self.stage_bounds[id(table), k[s]] = StageBound(table, self.types, k[s])
-                    spans_s[key] = self.stage_bounds[id(table), k[s]].spans_s(self.budget - key[1])
-                spans.append(spans_s[key] + (c * part.x_s + syncs * part.g_s if pp == 1 else part.x_s))
-            best = min(best, division_bound_s(spans, 1 if pp == 1 else c))
+                    if (id(table), in_flight) not in self.stage_bounds:
+                        self.stage_bounds[id(table), in_flight] = StageBound(table, self.types, in_flight)
+                    spans_s[key] = self.stage_bounds[id(table), in_flight].spans_s(self.budget - key[1])
+                spans.append(spans_s[key] + (chunks * part.x_s + syncs * part.g_s if pp == 1 else part.x_s))
+            best = min(best, division_bound_s(spans, 1 if pp == 1 else chunks))
         return best * (1 - 1e-9) + 1e-30
 
-    def parts(self, devices: int, mb: int, pp: int, c: int, embedding, mode: str) -> list[EmbeddingPart]:
-        out, share = [], self.cost_model.busy_share(pp, c)
+    def parts(self, setting: Setting, embedding) -> list[EmbeddingPart]:
+        """The embedding's and head's share of each stage of ``setting`` (``EmbeddingPart``; none in the middle)."""
+        pp, devices, micro_batch = setting.pp, setting.devices, setting.micro_batch
+        out, share = [], self.cost_model.busy_share(pp, setting.chunks)
         for s in range(pp):
-            key = (devices, mb, embedding, s == 0, s == pp - 1, mode, share)
+            key = (devices, micro_batch, embedding, s == 0, s == pp - 1, setting.dp_mode, share)
             if key not in self.embedding_parts:
-                cost = self.cost_model.embedding_cost(embedding, devices, mb, first_stage=s == 0, last_stage=s == pp - 1,
+                cost = self.cost_model.embedding_cost(embedding, devices, micro_batch, first_stage=s == 0, last_stage=s == pp - 1,
                                                       busy_share=share)
                 self.embedding_parts[key] = EmbeddingPart(cost.fwd_s + cost.bwd_s, cost.grad_sync_s, cost.model_state_bytes,
                                                           cost.activation_bytes, cost.transient_bound_bytes, cost.grad_bytes,
@@ -227,73 +254,73 @@ class SearchEngine:
         return out
 
     # -- the search --------------------------------------------------------------------------------------
+    def beats_incumbent(self, samples_per_s: float) -> bool:
+        return samples_per_s > self.best_throughput * (1 + 1e-12)
+
     def run(self) -> Plan | None:
         settings = self.settings()
         # First a cheap seeded plan for every setting that might win: the exact pass then prunes with the best.
-        for upper, pp, gb, c, pipeline, k, mode in settings:
-            if upper <= self.best_throughput * (1 + 1e-12):
+        for setting in settings:
+            if not self.beats_incumbent(setting.upper_bound):
                 break
-            self.solve_setting(pp, gb, c, pipeline, k, mode, exact=False)
-        for done, (upper, pp, gb, c, pipeline, k, mode) in enumerate(settings):
-            if upper <= self.best_throughput * (1 + 1e-12):
+            self.solve_setting(setting, exact=False)
+        for done, setting in enumerate(settings):
+            if not self.beats_incumbent(setting.upper_bound):
                 break   # sorted by upper bound: nothing later can win
             self.visited += 1
-            if gb / self.stage_time_lower_bound(pp, gb, c, k, mode) > self.best_throughput * (1 + 1e-12):
-                self.solve_setting(pp, gb, c, pipeline, k, mode)
+            if self.beats_incumbent(setting.global_batch / self.stage_time_lower_bound(setting)):
+                self.solve_setting(setting)
             if self.progress:
                 self.progress(done + 1, len(settings), self.best_throughput)
         if self.progress:
             self.progress(len(settings), len(settings), self.best_throughput)
         return self.best
 
-    def solve_setting(self, pp: int, gb: int, c: int, pipeline: str, k: tuple[int, ...], mode: str, exact: bool = True) -> None:
-        key = self.table_key(pp, c, gb // c, mode)
+    def solve_setting(self, setting: Setting, exact: bool = True) -> None:
+        key = self.table_key(setting)
         full = self.tables[key]
         if not self.space.uniform:
-            self.solve_table(full, pp, gb, c, pipeline, k, mode, exact)
+            self.solve_table(full, setting, exact)
             return
         for j in range(len(full.strategies)):   # one strategy for every layer: a table of one
             if all(full.allowed[t][j] for t in self.types):
                 uniform_key = (*key, j)
                 if uniform_key not in self.uniform_tables:
                     self.uniform_tables[uniform_key] = subset(full, [j])
-                self.solve_table(self.uniform_tables[uniform_key], pp, gb, c, pipeline, k, mode, exact)
+                self.solve_table(self.uniform_tables[uniform_key], setting, exact)
 
-    def solver(self, table, pp: int, gb: int, c: int, k: tuple[int, ...], mode: str) -> StageSolver:
-        key = (id(table), pp, gb, c, k)
+    def solver(self, table, setting: Setting) -> StageSolver:
+        key = (id(table), setting.pp, setting.global_batch, setting.chunks, setting.in_flight)
         if key not in self.solvers:
-            devices, mb = self.world_size // pp, gb // c
-            embeddings = self.space.embedding_strategies(devices, mode)
-            self.solvers[key] = StageSolver(self, table, pp, mb, c, k, [self.parts(devices, mb, pp, c, e, mode) for e in embeddings])
+            embeddings = self.space.embedding_strategies(setting.devices, setting.dp_mode)
+            self.solvers[key] = StageSolver(self, table, setting.pp, setting.micro_batch, setting.chunks, setting.in_flight,
+                                            [self.parts(setting, e) for e in embeddings])
         return self.solvers[key]
 
-    def solve_table(self, table, pp: int, gb: int, c: int, pipeline: str, k: tuple[int, ...], mode: str, exact: bool = True) -> None:
-        devices, mb = self.world_size // pp, gb // c
-        embeddings = self.space.embedding_strategies(devices, mode)
-        solver = self.solver(table, pp, gb, c, k, mode)
+    def solve_table(self, table, setting: Setting, exact: bool = True) -> None:
+        embeddings = self.space.embedding_strategies(setting.devices, setting.dp_mode)
+        solver = self.solver(table, setting)
         if not exact:
-            seeded = seed_plan(self, table, solver, pp, gb, c, pipeline, k, embeddings,
-                               lambda e: self.parts(devices, mb, pp, c, e, mode))
+            seeded = seed_plan(self, table, solver, setting, embeddings, lambda e: self.parts(setting, e))
             if seeded is not None and seeded[1].samples_per_s > self.best_throughput:
                 self.best, self.best_throughput = seeded[0], seeded[1].samples_per_s
             return
-        self.solvers.pop((id(table), pp, gb, c, k), None)   # solved once: its caches are not needed again
-        ranked = sorted(embeddings, key=lambda e: sum(p.x_s for p in self.parts(devices, mb, pp, c, e, mode)))
+        self.solvers.pop((id(table), setting.pp, setting.global_batch, setting.chunks, setting.in_flight), None)  # solved once
+        ranked = sorted(embeddings, key=lambda e: sum(p.x_s for p in self.parts(setting, e)))
         for embedding in ranked:
-            bound_s = gb / self.best_throughput if self.best_throughput > 0 else np.inf
-            found = solver.best_division(self.parts(devices, mb, pp, c, embedding, mode), bound_s)
+            bound_s = setting.global_batch / self.best_throughput if self.best_throughput > 0 else np.inf
+            found = solver.best_division(self.parts(setting, embedding), bound_s)
             if found is None:
                 continue
             time_s, division, (stages, picks) = found
             layers = []
             for s, ((front, a, b), pick) in enumerate(zip(stages, picks)):
-                layer_front = solver.layer_front(a, b, k[s], int(front.cap[pick]))
+                layer_front = solver.layer_front(a, b, setting.in_flight[s], int(front.cap[pick]))
                 layers += [table.strategies[j] for j in layer_front.backtrack(int(front.layout_class[pick]), int(front.index[pick]))]
-            plan = Plan(world_size=self.world_size, layers=tuple(layers), pp=pp, pp_division=tuple(division),
-                        pipeline=pipeline, chunks=c, global_batch=gb, embedding=embedding,
-                        grad_sync_every_micro_batch=self.space.grad_sync_every_micro_batch)
-            self.best_throughput = gb / time_s
-            self.best = plan
+            self.best = Plan(world_size=self.world_size, layers=tuple(layers), pp=setting.pp, pp_division=tuple(division),
+                             pipeline=setting.pipeline, chunks=setting.chunks, global_batch=setting.global_batch, embedding=embedding,
+                             grad_sync_every_micro_batch=self.space.grad_sync_every_micro_batch)
+            self.best_throughput = setting.global_batch / time_s
 
     # -- reporting ---------------------------------------------------------------------------------------
     def left_out_summary(self) -> list[str]:

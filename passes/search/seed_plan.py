@@ -22,7 +22,7 @@ from galvatron_fx.plan import Plan, even_division
 from galvatron_fx.passes.search.front import redistribution_matrix
 
 
-def _stage_candidates(engine, table, a: int, b: int, k: int, mb: int):
+def _stage_candidates(engine, table, a: int, b: int, in_flight, micro_batch: int):
     """Per (A, B, m) flattened: X, G, memory, peak of layers [a, b) with A on [a, a+m) and B on [a+m, b)."""
     types = engine.types[a:b]
     ok = np.logical_and.reduce([table.allowed[t] for t in types]) & np.logical_or.reduce([table.useful[t] for t in types])
@@ -36,7 +36,7 @@ def _stage_candidates(engine, table, a: int, b: int, k: int, mb: int):
         return np.concatenate([np.zeros((1, len(js)), rows.dtype), np.cumsum(rows, axis=0)])   # (n + 1, J)
 
     px, pg = prefix(table.x), prefix(table.g)
-    pm = prefix({t: table.memory(t, k) for t in types})
+    pm = prefix({t: table.memory(t, in_flight) for t in types})
     peaks = np.array([table.peak[t][js] for t in types])                 # (n, J)
     head_peak = np.concatenate([np.zeros((1, len(js)), np.int64), np.maximum.accumulate(peaks, axis=0)])
     tail_peak = np.concatenate([np.maximum.accumulate(peaks[::-1], axis=0)[::-1], np.zeros((1, len(js)), np.int64)])
@@ -52,18 +52,21 @@ def _stage_candidates(engine, table, a: int, b: int, k: int, mb: int):
     for row, i in enumerate(ms):
         if 0 < i < n:   # a layout change between layer a+i-1 (A) and a+i (B)
             group = engine.boundary_group[a + i]
-            R = redistribution_matrix(engine.cost_model, table, group, engine.group_index[group], mb)
+            R = redistribution_matrix(engine.cost_model, table, group, engine.group_index[group], micro_batch)
             X[row] += R[cls[:, None], cls[None, :]]
     return js, ms, X.ravel(), G.ravel(), M.ravel(), P.ravel(), (len(ms), len(js), len(js))
 
 
-def seed_plan(engine, table, solver, pp: int, gb: int, c: int, pipeline: str, k: tuple[int, ...], embeddings, parts_of):
-    """The best seeded plan over ``embeddings`` (``parts_of(e)`` gives its per-stage parts), or None."""
+def seed_plan(engine, table, solver, setting, embeddings, parts_of):
+    """The best seeded plan of ``setting`` (``search.engine.Setting``) over ``embeddings`` (``parts_of(e)`` gives
+    its per-stage parts), or None."""
+    pp, c, in_flight = setting.pp, setting.chunks, setting.in_flight
     L = len(engine.types)
     division = even_division(L, pp)
     bounds = np.concatenate([[0], np.cumsum(division)])
     syncs = c if engine.space.grad_sync_every_micro_batch else 1
-    stages = [_stage_candidates(engine, table, int(bounds[s]), int(bounds[s + 1]), k[s], gb // c) for s in range(pp)]
+    stages = [_stage_candidates(engine, table, int(bounds[s]), int(bounds[s + 1]), in_flight[s], setting.micro_batch)
+              for s in range(pp)]
     if any(st is None for st in stages):
         return None
     best = None
@@ -72,7 +75,7 @@ def seed_plan(engine, table, solver, pp: int, gb: int, c: int, pipeline: str, k:
         picks, xs, gs = [], [], []
         for s, (js, ms, X, G, M, P, shape) in enumerate(stages):
             part = parts[s]
-            fits = M + part.memory(k[s]) + np.maximum(P, part.peak_bytes) <= engine.budget
+            fits = M + part.memory(in_flight[s]) + np.maximum(P, part.peak_bytes) <= engine.budget
             if not fits.any():
                 break
             proxy = np.where(fits, c * X + syncs * G, np.inf)
@@ -91,8 +94,9 @@ def seed_plan(engine, table, solver, pp: int, gb: int, c: int, pipeline: str, k:
     for s, (js, m, ia, ib) in enumerate(best[2]):
         n = int(bounds[s + 1] - bounds[s])
         layers += [table.strategies[js[ia]]] * int(m) + [table.strategies[js[ib]]] * (n - int(m))
-    plan = Plan(world_size=engine.world_size, layers=tuple(layers), pp=pp, pp_division=division, pipeline=pipeline,
-                chunks=c, global_batch=gb, embedding=best[1], grad_sync_every_micro_batch=engine.space.grad_sync_every_micro_batch)
+    plan = Plan(world_size=engine.world_size, layers=tuple(layers), pp=pp, pp_division=division, pipeline=setting.pipeline,
+                chunks=c, global_batch=setting.global_batch, embedding=best[1],
+                grad_sync_every_micro_batch=engine.space.grad_sync_every_micro_batch)
     prediction = engine.cost_model.evaluate(plan)
     if prediction.budgeted_bytes > engine.budget:
         return None

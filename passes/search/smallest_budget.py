@@ -15,19 +15,19 @@ def smallest_budget(engine) -> tuple[int, tuple] | None:
     """(bytes, (pp, global batch, chunks, pipeline)) of the least-memory plan, or None if no plan exists."""
     best = None
     L = len(engine.types)
-    for _, pp, gb, c, pipeline, k, mode in engine.settings():
-        devices, mb = engine.world_size // pp, gb // c
-        table = engine.tables[engine.table_key(pp, c, mb, mode)]
+    for setting in engine.settings():
+        pp, in_flight = setting.pp, setting.in_flight
+        table = engine.tables[engine.table_key(setting)]
         caps = np.unique(np.concatenate([table.peak[t][table.allowed[t]] for t in engine.types]))
-        for embedding in engine.space.embedding_strategies(devices, mode):
-            parts = engine.parts(devices, mb, pp, c, embedding, mode)
+        for embedding in engine.space.embedding_strategies(setting.devices, setting.dp_mode):
+            parts = engine.parts(setting, embedding)
             # stage_mem[s][a, b]: least memory of stage s over layers [a, b)
             stage_mem = np.full((pp, L + 1, L + 1), np.inf)
             for s in range(pp):
                 for cap in caps:
-                    per_layer = np.array([_least(table, t, k[s], cap) for t in engine.types])
+                    per_layer = np.array([_least(table, t, in_flight[s], cap) for t in engine.types])
                     prefix = np.concatenate([[0.0], np.cumsum(per_layer)])
-                    extra = parts[s].memory(k[s]) + max(int(cap), parts[s].peak_bytes)
+                    extra = parts[s].memory(in_flight[s]) + max(int(cap), parts[s].peak_bytes)
                     span = prefix[None, :] - prefix[:, None] + extra
                     span[np.tril_indices(L + 1)] = np.inf
                     stage_mem[s] = np.minimum(stage_mem[s], span)
@@ -37,7 +37,7 @@ def smallest_budget(engine) -> tuple[int, tuple] | None:
                 reach = np.min(np.maximum(reach[:, None], stage_mem[s]), axis=0)
             need = reach[L]
             if np.isfinite(need) and (best is None or need < best[0]):
-                best = (int(need), (pp, gb, c, pipeline))
+                best = (int(need), (pp, setting.global_batch, setting.chunks, setting.pipeline))
     return best
 
 

@@ -80,7 +80,8 @@ class StageSolver:
         if self.fold:
             table, chunks = engine.folded_table(table, chunks), 1
         self.time_scale = self.fold or 1
-        self.engine, self.table, self.pp, self.mb, self.c, self.k = engine, table, pp, micro_batch, chunks, in_flight
+        self.engine, self.table, self.pp = engine, table, pp
+        self.micro_batch, self.chunks, self.in_flight = micro_batch, chunks, in_flight
         self.types = engine.types
         L = len(self.types)
         usable = [table.useful[t] for t in self.types]
@@ -101,22 +102,22 @@ class StageSolver:
                 self.p2p[s, b] = engine.cost_model.p2p_s(s, pp, engine.world_size // pp, micro_batch, b - 1)
         self._stage_cache: dict = {}
         # what the rest of a plan costs at least, for dropping front points early (search_bound)
-        self.k_rest = InFlight.least(in_flight)
-        self.rest_bound = RestBound(table, self.types, self.k_rest, self.caps, per_cap=pp == 1)
+        self.least_in_flight = InFlight.least(in_flight)
+        self.rest_bound = RestBound(table, self.types, self.least_in_flight, self.caps, per_cap=pp == 1)
         self.syncs = chunks if engine.space.grad_sync_every_micro_batch and not self.fold else 1
         folded_parts = [[self._folded(p) for p in parts] for parts in embedding_parts]
         self.embedding_min_s = min((sum(p.x_s for p in parts) for parts in folded_parts), default=0.0)
-        self.embedding_min_bytes = min((sum(p.memory(self.k_rest) for p in parts)
+        self.embedding_min_bytes = min((sum(p.memory(self.least_in_flight) for p in parts)
                                         for parts in folded_parts), default=0)
 
     # -- layer and stage fronts --------------------------------------------------------------------------
-    def layer_front(self, a: int, b: int, k: int, cap_index: int) -> Front | None:
-        key = (a == 0, self.types[a:b], self.engine.boundary_group[a + 1:b], k, cap_index, self.c, self.k_rest)
+    def layer_front(self, a: int, b: int, in_flight, cap_index: int) -> Front | None:
+        key = (a == 0, self.types[a:b], self.engine.boundary_group[a + 1:b], in_flight, cap_index, self.chunks, self.least_in_flight)
         memo = self.engine.front_memo.setdefault(id(self.table), {})
         bound_s = self.bound_s()
         if key in memo and memo[key][1] >= bound_s:
             return memo[key][0]
-        prev = self.layer_front(a, b - 1, k, cap_index) if b - a > 1 else None
+        prev = self.layer_front(a, b - 1, in_flight, cap_index) if b - a > 1 else None
         if b - a > 1 and (prev is None or not prev.M):
             memo[key] = (None, bound_s)
             return None
@@ -124,11 +125,11 @@ class StageSolver:
         redis = None
         if prev is not None:
             group = self.engine.boundary_group[b - 1]
-            redis = redistribution_matrix(self.engine.cost_model, self.table, group, self.engine.group_index[group], self.mb)
+            redis = redistribution_matrix(self.engine.cost_model, self.table, group, self.engine.group_index[group], self.micro_batch)
         m_avail = self.pp * self.engine.budget - cap - self.embedding_min_bytes
-        promising = self.rest_bound.promising(self.types[a:b], cap_index, m_avail, self.c, self.syncs,
+        promising = self.rest_bound.promising(self.types[a:b], cap_index, m_avail, self.chunks, self.syncs,
                                               self.embedding_min_s, bound_s, self.pp)
-        front = extend(prev, self.table, self.types[b - 1], redis, k, cap, self.engine.budget - cap, promising,
+        front = extend(prev, self.table, self.types[b - 1], redis, in_flight, cap, self.engine.budget - cap, promising,
                        self.entry_s if a == 0 else None)
         memo[key] = (front, bound_s)
         return front
@@ -137,7 +138,7 @@ class StageSolver:
         """The incumbent's iteration time (global batch / best samples/s): a plan must beat it."""
         if self.engine.best_throughput <= 0:
             return np.inf
-        return self.time_scale * self.c * self.mb / self.engine.best_throughput
+        return self.time_scale * self.chunks * self.micro_batch / self.engine.best_throughput
 
     def _folded(self, part: EmbeddingPart) -> EmbeddingPart:
         if not self.fold:
@@ -146,16 +147,16 @@ class StageSolver:
         return dataclasses.replace(part, x_s=self.fold * part.x_s + syncs * part.g_s, g_s=0.0)
 
     def stage_front(self, s: int, a: int, b: int, part: EmbeddingPart) -> StageFront | None:
-        k = self.k[s]
+        in_flight = self.in_flight[s]
         part = self._folded(part)
         last = b == len(self.types)
-        key = (a == 0, last, self.types[a:b], self.engine.boundary_group[a + 1:b], k, part)
+        key = (a == 0, last, self.types[a:b], self.engine.boundary_group[a + 1:b], in_flight, part)
         if key in self._stage_cache:
             return self._stage_cache[key]
         xs, gs, caps, cls, idx = [], [], [], [], []
-        emb_bytes = part.memory(k)
+        emb_bytes = part.memory(in_flight)
         for ci, cap in enumerate(self.caps):
-            front = self.layer_front(a, b, k, ci)
+            front = self.layer_front(a, b, in_flight, ci)
             if front is None or not front.M:
                 continue
             M, X, G, C, I = front.merged()
@@ -166,7 +167,7 @@ class StageSolver:
         if xs and sum(map(len, xs)):
             X, G = np.concatenate(xs), np.concatenate(gs)
             if self.engine.space.grad_sync_every_micro_batch and not self.fold:
-                G = G * self.c
+                G = G * self.chunks
             keep = pareto_indices(X, G, np.zeros(len(X)))
             result = StageFront(X[keep], G[keep], np.concatenate(caps)[keep], np.concatenate(cls)[keep], np.concatenate(idx)[keep])
         self._stage_cache[key] = result
@@ -175,7 +176,7 @@ class StageSolver:
     # -- divisions ---------------------------------------------------------------------------------------
     def best_division(self, parts: list[EmbeddingPart], bound_s: float):
         """Exact min iteration time over divisions and fronts, if below ``bound_s``: (time, division, picks)."""
-        L, pp, c = len(self.types), self.pp, self.c
+        L, pp, c = len(self.types), self.pp, self.chunks
         best = [bound_s, None, None]
         last_x = parts[-1].x_s
 

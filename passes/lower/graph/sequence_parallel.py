@@ -13,7 +13,7 @@ whole sequences are needed and what the group does with weights:
 
 How the sequence is found: the factor analysis of ``passes.analysis.dim_tracking`` follows the sequence dimension of
 the layer's first batched activation through views, transposes and merges (GPT-2's ``[batch * seq]``), so
-every value knows where its sequence digit sits. Which inputs arrive sharded: those with that digit that
+every value knows where its sequence factor sits. Which inputs arrive sharded: those with that factor that
 reach work outside the whole-sequence region (not only attention or the tensor-parallel region); inputs
 that are not batched (rotary tables) are split in the layer. States then propagate in graph order: a value
 computed from a sharded value is sharded, views of sharded values get the local sequence length, and whole
@@ -76,18 +76,18 @@ class SPResult:
 
 
 class _Sequence:
-    """Where the sequence digit sits in every value of the (pre-rewrite) graph."""
+    """Where the sequence factor sits in every value of the (pre-rewrite) graph."""
 
     def __init__(self, gm: fx.GraphModule, cfg: SPConfig):
         self.tp = cfg.tp
         self.analysis = analyze(gm, excluded={n for n in gm.graph.nodes if n.op == "call_function" and param_matmul(gm, n)})
-        digits, dims = self.analysis.digits, self.analysis.dims
+        factors, dims = self.analysis.factors, self.analysis.dims
         self.cls, self.length = None, 0
         for node in gm.graph.find_nodes(op="placeholder"):
             value = node.meta.get("val")
             if node.name in cfg.batched and _is_float(node) and value.dim() >= 3 and dims.get(node) and dims[node][1]:
-                leaf = digits.leaves_of(dims[node][1])[0]
-                self.cls, self.length = digits.find(leaf), leaf.size
+                leaf = factors.leaves_of(dims[node][1])[0]
+                self.cls, self.length = factors.find(leaf), leaf.size
                 break
 
     def dims(self, node: fx.Node):
@@ -97,21 +97,21 @@ class _Sequence:
         return dims if isinstance(dims, list) and all(isinstance(d, list) for d in dims) else None
 
     def position(self, node: fx.Node, sharded: bool):
-        """``(dim, digit sizes, index)`` of the sequence digit in ``node`` (local sizes when ``sharded``)."""
+        """``(dim, factor sizes, index)`` of the sequence factor in ``node`` (local sizes when ``sharded``)."""
         dims = self.dims(node)
         if self.cls is None or dims is None:
             return None
-        digits = self.analysis.digits
-        for d, digit_list in enumerate(dims):
-            leaves = digits.leaves_of(digit_list)
+        factors = self.analysis.factors
+        for d, factor_list in enumerate(dims):
+            leaves = factors.leaves_of(factor_list)
             for i, leaf in enumerate(leaves):
-                if digits.find(leaf) is self.cls:
+                if factors.find(leaf) is self.cls:
                     sizes = tuple(l.size // (self.tp if (j == i and sharded) else 1) for j, l in enumerate(leaves))
                     return d, sizes, i
         return None
 
     def local_sizes(self, node: fx.Node) -> list[int]:
-        return local_shape(self.analysis.digits, self.dims(node), {self.cls: self.tp})
+        return local_shape(self.analysis.factors, self.dims(node), {self.cls: self.tp})
 
 
 def _is_float(node) -> bool:

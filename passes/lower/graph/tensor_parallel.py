@@ -2,18 +2,18 @@
 
 How the pairs are found. Every projection whose weight is a parameter (``aten.linear``, ``addmm``, ``mm``,
 ``matmul``) and whose input is replicated is a candidate *column-parallel* projection ("root"); its output
-feature dimension is one unit, a ``Digit``. Values derived from roots are followed through the graph
-(``passes.dim_tracking``): views split digits (192 → 3 sections × 4 heads × 16), elementwise ops and
-attention align digits of different tensors (q heads ≡ k heads, GQA: q heads = kv heads × repeats), and
-ops that mix along a digit (attention over head_dim, softmax, norms, sections picked by ``split``) forbid
-sharding it. A projection whose input is derived is *row-parallel* ("sink"): its contraction digits are
-where the work is cut. For each group of roots and sinks the pass picks the outermost allowed digits whose
+feature dimension is one unit, a ``Factor``. Values derived from roots are followed through the graph
+(``passes.dim_tracking``): views split factors (192 → 3 sections × 4 heads × 16), elementwise ops and
+attention align factors of different tensors (q heads ≡ k heads, GQA: q heads = kv heads × repeats), and
+ops that mix along a factor (attention over head_dim, softmax, norms, sections picked by ``split``) forbid
+sharding it. A projection whose input is derived is *row-parallel* ("sink"): its contraction factors are
+where the work is cut. For each group of roots and sinks the pass picks the outermost allowed factors whose
 sizes divide tp (heads, or kv heads then repeats when tp exceeds the kv heads), shards the weights
 accordingly, rewrites view/expand/split sizes to the local ones, and inserts visible collectives:
 ``tp_copy`` (identity forward, all-reduce backward) where replicated values enter the sharded region,
-``tp_scatter`` where a replicated value carrying a sharded digit (T5/Swin position bias) meets it,
+``tp_scatter`` where a replicated value carrying a sharded factor (T5/Swin position bias) meets it,
 ``tp_reduce`` (all-reduce forward) after row-parallel projections, whose biases are added after the sum.
-A group that cannot be sharded (no divisible digit, an unknown op on sharded values, no row-parallel
+A group that cannot be sharded (no divisible factor, an unknown op on sharded values, no row-parallel
 end) stays replicated with a warning naming the obstacle, or raises PlanError when ``strict``.
 """
 
@@ -32,7 +32,7 @@ from galvatron_fx.fx_utils import get_attr_path, set_attr_path
 from galvatron_fx.program import set_layer_meta
 
 from galvatron_fx.passes.lower.ops.collectives import tp_copy, tp_reduce, tp_scatter
-from galvatron_fx.passes.analysis.dim_factors import Digit, local_shape, rewrite_sizes, shard_spec
+from galvatron_fx.passes.analysis.dim_factors import Factor, local_shape, rewrite_sizes, shard_spec
 from galvatron_fx.passes.analysis.dim_tracking import Analysis, analyze, rewritten_meta
 from galvatron_fx.passes.lower.graph.random_streams import mark_sharded
 
@@ -52,12 +52,12 @@ class TPConfig:
 @dataclass(frozen=True)
 class ShardRecord:
     """How a parameter was sharded: enough to reshard a checkpoint. ``dim`` of the full tensor is viewed as
-    ``digit_sizes`` (row-major); ``picks[i]`` is this rank's ``(start, length)`` on digit i, or None."""
+    ``factor_sizes`` (row-major); ``picks[i]`` is this rank's ``(start, length)`` on factor i, or None."""
 
     name: str
     full_shape: tuple[int, ...]
     dim: int
-    digit_sizes: tuple[int, ...]
+    factor_sizes: tuple[int, ...]
     picks: tuple[tuple[int, int] | None, ...]
     replicas: int  # tp ranks holding this same shard (their gradients are summed)
     ranks: tuple[int, ...] = ()  # the tp group (global ranks) that holds the shards
@@ -69,7 +69,7 @@ class ShardRecord:
     def select(self, full: torch.Tensor) -> torch.Tensor:
         from galvatron_fx.passes.lower.ops.collectives import select_local
 
-        return select_local(full, ((self.dim, self.digit_sizes, self.picks),))
+        return select_local(full, ((self.dim, self.factor_sizes, self.picks),))
 
 
 @dataclass
@@ -81,16 +81,16 @@ class TPResult:
 
 
 # -- choosing what to cut --------------------------------------------------------------------------------
-def _choose(analysis: Analysis, component: frozenset[fx.Node], tp: int) -> dict[Digit, int] | str:
-    """Digit class → ways it is split (product tp), or the reason no choice exists."""
+def _choose(analysis: Analysis, component: frozenset[fx.Node], tp: int) -> dict[Factor, int] | str:
+    """Factor class → ways it is split (product tp), or the reason no choice exists."""
     sinks = [s for s, info in analysis.sinks.items() if info.roots <= component]
     if not sinks:
         return "its column-parallel output reaches no row-parallel projection"
-    order = analysis.digits.leaves_of(analysis.sinks[sinks[0]].contraction)
-    picks: dict[Digit, int] = {}
+    order = analysis.factors.leaves_of(analysis.sinks[sinks[0]].contraction)
+    picks: dict[Factor, int] = {}
     remaining = tp
     for leaf in order:
-        cls = analysis.digits.find(leaf)
+        cls = analysis.factors.find(leaf)
         if cls in picks or cls.reason:
             continue
         ways = math.gcd(remaining, leaf.size)
@@ -100,18 +100,18 @@ def _choose(analysis: Analysis, component: frozenset[fx.Node], tp: int) -> dict[
         if remaining == 1:
             break
     if remaining > 1:
-        units = " × ".join(f"{leaf.size}" + (f" ({analysis.digits.find(leaf).reason})" if analysis.digits.find(leaf).reason else "")
+        units = " × ".join(f"{leaf.size}" + (f" ({analysis.factors.find(leaf).reason})" if analysis.factors.find(leaf).reason else "")
                            for leaf in order)
         return f"tp={tp} does not divide its shardable units (contraction {units})"
     for sink in sinks:
-        covered = math.prod(picks.get(analysis.digits.find(leaf), 1) for leaf in analysis.digits.leaves_of(analysis.sinks[sink].contraction))
+        covered = math.prod(picks.get(analysis.factors.find(leaf), 1) for leaf in analysis.factors.leaves_of(analysis.sinks[sink].contraction))
         if covered != tp:
             return f"row-parallel {sink.name} would see only {covered} of {tp} parts"
     return picks
 
 
-def _rank_indices(picks: dict[Digit, int], tp_rank: int) -> dict[Digit, int]:
-    """Mixed-radix decomposition of the tp rank over the picked digit classes (first pick outermost)."""
+def _rank_indices(picks: dict[Factor, int], tp_rank: int) -> dict[Factor, int]:
+    """Mixed-radix decomposition of the tp rank over the picked factor classes (first pick outermost)."""
     indices, stride = {}, math.prod(picks.values())
     for cls, ways in picks.items():
         stride //= ways
@@ -126,8 +126,8 @@ def _set_param(gm: fx.GraphModule, target: str, value: torch.Tensor, requires_gr
 
 
 def _shard_param(gm, node: fx.Node, dim: int, leaves, analysis, picks, indices, tp, result, records) -> ShardRecord:
-    spec = shard_spec(analysis.digits, leaves, picks, indices)
-    covered = math.prod(picks.get(analysis.digits.find(leaf), 1) for leaf in leaves)
+    spec = shard_spec(analysis.factors, leaves, picks, indices)
+    covered = math.prod(picks.get(analysis.factors.find(leaf), 1) for leaf in leaves)
     full = get_attr_path(gm, node.target)
     record = ShardRecord(node.target, tuple(full.shape), dim, spec[0], spec[1], tp // covered, result.ranks)
     if node.target not in records:
@@ -137,10 +137,10 @@ def _shard_param(gm, node: fx.Node, dim: int, leaves, analysis, picks, indices, 
     return record
 
 
-def _slot(picks, indices, leaves, digits) -> tuple[int, int]:
+def _slot(picks, indices, leaves, factors) -> tuple[int, int]:
     """Which shard of a partly replicated parameter this rank holds, and how many distinct shards exist:
     ranks with the same slot hold the same shard (they agree on every picked class in ``leaves``)."""
-    classes = {digits.find(leaf) for leaf in leaves}
+    classes = {factors.find(leaf) for leaf in leaves}
     slot, slots = 0, 1
     for cls, ways in picks.items():
         if cls in classes:
@@ -149,7 +149,7 @@ def _slot(picks, indices, leaves, digits) -> tuple[int, int]:
 
 
 def _rewrite(gm: fx.GraphModule, analysis: Analysis, chosen: dict[frozenset, dict], cfg: TPConfig, result: TPResult) -> None:
-    digits, graph, ranks = analysis.digits, gm.graph, cfg.ranks
+    factors, graph, ranks = analysis.factors, gm.graph, cfg.ranks
     picks = {cls: ways for choice in chosen.values() for cls, ways in choice.items()}
     indices = {}
     for choice in chosen.values():
@@ -164,14 +164,14 @@ def _rewrite(gm: fx.GraphModule, analysis: Analysis, chosen: dict[frozenset, dic
     for root, info in analysis.roots.items():
         if root not in live:
             continue
-        leaves = digits.leaves_of([info.out_digit])
+        leaves = factors.leaves_of([info.out_factor])
         record = _shard_param(gm, info.weight, info.weight_out_dim, leaves, analysis, picks, indices, cfg.tp, result, records)
         params = [info.weight]
         if info.bias is not None:
             _shard_param(gm, info.bias, 0, leaves, analysis, picks, indices, cfg.tp, result, records)
             params.append(info.bias)
         if record.replicas > 1:  # e.g. kv heads shared by several tp ranks: their gradients are partial
-            slot, slots = _slot(choice_of[root], indices, leaves, digits)
+            slot, slots = _slot(choice_of[root], indices, leaves, factors)
             for param in params:
                 with graph.inserting_before(root):
                     copy = graph.call_function(tp_copy, (param, ranks, slot, slots))
@@ -180,7 +180,7 @@ def _rewrite(gm: fx.GraphModule, analysis: Analysis, chosen: dict[frozenset, dic
     sharded_nodes |= {info.bias for root, info in analysis.roots.items() if root in live and info.bias is not None}
     for sink, info in analysis.sinks.items():
         if info.roots & live:
-            leaves = digits.leaves_of(info.contraction)
+            leaves = factors.leaves_of(info.contraction)
             _shard_param(gm, info.weight, info.weight_in_dim, leaves, analysis, picks, indices, cfg.tp, result, records)
             sharded_nodes.add(info.weight)
 
@@ -189,15 +189,15 @@ def _rewrite(gm: fx.GraphModule, analysis: Analysis, chosen: dict[frozenset, dic
         if node not in tainted or node.op != "call_function":
             continue
         if node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default):
-            local = local_shape(digits, analysis.dims[node], picks)
+            local = local_shape(factors, analysis.dims[node], picks)
             node.args = (node.args[0], rewrite_sizes(node.args[1], local, list(node.meta["val"].shape)), *node.args[2:])
         elif node.target in (aten.split.Tensor, aten.split_with_sizes.default):
             dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-            pieces = [local_shape(digits, d, picks)[dim] for d in analysis.dims[node]]
+            pieces = [local_shape(factors, d, picks)[dim] for d in analysis.dims[node]]
             size = pieces[0] if node.target is aten.split.Tensor else pieces
             node.args = (node.args[0], size, *node.args[2:])
 
-    # replicated values entering sharded work: copy (gradient all-reduce), or scatter when they carry a cut digit
+    # replicated values entering sharded work: copy (gradient all-reduce), or scatter when they carry a cut factor
     entered: dict[tuple, fx.Node] = {}
     for node in list(graph.nodes):
         if node not in tainted or node in analysis.sinks or node.op != "call_function":
@@ -206,7 +206,7 @@ def _rewrite(gm: fx.GraphModule, analysis: Analysis, chosen: dict[frozenset, dic
             if arg in tainted or arg in sharded_nodes or arg.target in (tp_copy,) or not _is_float_tensor(arg):
                 continue
             spec = tuple(entry for entry in (
-                (dim, *shard_spec(digits, digits.leaves_of(d), picks, indices)) for dim, d in enumerate(analysis.dims.get(arg, []))
+                (dim, *shard_spec(factors, factors.leaves_of(d), picks, indices)) for dim, d in enumerate(analysis.dims.get(arg, []))
             ) if any(p is not None for p in entry[2]))
             key = (arg, spec)
             if key not in entered:

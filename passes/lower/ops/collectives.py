@@ -105,8 +105,8 @@ class _Reduce(torch.autograd.Function):
 
 
 def select_local(x: torch.Tensor, spec: tuple) -> torch.Tensor:
-    """Keep the indices a shard spec names. ``spec`` is ``((dim, digit_sizes, picks), ...)`` where a dim of
-    ``x`` is viewed as digits (row-major) and ``picks[i]`` is ``(start, length)`` on digit i, or None."""
+    """Keep the indices a shard spec names. ``spec`` is ``((dim, factor_sizes, picks), ...)`` where a dim of
+    ``x`` is viewed as factors (row-major) and ``picks[i]`` is ``(start, length)`` on factor i, or None."""
     for dim, sizes, picks in spec:
         dim = dim % x.dim()
         shape = list(x.shape)
@@ -220,70 +220,70 @@ def reduce_scatter_dim(x: torch.Tensor, dim: int, ranks: Ranks) -> torch.Tensor:
     return _ReduceScatter.apply(x, dim, ranks) if len(ranks) > 1 else x
 
 
-# -- sequence parallelism: collectives along one digit of a dimension ------------------------------------------
+# -- sequence parallelism: collectives along one factor of a dimension ------------------------------------------
 # A sequence-sharded value may carry the sequence inside a merged dimension (GPT-2 flattens [batch, seq] to
 # [batch * seq] before its projections). ``(dim, sizes, index)`` names it: dimension ``dim`` viewed row-major
-# as ``sizes`` (this rank's sizes), the sequence being digit ``index``.
-def _on_digit(x: torch.Tensor, dim: int, sizes: tuple, index: int, op) -> torch.Tensor:
+# as ``sizes`` (this rank's sizes), the sequence being factor ``index``.
+def _on_factor(x: torch.Tensor, dim: int, sizes: tuple, index: int, op) -> torch.Tensor:
     dim = dim % x.dim()
     shape = list(x.shape)
     y = op(x.reshape(shape[:dim] + list(sizes) + shape[dim + 1:]), dim + index)
     return y.reshape(shape[:dim] + [-1] + shape[dim + 1:])
 
 
-def _digit_gather(x, dim, sizes, index, ranks):
-    return _on_digit(x, dim, sizes, index, lambda y, d: all_gather_dim(y, d, ranks))
+def _factor_gather(x, dim, sizes, index, ranks):
+    return _on_factor(x, dim, sizes, index, lambda y, d: all_gather_dim(y, d, ranks))
 
 
-def _digit_reduce_scatter(x, dim, sizes, index, ranks):
-    return _on_digit(x, dim, sizes, index, lambda y, d: reduce_scatter_sum_dim(y, d, ranks))
+def _factor_reduce_scatter(x, dim, sizes, index, ranks):
+    return _on_factor(x, dim, sizes, index, lambda y, d: reduce_scatter_sum_dim(y, d, ranks))
 
 
-def _digit_split(x, dim, sizes, index, ranks):
-    return _on_digit(x, dim, sizes, index, lambda y, d: y.chunk(len(ranks), d)[0 if _is_fake(y) else _my_index(ranks)].contiguous())
+def _factor_split(x, dim, sizes, index, ranks):
+    return _on_factor(x, dim, sizes, index, lambda y, d: y.chunk(len(ranks), d)[0 if _is_fake(y) else _my_index(ranks)].contiguous())
 
 
 class _SeqGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, sizes, index, ranks, sum_grad):
         ctx.args, ctx.sum_grad = (dim, tuple(s * len(ranks) if i == index else s for i, s in enumerate(sizes)), index, ranks), sum_grad
-        return _digit_gather(x, dim, sizes, index, ranks)
+        return _factor_gather(x, dim, sizes, index, ranks)
 
     @staticmethod
     def backward(ctx, grad):
-        op = _digit_reduce_scatter if ctx.sum_grad else _digit_split
+        op = _factor_reduce_scatter if ctx.sum_grad else _factor_split
         return op(grad.contiguous(), *ctx.args), None, None, None, None, None
 
 
 class _SeqShard(torch.autograd.Function):
-    """Forward: this rank's part of the sequence digit, reduce-scattered from partial sums (``reduce``) or
+    """Forward: this rank's part of the sequence factor, reduce-scattered from partial sums (``reduce``) or
     split from a whole value; backward: all-gather of the gradient."""
 
     @staticmethod
     def forward(ctx, x, dim, sizes, index, ranks, reduce):
         ctx.args = (dim, tuple(s // len(ranks) if i == index else s for i, s in enumerate(sizes)), index, ranks)
-        return (_digit_reduce_scatter if reduce else _digit_split)(x, dim, sizes, index, ranks)
+        return (_factor_reduce_scatter if reduce else _factor_split)(x, dim, sizes, index, ranks)
 
     @staticmethod
     def backward(ctx, grad):
-        return _digit_gather(grad.contiguous(), *ctx.args), None, None, None, None, None
+        return _factor_gather(grad.contiguous(), *ctx.args), None, None, None, None, None
 
 
 def sp_gather(x: torch.Tensor, dim: int, sizes: tuple, index: int, ranks: Ranks, sum_grad: bool = True) -> torch.Tensor:
-    """All-gather the sequence digit (``sizes``: this rank's) forward; backward reduce-scatter the gradient
+    """All-gather the sequence factor (``sizes``: this rank's) forward; backward reduce-scatter the gradient
     (``sum_grad``: Megatron-SP before column-parallel work, whose input gradients are partial) or keep this
     rank's part of it (the gradient is already whole)."""
     return _SeqGather.apply(x, dim, tuple(sizes), index, ranks, sum_grad) if len(ranks) > 1 else x
 
 
 def sp_reduce_scatter(x: torch.Tensor, dim: int, sizes: tuple, index: int, ranks: Ranks) -> torch.Tensor:
-    """Partial sums reduce-scattered along the sequence digit (``sizes``: whole) forward, all-gather backward
+    """Partial sums reduce-scattered along the sequence factor (``sizes``: whole) forward, all-gather backward
     (Megatron-SP after a row-parallel projection)."""
     return _SeqShard.apply(x, dim, tuple(sizes), index, ranks, True) if len(ranks) > 1 else x
 
 
 def sp_split(x: torch.Tensor, dim: int, sizes: tuple, index: int, ranks: Ranks) -> torch.Tensor:
-    """This rank's part of a whole (replicated) value along the sequence digit; backward all-gather."""
+    """This rank's part of a whole (replicated) value along the sequence factor; backward all-gather."""
     return _SeqShard.apply(x, dim, tuple(sizes), index, ranks, False) if len(ranks) > 1 else x
 
 
