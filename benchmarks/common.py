@@ -58,19 +58,44 @@ def build_model(name: str, shape: str = "bench", batch: int = 8, seq: int | None
     seq = seq or s["seq"]
     torch.manual_seed(0)
     if name == "gpt2":
-        config = transformers.GPT2Config(n_layer=s["layers"], n_embd=s["hidden"], n_head=s["heads"], n_inner=s["ffn"],
-                                         vocab_size=s["vocab"], n_positions=max(seq, 128), resid_pdrop=0.0, embd_pdrop=0.0,
-                                         attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+        config = transformers.GPT2Config(
+            n_layer=s["layers"],
+            n_embd=s["hidden"],
+            n_head=s["heads"],
+            n_inner=s["ffn"],
+            vocab_size=s["vocab"],
+            n_positions=max(seq, 128),
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         model = transformers.GPT2LMHeadModel(config)
     elif name == "bert":
-        config = transformers.BertConfig(num_hidden_layers=s["layers"], hidden_size=s["hidden"], num_attention_heads=s["heads"],
-                                         intermediate_size=s["ffn"], vocab_size=s["vocab"], max_position_embeddings=max(seq, 128),
-                                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        config = transformers.BertConfig(
+            num_hidden_layers=s["layers"],
+            hidden_size=s["hidden"],
+            num_attention_heads=s["heads"],
+            intermediate_size=s["ffn"],
+            vocab_size=s["vocab"],
+            max_position_embeddings=max(seq, 128),
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
         model = transformers.BertForMaskedLM(config)
     elif name == "llama":
-        config = transformers.LlamaConfig(num_hidden_layers=s["layers"], hidden_size=s["hidden"], num_attention_heads=s["heads"],
-                                          num_key_value_heads=s["heads"], intermediate_size=s["ffn"], vocab_size=s["vocab"],
-                                          max_position_embeddings=max(seq, 128), attention_dropout=0.0, tie_word_embeddings=False)
+        config = transformers.LlamaConfig(
+            num_hidden_layers=s["layers"],
+            hidden_size=s["hidden"],
+            num_attention_heads=s["heads"],
+            num_key_value_heads=s["heads"],
+            intermediate_size=s["ffn"],
+            vocab_size=s["vocab"],
+            max_position_embeddings=max(seq, 128),
+            attention_dropout=0.0,
+            tie_word_embeddings=False,
+        )
         model = transformers.LlamaForCausalLM(config)
     else:
         raise ValueError(f"unknown benchmark model {name!r}")
@@ -169,11 +194,13 @@ def peak_step_bytes(step: Callable[[], Any], device: torch.device, state: Callab
         events = json.loads(path.read_text())["traceEvents"]
     window = next(e for e in events if e.get("name") == _MEASURED and e.get("ph") == "X")
     start, end = window["ts"], window["ts"] + window["dur"]
-    memory = sorted((e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0),
-                    key=lambda e: e["ts"])
+    memory = sorted(
+        (e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0),
+        key=lambda e: e["ts"],
+    )
     if not memory:
         return before
-    at_start = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]   # left by earlier sessions
+    at_start = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]  # left by earlier sessions
     totals = [e["args"]["Total Allocated"] - at_start for e in memory if start <= e["ts"] <= end]
     return before + max(totals, default=0)
 
@@ -193,14 +220,20 @@ def _count_cpu_frees_on_every_thread() -> None:
     except (OSError, ValueError) as error:
         import warnings
 
-        warnings.warn(f"cannot turn on the CPU allocator's accounting in {library} ({error}): frees on gloo's "
-                      "threads go uncounted, so CPU peak memory may read high by a collective's buffers")
+        warnings.warn(
+            f"cannot turn on the CPU allocator's accounting in {library} ({error}): frees on gloo's "
+            "threads go uncounted, so CPU peak memory may read high by a collective's buffers",
+            stacklevel=2,
+        )
 
 
 # -- FLOPs and MFU -------------------------------------------------------------------------------------
 def model_flops_per_sample(model_profile) -> float:
     """Forward + backward FLOPs of one sample (graph-counted; recomputation not included, as MFU wants)."""
-    parts = [model_profile.types[t] for t in model_profile.layer_types] + [model_profile.prologue, model_profile.epilogue]
+    parts = [model_profile.types[t] for t in model_profile.layer_types] + [
+        model_profile.prologue,
+        model_profile.epilogue,
+    ]
     return float(sum(p.fwd_flops_per_sample + p.bwd_flops_per_sample for p in parts))
 
 
@@ -227,6 +260,7 @@ def median(values: Sequence[float]) -> float:
 
 def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]], file=sys.stdout) -> str:
     """Print ``rows`` as a Markdown table; ``columns`` are (key, header, format). Returns the text."""
+
     def cell(row, key, fmt):
         value = row.get(key)
         if value is None:
@@ -243,9 +277,16 @@ def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]],
 def environment() -> dict[str, Any]:
     """Where the figures were taken: host, torch, device, load."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "cpus": os.cpu_count(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "backend": backend(), "load_average_1_5_15_min": load, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "backend": backend(),
+        "load_average_1_5_15_min": load,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
 def write_json(name: str, payload: dict[str, Any], folder: Path | None = None) -> Path:
@@ -253,11 +294,15 @@ def write_json(name: str, payload: dict[str, Any], folder: Path | None = None) -
     folder = Path(folder) if folder else RESULTS
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
-    path.write_text(json.dumps({"benchmark": name, "environment": environment(), **payload}, indent=2, default=str) + "\n")
+    path.write_text(
+        json.dumps({"benchmark": name, "environment": environment(), **payload}, indent=2, default=str) + "\n"
+    )
     return path
 
 
 def command_line() -> str:
     """The command that is running, as a user would type it again."""
-    return "python " + " ".join([str(Path(sys.argv[0]).resolve().relative_to(REPO)) if Path(sys.argv[0]).exists() else sys.argv[0]]
-                                + sys.argv[1:])
+    return "python " + " ".join(
+        [str(Path(sys.argv[0]).resolve().relative_to(REPO)) if Path(sys.argv[0]).exists() else sys.argv[0]]
+        + sys.argv[1:]
+    )

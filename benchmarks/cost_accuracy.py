@@ -35,9 +35,23 @@ if __package__ in (None, ""):
 import numpy as np
 import torch
 
-from benchmarks.common import (RESULTS, SHAPES, backend, build_model, command_line, device_peak_flops, median, mfu,
-                               model_flops_per_sample, peak_step_bytes, print_table, spawn, time_steps,
-                               training_state, write_json)
+from benchmarks.common import (
+    RESULTS,
+    SHAPES,
+    backend,
+    build_model,
+    command_line,
+    device_peak_flops,
+    median,
+    mfu,
+    model_flops_per_sample,
+    peak_step_bytes,
+    print_table,
+    spawn,
+    time_steps,
+    training_state,
+    write_json,
+)
 from galvatron_fx.plan import LayerStrategy, Plan
 
 MODELS = ("gpt2", "bert")
@@ -45,44 +59,80 @@ GLOBAL_BATCH = 8
 
 
 # -- plans ---------------------------------------------------------------------------------------------
-def _plan(name: str, world: int, pattern, *, pp: int = 1, chunks: int = 1, pipeline: str = "1f1b",
-          division: tuple[int, ...] = (), layers: int = 4) -> tuple[str, Plan]:
+def _plan(
+    name: str,
+    world: int,
+    pattern,
+    *,
+    pp: int = 1,
+    chunks: int = 1,
+    pipeline: str = "1f1b",
+    division: tuple[int, ...] = (),
+    layers: int = 4,
+) -> tuple[str, Plan]:
     """``pattern``: (tp, dp_type, ckpt[, consecutive]) repeated over the body layers."""
     devices = world // pp
     strategies = []
     for i in range(layers):
         tp, dp_type, ckpt, *rest = pattern[i % len(pattern)]
         dp = devices // tp
-        strategies.append(LayerStrategy(tp=tp, dp=dp, dp_type=dp_type if dp > 1 else "ddp", ckpt=ckpt,
-                                        tp_consecutive=rest[0] if rest else True))
-    return name, Plan(world_size=world, layers=tuple(strategies), pp=pp, pp_division=division, chunks=chunks,
-                      pipeline=pipeline, global_batch=GLOBAL_BATCH)
+        strategies.append(
+            LayerStrategy(
+                tp=tp, dp=dp, dp_type=dp_type if dp > 1 else "ddp", ckpt=ckpt, tp_consecutive=rest[0] if rest else True
+            )
+        )
+    return name, Plan(
+        world_size=world,
+        layers=tuple(strategies),
+        pp=pp,
+        pp_division=division,
+        chunks=chunks,
+        pipeline=pipeline,
+        global_batch=GLOBAL_BATCH,
+    )
 
 
 def plans(world: int, layers: int, model: str) -> list[tuple[str, Plan]]:
     """The measured plans for ``world`` processes; BERT runs a subset of GPT-2's."""
     p = lambda name, pattern, **kw: _plan(name, world, pattern, layers=layers, **kw)  # noqa: E731
     if world == 2:
-        cases = [p("dp2", [(1, "ddp", False)]),
-                 p("dp2-zero2", [(1, "zero2", False)]),
-                 p("dp2-zero3-ckpt", [(1, "zero3", True)]),
-                 p("tp2", [(2, "ddp", False)]),
-                 p("pp2-1f1b-c4", [(1, "ddp", False)], pp=2, chunks=4),
-                 p("pp2-gpipe-c2-ckpt", [(1, "ddp", True)], pp=2, chunks=2, pipeline="gpipe"),
-                 p("hetero-dp/zero3/tp2", [(1, "ddp", False), (1, "zero3", True), (2, "ddp", False), (1, "zero2", False)])]
+        cases = [
+            p("dp2", [(1, "ddp", False)]),
+            p("dp2-zero2", [(1, "zero2", False)]),
+            p("dp2-zero3-ckpt", [(1, "zero3", True)]),
+            p("tp2", [(2, "ddp", False)]),
+            p("pp2-1f1b-c4", [(1, "ddp", False)], pp=2, chunks=4),
+            p("pp2-gpipe-c2-ckpt", [(1, "ddp", True)], pp=2, chunks=2, pipeline="gpipe"),
+            p("hetero-dp/zero3/tp2", [(1, "ddp", False), (1, "zero3", True), (2, "ddp", False), (1, "zero2", False)]),
+        ]
     else:
-        cases = [p("dp4", [(1, "ddp", False)]),
-                 p("dp4-zero3-ckpt", [(1, "zero3", True)]),
-                 p("tp2-dp2-zero3", [(2, "zero3", False)]),
-                 p("tp4", [(4, "ddp", False)]),
-                 p("pp2-dp2-c2", [(1, "ddp", False)], pp=2, chunks=2),
-                 p("pp2-tp2-c2", [(2, "ddp", False)], pp=2, chunks=2),
-                 p("pp4-1f1b-c4", [(1, "ddp", False)], pp=4, chunks=4),
-                 p("hetero-tp1/2/4/2s", [(1, "ddp", False), (2, "zero3", True), (4, "ddp", False), (2, "ddp", False, False)]),
-                 p("pp2-hetero-uneven", [(1, "ddp", True), (1, "zero2", False)], pp=2, chunks=2, division=(1, layers - 1))]
+        cases = [
+            p("dp4", [(1, "ddp", False)]),
+            p("dp4-zero3-ckpt", [(1, "zero3", True)]),
+            p("tp2-dp2-zero3", [(2, "zero3", False)]),
+            p("tp4", [(4, "ddp", False)]),
+            p("pp2-dp2-c2", [(1, "ddp", False)], pp=2, chunks=2),
+            p("pp2-tp2-c2", [(2, "ddp", False)], pp=2, chunks=2),
+            p("pp4-1f1b-c4", [(1, "ddp", False)], pp=4, chunks=4),
+            p(
+                "hetero-tp1/2/4/2s",
+                [(1, "ddp", False), (2, "zero3", True), (4, "ddp", False), (2, "ddp", False, False)],
+            ),
+            p("pp2-hetero-uneven", [(1, "ddp", True), (1, "zero2", False)], pp=2, chunks=2, division=(1, layers - 1)),
+        ]
     if model == "bert":
-        keep = {"dp2", "dp2-zero3-ckpt", "tp2", "pp2-1f1b-c4", "hetero-dp/zero3/tp2",
-                "dp4", "tp2-dp2-zero3", "pp2-tp2-c2", "pp4-1f1b-c4", "hetero-tp1/2/4/2s"}
+        keep = {
+            "dp2",
+            "dp2-zero3-ckpt",
+            "tp2",
+            "pp2-1f1b-c4",
+            "hetero-dp/zero3/tp2",
+            "dp4",
+            "tp2-dp2-zero3",
+            "pp2-tp2-c2",
+            "pp4-1f1b-c4",
+            "hetero-tp1/2/4/2s",
+        }
         cases = [c for c in cases if c[0] in keep]
     return cases
 
@@ -113,8 +163,17 @@ class Trainers:
         return Trainer(self.programs[local], plan, device=self.device)
 
 
-def run_plans(rank: int, world: int, model_name: str, shape: str, cases: list[tuple[str, Plan]],
-              warmup: int, repeats: int, global_batch: int = GLOBAL_BATCH, measure_memory: bool = True) -> list[dict]:
+def run_plans(
+    rank: int,
+    world: int,
+    model_name: str,
+    shape: str,
+    cases: list[tuple[str, Plan]],
+    warmup: int,
+    repeats: int,
+    global_batch: int = GLOBAL_BATCH,
+    measure_memory: bool = True,
+) -> list[dict]:
     """Spawned worker: train every plan; per plan the step times, the peak bytes (None without
     ``measure_memory``) and this rank's stage."""
     from galvatron_fx.errors import GalvatronError
@@ -131,16 +190,30 @@ def run_plans(rank: int, world: int, model_name: str, shape: str, cases: list[tu
         step = lambda: trainer.step(batch)  # noqa: E731
         times = time_steps(step, device, warmup, repeats)
         # the DDP buckets hold the gradients between steps
-        peak = peak_step_bytes(step, device, lambda: training_state(trainer.stage, trainer.optimizer) + trainer.sync.grad_buffers()) \
-            if measure_memory else None
-        out.append({"plan": name, "rank": rank, "stage": trainer.stage.position.stage, "times_s": times, "peak_bytes": peak})
-        trainer = step = None   # the plan's state goes before the next plan's is built
+        peak = (
+            peak_step_bytes(
+                step, device, lambda: training_state(trainer.stage, trainer.optimizer) + trainer.sync.grad_buffers()
+            )
+            if measure_memory
+            else None
+        )
+        out.append(
+            {"plan": name, "rank": rank, "stage": trainer.stage.position.stage, "times_s": times, "peak_bytes": peak}
+        )
+        trainer = step = None  # the plan's state goes before the next plan's is built
         gc.collect()
     return out
 
 
-def measure_in_rounds(model_name: str, shape: str, cases_by_world: dict[int, list[tuple[str, Plan]]], warmup: int,
-                      repeats: int, rounds: int, after_round: Callable[[], Any] = lambda: None) -> dict[int, list[list[dict]]]:
+def measure_in_rounds(
+    model_name: str,
+    shape: str,
+    cases_by_world: dict[int, list[tuple[str, Plan]]],
+    warmup: int,
+    repeats: int,
+    rounds: int,
+    after_round: Callable[[], Any] = lambda: None,
+) -> dict[int, list[list[dict]]]:
     """Per world, per rank: every plan's results, its step times pooled over ``rounds`` rounds; ``after_round()``
     runs after each. One process launch per plan and round: state a runtime leaves behind (caches, hooks)
     must not reach the next plan's memory or time. Every other round runs the plans in reverse order, so
@@ -159,41 +232,74 @@ def measure_in_rounds(model_name: str, shape: str, cases_by_world: dict[int, lis
                 for first, again in zip(pooled[(world, case[0])], results):
                     first["times_s"] = first["times_s"] + again["times_s"]
         after_round()
-    return {world: [[pooled[(world, name)][rank] for name, _ in cases] for rank in range(world)]
-            for world, cases in cases_by_world.items()}
+    return {
+        world: [[pooled[(world, name)][rank] for name, _ in cases] for rank in range(world)]
+        for world, cases in cases_by_world.items()
+    }
 
 
-def compare_row(model_name: str, world: int, name: str, plan: Plan, prediction, results: list[dict], flops_per_step: float,
-                peak_flops: float) -> dict:
+def compare_row(
+    model_name: str,
+    world: int,
+    name: str,
+    plan: Plan,
+    prediction,
+    results: list[dict],
+    flops_per_step: float,
+    peak_flops: float,
+) -> dict:
     """One plan's predicted and measured figures (``results``: one entry per rank, in rank order)."""
     measured_s = max(median(r["times_s"]) for r in results)
     predicted_mem = [prediction.memory_bytes_per_stage[r["stage"]] for r in results]
     measured_mem = [r["peak_bytes"] for r in results]
-    row = {"model": model_name, "world": world, "plan": name, "plan_json": plan.to_json_dict(),
-           "predicted_s": prediction.iteration_time_s, "measured_s": measured_s,
-           "time_error": prediction.iteration_time_s / measured_s - 1,
-           "predicted_peak_bytes": max(predicted_mem), "measured_peak_bytes": max(measured_mem),
-           "memory_errors_per_rank": [p / m - 1 for p, m in zip(predicted_mem, measured_mem)],
-           "memory_error_max_rank": max(predicted_mem) / max(measured_mem) - 1,
-           "measured_peak_bytes_per_rank": measured_mem, "predicted_peak_bytes_per_rank": predicted_mem,
-           "step_times_s": [r["times_s"] for r in results],
-           # the fastest step is the least disturbed by other work on a shared machine
-           "measured_fastest_s": max(min(r["times_s"]) for r in results),
-           "samples_per_s": GLOBAL_BATCH / measured_s, "mfu": mfu(flops_per_step, measured_s, world, peak_flops)}
-    print(f"{model_name} w{world} {name:<22} predicted {row['predicted_s'] * 1e3:7.1f} ms  measured {measured_s * 1e3:7.1f} ms "
-          f"({row['time_error']:+.0%})  memory {max(measured_mem) / 2**20:6.1f} MiB ({row['memory_error_max_rank']:+.0%})", flush=True)
+    row = {
+        "model": model_name,
+        "world": world,
+        "plan": name,
+        "plan_json": plan.to_json_dict(),
+        "predicted_s": prediction.iteration_time_s,
+        "measured_s": measured_s,
+        "time_error": prediction.iteration_time_s / measured_s - 1,
+        "predicted_peak_bytes": max(predicted_mem),
+        "measured_peak_bytes": max(measured_mem),
+        "memory_errors_per_rank": [p / m - 1 for p, m in zip(predicted_mem, measured_mem)],
+        "memory_error_max_rank": max(predicted_mem) / max(measured_mem) - 1,
+        "measured_peak_bytes_per_rank": measured_mem,
+        "predicted_peak_bytes_per_rank": predicted_mem,
+        "step_times_s": [r["times_s"] for r in results],
+        # the fastest step is the least disturbed by other work on a shared machine
+        "measured_fastest_s": max(min(r["times_s"]) for r in results),
+        "samples_per_s": GLOBAL_BATCH / measured_s,
+        "mfu": mfu(flops_per_step, measured_s, world, peak_flops),
+    }
+    print(
+        f"{model_name} w{world} {name:<22} predicted {row['predicted_s'] * 1e3:7.1f} ms  measured "
+        f"{measured_s * 1e3:7.1f} ms "
+        f"({row['time_error']:+.0%})  memory {max(measured_mem) / 2**20:6.1f} MiB "
+        f"({row['memory_error_max_rank']:+.0%})",
+        flush=True,
+    )
     return row
 
 
 def _measured_again(previous: dict, model_name: str, world: int, cases) -> list[list[dict]]:
-    """Per rank, the measurements a previous run's JSON holds for ``cases`` (rank r is on stage r // devices per stage)."""
+    """Per rank, the measurements a previous run's JSON holds for ``cases`` (rank r is on stage
+    r // devices per stage)."""
     per_rank: list[list[dict]] = [[] for _ in range(world)]
     for name, plan in cases:
         row = previous.get((model_name, world, name))
         if row is None:
             continue
         for rank, (times, peak) in enumerate(zip(row["step_times_s"], row["measured_peak_bytes_per_rank"])):
-            per_rank[rank].append({"plan": name, "rank": rank, "stage": rank // plan.devices_per_stage, "times_s": times, "peak_bytes": peak})
+            per_rank[rank].append(
+                {
+                    "plan": name,
+                    "rank": rank,
+                    "stage": rank // plan.devices_per_stage,
+                    "times_s": times,
+                    "peak_bytes": peak,
+                }
+            )
     return per_rank
 
 
@@ -225,11 +331,23 @@ def hardware_pass(world: int, folder: Path):
 
 
 def _profile_hardware(world: int, path: Path) -> None:
-    subprocess.run([sys.executable, "-m", "galvatron_fx.cli", "profile-hardware", "--nprocs", str(world),
-                    "--out", str(path), "--no-progress"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "galvatron_fx.cli",
+            "profile-hardware",
+            "--nprocs",
+            str(world),
+            "--out",
+            str(path),
+            "--no-progress",
+        ],
+        check=True,
+    )
 
 
-IN_PLACE_SAMPLES = (2, 4, 8)   # three sizes: one disturbed point moves a two-point fit's intercept by tens of ms
+IN_PLACE_SAMPLES = (2, 4, 8)  # three sizes: one disturbed point moves a two-point fit's intercept by tens of ms
 
 
 def model_profile(name: str, shape: str, folder: Path, reprofile: bool, worlds: Sequence[int], repeats: int = 10):
@@ -246,8 +364,15 @@ def model_profile(name: str, shape: str, folder: Path, reprofile: bool, worlds: 
         torch.set_num_threads(1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            profile = profile_model(build, batches=(2, 4, 8), seqs=(SHAPES[shape]["seq"],), repeats=repeats, progress=False,
-                                    name=name, device=device)
+            profile = profile_model(
+                build,
+                batches=(2, 4, 8),
+                seqs=(SHAPES[shape]["seq"],),
+                repeats=repeats,
+                progress=False,
+                name=name,
+                device=device,
+            )
         torch.set_num_threads(threads)
         _in_place_pass(profile, name, shape, worlds, repeats, merge=False)
         profile.save(path)
@@ -269,8 +394,16 @@ def _in_place_pass(profile, name: str, shape: str, worlds: Sequence[int], repeat
     from galvatron_fx.cost.in_place_profiler import measure_in_place
 
     for world in worlds:
-        measure_in_place(profile, functools.partial(build_model, name, shape), world, samples_per_rank=IN_PLACE_SAMPLES,
-                         repeats=repeats, backend=backend(), progress=False, merge=merge)
+        measure_in_place(
+            profile,
+            functools.partial(build_model, name, shape),
+            world,
+            samples_per_rank=IN_PLACE_SAMPLES,
+            repeats=repeats,
+            backend=backend(),
+            progress=False,
+            merge=merge,
+        )
 
 
 def _model_profile_path(name: str, shape: str, folder: Path) -> Path:
@@ -280,6 +413,7 @@ def _model_profile_path(name: str, shape: str, folder: Path) -> Path:
 # -- statistics ----------------------------------------------------------------------------------------
 def spearman(x, y) -> float:
     """Spearman rank correlation (average ranks for ties)."""
+
     def ranks(values):
         values = np.asarray(values, dtype=float)
         order = values.argsort()
@@ -298,13 +432,20 @@ def summarise(rows: list[dict]) -> dict:
     time_errors = [abs(r["time_error"]) for r in rows]
     memory_errors = [abs(e) for r in rows for e in r["memory_errors_per_rank"]]
     fastest = [abs(r["predicted_s"] / r["measured_fastest_s"] - 1) for r in rows if "measured_fastest_s" in r]
-    return {"plans": len(rows), "median_time_error": median(time_errors), "worst_time_error": max(time_errors),
-            "median_time_error_vs_fastest_step": median(fastest) if fastest else None,
-            "spearman_time_vs_fastest_step": spearman([r["predicted_s"] for r in rows if "measured_fastest_s" in r],
-                                                      [r["measured_fastest_s"] for r in rows if "measured_fastest_s" in r]),
-            "median_memory_error": median(memory_errors), "worst_memory_error": max(memory_errors),
-            "spearman_time": spearman([r["predicted_s"] for r in rows], [r["measured_s"] for r in rows]),
-            "targets": {"median_time_error": 0.10, "worst_time_error": 0.25, "memory_error": 0.10, "spearman_time": 0.9}}
+    return {
+        "plans": len(rows),
+        "median_time_error": median(time_errors),
+        "worst_time_error": max(time_errors),
+        "median_time_error_vs_fastest_step": median(fastest) if fastest else None,
+        "spearman_time_vs_fastest_step": spearman(
+            [r["predicted_s"] for r in rows if "measured_fastest_s" in r],
+            [r["measured_fastest_s"] for r in rows if "measured_fastest_s" in r],
+        ),
+        "median_memory_error": median(memory_errors),
+        "worst_memory_error": max(memory_errors),
+        "spearman_time": spearman([r["predicted_s"] for r in rows], [r["measured_s"] for r in rows]),
+        "targets": {"median_time_error": 0.10, "worst_time_error": 0.25, "memory_error": 0.10, "spearman_time": 0.9},
+    }
 
 
 def main(argv=None) -> dict:
@@ -316,13 +457,24 @@ def main(argv=None) -> dict:
     # warming up): three are left out; ten timed steps halve the spread of a median of five
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per plan and round")
-    parser.add_argument("--rounds", type=int, default=2, help="launches per plan, spread over the run (step times pooled)")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="launches per plan, spread over the run (step times pooled)"
+    )
     parser.add_argument("--max-plans", type=int, default=None, help="per model and world (smoke runs)")
-    parser.add_argument("--hardware", choices=("measure", "cluster"), default="measure", help="profile-hardware, or the detected cluster's estimate")
+    parser.add_argument(
+        "--hardware",
+        choices=("measure", "cluster"),
+        default="measure",
+        help="profile-hardware, or the detected cluster's estimate",
+    )
     parser.add_argument("--reprofile", action="store_true", help="profile hardware and models again")
     parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--predict-only", default=None, metavar="JSON",
-                        help="price the measurements of an earlier run's JSON again (after a cost-model or profile change)")
+    parser.add_argument(
+        "--predict-only",
+        default=None,
+        metavar="JSON",
+        help="price the measurements of an earlier run's JSON again (after a cost-model or profile change)",
+    )
     args = parser.parse_args(argv)
     from galvatron_fx.cost.hardware import mean_profile
     from galvatron_fx.cost.model import CostModel
@@ -332,21 +484,34 @@ def main(argv=None) -> dict:
     worlds = [int(w) for w in args.worlds.split(",")]
     peak_flops, peak_source = device_peak_flops()
     hardware_passes = {w: [hardware_profile(w, folder, args.hardware, args.reprofile)] for w in worlds}
-    previous = {(r["model"], r["world"], r["plan"]): r for r in json.loads(Path(args.predict_only).read_text())["rows"]} \
-        if args.predict_only else None
+    previous = (
+        {(r["model"], r["world"], r["plan"]): r for r in json.loads(Path(args.predict_only).read_text())["rows"]}
+        if args.predict_only
+        else None
+    )
     measured_models = []
     for model_name in args.models.split(","):
         profile = model_profile(model_name, args.shape, folder, args.reprofile, worlds)
-        cases_by_world = {world: plans(world, len(profile.layer_types), model_name)[:args.max_plans] for world in worlds}
+        cases_by_world = {
+            world: plans(world, len(profile.layer_types), model_name)[: args.max_plans] for world in worlds
+        }
         if previous is not None:  # the measurements of an earlier run, priced again
-            measured = {world: _measured_again(previous, model_name, world, cases) for world, cases in cases_by_world.items()}
+            measured = {
+                world: _measured_again(previous, model_name, world, cases) for world, cases in cases_by_world.items()
+            }
         else:
             # with --reprofile, the in-place times again after each round and the hardware after each model:
             # the profiles are means of passes spread over the measurements they price
-            again = functools.partial(in_place_again, model_name, args.shape, folder, worlds) if args.reprofile else lambda: None
-            measured = measure_in_rounds(model_name, args.shape, cases_by_world, args.warmup, args.repeats, args.rounds, again)
+            again = (
+                functools.partial(in_place_again, model_name, args.shape, folder, worlds)
+                if args.reprofile
+                else lambda: None
+            )
+            measured = measure_in_rounds(
+                model_name, args.shape, cases_by_world, args.warmup, args.repeats, args.rounds, again
+            )
             if args.reprofile:
-                profile = model_profile(model_name, args.shape, folder, False, worlds)   # with the passes of the rounds
+                profile = model_profile(model_name, args.shape, folder, False, worlds)  # with the passes of the rounds
                 for world in worlds:
                     hardware_passes[world].append(hardware_pass(world, folder))
         measured_models.append((model_name, profile, cases_by_world, measured))
@@ -368,24 +533,55 @@ def main(argv=None) -> dict:
                     failed.append({"model": model_name, "world": world, "plan": name, "error": results[0].get("error")})
                     print(f"{model_name} w{world} {name:<22} FAILED: {failed[-1]['error']}", flush=True)
                     continue
-                rows.append(compare_row(model_name, world, name, plan, cost.evaluate(plan), results, flops_per_step, peak_flops))
+                rows.append(
+                    compare_row(model_name, world, name, plan, cost.evaluate(plan), results, flops_per_step, peak_flops)
+                )
     for row in rows:
         row["predicted_ms"], row["measured_ms"] = row["predicted_s"] * 1e3, row["measured_s"] * 1e3
-        row["predicted_mib"], row["measured_mib"] = row["predicted_peak_bytes"] / 2**20, row["measured_peak_bytes"] / 2**20
+        row["predicted_mib"], row["measured_mib"] = (
+            row["predicted_peak_bytes"] / 2**20,
+            row["measured_peak_bytes"] / 2**20,
+        )
         row["worst_rank_memory_error"] = max(row["memory_errors_per_rank"], key=abs)
         row["mfu_pct"] = row["mfu"] * 100
-    table = print_table(rows, [("model", "model", ""), ("world", "procs", ""), ("plan", "plan", ""),
-                               ("predicted_ms", "predicted ms", ".1f"), ("measured_ms", "measured ms", ".1f"),
-                               ("time_error", "time err", "+.1%"), ("predicted_mib", "pred. peak MiB", ".1f"),
-                               ("measured_mib", "meas. peak MiB", ".1f"), ("worst_rank_memory_error", "worst-rank mem err", "+.1%"),
-                               ("samples_per_s", "samples/s", ".1f"), ("mfu_pct", "MFU %", ".2f")])
+    table = print_table(
+        rows,
+        [
+            ("model", "model", ""),
+            ("world", "procs", ""),
+            ("plan", "plan", ""),
+            ("predicted_ms", "predicted ms", ".1f"),
+            ("measured_ms", "measured ms", ".1f"),
+            ("time_error", "time err", "+.1%"),
+            ("predicted_mib", "pred. peak MiB", ".1f"),
+            ("measured_mib", "meas. peak MiB", ".1f"),
+            ("worst_rank_memory_error", "worst-rank mem err", "+.1%"),
+            ("samples_per_s", "samples/s", ".1f"),
+            ("mfu_pct", "MFU %", ".2f"),
+        ],
+    )
     summary = summarise(rows)
-    print(f"\nmedian |time error| {summary['median_time_error']:.1%} (target ≤ 10%), worst {summary['worst_time_error']:.1%} (≤ 25%); "
-          f"median |memory error| {summary['median_memory_error']:.1%}, worst {summary['worst_memory_error']:.1%} (≤ 10%); "
-          f"Spearman {summary['spearman_time']:.3f} (≥ 0.9); {summary['plans']} plans" + (f"; {len(failed)} failed to lower" if failed else ""))
-    payload = {"command": command_line(), "measured_by": args.predict_only, "shape": SHAPES[args.shape], "global_batch": GLOBAL_BATCH, "summary": summary,
-               "peak_flops_per_device": peak_flops, "peak_source": peak_source, "rows": rows, "table": table,
-               "hardware_profiles": {w: hardware[w].source for w in worlds}, "failed": failed}
+    print(
+        f"\nmedian |time error| {summary['median_time_error']:.1%} (target ≤ 10%), worst "
+        f"{summary['worst_time_error']:.1%} (≤ 25%); "
+        f"median |memory error| {summary['median_memory_error']:.1%}, worst {summary['worst_memory_error']:.1%} (≤ "
+        "10%); "
+        f"Spearman {summary['spearman_time']:.3f} (≥ 0.9); {summary['plans']} plans"
+        + (f"; {len(failed)} failed to lower" if failed else "")
+    )
+    payload = {
+        "command": command_line(),
+        "measured_by": args.predict_only,
+        "shape": SHAPES[args.shape],
+        "global_batch": GLOBAL_BATCH,
+        "summary": summary,
+        "peak_flops_per_device": peak_flops,
+        "peak_source": peak_source,
+        "rows": rows,
+        "table": table,
+        "hardware_profiles": {w: hardware[w].source for w in worlds},
+        "failed": failed,
+    }
     path = write_json("cost_accuracy", payload, folder)
     print(f"wrote {path}")
     return payload

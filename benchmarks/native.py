@@ -42,7 +42,7 @@ def _slice(batch: dict[str, Any], index: int, parts: int) -> dict[str, Any]:
     def cut(value):
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             size = value.shape[0] // parts
-            return value[index * size:(index + 1) * size]
+            return value[index * size : (index + 1) * size]
         return value
 
     return {k: cut(v) for k, v in batch.items()}
@@ -85,9 +85,15 @@ class NativeRunner:
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
         mesh = init_device_mesh(_device_type(self.device), (self.config.world,))
-        layer_plan = {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
-                      "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
-                      "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()}
+        layer_plan = {
+            "self_attn.q_proj": ColwiseParallel(),
+            "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(),
+            "self_attn.o_proj": RowwiseParallel(),
+            "mlp.gate_proj": ColwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(),
+        }
         for layer in model.model.layers:
             parallelize_module(layer, mesh, layer_plan)
         return model
@@ -152,8 +158,9 @@ class _LlamaStage(nn.Module):
 
         hidden = self.embed_tokens(x) if self.embed_tokens is not None else x
         positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
-                                  position_ids=positions)
+        mask = create_causal_mask(
+            config=self.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None, position_ids=positions
+        )
         rotary = self.rotary_emb(hidden, position_ids=positions)
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions)

@@ -30,8 +30,20 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (RESULTS, SHAPES, build_model, command_line, device_peak_flops, median, mfu,
-                               model_flops_per_sample, print_table, spawn, time_steps, write_json)
+from benchmarks.common import (
+    RESULTS,
+    SHAPES,
+    build_model,
+    command_line,
+    device_peak_flops,
+    median,
+    mfu,
+    model_flops_per_sample,
+    print_table,
+    spawn,
+    time_steps,
+    write_json,
+)
 from benchmarks.cost_accuracy import Trainers, hardware_profile, model_profile, run_plans
 from benchmarks.native import STRATEGIES, NativeConfig, NativeRunner
 from galvatron_fx.plan import LayerStrategy, Plan
@@ -51,16 +63,31 @@ def uniform_grid(world: int, layers: int, global_batch: int) -> list[tuple[str, 
         devices = world // pp
         for tp in _divisors(devices):
             dp = devices // tp
-            for dp_type in (("ddp", "zero2", "zero3") if dp > 1 else ("ddp",)):
+            for dp_type in ("ddp", "zero2", "zero3") if dp > 1 else ("ddp",):
                 for ckpt in (False, True):
-                    for chunks in ((1,) if pp == 1 else (pp, 2 * pp)):
+                    for chunks in (1,) if pp == 1 else (pp, 2 * pp):
                         if global_batch % chunks or global_batch // chunks // devices < MIN_LOCAL_BATCH:
                             continue
                         layer = LayerStrategy(tp=tp, dp=dp, dp_type=dp_type, ckpt=ckpt)
-                        name = f"pp{pp} tp{tp} dp{dp}" + (f" {dp_type}" if dp > 1 else "") + (" ckpt" if ckpt else "") + \
-                            (f" c{chunks}" if pp > 1 else "")
-                        out.append((name, Plan(world_size=world, layers=(layer,) * layers, pp=pp, chunks=chunks,
-                                               pipeline="1f1b", global_batch=global_batch)))
+                        name = (
+                            f"pp{pp} tp{tp} dp{dp}"
+                            + (f" {dp_type}" if dp > 1 else "")
+                            + (" ckpt" if ckpt else "")
+                            + (f" c{chunks}" if pp > 1 else "")
+                        )
+                        out.append(
+                            (
+                                name,
+                                Plan(
+                                    world_size=world,
+                                    layers=(layer,) * layers,
+                                    pp=pp,
+                                    chunks=chunks,
+                                    pipeline="1f1b",
+                                    global_batch=global_batch,
+                                ),
+                            )
+                        )
     return out
 
 
@@ -74,15 +101,24 @@ def searched_plan(cost_model, world: int, layers: int, global_batch: int, budget
         chunks = tuple(c for c in _divisors(global_batch) if global_batch // c // (world // pp) >= MIN_LOCAL_BATCH)
         if not chunks:
             continue
-        space = SearchSpace(global_batch=(global_batch, global_batch, 1), chunks=chunks, sp_types=("none",), max_pp=pp,
-                            only_max_pp=True, disable_vtp=True, disable_vsp=True)
+        space = SearchSpace(
+            global_batch=(global_batch, global_batch, 1),
+            chunks=chunks,
+            sp_types=("none",),
+            max_pp=pp,
+            only_max_pp=True,
+            disable_vtp=True,
+            disable_vsp=True,
+        )
         plan = search(cost_model, world, budget, space, provenance={"model": MODEL})
         if best is None or plan.prediction.samples_per_s > best.prediction.samples_per_s:
             best = plan
     return best
 
 
-def measure(rank: int, world: int, shape: str, cases, global_batch: int, warmup: int, repeats: int, chunks_pp: int) -> dict:
+def measure(
+    rank: int, world: int, shape: str, cases, global_batch: int, warmup: int, repeats: int, chunks_pp: int
+) -> dict:
     """Spawned worker: our plans (cost_accuracy.run_plans), then the native runners."""
     from galvatron_fx.runtime import groups
 
@@ -95,13 +131,23 @@ def measure(rank: int, world: int, shape: str, cases, global_batch: int, warmup:
             continue
         runner = NativeRunner(model, NativeConfig(strategy, world, chunks_pp if strategy == "pp" else 1), device)
         native[strategy] = time_steps(lambda: runner.step(batch), device, warmup, repeats)
-        del runner
+        runner = None  # freed before the next strategy is built
         gc.collect()
     return {"ours": ours, "native": native}
 
 
-def side_by_side(rank: int, world: int, shape: str, cases, native_strategy: str, global_batch: int, warmup: int,
-                 repeats: int, rounds: int, chunks_pp: int) -> dict[str, list[float]]:
+def side_by_side(
+    rank: int,
+    world: int,
+    shape: str,
+    cases,
+    native_strategy: str,
+    global_batch: int,
+    warmup: int,
+    repeats: int,
+    rounds: int,
+    chunks_pp: int,
+) -> dict[str, list[float]]:
     """Spawned worker: step our ``cases`` and the native runner in alternation, ``rounds`` rounds of
     ``repeats`` timed steps each; the step times per name."""
     warnings.simplefilter("ignore")
@@ -109,7 +155,9 @@ def side_by_side(rank: int, world: int, shape: str, cases, native_strategy: str,
     device, batch = trainers.device, trainers.batch
     steps = {name: (lambda trainer=trainers(plan): trainer.step(batch)) for name, plan in cases}
     native_model, native_batch = build_model(MODEL, shape, global_batch)
-    runner = NativeRunner(native_model, NativeConfig(native_strategy, world, chunks_pp if native_strategy == "pp" else 1), device)
+    runner = NativeRunner(
+        native_model, NativeConfig(native_strategy, world, chunks_pp if native_strategy == "pp" else 1), device
+    )
     steps[f"native {native_strategy}"] = lambda: runner.step(native_batch)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for round_index in range(rounds):
@@ -129,8 +177,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--memory-budget", default="4GiB")
     parser.add_argument("--max-plans", type=int, default=None, help="uniform plans to measure (smoke runs)")
     parser.add_argument("--hardware", choices=("measure", "cluster"), default="measure")
-    parser.add_argument("--reprofile", action="store_true", help="profile the hardware and the model again first "
-                        "(profiles timed at another moment, under another load, mislead the search)")
+    parser.add_argument(
+        "--reprofile",
+        action="store_true",
+        help="profile the hardware and the model again first "
+        "(profiles timed at another moment, under another load, mislead the search)",
+    )
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     from galvatron_fx.cost.model import CostModel
@@ -141,7 +193,7 @@ def main(argv=None) -> dict:
     cost = CostModel(profile, hardware_profile(world, folder, args.hardware, reprofile=args.reprofile))
     layers = len(profile.layer_types)
     searched = searched_plan(cost, world, layers, gb, args.memory_budget)
-    grid = uniform_grid(world, layers, gb)[:args.max_plans]
+    grid = uniform_grid(world, layers, gb)[: args.max_plans]
     cases = grid + [("searched", searched)]
     chunks_pp = 2 * world if gb // (2 * world) >= 1 else world
     per_rank = spawn(measure, world, args.shape, cases, gb, args.warmup, args.repeats, chunks_pp)
@@ -155,45 +207,101 @@ def main(argv=None) -> dict:
             continue
         measured = max(median(r["times_s"]) for r in results)
         peak = max(r["peak_bytes"] for r in results)
-        rows.append({"plan": name, "kind": "searched" if name == "searched" else "uniform", "measured_ms": measured * 1e3,
-                     "samples_per_s": gb / measured, "predicted_samples_per_s": cost.evaluate(plan).samples_per_s,
-                     "peak_mib": peak / 2**20, "mfu_pct": 100 * mfu(flops_per_step, measured, world, peak_flops),
-                     "plan_json": plan.to_json_dict()})
+        rows.append(
+            {
+                "plan": name,
+                "kind": "searched" if name == "searched" else "uniform",
+                "measured_ms": measured * 1e3,
+                "samples_per_s": gb / measured,
+                "predicted_samples_per_s": cost.evaluate(plan).samples_per_s,
+                "peak_mib": peak / 2**20,
+                "mfu_pct": 100 * mfu(flops_per_step, measured, world, peak_flops),
+                "plan_json": plan.to_json_dict(),
+            }
+        )
     for strategy in per_rank[0]["native"]:
         measured = max(median(rank["native"][strategy]) for rank in per_rank)
-        rows.append({"plan": f"native {strategy}", "kind": "native", "measured_ms": measured * 1e3, "samples_per_s": gb / measured,
-                     "mfu_pct": 100 * mfu(flops_per_step, measured, world, peak_flops)})
+        rows.append(
+            {
+                "plan": f"native {strategy}",
+                "kind": "native",
+                "measured_ms": measured * 1e3,
+                "samples_per_s": gb / measured,
+                "mfu_pct": 100 * mfu(flops_per_step, measured, world, peak_flops),
+            }
+        )
     rows.sort(key=lambda r: -r["samples_per_s"])
     searched_row = next(r for r in rows if r["kind"] == "searched")
     best_row = max((r for r in rows if r["kind"] == "uniform"), key=lambda r: r["samples_per_s"])
     native_row = max((r for r in rows if r["kind"] == "native"), key=lambda r: r["samples_per_s"])
     # side by side: the three contenders in alternation, in a launch of their own
     contenders = [("searched", searched), (best_row["plan"], dict(grid)[best_row["plan"]])]
-    per_rank_times = spawn(side_by_side, world, args.shape, contenders, native_row["plan"].split()[-1], gb, args.warmup,
-                           args.repeats, args.rounds, chunks_pp)
+    per_rank_times = spawn(
+        side_by_side,
+        world,
+        args.shape,
+        contenders,
+        native_row["plan"].split()[-1],
+        gb,
+        args.warmup,
+        args.repeats,
+        args.rounds,
+        chunks_pp,
+    )
     side = {name: gb / max(median(rank[name]) for rank in per_rank_times) for name in per_rank_times[0]}
     best_plan, best_native = side[best_row["plan"]], side[native_row["plan"]]
-    best_uniform_predicted = max((r for r in rows if r["kind"] == "uniform"), key=lambda r: r["predicted_samples_per_s"])
-    table = print_table(rows, [("plan", "plan", ""), ("kind", "kind", ""), ("measured_ms", "step ms", ".1f"),
-                               ("samples_per_s", "samples/s", ".2f"), ("predicted_samples_per_s", "predicted samples/s", ".2f"),
-                               ("peak_mib", "peak MiB", ".1f"), ("mfu_pct", "MFU %", ".2f")])
-    summary = {"searched_plan": searched.layers[0].short() if len(set(searched.layers)) == 1 else "heterogeneous",
-               "searched_description": _describe(searched), "searched_samples_per_s": side["searched"],
-               "best_measured_plan": best_row["plan"], "best_measured_samples_per_s": best_plan,
-               "best_native": native_row["plan"], "best_native_samples_per_s": best_native,
-               "side_by_side_rounds": args.rounds, "side_by_side_samples_per_s": side,
-               "sweep_ratio_to_best_plan": searched_row["samples_per_s"] / best_row["samples_per_s"],
-               "ratio_to_best_plan": side["searched"] / best_plan,
-               "ratio_to_best_native": side["searched"] / best_native,
-               "best_uniform_by_prediction": best_uniform_predicted["plan"],
-               "targets": {"ratio_to_best_plan": 0.95, "ratio_to_best_native": 1.0}}
-    print(f"\nside by side, {args.rounds} alternated rounds: searched plan ({summary['searched_description']}) "
-          f"{summary['searched_samples_per_s']:.2f} samples/s = {summary['ratio_to_best_plan']:.3f} × the best measured plan, "
-          f"{best_row['plan']} (target ≥ 0.95), {summary['ratio_to_best_native']:.3f} × the best native baseline, "
-          f"{native_row['plan']} (target ≥ 1)")
-    payload = {"command": command_line(), "model": MODEL, "shape": SHAPES[args.shape], "world": world, "global_batch": gb,
-               "memory_budget": args.memory_budget, "peak_flops_per_device": peak_flops, "peak_source": peak_source,
-               "summary": summary, "rows": rows, "table": table, "failed": failed}
+    best_uniform_predicted = max(
+        (r for r in rows if r["kind"] == "uniform"), key=lambda r: r["predicted_samples_per_s"]
+    )
+    table = print_table(
+        rows,
+        [
+            ("plan", "plan", ""),
+            ("kind", "kind", ""),
+            ("measured_ms", "step ms", ".1f"),
+            ("samples_per_s", "samples/s", ".2f"),
+            ("predicted_samples_per_s", "predicted samples/s", ".2f"),
+            ("peak_mib", "peak MiB", ".1f"),
+            ("mfu_pct", "MFU %", ".2f"),
+        ],
+    )
+    summary = {
+        "searched_plan": searched.layers[0].short() if len(set(searched.layers)) == 1 else "heterogeneous",
+        "searched_description": _describe(searched),
+        "searched_samples_per_s": side["searched"],
+        "best_measured_plan": best_row["plan"],
+        "best_measured_samples_per_s": best_plan,
+        "best_native": native_row["plan"],
+        "best_native_samples_per_s": best_native,
+        "side_by_side_rounds": args.rounds,
+        "side_by_side_samples_per_s": side,
+        "sweep_ratio_to_best_plan": searched_row["samples_per_s"] / best_row["samples_per_s"],
+        "ratio_to_best_plan": side["searched"] / best_plan,
+        "ratio_to_best_native": side["searched"] / best_native,
+        "best_uniform_by_prediction": best_uniform_predicted["plan"],
+        "targets": {"ratio_to_best_plan": 0.95, "ratio_to_best_native": 1.0},
+    }
+    print(
+        f"\nside by side, {args.rounds} alternated rounds: searched plan ({summary['searched_description']}) "
+        f"{summary['searched_samples_per_s']:.2f} samples/s = {summary['ratio_to_best_plan']:.3f} × the best measured "
+        "plan, "
+        f"{best_row['plan']} (target ≥ 0.95), {summary['ratio_to_best_native']:.3f} × the best native baseline, "
+        f"{native_row['plan']} (target ≥ 1)"
+    )
+    payload = {
+        "command": command_line(),
+        "model": MODEL,
+        "shape": SHAPES[args.shape],
+        "world": world,
+        "global_batch": gb,
+        "memory_budget": args.memory_budget,
+        "peak_flops_per_device": peak_flops,
+        "peak_source": peak_source,
+        "summary": summary,
+        "rows": rows,
+        "table": table,
+        "failed": failed,
+    }
     path = write_json(f"plan_quality_w{world}", payload, folder)
     print(f"wrote {path}")
     return payload

@@ -27,13 +27,19 @@ def _load(folder: Path, name: str) -> dict | None:
 
 def plot_cost_accuracy(data: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = data["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
-    for ax, (pred, meas, unit, scale) in zip(axes, (("predicted_s", "measured_s", "iteration time (ms)", 1e3),
-                                                     ("predicted_peak_bytes", "measured_peak_bytes", "peak memory per rank (MiB)", 2**-20))):
+    for ax, (pred, meas, unit, scale) in zip(
+        axes,
+        (
+            ("predicted_s", "measured_s", "iteration time (ms)", 1e3),
+            ("predicted_peak_bytes", "measured_peak_bytes", "peak memory per rank (MiB)", 2**-20),
+        ),
+    ):
         for (model, world), marker in zip(sorted({(r["model"], r["world"]) for r in rows}), "osD^v<>"):
             chosen = [r for r in rows if (r["model"], r["world"]) == (model, world)]
             if pred == "predicted_peak_bytes":  # one point per rank
@@ -46,14 +52,22 @@ def plot_cost_accuracy(data: dict, path: Path) -> None:
         lo, hi = min(values) * 0.8, max(values) * 1.2
         ax.plot([lo, hi], [lo, hi], "k-", lw=1, label="exact")
         band = 0.10 if pred == "predicted_peak_bytes" else 0.25
-        ax.fill_between([lo, hi], [lo * (1 - band), hi * (1 - band)], [lo * (1 + band), hi * (1 + band)], color="grey", alpha=0.2,
-                        label=f"±{band:.0%}")
+        ax.fill_between(
+            [lo, hi],
+            [lo * (1 - band), hi * (1 - band)],
+            [lo * (1 + band), hi * (1 + band)],
+            color="grey",
+            alpha=0.2,
+            label=f"±{band:.0%}",
+        )
         ax.set_xscale("log"), ax.set_yscale("log")
         ax.set_xlabel(f"measured {unit}"), ax.set_ylabel(f"predicted {unit}")
         ax.legend(fontsize=8)
     s = data["summary"]
-    fig.suptitle(f"Cost model: median |time error| {s['median_time_error']:.0%}, Spearman {s['spearman_time']:.2f}; "
-                 f"median |memory error| {s['median_memory_error']:.0%}")
+    fig.suptitle(
+        f"Cost model: median |time error| {s['median_time_error']:.0%}, Spearman {s['spearman_time']:.2f}; "
+        f"median |memory error| {s['median_memory_error']:.0%}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -61,6 +75,7 @@ def plot_cost_accuracy(data: dict, path: Path) -> None:
 
 def plot_runtime_overhead(datasets: list[dict], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -83,6 +98,7 @@ def plot_runtime_overhead(datasets: list[dict], path: Path) -> None:
 
 def plot_plan_quality(data: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -103,12 +119,14 @@ def plot_plan_quality(data: dict, path: Path) -> None:
 
 def plot_search_speed(rows: list[dict], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, (key, fixed, label) in zip(axes, (("layers", ("devices", 8), "layers (8 devices)"),
-                                              ("devices", ("layers", 32), "devices (32 layers)"))):
+    for ax, (key, fixed, label) in zip(
+        axes, (("layers", ("devices", 8), "layers (8 devices)"), ("devices", ("layers", 32), "devices (32 layers)"))
+    ):
         chosen = [r for r in rows if r[fixed[0]] == fixed[1] and r["search_s"] is not None]
         ax.plot([r[key] for r in chosen], [r["search_s"] for r in chosen], "o-")
         ax.set_xscale("log", base=2), ax.set_yscale("log")
@@ -125,10 +143,16 @@ def search_speed_section(data: dict, folder: Path, rel) -> list[str]:
     fixture = data.get("fixture")
     if fixture:
         engine = fixture["galvatron_engine"]
-        parts += [f"Galvatron's LLaMA-2-7B case (1 × 8 GPUs, 36 GB, bf16, global batch 16): search **{fixture['search_s']:.2f} s** "
-                  f"(Galvatron's engine: {engine['search_s']:.0f} s); our plan **{fixture['ours_samples_per_s']:.3f} samples/s**, "
-                  f"Galvatron's strategy file {fixture['galvatron_plan_samples_per_s_our_model']:.3f} samples/s, both under our cost "
-                  f"model (Galvatron's own estimate of its plan: {engine['samples_per_s']} samples/s).", ""]
+        parts += [
+            "Galvatron's LLaMA-2-7B case (1 × 8 GPUs, 36 GB, bf16, global batch 16): search "
+            f"**{fixture['search_s']:.2f} s** "
+            f"(Galvatron's engine: {engine['search_s']:.0f} s); our plan **{fixture['ours_samples_per_s']:.3f} "
+            "samples/s**, "
+            f"Galvatron's strategy file {fixture['galvatron_plan_samples_per_s_our_model']:.3f} samples/s, both under "
+            "our cost "
+            f"model (Galvatron's own estimate of its plan: {engine['samples_per_s']} samples/s).",
+            "",
+        ]
     scale = data.get("scale")
     if scale:
         took = "over 600 s" if scale["search_s"] is None else f"{scale['search_s']:.1f} s"
@@ -139,8 +163,11 @@ def search_speed_section(data: dict, folder: Path, rel) -> list[str]:
         plot_search_speed(sweep, plot)
         parts += ["| layers | devices | search s | outcome |", "| --- | --- | --- | --- |"]
         over = f"> {data['cap_s']:.0f} (cap)" if "cap_s" in data else "> cap"
-        parts += [f"| {r['layers']} | {r['devices']} | {over if r['search_s'] is None else format(r['search_s'], '.2f')} "
-                  f"| {r.get('outcome', '')} |" for r in sweep]
+        parts += [
+            f"| {r['layers']} | {r['devices']} | {over if r['search_s'] is None else format(r['search_s'], '.2f')} "
+            f"| {r.get('outcome', '')} |"
+            for r in sweep
+        ]
         parts += ["", f"![search time]({rel(plot)})", ""]
     return parts
 
@@ -149,8 +176,9 @@ def _environment(data: dict) -> str:
     env = data["environment"]
     load = env.get("load_average_1_5_15_min") or env.get("load_average_at_start")
     where = env.get("cuda") or f"CPU ({env['cpus']} cores, {env['backend']})"
-    return (f"written {env['time']}, {where}, torch {env['torch']}"
-            + (f", load average over the last 1/5/15 min {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}" if load else ""))
+    return f"written {env['time']}, {where}, torch {env['torch']}" + (
+        f", load average over the last 1/5/15 min {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}" if load else ""
+    )
 
 
 def write_markdown(folder: Path, out: Path, search_speed: str | None, notes: str | None = None) -> str:
@@ -158,10 +186,14 @@ def write_markdown(folder: Path, out: Path, search_speed: str | None, notes: str
     overheads = [d for d in (_load(folder, f"runtime_overhead_w{w}") for w in (2, 4, 8)) if d]
     quality = [d for d in (_load(folder, f"plan_quality_w{w}") for w in (2, 4, 8)) if d]
     rel = lambda p: os.path.relpath(p, out.parent).replace(os.sep, "/")  # noqa: E731
-    parts = ["# Benchmarks", "",
-             "Latest figures; each section names the command that made it, the machine and its load. "
-             "Regenerate this file with `python benchmarks/report.py` after running the benchmarks. "
-             "Timing targets are ratios measured side by side in one run; none is asserted in the test suite.", ""]
+    parts = [
+        "# Benchmarks",
+        "",
+        "Latest figures; each section names the command that made it, the machine and its load. "
+        "Regenerate this file with `python benchmarks/report.py` after running the benchmarks. "
+        "Timing targets are ratios measured side by side in one run; none is asserted in the test suite.",
+        "",
+    ]
     if notes:
         parts += [notes.strip(), ""]
     if cost:
@@ -171,18 +203,33 @@ def write_markdown(folder: Path, out: Path, search_speed: str | None, notes: str
         measured = ""
         if cost.get("measured_by"):
             source = _load(folder, Path(cost["measured_by"]).stem) or {}
-            measured = (f" — pricing the measurements of `{source.get('command', cost['measured_by'])}` "
-                        f"({_environment(source)})" if source else f" — pricing the measurements in {cost['measured_by']}")
-        parts += ["## 1. Cost-model accuracy", "", f"`{cost['command']}`{measured}", "",
-                  f"{s['plans']} plans. Median |time error| **{s['median_time_error']:.1%}** (target ≤ 10 %), worst "
-                  f"**{s['worst_time_error']:.1%}** (≤ 25 %); Spearman rank correlation of predicted and measured time "
-                  f"**{s['spearman_time']:.3f}** (≥ 0.9); memory per rank: median |error| **{s['median_memory_error']:.1%}**, "
-                  f"worst **{s['worst_memory_error']:.1%}** (≤ 10 %).", "",
-                  f"![cost model accuracy]({rel(plot)})", "", cost["table"], "",
-                  f"MFU against {cost['peak_source']}.", ""]
+            measured = (
+                f" — pricing the measurements of `{source.get('command', cost['measured_by'])}` "
+                f"({_environment(source)})"
+                if source
+                else f" — pricing the measurements in {cost['measured_by']}"
+            )
+        parts += [
+            "## 1. Cost-model accuracy",
+            "",
+            f"`{cost['command']}`{measured}",
+            "",
+            f"{s['plans']} plans. Median |time error| **{s['median_time_error']:.1%}** (target ≤ 10 %), worst "
+            f"**{s['worst_time_error']:.1%}** (≤ 25 %); Spearman rank correlation of predicted and measured time "
+            f"**{s['spearman_time']:.3f}** (≥ 0.9); memory per rank: median |error| "
+            f"**{s['median_memory_error']:.1%}**, "
+            f"worst **{s['worst_memory_error']:.1%}** (≤ 10 %).",
+            "",
+            f"![cost model accuracy]({rel(plot)})",
+            "",
+            cost["table"],
+            "",
+            f"MFU against {cost['peak_source']}.",
+            "",
+        ]
         if cost.get("failed"):
             parts += ["Plans that failed to lower (left out of the figures):", ""]
-            parts += [f"- {f['model']}, {f['world']} processes, {f['plan']}: {f['error']}" for f in cost["failed"]] + [""]
+            parts += [f"- {f['model']}, {f['world']} processes, {f['plan']}: {f['error']}" for f in cost["failed"]] + []
     if overheads:
         plot = folder / "runtime_overhead.png"
         plot_runtime_overhead(overheads, plot)
@@ -194,25 +241,38 @@ def write_markdown(folder: Path, out: Path, search_speed: str | None, notes: str
         plot = folder / f"plan_quality_w{data['world']}.png"
         plot_plan_quality(data, plot)
         s = data["summary"]
-        parts += [f"## 3. Plan quality ({data['world']} processes)", "", f"`{data['command']}` — {_environment(data)}", "",
-                  f"Searched plan: {s['searched_description']}. Measured side by side with the best measured plan "
-                  f"({s.get('best_measured_plan', '-')}) and the best torch-native baseline ({s.get('best_native', '-')}), "
-                  f"{s.get('side_by_side_rounds', '-')} alternated rounds: **{s['searched_samples_per_s']:.2f} samples/s** = "
-                  f"**{s['ratio_to_best_plan']:.3f}** × the best measured plan (target ≥ 0.95) and "
-                  f"**{(s['ratio_to_best_native'] or 0):.3f}** × the best torch-native baseline (target ≥ 1). "
-                  f"The sweep below measures each plan once, minutes apart; there the searched plan read "
-                  f"{s.get('sweep_ratio_to_best_plan', float('nan')):.3f} × the best.", "",
-                  f"![plan quality]({rel(plot)})", "", data["table"], ""]
+        parts += [
+            f"## 3. Plan quality ({data['world']} processes)",
+            "",
+            f"`{data['command']}` — {_environment(data)}",
+            "",
+            f"Searched plan: {s['searched_description']}. Measured side by side with the best measured plan "
+            f"({s.get('best_measured_plan', '-')}) and the best torch-native baseline ({s.get('best_native', '-')}), "
+            f"{s.get('side_by_side_rounds', '-')} alternated rounds: **{s['searched_samples_per_s']:.2f} samples/s** = "
+            f"**{s['ratio_to_best_plan']:.3f}** × the best measured plan (target ≥ 0.95) and "
+            f"**{(s['ratio_to_best_native'] or 0):.3f}** × the best torch-native baseline (target ≥ 1). "
+            f"The sweep below measures each plan once, minutes apart; there the searched plan read "
+            f"{s.get('sweep_ratio_to_best_plan', float('nan')):.3f} × the best.",
+            "",
+            f"![plan quality]({rel(plot)})",
+            "",
+            data["table"],
+            "",
+        ]
     speed = _load(folder, "search_speed")
     if speed:
         parts += search_speed_section(speed, folder, rel)
     elif search_speed:
         parts += ["## 4. Search scaling", "", search_speed.strip(), ""]
-    parts += ["## 5. Throughput and MFU", "",
-              "Every table above reports samples/s and model FLOPs utilisation: graph-counted forward + backward FLOPs "
-              "per step (recomputation not counted), over the step time and the summed peak of the devices from the "
-              "cluster preset (GPUs: the datasheet dense peak of the training dtype; on CPU the preset's nominal "
-              "100 GFLOP/s per process, so CPU MFU figures only compare runs with each other).", ""]
+    parts += [
+        "## 5. Throughput and MFU",
+        "",
+        "Every table above reports samples/s and model FLOPs utilisation: graph-counted forward + backward FLOPs "
+        "per step (recomputation not counted), over the step time and the summed peak of the devices from the "
+        "cluster preset (GPUs: the datasheet dense peak of the training dtype; on CPU the preset's nominal "
+        "100 GFLOP/s per process, so CPU MFU figures only compare runs with each other).",
+        "",
+    ]
     text = "\n".join(parts)
     out.write_text(text)
     return text
@@ -223,12 +283,17 @@ def main(argv=None) -> None:
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     parser.add_argument("--search-speed", default=None, help="a text file with the search-scaling section (Markdown)")
-    parser.add_argument("--notes", default=None, help="a Markdown file of findings, placed after the introduction "
-                        "(default: findings.md in the results folder)")
+    parser.add_argument(
+        "--notes",
+        default=None,
+        help="a Markdown file of findings, placed after the introduction (default: findings.md in the results folder)",
+    )
     args = parser.parse_args(argv)
     search_speed = Path(args.search_speed).read_text() if args.search_speed else None
     default_notes = Path(args.results) / "findings.md"
-    notes = Path(args.notes).read_text() if args.notes else default_notes.read_text() if default_notes.exists() else None
+    notes = (
+        Path(args.notes).read_text() if args.notes else default_notes.read_text() if default_notes.exists() else None
+    )
     write_markdown(Path(args.results), Path(args.out), search_speed, notes)
     print(f"wrote {args.out}")
 

@@ -30,8 +30,20 @@ if __package__ in (None, ""):
 
 import torch
 
-from benchmarks.common import (RESULTS, SHAPES, build_model, command_line, device_peak_flops, median, mfu,
-                               model_flops_per_sample, print_table, spawn, time_steps, write_json)
+from benchmarks.common import (
+    RESULTS,
+    SHAPES,
+    build_model,
+    command_line,
+    device_peak_flops,
+    median,
+    mfu,
+    model_flops_per_sample,
+    print_table,
+    spawn,
+    time_steps,
+    write_json,
+)
 from benchmarks.native import STRATEGIES, NativeConfig, NativeRunner
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan
 
@@ -42,21 +54,32 @@ MODEL = "llama"
 def our_plan(strategy: str, world: int, layers: int, chunks: int) -> Plan:
     """The plan that does what the native ``strategy`` does."""
     if strategy == "pp":
-        return Plan(world_size=world, layers=(LayerStrategy(),) * layers, pp=world, chunks=chunks, pipeline="1f1b",
-                    global_batch=GLOBAL_BATCH)
+        return Plan(
+            world_size=world,
+            layers=(LayerStrategy(),) * layers,
+            pp=world,
+            chunks=chunks,
+            pipeline="1f1b",
+            global_batch=GLOBAL_BATCH,
+        )
     if strategy == "tp":
         return Plan(world_size=world, layers=(LayerStrategy(tp=world),) * layers, global_batch=GLOBAL_BATCH)
     dp_type = "zero3" if strategy == "fsdp" else "ddp"
-    return Plan(world_size=world, layers=(LayerStrategy(dp=world, dp_type=dp_type),) * layers, global_batch=GLOBAL_BATCH,
-                embedding=EmbeddingStrategy(embed_sdp=strategy == "fsdp"))
+    return Plan(
+        world_size=world,
+        layers=(LayerStrategy(dp=world, dp_type=dp_type),) * layers,
+        global_batch=GLOBAL_BATCH,
+        embedding=EmbeddingStrategy(embed_sdp=strategy == "fsdp"),
+    )
 
 
 def native_chunks(strategy: str, chunks: int) -> int:
     return chunks if strategy == "pp" else 1
 
 
-def compare(rank: int, world: int, shape: str, strategies: list[str], chunks: int, warmup: int, rounds: int,
-            steps: int) -> dict:
+def compare(
+    rank: int, world: int, shape: str, strategies: list[str], chunks: int, warmup: int, rounds: int, steps: int
+) -> dict:
     """Spawned worker: for each strategy build ours and native, warm both up, time alternating rounds."""
     from galvatron_fx import capture
     from galvatron_fx.passes.lower.stage import local_micro_batch
@@ -80,10 +103,10 @@ def compare(rank: int, world: int, shape: str, strategies: list[str], chunks: in
             time_steps(fn, device, max(warmup - 1, 0), 0)
         times: dict[str, list[float]] = {"ours": [], "native": []}
         for r in range(rounds):
-            for name in (("ours", "native") if r % 2 == 0 else ("native", "ours")):
+            for name in ("ours", "native") if r % 2 == 0 else ("native", "ours"):
                 times[name] += time_steps(run[name], device, 0, steps)
         out[strategy] = {"times_s": times, "first_loss": first_loss, "describe": trainer.describe()}
-        trainer = native = run = None   # this strategy's state goes before the next one's is built
+        trainer = native = run = None  # this strategy's state goes before the next one's is built
         gc.collect()
     return out
 
@@ -93,8 +116,9 @@ def paired_ratio(ours: list[list[float]], native: list[list[float]], steps: int)
     round's ``steps`` steps (``ours``, ``native``: step times per rank, round after round). The two sides of a
     round run seconds apart; the machine's speed drifts by more than the difference over a run, which makes
     the pooled step times two-humped and the ratio of their medians jump with how the humps split."""
+
     def round_s(per_rank: list[list[float]], r: int) -> float:
-        return max(median(times[r * steps:(r + 1) * steps]) for times in per_rank)
+        return max(median(times[r * steps : (r + 1) * steps]) for times in per_rank)
 
     rounds = len(ours[0]) // steps
     return median([round_s(ours, r) / round_s(native, r) for r in range(rounds)])
@@ -121,33 +145,72 @@ def main(argv=None) -> dict:
     model, batch = build_model(MODEL, args.shape, 2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        flops_per_step = model_flops_per_sample(ModelProfile.from_program(capture(model, example_kwargs=batch), flops_per_s=1.0)) * GLOBAL_BATCH
+        flops_per_step = (
+            model_flops_per_sample(ModelProfile.from_program(capture(model, example_kwargs=batch), flops_per_s=1.0))
+            * GLOBAL_BATCH
+        )
     peak_flops, peak_source = device_peak_flops()
     rows = []
     for strategy in strategies:
         # the slowest rank's median counts (the step ends with a world all-reduce: ranks agree closely)
         ours = max(median(r[strategy]["times_s"]["ours"]) for r in per_rank)
         native = max(median(r[strategy]["times_s"]["native"]) for r in per_rank)
-        ratio = paired_ratio([r[strategy]["times_s"]["ours"] for r in per_rank], [r[strategy]["times_s"]["native"] for r in per_rank],
-                             args.steps)
+        ratio = paired_ratio(
+            [r[strategy]["times_s"]["ours"] for r in per_rank],
+            [r[strategy]["times_s"]["native"] for r in per_rank],
+            args.steps,
+        )
         losses = per_rank[0][strategy]["first_loss"]
-        rows.append({"strategy": strategy, "world": args.world, "ours_ms": ours * 1e3, "native_ms": native * 1e3,
-                     "ratio": ratio, "ratio_of_medians": ours / native, "meets_target": ratio <= 1.05,
-                     "ours_samples_per_s": GLOBAL_BATCH / ours, "native_samples_per_s": GLOBAL_BATCH / native,
-                     "ours_mfu_pct": 100 * mfu(flops_per_step, ours, args.world, peak_flops),
-                     "native_mfu_pct": 100 * mfu(flops_per_step, native, args.world, peak_flops),
-                     "first_loss_ours": losses["ours"], "first_loss_native": losses["native"],
-                     "times_s": {name: [r[strategy]["times_s"][name] for r in per_rank] for name in ("ours", "native")},
-                     "ours_describe": per_rank[0][strategy]["describe"]})
-    table = print_table(rows, [("strategy", "strategy", ""), ("world", "procs", ""), ("ours_ms", "ours ms", ".1f"),
-                               ("native_ms", "native ms", ".1f"), ("ratio", "ours/native", ".3f"), ("meets_target", "≤ 1.05", ""),
-                               ("ratio_of_medians", "ratio of medians", ".3f"),
-                               ("ours_samples_per_s", "ours samples/s", ".1f"), ("ours_mfu_pct", "ours MFU %", ".2f"),
-                               ("native_mfu_pct", "native MFU %", ".2f"), ("first_loss_ours", "loss ours", ".4f"),
-                               ("first_loss_native", "loss native", ".4f")])
-    payload = {"command": command_line(), "model": MODEL, "shape": SHAPES[args.shape], "global_batch": GLOBAL_BATCH,
-               "chunks": args.chunks, "rounds": args.rounds, "steps_per_round": args.steps, "peak_flops_per_device": peak_flops,
-               "peak_source": peak_source, "flops_per_step": flops_per_step, "rows": rows, "table": table}
+        rows.append(
+            {
+                "strategy": strategy,
+                "world": args.world,
+                "ours_ms": ours * 1e3,
+                "native_ms": native * 1e3,
+                "ratio": ratio,
+                "ratio_of_medians": ours / native,
+                "meets_target": ratio <= 1.05,
+                "ours_samples_per_s": GLOBAL_BATCH / ours,
+                "native_samples_per_s": GLOBAL_BATCH / native,
+                "ours_mfu_pct": 100 * mfu(flops_per_step, ours, args.world, peak_flops),
+                "native_mfu_pct": 100 * mfu(flops_per_step, native, args.world, peak_flops),
+                "first_loss_ours": losses["ours"],
+                "first_loss_native": losses["native"],
+                "times_s": {name: [r[strategy]["times_s"][name] for r in per_rank] for name in ("ours", "native")},
+                "ours_describe": per_rank[0][strategy]["describe"],
+            }
+        )
+    table = print_table(
+        rows,
+        [
+            ("strategy", "strategy", ""),
+            ("world", "procs", ""),
+            ("ours_ms", "ours ms", ".1f"),
+            ("native_ms", "native ms", ".1f"),
+            ("ratio", "ours/native", ".3f"),
+            ("meets_target", "≤ 1.05", ""),
+            ("ratio_of_medians", "ratio of medians", ".3f"),
+            ("ours_samples_per_s", "ours samples/s", ".1f"),
+            ("ours_mfu_pct", "ours MFU %", ".2f"),
+            ("native_mfu_pct", "native MFU %", ".2f"),
+            ("first_loss_ours", "loss ours", ".4f"),
+            ("first_loss_native", "loss native", ".4f"),
+        ],
+    )
+    payload = {
+        "command": command_line(),
+        "model": MODEL,
+        "shape": SHAPES[args.shape],
+        "global_batch": GLOBAL_BATCH,
+        "chunks": args.chunks,
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "peak_flops_per_device": peak_flops,
+        "peak_source": peak_source,
+        "flops_per_step": flops_per_step,
+        "rows": rows,
+        "table": table,
+    }
     path = write_json(f"runtime_overhead_w{args.world}", payload, Path(args.out))
     print(f"wrote {path}")
     return payload

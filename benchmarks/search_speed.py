@@ -40,6 +40,7 @@ class _Timeout(Exception):
 def _timed_search(cost_model, world, budget, space, cap_s):
     def alarm(*_):
         raise _Timeout()
+
     signal.signal(signal.SIGALRM, alarm)
     signal.alarm(int(cap_s))
     started = time.perf_counter()
@@ -66,10 +67,16 @@ def _outcome(plan) -> str:
 def _scaled(layers: int, nodes: int, per_node: int) -> CostModel:
     """LLaMA-2-7B's layer profile repeated ``layers`` times, on an A100-80GB preset cluster."""
     profile = load_model(FIXTURE)
-    profile = dataclasses.replace(profile, layer_types=[profile.layer_types[0]] * layers,
-                                  cut_bytes_per_sample=[profile.cut_bytes_per_sample[0]] * layers)
-    return CostModel(profile, Cluster.preset("A100-80GB", nodes=nodes, devices_per_node=per_node).hardware_profile(),
-                     mixed_precision="bf16")
+    profile = dataclasses.replace(
+        profile,
+        layer_types=[profile.layer_types[0]] * layers,
+        cut_bytes_per_sample=[profile.cut_bytes_per_sample[0]] * layers,
+    )
+    return CostModel(
+        profile,
+        Cluster.preset("A100-80GB", nodes=nodes, devices_per_node=per_node).hardware_profile(),
+        mixed_precision="bf16",
+    )
 
 
 def main() -> None:
@@ -77,49 +84,84 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="skip the sweeps")
     parser.add_argument("--cap", type=float, default=60.0, help="seconds per sweep search")
     args = parser.parse_args()
-    results: dict = {"command": " ".join(["python benchmarks/search_speed.py", *sys.argv[1:]]), "cap_s": args.cap,
-                     "load_average_before": os.getloadavg(), "cpus": os.cpu_count()}
+    results: dict = {
+        "command": " ".join(["python benchmarks/search_speed.py", *sys.argv[1:]]),
+        "cap_s": args.cap,
+        "load_average_before": os.getloadavg(),
+        "cpus": os.cpu_count(),
+    }
     print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cpus")
 
     cost_model = CostModel(load_model(FIXTURE), load_hardware(FIXTURE, memory_bytes=36 * 10**9), mixed_precision="bf16")
-    theirs = cost_model.evaluate(Plan.load(FIXTURE / "galvatron_config_llama2-7b_1nodes_8gpus_per_node_36GB_bf16.json", world_size=8))
+    theirs = cost_model.evaluate(
+        Plan.load(FIXTURE / "galvatron_config_llama2-7b_1nodes_8gpus_per_node_36GB_bf16.json", world_size=8)
+    )
     space = SearchSpace(global_batch=(16, 16, 1))
     started = time.perf_counter()
     ours = search(cost_model, 8, "36GB", space)
     wall = time.perf_counter() - started
-    results["fixture"] = {"search_s": wall, "ours_samples_per_s": ours.prediction.samples_per_s,
-                          "galvatron_plan_samples_per_s_our_model": theirs.samples_per_s, "galvatron_engine": GALVATRON,
-                          "plan": ours.to_json_dict()}
+    results["fixture"] = {
+        "search_s": wall,
+        "ours_samples_per_s": ours.prediction.samples_per_s,
+        "galvatron_plan_samples_per_s_our_model": theirs.samples_per_s,
+        "galvatron_engine": GALVATRON,
+        "plan": ours.to_json_dict(),
+    }
     print("reference case (LLaMA-2-7B, 1x8, 36 GB, bf16, global batch 16, full space)")
     print(f"  search wall time      {wall:8.2f} s   (Galvatron's engine: {GALVATRON['search_s']:.0f} s; target <= 1 s)")
     print(f"  our plan              {ours.prediction.samples_per_s:8.3f} samples/s (our cost model)")
-    print(f"  Galvatron's plan      {theirs.samples_per_s:8.3f} samples/s (our cost model; Galvatron's own estimate {GALVATRON['samples_per_s']})")
+    print(
+        f"  Galvatron's plan      {theirs.samples_per_s:8.3f} samples/s (our cost model; Galvatron's own estimate "
+        f"{GALVATRON['samples_per_s']})"
+    )
     print(f"  ratio ours/theirs     {ours.prediction.samples_per_s / theirs.samples_per_s:8.3f}")
 
     scale_space = SearchSpace(global_batch=(256, 1024, 256), chunks=(1, 2, 4, 8, 16, 32, 64))
     seconds, plan = _timed_search(_scaled(80, 64, 8), 512, "80GB", scale_space, 600)
-    results["scale"] = {"layers": 80, "devices": 512, "search_s": seconds,
-                        "samples_per_s": plan.prediction.samples_per_s if isinstance(plan, Plan) else None}
-    print(f"scale case (80 layers, 64x8 A100, batch 256..1024 step 256): "
-          f"{'over 600 s' if seconds is None else f'{seconds:.1f} s'} (target <= 30 s)")
+    results["scale"] = {
+        "layers": 80,
+        "devices": 512,
+        "search_s": seconds,
+        "samples_per_s": plan.prediction.samples_per_s if isinstance(plan, Plan) else None,
+    }
+    print(
+        f"scale case (80 layers, 64x8 A100, batch 256..1024 step 256): "
+        f"{'over 600 s' if seconds is None else f'{seconds:.1f} s'} (target <= 30 s)"
+    )
 
     if not args.quick:
         rows = []
         for layers in (12, 24, 48, 96, 192):
-            seconds, plan = _timed_search(_scaled(layers, 1, 8), 8, "80GB", SearchSpace(global_batch=(64, 64, 1)), args.cap)
-            rows.append({"sweep": "layers", "layers": layers, "devices": 8, "search_s": seconds, "outcome": _outcome(plan)})
+            seconds, plan = _timed_search(
+                _scaled(layers, 1, 8), 8, "80GB", SearchSpace(global_batch=(64, 64, 1)), args.cap
+            )
+            rows.append(
+                {"sweep": "layers", "layers": layers, "devices": 8, "search_s": seconds, "outcome": _outcome(plan)}
+            )
         for nodes in (1, 4, 16, 64, 512):
-            seconds, plan = _timed_search(_scaled(32, nodes, 8), nodes * 8, "80GB",
-                                          SearchSpace(global_batch=(nodes * 64, nodes * 64, 1)), args.cap)
-            rows.append({"sweep": "devices", "layers": 32, "devices": nodes * 8, "search_s": seconds, "outcome": _outcome(plan)})
+            seconds, plan = _timed_search(
+                _scaled(32, nodes, 8),
+                nodes * 8,
+                "80GB",
+                SearchSpace(global_batch=(nodes * 64, nodes * 64, 1)),
+                args.cap,
+            )
+            rows.append(
+                {"sweep": "devices", "layers": 32, "devices": nodes * 8, "search_s": seconds, "outcome": _outcome(plan)}
+            )
         results["sweep"] = rows
-        for sweep, title in (("layers", "search time against layers (8 devices, batch 64)"),
-                             ("devices", "search time against devices (32 layers, batch 64 per node)")):
+        for sweep, title in (
+            ("layers", "search time against layers (8 devices, batch 64)"),
+            ("devices", "search time against devices (32 layers, batch 64 per node)"),
+        ):
             print(title)
             print(f"{'layers':>7} {'devices':>8} {'search s':>10}  outcome")
             for row in (r for r in rows if r["sweep"] == sweep):
-                print(f"{row['layers']:>7} {row['devices']:>8} {'> cap' if row['search_s'] is None else format(row['search_s'], '.2f'):>10}"
-                      f"  {row['outcome']}")
+                print(
+                    f"{row['layers']:>7} {row['devices']:>8} "
+                    f"{'> cap' if row['search_s'] is None else format(row['search_s'], '.2f'):>10}"
+                    f"  {row['outcome']}"
+                )
 
     results["load_average_after"] = os.getloadavg()
     print(f"load average after: {os.getloadavg()[0]:.2f}")

@@ -24,8 +24,9 @@ UNITS = 4
 TOKENS = 8
 
 
-def sharded_unit_times(sizes_bytes: tuple[int, ...], median_s: Callable[[Callable[[], None]], float],
-                       device: torch.device) -> dict[tuple[str, int, int], float]:
+def sharded_unit_times(
+    sizes_bytes: tuple[int, ...], median_s: Callable[[Callable[[], None]], float], device: torch.device
+) -> dict[tuple[str, int, int], float]:
     """{(zero2|zero3, group size, unit's fp32 parameter bytes): seconds per unit per step} on this rank,
     for every power-of-two group size ≥ 2 dividing the world (groups of consecutive ranks). ``median_s(run)``
     times ``run`` on every rank at once (the hardware profiler's timer)."""
@@ -33,7 +34,10 @@ def sharded_unit_times(sizes_bytes: tuple[int, ...], median_s: Callable[[Callabl
 
     world = dist.get_world_size()
     groups = [2**k for k in range(1, world.bit_length()) if world % 2**k == 0]
-    meshes = {g: init_device_mesh(device.type, (world // g, g), mesh_dim_names=("replicas", "shards"))["shards"] for g in groups}
+    meshes = {
+        g: init_device_mesh(device.type, (world // g, g), mesh_dim_names=("replicas", "shards"))["shards"]
+        for g in groups
+    }
     times: dict[tuple[str, int, int], float] = {}
     for nbytes in sizes_bytes:
         width = max(int(math.sqrt(nbytes / 4)), 8)
@@ -43,7 +47,7 @@ def sharded_unit_times(sizes_bytes: tuple[int, ...], median_s: Callable[[Callabl
                 sharded = _stack(width, device)
                 _shard(sharded, mesh, reshard_after_forward=kind == "zero3")
                 seconds = median_s(_step(sharded, width, device))
-                dist.barrier()   # every rank's last collective is done before the stack is freed
+                dist.barrier()  # every rank's last collective is done before the stack is freed
                 times[(kind, group, width * width * 4)] = max(0.0, seconds - local) / UNITS
     return times
 
@@ -57,7 +61,7 @@ def _shard(stack: torch.nn.Sequential, mesh, reshard_after_forward: bool) -> Non
 
     for layer in stack:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(stack, mesh=mesh, reshard_after_forward=reshard_after_forward)   # the root holds no parameter
+    fully_shard(stack, mesh=mesh, reshard_after_forward=reshard_after_forward)  # the root holds no parameter
 
 
 def _step(stack: torch.nn.Sequential, width: int, device: torch.device) -> Callable[[], None]:
@@ -68,4 +72,5 @@ def _step(stack: torch.nn.Sequential, width: int, device: torch.device) -> Calla
         stack(x).sum().backward()
         for param in stack.parameters():
             param.grad = None
+
     return step

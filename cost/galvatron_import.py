@@ -44,7 +44,9 @@ GB = 1e9
 def _one(folder: Path, pattern: str, what: str, required: bool = True) -> Path | None:
     matches = sorted(folder.glob(pattern))
     if not matches and required:
-        raise ProfileError(f"{folder}: no {what} file ({pattern})", "point to the folder holding Galvatron's profile files")
+        raise ProfileError(
+            f"{folder}: no {what} file ({pattern})", "point to the folder holding Galvatron's profile files"
+        )
     return matches[0] if matches else None
 
 
@@ -52,9 +54,13 @@ def _number(path: Path, data: dict, key: str) -> float:
     try:
         value = float(data[key])
     except (KeyError, TypeError, ValueError):
-        raise ProfileError(f"{path}: key {key} is missing or not a number", "re-run Galvatron's profiler for this file") from None
+        raise ProfileError(
+            f"{path}: key {key} is missing or not a number", "re-run Galvatron's profiler for this file"
+        ) from None
     if not value > 0:
-        raise ProfileError(f"{path}: key {key} is {data[key]!r}, not positive", "re-run Galvatron's profiler for this file")
+        raise ProfileError(
+            f"{path}: key {key} is {data[key]!r}, not positive", "re-run Galvatron's profiler for this file"
+        )
     return value
 
 
@@ -65,7 +71,9 @@ def _object(path: Path) -> dict:
     return data
 
 
-def load_hardware(folder: str | Path, *, memory_bytes: "int | str | None" = None, device: str = "unknown") -> HardwareProfile:
+def load_hardware(
+    folder: str | Path, *, memory_bytes: "int | str | None" = None, device: str = "unknown"
+) -> HardwareProfile:
     """A HardwareProfile from the Galvatron hardware files in ``folder``; ``memory_bytes`` may be "36GB"."""
     from galvatron_fx.units import parse_bytes
 
@@ -84,7 +92,9 @@ def load_hardware(folder: str | Path, *, memory_bytes: "int | str | None" = None
     for key in allreduce:
         match = re.fullmatch(r"allreduce_size_(\d+)_consec_([01])", key)
         if not match:
-            raise ProfileError(f"{allreduce_path}: key {key} is not allreduce_size_<g>_consec_<0|1>", "use the file Galvatron wrote")
+            raise ProfileError(
+                f"{allreduce_path}: key {key} is not allreduce_size_<g>_consec_<0|1>", "use the file Galvatron wrote"
+            )
         group, layout = int(match.group(1)), "consecutive" if match.group(2) == "1" else "strided"
         bus_Bps = _number(allreduce_path, allreduce, key) * GB
         latency = timed.get(("all_reduce", group), CommFit(0.0, 1.0)).latency_s
@@ -105,8 +115,18 @@ def load_hardware(folder: str | Path, *, memory_bytes: "int | str | None" = None
         p2p[int(match.group(1))] = CommFit(0.0, _number(p2p_path, p2p_data, key) * GB)
     overlap_path = folder / "overlap_coefficient.json"
     overlap = _number(overlap_path, _object(overlap_path), "overlap_coe")
-    return HardwareProfile(nodes * per_node, per_node, device, memory_bytes, collectives, p2p, max(overlap, 1.0),
-                           {}, backend="nccl (Galvatron)", source=str(allreduce_path))
+    return HardwareProfile(
+        nodes * per_node,
+        per_node,
+        device,
+        memory_bytes,
+        collectives,
+        p2p,
+        max(overlap, 1.0),
+        {},
+        backend="nccl (Galvatron)",
+        source=str(allreduce_path),
+    )
 
 
 def _timed_fits(path: Path, data: dict) -> dict[tuple[str, int], CommFit]:
@@ -114,7 +134,9 @@ def _timed_fits(path: Path, data: dict) -> dict[tuple[str, int], CommFit]:
     for key in data:
         match = re.fullmatch(r"(allreduce|all2all)_size_(\d+)_(\d+)MB_time", key)
         if not match:
-            raise ProfileError(f"{path}: key {key} is not <allreduce|all2all>_size_<g>_<m>MB_time", "use the file Galvatron wrote")
+            raise ProfileError(
+                f"{path}: key {key} is not <allreduce|all2all>_size_<g>_<m>MB_time", "use the file Galvatron wrote"
+            )
         op = "all_reduce" if match.group(1) == "allreduce" else "all_to_all"
         samples[(op, int(match.group(2)))].append((int(match.group(3)) * MiB, _number(path, data, key) / 1e3))
     return {key: fit_latency_bandwidth([x for x, _ in pts], [t for _, t in pts]) for key, pts in samples.items()}
@@ -128,7 +150,9 @@ def load_model(folder: str | Path, *, config: str | Path | None = None) -> Model
     compute_path = _one(folder, "computation_profiling_*_all.json", "computation profile")
     match = re.fullmatch(r"computation_profiling_(fp32|bf16|fp16)_(.+)_all\.json", compute_path.name)
     if not match:
-        raise ProfileError(f"{compute_path}: name is not computation_profiling_<dtype>_<model>_all.json", "keep Galvatron's file name")
+        raise ProfileError(
+            f"{compute_path}: name is not computation_profiling_<dtype>_<model>_all.json", "keep Galvatron's file name"
+        )
     dtype, name = match.group(1), match.group(2)
     memory_path = folder / f"memory_profiling_{dtype}_{name}_all.json"
     config_path = Path(config) if config else _one(folder, "*.yaml", "model configuration (YAML)")
@@ -136,10 +160,14 @@ def load_model(folder: str | Path, *, config: str | Path | None = None) -> Model
         settings = yaml.safe_load(config_path.read_text())
         hidden, layers, heads = (int(settings[k]) for k in ("hidden_size", "num_layers", "num_attention_heads"))
     except FileNotFoundError:
-        raise ProfileError(f"model configuration {config_path} does not exist", "pass config= the model's YAML") from None
+        raise ProfileError(
+            f"model configuration {config_path} does not exist", "pass config= the model's YAML"
+        ) from None
     except (yaml.YAMLError, KeyError, TypeError, ValueError) as error:
-        raise ProfileError(f"{config_path}: key hidden_size/num_layers/num_attention_heads is missing or malformed ({error})",
-                           "give Galvatron's model YAML") from None
+        raise ProfileError(
+            f"{config_path}: key hidden_size/num_layers/num_attention_heads is missing or malformed ({error})",
+            "give Galvatron's model YAML",
+        ) from None
 
     compute = _object(compute_path)
     times: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
@@ -149,8 +177,10 @@ def load_model(folder: str | Path, *, config: str | Path | None = None) -> Model
             batch, seq = int(found.group(2)), int(found.group(3))
             times[found.group(1)].append((batch, seq, _number(compute_path, compute, key) * batch / 1e3))
     if "0" not in times or "other" not in times:
-        raise ProfileError(f"{compute_path}: key layertype_0_bsz<b>_seq<s> or layertype_other_... is missing",
-                           "profile the model with Galvatron's computation profiler")
+        raise ProfileError(
+            f"{compute_path}: key layertype_0_bsz<b>_seq<s> or layertype_other_... is missing",
+            "profile the model with Galvatron's computation profiler",
+        )
     seq = max(s for _, s, _ in times["0"])
     token_bytes = (2 if dtype in ("bf16", "fp16") else 4) * hidden
 
@@ -159,27 +189,57 @@ def load_model(folder: str | Path, *, config: str | Path | None = None) -> Model
     for type_name in sorted(k for k in times if k != "other"):
         entry = _memory_entry(memory_path, memory, f"layertype_{type_name}", seq)
         try:
-            table = {int(k): int(float(v) * MiB) for k, v in entry["tp_activation_per_bsz_dict"].items() if k != "checkpoint"}
+            table = {
+                int(k): int(float(v) * MiB) for k, v in entry["tp_activation_per_bsz_dict"].items() if k != "checkpoint"
+            }
             ckpt = int(float(entry["tp_activation_per_bsz_dict"]["checkpoint"]) * MiB)
             params = int(float(entry["parameter_size"]) * MiB / 4)
         except (KeyError, TypeError, ValueError, AttributeError) as error:
-            raise ProfileError(f"{memory_path}: key layertype_{type_name}/{seq}/tp_activation_per_bsz_dict or parameter_size "
-                               f"is malformed ({error})", "re-run Galvatron's memory profiler") from None
+            raise ProfileError(
+                f"{memory_path}: key layertype_{type_name}/{seq}/tp_activation_per_bsz_dict or parameter_size "
+                f"is malformed ({error})",
+                "re-run Galvatron's memory profiler",
+            ) from None
         fwd = fit_time_formula(times[type_name])
-        types[type_name] = LayerTypeProfile(type_name, fwd, fwd.scaled(2.0), params, table, ckpt, seq * token_bytes,
-                                            num_heads=heads, sp_activation_bytes_per_sample=dict(table))
+        types[type_name] = LayerTypeProfile(
+            type_name,
+            fwd,
+            fwd.scaled(2.0),
+            params,
+            table,
+            ckpt,
+            seq * token_bytes,
+            num_heads=heads,
+            sp_activation_bytes_per_sample=dict(table),
+        )
     other = fit_time_formula(times["other"])
     prologue = _other(memory_path, memory, "first", seq, TimeFormula(), seq * token_bytes)
     epilogue = _other(memory_path, memory, "last", seq, other, seq * token_bytes)
     layer_types = ["0"] * layers if len(types) == 1 else _layer_types(types, layers)
-    return ModelProfile(name, layer_types, types, prologue, epilogue, [seq * token_bytes] * layers, seq, hidden, heads,
-                        dtype=dtype, mode="galvatron", device="", source=str(compute_path))
+    return ModelProfile(
+        name,
+        layer_types,
+        types,
+        prologue,
+        epilogue,
+        [seq * token_bytes] * layers,
+        seq,
+        hidden,
+        heads,
+        dtype=dtype,
+        mode="galvatron",
+        device="",
+        source=str(compute_path),
+    )
 
 
 def _memory_entry(path: Path, memory: dict, key: str, seq: int) -> dict:
     entry = memory.get(f"{key}_sp", memory.get(key))
     if not isinstance(entry, dict) or not isinstance(entry.get(str(seq)), dict):
-        raise ProfileError(f"{path}: key {key}_sp/{seq} (or {key}/{seq}) is missing", "re-run Galvatron's memory profiler at this sequence length")
+        raise ProfileError(
+            f"{path}: key {key}_sp/{seq} (or {key}/{seq}) is missing",
+            "re-run Galvatron's memory profiler at this sequence length",
+        )
     return entry[str(seq)]
 
 
@@ -190,10 +250,21 @@ def _other(path: Path, memory: dict, where: str, seq: int, fwd: TimeFormula, tok
         activation = {int(k): int(float(v) * MiB) for k, v in entry["activation"].items()}
         params = int(states[1] * MiB / 16)
     except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise ProfileError(f"{path}: key other_memory_pp_on_{where}/{seq}/model_states or activation is malformed ({error})",
-                           "re-run Galvatron's memory profiler") from None
-    return LayerTypeProfile("prologue" if where == "first" else "epilogue", fwd, fwd.scaled(2.0), params, activation, 0,
-                            token_bytes_seq, vocab_param_count=params, sp_activation_bytes_per_sample=dict(activation))
+        raise ProfileError(
+            f"{path}: key other_memory_pp_on_{where}/{seq}/model_states or activation is malformed ({error})",
+            "re-run Galvatron's memory profiler",
+        ) from None
+    return LayerTypeProfile(
+        "prologue" if where == "first" else "epilogue",
+        fwd,
+        fwd.scaled(2.0),
+        params,
+        activation,
+        0,
+        token_bytes_seq,
+        vocab_param_count=params,
+        sp_activation_bytes_per_sample=dict(activation),
+    )
 
 
 def _layer_types(types: dict[str, LayerTypeProfile], layers: int) -> list[str]:

@@ -119,13 +119,19 @@ class HardwareProfile:
             if _key(op, group, layout) in self.collectives:
                 return self.collectives[_key(op, group, layout)]
         measured = [(int(k.split("/")[1]), v) for k, v in self.collectives.items() if k.startswith(op + "/")]
-        if not measured and op in ("all_gather", "reduce_scatter") and any(k.startswith("all_reduce/") for k in self.collectives):
+        if (
+            not measured
+            and op in ("all_gather", "reduce_scatter")
+            and any(k.startswith("all_reduce/") for k in self.collectives)
+        ):
             # all-gather and reduce-scatter are each half of a ring all-reduce
             base = self.fit("all_reduce", group, consecutive)
             return CommFit(base.latency_s / 2, base.bandwidth_Bps * 2)
         if not measured:
-            raise ProfileError(f"hardware profile {self.source or '(in memory)'} has no key collectives/{op}",
-                               "profile the hardware again with galvatron-fx profile-hardware")
+            raise ProfileError(
+                f"hardware profile {self.source or '(in memory)'} has no key collectives/{op}",
+                "profile the hardware again with galvatron-fx profile-hardware",
+            )
         near_group, near = min(measured, key=lambda item: (abs(math.log2(item[0]) - math.log2(group)), -item[0]))
         scale = ring_volume_factor(op, group) / ring_volume_factor(op, near_group)
         return CommFit(near.latency_s, near.bandwidth_Bps / scale)
@@ -160,8 +166,10 @@ class HardwareProfile:
         if nbytes <= 0 or pp <= 1:
             return 0.0
         if not self.p2p:
-            raise ProfileError(f"hardware profile {self.source or '(in memory)'} has no key p2p",
-                               "profile the hardware again with galvatron-fx profile-hardware")
+            raise ProfileError(
+                f"hardware profile {self.source or '(in memory)'} has no key p2p",
+                "profile the hardware again with galvatron-fx profile-hardware",
+            )
         fit = self.p2p.get(pp) or self.p2p[min(self.p2p, key=lambda k: abs(math.log2(k) - math.log2(pp)))]
         return fit.time_s(nbytes)
 
@@ -169,19 +177,25 @@ class HardwareProfile:
         """Sustained FLOP/s for ``dtype``; raises ProfileError if the profile has none."""
         value = self.flops_per_s.get(dtype)
         if not value:
-            raise ProfileError(f"hardware profile {self.source or '(in memory)'} has no key flops_per_s/{dtype}",
-                               "use a Cluster preset or add the sustained throughput of the device")
+            raise ProfileError(
+                f"hardware profile {self.source or '(in memory)'} has no key flops_per_s/{dtype}",
+                "use a Cluster preset or add the sustained throughput of the device",
+            )
         return value
 
     def check(self, *, world_size: int | None = None, device: str | None = None) -> None:
         """Raise ProfileError (naming the file and key) if this profile describes another cluster."""
         where = self.source or "hardware profile"
         if world_size is not None and world_size != self.world_size:
-            raise ProfileError(f"{where}: key world_size is {self.world_size}, but the plan is for {world_size} devices",
-                               f"profile the hardware with {world_size} processes, or use a preset for that cluster")
+            raise ProfileError(
+                f"{where}: key world_size is {self.world_size}, but the plan is for {world_size} devices",
+                f"profile the hardware with {world_size} processes, or use a preset for that cluster",
+            )
         if device is not None and device.lower() != self.device.lower():
-            raise ProfileError(f"{where}: key device is {self.device!r}, but the cluster has {device!r}",
-                               "profile this cluster's hardware, or pick the matching preset")
+            raise ProfileError(
+                f"{where}: key device is {self.device!r}, but the cluster has {device!r}",
+                "profile this cluster's hardware, or pick the matching preset",
+            )
 
     # -- JSON ----------------------------------------------------------------------------------
     def to_json_dict(self) -> dict[str, Any]:
@@ -219,8 +233,10 @@ class HardwareProfile:
         if not isinstance(data, dict):
             raise ProfileError(f"{source} is not a JSON object", "write it with galvatron-fx profile-hardware")
         if data.get("format") != FORMAT:
-            raise ProfileError(f"{source}: key format is {data.get('format')!r}, not {FORMAT!r}",
-                               "write it with galvatron-fx profile-hardware (Galvatron's files load with cost.galvatron_import)")
+            raise ProfileError(
+                f"{source}: key format is {data.get('format')!r}, not {FORMAT!r}",
+                "write it with galvatron-fx profile-hardware (Galvatron's files load with cost.galvatron_import)",
+            )
         key = "world_size"
         try:
             world_size, devices_per_node = int(data["world_size"]), int(data["devices_per_node"])
@@ -270,28 +286,58 @@ class HardwareProfile:
             key = "device"
             device = str(data["device"])
         except (KeyError, ValueError, TypeError, AttributeError) as error:
-            raise ProfileError(f"{source}: key {key} is missing or malformed ({type(error).__name__}: {error})",
-                               "profile the hardware again with galvatron-fx profile-hardware") from None
+            raise ProfileError(
+                f"{source}: key {key} is missing or malformed ({type(error).__name__}: {error})",
+                "profile the hardware again with galvatron-fx profile-hardware",
+            ) from None
         if world_size < 1 or devices_per_node < 1:
-            raise ProfileError(f"{source}: key world_size/devices_per_node must be positive", "profile the hardware again")
-        return cls(world_size, devices_per_node, device, memory, collectives, p2p, overlap, flops,
-                   str(data.get("backend", "")), source, optimizer_s, compute_slowdown, blocking_s, blocking_by_group,
-                   sharded_units, blocking_growth)
+            raise ProfileError(
+                f"{source}: key world_size/devices_per_node must be positive", "profile the hardware again"
+            )
+        return cls(
+            world_size,
+            devices_per_node,
+            device,
+            memory,
+            collectives,
+            p2p,
+            overlap,
+            flops,
+            str(data.get("backend", "")),
+            source,
+            optimizer_s,
+            compute_slowdown,
+            blocking_s,
+            blocking_by_group,
+            sharded_units,
+            blocking_growth,
+        )
 
 
 def mean_profile(passes: Sequence[HardwareProfile]) -> HardwareProfile:
     """One profile from several passes over the same cluster, taken minutes apart where the machine's speed
     drifts: every scalar and per-group figure is the passes' mean, and every fit gives at each size the mean
     of the passes' times (mean latency, mean seconds per byte)."""
-    def cluster(p: HardwareProfile) -> tuple:   # what every pass must share: the processes, devices and measured keys
-        keyed = ("collectives", "p2p", "sharded_units", "flops_per_s", "blocking_by_group_s", "blocking_growth_by_group")
+
+    def cluster(p: HardwareProfile) -> tuple:  # what every pass must share: the processes, devices and measured keys
+        keyed = (
+            "collectives",
+            "p2p",
+            "sharded_units",
+            "flops_per_s",
+            "blocking_by_group_s",
+            "blocking_growth_by_group",
+        )
         return (p.world_size, p.devices_per_node, p.device, p.backend, *(sorted(getattr(p, name)) for name in keyed))
 
     first = passes[0]
     for other in passes[1:]:
         if cluster(other) != cluster(first):
-            raise ProfileError(f"{other.source or 'a hardware profile'} is not a pass over the cluster of {first.source or 'the first'}",
-                               "average passes of profile-hardware taken on the same processes and devices")
+            raise ProfileError(
+                f"{other.source or 'a hardware profile'} is not a pass over the cluster of "
+                f"{first.source or 'the first'}",
+                "average passes of profile-hardware taken on the same processes and devices",
+            )
 
     def mean(name: str) -> float:
         return statistics.fmean(getattr(p, name) for p in passes)
@@ -300,16 +346,28 @@ def mean_profile(passes: Sequence[HardwareProfile]) -> HardwareProfile:
         return {key: statistics.fmean(getattr(p, name)[key] for p in passes) for key in getattr(first, name)}
 
     def fits(name: str) -> dict:
-        return {key: CommFit(statistics.fmean(getattr(p, name)[key].latency_s for p in passes),
-                             1 / statistics.fmean(1 / getattr(p, name)[key].bandwidth_Bps for p in passes))
-                for key in getattr(first, name)}
+        return {
+            key: CommFit(
+                statistics.fmean(getattr(p, name)[key].latency_s for p in passes),
+                1 / statistics.fmean(1 / getattr(p, name)[key].bandwidth_Bps for p in passes),
+            )
+            for key in getattr(first, name)
+        }
 
-    return replace(first, collectives=fits("collectives"), p2p=fits("p2p"), sharded_units=fits("sharded_units"),
-                   overlap_slowdown=mean("overlap_slowdown"), flops_per_s=means("flops_per_s"),
-                   optimizer_s_per_param=mean("optimizer_s_per_param"), compute_slowdown=mean("compute_slowdown"),
-                   blocking_collective_s=mean("blocking_collective_s"), blocking_by_group_s=means("blocking_by_group_s"),
-                   blocking_growth_by_group=means("blocking_growth_by_group"),
-                   source=f"mean of {len(passes)} passes of {first.source or 'profile-hardware'}")
+    return replace(
+        first,
+        collectives=fits("collectives"),
+        p2p=fits("p2p"),
+        sharded_units=fits("sharded_units"),
+        overlap_slowdown=mean("overlap_slowdown"),
+        flops_per_s=means("flops_per_s"),
+        optimizer_s_per_param=mean("optimizer_s_per_param"),
+        compute_slowdown=mean("compute_slowdown"),
+        blocking_collective_s=mean("blocking_collective_s"),
+        blocking_by_group_s=means("blocking_by_group_s"),
+        blocking_growth_by_group=means("blocking_growth_by_group"),
+        source=f"mean of {len(passes)} passes of {first.source or 'profile-hardware'}",
+    )
 
 
 def _comm_fit(value: Any) -> CommFit:
@@ -324,8 +382,14 @@ def read_json(path: str | Path) -> Any:
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise ProfileError(f"profile file {path} does not exist", "check the path, or run the profiler to write it") from None
+        raise ProfileError(
+            f"profile file {path} does not exist", "check the path, or run the profiler to write it"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ProfileError(f"profile file {path} is not valid JSON ({error})", "run the profiler again to rewrite it") from None
+        raise ProfileError(
+            f"profile file {path} is not valid JSON ({error})", "run the profiler again to rewrite it"
+        ) from None
     except OSError as error:
-        raise ProfileError(f"profile file {path} cannot be read ({error})", "check the path and its permissions") from None
+        raise ProfileError(
+            f"profile file {path} cannot be read ({error})", "check the path and its permissions"
+        ) from None

@@ -48,8 +48,14 @@ class ProfilerConfig:
     @classmethod
     def for_device(cls, device: torch.device, progress: bool = True) -> "ProfilerConfig":
         if device.type == "cuda":
-            return cls((1 * MiB, 16 * MiB, 64 * MiB, 256 * MiB), repeats=5, warmup=2, matmul_dim=4096, progress=progress,
-                       optimizer_params=64 * 2**20)
+            return cls(
+                (1 * MiB, 16 * MiB, 64 * MiB, 256 * MiB),
+                repeats=5,
+                warmup=2,
+                matmul_dim=4096,
+                progress=progress,
+                optimizer_params=64 * 2**20,
+            )
         # CPU timings are noisy (other processes, shared cores): more sizes and repetitions, medians of them
         # up to 8 MiB: DDP's buckets reach tens of MiB, so the bandwidth must come from large messages
         return cls((16 * KiB, 64 * KiB, 256 * KiB, MiB, 4 * MiB, 8 * MiB), repeats=10, warmup=2, progress=progress)
@@ -71,7 +77,9 @@ class _Progress:
         if self.enabled:
             filled = int(30 * self.done / self.total)
             elapsed = time.perf_counter() - self.start
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {elapsed:5.1f}s {label:<40}")
+            sys.stderr.write(
+                f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {elapsed:5.1f}s {label:<40}"
+            )
             if self.done == self.total:
                 sys.stderr.write("\n")
             sys.stderr.flush()
@@ -134,13 +142,17 @@ def _group_shapes(world: int) -> list[tuple[int, bool, list[list[int]]]]:
     return shapes
 
 
-def profile_hardware(config: ProfilerConfig | None = None, device: torch.device | None = None) -> HardwareProfile | None:
+def profile_hardware(
+    config: ProfilerConfig | None = None, device: torch.device | None = None
+) -> HardwareProfile | None:
     """Measure on every rank of the default process group; returns the profile on rank 0, None elsewhere."""
     from galvatron_fx.cluster import Cluster
 
     rank, world = dist.get_rank(), dist.get_world_size()
     if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        device = (
+            torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        )
     config = config or ProfilerConfig.for_device(device)
     shapes = _group_shapes(world)
     pipelines = [pp for pp in (2**k for k in range(1, world.bit_length())) if world % pp == 0]
@@ -171,19 +183,34 @@ def profile_hardware(config: ProfilerConfig | None = None, device: torch.device 
     progress.step("compute of all ranks at once")
     optimizer_s = _optimizer_s_per_param(device, config)
     progress.step("optimizer step")
-    skew_s = {size: _arrival_skew_s(device, config, group, BLOCKING_PROBE_COMPUTE_S) for size, group in consecutive_groups.items()}
+    skew_s = {
+        size: _arrival_skew_s(device, config, group, BLOCKING_PROBE_COMPUTE_S)
+        for size, group in consecutive_groups.items()
+    }
     # again after longer compute: how the skew grows with the work since the ranks last met
     long_compute_s = 4 * BLOCKING_PROBE_COMPUTE_S
-    skew_long_s = {size: _arrival_skew_s(device, config, group, long_compute_s) for size, group in consecutive_groups.items()}
+    skew_long_s = {
+        size: _arrival_skew_s(device, config, group, long_compute_s) for size, group in consecutive_groups.items()
+    }
     progress.step("collectives between compute")
     # FSDP2 waits for its collectives in place where there are no communication streams: time it there
-    units = sharded_unit_times(config.sizes_bytes[-3:], lambda run: _median_time(run, device, config), device) if device.type != "cuda" else {}
+    units = (
+        sharded_unit_times(config.sizes_bytes[-3:], lambda run: _median_time(run, device, config), device)
+        if device.type != "cuda"
+        else {}
+    )
     progress.step("FSDP2 units")
 
     # the slowest rank's median counts: one all-reduce (MAX) of every measurement
-    table = torch.tensor(medians + list(units.values()) + list(skew_s.values()) + list(skew_long_s.values())
-                         + [optimizer_s, compute_slowdown, slowdown],
-                         dtype=torch.float64, device=device)
+    table = torch.tensor(
+        medians
+        + list(units.values())
+        + list(skew_s.values())
+        + list(skew_long_s.values())
+        + [optimizer_s, compute_slowdown, slowdown],
+        dtype=torch.float64,
+        device=device,
+    )
     dist.all_reduce(table, op=dist.ReduceOp.MAX)
     if rank != 0:
         return None
@@ -193,22 +220,36 @@ def profile_hardware(config: ProfilerConfig | None = None, device: torch.device 
         samples.setdefault(key, []).append((nbytes, seconds))
     fits = {key: fit_latency_bandwidth([b for b, _ in pts], [t for _, t in pts]) for key, pts in samples.items()}
     unit_samples: dict[str, list[tuple[int, float]]] = {}
-    for (kind, group, nbytes), seconds in zip(units, values[len(medians):]):
+    for (kind, group, nbytes), seconds in zip(units, values[len(medians) :]):
         unit_samples.setdefault(f"{kind}/{group}", []).append((nbytes, seconds))
-    unit_fits = {key: fit_latency_bandwidth([b for b, _ in pts], [t for _, t in pts]) for key, pts in unit_samples.items()}
+    unit_fits = {
+        key: fit_latency_bandwidth([b for b, _ in pts], [t for _, t in pts]) for key, pts in unit_samples.items()
+    }
     skew_at = len(medians) + len(units)
-    blocking_s = dict(zip(skew_s, values[skew_at:skew_at + len(skew_s)]))
-    blocking_long_s = dict(zip(skew_s, values[skew_at + len(skew_s):skew_at + 2 * len(skew_s)]))
-    growth = {g: max(0.0, (blocking_long_s[g] - blocking_s[g]) / (long_compute_s - BLOCKING_PROBE_COMPUTE_S)) for g in blocking_s}
+    blocking_s = dict(zip(skew_s, values[skew_at : skew_at + len(skew_s)]))
+    blocking_long_s = dict(zip(skew_s, values[skew_at + len(skew_s) : skew_at + 2 * len(skew_s)]))
+    growth = {
+        g: max(0.0, (blocking_long_s[g] - blocking_s[g]) / (long_compute_s - BLOCKING_PROBE_COMPUTE_S))
+        for g in blocking_s
+    }
     cluster = Cluster.detect()
     dtype = "bf16" if device.type == "cuda" else "fp32"
     return HardwareProfile(
-        world_size=world, devices_per_node=min(cluster.devices_per_node, world), device=cluster.device,
-        memory_bytes=cluster.memory_bytes, collectives={k: v for k, v in fits.items() if not k.startswith("p2p/")},
+        world_size=world,
+        devices_per_node=min(cluster.devices_per_node, world),
+        device=cluster.device,
+        memory_bytes=cluster.memory_bytes,
+        collectives={k: v for k, v in fits.items() if not k.startswith("p2p/")},
         p2p={int(k.split("/")[1]): v for k, v in fits.items() if k.startswith("p2p/")},
-        overlap_slowdown=max(1.0, values[-1]), flops_per_s={dtype: flops_per_s}, backend=dist.get_backend(),
-        source="profile-hardware", optimizer_s_per_param=values[-3], compute_slowdown=max(1.0, values[-2]),
-        blocking_collective_s=blocking_s.get(world, 0.0), blocking_by_group_s=blocking_s, blocking_growth_by_group=growth,
+        overlap_slowdown=max(1.0, values[-1]),
+        flops_per_s={dtype: flops_per_s},
+        backend=dist.get_backend(),
+        source="profile-hardware",
+        optimizer_s_per_param=values[-3],
+        compute_slowdown=max(1.0, values[-2]),
+        blocking_collective_s=blocking_s.get(world, 0.0),
+        blocking_by_group_s=blocking_s,
+        blocking_growth_by_group=growth,
         sharded_units=unit_fits,
     )
 
@@ -253,13 +294,17 @@ def _transformer_block(dim: int, device: torch.device) -> Callable[[], None]:
     scale = 1.0 / math.sqrt(dim // heads)
     x = torch.randn(tokens, dim, device=device, requires_grad=True)
     w_qkv, w_out = (torch.randn(dim, n * dim, device=device, requires_grad=True) for n in (3, 1))
-    w_up, w_down = torch.randn(dim, 4 * dim, device=device, requires_grad=True), torch.randn(4 * dim, dim, device=device, requires_grad=True)
+    w_up, w_down = (
+        torch.randn(dim, 4 * dim, device=device, requires_grad=True),
+        torch.randn(4 * dim, dim, device=device, requires_grad=True),
+    )
 
     def step():
         q, k, v = (F.layer_norm(x, (dim,)) @ w_qkv).view(tokens, 3, heads, dim // heads).unbind(1)
         scores = torch.softmax(q.transpose(0, 1) @ k.permute(1, 2, 0) * scale, dim=-1)
         y = x + (scores @ v.transpose(0, 1)).transpose(0, 1).reshape(tokens, dim) @ w_out
         (y + F.gelu(F.layer_norm(y, (dim,)) @ w_up) @ w_down).sum().backward()
+
     return step
 
 
@@ -361,7 +406,7 @@ def _overlap_slowdown(device: torch.device, config: ProfilerConfig) -> float:
     runs = {"comm": lambda: dist.all_reduce(comm), "compute": compute, "both": both}
     samples: dict[str, list[float]] = {name: [] for name in runs}
     once = dataclasses.replace(config, repeats=1, warmup=0)
-    for _ in range(3 * config.repeats):   # alternated, so that drifts of the machine cancel (the noisiest figure)
+    for _ in range(3 * config.repeats):  # alternated, so that drifts of the machine cancel (the noisiest figure)
         for name, run in runs.items():
             samples[name].append(_median_time(run, device, once))
     comm_s, compute_s, both_s = (statistics.median(samples[name]) for name in runs)
@@ -376,8 +421,14 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, backend: str, fn: Callable, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(1)
     if backend == "nccl":
         torch.cuda.set_device(rank)

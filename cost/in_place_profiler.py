@@ -52,9 +52,18 @@ def tp_degrees(world: int, num_heads: int) -> list[int]:
     return degrees
 
 
-def measure_in_place(profile: ModelProfile, build: Builder, world: int, *, samples_per_rank: Sequence[int] = (2, 4),
-                     warmup: int = 2, repeats: int = 10, backend: str = "gloo", progress: bool = True,
-                     merge: bool = False) -> ModelProfile:
+def measure_in_place(
+    profile: ModelProfile,
+    build: Builder,
+    world: int,
+    *,
+    samples_per_rank: Sequence[int] = (2, 4),
+    warmup: int = 2,
+    repeats: int = 10,
+    backend: str = "gloo",
+    progress: bool = True,
+    merge: bool = False,
+) -> ModelProfile:
     """Time ``profile``'s layer types in place on ``world`` processes for every degree of ``tp_degrees``
     and store the fits in each ``LayerTypeProfile.in_place_times[world]`` (in place; returns the profile).
     With ``merge``, the fits are of the mean of this pass's points and the earlier passes' stored in the
@@ -67,47 +76,78 @@ def measure_in_place(profile: ModelProfile, build: Builder, world: int, *, sampl
     from galvatron_fx.runtime import spawn
 
     if len(set(samples_per_rank)) < 2 or min(samples_per_rank) < 2:
-        raise ProfileError(f"samples per rank {list(samples_per_rank)} must hold two sizes of 2 or more",
-                           "measure e.g. samples_per_rank=(2, 4)")
+        raise ProfileError(
+            f"samples per rank {list(samples_per_rank)} must hold two sizes of 2 or more",
+            "measure e.g. samples_per_rank=(2, 4)",
+        )
     degrees = tp_degrees(world, profile.num_heads)
     started = time.perf_counter()
-    per_rank = spawn(_time_in_place, world, build, profile.seq_length, degrees, tuple(samples_per_rank), warmup, repeats,
-                     backend=backend, timeout_s=3600.0, collective_timeout_s=600.0)
+    per_rank = spawn(
+        _time_in_place,
+        world,
+        build,
+        profile.seq_length,
+        degrees,
+        tuple(samples_per_rank),
+        warmup,
+        repeats,
+        backend=backend,
+        timeout_s=3600.0,
+        collective_timeout_s=600.0,
+    )
     stored = profile.extra.setdefault("in_place_measurements", {}).setdefault(str(world), {})
     passes = profile.extra.setdefault("in_place_passes", {})
     earlier = passes.get(str(world), 0) if merge else 0
     for key, by_tp in per_rank[0].items():
         for tp, points in by_tp.items():
             # points are (samples per group, seq, forward s, backward s); the slowest rank's count
-            slowest = [max((rank[key][tp][i] for rank in per_rank), key=lambda p: p[2] + p[3]) for i in range(len(points))]
+            slowest = [
+                max((rank[key][tp][i] for rank in per_rank), key=lambda p: p[2] + p[3]) for i in range(len(points))
+            ]
             if earlier:
                 slowest = running_mean(stored[key][str(tp)], slowest, earlier)
-            times = (fit_time_formula([(b, s, f) for b, s, f, _ in slowest]),
-                     fit_time_formula([(b, s, w) for b, s, _, w in slowest]))
+            times = (
+                fit_time_formula([(b, s, f) for b, s, f, _ in slowest]),
+                fit_time_formula([(b, s, w) for b, s, _, w in slowest]),
+            )
             _part(profile, key).in_place_times.setdefault(world, {})[int(tp)] = times
             stored.setdefault(key, {})[str(tp)] = slowest
     passes[str(world)] = earlier + 1
     if progress:
-        sys.stderr.write(f"timed layers in place (tp {degrees}) on {world} processes in {time.perf_counter() - started:.1f}s\n")
+        sys.stderr.write(
+            f"timed layers in place (tp {degrees}) on {world} processes in {time.perf_counter() - started:.1f}s\n"
+        )
     return profile
 
 
 def running_mean(mean_points: list, new_points: list, passes: int) -> list:
     """(samples, seq, forward s, backward s) points: the mean over ``passes`` earlier passes, updated with
     one more pass at the same sizes."""
-    if [tuple(p[:2]) for p in mean_points] != [tuple(p[:2]) for p in new_points]:   # JSON gives lists
-        raise ProfileError("the stored in-place points are at other sizes than this pass's",
-                           "merge passes taken with the same samples_per_rank, or profile again without merging")
-    return [(b, s, (f0 * passes + f) / (passes + 1), (w0 * passes + w) / (passes + 1))
-            for (_, _, f0, w0), (b, s, f, w) in zip(mean_points, new_points)]
+    if [tuple(p[:2]) for p in mean_points] != [tuple(p[:2]) for p in new_points]:  # JSON gives lists
+        raise ProfileError(
+            "the stored in-place points are at other sizes than this pass's",
+            "merge passes taken with the same samples_per_rank, or profile again without merging",
+        )
+    return [
+        (b, s, (f0 * passes + f) / (passes + 1), (w0 * passes + w) / (passes + 1))
+        for (_, _, f0, w0), (b, s, f, w) in zip(mean_points, new_points)
+    ]
 
 
 def _part(profile: ModelProfile, key: str) -> LayerTypeProfile:
     return profile.prologue if key == "prologue" else profile.epilogue if key == "epilogue" else profile.layer(key)
 
 
-def _time_in_place(rank: int, world: int, build: Builder, seq: int, degrees: list[int], samples_per_rank: tuple[int, ...],
-                   warmup: int, repeats: int) -> dict[str, dict[int, list[tuple[float, float, float, float]]]]:
+def _time_in_place(
+    rank: int,
+    world: int,
+    build: Builder,
+    seq: int,
+    degrees: list[int],
+    samples_per_rank: tuple[int, ...],
+    warmup: int,
+    repeats: int,
+) -> dict[str, dict[int, list[tuple[float, float, float, float]]]]:
     """Spawned worker: {layer type, "prologue" or "epilogue": {tp: [(samples per group, seq, forward s,
     backward s), ...]}}. Every rank runs the same layers in the same order (their collectives pair up)."""
     from galvatron_fx.capture import capture
@@ -117,14 +157,17 @@ def _time_in_place(rank: int, world: int, build: Builder, seq: int, degrees: lis
 
     warnings.simplefilter("ignore")
     device = groups.current_device()
-    timed = []   # (layer key, tp, samples per group, module, inputs)
+    timed = []  # (layer key, tp, samples per group, module, inputs)
     for tp in degrees:
         for k in samples_per_rank:
             model, batch = build(k * world, seq)
             mine = {name: _rows(value, rank * k, k, device) for name, value in batch.items()}
             program = capture(model.to(device), example_kwargs=mine)
-            plan = Plan(world_size=world, layers=tuple(LayerStrategy(tp=tp, dp=world // tp) for _ in program.body),
-                        global_batch=k * world)
+            plan = Plan(
+                world_size=world,
+                layers=tuple(LayerStrategy(tp=tp, dp=world // tp) for _ in program.body),
+                global_batch=k * world,
+            )
             stage = lower(program, plan, rank, device)
             prepare_groups(program, plan)
             flat = program.flatten_inputs((), mine)
@@ -151,7 +194,7 @@ def _time_in_place(rank: int, world: int, build: Builder, seq: int, degrees: lis
 def _rows(value: Any, start: int, count: int, device: torch.device) -> Any:
     """Samples ``start .. start + count`` of a batched tensor; anything else as it is."""
     if isinstance(value, torch.Tensor) and value.dim() > 0:
-        return value[start:start + count].to(device)
+        return value[start : start + count].to(device)
     return value
 
 

@@ -32,7 +32,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_layer(layer, inputs: Sequence[Any], device: torch.device, warmup: int = 1, repeats: int = 3) -> tuple[float, float]:
+def time_layer(
+    layer, inputs: Sequence[Any], device: torch.device, warmup: int = 1, repeats: int = 3
+) -> tuple[float, float]:
     """Median (forward, backward) seconds of ``layer.module`` on ``inputs``."""
     return median_times([time_layer_once(layer.module, inputs, device) for _ in range(warmup + repeats)][warmup:])
 
@@ -46,7 +48,9 @@ def time_layer_once(module: torch.nn.Module, inputs: Sequence[Any], device: torc
     """(forward, backward) seconds of one call of ``module`` on ``inputs``; its gradients are dropped after."""
 
     def forward():
-        leaves = [x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x for x in inputs]
+        leaves = [
+            x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x for x in inputs
+        ]
         with torch.enable_grad():
             outputs = module(*leaves)
         return [o for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad]
@@ -65,9 +69,18 @@ def time_layer_once(module: torch.nn.Module, inputs: Sequence[Any], device: torc
     return middle - start, end - middle
 
 
-def profile_model(build: Builder, batches: Sequence[int] = (2, 4, 8), seqs: Sequence[int] = (32,), *,
-                  device: torch.device | str = "cpu", device_name: str | None = None, warmup: int = 2, repeats: int = 3,
-                  progress: bool = True, name: str | None = None) -> ModelProfile:
+def profile_model(
+    build: Builder,
+    batches: Sequence[int] = (2, 4, 8),
+    seqs: Sequence[int] = (32,),
+    *,
+    device: torch.device | str = "cpu",
+    device_name: str | None = None,
+    warmup: int = 2,
+    repeats: int = 3,
+    progress: bool = True,
+    name: str | None = None,
+) -> ModelProfile:
     """Measure every layer type of the model ``build(batch, seq)`` returns; a ModelProfile with fitted times.
 
     The memory figures are those of the largest sequence length, which becomes the profile's ``seq_length``.
@@ -76,7 +89,9 @@ def profile_model(build: Builder, batches: Sequence[int] = (2, 4, 8), seqs: Sequ
 
     device = torch.device(device)
     if min(batches) < 1:
-        raise ProfileError(f"micro-batch sizes {list(batches)} include one below 1", "profile batches of 1 sample or more")
+        raise ProfileError(
+            f"micro-batch sizes {list(batches)} include one below 1", "profile batches of 1 sample or more"
+        )
     reference_seq = max(seqs)
     cases = [(b, s) for s in sorted(seqs) for b in sorted(batches)]
     base = None
@@ -92,8 +107,11 @@ def profile_model(build: Builder, batches: Sequence[int] = (2, 4, 8), seqs: Sequ
             base = (program, seq)
         representatives = representatives or _representatives(program)
         if base[0] is not program and len(program.layers) != len(base[0].layers):
-            raise ProfileError(f"the model has {len(program.layers)} layers at batch {batch}, seq {seq} but {len(base[0].layers)} before",
-                               "profile a model whose structure does not depend on the batch or sequence length")
+            raise ProfileError(
+                f"the model has {len(program.layers)} layers at batch {batch}, seq {seq} but {len(base[0].layers)} "
+                "before",
+                "profile a model whose structure does not depend on the batch or sequence length",
+            )
         env = program.flatten_inputs((), kwargs)
         env_before = dict(env)
         with torch.no_grad():
@@ -108,20 +126,29 @@ def profile_model(build: Builder, batches: Sequence[int] = (2, 4, 8), seqs: Sequ
             entry[0].append((batch, true_seq, fwd_s))
             entry[1].append((batch, true_seq, bwd_s))
         if progress:
-            sys.stderr.write(f"\rprofiled batch {batch} seq {seq} ({done}/{len(cases)}, {time.perf_counter() - started:.1f}s)   ")
+            sys.stderr.write(
+                f"\rprofiled batch {batch} seq {seq} ({done}/{len(cases)}, {time.perf_counter() - started:.1f}s)   "
+            )
             sys.stderr.flush()
     if progress:
         sys.stderr.write("\n")
     program = base[0]
-    profile = ModelProfile.from_program(program, flops_per_s=1.0, name=name)  # memory from the graph; times replaced below
+    profile = ModelProfile.from_program(
+        program, flops_per_s=1.0, name=name
+    )  # memory from the graph; times replaced below
     measurements = {}
     for index, (fwd, bwd) in samples.items():
         layer = program.layers[index]
         key = layer.kind if layer.kind in ("prologue", "epilogue") else layer.layer_type
-        target = profile.prologue if key == "prologue" else profile.epilogue if key == "epilogue" else profile.types[key]
+        target = (
+            profile.prologue if key == "prologue" else profile.epilogue if key == "epilogue" else profile.types[key]
+        )
         target.fwd, target.bwd = fit_time_formula(fwd), fit_time_formula(bwd)
         measurements[key] = {"fwd": fwd, "bwd": bwd}
-    profile.mode, profile.device = "measured", device_name or (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+    profile.mode, profile.device = (
+        "measured",
+        device_name or (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
+    )
     profile.extra["measurements"] = measurements
     return profile
 

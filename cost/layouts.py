@@ -1,6 +1,6 @@
 """Activation layouts between layers, and the collective that moves an activation from one to another.
 
-A layout says which block of a micro-batch activation each rank of a stage holds (passes/redistribute.py
+A layout says which block of a micro-batch activation each rank of a stage holds (passes/lower/layouts.py
 executes the moves): the batch split ``dp`` ways and, under sequence parallelism, the sequence ``tp`` ways.
 ``move_plan`` is the cost model's fast geometry on integer arrays; ``rank_pieces``, ``piece_intersection``
 and ``piece_area`` are the exact rank-by-rank reference it is tested against (``reference_move_s``).
@@ -13,7 +13,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from galvatron_fx.parallel_dims import dp_index as dp_of, tp_index as tp_of
+from galvatron_fx.parallel_dims import dp_index as dp_of
+from galvatron_fx.parallel_dims import tp_index as tp_of
 from galvatron_fx.plan import LayerStrategy
 
 
@@ -40,7 +41,11 @@ def move_plan(src: tuple, dst: tuple) -> tuple | None:
         strategy = LayerStrategy(tp=tp, dp=dp, tp_consecutive=bool(consecutive))
         tp_index, dp_index = tp_of(strategy, rank), dp_of(strategy, rank)
         batch = (dp_index * (devices // dp), (dp_index + 1) * (devices // dp))
-        seq = (tp_index * (devices // tp), (tp_index + 1) * (devices // tp)) if sharded else (0 * rank, 0 * rank + devices)
+        seq = (
+            (tp_index * (devices // tp), (tp_index + 1) * (devices // tp))
+            if sharded
+            else (0 * rank, 0 * rank + devices)
+        )
         return batch, seq
 
     held, needed = pieces(src), pieces(dst)
@@ -48,23 +53,32 @@ def move_plan(src: tuple, dst: tuple) -> tuple | None:
     for (h0, h1), (n0, n1) in zip(held, needed):
         lo = np.maximum(h0, n0)
         overlap.append((lo, np.maximum(np.minimum(h1, n1), lo)))
-    area = lambda piece: (piece[0][1] - piece[0][0]) * (piece[1][1] - piece[1][0])
+
+    def area(piece):
+        return (piece[0][1] - piece[0][0]) * (piece[1][1] - piece[1][0])
+
     if int((area(needed) - area(overlap)).max()) == 0:
-        return None   # every rank slices what it needs from what it has
+        return None  # every rank slices what it needs from what it has
     src_area, dst_area = int(area(held)[0]), int(area(needed)[0])
-    if all((o0 == h0).all() and (o1 == h1).all() for (o0, o1), (h0, h1) in zip(overlap, held)):   # pieces grow
+    if all((o0 == h0).all() and (o1 == h1).all() for (o0, o1), (h0, h1) in zip(overlap, held)):  # pieces grow
         return ("all_gather", dst_area / devices**2, round(dst_area / src_area), bool(dst[3]))
     return ("all_to_all", max(src_area, dst_area) / devices**2, max(src[0], dst[0], 2), True)
 
 
-def rank_pieces(strategy: LayerStrategy, devices: int) -> list[tuple[tuple[Fraction, Fraction], tuple[Fraction, Fraction]]]:
+def rank_pieces(
+    strategy: LayerStrategy, devices: int
+) -> list[tuple[tuple[Fraction, Fraction], tuple[Fraction, Fraction]]]:
     """Per rank: the (batch, sequence) fractions of a boundary activation it holds under ``strategy``."""
     tp, dp = strategy.tp, strategy.dp
     pieces = []
     for rank in range(devices):
         tp_index, dp_index = tp_of(strategy, rank), dp_of(strategy, rank)
         batch = (Fraction(dp_index, dp), Fraction(dp_index + 1, dp))
-        seq = (Fraction(tp_index, tp), Fraction(tp_index + 1, tp)) if strategy.sp != "none" else (Fraction(0), Fraction(1))
+        seq = (
+            (Fraction(tp_index, tp), Fraction(tp_index + 1, tp))
+            if strategy.sp != "none"
+            else (Fraction(0), Fraction(1))
+        )
         pieces.append((batch, seq))
     return pieces
 

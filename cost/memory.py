@@ -47,15 +47,22 @@ GRAD_BUCKET_CAP_BYTES = 25 * 2**20
 # (parameter, gradient, optimizer) bytes per parameter
 STATE_BYTES_PER_PARAM = {"fp32": (4, 4, 8), "bf16": (2, 4, 12)}
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-_LINEAR_OPS = {torch.ops.aten.linear.default, torch.ops.aten.addmm.default, torch.ops.aten.mm.default,
-               torch.ops.aten.matmul.default, torch.ops.aten.bmm.default}
+_LINEAR_OPS = {
+    torch.ops.aten.linear.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.mm.default,
+    torch.ops.aten.matmul.default,
+    torch.ops.aten.bmm.default,
+}
 
 
 def check_precision(mixed_precision: str) -> None:
     from galvatron_fx.errors import ConfigError
 
     if mixed_precision not in STATE_BYTES_PER_PARAM:
-        raise ConfigError(f"mixed_precision={mixed_precision!r} is unknown", f"use one of {sorted(STATE_BYTES_PER_PARAM)}")
+        raise ConfigError(
+            f"mixed_precision={mixed_precision!r} is unknown", f"use one of {sorted(STATE_BYTES_PER_PARAM)}"
+        )
 
 
 def model_state_bytes(param_count: float, dp: int, dp_type: str, mixed_precision: str) -> int:
@@ -121,9 +128,14 @@ class InFlight:
             # a backward that finds a stored weight gradient computes the new one whole, then adds it: any
             # later backward; the first too where gradients persist between steps (DDP's buckets, grad_bytes 0)
             accumulate_first = layer.accumulate_bytes if layer.grad_bytes == 0 else 0
-            peak = max(peak, states - grads + made + self.first * activations - freed + layer.peak_extra_bytes + accumulate_first)
+            peak = max(
+                peak,
+                states - grads + made + self.first * activations - freed + layer.peak_extra_bytes + accumulate_first,
+            )
             if self.later:
-                peak = max(peak, states + self.later * activations - freed + layer.peak_extra_bytes + layer.accumulate_bytes)
+                peak = max(
+                    peak, states + self.later * activations - freed + layer.peak_extra_bytes + layer.accumulate_bytes
+                )
             freed, made = freed + layer.activation_bytes, made + layer.grad_bytes
         return int(peak)
 
@@ -149,7 +161,7 @@ def _tp_sharded_nodes(graph_module: fx.GraphModule, layer: Layer) -> set[str]:
         node = nodes[name]
         any_sharded = any(n.name in sharded for n in node.all_input_nodes if n.op != "get_attr")
         projection = node.target in _LINEAR_OPS and any(_is_param(graph_module, n) for n in node.all_input_nodes)
-        if any_sharded != projection:   # a projection flips its input's state, any other op keeps it
+        if any_sharded != projection:  # a projection flips its input's state, any other op keeps it
             sharded.add(name)
     return sharded
 
@@ -179,7 +191,7 @@ def _needs_grad(graph_module: fx.GraphModule) -> set[str]:
     out: set[str] = set()
     for node in graph_module.graph.nodes:
         info = node_meta(node).info
-        floating = info is not None and (info.dtype is None or info.dtype.is_floating_point)   # None: a tuple
+        floating = info is not None and (info.dtype is None or info.dtype.is_floating_point)  # None: a tuple
         if node.op == "get_attr":
             if node.target in params:
                 out.add(node.name)
@@ -212,15 +224,18 @@ def grad_working_bytes(graph_module: fx.GraphModule, layer: Layer, tp: int = 1) 
             return 0.0
         return math.prod(info.shape) * info.dtype.itemsize / (tp if node.name in sharded else 1)
 
-    live = {name: grad_bytes(nodes[name]) for name in layer.node_names
-            if name in needs_grad and any(user.name not in in_layer for user in nodes[name].users)}
+    live = {
+        name: grad_bytes(nodes[name])
+        for name in layer.node_names
+        if name in needs_grad and any(user.name not in in_layer for user in nodes[name].users)
+    }
     peak = sum(live.values())
     freed = 0
     for name in reversed(layer.node_names):
         node = nodes[name]
         grad = live.pop(name, None)
         if grad is None:
-            continue   # no gradient reaches it
+            continue  # no gradient reaches it
         inputs = [i for i in dict.fromkeys(node.all_input_nodes) if i.name in needs_grad and i.op != "get_attr"]
         if _passes_gradient_through(node):
             for i in inputs[:1]:

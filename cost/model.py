@@ -56,7 +56,14 @@ from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan, Prediction
 
 from .hardware import BLOCKING_PROBE_COMPUTE_S, HardwareProfile
 from .layouts import layout_of, move_key, move_plan
-from .memory import DTYPE_BYTES, GRAD_BUCKET_CAP_BYTES, STATE_BYTES_PER_PARAM, InFlight, check_precision, model_state_split
+from .memory import (
+    DTYPE_BYTES,
+    GRAD_BUCKET_CAP_BYTES,
+    STATE_BYTES_PER_PARAM,
+    InFlight,
+    check_precision,
+    model_state_split,
+)
 from .model_profile import LayerTypeProfile, ModelProfile, TimeFormula
 
 
@@ -84,8 +91,9 @@ class LayerCost:
 class CostModel:
     """Predicts per-layer costs and whole-plan iteration time and memory (see module docstring)."""
 
-    def __init__(self, model: ModelProfile, hardware: HardwareProfile, *, mixed_precision: str = "fp32",
-                 optimizer: str = "adam"):
+    def __init__(
+        self, model: ModelProfile, hardware: HardwareProfile, *, mixed_precision: str = "fp32", optimizer: str = "adam"
+    ):
         check_precision(mixed_precision)
         if optimizer != "adam":
             raise ConfigError(f"optimizer={optimizer!r} has no memory model", "use optimizer='adam'")
@@ -127,7 +135,9 @@ class CostModel:
         return (fixed + (formula(local, self.seq) - fixed) / tp) * self.time_scale * self.contention(busy_share)
 
     # -- one layer ------------------------------------------------------------------------------
-    def layer_cost(self, layer_type: str, strategy: LayerStrategy, micro_batch: int, busy_share: float = 1.0) -> LayerCost:
+    def layer_cost(
+        self, layer_type: str, strategy: LayerStrategy, micro_batch: int, busy_share: float = 1.0
+    ) -> LayerCost:
         """One body layer of ``layer_type`` under ``strategy`` at ``micro_batch`` samples per stage, while
         ``busy_share`` of the ranks compute (``busy_share(pp, chunks)``; 1 without a pipeline)."""
         profile = self.model.layer(layer_type)
@@ -136,28 +146,51 @@ class CostModel:
         fwd_compute = self._compute_s(profile.fwd, local, strategy.tp, busy_share)
         bwd_compute = self._compute_s(profile.bwd, local, strategy.tp, busy_share)
         # the layer's own time, compute and TP collectives: timed in place where the profile has it
-        own = self._in_place_s(profile, strategy.tp, local, busy_share) if strategy.tp == 1 or strategy.sp == "none" else None
+        own = (
+            self._in_place_s(profile, strategy.tp, local, busy_share)
+            if strategy.tp == 1 or strategy.sp == "none"
+            else None
+        )
         if own is None:
             hidden_bytes = profile.boundary_bytes_per_sample * local * self.activation_scale
-            own = tuple(compute + self._tp_comm_s(strategy, hidden_bytes, compute) for compute in (fwd_compute, bwd_compute))
-        split = 1 if strategy.sp == "ulysses" else strategy.tp   # Ulysses keeps whole weights
+            own = tuple(
+                compute + self._tp_comm_s(strategy, hidden_bytes, compute) for compute in (fwd_compute, bwd_compute)
+            )
+        split = 1 if strategy.sp == "ulysses" else strategy.tp  # Ulysses keeps whole weights
         params, largest = profile.param_count / split, profile.largest_param_count / split
-        gather_s, sync_s, transient_bytes = self._dp_comm(params, strategy.dp, strategy.dp_type, not strategy.tp_consecutive or strategy.tp == 1,
-                                                          (fwd_compute, bwd_compute))
+        gather_s, sync_s, transient_bytes = self._dp_comm(
+            params,
+            strategy.dp,
+            strategy.dp_type,
+            not strategy.tp_consecutive or strategy.tp == 1,
+            (fwd_compute, bwd_compute),
+        )
         fwd_s = own[0] + self._visible(gather_s, fwd_compute, strategy.dp_type)
         bwd_s = own[1] + self._visible(gather_s, bwd_compute, strategy.dp_type) + self._ddp_drift_s(strategy, own)
         if strategy.ckpt:
             bwd_s += own[0]
         full_activation = profile.activation_per_sample(strategy.tp, sharded_seq) * local * self.activation_scale
         if strategy.ckpt:
-            kept = profile.ckpt_activation_bytes_per_sample * local * self.activation_scale / (strategy.tp if sharded_seq else 1)
+            kept = (
+                profile.ckpt_activation_bytes_per_sample
+                * local
+                * self.activation_scale
+                / (strategy.tp if sharded_seq else 1)
+            )
         else:
             kept = full_activation
         working = profile.grad_working_per_sample(strategy.tp, sharded_seq) * local * self.activation_scale
         peak_extra = transient_bytes + working + (full_activation if strategy.ckpt else 0.0)
-        sync_s = self._visible(sync_s, bwd_compute, strategy.dp_type) + self._optimizer_s(params, strategy.dp, strategy.dp_type)
-        return self._with_states(LayerCost(fwd_s, bwd_s, sync_s, 0, int(kept), int(peak_extra)), params, strategy.dp,
-                                 strategy.dp_type, largest)
+        sync_s = self._visible(sync_s, bwd_compute, strategy.dp_type) + self._optimizer_s(
+            params, strategy.dp, strategy.dp_type
+        )
+        return self._with_states(
+            LayerCost(fwd_s, bwd_s, sync_s, 0, int(kept), int(peak_extra)),
+            params,
+            strategy.dp,
+            strategy.dp_type,
+            largest,
+        )
 
     def _ddp_drift_s(self, strategy: LayerStrategy, own_s: tuple[float, float]) -> float:
         """A DDP layer without TP runs no collective the ranks wait for until the gradient all-reduce after
@@ -166,7 +199,9 @@ class CostModel:
         drift over this layer's forward and backward ``own_s``, for every micro-batch."""
         if strategy.tp > 1 or strategy.dp == 1 or strategy.dp_type != "ddp":
             return 0.0
-        return self.hardware.blocking_s(strategy.dp, BLOCKING_PROBE_COMPUTE_S + sum(own_s)) - self.hardware.blocking_s(strategy.dp)
+        return self.hardware.blocking_s(strategy.dp, BLOCKING_PROBE_COMPUTE_S + sum(own_s)) - self.hardware.blocking_s(
+            strategy.dp
+        )
 
     def _with_states(self, cost: LayerCost, params: float, dp: int, dp_type: str, largest_param: float) -> LayerCost:
         """``cost`` with the model states of ``params`` parameters on a ``dp``-way ``dp_type`` group, the
@@ -181,15 +216,22 @@ class CostModel:
             states += int(params * STATE_BYTES_PER_PARAM[self.mixed_precision][0] / dp)
         updated = params / dp if dp_type in ("zero2", "zero3") else params
         temp = 4 * updated if self.hardware.device != "cpu" else 0.0  # multi-tensor Adam: one fp32 temporary
-        return dataclasses.replace(cost, model_state_bytes=states, grad_bytes=grads, optimizer_temp_bytes=int(temp),
-                                   accumulate_bytes=int(accumulate))
+        return dataclasses.replace(
+            cost,
+            model_state_bytes=states,
+            grad_bytes=grads,
+            optimizer_temp_bytes=int(temp),
+            accumulate_bytes=int(accumulate),
+        )
 
     def _optimizer_s(self, params: float, dp: int, dp_type: str) -> float:
         """One optimizer step over the parameters this device updates (a ZeRO shard, or all of them)."""
         updated = params / dp if dp_type in ("zero2", "zero3") else params
         return updated * self.hardware.optimizer_s_per_param
 
-    def _in_place_s(self, part: LayerTypeProfile, tp: int, local: float, busy_share: float) -> tuple[float, float] | None:
+    def _in_place_s(
+        self, part: LayerTypeProfile, tp: int, local: float, busy_share: float
+    ) -> tuple[float, float] | None:
         """(forward, backward) seconds of ``part`` on one of ``tp`` ranks (Megatron TP) at ``local`` samples per
         TP group, where the profile timed the lowered layer on every rank of this world at once
         (cost/in_place_profiler.py): compute, contention, collectives and the waits between them in one
@@ -214,11 +256,21 @@ class CostModel:
         if strategy.sp == "none":
             return 2 * (hw.collective_s("all_reduce", hidden_bytes, tp, cons) + wait)
         if strategy.sp == "megatron":
-            return 2 * (hw.collective_s("all_gather", hidden_bytes, tp, cons) + hw.collective_s("reduce_scatter", hidden_bytes, tp, cons) + 2 * wait)
+            return 2 * (
+                hw.collective_s("all_gather", hidden_bytes, tp, cons)
+                + hw.collective_s("reduce_scatter", hidden_bytes, tp, cons)
+                + 2 * wait
+            )
         return 4 * (hw.collective_s("all_to_all", hidden_bytes / tp, tp, cons) + wait)
 
-    def _dp_comm(self, params: float, dp: int, dp_type: str, consecutive: bool,
-                 compute_s: tuple[float, float] = (BLOCKING_PROBE_COMPUTE_S, BLOCKING_PROBE_COMPUTE_S)) -> tuple[float, float, float]:
+    def _dp_comm(
+        self,
+        params: float,
+        dp: int,
+        dp_type: str,
+        consecutive: bool,
+        compute_s: tuple[float, float] = (BLOCKING_PROBE_COMPUTE_S, BLOCKING_PROBE_COMPUTE_S),
+    ) -> tuple[float, float, float]:
         """(ZeRO-3 parameter gather per pass, gradient sync per step, transient bytes in backward) on
         ``params`` parameters, next to ``compute_s`` = (forward, backward) seconds of the layer's compute. The
         transient bytes are FSDP2's: the layer's unsharded gradients and the previous layer's, whose
@@ -242,8 +294,16 @@ class CostModel:
             gather, sync = self._in_place(dp_type, params * 4, dp, gather, sync, calls, compute_s)
         return gather, sync, transient
 
-    def _in_place(self, dp_type: str, fp32_bytes: float, dp: int, gather_s: float, sync_s: float,
-                  calls: tuple[int, int], compute_s: tuple[float, float]) -> tuple[float, float]:
+    def _in_place(
+        self,
+        dp_type: str,
+        fp32_bytes: float,
+        dp: int,
+        gather_s: float,
+        sync_s: float,
+        calls: tuple[int, int],
+        compute_s: tuple[float, float],
+    ) -> tuple[float, float]:
         """(gather, sync) of a ZeRO unit whose collectives are waited for in place (no communication
         streams): FSDP2's measured cost of a unit of this size (every collective, copy and wait of a step),
         split as the collectives' times, or without that measurement the collectives' own times; and each
@@ -251,7 +311,7 @@ class CostModel:
         (gather) or backward (sync) compute."""
         skew = [self.hardware.blocking_s(dp, c) for c in compute_s]
         unit_s = self.hardware.sharded_unit_s(dp_type, fp32_bytes, dp)
-        if unit_s is not None:   # the probe's ranks arrive together (nothing computes between): add the skew
+        if unit_s is not None:  # the probe's ranks arrive together (nothing computes between): add the skew
             collectives_s = (2 if dp_type == "zero3" else 0) * gather_s + sync_s  # ZeRO-3 gathers in both passes
             gather_s, sync_s = gather_s * unit_s / collectives_s, sync_s * unit_s / collectives_s
         return gather_s + calls[0] * skew[0], sync_s + calls[1] * skew[1]
@@ -271,8 +331,16 @@ class CostModel:
         return (comm_s - hidden) + hidden * (self.overlap - 1.0)
 
     # -- embedding and head ------------------------------------------------------------------------
-    def embedding_cost(self, embedding: EmbeddingStrategy, devices: int, micro_batch: int, *, first_stage: bool,
-                       last_stage: bool, busy_share: float = 1.0) -> LayerCost:
+    def embedding_cost(
+        self,
+        embedding: EmbeddingStrategy,
+        devices: int,
+        micro_batch: int,
+        *,
+        first_stage: bool,
+        last_stage: bool,
+        busy_share: float = 1.0,
+    ) -> LayerCost:
         """The prologue (embedding, on the first stage) and/or epilogue (head and loss, on the last stage).
 
         Vocab TP ``vtp`` splits the vocabulary-sized weights and the head's compute; the embedding's output
@@ -288,29 +356,45 @@ class CostModel:
         hidden_bytes = self.model.prologue.boundary_bytes_per_sample * local * self.activation_scale
         strategy = LayerStrategy(tp=vtp, dp=dp, dp_type=kind, sp="megatron" if embedding.vsp and vtp > 1 else "none")
         half_comm = self._tp_comm_s(strategy, hidden_bytes) / 2  # one collective, not Megatron's two
-        parts = [part for part, wanted in ((self.model.prologue, first_stage), (self.model.epilogue, last_stage)) if wanted]
+        parts = [
+            part for part, wanted in ((self.model.prologue, first_stage), (self.model.epilogue, last_stage)) if wanted
+        ]
         if not parts:
             return LayerCost(0.0, 0.0, 0.0, 0, 0, 0)
         own = [self._in_place_s(part, 1, local, busy_share) if vtp == 1 else None for part in parts]
-        own = [times or (self._compute_s(part.fwd, local, vtp, busy_share), self._compute_s(part.bwd, local, vtp, busy_share))
-               for part, times in zip(parts, own)]
+        own = [
+            times
+            or (self._compute_s(part.fwd, local, vtp, busy_share), self._compute_s(part.bwd, local, vtp, busy_share))
+            for part, times in zip(parts, own)
+        ]
         fwd_compute = sum(fwd for fwd, _ in own)
         bwd_parts = [bwd for _, bwd in own]
         bwd_compute = sum(bwd_parts)
         # vtp splits the vocabulary-sized weights; a tied embedding/head weight lives once on a stage with both
         tied = self.model.tied_param_count if first_stage and last_stage else 0
-        params = sum(part.param_count - part.vocab_param_count + part.vocab_param_count / vtp for part in parts) - tied / vtp
+        params = (
+            sum(part.param_count - part.vocab_param_count + part.vocab_param_count / vtp for part in parts) - tied / vtp
+        )
         largest = max(part.largest_param_count / (vtp if part.vocab_param_count else 1) for part in parts)
         # the parts of a stage synchronise as one unit (FSDP2 shards them together; DDP: one share of a bucket),
         # once the first part's backward (the last to run) is done: like a layer's, it hides behind that one
         gather_s, sync_s, transient = self._dp_comm(params, dp, kind, vtp == 1)
-        activation = sum(part.activation_per_sample(vtp, strategy.sp != "none") for part in parts) * local * self.activation_scale
+        activation = (
+            sum(part.activation_per_sample(vtp, strategy.sp != "none") for part in parts)
+            * local
+            * self.activation_scale
+        )
         transient += self._part_working_bytes(parts, vtp, strategy.sp != "none", local)
-        cost = LayerCost(fwd_compute + (half_comm if first_stage else 0.0) + self._visible(gather_s, fwd_compute, kind),
-                         bwd_compute + (half_comm if last_stage else 0.0) + self._visible(gather_s, bwd_compute, kind),
-                         self._visible(sync_s, bwd_parts[0], kind) + self._optimizer_s(params, dp, kind)
-                         + self._step_collectives_s(vtp, pipelined=not (first_stage and last_stage)),
-                         0, int(activation), int(transient))
+        cost = LayerCost(
+            fwd_compute + (half_comm if first_stage else 0.0) + self._visible(gather_s, fwd_compute, kind),
+            bwd_compute + (half_comm if last_stage else 0.0) + self._visible(gather_s, bwd_compute, kind),
+            self._visible(sync_s, bwd_parts[0], kind)
+            + self._optimizer_s(params, dp, kind)
+            + self._step_collectives_s(vtp, pipelined=not (first_stage and last_stage)),
+            0,
+            int(activation),
+            int(transient),
+        )
         return self._with_states(cost, params, dp, kind, largest)
 
     def _step_collectives_s(self, vtp: int, pipelined: bool) -> float:
@@ -334,10 +418,14 @@ class CostModel:
     def head_working_bytes(self, embedding: EmbeddingStrategy, devices: int, micro_batch: int) -> float:
         """The head's activation-gradient working set (its backward is a stage's first)."""
         local = micro_batch / max(devices // embedding.vtp, 1)
-        return self._part_working_bytes([self.model.epilogue], embedding.vtp, embedding.vsp and embedding.vtp > 1, local)
+        return self._part_working_bytes(
+            [self.model.epilogue], embedding.vtp, embedding.vsp and embedding.vtp > 1, local
+        )
 
     # -- between layers and stages ---------------------------------------------------------------------
-    def redistribution_s(self, before: LayerStrategy, after: LayerStrategy, boundary_index: int, micro_batch: int) -> float:
+    def redistribution_s(
+        self, before: LayerStrategy, after: LayerStrategy, boundary_index: int, micro_batch: int
+    ) -> float:
         """Moving the activations live between body layers ``boundary_index - 1`` and ``boundary_index`` from
         ``before``'s layout to ``after``'s (forward), and their gradients back (backward). 0 when equal.
         Boundary 0 is the embedding's output entering the first body layer, boundary L (the number of body
@@ -349,8 +437,9 @@ class CostModel:
         key = (move_key(before), move_key(after), per_sample, micro_batch)
         if key not in self._redistribution_cache:
             total = per_sample * micro_batch * self.activation_scale
-            self._redistribution_cache[key] = sum(self._collective_s(move_plan(a, b), total)
-                                                  for a, b in ((key[0], key[1]), (key[1], key[0])))
+            self._redistribution_cache[key] = sum(
+                self._collective_s(move_plan(a, b), total) for a, b in ((key[0], key[1]), (key[1], key[0]))
+            )
         return self._redistribution_cache[key]
 
     def _collective_s(self, plan: tuple | None, total_bytes: float) -> float:
@@ -358,13 +447,22 @@ class CostModel:
         if plan is None:
             return 0.0
         op, fraction, group, consecutive = plan
-        return self.hardware.collective_s(op, fraction * total_bytes, group, consecutive) + self.hardware.blocking_s(group)
+        return self.hardware.collective_s(op, fraction * total_bytes, group, consecutive) + self.hardware.blocking_s(
+            group
+        )
 
-    def p2p_s(self, stage: int, plan_pp: int, devices_per_stage: int, micro_batch: int, cut_after_body_index: int) -> float:
+    def p2p_s(
+        self, stage: int, plan_pp: int, devices_per_stage: int, micro_batch: int, cut_after_body_index: int
+    ) -> float:
         """Send/recv of one micro-batch's activations at the cut after ``cut_after_body_index`` (forward) and of
         their gradients (backward); each of the stage's devices sends ``1 / devices_per_stage`` of them. The
         receiver waits for its sender, so each transfer also pays a pair's arrival skew."""
-        nbytes = self.model.cut_bytes_per_sample[cut_after_body_index] * micro_batch * self.activation_scale / devices_per_stage
+        nbytes = (
+            self.model.cut_bytes_per_sample[cut_after_body_index]
+            * micro_batch
+            * self.activation_scale
+            / devices_per_stage
+        )
         return 2 * (self.hardware.p2p_s(nbytes, plan_pp) + self.hardware.blocking_s(2))
 
     def in_flight(self, pipeline: str, pp: int, stage: int, chunks: int) -> InFlight:
@@ -393,20 +491,31 @@ class CostModel:
     def evaluate(self, plan: Plan) -> Prediction:
         """Iteration time, samples/s and peak bytes per stage of ``plan`` (formula in the cost contract)."""
         if len(plan.layers) != len(self.layer_types):
-            raise PlanError(f"the plan has {len(plan.layers)} layer strategies, the model profile {len(self.layer_types)} body layers",
-                            "use a plan made for this model")
+            raise PlanError(
+                f"the plan has {len(plan.layers)} layer strategies, the model profile {len(self.layer_types)} body "
+                "layers",
+                "use a plan made for this model",
+            )
         if plan.world_size != self.hardware.world_size:
-            raise ProfileError(f"{self.hardware.source or 'hardware profile'}: key world_size is {self.hardware.world_size}, "
-                               f"but the plan is for {plan.world_size} devices",
-                               f"use a hardware profile or Cluster preset of {plan.world_size} devices")
+            raise ProfileError(
+                f"{self.hardware.source or 'hardware profile'}: key world_size is {self.hardware.world_size}, "
+                f"but the plan is for {plan.world_size} devices",
+                f"use a hardware profile or Cluster preset of {plan.world_size} devices",
+            )
         mb, chunks, pp = plan.micro_batch, plan.chunks, plan.pp
         share = self.busy_share(pp, chunks)
         busy, sync, memory, bound = [], [], [], []
         for stage in range(pp):
             indices = list(plan.stage_layers(stage))
             body = [self.layer_cost(self.layer_types[i], plan.layers[i], mb, share) for i in indices]
-            part = self.embedding_cost(plan.embedding, plan.devices_per_stage, mb, first_stage=stage == 0,
-                                       last_stage=stage == pp - 1, busy_share=share)
+            part = self.embedding_cost(
+                plan.embedding,
+                plan.devices_per_stage,
+                mb,
+                first_stage=stage == 0,
+                last_stage=stage == pp - 1,
+                busy_share=share,
+            )
             costs = body + [part]
             x = sum(c.fwd_s + c.bwd_s for c in costs)
             x += sum(self.redistribution_s(plan.layers[i - 1], plan.layers[i], i, mb) for i in indices[1:])
@@ -421,22 +530,35 @@ class CostModel:
             held = self.in_flight(plan.pipeline, pp, stage, chunks)
             head_working = self.head_working_bytes(plan.embedding, plan.devices_per_stage, mb)
             memory.append(held.stage_peak(_forward_order(body, part, stage == 0, stage == pp - 1, head_working)))
-            bound.append(sum(int(held.layer_bytes(c.model_state_bytes, c.activation_bytes, c.grad_bytes, c.optimizer_temp_bytes))
-                             for c in costs) + max(c.transient_bound_bytes for c in costs))
+            bound.append(
+                sum(
+                    int(held.layer_bytes(c.model_state_bytes, c.activation_bytes, c.grad_bytes, c.optimizer_temp_bytes))
+                    for c in costs
+                )
+                + max(c.transient_bound_bytes for c in costs)
+            )
             busy.append(x)
             sync.append(g)
         iteration_s = sum(busy) + (chunks - 1) * max(busy) + max(sync)
-        return Prediction(iteration_s, plan.global_batch / iteration_s if iteration_s > 0 else float("inf"),
-                          tuple(memory), tuple(int(b) for b in bound))
+        return Prediction(
+            iteration_s,
+            plan.global_batch / iteration_s if iteration_s > 0 else float("inf"),
+            tuple(memory),
+            tuple(int(b) for b in bound),
+        )
 
 
-def _forward_order(body: list[LayerCost], part: LayerCost, first_stage: bool, last_stage: bool,
-                   head_working_bytes: float) -> list[LayerCost]:
+def _forward_order(
+    body: list[LayerCost], part: LayerCost, first_stage: bool, last_stage: bool, head_working_bytes: float
+) -> list[LayerCost]:
     """A stage's costs in forward order, for the memory walk: the embedding before the body layers, the head
     after them. A stage with both holds them as one unit: its states and activations count with the head,
     whose backward runs first with its own activation gradients, and its transient (the unit's gradient
     sync) after the embedding's backward, the last of the step."""
     if first_stage and last_stage:
-        return [LayerCost(0.0, 0.0, 0.0, 0, 0, part.peak_extra_bytes), *body,
-                dataclasses.replace(part, peak_extra_bytes=int(head_working_bytes))]
+        return [
+            LayerCost(0.0, 0.0, 0.0, 0, 0, part.peak_extra_bytes),
+            *body,
+            dataclasses.replace(part, peak_extra_bytes=int(head_working_bytes)),
+        ]
     return ([part] if first_stage else []) + body + ([part] if last_stage else [])

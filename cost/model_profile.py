@@ -110,12 +110,14 @@ class LayerTypeProfile:
     # elements of the largest parameter: a backward adding to a stored gradient first computes this one whole
     # (0: not in the profile, Galvatron's files)
     largest_param_count: int = 0
-    # ``LayerStrategy.lowering_key`` → why lowering cannot shard the layer so (passes.lowering_obstacles);
+    # ``LayerStrategy.lowering_key`` → why lowering cannot shard the layer so (passes.lower.obstacles);
     # for the embedding part, ``vtp{n}`` → why it cannot be vocab-parallel. Empty: nothing known against it
     lowering_obstacles: dict[str, str] = field(default_factory=dict)
 
     def activation_per_sample(self, tp: int, sequence_sharded: bool) -> float:
-        table = self.sp_activation_bytes_per_sample if sequence_sharded and self.sp_activation_bytes_per_sample else None
+        table = (
+            self.sp_activation_bytes_per_sample if sequence_sharded and self.sp_activation_bytes_per_sample else None
+        )
         if table is None and sequence_sharded:
             return self._lookup(self.activation_bytes_per_sample, 1) / tp
         return self._lookup(table or self.activation_bytes_per_sample, tp)
@@ -137,19 +139,32 @@ class LayerTypeProfile:
 
     def to_json_dict(self) -> dict[str, Any]:
         return {
-            "layer_type": self.layer_type, "fwd": self.fwd.to_json(), "bwd": self.bwd.to_json(),
-            "param_count": self.param_count, "vocab_param_count": self.vocab_param_count,
+            "layer_type": self.layer_type,
+            "fwd": self.fwd.to_json(),
+            "bwd": self.bwd.to_json(),
+            "param_count": self.param_count,
+            "vocab_param_count": self.vocab_param_count,
             "largest_param_count": self.largest_param_count,
             "activation_bytes_per_sample": {str(k): v for k, v in self.activation_bytes_per_sample.items()},
-            "sp_activation_bytes_per_sample": ({str(k): v for k, v in self.sp_activation_bytes_per_sample.items()}
-                                               if self.sp_activation_bytes_per_sample else None),
+            "sp_activation_bytes_per_sample": (
+                {str(k): v for k, v in self.sp_activation_bytes_per_sample.items()}
+                if self.sp_activation_bytes_per_sample
+                else None
+            ),
             "ckpt_activation_bytes_per_sample": self.ckpt_activation_bytes_per_sample,
-            "boundary_bytes_per_sample": self.boundary_bytes_per_sample, "num_heads": self.num_heads,
-            "fwd_flops_per_sample": self.fwd_flops_per_sample, "bwd_flops_per_sample": self.bwd_flops_per_sample,
-            "grad_working_bytes_per_sample": ({str(k): v for k, v in self.grad_working_bytes_per_sample.items()}
-                                              if self.grad_working_bytes_per_sample else None),
-            "in_place_times": {str(world): {str(tp): {"fwd": fwd.to_json(), "bwd": bwd.to_json()} for tp, (fwd, bwd) in by_tp.items()}
-                               for world, by_tp in self.in_place_times.items()},
+            "boundary_bytes_per_sample": self.boundary_bytes_per_sample,
+            "num_heads": self.num_heads,
+            "fwd_flops_per_sample": self.fwd_flops_per_sample,
+            "bwd_flops_per_sample": self.bwd_flops_per_sample,
+            "grad_working_bytes_per_sample": (
+                {str(k): v for k, v in self.grad_working_bytes_per_sample.items()}
+                if self.grad_working_bytes_per_sample
+                else None
+            ),
+            "in_place_times": {
+                str(world): {str(tp): {"fwd": fwd.to_json(), "bwd": bwd.to_json()} for tp, (fwd, bwd) in by_tp.items()}
+                for world, by_tp in self.in_place_times.items()
+            },
             "lowering_obstacles": dict(self.lowering_obstacles),
         }
 
@@ -161,18 +176,27 @@ class LayerTypeProfile:
         if 1 not in activation:
             raise ValueError("activation_bytes_per_sample has no entry for tp 1")
         return cls(
-            layer_type=str(data["layer_type"]), fwd=TimeFormula.from_json(data["fwd"]), bwd=TimeFormula.from_json(data["bwd"]),
-            param_count=int(data["param_count"]), activation_bytes_per_sample=activation,
+            layer_type=str(data["layer_type"]),
+            fwd=TimeFormula.from_json(data["fwd"]),
+            bwd=TimeFormula.from_json(data["bwd"]),
+            param_count=int(data["param_count"]),
+            activation_bytes_per_sample=activation,
             ckpt_activation_bytes_per_sample=int(data["ckpt_activation_bytes_per_sample"]),
-            boundary_bytes_per_sample=int(data["boundary_bytes_per_sample"]), num_heads=int(data.get("num_heads", 0)),
+            boundary_bytes_per_sample=int(data["boundary_bytes_per_sample"]),
+            num_heads=int(data.get("num_heads", 0)),
             vocab_param_count=int(data.get("vocab_param_count", 0)),
             largest_param_count=int(data.get("largest_param_count", 0)),
             sp_activation_bytes_per_sample={int(k): int(v) for k, v in sp.items()} if sp else None,
-            fwd_flops_per_sample=int(data.get("fwd_flops_per_sample", 0)), bwd_flops_per_sample=int(data.get("bwd_flops_per_sample", 0)),
+            fwd_flops_per_sample=int(data.get("fwd_flops_per_sample", 0)),
+            bwd_flops_per_sample=int(data.get("bwd_flops_per_sample", 0)),
             grad_working_bytes_per_sample={int(k): int(v) for k, v in working.items()} if working else None,
-            in_place_times={int(world): {int(tp): (TimeFormula.from_json(times["fwd"]), TimeFormula.from_json(times["bwd"]))
-                                         for tp, times in by_tp.items()}
-                            for world, by_tp in (data.get("in_place_times") or {}).items()},
+            in_place_times={
+                int(world): {
+                    int(tp): (TimeFormula.from_json(times["fwd"]), TimeFormula.from_json(times["bwd"]))
+                    for tp, times in by_tp.items()
+                }
+                for world, by_tp in (data.get("in_place_times") or {}).items()
+            },
             lowering_obstacles={str(k): str(v) for k, v in (data.get("lowering_obstacles") or {}).items()},
         )
 
@@ -207,13 +231,23 @@ class ModelProfile:
         try:
             return self.types[layer_type]
         except KeyError:
-            raise ProfileError(f"model profile {self.source or self.name} has no layer type {layer_type!r}",
-                               f"profile the model again; it knows {sorted(self.types)}") from None
+            raise ProfileError(
+                f"model profile {self.source or self.name} has no layer type {layer_type!r}",
+                f"profile the model again; it knows {sorted(self.types)}",
+            ) from None
 
     # -- construction from a Program ---------------------------------------------------------------
     @classmethod
-    def from_program(cls, program, *, flops_per_s: float, dtype: str = "fp32", num_heads: int | None = None,
-                     device: str = "", name: str | None = None) -> "ModelProfile":
+    def from_program(
+        cls,
+        program,
+        *,
+        flops_per_s: float,
+        dtype: str = "fp32",
+        num_heads: int | None = None,
+        device: str = "",
+        name: str | None = None,
+    ) -> "ModelProfile":
         """Analytic profile: time = FLOPs ÷ ``flops_per_s`` (sustained), memory from the graph's annotations.
 
         Times are linear in the micro-batch at the captured sequence length (one capture cannot separate
@@ -228,16 +262,23 @@ class ModelProfile:
                 types[layer.layer_type] = layer_type_profile(program, layer, flops_per_s, heads)
         seq, hidden = infer_seq_hidden(program)
         return cls(
-            name=name or program.model_name, layer_types=[layer.layer_type for layer in program.body], types=types,
+            name=name or program.model_name,
+            layer_types=[layer.layer_type for layer in program.body],
+            types=types,
             prologue=layer_type_profile(program, program.prologue, flops_per_s, 0, vocab=True),
             epilogue=layer_type_profile(program, program.epilogue, flops_per_s, 0, vocab=True),
             cut_bytes_per_sample=[_batched_bytes(layer.boundary_out) // batch for layer in program.body],
-            seq_length=seq, hidden_size=hidden, num_heads=heads, dtype=dtype, mode="analytic", device=device,
+            seq_length=seq,
+            hidden_size=hidden,
+            num_heads=heads,
+            dtype=dtype,
+            mode="analytic",
+            device=device,
             tied_param_count=_tied_param_count(program),
         )
 
     def add_lowering_obstacles(self, obstacles: dict[str, dict[str, str]]) -> None:
-        """Record what lowering cannot do (``passes.lowering_obstacles``): per layer type, and ``"embedding"``
+        """Record what lowering cannot do (``passes.lower.obstacles``): per layer type, and ``"embedding"``
         for vocab parallelism (kept on the epilogue's part)."""
         for layer_type, reasons in obstacles.items():
             part = self.epilogue if layer_type == "embedding" else self.types.get(layer_type)
@@ -247,11 +288,20 @@ class ModelProfile:
     # -- JSON ----------------------------------------------------------------------------------
     def to_json_dict(self) -> dict[str, Any]:
         return {
-            "format": FORMAT, "name": self.name, "mode": self.mode, "device": self.device, "dtype": self.dtype,
-            "seq_length": self.seq_length, "hidden_size": self.hidden_size, "num_heads": self.num_heads,
-            "layer_types": list(self.layer_types), "cut_bytes_per_sample": list(self.cut_bytes_per_sample),
+            "format": FORMAT,
+            "name": self.name,
+            "mode": self.mode,
+            "device": self.device,
+            "dtype": self.dtype,
+            "seq_length": self.seq_length,
+            "hidden_size": self.hidden_size,
+            "num_heads": self.num_heads,
+            "layer_types": list(self.layer_types),
+            "cut_bytes_per_sample": list(self.cut_bytes_per_sample),
             "types": {k: v.to_json_dict() for k, v in self.types.items()},
-            "prologue": self.prologue.to_json_dict(), "epilogue": self.epilogue.to_json_dict(), "extra": self.extra,
+            "prologue": self.prologue.to_json_dict(),
+            "epilogue": self.epilogue.to_json_dict(),
+            "extra": self.extra,
             "tied_param_count": self.tied_param_count,
         }
 
@@ -263,8 +313,10 @@ class ModelProfile:
         """Read a profile written by ``save`` / profile-model; ``device`` checks what it was measured on."""
         profile = cls.from_json_dict(read_json(path), source=str(path))
         if device is not None and profile.mode == "measured" and profile.device.lower() != device.lower():
-            raise ProfileError(f"{path}: key device is {profile.device!r}, but the cluster has {device!r}",
-                               "profile the model on this device, or build an analytic profile for it")
+            raise ProfileError(
+                f"{path}: key device is {profile.device!r}, but the cluster has {device!r}",
+                "profile the model on this device, or build an analytic profile for it",
+            )
         return profile
 
     @classmethod
@@ -272,8 +324,10 @@ class ModelProfile:
         if not isinstance(data, dict):
             raise ProfileError(f"{source} is not a JSON object", "write it with galvatron-fx profile-model")
         if data.get("format") != FORMAT:
-            raise ProfileError(f"{source}: key format is {data.get('format')!r}, not {FORMAT!r}",
-                               "write it with galvatron-fx profile-model (Galvatron's files load with cost.galvatron_import)")
+            raise ProfileError(
+                f"{source}: key format is {data.get('format')!r}, not {FORMAT!r}",
+                "write it with galvatron-fx profile-model (Galvatron's files load with cost.galvatron_import)",
+            )
         key = "types"
         try:
             types = {}
@@ -296,11 +350,25 @@ class ModelProfile:
             key = "seq_length"
             scalars = {k: int(data[k]) for k in ("seq_length", "hidden_size", "num_heads")}
         except (KeyError, ValueError, TypeError, AttributeError) as error:
-            raise ProfileError(f"{source}: key {key} is missing or malformed ({type(error).__name__}: {error})",
-                               "profile the model again with galvatron-fx profile-model") from None
-        return cls(str(data.get("name", "")), layer_types, types, prologue, epilogue, cuts, **scalars,
-                   dtype=str(data.get("dtype", "fp32")), mode=str(data.get("mode", "")), device=str(data.get("device", "")),
-                   source=source, extra=dict(data.get("extra") or {}), tied_param_count=int(data.get("tied_param_count", 0)))
+            raise ProfileError(
+                f"{source}: key {key} is missing or malformed ({type(error).__name__}: {error})",
+                "profile the model again with galvatron-fx profile-model",
+            ) from None
+        return cls(
+            str(data.get("name", "")),
+            layer_types,
+            types,
+            prologue,
+            epilogue,
+            cuts,
+            **scalars,
+            dtype=str(data.get("dtype", "fp32")),
+            mode=str(data.get("mode", "")),
+            device=str(data.get("device", "")),
+            source=source,
+            extra=dict(data.get("extra") or {}),
+            tied_param_count=int(data.get("tied_param_count", 0)),
+        )
 
 
 # -- helpers shared with the measuring profiler ----------------------------------------------------
@@ -319,7 +387,11 @@ def layer_type_profile(program, layer, flops_per_s: float, heads: int, vocab: bo
         per_tp[tp] = int((replicated + sharded / tp) / batch)
         working[tp] = grad_working_bytes(program.graph_module, layer, tp) // batch
         tp *= 2
-    outputs = [spec for spec in layer.boundary_out if spec.name in layer.output_names and spec.batched and spec.dtype.is_floating_point]
+    outputs = [
+        spec
+        for spec in layer.boundary_out
+        if spec.name in layer.output_names and spec.batched and spec.dtype.is_floating_point
+    ]
     hidden_bytes = max((spec.nbytes for spec in outputs), default=0) // batch
     fwd_flops, bwd_flops = stats.fwd_flops // batch, stats.bwd_flops // batch
     return LayerTypeProfile(
@@ -333,7 +405,8 @@ def layer_type_profile(program, layer, flops_per_s: float, heads: int, vocab: bo
         num_heads=heads,
         vocab_param_count=_vocab_params(program, layer) if vocab else 0,
         largest_param_count=max((program.graph_module.get_parameter(n).numel() for n in layer.param_names), default=0),
-        fwd_flops_per_sample=fwd_flops, bwd_flops_per_sample=bwd_flops,
+        fwd_flops_per_sample=fwd_flops,
+        bwd_flops_per_sample=bwd_flops,
         grad_working_bytes_per_sample=working,
     )
 

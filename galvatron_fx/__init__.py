@@ -5,8 +5,8 @@ it for this rank; ``capture`` alone turns a model into an annotated ``Program`` 
 """
 
 from .capture import capture
-from .compile import CompiledModel, compile
 from .cluster import Cluster
+from .compile import CompiledModel, compile
 from .errors import CaptureError, ConfigError, GalvatronError, PlanError, ProfileError
 from .plan import EmbeddingStrategy, LayerStrategy, Plan
 from .plan_sources import uniform_plan
@@ -16,7 +16,22 @@ from .runtime.materialize import empty_parameters
 __version__ = "0.1.0"
 
 __all__ = [
-    "capture", "compile", "CompiledModel", "uniform_plan", "empty_parameters", "Plan", "LayerStrategy", "EmbeddingStrategy",
-    "Cluster", "Program", "Layer", "LayerStats", "TensorSpec",
-    "GalvatronError", "CaptureError", "ConfigError", "PlanError", "ProfileError",
+    "capture",
+    "compile",
+    "CompiledModel",
+    "uniform_plan",
+    "empty_parameters",
+    "Plan",
+    "LayerStrategy",
+    "EmbeddingStrategy",
+    "Cluster",
+    "Program",
+    "Layer",
+    "LayerStats",
+    "TensorSpec",
+    "GalvatronError",
+    "CaptureError",
+    "ConfigError",
+    "PlanError",
+    "ProfileError",
 ]

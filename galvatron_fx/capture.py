@@ -23,7 +23,9 @@ from .errors import CaptureError
 from .program import Program
 
 
-def capture(model: nn.Module, example_args: tuple = (), example_kwargs: dict | None = None, *, training: bool = True) -> Program:
+def capture(
+    model: nn.Module, example_args: tuple = (), example_kwargs: dict | None = None, *, training: bool = True
+) -> Program:
     """Capture ``model`` called as ``model(*example_args, **example_kwargs)`` into a Program.
 
     The example batch's first dimension is taken as the batch; every input whose dim 0 has that size is
@@ -77,6 +79,7 @@ def _check_signature(model: nn.Module, args: tuple, kwargs: dict) -> None:
 
 def _check_no_cache(model: nn.Module, out_spec: pytree.TreeSpec) -> None:
     """A decoder that returns its key/value cache cannot be trained layer by layer: refuse it."""
+
     def keys(spec: pytree.TreeSpec):
         context = spec.context if isinstance(spec.context, (list, tuple)) else []
         yield from (k for k in context if isinstance(k, str))
@@ -111,7 +114,9 @@ def _batch_shapes(model: nn.Module, args: tuple, kwargs: dict, batch_size: int) 
     bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
 
     def spec(value):
-        return {0: batch} if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size else None
+        return (
+            {0: batch} if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size else None
+        )
 
     return {name: pytree.tree_map(spec, value) for name, value in bound.items()}
 
@@ -121,13 +126,17 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, training: bool, batch_s
     and the reason (plans then must run every layer at the example's batch)."""
     try:
         with _mode(model, training):
-            return torch.export.export(model, args, kwargs, dynamic_shapes=_batch_shapes(model, args, kwargs, batch_size),
-                                       strict=False), ""
+            return torch.export.export(
+                model, args, kwargs, dynamic_shapes=_batch_shapes(model, args, kwargs, batch_size), strict=False
+            ), ""
     except Exception as error:  # any failure of the symbolic export: try the static one, which names real problems
         reason = _gist(error)
     exported = _export_static(model, args, kwargs, training)
-    warnings.warn(f"{type(model).__name__} could not be captured with a symbolic batch ({reason}); it is captured at "
-                  f"batch {batch_size}, and only plans whose layers all run that batch lower", stacklevel=3)
+    warnings.warn(
+        f"{type(model).__name__} could not be captured with a symbolic batch ({reason}); it is captured at "
+        f"batch {batch_size}, and only plans whose layers all run that batch lower",
+        stacklevel=3,
+    )
     return exported, reason
 
 

@@ -21,12 +21,15 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="galvatron-fx", description="Automatic hybrid parallelism for PyTorch Transformers.")
+    parser = argparse.ArgumentParser(
+        prog="galvatron-fx", description="Automatic hybrid parallelism for PyTorch Transformers."
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(f"galvatron_fx.commands.{module_name}")
-        sub = subparsers.add_parser(name, help=help_text, description=module.__doc__,
-                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sub = subparsers.add_parser(
+            name, help=help_text, description=module.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
         module.add_arguments(sub)
         sub.set_defaults(handler=module.run)
     return parser

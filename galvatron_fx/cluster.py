@@ -45,7 +45,8 @@ def _gpu(memory_gib: float, fp32: float, bf16: float, nvlink_GBps: float, ib_Gbi
         memory_bytes=int(memory_gib * GiB),
         peak_flops={"fp32": fp32 * TFLOPS, "bf16": bf16 * TFLOPS, "fp16": bf16 * TFLOPS},
         sustained_flops={"fp32": 0.7 * fp32 * TFLOPS, "bf16": 0.5 * bf16 * TFLOPS, "fp16": 0.5 * bf16 * TFLOPS},
-        intra_node_Bps=nvlink_GBps * GBps, inter_node_Bps=ib_Gbit / 8 * GBps,
+        intra_node_Bps=nvlink_GBps * GBps,
+        inter_node_Bps=ib_Gbit / 8 * GBps,
     )
 
 
@@ -58,9 +59,15 @@ PRESETS: dict[str, DeviceSpec] = {
     "H200": _gpu(141, 67, 989, 450, 400),
 }
 # What detect() assumes for CPU processes (gloo over shared memory / TCP); measure for real figures.
-CPU_SPEC = DeviceSpec(memory_bytes=0, peak_flops={"fp32": 1e11}, sustained_flops={"fp32": 2e10},
-                      intra_node_Bps=2 * GBps, inter_node_Bps=1.25 * GBps,
-                      intra_node_latency_s=50e-6, inter_node_latency_s=100e-6)
+CPU_SPEC = DeviceSpec(
+    memory_bytes=0,
+    peak_flops={"fp32": 1e11},
+    sustained_flops={"fp32": 2e10},
+    intra_node_Bps=2 * GBps,
+    inter_node_Bps=1.25 * GBps,
+    intra_node_latency_s=50e-6,
+    inter_node_latency_s=100e-6,
+)
 LINK_EFFICIENCY = 0.8  # fraction of the datasheet link bandwidth that collectives reach (NCCL bus bandwidth)
 
 
@@ -86,7 +93,10 @@ class Cluster:
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"cluster {name}={value!r} is not a positive integer", f"give {name} >= 1")
         if self.memory_bytes <= 0:
-            raise ConfigError(f"cluster memory_bytes={self.memory_bytes!r} is not positive", 'give the memory per device, e.g. "80GiB"')
+            raise ConfigError(
+                f"cluster memory_bytes={self.memory_bytes!r} is not positive",
+                'give the memory per device, e.g. "80GiB"',
+            )
 
     @property
     def world_size(self) -> int:
@@ -94,18 +104,34 @@ class Cluster:
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
-    def preset(cls, name: str, nodes: int = 1, devices_per_node: int = 8, memory: "int | str | None" = None) -> "Cluster":
+    def preset(
+        cls, name: str, nodes: int = 1, devices_per_node: int = 8, memory: "int | str | None" = None
+    ) -> "Cluster":
         """A cluster of a known device kind (see ``PRESETS``); ``memory`` overrides the per-device memory."""
         spec = PRESETS.get(name) or next((v for k, v in PRESETS.items() if k.lower() == str(name).lower()), None)
         if spec is None:
-            raise ConfigError(f"device preset {name!r} is unknown", f"use one of {sorted(PRESETS)}, or load a cluster JSON")
+            raise ConfigError(
+                f"device preset {name!r} is unknown", f"use one of {sorted(PRESETS)}, or load a cluster JSON"
+            )
         name = next(k for k, v in PRESETS.items() if v is spec)
-        return cls._from_spec(name, spec, nodes, devices_per_node, parse_bytes(memory) if memory is not None else spec.memory_bytes)
+        return cls._from_spec(
+            name, spec, nodes, devices_per_node, parse_bytes(memory) if memory is not None else spec.memory_bytes
+        )
 
     @classmethod
     def _from_spec(cls, name: str, spec: DeviceSpec, nodes: int, devices_per_node: int, memory_bytes: int) -> "Cluster":
-        return cls(nodes, devices_per_node, name, memory_bytes, spec.intra_node_Bps, spec.inter_node_Bps,
-                   spec.intra_node_latency_s, spec.inter_node_latency_s, dict(spec.peak_flops), dict(spec.sustained_flops))
+        return cls(
+            nodes,
+            devices_per_node,
+            name,
+            memory_bytes,
+            spec.intra_node_Bps,
+            spec.inter_node_Bps,
+            spec.intra_node_latency_s,
+            spec.inter_node_latency_s,
+            dict(spec.peak_flops),
+            dict(spec.sustained_flops),
+        )
 
     @classmethod
     def detect(cls, env: Mapping[str, str] | None = None) -> "Cluster":
@@ -118,16 +144,21 @@ class Cluster:
         """
         env = os.environ if env is None else env
         world = _env_int(env, "WORLD_SIZE") or _env_int(env, "SLURM_NTASKS")
-        local = (_env_int(env, "LOCAL_WORLD_SIZE") or _env_int(env, "SLURM_NTASKS_PER_NODE")
-                 or _env_int(env, "SLURM_GPUS_ON_NODE"))
+        local = (
+            _env_int(env, "LOCAL_WORLD_SIZE")
+            or _env_int(env, "SLURM_NTASKS_PER_NODE")
+            or _env_int(env, "SLURM_GPUS_ON_NODE")
+        )
         nodes_env = _env_int(env, "SLURM_NNODES") or _env_int(env, "SLURM_JOB_NUM_NODES")
         name, spec, memory = _local_device()
         if local is None:
             local = (world // nodes_env if world and nodes_env else None) or _visible_gpus() or world or 1
         world = world or local * (nodes_env or 1)
         if world % local:
-            raise ConfigError(f"world size {world} is not a multiple of the {local} processes per node",
-                              "launch the same number of processes on every node")
+            raise ConfigError(
+                f"world size {world} is not a multiple of the {local} processes per node",
+                "launch the same number of processes on every node",
+            )
         return cls._from_spec(name, spec, world // local, local, memory if name != "cpu" else max(memory // local, 1))
 
     # -- JSON ----------------------------------------------------------------------------------
@@ -147,7 +178,9 @@ class Cluster:
         except FileNotFoundError:
             raise ConfigError(f"cluster file {path} does not exist", "check the path, or use Cluster.preset") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ConfigError(f"cluster file {path} is not valid JSON ({error})", "write it with Cluster.save") from None
+            raise ConfigError(
+                f"cluster file {path} is not valid JSON ({error})", "write it with Cluster.save"
+            ) from None
         if not isinstance(data, dict):
             raise ConfigError(f"cluster file {path} is not a JSON object", "write it with Cluster.save")
         data = {k: v for k, v in data.items() if k != "format"}
@@ -165,8 +198,10 @@ class Cluster:
         except ConfigError as error:
             raise ConfigError(f"cluster file {path}: key memory_bytes: {error.cause}", error.remedy) from None
         except (KeyError, TypeError, ValueError) as error:
-            raise ConfigError(f"cluster file {path}: missing or malformed key ({type(error).__name__}: {error})",
-                              "write it with Cluster.save") from None
+            raise ConfigError(
+                f"cluster file {path}: missing or malformed key ({type(error).__name__}: {error})",
+                "write it with Cluster.save",
+            ) from None
 
     def with_memory(self, memory: "int | str") -> "Cluster":
         """The same cluster with another per-device memory budget ("36GB", "16GiB", bytes)."""
@@ -197,12 +232,23 @@ class Cluster:
         while pp <= world:
             step = world // pp  # stage s and s+1 hold ranks that differ by world / pp
             inter = step >= self.devices_per_node or self.devices_per_node % step != 0
-            p2p[pp] = CommFit(self.inter_node_latency_s if inter else self.intra_node_latency_s,
-                              (self.inter_node_Bps if inter else self.intra_node_Bps) * LINK_EFFICIENCY)
+            p2p[pp] = CommFit(
+                self.inter_node_latency_s if inter else self.intra_node_latency_s,
+                (self.inter_node_Bps if inter else self.intra_node_Bps) * LINK_EFFICIENCY,
+            )
             pp *= 2
-        return HardwareProfile(world, self.devices_per_node, self.device, self.memory_bytes, collectives, p2p,
-                               self.overlap_slowdown, dict(self.sustained_flops), backend="preset",
-                               source=f"cluster {self.device} {self.nodes}x{self.devices_per_node}")
+        return HardwareProfile(
+            world,
+            self.devices_per_node,
+            self.device,
+            self.memory_bytes,
+            collectives,
+            p2p,
+            self.overlap_slowdown,
+            dict(self.sustained_flops),
+            backend="preset",
+            source=f"cluster {self.device} {self.nodes}x{self.devices_per_node}",
+        )
 
 
 def _env_int(env: Mapping[str, str], name: str) -> int | None:
@@ -228,8 +274,15 @@ def _local_device() -> tuple[str, DeviceSpec, int]:
     if torch.cuda.is_available():
         properties = torch.cuda.get_device_properties(0)
         name, memory = properties.name, int(properties.total_memory)
-        kind = ("H200" if "H200" in name else "H100-80GB" if "H100" in name else
-                ("A100-80GB" if memory > 60 * GiB else "A100-40GB") if "A100" in name else None)
+        kind = (
+            "H200"
+            if "H200" in name
+            else "H100-80GB"
+            if "H100" in name
+            else ("A100-80GB" if memory > 60 * GiB else "A100-40GB")
+            if "A100" in name
+            else None
+        )
         if kind:
             return kind, PRESETS[kind], memory
         return name, replace(PRESETS["A100-40GB"], memory_bytes=memory), memory  # unknown GPU: modest figures

@@ -50,11 +50,23 @@ class _WithLoss(nn.Module):
         return self.loss_fn(self.model(*args, **kwargs), kwargs if kwargs else args)
 
 
-def compile(model: nn.Module, cluster: Cluster | None = None, *, example_args: tuple = (), example_kwargs: dict | None = None,
-            loss_fn: LossFn | None = None, optimizer: Callable[[Any], torch.optim.Optimizer] | None = None,
-            memory_budget: "int | str | None" = None, plan: "Plan | UniformPlan | str | Path | None" = None,
-            search_space: str = "full", profile: str = "analytic", mixed_precision: str = "fp32",
-            lr: float = 1e-3, seed: int | None = 0, init: "str | Callable[[nn.Module], None] | None" = None) -> "CompiledModel":
+def compile(
+    model: nn.Module,
+    cluster: Cluster | None = None,
+    *,
+    example_args: tuple = (),
+    example_kwargs: dict | None = None,
+    loss_fn: LossFn | None = None,
+    optimizer: Callable[[Any], torch.optim.Optimizer] | None = None,
+    memory_budget: "int | str | None" = None,
+    plan: "Plan | UniformPlan | str | Path | None" = None,
+    search_space: str = "full",
+    profile: str = "analytic",
+    mixed_precision: str = "fp32",
+    lr: float = 1e-3,
+    seed: int | None = 0,
+    init: "str | Callable[[nn.Module], None] | None" = None,
+) -> "CompiledModel":
     """Capture, plan and lower ``model`` for the running process group; call it on every rank.
 
     ``example_args`` / ``example_kwargs``: one global batch, as the model's forward takes it (its first
@@ -77,15 +89,26 @@ def compile(model: nn.Module, cluster: Cluster | None = None, *, example_args: t
     global_batch = batch_size_of(pytree.tree_leaves((example_args, example_kwargs)))
     cost_model = build_cost_model(program, cluster, profile, mixed_precision)
     if plan is None:
-        provenance = {"model": program.model_name, "cluster": f"{cluster.nodes}x{cluster.devices_per_node} {cluster.device}"}
-        plan = _search_on_rank0(cost_model, program, memory_budget or cluster.memory_bytes, search_space, global_batch, provenance)
+        provenance = {
+            "model": program.model_name,
+            "cluster": f"{cluster.nodes}x{cluster.devices_per_node} {cluster.device}",
+        }
+        plan = _search_on_rank0(
+            cost_model, program, memory_budget or cluster.memory_bytes, search_space, global_batch, provenance
+        )
     else:
         plan = resolve_given_plan(plan, len(program.body), dist.get_world_size(), global_batch, program.model_name)
     local_batch = plan.micro_batch // plan.devices_per_stage
     if not program.dynamic_batch and local_batch != program.batch_size:  # a fixed batch: capture the one that runs
         program = _capture(model, loss_fn, *resize_batch(example_args, example_kwargs, local_batch))
-    trainer = runtime.Trainer(program, plan, config=runtime.TrainConfig(lr=lr, seed=seed, mixed_precision=mixed_precision),
-                              optimizer=optimizer, device=device, model_name=program.model_name)
+    trainer = runtime.Trainer(
+        program,
+        plan,
+        config=runtime.TrainConfig(lr=lr, seed=seed, mixed_precision=mixed_precision),
+        optimizer=optimizer,
+        device=device,
+        model_name=program.model_name,
+    )
     if init is not None:
         materialize(trainer.stage, model, init, seed or 0, device, known_buffers)
     return CompiledModel(program, plan, trainer, cost_model)
@@ -93,8 +116,11 @@ def compile(model: nn.Module, cluster: Cluster | None = None, *, example_args: t
 
 def _check_cluster(cluster: Cluster, world_size: int) -> Cluster:
     if cluster.world_size != world_size:
-        raise ConfigError(f"the cluster has {cluster.world_size} devices ({cluster.nodes} × {cluster.devices_per_node}) "
-                          f"but {world_size} processes run", "describe the cluster you launched on, or pass cluster=None to detect it")
+        raise ConfigError(
+            f"the cluster has {cluster.world_size} devices ({cluster.nodes} × {cluster.devices_per_node}) "
+            f"but {world_size} processes run",
+            "describe the cluster you launched on, or pass cluster=None to detect it",
+        )
     return cluster
 
 
@@ -128,8 +154,9 @@ def build_cost_model(program: Program, cluster: Cluster, profile: str = "analyti
     return CostModel(model_profile, cluster.hardware_profile(), mixed_precision=mixed_precision)
 
 
-def _search_on_rank0(cost_model, program: Program, memory_budget, search_space: str, global_batch: int,
-                     provenance: dict[str, Any]) -> Plan:
+def _search_on_rank0(
+    cost_model, program: Program, memory_budget, search_space: str, global_batch: int, provenance: dict[str, Any]
+) -> Plan:
     """Rank 0 searches, over the strategies this Program lowers; the others receive the plan as JSON text
     (never pickled)."""
     world_size = dist.get_world_size()
@@ -140,15 +167,23 @@ def _search_on_rank0(cost_model, program: Program, memory_budget, search_space: 
             cost_model.model.add_lowering_obstacles(obstacles)
             blocked_vtp = [int(key.removeprefix("vtp")) for key in obstacles.get("embedding", {})]
             # The runtime runs vsp plans as plain vocab TP, so a plan to execute here is searched without vsp.
-            space = SearchSpace.named(search_space, global_batch=(global_batch, global_batch, 1), disable_vsp=True,
-                                      max_vtp=min(blocked_vtp) // 2 if blocked_vtp else 1 << 30)
+            space = SearchSpace.named(
+                search_space,
+                global_batch=(global_batch, global_batch, 1),
+                disable_vsp=True,
+                max_vtp=min(blocked_vtp) // 2 if blocked_vtp else 1 << 30,
+            )
             provenance = {**provenance, "lowering_left_out": {t: dict(r) for t, r in obstacles.items()}}
-            text = json.dumps(search(cost_model, world_size, memory_budget, space, provenance=provenance).to_json_dict())
+            text = json.dumps(
+                search(cost_model, world_size, memory_budget, space, provenance=provenance).to_json_dict()
+            )
         except GalvatronError as error:  # every rank must raise it, not wait for a plan
             text = json.dumps({"error": {"type": type(error).__name__, "cause": error.cause, "remedy": error.remedy}})
     data = json.loads(groups.broadcast_text(text))
     if "error" in data:
-        error_type = {cls.__name__: cls for cls in (PlanError, ConfigError, ProfileError)}.get(data["error"]["type"], GalvatronError)
+        error_type = {cls.__name__: cls for cls in (PlanError, ConfigError, ProfileError)}.get(
+            data["error"]["type"], GalvatronError
+        )
         raise error_type(data["error"]["cause"], data["error"]["remedy"])
     return Plan.from_json_dict(data, source="searched plan")
 
@@ -198,5 +233,11 @@ class CompiledModel:
         returns the file of each format."""
         from galvatron_fx.viz import visualize
 
-        return visualize(self.program, self.plan, path, cost_model=self.cost_model, formats=formats,
-                         memory_budget_bytes=self.plan.provenance.get("memory_budget_bytes"))
+        return visualize(
+            self.program,
+            self.plan,
+            path,
+            cost_model=self.cost_model,
+            formats=formats,
+            memory_budget_bytes=self.plan.provenance.get("memory_budget_bytes"),
+        )

@@ -17,6 +17,7 @@ import torch
 
 from .errors import ConfigError
 
+
 def _transformers():
     try:
         import transformers
@@ -33,8 +34,10 @@ def _tokens(vocab: int, batch: int, seq: int, generator: torch.Generator | None)
 
 def _images(config, batch: int, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
     size = config.image_size
-    return {"pixel_values": torch.randn(batch, config.num_channels, size, size, generator=generator),
-            "labels": torch.randint(0, config.num_labels, (batch,), generator=generator)}
+    return {
+        "pixel_values": torch.randn(batch, config.num_channels, size, size, generator=generator),
+        "labels": torch.randint(0, config.num_labels, (batch,), generator=generator),
+    }
 
 
 def _gpt2(size: str):
@@ -51,18 +54,44 @@ def _causal_batch(model, batch: int, seq: int, generator=None):
 
 def _llama(size: str):
     T = _transformers()
-    shape = (dict(vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=128, max_position_embeddings=128)
-             if size == "small" else
-             dict(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                  intermediate_size=11008, max_position_embeddings=4096, rms_norm_eps=1e-6))
+    shape = (
+        dict(
+            vocab_size=256,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=128,
+        )
+        if size == "small"
+        else dict(
+            vocab_size=32000,
+            hidden_size=4096,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            intermediate_size=11008,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-6,
+        )
+    )
     return T.LlamaForCausalLM(T.LlamaConfig(**shape, attention_dropout=0.0))
 
 
 def _bert(size: str):
     T = _transformers()
-    shape = (dict(vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
-                  max_position_embeddings=128) if size == "small" else {})
+    shape = (
+        dict(
+            vocab_size=256,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=128,
+        )
+        if size == "small"
+        else {}
+    )
     return T.BertForMaskedLM(T.BertConfig(**shape, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
 
 
@@ -73,8 +102,11 @@ def _masked_batch(model, batch: int, seq: int, generator=None):
 
 def _t5(size: str):
     T = _transformers()
-    shape = (dict(vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=3, num_decoder_layers=3, num_heads=4)
-             if size == "small" else {})
+    shape = (
+        dict(vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=3, num_decoder_layers=3, num_heads=4)
+        if size == "small"
+        else {}
+    )
     return T.T5ForConditionalGeneration(T.T5Config(**shape, dropout_rate=0.0, decoder_start_token_id=0))
 
 
@@ -87,17 +119,35 @@ def _seq2seq_batch(model, batch: int, seq: int, generator=None):
 
 def _vit(size: str):
     T = _transformers()
-    shape = (dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                  intermediate_size=128) if size == "small" else {})
-    return T.ViTForImageClassification(T.ViTConfig(**shape, num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    shape = (
+        dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=128,
+        )
+        if size == "small"
+        else {}
+    )
+    return T.ViTForImageClassification(
+        T.ViTConfig(**shape, num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    )
 
 
 def _swin(size: str):
     T = _transformers()
-    shape = (dict(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2, 2], num_heads=[2, 2, 4], window_size=4)
-             if size == "small" else {})
-    return T.SwinForImageClassification(T.SwinConfig(**shape, num_labels=10, hidden_dropout_prob=0.0,
-                                                     attention_probs_dropout_prob=0.0, drop_path_rate=0.0))
+    shape = (
+        dict(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2, 2], num_heads=[2, 2, 4], window_size=4)
+        if size == "small"
+        else {}
+    )
+    return T.SwinForImageClassification(
+        T.SwinConfig(
+            **shape, num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0
+        )
+    )
 
 
 def _image_batch(model, batch: int, seq: int, generator=None):
@@ -106,7 +156,11 @@ def _image_batch(model, batch: int, seq: int, generator=None):
 
 def _nanogpt(size: str):
     module = _load_file(Path(__file__).resolve().parent.parent / "examples" / "nanogpt" / "model.py")
-    config = module.GPTConfig() if size == "small" else module.GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768)
+    config = (
+        module.GPTConfig()
+        if size == "small"
+        else module.GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768)
+    )
     return module.GPT(config)
 
 
@@ -117,8 +171,12 @@ def _nanogpt_batch(model, batch: int, seq: int, generator=None):
 
 # name → (builds the model from a size, builds a batch of kwargs for that model)
 MODELS: dict[str, tuple[Callable[[str], torch.nn.Module], Callable[..., dict[str, Any]]]] = {
-    "gpt2": (_gpt2, _causal_batch), "llama": (_llama, _causal_batch), "bert": (_bert, _masked_batch),
-    "t5": (_t5, _seq2seq_batch), "vit": (_vit, _image_batch), "swin": (_swin, _image_batch),
+    "gpt2": (_gpt2, _causal_batch),
+    "llama": (_llama, _causal_batch),
+    "bert": (_bert, _masked_batch),
+    "t5": (_t5, _seq2seq_batch),
+    "vit": (_vit, _image_batch),
+    "swin": (_swin, _image_batch),
     "nanogpt": (_nanogpt, _nanogpt_batch),
 }
 
@@ -158,4 +216,6 @@ def load_entry_point(spec: str) -> Callable[..., Any]:
         module = _load_file(Path(target)) if target.endswith(".py") else importlib.import_module(target)
         return getattr(module, attribute)
     except (ImportError, AttributeError, FileNotFoundError) as error:
-        raise ConfigError(f"cannot load entry point {spec!r}: {error}", "give 'package.module:function' or 'file.py:function'") from None
+        raise ConfigError(
+            f"cannot load entry point {spec!r}: {error}", "give 'package.module:function' or 'file.py:function'"
+        ) from None

@@ -52,7 +52,11 @@ class LayerStrategy:
     ckpt: bool = False
 
     def __post_init__(self):
-        _require(isinstance(self.tp, int) and _is_power_of_two(self.tp), f"tp={self.tp!r} is not a power of two", "use tp in 1, 2, 4, 8, ...")
+        _require(
+            isinstance(self.tp, int) and _is_power_of_two(self.tp),
+            f"tp={self.tp!r} is not a power of two",
+            "use tp in 1, 2, 4, 8, ...",
+        )
         _require(isinstance(self.dp, int) and self.dp >= 1, f"dp={self.dp!r} is not a positive integer", "use dp >= 1")
         _require(self.dp_type in DP_TYPES, f"dp_type={self.dp_type!r} is unknown", f"use one of {DP_TYPES}")
         _require(self.sp in SP_TYPES, f"sp={self.sp!r} is unknown", f"use one of {SP_TYPES}")
@@ -75,7 +79,11 @@ class LayerStrategy:
         parts = []
         if self.tp > 1:
             kind = {"none": "tp", "megatron": "tp", "ulysses": "ulysses"}[self.sp]
-            parts.append(f"{kind}{self.tp}" + ("-sp" if self.sp == "megatron" else "") + ("" if self.tp_consecutive else "-strided"))
+            parts.append(
+                f"{kind}{self.tp}"
+                + ("-sp" if self.sp == "megatron" else "")
+                + ("" if self.tp_consecutive else "-strided")
+            )
         if self.dp > 1 or not parts:
             parts.append(f"dp{self.dp}" + ("" if self.dp_type == "ddp" else f"-{self.dp_type}"))
         if self.ckpt:
@@ -95,9 +103,16 @@ class EmbeddingStrategy:
     dp_type: str = "ddp"
 
     def __post_init__(self):
-        _require(isinstance(self.vtp, int) and _is_power_of_two(self.vtp), f"vtp={self.vtp!r} is not a power of two", "use vtp in 1, 2, 4, 8, ...")
-        _require(self.dp_type in ("ddp", "zero2"), f"embedding dp_type={self.dp_type!r} is not ddp or zero2",
-                 "use embed_sdp=True for ZeRO-3, else dp_type 'ddp' or 'zero2'")
+        _require(
+            isinstance(self.vtp, int) and _is_power_of_two(self.vtp),
+            f"vtp={self.vtp!r} is not a power of two",
+            "use vtp in 1, 2, 4, 8, ...",
+        )
+        _require(
+            self.dp_type in ("ddp", "zero2"),
+            f"embedding dp_type={self.dp_type!r} is not ddp or zero2",
+            "use embed_sdp=True for ZeRO-3, else dp_type 'ddp' or 'zero2'",
+        )
 
     @property
     def data_parallel_type(self) -> str:
@@ -182,41 +197,77 @@ class Plan:
     # -- checks --------------------------------------------------------------------------------
     def validate(self) -> None:
         """Strict validation; raises PlanError naming the field and the fix."""
-        _require(isinstance(self.world_size, int) and self.world_size >= 1, f"world_size={self.world_size!r} is invalid", "use a positive integer")
-        _require(self.pp >= 1 and self.world_size % self.pp == 0, f"pp={self.pp} does not divide world_size={self.world_size}", "pick pp among the divisors of the world size")
+        _require(
+            isinstance(self.world_size, int) and self.world_size >= 1,
+            f"world_size={self.world_size!r} is invalid",
+            "use a positive integer",
+        )
+        _require(
+            self.pp >= 1 and self.world_size % self.pp == 0,
+            f"pp={self.pp} does not divide world_size={self.world_size}",
+            "pick pp among the divisors of the world size",
+        )
         _require(self.pipeline in PIPELINES, f"pipeline={self.pipeline!r} is unknown", f"use one of {PIPELINES}")
         _require(len(self.layers) >= 1, "the plan has no layers", "give one LayerStrategy per body layer")
-        _require(len(self.pp_division) == self.pp, f"pp_division {list(self.pp_division)} has {len(self.pp_division)} stages, pp is {self.pp}", "give one layer count per stage")
-        _require(all(n >= 1 for n in self.pp_division) and sum(self.pp_division) == len(self.layers),
-                 f"pp_division {list(self.pp_division)} does not split {len(self.layers)} layers into non-empty stages",
-                 "make the counts positive and sum to the number of body layers")
-        _require(self.chunks >= 1 and self.global_batch >= 1 and self.global_batch % self.chunks == 0,
-                 f"global_batch={self.global_batch} is not divisible into chunks={self.chunks} micro-batches",
-                 "choose chunks that divide the global batch")
-        _require(self.micro_batch % self.devices_per_stage == 0,
-                 f"micro-batch {self.micro_batch} (global_batch / chunks) does not give each of the {self.devices_per_stage} "
-                 "devices of a stage its own samples (the embedding and head run data-parallel over them)",
-                 f"use a global batch / chunks that is a multiple of {self.devices_per_stage}")
+        _require(
+            len(self.pp_division) == self.pp,
+            f"pp_division {list(self.pp_division)} has {len(self.pp_division)} stages, pp is {self.pp}",
+            "give one layer count per stage",
+        )
+        _require(
+            all(n >= 1 for n in self.pp_division) and sum(self.pp_division) == len(self.layers),
+            f"pp_division {list(self.pp_division)} does not split {len(self.layers)} layers into non-empty stages",
+            "make the counts positive and sum to the number of body layers",
+        )
+        _require(
+            self.chunks >= 1 and self.global_batch >= 1 and self.global_batch % self.chunks == 0,
+            f"global_batch={self.global_batch} is not divisible into chunks={self.chunks} micro-batches",
+            "choose chunks that divide the global batch",
+        )
+        _require(
+            self.micro_batch % self.devices_per_stage == 0,
+            f"micro-batch {self.micro_batch} (global_batch / chunks) does not give each of the "
+            f"{self.devices_per_stage} "
+            "devices of a stage its own samples (the embedding and head run data-parallel over them)",
+            f"use a global batch / chunks that is a multiple of {self.devices_per_stage}",
+        )
         for i, layer in enumerate(self.layers):
-            _require(layer.devices == self.devices_per_stage,
-                     f"layer {i}: tp {layer.tp} × dp {layer.dp} = {layer.devices} devices, but each of the {self.pp} stages has {self.devices_per_stage}",
-                     "make tp × dp equal world_size / pp for every layer")
-            _require(self.micro_batch % layer.dp == 0,
-                     f"layer {i}: micro-batch {self.micro_batch} (global_batch / chunks) is not divisible by dp={layer.dp}",
-                     "raise the global batch or lower chunks so that every layer's dp divides the micro-batch")
-        _require(self.devices_per_stage % self.embedding.vtp == 0,
-                 f"vtp={self.embedding.vtp} does not divide the {self.devices_per_stage} devices of a stage", "pick vtp among the divisors of world_size / pp")
+            _require(
+                layer.devices == self.devices_per_stage,
+                f"layer {i}: tp {layer.tp} × dp {layer.dp} = {layer.devices} devices, but each of the {self.pp} "
+                f"stages has {self.devices_per_stage}",
+                "make tp × dp equal world_size / pp for every layer",
+            )
+            _require(
+                self.micro_batch % layer.dp == 0,
+                f"layer {i}: micro-batch {self.micro_batch} (global_batch / chunks) is not divisible by dp={layer.dp}",
+                "raise the global batch or lower chunks so that every layer's dp divides the micro-batch",
+            )
+        _require(
+            self.devices_per_stage % self.embedding.vtp == 0,
+            f"vtp={self.embedding.vtp} does not divide the {self.devices_per_stage} devices of a stage",
+            "pick vtp among the divisors of world_size / pp",
+        )
 
     def check_fits(self, num_body_layers: int, world_size: int, model_name: str | None = None) -> None:
         """Raise PlanError before any collective if this plan is for another model or world size."""
-        _require(world_size == self.world_size, f"the plan is for world size {self.world_size}, but {world_size} processes run",
-                 f"launch {self.world_size} processes, or search a plan for {world_size}")
-        _require(num_body_layers == len(self.layers),
-                 f"the plan has {len(self.layers)} layer strategies, but the model has {num_body_layers} body layers",
-                 "use a plan made for this model (galvatron-fx search), or inspect the model's layers with galvatron-fx inspect")
+        _require(
+            world_size == self.world_size,
+            f"the plan is for world size {self.world_size}, but {world_size} processes run",
+            f"launch {self.world_size} processes, or search a plan for {world_size}",
+        )
+        _require(
+            num_body_layers == len(self.layers),
+            f"the plan has {len(self.layers)} layer strategies, but the model has {num_body_layers} body layers",
+            "use a plan made for this model (galvatron-fx search), or inspect the model's layers with galvatron-fx "
+            "inspect",
+        )
         planned = self.provenance.get("model")
-        _require(not (model_name and planned and planned != model_name), f"the plan was made for {planned}, not {model_name}",
-                 "use a plan made for this model")
+        _require(
+            not (model_name and planned and planned != model_name),
+            f"the plan was made for {planned}, not {model_name}",
+            "use a plan made for this model",
+        )
 
     # -- JSON ------------------------------------------------------------------------------------
     def to_json_dict(self) -> dict[str, Any]:
@@ -264,7 +315,9 @@ class Plan:
         except FileNotFoundError:
             raise PlanError(f"plan file {path} does not exist", "check the path") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise PlanError(f"plan file {path} is not valid JSON ({error})", "write it with Plan.save or galvatron-fx search") from None
+            raise PlanError(
+                f"plan file {path} is not valid JSON ({error})", "write it with Plan.save or galvatron-fx search"
+            ) from None
         return cls.from_json_dict(data, world_size=world_size, source=str(path))
 
     @classmethod
@@ -279,8 +332,10 @@ class Plan:
         except PlanError as error:
             raise PlanError(f"{source}: {error.cause}", error.remedy) from None
         except (KeyError, ValueError, TypeError) as error:
-            raise PlanError(f"{source}: missing or malformed key ({type(error).__name__}: {error})",
-                            "compare it with a file written by Plan.save or Galvatron's search") from None
+            raise PlanError(
+                f"{source}: missing or malformed key ({type(error).__name__}: {error})",
+                "compare it with a file written by Plan.save or Galvatron's search",
+            ) from None
 
 
 def even_division(num_layers: int, pp: int) -> tuple[int, ...]:
@@ -316,8 +371,11 @@ def _ints(csv_value: Any, key: str = "value") -> tuple[int, ...]:
 def _flags(csv_value: Any, key: str) -> tuple[int, ...]:
     """Per-layer 0/1 flags of a Galvatron key; PlanError naming the key for anything else."""
     values = _ints(csv_value, key)
-    _require(all(v in (0, 1) for v in values), f"key {key!r} has values {sorted(set(values) - {0, 1})} that are not 0 or 1",
-             f"write {key} as comma-separated 0/1 flags, one per layer")
+    _require(
+        all(v in (0, 1) for v in values),
+        f"key {key!r} has values {sorted(set(values) - {0, 1})} that are not 0 or 1",
+        f"write {key} as comma-separated 0/1 flags, one per layer",
+    )
     return values
 
 
@@ -330,21 +388,36 @@ def _flag(data: dict[str, Any], key: str, default: int = 0) -> bool:
 
 
 def _prediction(saved: dict[str, Any]) -> Prediction:
-    return Prediction(float(saved["iteration_time_s"]), float(saved["samples_per_s"]),
-                      _ints(saved["memory_bytes_per_stage"], "memory_bytes_per_stage"),
-                      _ints(saved.get("memory_bound_bytes_per_stage", ()), "memory_bound_bytes_per_stage"))
+    return Prediction(
+        float(saved["iteration_time_s"]),
+        float(saved["samples_per_s"]),
+        _ints(saved["memory_bytes_per_stage"], "memory_bytes_per_stage"),
+        _ints(saved.get("memory_bound_bytes_per_stage", ()), "memory_bound_bytes_per_stage"),
+    )
 
 
 def _from_ours(data: dict[str, Any], ours: Any, world_size: int | None) -> Plan:
-    _require(isinstance(ours, dict), f"key 'galvatron_fx' is a {type(ours).__name__}, not an object",
-             "write the plan with Plan.save, or remove the galvatron_fx key to load Galvatron's keys alone")
-    _require(ours.get("format_version") == FORMAT_VERSION, f"format_version {ours.get('format_version')!r} is not {FORMAT_VERSION}",
-             "write the plan again with this version of galvatron_fx")
+    _require(
+        isinstance(ours, dict),
+        f"key 'galvatron_fx' is a {type(ours).__name__}, not an object",
+        "write the plan with Plan.save, or remove the galvatron_fx key to load Galvatron's keys alone",
+    )
+    _require(
+        ours.get("format_version") == FORMAT_VERSION,
+        f"format_version {ours.get('format_version')!r} is not {FORMAT_VERSION}",
+        "write the plan again with this version of galvatron_fx",
+    )
     saved_world = _whole(ours["world_size"], "world_size")
-    _require(world_size is None or world_size == saved_world, f"the plan is for world size {saved_world}, not {world_size}",
-             f"search a plan for {world_size} devices")
-    _require(isinstance(ours["layers"], list) and all(isinstance(e, dict) for e in ours["layers"]),
-             "key 'layers' is not a list of objects", "write one object per body layer, as Plan.save does")
+    _require(
+        world_size is None or world_size == saved_world,
+        f"the plan is for world size {saved_world}, not {world_size}",
+        f"search a plan for {world_size} devices",
+    )
+    _require(
+        isinstance(ours["layers"], list) and all(isinstance(e, dict) for e in ours["layers"]),
+        "key 'layers' is not a list of objects",
+        "write one object per body layer, as Plan.save does",
+    )
     unknown = [set(entry) - {f.name for f in dataclasses.fields(LayerStrategy)} for entry in ours["layers"]]
     _require(not any(unknown), f"unknown layer keys {sorted(set().union(*unknown))}", "remove them")
     layers = []
@@ -355,7 +428,9 @@ def _from_ours(data: dict[str, Any], ours: Any, world_size: int | None) -> Plan:
             raise PlanError(f"layers[{i}]: {error.cause}", error.remedy) from None
     prediction = ours.get("prediction")
     sync = ours.get("grad_sync_every_micro_batch", False)
-    _require(isinstance(sync, bool), f"key 'grad_sync_every_micro_batch' is {sync!r}, not a boolean", "write true or false")
+    _require(
+        isinstance(sync, bool), f"key 'grad_sync_every_micro_batch' is {sync!r}, not a boolean", "write true or false"
+    )
     return Plan(
         world_size=saved_world,
         layers=tuple(layers),
@@ -364,8 +439,12 @@ def _from_ours(data: dict[str, Any], ours: Any, world_size: int | None) -> Plan:
         pipeline=_pipeline(data),
         chunks=_whole(data["chunks"], "chunks"),
         global_batch=_whole(data["global_bsz"], "global_bsz"),
-        embedding=EmbeddingStrategy(vtp=_whole(data.get("vtp", 1), "vtp"), vsp=_flag(data, "vsp"), embed_sdp=_flag(data, "embed_sdp"),
-                                    dp_type=ours.get("embedding_dp_type", "ddp")),
+        embedding=EmbeddingStrategy(
+            vtp=_whole(data.get("vtp", 1), "vtp"),
+            vsp=_flag(data, "vsp"),
+            embed_sdp=_flag(data, "embed_sdp"),
+            dp_type=ours.get("embedding_dp_type", "ddp"),
+        ),
         grad_sync_every_micro_batch=sync,
         prediction=_prediction(prediction) if prediction else None,
         provenance=dict(ours.get("provenance") or {}),
@@ -375,33 +454,52 @@ def _from_ours(data: dict[str, Any], ours: Any, world_size: int | None) -> Plan:
 def _pipeline(data: dict[str, Any]) -> str:
     """Galvatron's ``pipeline_type``: ``gpipe``, or ``pipedream_flush`` (= 1F1B; ``1f1b`` accepted too)."""
     kind = data.get("pipeline_type", "pipedream_flush")
-    _require(kind in ("gpipe", "pipedream_flush", "1f1b"), f"key 'pipeline_type' is {kind!r}",
-             "use gpipe or pipedream_flush (1F1B)")
+    _require(
+        kind in ("gpipe", "pipedream_flush", "1f1b"),
+        f"key 'pipeline_type' is {kind!r}",
+        "use gpipe or pipedream_flush (1F1B)",
+    )
     return "gpipe" if kind == "gpipe" else "1f1b"
 
 
 def _from_galvatron(data: dict[str, Any], world_size: int | None, source: str) -> Plan:
-    _require(world_size is not None, "this Galvatron strategy file does not record the world size",
-             "pass world_size (the number of devices it was made for)")
+    _require(
+        world_size is not None,
+        "this Galvatron strategy file does not record the world size",
+        "pass world_size (the number of devices it was made for)",
+    )
     pp = _whole(data["pp_deg"], "pp_deg")
     tp_sizes = _ints(data["tp_sizes_enc"], "tp_sizes_enc")
     count = len(tp_sizes)
 
     def per_layer(key: str, default: int) -> tuple[int, ...]:
         values = _flags(data[key], key) if key in data else (default,) * count
-        _require(len(values) == count, f"{key} has {len(values)} entries, tp_sizes_enc has {count}", "give one entry per layer")
+        _require(
+            len(values) == count,
+            f"{key} has {len(values)} entries, tp_sizes_enc has {count}",
+            "give one entry per layer",
+        )
         return values
 
-    consecutive, zero3, ulysses, ckpt = (per_layer(k, d) for k, d in
-                                         (("tp_consecutive_flags", 1), ("dp_types_enc", 0), ("use_sp", 0), ("checkpoint", 0)))
+    consecutive, zero3, ulysses, ckpt = (
+        per_layer(k, d) for k, d in (("tp_consecutive_flags", 1), ("dp_types_enc", 0), ("use_sp", 0), ("checkpoint", 0))
+    )
     default_dp = data.get("default_dp_type", "ddp")
     _require(default_dp in ("ddp", "zero2"), f"default_dp_type={default_dp!r} is unknown", "use ddp or zero2")
     stage_devices = world_size // pp if pp and world_size % pp == 0 else 0
-    _require(stage_devices > 0, f"pp_deg={pp} does not divide world size {world_size}", "pass the world size the file was made for")
+    _require(
+        stage_devices > 0,
+        f"pp_deg={pp} does not divide world size {world_size}",
+        "pass the world size the file was made for",
+    )
     layers = tuple(
         LayerStrategy(
-            tp=tp, dp=max(stage_devices // tp, 1), dp_type="zero3" if z3 else default_dp,
-            sp="ulysses" if uly and tp > 1 else "none", tp_consecutive=bool(cons), ckpt=bool(ck),
+            tp=tp,
+            dp=max(stage_devices // tp, 1),
+            dp_type="zero3" if z3 else default_dp,
+            sp="ulysses" if uly and tp > 1 else "none",
+            tp_consecutive=bool(cons),
+            ckpt=bool(ck),
         )
         for tp, cons, z3, uly, ck in zip(tp_sizes, consecutive, zero3, ulysses, ckpt)
     )
@@ -413,7 +511,11 @@ def _from_galvatron(data: dict[str, Any], world_size: int | None, source: str) -
         pipeline=_pipeline(data),
         chunks=_whole(data.get("chunks", 1), "chunks"),
         global_batch=_whole(data["global_bsz"], "global_bsz"),
-        embedding=EmbeddingStrategy(vtp=_whole(data.get("vtp", 1), "vtp"), vsp=_flag(data, "vsp"), embed_sdp=_flag(data, "embed_sdp"),
-                                    dp_type=default_dp),
+        embedding=EmbeddingStrategy(
+            vtp=_whole(data.get("vtp", 1), "vtp"),
+            vsp=_flag(data, "vsp"),
+            embed_sdp=_flag(data, "embed_sdp"),
+            dp_type=default_dp,
+        ),
         provenance={"source": "galvatron"},
     )

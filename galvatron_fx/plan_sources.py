@@ -39,14 +39,30 @@ class UniformPlan:
             raise PlanError(f"pp={self.pp} does not divide the world size {world_size}", "choose pp among its divisors")
         stage_devices = world_size // self.pp
         if self.tp < 1 or stage_devices % self.tp:
-            raise PlanError(f"tp={self.tp} does not divide the {stage_devices} devices of a stage",
-                            "choose tp among the divisors of world_size / pp")
-        layer = LayerStrategy(tp=self.tp, dp=stage_devices // self.tp, dp_type="zero3" if self.sdp else self.dp_type,
-                              sp=self.sp, tp_consecutive=self.tp_consecutive, ckpt=self.ckpt)
-        return Plan(world_size=world_size, layers=(layer,) * num_body_layers, pp=self.pp, pipeline=self.pipeline,
-                    chunks=self.chunks, global_batch=self.global_batch or global_batch,
-                    embedding=EmbeddingStrategy(vtp=self.vtp, embed_sdp=self.sdp,
-                                                dp_type=self.dp_type if self.dp_type != "zero3" else "ddp"), provenance={"source": "uniform_plan"})
+            raise PlanError(
+                f"tp={self.tp} does not divide the {stage_devices} devices of a stage",
+                "choose tp among the divisors of world_size / pp",
+            )
+        layer = LayerStrategy(
+            tp=self.tp,
+            dp=stage_devices // self.tp,
+            dp_type="zero3" if self.sdp else self.dp_type,
+            sp=self.sp,
+            tp_consecutive=self.tp_consecutive,
+            ckpt=self.ckpt,
+        )
+        return Plan(
+            world_size=world_size,
+            layers=(layer,) * num_body_layers,
+            pp=self.pp,
+            pipeline=self.pipeline,
+            chunks=self.chunks,
+            global_batch=self.global_batch or global_batch,
+            embedding=EmbeddingStrategy(
+                vtp=self.vtp, embed_sdp=self.sdp, dp_type=self.dp_type if self.dp_type != "zero3" else "ddp"
+            ),
+            provenance={"source": "uniform_plan"},
+        )
 
 
 def uniform_plan(**flags) -> UniformPlan:
@@ -54,8 +70,9 @@ def uniform_plan(**flags) -> UniformPlan:
     return UniformPlan(**flags)
 
 
-def resolve_given_plan(plan: "Plan | UniformPlan | str | Path", num_body_layers: int, world_size: int,
-                       global_batch: int, model_name: str) -> Plan:
+def resolve_given_plan(
+    plan: "Plan | UniformPlan | str | Path", num_body_layers: int, world_size: int, global_batch: int, model_name: str
+) -> Plan:
     """A Plan from anything but ``None`` (searching is compile's job), checked against model and world."""
     if isinstance(plan, (str, Path)):
         resolved = Plan.load(plan, world_size=world_size)
@@ -64,6 +81,8 @@ def resolve_given_plan(plan: "Plan | UniformPlan | str | Path", num_body_layers:
     elif isinstance(plan, Plan):
         resolved = plan
     else:
-        raise PlanError(f"plan={plan!r} is not a plan", "pass None (search), a path, galvatron_fx.uniform_plan(...) or a Plan")
+        raise PlanError(
+            f"plan={plan!r} is not a plan", "pass None (search), a path, galvatron_fx.uniform_plan(...) or a Plan"
+        )
     resolved.check_fits(num_body_layers, world_size, model_name)
     return resolved

@@ -223,7 +223,9 @@ class Program:
         """Values of the flat graph that can carry a gradient: floating point and computed from a trainable
         parameter. A pipeline cut sends gradients back for these only (both sides derive the same set; a
         superset is safe: a value left without a gradient sends zeros)."""
-        trainable = {name for name, param in self.graph_module.named_parameters(remove_duplicate=False) if param.requires_grad}
+        trainable = {
+            name for name, param in self.graph_module.named_parameters(remove_duplicate=False) if param.requires_grad
+        }
         names: set[str] = set()
         for node in self.graph_module.graph.nodes:
             if node.op == "get_attr":

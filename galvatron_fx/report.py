@@ -17,17 +17,24 @@ def layer_table(program: "Program") -> str:
     rows = []
     for layer in program.layers:
         boundary = sum(t.nbytes / (program.batch_size if t.batched else 1) for t in layer.boundary_out)
-        rows.append((
-            str(layer.index), layer.kind, layer.layer_type, layer.module_path or "-",
-            f"{layer.stats.param_count:,}",
-            f"{layer.stats.fwd_flops * per_sample / 1e9:.4f}",
-            f"{layer.stats.saved_activation_bytes * per_sample / MB:.3f}",
-            f"{boundary / MB:.3f}",
-        ))
+        rows.append(
+            (
+                str(layer.index),
+                layer.kind,
+                layer.layer_type,
+                layer.module_path or "-",
+                f"{layer.stats.param_count:,}",
+                f"{layer.stats.fwd_flops * per_sample / 1e9:.4f}",
+                f"{layer.stats.saved_activation_bytes * per_sample / MB:.3f}",
+                f"{boundary / MB:.3f}",
+            )
+        )
     total_params = sum(p.numel() for _, p in program.named_parameters())
-    title = (f"{program.model_name}: {len(program.layers)} layers ({len(program.body)} body, "
-             f"{len(program.layer_types())} body types), {total_params:,} parameters, "
-             f"captured at batch {program.batch_size}")
+    title = (
+        f"{program.model_name}: {len(program.layers)} layers ({len(program.body)} body, "
+        f"{len(program.layer_types())} body types), {total_params:,} parameters, "
+        f"captured at batch {program.batch_size}"
+    )
     return title + "\n" + format_table(header, rows)
 
 
@@ -54,8 +61,12 @@ def plan_table(plan, cost_model=None, layer_types: list[str] | None = None) -> s
     types = layer_types or (list(cost_model.layer_types) if cost_model is not None else None)
     runs: list[list[int]] = []
     for i, strategy in enumerate(plan.layers):
-        if runs and plan.layers[runs[-1][-1]] == strategy and plan.stage_of_layer(runs[-1][-1]) == plan.stage_of_layer(i) \
-                and (types is None or types[runs[-1][-1]] == types[i]):
+        if (
+            runs
+            and plan.layers[runs[-1][-1]] == strategy
+            and plan.stage_of_layer(runs[-1][-1]) == plan.stage_of_layer(i)
+            and (types is None or types[runs[-1][-1]] == types[i])
+        ):
             runs[-1].append(i)
         else:
             runs.append([i])
@@ -65,20 +76,33 @@ def plan_table(plan, cost_model=None, layer_types: list[str] | None = None) -> s
         span = f"{run[0]}" if len(run) == 1 else f"{run[0]}-{run[-1]}"
         time_s = ""
         if cost_model is not None:
-            cost = cost_model.layer_cost(types[run[0]], strategy, plan.micro_batch, cost_model.busy_share(plan.pp, plan.chunks))
+            cost = cost_model.layer_cost(
+                types[run[0]], strategy, plan.micro_batch, cost_model.busy_share(plan.pp, plan.chunks)
+            )
             time_s = f"{(cost.fwd_s + cost.bwd_s) * 1e3:.3f}"
         rows.append((span, types[run[0]] if types else "-", str(plan.stage_of_layer(run[0])), strategy.short(), time_s))
     header = ("layers", "type", "stage", "strategy", "fwd+bwd ms/micro-batch/layer")
-    lines = [f"plan for {plan.world_size} devices: pp {plan.pp} ({plan.pipeline}, division {list(plan.pp_division)}), "
-             f"global batch {plan.global_batch} in {plan.chunks} micro-batches of {plan.micro_batch}; "
-             f"embedding/head vtp {plan.embedding.vtp}{' vsp' if plan.embedding.vsp else ''}"
-             f"{' zero3' if plan.embedding.embed_sdp else ''}",
-             format_table(header, rows)]
+    lines = [
+        f"plan for {plan.world_size} devices: pp {plan.pp} ({plan.pipeline}, division {list(plan.pp_division)}), "
+        f"global batch {plan.global_batch} in {plan.chunks} micro-batches of {plan.micro_batch}; "
+        f"embedding/head vtp {plan.embedding.vtp}{' vsp' if plan.embedding.vsp else ''}"
+        f"{' zero3' if plan.embedding.embed_sdp else ''}",
+        format_table(header, rows),
+    ]
     prediction = plan.prediction or (cost_model.evaluate(plan) if cost_model is not None else None)
     if prediction is not None:
         # budgeted: the additive bound the search holds against the memory budget (at least the predicted peak)
-        stage_rows = [(str(s), str(plan.pp_division[s]), f"{memory / 2**30:.3f}", f"{bound / 2**30:.3f}")
-                      for s, (memory, bound) in enumerate(zip(prediction.memory_bytes_per_stage, prediction.budgeted_bytes_per_stage))]
-        lines += ["", format_table(("stage", "layers", "predicted peak GiB/device", "budgeted GiB/device"), stage_rows), "",
-                  f"predicted: {prediction.iteration_time_s * 1e3:.3f} ms per iteration, {prediction.samples_per_s:.2f} samples/s"]
+        stage_rows = [
+            (str(s), str(plan.pp_division[s]), f"{memory / 2**30:.3f}", f"{bound / 2**30:.3f}")
+            for s, (memory, bound) in enumerate(
+                zip(prediction.memory_bytes_per_stage, prediction.budgeted_bytes_per_stage)
+            )
+        ]
+        lines += [
+            "",
+            format_table(("stage", "layers", "predicted peak GiB/device", "budgeted GiB/device"), stage_rows),
+            "",
+            f"predicted: {prediction.iteration_time_s * 1e3:.3f} ms per iteration, {prediction.samples_per_s:.2f} "
+            "samples/s",
+        ]
     return "\n".join(lines)

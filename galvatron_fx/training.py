@@ -20,15 +20,23 @@ from .models import build_model, example_batch
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options every example shares."""
-    parser.add_argument("--size", choices=("small", "real"), default="small", help="small config (CPU) or the published one")
+    parser.add_argument(
+        "--size", choices=("small", "real"), default="small", help="small config (CPU) or the published one"
+    )
     parser.add_argument("--plan", default=None, help="plan JSON (ours or Galvatron's); default: search one")
     parser.add_argument("--search-space", default="full", help="full, 3d, dp+tp, dp+pp, dp, sdp, tp or pp")
-    parser.add_argument("--cluster", default=None, help="a preset such as A100-80GB, or a cluster JSON; default: detect")
-    parser.add_argument("--memory-budget", default=None, help='per-device memory budget such as "16GiB"; default: the device memory')
+    parser.add_argument(
+        "--cluster", default=None, help="a preset such as A100-80GB, or a cluster JSON; default: detect"
+    )
+    parser.add_argument(
+        "--memory-budget", default=None, help='per-device memory budget such as "16GiB"; default: the device memory'
+    )
     parser.add_argument("--global-batch", type=int, default=16, help="samples per optimizer step")
     parser.add_argument("--seq", type=int, default=32, help="sequence length of text models")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps")
-    parser.add_argument("--dataset-batches", type=int, default=2, help="distinct synthetic batches the run cycles through")
+    parser.add_argument(
+        "--dataset-batches", type=int, default=2, help="distinct synthetic batches the run cycles through"
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     parser.add_argument("--mixed-precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast on GPUs")
     return parser
@@ -54,9 +62,16 @@ def train_example(name: str, args: argparse.Namespace) -> list[float]:
         warnings.simplefilter("ignore", FutureWarning)
         model, _ = build_model(name, size=args.size, batch=args.global_batch, seq=args.seq)
         dataset = [example_batch(name, model, args.global_batch, args.seq, seed=i) for i in range(args.dataset_batches)]
-        compiled = compile(model, _cluster(args.cluster, world_size), example_kwargs=dataset[0], plan=args.plan,
-                           memory_budget=args.memory_budget, search_space=args.search_space,
-                           mixed_precision=args.mixed_precision, lr=args.lr)
+        compiled = compile(
+            model,
+            _cluster(args.cluster, world_size),
+            example_kwargs=dataset[0],
+            plan=args.plan,
+            memory_budget=args.memory_budget,
+            search_space=args.search_space,
+            mixed_precision=args.mixed_precision,
+            lr=args.lr,
+        )
     if rank == 0:
         print(compiled.explain(), flush=True)
     losses = []

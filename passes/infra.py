@@ -64,6 +64,8 @@ def run_passes(passes: Sequence[Pass[Target]], target: Target, context: Any, *, 
             where = f"in pass {pass_.name}" + (f", after {', '.join(done)}" if done else "")
             raise type(error)(f"{error.cause} ({where})", error.remedy) from error
         except Exception as error:
-            raise PassFailure(f"pass {pass_.name} failed after [{', '.join(done)}]: {type(error).__name__}: {error}") from error
+            raise PassFailure(
+                f"pass {pass_.name} failed after [{', '.join(done)}]: {type(error).__name__}: {error}"
+            ) from error
         done.append(pass_.name)
     return target

@@ -33,8 +33,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta,
-                                                   TensorProperties)
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+)
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed.tensor import DTensor
@@ -76,7 +81,9 @@ def state_shards(trainer, with_optimizer: bool = True) -> dict[str, LocalShard]:
                     continue
                 local = _local(value)
                 same = local.dim() > 0 and tuple(local.shape) == params[name].map.local_shape
-                out[f"optim/{name}/{key}"] = LocalShard(local, params[name].map if same else ShardMap.whole(local.shape))
+                out[f"optim/{name}/{key}"] = LocalShard(
+                    local, params[name].map if same else ShardMap.whole(local.shape)
+                )
     rank = dist.get_rank()
     for device, state in _rng_states(trainer.device).items():
         out[f"rng/{rank}/{device}"] = LocalShard(state, ShardMap.whole(state.shape))
@@ -103,8 +110,15 @@ class _BoxSavePlanner(DefaultSavePlanner):
                 index = MetadataIndex(key, box.full_offsets)
                 self.blocks[index] = box.of(shard.tensor)
                 chunk = ChunkStorageMetadata(offsets=torch.Size(box.full_offsets), sizes=torch.Size(box.sizes))
-                items.append(WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=TensorWriteData(
-                    chunk=chunk, properties=properties, size=torch.Size(shard.map.full_shape))))
+                items.append(
+                    WriteItem(
+                        index=index,
+                        type=WriteItemType.SHARD,
+                        tensor_data=TensorWriteData(
+                            chunk=chunk, properties=properties, size=torch.Size(shard.map.full_shape)
+                        ),
+                    )
+                )
         self.plan = SavePlan(items)
         return self.plan
 
@@ -144,12 +158,27 @@ class _BoxLoadPlanner(DefaultLoadPlanner):
 
 
 _METADATA_CLASSES = {
-    ("torch.distributed.checkpoint.metadata", n) for n in
-    ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-     "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("collections", "OrderedDict"),
-    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-    ("torch.distributed.checkpoint.planner", "WriteItemType"), ("torch.distributed.checkpoint.planner", "LoadItemType")}
+    ("torch.distributed.checkpoint.metadata", n)
+    for n in (
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("collections", "OrderedDict"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("torch.distributed.checkpoint.planner", "WriteItemType"),
+    ("torch.distributed.checkpoint.planner", "LoadItemType"),
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -158,7 +187,9 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in _METADATA_CLASSES:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+        if module == "torch" and isinstance(
+            getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)
+        ):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not part of checkpoint metadata")
 
@@ -202,14 +233,22 @@ def expected_parameters(program) -> dict[str, tuple[int, ...]]:
 
 
 def _write_manifest(folder: Path, metadata: Metadata, trainer) -> None:
-    tensors = {key: {"shape": list(md.size), "dtype": str(md.properties.dtype).removeprefix("torch.")}
-               for key, md in sorted(metadata.state_dict_metadata.items())}
+    tensors = {
+        key: {"shape": list(md.size), "dtype": str(md.properties.dtype).removeprefix("torch.")}
+        for key, md in sorted(metadata.state_dict_metadata.items())
+    }
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir()) if p.is_file()}
     groups = [{k: _json_safe(v) for k, v in group.items() if k != "params"} for group in trainer.optimizer.param_groups]
-    manifest = {"format": FORMAT, "model": trainer.program.model_name, "step": trainer.steps_done,
-                "world_size": dist.get_world_size(), "plan": trainer.plan.to_json_dict(),
-                "optimizer": {"class": type(trainer.optimizer).__name__, "param_groups": groups},
-                "tensors": tensors, "files": files}
+    manifest = {
+        "format": FORMAT,
+        "model": trainer.program.model_name,
+        "step": trainer.steps_done,
+        "world_size": dist.get_world_size(),
+        "plan": trainer.plan.to_json_dict(),
+        "optimizer": {"class": type(trainer.optimizer).__name__, "param_groups": groups},
+        "tensors": tensors,
+        "files": files,
+    }
     temporary = folder / (MANIFEST + ".tmp")
     with open(temporary, "w") as handle:
         json.dump(manifest, handle, indent=1)
@@ -226,20 +265,29 @@ def read_manifest(folder: str | Path, verify_files: bool = True) -> dict[str, An
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist", "pass the folder save_checkpoint wrote")
     if not path.is_file():
-        raise CheckpointError(f"{folder} has no {MANIFEST}: it is half-written or not a galvatron_fx checkpoint",
-                              "load a checkpoint that save_checkpoint completed")
+        raise CheckpointError(
+            f"{folder} has no {MANIFEST}: it is half-written or not a galvatron_fx checkpoint",
+            "load a checkpoint that save_checkpoint completed",
+        )
     try:
         manifest = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON ({error})", "the checkpoint is corrupt: load another one") from None
+        raise CheckpointError(
+            f"{path} is not valid JSON ({error})", "the checkpoint is corrupt: load another one"
+        ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} manifest", "load a checkpoint written by save_checkpoint")
     for name, entry in manifest["files"].items():
         file = folder / name
         if not file.is_file() or file.stat().st_size != entry["bytes"]:
-            raise CheckpointError(f"checkpoint file {file} is missing or has the wrong size", "the checkpoint is corrupt: load another one")
+            raise CheckpointError(
+                f"checkpoint file {file} is missing or has the wrong size",
+                "the checkpoint is corrupt: load another one",
+            )
         if verify_files and _sha256(file) != entry["sha256"]:
-            raise CheckpointError(f"checkpoint file {file} does not match its SHA-256", "the checkpoint is corrupt: load another one")
+            raise CheckpointError(
+                f"checkpoint file {file} does not match its SHA-256", "the checkpoint is corrupt: load another one"
+            )
     return manifest
 
 
@@ -251,19 +299,32 @@ def _check_fits(manifest: dict[str, Any], trainer, shards: dict[str, LocalShard]
     extra = sorted(set(saved) - set(expected))
     wrong = [f"{n} {list(saved[n])} ≠ {list(s)}" for n, s in expected.items() if n in saved and saved[n] != s]
     if missing or extra or wrong:
-        parts = [f"missing {missing[:4]}" if missing else "", f"unexpected {extra[:4]}" if extra else "",
-                 f"wrong shapes {wrong[:4]}" if wrong else ""]
-        raise CheckpointError(f"checkpoint {folder} (model {manifest.get('model')}) does not fit {trainer.program.model_name}: "
-                              + "; ".join(p for p in parts if p), "load a checkpoint of this model and configuration")
+        parts = [
+            f"missing {missing[:4]}" if missing else "",
+            f"unexpected {extra[:4]}" if extra else "",
+            f"wrong shapes {wrong[:4]}" if wrong else "",
+        ]
+        raise CheckpointError(
+            f"checkpoint {folder} (model {manifest.get('model')}) does not fit {trainer.program.model_name}: "
+            + "; ".join(p for p in parts if p),
+            "load a checkpoint of this model and configuration",
+        )
     for key, shard in shards.items():
         if key.startswith("rng/"):
             continue
         entry = tensors.get(key)
         if entry is None:
-            raise CheckpointError(f"checkpoint {folder} has no {key}", "load a checkpoint saved with the same optimizer")
-        if tuple(entry["shape"]) != shard.map.full_shape or entry["dtype"] != str(shard.tensor.dtype).removeprefix("torch."):
-            raise CheckpointError(f"{key} is {entry['dtype']}{entry['shape']} in {folder} but {shard.tensor.dtype}"
-                                  f"{list(shard.map.full_shape)} here", "load a checkpoint of this model and configuration")
+            raise CheckpointError(
+                f"checkpoint {folder} has no {key}", "load a checkpoint saved with the same optimizer"
+            )
+        if tuple(entry["shape"]) != shard.map.full_shape or entry["dtype"] != str(shard.tensor.dtype).removeprefix(
+            "torch."
+        ):
+            raise CheckpointError(
+                f"{key} is {entry['dtype']}{entry['shape']} in {folder} but {shard.tensor.dtype}"
+                f"{list(shard.map.full_shape)} here",
+                "load a checkpoint of this model and configuration",
+            )
 
 
 def _optimizer_shards(trainer, manifest: dict[str, Any]) -> dict[str, LocalShard]:
@@ -271,8 +332,10 @@ def _optimizer_shards(trainer, manifest: dict[str, Any]) -> dict[str, LocalShard
     optimizer (DCP fills them in place)."""
     saved_class = manifest["optimizer"]["class"]
     if saved_class != type(trainer.optimizer).__name__:
-        raise CheckpointError(f"the checkpoint's optimizer is {saved_class}, this one is {type(trainer.optimizer).__name__}",
-                              "use the optimizer the checkpoint was trained with")
+        raise CheckpointError(
+            f"the checkpoint's optimizer is {saved_class}, this one is {type(trainer.optimizer).__name__}",
+            "use the optimizer the checkpoint was trained with",
+        )
     params = local_shards(trainer.stage)
     dtypes = {k: getattr(torch, v["dtype"]) for k, v in manifest["tensors"].items()}
     out = {}
@@ -315,7 +378,9 @@ def save(trainer, folder: str | Path) -> Path:
             error = f"{type(failure).__name__}: {failure}"
     error = groups.broadcast_text(error or "ok").removeprefix("ok")
     if error:
-        raise CheckpointError(f"writing checkpoint {folder} failed on rank 0: {error}", "check the folder's space and permissions")
+        raise CheckpointError(
+            f"writing checkpoint {folder} failed on rank 0: {error}", "check the folder's space and permissions"
+        )
     return folder
 
 
@@ -353,8 +418,13 @@ def load(trainer, folder: str | Path, verify_files: bool = True) -> dict[str, An
     groups = manifest["optimizer"]["param_groups"]
     if len(groups) == len(trainer.optimizer.param_groups):
         for group, saved in zip(trainer.optimizer.param_groups, groups):
-            group.update({k: tuple(v) if isinstance(group.get(k), tuple) else v for k, v in saved.items()
-                          if k in group and not isinstance(group[k], torch.Tensor)})
+            group.update(
+                {
+                    k: tuple(v) if isinstance(group.get(k), tuple) else v
+                    for k, v in saved.items()
+                    if k in group and not isinstance(group[k], torch.Tensor)
+                }
+            )
     trainer.steps_done = int(manifest["step"])
     return manifest
 

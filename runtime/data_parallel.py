@@ -82,7 +82,9 @@ class ReplicatedBucket:
         """Make every ``.grad`` a view of the buffer: after ``zero_grad(set_to_none=True)`` a zeroed one,
         a gradient set from outside is copied in."""
         if self.flat is None:
-            self.flat = torch.zeros(sum(p.numel() for p in self.params), dtype=self.params[0].dtype, device=self.params[0].device)
+            self.flat = torch.zeros(
+                sum(p.numel() for p in self.params), dtype=self.params[0].dtype, device=self.params[0].device
+            )
             self._views = list(_unflatten_dense_tensors(self.flat, self.params))
         for param, view in zip(self.params, self._views):
             if param.grad is None:
@@ -139,8 +141,13 @@ class GradSync:
     """Gradient synchronisation of one stage. The schedule calls ``before_backward`` and
     ``after_backward`` around each micro-batch's backward, and ``finish`` once after the last one."""
 
-    def __init__(self, fsdp_units: list[FSDPModule], buckets: list[ReplicatedBucket], tied: list[TiedWeight],
-                 every_micro_batch: bool):
+    def __init__(
+        self,
+        fsdp_units: list[FSDPModule],
+        buckets: list[ReplicatedBucket],
+        tied: list[TiedWeight],
+        every_micro_batch: bool,
+    ):
         self.fsdp_units = fsdp_units
         self.buckets = buckets
         self.tied = tied
@@ -174,8 +181,10 @@ class GradSync:
         return [bucket.flat for bucket in self.buckets if bucket.flat is not None]
 
     def describe(self) -> str:
-        return (f"{len(self.fsdp_units)} sharded units, {sum(len(b.params) for b in self.buckets)} replicated "
-                f"parameters in {len(self.buckets)} all-reduce buckets, tied: {[w.name for w in self.tied]}")
+        return (
+            f"{len(self.fsdp_units)} sharded units, {sum(len(b.params) for b in self.buckets)} replicated "
+            f"parameters in {len(self.buckets)} all-reduce buckets, tied: {[w.name for w in self.tied]}"
+        )
 
 
 def layers_using(program: Program) -> dict[str, list[int]]:
@@ -222,7 +231,9 @@ def apply_data_parallel(stage: StageModule, program: Program, plan: Plan) -> Gra
     for layers in _units(stage):
         strategy = layers[0].strategy
         indices = {layer.index for layer in layers}
-        names = list(dict.fromkeys(n for layer in layers for n in program.layers[layer.index].param_names if n in params))
+        names = list(
+            dict.fromkeys(n for layer in layers for n in program.layers[layer.index].param_names if n in params)
+        )
         if strategy.dp == 1:  # one replica (a vocab shard, say): nothing to synchronise, and no later layer may
             seen.update(id(params[n]) for n in names)  # average this weight over a group that holds other shards
             continue
@@ -234,8 +245,12 @@ def apply_data_parallel(stage: StageModule, program: Program, plan: Plan) -> Gra
             # first and last, so resharding them would only gather them again (cost model: priced as ZeRO-2)
             reshard = strategy.dp_type == "zero3" and layers[0].kind not in (PROLOGUE, EPILOGUE)
             modules = [stage.layers[layer.name] for layer in layers]
-            fully_shard(modules if len(modules) > 1 else modules[0], mesh=mesh, reshard_after_forward=reshard,
-                        ignored_params={params[n] for n in outside})
+            fully_shard(
+                modules if len(modules) > 1 else modules[0],
+                mesh=mesh,
+                reshard_after_forward=reshard,
+                ignored_params={params[n] for n in outside},
+            )
             fsdp_units += modules
             root_mesh = root_mesh or mesh
             names = outside
@@ -246,15 +261,19 @@ def apply_data_parallel(stage: StageModule, program: Program, plan: Plan) -> Gra
     if fsdp_units:
         sharded = {id(p) for unit in fsdp_units for p in unit.parameters() if isinstance(p, DTensor)}
         fully_shard(stage, mesh=root_mesh, ignored_params={p for p in stage.parameters() if id(p) not in sharded})
-    tied = [TiedWeight(name, params[name], groups.tied_group(plan, stages, stage.position.local))
-            for name, stages in sorted(tied_stages(program, plan).items()) if name in params]
+    tied = [
+        TiedWeight(name, params[name], groups.tied_group(plan, stages, stage.position.local))
+        for name, stages in sorted(tied_stages(program, plan).items())
+        if name in params
+    ]
     return GradSync(fsdp_units, bucket_layers(replicated), tied, plan.grad_sync_every_micro_batch)
 
 
 def _units(stage: StageModule) -> list[list]:
     """The stage's layers grouped as they synchronise, in forward order (the first to use a weight owns it):
-    each layer alone, except that a ZeRO embedding and head of one stage form one FSDP2 unit (they share a strategy and run first and last;
-    DDP keeps them apart, so that the head's gradients need not wait for the embedding's backward)."""
+    each layer alone, except that a ZeRO embedding and head of one stage form one FSDP2 unit (they share a
+    strategy and run first and last; DDP keeps them apart, so that the head's gradients need not wait for
+    the embedding's backward)."""
     units, ends = [], []
     for layer in stage.stage_layers:
         if layer.kind in (PROLOGUE, EPILOGUE) and layer.strategy.dp > 1 and layer.strategy.dp_type != "ddp":
@@ -266,8 +285,9 @@ def _units(stage: StageModule) -> list[list]:
     return units
 
 
-def bucket_layers(replicated: list[tuple[dist.ProcessGroup, int, list[nn.Parameter]]],
-                  cap_bytes: int = GRAD_BUCKET_CAP_BYTES) -> list[ReplicatedBucket]:
+def bucket_layers(
+    replicated: list[tuple[dist.ProcessGroup, int, list[nn.Parameter]]], cap_bytes: int = GRAD_BUCKET_CAP_BYTES
+) -> list[ReplicatedBucket]:
     """Buckets over consecutive layers' replicated parameters (``(group, size, params)`` per layer, in
     forward order) that share a group, filled in backward order up to ``cap_bytes`` (a layer above the cap
     gets a bucket of its own): the last layers' bucket is ready first, as in DDP."""

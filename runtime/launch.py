@@ -41,10 +41,17 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> to
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # torchrun's agent keeps one store across restarts, and the backend publishes each rank's address under
         # fixed keys: join under a prefix per restart so that a restarted rank never reads a dead peer's address.
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+        )
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group(backend, store=dist.PrefixStore(f"attempt{attempt}", store), rank=int(os.environ["RANK"]),
-                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+        dist.init_process_group(
+            backend,
+            store=dist.PrefixStore(f"attempt{attempt}", store),
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+            timeout=timeout,
+        )
     else:
         dist.init_process_group(backend, timeout=timeout)
     return groups.current_device()
@@ -63,16 +70,31 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, backend: str, collective_timeout_s: float,
-           folder: str, fn: Callable[..., Any], args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+def _entry(
+    rank: int,
+    world_size: int,
+    port: int,
+    backend: str,
+    collective_timeout_s: float,
+    folder: str,
+    fn: Callable[..., Any],
+    args: tuple,
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank % torch.cuda.device_count())
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=collective_timeout_s))
+        dist.init_process_group(
+            backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=collective_timeout_s)
+        )
         result = fn(rank, world_size, *args)
         torch.save(result, Path(folder) / f"{rank}.pt")
     except BaseException:
@@ -81,8 +103,15 @@ def _entry(rank: int, world_size: int, port: int, backend: str, collective_timeo
     shutdown()
 
 
-def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo", timeout_s: float = 600.0,
-          collective_timeout_s: float = 60.0, grace_s: float = 30.0) -> list[Any]:
+def spawn(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    backend: str = "gloo",
+    timeout_s: float = 600.0,
+    collective_timeout_s: float = 60.0,
+    grace_s: float = 30.0,
+) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` fresh processes; return their results by rank.
 
     ``fn`` must be importable (module level) and return tensors, numbers, strings, lists or dicts of them.
@@ -91,14 +120,20 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
     context = mp.get_context("spawn")
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="galvatron_spawn_") as folder:
-        processes = [context.Process(target=_entry, args=(rank, world_size, port, backend, collective_timeout_s,
-                                                          folder, fn, args), daemon=True)
-                     for rank in range(world_size)]
+        processes = [
+            context.Process(
+                target=_entry,
+                args=(rank, world_size, port, backend, collective_timeout_s, folder, fn, args),
+                daemon=True,
+            )
+            for rank in range(world_size)
+        ]
         for process in processes:
             process.start()
         start = time.monotonic()
         first_failure: float | None = None
         failed_order: list[int] = []  # ranks in the order they were seen failing
+
         def note_failures(now: float) -> float | None:
             for rank, process in enumerate(processes):
                 if process.exitcode not in (None, 0) and rank not in failed_order:
@@ -126,16 +161,21 @@ def _collect(processes: list, folder: Path, elapsed_s: float, timeout_s: float, 
         if error.exists():
             failures.append(f"rank {rank} raised:\n{error.read_text().rstrip()}")
         elif process.exitcode != 0:
-            how = "was killed after the others failed or the time limit" if process.exitcode == -9 else \
-                f"exited with code {process.exitcode} without an error report"
+            how = (
+                "was killed after the others failed or the time limit"
+                if process.exitcode == -9
+                else f"exited with code {process.exitcode} without an error report"
+            )
             failures.append(f"rank {rank} {how}")
     if failures:
         # A rank that died without a report (crash, os._exit, OOM kill) is the likely cause: the others' errors
         # usually report its absence. Among those, and otherwise, the first seen failing.
         silent = [rank for rank in failed_order if not (folder / f"{rank}.err").exists()]
         first = (silent or failed_order or [None])[0]
-        headline = (f"{len(failures)} of {len(processes)} ranks failed after {elapsed_s:.1f} s"
-                    + (f" (first: rank {first})" if first is not None else "")
-                    + (f"; the run exceeded its {timeout_s:.0f} s limit" if elapsed_s > timeout_s else ""))
+        headline = (
+            f"{len(failures)} of {len(processes)} ranks failed after {elapsed_s:.1f} s"
+            + (f" (first: rank {first})" if first is not None else "")
+            + (f"; the run exceeded its {timeout_s:.0f} s limit" if elapsed_s > timeout_s else "")
+        )
         raise SpawnError(headline + "\n" + "\n".join(failures))
     return [torch.load(folder / f"{rank}.pt", weights_only=True) for rank in range(len(processes))]

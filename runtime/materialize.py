@@ -36,7 +36,11 @@ def has_meta_parameters(module: nn.Module) -> bool:
 
 def real_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     """The buffers of ``model`` that hold values (not on the meta device), by name, as copies."""
-    return {name: buffer.detach().clone() for name, buffer in model.named_buffers(remove_duplicate=False) if not buffer.is_meta}
+    return {
+        name: buffer.detach().clone()
+        for name, buffer in model.named_buffers(remove_duplicate=False)
+        if not buffer.is_meta
+    }
 
 
 @contextlib.contextmanager
@@ -86,8 +90,14 @@ def _to_empty_in_place(module: nn.Module, device: torch.device) -> None:
         torch.__future__.set_swap_module_params_on_conversion(swap)
 
 
-def materialize(stage, model: nn.Module, init: "str | Callable[[nn.Module], None]" = "model", seed: int = 0,
-                device: torch.device | str | None = None, known_buffers: dict[str, torch.Tensor] | None = None) -> None:
+def materialize(
+    stage,
+    model: nn.Module,
+    init: "str | Callable[[nn.Module], None]" = "model",
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    known_buffers: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Give ``stage`` (lowered and wrapped for data parallelism) real values, on each rank only its shards:
     allocate meta tensors on ``device`` in place (optimizer references stay valid), fill every parameter by
     ``init``: ``"model"`` (the model's own initialisation, ``runtime.shard_init``), a callable taking the full
@@ -103,16 +113,20 @@ def materialize(stage, model: nn.Module, init: "str | Callable[[nn.Module], None
     unfilled = _copy_known(buffers, known_buffers or {})
     if isinstance(init, str):
         if init.startswith("safetensors:"):
-            unfilled -= load_safetensors(model, shards, init.removeprefix("safetensors:"), {n: buffers[n] for n in unfilled})
+            unfilled -= load_safetensors(
+                model, shards, init.removeprefix("safetensors:"), {n: buffers[n] for n in unfilled}
+            )
             shards = {}  # the parameters are read; the initialisation below only recomputes buffers
         init = None
     if shards or unfilled:
         unfilled -= init_shards(model, shards, init, seed, {n: buffers[n] for n in unfilled})
     if unfilled:
-        raise ConfigError(f"buffers {sorted(unfilled)[:5]} of {type(model).__name__} are on the meta device and nothing "
-                          "gives their values (not the checkpoint, not the model's initialisation)",
-                          "build the model with parameters on meta and buffers real (with galvatron_fx.empty_parameters(): "
-                          "or accelerate's init_empty_weights()), or give them in the safetensors folder")
+        raise ConfigError(
+            f"buffers {sorted(unfilled)[:5]} of {type(model).__name__} are on the meta device and nothing "
+            "gives their values (not the checkpoint, not the model's initialisation)",
+            "build the model with parameters on meta and buffers real (with galvatron_fx.empty_parameters(): "
+            "or accelerate's init_empty_weights()), or give them in the safetensors folder",
+        )
 
 
 def _copy_known(buffers: dict[str, LocalShard], known: dict[str, torch.Tensor]) -> set[str]:

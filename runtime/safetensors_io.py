@@ -29,7 +29,10 @@ def _safetensors_files(directory: Path) -> list[Path]:
         return sorted({directory / f for f in weight_map.values()})
     files = sorted(directory.glob("*.safetensors"))
     if not files:
-        raise ConfigError(f"{directory} holds no .safetensors files", "point init='safetensors:DIR' at a Hugging Face checkpoint folder")
+        raise ConfigError(
+            f"{directory} holds no .safetensors files",
+            "point init='safetensors:DIR' at a Hugging Face checkpoint folder",
+        )
     return files
 
 
@@ -50,7 +53,9 @@ def safetensors_index(directory: str | Path, model: nn.Module | None = None) -> 
 
     directory = Path(directory)
     if not directory.is_dir():
-        raise ConfigError(f"safetensors directory {directory} does not exist", "pass the folder of a Hugging Face checkpoint")
+        raise ConfigError(
+            f"safetensors directory {directory} does not exist", "pass the folder of a Hugging Face checkpoint"
+        )
     rename = _hf_renaming(model)
     out = {}
     for path in _safetensors_files(directory):
@@ -59,7 +64,9 @@ def safetensors_index(directory: str | Path, model: nn.Module | None = None) -> 
                 for key in handle.keys():
                     out[rename(key)] = Stored(path, tuple(handle.get_slice(key).get_shape()), key)
         except (SafetensorError, OSError) as error:
-            raise ConfigError(f"{path} is not a readable safetensors file ({error})", "re-export the checkpoint") from None
+            raise ConfigError(
+                f"{path} is not a readable safetensors file ({error})", "re-export the checkpoint"
+            ) from None
     return out
 
 
@@ -103,15 +110,19 @@ def check_safetensors(directory: str | Path, model: nn.Module) -> dict[str, Stor
         elif index[found[0]].shape != tuple(params[key].shape):
             wrong.append(f"{found[0]} {list(index[found[0]].shape)} ≠ {list(params[key].shape)}")
     if missing or wrong:
-        raise ConfigError(f"the safetensors checkpoint {directory} does not fit the model: "
-                          + (f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}" if missing else "")
-                          + ("; " if missing and wrong else "") + (f"wrong shapes {wrong[:5]}" if wrong else ""),
-                          "pass the checkpoint of this model and configuration")
+        raise ConfigError(
+            f"the safetensors checkpoint {directory} does not fit the model: "
+            + (f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}" if missing else "")
+            + ("; " if missing and wrong else "")
+            + (f"wrong shapes {wrong[:5]}" if wrong else ""),
+            "pass the checkpoint of this model and configuration",
+        )
     return index
 
 
-def load_safetensors(model: nn.Module, shards: dict[str, LocalShard], directory: str | Path,
-                     buffers: dict[str, LocalShard] | None = None) -> set[str]:
+def load_safetensors(
+    model: nn.Module, shards: dict[str, LocalShard], directory: str | Path, buffers: dict[str, LocalShard] | None = None
+) -> set[str]:
     """Read each rank's slices of a safetensors directory straight into ``shards`` (``get_slice``: only the
     blocks this rank holds are read), and those of ``buffers`` the folder holds (persistent buffers); returns
     the buffers read. Tied parameters may be stored under any of their names."""
@@ -121,13 +132,20 @@ def load_safetensors(model: nn.Module, shards: dict[str, LocalShard], directory:
     aliases: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(param), []).append(name)
-    wanted = {next(a for a in aliases[id(model.get_parameter(name))] if a in index): shard for name, shard in shards.items()}
+    wanted = {
+        next(a for a in aliases[id(model.get_parameter(name))] if a in index): shard for name, shard in shards.items()
+    }
     stored_buffers = {name: shard for name, shard in (buffers or {}).items() if name in index}
-    wrong = [f"{name} {list(index[name].shape)} ≠ {list(shard.map.full_shape)}" for name, shard in stored_buffers.items()
-             if index[name].shape != tuple(shard.map.full_shape)]
+    wrong = [
+        f"{name} {list(index[name].shape)} ≠ {list(shard.map.full_shape)}"
+        for name, shard in stored_buffers.items()
+        if index[name].shape != tuple(shard.map.full_shape)
+    ]
     if wrong:
-        raise ConfigError(f"the safetensors checkpoint {directory} does not fit the model: wrong buffer shapes {wrong[:5]}",
-                          "pass the checkpoint of this model and configuration")
+        raise ConfigError(
+            f"the safetensors checkpoint {directory} does not fit the model: wrong buffer shapes {wrong[:5]}",
+            "pass the checkpoint of this model and configuration",
+        )
     handles: dict[Path, Any] = {}
     try:
         for name, shard in {**wanted, **stored_buffers}.items():

@@ -71,8 +71,14 @@ class StageExecutor:
     """Runs one stage's actions for a step: forward and backward of micro-batches, point-to-point
     transfers with the neighbouring stages, and the gradient-sync calls of ``GradSync``."""
 
-    def __init__(self, stage: StageModule, sync: GradSync, chunks: int, device: torch.device,
-                 autocast_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        stage: StageModule,
+        sync: GradSync,
+        chunks: int,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None = None,
+    ):
         self.stage = stage
         self.sync = sync
         self.chunks = chunks
@@ -82,8 +88,13 @@ class StageExecutor:
         self.prev_rank = position.rank_of(position.stage - 1) if not position.is_first else None
         self.next_rank = position.rank_of(position.stage + 1) if not position.is_last else None
 
-    def run(self, actions: tuple[Action, ...], batches: list[dict[str, Any]], seeds: list[int | None],
-            upstream_actions: tuple[Action, ...] = ()) -> list[torch.Tensor]:
+    def run(
+        self,
+        actions: tuple[Action, ...],
+        batches: list[dict[str, Any]],
+        seeds: list[int | None],
+        upstream_actions: tuple[Action, ...] = (),
+    ) -> list[torch.Tensor]:
         """Execute ``actions``; ``batches[i]`` holds micro-batch i's batch inputs; ``upstream_actions`` are
         the previous stage's (they tell when a gradient sent to it has arrived). Returns the loss of each
         micro-batch on the last stage (detached), nothing elsewhere."""
@@ -93,8 +104,9 @@ class StageExecutor:
         backwards_done = 0
         for action in actions:
             if action.kind == "F":
-                saved[action.micro_batch] = self._forward(action.micro_batch, batches[action.micro_batch],
-                                                          seeds[action.micro_batch], losses, sends)
+                saved[action.micro_batch] = self._forward(
+                    action.micro_batch, batches[action.micro_batch], seeds[action.micro_batch], losses, sends
+                )
             else:
                 last = backwards_done == self.chunks - 1
                 self.sync.before_backward(last)
@@ -110,8 +122,11 @@ class StageExecutor:
         sends.upstream_sent_forward(mb)
         env = {name: batch[name] for name in self.stage.batch_names}
         env.update(zip((s.name for s in self.stage.recv_specs), received))
-        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
-                    else contextlib.nullcontext())
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype
+            else contextlib.nullcontext()
+        )
         with autocast:
             outputs = self.stage(env, seed=seed)
         if self.next_rank is None:
@@ -120,11 +135,15 @@ class StageExecutor:
             return received, [loss / self.chunks]
         for spec, value in zip(self.stage.send_specs, outputs):
             if tuple(value.shape) != spec.shape:
-                raise RuntimeError(f"stage {self.stage.position.stage} computed {spec.name} of shape {tuple(value.shape)}, "
-                                   f"but the layer table says {spec.shape}")
+                raise RuntimeError(
+                    f"stage {self.stage.position.stage} computed {spec.name} of shape {tuple(value.shape)}, "
+                    f"but the layer table says {spec.shape}"
+                )
             if value.requires_grad and spec.name not in self.stage.grad_names:  # its gradient would be lost
-                raise RuntimeError(f"stage {self.stage.position.stage} sends {spec.name}, which requires a gradient, but the "
-                                   "graph analysis (differentiable_names) says it cannot carry one")
+                raise RuntimeError(
+                    f"stage {self.stage.position.stage} sends {spec.name}, which requires a gradient, but the "
+                    "graph analysis (differentiable_names) says it cannot carry one"
+                )
         payload = pack([value.detach().to(spec.dtype) for spec, value in zip(self.stage.send_specs, outputs)])
         sends.add("F", mb, dist.isend(payload, self.next_rank, tag=_tag(mb, backward=False)))
         return received, outputs
@@ -136,16 +155,24 @@ class StageExecutor:
         else:
             grads = self._recv_grads(mb)
             if grads:
-                sends.complete("F", mb)   # its gradient came back: the next stage has received it
-            pairs = [(out, grads[spec.name].to(out.dtype)) for out, spec in zip(outputs, self.stage.send_specs)
-                     if spec.name in grads and out.requires_grad]
+                sends.complete("F", mb)  # its gradient came back: the next stage has received it
+            pairs = [
+                (out, grads[spec.name].to(out.dtype))
+                for out, spec in zip(outputs, self.stage.send_specs)
+                if spec.name in grads and out.requires_grad
+            ]
             if pairs:
                 torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
         if self.prev_rank is not None:
-            grads = [value.grad if value.grad is not None else torch.zeros_like(value)
-                     for spec, value in zip(self.stage.recv_specs, received) if spec.name in self.stage.grad_names]
+            grads = [
+                value.grad if value.grad is not None else torch.zeros_like(value)
+                for spec, value in zip(self.stage.recv_specs, received)
+                if spec.name in self.stage.grad_names
+            ]
             if grads:
-                sends.add("B", mb, dist.isend(pack([g.detach() for g in grads]), self.prev_rank, tag=_tag(mb, backward=True)))
+                sends.add(
+                    "B", mb, dist.isend(pack([g.detach() for g in grads]), self.prev_rank, tag=_tag(mb, backward=True))
+                )
 
     # -- point to point ----------------------------------------------------------------------------------
     def _recv_activations(self, mb: int) -> list[torch.Tensor]:
@@ -153,7 +180,10 @@ class StageExecutor:
             return []
         specs = self.stage.recv_specs
         values = unpack(self._recv(specs, mb, backward=False), specs)
-        return [value.requires_grad_() if spec.name in self.stage.grad_names else value for spec, value in zip(specs, values)]
+        return [
+            value.requires_grad_() if spec.name in self.stage.grad_names else value
+            for spec, value in zip(specs, values)
+        ]
 
     def _recv_grads(self, mb: int) -> dict[str, torch.Tensor]:
         """Gradients of the sent values that carry one, by name."""
@@ -234,6 +264,6 @@ def unpack(buffer: torch.Tensor, specs: tuple[TensorSpec, ...]) -> list[torch.Te
     """The values ``pack`` wrote, as views of ``buffer`` with the shapes and dtypes of ``specs``."""
     values, offset = [], 0
     for spec in specs:
-        values.append(buffer[offset:offset + spec.nbytes].view(spec.dtype).view(spec.shape))
+        values.append(buffer[offset : offset + spec.nbytes].view(spec.dtype).view(spec.shape))
         offset += _padded(spec.nbytes)
     return values

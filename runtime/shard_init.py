@@ -28,9 +28,18 @@ from galvatron_fx.errors import ConfigError
 from .shard_maps import LocalShard, ShardMap
 
 aten = torch.ops.aten
-_RANDOM = {aten.normal_.default, aten.uniform_.default, aten.bernoulli_.float, aten.exponential_.default,
-           aten.random_.default, getattr(aten.random_, "from"), aten.random_.to, aten.log_normal_.default, aten.cauchy_.default,
-           aten.geometric_.default}
+_RANDOM = {
+    aten.normal_.default,
+    aten.uniform_.default,
+    aten.bernoulli_.float,
+    aten.exponential_.default,
+    aten.random_.default,
+    getattr(aten.random_, "from"),
+    aten.random_.to,
+    aten.log_normal_.default,
+    aten.cauchy_.default,
+    aten.geometric_.default,
+}
 _FILLS = {aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default}
 _ALIASES = {aten.detach.default, aten.alias.default, aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 
@@ -63,8 +72,11 @@ class ShardInit(TorchDispatchMode):
         if not hits:
             return out
         target = self._lookup(args[0]) if args else None
-        mutates = func._schema.arguments and func._schema.arguments[0].alias_info is not None \
+        mutates = (
+            func._schema.arguments
+            and func._schema.arguments[0].alias_info is not None
             and func._schema.arguments[0].alias_info.is_write
+        )
         if target is not None and mutates:
             self._replay(func, target, args, kwargs)
         elif target is not None and func in _ALIASES and tuple(out.shape) == tuple(args[0].shape):
@@ -86,17 +98,21 @@ class ShardInit(TorchDispatchMode):
             hits = (idx == index).nonzero().flatten()
             if len(hits) == 0:
                 return None
-            indices = shard.map.indices[:dim] + shard.map.indices[dim + 1:]
-            shape = shard.map.full_shape[:dim] + shard.map.full_shape[dim + 1:]
+            indices = shard.map.indices[:dim] + shard.map.indices[dim + 1 :]
+            shape = shard.map.full_shape[:dim] + shard.map.full_shape[dim + 1 :]
             return LocalShard(shard.tensor.select(dim, int(hits[0])), ShardMap(shape, indices))
         start = 0 if args[2] is None else max(args[2] if args[2] >= 0 else args[2] + meta.shape[dim], 0)
-        end = meta.shape[dim] if len(args) < 4 or args[3] is None else min(args[3] if args[3] >= 0 else args[3] + meta.shape[dim], meta.shape[dim])
+        end = (
+            meta.shape[dim]
+            if len(args) < 4 or args[3] is None
+            else min(args[3] if args[3] >= 0 else args[3] + meta.shape[dim], meta.shape[dim])
+        )
         if len(args) > 4 and args[4] != 1:
             return _POISONED
         keep = ((idx >= start) & (idx < end)).nonzero().flatten()
         first, count = (int(keep[0]), len(keep)) if len(keep) else (0, 0)
         indices = list(shard.map.indices)
-        indices[dim] = idx[first:first + count] - start
+        indices[dim] = idx[first : first + count] - start
         full = list(shard.map.full_shape)
         full[dim] = max(end - start, 0)
         return LocalShard(shard.tensor.narrow(dim, first, count), ShardMap(tuple(full), tuple(indices)))
@@ -106,8 +122,10 @@ class ShardInit(TorchDispatchMode):
         if shard is None:
             return  # another rank's (or stage's) piece
         if shard is _POISONED:
-            raise ConfigError(f"the initialisation of {name} writes through a view this runtime cannot follow ({func})",
-                              "initialise from a safetensors directory (init='safetensors:DIR') or write an elementwise init")
+            raise ConfigError(
+                f"the initialisation of {name} writes through a view this runtime cannot follow ({func})",
+                "initialise from a safetensors directory (init='safetensors:DIR') or write an elementwise init",
+            )
         local = shard.tensor
         self.written.add(name)
         rest = list(args[1:])
@@ -119,22 +137,28 @@ class ShardInit(TorchDispatchMode):
             elif isinstance(src, torch.Tensor) and not src.is_meta:
                 value = shard.map.select(src.expand(meta.shape)) if src.dim() else src
             else:
-                raise ConfigError(f"the initialisation of {name} copies values computed from the full tensor",
-                                  "initialise from a safetensors directory (init='safetensors:DIR')")
+                raise ConfigError(
+                    f"the initialisation of {name} copies values computed from the full tensor",
+                    "initialise from a safetensors directory (init='safetensors:DIR')",
+                )
             with torch.no_grad():
                 local.copy_(value)
             return
         for value in rest:
             if isinstance(value, torch.Tensor) and (value.is_meta or value.numel() > 1):
-                raise ConfigError(f"the initialisation of {name} combines it with another tensor ({func})",
-                                  "initialise from a safetensors directory (init='safetensors:DIR')")
+                raise ConfigError(
+                    f"the initialisation of {name} combines it with another tensor ({func})",
+                    "initialise from a safetensors directory (init='safetensors:DIR')",
+                )
         if func in _RANDOM:
             draw = self.draws[name] = self.draws.get(name, 0) + 1
             generator = torch.Generator(local.device).manual_seed(_seed(self.seed, name, shard.map.key(), draw))
             kwargs = {**kwargs, "generator": generator}
         elif func not in _FILLS and torch.Tag.pointwise not in func.tags:
-            raise ConfigError(f"the initialisation of {name} is not elementwise ({func})",
-                              "initialise from a safetensors directory (init='safetensors:DIR')")
+            raise ConfigError(
+                f"the initialisation of {name} is not elementwise ({func})",
+                "initialise from a safetensors directory (init='safetensors:DIR')",
+            )
         with torch.no_grad():
             func(local, *rest, **kwargs)
 
@@ -156,8 +180,13 @@ def model_init(model: nn.Module) -> Callable[[nn.Module], None]:
     return reset
 
 
-def init_shards(model: nn.Module, shards: dict[str, LocalShard], init: Callable[[nn.Module], None] | None = None,
-                seed: int = 0, buffers: dict[str, LocalShard] | None = None) -> set[str]:
+def init_shards(
+    model: nn.Module,
+    shards: dict[str, LocalShard],
+    init: Callable[[nn.Module], None] | None = None,
+    seed: int = 0,
+    buffers: dict[str, LocalShard] | None = None,
+) -> set[str]:
     """Fill ``shards`` (user parameter name → LocalShard; every one must be set) and whatever of ``buffers``
     (user buffer name → LocalShard) the initialisation writes, by running ``init`` (default
     ``model_init(model)``) on the meta ``model`` under ``ShardInit``. Returns the buffers written.
@@ -171,8 +200,10 @@ def init_shards(model: nn.Module, shards: dict[str, LocalShard], init: Callable[
         mode.track(param, first_name[id(param)], None)
     for name, shard in shards.items():
         if name not in named:
-            raise ConfigError(f"parameter {name} of the compiled stage is not a parameter of the model",
-                              "pass the model that was compiled")
+            raise ConfigError(
+                f"parameter {name} of the compiled stage is not a parameter of the model",
+                "pass the model that was compiled",
+            )
         mode.track(named[name], first_name[id(named[name])], shard)  # tied names share one seed: copies agree
     model_buffers = dict(model.named_buffers(remove_duplicate=False))
     for name, shard in (buffers or {}).items():
@@ -194,7 +225,9 @@ def init_shards(model: nn.Module, shards: dict[str, LocalShard], init: Callable[
     # an init that skips meta tensors (some torch.nn.init functions do) or a parameter no rule covers
     unset = sorted(name for name, shard in shards.items() if first_name[id(named[name])] not in mode.written)
     if unset:
-        raise ConfigError(f"the initialisation did not set {unset[:5]}{' ...' if len(unset) > 5 else ''} (it skips meta "
-                          "tensors, or no module rule covers them)", "pass init=<a function of the meta model> or "
-                          "init='safetensors:DIR'")
+        raise ConfigError(
+            f"the initialisation did not set {unset[:5]}{' ...' if len(unset) > 5 else ''} (it skips meta "
+            "tensors, or no module rule covers them)",
+            "pass init=<a function of the meta model> or init='safetensors:DIR'",
+        )
     return {name for name in buffers or {} if name in mode.written}

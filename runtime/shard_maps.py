@@ -60,7 +60,7 @@ class ShardMap:
     def restrict(self, dim: int, start: int, length: int) -> "ShardMap":
         """The map of ``local.narrow(dim, start, length)``."""
         indices = list(self.indices)
-        indices[dim] = indices[dim][start:start + length]
+        indices[dim] = indices[dim][start : start + length]
         return ShardMap(self.full_shape, tuple(indices))
 
     def runs(self, dim: int) -> list[tuple[int, int, int]]:

@@ -30,9 +30,9 @@ from galvatron_fx.plan import Plan
 from galvatron_fx.program import Program
 
 from . import groups
-from .shard_maps import unshard_parameters
 from .data_parallel import GradSync, apply_data_parallel, prepare_groups
 from .schedules import SCHEDULES, Action, StageExecutor
+from .shard_maps import unshard_parameters
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
@@ -46,14 +46,19 @@ def _is_communication_error(error: BaseException) -> bool:
     if isinstance(error, dist.DistError):
         return True
     text = str(error)
-    return any(marker in text for marker in ("gloo", "Gloo", "NCCL", "Connection", "connection", "timed out", "Timeout", "peer"))
+    return any(
+        marker in text
+        for marker in ("gloo", "Gloo", "NCCL", "Connection", "connection", "timed out", "Timeout", "peer")
+    )
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """``lr`` for the default Adam optimizer; ``seed`` makes dropout depend on (seed, step, micro-batch, layer,
     the samples a rank holds there, the shard it holds) only, so not on the pipeline division or checkpointing,
-    and alike on the ranks that hold the same activation (``passes.random_streams``; None: leave the RNG alone); ``mixed_precision``: ``"fp32"`` or ``"bf16"`` (autocast; parameters and gradients stay fp32)."""
+    and alike on the ranks that hold the same activation (``passes.lower.graph.random_streams``; None: the
+    generators' state as it is); ``mixed_precision``: ``"fp32"`` or ``"bf16"`` (autocast; parameters and
+    gradients stay fp32)."""
 
     lr: float = 1e-3
     seed: int | None = 0
@@ -67,15 +72,27 @@ class TrainConfig:
 class Trainer:
     """One rank's share of training ``program`` under ``plan``."""
 
-    def __init__(self, program: Program, plan: Plan, *, config: TrainConfig = TrainConfig(),
-                 optimizer: OptimizerFactory | None = None, device: torch.device | str | None = None,
-                 model_name: str | None = None, passes: tuple[Pass[StageModule], ...] = LOWERING_PASSES):
+    def __init__(
+        self,
+        program: Program,
+        plan: Plan,
+        *,
+        config: TrainConfig = TrainConfig(),
+        optimizer: OptimizerFactory | None = None,
+        device: torch.device | str | None = None,
+        model_name: str | None = None,
+        passes: tuple[Pass[StageModule], ...] = LOWERING_PASSES,
+    ):
         if not dist.is_initialized():
-            raise ConfigError("torch.distributed is not initialised", "call runtime.init_distributed() (under torchrun) first")
+            raise ConfigError(
+                "torch.distributed is not initialised", "call runtime.init_distributed() (under torchrun) first"
+            )
         plan.check_fits(len(program.body), dist.get_world_size(), model_name)
         self.program, self.plan, self.config = program, plan, config
         self.device = torch.device(device) if device is not None else groups.current_device()
-        self.stage: StageModule = lower(program, plan, dist.get_rank(), self.device, passes)  # raises before collectives
+        self.stage: StageModule = lower(
+            program, plan, dist.get_rank(), self.device, passes
+        )  # raises before collectives
         prepare_groups(program, plan)
         self.sync: GradSync = apply_data_parallel(self.stage, program, plan)
         params = list(self.stage.parameters())
@@ -100,9 +117,12 @@ class Trainer:
             value = flat[name]
             if isinstance(value, torch.Tensor) and value.dim() > 0:
                 if value.shape[0] != plan.global_batch:
-                    raise PlanError(f"batch input {name} has {value.shape[0]} samples, the plan's global batch is {plan.global_batch}",
-                                    "pass the whole global batch to every rank, or change the plan's global_batch")
-                mine = value[position.local * per_rank:(position.local + 1) * per_rank].to(self.device)
+                    raise PlanError(
+                        f"batch input {name} has {value.shape[0]} samples, the plan's global batch is "
+                        f"{plan.global_batch}",
+                        "pass the whole global batch to every rank, or change the plan's global_batch",
+                    )
+                mine = value[position.local * per_rank : (position.local + 1) * per_rank].to(self.device)
                 for i, piece in enumerate(mine.chunk(plan.chunks)):
                     out[i][name] = piece
             else:
@@ -113,7 +133,7 @@ class Trainer:
     def _seeds(self) -> list[int | None]:
         if self.config.seed is None:
             return [None] * self.plan.chunks
-        # each layer adds itself and the block of samples this rank holds there (passes.random_streams)
+        # each layer adds itself and the block of samples this rank holds there (passes.lower.graph.random_streams)
         return [layer_seed(self.config.seed, self.steps_done, i) for i in range(self.plan.chunks)]
 
     # -- step --------------------------------------------------------------------------------------------
@@ -146,9 +166,11 @@ class Trainer:
             if not _is_communication_error(error):
                 raise
             position = self.stage.position
-            raise DistributedFailure(f"rank {position.rank} (stage {position.stage}) failed in step {self.steps_done}: "
-                                     f"{type(error).__name__}: {str(error).strip()[:500]}. If another rank died, its report "
-                                     "names the cause") from error
+            raise DistributedFailure(
+                f"rank {position.rank} (stage {position.stage}) failed in step {self.steps_done}: "
+                f"{type(error).__name__}: {str(error).strip()[:500]}. If another rank died, its report "
+                "names the cause"
+            ) from error
 
     def _global_loss(self, losses: list[torch.Tensor]) -> float:
         # the last stage's ranks each hold the mean over their slice; one world all-reduce gives everyone the mean

@@ -37,8 +37,12 @@ def main() -> None:
     torch.manual_seed(0)
     model, _ = build_model("gpt2")
     batches = [example_batch("gpt2", model, 8, 16, seed=i) for i in range(2)]
-    compiled = galvatron_fx.compile(model, example_kwargs=batches[0], plan=galvatron_fx.uniform_plan(sdp=True),
-                                    optimizer=lambda p: torch.optim.Adam(p, lr=1e-3, eps=1e-6))
+    compiled = galvatron_fx.compile(
+        model,
+        example_kwargs=batches[0],
+        plan=galvatron_fx.uniform_plan(sdp=True),
+        optimizer=lambda p: torch.optim.Adam(p, lr=1e-3, eps=1e-6),
+    )
     last = checkpoint.latest(args.root / "checkpoints")
     if last is not None:
         compiled.load_checkpoint(last)

@@ -46,13 +46,27 @@ class PlanRecipe:
 
     def plan(self, num_layers: int, model: str = "") -> Plan:
         dp = self.world_size // self.pp
-        layers = tuple(LayerStrategy(dp=dp, dp_type=self.pattern[i % len(self.pattern)][0],
-                                     ckpt=self.pattern[i % len(self.pattern)][1]) for i in range(num_layers))
-        division = tuple(num_layers - sum(d for d in self.pp_division if d > 0) if d < 0 else d for d in self.pp_division)
-        return Plan(world_size=self.world_size, layers=layers, pp=self.pp, pp_division=division, chunks=self.chunks, pipeline=self.pipeline,
-                    global_batch=GLOBAL_BATCH, grad_sync_every_micro_batch=self.every_micro_batch,
-                    embedding=EmbeddingStrategy(embed_sdp=self.embed_sdp),
-                    provenance={"model": model} if model else {})
+        layers = tuple(
+            LayerStrategy(
+                dp=dp, dp_type=self.pattern[i % len(self.pattern)][0], ckpt=self.pattern[i % len(self.pattern)][1]
+            )
+            for i in range(num_layers)
+        )
+        division = tuple(
+            num_layers - sum(d for d in self.pp_division if d > 0) if d < 0 else d for d in self.pp_division
+        )
+        return Plan(
+            world_size=self.world_size,
+            layers=layers,
+            pp=self.pp,
+            pp_division=division,
+            chunks=self.chunks,
+            pipeline=self.pipeline,
+            global_batch=GLOBAL_BATCH,
+            grad_sync_every_micro_batch=self.every_micro_batch,
+            embedding=EmbeddingStrategy(embed_sdp=self.embed_sdp),
+            provenance={"model": model} if model else {},
+        )
 
 
 # The acceptance plans (a rank captures each model once: its batch is a symbol).
@@ -69,8 +83,14 @@ RECIPES = {
     "zero3_4": PlanRecipe("zero3_4", 4, (("zero3", False),), embed_sdp=True),  # embedding and head: one unit
     "pp4_1f1b": PlanRecipe("pp4_1f1b", 4, pp=4, chunks=4),
     "pp2_zero3_2": PlanRecipe("pp2_zero3_2", 4, (("zero3", False),), pp=2, chunks=2, embed_sdp=True),
-    "hetero4": PlanRecipe("hetero4", 4, (("ddp", False), ("zero3", True), ("zero2", False), ("zero3", False), ("ddp", True)),
-                          pp=2, chunks=2, every_micro_batch=True),
+    "hetero4": PlanRecipe(
+        "hetero4",
+        4,
+        (("ddp", False), ("zero3", True), ("zero2", False), ("zero3", False), ("ddp", True)),
+        pp=2,
+        chunks=2,
+        every_micro_batch=True,
+    ),
 }
 MODELS = ("gpt2", "llama", "bert", "t5", "vit", "swin")
 
@@ -87,8 +107,10 @@ def build(model_name: str):
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.1
-    batches = [{k: v[s * GLOBAL_BATCH:(s + 1) * GLOBAL_BATCH] if _batched(v) else v for k, v in data.items()}
-               for s in range(STEPS)]
+    batches = [
+        {k: v[s * GLOBAL_BATCH : (s + 1) * GLOBAL_BATCH] if _batched(v) else v for k, v in data.items()}
+        for s in range(STEPS)
+    ]
     return model, batches
 
 
@@ -116,7 +138,9 @@ def eager_reference(model_name: str, optimizer: str = "adam") -> tuple[list[floa
     return train_eager(*build(model_name), optimizer)
 
 
-def train_eager(model: torch.nn.Module, batches: list[dict], optimizer: str = "adam") -> tuple[list[float], dict[str, torch.Tensor]]:
+def train_eager(
+    model: torch.nn.Module, batches: list[dict], optimizer: str = "adam"
+) -> tuple[list[float], dict[str, torch.Tensor]]:
     """One process, one step per batch: the losses and the final parameters (every name of a tied weight
     included)."""
     model.train()
@@ -129,7 +153,9 @@ def train_eager(model: torch.nn.Module, batches: list[dict], optimizer: str = "a
         step.zero_grad()
         losses.append(loss.item())
     clones: dict[int, torch.Tensor] = {}  # tied weights: one clone under each of their names
-    return losses, {n: clones.setdefault(id(p), p.detach().clone()) for n, p in model.named_parameters(remove_duplicate=False)}
+    return losses, {
+        n: clones.setdefault(id(p), p.detach().clone()) for n, p in model.named_parameters(remove_duplicate=False)
+    }
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,12 +176,17 @@ def train_cases(rank: int, world_size: int, cases: list[tuple[str, str]]) -> dic
         base, optimizer = split_recipe(recipe_name)
         program, batches = _program(model_name)
         plan = RECIPES[base].plan(len(program.body), program.model_name)
-        trainer = Trainer(program, plan, config=_config(), optimizer=optimizer_factory(optimizer), model_name=program.model_name)
+        trainer = Trainer(
+            program, plan, config=_config(), optimizer=optimizer_factory(optimizer), model_name=program.model_name
+        )
         losses = [trainer.step(batch) for batch in batches]
         params = trainer.full_parameters()
         results[f"{model_name}/{recipe_name}"] = {
-            "losses": losses, "params": params if trainer.stage.position.local == 0 else {},
-            "stage": trainer.stage.position.stage, "describe": trainer.describe()}
+            "losses": losses,
+            "params": params if trainer.stage.position.local == 0 else {},
+            "stage": trainer.stage.position.stage,
+            "describe": trainer.describe(),
+        }
     return results
 
 
@@ -203,8 +234,10 @@ def tier_params(fast: dict[int, list], full: dict[int, list]) -> list:
     out = []
     for is_fast, table in ((True, fast), (False, full)):
         for world, cases in table.items():
-            out += [pytest.param(world, is_fast, m, r, id=f"{m}-{r}", marks=() if is_fast else (pytest.mark.full,))
-                    for m, r in cases]
+            out += [
+                pytest.param(world, is_fast, m, r, id=f"{m}-{r}", marks=() if is_fast else (pytest.mark.full,))
+                for m, r in cases
+            ]
     return out
 
 
@@ -226,7 +259,6 @@ def check_parity(model_name: str, result: dict, recipe: str = "", reference=None
     diffs = [(name, (tensor - ref_params[name]).abs().max().item()) for name, tensor in copies]
     name, worst = max(diffs, key=lambda item: item[1])
     assert worst <= TOLERANCE, f"parameter {name} differs from eager by {worst:.2e}"
-
 
 
 # -- bad input and failures -----------------------------------------------------------------------------------
@@ -281,6 +313,8 @@ def bf16_worker(rank: int, world_size: int, recipe_name: str) -> dict:
     from galvatron_fx.runtime import TrainConfig, Trainer
 
     program, batches = _program("gpt2", 2)
-    trainer = Trainer(program, RECIPES[recipe_name].plan(len(program.body)), config=TrainConfig(lr=LR, mixed_precision="bf16"))
+    trainer = Trainer(
+        program, RECIPES[recipe_name].plan(len(program.body)), config=TrainConfig(lr=LR, mixed_precision="bf16")
+    )
     losses = [trainer.step(batch) for batch in batches]
     return {"losses": losses, "dtypes": sorted({str(p.dtype) for p in trainer.stage.parameters()})}

@@ -39,11 +39,11 @@ def test_peak_step_bytes_counts_live_tensors_at_their_peak():
 def test_peak_step_bytes_ignores_what_an_earlier_measurement_left_in_the_count():
     kept = []
 
-    def step_keeping_8_mib():   # its 8 MiB outlive the measurement and are freed after it
+    def step_keeping_8_mib():  # its 8 MiB outlive the measurement and are freed after it
         kept.append(torch.ones(2 * MiB))
 
     def step():
-        return float(torch.ones(MiB // 2).sum())   # 2 MiB at its peak
+        return float(torch.ones(MiB // 2).sum())  # 2 MiB at its peak
 
     common.peak_step_bytes(step_keeping_8_mib, torch.device("cpu"), lambda: [])
     kept.clear()
@@ -56,11 +56,11 @@ def test_peak_step_bytes_counts_frees_on_other_threads():
     held = []
 
     def step():
-        held.append(torch.ones(2 * MiB))   # 8 MiB, freed by another thread
+        held.append(torch.ones(2 * MiB))  # 8 MiB, freed by another thread
         worker = threading.Thread(target=held.clear)
         worker.start()
         worker.join()
-        return float(torch.ones(MiB // 4).sum())   # 1 MiB after it
+        return float(torch.ones(MiB // 4).sum())  # 1 MiB after it
 
     peak = common.peak_step_bytes(step, torch.device("cpu"), lambda: [])
     assert 8 * MiB <= peak < 8 * MiB + 1024
@@ -74,8 +74,10 @@ def test_tensor_bytes_counts_shared_storage_once():
 def test_spearman_and_summary():
     assert cost_accuracy.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert cost_accuracy.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    rows = [{"time_error": e, "memory_errors_per_rank": [m], "predicted_s": p, "measured_s": q}
-            for e, m, p, q in ((0.1, -0.05, 1, 1.1), (-0.3, 0.2, 2, 1.5), (0.05, 0.0, 3, 3.2))]
+    rows = [
+        {"time_error": e, "memory_errors_per_rank": [m], "predicted_s": p, "measured_s": q}
+        for e, m, p, q in ((0.1, -0.05, 1, 1.1), (-0.3, 0.2, 2, 1.5), (0.05, 0.0, 3, 3.2))
+    ]
     summary = cost_accuracy.summarise(rows)
     assert summary["median_time_error"] == pytest.approx(0.1) and summary["worst_time_error"] == pytest.approx(0.3)
     assert summary["worst_memory_error"] == pytest.approx(0.2) and summary["spearman_time"] == pytest.approx(1.0)
@@ -93,7 +95,7 @@ def test_cost_accuracy_plans_cover_the_strategies():
 
 def test_paired_ratio_compares_each_round_within_itself():
     # the machine slows down between the two sides of round 2: pooled medians read 1.5, the rounds 1.0
-    ours = [[100, 100, 100, 100, 150, 150, 150, 150, 150, 150], [90] * 10]   # rank 0 is the slowest
+    ours = [[100, 100, 100, 100, 150, 150, 150, 150, 150, 150], [90] * 10]  # rank 0 is the slowest
     native = [[100, 100, 100, 100, 100, 100, 150, 150, 150, 150], [80] * 10]
     assert runtime_overhead.paired_ratio(ours, native, steps=2) == pytest.approx(1.0)
     assert common.median(ours[0]) / common.median(native[0]) == pytest.approx(1.5)
@@ -105,18 +107,28 @@ def test_measuring_in_rounds_alternates_the_order_and_pools_step_times(monkeypat
     launched = []
 
     def fake_spawn(fn, world, model, shape, cases, warmup, repeats, batch, measure_memory):
-        (name, _), = cases
+        ((name, _),) = cases
         launched.append((world, name, measure_memory))
-        return [[{"plan": name, "rank": rank, "stage": 0, "times_s": [len(launched) + rank / 10],
-                  "peak_bytes": 1 if measure_memory else None}] for rank in range(world)]
+        return [
+            [
+                {
+                    "plan": name,
+                    "rank": rank,
+                    "stage": 0,
+                    "times_s": [len(launched) + rank / 10],
+                    "peak_bytes": 1 if measure_memory else None,
+                }
+            ]
+            for rank in range(world)
+        ]
 
     monkeypatch.setattr(cost_accuracy, "spawn", fake_spawn)
     by_world = {w: cost_accuracy.plans(w, 4, "gpt2")[:2] for w in (2, 4)}
     measured = cost_accuracy.measure_in_rounds("gpt2", "tiny", by_world, 1, 1, rounds=3)
     first = [(w, name) for w, cases in by_world.items() for name, _ in cases]
-    assert [(w, n) for w, n, _ in launched] == first + first[::-1] + first   # every other round reversed
-    assert [m for *_, m in launched] == [True] * 4 + [False] * 8              # memory in the first round only
-    dp4 = measured[4][3][0]                                                    # rank 3's first plan
+    assert [(w, n) for w, n, _ in launched] == first + first[::-1] + first  # every other round reversed
+    assert [m for *_, m in launched] == [True] * 4 + [False] * 8  # memory in the first round only
+    dp4 = measured[4][3][0]  # rank 3's first plan
     assert dp4["plan"] == "dp4" and dp4["times_s"] == [3.3, 6.3, 11.3] and dp4["peak_bytes"] == 1
 
 
@@ -134,6 +146,7 @@ def test_uniform_grid_and_search_keep_two_samples_per_rank():
         warnings.simplefilter("ignore")
         model, batch = common.build_model("llama", "tiny", 2)
         from galvatron_fx import capture
+
         profile = ModelProfile.from_program(capture(model, example_kwargs=batch), flops_per_s=1e10)
     cost = CostModel(profile, Cluster.detect({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}).hardware_profile())
     searched = plan_quality.searched_plan(cost, 4, 2, 8, "4GiB")
@@ -143,21 +156,27 @@ def test_uniform_grid_and_search_keep_two_samples_per_rank():
 
 
 def _workers(rank: int, world: int) -> dict:
-    hetero = Plan(world_size=2, layers=(LayerStrategy(dp=2, dp_type="zero3", ckpt=True), LayerStrategy(tp=2)),
-                  global_batch=8)
+    hetero = Plan(
+        world_size=2, layers=(LayerStrategy(dp=2, dp_type="zero3", ckpt=True), LayerStrategy(tp=2)), global_batch=8
+    )
     ours = cost_accuracy.run_plans(rank, world, "gpt2", "tiny", [("hetero", hetero)], 1, 1)
     compared = runtime_overhead.compare(rank, world, "tiny", ["ddp", "pp"], 2, 1, 1, 1)
     ddp = Plan(world_size=2, layers=(LayerStrategy(dp=2),) * 2, global_batch=8)
     side = plan_quality.side_by_side(rank, world, "tiny", [("searched", hetero), ("best", ddp)], "ddp", 8, 1, 1, 2, 4)
-    return {"ours": ours, "side": {name: len(times) for name, times in side.items()},
-            "compared": {k: {"first_loss": v["first_loss"], "counts": {n: len(t) for n, t in v["times_s"].items()}}
-                         for k, v in compared.items()}}
+    return {
+        "ours": ours,
+        "side": {name: len(times) for name, times in side.items()},
+        "compared": {
+            k: {"first_loss": v["first_loss"], "counts": {n: len(t) for n, t in v["times_s"].items()}}
+            for k, v in compared.items()
+        },
+    }
 
 
 def test_measuring_workers_on_two_ranks():
     results = common.spawn(_workers, 2, timeout_s=300)
     for rank, result in enumerate(results):
-        assert result["side"] == {"searched": 2, "best": 2, "native ddp": 2}   # one step per round, alternated
+        assert result["side"] == {"searched": 2, "best": 2, "native ddp": 2}  # one step per round, alternated
         (row,) = result["ours"]
         assert row["rank"] == rank and len(row["times_s"]) == 1 and row["times_s"][0] > 0
         assert 0 < row["peak_bytes"] < 64 * MiB

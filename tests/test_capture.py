@@ -7,8 +7,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import galvatron_fx
-from galvatron_fx.report import layer_table
 from galvatron_fx.models import build_model
+from galvatron_fx.report import layer_table
 
 # Body layer types in execution order, for the small configurations of galvatron_fx.models.
 EXPECTED_BODY_TYPES = {
@@ -22,8 +22,16 @@ EXPECTED_BODY_TYPES = {
     "t5": ["T5Block.0", "T5Block.1", "T5Block.1", "Transition", "T5Block.2", "T5Block.3", "T5Block.3"],
     # Swin alternates plain and shifted windows, each stage has its own width, patch merging joins stages;
     # the last stage's window covers its whole resolution, so neither of its blocks shifts.
-    "swin": ["SwinLayer.0", "SwinLayer.1", "Transition.0", "SwinLayer.2", "SwinLayer.3", "Transition.1",
-             "SwinLayer.4", "SwinLayer.4"],
+    "swin": [
+        "SwinLayer.0",
+        "SwinLayer.1",
+        "Transition.0",
+        "SwinLayer.2",
+        "SwinLayer.3",
+        "Transition.1",
+        "SwinLayer.4",
+        "SwinLayer.4",
+    ],
 }
 MODELS = sorted(EXPECTED_BODY_TYPES)
 
@@ -128,8 +136,11 @@ def test_every_node_is_annotated(captured):
     graph = program.graph_module.graph
     assert all(node_meta(node).info is not None for node in graph.nodes if node.op != "output")
     # Tied weights (wte / lm_head) are one parameter behind two names: count each parameter once.
-    get_attr_bytes = {id(program.graph_module.get_parameter(n.target)): node_meta(n).info.param_bytes
-                      for n in graph.nodes if n.op == "get_attr"}
+    get_attr_bytes = {
+        id(program.graph_module.get_parameter(n.target)): node_meta(n).info.param_bytes
+        for n in graph.nodes
+        if n.op == "get_attr"
+    }
     assert sum(get_attr_bytes.values()) == program.param_bytes
     # GPT-2's fused QKV projection is addmm(bias, x[M, K], W[K, N]): 2·M·K·N forward; backward computes
     # the input and the weight gradients, twice that.
@@ -166,4 +177,6 @@ def test_meta_device_model_is_captured_without_memory(captured):
         # On meta, attention dispatches to a fused kernel whose FLOP formula differs slightly from the
         # CPU math path's matmuls; everything else is counted identically.
         assert meta_layer.stats.fwd_flops == pytest.approx(cpu_layer.stats.fwd_flops, rel=0.05)
-        assert meta_layer.stats.saved_activation_bytes == pytest.approx(cpu_layer.stats.saved_activation_bytes, rel=0.05)
+        assert meta_layer.stats.saved_activation_bytes == pytest.approx(
+            cpu_layer.stats.saved_activation_bytes, rel=0.05
+        )

@@ -18,8 +18,8 @@ import torch.distributed as dist
 
 import galvatron_fx
 from galvatron_fx.models import build_model, example_batch
-from galvatron_fx.runtime import spawn
 from galvatron_fx.runtime import checkpoint as ckpt
+from galvatron_fx.runtime import spawn
 
 STEPS_BEFORE, STEPS_AFTER = 2, 3
 BATCH, SEQ = 8, 16
@@ -45,7 +45,9 @@ def _compile_other(flags: dict, batch) -> galvatron_fx.compile:
 
 def _save_and_reshard(rank: int, world: int, folder: str) -> dict:
     model, batches = _batches()
-    first = galvatron_fx.compile(model, example_kwargs=batches[0], plan=galvatron_fx.uniform_plan(tp=2), optimizer=_adam)
+    first = galvatron_fx.compile(
+        model, example_kwargs=batches[0], plan=galvatron_fx.uniform_plan(tp=2), optimizer=_adam
+    )
     before = [first.train_step(b) for b in batches[:STEPS_BEFORE]]
     target = Path(folder) / "step2"
     first.save_checkpoint(target)
@@ -70,10 +72,12 @@ def _bad_checkpoints(good: Path, batch) -> dict[str, str]:
     (a collective would hang here: the ranks raise at different times otherwise)."""
     root = good.parent
     if dist.get_rank() == 0:
-        cases = {"half_written": lambda d: (d / ckpt.MANIFEST).unlink(),
-                 "corrupt_data": lambda d: _flip_byte(next(p for p in d.iterdir() if p.suffix == ".distcp")),
-                 "bad_manifest": lambda d: (d / ckpt.MANIFEST).write_text("{not json"),
-                 "truncated": lambda d: _truncate(next(p for p in d.iterdir() if p.suffix == ".distcp"))}
+        cases = {
+            "half_written": lambda d: (d / ckpt.MANIFEST).unlink(),
+            "corrupt_data": lambda d: _flip_byte(next(p for p in d.iterdir() if p.suffix == ".distcp")),
+            "bad_manifest": lambda d: (d / ckpt.MANIFEST).write_text("{not json"),
+            "truncated": lambda d: _truncate(next(p for p in d.iterdir() if p.suffix == ".distcp")),
+        }
         for name, damage in cases.items():
             shutil.copytree(good, root / name)
             damage(root / name)
@@ -90,7 +94,9 @@ def _bad_checkpoints(good: Path, batch) -> dict[str, str]:
     torch.manual_seed(0)
     small, _ = build_model("gpt2")
     small.transformer.h = small.transformer.h[:3]
-    foreign = galvatron_fx.compile(small, example_kwargs=batch, plan=galvatron_fx.uniform_plan(sdp=True), optimizer=_adam)
+    foreign = galvatron_fx.compile(
+        small, example_kwargs=batch, plan=galvatron_fx.uniform_plan(sdp=True), optimizer=_adam
+    )
     try:
         foreign.load_checkpoint(good)
         errors["another_model"] = "loaded"

@@ -21,14 +21,33 @@ def _port() -> int:
 
 def _launch(root: Path, *extra: str) -> subprocess.Popen:
     root.mkdir()
-    command = [str(TORCHRUN), "--nnodes", "1", "--nproc_per_node", "2", "--max-restarts", "1", "--monitor-interval", "0.5",
-               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_port()}", str(SCRIPT), str(root), *extra]
+    command = [
+        str(TORCHRUN),
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--max-restarts",
+        "1",
+        "--monitor-interval",
+        "0.5",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{_port()}",
+        str(SCRIPT),
+        str(root),
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
 def _losses(root: Path) -> list[tuple[int, int, float]]:
-    return [(int(a), int(s), float(x)) for a, s, x in (line.split() for line in (root / "losses.txt").read_text().splitlines())]
+    return [
+        (int(a), int(s), float(x))
+        for a, s, x in (line.split() for line in (root / "losses.txt").read_text().splitlines())
+    ]
 
 
 def test_sigkilled_rank_resumes_from_the_last_checkpoint_with_the_same_losses(tmp_path):

@@ -66,7 +66,9 @@ def test_preset_profile_prices_nvlink_and_infiniband():
     profile = Cluster.preset("H100-80GB", nodes=2, devices_per_node=8).hardware_profile()
     nbytes = 256 * 2**20
     # 8 consecutive ranks stay on one node (NVLink); 8 strided ranks span both nodes (InfiniBand)
-    assert profile.collective_s("all_reduce", nbytes, 8, True) < profile.collective_s("all_reduce", nbytes, 8, False) / 3
+    assert (
+        profile.collective_s("all_reduce", nbytes, 8, True) < profile.collective_s("all_reduce", nbytes, 8, False) / 3
+    )
     # the ring all-reduce moves twice what an all-gather moves
     ratio = profile.collective_s("all_reduce", nbytes, 4) / profile.collective_s("all_gather", nbytes, 4)
     assert 1.8 < ratio < 2.2

@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from distributed import ADAM_EPS, LR, TOLERANCE
 
 import galvatron_fx
 from galvatron_fx import Cluster, LayerStrategy, Plan, cli, runtime, uniform_plan
 from galvatron_fx.models import build_model, example_batch
-
-from distributed import ADAM_EPS, LR, TOLERANCE
 
 WORLD = 4
 GLOBAL_BATCH = 8
@@ -52,13 +51,18 @@ def compile_worker(rank: int, world_size: int, cli_plan_path: str) -> dict:
         results[name] = {"plan": [s.short() for s in compiled.plan.layers], "losses": _train(compiled, data)}
 
     model, data = _model_and_data("gpt2")
-    compiled = galvatron_fx.compile(model, _cluster(), example_kwargs=data[0], optimizer=_adam,
-                                    plan=uniform_plan(pp=2, chunks=2, ckpt=True))
+    compiled = galvatron_fx.compile(
+        model, _cluster(), example_kwargs=data[0], optimizer=_adam, plan=uniform_plan(pp=2, chunks=2, ckpt=True)
+    )
     results["uniform"] = {"eval": compiled.eval_step(data[0]), "losses": _train(compiled, data, 3)}
 
     model, data = _model_and_data("gpt2")
-    layers = (LayerStrategy(dp=4, dp_type="zero3"), LayerStrategy(dp=4, ckpt=True),
-              LayerStrategy(dp=4, dp_type="zero2"), LayerStrategy(dp=4))
+    layers = (
+        LayerStrategy(dp=4, dp_type="zero3"),
+        LayerStrategy(dp=4, ckpt=True),
+        LayerStrategy(dp=4, dp_type="zero2"),
+        LayerStrategy(dp=4),
+    )
     per_layer = Plan(world_size=WORLD, layers=layers, chunks=2, global_batch=GLOBAL_BATCH)
     compiled = galvatron_fx.compile(model, _cluster(), example_kwargs=data[0], optimizer=_adam, plan=per_layer)
     results["per_layer"] = {"losses": _train(compiled, data, 3)}
@@ -69,8 +73,14 @@ def compile_worker(rank: int, world_size: int, cli_plan_path: str) -> dict:
 
     model, data = _model_and_data("nanogpt")
     data = [{"idx": batch["idx"]} for batch in data]
-    compiled = galvatron_fx.compile(model, _cluster(), example_kwargs=data[0], optimizer=_adam,
-                                    loss_fn=_next_token_loss, plan=uniform_plan(pp=2, chunks=2))
+    compiled = galvatron_fx.compile(
+        model,
+        _cluster(),
+        example_kwargs=data[0],
+        optimizer=_adam,
+        loss_fn=_next_token_loss,
+        plan=uniform_plan(pp=2, chunks=2),
+    )
     results["loss_fn"] = {"losses": _train(compiled, data, 3)}
     return results
 
@@ -96,8 +106,23 @@ def _eager(name: str, steps: int, loss_fn=None) -> list[float]:
 @functools.lru_cache(maxsize=None)
 def _distributed():
     plan_path = Path(tempfile.mkdtemp()) / "plan.json"
-    status = cli.main(["search", "gpt2", "--size", "small", "--cluster", f"A100-80GB:1x{WORLD}", "--batch", str(GLOBAL_BATCH),
-                       "--seq", str(SEQ), "--out", str(plan_path), "--quiet"])
+    status = cli.main(
+        [
+            "search",
+            "gpt2",
+            "--size",
+            "small",
+            "--cluster",
+            f"A100-80GB:1x{WORLD}",
+            "--batch",
+            str(GLOBAL_BATCH),
+            "--seq",
+            str(SEQ),
+            "--out",
+            str(plan_path),
+            "--quiet",
+        ]
+    )
     assert status == 0 and plan_path.exists()
     return runtime.spawn(compile_worker, WORLD, str(plan_path), timeout_s=1200)
 
@@ -144,8 +169,10 @@ def bad_input_worker(rank: int, world_size: int) -> dict[str, str]:
     attempts = {
         "budget": dict(cluster=Cluster.preset("A100-80GB", nodes=1, devices_per_node=world_size), memory_budget="1MB"),
         "cluster": dict(cluster=Cluster.preset("A100-80GB", nodes=1, devices_per_node=8)),
-        "other_model": dict(cluster=Cluster.preset("A100-80GB", nodes=1, devices_per_node=world_size),
-                            plan=Plan(world_size=world_size, layers=(LayerStrategy(dp=world_size),) * 7, global_batch=GLOBAL_BATCH)),
+        "other_model": dict(
+            cluster=Cluster.preset("A100-80GB", nodes=1, devices_per_node=world_size),
+            plan=Plan(world_size=world_size, layers=(LayerStrategy(dp=world_size),) * 7, global_batch=GLOBAL_BATCH),
+        ),
     }
     for name, options in attempts.items():
         try:
@@ -159,6 +186,8 @@ def bad_input_worker(rank: int, world_size: int) -> dict[str, str]:
 def test_bad_input_raises_on_every_rank():
     results = runtime.spawn(bad_input_worker, 2, timeout_s=600)
     for outcomes in results:
-        assert outcomes["budget"].startswith("PlanError") and "smallest budget" in outcomes["budget"], outcomes["budget"]
+        assert outcomes["budget"].startswith("PlanError") and "smallest budget" in outcomes["budget"], outcomes[
+            "budget"
+        ]
         assert outcomes["cluster"].startswith("ConfigError") and "2 processes run" in outcomes["cluster"]
         assert outcomes["other_model"].startswith("PlanError") and "7 layer strategies" in outcomes["other_model"]

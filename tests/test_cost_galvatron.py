@@ -29,10 +29,16 @@ def test_hardware_files_load():
 
 def test_model_files_load():
     model = load_model(FIXTURE)
-    assert model.layer_types == ["0"] * 32 and model.seq_length == 2048 and model.num_heads == 32 and model.dtype == "bf16"
+    assert (
+        model.layer_types == ["0"] * 32 and model.seq_length == 2048 and model.num_heads == 32 and model.dtype == "bf16"
+    )
     layer = model.types["0"]
     assert layer.param_count == pytest.approx(202e6, rel=0.02)  # 4·4096² + 3·4096·11008
-    assert layer.activation_bytes_per_sample[1] > layer.activation_bytes_per_sample[8] > layer.ckpt_activation_bytes_per_sample
+    assert (
+        layer.activation_bytes_per_sample[1]
+        > layer.activation_bytes_per_sample[8]
+        > layer.ckpt_activation_bytes_per_sample
+    )
     # layertype_0_bsz8_seq2048 = 3.937 ms per sample of forward
     assert layer.fwd(8, 2048) == pytest.approx(8 * 3.937e-3, rel=0.02)
     assert layer.bwd(8, 2048) == pytest.approx(2 * layer.fwd(8, 2048))
@@ -47,8 +53,12 @@ def test_cost_model_evaluates_galvatron_strategy():
     assert 0.5 * GALVATRON_ESTIMATE < prediction.samples_per_s < 2 * GALVATRON_ESTIMATE
     assert prediction.memory_bytes_per_stage[0] < 36 * 10**9  # Galvatron's plan fits its 36 GB budget in ours too
     # the same plan without checkpointing must need more memory and less time
-    no_ckpt = Plan(world_size=8, layers=[LayerStrategy(**{**l.__dict__, "ckpt": False}) for l in plan.layers],
-                   global_batch=16, embedding=plan.embedding)
+    no_ckpt = Plan(
+        world_size=8,
+        layers=[LayerStrategy(**{**item.__dict__, "ckpt": False}) for item in plan.layers],
+        global_batch=16,
+        embedding=plan.embedding,
+    )
     assert model.evaluate(no_ckpt).memory_bytes_per_stage[0] > prediction.memory_bytes_per_stage[0]
     assert model.evaluate(no_ckpt).iteration_time_s < prediction.iteration_time_s
     with pytest.raises(ProfileError) as error:

@@ -19,10 +19,16 @@ def test_fit_recovers_latency_and_bandwidth():
 
 
 def _profile() -> HardwareProfile:
-    return HardwareProfile(world_size=8, devices_per_node=8, device="H100-80GB", memory_bytes=80 * 2**30,
-                           collectives={"all_reduce/2/consecutive": CommFit(1e-5, 1e10),
-                                        "all_to_all/4/strided": CommFit(2e-5, 4e9)},
-                           p2p={2: CommFit(0.0, 2e10)}, overlap_slowdown=1.2, flops_per_s={"bf16": 4e14})
+    return HardwareProfile(
+        world_size=8,
+        devices_per_node=8,
+        device="H100-80GB",
+        memory_bytes=80 * 2**30,
+        collectives={"all_reduce/2/consecutive": CommFit(1e-5, 1e10), "all_to_all/4/strided": CommFit(2e-5, 4e9)},
+        p2p={2: CommFit(0.0, 2e10)},
+        overlap_slowdown=1.2,
+        flops_per_s={"bf16": 4e14},
+    )
 
 
 def test_lookups_rescale_missing_group_sizes():
@@ -71,15 +77,31 @@ def test_json_round_trip_and_bad_files(tmp_path):
 
 
 def test_mean_of_passes_averages_every_figure_and_each_fit_pointwise():
-    slow = dataclasses.replace(_profile(), collectives={"all_reduce/2/consecutive": CommFit(2e-3, 1e9)}, p2p={2: CommFit(1e-4, 2e9)},
-                               optimizer_s_per_param=3e-9, compute_slowdown=2.0, blocking_by_group_s={2: 1e-3}, source="a")
-    fast = dataclasses.replace(slow, collectives={"all_reduce/2/consecutive": CommFit(1e-3, 4e9)}, p2p={2: CommFit(3e-4, 2e9)},
-                               optimizer_s_per_param=1e-9, compute_slowdown=1.0, blocking_by_group_s={2: 3e-3}, source="b")
+    slow = dataclasses.replace(
+        _profile(),
+        collectives={"all_reduce/2/consecutive": CommFit(2e-3, 1e9)},
+        p2p={2: CommFit(1e-4, 2e9)},
+        optimizer_s_per_param=3e-9,
+        compute_slowdown=2.0,
+        blocking_by_group_s={2: 1e-3},
+        source="a",
+    )
+    fast = dataclasses.replace(
+        slow,
+        collectives={"all_reduce/2/consecutive": CommFit(1e-3, 4e9)},
+        p2p={2: CommFit(3e-4, 2e9)},
+        optimizer_s_per_param=1e-9,
+        compute_slowdown=1.0,
+        blocking_by_group_s={2: 3e-3},
+        source="b",
+    )
     mean = mean_profile([slow, fast])
-    for nbytes in (1e3, 1e6, 1e8):   # a fit's time at every size is the mean of the passes'
+    for nbytes in (1e3, 1e6, 1e8):  # a fit's time at every size is the mean of the passes'
         expected = (slow.collective_s("all_reduce", nbytes, 2) + fast.collective_s("all_reduce", nbytes, 2)) / 2
         assert mean.collective_s("all_reduce", nbytes, 2) == pytest.approx(expected)
-        assert mean.p2p[2].time_s(nbytes) == pytest.approx((slow.p2p[2].time_s(nbytes) + fast.p2p[2].time_s(nbytes)) / 2)
+        assert mean.p2p[2].time_s(nbytes) == pytest.approx(
+            (slow.p2p[2].time_s(nbytes) + fast.p2p[2].time_s(nbytes)) / 2
+        )
     assert (mean.optimizer_s_per_param, mean.compute_slowdown) == pytest.approx((2e-9, 1.5))
     assert mean.blocking_by_group_s[2] == pytest.approx(2e-3) and mean.source.startswith("mean of 2 passes")
     with pytest.raises(ProfileError, match="not a pass over the cluster"):

@@ -11,7 +11,8 @@ from galvatron_fx.cost.memory import InFlight
 from galvatron_fx.cost.model import CostModel, LayerCost
 from galvatron_fx.cost.model_profile import LayerTypeProfile, ModelProfile, TimeFormula
 from galvatron_fx.errors import ConfigError, PlanError, ProfileError
-from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy as S, Plan
+from galvatron_fx.plan import EmbeddingStrategy, Plan
+from galvatron_fx.plan import LayerStrategy as S
 
 BW = 1e9  # every link: 1 GB/s, no latency, so each collective costs nbytes / 1e9 s
 
@@ -21,18 +22,37 @@ def per_sample(seconds: float) -> TimeFormula:
 
 
 def synthetic_profile(seq: int = 64) -> ModelProfile:
-    block = LayerTypeProfile("blk", per_sample(1e-3), per_sample(2e-3), param_count=1_000_000,
-                             activation_bytes_per_sample={1: 8000, 2: 5000, 4: 3500}, ckpt_activation_bytes_per_sample=1000,
-                             boundary_bytes_per_sample=1000, num_heads=12)
-    prologue = LayerTypeProfile("prologue", TimeFormula(), TimeFormula(), 500_000, {1: 1000, 2: 600}, 0, 1000, vocab_param_count=400_000)
-    epilogue = LayerTypeProfile("epilogue", per_sample(5e-4), per_sample(1e-3), 400_000, {1: 4000, 2: 2000}, 0, 1000, vocab_param_count=400_000)
-    return ModelProfile("synthetic", ["blk"] * 4, {"blk": block}, prologue, epilogue, [1000] * 4, seq, 256, 12, mode="measured")
+    block = LayerTypeProfile(
+        "blk",
+        per_sample(1e-3),
+        per_sample(2e-3),
+        param_count=1_000_000,
+        activation_bytes_per_sample={1: 8000, 2: 5000, 4: 3500},
+        ckpt_activation_bytes_per_sample=1000,
+        boundary_bytes_per_sample=1000,
+        num_heads=12,
+    )
+    prologue = LayerTypeProfile(
+        "prologue", TimeFormula(), TimeFormula(), 500_000, {1: 1000, 2: 600}, 0, 1000, vocab_param_count=400_000
+    )
+    epilogue = LayerTypeProfile(
+        "epilogue", per_sample(5e-4), per_sample(1e-3), 400_000, {1: 4000, 2: 2000}, 0, 1000, vocab_param_count=400_000
+    )
+    return ModelProfile(
+        "synthetic", ["blk"] * 4, {"blk": block}, prologue, epilogue, [1000] * 4, seq, 256, 12, mode="measured"
+    )
 
 
 def uniform_hardware(world: int = 8) -> HardwareProfile:
-    collectives = {f"{op}/{g}/{layout}": CommFit(0.0, BW) for op in COLLECTIVES for g in (2, 4, 8)
-                   for layout in ("consecutive", "strided")}
-    return HardwareProfile(world, 8, "test", 80 * 2**30, collectives, {2: CommFit(0.0, BW), 4: CommFit(0.0, BW)}, 1.25, {"fp32": 1e12})
+    collectives = {
+        f"{op}/{g}/{layout}": CommFit(0.0, BW)
+        for op in COLLECTIVES
+        for g in (2, 4, 8)
+        for layout in ("consecutive", "strided")
+    }
+    return HardwareProfile(
+        world, 8, "test", 80 * 2**30, collectives, {2: CommFit(0.0, BW), 4: CommFit(0.0, BW)}, 1.25, {"fp32": 1e12}
+    )
 
 
 @pytest.fixture
@@ -108,8 +128,8 @@ def test_a_backward_adding_to_a_stored_gradient_holds_the_largest_weight_gradien
     profile = synthetic_profile()
     block = dataclasses.replace(profile.types["blk"], largest_param_count=300_000)
     model = CostModel(dataclasses.replace(profile, types={"blk": block}), uniform_hardware())
-    assert model.layer_cost("blk", S(tp=2, dp=1), 8).accumulate_bytes == 300_000 // 2 * 4   # TP splits the weight
-    assert model.layer_cost("blk", S(tp=2, dp=2, sp="ulysses"), 8).accumulate_bytes == 300_000 * 4   # Ulysses does not
+    assert model.layer_cost("blk", S(tp=2, dp=1), 8).accumulate_bytes == 300_000 // 2 * 4  # TP splits the weight
+    assert model.layer_cost("blk", S(tp=2, dp=2, sp="ulysses"), 8).accumulate_bytes == 300_000 * 4  # Ulysses does not
     # ZeRO's unsharded gradients are new in every backward: nothing is added to
     assert model.layer_cost("blk", S(dp=4, dp_type="zero3"), 8).accumulate_bytes == 0
     # a plain layer (gradients made by the step's first backward) adds only in later backwards
@@ -119,7 +139,7 @@ def test_a_backward_adding_to_a_stored_gradient_holds_the_largest_weight_gradien
     # DDP's buckets persist between steps: the first backward adds too
     ddp = dataclasses.replace(plain, grad_bytes=0)
     assert InFlight(1, 0).stage_peak([ddp]) == 100 + 30 + 5 + 7
-    assert plain.transient_bound_bytes == 12   # the search's bound covers it
+    assert plain.transient_bound_bytes == 12  # the search's bound covers it
 
 
 def test_stage_peak_walks_the_backward_layer_by_layer():
@@ -127,7 +147,13 @@ def test_stage_peak_walks_the_backward_layer_by_layer():
     # gradient (20): 160 states without gradients + 20 + the first layer's 10 + 60
     first, second = LayerCost(0, 0, 0, 100, 10, 60, 20), LayerCost(0, 0, 0, 100, 50, 0, 20)
     assert InFlight(1, 0).stage_peak([first, second]) == 160 + 20 + 10 + 60
-    bound = sum(InFlight(1, 0).layer_bytes(c.model_state_bytes, c.activation_bytes, c.grad_bytes, 0) for c in (first, second)) + 60
+    bound = (
+        sum(
+            InFlight(1, 0).layer_bytes(c.model_state_bytes, c.activation_bytes, c.grad_bytes, 0)
+            for c in (first, second)
+        )
+        + 60
+    )
     assert bound == 290  # the search's additive bound puts the transient on top of every activation
     # swapped, the transient comes at the first backward's start: every activation is still there
     assert InFlight(1, 0).stage_peak([second, first]) == 160 + 60 + 60
@@ -140,11 +166,18 @@ def test_stage_peak_walks_the_backward_layer_by_layer():
     for _ in range(200):
         held_first = int(rng.integers(1, 5))
         held = InFlight(held_first, held_first - int(rng.integers(0, 2)))  # as InFlight.of makes them
-        layers = [LayerCost(0, 0, 0, int(s), int(a), int(x), int(g), int(t), int(u)) for s, a, x, g, t, u in
-                  zip(*(rng.integers(0, 1000, int(rng.integers(1, 6))) for _ in range(6)))]
-        layers = [dataclasses.replace(c, grad_bytes=min(c.grad_bytes, c.model_state_bytes) * int(rng.integers(0, 2)))
-                  for c in layers]   # grad_bytes 0: DDP's persistent buckets
-        bound = sum(held.layer_bytes(c.model_state_bytes, c.activation_bytes, c.grad_bytes, c.optimizer_temp_bytes) for c in layers)
+        layers = [
+            LayerCost(0, 0, 0, int(s), int(a), int(x), int(g), int(t), int(u))
+            for s, a, x, g, t, u in zip(*(rng.integers(0, 1000, int(rng.integers(1, 6))) for _ in range(6)))
+        ]
+        layers = [
+            dataclasses.replace(c, grad_bytes=min(c.grad_bytes, c.model_state_bytes) * int(rng.integers(0, 2)))
+            for c in layers
+        ]  # grad_bytes 0: DDP's persistent buckets
+        bound = sum(
+            held.layer_bytes(c.model_state_bytes, c.activation_bytes, c.grad_bytes, c.optimizer_temp_bytes)
+            for c in layers
+        )
         assert held.stage_peak(layers) <= bound + max(c.transient_bound_bytes for c in layers)
 
 
@@ -155,16 +188,37 @@ def test_single_micro_batch_plans_count_gradients_only_where_they_peak():
     embedding = model.embedding_cost(EmbeddingStrategy(), 2, mb, first_stage=True, last_stage=True)
 
     def expected(held_first, held_later):
-        return sum(c.model_state_bytes - c.grad_bytes + max(held_first * c.activation_bytes, held_later * c.activation_bytes + c.grad_bytes,
-                                                            c.grad_bytes + c.optimizer_temp_bytes) for c in [cost] * 4 + [embedding]) + transient
+        return (
+            sum(
+                c.model_state_bytes
+                - c.grad_bytes
+                + max(
+                    held_first * c.activation_bytes,
+                    held_later * c.activation_bytes + c.grad_bytes,
+                    c.grad_bytes + c.optimizer_temp_bytes,
+                )
+                for c in [cost] * 4 + [embedding]
+            )
+            + transient
+        )
 
     transient = cost.peak_extra_bytes  # the unsharded gradients in backward
     layers = tuple(S(dp=2, dp_type="zero2") for _ in range(4))
     one = model.evaluate(Plan(world_size=2, layers=layers, chunks=1, global_batch=mb))
     assert one.memory_bound_bytes_per_stage == (expected(1, 0),)
-    assert one.memory_bound_bytes_per_stage[0] == 4 * (cost.model_state_bytes - cost.grad_bytes + cost.activation_bytes) + (
-        embedding.model_state_bytes - embedding.grad_bytes + max(embedding.activation_bytes, embedding.grad_bytes + embedding.optimizer_temp_bytes)) + transient
-    two = model.evaluate(Plan(world_size=2, layers=layers, chunks=2, global_batch=2 * mb))  # accumulation: gradients persist
+    assert (
+        one.memory_bound_bytes_per_stage[0]
+        == 4 * (cost.model_state_bytes - cost.grad_bytes + cost.activation_bytes)
+        + (
+            embedding.model_state_bytes
+            - embedding.grad_bytes
+            + max(embedding.activation_bytes, embedding.grad_bytes + embedding.optimizer_temp_bytes)
+        )
+        + transient
+    )
+    two = model.evaluate(
+        Plan(world_size=2, layers=layers, chunks=2, global_batch=2 * mb)
+    )  # accumulation: gradients persist
     assert two.memory_bound_bytes_per_stage == (expected(1, 1),)
     assert two.memory_bound_bytes_per_stage[0] > one.memory_bound_bytes_per_stage[0]
     # the predicted peak: the last layer's backward, the head's activations freed and its gradients made;
@@ -201,7 +255,9 @@ def test_ddp_gradients_live_in_persistent_buckets_that_pay_one_latency_each():
     fit = model.hardware.fit("all_reduce", 2)
     sync = model._dp_comm(1_000_000, 2, "ddp", True)[1]
     assert sync == pytest.approx(fit.latency_s * 4e6 / GRAD_BUCKET_CAP_BYTES + 4e6 / fit.bandwidth_Bps)
-    assert model._dp_comm(100_000_000, 2, "ddp", True)[1] == pytest.approx(fit.time_s(4e8))  # above the cap: its own bucket
+    assert model._dp_comm(100_000_000, 2, "ddp", True)[1] == pytest.approx(
+        fit.time_s(4e8)
+    )  # above the cap: its own bucket
 
 
 def test_bf16_mixed_precision_bytes():
@@ -219,8 +275,9 @@ def test_redistribution_between_layouts(model):
     # Megatron-SP → TP: forward slices, backward gathers the gradient halves
     assert model.redistribution_s(S(tp=2, dp=2, sp="megatron"), S(tp=2, dp=2), 1, 8) == pytest.approx(4000 / BW)
     # consecutive → strided TP: batch halves land on other ranks, both ways
-    assert model.redistribution_s(S(tp=2, dp=2), S(tp=2, dp=2, tp_consecutive=False), 1, 8) == pytest.approx(2 * 4000 / BW)
-
+    assert model.redistribution_s(S(tp=2, dp=2), S(tp=2, dp=2, tp_consecutive=False), 1, 8) == pytest.approx(
+        2 * 4000 / BW
+    )
 
 
 def test_redistribution_cache_equals_direct_computation():
@@ -228,11 +285,20 @@ def test_redistribution_cache_equals_direct_computation():
     boundaries whose activations differ in size are not confused."""
     profile = dataclasses.replace(synthetic_profile(), cut_bytes_per_sample=[1000, 3000, 1000, 2500])
     model = CostModel(profile, uniform_hardware())
-    strategies = [S(tp=tp, dp=8 // tp, sp=sp, tp_consecutive=cons, dp_type=dp_type)
-                  for tp in (1, 2, 4, 8) for sp in (("none",) if tp == 1 else ("none", "megatron", "ulysses"))
-                  for cons in ((True,) if tp in (1, 8) else (True, False)) for dp_type in ("ddp", "zero3")]
-    wide = [S(tp=tp, dp=32 // tp, sp=sp, tp_consecutive=cons) for tp in (1, 2, 4, 8, 16, 32)
-            for sp in ("none", "megatron") for cons in (True, False) if (tp > 1 or sp == "none") and (1 < tp < 32 or cons)]
+    strategies = [
+        S(tp=tp, dp=8 // tp, sp=sp, tp_consecutive=cons, dp_type=dp_type)
+        for tp in (1, 2, 4, 8)
+        for sp in (("none",) if tp == 1 else ("none", "megatron", "ulysses"))
+        for cons in ((True,) if tp in (1, 8) else (True, False))
+        for dp_type in ("ddp", "zero3")
+    ]
+    wide = [
+        S(tp=tp, dp=32 // tp, sp=sp, tp_consecutive=cons)
+        for tp in (1, 2, 4, 8, 16, 32)
+        for sp in ("none", "megatron")
+        for cons in (True, False)
+        if (tp > 1 or sp == "none") and (1 < tp < 32 or cons)
+    ]
     for a in wide:
         for b in wide:
             direct = reference_move_s(model.hardware, a, b, 8000.0) + reference_move_s(model.hardware, b, a, 8000.0)
@@ -242,12 +308,18 @@ def test_redistribution_cache_equals_direct_computation():
             total = profile.cut_bytes_per_sample[boundary - 1] * mb * model.activation_scale
             for a in strategies:
                 for b in strategies:
-                    direct = 0.0 if a == b else reference_move_s(model.hardware, a, b, total) + reference_move_s(model.hardware, b, a, total)
-                    for _ in range(2):   # first call fills the cache, second reads it
+                    direct = (
+                        0.0
+                        if a == b
+                        else reference_move_s(model.hardware, a, b, total)
+                        + reference_move_s(model.hardware, b, a, total)
+                    )
+                    for _ in range(2):  # first call fills the cache, second reads it
                         assert model.redistribution_s(a, b, boundary, mb) == pytest.approx(direct, abs=0.0)
     dp8, tp2 = S(tp=1, dp=8), S(tp=2, dp=4)
     assert model.redistribution_s(dp8, tp2, 1, 8) > 0
     assert model.redistribution_s(dp8, tp2, 2, 8) == pytest.approx(3 * model.redistribution_s(dp8, tp2, 1, 8))
+
 
 def test_p2p_in_flight_and_unsupported(model):
     assert model.p2p_s(0, 2, 4, 8, 1) == pytest.approx(2 * 8000 / 4 / BW)
@@ -267,14 +339,20 @@ def test_backward_working_set_is_a_transient_of_its_layer():
     profile.types["blk"].grad_working_bytes_per_sample = {1: 300, 2: 200}
     profile.epilogue.grad_working_bytes_per_sample = {1: 5000}
     working = CostModel(profile, uniform_hardware())
-    for strategy, per_sample in ((S(dp=8), 300), (S(tp=2, dp=4), 200), (S(tp=2, dp=4, sp="megatron"), 150),
-                                 (S(dp=8, ckpt=True), 300)):
+    for strategy, per_sample in (
+        (S(dp=8), 300),
+        (S(tp=2, dp=4), 200),
+        (S(tp=2, dp=4, sp="megatron"), 150),
+        (S(dp=8, ckpt=True), 300),
+    ):
         a, b = plain.layer_cost("blk", strategy, 16), working.layer_cost("blk", strategy, 16)
         assert b.peak_extra_bytes - a.peak_extra_bytes == per_sample * 16 // strategy.dp
         assert b.activation_bytes == a.activation_bytes and b.model_state_bytes == a.model_state_bytes
     # one stage: the head's backward runs first, while every activation is live, so its working set adds to
     # the peak there; the embedding/head unit's budget carries the larger of the two parts'
-    plan = Plan(world_size=8, layers=[S(dp=8)] * 4, pp=1, chunks=1, global_batch=8192)   # activations outweigh Adam's step
+    plan = Plan(
+        world_size=8, layers=[S(dp=8)] * 4, pp=1, chunks=1, global_batch=8192
+    )  # activations outweigh Adam's step
     before, after = plain.evaluate(plan), working.evaluate(plan)
     assert after.memory_bytes_per_stage[0] - before.memory_bytes_per_stage[0] == 5000 * 1024
     assert after.memory_bound_bytes_per_stage[0] - before.memory_bound_bytes_per_stage[0] == 5000 * 1024
@@ -293,7 +371,9 @@ def test_embedding_and_head_with_vocab_tp(model):
     # backward, the last to run, which takes no time: nothing hides it; then the loss's all-reduce (4 bytes)
     assert cost.grad_sync_s == pytest.approx(2e-3 + 4 / BW)
     head_only = model.embedding_cost(EmbeddingStrategy(vtp=2), 4, 8, first_stage=False, last_stage=True)
-    assert head_only.grad_sync_s == pytest.approx(0.8e-3 * 0.25 + 4 / BW)  # 0.8 ms hidden behind the head's 2 ms backward
+    assert head_only.grad_sync_s == pytest.approx(
+        0.8e-3 * 0.25 + 4 / BW
+    )  # 0.8 ms hidden behind the head's 2 ms backward
     assert cost.model_state_bytes == (300_000 + 200_000) * 16
     assert cost.activation_bytes == (600 + 2000) * 4
     assert model.embedding_cost(EmbeddingStrategy(), 4, 8, first_stage=False, last_stage=False).fwd_s == 0.0
@@ -307,8 +387,10 @@ def test_stages_with_the_embedding_or_head_pay_the_steps_blocking_collectives():
     untied = CostModel(synthetic_profile(), hardware)
     loss_s = 4 / BW + 2e-3
     tied_s = 100_000 * 4 / 2 / BW + 1e-3  # the vtp 2 shard's fp32 gradient between 2 ranks
+
     def sync_s(model, first, last):
         return model.embedding_cost(EmbeddingStrategy(vtp=2), 4, 8, first_stage=first, last_stage=last).grad_sync_s
+
     assert sync_s(tied, False, True) - sync_s(untied, False, True) == pytest.approx(tied_s)
     assert sync_s(tied, True, False) - sync_s(untied, True, False) == pytest.approx(tied_s)
     assert sync_s(tied, True, True) <= sync_s(untied, True, True)  # one stage holds the weight once: no tied all-reduce
@@ -323,10 +405,18 @@ def test_evaluate_follows_the_pipeline_formula(model):
     costs = [[model.layer_cost("blk", layers[i], mb) for i in stage] for stage in ((0, 1), (2, 3))]
     embed = [model.embedding_cost(plan.embedding, 4, mb, first_stage=s == 0, last_stage=s == 1) for s in (0, 1)]
     split = S(dp=4)  # the embedding's output enters layer 0 (tp2) and layer 3 (dp4) feeds the head: by the data split
-    busy = [sum(c.fwd_s + c.bwd_s for c in costs[0]) + embed[0].fwd_s + embed[0].bwd_s + model.p2p_s(0, 2, 4, mb, 1)
-            + model.redistribution_s(split, layers[0], 0, mb),
-            sum(c.fwd_s + c.bwd_s for c in costs[1]) + embed[1].fwd_s + embed[1].bwd_s
-            + model.redistribution_s(layers[2], layers[3], 3, mb) + model.redistribution_s(layers[3], split, 4, mb)]
+    busy = [
+        sum(c.fwd_s + c.bwd_s for c in costs[0])
+        + embed[0].fwd_s
+        + embed[0].bwd_s
+        + model.p2p_s(0, 2, 4, mb, 1)
+        + model.redistribution_s(split, layers[0], 0, mb),
+        sum(c.fwd_s + c.bwd_s for c in costs[1])
+        + embed[1].fwd_s
+        + embed[1].bwd_s
+        + model.redistribution_s(layers[2], layers[3], 3, mb)
+        + model.redistribution_s(layers[3], split, 4, mb),
+    ]
     assert model.redistribution_s(split, layers[0], 0, mb) > 0 and model.redistribution_s(layers[3], split, 4, mb) == 0
     sync = [sum(c.grad_sync_s for c in costs[s]) + embed[s].grad_sync_s for s in (0, 1)]
     prediction = model.evaluate(plan)
@@ -339,11 +429,21 @@ def test_evaluate_follows_the_pipeline_formula(model):
     for s in (0, 1):
         parts = costs[s] + [embed[s]]
         first, later = in_flight[s]
-        memory = sum(c.model_state_bytes - c.grad_bytes + max(first * c.activation_bytes, later * c.activation_bytes + c.grad_bytes,
-                                                              c.grad_bytes + c.optimizer_temp_bytes) for c in parts)
+        memory = sum(
+            c.model_state_bytes
+            - c.grad_bytes
+            + max(
+                first * c.activation_bytes,
+                later * c.activation_bytes + c.grad_bytes,
+                c.grad_bytes + c.optimizer_temp_bytes,
+            )
+            for c in parts
+        )
         memory += max(c.peak_extra_bytes for c in parts)
         assert prediction.memory_bound_bytes_per_stage[s] == memory
-        walk = InFlight(first, later).stage_peak(([embed[0]] if s == 0 else []) + costs[s] + ([embed[1]] if s == 1 else []))
+        walk = InFlight(first, later).stage_peak(
+            ([embed[0]] if s == 0 else []) + costs[s] + ([embed[1]] if s == 1 else [])
+        )
         assert prediction.memory_bytes_per_stage[s] == walk <= memory
     every = model.evaluate(dataclasses.replace(plan, grad_sync_every_micro_batch=True))
     assert every.iteration_time_s == pytest.approx(expected + max(2 * x for x in sync) - max(sync))

@@ -9,7 +9,8 @@ from galvatron_fx.cost.memory import grad_working_bytes, tp_activation_split
 from galvatron_fx.cost.model import CostModel
 from galvatron_fx.cost.model_profile import ModelProfile
 from galvatron_fx.models import build_model
-from galvatron_fx.plan import LayerStrategy as S, Plan
+from galvatron_fx.plan import LayerStrategy as S
+from galvatron_fx.plan import Plan
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,9 @@ def test_graph_split_and_profile_shape(gpt2):
     assert profile.num_heads == 4 and profile.seq_length == 32 and profile.hidden_size == 64
     assert block.activation_bytes_per_sample[1] * 4 == program.body[0].stats.saved_activation_bytes
     assert block.boundary_bytes_per_sample == 32 * 64 * 4
-    assert block.fwd(4, 32) == pytest.approx(program.body[0].stats.fwd_flops / Cluster.preset("A100-80GB").sustained_flops["fp32"])
+    assert block.fwd(4, 32) == pytest.approx(
+        program.body[0].stats.fwd_flops / Cluster.preset("A100-80GB").sustained_flops["fp32"]
+    )
     assert profile.prologue.vocab_param_count == 256 * 64 and profile.epilogue.vocab_param_count == 256 * 64
 
 
@@ -50,7 +53,7 @@ def test_backward_working_set_is_per_sample_and_shards_under_tp(gpt2):
         half = capture(model, example_kwargs=kwargs)
     assert grad_working_bytes(half.graph_module, half.body[0]) * 2 == working[1]
     assert profile.types[block.layer_type].grad_working_bytes_per_sample[2] == working[2] // 4
-    assert profile.epilogue.grad_working_per_sample(1, False) >= 32 * 256 * 4   # the logits' gradient
+    assert profile.epilogue.grad_working_per_sample(1, False) >= 32 * 256 * 4  # the logits' gradient
 
 
 def test_more_tp_less_memory_per_device(gpt2):
@@ -85,7 +88,10 @@ def test_1f1b_holds_fewer_micro_batches_than_gpipe(gpt2):
     one_f_one_b = Plan(world_size=8, layers=layers, pp=4, chunks=8, global_batch=16, pipeline="1f1b")
     for stage in range(4):
         assert model.in_flight_micro_batches("1f1b", 4, stage, 8) < model.in_flight_micro_batches("gpipe", 4, stage, 8)
-    memory_gpipe, memory_1f1b = model.evaluate(gpipe).memory_bytes_per_stage, model.evaluate(one_f_one_b).memory_bytes_per_stage
+    memory_gpipe, memory_1f1b = (
+        model.evaluate(gpipe).memory_bytes_per_stage,
+        model.evaluate(one_f_one_b).memory_bytes_per_stage,
+    )
     assert all(a < b for a, b in zip(memory_1f1b, memory_gpipe))
     assert model.evaluate(gpipe).iteration_time_s == pytest.approx(model.evaluate(one_f_one_b).iteration_time_s)
 
@@ -97,8 +103,10 @@ def test_tied_embedding_and_head_count_once_on_one_stage(gpt2):
     _, profile, model = gpt2
     assert profile.tied_param_count == 256 * 64  # GPT-2 ties wte and lm_head
     embedding = EmbeddingStrategy()
-    costs = {(first, last): model.embedding_cost(embedding, 4, 8, first_stage=first, last_stage=last)
-             for first, last in ((True, False), (False, True), (True, True))}
+    costs = {
+        (first, last): model.embedding_cost(embedding, 4, 8, first_stage=first, last_stage=last)
+        for first, last in ((True, False), (False, True), (True, True))
+    }
     apart = costs[True, False].model_state_bytes + costs[False, True].model_state_bytes
     tied_bytes = model_state_bytes(profile.tied_param_count, 4, "ddp", "fp32")
     assert costs[True, True].model_state_bytes == pytest.approx(apart - tied_bytes, abs=16)

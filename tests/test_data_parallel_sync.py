@@ -5,7 +5,6 @@ one group up to their cap, and a stage's ZeRO layers share one FSDP2 root."""
 from __future__ import annotations
 
 import torch
-
 from distributed import GLOBAL_BATCH, _program
 
 
@@ -18,8 +17,13 @@ def _sync_timeline_worker(rank: int, world_size: int) -> dict:
 
     program, batches = _program("gpt2", 2)
     kinds = ("ddp", "zero3", "ddp", "zero2")
-    plan = Plan(world_size=2, layers=tuple(LayerStrategy(dp=2, dp_type=k) for k in kinds), chunks=2, global_batch=GLOBAL_BATCH,
-                embedding=EmbeddingStrategy(embed_sdp=True))
+    plan = Plan(
+        world_size=2,
+        layers=tuple(LayerStrategy(dp=2, dp_type=k) for k in kinds),
+        chunks=2,
+        global_batch=GLOBAL_BATCH,
+        embedding=EmbeddingStrategy(embed_sdp=True),
+    )
     trainer = Trainer(program, plan)
     sync, executor = trainer.sync, trainer.executor
     seen = []  # per backward: which buckets were in flight right after it
@@ -32,17 +36,31 @@ def _sync_timeline_worker(rank: int, world_size: int) -> dict:
     sync.after_backward = after_backward
     executor.run(trainer.actions, trainer.micro_batches(batches[0]), trainer._seeds())
     sync.finish()
-    ends = [trainer.stage.layers[l.name] for l in trainer.stage.stage_layers if l.kind in ("prologue", "epilogue")]
-    tied_name = next(n for n, p in ends[0].named_parameters() if p.dim() == 2 and any(p is q for q in ends[1].parameters()))
+    ends = [
+        trainer.stage.layers[item.name] for item in trainer.stage.stage_layers if item.kind in ("prologue", "epilogue")
+    ]
+    tied_name = next(
+        n for n, p in ends[0].named_parameters() if p.dim() == 2 and any(p is q for q in ends[1].parameters())
+    )
     reduced = [p.grad.clone() for bucket in sync.buckets for p in bucket.params]
-    views = all(bucket.flat.data_ptr() <= p.grad.data_ptr() < bucket.flat.data_ptr() + bucket.flat.nbytes
-                for bucket in sync.buckets for p in bucket.params)
-    return {rank: {"seen": seen, "views": views, "buffers": len(sync.grad_buffers()),
-                   "after_finish": [b.in_flight for b in sync.buckets], "reduced": reduced,
-                   "stage_is_root": isinstance(trainer.stage, FSDPModule),
-                   "units": [isinstance(trainer.stage.layers[l.name], FSDPModule) for l in trainer.stage.stage_layers],
-                   "ends_share_a_unit": ends[0]._get_fsdp_state() is ends[1]._get_fsdp_state(),
-                   "tied_weight_sharded": isinstance(ends[0].get_parameter(tied_name), DTensor)}}
+    views = all(
+        bucket.flat.data_ptr() <= p.grad.data_ptr() < bucket.flat.data_ptr() + bucket.flat.nbytes
+        for bucket in sync.buckets
+        for p in bucket.params
+    )
+    return {
+        rank: {
+            "seen": seen,
+            "views": views,
+            "buffers": len(sync.grad_buffers()),
+            "after_finish": [b.in_flight for b in sync.buckets],
+            "reduced": reduced,
+            "stage_is_root": isinstance(trainer.stage, FSDPModule),
+            "units": [isinstance(trainer.stage.layers[item.name], FSDPModule) for item in trainer.stage.stage_layers],
+            "ends_share_a_unit": ends[0]._get_fsdp_state() is ends[1]._get_fsdp_state(),
+            "tied_weight_sharded": isinstance(ends[0].get_parameter(tied_name), DTensor),
+        }
+    }
 
 
 def test_ddp_buckets_all_reduce_during_the_last_backward_and_zero_layers_share_one_root():

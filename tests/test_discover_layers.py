@@ -2,7 +2,6 @@
 elements of the innermost module lists whose children share one class; what runs before the first block is
 the prologue, after the last the epilogue, and between blocks a transition."""
 
-
 import pytest
 import torch
 import torch.nn as nn
@@ -26,7 +25,9 @@ class _Stages(nn.Module):
     def __init__(self):
         super().__init__()
         self.embed = nn.Linear(4, 8)
-        self.stages = nn.ModuleList([nn.ModuleList([_Block(), _Block()]), nn.ModuleList([_Block(), _Block(), _Block()])])
+        self.stages = nn.ModuleList(
+            [nn.ModuleList([_Block(), _Block()]), nn.ModuleList([_Block(), _Block(), _Block()])]
+        )
         self.merge = nn.Linear(8, 8)
         self.mixed = nn.ModuleList([nn.Linear(8, 8), nn.ReLU()])  # two classes: not a list of blocks
         self.head = nn.Linear(8, 1)
@@ -50,7 +51,16 @@ def test_blocks_are_the_elements_of_the_innermost_same_class_lists():
 def test_layers_in_order_with_prologue_transition_and_epilogue():
     x, y = torch.randn(3, 4), torch.randn(3)
     program = galvatron_fx.capture(_Stages(), (x, y))
-    assert [layer.kind for layer in program.layers] == ["prologue", "block", "block", "transition", "block", "block", "block", "epilogue"]
+    assert [layer.kind for layer in program.layers] == [
+        "prologue",
+        "block",
+        "block",
+        "transition",
+        "block",
+        "block",
+        "block",
+        "epilogue",
+    ]
     assert [layer.module_path for layer in program.layers if layer.kind == "block"] == find_block_paths(_Stages())
     assert len({layer.layer_type for layer in program.layers if layer.kind == "block"}) == 1  # one structure, one type
     assert program.layers[3].module_path == "merge" and "head" in program.epilogue.module_path
@@ -74,5 +84,3 @@ class _Loss(nn.Module):
 
     def forward(self, x, y):
         return nn.functional.mse_loss(self.inner(x), y)
-
-

@@ -6,8 +6,12 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PACKAGES = {"galvatron_fx": "galvatron_fx", "galvatron_fx.passes": "passes", "galvatron_fx.cost": "cost",
-            "galvatron_fx.runtime": "runtime"}
+PACKAGES = {
+    "galvatron_fx": "galvatron_fx",
+    "galvatron_fx.passes": "passes",
+    "galvatron_fx.cost": "cost",
+    "galvatron_fx.runtime": "runtime",
+}
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -74,13 +78,27 @@ def test_no_import_cycle():
 
 def test_imports_keep_the_direction_of_the_data_flow():
     edges = _imports(_modules())
-    forbidden = {"galvatron_fx.passes.analysis": ("galvatron_fx.passes.search", "galvatron_fx.passes.lower", "galvatron_fx.runtime"),
-                 "galvatron_fx.passes.search": ("galvatron_fx.passes.lower", "galvatron_fx.runtime"),
-                 "galvatron_fx.passes.lower": ("galvatron_fx.passes.search", "galvatron_fx.runtime"),
-                 "galvatron_fx.passes.lower.graph": ("galvatron_fx.passes.lower.pipeline", "galvatron_fx.passes.lower.stage",
-                                                     "galvatron_fx.passes.lower.layouts")}
-    wrong = [(a, b) for a, targets in edges.items() for b in targets
-             for owner, banned in forbidden.items() if a.startswith(owner + ".") and b.startswith(banned)]
+    forbidden = {
+        "galvatron_fx.passes.analysis": (
+            "galvatron_fx.passes.search",
+            "galvatron_fx.passes.lower",
+            "galvatron_fx.runtime",
+        ),
+        "galvatron_fx.passes.search": ("galvatron_fx.passes.lower", "galvatron_fx.runtime"),
+        "galvatron_fx.passes.lower": ("galvatron_fx.passes.search", "galvatron_fx.runtime"),
+        "galvatron_fx.passes.lower.graph": (
+            "galvatron_fx.passes.lower.pipeline",
+            "galvatron_fx.passes.lower.stage",
+            "galvatron_fx.passes.lower.layouts",
+        ),
+    }
+    wrong = [
+        (a, b)
+        for a, targets in edges.items()
+        for b in targets
+        for owner, banned in forbidden.items()
+        if a.startswith(owner + ".") and b.startswith(banned)
+    ]
     assert wrong == []
 
 

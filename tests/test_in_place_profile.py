@@ -5,6 +5,7 @@ import dataclasses
 import functools
 
 import pytest
+from test_cost_model import per_sample, synthetic_profile, uniform_hardware
 
 from galvatron_fx.cli import main
 from galvatron_fx.cost.in_place_profiler import measure_in_place, running_mean, tp_degrees
@@ -12,9 +13,8 @@ from galvatron_fx.cost.model import CostModel
 from galvatron_fx.cost.model_profile import ModelProfile, fit_time_formula
 from galvatron_fx.errors import ProfileError
 from galvatron_fx.models import build_model
-from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy as S
-
-from test_cost_model import per_sample, synthetic_profile, uniform_hardware
+from galvatron_fx.plan import EmbeddingStrategy
+from galvatron_fx.plan import LayerStrategy as S
 
 BLOCK = {1: (per_sample(3e-3), per_sample(5e-3)), 2: (per_sample(4e-3), per_sample(7e-3))}
 HEAD = {1: (per_sample(2e-3), per_sample(6e-3))}
@@ -54,8 +54,9 @@ def test_layers_without_an_in_place_time_keep_the_composed_terms():
     on_four = CostModel(synthetic_profile(), _hardware(4, 2.0))  # timed on 8 processes only
     assert _in_place_model(world=4).layer_cost("blk", S(tp=2, dp=2), 16) == on_four.layer_cost("blk", S(tp=2, dp=2), 16)
     analytic = dataclasses.replace(synthetic_profile(), mode="analytic")  # only measured profiles hold them
-    assert _in_place_model(mode="analytic").layer_cost("blk", S(tp=2, dp=4), 16) == \
-        CostModel(analytic, _hardware(8, 2.0)).layer_cost("blk", S(tp=2, dp=4), 16)
+    assert _in_place_model(mode="analytic").layer_cost("blk", S(tp=2, dp=4), 16) == CostModel(
+        analytic, _hardware(8, 2.0)
+    ).layer_cost("blk", S(tp=2, dp=4), 16)
 
 
 def test_the_head_uses_its_in_place_time_without_vocab_tp():
@@ -64,8 +65,9 @@ def test_the_head_uses_its_in_place_time_without_vocab_tp():
     assert (head.fwd_s, head.bwd_s) == pytest.approx((4e-3, 12e-3))  # 2 samples per rank
     composed = CostModel(synthetic_profile(), _hardware(8, 2.0))  # vocab TP was not timed in place
     vocab_tp = EmbeddingStrategy(vtp=2)
-    assert model.embedding_cost(vocab_tp, 8, 16, first_stage=False, last_stage=True) == \
-        composed.embedding_cost(vocab_tp, 8, 16, first_stage=False, last_stage=True)
+    assert model.embedding_cost(vocab_tp, 8, 16, first_stage=False, last_stage=True) == composed.embedding_cost(
+        vocab_tp, 8, 16, first_stage=False, last_stage=True
+    )
 
 
 def test_in_place_times_survive_json_and_older_files_load_without_them(tmp_path):
@@ -91,8 +93,26 @@ def test_profile_model_times_each_degree_on_gloo_processes(tmp_path, capsys):
     """``profile-model --in-place 2``: two processes time GPT-2's block at TP 1 and 2, and the embedding and
     head at TP 1, at the samples a TP group runs; each stored fit is that of the slowest rank's points."""
     out = tmp_path / "gpt2.json"
-    assert main(["profile-model", "gpt2", "--batches", "2,4", "--seqs", "16", "--repeats", "1", "--in-place", "2",
-                 "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "profile-model",
+                "gpt2",
+                "--batches",
+                "2,4",
+                "--seqs",
+                "16",
+                "--repeats",
+                "1",
+                "--in-place",
+                "2",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "in place on 2 processes: tp 1" in capsys.readouterr().out
     profile = ModelProfile.load(out)
     block_type = profile.layer_types[0]
@@ -114,9 +134,12 @@ def test_profile_model_times_each_degree_on_gloo_processes(tmp_path, capsys):
 
 
 def test_passes_taken_apart_are_averaged_point_by_point():
-    stored = [[2, 64, 0.010, 0.020], [4, 64, 0.020, 0.040]]   # as JSON gives them back: the mean of 3 passes
+    stored = [[2, 64, 0.010, 0.020], [4, 64, 0.020, 0.040]]  # as JSON gives them back: the mean of 3 passes
     new = [(2, 64, 0.014, 0.028), (4, 64, 0.024, 0.036)]
     mean = running_mean(stored, new, passes=3)
-    assert mean == [(2, 64, pytest.approx(0.011), pytest.approx(0.022)), (4, 64, pytest.approx(0.021), pytest.approx(0.039))]
+    assert mean == [
+        (2, 64, pytest.approx(0.011), pytest.approx(0.022)),
+        (4, 64, pytest.approx(0.021), pytest.approx(0.039)),
+    ]
     with pytest.raises(ProfileError, match="other sizes"):
         running_mean(stored, [(2, 64, 0.01, 0.02), (8, 64, 0.02, 0.04)], passes=1)

@@ -26,16 +26,20 @@ def captured(name: str, batch: int = 2):
 def plan_for(program, world_size=2, pp=2, dp_types=("ddp",), ckpt=(False,), chunks=2, **kw):
     n = len(program.body)
     dp = world_size // pp
-    layers = tuple(LayerStrategy(dp=dp, dp_type=dp_types[i % len(dp_types)], ckpt=ckpt[i % len(ckpt)]) for i in range(n))
-    return Plan(world_size=world_size, layers=layers, pp=pp, chunks=chunks, global_batch=chunks * dp * program.batch_size, **kw)
+    layers = tuple(
+        LayerStrategy(dp=dp, dp_type=dp_types[i % len(dp_types)], ckpt=ckpt[i % len(ckpt)]) for i in range(n)
+    )
+    return Plan(
+        world_size=world_size, layers=layers, pp=pp, chunks=chunks, global_batch=chunks * dp * program.batch_size, **kw
+    )
 
 
 def test_pipeline_split_follows_pp_division_and_layer_table():
     program, _ = captured("gpt2")
     plan = plan_for(program, pp=2, pp_division=(1, 3))
     first, last = lower(program, plan, 0), lower(program, plan, 1)
-    assert [l.index for l in first.stage_layers] == [0, 1]  # prologue + first block
-    assert [l.index for l in last.stage_layers] == [2, 3, 4, 5]  # three blocks + epilogue
+    assert [item.index for item in first.stage_layers] == [0, 1]  # prologue + first block
+    assert [item.index for item in last.stage_layers] == [2, 3, 4, 5]  # three blocks + epilogue
     sent = {spec.name for spec in first.send_specs}
     assert sent == {spec.name for spec in program.layers[1].boundary_out}  # hidden state and mask
     assert first.send_specs == last.recv_specs and not first.recv_specs and not last.send_specs
@@ -56,10 +60,15 @@ def test_t5_pipeline_cut_between_encoder_and_decoder():
     assert "encoder" in program.layers[stage_layer_indices(program, plan, 0)[1]].module_path
     # the encoder's output crosses the cut, values read only by the model's outputs do not
     names = {spec.name for spec in cut_specs(program, plan, 0)}
-    assert names and names <= {spec.name for spec in program.layers[stage_layer_indices(program, plan, 0)[-1]].boundary_out}
-    assert not any(spec.name in program.output_names and spec.name not in
-                   {n for layer in program.layers[stage_layer_indices(program, plan, 1)[0]:] for n in layer.input_names}
-                   for spec in cut_specs(program, plan, 0))
+    assert names and names <= {
+        spec.name for spec in program.layers[stage_layer_indices(program, plan, 0)[-1]].boundary_out
+    }
+    assert not any(
+        spec.name in program.output_names
+        and spec.name
+        not in {n for layer in program.layers[stage_layer_indices(program, plan, 1)[0] :] for n in layer.input_names}
+        for spec in cut_specs(program, plan, 0)
+    )
 
 
 def test_stage_runs_like_the_program_layers():
@@ -95,9 +104,9 @@ def test_checkpointing_wraps_marked_layers_only_and_prints_readably(tmp_path):
     program, _ = captured("bert")
     plan = plan_for(program, pp=2, ckpt=(True, False), dp_types=("ddp", "zero3"))
     stage = lower(program, plan, 0)
-    body = [l for l in stage.stage_layers if l.kind == "block"]
-    wrapped = [isinstance(stage.layers[l.name], CheckpointedLayer) for l in body]
-    assert wrapped == [l.strategy.ckpt for l in body] and any(wrapped) and not all(wrapped)
+    body = [item for item in stage.stage_layers if item.kind == "block"]
+    wrapped = [isinstance(stage.layers[item.name], CheckpointedLayer) for item in body]
+    assert wrapped == [item.strategy.ckpt for item in body] and any(wrapped) and not all(wrapped)
     text = repr(stage)
     assert "stage 0/2" in text and "BertLayer" in text and "ckpt" in text and "send " in text
     files = stage.dump(tmp_path)
@@ -110,8 +119,12 @@ def _batched_input_sizes(stage) -> set[int]:
     from galvatron_fx.passes.lower.stage import unwrap
     from galvatron_fx.program import node_meta
 
-    return {int(node.meta["val"].shape[0]) for layer in stage.stage_layers
-            for node in unwrap(stage.layers[layer.name]).graph.find_nodes(op="placeholder") if node_meta(node).batched}
+    return {
+        int(node.meta["val"].shape[0])
+        for layer in stage.stage_layers
+        for node in unwrap(stage.layers[layer.name]).graph.find_nodes(op="placeholder")
+        if node_meta(node).batched
+    }
 
 
 @pytest.mark.parametrize("global_batch", [2, 8, 16])
@@ -152,7 +165,7 @@ def test_a_model_captured_at_a_fixed_batch_is_refused_at_another():
 def test_rank_layout():
     plan = Plan(world_size=8, layers=(LayerStrategy(dp=2),) * 4, pp=4, global_batch=8)
     layouts = [ParallelDims.of(plan).position(r) for r in range(8)]
-    assert [(l.stage, l.local) for l in layouts] == [(s, i) for s in range(4) for i in range(2)]
+    assert [(item.stage, item.local) for item in layouts] == [(s, i) for s in range(4) for i in range(2)]
     assert layouts[5].rank_of(3) == 7 and layouts[0].is_first and layouts[7].is_last
 
 
@@ -164,8 +177,14 @@ def test_64_rank_groups_and_stages_under_fake_process_group():
 
     program, _ = captured("gpt2")  # 4 body layers, micro-batch 2
     types = (("ddp", False), ("zero2", False), ("zero3", False), ("zero3", True))
-    plan = Plan(world_size=64, layers=tuple(LayerStrategy(dp=16, dp_type=t, ckpt=c) for t, c in types), pp=4,
-                chunks=2, global_batch=64, pipeline="1f1b")
+    plan = Plan(
+        world_size=64,
+        layers=tuple(LayerStrategy(dp=16, dp_type=t, ckpt=c) for t, c in types),
+        pp=4,
+        chunks=2,
+        global_batch=64,
+        pipeline="1f1b",
+    )
     expected_layers = {0: [0, 1], 1: [2], 2: [3], 3: [4, 5]}
     for rank in range(64):
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=64)
@@ -185,14 +204,16 @@ def test_64_rank_groups_and_stages_under_fake_process_group():
             stage = lower(program, plan, rank)
             sync = apply_data_parallel(stage, program, plan)
             assert groups.CREATED == created and len(set(created)) == len(created)  # nothing created twice
-            assert [l.index for l in stage.stage_layers] == expected_layers[stage_index]
+            assert [item.index for item in stage.stage_layers] == expected_layers[stage_index]
             strategy = plan.layers[stage_index]
             assert stage.micro_batch == 2
             assert (len(stage.recv_specs) > 0) == (stage_index > 0) and (len(stage.send_specs) > 0) == (stage_index < 3)
-            zero_units = [l for l in stage.stage_layers if l.kind == "block" and l.strategy.dp_type != "ddp"]
+            zero_units = [
+                item for item in stage.stage_layers if item.kind == "block" and item.strategy.dp_type != "ddp"
+            ]
             assert len(sync.fsdp_units) == len(zero_units)  # prologue and epilogue follow the default (ddp)
             assert [w.name for w in sync.tied] == (["lm_head.weight"] if stage_index in (0, 3) else [])
-            block = next(l for l in stage.stage_layers if l.kind == "block")
+            block = next(item for item in stage.stage_layers if item.kind == "block")
             assert block.strategy == strategy
             assert isinstance(stage.layers[block.name], CheckpointedLayer) == strategy.ckpt
             if strategy.dp_type != "ddp":  # sharded over the 16 ranks of the stage

@@ -30,8 +30,18 @@ def _gpt2():
     tensor (the tied embedding, 128 × 64), so "no allocation as large as a sharded matrix" is checkable."""
     import transformers
 
-    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=32, resid_pdrop=0.0,
-                                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        vocab_size=128,
+        n_positions=32,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return transformers.GPT2LMHeadModel(config)
 
 
@@ -79,7 +89,10 @@ def _meta_worker(rank: int, world: int, folder: str) -> dict:
     torch.manual_seed(7)
     eager = _gpt2()
     if rank == 0:
-        save_file({k: v.contiguous() for k, v in eager.state_dict().items() if k != "lm_head.weight"}, f"{folder}/model.safetensors")
+        save_file(
+            {k: v.contiguous() for k, v in eager.state_dict().items() if k != "lm_head.weight"},
+            f"{folder}/model.safetensors",
+        )
     dist.barrier()
     with torch.device("meta"):
         model = _gpt2()
@@ -142,7 +155,11 @@ def test_model_init_on_shards_follows_the_models_rules():
     init_shards(model, again, seed=3)
     std = model.config.initializer_range
     for name in first:
-        values = torch.cat([first[name].tensor, second[name].tensor], dim=-1) if first[name].tensor.dim() == 2 else first[name].tensor
+        values = (
+            torch.cat([first[name].tensor, second[name].tensor], dim=-1)
+            if first[name].tensor.dim() == 2
+            else first[name].tensor
+        )
         assert torch.isfinite(values).all(), name
         assert torch.equal(first[name].tensor, again[name].tensor)  # replicas of a shard agree
         if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):

@@ -24,15 +24,38 @@ def _config(name: str):
     import transformers as T
 
     if name == "llama":
-        return T.LlamaForCausalLM, T.LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                 num_key_value_heads=2, intermediate_size=96, max_position_embeddings=32)
+        return T.LlamaForCausalLM, T.LlamaConfig(
+            vocab_size=128,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=96,
+            max_position_embeddings=32,
+        )
     if name == "bert":
-        return T.BertForMaskedLM, T.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                               intermediate_size=96, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                                               attention_probs_dropout_prob=0.0)
-    return T.SwinForImageClassification, T.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
-                                                       window_size=4, num_labels=10, hidden_dropout_prob=0.0,
-                                                       attention_probs_dropout_prob=0.0, drop_path_rate=0.0)
+        return T.BertForMaskedLM, T.BertConfig(
+            vocab_size=128,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=96,
+            max_position_embeddings=32,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    return T.SwinForImageClassification, T.SwinConfig(
+        image_size=32,
+        patch_size=2,
+        embed_dim=16,
+        depths=[2, 2],
+        num_heads=[2, 4],
+        window_size=4,
+        num_labels=10,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        drop_path_rate=0.0,
+    )
 
 
 def _eager(name: str, folder: str | None = None):
@@ -69,14 +92,23 @@ def _worker(rank: int, world_size: int, folder: str) -> dict:
         for plan_name, flags in PLANS.items():
             with torch.device("meta"):
                 model = cls(config)
-            compiled = galvatron_fx.compile(model, example_kwargs=batches[0], plan=galvatron_fx.uniform_plan(**flags),
-                                            init=f"safetensors:{folder}/{name}",
-                                            optimizer=lambda params: torch.optim.SGD(params, lr=LR))
-            buffers = {n: b.clone() for layer in compiled.trainer.stage.layers.values() for n, b in layer.named_buffers()}
+            compiled = galvatron_fx.compile(
+                model,
+                example_kwargs=batches[0],
+                plan=galvatron_fx.uniform_plan(**flags),
+                init=f"safetensors:{folder}/{name}",
+                optimizer=lambda params: torch.optim.SGD(params, lr=LR),
+            )
+            buffers = {
+                n: b.clone() for layer in compiled.trainer.stage.layers.values() for n, b in layer.named_buffers()
+            }
             losses = [compiled.train_step(batch) for batch in batches]
             params = compiled.trainer.full_parameters()
-            out[f"{name}/{plan_name}"] = {"losses": losses, "params": params if compiled.trainer.stage.position.local == 0 else {},
-                                          "buffers": buffers}
+            out[f"{name}/{plan_name}"] = {
+                "losses": losses,
+                "params": params if compiled.trainer.stage.position.local == 0 else {},
+                "buffers": buffers,
+            }
     return out
 
 

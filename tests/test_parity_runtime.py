@@ -8,7 +8,6 @@ heterogeneous plans on the other models; ``pytest -m full`` runs every plan on e
 """
 
 import pytest
-
 from distributed import MODELS, RECIPES, check_parity, shared_runs
 
 PARITY_PLANS = [name for name in RECIPES if not name.startswith("drop_")]
@@ -29,7 +28,9 @@ def _cases(world_size: int, fast: bool) -> list[tuple[str, str]]:
     if fast and world_size == 2:
         cases += [("gpt2+dropout", "drop_pp2_first1"), ("gpt2+dropout", "drop_pp2_last1_ckpt")]
     if fast:  # SGD on every model: data parallelism over ranks and micro-batches, pipelines, ZeRO-3
-        cases += [(model, f"{plan}+sgd") for model in MODELS for plan in SGD_PLANS if RECIPES[plan].world_size == world_size]
+        cases += [
+            (model, f"{plan}+sgd") for model in MODELS for plan in SGD_PLANS if RECIPES[plan].world_size == world_size
+        ]
     return cases
 
 
@@ -38,8 +39,12 @@ _results = shared_runs(_cases)
 
 def _params(fast: bool):
     marks = () if fast else (pytest.mark.full,)
-    return [pytest.param(w, m, p, id=f"{m}-{p}", marks=marks) for w in (2, 4) for m, p in _cases(w, fast)
-            if not p.startswith("drop_")]
+    return [
+        pytest.param(w, m, p, id=f"{m}-{p}", marks=marks)
+        for w in (2, 4)
+        for m, p in _cases(w, fast)
+        if not p.startswith("drop_")
+    ]
 
 
 @pytest.mark.parametrize("world_size,model,plan", _params(fast=True) + _params(fast=False))

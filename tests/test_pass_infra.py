@@ -70,10 +70,26 @@ def test_the_pipelines_are_ordered_tuples_of_passes():
     from galvatron_fx.passes.lower.pipeline import LOWERING_PASSES
 
     assert [p.name for p in LOWERING_PASSES] == [
-        "set_local_batches", "apply_tensor_parallel", "apply_sequence_parallel", "apply_vocab_parallel", "apply_layouts",
-        "apply_random_streams", "check_shapes", "drop_metadata_asserts", "retarget_device", "apply_checkpointing"]
+        "set_local_batches",
+        "apply_tensor_parallel",
+        "apply_sequence_parallel",
+        "apply_vocab_parallel",
+        "apply_layouts",
+        "apply_random_streams",
+        "check_shapes",
+        "drop_metadata_asserts",
+        "retarget_device",
+        "apply_checkpointing",
+    ]
     assert [p.name for p in ANALYSIS_PASSES] == [
-        "mark_batched", "concretize", "discover_layers", "localize_sizes", "split_layers", "annotate_nodes", "sum_layer_stats"]
+        "mark_batched",
+        "concretize",
+        "discover_layers",
+        "localize_sizes",
+        "split_layers",
+        "annotate_nodes",
+        "sum_layer_stats",
+    ]
 
 
 def test_a_caller_changes_the_lowering_pipeline():
@@ -89,7 +105,9 @@ def test_a_caller_changes_the_lowering_pipeline():
     model, batch = build_model("gpt2", batch=4, seq=12)
     program = galvatron_fx.capture(model, example_kwargs=batch)
     plan = Plan(world_size=2, layers=(LayerStrategy(tp=2, ckpt=True),) * len(program.body), global_batch=4)
-    strict = tuple(ApplyTensorParallel(strict=True) if isinstance(p, ApplyTensorParallel) else p for p in LOWERING_PASSES)
+    strict = tuple(
+        ApplyTensorParallel(strict=True) if isinstance(p, ApplyTensorParallel) else p for p in LOWERING_PASSES
+    )
     without_ckpt = tuple(p for p in strict if not isinstance(p, ApplyCheckpointing))
     stage = lower(program, plan, 0, passes=without_ckpt)
     assert not any(isinstance(m, CheckpointedLayer) for m in stage.layers.values())

@@ -30,7 +30,9 @@ def test_hardware_profiler_on_two_gloo_processes(tmp_path):
     assert sorted(profile.collectives) == sorted(f"{op}/2/consecutive" for op in COLLECTIVES)
     assert set(profile.p2p) == {2} and profile.overlap_slowdown >= 1.0 and profile.flops_per_s["fp32"] > 0
     assert all(fit.bandwidth_Bps > 0 and fit.latency_s >= 0 for fit in profile.collectives.values())
-    assert profile.compute_slowdown >= 1.0 and profile.optimizer_s_per_param > 0 and profile.blocking_collective_s >= 0.0
+    assert (
+        profile.compute_slowdown >= 1.0 and profile.optimizer_s_per_param > 0 and profile.blocking_collective_s >= 0.0
+    )
     assert set(profile.blocking_by_group_s) == set(profile.blocking_growth_by_group) == {2}
     assert set(profile.sharded_units) == {"zero2/2", "zero3/2"}
     assert profile.sharded_unit_s("zero3", 2**20, 2) > 0  # FSDP2 did gather and reduce-scatter in place
@@ -41,7 +43,10 @@ def test_profile_hardware_command_on_four_processes(tmp_path):
     out = tmp_path / "hw4.json"
     assert main(["profile-hardware", "--nprocs", "4", "--out", str(out), "--no-progress"]) == 0
     profile = HardwareProfile.load(out, world_size=4)
-    assert {"all_to_all/2/strided", "all_reduce/4/consecutive"} <= set(profile.collectives) and set(profile.p2p) == {2, 4}
+    assert {"all_to_all/2/strided", "all_reduce/4/consecutive"} <= set(profile.collectives) and set(profile.p2p) == {
+        2,
+        4,
+    }
 
 
 def test_preset_command_and_bad_options(tmp_path, capsys):
@@ -53,7 +58,9 @@ def test_preset_command_and_bad_options(tmp_path, capsys):
 
 
 def test_fit_recovers_batch_and_sequence_terms():
-    truth = lambda b, s: 1e-3 + 2e-4 * b + 3e-6 * b * s + 1e-8 * b * s * s
+    def truth(b, s):
+        return 1e-3 + 2e-4 * b + 3e-6 * b * s + 1e-8 * b * s * s
+
     samples = [(b, s, truth(b, s)) for b in (2, 4, 8) for s in (32, 64, 128)]
     formula = fit_time_formula(samples)
     assert formula(16, 256) == pytest.approx(truth(16, 256), rel=1e-6)
@@ -66,8 +73,14 @@ def test_fit_recovers_batch_and_sequence_terms():
 def test_model_profiler_on_gpt2(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        profile = profile_model(lambda b, s: build_model("gpt2", batch=b, seq=s), batches=(2, 4), seqs=(16, 32),
-                                warmup=1, repeats=1, progress=False)
+        profile = profile_model(
+            lambda b, s: build_model("gpt2", batch=b, seq=s),
+            batches=(2, 4),
+            seqs=(16, 32),
+            warmup=1,
+            repeats=1,
+            progress=False,
+        )
     assert profile.mode == "measured" and profile.device == "cpu" and profile.seq_length == 32
     assert len(profile.layer_types) == 4 and len(profile.types) == 1
     block = profile.types[profile.layer_types[0]]
@@ -79,7 +92,9 @@ def test_model_profiler_on_gpt2(tmp_path):
     loaded = ModelProfile.load(path, device="cpu")
     assert loaded.types[profile.layer_types[0]].fwd(4, 32) == pytest.approx(block.fwd(4, 32))
     hardware = Cluster.preset("A100-40GB", devices_per_node=2).hardware_profile()
-    prediction = CostModel(loaded, hardware).evaluate(Plan(world_size=2, layers=[LayerStrategy(dp=2)] * 4, global_batch=4))
+    prediction = CostModel(loaded, hardware).evaluate(
+        Plan(world_size=2, layers=[LayerStrategy(dp=2)] * 4, global_batch=4)
+    )
     assert prediction.samples_per_s > 0 and prediction.memory_bytes_per_stage[0] > 0
     with pytest.raises(ProfileError) as error:
         ModelProfile.load(path, device="H100-80GB")

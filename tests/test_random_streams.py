@@ -17,8 +17,8 @@ import warnings
 import pytest
 import torch
 import torch.fx as fx
-
 from distributed import GLOBAL_BATCH, _config, _program, check_parity, optimizer_factory
+
 from galvatron_fx.fx_utils import copy_layer_modules
 from galvatron_fx.passes.lower.ops.random import layer_seed
 from galvatron_fx.passes.lower.stage import loss_name
@@ -32,7 +32,9 @@ aten = torch.ops.aten
 
 
 def _plan(recipe: str, num_layers: int) -> Plan:
-    return Plan(world_size=2, layers=(LayerStrategy(tp=2, dp=1, sp=SP_OF[recipe]),) * num_layers, global_batch=GLOBAL_BATCH)
+    return Plan(
+        world_size=2, layers=(LayerStrategy(tp=2, dp=1, sp=SP_OF[recipe]),) * num_layers, global_batch=GLOBAL_BATCH
+    )
 
 
 def _worker(rank: int, world_size: int, recipes: list[str]) -> dict:
@@ -42,14 +44,20 @@ def _worker(rank: int, world_size: int, recipes: list[str]) -> dict:
     program, batches = _program(MODEL)
     out = {}
     for recipe in recipes:
-        trainer = Trainer(program, _plan(recipe, len(program.body)), config=_config(), optimizer=optimizer_factory("sgd"))
+        trainer = Trainer(
+            program, _plan(recipe, len(program.body)), config=_config(), optimizer=optimizer_factory("sgd")
+        )
         if recipe == "tp2":  # one forward, every layer's outputs kept
             env = dict(trainer.micro_batches(batches[0])[0])
             with torch.no_grad():
                 trainer.stage(env, seed=trainer._seeds()[0])
             outputs = {name: env[name] for layer in program.body for name in layer.output_names}
         losses = [trainer.step(batch) for batch in batches]
-        out[recipe] = {"losses": losses, "params": trainer.full_parameters(), "outputs": outputs if recipe == "tp2" else {}}
+        out[recipe] = {
+            "losses": losses,
+            "params": trainer.full_parameters(),
+            "outputs": outputs if recipe == "tp2" else {},
+        }
     return out
 
 
@@ -70,8 +78,11 @@ def test_replicated_activations_are_bitwise_equal_across_the_tp_group(results):
 @pytest.mark.parametrize("recipe", list(SP_OF))
 def test_training_equals_the_single_process_reference_that_draws_alike(results, recipe):
     reference = _reference(recipe)
-    check_parity(MODEL, {"losses": [r[recipe]["losses"] for r in results], "params": [results[0][recipe]["params"]]},
-                 reference=reference)
+    check_parity(
+        MODEL,
+        {"losses": [r[recipe]["losses"] for r in results], "params": [results[0][recipe]["params"]]},
+        reference=reference,
+    )
 
 
 def test_the_masks_matter():
@@ -110,8 +121,10 @@ class _Reference(fx.Interpreter):
             pieces = []
             for t in range(2):
                 torch.manual_seed(layer_seed(number, 0 if self.shards_alike else t + 1))
-                split = [a.chunk(2, dim)[t] if isinstance(a, torch.Tensor) and i < 3 and a.dim() > dim else a
-                         for i, a in enumerate(args)]
+                split = [
+                    a.chunk(2, dim)[t] if isinstance(a, torch.Tensor) and i < 3 and a.dim() > dim else a
+                    for i, a in enumerate(args)
+                ]
                 if node.target is aten.dropout.default:
                     split = [args[0].chunk(2, dim)[t], *args[1:]]
                 pieces.append(node.target(*split, **kwargs))
@@ -169,5 +182,9 @@ def _per_block(layer, module, env, micro_seed):
         per_block.append(_Reference(module, None, False).run(*inputs))
     if layer.kind == "epilogue":
         return per_block
-    return [torch.cat(values) if isinstance(values[0], torch.Tensor) and values[0].dim() > 0
-            and values[0].shape[0] == GLOBAL_BATCH // 2 else values[0] for values in zip(*per_block)]
+    return [
+        torch.cat(values)
+        if isinstance(values[0], torch.Tensor) and values[0].dim() > 0 and values[0].shape[0] == GLOBAL_BATCH // 2
+        else values[0]
+        for values in zip(*per_block)
+    ]

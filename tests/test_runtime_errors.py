@@ -4,8 +4,8 @@ makes the others stop with a clear error in bounded time; the spawner reports wh
 import time
 
 import pytest
-
 from distributed import bad_plans_worker, dying_rank_worker
+
 from galvatron_fx.runtime import SpawnError, spawn
 
 
@@ -15,7 +15,9 @@ def test_plans_for_another_world_or_model_refuse_before_any_collective():
     assert time.monotonic() - started < 120
     assert len(messages) == 3, messages
     world, layers, name = messages
-    assert world.startswith("PlanError") and "world size 4, but 2 processes run" in world and "launch 4 processes" in world
+    assert (
+        world.startswith("PlanError") and "world size 4, but 2 processes run" in world and "launch 4 processes" in world
+    )
     assert layers.startswith("PlanError") and "7 layer strategies, but the model has 4 body layers" in layers
     assert name.startswith("PlanError") and "made for BertForMaskedLM, not GPT2LMHeadModel" in name
 

@@ -2,6 +2,7 @@
 pipeline cut and with sharded layers. On CPU here; the same path runs on CUDA."""
 
 from distributed import STEPS, bf16_worker, eager_reference
+
 from galvatron_fx.runtime import spawn
 
 

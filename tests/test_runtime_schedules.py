@@ -15,8 +15,9 @@ def test_every_micro_batch_forward_then_backward_in_order(name, pp, chunks):
         backwards = [a.micro_batch for a in actions if a.kind == "B"]
         assert forwards == list(range(chunks)) and backwards == list(range(chunks))
         for mb in range(chunks):
-            assert actions.index(next(a for a in actions if a.kind == "F" and a.micro_batch == mb)) < \
-                actions.index(next(a for a in actions if a.kind == "B" and a.micro_batch == mb))
+            assert actions.index(next(a for a in actions if a.kind == "F" and a.micro_batch == mb)) < actions.index(
+                next(a for a in actions if a.kind == "B" and a.micro_batch == mb)
+            )
 
 
 def _simulate(schedule, pp, chunks):
@@ -30,8 +31,9 @@ def _simulate(schedule, pp, chunks):
         for s in range(pp):
             while lists[s]:
                 action = lists[s][0]
-                ready = (action.kind == "F" and (s == 0 or action.micro_batch in done_f[s - 1])) or \
-                        (action.kind == "B" and (s == pp - 1 or action.micro_batch in done_b[s + 1]))
+                ready = (action.kind == "F" and (s == 0 or action.micro_batch in done_f[s - 1])) or (
+                    action.kind == "B" and (s == pp - 1 or action.micro_batch in done_b[s + 1])
+                )
                 if not ready:
                     break
                 (done_f if action.kind == "F" else done_b)[s].add(lists[s].pop(0).micro_batch)
@@ -75,8 +77,10 @@ def test_pipeline_cuts_pack_values_and_send_gradients_only_where_they_flow():
     # the hidden state carries a gradient; the rotary tables (from a buffer) and the mask do not
     assert any(spec.shape[-1] == model.config.hidden_size for spec in floating)
     assert first.grad_names == {spec.name for spec in floating if spec.shape[-1] == model.config.hidden_size}
-    values = [torch.randn(spec.shape).to(spec.dtype) if spec.dtype.is_floating_point else torch.rand(spec.shape) > 0.5
-              for spec in first.send_specs]
+    values = [
+        torch.randn(spec.shape).to(spec.dtype) if spec.dtype.is_floating_point else torch.rand(spec.shape) > 0.5
+        for spec in first.send_specs
+    ]
     buffer = pack(values)
     assert buffer.dtype == torch.uint8 and buffer.numel() == packed_bytes(first.send_specs)
     for value, back in zip(values, unpack(buffer, first.send_specs)):
@@ -118,7 +122,7 @@ def test_sends_are_waited_on_once_the_peer_has_received_them():
     sends = _Sends(_backwards_before_forwards(upstream))
     forward, grad0, grad1 = Work(), Work(), Work()
     sends.add("F", 0, forward), sends.add("B", 0, grad0), sends.add("B", 1, grad1)
-    sends.complete("F", 0)   # its gradient came back
+    sends.complete("F", 0)  # its gradient came back
     sends.upstream_sent_forward(2)
     assert forward.waited and not grad0.waited
     sends.upstream_sent_forward(3)

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 
 import galvatron_fx
-
+from galvatron_fx.cost.memory import InFlight
 from galvatron_fx.errors import PlanError
-from galvatron_fx.passes.search.engine import SearchEngine, search
 from galvatron_fx.passes.search.bounds import division_bound_s
 from galvatron_fx.passes.search.brute_force import all_plans, brute_force_search
-from galvatron_fx.cost.memory import InFlight
+from galvatron_fx.passes.search.engine import SearchEngine, search
 from galvatron_fx.passes.search.front import pareto_indices
 from galvatron_fx.passes.search.space import SearchSpace
-from galvatron_fx.plan import LayerStrategy as S, Plan, Prediction
+from galvatron_fx.plan import LayerStrategy as S
+from galvatron_fx.plan import Plan, Prediction
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class ToyCostModel:
     def busy_share(self, pp, chunks):
         return chunks / (chunks + pp - 1)
 
-    @functools.lru_cache(maxsize=None)
+    @functools.lru_cache(maxsize=None)  # noqa: B019 (a few toy models per test run)
     def layer_cost(self, layer_type, s, mb, busy_share=1.0):
         r = _rand(self.seed, layer_type, s, mb)
         work = mb * (1.0 + r.random()) / s.tp * (0.5 + busy_share)  # contention grows with the busy share
@@ -93,14 +93,22 @@ class ToyCostModel:
         r = _rand(self.seed, "emb", e, devices, mb, first_stage, last_stage)
         state = int(r.integers(5_000, 30_000) / e.vtp / (devices // e.vtp if e.embed_sdp else 1))
         work = mb / e.vtp * (0.5 + busy_share)
-        return ToyLayerCost(float(r.random()) * work, float(r.random()) * work, float(r.random()) * 0.3, state,
-                            int(mb * r.integers(100, 900) / (e.vtp if e.vsp else 1)), 2_000 if e.embed_sdp else 0, state // 4, state // 8)
+        return ToyLayerCost(
+            float(r.random()) * work,
+            float(r.random()) * work,
+            float(r.random()) * 0.3,
+            state,
+            int(mb * r.integers(100, 900) / (e.vtp if e.vsp else 1)),
+            2_000 if e.embed_sdp else 0,
+            state // 4,
+            state // 8,
+        )
 
     def redistribution_s(self, before, after, boundary_index, mb):
         a, b = (before.tp, before.sp, before.tp_consecutive), (after.tp, after.sp, after.tp_consecutive)
         if a == b:
             return 0.0
-        i, j = boundary_index, boundary_index - 1   # boundary 0: from the embedding; L: into the head
+        i, j = boundary_index, boundary_index - 1  # boundary 0: from the embedding; L: into the head
         left = self.layer_types[j] if j >= 0 else "embedding"
         right = self.layer_types[i] if i < len(self.layer_types) else "head"
         return float(_rand(self.seed, "redis", a, b, left, right, mb).random()) * 0.4 * mb
@@ -124,8 +132,9 @@ class ToyCostModel:
         for s in range(pp):
             idx = list(plan.stage_layers(s))
             costs = [self.layer_cost(self.layer_types[i], plan.layers[i], mb, share) for i in idx]
-            emb = self.embedding_cost(plan.embedding, plan.devices_per_stage, mb, first_stage=s == 0, last_stage=s == pp - 1,
-                                      busy_share=share)
+            emb = self.embedding_cost(
+                plan.embedding, plan.devices_per_stage, mb, first_stage=s == 0, last_stage=s == pp - 1, busy_share=share
+            )
             k = self.in_flight(plan.pipeline, pp, s, c)
             x = sum(q.fwd_s + q.bwd_s for q in costs) + emb.fwd_s + emb.bwd_s
             x += sum(self.redistribution_s(plan.layers[i - 1], plan.layers[i], i, mb) for i in idx[1:])
@@ -135,7 +144,10 @@ class ToyCostModel:
             if s < pp - 1:
                 x += self.p2p_s(s, pp, plan.devices_per_stage, mb, idx[-1])
             g = (sum(q.grad_sync_s for q in costs) + emb.grad_sync_s) * (c if plan.grad_sync_every_micro_batch else 1)
-            mem = sum(int(k.layer_bytes(q.model_state_bytes, q.activation_bytes, q.grad_bytes, q.optimizer_temp_bytes)) for q in costs + [emb])
+            mem = sum(
+                int(k.layer_bytes(q.model_state_bytes, q.activation_bytes, q.grad_bytes, q.optimizer_temp_bytes))
+                for q in costs + [emb]
+            )
             mem += max(q.peak_extra_bytes for q in costs + [emb])
             xs.append(x), gs.append(g), mems.append(mem)
         t = sum(xs) + (c - 1) * max(xs) + max(gs)
@@ -149,24 +161,71 @@ def _budget_between(model, world, space, quantile):
 
 
 def _space(**fields) -> SearchSpace:
-    base = dict(global_batch=(4, 4, 1), sp_types=("none",), dp_types=("ddp", "zero3"), disable_tp_strided=True, disable_vsp=True)
+    base = dict(
+        global_batch=(4, 4, 1), sp_types=("none",), dp_types=("ddp", "zero3"), disable_tp_strided=True, disable_vsp=True
+    )
     return SearchSpace(**{**base, **fields})
 
 
 # each case stays below ~30k plans so that brute force takes seconds
-@pytest.mark.parametrize("types,world,seed,quantile,space", [
-    (["a", "a", "a"], 4, 0, 0.3, _space(chunks=(1, 2))),
-    (["a", "b", "a"], 4, 1, 0.5, _space(global_batch=(2, 4, 2), chunks=(1, 2), dp_types=("zero2",), sp_types=("megatron",))),
-    (["a", "a", "b", "b", "a"], 2, 2, 0.2, _space(dp_types=("zero3",), disable_embed_sdp=True, chunks=(2, 4))),
-    (["a", "b", "c", "a", "b", "c"], 2, 3, 0.6, _space(global_batch=(2, 2, 1), sp_types=("ulysses",), dp_types=("ddp",), disable_embed_sdp=True)),
-    (["a", "a"], 8, 4, 0.4, _space(global_batch=(8, 8, 1), chunks=(2,), sp_types=("none", "megatron"), disable_tp_strided=False)),
-    (["a", "b", "a", "b"], 4, 5, 0.5, _space(global_batch=(4, 4, 1), chunks=(2,), pipelines=("1f1b",), disable_vtp=True)),
-    # one stage (folded fronts) with several micro-batch counts, redistribution between layouts, ZeRO-3 peaks
-    (["a", "b", "a", "b"], 2, 12, 0.35, _space(chunks=(1, 2, 4), sp_types=("megatron",), max_pp=1)),
-    (["a", "a", "a", "a"], 2, 13, 0.5, _space(chunks=(2,), sp_types=("none", "ulysses"), dp_types=("zero2", "zero3"))),
-    (["a", "b", "b", "a"], 4, 14, 0.25, _space(global_batch=(16, 16, 1), chunks=(2, 4), max_pp=1, max_tp=2, pipelines=("gpipe",))),
-    (["b", "a", "a"], 4, 15, 0.65, _space(global_batch=(4, 8, 4), chunks=(2, 4), disable_vsp=False, sp_types=("megatron",), max_tp=2)),
-])
+@pytest.mark.parametrize(
+    "types,world,seed,quantile,space",
+    [
+        (["a", "a", "a"], 4, 0, 0.3, _space(chunks=(1, 2))),
+        (
+            ["a", "b", "a"],
+            4,
+            1,
+            0.5,
+            _space(global_batch=(2, 4, 2), chunks=(1, 2), dp_types=("zero2",), sp_types=("megatron",)),
+        ),
+        (["a", "a", "b", "b", "a"], 2, 2, 0.2, _space(dp_types=("zero3",), disable_embed_sdp=True, chunks=(2, 4))),
+        (
+            ["a", "b", "c", "a", "b", "c"],
+            2,
+            3,
+            0.6,
+            _space(global_batch=(2, 2, 1), sp_types=("ulysses",), dp_types=("ddp",), disable_embed_sdp=True),
+        ),
+        (
+            ["a", "a"],
+            8,
+            4,
+            0.4,
+            _space(global_batch=(8, 8, 1), chunks=(2,), sp_types=("none", "megatron"), disable_tp_strided=False),
+        ),
+        (
+            ["a", "b", "a", "b"],
+            4,
+            5,
+            0.5,
+            _space(global_batch=(4, 4, 1), chunks=(2,), pipelines=("1f1b",), disable_vtp=True),
+        ),
+        # one stage (folded fronts) with several micro-batch counts, redistribution between layouts, ZeRO-3 peaks
+        (["a", "b", "a", "b"], 2, 12, 0.35, _space(chunks=(1, 2, 4), sp_types=("megatron",), max_pp=1)),
+        (
+            ["a", "a", "a", "a"],
+            2,
+            13,
+            0.5,
+            _space(chunks=(2,), sp_types=("none", "ulysses"), dp_types=("zero2", "zero3")),
+        ),
+        (
+            ["a", "b", "b", "a"],
+            4,
+            14,
+            0.25,
+            _space(global_batch=(16, 16, 1), chunks=(2, 4), max_pp=1, max_tp=2, pipelines=("gpipe",)),
+        ),
+        (
+            ["b", "a", "a"],
+            4,
+            15,
+            0.65,
+            _space(global_batch=(4, 8, 4), chunks=(2, 4), disable_vsp=False, sp_types=("megatron",), max_tp=2),
+        ),
+    ],
+)
 def test_search_equals_brute_force(types, world, seed, quantile, space):
     model = ToyCostModel(types, seed=seed, heads={"b": 2})
     budget = _budget_between(model, world, space, quantile)
@@ -181,7 +240,7 @@ def test_search_equals_brute_force(types, world, seed, quantile, space):
 def test_budget_exactly_at_a_plans_memory_is_feasible():
     model = ToyCostModel(["a", "a", "a"], seed=7)
     space = SearchSpace(global_batch=(4, 4, 1), sp_types=("none",))
-    budget = _budget_between(model, 4, space, 0.0)   # only the least-memory plans fit, with no slack
+    budget = _budget_between(model, 4, space, 0.0)  # only the least-memory plans fit, with no slack
     expected, _ = brute_force_search(model, 4, budget, space)
     assert expected > 0
     assert search(model, 4, budget, space).prediction.samples_per_s == pytest.approx(expected, rel=1e-9)
@@ -189,7 +248,9 @@ def test_budget_exactly_at_a_plans_memory_is_feasible():
 
 def test_grad_sync_every_micro_batch_and_gpipe_only():
     model = ToyCostModel(["a", "b", "a"], seed=5)
-    space = SearchSpace(global_batch=(8, 8, 1), pipelines=("gpipe",), grad_sync_every_micro_batch=True, sp_types=("none",))
+    space = SearchSpace(
+        global_batch=(8, 8, 1), pipelines=("gpipe",), grad_sync_every_micro_batch=True, sp_types=("none",)
+    )
     budget = _budget_between(model, 4, space, 0.5)
     expected, _ = brute_force_search(model, 4, budget, space)
     plan = search(model, 4, budget, space)
@@ -200,8 +261,15 @@ def test_grad_sync_every_micro_batch_and_gpipe_only():
 @pytest.mark.parametrize("name", ["3d", "dp+tp", "dp+pp", "dp", "sdp", "tp", "pp"])
 def test_restricted_spaces_are_honoured_and_exact(name):
     model = ToyCostModel(["a", "b", "a"], seed=11)
-    space = SearchSpace.named(name, global_batch=(8, 8, 1), chunks=(1, 2), sp_types=("megatron",),
-                              dp_types=("ddp", "zero3"), disable_tp_strided=True, disable_vsp=True)
+    space = SearchSpace.named(
+        name,
+        global_batch=(8, 8, 1),
+        chunks=(1, 2),
+        sp_types=("megatron",),
+        dp_types=("ddp", "zero3"),
+        disable_tp_strided=True,
+        disable_vsp=True,
+    )
     budget = _budget_between(model, 8, space, 0.7)
     expected, _ = brute_force_search(model, 8, budget, space)
     plan = search(model, 8, budget, space)
@@ -214,7 +282,7 @@ def test_restricted_spaces_are_honoured_and_exact(name):
     if name in ("dp+pp", "dp", "sdp", "pp"):
         assert all(s.tp == 1 for s in strategies)
     if name == "pp":
-        assert plan.pp == 2   # the largest pp that 3 layers allow on 8 devices
+        assert plan.pp == 2  # the largest pp that 3 layers allow on 8 devices
     if name == "tp":
         assert all(s.tp == 8 for s in strategies)
     if name == "sdp":
@@ -227,8 +295,18 @@ def test_restricted_spaces_are_honoured_and_exact(name):
 
 def test_switches_and_maximum_degrees():
     model = ToyCostModel(["a"] * 4, seed=2)
-    space = SearchSpace(global_batch=(8, 8, 1), chunks=(2,), max_tp=2, max_pp=2, disable_ckpt=True, disable_vtp=True,
-                        pipelines=("1f1b",), dp_types=("zero2",), sp_types=("megatron",), disable_tp_strided=True)
+    space = SearchSpace(
+        global_batch=(8, 8, 1),
+        chunks=(2,),
+        max_tp=2,
+        max_pp=2,
+        disable_ckpt=True,
+        disable_vtp=True,
+        pipelines=("1f1b",),
+        dp_types=("zero2",),
+        sp_types=("megatron",),
+        disable_tp_strided=True,
+    )
     plan = search(model, 8, 10**12, space)
     assert plan.chunks == 2 and plan.pp <= 2 and plan.pipeline == "1f1b" and plan.embedding.vtp == 1
     for s in plan.layers:
@@ -259,11 +337,20 @@ def test_world_size_no_plan_can_use():
         search(model, 3, 10**12, SearchSpace(global_batch=(4, 4, 1)))
 
 
-@pytest.mark.parametrize("types,world,seed,quantile,space", [
-    (["a", "a", "a"], 4, 0, 0.3, _space(chunks=(1, 2))),
-    (["a", "a", "b", "b", "a"], 2, 2, 0.2, _space(dp_types=("zero3",), disable_embed_sdp=True, chunks=(2, 4))),
-    (["b", "a", "a"], 4, 15, 0.65, _space(global_batch=(4, 8, 4), chunks=(2, 4), disable_vsp=False, sp_types=("megatron",), max_tp=2)),
-])
+@pytest.mark.parametrize(
+    "types,world,seed,quantile,space",
+    [
+        (["a", "a", "a"], 4, 0, 0.3, _space(chunks=(1, 2))),
+        (["a", "a", "b", "b", "a"], 2, 2, 0.2, _space(dp_types=("zero3",), disable_embed_sdp=True, chunks=(2, 4))),
+        (
+            ["b", "a", "a"],
+            4,
+            15,
+            0.65,
+            _space(global_batch=(4, 8, 4), chunks=(2, 4), disable_vsp=False, sp_types=("megatron",), max_tp=2),
+        ),
+    ],
+)
 def test_stage_bound_never_exceeds_a_fitting_plans_time(types, world, seed, quantile, space):
     """The exact pass skips a setting on its per-stage bound: no plan of the setting that fits may be faster
     (checked against every plan), and it is never looser than the pooled bound that orders the settings."""
@@ -277,11 +364,17 @@ def test_stage_bound_never_exceeds_a_fitting_plans_time(types, world, seed, quan
         layers = set(space.layer_strategies(setting.devices, setting.dp_mode))
         embeddings = set(space.embedding_strategies(setting.devices, setting.dp_mode))
         bound_s = engine.stage_time_lower_bound(setting)
-        assert setting.global_batch / bound_s <= setting.upper_bound * (1 + 1e-6)   # both keep a relative slack against rounding
+        assert setting.global_batch / bound_s <= setting.upper_bound * (
+            1 + 1e-6
+        )  # both keep a relative slack against rounding
         for plan, prediction in plans:
-            if ((plan.pp, plan.global_batch, plan.chunks) == (pp, setting.global_batch, c) and set(plan.layers) <= layers
-                    and plan.embedding in embeddings and prediction.budgeted_bytes <= budget
-                    and tuple(model.in_flight(plan.pipeline, pp, s, c) for s in range(pp)) == setting.in_flight):
+            if (
+                (plan.pp, plan.global_batch, plan.chunks) == (pp, setting.global_batch, c)
+                and set(plan.layers) <= layers
+                and plan.embedding in embeddings
+                and prediction.budgeted_bytes <= budget
+                and tuple(model.in_flight(plan.pipeline, pp, s, c) for s in range(pp)) == setting.in_flight
+            ):
                 assert bound_s <= prediction.iteration_time_s * (1 + 1e-9), plan
                 checked += 1
     assert checked > 0
@@ -306,15 +399,18 @@ def test_pareto_indices_matches_definition():
         for i in range(n):
             dominated = any((pts[j] <= pts[i]).all() and (pts[j] < pts[i]).any() for j in range(n))
             assert (i in keep) != dominated or (not dominated and any((pts[j] == pts[i]).all() for j in keep))
-        assert len({tuple(pts[i]) for i in keep}) == len(keep)   # one of equal points
+        assert len({tuple(pts[i]) for i in keep}) == len(keep)  # one of equal points
     for n in (9, 600, 2000):  # groups: only points of the same group dominate each other
         pts = rng.integers(0, 15, size=(n, 3)).astype(float)
         grp = rng.integers(0, 3, size=n)
         keep = set(pareto_indices(pts[:, 0], pts[:, 1], pts[:, 2], grp).tolist())
         for k in range(3):
             members = np.flatnonzero(grp == k)
-            front = {tuple(pts[i]) for i in members
-                     if not any((pts[j] <= pts[i]).all() and (pts[j] < pts[i]).any() for j in members)}
+            front = {
+                tuple(pts[i])
+                for i in members
+                if not any((pts[j] <= pts[i]).all() and (pts[j] < pts[i]).any() for j in members)
+            }
             assert {tuple(pts[i]) for i in keep if grp[i] == k} == front
             assert sum(grp[i] == k for i in keep) == len(front)
 
@@ -328,14 +424,18 @@ def test_plan_json_round_trip(tmp_path):
     assert again.provenance["model"] == "toy" and again.provenance["search_time_s"] >= 0
     assert model.evaluate(again) == plan.prediction
     # the search's budget figure travels with the prediction; files written before it load without one
-    bounded = dataclasses.replace(plan, prediction=dataclasses.replace(plan.prediction, memory_bound_bytes_per_stage=(7,) * plan.pp))
+    bounded = dataclasses.replace(
+        plan, prediction=dataclasses.replace(plan.prediction, memory_bound_bytes_per_stage=(7,) * plan.pp)
+    )
     bounded.save(tmp_path / "bounded.json")
     assert Plan.load(tmp_path / "bounded.json").prediction.budgeted_bytes == 7
     data = json.loads((tmp_path / "bounded.json").read_text())
     del data["galvatron_fx"]["prediction"]["memory_bound_bytes_per_stage"]
     (tmp_path / "older.json").write_text(json.dumps(data))
     older = Plan.load(tmp_path / "older.json").prediction
-    assert older.memory_bound_bytes_per_stage == () and older.budgeted_bytes == max(plan.prediction.memory_bytes_per_stage)
+    assert older.memory_bound_bytes_per_stage == () and older.budgeted_bytes == max(
+        plan.prediction.memory_bytes_per_stage
+    )
 
 
 def test_pipeline_time_with_one_chunk_skips_unreachable_sync_levels():

@@ -17,8 +17,8 @@ import galvatron_fx
 from galvatron_fx.cluster import Cluster
 from galvatron_fx.compile import build_cost_model
 from galvatron_fx.models import build_model
-from galvatron_fx.passes.lower.pipeline import lower
 from galvatron_fx.passes.lower.obstacles import lowering_obstacles
+from galvatron_fx.passes.lower.pipeline import lower
 from galvatron_fx.passes.search.space import SearchSpace
 from galvatron_fx.plan import LayerStrategy, Plan
 
@@ -64,8 +64,13 @@ def _plans(program, cost_model, space: SearchSpace):
                         continue
                     wanted.remove(key)
                     layers.append(families[key][index % len(families[key])])
-                yield Plan(world_size=WORLD, layers=tuple(layers), pp=pp, global_batch=GLOBAL,
-                           embedding=embeddings[index % len(embeddings)])
+                yield Plan(
+                    world_size=WORLD,
+                    layers=tuple(layers),
+                    pp=pp,
+                    global_batch=GLOBAL,
+                    embedding=embeddings[index % len(embeddings)],
+                )
                 index += 1
 
 
@@ -84,8 +89,9 @@ def test_every_strategy_the_search_may_choose_lowers(name, fake_world):
     for plan in _plans(program, cost_model, SearchSpace(global_batch=(GLOBAL, GLOBAL, 1), disable_vsp=True)):
         for stage in range(plan.pp):
             built = lower(program, plan, stage * plan.devices_per_stage)
-            assert [l.strategy for l in built.stage_layers if l.kind in ("block", "transition")] == \
-                [plan.layers[i] for i in plan.stage_layers(stage)]
+            assert [item.strategy for item in built.stage_layers if item.kind in ("block", "transition")] == [
+                plan.layers[i] for i in plan.stage_layers(stage)
+            ]
             if stage == 0:
                 groups.clear_cache()
                 prepare_groups(program, plan)
@@ -108,4 +114,7 @@ def test_what_lowering_cannot_shard_is_left_out_of_the_search_with_its_reason():
     assert reason.startswith("lowering:") and "stay replicated" in reason
     plan = search(cost_model, WORLD, "80GB", SearchSpace(global_batch=(GLOBAL, GLOBAL, 1), disable_vsp=True))
     assert any("stay replicated" in entry for entry in plan.provenance["left_out"])
-    assert all(cost_model.unsupported_reason(layer.layer_type, strategy) is None for layer, strategy in zip(program.body, plan.layers))
+    assert all(
+        cost_model.unsupported_reason(layer.layer_type, strategy) is None
+        for layer, strategy in zip(program.body, plan.layers)
+    )

@@ -16,8 +16,8 @@ from galvatron_fx.passes.lower.ops import collectives as C
 from galvatron_fx.passes.lower.ops.vocab import masked_embedding, vocab_cross_entropy
 from galvatron_fx.passes.lower.pipeline import lower
 from galvatron_fx.passes.lower.stage import unwrap
-from galvatron_fx.program import layer_meta
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan
+from galvatron_fx.program import layer_meta
 
 
 @functools.lru_cache(maxsize=None)
@@ -29,7 +29,9 @@ def _program(name: str, batch: int = 2, seq: int = 16):
 
 def _plan(program, world: int, sp: str, vtp: int = 1) -> Plan:
     layers = tuple(LayerStrategy(tp=world, dp=1, sp=sp) for _ in program.body)
-    return Plan(world_size=world, layers=layers, global_batch=program.batch_size * world, embedding=EmbeddingStrategy(vtp=vtp))
+    return Plan(
+        world_size=world, layers=layers, global_batch=program.batch_size * world, embedding=EmbeddingStrategy(vtp=vtp)
+    )
 
 
 def _targets(module) -> list:
@@ -55,8 +57,10 @@ def test_megatron_sp_layer_collectives_and_shapes(name):
     assert hidden.name in layer_meta(gm).seq_inputs
     # norms' weights are replicated: their gradients are summed over the group
     norm_params = [n for n in gm.graph.find_nodes(op="get_attr") if "norm" in n.target.lower() or "ln_" in n.target]
-    assert norm_params and all(any(u.target is C.tp_copy for u in n.users) or
-                               any(v.target is C.tp_copy for u in n.users for v in u.users) for n in norm_params)
+    assert norm_params and all(
+        any(u.target is C.tp_copy for u in n.users) or any(v.target is C.tp_copy for u in n.users for v in u.users)
+        for n in norm_params
+    )
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
@@ -89,7 +93,9 @@ def test_vocab_parallel_shards_and_shares_tied_weights():
     prologue, epilogue = (unwrap(stage.layers[f"layer{program.layers[i].index}"]) for i in (0, -1))
     assert prologue.get_parameter("lm_head.weight") is epilogue.get_parameter("lm_head.weight")
     assert tuple(prologue.get_parameter("lm_head.weight").shape) == (128, 64)
-    assert vocab_cross_entropy in _targets(epilogue) and torch.ops.aten.cross_entropy_loss.default not in _targets(epilogue)
+    assert vocab_cross_entropy in _targets(epilogue) and torch.ops.aten.cross_entropy_loss.default not in _targets(
+        epilogue
+    )
 
 
 def test_vocab_parallel_functions_match_whole_vocabulary_in_one_process():
@@ -101,8 +107,8 @@ def test_vocab_parallel_functions_match_whole_vocabulary_in_one_process():
     loss = vocab_cross_entropy(padded, target, 0, 7, (0,))
     expected = torch.nn.functional.cross_entropy(logits, target)
     assert abs(loss.item() - expected.item()) < 1e-6
-    grad, = torch.autograd.grad(loss, logits)
-    expected_grad, = torch.autograd.grad(expected, logits)
+    (grad,) = torch.autograd.grad(loss, logits)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
     assert torch.allclose(grad, expected_grad, atol=1e-6)
 
 
@@ -115,7 +121,10 @@ def test_pipeline_cut_sends_the_sequence_shard():
         first, second = lower(program, plan, rank=0), lower(program, plan, rank=2)
     # the tp group's samples (4), half of the sequence each: what Megatron-SP holds, nothing gathered first
     # (the attention mask made by the prologue travels in the data split: its own samples, whole sequence)
-    assert [tuple(s.shape) for s in first.send_specs] == [(program.batch_size, 1, 16, 16), (program.batch_size * 2, 8, 64)]
+    assert [tuple(s.shape) for s in first.send_specs] == [
+        (program.batch_size, 1, 16, 16),
+        (program.batch_size * 2, 8, 64),
+    ]
     assert [tuple(s.shape) for s in second.recv_specs] == [tuple(s.shape) for s in first.send_specs]
     from galvatron_fx.passes.lower.ops.redistribute import redistribute
 
@@ -145,7 +154,9 @@ def test_a_stage_converts_a_value_once_per_layout(monkeypatch):
     assert R.redistribute(x, plan, plan, (0, 1), 4, None) is not first and len(exchanges) == 5  # outside: no sharing
 
 
-@pytest.mark.parametrize("src,dst", [(("megatron", 2), ("none", 1)), (("none", 1), ("ulysses", 2)), (("megatron", 2), ("none", 2))])
+@pytest.mark.parametrize(
+    "src,dst", [(("megatron", 2), ("none", 1)), (("none", 1), ("ulysses", 2)), (("megatron", 2), ("none", 2))]
+)
 def test_redistribution_moves_only_missing_blocks(src, dst):
     from galvatron_fx.passes.lower.layouts import Layout, exchange_plan
 
@@ -159,8 +170,16 @@ def test_redistribution_moves_only_missing_blocks(src, dst):
     for me in range(devices):
         sends, recvs = exchange_plan(a, b, devices, me, rows, seq)
         moved = sum(nb * ns for peer, _, nb, _, ns in recvs if peer != me)
-        have = {(i, j) for i in range(rows) for j in range(seq)
-                if i // (rows // a.dp) == a.block(me)[0] and j // (seq // a.seq) == a.block(me)[1]}
-        need = {(i, j) for i in range(rows) for j in range(seq)
-                if i // (rows // b.dp) == b.block(me)[0] and j // (seq // b.seq) == b.block(me)[1]}
+        have = {
+            (i, j)
+            for i in range(rows)
+            for j in range(seq)
+            if i // (rows // a.dp) == a.block(me)[0] and j // (seq // a.seq) == a.block(me)[1]
+        }
+        need = {
+            (i, j)
+            for i in range(rows)
+            for j in range(seq)
+            if i // (rows // b.dp) == b.block(me)[0] and j // (seq // b.seq) == b.block(me)[1]
+        }
         assert moved == len(need - have)  # every element it lacks arrives once; nothing it holds is sent to it

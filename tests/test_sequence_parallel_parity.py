@@ -11,8 +11,17 @@ from __future__ import annotations
 import warnings
 
 import pytest
+from distributed import (
+    GLOBAL_BATCH,
+    _config,
+    _program,
+    check_parity,
+    optimizer_factory,
+    shared_runs,
+    split_recipe,
+    tier_params,
+)
 
-from distributed import GLOBAL_BATCH, _config, _program, check_parity, optimizer_factory, shared_runs, split_recipe, tier_params
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan
 
 # name → (world size, pp, chunks, vtp, per-layer pattern of (tp, sp, dp_type))
@@ -20,7 +29,13 @@ RECIPES = {
     "tp2_sp": (2, 1, 1, 1, ((2, "megatron", "ddp"),)),
     "ulysses2": (2, 1, 1, 1, ((2, "ulysses", "ddp"),)),
     "mixed_sp": (2, 1, 1, 1, ((2, "megatron", "ddp"), (2, "none", "ddp"), (1, "none", "ddp"), (2, "ulysses", "ddp"))),
-    "pp2_mixed_sp": (4, 2, 2, 1, ((2, "megatron", "ddp"), (1, "none", "ddp"), (2, "ulysses", "ddp"), (2, "megatron", "ddp"))),
+    "pp2_mixed_sp": (
+        4,
+        2,
+        2,
+        1,
+        ((2, "megatron", "ddp"), (1, "none", "ddp"), (2, "ulysses", "ddp"), (2, "megatron", "ddp")),
+    ),
     "tp2_sp_dp2": (4, 1, 1, 1, ((2, "megatron", "zero3"), (2, "ulysses", "ddp"))),
     "ulysses4": (4, 1, 1, 1, ((4, "ulysses", "ddp"), (4, "megatron", "ddp"))),
     "pp2_sp_cut": (4, 2, 2, 1, ((2, "ulysses", "ddp"), (2, "megatron", "ddp"))),  # the cut carries sequence shards
@@ -39,8 +54,15 @@ def make_plan(recipe: str, num_layers: int, model: str = "") -> Plan:
     for i in range(num_layers):
         tp, sp, dp_type = pattern[i % len(pattern)]
         layers.append(LayerStrategy(tp=tp, dp=devices // tp, sp=sp, dp_type=dp_type if devices // tp > 1 else "ddp"))
-    return Plan(world_size=world, layers=tuple(layers), pp=pp, chunks=chunks, global_batch=GLOBAL_BATCH,
-                embedding=EmbeddingStrategy(vtp=vtp), provenance={"model": model} if model else {})
+    return Plan(
+        world_size=world,
+        layers=tuple(layers),
+        pp=pp,
+        chunks=chunks,
+        global_batch=GLOBAL_BATCH,
+        embedding=EmbeddingStrategy(vtp=vtp),
+        provenance={"model": model} if model else {},
+    )
 
 
 def train_cases(rank: int, world_size: int, cases: list[tuple[str, str]]) -> dict:
@@ -52,7 +74,9 @@ def train_cases(rank: int, world_size: int, cases: list[tuple[str, str]]) -> dic
         base, optimizer = split_recipe(recipe)
         program, batches = _program(model_name)
         plan = make_plan(base, len(program.body), program.model_name)
-        trainer = Trainer(program, plan, config=_config(), optimizer=optimizer_factory(optimizer), model_name=program.model_name)
+        trainer = Trainer(
+            program, plan, config=_config(), optimizer=optimizer_factory(optimizer), model_name=program.model_name
+        )
         losses = [trainer.step(batch) for batch in batches]
         results[f"{model_name}/{recipe}"] = {"losses": losses, "params": trainer.full_parameters()}
     return results
@@ -60,10 +84,15 @@ def train_cases(rank: int, world_size: int, cases: list[tuple[str, str]]) -> dic
 
 MODELS = ("gpt2", "llama", "bert")
 # one 2-rank group also runs the vocab-parallel fast cases (tests/test_vocab_parallel_parity.py): one capture per model
-FAST = {2: [(m, r) for m in MODELS for r in ("tp2_sp", "ulysses2", "vtp2")] + [("llama", "mixed_sp")]
-        + [(m, "vtp2+sgd") for m in ("gpt2", "llama", "bert", "t5", "vit", "swin")]}
-FULL = {2: [("gpt2", "mixed_sp"), ("bert", "mixed_sp")],
-        4: [(m, r) for m in MODELS for r in ("pp2_mixed_sp", "tp2_sp_dp2", "ulysses4", "pp2_sp_cut")]}
+FAST = {
+    2: [(m, r) for m in MODELS for r in ("tp2_sp", "ulysses2", "vtp2")]
+    + [("llama", "mixed_sp")]
+    + [(m, "vtp2+sgd") for m in ("gpt2", "llama", "bert", "t5", "vit", "swin")]
+}
+FULL = {
+    2: [("gpt2", "mixed_sp"), ("bert", "mixed_sp")],
+    4: [(m, r) for m in MODELS for r in ("pp2_mixed_sp", "tp2_sp_dp2", "ulysses4", "pp2_sp_cut")],
+}
 _results = shared_runs(lambda world_size, fast: (FAST if fast else FULL)[world_size], train_cases, timeout_s=1200)
 
 

@@ -11,10 +11,10 @@ import torch.distributed as dist
 
 import galvatron_fx
 from galvatron_fx.errors import PlanError
-from galvatron_fx.models import build_model
-from galvatron_fx.passes.lower.ops.collectives import tp_copy, tp_reduce, tp_scatter
 from galvatron_fx.fx_utils import copy_layer_modules
+from galvatron_fx.models import build_model
 from galvatron_fx.passes.lower.graph.tensor_parallel import TPConfig, tensor_parallel
+from galvatron_fx.passes.lower.ops.collectives import tp_copy, tp_reduce, tp_scatter
 from galvatron_fx.program import layer_meta
 from galvatron_fx.runtime import spawn
 
@@ -39,15 +39,22 @@ def _layer_inputs(program, kwargs) -> dict:
 
 
 def _run(module, layer, env, seed):
-    inputs = [env[n].detach().clone().requires_grad_(env[n].is_floating_point()) if isinstance(env[n], torch.Tensor) else env[n]
-              for n in layer.input_names]
+    inputs = [
+        env[n].detach().clone().requires_grad_(env[n].is_floating_point())
+        if isinstance(env[n], torch.Tensor)
+        else env[n]
+        for n in layer.input_names
+    ]
     outputs = module(*inputs)
     generator = torch.Generator().manual_seed(seed)
     grads = [torch.randn(o.shape, generator=generator) for o in outputs]
     pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
     torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-    return ([o.detach() for o in outputs], [i.grad for i in inputs if isinstance(i, torch.Tensor) and i.grad is not None],
-            {n: p.grad for n, p in module.named_parameters()})
+    return (
+        [o.detach() for o in outputs],
+        [i.grad for i in inputs if isinstance(i, torch.Tensor) and i.grad is not None],
+        {n: p.grad for n, p in module.named_parameters()},
+    )
 
 
 def _worker(rank: int, world: int, names: list[str], plans: list[str]) -> dict:
@@ -66,10 +73,14 @@ def _worker(rank: int, world: int, names: list[str], plans: list[str]) -> dict:
                     tensor_parallel(module, TPConfig(len(ranks), ranks.index(rank), ranks), f"layer{layer.index}")
                 outs, in_grads, param_grads = _run(module, layer, env, seed=layer.index)
                 records = layer_meta(module).shards
-                worst = max([_error(a, b) for a, b in zip(outs, reference[0])]
-                            + [_error(a, b) for a, b in zip(in_grads, reference[1])]
-                            + [_error(g, records[n].select(reference[2][n]) if n in records else reference[2][n])
-                               for n, g in param_grads.items()])
+                worst = max(
+                    [_error(a, b) for a, b in zip(outs, reference[0])]
+                    + [_error(a, b) for a, b in zip(in_grads, reference[1])]
+                    + [
+                        _error(g, records[n].select(reference[2][n]) if n in records else reference[2][n])
+                        for n, g in param_grads.items()
+                    ]
+                )
                 errors[f"{name}/{plan}/layer{layer.index}/{layer.kind}"] = (worst, len(records))
     return errors
 
@@ -112,7 +123,11 @@ def _calls(module, fn):
 
 def _sizes(module, target):
     """The size arguments of every ``target`` call; a size read from a tensor (the batch) as "B"."""
-    return [["B" if isinstance(s, torch.fx.Node) else s for s in n.args[1]] for n in module.graph.nodes if n.target is target]
+    return [
+        ["B" if isinstance(s, torch.fx.Node) else s for s in n.args[1]]
+        for n in module.graph.nodes
+        if n.target is target
+    ]
 
 
 def test_gpt2_fused_qkv_shards_heads_of_each_section():
@@ -124,10 +139,12 @@ def test_gpt2_fused_qkv_shards_heads_of_each_section():
     local = module.get_parameter("transformer.h.0.attn.c_attn.weight")
     assert local.shape == (64, 96)
     # rank 1 holds heads 2..3 of q, of k and of v
-    expected = torch.cat([full[:, s * 64 + 32: s * 64 + 64] for s in range(3)], dim=1)
+    expected = torch.cat([full[:, s * 64 + 32 : s * 64 + 64] for s in range(3)], dim=1)
     torch.testing.assert_close(local, expected)
     assert module.get_parameter("transformer.h.0.attn.c_proj.weight").shape == (32, 64)
-    assert module.get_parameter("transformer.h.0.attn.c_proj.bias").shape == (64,)  # row-parallel bias: whole, added after the sum
+    assert module.get_parameter("transformer.h.0.attn.c_proj.bias").shape == (
+        64,
+    )  # row-parallel bias: whole, added after the sum
     views = _sizes(module, torch.ops.aten.view.default)
     assert ["B", 16, 96] in views and [-1, 32] in views and [-1, 128] in views
     assert len(_calls(module, tp_reduce)) == 2 and len(_calls(module, tp_copy)) == 2

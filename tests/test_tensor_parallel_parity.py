@@ -11,8 +11,17 @@ from __future__ import annotations
 import warnings
 
 import pytest
+from distributed import (
+    GLOBAL_BATCH,
+    _config,
+    _program,
+    check_parity,
+    optimizer_factory,
+    shared_runs,
+    split_recipe,
+    tier_params,
+)
 
-from distributed import GLOBAL_BATCH, _config, _program, check_parity, optimizer_factory, shared_runs, split_recipe, tier_params
 from galvatron_fx.plan import LayerStrategy, Plan
 
 # name → (world size, pp, chunks, per-layer pattern of (tp, dp_type, consecutive))
@@ -33,9 +42,19 @@ def make_plan(recipe: str, num_layers: int, model: str = "") -> Plan:
     layers = []
     for i in range(num_layers):
         tp, dp_type, consecutive = pattern[i % len(pattern)]
-        layers.append(LayerStrategy(tp=tp, dp=devices // tp, dp_type=dp_type if devices // tp > 1 else "ddp", tp_consecutive=consecutive))
-    return Plan(world_size=world, layers=tuple(layers), pp=pp, chunks=chunks, global_batch=GLOBAL_BATCH,
-                provenance={"model": model} if model else {})
+        layers.append(
+            LayerStrategy(
+                tp=tp, dp=devices // tp, dp_type=dp_type if devices // tp > 1 else "ddp", tp_consecutive=consecutive
+            )
+        )
+    return Plan(
+        world_size=world,
+        layers=tuple(layers),
+        pp=pp,
+        chunks=chunks,
+        global_batch=GLOBAL_BATCH,
+        provenance={"model": model} if model else {},
+    )
 
 
 def train_cases(rank: int, world_size: int, cases: list[tuple[str, str]]) -> dict:
@@ -47,21 +66,39 @@ def train_cases(rank: int, world_size: int, cases: list[tuple[str, str]]) -> dic
         base, optimizer = split_recipe(recipe)
         program, batches = _program(model_name)
         plan = make_plan(base, len(program.body), program.model_name)
-        trainer = Trainer(program, plan, config=_config(), optimizer=optimizer_factory(optimizer), model_name=program.model_name)
+        trainer = Trainer(
+            program, plan, config=_config(), optimizer=optimizer_factory(optimizer), model_name=program.model_name
+        )
         losses = [trainer.step(batch) for batch in batches]
         params = trainer.full_parameters()
-        results[f"{model_name}/{recipe}"] = {"losses": losses, "params": params, "local": trainer.stage.position.local,
-                                             "tp_records": {}}
+        results[f"{model_name}/{recipe}"] = {
+            "losses": losses,
+            "params": params,
+            "local": trainer.stage.position.local,
+            "tp_records": {},
+        }
     return results
 
 
 ALL_MODELS = ("gpt2", "llama", "bert", "t5", "vit", "swin")
-FAST = {2: [("gpt2", "tp2"), ("llama", "tp2")] + [(m, "tp2+sgd") for m in ALL_MODELS],
-        4: [("gpt2", "tp4"), ("llama", "tp4"), ("bert", "tp2_strided"), ("gpt2", "tp2_dp2"), ("llama", "tp2_zero3"),
-            ("gpt2", "pp2_tp2"), ("llama", "hetero_tp")] + [(m, "pp2_tp2+sgd") for m in ALL_MODELS]}
-FULL = {2: [("bert", "tp2"), ("t5", "tp2"), ("vit", "tp2"), ("swin", "tp2")],
-        4: [(m, r) for m in ("gpt2", "llama", "bert") for r in RECIPES if RECIPES[r][0] == 4 and (m, r) not in FAST[4]]
-        + [(m, "pp2_tp2") for m in ("t5", "vit", "swin")]}
+FAST = {
+    2: [("gpt2", "tp2"), ("llama", "tp2")] + [(m, "tp2+sgd") for m in ALL_MODELS],
+    4: [
+        ("gpt2", "tp4"),
+        ("llama", "tp4"),
+        ("bert", "tp2_strided"),
+        ("gpt2", "tp2_dp2"),
+        ("llama", "tp2_zero3"),
+        ("gpt2", "pp2_tp2"),
+        ("llama", "hetero_tp"),
+    ]
+    + [(m, "pp2_tp2+sgd") for m in ALL_MODELS],
+}
+FULL = {
+    2: [("bert", "tp2"), ("t5", "tp2"), ("vit", "tp2"), ("swin", "tp2")],
+    4: [(m, r) for m in ("gpt2", "llama", "bert") for r in RECIPES if RECIPES[r][0] == 4 and (m, r) not in FAST[4]]
+    + [(m, "pp2_tp2") for m in ("t5", "vit", "swin")],
+}
 _results = shared_runs(lambda world_size, fast: (FAST if fast else FULL)[world_size], train_cases, timeout_s=1200)
 
 

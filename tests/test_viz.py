@@ -18,21 +18,47 @@ from galvatron_fx.cost.model import CostModel
 from galvatron_fx.cost.model_profile import ModelProfile
 from galvatron_fx.errors import ConfigError, PlanError
 from galvatron_fx.models import build_model
-from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy as S, Plan, Prediction
+from galvatron_fx.plan import EmbeddingStrategy, Plan, Prediction
+from galvatron_fx.plan import LayerStrategy as S
 from galvatron_fx.viz import build_layer_graph, render_dot, visualize
 from galvatron_fx.viz.collectives import redistribution_op
 from galvatron_fx.viz.schedule import BACKWARD, FORWARD, simulate_schedule
 
-GPT2_PLAN = dict(world_size=4, pp=2, pp_division=(2, 2), pipeline="1f1b", chunks=4, global_batch=8,
-                 layers=(S(tp=2), S(dp=2, dp_type="zero3", ckpt=True), S(tp=2, sp="megatron"), S(dp=2, dp_type="zero2")),
-                 embedding=EmbeddingStrategy(vtp=2))
-T5_PLAN = dict(world_size=4, pp=2, pp_division=(4, 3), pipeline="gpipe", chunks=2, global_batch=8,
-               layers=(S(dp=2), S(dp=2, ckpt=True), S(tp=2, sp="ulysses"), S(tp=2),
-                       S(tp=2, tp_consecutive=False), S(dp=2, dp_type="zero3"), S(tp=2, ckpt=True)))
+GPT2_PLAN = dict(
+    world_size=4,
+    pp=2,
+    pp_division=(2, 2),
+    pipeline="1f1b",
+    chunks=4,
+    global_batch=8,
+    layers=(S(tp=2), S(dp=2, dp_type="zero3", ckpt=True), S(tp=2, sp="megatron"), S(dp=2, dp_type="zero2")),
+    embedding=EmbeddingStrategy(vtp=2),
+)
+T5_PLAN = dict(
+    world_size=4,
+    pp=2,
+    pp_division=(4, 3),
+    pipeline="gpipe",
+    chunks=2,
+    global_batch=8,
+    layers=(
+        S(dp=2),
+        S(dp=2, ckpt=True),
+        S(tp=2, sp="ulysses"),
+        S(tp=2),
+        S(tp=2, tp_consecutive=False),
+        S(dp=2, dp_type="zero3"),
+        S(tp=2, ckpt=True),
+    ),
+)
 # by hand: (program index before, after) of every layout change inside a stage, and of every stage cut
-EXPECTED = {"gpt2": dict(redistributions={(1, 2): "slice", (3, 4): "all_to_all"}, transfers=[(2, 3)]),
-            "t5": dict(redistributions={(2, 3): "all_to_all", (3, 4): "all_gather", (5, 6): "slice", (6, 7): "all_gather"},
-                       transfers=[(4, 5)])}
+EXPECTED = {
+    "gpt2": dict(redistributions={(1, 2): "slice", (3, 4): "all_to_all"}, transfers=[(2, 3)]),
+    "t5": dict(
+        redistributions={(2, 3): "all_to_all", (3, 4): "all_gather", (5, 6): "slice", (6, 7): "all_gather"},
+        transfers=[(4, 5)],
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +72,9 @@ def programs():
 
 def cost_model_for(program):
     cluster = Cluster.preset("A100-80GB", nodes=1, devices_per_node=4)
-    return CostModel(ModelProfile.from_program(program, flops_per_s=cluster.sustained_flops["fp32"]), cluster.hardware_profile())
+    return CostModel(
+        ModelProfile.from_program(program, flops_per_s=cluster.sustained_flops["fp32"]), cluster.hardware_profile()
+    )
 
 
 def plan_for(name, **changes):
@@ -73,14 +101,18 @@ def test_layers_stages_boundaries_and_memory(programs, name):
     assert {(r.src, r.dst): r.op for r in graph.redistributions} == EXPECTED[name]["redistributions"]
     assert [(t.src, t.dst) for t in graph.transfers] == EXPECTED[name]["transfers"]
     assert all(t.bytes > 0 and t.time_s > 0 for t in graph.transfers)
-    assert [s.layer_indices for s in graph.stages] == [tuple(n.index for n in graph.layers if n.stage == s) for s in range(plan.pp)]
+    assert [s.layer_indices for s in graph.stages] == [
+        tuple(n.index for n in graph.layers if n.stage == s) for s in range(plan.pp)
+    ]
     # the per-layer breakdown adds up to the cost model's own per-stage peak and iteration time
     prediction = cost_model.evaluate(plan)
     assert tuple(s.memory_bytes for s in graph.stages) == prediction.memory_bytes_per_stage
     assert graph.iteration_s == pytest.approx(prediction.iteration_time_s)
     assert graph.source == "cost model"
     in_flight = [s.in_flight for s in graph.stages]
-    assert in_flight == ([min(plan.chunks, plan.pp - s) for s in range(plan.pp)] if plan.pipeline == "1f1b" else [plan.chunks] * plan.pp)
+    assert in_flight == (
+        [min(plan.chunks, plan.pp - s) for s in range(plan.pp)] if plan.pipeline == "1f1b" else [plan.chunks] * plan.pp
+    )
 
 
 def _calls(node):
@@ -94,10 +126,15 @@ def test_collectives_follow_each_layers_strategy(programs):
     hidden_bytes = 2 * 32 * 64 * 4  # micro-batch 2 × seq 32 × hidden 64 × fp32
     assert _calls(tp) == {("all_reduce", "tp", "forward", 2, 2), ("all_reduce", "tp", "backward", 2, 2)}
     assert {c.bytes_per_call for c in tp.collectives} == {hidden_bytes}
-    assert _calls(zero3) == {("all_gather", "zero3", "forward", 1, 2), ("all_gather", "zero3", "backward", 1, 2),
-                             ("reduce_scatter", "zero3", "step", 1, 2)}
+    assert _calls(zero3) == {
+        ("all_gather", "zero3", "forward", 1, 2),
+        ("all_gather", "zero3", "backward", 1, 2),
+        ("reduce_scatter", "zero3", "step", 1, 2),
+    }
     assert {c.bytes_per_call for c in zero3.collectives} == {zero3.param_count * 4}
-    assert _calls(sp) == {(op, "megatron_sp", phase, 2, 2) for op in ("all_gather", "reduce_scatter") for phase in ("forward", "backward")}
+    assert _calls(sp) == {
+        (op, "megatron_sp", phase, 2, 2) for op in ("all_gather", "reduce_scatter") for phase in ("forward", "backward")
+    }
     assert _calls(zero2) == {("reduce_scatter", "zero2", "step", 1, 2), ("all_gather", "zero2", "step", 1, 2)}
     assert _calls(prologue) == {("all_reduce", "vtp", "forward", 1, 2)}
     assert _calls(epilogue) == {("all_reduce", "vtp", "backward", 1, 2)}
@@ -184,8 +221,15 @@ def test_onnx_export_passes_the_checker_and_carries_the_plan(programs, tmp_path)
     nodes = list(model.graph.node)
     attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
     layer_nodes = [(n, a) for n, a in zip(nodes, attrs) if "layer_type" in a]
-    assert [n.op_type for n, _ in layer_nodes] == ["Prologue", "GPT2Block", "GPT2Block", "GPT2Block", "GPT2Block", "Epilogue"]
-    for (node, a), layer in zip(layer_nodes, graph.layers):
+    assert [n.op_type for n, _ in layer_nodes] == [
+        "Prologue",
+        "GPT2Block",
+        "GPT2Block",
+        "GPT2Block",
+        "GPT2Block",
+        "Epilogue",
+    ]
+    for (_, a), layer in zip(layer_nodes, graph.layers):
         assert a["stage"] == layer.stage and a["strategy"].decode() == layer.strategy_label
         assert a["fwd_flops"] == layer.fwd_flops and a["memory_bytes"] == layer.memory_bytes
     kinds = [a["collective_kind"].decode() for a in attrs if "collective_kind" in a and "purpose" in a]
@@ -280,7 +324,9 @@ def test_dot_structure(programs, name, tmp_path):
         walk.append(here)
     assert [n for n in walk if n.startswith("L")] == [f"L{layer.index}" for layer in graph.layers[1:]]
     assert [n for n in walk if n.startswith("R")] == [f"R{r.src}_{r.dst}" for r in graph.redistributions]
-    assert {found["label"] for node, (found, cluster) in nodes.items() if cluster == "cluster_legend"} == {label for label, _ in graph.legend}
+    assert {found["label"] for node, (found, cluster) in nodes.items() if cluster == "cluster_legend"} == {
+        label for label, _ in graph.legend
+    }
     if shutil.which("dot"):  # Graphviz is optional; when present it must accept the text too
         (tmp_path / "plan.dot").write_text(text)
         done = subprocess.run(["dot", "-Tsvg", str(tmp_path / "plan.dot")], capture_output=True, text=True, timeout=60)
@@ -290,7 +336,10 @@ def test_dot_structure(programs, name, tmp_path):
 def test_visualize_formats_and_paths(programs, tmp_path):
     program, plan = programs["gpt2"], plan_for("gpt2")
     files = visualize(program, plan, tmp_path / "out" / "mine.html", formats="html,dot")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mine.dot", "mine.html"] and set(files) == {"html", "dot"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mine.dot", "mine.html"] and set(files) == {
+        "html",
+        "dot",
+    }
     files = visualize(program, plan, tmp_path / "dir", formats=["onnx"])
     assert files["onnx"].name == "GPT2LMHeadModel.onnx" and files["onnx"].stat().st_size > 0
     with pytest.raises(ConfigError, match="svg"):
@@ -301,8 +350,22 @@ def test_cli_viz(tmp_path, capsys):
     plan = plan_for("gpt2", provenance={"memory_budget_bytes": 2_000_000})
     plan.save(tmp_path / "plan.json")
     out = tmp_path / "viz"
-    code = main(["viz", "gpt2", "--plan", str(tmp_path / "plan.json"), "--out", str(out), "--format", "html,dot",
-                 "--cluster", "A100-80GB", "--devices-per-node", "4"])
+    code = main(
+        [
+            "viz",
+            "gpt2",
+            "--plan",
+            str(tmp_path / "plan.json"),
+            "--out",
+            str(out),
+            "--format",
+            "html,dot",
+            "--cluster",
+            "A100-80GB",
+            "--devices-per-node",
+            "4",
+        ]
+    )
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["GPT2LMHeadModel.dot", "GPT2LMHeadModel.html"]
     page = (out / "GPT2LMHeadModel.html").read_text()
@@ -316,6 +379,15 @@ def test_cli_viz(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["viz", "--help"])
     help_text = capsys.readouterr().out
-    for option in ("--plan", "--out", "--format", "--world-size", "--cluster", "--hardware-profile", "--model-profile",
-                   "--memory-budget", "--mixed-precision"):
+    for option in (
+        "--plan",
+        "--out",
+        "--format",
+        "--world-size",
+        "--cluster",
+        "--hardware-profile",
+        "--model-profile",
+        "--memory-budget",
+        "--mixed-precision",
+    ):
         assert option in help_text

@@ -17,32 +17,71 @@ from galvatron_fx.cluster import Cluster
 from galvatron_fx.cost.model import CostModel
 from galvatron_fx.cost.model_profile import ModelProfile
 from galvatron_fx.models import build_model
-from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy as S, Plan
+from galvatron_fx.plan import EmbeddingStrategy, Plan
+from galvatron_fx.plan import LayerStrategy as S
 from galvatron_fx.viz import build_layer_graph, render_html
 from galvatron_fx.viz.html import ACTIVATIONS_FILL, BACKWARD_FILL, FORWARD_FILL, PEAK_FILL, STATES_FILL
 
 WINDOW = (1280, 2400)
 PLANS = {
-    "gpt2": Plan(world_size=4, pp=2, pp_division=(2, 2), pipeline="1f1b", chunks=4, global_batch=8,
-                 layers=(S(tp=2), S(dp=2, dp_type="zero3", ckpt=True), S(tp=2, sp="megatron"), S(dp=2, dp_type="zero2")),
-                 embedding=EmbeddingStrategy(vtp=2)),
-    "t5": Plan(world_size=4, pp=2, pp_division=(3, 4), pipeline="gpipe", chunks=2, global_batch=8,
-               layers=(S(dp=2), S(dp=2, ckpt=True), S(tp=2, sp="ulysses"), S(tp=2),
-                       S(tp=2, tp_consecutive=False), S(dp=2, dp_type="zero3"), S(tp=2, ckpt=True))),
+    "gpt2": Plan(
+        world_size=4,
+        pp=2,
+        pp_division=(2, 2),
+        pipeline="1f1b",
+        chunks=4,
+        global_batch=8,
+        layers=(S(tp=2), S(dp=2, dp_type="zero3", ckpt=True), S(tp=2, sp="megatron"), S(dp=2, dp_type="zero2")),
+        embedding=EmbeddingStrategy(vtp=2),
+    ),
+    "t5": Plan(
+        world_size=4,
+        pp=2,
+        pp_division=(3, 4),
+        pipeline="gpipe",
+        chunks=2,
+        global_batch=8,
+        layers=(
+            S(dp=2),
+            S(dp=2, ckpt=True),
+            S(tp=2, sp="ulysses"),
+            S(tp=2),
+            S(tp=2, tp_consecutive=False),
+            S(dp=2, dp_type="zero3"),
+            S(tp=2, ckpt=True),
+        ),
+    ),
 }
 
 
 def chromium_path() -> str:
     path = shutil.which("chromium") or "/usr/bin/chromium"
-    assert os.path.exists(path), "Debian's chromium is needed for this test: apt-get install -y chromium fonts-dejavu-core"
+    assert os.path.exists(path), (
+        "Debian's chromium is needed for this test: apt-get install -y chromium fonts-dejavu-core"
+    )
     return path
 
 
 def run_chromium(tmp_path, page, *args) -> subprocess.CompletedProcess:
-    command = [chromium_path(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
-               "--force-device-scale-factor=1", f"--user-data-dir={tmp_path / 'profile'}", *args, page.as_uri()]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=180, env={**os.environ, "HOME": str(tmp_path)})
+    command = [
+        chromium_path(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        "--force-device-scale-factor=1",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        *args,
+        page.as_uri(),
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=180, env={**os.environ, "HOME": str(tmp_path)}
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return done
 
@@ -51,8 +90,8 @@ def read_png(path) -> np.ndarray:
     """RGB pixels of an 8-bit, non-interlaced RGB or RGBA PNG (what chromium writes), as (height, width, 3)."""
     data, pos, chunks = path.read_bytes(), 8, []
     while pos < len(data):
-        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
-        body = data[pos + 8:pos + 8 + length]
+        (length,), kind = struct.unpack(">I", data[pos : pos + 4]), data[pos + 4 : pos + 8]
+        body = data[pos + 8 : pos + 8 + length]
         if kind == b"IHDR":
             width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", body)
             assert depth == 8 and color in (2, 6) and interlace == 0
@@ -89,7 +128,7 @@ def read_png(path) -> np.ndarray:
 
 
 def mask(image, hex_color) -> np.ndarray:
-    rgb = [int(hex_color[i:i + 2], 16) for i in (1, 3, 5)]
+    rgb = [int(hex_color[i : i + 2], 16) for i in (1, 3, 5)]
     return np.all(image == rgb, axis=2)
 
 
@@ -114,7 +153,9 @@ def graphs():
         model, kwargs = build_model(name, batch=4, seq=32)
         program = capture(model, example_kwargs=kwargs)
         cluster = Cluster.preset("A100-80GB", nodes=1, devices_per_node=4)
-        cost_model = CostModel(ModelProfile.from_program(program, flops_per_s=cluster.sustained_flops["fp32"]), cluster.hardware_profile())
+        cost_model = CostModel(
+            ModelProfile.from_program(program, flops_per_s=cluster.sustained_flops["fp32"]), cluster.hardware_profile()
+        )
         graph = build_layer_graph(program, plan, cost_model)
         # a budget between the two stages' peaks: one stage fits, the other is flagged
         budget = sum(s.memory_bytes for s in graph.stages) // 2
@@ -127,7 +168,9 @@ def test_page_is_self_contained(graphs, name):
     page = render_html(graphs[name])
     assert not re.search(r"(?<![-\w])(src|href)\s*=", page)
     assert "@import" not in page and "https://" not in page
-    assert set(re.findall(r"http://[^\"' ]+", page)) <= {"http://www.w3.org/2000/svg"}  # the SVG namespace, never fetched
+    assert set(re.findall(r"http://[^\"' ]+", page)) <= {
+        "http://www.w3.org/2000/svg"
+    }  # the SVG namespace, never fetched
     assert set(re.findall(r"url\(([^)]*)\)", page)) <= {"#arrow"}
 
 
@@ -149,8 +192,12 @@ def test_screenshot_shows_strategies_memory_and_timeline(graphs, tmp_path):
     for label, count in per_layer.items():
         assert 0.7 * typical < count < 1.3 * typical, (label, count, typical)
     # ... at the layers' places: boxes of single-layer strategies top to bottom in execution order
-    centres = [(n.index, np.median(np.nonzero(mask(image, n.color))[0]))
-               for label, nodes in layers_of.items() if len(nodes) == 1 for n in nodes]
+    centres = [
+        (n.index, np.median(np.nonzero(mask(image, n.color))[0]))
+        for label, nodes in layers_of.items()
+        if len(nodes) == 1
+        for n in nodes
+    ]
     ordered = [y for _, y in sorted(centres)]
     assert ordered == sorted(ordered) and len(ordered) == 4
     embed_rows = np.nonzero(mask(image, graph.layers[0].color))[0]
@@ -166,9 +213,13 @@ def test_screenshot_shows_strategies_memory_and_timeline(graphs, tmp_path):
     assert len(tops) == graph.pp
     bars = states | mask(image, ACTIVATIONS_FILL) | mask(image, PEAK_FILL)
     for top, stage in zip(tops, graph.stages):  # model states' share of each stage's bar, and bar lengths across stages
-        assert states[top + 5].sum() / bars[top + 5].sum() == pytest.approx(stage.model_state_bytes / stage.memory_bytes, abs=0.02)
+        assert states[top + 5].sum() / bars[top + 5].sum() == pytest.approx(
+            stage.model_state_bytes / stage.memory_bytes, abs=0.02
+        )
     lengths = [bars[top + 5].sum() for top in tops]
-    assert lengths[0] / lengths[1] == pytest.approx(graph.stages[0].memory_bytes / graph.stages[1].memory_bytes, rel=0.03)
+    assert lengths[0] / lengths[1] == pytest.approx(
+        graph.stages[0].memory_bytes / graph.stages[1].memory_bytes, rel=0.03
+    )
 
     # the timeline below: forward and backward boxes in proportion to the stages' forward and backward times
     forward, backward = mask(image, FORWARD_FILL), mask(image, BACKWARD_FILL)
@@ -187,14 +238,17 @@ def test_rendered_dom_has_layers_stages_and_timeline(graphs, name, tmp_path):
     elements = Elements()
     elements.feed(dom)
     layers = elements.having("layer")
-    assert [(int(a["data-layer"]), int(a["data-stage"]), a["data-strategy"]) for a in layers] == \
-           [(n.index, n.stage, n.strategy_label) for n in graph.layers]
+    assert [(int(a["data-layer"]), int(a["data-stage"]), a["data-strategy"]) for a in layers] == [
+        (n.index, n.stage, n.strategy_label) for n in graph.layers
+    ]
     assert [int(a["data-stage"]) for a in elements.having("stage")] == list(range(graph.pp))
     for phase in ("forward", "backward"):
         boxes = {(int(a["data-stage"]), int(a["data-micro-batch"])) for a in elements.having("op", phase)}
         assert boxes == {(s, m) for s in range(graph.pp) for m in range(graph.chunks)}
     memory = elements.having("stage-memory")
-    assert [int(a["data-over"]) for a in memory] == [int(s.memory_bytes > graph.memory_budget_bytes) for s in graph.stages]
+    assert [int(a["data-over"]) for a in memory] == [
+        int(s.memory_bytes > graph.memory_budget_bytes) for s in graph.stages
+    ]
     assert sorted(int(a["data-over"]) for a in memory) == [0, 1]
     assert len(elements.having("redistribution")) == len(graph.redistributions) > 0
     assert len(elements.having("transfer")) == len(graph.transfers) == graph.pp - 1

@@ -1,4 +1,5 @@
-"""BERT (masked language modelling) trained with a hybrid-parallel plan that galvatron_fx searches for the cluster it runs on.
+"""BERT (masked language modelling) trained with a hybrid-parallel plan that galvatron_fx searches
+for the cluster it runs on.
 
     torchrun --nproc_per_node 4 examples/bert/train.py                  # small config, CPU processes
     torchrun --nproc_per_node 8 examples/bert/train.py --size real      # BERT-base, one GPU node
@@ -12,5 +13,7 @@ import argparse
 from galvatron_fx.training import add_training_arguments, train_example
 
 if __name__ == "__main__":
-    parser = add_training_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser = add_training_arguments(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    )
     train_example("bert", parser.parse_args())

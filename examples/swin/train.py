@@ -1,4 +1,5 @@
-"""Swin Transformer (image classification) trained with a hybrid-parallel plan that galvatron_fx searches for the cluster it runs on.
+"""Swin Transformer (image classification) trained with a hybrid-parallel plan that galvatron_fx
+searches for the cluster it runs on.
 
     torchrun --nproc_per_node 4 examples/swin/train.py                  # small config, CPU processes
     torchrun --nproc_per_node 8 examples/swin/train.py --size real      # Swin-T, one GPU node
@@ -12,5 +13,7 @@ import argparse
 from galvatron_fx.training import add_training_arguments, train_example
 
 if __name__ == "__main__":
-    parser = add_training_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser = add_training_arguments(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    )
     train_example("swin", parser.parse_args())

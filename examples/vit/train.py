@@ -12,5 +12,7 @@ import argparse
 from galvatron_fx.training import add_training_arguments, train_example
 
 if __name__ == "__main__":
-    parser = add_training_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser = add_training_arguments(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    )
     train_example("vit", parser.parse_args())

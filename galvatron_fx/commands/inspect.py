@@ -10,9 +10,14 @@ from galvatron_fx.report import layer_table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help=f"a built-in model ({', '.join(sorted(MODELS))}) or an entry point "
-                                      "'module:function' / 'file.py:function' returning (model, example_kwargs)")
-    parser.add_argument("--size", choices=("small", "real"), default="small", help="built-in models: configuration size")
+    parser.add_argument(
+        "model",
+        help=f"a built-in model ({', '.join(sorted(MODELS))}) or an entry point "
+        "'module:function' / 'file.py:function' returning (model, example_kwargs)",
+    )
+    parser.add_argument(
+        "--size", choices=("small", "real"), default="small", help="built-in models: configuration size"
+    )
     parser.add_argument("--batch", type=int, default=4, help="example batch size")
     parser.add_argument("--seq", type=int, default=32, help="example sequence length for text models")
 

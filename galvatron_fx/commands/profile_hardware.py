@@ -16,10 +16,16 @@ from galvatron_fx.units import format_bytes, parse_bytes
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="hardware_profile.json", help="where to write the profile")
     parser.add_argument("--nprocs", type=int, default=2, help="processes to start when not under torchrun")
-    parser.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto", help="auto: nccl with GPUs, else gloo")
-    parser.add_argument("--sizes", default=None, help='message sizes, e.g. "64KiB,512KiB,2MiB" (default depends on the device)')
+    parser.add_argument(
+        "--backend", choices=("auto", "gloo", "nccl"), default="auto", help="auto: nccl with GPUs, else gloo"
+    )
+    parser.add_argument(
+        "--sizes", default=None, help='message sizes, e.g. "64KiB,512KiB,2MiB" (default depends on the device)'
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per measurement (median taken)")
-    parser.add_argument("--preset", default=None, help="write a datasheet profile for this device kind instead of measuring")
+    parser.add_argument(
+        "--preset", default=None, help="write a datasheet profile for this device kind instead of measuring"
+    )
     parser.add_argument("--nodes", type=int, default=1, help="with --preset: number of nodes")
     parser.add_argument("--devices-per-node", type=int, default=8, help="with --preset: devices per node")
     parser.add_argument("--memory", default=None, help='with --preset: memory per device, e.g. "36GB"')
@@ -91,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
     profile = HardwareProfile.load(args.out)
     fit = profile.fit("all_reduce", 2) if profile.world_size > 1 else None
     summary = f", all-reduce over 2: {fit.latency_s * 1e6:.0f} us + {format_bytes(fit.bandwidth_Bps)}/s" if fit else ""
-    print(f"wrote {args.out}: {profile.world_size} {profile.backend} processes in {time.perf_counter() - start:.1f}s{summary}, "
-          f"overlap slowdown {profile.overlap_slowdown:.2f}")
+    print(
+        f"wrote {args.out}: {profile.world_size} {profile.backend} processes in "
+        f"{time.perf_counter() - start:.1f}s{summary}, "
+        f"overlap slowdown {profile.overlap_slowdown:.2f}"
+    )
     return 0

@@ -15,19 +15,33 @@ from galvatron_fx.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", help="built-in model name, HF config.json path, or entry point 'module:function'")
-    parser.add_argument("--galvatron-profiles", metavar="DIR", help="Galvatron's profile folder: model and hardware from its files")
+    parser.add_argument(
+        "model", nargs="?", help="built-in model name, HF config.json path, or entry point 'module:function'"
+    )
+    parser.add_argument(
+        "--galvatron-profiles", metavar="DIR", help="Galvatron's profile folder: model and hardware from its files"
+    )
     parser.add_argument("--size", choices=("small", "real"), default="real", help="built-in models: configuration size")
-    parser.add_argument("--cluster", default="A100-80GB:1x8", help="preset[:NODESxGPUS], a size NODESxGPUS, or a cluster JSON")
-    parser.add_argument("--memory", default=None, help='memory budget per device, e.g. "36GB" (default: the device memory)')
+    parser.add_argument(
+        "--cluster", default="A100-80GB:1x8", help="preset[:NODESxGPUS], a size NODESxGPUS, or a cluster JSON"
+    )
+    parser.add_argument(
+        "--memory", default=None, help='memory budget per device, e.g. "36GB" (default: the device memory)'
+    )
     parser.add_argument("--batch", type=int, default=None, help="fixed global batch")
-    parser.add_argument("--batch-range", nargs=3, type=int, metavar=("MIN", "MAX", "STEP"), help="global batches to try")
-    parser.add_argument("--chunks", type=int, nargs="+", default=None, help="micro-batch counts to try (default: every divisor)")
+    parser.add_argument(
+        "--batch-range", nargs=3, type=int, metavar=("MIN", "MAX", "STEP"), help="global batches to try"
+    )
+    parser.add_argument(
+        "--chunks", type=int, nargs="+", default=None, help="micro-batch counts to try (default: every divisor)"
+    )
     parser.add_argument("--seq", type=int, default=1024, help="sequence length for built-in and HF models")
     parser.add_argument("--space", default="full", help="full, 3d, dp+tp, dp+pp, dp, sdp, tp or pp")
     parser.add_argument("--pipeline", choices=("1f1b", "gpipe", "both"), default="both")
     parser.add_argument("--dp-types", default="ddp,zero2,zero3", help="allowed data-parallel types")
-    parser.add_argument("--sp-types", default="none,megatron,ulysses", help="allowed sequence-parallel kinds for TP groups")
+    parser.add_argument(
+        "--sp-types", default="none,megatron,ulysses", help="allowed sequence-parallel kinds for TP groups"
+    )
     parser.add_argument("--max-tp", type=int, default=1 << 30)
     parser.add_argument("--max-pp", type=int, default=1 << 30)
     for name in ("dp", "tp", "pp", "ckpt", "vtp", "tp-consec", "tp-strided"):
@@ -45,8 +59,14 @@ def run(args: argparse.Namespace) -> int:
 
     cost_model, world_size, budget, names = _cost_model(args)
     space = _space(args)
-    plan = search(cost_model, world_size, budget, space, progress=None if args.quiet else _Progress(),
-                  provenance={"model": names[0], "cluster": names[1]})
+    plan = search(
+        cost_model,
+        world_size,
+        budget,
+        space,
+        progress=None if args.quiet else _Progress(),
+        provenance={"model": names[0], "cluster": names[1]},
+    )
     plan.save(args.out)
     print(plan_table(plan, cost_model))
     print(f"plan written to {args.out} (search {plan.provenance['search_time_s']:.2f} s)")
@@ -64,11 +84,20 @@ def _space(args):
         batch = (args.batch, args.batch, 1)
     else:
         batch = (8, 8, 1)
-    options = dict(global_batch=batch, chunks=tuple(args.chunks) if args.chunks else None,
-                   pipelines=("1f1b", "gpipe") if args.pipeline == "both" else (args.pipeline,),
-                   dp_types=tuple(args.dp_types.split(",")), sp_types=tuple(args.sp_types.split(",")),
-                   max_tp=args.max_tp, max_pp=args.max_pp, disable_ckpt=args.disable_ckpt, disable_vtp=args.disable_vtp,
-                   disable_dp=args.disable_dp, disable_tp_consec=args.disable_tp_consec, disable_tp_strided=args.disable_tp_strided)
+    options = dict(
+        global_batch=batch,
+        chunks=tuple(args.chunks) if args.chunks else None,
+        pipelines=("1f1b", "gpipe") if args.pipeline == "both" else (args.pipeline,),
+        dp_types=tuple(args.dp_types.split(",")),
+        sp_types=tuple(args.sp_types.split(",")),
+        max_tp=args.max_tp,
+        max_pp=args.max_pp,
+        disable_ckpt=args.disable_ckpt,
+        disable_vtp=args.disable_vtp,
+        disable_dp=args.disable_dp,
+        disable_tp_consec=args.disable_tp_consec,
+        disable_tp_strided=args.disable_tp_strided,
+    )
     if args.disable_tp:
         options["disable_tp"] = True
     if args.disable_pp:
@@ -82,19 +111,31 @@ def _cost_model(args):
 
     if args.galvatron_profiles:
         from galvatron_fx.cost.galvatron_import import load_hardware, load_model
+
         folder = Path(args.galvatron_profiles)
         hardware = load_hardware(folder, memory_bytes=args.memory)
         profile = load_model(folder)
         budget = args.memory or hardware.memory_bytes
-        return (CostModel(profile, hardware, mixed_precision=args.mixed_precision), hardware.world_size, budget,
-                (f"galvatron:{folder.name}", f"galvatron profiles {folder.name}"))
+        return (
+            CostModel(profile, hardware, mixed_precision=args.mixed_precision),
+            hardware.world_size,
+            budget,
+            (f"galvatron:{folder.name}", f"galvatron profiles {folder.name}"),
+        )
     if not args.model:
-        raise ConfigError("no model given", "name a built-in model, an HF config.json, an entry point, or --galvatron-profiles DIR")
+        raise ConfigError(
+            "no model given", "name a built-in model, an HF config.json, an entry point, or --galvatron-profiles DIR"
+        )
     cluster = _cluster(args.cluster)
     program, name = _program(args.model, args.seq, args.size)
     from galvatron_fx.compile import build_cost_model
-    return (build_cost_model(program, cluster, "analytic", args.mixed_precision), cluster.world_size,
-            args.memory or cluster.memory_bytes, (name, f"{cluster.nodes}x{cluster.devices_per_node} {cluster.device}"))
+
+    return (
+        build_cost_model(program, cluster, "analytic", args.mixed_precision),
+        cluster.world_size,
+        args.memory or cluster.memory_bytes,
+        (name, f"{cluster.nodes}x{cluster.devices_per_node} {cluster.device}"),
+    )
 
 
 def _cluster(spec: str):
@@ -120,6 +161,7 @@ def _program(model: str, seq: int, size: str = "real"):
         warnings.simplefilter("ignore")
         if model.endswith(".json"):
             import transformers
+
             config = transformers.AutoConfig.from_pretrained(model)
             net = transformers.AutoModelForCausalLM.from_config(config)
             ids = torch.zeros(2, seq, dtype=torch.long)

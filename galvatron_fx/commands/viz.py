@@ -17,26 +17,57 @@ from galvatron_fx.models import MODELS, build_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help=f"a built-in model ({', '.join(sorted(MODELS))}) or an entry point "
-                                      "'module:function' / 'file.py:function' returning (model, example_kwargs)")
-    parser.add_argument("--plan", required=True, help="plan JSON (galvatron-fx search, Plan.save) or a Galvatron strategy file")
-    parser.add_argument("--out", default="viz", help="output directory (files are named after the model), or a file name "
-                                                     "whose suffix is replaced per format")
+    parser.add_argument(
+        "model",
+        help=f"a built-in model ({', '.join(sorted(MODELS))}) or an entry point "
+        "'module:function' / 'file.py:function' returning (model, example_kwargs)",
+    )
+    parser.add_argument(
+        "--plan", required=True, help="plan JSON (galvatron-fx search, Plan.save) or a Galvatron strategy file"
+    )
+    parser.add_argument(
+        "--out",
+        default="viz",
+        help="output directory (files are named after the model), or a file name whose suffix is replaced per format",
+    )
     parser.add_argument("--format", default="html,onnx,dot", help="comma-separated subset of html, onnx, dot")
-    parser.add_argument("--world-size", type=int, default=None, help="devices a Galvatron strategy file was made for "
-                                                                     "(our plan JSON records it)")
-    parser.add_argument("--size", choices=("small", "real"), default="small", help="built-in models: configuration size")
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="devices a Galvatron strategy file was made for (our plan JSON records it)",
+    )
+    parser.add_argument(
+        "--size", choices=("small", "real"), default="small", help="built-in models: configuration size"
+    )
     parser.add_argument("--batch", type=int, default=4, help="example batch size to capture with")
     parser.add_argument("--seq", type=int, default=32, help="example sequence length for text models")
-    parser.add_argument("--cluster", default=None, help="price the plan with a cost model for this device preset (e.g. "
-                                                        "A100-80GB, H100-80GB) or cluster JSON; nodes × devices follow the plan's world size")
+    parser.add_argument(
+        "--cluster",
+        default=None,
+        help="price the plan with a cost model for this device preset (e.g. "
+        "A100-80GB, H100-80GB) or cluster JSON; nodes × devices follow the plan's world size",
+    )
     parser.add_argument("--devices-per-node", type=int, default=8, help="with a --cluster preset: devices per node")
-    parser.add_argument("--hardware-profile", default=None, help="hardware profile JSON (galvatron-fx profile-hardware) for the cost model")
-    parser.add_argument("--model-profile", default=None, help="model profile JSON (galvatron-fx profile-model); default: "
-                                                              "analytic, from the captured graph's FLOPs")
-    parser.add_argument("--mixed-precision", choices=("fp32", "bf16"), default="fp32", help="training precision the cost model prices")
-    parser.add_argument("--memory-budget", default=None, help='per-device budget drawn against stage memory, e.g. "16GiB" '
-                                                              "(default: the plan's recorded budget, else the device memory)")
+    parser.add_argument(
+        "--hardware-profile",
+        default=None,
+        help="hardware profile JSON (galvatron-fx profile-hardware) for the cost model",
+    )
+    parser.add_argument(
+        "--model-profile",
+        default=None,
+        help="model profile JSON (galvatron-fx profile-model); default: analytic, from the captured graph's FLOPs",
+    )
+    parser.add_argument(
+        "--mixed-precision", choices=("fp32", "bf16"), default="fp32", help="training precision the cost model prices"
+    )
+    parser.add_argument(
+        "--memory-budget",
+        default=None,
+        help='per-device budget drawn against stage memory, e.g. "16GiB" '
+        "(default: the plan's recorded budget, else the device memory)",
+    )
 
 
 def _cost_model(args: argparse.Namespace, program, world_size: int):
@@ -54,12 +85,16 @@ def _cost_model(args: argparse.Namespace, program, world_size: int):
         hardware = Cluster.load(args.cluster).hardware_profile()
     else:
         per_node = min(args.devices_per_node, world_size)
-        hardware = Cluster.preset(args.cluster, nodes=max(world_size // per_node, 1), devices_per_node=per_node).hardware_profile()
+        hardware = Cluster.preset(
+            args.cluster, nodes=max(world_size // per_node, 1), devices_per_node=per_node
+        ).hardware_profile()
     dtype = "bf16" if args.mixed_precision == "bf16" else "fp32"
     if args.model_profile is not None:
         profile = ModelProfile.load(args.model_profile, device=hardware.device)
     else:
-        profile = ModelProfile.from_program(program, flops_per_s=hardware.sustained_flops(dtype), dtype=dtype, device=hardware.device)
+        profile = ModelProfile.from_program(
+            program, flops_per_s=hardware.sustained_flops(dtype), dtype=dtype, device=hardware.device
+        )
     return CostModel(profile, hardware, mixed_precision=args.mixed_precision)
 
 

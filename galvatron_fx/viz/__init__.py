@@ -19,7 +19,16 @@ from .onnx_export import build_onnx, write_onnx
 
 FORMATS = ("html", "onnx", "dot")
 
-__all__ = ["visualize", "build_layer_graph", "LayerGraph", "render_html", "render_dot", "build_onnx", "write_onnx", "FORMATS"]
+__all__ = [
+    "visualize",
+    "build_layer_graph",
+    "LayerGraph",
+    "render_html",
+    "render_dot",
+    "build_onnx",
+    "write_onnx",
+    "FORMATS",
+]
 
 
 def parse_formats(formats: "str | Iterable[str]") -> tuple[str, ...]:
@@ -31,8 +40,14 @@ def parse_formats(formats: "str | Iterable[str]") -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def visualize(program, plan, path: "str | Path", cost_model=None, formats: "str | Iterable[str]" = FORMATS,
-              memory_budget_bytes: int | None = None) -> dict[str, Path]:
+def visualize(
+    program,
+    plan,
+    path: "str | Path",
+    cost_model=None,
+    formats: "str | Iterable[str]" = FORMATS,
+    memory_budget_bytes: int | None = None,
+) -> dict[str, Path]:
     """Write the plan's visualisations; returns ``{format: file}``.
 
     ``path`` is a directory (created if missing; files are named after the model) or a file name whose

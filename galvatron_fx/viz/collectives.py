@@ -48,23 +48,40 @@ def _timed(hardware, op: str, nbytes: float, group: int, consecutive: bool, coun
     return count * hardware.collective_s(op, nbytes, group, consecutive)
 
 
-def tp_collectives(tp: int, sp: str, consecutive: bool, hidden_bytes: float, hardware=None, calls_per_pass: int = 2) -> list[Collective]:
+def tp_collectives(
+    tp: int, sp: str, consecutive: bool, hidden_bytes: float, hardware=None, calls_per_pass: int = 2
+) -> list[Collective]:
     """Intra-layer collectives of a TP / Megatron-SP / Ulysses group on a hidden state of ``hidden_bytes``."""
     if tp <= 1:
         return []
     if sp == "none":
         plan = [("all_reduce", "tp", hidden_bytes, calls_per_pass)]
     elif sp == "megatron":
-        plan = [("all_gather", "megatron_sp", hidden_bytes, calls_per_pass),
-                ("reduce_scatter", "megatron_sp", hidden_bytes, calls_per_pass)]
+        plan = [
+            ("all_gather", "megatron_sp", hidden_bytes, calls_per_pass),
+            ("reduce_scatter", "megatron_sp", hidden_bytes, calls_per_pass),
+        ]
     else:
         plan = [("all_to_all", "ulysses", hidden_bytes / tp, 2 * calls_per_pass)]
-    return [Collective(op, purpose, tp, consecutive, phase, count, int(nbytes), _timed(hardware, op, nbytes, tp, consecutive, count))
-            for phase in ("forward", "backward") for op, purpose, nbytes, count in plan]
+    return [
+        Collective(
+            op,
+            purpose,
+            tp,
+            consecutive,
+            phase,
+            count,
+            int(nbytes),
+            _timed(hardware, op, nbytes, tp, consecutive, count),
+        )
+        for phase in ("forward", "backward")
+        for op, purpose, nbytes, count in plan
+    ]
 
 
-def dp_collectives(dp: int, dp_type: str, consecutive: bool, params: float, mixed_precision: str = "fp32",
-                   hardware=None) -> list[Collective]:
+def dp_collectives(
+    dp: int, dp_type: str, consecutive: bool, params: float, mixed_precision: str = "fp32", hardware=None
+) -> list[Collective]:
     """Gradient synchronisation (and ZeRO-3 parameter gathers) of ``params`` parameters over ``dp`` replicas."""
     if dp <= 1:
         return []
@@ -75,23 +92,42 @@ def dp_collectives(dp: int, dp_type: str, consecutive: bool, params: float, mixe
     elif dp_type == "zero2":
         plan = [("reduce_scatter", "step", grads), ("all_gather", "step", weights)]
     else:
-        plan = [("all_gather", "forward", weights), ("all_gather", "backward", weights), ("reduce_scatter", "step", grads)]
-    return [Collective(op, dp_type, dp, consecutive, phase, 1, int(nbytes), _timed(hardware, op, nbytes, dp, consecutive, 1))
-            for op, phase, nbytes in plan]
+        plan = [
+            ("all_gather", "forward", weights),
+            ("all_gather", "backward", weights),
+            ("reduce_scatter", "step", grads),
+        ]
+    return [
+        Collective(
+            op, dp_type, dp, consecutive, phase, 1, int(nbytes), _timed(hardware, op, nbytes, dp, consecutive, 1)
+        )
+        for op, phase, nbytes in plan
+    ]
 
 
-def layer_collectives(strategy: LayerStrategy, hidden_bytes: float, param_count: int, *, mixed_precision: str = "fp32",
-                      hardware=None) -> list[Collective]:
+def layer_collectives(
+    strategy: LayerStrategy, hidden_bytes: float, param_count: int, *, mixed_precision: str = "fp32", hardware=None
+) -> list[Collective]:
     """Everything a body layer running ``strategy`` communicates (``hidden_bytes`` for one micro-batch)."""
     local_hidden = hidden_bytes / strategy.dp
     params = param_count if strategy.sp == "ulysses" else param_count / strategy.tp
     dp_consecutive = not strategy.tp_consecutive or strategy.tp == 1
-    return (tp_collectives(strategy.tp, strategy.sp, strategy.tp_consecutive, local_hidden, hardware)
-            + dp_collectives(strategy.dp, strategy.dp_type, dp_consecutive, params, mixed_precision, hardware))
+    return tp_collectives(strategy.tp, strategy.sp, strategy.tp_consecutive, local_hidden, hardware) + dp_collectives(
+        strategy.dp, strategy.dp_type, dp_consecutive, params, mixed_precision, hardware
+    )
 
 
-def embedding_collectives(embedding: EmbeddingStrategy, devices: int, part: str, hidden_bytes: float, param_count: int,
-                          vocab_param_count: int, *, mixed_precision: str = "fp32", hardware=None) -> list[Collective]:
+def embedding_collectives(
+    embedding: EmbeddingStrategy,
+    devices: int,
+    part: str,
+    hidden_bytes: float,
+    param_count: int,
+    vocab_param_count: int,
+    *,
+    mixed_precision: str = "fp32",
+    hardware=None,
+) -> list[Collective]:
     """The embedding (``part="prologue"``) or head (``"epilogue"``) under vocab TP and its data parallelism."""
     vtp = embedding.vtp
     dp = max(devices // vtp, 1)
@@ -100,9 +136,22 @@ def embedding_collectives(embedding: EmbeddingStrategy, devices: int, part: str,
     if vtp > 1:
         sp = "megatron" if embedding.vsp else "none"
         phase = "forward" if part == "prologue" else "backward"  # embedding output forward, head input-grad backward
-        found += [c for c in tp_collectives(vtp, sp, True, local_hidden, hardware, calls_per_pass=1) if c.phase == phase]
-        found = [Collective(c.op, "vsp" if embedding.vsp else "vtp", c.group_size, c.consecutive, c.phase, c.count,
-                            c.bytes_per_call, c.time_s) for c in found]
+        found += [
+            c for c in tp_collectives(vtp, sp, True, local_hidden, hardware, calls_per_pass=1) if c.phase == phase
+        ]
+        found = [
+            Collective(
+                c.op,
+                "vsp" if embedding.vsp else "vtp",
+                c.group_size,
+                c.consecutive,
+                c.phase,
+                c.count,
+                c.bytes_per_call,
+                c.time_s,
+            )
+            for c in found
+        ]
     params = param_count - vocab_param_count + vocab_param_count / vtp
     found += dp_collectives(dp, embedding.data_parallel_type, vtp == 1, params, mixed_precision, hardware)
     return found
@@ -120,7 +169,11 @@ def _pieces(strategy: LayerStrategy) -> list[tuple[Fraction, Fraction, Fraction,
     pieces = []
     for rank in range(strategy.devices):
         tp_index, dp_index = (rank % tp, rank // tp) if strategy.tp_consecutive else (rank // dp, rank % dp)
-        seq = (Fraction(tp_index, tp), Fraction(tp_index + 1, tp)) if strategy.sp != "none" else (Fraction(0), Fraction(1))
+        seq = (
+            (Fraction(tp_index, tp), Fraction(tp_index + 1, tp))
+            if strategy.sp != "none"
+            else (Fraction(0), Fraction(1))
+        )
         pieces.append((Fraction(dp_index, dp), Fraction(dp_index + 1, dp), *seq))
     return pieces
 

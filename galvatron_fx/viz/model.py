@@ -146,8 +146,11 @@ def strategy_label(strategy: LayerStrategy | EmbeddingStrategy, devices: int) ->
     """``LayerStrategy.short()``, or ``embed vtp2 dp2 sdp`` for the embedding and head."""
     if isinstance(strategy, LayerStrategy):
         return strategy.short()
-    return " ".join(["embed", f"vtp{strategy.vtp}", f"dp{max(devices // strategy.vtp, 1)}"]
-                    + (["vsp"] if strategy.vsp else []) + (["sdp"] if strategy.embed_sdp else []))
+    return " ".join(
+        ["embed", f"vtp{strategy.vtp}", f"dp{max(devices // strategy.vtp, 1)}"]
+        + (["vsp"] if strategy.vsp else [])
+        + (["sdp"] if strategy.embed_sdp else [])
+    )
 
 
 def _batched_bytes(specs, scale: float) -> int:
@@ -156,7 +159,9 @@ def _batched_bytes(specs, scale: float) -> int:
 
 def _hidden_bytes(layer: Layer, scale: float) -> int:
     """The hidden state TP collectives move: the layer's largest batched floating-point output."""
-    outputs = [s for s in layer.boundary_out if s.name in layer.output_names and s.batched and s.dtype.is_floating_point]
+    outputs = [
+        s for s in layer.boundary_out if s.name in layer.output_names and s.batched and s.dtype.is_floating_point
+    ]
     return int(max((s.nbytes for s in outputs), default=0) * scale)
 
 
@@ -168,7 +173,9 @@ def _vocab_param_count(program: Program, layer: Layer) -> int:
     return sum(p.numel() for p in matrices if vocab in p.shape)
 
 
-def build_layer_graph(program: Program, plan: Plan, cost_model=None, memory_budget_bytes: int | None = None) -> LayerGraph:
+def build_layer_graph(
+    program: Program, plan: Plan, cost_model=None, memory_budget_bytes: int | None = None
+) -> LayerGraph:
     """The annotated layer graph of ``program`` under ``plan`` (see the module docstring).
 
     requires: ``plan.layers`` covers ``program.body`` (raises PlanError otherwise); a cost model, if given,
@@ -197,21 +204,51 @@ def build_layer_graph(program: Program, plan: Plan, cost_model=None, memory_budg
         colors.setdefault(label, PALETTE[len(colors) % len(PALETTE)])
         hidden = _hidden_bytes(layer if layer.kind != EPILOGUE else program.body[-1], scale) * act_scale
         if isinstance(strategy, LayerStrategy):
-            comms = layer_collectives(strategy, hidden, layer.stats.param_count, mixed_precision=precision, hardware=hardware)
+            comms = layer_collectives(
+                strategy, hidden, layer.stats.param_count, mixed_precision=precision, hardware=hardware
+            )
         else:
-            comms = embedding_collectives(strategy, devices, layer.kind, hidden, layer.stats.param_count,
-                                          _vocab_param_count(program, layer), mixed_precision=precision, hardware=hardware)
-        cost = _layer_cost(cost_model, plan, layer, bi, strategy, stage) if cost_model else _annotated_cost(layer, strategy, scale, devices)
-        nodes.append(LayerNode(
-            index=layer.index, body_index=bi, kind=layer.kind, layer_type=layer.layer_type, module_path=layer.module_path,
-            stage=stage, strategy=strategy, strategy_label=label, color=colors[label],
-            param_count=layer.stats.param_count, param_bytes=layer.stats.param_bytes,
-            fwd_flops=int(layer.stats.fwd_flops * scale), bwd_flops=int(layer.stats.bwd_flops * scale),
-            saved_activation_bytes=int(layer.stats.saved_activation_bytes * scale),
-            boundary_bytes=_batched_bytes(layer.boundary_out, scale), inputs=tuple(layer.input_names),
-            outputs=tuple(layer.output_names),
-            producers=tuple(sorted({producer[n] for n in layer.input_names if n in producer and producer[n] != layer.index})),
-            collectives=tuple(comms), **cost))
+            comms = embedding_collectives(
+                strategy,
+                devices,
+                layer.kind,
+                hidden,
+                layer.stats.param_count,
+                _vocab_param_count(program, layer),
+                mixed_precision=precision,
+                hardware=hardware,
+            )
+        cost = (
+            _layer_cost(cost_model, plan, layer, bi, strategy, stage)
+            if cost_model
+            else _annotated_cost(layer, strategy, scale, devices)
+        )
+        nodes.append(
+            LayerNode(
+                index=layer.index,
+                body_index=bi,
+                kind=layer.kind,
+                layer_type=layer.layer_type,
+                module_path=layer.module_path,
+                stage=stage,
+                strategy=strategy,
+                strategy_label=label,
+                color=colors[label],
+                param_count=layer.stats.param_count,
+                param_bytes=layer.stats.param_bytes,
+                fwd_flops=int(layer.stats.fwd_flops * scale),
+                bwd_flops=int(layer.stats.bwd_flops * scale),
+                saved_activation_bytes=int(layer.stats.saved_activation_bytes * scale),
+                boundary_bytes=_batched_bytes(layer.boundary_out, scale),
+                inputs=tuple(layer.input_names),
+                outputs=tuple(layer.output_names),
+                producers=tuple(
+                    sorted({producer[n] for n in layer.input_names if n in producer and producer[n] != layer.index})
+                ),
+                collectives=tuple(comms),
+                **cost,
+            )
+        )
 
     redistributions, transfers = _boundaries(program, plan, cost_model, nodes, scale * act_scale)
     if cost_model is None:
@@ -227,14 +264,28 @@ def build_layer_graph(program: Program, plan: Plan, cost_model=None, memory_budg
     else:
         iteration_s, source = makespan_s(schedule), SOURCE_ANNOTATIONS
     if memory_budget_bytes is None:
-        memory_budget_bytes = plan.provenance.get("memory_budget_bytes") or getattr(hardware, "memory_bytes", None) or None
+        memory_budget_bytes = (
+            plan.provenance.get("memory_budget_bytes") or getattr(hardware, "memory_bytes", None) or None
+        )
     return LayerGraph(
-        model_name=program.model_name or plan.provenance.get("model") or "model", world_size=plan.world_size, pp=plan.pp,
-        pipeline=plan.pipeline, chunks=plan.chunks, global_batch=plan.global_batch, micro_batch=mb, layers=tuple(nodes),
-        redistributions=tuple(redistributions), transfers=tuple(transfers), stages=tuple(stages), schedule=schedule,
-        iteration_s=iteration_s, samples_per_s=plan.global_batch / iteration_s if iteration_s > 0 else float("inf"),
-        memory_budget_bytes=int(memory_budget_bytes) if memory_budget_bytes else None, source=source,
-        legend=tuple(colors.items()))
+        model_name=program.model_name or plan.provenance.get("model") or "model",
+        world_size=plan.world_size,
+        pp=plan.pp,
+        pipeline=plan.pipeline,
+        chunks=plan.chunks,
+        global_batch=plan.global_batch,
+        micro_batch=mb,
+        layers=tuple(nodes),
+        redistributions=tuple(redistributions),
+        transfers=tuple(transfers),
+        stages=tuple(stages),
+        schedule=schedule,
+        iteration_s=iteration_s,
+        samples_per_s=plan.global_batch / iteration_s if iteration_s > 0 else float("inf"),
+        memory_budget_bytes=int(memory_budget_bytes) if memory_budget_bytes else None,
+        source=source,
+        legend=tuple(colors.items()),
+    )
 
 
 def _layer_cost(cost_model, plan: Plan, layer: Layer, bi: int | None, strategy, stage: int) -> dict:
@@ -243,11 +294,23 @@ def _layer_cost(cost_model, plan: Plan, layer: Layer, bi: int | None, strategy, 
         cost = cost_model.layer_cost(cost_model.layer_types[bi], strategy, plan.micro_batch, share)
     else:
         first = layer.kind == PROLOGUE
-        cost = cost_model.embedding_cost(strategy, plan.devices_per_stage, plan.micro_batch, first_stage=first,
-                                         last_stage=not first, busy_share=share)
+        cost = cost_model.embedding_cost(
+            strategy,
+            plan.devices_per_stage,
+            plan.micro_batch,
+            first_stage=first,
+            last_stage=not first,
+            busy_share=share,
+        )
     sync = cost.grad_sync_s * (plan.chunks if plan.grad_sync_every_micro_batch else 1)
-    return dict(fwd_s=cost.fwd_s, bwd_s=cost.bwd_s, grad_sync_s=sync, model_state_bytes=int(cost.model_state_bytes),
-                activation_bytes=int(cost.activation_bytes), peak_extra_bytes=int(cost.peak_extra_bytes))
+    return dict(
+        fwd_s=cost.fwd_s,
+        bwd_s=cost.bwd_s,
+        grad_sync_s=sync,
+        model_state_bytes=int(cost.model_state_bytes),
+        activation_bytes=int(cost.activation_bytes),
+        peak_extra_bytes=int(cost.peak_extra_bytes),
+    )
 
 
 def _annotated_cost(layer: Layer, strategy, scale: float, devices: int) -> dict:
@@ -265,8 +328,14 @@ def _annotated_cost(layer: Layer, strategy, scale: float, devices: int) -> dict:
     bwd_s = layer.stats.bwd_flops * per_device / NOMINAL_FLOPS_PER_S + (fwd_s if ckpt else 0.0)
     saved = layer.stats.saved_activation_bytes * per_device
     kept = _batched_bytes(layer.inputs, scale / dp) if ckpt else saved
-    return dict(fwd_s=fwd_s, bwd_s=bwd_s, grad_sync_s=0.0, model_state_bytes=model_state_bytes(params, dp, dp_type, "fp32"),
-                activation_bytes=int(kept), peak_extra_bytes=int(saved if ckpt else 0))
+    return dict(
+        fwd_s=fwd_s,
+        bwd_s=bwd_s,
+        grad_sync_s=0.0,
+        model_state_bytes=model_state_bytes(params, dp, dp_type, "fp32"),
+        activation_bytes=int(kept),
+        peak_extra_bytes=int(saved if ckpt else 0),
+    )
 
 
 def _boundaries(program: Program, plan: Plan, cost_model, nodes: list[LayerNode], scale: float):
@@ -281,13 +350,34 @@ def _boundaries(program: Program, plan: Plan, cost_model, nodes: list[LayerNode]
             op = redistribution_op(before, after)
             if op is not None:
                 time_s = cost_model.redistribution_s(before, after, bi + 1, plan.micro_batch) if cost_model else None
-                redistributions.append(Redistribution(body[bi].index, body[bi + 1].index, stage, op, redistribution_op(after, before),
-                                                      before.short(), after.short(),
-                                                      cut_bytes, time_s))
+                redistributions.append(
+                    Redistribution(
+                        body[bi].index,
+                        body[bi + 1].index,
+                        stage,
+                        op,
+                        redistribution_op(after, before),
+                        before.short(),
+                        after.short(),
+                        cut_bytes,
+                        time_s,
+                    )
+                )
         elif bi + 1 < len(body):
-            time_s = cost_model.p2p_s(stage, plan.pp, plan.devices_per_stage, plan.micro_batch, bi) if cost_model else None
-            transfers.append(Transfer(body[bi].index, body[bi + 1].index, stage, stage + 1,
-                                      tuple(s.name for s in body[bi].boundary_out), cut_bytes, time_s))
+            time_s = (
+                cost_model.p2p_s(stage, plan.pp, plan.devices_per_stage, plan.micro_batch, bi) if cost_model else None
+            )
+            transfers.append(
+                Transfer(
+                    body[bi].index,
+                    body[bi + 1].index,
+                    stage,
+                    stage + 1,
+                    tuple(s.name for s in body[bi].boundary_out),
+                    cut_bytes,
+                    time_s,
+                )
+            )
     return redistributions, transfers
 
 
@@ -297,7 +387,9 @@ def _calibrate(nodes: list[LayerNode], plan: Plan, redistributions, transfers) -
     if plan.prediction is None:
         return nodes
     stages = _stages(plan, nodes, redistributions, transfers, None)
-    unit_s = makespan_s(simulate_schedule(plan.pipeline, plan.chunks, [s.fwd_s for s in stages], [s.bwd_s for s in stages]))
+    unit_s = makespan_s(
+        simulate_schedule(plan.pipeline, plan.chunks, [s.fwd_s for s in stages], [s.bwd_s for s in stages])
+    )
     factor = plan.prediction.iteration_time_s / unit_s if unit_s > 0 else 1.0
     return [replace(n, fwd_s=n.fwd_s * factor, bwd_s=n.bwd_s * factor) for n in nodes]
 
@@ -314,16 +406,35 @@ def _stages(plan: Plan, nodes: list[LayerNode], redistributions, transfers, cost
         activations = in_flight * sum(n.activation_bytes for n in members)
         peak = max((n.peak_extra_bytes for n in members), default=0)
         memory = states + activations + peak
-        totals = predicted_memory if cost_model is not None else (plan.prediction.memory_bytes_per_stage if plan.prediction else ())
+        totals = (
+            predicted_memory
+            if cost_model is not None
+            else (plan.prediction.memory_bytes_per_stage if plan.prediction else ())
+        )
         if stage < len(totals):
             # the prediction's figure (phase-aware, cost/memory.py) is the total; the parts only say how it splits
             total = totals[stage]
             factor = total / memory if memory else 0.0
-            states, activations, peak, memory = int(states * factor), int(activations * factor), int(peak * factor), total
+            states, activations, peak, memory = (
+                int(states * factor),
+                int(activations * factor),
+                int(peak * factor),
+                total,
+            )
         start = stage * plan.devices_per_stage
-        stages.append(StageNode(
-            stage=stage, ranks=tuple(range(start, start + plan.devices_per_stage)), layer_indices=tuple(n.index for n in members),
-            fwd_s=sum(n.fwd_s for n in members) + sum(moves) / 2, bwd_s=sum(n.bwd_s for n in members) + sum(moves) / 2,
-            grad_sync_s=sum(n.grad_sync_s for n in members), in_flight=in_flight, model_state_bytes=states,
-            activation_bytes=activations, peak_extra_bytes=peak, memory_bytes=int(memory)))
+        stages.append(
+            StageNode(
+                stage=stage,
+                ranks=tuple(range(start, start + plan.devices_per_stage)),
+                layer_indices=tuple(n.index for n in members),
+                fwd_s=sum(n.fwd_s for n in members) + sum(moves) / 2,
+                bwd_s=sum(n.bwd_s for n in members) + sum(moves) / 2,
+                grad_sync_s=sum(n.grad_sync_s for n in members),
+                in_flight=in_flight,
+                model_state_bytes=states,
+                activation_bytes=activations,
+                peak_extra_bytes=peak,
+                memory_bytes=int(memory),
+            )
+        )
     return stages

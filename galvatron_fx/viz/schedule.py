@@ -40,8 +40,9 @@ def stage_order(pipeline: str, pp: int, stage: int, chunks: int) -> list[tuple[s
     return order + [(BACKWARD, m) for m in range(chunks - warmup, chunks)]
 
 
-def simulate_schedule(pipeline: str, chunks: int, fwd_s: Sequence[float], bwd_s: Sequence[float],
-                      grad_sync_s: Sequence[float] = ()) -> list[ScheduleOp]:
+def simulate_schedule(
+    pipeline: str, chunks: int, fwd_s: Sequence[float], bwd_s: Sequence[float], grad_sync_s: Sequence[float] = ()
+) -> list[ScheduleOp]:
     """Every stage's forward, backward and gradient-sync boxes, with start and end times in seconds.
 
     ``fwd_s[s]`` / ``bwd_s[s]``: one micro-batch's forward / backward on stage ``s`` (including its sends).

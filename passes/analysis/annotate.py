@@ -1,11 +1,12 @@
 """Analysis passes: annotate every node, then sum the annotations per layer.
 
 ``annotate_nodes`` requires a flat GraphModule with ``meta["val"]`` on its nodes. It runs the graph once
-forward and once backward on fake tensors (no memory, no compute) and ensures every node has a
-``NodeInfo`` in its ``NodeMeta`` (``program.node_meta(node).info``): output shape and dtype, forward FLOPs and the FLOPs of its
-backward (torch.utils.flop_counter's formulas, attributed through autograd hooks on the node's grad_fn),
-and the activation bytes autograd saves for backward (storages first saved by this node, parameters
-excluded); get_attr nodes of parameters carry their bytes. ``sum_layer_stats`` requires annotated nodes and ensures every layer's ``stats``.
+forward and once backward on fake tensors (no memory, no compute) and ensures every node has a ``NodeInfo``
+in its ``NodeMeta`` (``program.node_meta(node).info``): output shape and dtype, forward FLOPs and the FLOPs
+of its backward (torch.utils.flop_counter's formulas, attributed through autograd hooks on the node's
+grad_fn), and the activation bytes autograd saves for backward (storages first saved by this node,
+parameters excluded); get_attr nodes of parameters carry their bytes. ``sum_layer_stats`` requires
+annotated nodes and ensures every layer's ``stats``.
 """
 
 from __future__ import annotations

@@ -21,9 +21,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from galvatron_fx.program import node_meta, set_node_meta
-
 from galvatron_fx.passes.analysis.dim_tracking import refresh_meta
+from galvatron_fx.program import node_meta, set_node_meta
 
 aten = torch.ops.aten
 _ARITHMETIC = {operator.mul, operator.add, operator.sub, operator.floordiv, operator.mod, operator.neg}
@@ -35,7 +34,9 @@ def mark_batched(gm: fx.GraphModule) -> None:
     symbol = _batch_symbol(gm)
     for node in gm.graph.nodes:
         value = node.meta.get("val")
-        batched = symbol is not None and isinstance(value, torch.Tensor) and value.dim() > 0 and _is(value.shape[0], symbol)
+        batched = (
+            symbol is not None and isinstance(value, torch.Tensor) and value.dim() > 0 and _is(value.shape[0], symbol)
+        )
         set_node_meta(node, batched=bool(batched))
 
 
@@ -110,8 +111,10 @@ def _copy_size(graph: fx.Graph, size: fx.Node, first: fx.Node, segment, owner, i
                 source = _batched_source(segment, owner, index) or source
             args = (source, dim)
         else:
-            args = tuple(_copy_size(graph, a, first, segment, owner, index, copies) if isinstance(a, fx.Node) else a
-                         for a in size.args)
+            args = tuple(
+                _copy_size(graph, a, first, segment, owner, index, copies) if isinstance(a, fx.Node) else a
+                for a in size.args
+            )
         with graph.inserting_before(first):
             copy = graph.call_function(size.target, args)
         copy.meta = {key: value for key, value in size.meta.items() if key != "nn_module_stack"}

@@ -3,7 +3,7 @@
 A dimension is a row-major list of ``Factor``s whose sizes multiply to its size (size-1 dims: empty list).
 A view that splits a factor refines it everywhere (``Factors.refine``); factors that must line up are united
 into classes (union-find), and a class an op mixes along carries the reason. ``local_shape`` and
-``shard_spec`` say what one rank holds when classes are split. Used by passes/dim_tracking.py.
+``shard_spec`` say what one rank holds when classes are split. Used by passes/analysis/dim_tracking.py.
 """
 
 from __future__ import annotations
@@ -158,7 +158,9 @@ def rewrite_sizes(sizes, local: list[int], full: list[int]) -> list:
     changed = [i for i, s in enumerate(sizes) if not isinstance(s, int) and local[i] != full[i]]
     if changed:
         if len(changed) > 1 or -1 in out:
-            raise PlanError(f"a view's sizes {list(sizes)}, read from tensors, would have to shrink in dims {changed}",
-                            "use tp=1 (or sp='none') for this layer")
+            raise PlanError(
+                f"a view's sizes {list(sizes)}, read from tensors, would have to shrink in dims {changed}",
+                "use tp=1 (or sp='none') for this layer",
+            )
         out[changed[0]] = -1
     return out

@@ -24,7 +24,6 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from galvatron_fx.errors import PlanError
 from galvatron_fx.fx_utils import get_attr_path
-
 from galvatron_fx.passes.analysis.dim_factors import Factor, Factors
 
 aten = torch.ops.aten
@@ -84,7 +83,6 @@ class Analysis:
         return comps
 
 
-
 def param_matmul(gm: fx.GraphModule, node: fx.Node):
     """``(x, weight, bias, weight_in_dim, weight_out_dim)`` when ``node`` projects by a 2-D parameter."""
     args, t = node.args, node.target
@@ -97,7 +95,9 @@ def param_matmul(gm: fx.GraphModule, node: fx.Node):
     else:
         return None
     for p in (w, b):
-        if p is not None and not (isinstance(p, fx.Node) and p.op == "get_attr" and isinstance(get_attr_path(gm, p.target), nn.Parameter)):
+        if p is not None and not (
+            isinstance(p, fx.Node) and p.op == "get_attr" and isinstance(get_attr_path(gm, p.target), nn.Parameter)
+        ):
             return None
     if get_attr_path(gm, w.target).dim() != 2:
         return None
@@ -117,9 +117,20 @@ class Unsupported(Exception):
     pass
 
 
-POINTWISE_EXTRA = {aten.dropout.default, aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.clone.default,
-                   aten.contiguous.default, aten.alias.default, aten.lift_fresh_copy.default, aten.detach.default,
-                   aten.type_as.default, aten.masked_fill.Scalar, aten.masked_fill.Tensor}
+POINTWISE_EXTRA = {
+    aten.dropout.default,
+    aten.to.dtype,
+    aten.to.dtype_layout,
+    aten._to_copy.default,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.alias.default,
+    aten.lift_fresh_copy.default,
+    aten.detach.default,
+    aten.type_as.default,
+    aten.masked_fill.Scalar,
+    aten.masked_fill.Tensor,
+}
 VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
@@ -193,14 +204,20 @@ def _transfer(D: Factors, node: fx.Node, dims: dict, tainted) -> object:
     if t in (aten.split.Tensor, aten.split_with_sizes.default):
         dim = (args[2] if len(args) > 2 else node.kwargs.get("dim", 0)) % len(_shape(x))
         n = _shape(x)[dim]
-        sizes = [args[1]] * (n // args[1]) if t is aten.split.Tensor and n % args[1] == 0 else list(args[1]) if t is aten.split_with_sizes.default else None
+        sizes = (
+            [args[1]] * (n // args[1])
+            if t is aten.split.Tensor and n % args[1] == 0
+            else list(args[1])
+            if t is aten.split_with_sizes.default
+            else None
+        )
         if not sizes or len(set(sizes)) != 1:
             raise Unsupported("split into unequal parts")
         groups = D.regroup([get(x)[dim]], [len(sizes), sizes[0]])
         if groups is None:
             raise Unsupported("split boundaries fall inside a unit")
         D.forbid(groups[0], "sections picked by split")
-        return [[*get(x)[:dim], groups[1], *get(x)[dim + 1:]] for _ in sizes]
+        return [[*get(x)[:dim], groups[1], *get(x)[dim + 1 :]] for _ in sizes]
     if t is aten.slice.Tensor:
         dim = (args[1] if len(args) > 1 else 0) % len(out_shape)
         if _shape(x)[dim] == out_shape[dim]:
@@ -260,7 +277,7 @@ def _transfer(D: Factors, node: fx.Node, dims: dict, tainted) -> object:
     if t in (aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default):
         xs = _shape(x)
         reduced = {d % len(xs) for d in (args[1] if len(args) > 1 and args[1] is not None else range(len(xs)))}
-        keep = (args[2] if len(args) > 2 else node.kwargs.get("keepdim", False))
+        keep = args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)
         D.forbid([get(x)[d] for d in reduced], "reduced over")
         return [([] if i in reduced else d) for i, d in enumerate(get(x)) if keep or i not in reduced]
     if t in (aten.matmul.default, aten.bmm.default, aten.mm.default):
@@ -308,8 +325,11 @@ def analyze(gm: fx.GraphModule, excluded=frozenset()) -> Analysis:
             if isinstance(value, torch.Tensor):
                 dims[node] = D.fresh(value.shape)
             continue
-        if node.target is __import__("operator").getitem and isinstance(dims.get(node.args[0]), list) \
-                and isinstance(_val(node.args[0]), (tuple, list)):
+        if (
+            node.target is __import__("operator").getitem
+            and isinstance(dims.get(node.args[0]), list)
+            and isinstance(_val(node.args[0]), (tuple, list))
+        ):
             dims[node] = dims[node.args[0]][node.args[1]]
             continue
         matmul = param_matmul(gm, node) if node.op == "call_function" else None
@@ -334,7 +354,11 @@ def analyze(gm: fx.GraphModule, excluded=frozenset()) -> Analysis:
             out = _transfer(D, node, dims, tainted)
         except (Unsupported, TypeError, IndexError, KeyError, ValueError) as error:
             if tainted(node):
-                reason = str(error) if isinstance(error, Unsupported) else f"{node.name} ({node.target}) is not understood on sharded values"
+                reason = (
+                    str(error)
+                    if isinstance(error, Unsupported)
+                    else f"{node.name} ({node.target}) is not understood on sharded values"
+                )
                 an.problems.append((taint[node], reason))
             out = _fresh_like(D, value)
         if out is not None:
@@ -360,8 +384,10 @@ def rewritten_meta(gm: fx.GraphModule, what: str, remedy: str) -> None:
         refresh_meta(gm)
     except Exception as error:  # fake propagation raises whatever the op raises
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        raise PlanError(f"{what}: the rewritten graph does not fit ({type(error).__name__}: {lines[0][:200] if lines else ''})",
-                        remedy) from None
+        raise PlanError(
+            f"{what}: the rewritten graph does not fit ({type(error).__name__}: {lines[0][:200] if lines else ''})",
+            remedy,
+        ) from None
     finally:
         logger.setLevel(level)
 
@@ -378,7 +404,9 @@ def refresh_meta(gm: fx.GraphModule) -> None:
     device = tensors[0].device if tensors else torch.device("cpu")  # meta for a model built on meta
     for node in gm.graph.find_nodes(op="placeholder"):
         value = node.meta.get("val")
-        inputs.append(_fake(mode, value.shape, value.stride(), value.dtype, device) if isinstance(value, torch.Tensor) else value)
+        inputs.append(
+            _fake(mode, value.shape, value.stride(), value.dtype, device) if isinstance(value, torch.Tensor) else value
+        )
     _ShapeOnlyProp(gm, mode).propagate_dont_convert_inputs(*inputs)
 
 

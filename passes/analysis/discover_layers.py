@@ -36,11 +36,7 @@ def find_block_paths(model: nn.Module) -> list[str]:
                 lists.append(path)
     # A list nested inside another list's element (Swin: stages → blocks) wins over the outer one.
     innermost = [p for p in lists if not any(q != p and q.startswith(_prefix(p)) for q in lists)]
-    return [
-        _prefix(path) + name
-        for path in innermost
-        for name, _ in model.get_submodule(path).named_children()
-    ]
+    return [_prefix(path) + name for path in innermost for name, _ in model.get_submodule(path).named_children()]
 
 
 def _prefix(path: str) -> str:

@@ -19,13 +19,12 @@ from typing import Any
 import torch.fx as fx
 import torch.nn as nn
 
-from galvatron_fx.program import Layer, node_meta
-
 from galvatron_fx.passes.analysis.annotate import annotate_nodes, sum_layer_stats
 from galvatron_fx.passes.analysis.batch_dim import concretize, localize_sizes, mark_batched, mark_batched_by_size
 from galvatron_fx.passes.analysis.discover_layers import Segment, discover_layers
 from galvatron_fx.passes.analysis.split_layers import split_layers
 from galvatron_fx.passes.infra import Pass, PassFailure
+from galvatron_fx.program import Layer, node_meta
 
 
 @dataclass
@@ -116,5 +115,11 @@ class SumLayerStats(Pass[Capture]):
 
 
 ANALYSIS_PASSES: tuple[Pass[Capture], ...] = (
-    MarkBatched(), Concretize(), DiscoverLayers(), LocalizeSizes(), SplitLayers(), AnnotateNodes(), SumLayerStats(),
+    MarkBatched(),
+    Concretize(),
+    DiscoverLayers(),
+    LocalizeSizes(),
+    SplitLayers(),
+    AnnotateNodes(),
+    SumLayerStats(),
 )

@@ -17,9 +17,8 @@ import torch
 import torch.fx as fx
 
 from galvatron_fx.fx_utils import get_attr_path
-from galvatron_fx.program import BLOCK, TRANSITION, Layer, TensorSpec, node_meta
-
 from galvatron_fx.passes.analysis.discover_layers import Segment
+from galvatron_fx.program import BLOCK, TRANSITION, Layer, TensorSpec, node_meta
 
 
 def tensor_spec(node: fx.Node) -> TensorSpec | None:
@@ -34,14 +33,20 @@ def _graph_output_names(graph: fx.Graph) -> set[str]:
     return {n.name for n in output.all_input_nodes}
 
 
-def build_layer_module(root: fx.GraphModule, nodes: list[fx.Node], output_names: list[str]) -> tuple[fx.GraphModule, list[str]]:
+def build_layer_module(
+    root: fx.GraphModule, nodes: list[fx.Node], output_names: list[str]
+) -> tuple[fx.GraphModule, list[str]]:
     """A GraphModule computing ``nodes``; returns it and the names of its placeholders, in order."""
     inside = set(nodes)
-    external = list(dict.fromkeys(
-        used for node in nodes for used in node.all_input_nodes if used not in inside and used.op != "get_attr"
-    ))
+    external = list(
+        dict.fromkeys(
+            used for node in nodes for used in node.all_input_nodes if used not in inside and used.op != "get_attr"
+        )
+    )
     by_name = {n.name: n for n in nodes}
-    external += [_find(root, name) for name in output_names if name not in by_name and _find(root, name) not in external]
+    external += [
+        _find(root, name) for name in output_names if name not in by_name and _find(root, name) not in external
+    ]
     graph = fx.Graph()
     remap: dict[fx.Node, fx.Node] = {}
     for value in external:
@@ -82,7 +87,11 @@ def structural_signature(module: fx.GraphModule) -> str:
         if node.op == "placeholder":
             items.append(f"placeholder {shape}")
         elif node.op == "get_attr":
-            tensor = module.get_parameter(node.target) if _is_parameter(module, node.target) else get_attr_path(module, node.target)
+            tensor = (
+                module.get_parameter(node.target)
+                if _is_parameter(module, node.target)
+                else get_attr_path(module, node.target)
+            )
             items.append(f"get_attr {tuple(tensor.shape)} {tensor.dtype} {isinstance(tensor, torch.nn.Parameter)}")
         else:
             items.append(f"{node.op} {node.target} {encode(node.args)} {encode(node.kwargs)} {shape}")
@@ -111,23 +120,27 @@ def split_layers(root: fx.GraphModule, segments: list[Segment]) -> list[Layer]:
     for i, segment in enumerate(segments):
         produced = [n.name for n in segment.nodes if last_use.get(n.name, -1) > i]
         module, input_names = build_layer_module(root, segment.nodes, produced)
-        param_names = tuple(dict.fromkeys(
-            n.target for n in module.graph.nodes if n.op == "get_attr" and _is_parameter(module, n.target)
-        ))
+        param_names = tuple(
+            dict.fromkeys(
+                n.target for n in module.graph.nodes if n.op == "get_attr" and _is_parameter(module, n.target)
+            )
+        )
         live_after = [name for name, last in last_use.items() if last > i and owner.get(name, i + 1) <= i]
-        layers.append(Layer(
-            index=i,
-            kind=segment.kind,
-            module_path=segment.module_path,
-            layer_type=segment.kind,
-            node_names=tuple(n.name for n in segment.nodes),
-            param_names=param_names,
-            inputs=_specs(nodes_by_name, [n for n in input_names if n in owner]),
-            boundary_out=_specs(nodes_by_name, live_after),
-            module=module,
-            input_names=tuple(input_names),
-            output_names=tuple(produced),
-        ))
+        layers.append(
+            Layer(
+                index=i,
+                kind=segment.kind,
+                module_path=segment.module_path,
+                layer_type=segment.kind,
+                node_names=tuple(n.name for n in segment.nodes),
+                param_names=param_names,
+                inputs=_specs(nodes_by_name, [n for n in input_names if n in owner]),
+                boundary_out=_specs(nodes_by_name, live_after),
+                module=module,
+                input_names=tuple(input_names),
+                output_names=tuple(produced),
+            )
+        )
     _name_layer_types(layers, segments)
     return layers
 

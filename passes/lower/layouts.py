@@ -26,11 +26,10 @@ import torch.fx as fx
 
 from galvatron_fx.fx_utils import copy_layer_modules, get_attr_path
 from galvatron_fx.parallel_dims import ParallelDims, data_split, dp_index, tp_index
-from galvatron_fx.plan import LayerStrategy, Plan
-from galvatron_fx.program import LayerMeta, Program, layer_meta, node_meta
-
 from galvatron_fx.passes.lower.graph.sequence_parallel import SPConfig, sequence_parallel
 from galvatron_fx.passes.lower.ops.redistribute import redistribute, scale_grad
+from galvatron_fx.plan import LayerStrategy, Plan
+from galvatron_fx.program import LayerMeta, Program, layer_meta, node_meta
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,9 @@ class Layout:
         return dp_index(self.strategy, local), (tp_index(self.strategy, local) if self.seq_sharded else 0)
 
     def same_blocks(self, other: "Layout", devices: int) -> bool:
-        return (self.dp, self.seq) == (other.dp, other.seq) and all(self.block(l) == other.block(l) for l in range(devices))
+        return (self.dp, self.seq) == (other.dp, other.seq) and all(
+            self.block(item) == other.block(item) for item in range(devices)
+        )
 
 
 def exchange_plan(src: Layout, dst: Layout, devices: int, me: int, batch_rows: int, seq_len: int):
@@ -78,10 +79,25 @@ def exchange_plan(src: Layout, dst: Layout, devices: int, me: int, batch_rows: i
             source = dest if dest in candidates else candidates[dest % len(candidates)]
             if source == me:
                 sb, ss = src.block(me)
-                sends.append((dest, unit[0] * rows - sb * (batch_rows // src.dp), rows, unit[1] * cols - ss * (seq_len // src.seq), cols))
+                sends.append(
+                    (
+                        dest,
+                        unit[0] * rows - sb * (batch_rows // src.dp),
+                        rows,
+                        unit[1] * cols - ss * (seq_len // src.seq),
+                        cols,
+                    )
+                )
             if dest == me:
-                recvs.append((source, unit[0] * rows - origin_b * (batch_rows // dst.dp), rows,
-                              unit[1] * cols - origin_s * (seq_len // dst.seq), cols))
+                recvs.append(
+                    (
+                        source,
+                        unit[0] * rows - origin_b * (batch_rows // dst.dp),
+                        rows,
+                        unit[1] * cols - origin_s * (seq_len // dst.seq),
+                        cols,
+                    )
+                )
     return tuple(sorted(sends)), tuple(sorted(recvs))
 
 
@@ -97,8 +113,17 @@ def scale_param_grads(gm: fx.GraphModule, factor: float) -> None:
     gm.recompile()
 
 
-def insert_redistribute(gm: fx.GraphModule, name: str, src: Layout, dst: Layout, devices: int, local: int,
-                        stage_ranks: tuple[int, ...], batch_rows: int, seq_len: int) -> bool:
+def insert_redistribute(
+    gm: fx.GraphModule,
+    name: str,
+    src: Layout,
+    dst: Layout,
+    devices: int,
+    local: int,
+    stage_ranks: tuple[int, ...],
+    batch_rows: int,
+    seq_len: int,
+) -> bool:
     """Convert placeholder ``name`` from ``src`` to ``dst`` on entry (its meta becomes the ``src`` block)."""
     if src.same_blocks(dst, devices):
         return False
@@ -108,7 +133,7 @@ def insert_redistribute(gm: fx.GraphModule, name: str, src: Layout, dst: Layout,
     value = node.meta["val"]
     seq_cut = src.seq > 1 or dst.seq > 1
     out_rows, out_cols = batch_rows // dst.dp, (seq_len // dst.seq if seq_cut else None)
-    in_shape = (batch_rows // src.dp, *((seq_len // src.seq,) if seq_cut else ()), *value.shape[2 if seq_cut else 1:])
+    in_shape = (batch_rows // src.dp, *((seq_len // src.seq,) if seq_cut else ()), *value.shape[2 if seq_cut else 1 :])
     node.meta["val"] = torch.empty(in_shape, dtype=value.dtype, device="meta")
     with gm.graph.inserting_after(node):
         moved = gm.graph.call_function(redistribute, (node, forward, backward, stage_ranks, out_rows, out_cols))
@@ -129,7 +154,9 @@ def batched_names(program: Program) -> frozenset[str]:
     return frozenset(names)
 
 
-def sp_config(dims: ParallelDims, strategy: LayerStrategy, rank: int, batched: frozenset[str], strict: bool = False) -> SPConfig:
+def sp_config(
+    dims: ParallelDims, strategy: LayerStrategy, rank: int, batched: frozenset[str], strict: bool = False
+) -> SPConfig:
     """The sequence-parallel rewrite of a layer under ``strategy`` for ``rank``."""
     ranks = dims.tp_group(strategy, rank)
     return SPConfig(strategy.sp, strategy.tp, ranks.index(rank), ranks, batched, strict)

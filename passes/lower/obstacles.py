@@ -14,12 +14,12 @@ import warnings
 
 from galvatron_fx.errors import PlanError
 from galvatron_fx.fx_utils import copy_layer_modules
-from galvatron_fx.plan import LayerStrategy, SP_TYPES
-from galvatron_fx.program import Program, node_meta
-
 from galvatron_fx.passes.lower.graph.sequence_parallel import SPConfig, sequence_parallel
 from galvatron_fx.passes.lower.graph.tensor_parallel import TPConfig, tensor_parallel
 from galvatron_fx.passes.lower.graph.vocab_parallel import VocabConfig, tied_vocab_names, vocab_parallel, vocab_size
+from galvatron_fx.plan import SP_TYPES, LayerStrategy
+from galvatron_fx.program import Program, node_meta
+
 
 def _degrees(max_tp: int) -> list[int]:
     out, tp = [], 2
@@ -45,7 +45,9 @@ def layer_obstacle(program: Program, layer_index: int, strategy: LayerStrategy) 
             if strategy.sp == "none":
                 tensor_parallel(module, TPConfig(strategy.tp, 0, ranks, strict=True), f"layer{layer_index}")
             else:
-                sequence_parallel(module, SPConfig(strategy.sp, strategy.tp, 0, ranks, batched, strict=True), f"layer{layer_index}")
+                sequence_parallel(
+                    module, SPConfig(strategy.sp, strategy.tp, 0, ranks, batched, strict=True), f"layer{layer_index}"
+                )
     except PlanError as error:
         return error.cause
     return None

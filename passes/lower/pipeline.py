@@ -30,18 +30,37 @@ import torch.fx as fx
 
 from galvatron_fx.errors import PlanError
 from galvatron_fx.parallel_dims import ParallelDims, embedding_strategy, layout_strategy, tp_index
-from galvatron_fx.plan import Plan
-from galvatron_fx.program import Program, layer_meta, node_meta
-
 from galvatron_fx.passes.analysis.batch_dim import set_batch
 from galvatron_fx.passes.infra import Pass, PassFailure, run_passes
 from galvatron_fx.passes.lower.graph.random_streams import assign_streams, is_random
 from galvatron_fx.passes.lower.graph.sequence_parallel import sequence_parallel
 from galvatron_fx.passes.lower.graph.tensor_parallel import TPConfig, tensor_parallel
-from galvatron_fx.passes.lower.graph.vocab_parallel import VocabConfig, tied_vocab_names, vocab_parallel, vocab_parallel_tied, vocab_size
-from galvatron_fx.passes.lower.layouts import (Layout, batched_names, insert_redistribute, producer_layouts, scale_param_grads,
-                                               sp_config, with_shape)
-from galvatron_fx.passes.lower.stage import CheckpointedLayer, LoweringContext, StageLayer, StageModule, build_stage, unwrap
+from galvatron_fx.passes.lower.graph.vocab_parallel import (
+    VocabConfig,
+    tied_vocab_names,
+    vocab_parallel,
+    vocab_parallel_tied,
+    vocab_size,
+)
+from galvatron_fx.passes.lower.layouts import (
+    Layout,
+    batched_names,
+    insert_redistribute,
+    producer_layouts,
+    scale_param_grads,
+    sp_config,
+    with_shape,
+)
+from galvatron_fx.passes.lower.stage import (
+    CheckpointedLayer,
+    LoweringContext,
+    StageLayer,
+    StageModule,
+    build_stage,
+    unwrap,
+)
+from galvatron_fx.plan import Plan
+from galvatron_fx.program import Program, layer_meta, node_meta
 
 PROLOGUE_AND_EPILOGUE = ("prologue", "epilogue")
 
@@ -77,10 +96,12 @@ class SetLocalBatches(Pass[StageModule]):
             if program.dynamic_batch:
                 set_batch(graph, batch)
             elif batch != program.batch_size:
-                raise PlanError(f"{layer.name} ({layer.strategy.short()}) runs {batch} samples per micro-batch, but the model "
-                                f"was captured at batch {program.batch_size} only ({program.static_batch_reason})",
-                                f"capture it at an example batch of {batch}, or use a plan whose layers all run "
-                                f"{program.batch_size} samples per rank and micro-batch")
+                raise PlanError(
+                    f"{layer.name} ({layer.strategy.short()}) runs {batch} samples per micro-batch, but the model "
+                    f"was captured at batch {program.batch_size} only ({program.static_batch_reason})",
+                    f"capture it at an example batch of {batch}, or use a plan whose layers all run "
+                    f"{program.batch_size} samples per rank and micro-batch",
+                )
         return stage
 
     def ensures(self, stage, context):
@@ -110,7 +131,11 @@ class ApplyTensorParallel(Pass[StageModule]):
                 ranks = dims.tp_group(layer.strategy, rank)
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    tensor_parallel(graph, TPConfig(layer.strategy.tp, ranks.index(rank), ranks, self.strict), f"{layer.name} ({layer.layer_type})")
+                    tensor_parallel(
+                        graph,
+                        TPConfig(layer.strategy.tp, ranks.index(rank), ranks, self.strict),
+                        f"{layer.name} ({layer.layer_type})",
+                    )
                 _emit_once(caught)
         return stage
 
@@ -159,22 +184,35 @@ class ApplyVocabParallel(Pass[StageModule]):
         if plan.embedding.vtp == 1:
             return stage
         if plan.embedding.vsp:
-            warnings.warn("vsp is lowered as vocab tensor parallelism (sequence-sharded embedding/head is not implemented)", stacklevel=2)
+            warnings.warn(
+                "vsp is lowered as vocab tensor parallelism (sequence-sharded embedding/head is not implemented)",
+                stacklevel=2,
+            )
         vocab = vocab_size(program.epilogue.module)
         if vocab is None:
-            raise PlanError(f"vtp={plan.embedding.vtp} needs a cross-entropy loss over a vocabulary, and "
-                            f"{program.model_name}'s loss is not one", "use vtp=1")
+            raise PlanError(
+                f"vtp={plan.embedding.vtp} needs a cross-entropy loss over a vocabulary, and "
+                f"{program.model_name}'s loss is not one",
+                "use vtp=1",
+            )
         rank = context.position.rank
         ranks = ParallelDims.of(plan).tp_group(embedding_strategy(plan.embedding, plan.devices_per_stage), rank)
-        config, shared, tied = VocabConfig(plan.embedding.vtp, ranks.index(rank), ranks, vocab), {}, tied_vocab_names(program)
+        config, shared, tied = (
+            VocabConfig(plan.embedding.vtp, ranks.index(rank), ranks, vocab),
+            {},
+            tied_vocab_names(program),
+        )
         for layer, graph in _graphs(stage):
             what = f"{layer.name} ({layer.kind})"
             if layer.kind in PROLOGUE_AND_EPILOGUE:
                 vocab_parallel(graph, config, shared, what)
             elif tied & set(program.layers[layer.index].param_names):
                 if layer.strategy.dp != plan.devices_per_stage:
-                    raise PlanError(f"{what} looks up the vocab-parallel embedding but runs {layer.strategy.short()}; only a "
-                                    "layer that holds each rank's own samples can share its shard", f"give {layer.name} tp=1, or use vtp=1")
+                    raise PlanError(
+                        f"{what} looks up the vocab-parallel embedding but runs {layer.strategy.short()}; only a "
+                        "layer that holds each rank's own samples can share its shard",
+                        f"give {layer.name} tp=1, or use vtp=1",
+                    )
                 vocab_parallel_tied(graph, config, shared, tied, what)
         return stage
 
@@ -209,7 +247,9 @@ class ApplyLayouts(Pass[StageModule]):
         program, plan, position = context.program, context.plan, context.position
         devices = plan.devices_per_stage
         batched = batched_names(program)
-        full_shapes = {spec.name: spec.shape for layer in program.layers for spec in (*layer.inputs, *layer.boundary_out)}
+        full_shapes = {
+            spec.name: spec.shape for layer in program.layers for spec in (*layer.inputs, *layer.boundary_out)
+        }
         stage_ranks = ParallelDims.of(plan).stage_ranks(position.stage)
         for layer, graph in _graphs(stage):
             strategy = layout_strategy(layer.kind, layer.strategy, devices)
@@ -218,8 +258,17 @@ class ApplyLayouts(Pass[StageModule]):
             for name in layer.input_names:
                 if name in batched and name in producers:
                     seq_len = full_shapes[name][1] if len(full_shapes.get(name, ())) > 1 else 0
-                    insert_redistribute(graph, name, producers[name], Layout(strategy, name in seq_inputs), devices, position.local,
-                                        stage_ranks, plan.micro_batch, seq_len)
+                    insert_redistribute(
+                        graph,
+                        name,
+                        producers[name],
+                        Layout(strategy, name in seq_inputs),
+                        devices,
+                        position.local,
+                        stage_ranks,
+                        plan.micro_batch,
+                        seq_len,
+                    )
 
 
 # -- 6 ------------------------------------------------------------------------------------------------------------
@@ -252,12 +301,16 @@ class CheckShapes(Pass[StageModule]):
         for layer, graph in _graphs(stage):
             for node in graph.graph.find_nodes(op="placeholder"):
                 if node.name not in shapes:
-                    raise PlanError(f"{layer.name} reads {node.name}, which nothing before it on {where} provides",
-                                    "check pp_division against the layer table (galvatron-fx inspect)")
+                    raise PlanError(
+                        f"{layer.name} reads {node.name}, which nothing before it on {where} provides",
+                        "check pp_division against the layer table (galvatron-fx inspect)",
+                    )
                 value, expected = node.meta.get("val"), shapes[node.name]
                 if expected is not None and isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(expected):
-                    raise PlanError(f"{layer.name} expects {node.name} of shape {tuple(value.shape)}, but gets {tuple(expected)}",
-                                    "capture the model again with the plan's micro-batch")
+                    raise PlanError(
+                        f"{layer.name} expects {node.name} of shape {tuple(value.shape)}, but gets {tuple(expected)}",
+                        "capture the model again with the plan's micro-batch",
+                    )
             for name, produced in zip(layer.output_names, graph.graph.output_node().args[0]):
                 value = produced.meta.get("val") if isinstance(produced, fx.Node) else None
                 shapes[name] = tuple(value.shape) if isinstance(value, torch.Tensor) else None
@@ -315,7 +368,11 @@ class RetargetDevice(Pass[StageModule]):
         return stage
 
     def ensures(self, stage, context):
-        wrong = {t.device for t in (*stage.parameters(), *stage.buffers()) if t.device.type not in (context.device.type, "meta")}
+        wrong = {
+            t.device
+            for t in (*stage.parameters(), *stage.buffers())
+            if t.device.type not in (context.device.type, "meta")
+        }
         if wrong:
             raise PassFailure(f"tensors left on {sorted(map(str, wrong))}, not {context.device}")
 
@@ -333,18 +390,33 @@ class ApplyCheckpointing(Pass[StageModule]):
     def ensures(self, stage, context):
         for layer in stage.stage_layers:
             if layer.strategy.ckpt != isinstance(stage.layers[layer.name], CheckpointedLayer):
-                raise PassFailure(f"{layer.name}: ckpt={layer.strategy.ckpt} but the layer is {type(stage.layers[layer.name]).__name__}")
+                raise PassFailure(
+                    f"{layer.name}: ckpt={layer.strategy.ckpt} but the layer is "
+                    f"{type(stage.layers[layer.name]).__name__}"
+                )
 
 
 LOWERING_PASSES: tuple[Pass[StageModule], ...] = (
-    SetLocalBatches(), ApplyTensorParallel(), ApplySequenceParallel(), ApplyVocabParallel(), ApplyLayouts(),
-    ApplyRandomStreams(), CheckShapes(), DropMetadataAsserts(), RetargetDevice(), ApplyCheckpointing(),
+    SetLocalBatches(),
+    ApplyTensorParallel(),
+    ApplySequenceParallel(),
+    ApplyVocabParallel(),
+    ApplyLayouts(),
+    ApplyRandomStreams(),
+    CheckShapes(),
+    DropMetadataAsserts(),
+    RetargetDevice(),
+    ApplyCheckpointing(),
 )
 
 
-def lower(program: Program, plan: Plan, rank: int, device: torch.device | str = "cpu",
-          passes: Sequence[Pass[StageModule]] = LOWERING_PASSES) -> StageModule:
+def lower(
+    program: Program,
+    plan: Plan,
+    rank: int,
+    device: torch.device | str = "cpu",
+    passes: Sequence[Pass[StageModule]] = LOWERING_PASSES,
+) -> StageModule:
     """This rank's stage: ``build_stage`` followed by ``passes`` in order (see the module docstring)."""
     context = LoweringContext(program, plan, ParallelDims.of(plan).position(rank), torch.device(device))
     return run_passes(passes, build_stage(context), context)
-

@@ -19,11 +19,10 @@ import torch.nn as nn
 from galvatron_fx.errors import PlanError
 from galvatron_fx.fx_utils import copy_layer_modules
 from galvatron_fx.parallel_dims import RankPosition, dp_index, embedding_strategy, layout_strategy
-from galvatron_fx.plan import LayerStrategy, Plan
-from galvatron_fx.program import Program, TensorSpec
-
 from galvatron_fx.passes.lower.ops.random import layer_seed, seed_generators
 from galvatron_fx.passes.lower.ops.redistribute import shared_conversions
+from galvatron_fx.plan import LayerStrategy, Plan
+from galvatron_fx.program import Program, TensorSpec
 
 
 @dataclass(frozen=True)
@@ -63,11 +62,16 @@ def loss_name(program: Program) -> str:
     if isinstance(context, (list, tuple)) and "loss" in context and len(context) == len(names):
         return names[list(context).index("loss")]
     values = {n.name: n.meta.get("val") for n in program.graph_module.graph.nodes}
-    scalars = [name for name in names if isinstance(values.get(name), torch.Tensor)
-               and values[name].dim() == 0 and values[name].is_floating_point()]
+    scalars = [
+        name
+        for name in names
+        if isinstance(values.get(name), torch.Tensor) and values[name].dim() == 0 and values[name].is_floating_point()
+    ]
     if len(scalars) != 1:
-        raise PlanError(f"cannot tell which output of {program.model_name} is the loss (scalar outputs: {scalars})",
-                        "return the loss from forward (as 'loss' of a dict/ModelOutput, or as the only scalar)")
+        raise PlanError(
+            f"cannot tell which output of {program.model_name} is the loss (scalar outputs: {scalars})",
+            "return the loss from forward (as 'loss' of a dict/ModelOutput, or as the only scalar)",
+        )
     return scalars[0]
 
 
@@ -95,10 +99,19 @@ class StageModule(nn.Module):
     to the next stage in ``send_specs`` order, or ``[loss]`` on the last stage. Returning only these (not
     every intermediate value) keeps the data-parallel root's backward hooks on what backward starts from."""
 
-    def __init__(self, position: RankPosition, layers: Sequence[StageLayer], modules: dict[str, nn.Module],
-                 recv_specs: tuple[TensorSpec, ...], send_specs: tuple[TensorSpec, ...],
-                 batch_names: tuple[str, ...], loss_name: str | None, micro_batch: int,
-                 grad_names: frozenset[str] = frozenset(), device: torch.device = torch.device("cpu")):
+    def __init__(
+        self,
+        position: RankPosition,
+        layers: Sequence[StageLayer],
+        modules: dict[str, nn.Module],
+        recv_specs: tuple[TensorSpec, ...],
+        send_specs: tuple[TensorSpec, ...],
+        batch_names: tuple[str, ...],
+        loss_name: str | None,
+        micro_batch: int,
+        grad_names: frozenset[str] = frozenset(),
+        device: torch.device = torch.device("cpu"),
+    ):
         super().__init__()
         self.position = position
         self.device = device  # where the layers run: whose random generator dropout draws from
@@ -113,7 +126,7 @@ class StageModule(nn.Module):
         self.grad_names = frozenset(spec.name for spec in recv_specs + send_specs if spec.name in grad_names)
 
     def forward(self, env: dict[str, Any], seed: int | None = None) -> list[torch.Tensor]:
-        with shared_conversions():   # a value several layers read in one layout moves once
+        with shared_conversions():  # a value several layers read in one layout moves once
             for layer in self.stage_layers:
                 if seed is not None:  # random draws depend on (seed, layer, samples held), not on the stage
                     seed_generators(layer_seed(seed, layer.index, layer.data_index), self.device)
@@ -134,8 +147,10 @@ class StageModule(nn.Module):
     def describe(self) -> str:
         """A readable summary: position, layers with strategy and parameters, what is received and sent."""
         lay = self.position
-        lines = [f"stage {lay.stage}/{lay.num_stages} rank {lay.rank} (local {lay.local} of {lay.devices_per_stage}),"
-                 f" micro-batch {self.micro_batch}"]
+        lines = [
+            f"stage {lay.stage}/{lay.num_stages} rank {lay.rank} (local {lay.local} of {lay.devices_per_stage}),"
+            f" micro-batch {self.micro_batch}"
+        ]
         if self.recv_specs:
             lines.append("  recv " + ", ".join(_spec_text(s) for s in self.recv_specs))
         if self.batch_names:
@@ -144,8 +159,10 @@ class StageModule(nn.Module):
             module = self.layers[layer.name]
             count = sum(p.numel() for p in module.parameters())
             wrapped = "" if module is unwrap(module) else f" [{type(module).__name__}]"
-            lines.append(f"  {layer.name:<8} {layer.kind:<10} {layer.layer_type:<20} {layer.strategy.short():<18}"
-                         f" {count:>10,} params{wrapped}")
+            lines.append(
+                f"  {layer.name:<8} {layer.kind:<10} {layer.layer_type:<20} {layer.strategy.short():<18}"
+                f" {count:>10,} params{wrapped}"
+            )
         if self.send_specs:
             lines.append("  send " + ", ".join(_spec_text(s) for s in self.send_specs))
         if self.loss_name:
@@ -163,7 +180,9 @@ class StageModule(nn.Module):
         written[0].write_text(self.describe() + "\n")
         for layer in self.stage_layers:
             path = folder / f"{layer.name}.py"
-            path.write_text(f"# {layer.kind} {layer.layer_type}: {layer.strategy.short()}\n" + unwrap(self.layers[layer.name]).code)
+            path.write_text(
+                f"# {layer.kind} {layer.layer_type}: {layer.strategy.short()}\n" + unwrap(self.layers[layer.name]).code
+            )
             written.append(path)
         return written
 
@@ -188,7 +207,7 @@ def cut_specs(program: Program, plan: Plan, stage: int) -> tuple[TensorSpec, ...
     """What stage ``stage`` sends to ``stage + 1``: the live values after its last layer that a later
     layer reads (values only the model's output reads, such as logits, do not travel)."""
     last = stage_layer_indices(program, plan, stage)[-1]
-    read_later = {name for layer in program.layers[last + 1:] for name in layer.input_names}
+    read_later = {name for layer in program.layers[last + 1 :] for name in layer.input_names}
     return tuple(spec for spec in program.layers[last].boundary_out if spec.name in read_later)
 
 
@@ -205,8 +224,18 @@ def build_stage(context: LoweringContext) -> StageModule:
         layer = program.layers[index]
         strategy = plan.layers[body_position[index]] if index in body_position else embed
         data_index = dp_index(layout_strategy(layer.kind, strategy, plan.devices_per_stage), position.local)
-        layers.append(StageLayer(index, f"layer{index}", layer.kind, layer.layer_type, layer.input_names, layer.output_names,
-                                 strategy, data_index))
+        layers.append(
+            StageLayer(
+                index,
+                f"layer{index}",
+                layer.kind,
+                layer.layer_type,
+                layer.input_names,
+                layer.output_names,
+                strategy,
+                data_index,
+            )
+        )
     copies = copy_layer_modules([program.layers[i].module for i in indices])
     placeholders = set(program.placeholder_names)
     batch_names = tuple(dict.fromkeys(n for layer in layers for n in layer.input_names if n in placeholders))

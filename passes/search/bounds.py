@@ -21,7 +21,7 @@ over layers ``[a, b)`` takes at least H of those layers in its own budget with i
 (infinite where their least memory does not fit), and the iteration at least the least Σ_s + (c − 1)·the
 least max_s of those over divisions.
 
-requires: a CostTable (search_front), non-negative terms.
+requires: a CostTable (search.front), non-negative terms.
 ensures:  ``RestBound.promising`` never drops a point that some plan beating ``bound_s`` extends;
           ``division_bound_s`` over ``StageBound`` spans never exceeds a fitting plan's time.
 """
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-_SLACK = 1e-9   # relative: never prune a tie on rounding
+_SLACK = 1e-9  # relative: never prune a tie on rounding
 
 
 def _hull_slopes(mem: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -40,7 +40,9 @@ def _hull_slopes(mem: np.ndarray, x: np.ndarray) -> np.ndarray:
     for m, t in zip(mem[order].astype(float), x[order]):
         if hull and hull[-1][0] == m:
             continue
-        while len(hull) >= 2 and (hull[-1][1] - hull[-2][1]) * (m - hull[-1][0]) >= (t - hull[-1][1]) * (hull[-1][0] - hull[-2][0]):
+        while len(hull) >= 2 and (hull[-1][1] - hull[-2][1]) * (m - hull[-1][0]) >= (t - hull[-1][1]) * (
+            hull[-1][0] - hull[-2][0]
+        ):
             hull.pop()
         hull.append((m, t))
     return np.array([(a[1] - b[1]) / (b[0] - a[0]) for a, b in zip(hull, hull[1:]) if b[1] < a[1]])
@@ -55,7 +57,7 @@ def multipliers(table, types: tuple[str, ...], in_flight) -> np.ndarray:
         if ok.any():
             slopes.append(_hull_slopes(table.memory(t, in_flight)[ok], table.x[t][ok]))
     lam = np.unique(np.concatenate(slopes))
-    if len(lam) > 96:   # any subset of multipliers is still a valid bound
+    if len(lam) > 96:  # any subset of multipliers is still a valid bound
         lam = lam[np.unique(np.linspace(0, len(lam) - 1, 96).round().astype(int))]
     return np.concatenate([lam, [lam[-1] * 1e3 + 1e-30]])
 
@@ -76,13 +78,26 @@ class RestBound:
         self.phi = {}
         for t in dict.fromkeys(types):
             mem = table.memory(t, in_flight)
-            self.phi[t] = np.array([_cheapest(table.x[t], mem, table.useful[t] & (table.peak[t] <= cap), self.lam)
-                                    for cap in (caps if per_cap else caps[-1:])])
+            self.phi[t] = np.array(
+                [
+                    _cheapest(table.x[t], mem, table.useful[t] & (table.peak[t] <= cap), self.lam)
+                    for cap in (caps if per_cap else caps[-1:])
+                ]
+            )
         self.per_cap = per_cap
         self.total = sum(self.phi[t] for t in types)
 
-    def promising(self, run_types: tuple[str, ...], cap_index: int, m_avail: float, c: int, syncs: int, fixed_s: float,
-                  bound_s: float, pp: int = 1):
+    def promising(
+        self,
+        run_types: tuple[str, ...],
+        cap_index: int,
+        m_avail: float,
+        c: int,
+        syncs: int,
+        fixed_s: float,
+        bound_s: float,
+        pp: int = 1,
+    ):
         """A mask function over (M, X, G) of the run's points: True where some plan under ``bound_s`` may extend it."""
         if not np.isfinite(bound_s):
             return None
@@ -97,8 +112,9 @@ class RestBound:
 
         def mask(M, X, G):
             i = np.searchsorted(breaks, M, side="right")
-            total = X + fixed_s + icepts[i] + slopes[i] * M      # Σ_s X_s at least
+            total = X + fixed_s + icepts[i] + slopes[i] * M  # Σ_s X_s at least
             return total + (c - 1) * np.maximum(X, total / pp) + syncs * G <= limit
+
         return mask
 
 
@@ -113,7 +129,9 @@ def _envelope(slopes: np.ndarray, intercepts: np.ndarray):
         while len(keep) >= 2:
             a, b = keep[-2], keep[-1]
             # b is never on top if a and i cross at or left of where a and b cross
-            if (intercepts[i] - intercepts[a]) * (slopes[b] - slopes[a]) >= (intercepts[b] - intercepts[a]) * (slopes[i] - slopes[a]):
+            if (intercepts[i] - intercepts[a]) * (slopes[b] - slopes[a]) >= (intercepts[b] - intercepts[a]) * (
+                slopes[i] - slopes[a]
+            ):
                 keep.pop()
             else:
                 break
@@ -129,11 +147,14 @@ class StageBound:
     per span: max over λ of Σ_{a <= l < b} min_j (x_lj + λ·mem_lj) − λ·budget); inf where even the layers'
     least memory exceeds the budget."""
 
-    _CELLS = 1 << 22   # spans × multipliers evaluated per block of start layers
+    _CELLS = 1 << 22  # spans × multipliers evaluated per block of start layers
 
     def __init__(self, table, types: tuple[str, ...], in_flight):
         self.lam = multipliers(table, types, in_flight)
-        phi = {t: _cheapest(table.x[t], table.memory(t, in_flight), table.useful[t], self.lam) for t in dict.fromkeys(types)}
+        phi = {
+            t: _cheapest(table.x[t], table.memory(t, in_flight), table.useful[t], self.lam)
+            for t in dict.fromkeys(types)
+        }
         self.prefix = np.concatenate([np.zeros((1, len(self.lam))), np.cumsum([phi[t] for t in types], axis=0)])
         least = [table.memory(t, in_flight)[table.useful[t]].min(initial=np.iinfo(np.int64).max) for t in types]
         self.least_bytes = np.concatenate([[0], np.cumsum(least, dtype=np.float64)])
@@ -144,11 +165,11 @@ class StageBound:
         out = np.full((n, n), np.inf)
         block = max(1, self._CELLS // (n * len(self.lam)))
         for lo in range(0, n - 1, block):
-            starts = self.prefix[lo:lo + block]
+            starts = self.prefix[lo : lo + block]
             value = self.prefix[None, :, :] - starts[:, None, :] - self.lam * budget
             # each line is a valid bound on its own; lower it by more than its rounding error
             error = 1e-9 * (np.abs(self.prefix)[None] + np.abs(starts)[:, None] + self.lam * (2 * abs(budget) + 1))
-            out[lo:lo + block] = np.maximum((value - error).max(axis=2), 0.0)
+            out[lo : lo + block] = np.maximum((value - error).max(axis=2), 0.0)
         out[self.least_bytes[None, :] - self.least_bytes[:, None] > budget] = np.inf
         out[np.tril_indices(n)] = np.inf
         return out
@@ -163,4 +184,4 @@ def division_bound_s(spans: list[np.ndarray], chunks: int) -> float:
     for span in spans[1:]:
         total = np.min(total[:, None] + span, axis=0)
         slowest = np.min(np.maximum(slowest[:, None], span), axis=0)
-    return float(total[-1] + ((chunks - 1) * slowest[-1] if chunks > 1 else 0.0))   # 0 · inf is NaN
+    return float(total[-1] + ((chunks - 1) * slowest[-1] if chunks > 1 else 0.0))  # 0 · inf is NaN

@@ -11,9 +11,8 @@ from __future__ import annotations
 import itertools
 from typing import Iterator
 
-from galvatron_fx.plan import Plan
-
 from galvatron_fx.passes.search.space import SearchSpace
+from galvatron_fx.plan import Plan
 
 
 def compositions(total: int, parts: int) -> Iterator[tuple[int, ...]]:
@@ -30,8 +29,14 @@ def all_plans(cost_model, world_size: int, space: SearchSpace) -> Iterator[Plan]
     for pp in space.pp_degrees(world_size, L):
         devices = world_size // pp
         for mode in space.default_dp_types():
-            yield from _plans(cost_model, world_size, space, pp, space.layer_strategies(devices, mode),
-                              space.embedding_strategies(devices, mode))
+            yield from _plans(
+                cost_model,
+                world_size,
+                space,
+                pp,
+                space.layer_strategies(devices, mode),
+                space.embedding_strategies(devices, mode),
+            )
 
 
 def _plans(cost_model, world_size, space, pp, strategies, embeddings):
@@ -42,19 +47,32 @@ def _plans(cost_model, world_size, space, pp, strategies, embeddings):
         for c in space.chunk_counts(gb):
             if (gb // c) % (world_size // pp):  # not every device of a stage gets its own samples (Plan refuses it)
                 continue
-            choices = ([[s] * L for s in per_layer[0] if all(s in u for u in per_layer)] if space.uniform
-                       else itertools.product(*per_layer))
+            choices = (
+                [[s] * L for s in per_layer[0] if all(s in u for u in per_layer)]
+                if space.uniform
+                else itertools.product(*per_layer)
+            )
             choices = list(choices)
             for pipeline in space.pipelines:
                 for division in compositions(L, pp):
                     for embedding in embeddings:
                         for layers in choices:
-                            yield Plan(world_size=world_size, layers=tuple(layers), pp=pp, pp_division=division,
-                                       pipeline=pipeline, chunks=c, global_batch=gb, embedding=embedding,
-                                       grad_sync_every_micro_batch=space.grad_sync_every_micro_batch)
+                            yield Plan(
+                                world_size=world_size,
+                                layers=tuple(layers),
+                                pp=pp,
+                                pp_division=division,
+                                pipeline=pipeline,
+                                chunks=c,
+                                global_batch=gb,
+                                embedding=embedding,
+                                grad_sync_every_micro_batch=space.grad_sync_every_micro_batch,
+                            )
 
 
-def brute_force_search(cost_model, world_size: int, memory_budget: int, space: SearchSpace) -> tuple[float, Plan | None]:
+def brute_force_search(
+    cost_model, world_size: int, memory_budget: int, space: SearchSpace
+) -> tuple[float, Plan | None]:
     """The highest samples/s over all plans whose every stage fits ``memory_budget`` bytes as the search
     budgets them (``Prediction.budgeted_bytes``)."""
     best, best_plan = 0.0, None

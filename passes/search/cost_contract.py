@@ -26,17 +26,31 @@ class CostContract(Protocol):
 
     layer_types: Sequence[str]  # the type of every body layer, in order
 
-    def layer_cost(self, layer_type: str, strategy: LayerStrategy, micro_batch: int, busy_share: float = 1.0) -> LayerCost:
+    def layer_cost(
+        self, layer_type: str, strategy: LayerStrategy, micro_batch: int, busy_share: float = 1.0
+    ) -> LayerCost:
         """One body layer of ``layer_type`` under ``strategy`` at ``micro_batch`` samples per micro-batch."""
 
-    def embedding_cost(self, embedding: EmbeddingStrategy, devices: int, micro_batch: int, *, first_stage: bool,
-                       last_stage: bool, busy_share: float = 1.0) -> LayerCost:
+    def embedding_cost(
+        self,
+        embedding: EmbeddingStrategy,
+        devices: int,
+        micro_batch: int,
+        *,
+        first_stage: bool,
+        last_stage: bool,
+        busy_share: float = 1.0,
+    ) -> LayerCost:
         """The embedding (on the first stage) and/or head (on the last) part of a stage of ``devices``."""
 
-    def redistribution_s(self, before: LayerStrategy, after: LayerStrategy, boundary_index: int, micro_batch: int) -> float:
+    def redistribution_s(
+        self, before: LayerStrategy, after: LayerStrategy, boundary_index: int, micro_batch: int
+    ) -> float:
         """Moving the activations live at body boundary ``boundary_index`` from ``before``'s layout to ``after``'s."""
 
-    def p2p_s(self, stage: int, plan_pp: int, devices_per_stage: int, micro_batch: int, cut_after_body_index: int) -> float:
+    def p2p_s(
+        self, stage: int, plan_pp: int, devices_per_stage: int, micro_batch: int, cut_after_body_index: int
+    ) -> float:
         """Sending one micro-batch's activations across the cut after body layer ``cut_after_body_index``."""
 
     def in_flight(self, pipeline: str, pp: int, stage: int, chunks: int) -> InFlight:

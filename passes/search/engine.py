@@ -4,17 +4,17 @@
 ``cost_model.evaluate`` — the cost contract's formula, rebuilt from its per-layer terms:
 
 1. settings (pp, global batch, chunks, pipeline, default dp type) ordered by an upper bound on samples/s
-   (the Lagrangian bound of fitting every layer into pp memory budgets, search_bound); a setting whose
+   (the Lagrangian bound of fitting every layer into pp memory budgets, search.bounds); a setting whose
    in-flight counts are nowhere lower than another's of the same (pp, batch, chunks) is skipped (same
    time, no less memory: GPipe next to 1F1B);
-2. a seeded plan (search_seed, priced by evaluate) for every setting that might win, so that the exact
+2. a seeded plan (search.seed_plan, priced by evaluate) for every setting that might win, so that the exact
    pass starts from a near-optimal incumbent; then the exact pass, cut as soon as the bound cannot win,
    and skipping each setting whose tighter bound (per stage, its own budget and in-flight count, over the
    best division) cannot;
 3. per (devices per stage, micro-batch): one cost-model query per (layer type, strategy); strategies
    another of the same layout beats in every term are left out; identical layer runs share fronts;
-4. per stage: exact Pareto fronts over (memory, time, gradient sync) — search_front — whose points are
-   dropped as soon as the rest of the plan cannot beat the incumbent (search_bound);
+4. per stage: exact Pareto fronts over (memory, time, gradient sync) — search.front — whose points are
+   dropped as soon as the rest of the plan cannot beat the incumbent (search.bounds);
 5. per setting: branch-and-bound over pp_division and the embedding strategy, with the exact pipeline
    formula over the fronts — search_stage.
 
@@ -42,17 +42,16 @@ import numpy as np
 
 from galvatron_fx.cost.memory import InFlight
 from galvatron_fx.errors import PlanError
-from galvatron_fx.plan import Plan
-from galvatron_fx.units import format_bytes, parse_bytes
-
-from galvatron_fx.passes.search.cost_contract import CostContract
 from galvatron_fx.passes.search.bounds import RestBound, StageBound, division_bound_s
+from galvatron_fx.passes.search.cost_contract import CostContract
 from galvatron_fx.passes.search.front import build_cost_table, folded, subset
 from galvatron_fx.passes.search.seed_plan import seed_plan
 from galvatron_fx.passes.search.space import SearchSpace
 from galvatron_fx.passes.search.stage_solver import EmbeddingPart, StageSolver
+from galvatron_fx.plan import Plan
+from galvatron_fx.units import format_bytes, parse_bytes
 
-Progress = Callable[[int, int, float], None]   # (settings done, settings total, best samples/s so far)
+Progress = Callable[[int, int, float], None]  # (settings done, settings total, best samples/s so far)
 
 
 @dataclass(frozen=True)
@@ -76,8 +75,15 @@ class Setting:
         return self.global_batch // self.chunks
 
 
-def search(cost_model: CostContract, world_size: int, memory_budget: "int | str", space: SearchSpace | None = None, *,
-           progress: Progress | None = None, provenance: dict[str, Any] | None = None) -> Plan:
+def search(
+    cost_model: CostContract,
+    world_size: int,
+    memory_budget: "int | str",
+    space: SearchSpace | None = None,
+    *,
+    progress: Progress | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> Plan:
     """The plan with the highest predicted samples/s whose every stage fits ``memory_budget`` bytes per device.
 
     Raises PlanError when nothing fits, naming the smallest budget that does and its plan."""
@@ -87,9 +93,17 @@ def search(cost_model: CostContract, world_size: int, memory_budget: "int | str"
     if plan is None:
         raise engine.infeasible_error()
     from galvatron_fx import __version__
-    record = {"model": None, "cluster": None, **(provenance or {}), "memory_budget_bytes": engine.budget,
-              "version": __version__, "search_time_s": round(time.perf_counter() - started, 4),
-              "search_settings_visited": engine.visited, "left_out": engine.left_out_summary()}
+
+    record = {
+        "model": None,
+        "cluster": None,
+        **(provenance or {}),
+        "memory_budget_bytes": engine.budget,
+        "version": __version__,
+        "search_time_s": round(time.perf_counter() - started, 4),
+        "search_settings_visited": engine.visited,
+        "left_out": engine.left_out_summary(),
+    }
     return Plan(**{**_fields(plan), "prediction": cost_model.evaluate(plan), "provenance": record})
 
 
@@ -101,7 +115,13 @@ class SearchEngine:
     """State of one search: caches, incumbent, reasons for left-out strategies."""
 
     def __init__(self, cost_model, world_size: int, budget: int, space: SearchSpace, progress: Progress | None):
-        self.cost_model, self.world_size, self.budget, self.space, self.progress = cost_model, world_size, budget, space, progress
+        self.cost_model, self.world_size, self.budget, self.space, self.progress = (
+            cost_model,
+            world_size,
+            budget,
+            space,
+            progress,
+        )
         self.types = tuple(cost_model.layer_types)
         self.boundary_group, self.group_index = self._boundary_groups()
         self.best_throughput = 0.0
@@ -125,7 +145,11 @@ class SearchEngine:
         probe = None
         if self.world_size % 2 == 0:
             from galvatron_fx.plan import LayerStrategy
-            probe = (LayerStrategy(tp=1, dp=self.world_size), LayerStrategy(tp=2, dp=self.world_size // 2, sp="megatron"))
+
+            probe = (
+                LayerStrategy(tp=1, dp=self.world_size),
+                LayerStrategy(tp=2, dp=self.world_size // 2, sp="megatron"),
+            )
         for i in range(1, len(self.types)):
             value = self.cost_model.redistribution_s(*probe, i, 1) if probe else 0.0
             key = (self.types[i - 1], self.types[i], value)
@@ -140,8 +164,10 @@ class SearchEngine:
         L = len(self.types)
         pps = self.space.pp_degrees(self.world_size, L)
         if not pps:
-            self.left_out.setdefault(f"no pipeline degree fits world size {self.world_size} and {L} layers "
-                                     f"(max_pp {self.space.max_pp})", set())
+            self.left_out.setdefault(
+                f"no pipeline degree fits world size {self.world_size} and {L} layers (max_pp {self.space.max_pp})",
+                set(),
+            )
         for pp, dp_mode in ((p, m) for p in pps for m in self.space.default_dp_types()):
             devices = self.world_size // pp
             strategies = self.space.layer_strategies(devices, dp_mode)
@@ -149,19 +175,30 @@ class SearchEngine:
                 for chunks in self.space.chunk_counts(global_batch):
                     micro_batch = global_batch // chunks
                     if micro_batch % devices:
-                        self.left_out.setdefault(f"micro-batch {micro_batch} does not give each of the {devices} devices of "
-                                                 "a stage its own samples", set()).add(f"pp{pp} batch {global_batch} chunks {chunks}")
+                        self.left_out.setdefault(
+                            f"micro-batch {micro_batch} does not give each of the {devices} devices of "
+                            "a stage its own samples",
+                            set(),
+                        ).add(f"pp{pp} batch {global_batch} chunks {chunks}")
                         continue
                     candidates = {}
                     for pipeline in self.space.pipelines:
                         in_flight = tuple(self.cost_model.in_flight(pipeline, pp, s, chunks) for s in range(pp))
-                        candidates.setdefault(in_flight, pipeline)   # both schedules keep the same micro-batches: one search
+                        candidates.setdefault(
+                            in_flight, pipeline
+                        )  # both schedules keep the same micro-batches: one search
                     for in_flight, pipeline in candidates.items():
-                        if any(other != in_flight and all(a <= b for a, b in zip(other, in_flight)) for other in candidates):
-                            continue   # fewer micro-batches in flight everywhere: same time, no more memory
+                        if any(
+                            other != in_flight and all(a <= b for a, b in zip(other, in_flight)) for other in candidates
+                        ):
+                            continue  # fewer micro-batches in flight everywhere: same time, no more memory
                         setting = Setting(0.0, pp, devices, global_batch, chunks, pipeline, in_flight, dp_mode)
                         table = self.table(self.table_key(setting), strategies)  # every dp divides the micro-batch
-                        out.append(dataclasses.replace(setting, upper_bound=global_batch / self.time_lower_bound(table, setting)))
+                        out.append(
+                            dataclasses.replace(
+                                setting, upper_bound=global_batch / self.time_lower_bound(table, setting)
+                            )
+                        )
         out.sort(key=lambda setting: -setting.upper_bound)
         return out
 
@@ -175,7 +212,12 @@ class SearchEngine:
 
     def table_key(self, setting: Setting) -> tuple:
         """(devices per stage, micro-batch, dp mode, busy share): what a setting's layer costs depend on."""
-        return setting.devices, setting.micro_batch, setting.dp_mode, self.cost_model.busy_share(setting.pp, setting.chunks)
+        return (
+            setting.devices,
+            setting.micro_batch,
+            setting.dp_mode,
+            self.cost_model.busy_share(setting.pp, setting.chunks),
+        )
 
     def table(self, key: tuple, strategies):
         if key not in self.tables:
@@ -209,7 +251,9 @@ class SearchEngine:
             emb_bytes = min(emb_bytes, sum(p.memory(least_in_flight) for p in parts))
         rest = bound.total[0]
         m_avail = pp * self.budget - emb_bytes
-        layers_s = float(np.max(rest - bound.lam * m_avail - 1e-9 * (np.abs(rest) + bound.lam * (2 * abs(m_avail) + 1))))
+        layers_s = float(
+            np.max(rest - bound.lam * m_avail - 1e-9 * (np.abs(rest) + bound.lam * (2 * abs(m_avail) + 1)))
+        )
         return weight * (max(layers_s, 0.0) + emb_s) + 1e-30
 
     def stage_time_lower_bound(self, setting: Setting) -> float:
@@ -224,7 +268,7 @@ class SearchEngine:
         syncs = chunks if self.space.grad_sync_every_micro_batch else 1
         if pp == 1:
             table = self.folded_table(table, chunks)
-        best, spans_s = np.inf, {}   # middle stages have no part: their spans repeat across embeddings
+        best, spans_s = np.inf, {}  # middle stages have no part: their spans repeat across embeddings
         for embedding in self.space.embedding_strategies(setting.devices, setting.dp_mode):
             spans = []
             for s, part in enumerate(self.parts(setting, embedding)):
@@ -245,11 +289,18 @@ class SearchEngine:
         for s in range(pp):
             key = (devices, micro_batch, embedding, s == 0, s == pp - 1, setting.dp_mode, share)
             if key not in self.embedding_parts:
-                cost = self.cost_model.embedding_cost(embedding, devices, micro_batch, first_stage=s == 0, last_stage=s == pp - 1,
-                                                      busy_share=share)
-                self.embedding_parts[key] = EmbeddingPart(cost.fwd_s + cost.bwd_s, cost.grad_sync_s, cost.model_state_bytes,
-                                                          cost.activation_bytes, cost.transient_bound_bytes, cost.grad_bytes,
-                                                          cost.optimizer_temp_bytes)
+                cost = self.cost_model.embedding_cost(
+                    embedding, devices, micro_batch, first_stage=s == 0, last_stage=s == pp - 1, busy_share=share
+                )
+                self.embedding_parts[key] = EmbeddingPart(
+                    cost.fwd_s + cost.bwd_s,
+                    cost.grad_sync_s,
+                    cost.model_state_bytes,
+                    cost.activation_bytes,
+                    cost.transient_bound_bytes,
+                    cost.grad_bytes,
+                    cost.optimizer_temp_bytes,
+                )
             out.append(self.embedding_parts[key])
         return out
 
@@ -266,7 +317,7 @@ class SearchEngine:
             self.solve_setting(setting, exact=False)
         for done, setting in enumerate(settings):
             if not self.beats_incumbent(setting.upper_bound):
-                break   # sorted by upper bound: nothing later can win
+                break  # sorted by upper bound: nothing later can win
             self.visited += 1
             if self.beats_incumbent(setting.global_batch / self.stage_time_lower_bound(setting)):
                 self.solve_setting(setting)
@@ -282,7 +333,7 @@ class SearchEngine:
         if not self.space.uniform:
             self.solve_table(full, setting, exact)
             return
-        for j in range(len(full.strategies)):   # one strategy for every layer: a table of one
+        for j in range(len(full.strategies)):  # one strategy for every layer: a table of one
             if all(full.allowed[t][j] for t in self.types):
                 uniform_key = (*key, j)
                 if uniform_key not in self.uniform_tables:
@@ -293,8 +344,15 @@ class SearchEngine:
         key = (id(table), setting.pp, setting.global_batch, setting.chunks, setting.in_flight)
         if key not in self.solvers:
             embeddings = self.space.embedding_strategies(setting.devices, setting.dp_mode)
-            self.solvers[key] = StageSolver(self, table, setting.pp, setting.micro_batch, setting.chunks, setting.in_flight,
-                                            [self.parts(setting, e) for e in embeddings])
+            self.solvers[key] = StageSolver(
+                self,
+                table,
+                setting.pp,
+                setting.micro_batch,
+                setting.chunks,
+                setting.in_flight,
+                [self.parts(setting, e) for e in embeddings],
+            )
         return self.solvers[key]
 
     def solve_table(self, table, setting: Setting, exact: bool = True) -> None:
@@ -305,7 +363,9 @@ class SearchEngine:
             if seeded is not None and seeded[1].samples_per_s > self.best_throughput:
                 self.best, self.best_throughput = seeded[0], seeded[1].samples_per_s
             return
-        self.solvers.pop((id(table), setting.pp, setting.global_batch, setting.chunks, setting.in_flight), None)  # solved once
+        self.solvers.pop(
+            (id(table), setting.pp, setting.global_batch, setting.chunks, setting.in_flight), None
+        )  # solved once
         ranked = sorted(embeddings, key=lambda e: sum(p.x_s for p in self.parts(setting, e)))
         for embedding in ranked:
             bound_s = setting.global_batch / self.best_throughput if self.best_throughput > 0 else np.inf
@@ -316,30 +376,50 @@ class SearchEngine:
             layers = []
             for s, ((front, a, b), pick) in enumerate(zip(stages, picks)):
                 layer_front = solver.layer_front(a, b, setting.in_flight[s], int(front.cap[pick]))
-                layers += [table.strategies[j] for j in layer_front.backtrack(int(front.layout_class[pick]), int(front.index[pick]))]
-            self.best = Plan(world_size=self.world_size, layers=tuple(layers), pp=setting.pp, pp_division=tuple(division),
-                             pipeline=setting.pipeline, chunks=setting.chunks, global_batch=setting.global_batch, embedding=embedding,
-                             grad_sync_every_micro_batch=self.space.grad_sync_every_micro_batch)
+                layers += [
+                    table.strategies[j]
+                    for j in layer_front.backtrack(int(front.layout_class[pick]), int(front.index[pick]))
+                ]
+            self.best = Plan(
+                world_size=self.world_size,
+                layers=tuple(layers),
+                pp=setting.pp,
+                pp_division=tuple(division),
+                pipeline=setting.pipeline,
+                chunks=setting.chunks,
+                global_batch=setting.global_batch,
+                embedding=embedding,
+                grad_sync_every_micro_batch=self.space.grad_sync_every_micro_batch,
+            )
             self.best_throughput = setting.global_batch / time_s
 
     # -- reporting ---------------------------------------------------------------------------------------
     def left_out_summary(self) -> list[str]:
-        return [f"{reason} ({len(items)} strategies)" if items else reason for reason, items in sorted(self.left_out.items())]
+        return [
+            f"{reason} ({len(items)} strategies)" if items else reason
+            for reason, items in sorted(self.left_out.items())
+        ]
 
     def infeasible_error(self) -> PlanError:
         """Name the smallest budget that fits and the plan that fits it, or why nothing can run at all."""
         from galvatron_fx.passes.search.smallest_budget import smallest_budget
+
         found = smallest_budget(self)
         if found is None:
             reasons = "; ".join(self.left_out_summary()) or "no setting of the space is valid"
-            return PlanError(f"no plan of this search space can run {len(self.types)} layers on {self.world_size} devices: {reasons}",
-                             "change the world size, the batch options or the search space")
+            return PlanError(
+                f"no plan of this search space can run {len(self.types)} layers on {self.world_size} devices: "
+                f"{reasons}",
+                "change the world size, the batch options or the search space",
+            )
         need, _ = found
         plan = search(self.cost_model, self.world_size, need, self.space)
-        return PlanError(f"no plan fits {format_bytes(self.budget)} per device; the smallest budget that fits is "
-                         f"{format_bytes(need)} ({need} bytes), with pp={plan.pp} chunks={plan.chunks} "
-                         f"layers {_describe(plan)} vtp={plan.embedding.vtp}",
-                         f"raise the memory budget to at least {need} bytes, add devices, or widen the search space")
+        return PlanError(
+            f"no plan fits {format_bytes(self.budget)} per device; the smallest budget that fits is "
+            f"{format_bytes(need)} ({need} bytes), with pp={plan.pp} chunks={plan.chunks} "
+            f"layers {_describe(plan)} vtp={plan.embedding.vtp}",
+            f"raise the memory budget to at least {need} bytes, add devices, or widen the search space",
+        )
 
 
 def _describe(plan: Plan) -> str:

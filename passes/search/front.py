@@ -23,7 +23,7 @@ import numpy as np
 from galvatron_fx.plan import LayerStrategy
 
 _BLOCK = 128
-_EARLIER = np.tri(_BLOCK, k=-1, dtype=bool)   # [i, j]: j comes before i within a block
+_EARLIER = np.tri(_BLOCK, k=-1, dtype=bool)  # [i, j]: j comes before i within a block
 
 
 def pareto_indices(M: np.ndarray, X: np.ndarray, G: np.ndarray, group: np.ndarray | None = None) -> np.ndarray:
@@ -58,12 +58,12 @@ def _front_3d(x: np.ndarray, g: np.ndarray) -> np.ndarray:
     keep = np.zeros(len(x), bool)
     stair_x, stair_g = np.empty(0), np.empty(0)
     for start in range(0, len(x), _BLOCK):
-        bx, bg = x[start:start + _BLOCK], g[start:start + _BLOCK]
+        bx, bg = x[start : start + _BLOCK], g[start : start + _BLOCK]
         at = np.searchsorted(stair_x, bx, side="right") - 1
         dom = (at >= 0) & (stair_g[np.maximum(at, 0)] <= bg) if len(stair_x) else np.zeros(len(bx), bool)
-        inner = (bx[None, :] <= bx[:, None]) & (bg[None, :] <= bg[:, None]) & _EARLIER[:len(bx), :len(bx)]
+        inner = (bx[None, :] <= bx[:, None]) & (bg[None, :] <= bg[:, None]) & _EARLIER[: len(bx), : len(bx)]
         dom |= inner.any(axis=1)
-        keep[start:start + _BLOCK] = ~dom
+        keep[start : start + _BLOCK] = ~dom
         # the new staircase: the 2-D front of the old one and this block's survivors
         sx, sg = np.concatenate([stair_x, bx[~dom]]), np.concatenate([stair_g, bg[~dom]])
         by = np.lexsort((sg, sx))
@@ -78,27 +78,28 @@ class CostTable:
     """Per-layer costs of every allowed strategy for one (devices per stage, micro-batch)."""
 
     strategies: list[LayerStrategy]
-    layout: np.ndarray                      # layout class of each strategy
-    layouts: list[tuple]                    # (tp, sp, tp_consecutive) per class
-    allowed: dict[str, np.ndarray]          # per layer type: may the layer run the strategy
-    ms: dict[str, np.ndarray]               # model-state bytes (int64)
-    act: dict[str, np.ndarray]              # activation bytes of one micro-batch (int64)
-    x: dict[str, np.ndarray]                # fwd + bwd seconds
-    g: dict[str, np.ndarray]                # grad sync seconds
-    peak: dict[str, np.ndarray]             # transient bytes (int64)
-    grad: dict[str, np.ndarray]             # the gradient part of ms (int64)
-    temp: dict[str, np.ndarray]             # optimizer-step temporaries (int64)
+    layout: np.ndarray  # layout class of each strategy
+    layouts: list[tuple]  # (tp, sp, tp_consecutive) per class
+    allowed: dict[str, np.ndarray]  # per layer type: may the layer run the strategy
+    ms: dict[str, np.ndarray]  # model-state bytes (int64)
+    act: dict[str, np.ndarray]  # activation bytes of one micro-batch (int64)
+    x: dict[str, np.ndarray]  # fwd + bwd seconds
+    g: dict[str, np.ndarray]  # grad sync seconds
+    peak: dict[str, np.ndarray]  # transient bytes (int64)
+    grad: dict[str, np.ndarray]  # the gradient part of ms (int64)
+    temp: dict[str, np.ndarray]  # optimizer-step temporaries (int64)
     redistribution: dict = field(default_factory=dict)  # boundary group → class × class seconds
-    useful: dict = field(default_factory=dict)          # per layer type: allowed and not dominated
-    redistribution_scale: float = 1.0                   # folded tables: seconds count ``chunks`` times
-    _memory: dict = field(default_factory=dict)         # (layer type, in-flight) → bytes, see memory()
+    useful: dict = field(default_factory=dict)  # per layer type: allowed and not dominated
+    redistribution_scale: float = 1.0  # folded tables: seconds count ``chunks`` times
+    _memory: dict = field(default_factory=dict)  # (layer type, in-flight) → bytes, see memory()
 
     def memory(self, layer_type: str, in_flight) -> np.ndarray:
         """Bytes of each strategy of ``layer_type`` with ``in_flight`` (cost/memory.py InFlight) micro-batches."""
         key = (layer_type, in_flight)
         if key not in self._memory:
-            self._memory[key] = in_flight.layer_bytes(self.ms[layer_type], self.act[layer_type], self.grad[layer_type],
-                                                      self.temp[layer_type]).astype(np.int64)
+            self._memory[key] = in_flight.layer_bytes(
+                self.ms[layer_type], self.act[layer_type], self.grad[layer_type], self.temp[layer_type]
+            ).astype(np.int64)
         return self._memory[key]
 
 
@@ -107,10 +108,10 @@ def mark_useful(table: CostTable) -> CostTable:
     or ties in every term (model states, activations, time, sync, peak): a dominated strategy can be swapped
     for its dominator in any plan without changing a redistribution, and nothing gets worse."""
     same_class = table.layout[:, None] == table.layout[None, :]
-    earlier = np.tri(len(table.strategies), k=-1, dtype=bool).T   # [i, j]: i < j, the tie-break
+    earlier = np.tri(len(table.strategies), k=-1, dtype=bool).T  # [i, j]: i < j, the tie-break
     for t, ok in table.allowed.items():
         terms = [table.ms[t], table.act[t], table.x[t], table.g[t], table.peak[t], table.grad[t], table.temp[t]]
-        no_worse = np.logical_and.reduce([v[:, None] <= v[None, :] for v in terms])     # [i, j]: i ≤ j everywhere
+        no_worse = np.logical_and.reduce([v[:, None] <= v[None, :] for v in terms])  # [i, j]: i ≤ j everywhere
         better = np.logical_or.reduce([v[:, None] < v[None, :] for v in terms])
         dominated = (no_worse & (better | earlier) & same_class & ok[:, None]).any(axis=0)
         table.useful[t] = ok & ~dominated
@@ -122,10 +123,15 @@ def subset(table: CostTable, keep: list[int]) -> CostTable:
     pick = np.asarray(keep, dtype=np.int64)
     classes = sorted(set(table.layout[pick].tolist()))
     remap = {c: i for i, c in enumerate(classes)}
-    out = CostTable([table.strategies[j] for j in keep], np.array([remap[int(c)] for c in table.layout[pick]], dtype=np.int64),
-                    [table.layouts[c] for c in classes], *({t: v[pick] for t, v in d.items()} for d in
-                                                            (table.allowed, table.ms, table.act, table.x, table.g, table.peak,
-                                                             table.grad, table.temp)))
+    out = CostTable(
+        [table.strategies[j] for j in keep],
+        np.array([remap[int(c)] for c in table.layout[pick]], dtype=np.int64),
+        [table.layouts[c] for c in classes],
+        *(
+            {t: v[pick] for t, v in d.items()}
+            for d in (table.allowed, table.ms, table.act, table.x, table.g, table.peak, table.grad, table.temp)
+        ),
+    )
     out.redistribution = {key: m[np.ix_(classes, classes)] for key, m in table.redistribution.items()}
     out.redistribution_scale = table.redistribution_scale
     return mark_useful(out)
@@ -134,10 +140,20 @@ def subset(table: CostTable, keep: list[int]) -> CostTable:
 def folded(table: CostTable, chunks: int, syncs: int = 1) -> CostTable:
     """Costs with X := chunks·X + syncs·G and G := 0: with one stage the iteration time is exactly c·X + G, so
     the fronts lose a dimension."""
-    out = CostTable(table.strategies, table.layout, table.layouts, table.allowed, table.ms, table.act,
-                    {t: chunks * table.x[t] + syncs * table.g[t] for t in table.x}, {t: np.zeros_like(v) for t, v in table.g.items()},
-                    table.peak, table.grad, table.temp)
-    out.redistribution = table.redistribution      # shared cache of unscaled matrices
+    out = CostTable(
+        table.strategies,
+        table.layout,
+        table.layouts,
+        table.allowed,
+        table.ms,
+        table.act,
+        {t: chunks * table.x[t] + syncs * table.g[t] for t in table.x},
+        {t: np.zeros_like(v) for t, v in table.g.items()},
+        table.peak,
+        table.grad,
+        table.temp,
+    )
+    out.redistribution = table.redistribution  # shared cache of unscaled matrices
     out.redistribution_scale = table.redistribution_scale * chunks
     return mark_useful(out)
 
@@ -146,14 +162,26 @@ def layout_key(strategy: LayerStrategy) -> tuple:
     return (strategy.tp, strategy.sp, strategy.tp_consecutive)
 
 
-def build_cost_table(cost_model, strategies: list[LayerStrategy], micro_batch: int, left_out: dict,
-                     busy_share: float = 1.0) -> CostTable:
+def build_cost_table(
+    cost_model, strategies: list[LayerStrategy], micro_batch: int, left_out: dict, busy_share: float = 1.0
+) -> CostTable:
     """Query the cost model once per (layer type, strategy) at ``busy_share`` (the cost model's
     ``busy_share`` of the setting's pipeline); record why strategies are left out."""
     layouts = list(dict.fromkeys(layout_key(s) for s in strategies))
     index = {key: i for i, key in enumerate(layouts)}
-    table = CostTable(strategies, np.array([index[layout_key(s)] for s in strategies], dtype=np.int64), layouts,
-                      {}, {}, {}, {}, {}, {}, {}, {})
+    table = CostTable(
+        strategies,
+        np.array([index[layout_key(s)] for s in strategies], dtype=np.int64),
+        layouts,
+        {},
+        {},
+        {},
+        {},
+        {},
+        {},
+        {},
+        {},
+    )
     for layer_type in dict.fromkeys(cost_model.layer_types):
         n = len(strategies)
         ok = np.zeros(n, bool)
@@ -186,7 +214,8 @@ def redistribution_matrix(cost_model, table: CostTable, key, boundary_index: int
     if key not in table.redistribution:
         reps = class_representatives(table)
         table.redistribution[key] = np.array(
-            [[cost_model.redistribution_s(a, b, boundary_index, micro_batch) for b in reps] for a in reps])
+            [[cost_model.redistribution_s(a, b, boundary_index, micro_batch) for b in reps] for a in reps]
+        )
     matrix = table.redistribution[key]
     return matrix if table.redistribution_scale == 1.0 else matrix * table.redistribution_scale
 
@@ -210,21 +239,38 @@ class Front:
             empty = np.empty(0)
             return empty, empty, empty, empty.astype(np.int64), empty.astype(np.int64)
         cat = np.concatenate
-        return (cat([self.M[c] for c in classes]), cat([self.X[c] for c in classes]), cat([self.G[c] for c in classes]),
-                cat([np.full(len(self.M[c]), c) for c in classes]), cat([np.arange(len(self.M[c])) for c in classes]))
+        return (
+            cat([self.M[c] for c in classes]),
+            cat([self.X[c] for c in classes]),
+            cat([self.G[c] for c in classes]),
+            cat([np.full(len(self.M[c]), c) for c in classes]),
+            cat([np.arange(len(self.M[c])) for c in classes]),
+        )
 
     def backtrack(self, layout_class: int, index: int) -> list[int]:
         """Strategy indices of the layers, first to last, for one point."""
         out, front = [], self
         while front is not None:
             out.append(int(front.strategy[layout_class][index]))
-            layout_class, index = int(front.parent_class[layout_class][index]), int(front.parent_index[layout_class][index])
+            layout_class, index = (
+                int(front.parent_class[layout_class][index]),
+                int(front.parent_index[layout_class][index]),
+            )
             front = front.prev
         return out[::-1]
 
 
-def extend(front: Front | None, table: CostTable, layer_type: str, redistribution: np.ndarray | None,
-           in_flight, cap_bytes: int, memory_limit: int, promising=None, entry_s: np.ndarray | None = None) -> Front:
+def extend(
+    front: Front | None,
+    table: CostTable,
+    layer_type: str,
+    redistribution: np.ndarray | None,
+    in_flight,
+    cap_bytes: int,
+    memory_limit: int,
+    promising=None,
+    entry_s: np.ndarray | None = None,
+) -> Front:
     """The front after one more layer of ``layer_type`` (strategies with peak <= ``cap_bytes`` only);
     ``promising(M, X, G)`` (a mask) drops points no plan that beats the incumbent can extend. A first layer
     (``front`` None) pays ``entry_s[layout class]`` to receive its input, if given."""
@@ -241,7 +287,11 @@ def extend(front: Front | None, table: CostTable, layer_type: str, redistributio
             return out
         targets = np.unique(cls)
         # sources seen from each target class (redistribution differs), pruned per target class first
-        tM, tX, tG = np.tile(sM, len(targets)), (sX[None, :] + redistribution[sC][:, targets].T).ravel(), np.tile(sG, len(targets))
+        tM, tX, tG = (
+            np.tile(sM, len(targets)),
+            (sX[None, :] + redistribution[sC][:, targets].T).ravel(),
+            np.tile(sG, len(targets)),
+        )
         tT = np.repeat(targets, len(sM))
         src = np.tile(np.arange(len(sM)), len(targets))
         keep = pareto_indices(tM, tX, tG, tT)
@@ -257,7 +307,7 @@ def extend(front: Front | None, table: CostTable, layer_type: str, redistributio
     M, X, G, C, pc, pi, st = M[ok], X[ok], G[ok], C[ok], pc[ok], pi[ok], st[ok]
     keep = pareto_indices(M, X, G, C)
     M, X, G, C, pc, pi, st = M[keep], X[keep], G[keep], C[keep], pc[keep], pi[keep], st[keep]
-    bounds = np.flatnonzero(np.diff(C)) + 1          # pareto_indices sorts by group first
+    bounds = np.flatnonzero(np.diff(C)) + 1  # pareto_indices sorts by group first
     for lo, hi in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(C)]])):
         if hi > lo:
             c = int(C[lo])

@@ -10,9 +10,8 @@ import dataclasses
 from collections import Counter
 
 from galvatron_fx.errors import PlanError
-from galvatron_fx.units import format_bytes
-
 from galvatron_fx.passes.search.space import SearchSpace
+from galvatron_fx.units import format_bytes
 
 
 def explain(plan, cost_model, memory_budget: int, space: SearchSpace) -> str:
@@ -24,18 +23,32 @@ def explain(plan, cost_model, memory_budget: int, space: SearchSpace) -> str:
     except PlanError as error:
         return f"explain: no uniform plan fits the budget ({error.cause}); only a mixed plan does."
     ours, theirs = plan.prediction, uniform.prediction
-    lines = [f"explain: searched {ours.samples_per_s:.3f} samples/s vs best uniform {theirs.samples_per_s:.3f} "
-             f"({ours.samples_per_s / theirs.samples_per_s:.3f}×).",
-             f"  best uniform: pp {uniform.pp}, {uniform.chunks} micro-batches, every layer [{uniform.layers[0].short()}], "
-             f"vtp {uniform.embedding.vtp}; peak memory {format_bytes(max(theirs.memory_bytes_per_stage))}."]
+    lines = [
+        f"explain: searched {ours.samples_per_s:.3f} samples/s vs best uniform {theirs.samples_per_s:.3f} "
+        f"({ours.samples_per_s / theirs.samples_per_s:.3f}×).",
+        f"  best uniform: pp {uniform.pp}, {uniform.chunks} micro-batches, every layer [{uniform.layers[0].short()}], "
+        f"vtp {uniform.embedding.vtp}; peak memory {format_bytes(max(theirs.memory_bytes_per_stage))}.",
+    ]
     mix = Counter(layer.short() for layer in plan.layers)
-    lines.append("  searched: pp {}, {} micro-batches, layers {}; peak memory {}.".format(
-        plan.pp, plan.chunks, ", ".join(f"{n}×[{s}]" for s, n in mix.most_common()), format_bytes(max(ours.memory_bytes_per_stage))))
+    lines.append(
+        "  searched: pp {}, {} micro-batches, layers {}; peak memory {}.".format(
+            plan.pp,
+            plan.chunks,
+            ", ".join(f"{n}×[{s}]" for s, n in mix.most_common()),
+            format_bytes(max(ours.memory_bytes_per_stage)),
+        )
+    )
     if len(mix) > 1:
-        lines.append(f"  Mixing strategies uses the memory a uniform plan leaves idle under the {format_bytes(memory_budget)} "
-                     f"budget: the faster strategy runs where it fits, the leaner one where it must.")
+        lines.append(
+            f"  Mixing strategies uses the memory a uniform plan leaves idle under the {format_bytes(memory_budget)} "
+            f"budget: the faster strategy runs where it fits, the leaner one where it must."
+        )
     if (plan.pp, plan.chunks) != (uniform.pp, uniform.chunks):
-        lines.append("  The pipeline setting differs too: the per-layer choice made another pp/micro-batch split pay off.")
-    lines.append(f"  Iteration time {ours.iteration_time_s * 1e3:.1f} ms vs {theirs.iteration_time_s * 1e3:.1f} ms "
-                 f"(global batch {plan.global_batch} vs {uniform.global_batch}).")
+        lines.append(
+            "  The pipeline setting differs too: the per-layer choice made another pp/micro-batch split pay off."
+        )
+    lines.append(
+        f"  Iteration time {ours.iteration_time_s * 1e3:.1f} ms vs {theirs.iteration_time_s * 1e3:.1f} ms "
+        f"(global batch {plan.global_batch} vs {uniform.global_batch})."
+    )
     return "\n".join(lines)

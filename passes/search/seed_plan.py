@@ -17,40 +17,41 @@ from __future__ import annotations
 
 import numpy as np
 
-from galvatron_fx.plan import Plan, even_division
-
 from galvatron_fx.passes.search.front import redistribution_matrix
+from galvatron_fx.plan import Plan, even_division
 
 
 def _stage_candidates(engine, table, a: int, b: int, in_flight, micro_batch: int):
     """Per (A, B, m) flattened: X, G, memory, peak of layers [a, b) with A on [a, a+m) and B on [a+m, b)."""
     types = engine.types[a:b]
-    ok = np.logical_and.reduce([table.allowed[t] for t in types]) & np.logical_or.reduce([table.useful[t] for t in types])
+    ok = np.logical_and.reduce([table.allowed[t] for t in types]) & np.logical_or.reduce(
+        [table.useful[t] for t in types]
+    )
     js = np.flatnonzero(ok)
     if len(js) == 0:
         return None
     n = b - a
 
     def prefix(field, scale=1):
-        rows = np.array([field[t][js] * scale for t in types])           # (n, J)
-        return np.concatenate([np.zeros((1, len(js)), rows.dtype), np.cumsum(rows, axis=0)])   # (n + 1, J)
+        rows = np.array([field[t][js] * scale for t in types])  # (n, J)
+        return np.concatenate([np.zeros((1, len(js)), rows.dtype), np.cumsum(rows, axis=0)])  # (n + 1, J)
 
     px, pg = prefix(table.x), prefix(table.g)
     pm = prefix({t: table.memory(t, in_flight) for t in types})
-    peaks = np.array([table.peak[t][js] for t in types])                 # (n, J)
+    peaks = np.array([table.peak[t][js] for t in types])  # (n, J)
     head_peak = np.concatenate([np.zeros((1, len(js)), np.int64), np.maximum.accumulate(peaks, axis=0)])
     tail_peak = np.concatenate([np.maximum.accumulate(peaks[::-1], axis=0)[::-1], np.zeros((1, len(js)), np.int64)])
 
-    ms = np.arange(n + 1) if n <= 32 else np.unique(np.linspace(0, n, 33).round().astype(int))   # A on the first m
+    ms = np.arange(n + 1) if n <= 32 else np.unique(np.linspace(0, n, 33).round().astype(int))  # A on the first m
 
-    def split(p):   # (m, J_A, J_B): head of A up to m, tail of B from m
+    def split(p):  # (m, J_A, J_B): head of A up to m, tail of B from m
         return p[ms][:, :, None] + (p[n][None, None, :] - p[ms][:, None, :])
 
     X, G, M = split(px), split(pg), split(pm)
     P = np.maximum(head_peak[ms][:, :, None], tail_peak[ms][:, None, :])
     cls = table.layout[js]
     for row, i in enumerate(ms):
-        if 0 < i < n:   # a layout change between layer a+i-1 (A) and a+i (B)
+        if 0 < i < n:  # a layout change between layer a+i-1 (A) and a+i (B)
             group = engine.boundary_group[a + i]
             R = redistribution_matrix(engine.cost_model, table, group, engine.group_index[group], micro_batch)
             X[row] += R[cls[:, None], cls[None, :]]
@@ -65,8 +66,10 @@ def seed_plan(engine, table, solver, setting, embeddings, parts_of):
     division = even_division(L, pp)
     bounds = np.concatenate([[0], np.cumsum(division)])
     syncs = c if engine.space.grad_sync_every_micro_batch else 1
-    stages = [_stage_candidates(engine, table, int(bounds[s]), int(bounds[s + 1]), in_flight[s], setting.micro_batch)
-              for s in range(pp)]
+    stages = [
+        _stage_candidates(engine, table, int(bounds[s]), int(bounds[s + 1]), in_flight[s], setting.micro_batch)
+        for s in range(pp)
+    ]
     if any(st is None for st in stages):
         return None
     best = None
@@ -94,9 +97,17 @@ def seed_plan(engine, table, solver, setting, embeddings, parts_of):
     for s, (js, m, ia, ib) in enumerate(best[2]):
         n = int(bounds[s + 1] - bounds[s])
         layers += [table.strategies[js[ia]]] * int(m) + [table.strategies[js[ib]]] * (n - int(m))
-    plan = Plan(world_size=engine.world_size, layers=tuple(layers), pp=pp, pp_division=division, pipeline=setting.pipeline,
-                chunks=c, global_batch=setting.global_batch, embedding=best[1],
-                grad_sync_every_micro_batch=engine.space.grad_sync_every_micro_batch)
+    plan = Plan(
+        world_size=engine.world_size,
+        layers=tuple(layers),
+        pp=pp,
+        pp_division=division,
+        pipeline=setting.pipeline,
+        chunks=c,
+        global_batch=setting.global_batch,
+        embedding=best[1],
+        grad_sync_every_micro_batch=engine.space.grad_sync_every_micro_batch,
+    )
     prediction = engine.cost_model.evaluate(plan)
     if prediction.budgeted_bytes > engine.budget:
         return None

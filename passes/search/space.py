@@ -45,12 +45,12 @@ class SearchSpace:
     max_tp: int = 1 << 30
     max_pp: int = 1 << 30
     max_vtp: int = 1 << 30
-    only_max_tp: bool = False        # Galvatron's "tp" space: just the largest tp allowed
-    only_max_pp: bool = False        # Galvatron's "pp" space: just the largest pp allowed
-    disable_dp: bool = False          # no plain data parallelism: dp > 1 only with ZeRO-3
+    only_max_tp: bool = False  # Galvatron's "tp" space: just the largest tp allowed
+    only_max_pp: bool = False  # Galvatron's "pp" space: just the largest pp allowed
+    disable_dp: bool = False  # no plain data parallelism: dp > 1 only with ZeRO-3
     disable_tp: bool = False
     disable_pp: bool = False
-    disable_tp_consec: bool = False   # no consecutive TP groups (Galvatron's switch)
+    disable_tp_consec: bool = False  # no consecutive TP groups (Galvatron's switch)
     disable_tp_strided: bool = False
     disable_ckpt: bool = False
     disable_vtp: bool = False
@@ -63,20 +63,26 @@ class SearchSpace:
         lo, hi, step = self.global_batch
         if not (1 <= lo <= hi and step >= 1):
             raise ConfigError(f"global batch range {self.global_batch} is empty", "give min <= max and step >= 1")
-        for name, values, allowed in (("pipelines", self.pipelines, PIPELINES), ("dp_types", self.dp_types, DP_TYPES),
-                                      ("sp_types", self.sp_types, SP_TYPES)):
+        for name, values, allowed in (
+            ("pipelines", self.pipelines, PIPELINES),
+            ("dp_types", self.dp_types, DP_TYPES),
+            ("sp_types", self.sp_types, SP_TYPES),
+        ):
             bad = [v for v in values if v not in allowed]
             if bad or not values:
-                raise ConfigError(f"{name} {values} contains {bad or 'nothing'}", f"use a non-empty subset of {allowed}")
+                raise ConfigError(
+                    f"{name} {values} contains {bad or 'nothing'}", f"use a non-empty subset of {allowed}"
+                )
         if self.chunks is not None and (not self.chunks or min(self.chunks) < 1):
             raise ConfigError(f"chunks {self.chunks} are not positive", "give micro-batch counts >= 1")
 
     @classmethod
     def named(cls, name: str, **overrides) -> "SearchSpace":
         """Galvatron's named spaces (``dp_types`` in ``overrides`` gives the non-ZeRO-3 data-parallel
-        types, ZeRO-3 being Galvatron's "sdp" switch): ``full``; ``3d`` (uniform tp × pp × dp, no ZeRO-3, no ckpt); ``dp+tp``;
-        ``dp+pp`` (no ZeRO-3); ``dp``, ``sdp`` (ZeRO-3), ``tp`` (the largest tp allowed), ``pp`` (the largest
-        pp allowed), the last five uniform without checkpointing. ``overrides`` set any other field."""
+        types, ZeRO-3 being Galvatron's "sdp" switch): ``full``; ``3d`` (uniform tp × pp × dp, no ZeRO-3,
+        no ckpt); ``dp+tp``; ``dp+pp`` (no ZeRO-3); ``dp``, ``sdp`` (ZeRO-3), ``tp`` (the largest tp
+        allowed), ``pp`` (the largest pp allowed), the last five uniform without checkpointing.
+        ``overrides`` set any other field."""
         no_zero3 = tuple(t for t in overrides.pop("dp_types", DP_TYPES) if t != "zero3") or ("ddp",)
         uniform = dict(uniform=True, dp_types=no_zero3, disable_ckpt=True)
         presets = {
@@ -94,7 +100,9 @@ class SearchSpace:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(overrides) - fields
         if unknown:
-            raise ConfigError(f"unknown search option(s) {sorted(unknown)}", f"use fields of SearchSpace: {sorted(fields)}")
+            raise ConfigError(
+                f"unknown search option(s) {sorted(unknown)}", f"use fields of SearchSpace: {sorted(fields)}"
+            )
         return cls(**{**presets[name], **overrides})
 
     # -- enumeration ---------------------------------------------------------------------------------
@@ -122,17 +130,24 @@ class SearchSpace:
         out = []
         for tp in self.tp_degrees(devices):
             dp = devices // tp
-            consecutive = [True] if tp in (1, devices) else (
-                [c for c, off in ((True, self.disable_tp_consec), (False, self.disable_tp_strided)) if not off])
+            consecutive = (
+                [True]
+                if tp in (1, devices)
+                else ([c for c, off in ((True, self.disable_tp_consec), (False, self.disable_tp_strided)) if not off])
+            )
             sps = ["none"] if tp == 1 else list(self.sp_types)
-            allowed = [t for t in (default_dp_type, "zero3") if t in self.dp_types and not (self.disable_dp and t != "zero3")]
+            allowed = [
+                t for t in (default_dp_type, "zero3") if t in self.dp_types and not (self.disable_dp and t != "zero3")
+            ]
             dps = [default_dp_type] if dp == 1 else allowed
             ckpts = [False] if self.disable_ckpt else [False, True]
             for sp in sps:
                 for cons in consecutive:
                     for dp_type in dps:
                         for ckpt in ckpts:
-                            out.append(LayerStrategy(tp=tp, dp=dp, dp_type=dp_type, sp=sp, tp_consecutive=cons, ckpt=ckpt))
+                            out.append(
+                                LayerStrategy(tp=tp, dp=dp, dp_type=dp_type, sp=sp, tp_consecutive=cons, ckpt=ckpt)
+                            )
         return out
 
     def embedding_strategies(self, devices: int, default_dp_type: str = "ddp") -> list[EmbeddingStrategy]:
@@ -141,8 +156,8 @@ class SearchSpace:
         vtps = [1] if self.disable_vtp else _powers_of_two_dividing(devices, self.max_vtp)
         out = []
         for vtp in vtps:
-            for vsp in ([False] if vtp == 1 or self.disable_vsp else [False, True]):
-                for sdp in ([False] if devices // vtp == 1 or self.disable_embed_sdp else [False, True]):
+            for vsp in [False] if vtp == 1 or self.disable_vsp else [False, True]:
+                for sdp in [False] if devices // vtp == 1 or self.disable_embed_sdp else [False, True]:
                     out.append(EmbeddingStrategy(vtp=vtp, vsp=vsp, embed_sdp=sdp, dp_type=default_dp_type))
         return out
 
@@ -154,4 +169,3 @@ class SearchSpace:
         """Micro-batch counts dividing ``global_batch`` (Plan requires it)."""
         candidates = self.chunks if self.chunks is not None else range(1, global_batch + 1)
         return sorted({c for c in candidates if global_batch % c == 0})
-

@@ -8,7 +8,7 @@ sweeping γ = max_s G_s over every G on them (each stage then takes its fastest 
 Divisions are explored depth-first, stage by stage, cut by a lower bound from each stage's fastest
 point and the remaining layers' fastest strategies, so no division that could win is skipped.
 
-requires: fronts from search_front; non-negative times and bytes (every term only grows).
+requires: fronts from search.front; non-negative times and bytes (every term only grows).
 ensures:  ``StageSolver.best_division`` returns the exact minimum over divisions and front points.
 """
 
@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from galvatron_fx.parallel_dims import data_split
 from galvatron_fx.cost.memory import InFlight
-
+from galvatron_fx.parallel_dims import data_split
 from galvatron_fx.passes.search.bounds import RestBound
 from galvatron_fx.passes.search.front import Front, class_representatives, extend, pareto_indices, redistribution_matrix
 
@@ -42,14 +41,18 @@ class EmbeddingPart:
 
     def memory(self, in_flight) -> int:
         """Bytes with ``in_flight`` (cost/memory.py InFlight) micro-batches, transients left out."""
-        return int(in_flight.layer_bytes(self.model_state_bytes, self.activation_bytes, self.grad_bytes, self.optimizer_temp_bytes))
+        return int(
+            in_flight.layer_bytes(
+                self.model_state_bytes, self.activation_bytes, self.grad_bytes, self.optimizer_temp_bytes
+            )
+        )
 
 
 @dataclass
 class StageFront:
-    X: np.ndarray          # ascending
-    G: np.ndarray          # descending
-    cap: np.ndarray        # index into caps
+    X: np.ndarray  # ascending
+    G: np.ndarray  # descending
+    cap: np.ndarray  # index into caps
     layout_class: np.ndarray
     index: np.ndarray
 
@@ -60,7 +63,7 @@ def pipeline_time(fronts: list[tuple[np.ndarray, np.ndarray]], chunks: int) -> t
     picks = np.empty((len(fronts), len(gammas)), dtype=np.int64)
     times = np.empty((len(fronts), len(gammas)))
     for s, (X, G) in enumerate(fronts):
-        i = np.searchsorted(-G, -gammas, side="left")   # first point with G <= γ (G descends)
+        i = np.searchsorted(-G, -gammas, side="left")  # first point with G <= γ (G descends)
         valid = i < len(G)
         picks[s] = np.minimum(i, len(G) - 1)
         times[s] = np.where(valid, X[picks[s]], np.inf)
@@ -73,8 +76,16 @@ def pipeline_time(fronts: list[tuple[np.ndarray, np.ndarray]], chunks: int) -> t
 class StageSolver:
     """Everything for one (pp, devices, micro-batch, chunks, in-flight) setting; caches across embeddings."""
 
-    def __init__(self, engine, table, pp: int, micro_batch: int, chunks: int, in_flight: tuple[int, ...],
-                 embedding_parts: list[list[EmbeddingPart]]):
+    def __init__(
+        self,
+        engine,
+        table,
+        pp: int,
+        micro_batch: int,
+        chunks: int,
+        in_flight: tuple[int, ...],
+        embedding_parts: list[list[EmbeddingPart]],
+    ):
         # One stage: time = c·X + G exactly, so fold G into X (2-D fronts) and run the formula with c = 1.
         self.fold = chunks if pp == 1 else None
         if self.fold:
@@ -88,31 +99,44 @@ class StageSolver:
         peaks = np.concatenate([table.peak[t][ok] for t, ok in zip(self.types, usable)])
         self.caps = np.unique(peaks) if len(peaks) else np.zeros(0, np.int64)
         xmin = np.array([table.x[t][ok].min() if ok.any() else np.inf for t, ok in zip(self.types, usable)])
-        self.rest_x = np.concatenate([np.cumsum(xmin[::-1])[::-1], [0.0]])   # Σ_{l >= a} fastest x
+        self.rest_x = np.concatenate([np.cumsum(xmin[::-1])[::-1], [0.0]])  # Σ_{l >= a} fastest x
         # the first body layer receives the embedding's output, the last one feeds the head: both parts lay
         # activations out by the data split, so a layer of another layout class pays a move (cost contract)
         split = data_split(engine.world_size // pp)
         reps = class_representatives(table)
         cost = engine.cost_model
-        self.entry_s = np.array([cost.redistribution_s(split, r, 0, micro_batch) for r in reps]) * table.redistribution_scale
-        self.exit_s = np.array([cost.redistribution_s(r, split, L, micro_batch) for r in reps]) * table.redistribution_scale
+        self.entry_s = (
+            np.array([cost.redistribution_s(split, r, 0, micro_batch) for r in reps]) * table.redistribution_scale
+        )
+        self.exit_s = (
+            np.array([cost.redistribution_s(r, split, L, micro_batch) for r in reps]) * table.redistribution_scale
+        )
         self.p2p = np.zeros((pp, L + 1))
         for s in range(pp - 1):
             for b in range(s + 1, L - (pp - 2 - s)):
                 self.p2p[s, b] = engine.cost_model.p2p_s(s, pp, engine.world_size // pp, micro_batch, b - 1)
         self._stage_cache: dict = {}
-        # what the rest of a plan costs at least, for dropping front points early (search_bound)
+        # what the rest of a plan costs at least, for dropping front points early (search.bounds)
         self.least_in_flight = InFlight.least(in_flight)
         self.rest_bound = RestBound(table, self.types, self.least_in_flight, self.caps, per_cap=pp == 1)
         self.syncs = chunks if engine.space.grad_sync_every_micro_batch and not self.fold else 1
         folded_parts = [[self._folded(p) for p in parts] for parts in embedding_parts]
         self.embedding_min_s = min((sum(p.x_s for p in parts) for parts in folded_parts), default=0.0)
-        self.embedding_min_bytes = min((sum(p.memory(self.least_in_flight) for p in parts)
-                                        for parts in folded_parts), default=0)
+        self.embedding_min_bytes = min(
+            (sum(p.memory(self.least_in_flight) for p in parts) for parts in folded_parts), default=0
+        )
 
     # -- layer and stage fronts --------------------------------------------------------------------------
     def layer_front(self, a: int, b: int, in_flight, cap_index: int) -> Front | None:
-        key = (a == 0, self.types[a:b], self.engine.boundary_group[a + 1:b], in_flight, cap_index, self.chunks, self.least_in_flight)
+        key = (
+            a == 0,
+            self.types[a:b],
+            self.engine.boundary_group[a + 1 : b],
+            in_flight,
+            cap_index,
+            self.chunks,
+            self.least_in_flight,
+        )
         memo = self.engine.front_memo.setdefault(id(self.table), {})
         bound_s = self.bound_s()
         if key in memo and memo[key][1] >= bound_s:
@@ -125,12 +149,24 @@ class StageSolver:
         redis = None
         if prev is not None:
             group = self.engine.boundary_group[b - 1]
-            redis = redistribution_matrix(self.engine.cost_model, self.table, group, self.engine.group_index[group], self.micro_batch)
+            redis = redistribution_matrix(
+                self.engine.cost_model, self.table, group, self.engine.group_index[group], self.micro_batch
+            )
         m_avail = self.pp * self.engine.budget - cap - self.embedding_min_bytes
-        promising = self.rest_bound.promising(self.types[a:b], cap_index, m_avail, self.chunks, self.syncs,
-                                              self.embedding_min_s, bound_s, self.pp)
-        front = extend(prev, self.table, self.types[b - 1], redis, in_flight, cap, self.engine.budget - cap, promising,
-                       self.entry_s if a == 0 else None)
+        promising = self.rest_bound.promising(
+            self.types[a:b], cap_index, m_avail, self.chunks, self.syncs, self.embedding_min_s, bound_s, self.pp
+        )
+        front = extend(
+            prev,
+            self.table,
+            self.types[b - 1],
+            redis,
+            in_flight,
+            cap,
+            self.engine.budget - cap,
+            promising,
+            self.entry_s if a == 0 else None,
+        )
         memo[key] = (front, bound_s)
         return front
 
@@ -150,7 +186,7 @@ class StageSolver:
         in_flight = self.in_flight[s]
         part = self._folded(part)
         last = b == len(self.types)
-        key = (a == 0, last, self.types[a:b], self.engine.boundary_group[a + 1:b], in_flight, part)
+        key = (a == 0, last, self.types[a:b], self.engine.boundary_group[a + 1 : b], in_flight, part)
         if key in self._stage_cache:
             return self._stage_cache[key]
         xs, gs, caps, cls, idx = [], [], [], [], []
@@ -159,7 +195,7 @@ class StageSolver:
             front = self.layer_front(a, b, in_flight, ci)
             if front is None or not front.M:
                 continue
-            M, X, G, C, I = front.merged()
+            M, X, G, C, I = front.merged()  # noqa: E741 (the front's index column)
             ok = np.flatnonzero(M + emb_bytes + max(int(cap), part.peak_bytes) <= self.engine.budget)
             xs.append(X[ok] + part.x_s + (self.exit_s[C[ok]] if last else 0.0)), gs.append(G[ok] + part.g_s)
             caps.append(np.full(len(ok), ci)), cls.append(C[ok]), idx.append(I[ok])
@@ -169,7 +205,9 @@ class StageSolver:
             if self.engine.space.grad_sync_every_micro_batch and not self.fold:
                 G = G * self.chunks
             keep = pareto_indices(X, G, np.zeros(len(X)))
-            result = StageFront(X[keep], G[keep], np.concatenate(caps)[keep], np.concatenate(cls)[keep], np.concatenate(idx)[keep])
+            result = StageFront(
+                X[keep], G[keep], np.concatenate(caps)[keep], np.concatenate(cls)[keep], np.concatenate(idx)[keep]
+            )
         self._stage_cache[key] = result
         return result
 
@@ -180,7 +218,7 @@ class StageSolver:
         best = [bound_s, None, None]
         last_x = parts[-1].x_s
 
-        def beats(lower_bound: float) -> bool:   # ties are kept: they may be the optimum itself
+        def beats(lower_bound: float) -> bool:  # ties are kept: they may be the optimum itself
             return lower_bound <= best[0] * (1 + _TOL)
 
         def visit(s: int, a: int, chosen: list, sum_x: float, max_x: float, max_g: float):

@@ -33,24 +33,54 @@ import torch.nn as nn
 
 from galvatron_fx.errors import PlanError
 from galvatron_fx.fx_utils import get_attr_path
-from galvatron_fx.program import set_layer_meta
-
-from galvatron_fx.passes.lower.ops.collectives import (heads_to_seq, seq_to_heads, sp_gather, sp_reduce_scatter, sp_split, tp_copy, tp_reduce,
-                          tp_scatter)
 from galvatron_fx.passes.analysis.batch_dim import is_size_node
 from galvatron_fx.passes.analysis.dim_factors import local_shape, rewrite_sizes
 from galvatron_fx.passes.analysis.dim_tracking import VIEWS, analyze, param_matmul, rewritten_meta
 from galvatron_fx.passes.lower.graph.random_streams import mark_sharded
 from galvatron_fx.passes.lower.graph.tensor_parallel import TPConfig, TPResult, tensor_parallel
+from galvatron_fx.passes.lower.ops.collectives import (
+    heads_to_seq,
+    seq_to_heads,
+    sp_gather,
+    sp_reduce_scatter,
+    sp_split,
+    tp_copy,
+    tp_reduce,
+    tp_scatter,
+)
+from galvatron_fx.program import set_layer_meta
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
-TRANSPARENT = VIEWS | {aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
-                       aten.squeeze.default, aten.transpose.int, aten.permute.default, aten.t.default, aten.to.dtype,
-                       aten._to_copy.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
-                       aten.detach.default, aten._assert_tensor_metadata.default, operator.getitem}
-REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten._softmax.default,
-              aten.softmax.int, aten._log_softmax.default, aten.log_softmax.int, aten.cumsum.default}
+TRANSPARENT = VIEWS | {
+    aten.expand.default,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.squeeze.default,
+    aten.transpose.int,
+    aten.permute.default,
+    aten.t.default,
+    aten.to.dtype,
+    aten._to_copy.default,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.alias.default,
+    aten.detach.default,
+    aten._assert_tensor_metadata.default,
+    operator.getitem,
+}
+REDUCTIONS = {
+    aten.mean.dim,
+    aten.sum.dim_IntList,
+    aten.amax.default,
+    aten.amin.default,
+    aten._softmax.default,
+    aten.softmax.int,
+    aten._log_softmax.default,
+    aten.log_softmax.int,
+    aten.cumsum.default,
+}
 
 
 @dataclass(frozen=True)
@@ -80,7 +110,9 @@ class _Sequence:
 
     def __init__(self, gm: fx.GraphModule, cfg: SPConfig):
         self.tp = cfg.tp
-        self.analysis = analyze(gm, excluded={n for n in gm.graph.nodes if n.op == "call_function" and param_matmul(gm, n)})
+        self.analysis = analyze(
+            gm, excluded={n for n in gm.graph.nodes if n.op == "call_function" and param_matmul(gm, n)}
+        )
         factors, dims = self.analysis.factors, self.analysis.dims
         self.cls, self.length = None, 0
         for node in gm.graph.find_nodes(op="placeholder"):
@@ -91,7 +123,12 @@ class _Sequence:
                 break
 
     def dims(self, node: fx.Node):
-        while node not in self.analysis.dims and node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node):
+        while (
+            node not in self.analysis.dims
+            and node.op == "call_function"
+            and node.args
+            and isinstance(node.args[0], fx.Node)
+        ):
             node = node.args[0]  # inserted collectives and bias adds keep their input's dims
         dims = self.analysis.dims.get(node)
         return dims if isinstance(dims, list) and all(isinstance(d, list) for d in dims) else None
@@ -106,7 +143,9 @@ class _Sequence:
             leaves = factors.leaves_of(factor_list)
             for i, leaf in enumerate(leaves):
                 if factors.find(leaf) is self.cls:
-                    sizes = tuple(l.size // (self.tp if (j == i and sharded) else 1) for j, l in enumerate(leaves))
+                    sizes = tuple(
+                        item.size // (self.tp if (j == i and sharded) else 1) for j, item in enumerate(leaves)
+                    )
                     return d, sizes, i
         return None
 
@@ -153,15 +192,19 @@ def _wants_shards(node: fx.Node, region: set[fx.Node]) -> bool:
 def _check_mixing(node: fx.Node, seq: _Sequence, gm: fx.GraphModule) -> None:
     """Refuse ops that combine positions along the sequence while it is sharded."""
     where = seq.position(node.args[0], True) if node.args and isinstance(node.args[0], fx.Node) else None
-    mixes = node.target in (SDPA, aten.bmm.default) or (node.target in (aten.mm.default, aten.matmul.default) and not param_matmul(gm, node))
+    mixes = node.target in (SDPA, aten.bmm.default) or (
+        node.target in (aten.mm.default, aten.matmul.default) and not param_matmul(gm, node)
+    )
     if node.target in REDUCTIONS and where is not None:
         value = node.args[0].meta["val"]
         reduced = node.args[1] if len(node.args) > 1 and node.args[1] is not None else list(range(value.dim()))
         reduced = [reduced] if isinstance(reduced, int) else reduced
         mixes = any(r % value.dim() == where[0] for r in reduced)
     if mixes:
-        raise PlanError(f"sequence parallelism: {node.name} ({node.target}) combines positions along the sharded sequence",
-                        "use sp='none' for this layer")
+        raise PlanError(
+            f"sequence parallelism: {node.name} ({node.target}) combines positions along the sharded sequence",
+            "use sp='none' for this layer",
+        )
 
 
 def sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, layer_name: str = "layer") -> SPResult:
@@ -172,15 +215,21 @@ def sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, layer_name: str = "laye
     result = SPResult(gm)
     seq = _Sequence(gm, cfg)
     if seq.cls is None:
-        raise PlanError(f"{layer_name}: sequence parallelism found no [batch, sequence, ...] activation among the layer's inputs",
-                        "use sp='none' for this layer")
+        raise PlanError(
+            f"{layer_name}: sequence parallelism found no [batch, sequence, ...] activation among the layer's inputs",
+            "use sp='none' for this layer",
+        )
     if seq.length % cfg.tp:
-        raise PlanError(f"{layer_name}: sequence length {seq.length} is not divisible by the group size {cfg.tp}",
-                        f"use a sequence length divisible by {cfg.tp}, or sp='none'")
+        raise PlanError(
+            f"{layer_name}: sequence length {seq.length} is not divisible by the group size {cfg.tp}",
+            f"use a sequence length divisible by {cfg.tp}, or sp='none'",
+        )
     if cfg.mode == "megatron":
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result.tensor_parallel = tensor_parallel(gm, TPConfig(cfg.tp, cfg.tp_rank, cfg.ranks, cfg.strict), layer_name)
+            result.tensor_parallel = tensor_parallel(
+                gm, TPConfig(cfg.tp, cfg.tp_rank, cfg.ranks, cfg.strict), layer_name
+            )
         result.warnings = [str(w.message) for w in caught]
     graph, ranks = gm.graph, cfg.ranks
     region = _whole_region(gm, cfg.mode)
@@ -227,10 +276,16 @@ def sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, layer_name: str = "laye
         elif node.target is SDPA and cfg.mode == "ulysses":
             for qkv in node.args[:3]:
                 if qkv not in sharded:
-                    raise PlanError(f"{layer_name}: attention input {qkv.name} is not sequence-sharded", "use sp='none' for this layer")
+                    raise PlanError(
+                        f"{layer_name}: attention input {qkv.name} is not sequence-sharded",
+                        "use sp='none' for this layer",
+                    )
                 if qkv.meta["val"].shape[-3] % cfg.tp:
-                    raise PlanError(f"{layer_name}: {qkv.meta['val'].shape[-3]} attention heads are not divisible by the Ulysses degree {cfg.tp}",
-                                    "choose a degree that divides the (key/value) heads, or sp='none'")
+                    raise PlanError(
+                        f"{layer_name}: {qkv.meta['val'].shape[-3]} attention heads are not divisible by the Ulysses "
+                        f"degree {cfg.tp}",
+                        "choose a degree that divides the (key/value) heads, or sp='none'",
+                    )
                 with graph.inserting_before(node):
                     node.replace_input_with(qkv, graph.call_function(seq_to_heads, (qkv, ranks)))
             with graph.inserting_after(node):
@@ -239,14 +294,21 @@ def sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, layer_name: str = "laye
             sharded.add(back)
         elif any(a in sharded for a in inputs):
             if node in region:
-                raise PlanError(f"{layer_name}: {node.name} needs the whole sequence but reads a sharded value", "use sp='none' for this layer")
+                raise PlanError(
+                    f"{layer_name}: {node.name} needs the whole sequence but reads a sharded value",
+                    "use sp='none' for this layer",
+                )
             _check_mixing(node, seq, gm)
             for arg in inputs:  # whole values with the sequence meet shards: keep this rank's part
                 if arg not in sharded and _is_float(arg) and seq.position(arg, False) and arg.op != "get_attr":
                     node.replace_input_with(arg, split(arg, node))
             sharded.add(node)
             if node.target in VIEWS | {aten.expand.default} and seq.dims(node) is not None:
-                node.args = (node.args[0], rewrite_sizes(node.args[1], seq.local_sizes(node), list(node.meta["val"].shape)), *node.args[2:])
+                node.args = (
+                    node.args[0],
+                    rewrite_sizes(node.args[1], seq.local_sizes(node), list(node.meta["val"].shape)),
+                    *node.args[2:],
+                )
 
     # parameters used on sequence shards: their gradients are partial over the group
     for node in list(graph.find_nodes(op="get_attr")):
@@ -260,7 +322,9 @@ def sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, layer_name: str = "laye
     for node in graph.find_nodes(op="placeholder"):
         if node.name in seq_inputs:
             value = node.meta["val"]
-            node.meta["val"] = torch.empty((value.shape[0], value.shape[1] // cfg.tp, *value.shape[2:]), dtype=value.dtype, device="meta")
+            node.meta["val"] = torch.empty(
+                (value.shape[0], value.shape[1] // cfg.tp, *value.shape[2:]), dtype=value.dtype, device="meta"
+            )
     outputs = graph.output_node().args[0]
     result.seq_inputs = frozenset(seq_inputs)
     result.seq_outputs = tuple(isinstance(o, fx.Node) and o in sharded for o in outputs)

@@ -3,7 +3,7 @@
 How the pairs are found. Every projection whose weight is a parameter (``aten.linear``, ``addmm``, ``mm``,
 ``matmul``) and whose input is replicated is a candidate *column-parallel* projection ("root"); its output
 feature dimension is one unit, a ``Factor``. Values derived from roots are followed through the graph
-(``passes.dim_tracking``): views split factors (192 → 3 sections × 4 heads × 16), elementwise ops and
+(``passes.analysis.dim_tracking``): views split factors (192 → 3 sections × 4 heads × 16), elementwise ops and
 attention align factors of different tensors (q heads ≡ k heads, GQA: q heads = kv heads × repeats), and
 ops that mix along a factor (attention over head_dim, softmax, norms, sections picked by ``split``) forbid
 sharding it. A projection whose input is derived is *row-parallel* ("sink"): its contraction factors are
@@ -29,12 +29,11 @@ import torch.nn as nn
 
 from galvatron_fx.errors import PlanError
 from galvatron_fx.fx_utils import get_attr_path, set_attr_path
-from galvatron_fx.program import set_layer_meta
-
-from galvatron_fx.passes.lower.ops.collectives import tp_copy, tp_reduce, tp_scatter
 from galvatron_fx.passes.analysis.dim_factors import Factor, local_shape, rewrite_sizes, shard_spec
 from galvatron_fx.passes.analysis.dim_tracking import Analysis, analyze, rewritten_meta
 from galvatron_fx.passes.lower.graph.random_streams import mark_sharded
+from galvatron_fx.passes.lower.ops.collectives import tp_copy, tp_reduce, tp_scatter
+from galvatron_fx.program import set_layer_meta
 
 aten = torch.ops.aten
 
@@ -100,11 +99,16 @@ def _choose(analysis: Analysis, component: frozenset[fx.Node], tp: int) -> dict[
         if remaining == 1:
             break
     if remaining > 1:
-        units = " × ".join(f"{leaf.size}" + (f" ({analysis.factors.find(leaf).reason})" if analysis.factors.find(leaf).reason else "")
-                           for leaf in order)
+        units = " × ".join(
+            f"{leaf.size}" + (f" ({analysis.factors.find(leaf).reason})" if analysis.factors.find(leaf).reason else "")
+            for leaf in order
+        )
         return f"tp={tp} does not divide its shardable units (contraction {units})"
     for sink in sinks:
-        covered = math.prod(picks.get(analysis.factors.find(leaf), 1) for leaf in analysis.factors.leaves_of(analysis.sinks[sink].contraction))
+        covered = math.prod(
+            picks.get(analysis.factors.find(leaf), 1)
+            for leaf in analysis.factors.leaves_of(analysis.sinks[sink].contraction)
+        )
         if covered != tp:
             return f"row-parallel {sink.name} would see only {covered} of {tp} parts"
     return picks
@@ -122,7 +126,6 @@ def _rank_indices(picks: dict[Factor, int], tp_rank: int) -> dict[Factor, int]:
 # -- rewriting -------------------------------------------------------------------------------------------
 def _set_param(gm: fx.GraphModule, target: str, value: torch.Tensor, requires_grad: bool) -> None:
     set_attr_path(gm, target, nn.Parameter(value.detach().clone().contiguous(), requires_grad=requires_grad))
-
 
 
 def _shard_param(gm, node: fx.Node, dim: int, leaves, analysis, picks, indices, tp, result, records) -> ShardRecord:
@@ -148,7 +151,9 @@ def _slot(picks, indices, leaves, factors) -> tuple[int, int]:
     return slot, slots
 
 
-def _rewrite(gm: fx.GraphModule, analysis: Analysis, chosen: dict[frozenset, dict], cfg: TPConfig, result: TPResult) -> None:
+def _rewrite(
+    gm: fx.GraphModule, analysis: Analysis, chosen: dict[frozenset, dict], cfg: TPConfig, result: TPResult
+) -> None:
     factors, graph, ranks = analysis.factors, gm.graph, cfg.ranks
     picks = {cls: ways for choice in chosen.values() for cls, ways in choice.items()}
     indices = {}
@@ -165,7 +170,9 @@ def _rewrite(gm: fx.GraphModule, analysis: Analysis, chosen: dict[frozenset, dic
         if root not in live:
             continue
         leaves = factors.leaves_of([info.out_factor])
-        record = _shard_param(gm, info.weight, info.weight_out_dim, leaves, analysis, picks, indices, cfg.tp, result, records)
+        record = _shard_param(
+            gm, info.weight, info.weight_out_dim, leaves, analysis, picks, indices, cfg.tp, result, records
+        )
         params = [info.weight]
         if info.bias is not None:
             _shard_param(gm, info.bias, 0, leaves, analysis, picks, indices, cfg.tp, result, records)
@@ -178,7 +185,7 @@ def _rewrite(gm: fx.GraphModule, analysis: Analysis, chosen: dict[frozenset, dic
                 root.replace_input_with(param, copy)
     sharded_nodes = {info.weight for root, info in analysis.roots.items() if root in live}
     sharded_nodes |= {info.bias for root, info in analysis.roots.items() if root in live and info.bias is not None}
-    for sink, info in analysis.sinks.items():
+    for info in analysis.sinks.values():
         if info.roots & live:
             leaves = factors.leaves_of(info.contraction)
             _shard_param(gm, info.weight, info.weight_in_dim, leaves, analysis, picks, indices, cfg.tp, result, records)
@@ -205,13 +212,22 @@ def _rewrite(gm: fx.GraphModule, analysis: Analysis, chosen: dict[frozenset, dic
         for arg in list(node.all_input_nodes):
             if arg in tainted or arg in sharded_nodes or arg.target in (tp_copy,) or not _is_float_tensor(arg):
                 continue
-            spec = tuple(entry for entry in (
-                (dim, *shard_spec(factors, factors.leaves_of(d), picks, indices)) for dim, d in enumerate(analysis.dims.get(arg, []))
-            ) if any(p is not None for p in entry[2]))
+            spec = tuple(
+                entry
+                for entry in (
+                    (dim, *shard_spec(factors, factors.leaves_of(d), picks, indices))
+                    for dim, d in enumerate(analysis.dims.get(arg, []))
+                )
+                if any(p is not None for p in entry[2])
+            )
             key = (arg, spec)
             if key not in entered:
                 with graph.inserting_after(arg):
-                    entered[key] = graph.call_function(tp_scatter, (arg, spec, ranks)) if spec else graph.call_function(tp_copy, (arg, ranks))
+                    entered[key] = (
+                        graph.call_function(tp_scatter, (arg, spec, ranks))
+                        if spec
+                        else graph.call_function(tp_copy, (arg, ranks))
+                    )
             node.replace_input_with(arg, entered[key])
 
     # row-parallel ends: sum the partial products, then add the bias once
@@ -270,8 +286,11 @@ def tensor_parallel(gm: fx.GraphModule, cfg: TPConfig, layer_name: str = "layer"
             # its row-parallel ends must not start new regions either
             excluded |= component | {s for s, info in analysis.sinks.items() if info.roots & component}
     if result.warnings and cfg.strict:
-        raise PlanError("; ".join(result.warnings), "choose a tp degree that divides the attention heads and hidden sizes, "
-                        "or let those parts replicate (strict=False)")
+        raise PlanError(
+            "; ".join(result.warnings),
+            "choose a tp degree that divides the attention heads and hidden sizes, "
+            "or let those parts replicate (strict=False)",
+        )
     for message in result.warnings:
         warnings.warn(message, stacklevel=2)
     if not chosen:

@@ -30,13 +30,12 @@ import torch.nn as nn
 
 from galvatron_fx.errors import PlanError
 from galvatron_fx.fx_utils import get_attr_path, set_attr_path
-from galvatron_fx.program import layer_meta, set_layer_meta
-
-from galvatron_fx.passes.lower.ops.collectives import all_gather_dim, gather_dim_sum_grad, reduce_scatter_dim, tp_copy
-from galvatron_fx.passes.lower.ops.vocab import masked_embedding, vocab_cross_entropy
 from galvatron_fx.passes.analysis.dim_tracking import VIEWS, param_matmul, rewritten_meta
-from galvatron_fx.passes.lower.ops.redistribute import scale_grad
 from galvatron_fx.passes.lower.graph.tensor_parallel import ShardRecord
+from galvatron_fx.passes.lower.ops.collectives import all_gather_dim, gather_dim_sum_grad, reduce_scatter_dim, tp_copy
+from galvatron_fx.passes.lower.ops.redistribute import scale_grad
+from galvatron_fx.passes.lower.ops.vocab import masked_embedding, vocab_cross_entropy
+from galvatron_fx.program import layer_meta, set_layer_meta
 
 aten = torch.ops.aten
 CROSS_ENTROPY = aten.cross_entropy_loss.default
@@ -82,8 +81,16 @@ def _shard(gm, node: fx.Node, dim: int, cfg: VocabConfig, shared: dict) -> None:
     """Replace parameter ``node`` by its vocabulary shard along ``dim`` (once per parameter object)."""
     full = get_attr_path(gm, node.target)
     if id(full) not in shared:
-        record = VocabShardRecord(node.target, tuple(full.shape), dim, (cfg.rows * cfg.vtp,), ((cfg.start, cfg.rows),), 1, cfg.ranks,
-                                  cfg.rows * cfg.vtp - cfg.vocab)
+        record = VocabShardRecord(
+            node.target,
+            tuple(full.shape),
+            dim,
+            (cfg.rows * cfg.vtp,),
+            ((cfg.start, cfg.rows),),
+            1,
+            cfg.ranks,
+            cfg.rows * cfg.vtp - cfg.vocab,
+        )
         shared[id(full)] = (nn.Parameter(record.select(full.detach()).clone().contiguous(), full.requires_grad), record)
     param, record = shared[id(full)]
     set_attr_path(gm, node.target, param)
@@ -105,12 +112,18 @@ def _vocab_embeddings(gm: fx.GraphModule, cfg: VocabConfig, shared: dict, names:
     graph, done = gm.graph, []
     for node in list(graph.find_nodes(op="call_function", target=aten.embedding.default)):
         weight, ids = node.args[0], node.args[1]
-        if weight.op != "get_attr" or get_attr_path(gm, weight.target).shape[0] != cfg.vocab or (names is not None and weight.target not in names):
+        if (
+            weight.op != "get_attr"
+            or get_attr_path(gm, weight.target).shape[0] != cfg.vocab
+            or (names is not None and weight.target not in names)
+        ):
             continue
         _shard(gm, weight, 0, cfg, shared)
         with graph.inserting_before(node):
             every = graph.call_function(all_gather_dim, (ids, 0, cfg.ranks))
-            part = graph.call_function(masked_embedding, (weight, every, cfg.start, node.args[2] if len(node.args) > 2 else -1))
+            part = graph.call_function(
+                masked_embedding, (weight, every, cfg.start, node.args[2] if len(node.args) > 2 else -1)
+            )
             mine = graph.call_function(reduce_scatter_dim, (part, 0, cfg.ranks))
         node.replace_all_uses_with(mine)
         graph.erase_node(node)
@@ -118,7 +131,9 @@ def _vocab_embeddings(gm: fx.GraphModule, cfg: VocabConfig, shared: dict, names:
     return done
 
 
-def vocab_parallel_tied(gm: fx.GraphModule, cfg: VocabConfig, shared: dict, names: set[str], what: str = "layer") -> None:
+def vocab_parallel_tied(
+    gm: fx.GraphModule, cfg: VocabConfig, shared: dict, names: set[str], what: str = "layer"
+) -> None:
     """Requires: a body layer whose rows are this rank's own samples (its dp spans the stage). Ensures: its
     lookups in the embedding weights ``names`` that the embedding and head shard (T5's decoder embedding, tied
     to them) use the same shard, as in ``vocab_parallel``, their gradients scaled by ``1 / vtp``. PlanError
@@ -128,8 +143,11 @@ def vocab_parallel_tied(gm: fx.GraphModule, cfg: VocabConfig, shared: dict, name
         return
     others = [u for n in reads for u in n.users if u.target is not aten.embedding.default]
     if others:
-        raise PlanError(f"{what} uses the vocab-parallel weight {reads[0].target} in {others[0].name} ({others[0].target}), "
-                        "not as an embedding", "use vtp=1")
+        raise PlanError(
+            f"{what} uses the vocab-parallel weight {reads[0].target} in {others[0].name} ({others[0].target}), "
+            "not as an embedding",
+            "use vtp=1",
+        )
     _vocab_embeddings(gm, cfg, shared, names)
     for node in reads:
         with gm.graph.inserting_after(node):
@@ -148,7 +166,11 @@ def tied_vocab_names(program) -> set[str]:
     for layer in program.body:
         for node in layer.module.graph.find_nodes(op="call_function", target=aten.embedding.default):
             weight = node.args[0]
-            if weight.op == "get_attr" and weight.target in ends and get_attr_path(layer.module, weight.target).shape[0] == vocab:
+            if (
+                weight.op == "get_attr"
+                and weight.target in ends
+                and get_attr_path(layer.module, weight.target).shape[0] == vocab
+            ):
                 names.add(weight.target)
     return names
 
@@ -162,16 +184,21 @@ def vocab_parallel(gm: fx.GraphModule, cfg: VocabConfig, shared: dict, what: str
     done = _vocab_embeddings(gm, cfg, shared)
     for loss in list(graph.find_nodes(op="call_function", target=CROSS_ENTROPY)):
         logits, target, *rest = loss.args
-        weight_arg, reduction, ignore_index, smoothing = (rest + [None, 1, -100, 0.0][len(rest):])[:4]
+        weight_arg, reduction, ignore_index, smoothing = (rest + [None, 1, -100, 0.0][len(rest) :])[:4]
         if weight_arg is not None or reduction != 1 or smoothing:
-            raise PlanError(f"{what}: vocab parallelism supports mean cross-entropy without class weights or label smoothing",
-                            "use vtp=1 for this model")
+            raise PlanError(
+                f"{what}: vocab parallelism supports mean cross-entropy without class weights or label smoothing",
+                "use vtp=1 for this model",
+            )
         path, head = [], logits
         while param_matmul(gm, head) is None:  # back from the loss to the projection through single-input ops
             path.append(head)
             inputs = [a for a in head.all_input_nodes if a.op != "get_attr"]
             if head.op != "call_function" or len(inputs) != 1:
-                raise PlanError(f"{what}: cannot find the projection that produces the logits of {loss.name}", "use vtp=1 for this model")
+                raise PlanError(
+                    f"{what}: cannot find the projection that produces the logits of {loss.name}",
+                    "use vtp=1 for this model",
+                )
             head = inputs[0]
         x, w, b, w_in, w_out = param_matmul(gm, head)
         _shard(gm, w, w_out, cfg, shared)

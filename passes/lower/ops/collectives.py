@@ -110,7 +110,7 @@ def select_local(x: torch.Tensor, spec: tuple) -> torch.Tensor:
     for dim, sizes, picks in spec:
         dim = dim % x.dim()
         shape = list(x.shape)
-        y = x.reshape(shape[:dim] + list(sizes) + shape[dim + 1:])
+        y = x.reshape(shape[:dim] + list(sizes) + shape[dim + 1 :])
         for i, pick in enumerate(picks):
             if pick is not None:
                 y = y.narrow(dim + i, pick[0], pick[1])
@@ -128,7 +128,9 @@ class _Scatter(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         # the positions this rank kept, found by selecting from a tensor of flat indices
-        positions = select_local(torch.arange(grad.new_empty(ctx.shape).numel(), device=grad.device).view(ctx.shape), ctx.spec)
+        positions = select_local(
+            torch.arange(grad.new_empty(ctx.shape).numel(), device=grad.device).view(ctx.shape), ctx.spec
+        )
         full = grad.new_zeros(ctx.shape)
         full.view(-1)[positions.reshape(-1)] = grad.reshape(-1)
         return all_reduce_sum(full, ctx.ranks), None, None
@@ -227,8 +229,8 @@ def reduce_scatter_dim(x: torch.Tensor, dim: int, ranks: Ranks) -> torch.Tensor:
 def _on_factor(x: torch.Tensor, dim: int, sizes: tuple, index: int, op) -> torch.Tensor:
     dim = dim % x.dim()
     shape = list(x.shape)
-    y = op(x.reshape(shape[:dim] + list(sizes) + shape[dim + 1:]), dim + index)
-    return y.reshape(shape[:dim] + [-1] + shape[dim + 1:])
+    y = op(x.reshape(shape[:dim] + list(sizes) + shape[dim + 1 :]), dim + index)
+    return y.reshape(shape[:dim] + [-1] + shape[dim + 1 :])
 
 
 def _factor_gather(x, dim, sizes, index, ranks):
@@ -240,13 +242,18 @@ def _factor_reduce_scatter(x, dim, sizes, index, ranks):
 
 
 def _factor_split(x, dim, sizes, index, ranks):
-    return _on_factor(x, dim, sizes, index, lambda y, d: y.chunk(len(ranks), d)[0 if _is_fake(y) else _my_index(ranks)].contiguous())
+    return _on_factor(
+        x, dim, sizes, index, lambda y, d: y.chunk(len(ranks), d)[0 if _is_fake(y) else _my_index(ranks)].contiguous()
+    )
 
 
 class _SeqGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, sizes, index, ranks, sum_grad):
-        ctx.args, ctx.sum_grad = (dim, tuple(s * len(ranks) if i == index else s for i, s in enumerate(sizes)), index, ranks), sum_grad
+        ctx.args, ctx.sum_grad = (
+            (dim, tuple(s * len(ranks) if i == index else s for i, s in enumerate(sizes)), index, ranks),
+            sum_grad,
+        )
         return _factor_gather(x, dim, sizes, index, ranks)
 
     @staticmethod

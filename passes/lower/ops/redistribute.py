@@ -17,15 +17,19 @@ import torch.distributed._functional_collectives as funcol
 from galvatron_fx.passes.lower.ops.collectives import _is_fake
 
 
-def _exchange(x: torch.Tensor, sends, recvs, ranks: tuple[int, ...], out_rows: int, out_cols: int | None) -> torch.Tensor:
+def _exchange(
+    x: torch.Tensor, sends, recvs, ranks: tuple[int, ...], out_rows: int, out_cols: int | None
+) -> torch.Tensor:
     shape = list(x.shape)
     shape[0] = out_rows
     if out_cols is not None:
         shape[1] = out_cols
     if _is_fake(x):
         return x.new_empty(shape)
-    pieces = [(x[b:b + nb] if out_cols is None else x[b:b + nb, s:s + ns]).reshape(-1) for _, b, nb, s, ns in sends]
-    inner = math.prod(x.shape[2 if out_cols is not None else 1:])
+    pieces = [
+        (x[b : b + nb] if out_cols is None else x[b : b + nb, s : s + ns]).reshape(-1) for _, b, nb, s, ns in sends
+    ]
+    inner = math.prod(x.shape[2 if out_cols is not None else 1 :])
     per_piece = lambda nb, ns: nb * (ns if out_cols is not None else 1) * inner  # noqa: E731
     in_splits = [sum(per_piece(nb, ns) for p, _, nb, _, ns in sends if p == peer) for peer in range(len(ranks))]
     out_splits = [sum(per_piece(nb, ns) for p, _, nb, _, ns in recvs if p == peer) for peer in range(len(ranks))]
@@ -36,8 +40,8 @@ def _exchange(x: torch.Tensor, sends, recvs, ranks: tuple[int, ...], out_rows: i
     offset = 0
     for _, b, nb, s, ns in recvs:  # sorted by peer, then position: the order senders packed them
         n = per_piece(nb, ns)
-        target = out[b:b + nb] if out_cols is None else out[b:b + nb, s:s + ns]
-        target.copy_(received[offset:offset + n].view(target.shape))
+        target = out[b : b + nb] if out_cols is None else out[b : b + nb, s : s + ns]
+        target.copy_(received[offset : offset + n].view(target.shape))
         offset += n
     return out
 
@@ -51,7 +55,14 @@ class _Redistribute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _exchange(grad.contiguous(), *ctx.backward_plan, ctx.ranks, ctx.in_rows, ctx.in_cols), None, None, None, None, None
+        return (
+            _exchange(grad.contiguous(), *ctx.backward_plan, ctx.ranks, ctx.in_rows, ctx.in_cols),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 _conversions: contextvars.ContextVar[dict | None] = contextvars.ContextVar("galvatron_fx_conversions", default=None)
@@ -69,8 +80,14 @@ def shared_conversions():
         _conversions.reset(token)
 
 
-def redistribute(x: torch.Tensor, forward_plan: tuple, backward_plan: tuple, ranks: tuple[int, ...],
-                 out_rows: int, out_cols: int | None) -> torch.Tensor:
+def redistribute(
+    x: torch.Tensor,
+    forward_plan: tuple,
+    backward_plan: tuple,
+    ranks: tuple[int, ...],
+    out_rows: int,
+    out_cols: int | None,
+) -> torch.Tensor:
     """Exchange blocks of ``x`` over ``ranks`` (see ``exchange_plan``); non-float tensors get no backward."""
     done = _conversions.get()
     key = (id(x), forward_plan, backward_plan, ranks, out_rows, out_cols)
@@ -81,7 +98,7 @@ def redistribute(x: torch.Tensor, forward_plan: tuple, backward_plan: tuple, ran
     else:
         moved = _Redistribute.apply(x, forward_plan, backward_plan, ranks, out_rows, out_cols)
     if done is not None:
-        done[key] = (x, moved)   # holding x keeps its id from being reused within the context
+        done[key] = (x, moved)  # holding x keeps its id from being reused within the context
     return moved
 
 

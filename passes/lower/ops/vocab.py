@@ -43,7 +43,7 @@ class _VocabCrossEntropy(torch.autograd.Function):
         count = valid.sum().clamp(min=1)
         ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), local, mine, valid)
         ctx.count = count
-        return (((sum_exp.log() - target_logit) * valid).sum() / count)
+        return ((sum_exp.log() - target_logit) * valid).sum() / count
 
     @staticmethod
     def backward(ctx, grad):
@@ -54,7 +54,9 @@ class _VocabCrossEntropy(torch.autograd.Function):
         return grad_logits * (valid / ctx.count * grad).unsqueeze(-1), None, None, None, None, None
 
 
-def vocab_cross_entropy(logits: torch.Tensor, target: torch.Tensor, start: int, vocab: int, ranks, ignore_index: int = -100):
+def vocab_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, start: int, vocab: int, ranks, ignore_index: int = -100
+):
     """Mean cross-entropy of ``[rows, shard]`` logits whose columns are vocabulary entries ``start...``
     (entries at or past ``vocab`` are padding) against whole-vocabulary targets, over the group ``ranks``."""
     return _VocabCrossEntropy.apply(logits, target, start, vocab, ranks, ignore_index)
