@@ -27,12 +27,16 @@ def _is_fake(x: torch.Tensor) -> bool:
     return isinstance(x, FakeTensor) or x.device.type == "meta"
 
 
+def completed(out: torch.Tensor) -> torch.Tensor:
+    """The result of a functional collective, waited for (eager ones return an ``AsyncCollectiveTensor``)."""
+    return out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else funcol.wait_tensor(out)
+
+
 def all_reduce_sum(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     """Sum of ``x`` over ``ranks`` (no autograd)."""
     if len(ranks) == 1 or _is_fake(x):
         return x.clone()
-    out = funcol.all_reduce(x.contiguous(), "sum", list(ranks))
-    return out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else funcol.wait_tensor(out)
+    return completed(funcol.all_reduce(x.contiguous(), "sum", list(ranks)))
 
 
 def all_gather_dim(x: torch.Tensor, dim: int, ranks: Ranks) -> torch.Tensor:
@@ -43,7 +47,7 @@ def all_gather_dim(x: torch.Tensor, dim: int, ranks: Ranks) -> torch.Tensor:
         return torch.cat([x] * len(ranks), dim)
     moved = x.movedim(dim, 0).contiguous()
     out = funcol.all_gather_tensor(moved, 0, list(ranks))
-    out = out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else funcol.wait_tensor(out)
+    out = completed(out)
     return out.movedim(0, dim)
 
 
@@ -56,7 +60,7 @@ def reduce_scatter_sum_dim(x: torch.Tensor, dim: int, ranks: Ranks) -> torch.Ten
         return x.narrow(dim, 0, x.shape[dim] // size).clone()
     moved = x.movedim(dim, 0).contiguous()
     out = funcol.reduce_scatter_tensor(moved, "sum", 0, list(ranks))
-    out = out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else funcol.wait_tensor(out)
+    out = completed(out)
     return out.movedim(0, dim)
 
 
@@ -299,7 +303,7 @@ def _all_to_all(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     if _is_fake(x):
         return x.clone()
     out = funcol.all_to_all_single(x.contiguous(), None, None, list(ranks))
-    return out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else funcol.wait_tensor(out)
+    return completed(out)
 
 
 def _seq_to_heads(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.distributed._functional_collectives as funcol
 
-from galvatron_fx.passes.lower.ops.collectives import _is_fake
+from galvatron_fx.passes.lower.ops.collectives import _is_fake, completed
 
 
 def _exchange(
@@ -34,8 +34,7 @@ def _exchange(
     in_splits = [sum(per_piece(nb, ns) for p, _, nb, _, ns in sends if p == peer) for peer in range(len(ranks))]
     out_splits = [sum(per_piece(nb, ns) for p, _, nb, _, ns in recvs if p == peer) for peer in range(len(ranks))]
     flat = torch.cat(pieces) if pieces else x.new_empty(0)
-    received = funcol.all_to_all_single(flat.contiguous(), out_splits, in_splits, list(ranks))
-    received = received.wait() if isinstance(received, funcol.AsyncCollectiveTensor) else funcol.wait_tensor(received)
+    received = completed(funcol.all_to_all_single(flat.contiguous(), out_splits, in_splits, list(ranks)))
     out = x.new_empty(shape)
     offset = 0
     for _, b, nb, s, ns in recvs:  # sorted by peer, then position: the order senders packed them

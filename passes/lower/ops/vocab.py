@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed._functional_collectives as funcol
 
-from galvatron_fx.passes.lower.ops.collectives import _is_fake, all_reduce_sum
+from galvatron_fx.passes.lower.ops.collectives import _is_fake, all_reduce_sum, completed
 
 
 def masked_embedding(weight: torch.Tensor, ids: torch.Tensor, start: int, padding_idx: int = -1) -> torch.Tensor:
@@ -22,8 +22,7 @@ def masked_embedding(weight: torch.Tensor, ids: torch.Tensor, start: int, paddin
 def _all_reduce_max(x: torch.Tensor, ranks) -> torch.Tensor:
     if len(ranks) == 1 or _is_fake(x):
         return x.clone()
-    out = funcol.all_reduce(x.contiguous(), "max", list(ranks))
-    return out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else funcol.wait_tensor(out)
+    return completed(funcol.all_reduce(x.contiguous(), "max", list(ranks)))
 
 
 class _VocabCrossEntropy(torch.autograd.Function):
