@@ -31,7 +31,8 @@ from galvatron_fx.program import Program
 
 from . import groups
 from .data_parallel import GradSync, apply_data_parallel, prepare_groups
-from .schedules import SCHEDULES, Action, StageExecutor
+from .executor import StageExecutor
+from .schedules import SCHEDULES, Action
 from .shard_maps import unshard_parameters
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
@@ -99,7 +100,6 @@ class Trainer:
         self.optimizer = optimizer(params) if optimizer else torch.optim.Adam(params, lr=config.lr)
         stage = self.stage.position.stage
         self.actions = SCHEDULES[plan.pipeline](plan.pp, stage, plan.chunks)
-        self.upstream_actions = SCHEDULES[plan.pipeline](plan.pp, stage - 1, plan.chunks) if stage > 0 else ()
         autocast = torch.bfloat16 if config.mixed_precision == "bf16" else None
         self.executor = StageExecutor(self.stage, self.sync, plan.chunks, self.device, autocast)
         self.steps_done = 0
@@ -141,7 +141,7 @@ class Trainer:
         """One optimizer step on the global ``batch``; returns its mean loss (the same on every rank)."""
         micro_batches = self.micro_batches(batch)  # user errors surface here, before any communication
         with self._communication_errors():
-            losses = self.executor.run(self.actions, micro_batches, self._seeds(), self.upstream_actions)
+            losses = self.executor.run(self.actions, micro_batches, self._seeds())
             self.sync.finish()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

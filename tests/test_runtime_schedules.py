@@ -3,7 +3,7 @@ an order that lets neighbouring stages meet; 1F1B bounds the micro-batches in fl
 
 import pytest
 
-from galvatron_fx.runtime.schedules import SCHEDULES, _backwards_before_forwards, _Sends, gpipe, one_f_one_b
+from galvatron_fx.runtime.schedules import SCHEDULES, Post, Run, WaitAll, WaitSends, gpipe, one_f_one_b, transfer_plan
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
@@ -66,7 +66,7 @@ def test_pipeline_cuts_pack_values_and_send_gradients_only_where_they_flow():
     from galvatron_fx.models import build_model, example_batch
     from galvatron_fx.passes.lower.pipeline import lower
     from galvatron_fx.plan import LayerStrategy, Plan
-    from galvatron_fx.runtime.schedules import pack, packed_bytes, unpack
+    from galvatron_fx.runtime.executor import pack, packed_bytes, unpack
 
     model, _ = build_model("llama")
     program = galvatron_fx.capture(model, example_kwargs=example_batch("llama", model, batch=2))
@@ -103,29 +103,128 @@ def test_tied_parameters_under_every_name_carry_gradients():
         assert all(user.name in names for user in node.users if user.meta["val"].dtype.is_floating_point)
 
 
-def test_sends_are_waited_on_once_the_peer_has_received_them():
-    """Gloo reports a send complete only when waited on: the executor waits (freeing the buffer) as soon as
-    the peer is known to have the message, so sent buffers do not pile up over a step."""
-    # stage 1 of 4 under 1F1B: F0 F1 F2 B0 F3 B1 B2 B3; a gradient sent to it for micro-batch 0 has
-    # arrived once it sends forward micro-batch 3
-    upstream = one_f_one_b(4, 1, 4)
-    assert _backwards_before_forwards(upstream) == {0: (), 1: (), 2: (), 3: (0,)}
-    assert _backwards_before_forwards(gpipe(4, 1, 4)) == {0: (), 1: (), 2: (), 3: ()}
+def _replay(pp: int, chunks: int, schedule: str) -> int:
+    """Every stage's transfer plan run against a model of NCCL's point-to-point semantics: on each directed
+    link the k-th send matches the k-th receive (tags are ignored), a group completes once every transfer in
+    it is matched, a stage waits for a group that receives at once and for lone sends when its plan says.
+    Asserts that messages match (same kind and micro-batch), that a stage never has a send and a receive with
+    the same peer outstanding in two groups, and that every stage finishes (no deadlock). Returns the
+    number of groups posted."""
+    plans = [transfer_plan(SCHEDULES[schedule](pp, s, chunks), s == 0, s == pp - 1) for s in range(pp)]
+    sends, recvs = {}, {}  # link (src, dst) → the transfers posted on it, in order
+    groups, outstanding = [], [[] for _ in range(pp)]  # per stage: groups posted and not yet waited
+    position, waiting = [0] * pp, [None] * pp
 
-    class Work:
-        def __init__(self):
-            self.waited = False
+    def link(stage, transfer):
+        other = stage + 1 if transfer.peer == "next" else stage - 1
+        return ((stage, other) if transfer.send else (other, stage)), other
 
-        def wait(self):
-            self.waited = True
+    def matched(group) -> bool:
+        return all(len((recvs if send else sends).get(key, ())) > index for key, index, send in group)
 
-    sends = _Sends(_backwards_before_forwards(upstream))
-    forward, grad0, grad1 = Work(), Work(), Work()
-    sends.add("F", 0, forward), sends.add("B", 0, grad0), sends.add("B", 1, grad1)
-    sends.complete("F", 0)  # its gradient came back
-    sends.upstream_sent_forward(2)
-    assert forward.waited and not grad0.waited
-    sends.upstream_sent_forward(3)
-    assert grad0.waited and not grad1.waited and set(sends.works) == {("B", 1)}
-    sends.wait_all()
-    assert grad1.waited and not sends.works
+    progress = True
+    while progress:
+        progress = False
+        for stage in range(pp):
+            while position[stage] < len(plans[stage]):
+                if waiting[stage] is not None:
+                    if not all(matched(g) for g in waiting[stage]):
+                        break
+                    outstanding[stage] = [g for g in outstanding[stage] if g not in waiting[stage]]
+                    waiting[stage] = None
+                event = plans[stage][position[stage]]
+                position[stage] += 1
+                progress = True
+                if isinstance(event, Post):
+                    group = []
+                    for transfer in event.transfers:
+                        key, other = link(stage, transfer)
+                        for earlier in outstanding[stage]:
+                            assert not any(
+                                k == key[::-1] or (k == key and s != transfer.send) for k, _, s in earlier
+                            ), (schedule, pp, stage, event)
+                        queue = (sends if transfer.send else recvs).setdefault(key, [])
+                        group.append((key, len(queue), transfer.send))
+                        queue.append((transfer.kind, transfer.micro_batch))
+                    groups.append(group)
+                    outstanding[stage].append(group)
+                    if event.blocking:
+                        waiting[stage] = [group]
+                elif isinstance(event, WaitSends):
+                    peer = stage + 1 if event.peer == "next" else stage - 1
+                    waiting[stage] = [g for g in outstanding[stage] if any(peer in key for key, _, _ in g)]
+                elif isinstance(event, WaitAll):
+                    waiting[stage] = list(outstanding[stage])
+            if (
+                waiting[stage] is not None
+                and position[stage] == len(plans[stage])
+                and all(matched(g) for g in waiting[stage])
+            ):
+                waiting[stage] = None
+    assert all(p == len(plan) and w is None for p, plan, w in zip(position, plans, waiting)), ("deadlock", schedule, pp)
+    assert sends == recvs  # every message matched, in order
+    return len(groups)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("pp,chunks", [(2, 1), (2, 4), (4, 4), (4, 8), (8, 3)])
+def test_transfers_are_grouped_and_cannot_deadlock_under_nccl_semantics(schedule, pp, chunks):
+    assert _replay(pp, chunks, schedule) > 0
+
+
+def test_a_send_and_the_next_receive_with_the_same_peer_form_one_group():
+    # stage 1 of 2 under 1F1B: after F0 it sends micro-batch 0's activations and next receives their gradient
+    plan = transfer_plan(one_f_one_b(2, 0, 2), first=True, last=False)
+    posts = [event for event in plan if isinstance(event, Post)]
+    assert [(t.kind, t.micro_batch, t.send) for t in posts[0].transfers] == [("act", 0, True)]  # F1 follows: alone
+    assert [(t.kind, t.micro_batch, t.send) for t in posts[1].transfers] == [("act", 1, True), ("grad", 0, False)]
+    assert isinstance(plan[plan.index(posts[1]) - 1], WaitSends)  # the lone send first
+    assert [e.action for e in plan if isinstance(e, Run)] == list(one_f_one_b(2, 0, 2))
+
+
+def _instrumented_worker(rank: int, world_size: int, schedule: str) -> dict:
+    """Train a GPT-2 pipeline of 2 stages while counting the point-to-point calls made outside a group."""
+    import torch.distributed as dist
+    from distributed import _config, _program
+
+    from galvatron_fx.plan import LayerStrategy, Plan
+    from galvatron_fx.runtime import Trainer
+
+    counts = {"grouped": 0, "lone": 0}
+    isend, irecv, batch = dist.isend, dist.irecv, dist.batch_isend_irecv
+
+    def lone(op):
+        def call(*args, **kwargs):
+            counts["lone"] += 1
+            return op(*args, **kwargs)
+
+        return call
+
+    def grouped(ops):
+        counts["grouped"] += len(ops)
+        return batch(ops)
+
+    dist.isend, dist.irecv, dist.batch_isend_irecv = lone(isend), lone(irecv), grouped
+    try:
+        program, batches = _program("gpt2")
+        plan = Plan(
+            world_size=2,
+            layers=(LayerStrategy(),) * len(program.body),
+            pp=2,
+            chunks=4,
+            pipeline=schedule,
+            global_batch=8,
+        )
+        trainer = Trainer(program, plan, config=_config())
+        losses = [trainer.step(b) for b in batches[:2]]
+    finally:
+        dist.isend, dist.irecv, dist.batch_isend_irecv = isend, irecv, batch
+    return {"counts": counts, "losses": losses}
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_the_executor_only_sends_and_receives_in_groups(schedule):
+    from galvatron_fx.runtime import spawn
+
+    for result in spawn(_instrumented_worker, 2, schedule, timeout_s=300):
+        assert result["counts"]["lone"] == 0 and result["counts"]["grouped"] == 2 * 2 * 4  # steps × directions × chunks
