@@ -103,6 +103,16 @@ class Cluster:
         return self.nodes * self.devices_per_node
 
     # -- construction --------------------------------------------------------------------------
+    @property
+    def default_budget_bytes(self) -> int:
+        """The memory budget the search uses when none is given: the device's memory less what a training
+        process needs besides its tensors, ``max(2 GiB, 10 %)``: the CUDA context (0.3-0.6 GiB on current GPUs:
+        ``torch.cuda.mem_get_info`` before the first allocation shows it), NCCL's communicator buffers
+        (``NCCL_BUFFSIZE``, 4 MiB per channel and peer by default, so tens to hundreds of MiB per communicator
+        with several groups), and the caching allocator's fragmentation (``torch.cuda.memory_reserved`` minus
+        ``memory_allocated``, typically a few percent to 10 % of a training step's peak)."""
+        return self.memory_bytes - max(2 * GiB, self.memory_bytes // 10)
+
     @classmethod
     def preset(
         cls, name: str, nodes: int = 1, devices_per_node: int = 8, memory: "int | str | None" = None

@@ -71,10 +71,11 @@ def compile(
 
     ``example_args`` / ``example_kwargs``: one global batch, as the model's forward takes it (its first
     dimension is the global batch size). ``loss_fn(output, batch)`` computes the loss, else the output
-    carries it (a scalar, ``.loss`` or ``["loss"]``). ``optimizer``: a factory taking the parameters
-    (default Adam with ``lr``). ``plan``: ``None`` searches (in ``search_space`` under ``memory_budget``,
-    default the cluster's device memory), or a plan JSON path (Galvatron's too), ``uniform_plan(...)``, or
-    a ``Plan``. ``cluster=None`` detects the cluster from the launcher's environment. ``profile``:
+    carries it (a scalar, ``.loss`` or ``["loss"]``). ``optimizer``: a factory taking the parameters as
+    parameter groups, one per kind of tensor (default Adam with ``lr``; see ``runtime.train``). ``plan``:
+    ``None`` searches (in ``search_space`` under ``memory_budget``, default ``cluster.default_budget_bytes``:
+    the device memory less headroom), or a plan JSON path (Galvatron's too), ``uniform_plan(...)``, or a
+    ``Plan``. ``cluster=None`` detects the cluster from the launcher's environment. ``profile``:
     ``"analytic"`` (FLOPs and datasheet figures) or a model-profile JSON from ``galvatron-fx profile-model``.
     ``init``: how each rank fills its own shards (``runtime.materialize``): ``"model"`` (the model's own
     initialisation; the default for a model built on the meta device), ``"safetensors:DIR"`` (a Hugging Face
@@ -94,7 +95,7 @@ def compile(
             "cluster": f"{cluster.nodes}x{cluster.devices_per_node} {cluster.device}",
         }
         plan = _search_on_rank0(
-            cost_model, program, memory_budget or cluster.memory_bytes, search_space, global_batch, provenance
+            cost_model, program, memory_budget or cluster.default_budget_bytes, search_space, global_batch, provenance
         )
     else:
         plan = resolve_given_plan(plan, len(program.body), dist.get_world_size(), global_batch, program.model_name)

@@ -5,7 +5,8 @@ each rank writing only the blocks it holds: FSDP2 shards, tensor-parallel shards
 ``runtime.materialize``, cut into boxes) and replicated tensors (DCP keeps one copy). Optimizer states of the
 parameter's shape follow the parameter's blocks (``optim/<name>/<state>``); scalars such as Adam's ``step``
 are saved whole. Each rank's RNG state is ``rng/<rank>/<device>``. A JSON manifest holds the step counter, the
-plan, the optimizer's hyperparameters, every tensor's shape and dtype, and the size and SHA-256 of every file.
+plan, the optimizer's hyperparameters, every tensor's shape and dtype, and the size and SHA-256 of every file
+(each rank hashes the files it wrote, so that hashing a large checkpoint is spread over the ranks).
 
 Resharding. On load each rank asks DCP for the blocks *it* holds under the current plan; DCP reads the
 overlapping parts of the saved blocks, whatever plan or world size wrote them. RNG states are restored only
@@ -13,9 +14,11 @@ when the world size is the same (the trainer's dropout draws from (seed, step) a
 
 Atomicity. All ranks write into ``.<name>.partial`` next to the target; rank 0 then writes the manifest (the
 completion marker) and renames the folder to its name. A folder without a valid manifest, with a file whose
-size or hash differs, or written for another model is refused with a CheckpointError on every rank before
-any collective. Nothing is unpickled freely: tensors load with ``weights_only=True`` and DCP's metadata file
-with an unpickler that admits only DCP's own metadata classes. The folder must be visible to all ranks.
+size differs, a file a rank reads whose hash differs (each rank hashes only what it reads), or written for
+another model is refused with a CheckpointError on every rank before the load's collectives (one all-gather
+of the ranks' findings first, so that none is left waiting). Nothing is unpickled freely: tensors load with
+``weights_only=True`` and DCP's metadata file with an unpickler that admits only DCP's own metadata classes.
+The folder must be visible to all ranks.
 """
 
 from __future__ import annotations
@@ -232,12 +235,35 @@ def expected_parameters(program) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _write_manifest(folder: Path, metadata: Metadata, trainer) -> None:
+def _own_files(folder: Path, rank: int, world_size: int) -> list[Path]:
+    """The files of a saved checkpoint that ``rank`` hashes: those DCP wrote for it (``__{rank}_*``); rank 0
+    also takes the ones no rank's prefix claims (``.metadata``). Spreads the hashing over the ranks."""
+    claimed = {f"__{r}_" for r in range(world_size)}
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    return [
+        p
+        for p in files
+        if p.name.startswith(f"__{rank}_") or (rank == 0 and not any(p.name.startswith(c) for c in claimed))
+    ]
+
+
+def _hash_own_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """Every saved file with its size and SHA-256, each hashed by one rank (collective)."""
+    mine = {
+        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in _own_files(folder, dist.get_rank(), dist.get_world_size())
+    }
+    files: dict[str, dict[str, Any]] = {}
+    for text in groups.gather_text(json.dumps(mine)):
+        files.update(json.loads(text))
+    return dict(sorted(files.items()))
+
+
+def _write_manifest(folder: Path, metadata: Metadata, trainer, files: dict[str, dict[str, Any]]) -> None:
     tensors = {
         key: {"shape": list(md.size), "dtype": str(md.properties.dtype).removeprefix("torch.")}
         for key, md in sorted(metadata.state_dict_metadata.items())
     }
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir()) if p.is_file()}
     groups = [{k: _json_safe(v) for k, v in group.items() if k != "params"} for group in trainer.optimizer.param_groups]
     manifest = {
         "format": FORMAT,
@@ -259,7 +285,7 @@ def _write_manifest(folder: Path, metadata: Metadata, trainer) -> None:
 
 def read_manifest(folder: str | Path, verify_files: bool = True) -> dict[str, Any]:
     """The manifest of a complete checkpoint; CheckpointError if the folder is missing, half-written, not a
-    galvatron_fx checkpoint, or (``verify_files``) a file's size or SHA-256 differs from the manifest."""
+    galvatron_fx checkpoint, a file's size differs from the manifest, or (``verify_files``) its SHA-256."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not folder.is_dir():
@@ -289,6 +315,26 @@ def read_manifest(folder: str | Path, verify_files: bool = True) -> dict[str, An
                 f"checkpoint file {file} does not match its SHA-256", "the checkpoint is corrupt: load another one"
             )
     return manifest
+
+
+def _verify_what_is_read(folder: Path, manifest: dict[str, Any], shards: dict[str, LocalShard]) -> None:
+    """SHA-256 of the metadata and of the files this rank's shards are read from (DCP's read plan, made
+    locally), against the manifest: no rank hashes a file it does not read."""
+    _check_hash(folder / ".metadata", manifest)
+    planner = _BoxLoadPlanner(shards)
+    metadata = _SafeReader(folder).read_metadata()
+    planner.set_up_planner({}, metadata)
+    read = {metadata.storage_data[item.storage_index].relative_path for item in planner.create_local_plan().items}
+    for name in sorted(read):
+        _check_hash(folder / name, manifest)
+
+
+def _check_hash(file: Path, manifest: dict[str, Any]) -> None:
+    entry = manifest["files"].get(file.name)
+    if entry is None or _sha256(file) != entry["sha256"]:
+        raise CheckpointError(
+            f"checkpoint file {file} does not match its SHA-256", "the checkpoint is corrupt: load another one"
+        )
 
 
 def _check_fits(manifest: dict[str, Any], trainer, shards: dict[str, LocalShard], folder: Path) -> None:
@@ -369,10 +415,11 @@ def save(trainer, folder: str | Path) -> Path:
     dist.barrier()
     planner = _BoxSavePlanner(state_shards(trainer))
     dcp.save({}, storage_writer=FileSystemWriter(partial), planner=planner)
+    files = _hash_own_files(partial)
     error = ""
     if dist.get_rank() == 0:
         try:
-            _write_manifest(partial, planner.metadata, trainer)
+            _write_manifest(partial, planner.metadata, trainer, files)
             _replace(partial, folder)
         except OSError as failure:
             error = f"{type(failure).__name__}: {failure}"
@@ -400,24 +447,35 @@ def _replace(partial: Path, folder: Path) -> None:
 
 def load(trainer, folder: str | Path, verify_files: bool = True) -> dict[str, Any]:
     """Load a checkpoint into ``trainer``, whatever plan or world size saved it; returns its manifest.
-    Checks (each rank, before any collective) that it is complete, intact and of this model."""
+    Checks that it is complete, of this model, and intact where this rank reads it (each rank hashes only the
+    files it reads); the ranks then agree, so a problem any rank finds is a CheckpointError on every rank
+    before the load's collectives."""
     folder = Path(folder).absolute()
-    manifest = read_manifest(folder, verify_files)
-    shards = state_shards(trainer, with_optimizer=False)
-    same_world = manifest["world_size"] == dist.get_world_size()
-    shards = {k: s for k, s in shards.items() if same_world or not k.startswith("rng/")}
-    _check_fits(manifest, trainer, shards, folder)
-    rng = {k: s for k, s in shards.items() if k.startswith("rng/")}
-    shards.update(_optimizer_shards(trainer, manifest))
+    error, manifest, shards = "", None, {}
+    try:  # every rank checks what it reads; then all agree, so that every rank raises, none waits in a collective
+        manifest = read_manifest(folder, verify_files=False)
+        shards = state_shards(trainer, with_optimizer=False)
+        same_world = manifest["world_size"] == dist.get_world_size()
+        shards = {k: s for k, s in shards.items() if same_world or not k.startswith("rng/")}
+        _check_fits(manifest, trainer, shards, folder)
+        rng = {k: s for k, s in shards.items() if k.startswith("rng/")}
+        shards.update(_optimizer_shards(trainer, manifest))
+        if verify_files:
+            _verify_what_is_read(folder, manifest, shards)
+    except CheckpointError as failure:
+        error = f"rank {dist.get_rank()}: {failure}"
+    failures = [text for text in groups.gather_text(error) if text]
+    if failures:
+        raise CheckpointError("; ".join(failures), "the checkpoint is corrupt or of another model: load another one")
     dcp.load({}, storage_reader=_SafeReader(folder), planner=_BoxLoadPlanner(shards))
     for key, shard in rng.items():
         if key.endswith("/cpu"):
             torch.set_rng_state(shard.tensor)
         else:
             torch.cuda.set_rng_state(shard.tensor, trainer.device)
-    groups = manifest["optimizer"]["param_groups"]
-    if len(groups) == len(trainer.optimizer.param_groups):
-        for group, saved in zip(trainer.optimizer.param_groups, groups):
+    saved_groups = manifest["optimizer"]["param_groups"]
+    if len(saved_groups) == len(trainer.optimizer.param_groups):
+        for group, saved in zip(trainer.optimizer.param_groups, saved_groups):
             group.update(
                 {
                     k: tuple(v) if isinstance(group.get(k), tuple) else v

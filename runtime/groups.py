@@ -99,3 +99,21 @@ def broadcast_text(text: str, src: int = 0) -> str:
         data.copy_(torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8))
     dist.broadcast(data, src)
     return bytes(data.cpu().tolist()).decode()
+
+
+def gather_text(text: str) -> list[str]:
+    """Every rank's ``text``, in rank order, on every rank (an all-gather of bytes: nothing is pickled)."""
+    device = current_device()
+    data = (
+        torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8).to(device)
+        if text
+        else torch.zeros(0, dtype=torch.uint8, device=device)
+    )
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.long, device=device))
+    longest = max(int(size.item()) for size in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    pieces = [torch.zeros(longest, dtype=torch.uint8, device=device) for _ in sizes]
+    dist.all_gather(pieces, padded)
+    return [bytes(piece[: int(size.item())].cpu().tolist()).decode() for piece, size in zip(pieces, sizes)]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -35,7 +35,7 @@ from .executor import StageExecutor
 from .schedules import SCHEDULES, Action
 from .shard_maps import unshard_parameters
 
-OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]  # parameter groups → optimizer
 
 
 class DistributedFailure(RuntimeError):
@@ -70,6 +70,15 @@ class TrainConfig:
             raise ConfigError(f"mixed_precision={self.mixed_precision!r} is unknown", "use 'fp32' or 'bf16'")
 
 
+def parameter_groups(stage: StageModule) -> list[dict[str, Any]]:
+    """The stage's parameters as optimizer parameter groups, one per kind of tensor: FSDP2's DTensors apart
+    from plain tensors (weights kept out of sharding, tensor-parallel shards). The optimizers' fused and
+    ``foreach`` paths (the default on CUDA) refuse a list that mixes the two."""
+    params = list(stage.parameters())
+    kinds = [[p for p in params if isinstance(p, DTensor)], [p for p in params if not isinstance(p, DTensor)]]
+    return [{"params": group} for group in kinds if group]
+
+
 class Trainer:
     """One rank's share of training ``program`` under ``plan``."""
 
@@ -96,8 +105,8 @@ class Trainer:
         )  # raises before collectives
         prepare_groups(program, plan)
         self.sync: GradSync = apply_data_parallel(self.stage, program, plan)
-        params = list(self.stage.parameters())
-        self.optimizer = optimizer(params) if optimizer else torch.optim.Adam(params, lr=config.lr)
+        param_groups = parameter_groups(self.stage)
+        self.optimizer = optimizer(param_groups) if optimizer else torch.optim.Adam(param_groups, lr=config.lr)
         stage = self.stage.position.stage
         self.actions = SCHEDULES[plan.pipeline](plan.pp, stage, plan.chunks)
         autocast = torch.bfloat16 if config.mixed_precision == "bf16" else None

@@ -173,3 +173,39 @@ def test_metadata_unpickler_refuses_foreign_classes(tmp_path):
     reader = ckpt._SafeReader(tmp_path)
     with pytest.raises(pickle.UnpicklingError):
         reader.read_metadata()
+
+
+def _hashes_worker(rank: int, world: int, folder: str) -> dict:
+    """Save and load a PP2 checkpoint of LLaMA (no tied weights: each stage's parameters in its own rank's
+    file), recording which files each rank hashes."""
+    hashed: list[str] = []
+    original = ckpt._sha256
+
+    def recording(path):
+        hashed.append(Path(path).name)
+        return original(path)
+
+    ckpt._sha256 = recording
+    try:
+        torch.manual_seed(0)
+        model, _ = build_model("llama")
+        batch = example_batch("llama", model, BATCH, SEQ, seed=0)
+        compiled = galvatron_fx.compile(model, example_kwargs=batch, plan=galvatron_fx.uniform_plan(pp=2, chunks=2))
+        compiled.train_step(batch)
+        compiled.save_checkpoint(f"{folder}/pp2")
+        saved, hashed[:] = sorted(hashed), []
+        compiled.load_checkpoint(f"{folder}/pp2")
+        loaded = sorted(hashed)
+    finally:
+        ckpt._sha256 = original
+    return {"saved": saved, "loaded": loaded, "files": sorted(p.name for p in Path(f"{folder}/pp2").iterdir())}
+
+
+def test_each_rank_hashes_the_files_it_wrote_and_those_it_reads(tmp_path):
+    results = spawn(_hashes_worker, 2, str(tmp_path), timeout_s=300)
+    data_files = [name for name in results[0]["files"] if name.endswith(".distcp")]
+    assert len(data_files) == 2
+    for rank, result in enumerate(results):
+        own = [name for name in data_files if name.startswith(f"__{rank}_")]
+        assert result["saved"] == sorted(own + ([".metadata"] if rank == 0 else []))  # hashing is spread
+        assert result["loaded"] == sorted([".metadata", *own])  # a stage reads its own parameters only

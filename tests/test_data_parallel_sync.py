@@ -93,3 +93,35 @@ def test_buckets_span_consecutive_layers_of_one_group_up_to_the_cap():
     assert [[p.numel() for p in b.params] for b in buckets] == [[50], [40], [30], [20, 5, 10]]
     assert [b.group for b in buckets] == [group_a, group_a, group_b, group_a]
     assert bucket_layers([layer(group_a, 100)], cap_bytes=4)[0].nbytes == 400  # a layer above the cap: its own bucket
+
+
+def _mixed_kinds_worker(rank: int, world_size: int) -> dict:
+    from torch.distributed.tensor import DTensor
+
+    from distributed import ADAM_EPS, LR, _config
+    from galvatron_fx.plan import LayerStrategy, Plan
+    from galvatron_fx.runtime import Trainer
+
+    program, batches = _program("gpt2")
+    kinds = ("zero3", "ddp", "zero3", "zero2")  # ZeRO layers hold DTensors; the tied embedding and head plain tensors
+    plan = Plan(world_size=2, layers=tuple(LayerStrategy(dp=2, dp_type=k) for k in kinds), global_batch=GLOBAL_BATCH)
+    trainer = Trainer(
+        program,
+        plan,
+        config=_config(),
+        optimizer=lambda groups: torch.optim.Adam(groups, lr=LR, eps=ADAM_EPS, foreach=True),
+    )
+    kinds_per_group = [{isinstance(p, DTensor) for p in group["params"]} for group in trainer.optimizer.param_groups]
+    return {"kinds": kinds_per_group, "losses": [trainer.step(batch) for batch in batches]}
+
+
+def test_one_optimizer_takes_every_parameter_kind_on_its_foreach_path():
+    """``foreach`` (the default on CUDA) refuses a list mixing DTensors and plain tensors: the trainer gives
+    the optimizer one parameter group per kind."""
+    from distributed import TOLERANCE, eager_reference
+    from galvatron_fx.runtime import spawn
+
+    reference, _ = eager_reference("gpt2")
+    for result in spawn(_mixed_kinds_worker, 2, timeout_s=300):
+        assert sorted(map(sorted, result["kinds"])) == [[False], [True]]
+        assert max(abs(a - b) for a, b in zip(result["losses"], reference)) <= TOLERANCE

@@ -26,7 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cluster", default="A100-80GB:1x8", help="preset[:NODESxGPUS], a size NODESxGPUS, or a cluster JSON"
     )
     parser.add_argument(
-        "--memory", default=None, help='memory budget per device, e.g. "36GB" (default: the device memory)'
+        "--memory",
+        default=None,
+        help='memory budget per device, e.g. "36GB" (default: the device memory less max(2 GiB, 10%%), '
+        "for the CUDA context, NCCL buffers and fragmentation)",
     )
     parser.add_argument("--batch", type=int, default=None, help="fixed global batch")
     parser.add_argument(
@@ -133,7 +136,7 @@ def _cost_model(args):
     return (
         build_cost_model(program, cluster, "analytic", args.mixed_precision),
         cluster.world_size,
-        args.memory or cluster.memory_bytes,
+        args.memory or cluster.default_budget_bytes,
         (name, f"{cluster.nodes}x{cluster.devices_per_node} {cluster.device}"),
     )
 
