@@ -96,9 +96,9 @@ def test_buckets_span_consecutive_layers_of_one_group_up_to_the_cap():
 
 
 def _mixed_kinds_worker(rank: int, world_size: int) -> dict:
+    from distributed import ADAM_EPS, LR, _config
     from torch.distributed.tensor import DTensor
 
-    from distributed import ADAM_EPS, LR, _config
     from galvatron_fx.plan import LayerStrategy, Plan
     from galvatron_fx.runtime import Trainer
 
@@ -119,6 +119,7 @@ def test_one_optimizer_takes_every_parameter_kind_on_its_foreach_path():
     """``foreach`` (the default on CUDA) refuses a list mixing DTensors and plain tensors: the trainer gives
     the optimizer one parameter group per kind."""
     from distributed import TOLERANCE, eager_reference
+
     from galvatron_fx.runtime import spawn
 
     reference, _ = eager_reference("gpt2")
