@@ -81,13 +81,23 @@ def empty_parameters() -> Iterator[None]:
 
 def _to_empty_in_place(module: nn.Module, device: torch.device) -> None:
     """``to_empty`` keeping every Parameter object (the optimizer, gradient buckets and tied layers hold
-    them): swap instead of replace. FSDP2 re-points its sharded storage at the new local tensors."""
+    them): swap instead of replace. FSDP2 re-points its sharded storage at the new local tensors. A buffer
+    that several layers read (LLaMA's ``inv_freq``: each layer rebuilds its rotary table) stays one tensor:
+    ``to_empty`` would give each module its own, and only one would be filled."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    for owner in module.modules():
+        for name, buffer in owner._buffers.items():
+            if buffer is not None:
+                holders.setdefault(id(buffer), []).append((owner, name))
     swap = torch.__future__.get_swap_module_params_on_conversion()
     torch.__future__.set_swap_module_params_on_conversion(True)
     try:
         module.to_empty(device=device)
     finally:
         torch.__future__.set_swap_module_params_on_conversion(swap)
+    for (first, first_name), *others in holders.values():
+        for owner, name in others:
+            owner._buffers[name] = first._buffers[first_name]
 
 
 def materialize(

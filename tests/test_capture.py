@@ -124,7 +124,7 @@ def test_layer_table_and_boundaries(captured):
     text = layer_table(program)
     assert "GPT2Block" in text and "boundary MB/sample" in text
     hidden = program.body[0].boundary_out
-    # After a GPT-2 block the residual stream [batch, seq, hidden] (and the attention mask) are live.
+    # After a GPT-2 block the residual stream [batch, seq, hidden] is live (the causal mask is not: is_causal).
     assert any(t.shape == (2, 16, 64) and t.batched for t in hidden)
     assert all(layer.boundary_bytes > 0 for layer in program.layers[:-1])
 

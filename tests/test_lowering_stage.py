@@ -41,7 +41,7 @@ def test_pipeline_split_follows_pp_division_and_layer_table():
     assert [item.index for item in first.stage_layers] == [0, 1]  # prologue + first block
     assert [item.index for item in last.stage_layers] == [2, 3, 4, 5]  # three blocks + epilogue
     sent = {spec.name for spec in first.send_specs}
-    assert sent == {spec.name for spec in program.layers[1].boundary_out}  # hidden state and mask
+    assert sent == {spec.name for spec in program.layers[1].boundary_out}  # the hidden state
     assert first.send_specs == last.recv_specs and not first.recv_specs and not last.send_specs
     assert first.loss_name is None and last.loss_name == "cross_entropy_loss"
     assert first.batch_names == ("input_ids",) and last.batch_names == ("labels",)

@@ -84,8 +84,9 @@ def test_the_pipelines_are_ordered_tuples_of_passes():
     assert [p.name for p in ANALYSIS_PASSES] == [
         "mark_batched",
         "concretize",
+        "simplify_attention_masks",
         "discover_layers",
-        "localize_sizes",
+        "localize_values",
         "split_layers",
         "annotate_nodes",
         "sum_layer_stats",

@@ -74,7 +74,7 @@ def test_pipeline_cuts_pack_values_and_send_gradients_only_where_they_flow():
     first, second = lower(program, plan, 0), lower(program, plan, 1)
     assert first.send_specs == second.recv_specs and first.grad_names == second.grad_names
     floating = [spec for spec in first.send_specs if spec.dtype.is_floating_point]
-    # the hidden state carries a gradient; the rotary tables (from a buffer) and the mask do not
+    # the hidden state alone crosses the cut (each layer rebuilds its rotary tables; attention is causal)
     assert any(spec.shape[-1] == model.config.hidden_size for spec in floating)
     assert first.grad_names == {spec.name for spec in floating if spec.shape[-1] == model.config.hidden_size}
     values = [

@@ -120,16 +120,13 @@ def test_pipeline_cut_sends_the_sequence_shard():
         warnings.simplefilter("ignore")
         first, second = lower(program, plan, rank=0), lower(program, plan, rank=2)
     # the tp group's samples (4), half of the sequence each: what Megatron-SP holds, nothing gathered first
-    # (the attention mask made by the prologue travels in the data split: its own samples, whole sequence)
-    assert [tuple(s.shape) for s in first.send_specs] == [
-        (program.batch_size, 1, 16, 16),
-        (program.batch_size * 2, 8, 64),
-    ]
+    # (the causal mask is not sent: attention runs with is_causal=True)
+    assert [tuple(s.shape) for s in first.send_specs] == [(program.batch_size * 2, 8, 64)]
     assert [tuple(s.shape) for s in second.recv_specs] == [tuple(s.shape) for s in first.send_specs]
     from galvatron_fx.passes.lower.ops.redistribute import redistribute
 
     receiver = unwrap(second.layers[f"layer{program.body[plan.pp_division[0]].index}"])
-    received = next(n for n in receiver.graph.find_nodes(op="placeholder") if n.name == second.recv_specs[1].name)
+    received = next(n for n in receiver.graph.find_nodes(op="placeholder") if n.name == second.recv_specs[0].name)
     assert received.users and all(user.target is not redistribute for user in received.users)  # already in its layout
 
 

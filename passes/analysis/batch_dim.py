@@ -8,8 +8,6 @@ package reasons about:
 - ``mark_batched``: every value whose dim 0 *is* the batch symbol is marked (``NodeMeta.batched``): exact,
   where comparing sizes would confuse a batch of 16 with a sequence of 16, and cannot see a batch of 1;
 - ``concretize``: ``meta["val"]`` recomputed with the example's sizes, so analyses see plain shapes;
-- ``localize_sizes``: every layer computes the batch sizes it uses from its own inputs (a size computed in an
-  earlier layer would otherwise cross layer boundaries and pipeline cuts as an integer);
 - ``set_batch``: a layer graph's metadata recomputed at another batch (lowering: each layer's local batch).
 """
 
@@ -78,59 +76,6 @@ def is_size_node(node: fx.Node) -> bool:
     if node.target is aten.sym_size.int:
         return True
     return node.target in _ARITHMETIC and any(isinstance(a, fx.Node) and is_size_node(a) for a in node.args)
-
-
-def localize_sizes(gm: fx.GraphModule, segments) -> None:
-    """Requires: ``segments`` (``discover_layers``) covering the call nodes in order, batched nodes marked.
-    Ensures: no segment reads a size node of another one: each gets its own copy of the computation, placed
-    before its first node and reading the batch from a batched tensor the segment already receives."""
-    owner = {node: i for i, segment in enumerate(segments) for node in segment.nodes}
-    for i, segment in enumerate(segments):
-        if not segment.nodes:
-            continue
-        copies: dict[fx.Node, fx.Node] = {}
-        first = segment.nodes[0]
-        for node in list(segment.nodes):
-            for used in node.all_input_nodes:
-                if is_size_node(used) and owner.get(used) != i:
-                    node.replace_input_with(used, _copy_size(gm.graph, used, first, segment, owner, i, copies))
-    for segment in segments:  # sizes only other segments read are now unused
-        for node in reversed(list(segment.nodes)):
-            if is_size_node(node) and not node.users:
-                gm.graph.erase_node(node)
-                segment.nodes.remove(node)
-    gm.graph.lint()
-    gm.recompile()
-
-
-def _copy_size(graph: fx.Graph, size: fx.Node, first: fx.Node, segment, owner, index: int, copies: dict) -> fx.Node:
-    if size not in copies:
-        if size.target is aten.sym_size.int:
-            source, dim = size.args
-            if dim == 0 and node_meta(source).batched:
-                source = _batched_source(segment, owner, index) or source
-            args = (source, dim)
-        else:
-            args = tuple(
-                _copy_size(graph, a, first, segment, owner, index, copies) if isinstance(a, fx.Node) else a
-                for a in size.args
-            )
-        with graph.inserting_before(first):
-            copy = graph.call_function(size.target, args)
-        copy.meta = {key: value for key, value in size.meta.items() if key != "nn_module_stack"}
-        segment.nodes.insert(segment.nodes.index(first), copy)
-        owner[copy] = index
-        copies[size] = copy
-    return copies[size]
-
-
-def _batched_source(segment, owner, index: int) -> fx.Node | None:
-    """A batched tensor the segment reads from outside (it is a placeholder of the segment's graph)."""
-    for node in segment.nodes:
-        for used in node.all_input_nodes:
-            if owner.get(used, -1) != index and node_meta(used).batched and used.op != "get_attr":
-                return used
-    return None
 
 
 def set_batch(gm: fx.GraphModule, batch: int) -> None:

@@ -4,11 +4,13 @@ table, every node annotated. ``galvatron_fx.capture`` exports the model and runs
 
 1. ``MarkBatched``: which values have the batch as dim 0 (the batch symbol; by size for a static export);
 2. ``Concretize``: shapes at the example's sizes, no symbols left;
-3. ``DiscoverLayers``: prologue, repeated blocks, transitions, epilogue, from the module tree;
-4. ``LocalizeSizes``: each layer computes the batch sizes it uses from its own inputs;
-5. ``SplitLayers``: one GraphModule per layer, its inputs, outputs and boundary, layer types;
-6. ``AnnotateNodes``: FLOPs forward and backward, saved activation bytes, parameter bytes per node;
-7. ``SumLayerStats``: those summed per layer.
+3. ``SimplifyAttentionMasks``: causal masks as ``is_causal=True``, masks that keep everything dropped;
+4. ``DiscoverLayers``: prologue, repeated blocks, transitions, epilogue, from the module tree;
+5. ``LocalizeValues``: each layer rebuilds what it can from its own inputs (sizes, position ids, rotary
+   tables, masks from the batch) instead of receiving it;
+6. ``SplitLayers``: one GraphModule per layer, its inputs, outputs and boundary, layer types;
+7. ``AnnotateNodes``: FLOPs forward and backward, saved activation bytes, parameter bytes per node;
+8. ``SumLayerStats``: those summed per layer.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 from galvatron_fx.passes.analysis.annotate import annotate_nodes, sum_layer_stats
-from galvatron_fx.passes.analysis.batch_dim import concretize, localize_sizes, mark_batched, mark_batched_by_size
+from galvatron_fx.passes.analysis.attention_masks import simplify_attention_masks
+from galvatron_fx.passes.analysis.batch_dim import concretize, mark_batched, mark_batched_by_size
 from galvatron_fx.passes.analysis.discover_layers import Segment, discover_layers
+from galvatron_fx.passes.analysis.local_values import localize_values
 from galvatron_fx.passes.analysis.split_layers import split_layers
 from galvatron_fx.passes.infra import Pass, PassFailure
 from galvatron_fx.program import Layer, node_meta
@@ -65,6 +69,13 @@ class Concretize(Pass[Capture]):
         return capture
 
 
+class SimplifyAttentionMasks(Pass[Capture]):
+    def __call__(self, capture, context):
+        sizes = (capture.batch_size,) if capture.static_reason else (1, capture.batch_size)
+        simplify_attention_masks(capture.graph_module, sizes)
+        return capture
+
+
 class DiscoverLayers(Pass[Capture]):
     def __call__(self, capture, context):
         capture.segments = discover_layers(capture.graph_module, capture.model)
@@ -77,9 +88,9 @@ class DiscoverLayers(Pass[Capture]):
             raise PassFailure(f"the segments cover {len(covered)} of {len(calls)} call nodes")
 
 
-class LocalizeSizes(Pass[Capture]):
+class LocalizeValues(Pass[Capture]):
     def __call__(self, capture, context):
-        localize_sizes(capture.graph_module, capture.segments)
+        localize_values(capture.graph_module, capture.segments)
         return capture
 
 
@@ -117,8 +128,9 @@ class SumLayerStats(Pass[Capture]):
 ANALYSIS_PASSES: tuple[Pass[Capture], ...] = (
     MarkBatched(),
     Concretize(),
+    SimplifyAttentionMasks(),
     DiscoverLayers(),
-    LocalizeSizes(),
+    LocalizeValues(),
     SplitLayers(),
     AnnotateNodes(),
     SumLayerStats(),
