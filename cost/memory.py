@@ -1,10 +1,12 @@
 """Memory terms: bytes of model states per parameter, and how a layer's saved activations split under TP.
 
-Model states, per parameter (Adam):
-- ``fp32``: 4 parameter + 4 gradient + 8 Adam moments = 16 bytes.
-- ``bf16`` (mixed precision, Megatron-style): 2 bf16 parameter + 4 fp32 gradient (gradients are
-  accumulated in fp32 across micro-batches, so that small updates are not lost) + 12 fp32 master copy and
-  Adam moments = 18 bytes.
+Model states, per parameter (Adam): 4 fp32 parameter + 4 fp32 gradient + 8 Adam moments = 16 bytes, in
+fp32 and bf16 alike: bf16 mixed precision keeps the fp32 parameters as the master copy and accumulates
+gradients in fp32 (so that small updates are not lost), as the runtime runs it (``runtime/train.py``).
+What bf16 changes is the copy a layer computes on (``COMPUTE_BYTES_PER_PARAM``): ZeRO gathers 2-byte
+parameters (ZeRO-2 keeps them gathered from forward to backward; ZeRO-3 frees them after each pass), and a
+replicated layer's autocast casts its weights to bf16 in every forward, the casts held, like activations,
+until that micro-batch's backward (``CostModel``'s ``autocast_cast_bytes``).
 ZeRO-2 shards gradients and optimizer states over the data-parallel group; ZeRO-3 shards all three.
 
 Peak bytes of a stage follow the step's phases (``InFlight``): before the first backward of a step the
@@ -44,8 +46,10 @@ from galvatron_fx.program import Layer, node_meta
 # DDP layers keep their gradients in flat buckets of up to this many bytes (DDP's default bucket_cap_mb):
 # the buckets persist between steps, and each pays one all-reduce latency
 GRAD_BUCKET_CAP_BYTES = 25 * 2**20
-# (parameter, gradient, optimizer) bytes per parameter
-STATE_BYTES_PER_PARAM = {"fp32": (4, 4, 8), "bf16": (2, 4, 12)}
+# (parameter, gradient, optimizer) bytes per parameter stored: fp32 master parameters and gradients
+STATE_BYTES_PER_PARAM = {"fp32": (4, 4, 8), "bf16": (4, 4, 8)}
+# bytes per parameter of the copy a layer computes on: what ZeRO gathers, what autocast casts to
+COMPUTE_BYTES_PER_PARAM = {"fp32": 4, "bf16": 2}
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 _LINEAR_OPS = {
     torch.ops.aten.linear.default,
@@ -71,8 +75,8 @@ def model_state_bytes(param_count: float, dp: int, dp_type: str, mixed_precision
     param_b, grad_b, optim_b = STATE_BYTES_PER_PARAM[mixed_precision]
     if dp_type == "zero3":
         per_param = (param_b + grad_b + optim_b) / dp
-    elif dp_type == "zero2":
-        per_param = param_b + (grad_b + optim_b) / dp
+    elif dp_type == "zero2":  # the gathered copy; the shard besides it is the caller's (CostModel)
+        per_param = COMPUTE_BYTES_PER_PARAM[mixed_precision] + (grad_b + optim_b) / dp
     else:
         per_param = param_b + grad_b + optim_b
     return int(param_count * per_param)

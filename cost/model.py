@@ -27,7 +27,7 @@ Terms of one layer, for a micro-batch of ``mb`` samples on a stage (each of the 
   profiles without the figure: presets and Galvatron's files). So are the step's blocking collectives
   after it: the loss all-reduce over the world, and a tied embedding/head gradient between a pipeline's
   first and last stages.
-- memory: model states (cost/memory.py: 16 bytes/param fp32, 18 bf16 mixed; ZeRO shards), the
+- memory: model states (cost/memory.py: 16 bytes/param, fp32 masters under bf16 too; ZeRO shards), the
   activations one micro-batch keeps (the layer's inputs only, if checkpointed), by phase of the step
   (cost/memory.py ``InFlight``: gradients do not exist before the first backward, except in DDP's
   persistent buckets; the predicted peak walks the stage's backward layer by layer, the search budgets an
@@ -42,7 +42,10 @@ Terms of one layer, for a micro-batch of ``mb`` samples on a stage (each of the 
   shard. The optimizer step's temporaries are one fp32 copy of the updated parameters with multi-tensor
   Adam (GPUs' default), none on CPU.
 Precision: activation and hidden-state bytes are rescaled from the profile's dtype to the training
-dtype (bf16 halves fp32 bytes). Tied weights shared by embedding and head count once per stage.
+dtype (bf16 halves fp32 bytes; so do pipeline messages, which travel in bf16); ZeRO gathers bf16
+parameters and reduces fp32 gradients; a replicated layer under bf16 autocast keeps a bf16 cast of its
+weights per micro-batch in flight (``autocast_cast_bytes``). Tied weights shared by embedding and head
+count once per stage.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan, Prediction
 from .hardware import BLOCKING_PROBE_COMPUTE_S, HardwareProfile
 from .layouts import layout_of, move_key, move_plan
 from .memory import (
+    COMPUTE_BYTES_PER_PARAM,
     DTYPE_BYTES,
     GRAD_BUCKET_CAP_BYTES,
     STATE_BYTES_PER_PARAM,
@@ -179,6 +183,7 @@ class CostModel:
             )
         else:
             kept = full_activation
+        kept += self.autocast_cast_bytes(params, strategy.dp, strategy.dp_type)
         working = profile.grad_working_per_sample(strategy.tp, sharded_seq) * local * self.activation_scale
         peak_extra = transient_bytes + working + (full_activation if strategy.ckpt else 0.0)
         sync_s = self._visible(sync_s, bwd_compute, strategy.dp_type) + self._optimizer_s(
@@ -191,6 +196,14 @@ class CostModel:
             strategy.dp_type,
             largest,
         )
+
+    def autocast_cast_bytes(self, params: float, dp: int, dp_type: str) -> float:
+        """Bytes one micro-batch keeps of a layer's weights cast by bf16 autocast: the forward casts every
+        weight a matmul reads and autograd keeps the cast until the backward. ZeRO layers compute on
+        FSDP2's bf16 gather instead (priced with it); in fp32 there is no cast."""
+        if self.mixed_precision != "bf16" or (dp > 1 and dp_type != "ddp"):
+            return 0.0
+        return params * COMPUTE_BYTES_PER_PARAM["bf16"]
 
     def _ddp_drift_s(self, strategy: LayerStrategy, own_s: tuple[float, float]) -> float:
         """A DDP layer without TP runs no collective the ranks wait for until the gradient all-reduce after
@@ -278,9 +291,9 @@ class CostModel:
         next layer's, prefetched."""
         if dp == 1 or params <= 0:
             return 0.0, 0.0, 0.0
-        param_b, grad_b, _ = STATE_BYTES_PER_PARAM[self.mixed_precision]
+        grad_b, weight_b = STATE_BYTES_PER_PARAM[self.mixed_precision][1], COMPUTE_BYTES_PER_PARAM[self.mixed_precision]
         hw = self.hardware
-        grads, weights = params * grad_b, params * param_b
+        grads, weights = params * grad_b, params * weight_b  # fp32 gradients reduced; bf16 parameters gathered
         if dp_type == "ddp":  # the layer's share of a bucket's all-reduce: one latency per bucket
             fit = hw.fit("all_reduce", dp, consecutive)
             return 0.0, fit.latency_s * min(1.0, grads / GRAD_BUCKET_CAP_BYTES) + grads / fit.bandwidth_Bps, 0.0
@@ -384,6 +397,10 @@ class CostModel:
             * local
             * self.activation_scale
         )
+        if last_stage:  # the head's matmul casts its weight; the embedding's lookup casts nothing
+            head = self.model.epilogue
+            head_params = head.param_count - head.vocab_param_count + head.vocab_param_count / vtp
+            activation += self.autocast_cast_bytes(head_params, dp, kind)
         transient += self._part_working_bytes(parts, vtp, strategy.sp != "none", local)
         cost = LayerCost(
             fwd_compute + (half_comm if first_stage else 0.0) + self._visible(gather_s, fwd_compute, kind),

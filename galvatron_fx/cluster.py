@@ -61,8 +61,9 @@ PRESETS: dict[str, DeviceSpec] = {
 # What detect() assumes for CPU processes (gloo over shared memory / TCP); measure for real figures.
 CPU_SPEC = DeviceSpec(
     memory_bytes=0,
-    peak_flops={"fp32": 1e11},
-    sustained_flops={"fp32": 2e10},
+    # bf16 priced as fp32: without matrix extensions CPUs compute bf16 no faster
+    peak_flops={"fp32": 1e11, "bf16": 1e11},
+    sustained_flops={"fp32": 2e10, "bf16": 2e10},
     intra_node_Bps=2 * GBps,
     inter_node_Bps=1.25 * GBps,
     intra_node_latency_s=50e-6,

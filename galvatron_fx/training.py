@@ -38,7 +38,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         "--dataset-batches", type=int, default=2, help="distinct synthetic batches the run cycles through"
     )
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    parser.add_argument("--mixed-precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast on GPUs")
+    parser.add_argument(
+        "--mixed-precision",
+        choices=("fp32", "bf16"),
+        default=None,
+        help="training precision (default: bf16 on GPUs, as `galvatron-fx search` plans; fp32 on CPU)",
+    )
     return parser
 
 
@@ -69,7 +74,7 @@ def train_example(name: str, args: argparse.Namespace) -> list[float]:
             plan=args.plan,
             memory_budget=args.memory_budget,
             search_space=args.search_space,
-            mixed_precision=args.mixed_precision,
+            mixed_precision=args.mixed_precision or ("bf16" if torch.cuda.is_available() else "fp32"),
             lr=args.lr,
         )
     if rank == 0:

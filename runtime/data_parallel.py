@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch._utils import _unflatten_dense_tensors
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from galvatron_fx.cost.memory import GRAD_BUCKET_CAP_BYTES
@@ -218,10 +218,11 @@ def prepare_groups(program: Program, plan: Plan) -> None:
         groups.tied_group(plan, stages, 0)
 
 
-def apply_data_parallel(stage: StageModule, program: Program, plan: Plan) -> GradSync:
+def apply_data_parallel(stage: StageModule, program: Program, plan: Plan, mixed_precision: str = "fp32") -> GradSync:
     """Requires: ``prepare_groups`` ran on every rank. Ensures: ZeRO layers are FSDP2 modules on their dp
     mesh (the embedding and head of a stage one unit, as FSDP2's root holds both), all other parameters
-    are in all-reduce buckets, tied weights know their cross-stage group."""
+    are in all-reduce buckets, tied weights know their cross-stage group. Under ``"bf16"`` ZeRO layers
+    gather bf16 parameters and reduce fp32 gradients (``_ZERO_BF16``)."""
     users = layers_using(program)
     params = stage.user_parameters()
     fsdp_units: list[FSDPModule] = []
@@ -250,6 +251,7 @@ def apply_data_parallel(stage: StageModule, program: Program, plan: Plan) -> Gra
                 mesh=mesh,
                 reshard_after_forward=reshard,
                 ignored_params={params[n] for n in outside},
+                mp_policy=_ZERO_BF16 if mixed_precision == "bf16" else MixedPrecisionPolicy(),
             )
             fsdp_units += modules
             root_mesh = root_mesh or mesh
@@ -267,6 +269,13 @@ def apply_data_parallel(stage: StageModule, program: Program, plan: Plan) -> Gra
         if name in params
     ]
     return GradSync(fsdp_units, bucket_layers(replicated), tied, plan.grad_sync_every_micro_batch)
+
+
+# bf16 ZeRO, as the cost model prices it (cost/memory.py): the fp32 shards are the master copy, all-gathers
+# move bf16 and the layer computes on the bf16 copy, its inputs cast to bf16 too (ops such as CPU layer
+# norms refuse fp32 inputs with bf16 weights); gradients are reduced and accumulated in fp32, so that
+# small updates survive.
+_ZERO_BF16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
 def _units(stage: StageModule) -> list[list]:

@@ -8,13 +8,17 @@ gradient, and must tell the per-layer data-parallel wrappers which backward is t
 is one message: the values crossing a cut packed into one byte buffer (one latency per micro-batch and
 direction, not one per value); gradients travel back only for values that can carry one
 (``StageModule.grad_names``: the rotary tables and masks a cut also carries do not), zeros where the
-receiving stage left one unused. Every message goes through ``dist.batch_isend_irecv``, in the groups the
-transfer plan says, so the same code is safe under NCCL and gloo.
+receiving stage left one unused. Under bf16 mixed precision floating-point values travel as bf16 (half
+the bytes, as the cost model prices them) and are restored to the captured dtype on arrival, so that a
+stage computes as it would without the cut but for that rounding. Every message goes through
+``dist.batch_isend_irecv``, in the groups the transfer plan says, so the same code is safe under NCCL
+and gloo.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any
 
 import torch
@@ -39,13 +43,13 @@ class StageExecutor:
         sync: GradSync,
         chunks: int,
         device: torch.device,
-        autocast_dtype: torch.dtype | None = None,
+        low_precision: torch.dtype | None = None,
     ):
         self.stage = stage
         self.sync = sync
         self.chunks = chunks
         self.device = device
-        self.autocast_dtype = autocast_dtype
+        self.low_precision = low_precision  # autocast's dtype, and that of floating-point messages
         position = stage.position
         self.peers = {
             "prev": position.rank_of(position.stage - 1) if not position.is_first else None,
@@ -71,10 +75,27 @@ class StageExecutor:
 
     # -- communication -------------------------------------------------------------------------------------
     def _specs(self, transfer: Transfer) -> tuple[TensorSpec, ...]:
+        """The values of ``transfer`` as the stages compute them."""
         if transfer.kind == "act":
             return self.stage.send_specs if transfer.send else self.stage.recv_specs
         cut = self.stage.recv_specs if transfer.send else self.stage.send_specs
         return tuple(spec for spec in cut if spec.name in self.stage.grad_names)
+
+    def _wire_specs(self, transfer: Transfer) -> tuple[TensorSpec, ...]:
+        """The values of ``transfer`` as they travel: floating point in ``low_precision`` when set."""
+        return tuple(
+            dataclasses.replace(spec, dtype=self.low_precision)
+            if self.low_precision and spec.dtype.is_floating_point
+            else spec
+            for spec in self._specs(transfer)
+        )
+
+    def _pack(self, transfer: Transfer, values: list[torch.Tensor]) -> torch.Tensor:
+        return pack([value.detach().to(spec.dtype) for spec, value in zip(self._wire_specs(transfer), values)])
+
+    def _unpack(self, transfer: Transfer, buffer: torch.Tensor) -> list[torch.Tensor]:
+        wire = unpack(buffer, self._wire_specs(transfer))
+        return [value.to(spec.dtype) for spec, value in zip(self._specs(transfer), wire)]
 
     def _post(self, post: Post, step: "_Step") -> None:
         ops, receives = [], []
@@ -86,7 +107,7 @@ class StageExecutor:
             if transfer.send:
                 ops.append(dist.P2POp(_SEND, step.outgoing.pop(transfer), peer, tag=tag))
             else:
-                buffer = torch.empty(packed_bytes(self._specs(transfer)), dtype=torch.uint8, device=self.device)
+                buffer = torch.empty(packed_bytes(self._wire_specs(transfer)), dtype=torch.uint8, device=self.device)
                 ops.append(dist.P2POp(_RECEIVE, buffer, peer, tag=tag))
                 receives.append((transfer, buffer))
         works = dist.batch_isend_irecv(ops) if ops else []
@@ -94,7 +115,7 @@ class StageExecutor:
             for work in works:  # the whole group, its sends included: the peer has posted their receives
                 work.wait()
             for transfer, buffer in receives:
-                step.incoming[transfer] = unpack(buffer, self._specs(transfer))
+                step.incoming[transfer] = self._unpack(transfer, buffer)
         else:
             step.lone_sends[post.transfers[0].peer].extend(works)
 
@@ -121,8 +142,8 @@ class StageExecutor:
         env = {name: batch[name] for name in self.stage.batch_names}
         env.update(zip((s.name for s in self.stage.recv_specs), received))
         autocast = (
-            torch.autocast(self.device.type, dtype=self.autocast_dtype)
-            if self.autocast_dtype
+            torch.autocast(self.device.type, dtype=self.low_precision)
+            if self.low_precision
             else contextlib.nullcontext()
         )
         with autocast:
@@ -132,9 +153,8 @@ class StageExecutor:
             step.losses.append(loss.detach().float())
             return received, [loss / self.chunks]
         self._check_sent(outputs)
-        step.outgoing[Transfer("act", mb, send=True)] = pack(
-            [value.detach().to(spec.dtype) for spec, value in zip(self.stage.send_specs, outputs)]
-        )
+        sent = Transfer("act", mb, send=True)
+        step.outgoing[sent] = self._pack(sent, outputs)
         return received, outputs
 
     def _check_sent(self, outputs: list[torch.Tensor]) -> None:
@@ -172,7 +192,8 @@ class StageExecutor:
                 for spec, value in zip(self.stage.recv_specs, received)
                 if spec.name in self.stage.grad_names
             ]
-            step.outgoing[Transfer("grad", mb, send=True)] = pack([g.detach() for g in grads])
+            sent = Transfer("grad", mb, send=True)
+            step.outgoing[sent] = self._pack(sent, grads)
 
 
 class _Step:

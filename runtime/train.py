@@ -58,8 +58,9 @@ class TrainConfig:
     """``lr`` for the default Adam optimizer; ``seed`` makes dropout depend on (seed, step, micro-batch, layer,
     the samples a rank holds there, the shard it holds) only, so not on the pipeline division or checkpointing,
     and alike on the ranks that hold the same activation (``passes.lower.graph.random_streams``; None: the
-    generators' state as it is); ``mixed_precision``: ``"fp32"`` or ``"bf16"`` (autocast; parameters and
-    gradients stay fp32)."""
+    generators' state as it is); ``mixed_precision``: ``"fp32"`` or ``"bf16"``: the stage runs under bf16
+    autocast, ZeRO layers gather bf16 parameters and reduce fp32 gradients, pipeline messages are bf16;
+    parameters, gradients and optimizer states stay fp32 (``cost/memory.py`` prices this layout)."""
 
     lr: float = 1e-3
     seed: int | None = 0
@@ -104,13 +105,13 @@ class Trainer:
             program, plan, dist.get_rank(), self.device, passes
         )  # raises before collectives
         prepare_groups(program, plan)
-        self.sync: GradSync = apply_data_parallel(self.stage, program, plan)
+        self.sync: GradSync = apply_data_parallel(self.stage, program, plan, config.mixed_precision)
         param_groups = parameter_groups(self.stage)
         self.optimizer = optimizer(param_groups) if optimizer else torch.optim.Adam(param_groups, lr=config.lr)
         stage = self.stage.position.stage
         self.actions = SCHEDULES[plan.pipeline](plan.pp, stage, plan.chunks)
-        autocast = torch.bfloat16 if config.mixed_precision == "bf16" else None
-        self.executor = StageExecutor(self.stage, self.sync, plan.chunks, self.device, autocast)
+        bf16 = torch.bfloat16 if config.mixed_precision == "bf16" else None
+        self.executor = StageExecutor(self.stage, self.sync, plan.chunks, self.device, bf16)
         self.steps_done = 0
 
     # -- data --------------------------------------------------------------------------------------------

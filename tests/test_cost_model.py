@@ -261,9 +261,20 @@ def test_ddp_gradients_live_in_persistent_buckets_that_pay_one_latency_each():
 
 
 def test_bf16_mixed_precision_bytes():
+    """bf16 as the runtime runs it: fp32 masters, gradients and moments (16 bytes); a replicated layer keeps
+    a bf16 cast of its weights per micro-batch besides its halved activations; ZeRO gathers 2-byte
+    parameters (ZeRO-2 keeps them) and reduce-scatters 4-byte gradients."""
+    fp32 = CostModel(synthetic_profile(), uniform_hardware())
     bf16 = CostModel(synthetic_profile(), uniform_hardware(), mixed_precision="bf16")
     cost = bf16.layer_cost("blk", S(), 8)
-    assert cost.model_state_bytes == 1_000_000 * 18 and cost.activation_bytes == 8000 * 8 // 2
+    assert cost.model_state_bytes == 1_000_000 * 16
+    assert cost.activation_bytes == 8000 * 8 // 2 + 1_000_000 * 2
+    zero2 = bf16.layer_cost("blk", S(dp=4, dp_type="zero2"), 8)
+    assert zero2.model_state_bytes == 1_000_000 * (2 + 4 / 4 + 12 / 4) and zero2.activation_bytes == 8000 * 2 // 2
+    hw = bf16.hardware
+    gather, _, transient = bf16._dp_comm(1_000_000, 4, "zero3", True)
+    assert gather == pytest.approx(hw.collective_s("all_gather", 2e6, 4, True))
+    assert transient == 2 * (2e6 + 4e6) and fp32._dp_comm(1_000_000, 4, "zero3", True)[2] == 2 * (4e6 + 4e6)
     with pytest.raises(ConfigError, match="mixed_precision"):
         CostModel(synthetic_profile(), uniform_hardware(), mixed_precision="fp8")
 

@@ -49,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pp", type=int, default=1 << 30)
     for name in ("dp", "tp", "pp", "ckpt", "vtp", "tp-consec", "tp-strided"):
         parser.add_argument(f"--disable-{name}", action="store_true")
-    parser.add_argument("--mixed-precision", choices=("fp32", "bf16"), default="bf16")
+    parser.add_argument(
+        "--mixed-precision", choices=("fp32", "bf16"), default="bf16", help="training precision to price (GPUs: bf16)"
+    )
     parser.add_argument("--out", default="plan.json", help="where to write the plan JSON")
     parser.add_argument("--explain", action="store_true", help="say why the winner beats the best uniform plan")
     parser.add_argument("--quiet", action="store_true", help="no progress display")

@@ -16,10 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 
+from galvatron_fx.cost.memory import COMPUTE_BYTES_PER_PARAM, STATE_BYTES_PER_PARAM
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy
 
-# (parameter, gradient) bytes per parameter, by mixed precision; cost/memory.py has the full table
-_PARAM_GRAD_BYTES = {"fp32": (4, 4), "bf16": (2, 4)}
 SHORT_OP = {"all_reduce": "AR", "all_gather": "AG", "reduce_scatter": "RS", "all_to_all": "A2A", "send_recv": "P2P"}
 
 
@@ -85,8 +84,9 @@ def dp_collectives(
     """Gradient synchronisation (and ZeRO-3 parameter gathers) of ``params`` parameters over ``dp`` replicas."""
     if dp <= 1:
         return []
-    param_b, grad_b = _PARAM_GRAD_BYTES.get(mixed_precision, (4, 4))
-    grads, weights = params * grad_b, params * param_b
+    # ZeRO gathers the copy layers compute on (bf16 under mixed precision) and reduces fp32 gradients
+    grads = params * STATE_BYTES_PER_PARAM[mixed_precision][1]
+    weights = params * COMPUTE_BYTES_PER_PARAM[mixed_precision]
     if dp_type == "ddp":
         plan = [("all_reduce", "step", grads)]
     elif dp_type == "zero2":
