@@ -140,10 +140,17 @@ class CostModel:
 
     # -- one layer ------------------------------------------------------------------------------
     def layer_cost(
-        self, layer_type: str, strategy: LayerStrategy, micro_batch: int, busy_share: float = 1.0
+        self,
+        layer_type: str,
+        strategy: LayerStrategy,
+        micro_batch: int,
+        busy_share: float = 1.0,
+        deferred_sync: bool = False,
     ) -> LayerCost:
         """One body layer of ``layer_type`` under ``strategy`` at ``micro_batch`` samples per stage, while
-        ``busy_share`` of the ranks compute (``busy_share(pp, chunks)``; 1 without a pipeline)."""
+        ``busy_share`` of the ranks compute (``busy_share(pp, chunks)``; 1 without a pipeline);
+        ``deferred_sync``: gradients are synchronised after the step's last micro-batch only
+        (``Plan.defers_grad_sync``)."""
         profile = self.model.layer(layer_type)
         local = micro_batch / strategy.dp
         sharded_seq = strategy.sp != "none"
@@ -195,6 +202,7 @@ class CostModel:
             strategy.dp,
             strategy.dp_type,
             largest,
+            deferred_sync,
         )
 
     def autocast_cast_bytes(self, params: float, dp: int, dp_type: str) -> float:
@@ -216,10 +224,18 @@ class CostModel:
             strategy.dp
         )
 
-    def _with_states(self, cost: LayerCost, params: float, dp: int, dp_type: str, largest_param: float) -> LayerCost:
+    def _with_states(
+        self, cost: LayerCost, params: float, dp: int, dp_type: str, largest_param: float, deferred_sync: bool
+    ) -> LayerCost:
         """``cost`` with the model states of ``params`` parameters on a ``dp``-way ``dp_type`` group, the
         largest of them ``largest_param`` elements."""
         states, grads = model_state_split(params, dp, dp_type, self.mixed_precision)
+        if deferred_sync and dp > 1 and dp_type in ("zero2", "zero3"):
+            # FSDP2 with gradient sync paused accumulates each layer's unsharded fp32 gradient from the
+            # step's first backward to its last, which reduce-scatters it into the shard: until then the
+            # layer's gradient bytes are the unsharded ones (an over-count in the optimizer step, by then gone)
+            unsharded = int(params * STATE_BYTES_PER_PARAM[self.mixed_precision][1])
+            states, grads = states + unsharded - grads, unsharded
         # autograd computes a weight's gradient whole, then adds it to a stored one; ZeRO's unsharded
         # gradients are new in every backward (they are in the layer's transient), so only DDP's accumulate
         accumulate = largest_param * STATE_BYTES_PER_PARAM[self.mixed_precision][1] if dp_type == "ddp" else 0.0
@@ -353,6 +369,7 @@ class CostModel:
         first_stage: bool,
         last_stage: bool,
         busy_share: float = 1.0,
+        deferred_sync: bool = False,
     ) -> LayerCost:
         """The prologue (embedding, on the first stage) and/or epilogue (head and loss, on the last stage).
 
@@ -412,7 +429,7 @@ class CostModel:
             int(activation),
             int(transient),
         )
-        return self._with_states(cost, params, dp, kind, largest)
+        return self._with_states(cost, params, dp, kind, largest, deferred_sync)
 
     def _step_collectives_s(self, vtp: int, pipelined: bool) -> float:
         """Collectives a stage holding the embedding or the head runs once per step after its gradient sync,
@@ -524,7 +541,8 @@ class CostModel:
         busy, sync, memory, bound = [], [], [], []
         for stage in range(pp):
             indices = list(plan.stage_layers(stage))
-            body = [self.layer_cost(self.layer_types[i], plan.layers[i], mb, share) for i in indices]
+            deferred = plan.defers_grad_sync
+            body = [self.layer_cost(self.layer_types[i], plan.layers[i], mb, share, deferred) for i in indices]
             part = self.embedding_cost(
                 plan.embedding,
                 plan.devices_per_stage,
@@ -532,6 +550,7 @@ class CostModel:
                 first_stage=stage == 0,
                 last_stage=stage == pp - 1,
                 busy_share=share,
+                deferred_sync=deferred,
             )
             costs = body + [part]
             x = sum(c.fwd_s + c.bwd_s for c in costs)

@@ -180,6 +180,12 @@ class Plan:
     def micro_batch(self) -> int:
         return self.global_batch // self.chunks
 
+    @property
+    def defers_grad_sync(self) -> bool:
+        """Whether gradients are accumulated over several micro-batches before they are synchronised (ZeRO
+        then holds each layer's unsharded gradient from the first backward to the last)."""
+        return self.chunks > 1 and not self.grad_sync_every_micro_batch
+
     def stage_of_layer(self, body_index: int) -> int:
         """The pipeline stage that runs body layer ``body_index``."""
         end = 0

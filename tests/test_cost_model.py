@@ -187,7 +187,7 @@ def test_single_micro_batch_plans_count_gradients_only_where_they_peak():
     cost = model.layer_cost("blk", S(dp=2, dp_type="zero2"), mb)
     embedding = model.embedding_cost(EmbeddingStrategy(), 2, mb, first_stage=True, last_stage=True)
 
-    def expected(held_first, held_later):
+    def expected(held_first, held_later, cost=cost):
         return (
             sum(
                 c.model_state_bytes
@@ -218,8 +218,11 @@ def test_single_micro_batch_plans_count_gradients_only_where_they_peak():
     )
     two = model.evaluate(
         Plan(world_size=2, layers=layers, chunks=2, global_batch=2 * mb)
-    )  # accumulation: gradients persist
-    assert two.memory_bound_bytes_per_stage == (expected(1, 1),)
+    )  # accumulation: gradients persist, unsharded until the last micro-batch's reduce-scatter
+    deferred = model.layer_cost("blk", S(dp=2, dp_type="zero2"), mb, deferred_sync=True)
+    assert deferred.grad_bytes == 2 * cost.grad_bytes  # the whole fp32 gradient, not its half
+    assert deferred.model_state_bytes - deferred.grad_bytes == cost.model_state_bytes - cost.grad_bytes
+    assert two.memory_bound_bytes_per_stage == (expected(1, 1, deferred),)
     assert two.memory_bound_bytes_per_stage[0] > one.memory_bound_bytes_per_stage[0]
     # the predicted peak: the last layer's backward, the head's activations freed and its gradients made;
     # below the bound, which counts the head's activations there too
@@ -413,8 +416,12 @@ def test_evaluate_follows_the_pipeline_formula(model):
     layers = [S(tp=2, dp=2), S(tp=2, dp=2), S(tp=1, dp=4, dp_type="zero3"), S(tp=1, dp=4, ckpt=True)]
     plan = Plan(world_size=8, layers=layers, pp=2, chunks=2, global_batch=16, embedding=EmbeddingStrategy(vtp=2))
     mb = 8
-    costs = [[model.layer_cost("blk", layers[i], mb) for i in stage] for stage in ((0, 1), (2, 3))]
-    embed = [model.embedding_cost(plan.embedding, 4, mb, first_stage=s == 0, last_stage=s == 1) for s in (0, 1)]
+    deferred = plan.defers_grad_sync
+    costs = [[model.layer_cost("blk", layers[i], mb, 1.0, deferred) for i in stage] for stage in ((0, 1), (2, 3))]
+    embed = [
+        model.embedding_cost(plan.embedding, 4, mb, first_stage=s == 0, last_stage=s == 1, deferred_sync=deferred)
+        for s in (0, 1)
+    ]
     split = S(dp=4)  # the embedding's output enters layer 0 (tp2) and layer 3 (dp4) feeds the head: by the data split
     busy = [
         sum(c.fwd_s + c.bwd_s for c in costs[0])

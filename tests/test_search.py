@@ -76,7 +76,7 @@ class ToyCostModel:
         return chunks / (chunks + pp - 1)
 
     @functools.lru_cache(maxsize=None)  # noqa: B019 (a few toy models per test run)
-    def layer_cost(self, layer_type, s, mb, busy_share=1.0):
+    def layer_cost(self, layer_type, s, mb, busy_share=1.0, deferred_sync=False):
         r = _rand(self.seed, layer_type, s, mb)
         work = mb * (1.0 + r.random()) / s.tp * (0.5 + busy_share)  # contention grows with the busy share
         ckpt = 1.3 if s.ckpt else 1.0
@@ -87,7 +87,7 @@ class ToyCostModel:
         grad = int(state * r.random() * 0.5)
         return ToyLayerCost(work, work * ckpt * 2, sync, state, act, peak, grad, int(grad * r.random()))
 
-    def embedding_cost(self, e, devices, mb, *, first_stage, last_stage, busy_share=1.0):
+    def embedding_cost(self, e, devices, mb, *, first_stage, last_stage, busy_share=1.0, deferred_sync=False):
         if not (first_stage or last_stage):
             return ToyLayerCost(0.0, 0.0, 0.0, 0, 0, 0)
         r = _rand(self.seed, "emb", e, devices, mb, first_stage, last_stage)

@@ -291,7 +291,9 @@ def build_layer_graph(
 def _layer_cost(cost_model, plan: Plan, layer: Layer, bi: int | None, strategy, stage: int) -> dict:
     share = cost_model.busy_share(plan.pp, plan.chunks)
     if bi is not None:
-        cost = cost_model.layer_cost(cost_model.layer_types[bi], strategy, plan.micro_batch, share)
+        cost = cost_model.layer_cost(
+            cost_model.layer_types[bi], strategy, plan.micro_batch, share, plan.defers_grad_sync
+        )
     else:
         first = layer.kind == PROLOGUE
         cost = cost_model.embedding_cost(
@@ -301,6 +303,7 @@ def _layer_cost(cost_model, plan: Plan, layer: Layer, bi: int | None, strategy, 
             first_stage=first,
             last_stage=not first,
             busy_share=share,
+            deferred_sync=plan.defers_grad_sync,
         )
     sync = cost.grad_sync_s * (plan.chunks if plan.grad_sync_every_micro_batch else 1)
     return dict(

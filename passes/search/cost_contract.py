@@ -27,7 +27,12 @@ class CostContract(Protocol):
     layer_types: Sequence[str]  # the type of every body layer, in order
 
     def layer_cost(
-        self, layer_type: str, strategy: LayerStrategy, micro_batch: int, busy_share: float = 1.0
+        self,
+        layer_type: str,
+        strategy: LayerStrategy,
+        micro_batch: int,
+        busy_share: float = 1.0,
+        deferred_sync: bool = False,
     ) -> LayerCost:
         """One body layer of ``layer_type`` under ``strategy`` at ``micro_batch`` samples per micro-batch."""
 
@@ -40,6 +45,7 @@ class CostContract(Protocol):
         first_stage: bool,
         last_stage: bool,
         busy_share: float = 1.0,
+        deferred_sync: bool = False,
     ) -> LayerCost:
         """The embedding (on the first stage) and/or head (on the last) part of a stage of ``devices``."""
 

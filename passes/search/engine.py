@@ -211,18 +211,24 @@ class SearchEngine:
         return self.folded_tables[key][1]
 
     def table_key(self, setting: Setting) -> tuple:
-        """(devices per stage, micro-batch, dp mode, busy share): what a setting's layer costs depend on."""
+        """(devices per stage, micro-batch, dp mode, busy share, deferred gradient sync): what a setting's
+        layer costs depend on."""
         return (
             setting.devices,
             setting.micro_batch,
             setting.dp_mode,
             self.cost_model.busy_share(setting.pp, setting.chunks),
+            self.defers_grad_sync(setting),
         )
+
+    def defers_grad_sync(self, setting: Setting) -> bool:
+        """``Plan.defers_grad_sync`` of the setting's plans."""
+        return setting.chunks > 1 and not self.space.grad_sync_every_micro_batch
 
     def table(self, key: tuple, strategies):
         if key not in self.tables:
-            _, mb, _, share = key
-            self.tables[key] = build_cost_table(self.cost_model, strategies, mb, self.left_out, share)
+            _, mb, _, share, deferred = key
+            self.tables[key] = build_cost_table(self.cost_model, strategies, mb, self.left_out, share, deferred)
         return self.tables[key]
 
     def time_lower_bound(self, table, setting: Setting) -> float:
@@ -285,12 +291,18 @@ class SearchEngine:
     def parts(self, setting: Setting, embedding) -> list[EmbeddingPart]:
         """The embedding's and head's share of each stage of ``setting`` (``EmbeddingPart``; none in the middle)."""
         pp, devices, micro_batch = setting.pp, setting.devices, setting.micro_batch
-        out, share = [], self.cost_model.busy_share(pp, setting.chunks)
+        out, share, deferred = [], self.cost_model.busy_share(pp, setting.chunks), self.defers_grad_sync(setting)
         for s in range(pp):
-            key = (devices, micro_batch, embedding, s == 0, s == pp - 1, setting.dp_mode, share)
+            key = (devices, micro_batch, embedding, s == 0, s == pp - 1, setting.dp_mode, share, deferred)
             if key not in self.embedding_parts:
                 cost = self.cost_model.embedding_cost(
-                    embedding, devices, micro_batch, first_stage=s == 0, last_stage=s == pp - 1, busy_share=share
+                    embedding,
+                    devices,
+                    micro_batch,
+                    first_stage=s == 0,
+                    last_stage=s == pp - 1,
+                    busy_share=share,
+                    deferred_sync=deferred,
                 )
                 self.embedding_parts[key] = EmbeddingPart(
                     cost.fwd_s + cost.bwd_s,

@@ -163,10 +163,16 @@ def layout_key(strategy: LayerStrategy) -> tuple:
 
 
 def build_cost_table(
-    cost_model, strategies: list[LayerStrategy], micro_batch: int, left_out: dict, busy_share: float = 1.0
+    cost_model,
+    strategies: list[LayerStrategy],
+    micro_batch: int,
+    left_out: dict,
+    busy_share: float = 1.0,
+    deferred_sync: bool = False,
 ) -> CostTable:
     """Query the cost model once per (layer type, strategy) at ``busy_share`` (the cost model's
-    ``busy_share`` of the setting's pipeline); record why strategies are left out."""
+    ``busy_share`` of the setting's pipeline) and ``deferred_sync`` (``Plan.defers_grad_sync``); record why
+    strategies are left out."""
     layouts = list(dict.fromkeys(layout_key(s) for s in strategies))
     index = {key: i for i, key in enumerate(layouts)}
     table = CostTable(
@@ -192,7 +198,7 @@ def build_cost_table(
             if reason is not None:
                 left_out.setdefault(f"layer type {layer_type}: {reason}", set()).add(strategy.short())
                 continue
-            cost = cost_model.layer_cost(layer_type, strategy, micro_batch, busy_share)
+            cost = cost_model.layer_cost(layer_type, strategy, micro_batch, busy_share, deferred_sync)
             ok[j] = True
             ms[j], act[j], peak[j] = cost.model_state_bytes, cost.activation_bytes, cost.transient_bound_bytes
             grad[j], temp[j] = cost.grad_bytes, cost.optimizer_temp_bytes
