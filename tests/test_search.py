@@ -457,3 +457,40 @@ def test_the_real_and_the_toy_cost_models_both_follow_the_cost_contract():
     real = build_cost_model(galvatron_fx.capture(model, example_kwargs=batch), Cluster.preset("A100-80GB", 1, 2))
     assert isinstance(real, CostContract) and isinstance(ToyCostModel(["a"]), CostContract)
     assert not isinstance(object(), CostContract)
+
+
+def test_the_search_syncs_every_micro_batch_where_deferring_does_not_fit():
+    """ZeRO-3 with 4 micro-batches: deferring the gradient sync saves three reduce-scatters but holds each
+    layer's unsharded gradient; the search defers where that fits and syncs every micro-batch where not."""
+    from test_cost_model import synthetic_profile, uniform_hardware
+
+    from galvatron_fx.cost.model import CostModel
+
+    model = CostModel(synthetic_profile(), uniform_hardware(world=2))
+    space = SearchSpace(
+        global_batch=(8, 8, 1),
+        chunks=(4,),
+        dp_types=("zero3",),
+        disable_dp=True,
+        disable_tp=True,
+        disable_pp=True,
+        disable_ckpt=True,
+        disable_vtp=True,
+        pipelines=("1f1b",),
+    )
+    layers = (S(dp=2, dp_type="zero3"),) * 4
+    by_sync = {
+        every: model.evaluate(
+            Plan(world_size=2, layers=layers, chunks=4, global_batch=8, grad_sync_every_micro_batch=every)
+        )
+        for every in (False, True)
+    }
+    deferred, every = by_sync[False], by_sync[True]
+    assert deferred.budgeted_bytes > every.budgeted_bytes and deferred.iteration_time_s < every.iteration_time_s
+    roomy = search(model, 2, deferred.budgeted_bytes, space)
+    assert not roomy.grad_sync_every_micro_batch and roomy.layers == layers
+    tight = search(model, 2, (deferred.budgeted_bytes + every.budgeted_bytes) // 2, space)
+    assert tight.grad_sync_every_micro_batch and tight.layers == layers
+    fixed = dataclasses.replace(space, grad_sync_every_micro_batch=False)
+    with pytest.raises(PlanError):
+        search(model, 2, (deferred.budgeted_bytes + every.budgeted_bytes) // 2, fixed)

@@ -53,7 +53,7 @@ def _plans(cost_model, world_size, space, pp, strategies, embeddings):
                 else itertools.product(*per_layer)
             )
             choices = list(choices)
-            for pipeline in space.pipelines:
+            for pipeline, every in itertools.product(space.pipelines, space.grad_sync_options(c)):
                 for division in compositions(L, pp):
                     for embedding in embeddings:
                         for layers in choices:
@@ -66,7 +66,7 @@ def _plans(cost_model, world_size, space, pp, strategies, embeddings):
                                 chunks=c,
                                 global_batch=gb,
                                 embedding=embedding,
-                                grad_sync_every_micro_batch=space.grad_sync_every_micro_batch,
+                                grad_sync_every_micro_batch=every,
                             )
 
 

@@ -69,6 +69,12 @@ class Setting:
     pipeline: str
     in_flight: tuple[InFlight, ...]
     dp_mode: str
+    sync_every_micro_batch: bool = False  # Plan.grad_sync_every_micro_batch
+
+    @property
+    def syncs(self) -> int:
+        """Gradient synchronisations per step."""
+        return self.chunks if self.sync_every_micro_batch else 1
 
     @property
     def micro_batch(self) -> int:
@@ -192,21 +198,23 @@ class SearchEngine:
                             other != in_flight and all(a <= b for a, b in zip(other, in_flight)) for other in candidates
                         ):
                             continue  # fewer micro-batches in flight everywhere: same time, no more memory
-                        setting = Setting(0.0, pp, devices, global_batch, chunks, pipeline, in_flight, dp_mode)
-                        table = self.table(self.table_key(setting), strategies)  # every dp divides the micro-batch
-                        out.append(
-                            dataclasses.replace(
-                                setting, upper_bound=global_batch / self.time_lower_bound(table, setting)
+                        for every in self.space.grad_sync_options(chunks):
+                            setting = Setting(
+                                0.0, pp, devices, global_batch, chunks, pipeline, in_flight, dp_mode, every
                             )
-                        )
+                            table = self.table(self.table_key(setting), strategies)  # every dp divides the batch
+                            out.append(
+                                dataclasses.replace(
+                                    setting, upper_bound=global_batch / self.time_lower_bound(table, setting)
+                                )
+                            )
         out.sort(key=lambda setting: -setting.upper_bound)
         return out
 
-    def folded_table(self, table, chunks: int):
+    def folded_table(self, table, chunks: int, syncs: int):
         """``table`` with X := chunks·X + syncs·G (one stage: the iteration time is exactly that sum)."""
-        key = (id(table), chunks)
+        key = (id(table), chunks, syncs)
         if key not in self.folded_tables:
-            syncs = chunks if self.space.grad_sync_every_micro_batch else 1
             self.folded_tables[key] = (table, folded(table, chunks, syncs))
         return self.folded_tables[key][1]
 
@@ -223,7 +231,7 @@ class SearchEngine:
 
     def defers_grad_sync(self, setting: Setting) -> bool:
         """``Plan.defers_grad_sync`` of the setting's plans."""
-        return setting.chunks > 1 and not self.space.grad_sync_every_micro_batch
+        return setting.chunks > 1 and not setting.sync_every_micro_batch
 
     def table(self, key: tuple, strategies):
         if key not in self.tables:
@@ -240,7 +248,7 @@ class SearchEngine:
         pp, chunks = setting.pp, setting.chunks
         weight = 1.0
         if pp == 1:
-            table = self.folded_table(table, chunks)
+            table = self.folded_table(table, chunks, setting.syncs)
         else:
             weight = 1 + (chunks - 1) / pp
         least_in_flight = InFlight.least(setting.in_flight)
@@ -249,7 +257,7 @@ class SearchEngine:
             caps = np.array([max(int(table.peak[t][table.useful[t]].max()) for t in self.types)])
             self.rest_bounds[key] = RestBound(table, self.types, least_in_flight, caps, per_cap=False)
         bound = self.rest_bounds[key]
-        syncs = chunks if self.space.grad_sync_every_micro_batch else 1
+        syncs = setting.syncs
         emb_s, emb_bytes = np.inf, np.inf
         for embedding in self.space.embedding_strategies(setting.devices, setting.dp_mode):
             parts = self.parts(setting, embedding)
@@ -270,10 +278,9 @@ class SearchEngine:
         table = self.tables[self.table_key(setting)]
         if not all(table.useful[t].any() for t in self.types):
             return np.inf
-        pp, chunks = setting.pp, setting.chunks
-        syncs = chunks if self.space.grad_sync_every_micro_batch else 1
+        pp, chunks, syncs = setting.pp, setting.chunks, setting.syncs
         if pp == 1:
-            table = self.folded_table(table, chunks)
+            table = self.folded_table(table, chunks, syncs)
         best, spans_s = np.inf, {}  # middle stages have no part: their spans repeat across embeddings
         for embedding in self.space.embedding_strategies(setting.devices, setting.dp_mode):
             spans = []
@@ -353,7 +360,7 @@ class SearchEngine:
                 self.solve_table(self.uniform_tables[uniform_key], setting, exact)
 
     def solver(self, table, setting: Setting) -> StageSolver:
-        key = (id(table), setting.pp, setting.global_batch, setting.chunks, setting.in_flight)
+        key = self._solver_key(table, setting)
         if key not in self.solvers:
             embeddings = self.space.embedding_strategies(setting.devices, setting.dp_mode)
             self.solvers[key] = StageSolver(
@@ -364,8 +371,13 @@ class SearchEngine:
                 setting.chunks,
                 setting.in_flight,
                 [self.parts(setting, e) for e in embeddings],
+                setting.syncs,
             )
         return self.solvers[key]
+
+    @staticmethod
+    def _solver_key(table, setting: Setting) -> tuple:
+        return (id(table), setting.pp, setting.global_batch, setting.chunks, setting.in_flight, setting.syncs)
 
     def solve_table(self, table, setting: Setting, exact: bool = True) -> None:
         embeddings = self.space.embedding_strategies(setting.devices, setting.dp_mode)
@@ -375,9 +387,7 @@ class SearchEngine:
             if seeded is not None and seeded[1].samples_per_s > self.best_throughput:
                 self.best, self.best_throughput = seeded[0], seeded[1].samples_per_s
             return
-        self.solvers.pop(
-            (id(table), setting.pp, setting.global_batch, setting.chunks, setting.in_flight), None
-        )  # solved once
+        self.solvers.pop(self._solver_key(table, setting), None)  # solved once
         ranked = sorted(embeddings, key=lambda e: sum(p.x_s for p in self.parts(setting, e)))
         for embedding in ranked:
             bound_s = setting.global_batch / self.best_throughput if self.best_throughput > 0 else np.inf
@@ -401,7 +411,7 @@ class SearchEngine:
                 chunks=setting.chunks,
                 global_batch=setting.global_batch,
                 embedding=embedding,
-                grad_sync_every_micro_batch=self.space.grad_sync_every_micro_batch,
+                grad_sync_every_micro_batch=setting.sync_every_micro_batch,
             )
             self.best_throughput = setting.global_batch / time_s
 

@@ -65,7 +65,7 @@ def seed_plan(engine, table, solver, setting, embeddings, parts_of):
     L = len(engine.types)
     division = even_division(L, pp)
     bounds = np.concatenate([[0], np.cumsum(division)])
-    syncs = c if engine.space.grad_sync_every_micro_batch else 1
+    syncs = setting.syncs
     stages = [
         _stage_candidates(engine, table, int(bounds[s]), int(bounds[s + 1]), in_flight[s], setting.micro_batch)
         for s in range(pp)
@@ -106,7 +106,7 @@ def seed_plan(engine, table, solver, setting, embeddings, parts_of):
         chunks=c,
         global_batch=setting.global_batch,
         embedding=best[1],
-        grad_sync_every_micro_batch=engine.space.grad_sync_every_micro_batch,
+        grad_sync_every_micro_batch=setting.sync_every_micro_batch,
     )
     prediction = engine.cost_model.evaluate(plan)
     if prediction.budgeted_bytes > engine.budget:

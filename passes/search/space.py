@@ -34,7 +34,10 @@ class SearchSpace:
 
     ``global_batch`` is ``(min, max, step)``; ``chunks`` ``None`` means every divisor of the global
     batch, else the allowed micro-batch counts. ``dp_types`` / ``sp_types`` list the allowed values;
-    ``max_*`` cap degrees; ``disable_*`` switch a dimension off.
+    ``max_*`` cap degrees; ``disable_*`` switch a dimension off. ``grad_sync_every_micro_batch``: ``None``
+    lets the search choose, per setting with several micro-batches and ZeRO allowed, between synchronising
+    gradients once per step (less communication; ZeRO holds unsharded gradients until then) and after
+    every micro-batch (Galvatron's ``no_async_grad_reduce`` off: less memory); a bool fixes it.
     """
 
     global_batch: tuple[int, int, int] = (8, 8, 1)
@@ -57,7 +60,7 @@ class SearchSpace:
     disable_vsp: bool = False
     disable_embed_sdp: bool = False
     uniform: bool = False
-    grad_sync_every_micro_batch: bool = False
+    grad_sync_every_micro_batch: bool | None = None
 
     def __post_init__(self):
         lo, hi, step = self.global_batch
@@ -164,6 +167,14 @@ class SearchSpace:
     def global_batches(self) -> list[int]:
         lo, hi, step = self.global_batch
         return list(range(lo, hi + 1, step))
+
+    def grad_sync_options(self, chunks: int) -> tuple[bool, ...]:
+        """Values of ``Plan.grad_sync_every_micro_batch`` to try with ``chunks`` micro-batches: both where they
+        differ in memory (several micro-batches, ZeRO allowed) and the space leaves it open."""
+        if self.grad_sync_every_micro_batch is not None:
+            return (self.grad_sync_every_micro_batch,)
+        zero = any(t in ("zero2", "zero3") for t in self.dp_types)
+        return (False, True) if chunks > 1 and zero else (False,)
 
     def chunk_counts(self, global_batch: int) -> list[int]:
         """Micro-batch counts dividing ``global_batch`` (Plan requires it)."""

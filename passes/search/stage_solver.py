@@ -85,11 +85,14 @@ class StageSolver:
         chunks: int,
         in_flight: tuple[int, ...],
         embedding_parts: list[list[EmbeddingPart]],
+        syncs: int = 1,
     ):
-        # One stage: time = c·X + G exactly, so fold G into X (2-D fronts) and run the formula with c = 1.
+        """``syncs``: gradient synchronisations per step (``chunks`` with a sync after every micro-batch)."""
+        # One stage: time = c·X + s·G exactly, so fold G into X (2-D fronts) and run the formula with c = 1.
         self.fold = chunks if pp == 1 else None
+        self.step_syncs = syncs
         if self.fold:
-            table, chunks = engine.folded_table(table, chunks), 1
+            table, chunks = engine.folded_table(table, chunks, syncs), 1
         self.time_scale = self.fold or 1
         self.engine, self.table, self.pp = engine, table, pp
         self.micro_batch, self.chunks, self.in_flight = micro_batch, chunks, in_flight
@@ -119,7 +122,7 @@ class StageSolver:
         # what the rest of a plan costs at least, for dropping front points early (search.bounds)
         self.least_in_flight = InFlight.least(in_flight)
         self.rest_bound = RestBound(table, self.types, self.least_in_flight, self.caps, per_cap=pp == 1)
-        self.syncs = chunks if engine.space.grad_sync_every_micro_batch and not self.fold else 1
+        self.syncs = 1 if self.fold else syncs
         folded_parts = [[self._folded(p) for p in parts] for parts in embedding_parts]
         self.embedding_min_s = min((sum(p.x_s for p in parts) for parts in folded_parts), default=0.0)
         self.embedding_min_bytes = min(
@@ -179,8 +182,7 @@ class StageSolver:
     def _folded(self, part: EmbeddingPart) -> EmbeddingPart:
         if not self.fold:
             return part
-        syncs = self.fold if self.engine.space.grad_sync_every_micro_batch else 1
-        return dataclasses.replace(part, x_s=self.fold * part.x_s + syncs * part.g_s, g_s=0.0)
+        return dataclasses.replace(part, x_s=self.fold * part.x_s + self.step_syncs * part.g_s, g_s=0.0)
 
     def stage_front(self, s: int, a: int, b: int, part: EmbeddingPart) -> StageFront | None:
         in_flight = self.in_flight[s]
@@ -202,8 +204,8 @@ class StageSolver:
         result = None
         if xs and sum(map(len, xs)):
             X, G = np.concatenate(xs), np.concatenate(gs)
-            if self.engine.space.grad_sync_every_micro_batch and not self.fold:
-                G = G * self.chunks
+            if not self.fold:
+                G = G * self.syncs
             keep = pareto_indices(X, G, np.zeros(len(X)))
             result = StageFront(
                 X[keep], G[keep], np.concatenate(caps)[keep], np.concatenate(cls)[keep], np.concatenate(idx)[keep]
