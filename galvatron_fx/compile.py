@@ -66,6 +66,7 @@ def compile(
     lr: float = 1e-3,
     seed: int | None = 0,
     init: "str | Callable[[nn.Module], None] | None" = None,
+    compile_layers: bool | None = None,
 ) -> "CompiledModel":
     """Capture, plan and lower ``model`` for the running process group; call it on every rank.
 
@@ -80,6 +81,8 @@ def compile(
     ``init``: how each rank fills its own shards (``runtime.materialize``): ``"model"`` (the model's own
     initialisation; the default for a model built on the meta device), ``"safetensors:DIR"`` (a Hugging Face
     checkpoint folder, read slice by slice), or a function of the full meta model; ``None`` keeps the values.
+    ``compile_layers``: each kind of layer graph compiled once with ``torch.compile`` and shared by the layers
+    that have it (default: on CUDA).
     """
     device = runtime.init_distributed()
     cluster = _check_cluster(cluster or Cluster.detect(), dist.get_world_size())
@@ -105,7 +108,12 @@ def compile(
     trainer = runtime.Trainer(
         program,
         plan,
-        config=runtime.TrainConfig(lr=lr, seed=seed, mixed_precision=mixed_precision),
+        config=runtime.TrainConfig(
+            lr=lr,
+            seed=seed,
+            mixed_precision=mixed_precision,
+            compile_layers=device.type == "cuda" if compile_layers is None else compile_layers,
+        ),
         optimizer=optimizer,
         device=device,
         model_name=program.model_name,

@@ -30,6 +30,7 @@ from galvatron_fx.plan import Plan
 from galvatron_fx.program import Program
 
 from . import groups
+from .compiled_layers import compile_layers
 from .data_parallel import GradSync, apply_data_parallel, prepare_groups
 from .executor import StageExecutor
 from .schedules import SCHEDULES, Action
@@ -60,11 +61,14 @@ class TrainConfig:
     and alike on the ranks that hold the same activation (``passes.lower.graph.random_streams``; None: the
     generators' state as it is); ``mixed_precision``: ``"fp32"`` or ``"bf16"``: the stage runs under bf16
     autocast, ZeRO layers gather bf16 parameters and reduce fp32 gradients, pipeline messages are bf16;
-    parameters, gradients and optimizer states stay fp32 (``cost/memory.py`` prices this layout)."""
+    parameters, gradients and optimizer states stay fp32 (``cost/memory.py`` prices this layout);
+    ``compile_layers``: each kind of layer graph compiled once with ``torch.compile``
+    (``runtime.compiled_layers``)."""
 
     lr: float = 1e-3
     seed: int | None = 0
     mixed_precision: str = "fp32"
+    compile_layers: bool = False
 
     def __post_init__(self):
         if self.mixed_precision not in ("fp32", "bf16"):
@@ -106,6 +110,8 @@ class Trainer:
         )  # raises before collectives
         prepare_groups(program, plan)
         self.sync: GradSync = apply_data_parallel(self.stage, program, plan, config.mixed_precision)
+        if config.compile_layers:
+            compile_layers(self.stage)
         param_groups = parameter_groups(self.stage)
         self.optimizer = optimizer(param_groups) if optimizer else torch.optim.Adam(param_groups, lr=config.lr)
         stage = self.stage.position.stage
