@@ -50,11 +50,13 @@ class _Compiled:
 
     def __init__(self, template: fx.GraphModule):
         self.template, self.targets = template, _attr_targets(template)
+        # the template's own forward compiled: its code is the template's alone, so dynamo keeps one cache
+        # entry per template (a shared wrapper function would pile every template onto one cache, whose
+        # recompile limit then sends the rest back to eager)
+        template.forward = torch.compile(template.forward, options=COMPILE_OPTIONS)
 
-        def run(tensors: dict[str, torch.Tensor], *inputs):
-            return torch.func.functional_call(self.template, tensors, inputs)
-
-        self.fn = torch.compile(run, options=COMPILE_OPTIONS)
+    def fn(self, tensors: dict[str, torch.Tensor], *inputs):
+        return torch.func.functional_call(self.template, tensors, inputs)
 
     def bind(self, layer: fx.GraphModule) -> None:
         """Make ``layer`` (with the template's signature) run the compiled function on its own tensors."""
