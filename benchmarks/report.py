@@ -172,6 +172,32 @@ def search_speed_section(data: dict, folder: Path, rel) -> list[str]:
     return parts
 
 
+def precision_and_compile_section(data: dict) -> list[str]:
+    """Step times of eager and compiled layers, fp32 and bf16, per strategy (benchmarks/precision_and_compile.py)."""
+    from benchmarks.precision_and_compile import RATIOS, VARIANTS
+
+    header = ["strategy", "procs"] + [f"{name} ms" for name in VARIANTS] + [label for label, _, _ in RATIOS]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    for row in data["rows"]:
+        cells = [row["strategy"], str(row["procs"])] + [f"{row[name]:.1f}" for name in VARIANTS]
+        lines.append("| " + " | ".join(cells + [f"{row[label]:.3f}" for label, _, _ in RATIOS]) + " |")
+    return [
+        "## 2b. Compiled layers and bf16",
+        "",
+        f"`{data['command']}` — {_environment(data)}",
+        "",
+        "Ratios are paired: the median over the rounds of each round's ratio, the four variants of a strategy "
+        f"timed one after another in rotating order ({data.get('rounds', '-')} rounds, one step each), in one "
+        "run: single-run figures on a machine whose timings drift by tens of percent (see the top). This "
+        "CPU computes bf16 matmuls faster than fp32, which GPUs do too but by other factors, and inductor's "
+        "CPU code is not its GPU code: the figures describe this machine; `benchmarks/gpu_check.py` takes the "
+        "GPU ones.",
+        "",
+        *lines,
+        "",
+    ]
+
+
 def _environment(data: dict) -> str:
     env = data["environment"]
     load = env.get("load_average_1_5_15_min") or env.get("load_average_at_start")
@@ -237,6 +263,16 @@ def write_markdown(folder: Path, out: Path, search_speed: str | None, notes: str
         for data in overheads:
             parts += [f"`{data['command']}` — {_environment(data)}", "", data["table"], ""]
         parts += [f"![runtime overhead]({rel(plot)})", "", f"MFU against {overheads[0]['peak_source']}.", ""]
+        parts += [
+            "**The tp rows are not like for like.** Our lowering runs the embedding and the head data-parallel "
+            "on the stage's ranks, each on its share of the batch; the native DTensor baseline "
+            "(`parallelize_module`) replicates them and runs them on the whole batch on every rank, so it does "
+            "more work, and ours/native below 1 there measures that difference, not lower overhead.",
+            "",
+        ]
+    precision = _load(folder, "precision_and_compile_w2")
+    if precision:
+        parts += precision_and_compile_section(precision)
     for data in quality:
         plot = folder / f"plan_quality_w{data['world']}.png"
         plot_plan_quality(data, plot)

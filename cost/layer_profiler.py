@@ -7,7 +7,8 @@ warm-up, then the median of the repetitions. The forward and backward times are 
 ``fit_time_formula`` (sympy, lambdified). Memory comes from the graph's annotations, as in the analytic
 mode: parameters, the bytes autograd saves (exact, counted while tracing), their split under TP
 (``tp_activation_split``; TP lowering is a later step, so TP degrees are derived, not measured), and the
-layer inputs a checkpointed layer keeps.
+layer inputs a checkpointed layer keeps. With ``compile_layers`` each timed layer is ``torch.compile``d as
+training compiles it (``runtime.compiled_layers``); the warm-up compiles it, outside the timings.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from galvatron_fx.errors import ProfileError
+from galvatron_fx.fx_utils import LAYER_COMPILE_OPTIONS
 from galvatron_fx.program import run_layer
 
 from .model_profile import ModelProfile, fit_time_formula, infer_seq_hidden
@@ -33,10 +35,13 @@ def _sync(device: torch.device) -> None:
 
 
 def time_layer(
-    layer, inputs: Sequence[Any], device: torch.device, warmup: int = 1, repeats: int = 3
+    layer, inputs: Sequence[Any], device: torch.device, warmup: int = 1, repeats: int = 3, compiled: bool = False
 ) -> tuple[float, float]:
-    """Median (forward, backward) seconds of ``layer.module`` on ``inputs``."""
-    return median_times([time_layer_once(layer.module, inputs, device) for _ in range(warmup + repeats)][warmup:])
+    """Median (forward, backward) seconds of ``layer.module`` (``torch.compile``d if ``compiled``) on ``inputs``."""
+    if compiled and warmup < 1:
+        raise ProfileError("a compiled layer's first call compiles it", "time compiled layers with warmup >= 1")
+    module = torch.compile(layer.module, options=LAYER_COMPILE_OPTIONS) if compiled else layer.module
+    return median_times([time_layer_once(module, inputs, device) for _ in range(warmup + repeats)][warmup:])
 
 
 def median_times(times: Sequence[tuple[float, float]]) -> tuple[float, float]:
@@ -80,8 +85,10 @@ def profile_model(
     repeats: int = 3,
     progress: bool = True,
     name: str | None = None,
+    compile_layers: bool = False,
 ) -> ModelProfile:
-    """Measure every layer type of the model ``build(batch, seq)`` returns; a ModelProfile with fitted times.
+    """Measure every layer type of the model ``build(batch, seq)`` returns; a ModelProfile with fitted times
+    (of the compiled layers with ``compile_layers``, as ``compile(..., compile_layers=True)`` runs them).
 
     The memory figures are those of the largest sequence length, which becomes the profile's ``seq_length``.
     """
@@ -121,7 +128,7 @@ def profile_model(
         for index in representatives.values():
             layer = program.layers[index]
             inputs = [env[n] if n in env else env_before[n] for n in layer.input_names]
-            fwd_s, bwd_s = time_layer(layer, inputs, device, warmup, repeats)
+            fwd_s, bwd_s = time_layer(layer, inputs, device, warmup, repeats, compile_layers)
             entry = samples.setdefault(index, ([], []))
             entry[0].append((batch, true_seq, fwd_s))
             entry[1].append((batch, true_seq, bwd_s))
@@ -150,6 +157,7 @@ def profile_model(
         device_name or (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
     )
     profile.extra["measurements"] = measurements
+    profile.extra["compiled_layers"] = compile_layers
     return profile
 
 

@@ -1,4 +1,5 @@
-"""Small helpers on FX GraphModules that every pass shares: dotted attribute paths and copies of layer graphs."""
+"""Small helpers on FX GraphModules that every pass shares: dotted attribute paths, copies of layer graphs,
+and how a layer graph is compiled."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ from typing import Any, Sequence
 
 import torch.fx as fx
 import torch.nn as nn
+
+# torch.compile options of a layer graph, wherever one runs (training, profiling): random draws (dropout) on
+# the eager generators, so that masks follow the layer seeds as they do in eager mode
+LAYER_COMPILE_OPTIONS = {"fallback_random": True}
 
 
 def get_attr_path(module: nn.Module, target: str) -> Any:

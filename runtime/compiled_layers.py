@@ -22,10 +22,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from galvatron_fx.fx_utils import get_attr_path
+from galvatron_fx.fx_utils import LAYER_COMPILE_OPTIONS, get_attr_path
 from galvatron_fx.passes.lower.stage import StageModule, unwrap
-
-COMPILE_OPTIONS = {"fallback_random": True}  # dropout masks as eager draws them
 
 
 def _signature(gm: fx.GraphModule) -> str:
@@ -53,17 +51,17 @@ class _Compiled:
         # the template's own forward compiled: its code is the template's alone, so dynamo keeps one cache
         # entry per template (a shared wrapper function would pile every template onto one cache, whose
         # recompile limit then sends the rest back to eager)
-        template.forward = torch.compile(template.forward, options=COMPILE_OPTIONS)
+        template.forward = torch.compile(template.forward, options=LAYER_COMPILE_OPTIONS)
 
     def fn(self, tensors: dict[str, torch.Tensor], *inputs):
         return torch.func.functional_call(self.template, tensors, inputs)
 
     def bind(self, layer: fx.GraphModule) -> None:
         """Make ``layer`` (with the template's signature) run the compiled function on its own tensors."""
-        names = dict(zip(self.targets, _attr_targets(layer)))  # template's name → this layer's
+        own_names = dict(zip(self.targets, _attr_targets(layer)))  # the template's name → this layer's
 
         def forward(*inputs):
-            tensors = {mine: get_attr_path(layer, theirs) for mine, theirs in names.items()}
+            tensors = {name: get_attr_path(layer, own) for name, own in own_names.items()}
             return self.fn(tensors, *inputs)
 
         layer.forward = forward

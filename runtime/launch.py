@@ -96,6 +96,9 @@ def _entry(
             backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=collective_timeout_s)
         )
         result = fn(rank, world_size, *args)
+        # rank 0 hosts the store: a rank done early waits for the others, which may still be creating
+        # groups through it (a gloo group of one, say, needs no peer but the store)
+        dist.barrier()
         torch.save(result, Path(folder) / f"{rank}.pt")
     except BaseException:
         (Path(folder) / f"{rank}.err").write_text(traceback.format_exc())

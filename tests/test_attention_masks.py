@@ -149,3 +149,40 @@ def test_a_causal_buffer_is_read_unless_it_is_on_the_meta_device():
         on_meta = galvatron_fx.capture(_BufferMaskAttention(), (torch.empty(BATCH, SEQ, 16),))
     ((mask, causal),) = [_mask_and_causal(node) for node in _attentions(on_meta)]
     assert mask is not None and causal is False
+
+
+@pytest.fixture
+def fake_world():
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from galvatron_fx.runtime import groups
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
+    yield
+    dist.destroy_process_group()
+    groups.clear_cache()
+
+
+@pytest.mark.parametrize("sp", ["none", "megatron", "ulysses"])
+def test_lowered_attention_stays_causal_under_tensor_parallelism(fake_world, sp):
+    """Lowered for 4 ranks (pp2 × tp2; sequence parallel too): every stage's attention still runs with
+    is_causal=True and no mask, and the cut between the stages carries the hidden state alone."""
+    from galvatron_fx.passes.lower.pipeline import lower
+    from galvatron_fx.passes.lower.stage import unwrap
+    from galvatron_fx.plan import LayerStrategy, Plan
+
+    model, batch = _built("llama")
+    program = galvatron_fx.capture(model, example_kwargs=batch)
+    layers = tuple(LayerStrategy(tp=2, sp=sp) for _ in program.body)
+    plan = Plan(world_size=4, layers=layers, pp=2, global_batch=BATCH)
+    for rank in (0, 2):
+        stage = lower(program, plan, rank)
+        attentions = [
+            node
+            for layer in stage.stage_layers
+            for node in unwrap(stage.layers[layer.name]).graph.find_nodes(op="call_function", target=SDPA)
+        ]
+        assert attentions and all(_mask_and_causal(node) == (None, True) for node in attentions)
+    first = lower(program, plan, 0)
+    assert len(first.send_specs) == 1 and first.send_specs[0].shape[-1] == model.config.hidden_size

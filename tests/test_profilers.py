@@ -4,6 +4,7 @@ import json
 import warnings
 
 import pytest
+import torch
 
 from galvatron_fx import Cluster
 from galvatron_fx.cli import main
@@ -109,3 +110,25 @@ def test_model_profiler_on_gpt2(tmp_path):
     path.write_text("[1, 2")
     with pytest.raises(ProfileError, match="not valid JSON"):
         ModelProfile.load(path)
+
+
+def test_model_profiler_times_compiled_layers():
+    """With ``compile_layers`` the profiler times what compiled training runs: the layers torch.compile'd
+    (compiled in the warm-up), and says so in the profile."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        profile = profile_model(
+            lambda b, s: build_model("gpt2", batch=b, seq=s),
+            batches=(2,),
+            seqs=(16,),
+            warmup=1,
+            repeats=1,
+            progress=False,
+            compile_layers=True,
+        )
+    block = profile.types[profile.layer_types[0]]
+    assert profile.extra["compiled_layers"] is True and block.fwd(2, 16) > 0 and block.bwd(2, 16) > 0
+    from galvatron_fx.cost.layer_profiler import time_layer
+
+    with pytest.raises(ProfileError, match="warmup"):
+        time_layer(None, [], torch.device("cpu"), warmup=0, compiled=True)

@@ -40,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--repeats", type=int, default=3, help="measured mode: timed repetitions (median taken)")
     parser.add_argument(
+        "--compile-layers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measured mode: time the layers torch.compile'd, as training runs them (default: on CUDA)",
+    )
+    parser.add_argument(
         "--in-place",
         default="",
         metavar="N[,N...]",
@@ -89,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
                 repeats=args.repeats,
                 progress=not args.no_progress,
                 name=args.model,
+                compile_layers=args.device.startswith("cuda") if args.compile_layers is None else args.compile_layers,
             )
             for world in in_place_worlds:
                 measure_in_place(
