@@ -170,6 +170,16 @@ def training_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer | N
     return out
 
 
+def trainer_peak_bytes(trainer, batch: dict[str, Any]) -> int:
+    """``peak_step_bytes`` of ``trainer.step(batch)``: the state live between steps is the stage's
+    parameters, gradients and optimizer states, and the DDP buckets that hold gradients between steps."""
+    return peak_step_bytes(
+        lambda: trainer.step(batch),
+        trainer.device,
+        lambda: training_state(trainer.stage, trainer.optimizer) + trainer.sync.grad_buffers(),
+    )
+
+
 def peak_step_bytes(step: Callable[[], Any], device: torch.device, state: Callable[[], list[torch.Tensor]]) -> int:
     """Peak bytes of live tensors on this rank during a call of ``step`` in steady state (see the module
     docstring; ``step`` runs twice on CPU); ``state()`` lists the tensors live before the step (parameters,

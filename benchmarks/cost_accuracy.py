@@ -45,11 +45,10 @@ from benchmarks.common import (
     median,
     mfu,
     model_flops_per_sample,
-    peak_step_bytes,
     print_table,
     spawn,
     time_steps,
-    training_state,
+    trainer_peak_bytes,
     write_json,
 )
 from galvatron_fx.plan import LayerStrategy, Plan
@@ -189,14 +188,7 @@ def run_plans(
             continue
         step = lambda: trainer.step(batch)  # noqa: E731
         times = time_steps(step, device, warmup, repeats)
-        # the DDP buckets hold the gradients between steps
-        peak = (
-            peak_step_bytes(
-                step, device, lambda: training_state(trainer.stage, trainer.optimizer) + trainer.sync.grad_buffers()
-            )
-            if measure_memory
-            else None
-        )
+        peak = trainer_peak_bytes(trainer, batch) if measure_memory else None
         out.append(
             {"plan": name, "rank": rank, "stage": trainer.stage.position.stage, "times_s": times, "peak_bytes": peak}
         )

@@ -74,7 +74,7 @@ class _Recorder:
 
 def bf16_worker(rank: int, world_size: int) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the peak meter lives in benchmarks/
-    from benchmarks.common import peak_step_bytes, training_state
+    from benchmarks.common import trainer_peak_bytes
 
     warnings.simplefilter("ignore")
     recorder = _Recorder()
@@ -91,8 +91,7 @@ def bf16_worker(rank: int, world_size: int) -> dict:
         losses += [trainer.step(batch) for batch in batches[1:]]
         trainer = runtime.Trainer(program, plan, config=config)  # Adam, whose states the cost model prices
         trainer.step(batches[0])
-        state = lambda: training_state(trainer.stage, trainer.optimizer) + trainer.sync.grad_buffers()  # noqa: E731
-        peak = peak_step_bytes(lambda: trainer.step(batches[0]), torch.device("cpu"), state)
+        peak = trainer_peak_bytes(trainer, batches[0])
         prediction = cost_model.evaluate(plan)
         out[name] = {
             "losses": losses,

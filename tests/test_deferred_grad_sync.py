@@ -27,7 +27,7 @@ CASES = {
 
 def peak_worker(rank: int, world_size: int) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the peak meter lives in benchmarks/
-    from benchmarks.common import peak_step_bytes, training_state
+    from benchmarks.common import trainer_peak_bytes
 
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
@@ -47,9 +47,8 @@ def peak_worker(rank: int, world_size: int) -> dict:
         )
         trainer = runtime.Trainer(program, plan)
         trainer.step(batch)
-        state = lambda: training_state(trainer.stage, trainer.optimizer) + trainer.sync.grad_buffers()  # noqa: E731
         out[name] = {
-            "measured": peak_step_bytes(lambda: trainer.step(batch), torch.device("cpu"), state),
+            "measured": trainer_peak_bytes(trainer, batch),
             "predicted": cost_model.evaluate(plan).memory_bytes_per_stage[0],
         }
     return out
