@@ -77,6 +77,11 @@ class Setting:
         return self.chunks if self.sync_every_micro_batch else 1
 
     @property
+    def defers_grad_sync(self) -> bool:
+        """``Plan.defers_grad_sync`` of the setting's plans."""
+        return self.syncs == 1 and self.chunks > 1
+
+    @property
     def micro_batch(self) -> int:
         return self.global_batch // self.chunks
 
@@ -226,12 +231,8 @@ class SearchEngine:
             setting.micro_batch,
             setting.dp_mode,
             self.cost_model.busy_share(setting.pp, setting.chunks),
-            self.defers_grad_sync(setting),
+            setting.defers_grad_sync,
         )
-
-    def defers_grad_sync(self, setting: Setting) -> bool:
-        """``Plan.defers_grad_sync`` of the setting's plans."""
-        return setting.chunks > 1 and not setting.sync_every_micro_batch
 
     def table(self, key: tuple, strategies):
         if key not in self.tables:
@@ -298,7 +299,7 @@ class SearchEngine:
     def parts(self, setting: Setting, embedding) -> list[EmbeddingPart]:
         """The embedding's and head's share of each stage of ``setting`` (``EmbeddingPart``; none in the middle)."""
         pp, devices, micro_batch = setting.pp, setting.devices, setting.micro_batch
-        out, share, deferred = [], self.cost_model.busy_share(pp, setting.chunks), self.defers_grad_sync(setting)
+        out, share, deferred = [], self.cost_model.busy_share(pp, setting.chunks), setting.defers_grad_sync
         for s in range(pp):
             key = (devices, micro_batch, embedding, s == 0, s == pp - 1, setting.dp_mode, share, deferred)
             if key not in self.embedding_parts:
