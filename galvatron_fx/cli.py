@@ -17,6 +17,7 @@ COMMANDS = {
     "viz": ("viz", "draw a plan: HTML page, ONNX for Netron, Graphviz DOT"),
     "train": ("train", "train an example model under torchrun with a searched or given plan"),
     "search": ("search", "search the fastest hybrid-parallel plan under a memory budget (offline)"),
+    "preprocess-data": ("preprocess_data", "tokenize a JSON-lines corpus into Megatron's indexed format (.bin + .idx)"),
 }
 
 
