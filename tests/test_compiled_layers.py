@@ -85,7 +85,10 @@ def _results(world: int, fast: bool) -> dict[str, dict]:
     """Per case: every rank's losses (and uncompiled ones), the stage parameters, the dynamo graph counts."""
     from galvatron_fx.runtime import spawn
 
-    per_rank = spawn(compiled_cases, world, (FAST if fast else FULL)[world], timeout_s=1500)
+    # A stage's first step compiles its layers (Inductor, gcc) before it sends: on a loaded CPU machine that
+    # takes minutes, which the peer stage spends waiting in a receive.
+    cases = (FAST if fast else FULL)[world]
+    per_rank = spawn(compiled_cases, world, cases, timeout_s=1500, collective_timeout_s=900)
     merged: dict[str, dict] = {}
     for rank in per_rank:
         for case, entry in rank.items():
