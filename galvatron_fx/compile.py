@@ -67,13 +67,19 @@ def compile(
     seed: int | None = 0,
     init: "str | Callable[[nn.Module], None] | None" = None,
     compile_layers: bool | None = None,
+    clip_grad_norm: float | None = None,
+    weight_decay: float = 0.0,
+    lr_schedule: "runtime.LRSchedule | None" = None,
 ) -> "CompiledModel":
     """Capture, plan and lower ``model`` for the running process group; call it on every rank.
 
     ``example_args`` / ``example_kwargs``: one global batch, as the model's forward takes it (its first
     dimension is the global batch size). ``loss_fn(output, batch)`` computes the loss, else the output
-    carries it (a scalar, ``.loss`` or ``["loss"]``). ``optimizer``: a factory taking the parameters as
-    parameter groups, one per kind of tensor (default Adam with ``lr``; see ``runtime.train``). ``plan``:
+    carries it (a scalar, ``.loss`` or ``["loss"]``). ``optimizer``: a factory taking this rank's parameters
+    as parameter groups of ``(name, parameter)`` pairs, one per kind of tensor (default Adam with ``lr``, AdamW
+    when ``weight_decay`` is set, which biases and norms are spared; see ``runtime.train``).
+    ``clip_grad_norm``: clip gradients by their global norm over all shards; ``lr_schedule``: the rate of each
+    step (``runtime.LRSchedule``: warm-up, cosine or linear decay). ``plan``:
     ``None`` searches (in ``search_space`` under ``memory_budget``, default ``cluster.default_budget_bytes``:
     the device memory less headroom), or a plan JSON path (Galvatron's too), ``uniform_plan(...)``, or a
     ``Plan``. ``cluster=None`` detects the cluster from the launcher's environment. ``profile``:
@@ -113,6 +119,9 @@ def compile(
             seed=seed,
             mixed_precision=mixed_precision,
             compile_layers=device.type == "cuda" if compile_layers is None else compile_layers,
+            clip_grad_norm=clip_grad_norm,
+            weight_decay=weight_decay,
+            lr_schedule=lr_schedule or runtime.LRSchedule(),
         ),
         optimizer=optimizer,
         device=device,
@@ -120,7 +129,8 @@ def compile(
     )
     if init is not None:
         materialize(trainer.stage, model, init, seed or 0, device, known_buffers)
-    return CompiledModel(program, plan, trainer, cost_model)
+    constants = {k: v for k, v in example_kwargs.items() if not isinstance(v, torch.Tensor)}
+    return CompiledModel(program, plan, trainer, cost_model, cluster, constants)
 
 
 def _check_cluster(cluster: Cluster, world_size: int) -> Cluster:
@@ -198,25 +208,65 @@ def _search_on_rank0(
 
 
 class CompiledModel:
-    """One rank's share of the compiled model: train, evaluate, inspect, save."""
+    """One rank's share of the compiled model: train, evaluate, read data, inspect, save.
 
-    def __init__(self, program: Program, plan: Plan, trainer, cost_model):
+    ``train_step`` and ``eval_step`` take either the *global* batch (the same on every rank) or this rank's
+    *local share* of it (``local_batch`` samples, the block at ``trainer.data_index``), which is what
+    ``data_loader`` yields; any other size is refused before any collective. Keyword arguments the model was
+    captured with that are not tensors (``use_cache=False``, say) may be left out of a batch."""
+
+    def __init__(self, program: Program, plan: Plan, trainer, cost_model, cluster: Cluster, constants: dict):
         self.program, self.plan, self.trainer, self.cost_model = program, plan, trainer, cost_model
+        self.cluster, self.constants = cluster, constants
+
+    @property
+    def local_batch(self) -> int:
+        """Samples of this rank's share of each global batch."""
+        return self.trainer.local_batch
 
     def _kwargs(self, batch) -> dict[str, Any]:
         if isinstance(batch, dict):
-            return batch
+            return {**self.constants, **batch}
         names = self.program.placeholder_names
         return dict(zip(names, batch if isinstance(batch, (tuple, list)) else (batch,)))
 
     def train_step(self, batch) -> float:
-        """One optimizer step on the global ``batch`` (a dict of kwargs or a tuple of args, the same on every
-        rank); returns its mean loss on every rank."""
+        """One optimizer step on ``batch`` (a dict of kwargs or a tuple of args: the global batch, or this
+        rank's share); returns the global batch's mean loss on every rank."""
         return self.trainer.step(self._kwargs(batch))
 
     def eval_step(self, batch) -> float:
-        """The mean loss of the global ``batch`` without updating anything; on every rank."""
+        """The mean loss of ``batch`` (global, or this rank's share) with dropout off, updating nothing; on
+        every rank."""
         return self.trainer.evaluate(self._kwargs(batch))
+
+    def data_loader(
+        self,
+        dataset: "torch.utils.data.Dataset",
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        start_step: int | None = None,
+        stop_step: int | None = None,
+        num_workers: int = 0,
+        collate_fn: Callable | None = None,
+    ) -> "torch.utils.data.DataLoader":
+        """A ``DataLoader`` over a map-style ``dataset`` (one sample per index: a dict of tensors) that yields
+        this rank's share of each global batch, from ``start_step`` (default: the trainer's step, so that it
+        resumes where a loaded checkpoint left off) to ``stop_step`` (default: without end). The global order
+        is a single process's (``galvatron_fx.data.sampler``), the same on every rank for a ``seed``."""
+        from galvatron_fx.data.sampler import GlobalOrder, StepBlocks
+
+        order = GlobalOrder(len(dataset), self.plan.global_batch, seed, shuffle)
+        start = self.trainer.steps_done if start_step is None else start_step
+        blocks = StepBlocks(order, self.trainer.data_index, self.plan.devices_per_stage, start, stop_step)
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=blocks,
+            num_workers=num_workers,
+            collate_fn=collate_fn,
+            pin_memory=self.trainer.device.type == "cuda",
+        )
 
     def save_checkpoint(self, directory: str | Path) -> Path:
         """Write parameters (under the model's own names), optimizer states, step and RNG state into

@@ -178,6 +178,14 @@ class Program:
         """Unique parameters of the Program under the user's names (tied weights once)."""
         return self.graph_module.named_parameters()
 
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every parameter under the names the layers (and so the stages) use, with its full shape."""
+        out: dict[str, tuple[int, ...]] = {}
+        for layer in self.layers:
+            for name in layer.param_names:
+                out.setdefault(name, tuple(layer.module.get_parameter(name).shape))
+        return out
+
     @property
     def param_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for _, p in self.named_parameters())

@@ -6,10 +6,21 @@ Typical use under torchrun::
     program = galvatron_fx.capture(model, example_kwargs=micro_batch_example)
     trainer = runtime.Trainer(program, plan, device=device)
     for batch in data:
-        loss = trainer.step(batch)   # the global batch, the same on every rank
+        loss = trainer.step(batch)   # the global batch on every rank, or each rank's share of it
 """
 
 from .launch import SpawnError, init_distributed, shutdown, spawn
-from .train import DistributedFailure, TrainConfig, Trainer
+from .lr_schedule import LRSchedule
+from .train import DistributedFailure, TrainConfig, Trainer, weight_decay_groups
 
-__all__ = ["Trainer", "TrainConfig", "DistributedFailure", "init_distributed", "shutdown", "spawn", "SpawnError"]
+__all__ = [
+    "Trainer",
+    "TrainConfig",
+    "LRSchedule",
+    "weight_decay_groups",
+    "DistributedFailure",
+    "init_distributed",
+    "shutdown",
+    "spawn",
+    "SpawnError",
+]

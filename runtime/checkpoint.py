@@ -54,6 +54,7 @@ from .shard_maps import LocalShard, ShardMap, local_shards
 
 FORMAT = "galvatron-fx-checkpoint/1"
 MANIFEST = "galvatron_checkpoint.json"
+_NOT_HYPERPARAMETERS = ("params", "param_names")  # which tensors a group holds depends on the plan
 
 
 class CheckpointError(GalvatronError):
@@ -226,15 +227,6 @@ def _json_safe(value: Any) -> Any:
     return value if isinstance(value, (int, float, str, bool, type(None))) else repr(value)
 
 
-def expected_parameters(program) -> dict[str, tuple[int, ...]]:
-    """Every parameter of the program under the names stages use, with its full shape."""
-    out = {}
-    for layer in program.layers:
-        for name in layer.param_names:
-            out.setdefault(name, tuple(layer.module.get_parameter(name).shape))
-    return out
-
-
 def _own_files(folder: Path, rank: int, world_size: int) -> list[Path]:
     """The files of a saved checkpoint that ``rank`` hashes: those DCP wrote for it (``__{rank}_*``); rank 0
     also takes the ones no rank's prefix claims (``.metadata``). Spreads the hashing over the ranks."""
@@ -264,7 +256,10 @@ def _write_manifest(folder: Path, metadata: Metadata, trainer, files: dict[str, 
         key: {"shape": list(md.size), "dtype": str(md.properties.dtype).removeprefix("torch.")}
         for key, md in sorted(metadata.state_dict_metadata.items())
     }
-    groups = [{k: _json_safe(v) for k, v in group.items() if k != "params"} for group in trainer.optimizer.param_groups]
+    groups = [
+        {k: _json_safe(v) for k, v in group.items() if k not in _NOT_HYPERPARAMETERS}
+        for group in trainer.optimizer.param_groups
+    ]
     manifest = {
         "format": FORMAT,
         "model": trainer.program.model_name,
@@ -340,7 +335,7 @@ def _check_hash(file: Path, manifest: dict[str, Any]) -> None:
 def _check_fits(manifest: dict[str, Any], trainer, shards: dict[str, LocalShard], folder: Path) -> None:
     tensors = manifest["tensors"]
     saved = {k.removeprefix("model/"): tuple(v["shape"]) for k, v in tensors.items() if k.startswith("model/")}
-    expected = expected_parameters(trainer.program)
+    expected = trainer.program.parameter_shapes()
     missing = sorted(set(expected) - set(saved))
     extra = sorted(set(saved) - set(expected))
     wrong = [f"{n} {list(saved[n])} ≠ {list(s)}" for n, s in expected.items() if n in saved and saved[n] != s]
@@ -480,7 +475,7 @@ def load(trainer, folder: str | Path, verify_files: bool = True) -> dict[str, An
                 {
                     k: tuple(v) if isinstance(group.get(k), tuple) else v
                     for k, v in saved.items()
-                    if k in group and not isinstance(group[k], torch.Tensor)
+                    if k in group and k not in _NOT_HYPERPARAMETERS and not isinstance(group[k], torch.Tensor)
                 }
             )
     trainer.steps_done = int(manifest["step"])

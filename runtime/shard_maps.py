@@ -99,7 +99,7 @@ class LocalShard:
     map: ShardMap
 
 
-def _tp_records(stage) -> dict[str, Any]:
+def tp_records(stage) -> dict[str, Any]:
     records = {}
     for layer in stage.stage_layers:
         records.update(layer_meta(unwrap(stage.layers[layer.name])).shards)
@@ -127,7 +127,7 @@ def shard_map(param: torch.Tensor, record=None) -> ShardMap:
 
 def local_shards(stage) -> dict[str, LocalShard]:
     """User parameter name → this rank's piece of it, for every parameter of ``stage``."""
-    records = _tp_records(stage)
+    records = tp_records(stage)
     out = {}
     for name, param in stage.user_parameters().items():
         local = param.to_local() if isinstance(param, DTensor) else param

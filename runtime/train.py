@@ -2,9 +2,11 @@
 
 ``Trainer(program, plan)`` checks the plan against the program and the world (before any collective),
 lowers this rank's stage, creates the process groups, wraps layers for data parallelism and builds the
-optimizer. ``trainer.step(batch)`` takes the *global* batch (the same on every rank), keeps this rank's
-data-parallel slice, splits it into micro-batches, runs the pipeline schedule, synchronises gradients,
-steps the optimizer and returns the loss of the global batch on every rank.
+optimizer. ``trainer.step(batch)`` takes the *global* batch (the same on every rank) or this rank's *local
+share* of it (``global_batch / devices_per_stage`` samples: the block at its data-parallel index, what
+``galvatron_fx.data.ShardedLoader`` hands it), splits it into micro-batches, runs the pipeline schedule,
+synchronises gradients, clips them by their global norm, steps the optimizer at the scheduled learning rate
+and returns the loss of the global batch on every rank.
 
 The loss is the mean over the global batch: each micro-batch's loss is scaled by ``1 / chunks`` before
 backward, data-parallel gradients are averaged over ``dp``, so with equal token counts per sample the
@@ -23,9 +25,9 @@ from torch.distributed.tensor import DTensor
 
 from galvatron_fx.errors import ConfigError, PlanError
 from galvatron_fx.passes.infra import Pass
-from galvatron_fx.passes.lower.ops.random import layer_seed
+from galvatron_fx.passes.lower.ops.random import eval_obstacles, layer_seed, without_dropout
 from galvatron_fx.passes.lower.pipeline import LOWERING_PASSES, lower
-from galvatron_fx.passes.lower.stage import StageModule
+from galvatron_fx.passes.lower.stage import StageModule, unwrap
 from galvatron_fx.plan import Plan
 from galvatron_fx.program import Program
 
@@ -33,10 +35,13 @@ from . import groups
 from .compiled_layers import compile_layers
 from .data_parallel import GradSync, apply_data_parallel, prepare_groups
 from .executor import StageExecutor
+from .grad_norm import GlobalGradNorm
+from .lr_schedule import LRSchedule
 from .schedules import SCHEDULES, Action
 from .shard_maps import unshard_parameters
 
-OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]  # parameter groups → optimizer
+# parameter groups, each {"params": [(name, parameter), ...]} (torch's named form) → optimizer
+OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 
 
 class DistributedFailure(RuntimeError):
@@ -63,12 +68,18 @@ class TrainConfig:
     autocast, ZeRO layers gather bf16 parameters and reduce fp32 gradients, pipeline messages are bf16;
     parameters, gradients and optimizer states stay fp32 (``cost/memory.py`` prices this layout);
     ``compile_layers``: each kind of layer graph compiled once with ``torch.compile``
-    (``runtime.compiled_layers``)."""
+    (``runtime.compiled_layers``); ``clip_grad_norm``: the largest global gradient norm (``runtime.grad_norm``;
+    None: no clipping); ``weight_decay``: the default optimizer becomes AdamW, decaying every parameter but
+    biases and norms (``weight_decay_groups``); ``lr_schedule``: the rate at each step, a multiple of each
+    group's base rate (``runtime.lr_schedule``)."""
 
     lr: float = 1e-3
     seed: int | None = 0
     mixed_precision: str = "fp32"
     compile_layers: bool = False
+    clip_grad_norm: float | None = None
+    weight_decay: float = 0.0
+    lr_schedule: LRSchedule = LRSchedule()
 
     def __post_init__(self):
         if self.mixed_precision not in ("fp32", "bf16"):
@@ -76,12 +87,36 @@ class TrainConfig:
 
 
 def parameter_groups(stage: StageModule) -> list[dict[str, Any]]:
-    """The stage's parameters as optimizer parameter groups, one per kind of tensor: FSDP2's DTensors apart
-    from plain tensors (weights kept out of sharding, tensor-parallel shards). The optimizers' fused and
-    ``foreach`` paths (the default on CUDA) refuse a list that mixes the two."""
-    params = list(stage.parameters())
-    kinds = [[p for p in params if isinstance(p, DTensor)], [p for p in params if not isinstance(p, DTensor)]]
+    """The stage's parameters as optimizer parameter groups of ``(user name, parameter)`` pairs, one group per
+    kind of tensor: FSDP2's DTensors apart from plain tensors (weights kept out of sharding, tensor-parallel
+    shards). The optimizers' fused and ``foreach`` paths (the default on CUDA) refuse a list that mixes the
+    two."""
+    named = list(stage.user_parameters().items())
+    kinds = [
+        [(n, p) for n, p in named if isinstance(p, DTensor)],
+        [(n, p) for n, p in named if not isinstance(p, DTensor)],
+    ]
     return [{"params": group} for group in kinds if group]
+
+
+def weight_decay_groups(groups: list[dict[str, Any]], weight_decay: float) -> list[dict[str, Any]]:
+    """Each named group split into one that decays at ``weight_decay`` and one that does not: biases and
+    normalisation weights (parameters of fewer than two dimensions, whatever their shard) are not decayed,
+    as in GPT-2, Megatron-LM and nanoGPT."""
+    out = []
+    for group in groups:
+        for decays in (True, False):
+            params = [(n, p) for n, p in group["params"] if (p.dim() >= 2) == decays]
+            if params:
+                out.append({**group, "params": params, "weight_decay": weight_decay if decays else 0.0})
+    return out
+
+
+def default_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam at ``config.lr``; AdamW with ``weight_decay_groups`` when ``config.weight_decay`` is set."""
+    if config.weight_decay:
+        return torch.optim.AdamW(weight_decay_groups(groups, config.weight_decay), lr=config.lr)
+    return torch.optim.Adam(groups, lr=config.lr)
 
 
 class Trainer:
@@ -113,33 +148,56 @@ class Trainer:
         if config.compile_layers:
             compile_layers(self.stage)
         param_groups = parameter_groups(self.stage)
-        self.optimizer = optimizer(param_groups) if optimizer else torch.optim.Adam(param_groups, lr=config.lr)
+        self.optimizer = optimizer(param_groups) if optimizer else default_optimizer(param_groups, config)
+        self.grad_norm = GlobalGradNorm(self.stage, sorted(program.parameter_shapes()), self.device)
         stage = self.stage.position.stage
         self.actions = SCHEDULES[plan.pipeline](plan.pp, stage, plan.chunks)
         bf16 = torch.bfloat16 if config.mixed_precision == "bf16" else None
         self.executor = StageExecutor(self.stage, self.sync, plan.chunks, self.device, bf16)
         self.steps_done = 0
+        self.last_grad_norm: torch.Tensor | None = None  # of the last step, before clipping (on the device)
+        self.last_lr: float = self.optimizer.param_groups[0]["lr"]
 
     # -- data --------------------------------------------------------------------------------------------
+    @property
+    def local_batch(self) -> int:
+        """Samples of this rank's local share of a global batch (the data-parallel block it reads)."""
+        return self.plan.global_batch // self.plan.devices_per_stage
+
+    @property
+    def data_index(self) -> int:
+        """Which block of each global batch this rank reads (its index among its stage's devices)."""
+        return self.stage.position.local
+
     def micro_batches(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
-        """This rank's micro-batches of the global ``batch``: its data-parallel slice along dim 0, in
-        ``chunks`` pieces; values without the batch dimension are passed to every micro-batch."""
-        plan, position = self.plan, self.stage.position
+        """This rank's micro-batches of ``batch``: the global batch (whose data-parallel block it keeps) or
+        its local share (kept whole), cut along dim 0 into ``chunks`` pieces; values without the batch
+        dimension are passed to every micro-batch."""
+        plan = self.plan
         flat = self.program.flatten_inputs((), batch)
-        dp = plan.devices_per_stage  # tp == 1: the data-parallel index is the local index
-        per_rank = plan.global_batch // dp
+        batched = {
+            name: value
+            for name in self.stage.batch_names
+            if isinstance(value := flat[name], torch.Tensor) and value.dim() > 0
+        }
+        sizes = {name: value.shape[0] for name, value in batched.items()}
+        if (
+            any(size not in (plan.global_batch, self.local_batch) for size in sizes.values())
+            or len(set(sizes.values())) > 1
+        ):
+            raise PlanError(
+                f"batch inputs have {sizes} samples; the plan's global batch is {plan.global_batch}, and this "
+                f"rank's share of it {self.local_batch}",
+                "pass every rank the whole global batch, or each rank its own share (compiled.data_loader "
+                "hands out the shares), or change the plan's global_batch",
+            )
         out: list[dict[str, Any]] = [{} for _ in range(plan.chunks)]
         for name in self.stage.batch_names:
             value = flat[name]
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                if value.shape[0] != plan.global_batch:
-                    raise PlanError(
-                        f"batch input {name} has {value.shape[0]} samples, the plan's global batch is "
-                        f"{plan.global_batch}",
-                        "pass the whole global batch to every rank, or change the plan's global_batch",
-                    )
-                mine = value[position.local * per_rank : (position.local + 1) * per_rank].to(self.device)
-                for i, piece in enumerate(mine.chunk(plan.chunks)):
+            if name in batched:
+                if value.shape[0] != self.local_batch:  # the global batch: keep this rank's block
+                    value = value[self.data_index * self.local_batch : (self.data_index + 1) * self.local_batch]
+                for i, piece in enumerate(value.to(self.device, non_blocking=True).chunk(plan.chunks)):
                     out[i][name] = piece
             else:
                 for piece in out:
@@ -154,11 +212,18 @@ class Trainer:
 
     # -- step --------------------------------------------------------------------------------------------
     def step(self, batch: dict[str, Any]) -> float:
-        """One optimizer step on the global ``batch``; returns its mean loss (the same on every rank)."""
+        """One optimizer step on ``batch`` (the global batch or this rank's share of it); returns the mean loss
+        of the global batch (the same on every rank). The gradient's global norm before clipping is left in
+        ``last_grad_norm`` (a device tensor: reading it synchronises) and the rate used in ``last_lr``."""
         micro_batches = self.micro_batches(batch)  # user errors surface here, before any communication
+        config = self.config
         with self._communication_errors():
             losses = self.executor.run(self.actions, micro_batches, self._seeds())
             self.sync.finish()
+            clip = config.clip_grad_norm
+            self.last_grad_norm = self.grad_norm.clip_(clip) if clip is not None else self.grad_norm.norm()
+            if config.lr_schedule != LRSchedule():
+                self.last_lr = config.lr_schedule.apply(self.optimizer, self.steps_done)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             loss = self._global_loss(losses)
@@ -166,11 +231,21 @@ class Trainer:
         return loss
 
     def evaluate(self, batch: dict[str, Any]) -> float:
-        """The mean loss of the global ``batch``: forwards only, no gradients, nothing updated. The graph
-        runs as captured (training mode), so dropout applies if the model has any."""
+        """The mean loss of ``batch`` (global, or this rank's share) as the model's ``eval()`` computes it:
+        forwards only, dropout off, no gradients, nothing updated."""
         micro_batches = self.micro_batches(batch)
+        obstacles = [
+            f"{layer.name}: {op}"
+            for layer in self.stage.stage_layers
+            for op in eval_obstacles(unwrap(self.stage.layers[layer.name]))
+        ]
+        if obstacles:
+            raise ConfigError(
+                f"evaluation cannot turn off these random ops, which are not dropout: {obstacles}",
+                "build the model for evaluation with them disabled in its config (drop_path_rate=0, say)",
+            )
         forwards = tuple(Action("F", i) for i in range(self.plan.chunks))
-        with self._communication_errors(), torch.no_grad():
+        with self._communication_errors(), torch.no_grad(), without_dropout():
             return self._global_loss(self.executor.run(forwards, micro_batches, self._seeds()))
 
     @contextlib.contextmanager
