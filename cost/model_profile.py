@@ -208,7 +208,8 @@ class ModelProfile:
     ``layer_types`` lists the type of every body layer in order; ``types`` profiles each type once;
     ``prologue`` / ``epilogue`` are the embedding and head parts; ``cut_bytes_per_sample[i]`` is what a
     pipeline cut after body layer ``i`` sends per sample (every live activation). ``dtype`` is the
-    precision the times and activation bytes were taken in.
+    precision the times and activation bytes were taken in. ``unrecorded``: keys the file it was loaded from
+    lacks (their defaults stand in, are not checked against a run, and are not written back).
     """
 
     name: str
@@ -226,6 +227,7 @@ class ModelProfile:
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     tied_param_count: int = 0  # parameters the prologue and epilogue share (tied embedding and head)
+    unrecorded: frozenset[str] = field(default_factory=frozenset, compare=False, repr=False)
 
     def layer(self, layer_type: str) -> LayerTypeProfile:
         try:
@@ -287,7 +289,7 @@ class ModelProfile:
 
     # -- JSON ----------------------------------------------------------------------------------
     def to_json_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "format": FORMAT,
             "name": self.name,
             "mode": self.mode,
@@ -304,6 +306,7 @@ class ModelProfile:
             "extra": self.extra,
             "tied_param_count": self.tied_param_count,
         }
+        return {key: value for key, value in data.items() if key not in self.unrecorded}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json_dict(), indent=2) + "\n")
@@ -368,6 +371,7 @@ class ModelProfile:
             source=source,
             extra=dict(data.get("extra") or {}),
             tied_param_count=int(data.get("tied_param_count", 0)),
+            unrecorded=frozenset(key for key in ("dtype", "device", "mode") if key not in data),
         )
 
 

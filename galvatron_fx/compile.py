@@ -19,8 +19,16 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from galvatron_fx import runtime
+from galvatron_fx.cost.hardware import HardwareProfile
 from galvatron_fx.cost.model import CostModel
-from galvatron_fx.cost.model_profile import ModelProfile
+from galvatron_fx.cost.model_profile import ModelProfile, infer_seq_hidden
+from galvatron_fx.cost.profile_checks import (
+    check_hardware_profile,
+    check_model_profile,
+    load_hardware_profile,
+    load_model_profile,
+    searched_for,
+)
 from galvatron_fx.passes.lower.obstacles import lowering_obstacles
 from galvatron_fx.passes.search.engine import search
 from galvatron_fx.passes.search.space import SearchSpace
@@ -32,7 +40,7 @@ from .capture import batch_size_of, capture, resize_batch
 from .cluster import Cluster
 from .errors import ConfigError, GalvatronError, PlanError, ProfileError
 from .plan import Plan
-from .plan_sources import UniformPlan, resolve_given_plan
+from .plan_sources import UniformPlan, check_plan_settings, resolve_given_plan
 from .program import Program
 from .report import plan_table
 
@@ -61,8 +69,9 @@ def compile(
     memory_budget: "int | str | None" = None,
     plan: "Plan | UniformPlan | str | Path | None" = None,
     search_space: str = "full",
-    profile: str = "analytic",
-    mixed_precision: str = "fp32",
+    profile: "str | Path | ModelProfile" = "analytic",
+    hardware_profile: "str | Path | HardwareProfile | None" = None,
+    mixed_precision: str | None = None,
     lr: float = 1e-3,
     seed: int | None = 0,
     init: "str | Callable[[nn.Module], None] | None" = None,
@@ -82,8 +91,15 @@ def compile(
     step (``runtime.LRSchedule``: warm-up, cosine or linear decay). ``plan``:
     ``None`` searches (in ``search_space`` under ``memory_budget``, default ``cluster.default_budget_bytes``:
     the device memory less headroom), or a plan JSON path (Galvatron's too), ``uniform_plan(...)``, or a
-    ``Plan``. ``cluster=None`` detects the cluster from the launcher's environment. ``profile``:
-    ``"analytic"`` (FLOPs and datasheet figures) or a model-profile JSON from ``galvatron-fx profile-model``.
+    ``Plan``; a given plan is checked against the run (``check_plan_settings``: world size, global batch,
+    sequence length, precision), and PlanError names the key that differs. ``cluster=None`` detects the cluster
+    from the launcher's environment. ``profile``: ``"analytic"`` (FLOPs ÷ the hardware's sustained throughput,
+    memory from the graph) or a model profile from ``galvatron-fx profile-model`` (its path, or a loaded
+    ``ModelProfile``); ``hardware_profile``: ``None`` (the cluster's datasheet figures) or a hardware profile from
+    ``galvatron-fx profile-hardware`` (its path, or a loaded ``HardwareProfile``). A profile made for another
+    world size, device kind, model, sequence length or (measured) precision raises ProfileError; a searched
+    plan's provenance names both profiles with their sha256. ``mixed_precision``: ``"fp32"`` or ``"bf16"``;
+    ``None`` takes the given plan's, else ``"fp32"``.
     ``init``: how each rank fills its own shards (``runtime.materialize``): ``"model"`` (the model's own
     initialisation; the default for a model built on the meta device), ``"safetensors:DIR"`` (a Hugging Face
     checkpoint folder, read slice by slice), or a function of the full meta model; ``None`` keeps the values.
@@ -97,17 +113,30 @@ def compile(
     example_args, example_kwargs = tuple(example_args), dict(example_kwargs or {})
     program = _capture(model, loss_fn, example_args, example_kwargs)
     global_batch = batch_size_of(pytree.tree_leaves((example_args, example_kwargs)))
-    cost_model = build_cost_model(program, cluster, profile, mixed_precision)
+    given = None
+    if plan is not None:
+        given = resolve_given_plan(plan, len(program.body), dist.get_world_size(), global_batch, program.model_name)
+        mixed_precision = check_plan_settings(
+            given,
+            seq=infer_seq_hidden(program)[0],
+            mixed_precision=mixed_precision,
+            global_batch=global_batch,
+            world_size=dist.get_world_size(),
+            path=plan if isinstance(plan, (str, Path)) else None,
+        ).mixed_precision
+    mixed_precision = mixed_precision or "fp32"
+    cost_model = build_cost_model(program, cluster, profile, mixed_precision, hardware_profile=hardware_profile)
     if plan is None:
         provenance = {
             "model": program.model_name,
             "cluster": f"{cluster.nodes}x{cluster.devices_per_node} {cluster.device}",
+            **searched_for(cost_model, profile=profile, hardware_profile=hardware_profile),
         }
         plan = _search_on_rank0(
             cost_model, program, memory_budget or cluster.default_budget_bytes, search_space, global_batch, provenance
         )
     else:
-        plan = resolve_given_plan(plan, len(program.body), dist.get_world_size(), global_batch, program.model_name)
+        plan = given
     local_batch = plan.micro_batch // plan.devices_per_stage
     if not program.dynamic_batch and local_batch != program.batch_size:  # a fixed batch: capture the one that runs
         program = _capture(model, loss_fn, *resize_batch(example_args, example_kwargs, local_batch))
@@ -163,14 +192,49 @@ def _capture(model: nn.Module, loss_fn: LossFn | None, args: tuple, kwargs: dict
     return program
 
 
-def build_cost_model(program: Program, cluster: Cluster, profile: str = "analytic", mixed_precision: str = "fp32"):
-    """The CostModel for ``program`` on ``cluster``: analytic from the graph, or from a profile JSON."""
-    if profile == "analytic":
-        dtype = "bf16" if mixed_precision == "bf16" else "fp32"
-        model_profile = ModelProfile.from_program(program, flops_per_s=cluster.sustained_flops[dtype], dtype="fp32")
+def build_cost_model(
+    program: Program,
+    cluster: Cluster,
+    profile: "str | Path | ModelProfile" = "analytic",
+    mixed_precision: str = "fp32",
+    *,
+    hardware_profile: "str | Path | HardwareProfile | None" = None,
+) -> CostModel:
+    """The CostModel for ``program`` on ``cluster`` training in ``mixed_precision``.
+
+    ``profile``: ``"analytic"`` (FLOPs ÷ the hardware's sustained throughput, memory from the graph) or a model
+    profile (a path, or a ModelProfile); ``hardware_profile``: ``None`` (the cluster's datasheet figures) or a
+    hardware profile (a path, or a HardwareProfile). Each profile is checked against the cluster and the program
+    (``cost.profile_checks``): one made for another world size, node size, device kind, model, sequence length
+    or, measured, precision raises ProfileError naming the file and the key."""
+    if hardware_profile is None:
+        hardware = cluster.hardware_profile()
     else:
-        model_profile = ModelProfile.load(profile)
-    return CostModel(model_profile, cluster.hardware_profile(), mixed_precision=mixed_precision)
+        hardware = load_hardware_profile(hardware_profile)
+        check_hardware_profile(
+            hardware, world_size=cluster.world_size, devices_per_node=cluster.devices_per_node, device=cluster.device
+        )
+    if isinstance(profile, str) and profile == "analytic":
+        flops = hardware.flops_per_s
+        # CostModel re-prices an analytic profile's fp32 times at the training dtype's throughput where the
+        # hardware gives both; otherwise the times are priced at the training dtype here (once, not twice)
+        rescaled = bool(flops.get("fp32") and flops.get(mixed_precision))
+        flops_per_s = (
+            flops["fp32"] if rescaled else flops.get(mixed_precision) or cluster.sustained_flops[mixed_precision]
+        )
+        model_profile = ModelProfile.from_program(program, flops_per_s=flops_per_s, dtype="fp32")
+    else:
+        model_profile = load_model_profile(profile)
+        seq, hidden = infer_seq_hidden(program)
+        check_model_profile(
+            model_profile,
+            seq=seq,
+            mixed_precision=mixed_precision,
+            device=cluster.device,
+            num_layers=len(program.body),
+            hidden_size=hidden,
+        )
+    return CostModel(model_profile, hardware, mixed_precision=mixed_precision)
 
 
 def _search_on_rank0(

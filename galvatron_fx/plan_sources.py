@@ -4,12 +4,16 @@
 - a path: our plan JSON, or a Galvatron strategy file;
 - ``uniform_plan(pp=2, tp=2, ...)``: global flags applied to every layer, Galvatron's command-line style;
 - a ``Plan``: per-layer strategies written in Python.
-"""
+
+
+``check_plan_settings`` compares what a plan was searched for (world size, global batch, and what its
+provenance records: sequence length, precision) with the run that uses it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import PlanError
 from .plan import EmbeddingStrategy, LayerStrategy, Plan
@@ -86,3 +90,74 @@ def resolve_given_plan(
         )
     resolved.check_fits(num_body_layers, world_size, model_name)
     return resolved
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """The settings a run takes from its plan: each the caller's value, else the plan's (``None``: neither
+    says). ``seq``: the sequence length the plan was priced at (tokens per sample; patches for vision
+    models); ``mixed_precision``: ``"fp32"`` or ``"bf16"``."""
+
+    seq: int | None
+    mixed_precision: str | None
+    global_batch: int
+    world_size: int
+
+
+def check_plan_settings(
+    plan: Plan,
+    *,
+    seq: int | None = None,
+    mixed_precision: str | None = None,
+    global_batch: int | None = None,
+    world_size: int | None = None,
+    path: "str | Path | None" = None,
+) -> PlanSettings:
+    """The settings to run ``plan`` with: where the caller gives none (``None``), the plan's; where the caller
+    gives one the plan records otherwise, PlanError naming the plan file (``path``), the key and both values.
+
+    The plan always records ``world_size`` and ``global_bsz``; ``seq`` and ``mixed_precision`` are in the
+    provenance of plans searched since they were recorded (``galvatron-fx search``, ``compile``), and are
+    not compared where absent. Pure: reads nothing but its arguments."""
+    where = f"plan file {path}" if path else "the plan"
+    recorded = plan.provenance.get("seq"), plan.provenance.get("mixed_precision")
+    checks: list[tuple[str, Any, Any, str]] = [
+        (
+            "world_size",
+            plan.world_size,
+            world_size,
+            f"launch {plan.world_size} processes, or search a plan for {world_size} devices",
+        ),
+        (
+            "global_bsz",
+            plan.global_batch,
+            global_batch,
+            f"use a global batch of {plan.global_batch} samples, or search a plan for {global_batch} "
+            f"(galvatron-fx search --batch {global_batch})",
+        ),
+        (
+            "seq",
+            recorded[0],
+            seq,
+            f"run at sequence length {recorded[0]} (leave it unset to take the plan's), or search a plan for "
+            f"{seq} (galvatron-fx search --seq {seq})",
+        ),
+        (
+            "mixed_precision",
+            recorded[1],
+            mixed_precision,
+            f"train in {recorded[1]} (leave the precision unset to take the plan's), or search a plan with "
+            f"--mixed-precision {mixed_precision}",
+        ),
+    ]
+    for key, planned, given, remedy in checks:
+        if planned is not None and given is not None and planned != given:
+            raise PlanError(
+                f"{where}: key {key} is {planned!r} (what it was searched for), but the run has {given!r}", remedy
+            )
+    return PlanSettings(
+        seq=seq if seq is not None else recorded[0],
+        mixed_precision=mixed_precision if mixed_precision is not None else recorded[1],
+        global_batch=global_batch if global_batch is not None else plan.global_batch,
+        world_size=world_size if world_size is not None else plan.world_size,
+    )

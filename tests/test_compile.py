@@ -118,6 +118,8 @@ def _distributed():
             str(GLOBAL_BATCH),
             "--seq",
             str(SEQ),
+            "--mixed-precision",
+            "fp32",  # as the workers train: compile takes a plan's precision and refuses another
             "--out",
             str(plan_path),
             "--quiet",

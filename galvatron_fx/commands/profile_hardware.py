@@ -1,20 +1,26 @@
 """Measure the collectives, pipeline send/recv and compute/communication overlap of this cluster and write
 a hardware profile (JSON). Under torchrun it profiles the launched processes; otherwise it starts --nprocs
 local processes itself. With --preset it writes a profile from datasheet figures instead, for a cluster
-that is not at hand."""
+that is not at hand. It prints what it measured (µs, GB/s) and the command to run next: profile-model, or
+search with both profiles where a model profile is at hand. --sizes and --repeats make a quick, rough pass
+(e.g. --sizes 16KiB,64KiB --repeats 1)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import time
+from pathlib import Path
 
 from galvatron_fx.errors import ConfigError
-from galvatron_fx.units import format_bytes, parse_bytes
+from galvatron_fx.profile_report import MODEL_FILE, find_profile, hardware_summary, search_command
+from galvatron_fx.units import parse_bytes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="hardware_profile.json", help="where to write the profile")
+    parser.add_argument(
+        "--out", default="hardware_profile.json", help="the profile file to write (replaced if it exists)"
+    )
     parser.add_argument("--nprocs", type=int, default=2, help="processes to start when not under torchrun")
     parser.add_argument(
         "--backend", choices=("auto", "gloo", "nccl"), default="auto", help="auto: nccl with GPUs, else gloo"
@@ -62,12 +68,13 @@ def profile_and_save(out: str, args_dict: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    replaced = Path(args.out).exists()
     if args.preset:
         from galvatron_fx.cluster import Cluster
 
         profile = Cluster.preset(args.preset, args.nodes, args.devices_per_node, args.memory).hardware_profile()
         profile.save(args.out)
-        print(f"wrote {args.out}: preset {args.preset}, {profile.world_size} devices")
+        _report(args.out, profile, f"datasheet figures of {args.preset}, {profile.world_size} devices", replaced)
         return 0
     backend = args.backend if args.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl" and not torch.cuda.is_available():
@@ -95,11 +102,27 @@ def run(args: argparse.Namespace) -> int:
     from galvatron_fx.cost.hardware import HardwareProfile
 
     profile = HardwareProfile.load(args.out)
-    fit = profile.fit("all_reduce", 2) if profile.world_size > 1 else None
-    summary = f", all-reduce over 2: {fit.latency_s * 1e6:.0f} us + {format_bytes(fit.bandwidth_Bps)}/s" if fit else ""
-    print(
-        f"wrote {args.out}: {profile.world_size} {profile.backend} processes in "
-        f"{time.perf_counter() - start:.1f}s{summary}, "
-        f"overlap slowdown {profile.overlap_slowdown:.2f}"
-    )
+    seconds = time.perf_counter() - start
+    what = f"{profile.world_size} {profile.backend} processes on {profile.device}, measured in {seconds:.1f} s"
+    _report(args.out, profile, what, replaced)
     return 0
+
+
+def _report(out: str, profile, what: str, replaced: bool) -> None:
+    """Print what the profile written to ``out`` holds, in readable units, and the command to run next."""
+    print(f"wrote {out}{' (replacing the file there)' if replaced else ''}: {what}")
+    print("\n".join(hardware_summary(profile)))
+    from galvatron_fx.cost.model_profile import ModelProfile
+    from galvatron_fx.errors import ProfileError
+
+    path = find_profile("model", out)
+    try:
+        model_profile = ModelProfile.load(path) if path is not None else None
+    except ProfileError:
+        model_profile = None
+    if model_profile is not None:
+        name, size = model_profile.name or "MODEL", model_profile.extra.get("size", "")
+        print(f"next: {search_command(name, out, path, size)}")
+    else:
+        print(f"next: galvatron-fx profile-model MODEL --out {MODEL_FILE}")
+        print(f"then: {search_command('MODEL', out, MODEL_FILE)}")

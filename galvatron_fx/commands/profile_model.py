@@ -1,7 +1,10 @@
 """Profile a model's layer types — forward and backward time against micro-batch size and sequence length,
 parameters and activation memory — and write a model profile (JSON). --mode measured runs each layer
 type's own graph here, and with --in-place N also lowered for each TP degree on N processes at once;
---mode analytic prices FLOPs at a cluster's sustained throughput, for hardware that is not at hand."""
+--mode analytic prices FLOPs at a cluster's sustained throughput, for hardware that is not at hand. It prints
+each part's times (ms), parameters and activations per sample, and the command to run next: search with this
+profile and the hardware profile where one is at hand, else profile-hardware first. The profile records the
+model's name and --size, which search takes when its own --size is left out."""
 
 from __future__ import annotations
 
@@ -11,8 +14,9 @@ import time
 import warnings
 from pathlib import Path
 
-from galvatron_fx.errors import ConfigError
+from galvatron_fx.errors import ConfigError, ProfileError
 from galvatron_fx.models import MODELS, build_model
+from galvatron_fx.profile_report import HARDWARE_FILE, find_profile, model_summary, search_command
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="measured mode: also time each layer type on N processes at once, per TP degree "
         "(collectives and contention included), for plans on N devices of this machine",
     )
-    parser.add_argument("--out", default="model_profile.json", help="where to write the profile")
+    parser.add_argument("--out", default="model_profile.json", help="the profile file to write (replaced if it exists)")
     parser.add_argument("--no-progress", action="store_true", help="no progress display")
 
 
@@ -123,21 +127,38 @@ def run(args: argparse.Namespace) -> int:
                 device=cluster.device,
                 name=args.model,
             )
+    if args.model in MODELS:
+        profile.extra["size"] = args.size  # search takes it: the layers and widths it was profiled at
+    replaced = Path(args.out).exists()
     profile.save(args.out)
+    how = " ".join(filter(None, (args.mode, f"on {profile.device}" if profile.device else "")))
+    kinds = len(profile.types)
     print(
-        f"wrote {args.out}: {args.model} ({args.mode}), {len(profile.types)} layer types, {len(profile.layer_types)} "
-        "body layers, "
-        f"seq {profile.seq_length}, in {time.perf_counter() - start:.1f}s"
+        f"wrote {args.out}{' (replacing the file there)' if replaced else ''}: {args.model} ({how}, {profile.dtype}), "
+        f"{len(profile.layer_types)} body layers of {kinds} type{'s' if kinds != 1 else ''}, "
+        f"sequence length {profile.seq_length}, in {time.perf_counter() - start:.1f} s"
     )
-    for name, layer in profile.types.items():
-        print(
-            f"  {name:<20} fwd {layer.fwd.expr}  bwd {layer.bwd.expr}  params {layer.param_count}  "
-            f"act/sample {layer.activation_bytes_per_sample[1]} B"
-        )
-        for world, by_tp in layer.in_place_times.items():
-            print(
-                "    in place on {} processes: {}".format(
-                    world, "; ".join(f"tp {tp} fwd {fwd.expr} bwd {bwd.expr}" for tp, (fwd, bwd) in by_tp.items())
-                )
-            )
+    print("\n".join(model_summary(profile, max(batches))))
+    _next(args, in_place_worlds)
     return 0
+
+
+def _next(args: argparse.Namespace, in_place_worlds: list[int]) -> None:
+    """Print the command to run next: search with both profiles, or profile-hardware first where no hardware
+    profile is at hand (a measured model profile needs one: the datasheet cluster is another device)."""
+    from galvatron_fx.cost.hardware import HardwareProfile
+
+    path = find_profile("hardware", args.out)
+    try:
+        hardware = HardwareProfile.load(path) if path is not None else None
+    except ProfileError:
+        hardware = None
+    size = args.size if args.model in MODELS else ""
+    if hardware is not None:
+        print(f"next: {search_command(args.model, path, args.out, size)}")
+    elif args.mode == "measured":
+        nprocs = max(in_place_worlds, default=2)
+        print(f"next: galvatron-fx profile-hardware --nprocs {nprocs} --out {HARDWARE_FILE}")
+        print(f"then: {search_command(args.model, HARDWARE_FILE, args.out, size)}")
+    else:
+        print(f"next: {search_command(args.model, None, args.out, size)} --cluster {args.cluster}")

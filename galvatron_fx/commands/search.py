@@ -1,7 +1,14 @@
 """Search the hybrid-parallel plan with the highest throughput under a memory budget, offline and without
 GPUs: describe the model (a built-in name planned at its real size on the meta device, an HF config.json,
 an entry point, or Galvatron's profile files) and the cluster (a preset, a size like 2x8, or a cluster JSON);
-get a plan JSON and a table of the strategy per run of equal layers, with memory and time per stage."""
+get a plan JSON and a table of the strategy per run of equal layers, with memory and time per stage.
+
+Priced from datasheet figures and the graph's FLOPs, or from this project's own measurements:
+--hardware-profile (galvatron-fx profile-hardware; it gives the cluster too when --cluster is left out) and
+--model-profile (galvatron-fx profile-model; it gives the sequence length, the size and, measured, the
+precision when --seq, --size and --mixed-precision are left out). A profile made for another cluster, model,
+sequence length or precision is refused. The plan's provenance records what it was searched for: sequence
+length, precision, cluster, and each profile file with its sha256."""
 
 from __future__ import annotations
 
@@ -13,6 +20,9 @@ from pathlib import Path
 
 from galvatron_fx.errors import ConfigError
 
+DEFAULT_CLUSTER = "A100-80GB:1x8"
+DEFAULT_SEQ = 1024
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -21,9 +31,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--galvatron-profiles", metavar="DIR", help="Galvatron's profile folder: model and hardware from its files"
     )
-    parser.add_argument("--size", choices=("small", "real"), default="real", help="built-in models: configuration size")
     parser.add_argument(
-        "--cluster", default="A100-80GB:1x8", help="preset[:NODESxGPUS], a size NODESxGPUS, or a cluster JSON"
+        "--hardware-profile", metavar="FILE", help="measured collectives, p2p, overlap (galvatron-fx profile-hardware)"
+    )
+    parser.add_argument(
+        "--model-profile", metavar="FILE", help="measured layer times and memory (galvatron-fx profile-model)"
+    )
+    parser.add_argument(
+        "--size",
+        choices=("small", "real"),
+        default=None,
+        help="built-in models: configuration size (default: the model profile's, else real)",
+    )
+    parser.add_argument(
+        "--cluster",
+        default=None,
+        help="preset[:NODESxGPUS], a size NODESxGPUS, or a cluster JSON (default: the hardware profile's cluster, "
+        f"else {DEFAULT_CLUSTER})",
     )
     parser.add_argument(
         "--memory",
@@ -38,7 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--chunks", type=int, nargs="+", default=None, help="micro-batch counts to try (default: every divisor)"
     )
-    parser.add_argument("--seq", type=int, default=1024, help="sequence length for built-in and HF models")
+    parser.add_argument(
+        "--seq",
+        type=int,
+        default=None,
+        help=f"sequence length for built-in and HF models (default: the model profile's, else {DEFAULT_SEQ})",
+    )
     parser.add_argument("--space", default="full", help="full, 3d, dp+tp, dp+pp, dp, sdp, tp or pp")
     parser.add_argument("--pipeline", choices=("1f1b", "gpipe", "both"), default="both")
     parser.add_argument("--dp-types", default="ddp,zero2,zero3", help="allowed data-parallel types")
@@ -50,7 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in ("dp", "tp", "pp", "ckpt", "vtp", "tp-consec", "tp-strided"):
         parser.add_argument(f"--disable-{name}", action="store_true")
     parser.add_argument(
-        "--mixed-precision", choices=("fp32", "bf16"), default="bf16", help="training precision to price (GPUs: bf16)"
+        "--mixed-precision",
+        choices=("fp32", "bf16"),
+        default=None,
+        help="training precision to price (default: a measured model profile's, else bf16, as on GPUs)",
     )
     parser.add_argument("--out", default="plan.json", help="where to write the plan JSON")
     parser.add_argument("--explain", action="store_true", help="say why the winner beats the best uniform plan")
@@ -62,18 +94,14 @@ def run(args: argparse.Namespace) -> int:
     from galvatron_fx.passes.search.report import explain
     from galvatron_fx.report import plan_table
 
-    cost_model, world_size, budget, names = _cost_model(args)
+    cost_model, world_size, budget, provenance = _cost_model(args)
     space = _space(args)
     plan = search(
-        cost_model,
-        world_size,
-        budget,
-        space,
-        progress=None if args.quiet else _Progress(),
-        provenance={"model": names[0], "cluster": names[1]},
+        cost_model, world_size, budget, space, progress=None if args.quiet else _Progress(), provenance=provenance
     )
     plan.save(args.out)
     print(plan_table(plan, cost_model))
+    print(f"priced from {_sources(plan.provenance)}")
     print(f"plan written to {args.out} (search {plan.provenance['search_time_s']:.2f} s)")
     if args.explain:
         print(explain(plan, cost_model, budget, space))
@@ -111,35 +139,91 @@ def _space(args):
 
 
 def _cost_model(args):
-    """(CostModel, world size, budget, (model name, cluster name)) from the command line."""
+    """(CostModel, world size, budget, provenance) from the command line."""
     from galvatron_fx.cost.model import CostModel
+    from galvatron_fx.cost.profile_checks import file_sha256, load_hardware_profile, load_model_profile, searched_for
 
     if args.galvatron_profiles:
+        if args.hardware_profile or args.model_profile:
+            raise ConfigError(
+                "--galvatron-profiles gives the model and hardware profiles already",
+                "drop --hardware-profile and --model-profile, or --galvatron-profiles",
+            )
         from galvatron_fx.cost.galvatron_import import load_hardware, load_model
 
         folder = Path(args.galvatron_profiles)
         hardware = load_hardware(folder, memory_bytes=args.memory)
-        profile = load_model(folder)
-        budget = args.memory or hardware.memory_bytes
-        return (
-            CostModel(profile, hardware, mixed_precision=args.mixed_precision),
-            hardware.world_size,
-            budget,
-            (f"galvatron:{folder.name}", f"galvatron profiles {folder.name}"),
-        )
+        cost_model = CostModel(load_model(folder), hardware, mixed_precision=args.mixed_precision or "bf16")
+        provenance = {
+            "model": f"galvatron:{folder.name}",
+            "cluster": f"galvatron profiles {folder.name}",
+            **searched_for(cost_model),
+            "galvatron_profiles": {
+                "path": str(folder),
+                "sha256": {path.name: file_sha256(path) for path in sorted(folder.glob("*.json"))},
+            },
+        }
+        return cost_model, hardware.world_size, args.memory or hardware.memory_bytes, provenance
     if not args.model:
         raise ConfigError(
             "no model given", "name a built-in model, an HF config.json, an entry point, or --galvatron-profiles DIR"
         )
-    cluster = _cluster(args.cluster)
-    program, name = _program(args.model, args.seq, args.size)
     from galvatron_fx.compile import build_cost_model
 
+    hardware = load_hardware_profile(args.hardware_profile) if args.hardware_profile else None
+    model_profile = load_model_profile(args.model_profile) if args.model_profile else None
+    if args.cluster or hardware is None:
+        cluster = _cluster(args.cluster or DEFAULT_CLUSTER)
+    else:
+        cluster = _cluster_of(hardware, args.memory)
+    # what the command line leaves out, the model profile says (a measured one: the precision it was timed in)
+    seq = args.seq or (model_profile.seq_length if model_profile else DEFAULT_SEQ)
+    measured = model_profile is not None and model_profile.mode == "measured"
+    precision = args.mixed_precision or (model_profile.dtype if measured else "bf16")
+    size = args.size or (model_profile.extra.get("size") if model_profile else None) or "real"
+    program, name = _program(args.model, seq, size)
+    cost_model = build_cost_model(program, cluster, model_profile or "analytic", precision, hardware_profile=hardware)
+    provenance = {
+        "model": name,
+        "cluster": f"{cluster.nodes}x{cluster.devices_per_node} {cluster.device}",
+        **searched_for(cost_model, profile=args.model_profile, hardware_profile=args.hardware_profile),
+    }
+    return cost_model, cluster.world_size, args.memory or cluster.default_budget_bytes, provenance
+
+
+def _cluster_of(hardware, memory: str | None):
+    """The cluster a hardware profile was measured on: its processes, device kind and memory per device (links
+    and throughput from the device's datasheet, which the profile's measurements replace in the cost model)."""
+    from dataclasses import asdict
+
+    from galvatron_fx.cluster import CPU_SPEC, PRESETS, Cluster
+    from galvatron_fx.units import parse_bytes
+
+    where = hardware.source or "the hardware profile"
+    if hardware.world_size % hardware.devices_per_node:
+        raise ConfigError(
+            f"{where}: key world_size {hardware.world_size} is not a multiple of key devices_per_node "
+            f"{hardware.devices_per_node}",
+            "profile the hardware again, or give --cluster",
+        )
+    memory_bytes = parse_bytes(memory) if memory else hardware.memory_bytes
+    if not memory_bytes:
+        raise ConfigError(f"{where} does not record key memory_bytes", 'give --memory, e.g. --memory "16GiB"')
+    spec = asdict(PRESETS.get(hardware.device, CPU_SPEC))
+    del spec["memory_bytes"]
+    nodes = hardware.world_size // hardware.devices_per_node
+    return Cluster(nodes, hardware.devices_per_node, hardware.device, memory_bytes, **spec)
+
+
+def _sources(provenance: dict) -> str:
+    """Where the search's prices came from, in words."""
+    if "galvatron_profiles" in provenance:
+        return f"Galvatron's profiles in {provenance['galvatron_profiles']['path']}"
+    hardware, model = provenance.get("hardware_profile"), provenance.get("model_profile")
     return (
-        build_cost_model(program, cluster, "analytic", args.mixed_precision),
-        cluster.world_size,
-        args.memory or cluster.default_budget_bytes,
-        (name, f"{cluster.nodes}x{cluster.devices_per_node} {cluster.device}"),
+        (f"hardware profile {hardware['path']}" if hardware else f"datasheet figures ({provenance['cluster']})")
+        + (f", model profile {model['path']}" if model else ", the graph's FLOPs")
+        + f"; sequence length {provenance['seq']}, {provenance['mixed_precision']}"
     )
 
 
