@@ -19,7 +19,14 @@ from .errors import PlanError
 DP_TYPES = ("ddp", "zero2", "zero3")
 SP_TYPES = ("none", "megatron", "ulysses")
 PIPELINES = ("gpipe", "1f1b")
+PIPELINE_ALIASES = {"pipedream_flush": "1f1b"}  # Galvatron's name for 1F1B with a flush per step
 FORMAT_VERSION = 1
+
+
+def normalize_pipeline(name: str) -> str:
+    """A pipeline schedule's name as plans store it: Galvatron's ``pipedream_flush`` is ``1f1b``; other names
+    are returned unchanged (validation says what is allowed)."""
+    return PIPELINE_ALIASES.get(name, name) if isinstance(name, str) else name
 
 
 def _require(condition: bool, cause: str, remedy: str) -> None:
@@ -166,6 +173,7 @@ class Plan:
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "pipeline", normalize_pipeline(self.pipeline))
         if not self.pp_division:
             object.__setattr__(self, "pp_division", even_division(len(self.layers), self.pp))
         object.__setattr__(self, "pp_division", tuple(int(n) for n in self.pp_division))
@@ -213,7 +221,11 @@ class Plan:
             f"pp={self.pp} does not divide world_size={self.world_size}",
             "pick pp among the divisors of the world size",
         )
-        _require(self.pipeline in PIPELINES, f"pipeline={self.pipeline!r} is unknown", f"use one of {PIPELINES}")
+        _require(
+            self.pipeline in PIPELINES,
+            f"pipeline={self.pipeline!r} is unknown",
+            f"use one of {PIPELINES} (or pipedream_flush, Galvatron's name for 1f1b)",
+        )
         _require(len(self.layers) >= 1, "the plan has no layers", "give one LayerStrategy per body layer")
         _require(
             len(self.pp_division) == self.pp,
@@ -491,7 +503,9 @@ def _from_galvatron(data: dict[str, Any], world_size: int | None, source: str) -
         per_layer(k, d) for k, d in (("tp_consecutive_flags", 1), ("dp_types_enc", 0), ("use_sp", 0), ("checkpoint", 0))
     )
     default_dp = data.get("default_dp_type", "ddp")
-    _require(default_dp in ("ddp", "zero2"), f"default_dp_type={default_dp!r} is unknown", "use ddp or zero2")
+    _require(default_dp in DP_TYPES, f"default_dp_type={default_dp!r} is unknown", f"use one of {DP_TYPES}")
+    # Galvatron's embedding and head follow default_dp_type unless embed_sdp: a zero3 default shards them too
+    embed_sdp = _flag(data, "embed_sdp") or default_dp == "zero3"
     stage_devices = world_size // pp if pp and world_size % pp == 0 else 0
     _require(
         stage_devices > 0,
@@ -520,8 +534,8 @@ def _from_galvatron(data: dict[str, Any], world_size: int | None, source: str) -
         embedding=EmbeddingStrategy(
             vtp=_whole(data.get("vtp", 1), "vtp"),
             vsp=_flag(data, "vsp"),
-            embed_sdp=_flag(data, "embed_sdp"),
-            dp_type=default_dp,
+            embed_sdp=embed_sdp,
+            dp_type=default_dp if default_dp != "zero3" else "ddp",
         ),
         provenance={"source": "galvatron"},
     )

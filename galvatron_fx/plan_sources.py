@@ -5,24 +5,28 @@
 - ``uniform_plan(pp=2, tp=2, ...)``: global flags applied to every layer, Galvatron's command-line style;
 - a ``Plan``: per-layer strategies written in Python.
 
+``sequence_parallel=True`` adds Megatron sequence parallelism to every tensor-parallel layer of any of them, as
+Galvatron's ``--sequence_parallel`` flag does: Galvatron's strategy files do not record it.
 
 ``check_plan_settings`` compares what a plan was searched for (world size, global batch, and what its
 provenance records: sequence length, precision) with the run that uses it."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import PlanError
-from .plan import EmbeddingStrategy, LayerStrategy, Plan
+from .plan import EmbeddingStrategy, LayerStrategy, Plan, normalize_pipeline
 
 
 @dataclass(frozen=True)
 class UniformPlan:
     """Global flags for every layer. ``sdp``: ZeRO-3 (sharded data parallel) instead of ``dp_type``;
     ``tp_consecutive``: TP groups on consecutive ranks; ``sp``: ``none``, ``megatron`` or ``ulysses``;
+    ``pipeline``: ``1f1b`` (or Galvatron's name for it, ``pipedream_flush``) or ``gpipe``;
     ``global_batch`` ``None`` takes the batch given to ``resolve``."""
 
     pp: int = 1
@@ -36,6 +40,9 @@ class UniformPlan:
     pipeline: str = "1f1b"
     vtp: int = 1
     global_batch: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "pipeline", normalize_pipeline(self.pipeline))
 
     def resolve(self, num_body_layers: int, world_size: int, global_batch: int) -> Plan:
         """The Plan these flags describe for a model with ``num_body_layers`` body layers."""
@@ -74,10 +81,30 @@ def uniform_plan(**flags) -> UniformPlan:
     return UniformPlan(**flags)
 
 
+def with_sequence_parallel(plan: Plan) -> Plan:
+    """``plan`` with Megatron sequence parallelism on every tensor-parallel layer (``tp > 1``) that has no
+    sequence parallelism (Ulysses layers keep theirs); its prediction, made for the other layers, is dropped."""
+    layers = tuple(
+        dataclasses.replace(layer, sp="megatron") if layer.tp > 1 and layer.sp == "none" else layer
+        for layer in plan.layers
+    )
+    if layers == plan.layers:
+        return plan
+    return dataclasses.replace(
+        plan, layers=layers, prediction=None, provenance={**plan.provenance, "sequence_parallel": "megatron"}
+    )
+
+
 def resolve_given_plan(
-    plan: "Plan | UniformPlan | str | Path", num_body_layers: int, world_size: int, global_batch: int, model_name: str
+    plan: "Plan | UniformPlan | str | Path",
+    num_body_layers: int,
+    world_size: int,
+    global_batch: int,
+    model_name: str,
+    sequence_parallel: bool = False,
 ) -> Plan:
-    """A Plan from anything but ``None`` (searching is compile's job), checked against model and world."""
+    """A Plan from anything but ``None`` (searching is compile's job), checked against model and world;
+    ``sequence_parallel``: Megatron-SP on every TP layer (``with_sequence_parallel``)."""
     if isinstance(plan, (str, Path)):
         resolved = Plan.load(plan, world_size=world_size)
     elif isinstance(plan, UniformPlan):
@@ -88,6 +115,8 @@ def resolve_given_plan(
         raise PlanError(
             f"plan={plan!r} is not a plan", "pass None (search), a path, galvatron_fx.uniform_plan(...) or a Plan"
         )
+    if sequence_parallel:
+        resolved = with_sequence_parallel(resolved)
     resolved.check_fits(num_body_layers, world_size, model_name)
     return resolved
 

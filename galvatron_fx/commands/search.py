@@ -1,7 +1,10 @@
 """Search the hybrid-parallel plan with the highest throughput under a memory budget, offline and without
-GPUs: describe the model (a built-in name planned at its real size on the meta device, an HF config.json,
-an entry point, or Galvatron's profile files) and the cluster (a preset, a size like 2x8, or a cluster JSON);
-get a plan JSON and a table of the strategy per run of equal layers, with memory and time per stage.
+GPUs: describe the model (a built-in name planned at its real size on the meta device, a size preset in
+Galvatron's names such as llama-70b or bert-large, an HF config.json, an entry point, or Galvatron's profile
+files) and the cluster (a preset, a size like 2x8, or a cluster JSON); get a plan JSON and a table of the
+strategy per run of equal layers, with memory and time per stage. Galvatron's search options keep their
+meaning: --space, --dp-types, --disable-sdp and the other --disable-* switches, --fine-grained-mode,
+--sequence-parallel, --pipeline pipedream_flush.
 
 Priced from datasheet figures and the graph's FLOPs, or from this project's own measurements:
 --hardware-profile (galvatron-fx profile-hardware; it gives the cluster too when --cluster is left out) and
@@ -25,8 +28,13 @@ DEFAULT_SEQ = 1024
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from galvatron_fx.models import MODELS, PRESETS
+
     parser.add_argument(
-        "model", nargs="?", help="built-in model name, HF config.json path, or entry point 'module:function'"
+        "model",
+        nargs="?",
+        help=f"built-in model ({', '.join(sorted(MODELS))}), size preset ({', '.join(PRESETS)}), "
+        "HF config.json path, or entry point 'module:function'",
     )
     parser.add_argument(
         "--galvatron-profiles", metavar="DIR", help="Galvatron's profile folder: model and hardware from its files"
@@ -41,7 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--size",
         choices=("small", "real"),
         default=None,
-        help="built-in models: configuration size (default: the model profile's, else real)",
+        help="plain built-in names: configuration size (default: the model profile's, else real)",
+    )
+    parser.add_argument(
+        "--num-layers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="size presets: N layers instead of the published count",
     )
     parser.add_argument(
         "--cluster",
@@ -69,15 +84,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"sequence length for built-in and HF models (default: the model profile's, else {DEFAULT_SEQ})",
     )
     parser.add_argument("--space", default="full", help="full, 3d, dp+tp, dp+pp, dp, sdp, tp or pp")
-    parser.add_argument("--pipeline", choices=("1f1b", "gpipe", "both"), default="both")
+    parser.add_argument(
+        "--pipeline",
+        choices=("1f1b", "pipedream_flush", "gpipe", "both"),
+        default="both",
+        help="pipeline schedule (pipedream_flush: Galvatron's name for 1f1b)",
+    )
     parser.add_argument("--dp-types", default="ddp,zero2,zero3", help="allowed data-parallel types")
     parser.add_argument(
         "--sp-types", default="none,megatron,ulysses", help="allowed sequence-parallel kinds for TP groups"
     )
+    parser.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="Megatron-SP on every tensor-parallel layer (Galvatron's --sequence_parallel): TP without SP is left out",
+    )
+    parser.add_argument(
+        "--fine-grained-mode",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="1: a strategy per layer; 0: one strategy for every layer (Galvatron's fine_grained_mode)",
+    )
     parser.add_argument("--max-tp", type=int, default=1 << 30)
     parser.add_argument("--max-pp", type=int, default=1 << 30)
-    for name in ("dp", "tp", "pp", "ckpt", "vtp", "tp-consec", "tp-strided"):
-        parser.add_argument(f"--disable-{name}", action="store_true")
+    for name in ("dp", "sdp", "tp", "pp", "ckpt", "vtp", "tp-consec", "tp-strided"):
+        parser.add_argument(
+            f"--disable-{name}",
+            action="store_true",
+            help="no ZeRO of any kind (Galvatron's disable_sdp)" if name == "sdp" else None,
+        )
     parser.add_argument(
         "--mixed-precision",
         choices=("fp32", "bf16"),
@@ -117,24 +153,32 @@ def _space(args):
         batch = (args.batch, args.batch, 1)
     else:
         batch = (8, 8, 1)
+    sp_types = tuple(args.sp_types.split(","))
+    if args.sequence_parallel:
+        sp_types = tuple(dict.fromkeys("megatron" if t == "none" else t for t in sp_types))
     options = dict(
         global_batch=batch,
         chunks=tuple(args.chunks) if args.chunks else None,
         pipelines=("1f1b", "gpipe") if args.pipeline == "both" else (args.pipeline,),
         dp_types=tuple(args.dp_types.split(",")),
-        sp_types=tuple(args.sp_types.split(",")),
+        sp_types=sp_types,
         max_tp=args.max_tp,
         max_pp=args.max_pp,
         disable_ckpt=args.disable_ckpt,
         disable_vtp=args.disable_vtp,
         disable_dp=args.disable_dp,
+        disable_sdp=args.disable_sdp,
         disable_tp_consec=args.disable_tp_consec,
         disable_tp_strided=args.disable_tp_strided,
     )
-    if args.disable_tp:
-        options["disable_tp"] = True
-    if args.disable_pp:
-        options["disable_pp"] = True
+    # switches that only restrict: a named space that already sets one keeps it when the flag is absent
+    for flag, field in (
+        (args.disable_tp, "disable_tp"),
+        (args.disable_pp, "disable_pp"),
+        (not args.fine_grained_mode, "uniform"),
+    ):
+        if flag:
+            options[field] = True
     return SearchSpace.named(args.space, **options)
 
 
@@ -181,7 +225,7 @@ def _cost_model(args):
     measured = model_profile is not None and model_profile.mode == "measured"
     precision = args.mixed_precision or (model_profile.dtype if measured else "bf16")
     size = args.size or (model_profile.extra.get("size") if model_profile else None) or "real"
-    program, name = _program(args.model, seq, size)
+    program, name = _program(args.model, seq, size, args.num_layers)
     cost_model = build_cost_model(program, cluster, model_profile or "analytic", precision, hardware_profile=hardware)
     provenance = {
         "model": name,
@@ -239,12 +283,18 @@ def _cluster(spec: str):
     return Cluster.preset(spec)
 
 
-def _program(model: str, seq: int, size: str = "real"):
-    """Capture the model without memory (meta device), batch 2; built-in models at ``size``."""
+def _program(model: str, seq: int, size: str = "real", num_layers: int | None = None):
+    """Capture the model without memory (meta device), batch 2; plain built-in names at ``size``, size presets
+    with ``num_layers`` layers where given."""
     import torch
 
     from galvatron_fx.capture import capture
-    from galvatron_fx.models import build_model
+    from galvatron_fx.models import PRESETS, build_model, build_preset
+
+    if num_layers is not None and model not in PRESETS:
+        raise ConfigError(
+            f"--num-layers applies to the size presets, not to {model!r}", f"use one of {', '.join(PRESETS)}"
+        )
 
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -255,6 +305,8 @@ def _program(model: str, seq: int, size: str = "real"):
             net = transformers.AutoModelForCausalLM.from_config(config)
             ids = torch.zeros(2, seq, dtype=torch.long)
             kwargs = {"input_ids": ids, "labels": ids, "use_cache": False}
+        elif num_layers is not None:
+            net, kwargs = build_preset(model, batch=2, seq=seq, num_layers=num_layers)
         else:
             net, kwargs = build_model(model, size=size, batch=2, seq=seq)
         program = capture(net, example_kwargs=kwargs)

@@ -38,6 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="devices a Galvatron strategy file was made for (our plan JSON records it)",
     )
     parser.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="Megatron-SP on every tensor-parallel layer of the plan (Galvatron's --sequence_parallel, which "
+        "its strategy files do not record)",
+    )
+    parser.add_argument(
         "--size", choices=("small", "real"), default="small", help="built-in models: configuration size"
     )
     parser.add_argument("--batch", type=int, default=4, help="example batch size to capture with")
@@ -101,12 +107,15 @@ def _cost_model(args: argparse.Namespace, program, world_size: int):
 def run(args: argparse.Namespace) -> int:
     from galvatron_fx.capture import capture
     from galvatron_fx.plan import Plan
+    from galvatron_fx.plan_sources import with_sequence_parallel
     from galvatron_fx.units import parse_bytes
     from galvatron_fx.viz import parse_formats, visualize
 
     formats = parse_formats(args.format)
     budget = parse_bytes(args.memory_budget) if args.memory_budget is not None else None
     plan = Plan.load(args.plan, world_size=args.world_size)
+    if args.sequence_parallel:
+        plan = with_sequence_parallel(plan)
     model, example_kwargs = build_model(args.model, size=args.size, batch=args.batch, seq=args.seq)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

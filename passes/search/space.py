@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from galvatron_fx.errors import ConfigError
-from galvatron_fx.plan import DP_TYPES, PIPELINES, SP_TYPES, EmbeddingStrategy, LayerStrategy
+from galvatron_fx.plan import DP_TYPES, PIPELINES, SP_TYPES, EmbeddingStrategy, LayerStrategy, normalize_pipeline
 
 SPACE_NAMES = ("full", "3d", "dp+tp", "dp+pp", "dp", "sdp", "tp", "pp")
 
@@ -30,11 +30,15 @@ def _powers_of_two_dividing(n: int, limit: int) -> list[int]:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """What the search may choose. ``uniform``: one strategy for every layer (Megatron-style 3D).
+    """What the search may choose. ``uniform``: one strategy for every layer (Megatron-style 3D; Galvatron's
+    ``fine_grained_mode`` 0).
 
     ``global_batch`` is ``(min, max, step)``; ``chunks`` ``None`` means every divisor of the global
-    batch, else the allowed micro-batch counts. ``dp_types`` / ``sp_types`` list the allowed values;
-    ``max_*`` cap degrees; ``disable_*`` switch a dimension off. ``grad_sync_every_micro_batch``: ``None``
+    batch, else the allowed micro-batch counts. ``pipelines``: ``gpipe`` and ``1f1b`` (Galvatron's
+    ``pipedream_flush`` is read as ``1f1b``). ``dp_types`` / ``sp_types`` list the allowed values; the
+    embedding and head may use ZeRO-3 (``embed_sdp``) only where ``dp_types`` holds ``zero3``. ``max_*`` cap
+    degrees; ``disable_*`` switch a dimension off; ``disable_sdp`` (Galvatron's switch) rules out ZeRO of any
+    kind, leaving ``dp_types`` ``("ddp",)``. ``grad_sync_every_micro_batch``: ``None``
     lets the search choose, per setting with several micro-batches and ZeRO allowed, between synchronising
     gradients once per step (less communication; ZeRO holds unsharded gradients until then) and after
     every micro-batch (Galvatron's ``no_async_grad_reduce`` off: less memory); a bool fixes it.
@@ -51,6 +55,7 @@ class SearchSpace:
     only_max_tp: bool = False  # Galvatron's "tp" space: just the largest tp allowed
     only_max_pp: bool = False  # Galvatron's "pp" space: just the largest pp allowed
     disable_dp: bool = False  # no plain data parallelism: dp > 1 only with ZeRO-3
+    disable_sdp: bool = False  # no ZeRO (2 or 3) anywhere: dp_types becomes ("ddp",)
     disable_tp: bool = False
     disable_pp: bool = False
     disable_tp_consec: bool = False  # no consecutive TP groups (Galvatron's switch)
@@ -66,6 +71,15 @@ class SearchSpace:
         lo, hi, step = self.global_batch
         if not (1 <= lo <= hi and step >= 1):
             raise ConfigError(f"global batch range {self.global_batch} is empty", "give min <= max and step >= 1")
+        if all(isinstance(p, str) for p in self.pipelines):
+            object.__setattr__(self, "pipelines", tuple(dict.fromkeys(normalize_pipeline(p) for p in self.pipelines)))
+        if self.disable_sdp:
+            if "ddp" not in self.dp_types:
+                raise ConfigError(
+                    f"dp_types {self.dp_types} allow only ZeRO, which disable_sdp rules out",
+                    "allow ddp, or drop disable_sdp",
+                )
+            object.__setattr__(self, "dp_types", ("ddp",))
         for name, values, allowed in (
             ("pipelines", self.pipelines, PIPELINES),
             ("dp_types", self.dp_types, DP_TYPES),
@@ -81,15 +95,15 @@ class SearchSpace:
 
     @classmethod
     def named(cls, name: str, **overrides) -> "SearchSpace":
-        """Galvatron's named spaces (``dp_types`` in ``overrides`` gives the non-ZeRO-3 data-parallel
-        types, ZeRO-3 being Galvatron's "sdp" switch): ``full``; ``3d`` (uniform tp × pp × dp, no ZeRO-3,
-        no ckpt); ``dp+tp``; ``dp+pp`` (no ZeRO-3); ``dp``, ``sdp`` (ZeRO-3), ``tp`` (the largest tp
-        allowed), ``pp`` (the largest pp allowed), the last five uniform without checkpointing.
-        ``overrides`` set any other field."""
-        no_zero3 = tuple(t for t in overrides.pop("dp_types", DP_TYPES) if t != "zero3") or ("ddp",)
+        """Galvatron's named spaces: ``full`` (``dp_types`` as given); ``3d`` (uniform tp × pp × dp, no ZeRO-3,
+        no ckpt); ``dp+tp``; ``dp+pp`` (no ZeRO-3: ``dp_types`` less ``zero3``, as Galvatron switches its "sdp"
+        off there); ``dp``, ``sdp`` (ZeRO-3), ``tp`` (the largest tp allowed), ``pp`` (the largest pp allowed),
+        the last five uniform without checkpointing. ``overrides`` set any other field."""
+        given = tuple(overrides.pop("dp_types", DP_TYPES))
+        no_zero3 = tuple(t for t in given if t != "zero3") or ("ddp",)
         uniform = dict(uniform=True, dp_types=no_zero3, disable_ckpt=True)
         presets = {
-            "full": dict(dp_types=no_zero3 + ("zero3",)),
+            "full": dict(dp_types=given),
             "3d": uniform,
             "dp+tp": dict(disable_pp=True, dp_types=no_zero3),
             "dp+pp": dict(disable_tp=True, dp_types=no_zero3),
@@ -157,10 +171,11 @@ class SearchSpace:
         """Embedding/head strategies: vocab TP degrees dividing the stage, Ulysses and ZeRO-3 variants; the
         replicas otherwise use ``default_dp_type``, like the non-ZeRO-3 layers."""
         vtps = [1] if self.disable_vtp else _powers_of_two_dividing(devices, self.max_vtp)
+        no_sdp = self.disable_embed_sdp or "zero3" not in self.dp_types
         out = []
         for vtp in vtps:
             for vsp in [False] if vtp == 1 or self.disable_vsp else [False, True]:
-                for sdp in [False] if devices // vtp == 1 or self.disable_embed_sdp else [False, True]:
+                for sdp in [False] if devices // vtp == 1 or no_sdp else [False, True]:
                     out.append(EmbeddingStrategy(vtp=vtp, vsp=vsp, embed_sdp=sdp, dp_type=default_dp_type))
         return out
 
