@@ -42,7 +42,7 @@ from .errors import ConfigError, GalvatronError, PlanError, ProfileError
 from .plan import Plan
 from .plan_sources import UniformPlan, check_plan_settings, resolve_given_plan
 from .program import Program
-from .report import plan_table
+from .report import plan_table, why_this_plan
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -132,10 +132,11 @@ def compile(
             "cluster": f"{cluster.nodes}x{cluster.devices_per_node} {cluster.device}",
             **searched_for(cost_model, profile=profile, hardware_profile=hardware_profile),
         }
-        plan = _search_on_rank0(
+        plan, space = _search_on_rank0(
             cost_model, program, memory_budget or cluster.default_budget_bytes, search_space, global_batch, provenance
         )
     else:
+        space = None
         plan = given
     local_batch = plan.micro_batch // plan.devices_per_stage
     if not program.dynamic_batch and local_batch != program.batch_size:  # a fixed batch: capture the one that runs
@@ -159,7 +160,7 @@ def compile(
     if init is not None:
         materialize(trainer.stage, model, init, seed or 0, device, known_buffers)
     constants = {k: v for k, v in example_kwargs.items() if not isinstance(v, torch.Tensor)}
-    return CompiledModel(program, plan, trainer, cost_model, cluster, constants)
+    return CompiledModel(program, plan, trainer, cost_model, cluster, constants, space)
 
 
 def _check_cluster(cluster: Cluster, world_size: int) -> Cluster:
@@ -239,11 +240,11 @@ def build_cost_model(
 
 def _search_on_rank0(
     cost_model, program: Program, memory_budget, search_space: str, global_batch: int, provenance: dict[str, Any]
-) -> Plan:
+) -> "tuple[Plan, SearchSpace | None]":
     """Rank 0 searches, over the strategies this Program lowers; the others receive the plan as JSON text
-    (never pickled)."""
+    (never pickled). Returns the plan and, on rank 0, the space it was searched in."""
     world_size = dist.get_world_size()
-    text = ""
+    text, space = "", None
     if dist.get_rank() == 0:
         try:
             obstacles = lowering_obstacles(program, world_size)
@@ -268,7 +269,7 @@ def _search_on_rank0(
             data["error"]["type"], GalvatronError
         )
         raise error_type(data["error"]["cause"], data["error"]["remedy"])
-    return Plan.from_json_dict(data, source="searched plan")
+    return Plan.from_json_dict(data, source="searched plan"), space
 
 
 class CompiledModel:
@@ -279,9 +280,12 @@ class CompiledModel:
     ``data_loader`` yields; any other size is refused before any collective. Keyword arguments the model was
     captured with that are not tensors (``use_cache=False``, say) may be left out of a batch."""
 
-    def __init__(self, program: Program, plan: Plan, trainer, cost_model, cluster: Cluster, constants: dict):
+    def __init__(
+        self, program: Program, plan: Plan, trainer, cost_model, cluster: Cluster, constants: dict, space=None
+    ):
         self.program, self.plan, self.trainer, self.cost_model = program, plan, trainer, cost_model
         self.cluster, self.constants = cluster, constants
+        self.search_space = space  # where the plan was searched (rank 0 of a searched plan), for explain
 
     @property
     def local_batch(self) -> int:
@@ -347,9 +351,14 @@ class CompiledModel:
         """Write the plan as JSON (Galvatron's keys plus ours)."""
         self.plan.save(path)
 
-    def explain(self) -> str:
-        """The plan as a table, with the cost model's prediction."""
-        return plan_table(self.plan, self.cost_model)
+    def explain(self, why: bool = False) -> str:
+        """The plan as a table, with the cost model's prediction; ``why``: also how it compares with the best
+        uniform plan of its search space and with plain data parallelism under the memory budget."""
+        table = plan_table(self.plan, self.cost_model)
+        if not why:
+            return table
+        budget = self.plan.provenance.get("memory_budget_bytes") or self.cluster.default_budget_bytes
+        return table + "\n" + why_this_plan(self.plan, self.cost_model, budget, self.search_space)
 
     def visualize(self, path: str | Path, formats: tuple[str, ...] = ("html", "onnx", "dot")) -> dict[str, Path]:
         """Write the annotated layer graph under this plan (HTML page, ONNX, DOT) into folder ``path``;

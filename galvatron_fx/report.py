@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .passes.search.report import explain
+from .plan_sources import uniform_plan
+from .units import format_bytes
+
 if TYPE_CHECKING:
     from .program import Program
 
@@ -105,4 +109,19 @@ def plan_table(plan, cost_model=None, layer_types: list[str] | None = None) -> s
             f"predicted: {prediction.iteration_time_s * 1e3:.3f} ms per iteration, {prediction.samples_per_s:.2f} "
             "samples/s",
         ]
+    return "\n".join(lines)
+
+
+def why_this_plan(plan, cost_model, memory_budget_bytes: int, space=None) -> str:
+    """Why ``plan`` won: against the best uniform plan of the ``space`` it was searched in (when it was
+    searched), and what plain data parallelism (every layer DP, no pipeline) would need under the budget."""
+    lines = [explain(plan, cost_model, memory_budget_bytes, space)] if space is not None else []
+    plain = uniform_plan().resolve(len(plan.layers), plan.world_size, plan.global_batch)
+    prediction = cost_model.evaluate(plain)
+    need = max(prediction.memory_bytes_per_stage)
+    verdict = "does not fit" if need > memory_budget_bytes else "fits"
+    lines.append(
+        f"plain data parallelism would need {format_bytes(need)} per device: it {verdict} the "
+        f"{format_bytes(memory_budget_bytes)} budget ({prediction.samples_per_s:.3f} samples/s predicted)."
+    )
     return "\n".join(lines)

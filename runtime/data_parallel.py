@@ -176,6 +176,14 @@ class GradSync:
                 weight.param.grad = torch.zeros_like(weight.param)
             dist.all_reduce(weight.param.grad, group=weight.group)
 
+    def reshard(self) -> None:
+        """Free the gathered parameters a forward without backward leaves behind: FSDP2 keeps the root unit's
+        parameters unsharded after forward (its backward would need them at once), and an evaluation has no
+        backward. Until resharded, the module would expose the unsharded tensors as its parameters, which the
+        optimizer and checkpoints do not know."""
+        for unit in self.fsdp_units:
+            unit.reshard()
+
     def grad_buffers(self) -> list[torch.Tensor]:
         """The buckets' flat gradient buffers: they persist between steps."""
         return [bucket.flat for bucket in self.buckets if bucket.flat is not None]

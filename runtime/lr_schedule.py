@@ -59,10 +59,17 @@ class LRSchedule:
             return floor + (1.0 - floor) * (1.0 + math.cos(math.pi * progress)) / 2.0
         return 1.0 - (1.0 - floor) * progress
 
+    @staticmethod
+    def record_base_rates(optimizer: torch.optim.Optimizer) -> None:
+        """Keep each group's base rate as ``initial_lr``, before any step and before a checkpoint is loaded:
+        loading restores the hyperparameters a group already has, so the base rate comes back with the
+        scheduled ``lr`` of the step it was saved at."""
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
         """Set every parameter group's rate for ``step``; returns the first group's."""
         factor = self.factor(step)
         for group in optimizer.param_groups:
-            base = group.setdefault("initial_lr", group["lr"])
-            group["lr"] = base * factor
+            group["lr"] = group["initial_lr"] * factor
         return optimizer.param_groups[0]["lr"]

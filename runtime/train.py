@@ -149,6 +149,7 @@ class Trainer:
             compile_layers(self.stage)
         param_groups = parameter_groups(self.stage)
         self.optimizer = optimizer(param_groups) if optimizer else default_optimizer(param_groups, config)
+        LRSchedule.record_base_rates(self.optimizer)
         self.grad_norm = GlobalGradNorm(self.stage, sorted(program.parameter_shapes()), self.device)
         stage = self.stage.position.stage
         self.actions = SCHEDULES[plan.pipeline](plan.pp, stage, plan.chunks)
@@ -246,7 +247,9 @@ class Trainer:
             )
         forwards = tuple(Action("F", i) for i in range(self.plan.chunks))
         with self._communication_errors(), torch.no_grad(), without_dropout():
-            return self._global_loss(self.executor.run(forwards, micro_batches, self._seeds()))
+            losses = self.executor.run(forwards, micro_batches, self._seeds())
+            self.sync.reshard()
+            return self._global_loss(losses)
 
     @contextlib.contextmanager
     def _communication_errors(self):

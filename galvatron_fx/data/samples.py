@@ -66,17 +66,14 @@ class TokenSamples(torch.utils.data.Dataset):
 
 
 def hf_causal(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A Hugging Face causal LM (``GPT2LMHeadModel``, ``LlamaForCausalLM``): ``seq`` inputs, ``seq`` targets.
-
-    These models shift ``labels`` themselves (position t predicts ``labels[t + 1]``), so ``labels = input_ids``
-    would predict only ``seq - 1`` tokens. Transformers' ``ForCausalLMLoss`` takes ``shift_labels`` through the
-    forward's ``**kwargs`` and then uses them unshifted: with ``shift_labels = tokens[1:]`` the loss is the mean
-    cross entropy of all ``seq`` next tokens. ``labels`` only turns the loss on. Tensors are contiguous because
-    the loss ``view``s them. Note that ``torch.export`` cannot give a ``**kwargs`` input a symbolic batch, so
-    ``capture`` of such a batch falls back to a fixed batch size.
-    """
+    """A Hugging Face causal LM (``GPT2LMHeadModel``, ``LlamaForCausalLM``): ``input_ids`` and ``labels`` are the
+    sample's first ``seq`` tokens, and the model shifts the labels itself (position t predicts ``labels[t + 1]``),
+    so the loss is the mean cross entropy of ``seq - 1`` next tokens, as in Transformers' own causal-LM training.
+    (Transformers also reads ``shift_labels`` through the forward's ``**kwargs``, which would score all ``seq``;
+    but ``torch.export`` cannot give a ``**kwargs`` input a symbolic batch, and capture would then fix the batch
+    size of every plan.) Tensors are contiguous because the loss ``view``s them."""
     inputs = tokens[:-1].contiguous()
-    return {"input_ids": inputs, "labels": inputs.clone(), "shift_labels": tokens[1:].contiguous()}
+    return {"input_ids": inputs, "labels": inputs.clone()}
 
 
 def plain_causal(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
