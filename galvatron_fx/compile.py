@@ -33,6 +33,7 @@ from galvatron_fx.passes.lower.obstacles import lowering_obstacles
 from galvatron_fx.passes.search.engine import search
 from galvatron_fx.passes.search.space import SearchSpace
 from galvatron_fx.runtime import checkpoint, groups
+from galvatron_fx.runtime.export import export_pretrained
 from galvatron_fx.runtime.materialize import buffers_on_meta, has_meta_parameters, materialize, real_buffers
 from galvatron_fx.runtime.safetensors_io import check_safetensors
 
@@ -160,7 +161,9 @@ def compile(
     if init is not None:
         materialize(trainer.stage, model, init, seed or 0, device, known_buffers)
     constants = {k: v for k, v in example_kwargs.items() if not isinstance(v, torch.Tensor)}
-    return CompiledModel(program, plan, trainer, cost_model, cluster, constants, space)
+    config = getattr(model, "config", None)
+    hf_config = config if hasattr(config, "save_pretrained") else None  # written beside exported weights
+    return CompiledModel(program, plan, trainer, cost_model, cluster, constants, space, hf_config)
 
 
 def _check_cluster(cluster: Cluster, world_size: int) -> Cluster:
@@ -281,11 +284,20 @@ class CompiledModel:
     captured with that are not tensors (``use_cache=False``, say) may be left out of a batch."""
 
     def __init__(
-        self, program: Program, plan: Plan, trainer, cost_model, cluster: Cluster, constants: dict, space=None
+        self,
+        program: Program,
+        plan: Plan,
+        trainer,
+        cost_model,
+        cluster: Cluster,
+        constants: dict,
+        space=None,
+        model_config=None,
     ):
         self.program, self.plan, self.trainer, self.cost_model = program, plan, trainer, cost_model
         self.cluster, self.constants = cluster, constants
         self.search_space = space  # where the plan was searched (rank 0 of a searched plan), for explain
+        self.model_config = model_config  # the model's Hugging Face config, if it has one
 
     @property
     def local_batch(self) -> int:
@@ -346,6 +358,12 @@ class CompiledModel:
         A half-written, corrupt or foreign checkpoint raises CheckpointError on every rank, before any
         collective. On every rank."""
         return checkpoint.load(self.trainer, directory)
+
+    def export_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write the trained weights as a Hugging Face ``save_pretrained`` folder (safetensors under the model's
+        own names, with its ``config.json`` when the model has one), which ``from_pretrained`` loads, from any
+        plan (``runtime.export``); on every rank."""
+        return export_pretrained(self.trainer, directory, config=self.model_config, dtype=dtype)
 
     def save_plan(self, path: str | Path) -> None:
         """Write the plan as JSON (Galvatron's keys plus ours)."""

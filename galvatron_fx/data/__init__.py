@@ -1,6 +1,7 @@
 """Real training data: Megatron-LM's indexed dataset format (``.bin`` + ``.idx``), tokenizers, JSON-lines
-preprocessing, and samples of model kwargs for the built-in model families."""
+preprocessing, image folders, and samples of model kwargs for the built-in model families."""
 
+from .images import ImageFolder
 from .indexed import DTYPE_CODES, IndexedDataset, IndexedDatasetWriter, best_dtype
 from .preprocess import CorpusStats, PreprocessStats, preprocess_jsonl, python_stdlib_corpus
 from .samples import (
@@ -19,6 +20,7 @@ __all__ = [
     "ByteTokenizer",
     "CorpusStats",
     "HFTokenizer",
+    "ImageFolder",
     "IndexedDataset",
     "IndexedDatasetWriter",
     "ModelSamples",

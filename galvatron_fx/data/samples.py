@@ -17,6 +17,7 @@ import torch
 
 from galvatron_fx.errors import ConfigError
 
+from .images import ImageFolder
 from .indexed import IndexedDataset
 from .tokenizers import ByteTokenizer
 
@@ -183,9 +184,9 @@ def samples_for_model(
 
     ``vocab_size`` (BERT's random replacements), ``mask_token_id`` and ``decoder_start_token_id`` default to
     the model's config where a model is given, else to the byte tokenizer's 256 / 0xFF and T5's 0 (pad).
-    ``vit`` and ``swin`` take images, not tokens: no image decoder is installed (PIL is not a dependency), so
-    pass a map-style Dataset whose items are ``{"pixel_values": (C, H, W) float, "labels": int}`` dicts; it
-    is checked and returned as it is. Batch the result with ``torch.utils.data.DataLoader``; decoders also
+    ``vit`` and ``swin`` take images, not tokens: an image folder (``ROOT/<class>/<image>``, read by
+    ``images.ImageFolder`` at the model's image size), or a map-style Dataset whose items are
+    ``{"pixel_values": (C, H, W) float, "labels": int}`` dicts, checked and returned as it is. Batch the result with ``torch.utils.data.DataLoader``; decoders also
     need ``use_cache=False`` added to each batch.
     """
     family = _family(name_or_model)
@@ -216,6 +217,11 @@ def samples_for_model(
 def _image_dataset(name_or_model, dataset):
     name = name_or_model if isinstance(name_or_model, str) else type(name_or_model).__name__
     remedy = "pass a map-style Dataset of {'pixel_values': (C, H, W) tensor, 'labels': int} dicts"
+    if isinstance(dataset, (str, os.PathLike)) and os.path.isdir(dataset):  # an image folder
+        config = getattr(name_or_model, "config", None)
+        if config is None:
+            raise ConfigError(f"{name}: an image folder needs the model, for its image size", "pass the model")
+        return ImageFolder(dataset, config.image_size, config.num_channels)
     if isinstance(dataset, (IndexedDataset, str, os.PathLike)) or not hasattr(dataset, "__getitem__"):
         raise ConfigError(f"{name} classifies images and cannot train on a token dataset", remedy)
     first = dataset[0]

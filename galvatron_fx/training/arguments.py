@@ -70,6 +70,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     out.add_argument("--save-every", type=int, default=0, metavar="N", help="every N steps, and at the end")
     out.add_argument("--resume", default=None, metavar="auto|DIR", help="auto: the latest checkpoint in --save")
     out.add_argument(
+        "--export", default=None, metavar="DIR", help="at the end, the weights as a Hugging Face safetensors folder"
+    )
+    out.add_argument(
         "--log-file",
         "--log",
         dest="log",

@@ -94,6 +94,10 @@ def train(model_spec: str, args: argparse.Namespace) -> list[float]:
             compiled.save_checkpoint(Path(args.save) / f"step_{step}")
     for sink in sinks:
         sink.close()
+    if args.export:
+        compiled.export_pretrained(args.export)
+        if rank == 0:
+            print(f"exported the trained weights to {args.export} (from_pretrained loads them)", flush=True)
     return losses
 
 

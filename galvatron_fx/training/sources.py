@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from galvatron_fx.data import samples_for_model
 from galvatron_fx.errors import ConfigError
 from galvatron_fx.models import MODELS, build_model, example_batch
 
@@ -92,15 +93,14 @@ class BatchRows(torch.utils.data.Dataset):
 
 
 def load_data(run_model: RunModel, data: str | None, seq: int, synthetic_batches: int, seed: int):
-    """The dataset of model kwargs: ``data`` (an indexed dataset prefix, ``PREFIX.bin`` + ``PREFIX.idx``) cut
-    into samples of ``seq`` for the model's family, or ``synthetic_batches`` random global batches."""
+    """The dataset of model kwargs: ``data`` (an indexed dataset prefix, ``PREFIX.bin`` + ``PREFIX.idx``, cut
+    into samples of ``seq`` for the model's family; or an image folder for an image classifier), or
+    ``synthetic_batches`` random global batches."""
     if data is not None:
-        from galvatron_fx.data import samples_for_model
-
-        if not os.path.exists(f"{data}.idx"):
+        if not os.path.isdir(data) and not os.path.exists(f"{data}.idx"):
             raise ConfigError(
-                f"--data {data}: {data}.idx does not exist",
-                "give the prefix that `galvatron-fx preprocess-data --output-prefix` wrote",
+                f"--data {data}: neither an image folder nor an indexed dataset ({data}.idx does not exist)",
+                "give the prefix that `galvatron-fx preprocess-data --output-prefix` wrote, or ROOT/<class>/<image>",
             )
         return samples_for_model(run_model.model, data, seq, seed)
     batch = len(next(v for v in run_model.example.values() if isinstance(v, torch.Tensor)))
