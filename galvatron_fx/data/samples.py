@@ -186,8 +186,9 @@ def samples_for_model(
     the model's config where a model is given, else to the byte tokenizer's 256 / 0xFF and T5's 0 (pad).
     ``vit`` and ``swin`` take images, not tokens: an image folder (``ROOT/<class>/<image>``, read by
     ``images.ImageFolder`` at the model's image size), or a map-style Dataset whose items are
-    ``{"pixel_values": (C, H, W) float, "labels": int}`` dicts, checked and returned as it is. Batch the result with ``torch.utils.data.DataLoader``; decoders also
-    need ``use_cache=False`` added to each batch.
+    ``{"pixel_values": (C, H, W) float, "labels": int}`` dicts, checked and returned as it is. Batch the result
+    with ``torch.utils.data.DataLoader`` (or ``compiled.data_loader``); decoders also need ``use_cache=False``
+    added to each batch (``compiled.train_step`` adds the non-tensor kwargs the model was compiled with).
     """
     family = _family(name_or_model)
     if family == "image":
