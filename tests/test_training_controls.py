@@ -97,7 +97,8 @@ def _worker(rank: int, world: int, names: list[str]) -> dict:
             losses.append(compiled.train_step(batch))
             norms.append(float(compiled.trainer.last_grad_norm))
             lrs.append(compiled.trainer.last_lr)
-        full = compiled.trainer.full_parameters() if compiled.trainer.stage.position.local == 0 else {}
+        full = compiled.trainer.full_parameters()  # collective over the stage: every rank calls it
+        full = full if compiled.trainer.stage.position.local == 0 else {}
         out[name] = {
             "losses": losses,
             "norms": norms,
