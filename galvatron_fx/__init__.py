@@ -6,7 +6,8 @@ it for this rank; ``capture`` alone turns a model into an annotated ``Program`` 
 
 from .capture import capture
 from .cluster import Cluster
-from .compile import CompiledModel, compile
+from .compile import compile
+from .compiled_model import CompiledModel
 from .errors import CaptureError, ConfigError, GalvatronError, PlanError, ProfileError
 from .plan import EmbeddingStrategy, LayerStrategy, Plan
 from .plan_sources import uniform_plan

@@ -16,7 +16,7 @@ import sys
 import torch
 
 from galvatron_fx import cli
-from galvatron_fx.compile import CompiledModel
+from galvatron_fx.compiled_model import CompiledModel
 
 
 def main() -> int:
