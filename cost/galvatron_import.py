@@ -12,7 +12,10 @@ Model: ``computation_profiling_{dtype}_{name}_all.json`` (``layertype_{t}_bsz{b}
 per sample of one layer; ``layertype_other_...``: of embedding + head), ``memory_profiling_..._all.json``
 (``layertype_{t}[_sp]``: parameter MB of one layer in fp32 and activation MB per sample per TP degree
 and with checkpointing; ``other_memory_pp_on_{first,last}[_sp]``: model states and activation MB of the
-embedding and the head per vocab-TP degree) and the model's YAML (hidden size, layers, heads).
+embedding and the head per vocab-TP degree; ``other_memory_pp_off[_sp]``: the activation MB of both on one
+stage, kept in ``ModelProfile.extra`` for stages that hold both: the two ``pp_on`` figures were measured on
+the first and last stage of a pipeline, and their sum exceeds it) and the model's YAML (hidden size, layers,
+heads).
 Conventions taken from Galvatron: backward = 2 × forward; the head gets all of the "other" time (the
 embedding lookup is negligible); model states are 16 bytes per parameter in these files. The ``_sp``
 activation tables were measured with Megatron-SP; they serve for plain TP too (the files say nothing else).
@@ -35,6 +38,7 @@ import yaml
 from galvatron_fx.errors import ProfileError
 
 from .hardware import CommFit, HardwareProfile, fit_latency_bandwidth, read_json
+from .model import ONE_STAGE_ACTIVATION
 from .model_profile import LayerTypeProfile, ModelProfile, TimeFormula, fit_time_formula
 
 MiB = 2**20
@@ -216,6 +220,7 @@ def load_model(folder: str | Path, *, config: str | Path | None = None) -> Model
     prologue = _other(memory_path, memory, "first", seq, TimeFormula(), seq * token_bytes)
     epilogue = _other(memory_path, memory, "last", seq, other, seq * token_bytes)
     layer_types = ["0"] * layers if len(types) == 1 else _layer_types(types, layers)
+    extra = {ONE_STAGE_ACTIVATION: _one_stage_activation(memory_path, memory, seq)}
     return ModelProfile(
         name,
         layer_types,
@@ -230,6 +235,7 @@ def load_model(folder: str | Path, *, config: str | Path | None = None) -> Model
         mode="galvatron",
         device="",
         source=str(compute_path),
+        extra=extra,
     )
 
 
@@ -241,6 +247,18 @@ def _memory_entry(path: Path, memory: dict, key: str, seq: int) -> dict:
             "re-run Galvatron's memory profiler at this sequence length",
         )
     return entry[str(seq)]
+
+
+def _one_stage_activation(path: Path, memory: dict, seq: int) -> dict[int, int]:
+    """Activation bytes per sample of the embedding and the head on one stage, per vocab-TP degree."""
+    entry = _memory_entry(path, memory, "other_memory_pp_off", seq)
+    try:
+        return {int(k): int(float(v) * MiB) for k, v in entry["activation"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ProfileError(
+            f"{path}: key other_memory_pp_off/{seq}/activation is malformed ({error})",
+            "re-run Galvatron's memory profiler",
+        ) from None
 
 
 def _other(path: Path, memory: dict, where: str, seq: int, fwd: TimeFormula, token_bytes_seq: int) -> LayerTypeProfile:

@@ -6,7 +6,8 @@ gradients in fp32 (so that small updates are not lost), as the runtime runs it (
 What bf16 changes is the copy a layer computes on (``COMPUTE_BYTES_PER_PARAM``): ZeRO gathers 2-byte
 parameters (ZeRO-2 keeps them gathered from forward to backward; ZeRO-3 frees them after each pass), and a
 replicated layer's autocast casts its weights to bf16 in every forward, the casts held, like activations,
-until that micro-batch's backward (``CostModel``'s ``autocast_cast_bytes``).
+until that micro-batch's backward (``CostModel``'s ``autocast_cast_bytes``); a checkpointed layer's forward
+keeps none of them, its recomputation casts again.
 ZeRO-2 shards gradients and optimizer states over the data-parallel group; ZeRO-3 shards all three.
 
 Peak bytes of a stage follow the step's phases (``InFlight``): before the first backward of a step the

@@ -44,8 +44,10 @@ Terms of one layer, for a micro-batch of ``mb`` samples on a stage (each of the 
 Precision: activation and hidden-state bytes are rescaled from the profile's dtype to the training
 dtype (bf16 halves fp32 bytes; so do pipeline messages, which travel in bf16); ZeRO gathers bf16
 parameters and reduces fp32 gradients; a replicated layer under bf16 autocast keeps a bf16 cast of its
-weights per micro-batch in flight (``autocast_cast_bytes``). Tied weights shared by embedding and head
-count once per stage.
+weights per micro-batch in flight (``autocast_cast_bytes``), unless it is checkpointed: then the casts are
+made again by its recomputation and count with that transient. Tied weights shared by embedding and head
+count once per stage. A stage holding both the embedding and the head takes their activations from the
+profile's one-stage figure where it has one (``embedding_activation_per_sample``).
 """
 
 from __future__ import annotations
@@ -69,6 +71,9 @@ from .memory import (
     model_state_split,
 )
 from .model_profile import LayerTypeProfile, ModelProfile, TimeFormula
+
+# ModelProfile.extra key: vocab-TP degree → activation bytes per sample of the embedding and head on one stage
+ONE_STAGE_ACTIVATION = "one_stage_embedding_head_activation_bytes_per_sample"
 
 
 @dataclass(frozen=True)
@@ -190,9 +195,15 @@ class CostModel:
             )
         else:
             kept = full_activation
-        kept += self.autocast_cast_bytes(params, strategy.dp, strategy.dp_type)
+        # autocast's weight casts: saved for backward by a layer that is not checkpointed; a checkpointed one
+        # keeps only its inputs and makes the casts again when it recomputes (docs/memory-7b.md)
+        cast = self.autocast_cast_bytes(params, strategy.dp, strategy.dp_type)
         working = profile.grad_working_per_sample(strategy.tp, sharded_seq) * local * self.activation_scale
-        peak_extra = transient_bytes + working + (full_activation if strategy.ckpt else 0.0)
+        if strategy.ckpt:
+            peak_extra = transient_bytes + working + full_activation + cast
+        else:
+            kept += cast
+            peak_extra = transient_bytes + working
         sync_s = self._visible(sync_s, bwd_compute, strategy.dp_type) + self._optimizer_s(
             params, strategy.dp, strategy.dp_type
         )
@@ -207,8 +218,9 @@ class CostModel:
 
     def autocast_cast_bytes(self, params: float, dp: int, dp_type: str) -> float:
         """Bytes one micro-batch keeps of a layer's weights cast by bf16 autocast: the forward casts every
-        weight a matmul reads and autograd keeps the cast until the backward. ZeRO layers compute on
-        FSDP2's bf16 gather instead (priced with it); in fp32 there is no cast."""
+        weight a matmul reads and autograd keeps the cast until the backward (a checkpointed layer's
+        forward keeps none: its recomputation casts again). ZeRO layers compute on FSDP2's bf16 gather
+        instead (priced with it); in fp32 there is no cast."""
         if self.mixed_precision != "bf16" or (dp > 1 and dp_type != "ddp"):
             return 0.0
         return params * COMPUTE_BYTES_PER_PARAM["bf16"]
@@ -409,11 +421,7 @@ class CostModel:
         # the parts of a stage synchronise as one unit (FSDP2 shards them together; DDP: one share of a bucket),
         # once the first part's backward (the last to run) is done: like a layer's, it hides behind that one
         gather_s, sync_s, transient = self._dp_comm(params, dp, kind, vtp == 1)
-        activation = (
-            sum(part.activation_per_sample(vtp, strategy.sp != "none") for part in parts)
-            * local
-            * self.activation_scale
-        )
+        activation = self.embedding_activation_per_sample(parts, vtp, strategy.sp != "none") * local
         if last_stage:  # the head's matmul casts its weight; the embedding's lookup casts nothing
             head = self.model.epilogue
             head_params = head.param_count - head.vocab_param_count + head.vocab_param_count / vtp
@@ -430,6 +438,20 @@ class CostModel:
             int(transient),
         )
         return self._with_states(cost, params, dp, kind, largest, deferred_sync)
+
+    def embedding_activation_per_sample(self, parts: list[LayerTypeProfile], vtp: int, vsp: bool) -> float:
+        """Activation bytes per sample (training dtype) the embedding and head ``parts`` of one stage keep on
+        one of ``vtp`` ranks. A stage holding both uses the profile's figure measured that way where it has
+        one (``ModelProfile.extra[ONE_STAGE_ACTIVATION]``: Galvatron's ``other_memory_pp_off``): each part's
+        own figure there was measured on the first or last stage of a pipeline, with what a cut adds on
+        either side, and their sum exceeds the one-stage measurement (by 68 MiB per sample at vtp 2 for
+        LLaMA-2-7B)."""
+        table = self.model.extra.get(ONE_STAGE_ACTIVATION) if len(parts) == 2 else None
+        if table:
+            per_sample = LayerTypeProfile._lookup({int(k): int(v) for k, v in table.items()}, vtp)
+        else:
+            per_sample = sum(part.activation_per_sample(vtp, vsp) for part in parts)
+        return per_sample * self.activation_scale
 
     def _step_collectives_s(self, vtp: int, pipelined: bool) -> float:
         """Collectives a stage holding the embedding or the head runs once per step after its gradient sync,

@@ -1,0 +1,122 @@
+"""Memory terms of LLaMA-2-7B's tp8 Megatron-SP checkpointed plan on Galvatron's profiles (docs/memory-7b.md),
+each against a hand computation from the profile's figures, and the runtime facts they rest on measured on
+a small model: a checkpointed layer under bf16 autocast keeps no weight cast; Adam's foreach step holds one
+fp32 copy of the parameters."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from galvatron_fx.cost.galvatron_import import load_hardware, load_model
+from galvatron_fx.cost.model import ONE_STAGE_ACTIVATION, CostModel
+from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.memory_terms import LiveBytes  # noqa: E402
+
+FIXTURE = Path(__file__).parent / "fixtures" / "galvatron-llama2-7b"
+MiB = 2**20
+MICRO = 8  # global batch 16 in 2 micro-batches; tp8 × dp1: each rank runs all 8 samples
+LAYER = LayerStrategy(tp=8, dp=1, sp="megatron", ckpt=True)
+EMBEDDING = EmbeddingStrategy(vtp=2, embed_sdp=True)  # vocab TP 2, ZeRO-3 over the 4 replicas
+
+
+@pytest.fixture(scope="module")
+def cost_model():
+    return CostModel(load_model(FIXTURE), load_hardware(FIXTURE, memory_bytes=16 * 2**30), mixed_precision="bf16")
+
+
+def test_checkpointed_layer_keeps_its_input_and_recomputes_its_casts(cost_model):
+    layer = cost_model.model.types["0"]
+    params = layer.param_count / 8
+    cost = cost_model.layer_cost("0", LAYER, MICRO)
+    # layertype_0_sp checkpoint: 32 MiB per sample, sequence-sharded over 8; no bf16 weight cast kept
+    assert cost.activation_bytes == int(32 * MiB * MICRO / 8)
+    # the one layer recomputed at a time: its activations at tp8 (68.32 MiB per sample) and its casts again
+    assert cost.peak_extra_bytes == int(int(68.3204345703125 * MiB) * MICRO + 2 * params)
+    plain = cost_model.layer_cost("0", LayerStrategy(tp=8, dp=1, sp="megatron"), MICRO)
+    assert plain.activation_bytes == int(int(68.3204345703125 * MiB) * MICRO + 2 * params)
+    assert plain.peak_extra_bytes == 0
+
+
+def test_embedding_and_head_on_one_stage_take_galvatrons_one_stage_figure(cost_model):
+    extra = cost_model.model.extra[ONE_STAGE_ACTIVATION]
+    assert extra[2] == int(358.83984375 * MiB)  # other_memory_pp_off_sp activation[2]
+    local = MICRO // 4  # vtp 2: 4 replicas
+    both = cost_model.embedding_cost(EMBEDDING, 8, MICRO, first_stage=True, last_stage=True)
+    assert both.activation_bytes == int(358.83984375 * MiB) * local
+    # a pipeline's first and last stages keep their own figures (pp_on_first, pp_on_last)
+    first = cost_model.embedding_cost(EMBEDDING, 8, MICRO, first_stage=True, last_stage=False)
+    last = cost_model.embedding_cost(EMBEDDING, 8, MICRO, first_stage=False, last_stage=True)
+    assert first.activation_bytes == int(83.90301513671875 * MiB) * local
+    assert last.activation_bytes == int(343.3006591796875 * MiB) * local
+    assert both.activation_bytes < first.activation_bytes + last.activation_bytes
+
+
+def test_galvatrons_16gib_plan_peaks_in_the_optimizer_step(cost_model):
+    """Model states + Adam's foreach temporaries, by hand: the backward's peak is 1.5 GiB lower."""
+    model = cost_model.model
+    plan = Plan(world_size=8, layers=[LAYER] * 32, global_batch=16, chunks=2, pipeline="1f1b", embedding=EMBEDDING)
+    layer_params = model.types["0"].param_count / 8
+    layer_states = int(16 * layer_params)  # fp32 parameter, gradient, two Adam moments
+    vocab = model.prologue.param_count / 2 + model.epilogue.param_count / 2  # vtp 2
+    # ZeRO-3 over 4, kept gathered (bf16) forward to backward; fp32 shard, unsharded fp32 gradient (deferred
+    # sync over the 2 micro-batches), Adam's moments sharded
+    vocab_states = int(vocab * 2) + int(vocab * (4 + 4 + 8) / 4) + int(vocab * 4) - int(vocab * 4 / 4)
+    temps = 32 * int(4 * layer_params) + int(4 * vocab / 4)
+    prediction = cost_model.evaluate(plan)
+    assert prediction.memory_bytes_per_stage[0] == pytest.approx(32 * layer_states + vocab_states + temps, abs=64)
+    assert 16.4 * 2**30 < prediction.memory_bytes_per_stage[0] < 16.5 * 2**30
+    backward = 32 * layer_states + vocab_states + 32 * int(32 * MiB) + int(358.83984375 * MiB) * 2
+    assert backward < prediction.memory_bytes_per_stage[0] - 1.4 * 2**30
+
+
+def test_measured_checkpointed_layers_hold_no_weight_cast_after_the_forward():
+    torch.manual_seed(0)
+    # weights of 1 MiB in fp32 (0.5 MiB cast to bf16); the stage's forward is one autocast region, whose
+    # exit empties autocast's cache of casts: what is left is what autograd saved for the backward
+    weights = [torch.nn.Parameter(torch.randn(512, 512)) for _ in range(4)]
+    x = torch.randn(8, 512, requires_grad=True)  # 16 KiB
+
+    def layer(h, w):
+        return torch.nn.functional.linear(h, w).relu()
+
+    def forward(ckpt: bool) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = x
+            for w in weights:
+                h = checkpoint(layer, h, w, use_reentrant=False) if ckpt else layer(h, w)
+        return h
+
+    kept = {}
+    for ckpt in (False, True):
+        meter = LiveBytes()
+        with meter:
+            forward(ckpt).sum().backward()  # the weights' views are seen once; later steps count from here
+            before = meter.live
+            out = forward(ckpt)
+            kept[ckpt] = meter.live - before
+            out.sum().backward()
+    assert kept[False] >= 4 * 512 * 512 * 2  # each layer's bf16 cast, saved for backward
+    assert kept[True] < 64 * 1024  # the inputs and outputs only (bf16, 8 KiB each)
+
+
+def test_measured_foreach_adam_step_holds_one_fp32_copy_of_the_parameters():
+    params = [torch.nn.Parameter(torch.randn(256, 256)) for _ in range(4)]
+    counts = {}
+    for foreach in (True, False):
+        optimizer = torch.optim.Adam(params, lr=1e-3, foreach=foreach)
+        meter = LiveBytes()
+        with meter:
+            for _ in range(2):
+                for p in params:
+                    p.grad = torch.ones_like(p)
+                meter.peak = before = meter.live
+                optimizer.step()
+        counts[foreach] = (meter.peak - before) / sum(p.numel() for p in params)
+    assert counts[True] == pytest.approx(4.0, abs=0.01)  # CostModel's optimizer_temp_bytes off CPU
+    assert counts[False] < 4.0
