@@ -1,5 +1,5 @@
 """Launchers: torchrun's, SLURM srun's and Open MPI mpirun's variables mapped onto rank, world size, local rank
-and rendezvous address (runtime.launch.launch_environment), SLURM's compressed node lists, precedence, the
+and rendezvous address (runtime.launchers.launch_environment), SLURM's compressed node lists, precedence, the
 errors; init_distributed alone, and two ranks started with srun's and mpirun's variables only."""
 
 import dataclasses
@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from galvatron_fx.errors import ConfigError
-from galvatron_fx.runtime.launch import (
+from galvatron_fx.runtime.launchers import (
     DEFAULT_MASTER_PORT,
     LaunchEnvironment,
     expand_nodelist,
