@@ -15,8 +15,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import default_collate
 
+from galvatron_fx import runtime
 from galvatron_fx.cluster import Cluster
+from galvatron_fx.compile import compile
 from galvatron_fx.errors import ConfigError
+from galvatron_fx.plan_sources import uniform_plan
 from galvatron_fx.runtime import checkpoint
 
 from .arguments import PLAN_FLAGS
@@ -36,8 +39,6 @@ from .sources import RunModel, load_data, load_model, split_eval
 def train(model_spec: str, args: argparse.Namespace) -> list[float]:
     """Train ``model_spec`` (see ``sources.load_model``) as ``args`` say; returns the loss of every step this
     run made (on every rank)."""
-    from galvatron_fx import compile, runtime
-
     _check_arguments(args)  # before any collective
     device = runtime.init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -128,8 +129,6 @@ def _cluster(spec: str | None, world_size: int) -> Cluster | None:
 
 def _plan(args: argparse.Namespace):
     """The plan JSON, Galvatron's global flags as a uniform plan, or None to search."""
-    from galvatron_fx import uniform_plan
-
     flags = {name: getattr(args, name) for name in PLAN_FLAGS if getattr(args, name) is not None}
     if not flags:
         return args.plan
