@@ -56,7 +56,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from galvatron_fx.errors import ConfigError, PlanError, ProfileError
-from galvatron_fx.parallel_dims import data_split
+from galvatron_fx.parallel_dims import data_split, end_layout, uses_vsp
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan, Prediction
 
 from .hardware import BLOCKING_PROBE_COMPUTE_S, HardwareProfile
@@ -386,58 +386,89 @@ class CostModel:
         """The prologue (embedding, on the first stage) and/or epilogue (head and loss, on the last stage).
 
         Vocab TP ``vtp`` splits the vocabulary-sized weights and the head's compute; the embedding's output
-        and the head's input gradient are all-reduced over the ``vtp`` group (all-gather + reduce-scatter
-        with ``vsp``). The ``devices // vtp`` replicas use ``embedding.data_parallel_type``.
+        and the head's input gradient are all-reduced over the ``vtp`` group. The ``devices // vtp`` replicas
+        use ``embedding.data_parallel_type``.
+
+        Under vsp (``vtp > 1``, as lowered by ``passes.lower.graph.sequence_parallel``, mode "vsp") the weights
+        stay whole, replicated over the stage (``devices`` replicas synchronise them), and each rank of a vtp
+        group computes the group's samples on ``1 / vtp`` of the sequence: the compute, activations and
+        working set of the data split (vtp 1). Its collectives are small: the token ids move to that layout
+        (first stage), the labels to the group's samples, and the loss's target count and value are
+        all-reduced over the group (last stage). The hidden states move between that layout and the body
+        layers' at the boundaries (``evaluate``: ``end_layout``), not here.
         """
-        vtp = embedding.vtp
-        dp = max(devices // vtp, 1)
-        local = micro_batch / dp
+        vtp, vsp = embedding.vtp, uses_vsp(embedding)
+        split = 1 if vsp else vtp  # how many ways the vocabulary-sized weights and the head's compute are split
+        dp = devices if vsp else max(devices // vtp, 1)  # replicas of the weights
+        local = micro_batch / max(devices // vtp, 1)  # samples of a rank's layout (vsp: on 1 / vtp of the sequence)
+        work = micro_batch / devices if vsp else local  # samples' worth of compute on a rank, split ``split`` ways
         # A sharded embedding/head stays gathered from forward to backward (as FSDP2's root does): it gathers
         # once per step and keeps its gradients and states sharded, which is ZeRO-2's price
         kind = "zero2" if embedding.data_parallel_type == "zero3" else embedding.data_parallel_type
         hidden_bytes = self.model.prologue.boundary_bytes_per_sample * local * self.activation_scale
-        strategy = LayerStrategy(tp=vtp, dp=dp, dp_type=kind, sp="megatron" if embedding.vsp and vtp > 1 else "none")
+        strategy = LayerStrategy(tp=split, dp=dp, dp_type=kind)
         half_comm = self._tp_comm_s(strategy, hidden_bytes) / 2  # one collective, not Megatron's two
         parts = [
             part for part, wanted in ((self.model.prologue, first_stage), (self.model.epilogue, last_stage)) if wanted
         ]
         if not parts:
             return LayerCost(0.0, 0.0, 0.0, 0, 0, 0)
-        own = [self._in_place_s(part, 1, local, busy_share) if vtp == 1 else None for part in parts]
+        own = [self._in_place_s(part, 1, work, busy_share) if split == 1 else None for part in parts]
         own = [
             times
-            or (self._compute_s(part.fwd, local, vtp, busy_share), self._compute_s(part.bwd, local, vtp, busy_share))
+            or (self._compute_s(part.fwd, work, split, busy_share), self._compute_s(part.bwd, work, split, busy_share))
             for part, times in zip(parts, own)
         ]
         fwd_compute = sum(fwd for fwd, _ in own)
         bwd_parts = [bwd for _, bwd in own]
         bwd_compute = sum(bwd_parts)
+        vsp_s = self._vsp_comm_s(embedding, devices, micro_batch, first_stage, last_stage) if vsp else 0.0
         # vtp splits the vocabulary-sized weights; a tied embedding/head weight lives once on a stage with both
         tied = self.model.tied_param_count if first_stage and last_stage else 0
         params = (
-            sum(part.param_count - part.vocab_param_count + part.vocab_param_count / vtp for part in parts) - tied / vtp
+            sum(part.param_count - part.vocab_param_count + part.vocab_param_count / split for part in parts)
+            - tied / split
         )
-        largest = max(part.largest_param_count / (vtp if part.vocab_param_count else 1) for part in parts)
+        largest = max(part.largest_param_count / (split if part.vocab_param_count else 1) for part in parts)
         # the parts of a stage synchronise as one unit (FSDP2 shards them together; DDP: one share of a bucket),
         # once the first part's backward (the last to run) is done: like a layer's, it hides behind that one
-        gather_s, sync_s, transient = self._dp_comm(params, dp, kind, vtp == 1)
-        activation = self.embedding_activation_per_sample(parts, vtp, strategy.sp != "none") * local
+        gather_s, sync_s, transient = self._dp_comm(params, dp, kind, split == 1)
+        activation = self.embedding_activation_per_sample(parts, vtp, vsp) * local
         if last_stage:  # the head's matmul casts its weight; the embedding's lookup casts nothing
             head = self.model.epilogue
-            head_params = head.param_count - head.vocab_param_count + head.vocab_param_count / vtp
+            head_params = head.param_count - head.vocab_param_count + head.vocab_param_count / split
             activation += self.autocast_cast_bytes(head_params, dp, kind)
-        transient += self._part_working_bytes(parts, vtp, strategy.sp != "none", local)
+        transient += self._part_working_bytes(parts, vtp, vsp, local)
         cost = LayerCost(
-            fwd_compute + (half_comm if first_stage else 0.0) + self._visible(gather_s, fwd_compute, kind),
+            fwd_compute + vsp_s + (half_comm if first_stage else 0.0) + self._visible(gather_s, fwd_compute, kind),
             bwd_compute + (half_comm if last_stage else 0.0) + self._visible(gather_s, bwd_compute, kind),
             self._visible(sync_s, bwd_parts[0], kind)
             + self._optimizer_s(params, dp, kind)
-            + self._step_collectives_s(vtp, pipelined=not (first_stage and last_stage)),
+            + self._step_collectives_s(split, pipelined=not (first_stage and last_stage)),
             0,
             int(activation),
             int(transient),
         )
         return self._with_states(cost, params, dp, kind, largest, deferred_sync)
+
+    def _vsp_comm_s(
+        self, embedding: EmbeddingStrategy, devices: int, micro_batch: int, first_stage: bool, last_stage: bool
+    ) -> float:
+        """The embedding's and head's own collectives of one micro-batch under vsp (forward only): the token ids
+        (int64) moved from the data split to the group's samples on its slice of the sequence, the labels to
+        the group's samples (whole sequences: their shift is computed whole), and two scalar all-reduces over
+        the vtp group (the loss's target count and value)."""
+        ids_bytes = micro_batch * self.seq * 8
+        split, ends = data_split(devices), end_layout(embedding, devices)
+        seconds = 0.0
+        if first_stage:
+            seconds += self._collective_s(move_plan(move_key(split), move_key(ends)), ids_bytes)
+        if last_stage:
+            whole = dataclasses.replace(ends, sp="none")
+            seconds += self._collective_s(move_plan(move_key(split), move_key(whole)), ids_bytes)
+            hw = self.hardware
+            seconds += 2 * (hw.collective_s("all_reduce", 4, embedding.vtp) + hw.blocking_s(embedding.vtp))
+        return seconds
 
     def embedding_activation_per_sample(self, parts: list[LayerTypeProfile], vtp: int, vsp: bool) -> float:
         """Activation bytes per sample (training dtype) the embedding and head ``parts`` of one stage keep on
@@ -485,8 +516,9 @@ class CostModel:
         """Moving the activations live between body layers ``boundary_index - 1`` and ``boundary_index`` from
         ``before``'s layout to ``after``'s (forward), and their gradients back (backward). 0 when equal.
         Boundary 0 is the embedding's output entering the first body layer, boundary L (the number of body
-        layers) the last layer's output entering the head: both parts lay activations out by the data
-        split (``data_split``); the embedding's outputs are the values that cross the first cut."""
+        layers) the last layer's output entering the head: both parts lay activations out by
+        ``end_layout`` (the data split, or under vsp the vtp group's samples split along the sequence); the
+        embedding's outputs are the values that cross the first cut."""
         if layout_of(before) == layout_of(after):
             return 0.0
         per_sample = self.model.cut_bytes_per_sample[max(boundary_index - 1, 0)]
@@ -577,11 +609,11 @@ class CostModel:
             costs = body + [part]
             x = sum(c.fwd_s + c.bwd_s for c in costs)
             x += sum(self.redistribution_s(plan.layers[i - 1], plan.layers[i], i, mb) for i in indices[1:])
-            split = data_split(plan.devices_per_stage)
+            ends = end_layout(plan.embedding, plan.devices_per_stage)  # the data split, or vsp's layout
             if stage == 0:
-                x += self.redistribution_s(split, plan.layers[0], 0, mb)
+                x += self.redistribution_s(ends, plan.layers[0], 0, mb)
             if stage == pp - 1:
-                x += self.redistribution_s(plan.layers[-1], split, len(plan.layers), mb)
+                x += self.redistribution_s(plan.layers[-1], ends, len(plan.layers), mb)
             if stage < pp - 1:
                 x += self.p2p_s(stage, pp, plan.devices_per_stage, mb, indices[-1])
             g = sum(c.grad_sync_s for c in costs) * (chunks if plan.grad_sync_every_micro_batch else 1)

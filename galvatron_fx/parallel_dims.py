@@ -4,7 +4,8 @@ tensor-parallel index it has under each layer's strategy, and the groups and mes
 World layout: ``rank = stage * devices_per_stage + local``: pipeline stages are contiguous blocks of ranks.
 Inside a stage, a layer with ``tp × dp`` devices puts its tensor-parallel peers on consecutive local ranks
 (``tp_consecutive``) or ``dp`` apart (strided), its data-parallel index varying the other way. The embedding
-and head keep the trainer's data split (each rank its own samples) whatever their vtp: ``layout_strategy``.
+and head keep the trainer's data split (each rank its own samples) whatever their vtp, except under vsp, where
+the ranks of a vtp group share their samples and split them along the sequence (``end_layout``).
 Lowering, the runtime's process groups and the cost model's redistribution geometry all ask this module.
 """
 
@@ -34,15 +35,36 @@ def data_split(devices: int) -> LayerStrategy:
     return LayerStrategy(dp=devices)
 
 
-def layout_strategy(kind: str, strategy: LayerStrategy, devices: int) -> LayerStrategy:
-    """The strategy that decides where a layer's activations live: the data split for the embedding and head,
-    the layer's own strategy for every other layer."""
-    return data_split(devices) if kind in PROLOGUE_AND_EPILOGUE else strategy
+def uses_vsp(embedding: EmbeddingStrategy) -> bool:
+    """Whether the embedding and head run sequence-parallel over their vtp group (``vsp`` with ``vtp > 1``)."""
+    return embedding.vsp and embedding.vtp > 1
+
+
+def end_layout(embedding: EmbeddingStrategy, devices: int) -> LayerStrategy:
+    """Where the embedding's and head's activations live: the data split; under vsp the samples of each vtp
+    group (consecutive ranks) split along the sequence over the group, the layout of a Ulysses layer of degree
+    vtp (so body layers of that layout take the embedding's output without a move)."""
+    if uses_vsp(embedding):
+        return LayerStrategy(tp=embedding.vtp, dp=devices // embedding.vtp, sp="ulysses")
+    return data_split(devices)
+
+
+def layout_strategy(
+    kind: str, strategy: LayerStrategy, devices: int, embedding: EmbeddingStrategy | None = None
+) -> LayerStrategy:
+    """The strategy that decides where a layer's activations live: ``end_layout`` for the embedding and head
+    (the data split when ``embedding`` is not given), the layer's own strategy for every other layer."""
+    if kind in PROLOGUE_AND_EPILOGUE:
+        return end_layout(embedding, devices) if embedding is not None else data_split(devices)
+    return strategy
 
 
 def embedding_strategy(embedding: EmbeddingStrategy, devices: int) -> LayerStrategy:
     """The embedding's and head's parameters as a layer strategy: ``vtp`` ranks share the vocabulary, the
-    ``devices / vtp`` replicas of each shard synchronise with the embedding's data-parallel type."""
+    ``devices / vtp`` replicas of each shard synchronise with the embedding's data-parallel type. Under vsp
+    every rank holds the whole weights: data parallelism over the stage's ``devices``."""
+    if uses_vsp(embedding):
+        return LayerStrategy(dp=devices, dp_type=embedding.data_parallel_type)
     return LayerStrategy(tp=embedding.vtp, dp=devices // embedding.vtp, dp_type=embedding.data_parallel_type)
 
 

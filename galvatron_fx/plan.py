@@ -100,9 +100,11 @@ class LayerStrategy:
 
 @dataclass(frozen=True)
 class EmbeddingStrategy:
-    """The embedding and LM head: vocab tensor parallelism ``vtp``, Ulysses ``vsp``; their ``devices / vtp``
-    replicas synchronise with ZeRO-3 when ``embed_sdp``, else with ``dp_type`` (``ddp`` or ``zero2``:
-    Galvatron's ``default_dp_type``)."""
+    """The embedding and LM head: vocab tensor parallelism ``vtp``, their ``devices / vtp`` replicas
+    synchronising with ZeRO-3 when ``embed_sdp``, else with ``dp_type`` (``ddp`` or ``zero2``: Galvatron's
+    ``default_dp_type``). ``vsp`` (Galvatron's Ulysses-style vocab sequence parallelism): the ``vtp`` ranks of a
+    group instead keep the whole weights and split their samples along the sequence; every rank of the stage is
+    then a replica of the weights (``parallel_dims.end_layout``, ``embedding_strategy``)."""
 
     vtp: int = 1
     vsp: bool = False

@@ -26,7 +26,8 @@ from .plan import EmbeddingStrategy, LayerStrategy, Plan, normalize_pipeline
 class UniformPlan:
     """Global flags for every layer. ``sdp``: ZeRO-3 (sharded data parallel) instead of ``dp_type``;
     ``tp_consecutive``: TP groups on consecutive ranks; ``sp``: ``none``, ``megatron`` or ``ulysses``;
-    ``pipeline``: ``1f1b`` (or Galvatron's name for it, ``pipedream_flush``) or ``gpipe``;
+    ``pipeline``: ``1f1b`` (or Galvatron's name for it, ``pipedream_flush``) or ``gpipe``; ``vtp``: the
+    embedding's and head's vocab TP degree, or with ``vsp`` the group over which they run sequence-parallel;
     ``global_batch`` ``None`` takes the batch given to ``resolve``."""
 
     pp: int = 1
@@ -39,6 +40,7 @@ class UniformPlan:
     chunks: int = 1
     pipeline: str = "1f1b"
     vtp: int = 1
+    vsp: bool = False
     global_batch: int | None = None
 
     def __post_init__(self):
@@ -70,7 +72,10 @@ class UniformPlan:
             chunks=self.chunks,
             global_batch=self.global_batch or global_batch,
             embedding=EmbeddingStrategy(
-                vtp=self.vtp, embed_sdp=self.sdp, dp_type=self.dp_type if self.dp_type != "zero3" else "ddp"
+                vtp=self.vtp,
+                vsp=self.vsp,
+                embed_sdp=self.sdp,
+                dp_type=self.dp_type if self.dp_type != "zero3" else "ddp",
             ),
             provenance={"source": "uniform_plan"},
         )

@@ -14,6 +14,7 @@ import pytest
 import galvatron_fx
 from galvatron_fx.cost.memory import InFlight
 from galvatron_fx.errors import PlanError
+from galvatron_fx.parallel_dims import end_layout
 from galvatron_fx.passes.search.bounds import division_bound_s
 from galvatron_fx.passes.search.brute_force import all_plans, brute_force_search
 from galvatron_fx.passes.search.engine import SearchEngine, search
@@ -138,9 +139,9 @@ class ToyCostModel:
             k = self.in_flight(plan.pipeline, pp, s, c)
             x = sum(q.fwd_s + q.bwd_s for q in costs) + emb.fwd_s + emb.bwd_s
             x += sum(self.redistribution_s(plan.layers[i - 1], plan.layers[i], i, mb) for i in idx[1:])
-            split = S(dp=plan.devices_per_stage)
-            x += self.redistribution_s(split, plan.layers[0], 0, mb) if s == 0 else 0.0
-            x += self.redistribution_s(plan.layers[-1], split, len(plan.layers), mb) if s == pp - 1 else 0.0
+            ends = end_layout(plan.embedding, plan.devices_per_stage)  # the data split, or vsp's layout
+            x += self.redistribution_s(ends, plan.layers[0], 0, mb) if s == 0 else 0.0
+            x += self.redistribution_s(plan.layers[-1], ends, len(plan.layers), mb) if s == pp - 1 else 0.0
             if s < pp - 1:
                 x += self.p2p_s(s, pp, plan.devices_per_stage, mb, idx[-1])
             g = (sum(q.grad_sync_s for q in costs) + emb.grad_sync_s) * (c if plan.grad_sync_every_micro_batch else 1)

@@ -1,5 +1,6 @@
 """Every strategy the default search space offers a model on 4 devices lowers, unless the search leaves it out
-for a reason it shows: what the search can choose, lowering can do (GPT-2, LLaMA, T5, Swin).
+for a reason it shows: what the search can choose, lowering can do (GPT-2, LLaMA, T5, Swin; the embedding and
+head vocab-parallel and, under vsp, sequence-parallel too).
 
 Each distinct layer strategy is lowered once (several share a plan, one per body layer, so the redistribution
 between them is lowered too), with every embedding strategy, on the first rank of every stage; the stage
@@ -42,7 +43,9 @@ def _plans(program, cost_model, space: SearchSpace):
     Strategies that differ only in dp type or checkpointing rewrite the graph alike: each such family is lowered
     once per layer type, its members taking turns, so that every dp type and checkpointing still occur."""
     types = [layer.layer_type for layer in program.body]
-    blocked_vtp = {int(k.removeprefix("vtp")) for k in cost_model.model.epilogue.lowering_obstacles}
+    blocked = cost_model.model.epilogue.lowering_obstacles  # vtp{n}: vocab TP, vsp{n}: vsp over n ranks
+    blocked_vtp = {int(k.removeprefix("vtp")) for k in blocked if k.startswith("vtp")}
+    blocked_vsp = {int(k.removeprefix("vsp")) for k in blocked if k.startswith("vsp")}
     for pp in space.pp_degrees(WORLD, len(types)):
         devices = WORLD // pp
         for mode in space.default_dp_types():
@@ -53,7 +56,11 @@ def _plans(program, cost_model, space: SearchSpace):
                         key = (layer_type, strategy.tp, strategy.sp, strategy.tp_consecutive)
                         families.setdefault(key, []).append(strategy)
             wanted = sorted(families, key=str)
-            embeddings = [e for e in space.embedding_strategies(devices, mode) if e.vtp not in blocked_vtp]
+            embeddings = [
+                e
+                for e in space.embedding_strategies(devices, mode)
+                if e.vtp not in (blocked_vsp if e.vsp else blocked_vtp)
+            ]
             index = 0
             while wanted or index < len(embeddings):
                 layers = []
@@ -86,7 +93,7 @@ def test_every_strategy_the_search_may_choose_lowers(name, fake_world):
     cost_model = build_cost_model(program, Cluster.preset("A100-80GB", 1, WORLD))
     cost_model.model.add_lowering_obstacles(lowering_obstacles(program, WORLD))
     lowered = 0
-    for plan in _plans(program, cost_model, SearchSpace(global_batch=(GLOBAL, GLOBAL, 1), disable_vsp=True)):
+    for plan in _plans(program, cost_model, SearchSpace(global_batch=(GLOBAL, GLOBAL, 1))):
         for stage in range(plan.pp):
             built = lower(program, plan, stage * plan.devices_per_stage)
             assert [item.strategy for item in built.stage_layers if item.kind in ("block", "transition")] == [

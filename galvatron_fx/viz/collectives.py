@@ -6,13 +6,16 @@ These mirror the cost model's terms (cost/model.py) so that what the page shows 
 - gradient sync over the ``dp`` replicas, once per step: DDP all-reduce; ZeRO-2 reduce-scatter of gradients
   and all-gather of the updated parameters; ZeRO-3 the same, plus a parameter all-gather in forward and
   again in backward of every micro-batch;
-- vocab TP of the embedding / head: one all-reduce (all-gather / reduce-scatter with vsp) each way.
+- vocab TP of the embedding / head: one all-reduce each way; under vsp none on the hidden state (it moves
+  between the sequence-split layout and the body's as a redistribution), two scalar all-reduces of the loss
+  (target count, value) over the vtp group, whole weights synchronised over the stage.
 A collective's ``bytes_per_call`` is the tensor handed to it (the gathered output for all-gather), as in
 cost/hardware.py; ``time_s`` covers all ``count`` calls and is None without a cost model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -128,32 +131,25 @@ def embedding_collectives(
     mixed_precision: str = "fp32",
     hardware=None,
 ) -> list[Collective]:
-    """The embedding (``part="prologue"``) or head (``"epilogue"``) under vocab TP and its data parallelism."""
-    vtp = embedding.vtp
-    dp = max(devices // vtp, 1)
-    local_hidden = hidden_bytes / dp
+    """The embedding (``part="prologue"``) or head (``"epilogue"``) under vocab TP (or vsp) and its data
+    parallelism (the ids' and labels' moves under vsp, a few bytes per token, are left out)."""
+    vtp, vsp = embedding.vtp, embedding.vsp and embedding.vtp > 1
+    split = 1 if vsp else vtp  # vsp keeps the weights whole
+    dp = devices if vsp else max(devices // vtp, 1)
+    local_hidden = hidden_bytes / max(devices // vtp, 1)
     found: list[Collective] = []
-    if vtp > 1:
-        sp = "megatron" if embedding.vsp else "none"
+    if vsp and part != "prologue":
+        time_s = None if hardware is None else 2 * hardware.collective_s("all_reduce", 4, vtp)
+        found.append(Collective("all_reduce", "vsp", vtp, True, "forward", 2, 4, time_s))
+    elif vtp > 1 and not vsp:
         phase = "forward" if part == "prologue" else "backward"  # embedding output forward, head input-grad backward
         found += [
-            c for c in tp_collectives(vtp, sp, True, local_hidden, hardware, calls_per_pass=1) if c.phase == phase
+            dataclasses.replace(c, purpose="vtp")
+            for c in tp_collectives(vtp, "none", True, local_hidden, hardware, calls_per_pass=1)
+            if c.phase == phase
         ]
-        found = [
-            Collective(
-                c.op,
-                "vsp" if embedding.vsp else "vtp",
-                c.group_size,
-                c.consecutive,
-                c.phase,
-                c.count,
-                c.bytes_per_call,
-                c.time_s,
-            )
-            for c in found
-        ]
-    params = param_count - vocab_param_count + vocab_param_count / vtp
-    found += dp_collectives(dp, embedding.data_parallel_type, vtp == 1, params, mixed_precision, hardware)
+    params = param_count - vocab_param_count + vocab_param_count / split
+    found += dp_collectives(dp, embedding.data_parallel_type, split == 1, params, mixed_precision, hardware)
     return found
 
 

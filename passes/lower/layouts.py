@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from galvatron_fx.fx_utils import copy_layer_modules, get_attr_path
-from galvatron_fx.parallel_dims import ParallelDims, data_split, dp_index, tp_index
+from galvatron_fx.parallel_dims import PROLOGUE_AND_EPILOGUE, ParallelDims, data_split, dp_index, end_layout, tp_index
 from galvatron_fx.passes.lower.graph.sequence_parallel import SPConfig, sequence_parallel
 from galvatron_fx.passes.lower.ops.redistribute import redistribute, scale_grad
 from galvatron_fx.plan import LayerStrategy, Plan
@@ -155,11 +155,23 @@ def batched_names(program: Program) -> frozenset[str]:
 
 
 def sp_config(
-    dims: ParallelDims, strategy: LayerStrategy, rank: int, batched: frozenset[str], strict: bool = False
+    dims: ParallelDims,
+    strategy: LayerStrategy,
+    rank: int,
+    batched: frozenset[str],
+    strict: bool = False,
+    mode: str | None = None,
 ) -> SPConfig:
-    """The sequence-parallel rewrite of a layer under ``strategy`` for ``rank``."""
+    """The sequence-parallel rewrite of a layer under ``strategy`` (in ``mode``, by default its ``sp``) for
+    ``rank``."""
     ranks = dims.tp_group(strategy, rank)
-    return SPConfig(strategy.sp, strategy.tp, ranks.index(rank), ranks, batched, strict)
+    return SPConfig(mode or strategy.sp, strategy.tp, ranks.index(rank), ranks, batched, strict)
+
+
+def vsp_config(plan: Plan, rank: int, batched: frozenset[str], strict: bool = False) -> SPConfig:
+    """The vsp rewrite of the embedding and head for ``rank``: over its vtp group (``end_layout``)."""
+    layout = end_layout(plan.embedding, plan.devices_per_stage)
+    return sp_config(ParallelDims.of(plan), layout, rank, batched, strict, mode="vsp")
 
 
 _SEQUENCE_FLAGS: "weakref.WeakKeyDictionary[fx.GraphModule, dict]" = weakref.WeakKeyDictionary()
@@ -170,25 +182,29 @@ def sequence_flags(program: Program, plan: Plan, layer_index: int, strategy: Lay
     ``strategy``, without lowering its stage (for values that cross a pipeline cut): the rewrite runs on a
     copy, once per process."""
     original = program.layers[layer_index].module
+    mode = "vsp" if program.layers[layer_index].kind in PROLOGUE_AND_EPILOGUE else strategy.sp
     cache = _SEQUENCE_FLAGS.setdefault(original, {})
-    if strategy not in cache:
+    if (strategy, mode) not in cache:
         module = copy_layer_modules([original])[0]
         dims = ParallelDims.of(plan)  # any rank of the stage gives the same layout: rank 0
+        config = sp_config(dims, strategy, 0, batched_names(program), mode=mode)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            sequence_parallel(module, sp_config(dims, strategy, 0, batched_names(program)), f"layer{layer_index}")
-        cache[strategy] = layer_meta(module)
-    return cache[strategy]
+            sequence_parallel(module, config, f"layer{layer_index}")
+        cache[strategy, mode] = layer_meta(module)
+    return cache[strategy, mode]
 
 
 def producer_layouts(program: Program, plan: Plan) -> dict[str, Layout]:
-    """Value name → the layout it is produced in (sequence-parallel layers: per output); graph inputs and the
-    embedding's and head's outputs: the trainer's data split."""
+    """Value name → the layout it is produced in (sequence-parallel layers: per output); graph inputs: the
+    trainer's data split; the embedding's and head's outputs: ``end_layout`` (the data split, or under vsp
+    per output)."""
     devices = plan.devices_per_stage
     strategies = {layer.index: strategy for layer, strategy in zip(program.body, plan.layers)}
     producers = {name: Layout(data_split(devices)) for name in program.placeholder_names}
+    ends = end_layout(plan.embedding, devices)
     for layer in program.layers:
-        strategy = strategies.get(layer.index, data_split(devices))
+        strategy = strategies.get(layer.index, ends)
         flags = sequence_flags(program, plan, layer.index, strategy).seq_outputs if strategy.sp != "none" else ()
         for i, name in enumerate(layer.output_names):
             producers[name] = Layout(strategy, bool(flags[i]) if flags else False)

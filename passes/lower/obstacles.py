@@ -5,7 +5,9 @@ ops that mix along a sharded dimension, a sequence the group must split. ``lower
 layer of every type, for every degree and sequence-parallel mode, on a copy, for one rank (collective-free),
 in strict mode, and records why each one that fails cannot run. The cost model then leaves those strategies
 out, with the reason shown (``LayerTypeProfile.lowering_obstacles``); the same check decides whether the
-embedding and head can be vocab-parallel. Results are cached per Program.
+embedding and head can be vocab-parallel (``vtp{n}``) and sequence-parallel under vsp (``vsp{n}``: a loss
+that is not a cross-entropy over the sequence's positions, a head that picks positions, as classifiers do, or a
+sequence the group cannot split). Results are cached per Program.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from galvatron_fx.fx_utils import copy_layer_modules
 from galvatron_fx.passes.lower.graph.sequence_parallel import SPConfig, sequence_parallel
 from galvatron_fx.passes.lower.graph.tensor_parallel import TPConfig, tensor_parallel
 from galvatron_fx.passes.lower.graph.vocab_parallel import VocabConfig, tied_vocab_names, vocab_parallel, vocab_size
+from galvatron_fx.passes.lower.layouts import batched_names
 from galvatron_fx.plan import SP_TYPES, LayerStrategy
 from galvatron_fx.program import Program, node_meta
 
@@ -75,9 +78,27 @@ def vocab_obstacle(program: Program, vtp: int) -> str | None:
     return None
 
 
+def vsp_obstacle(program: Program, vtp: int) -> str | None:
+    """Why the embedding and head cannot run sequence-parallel over ``vtp`` ranks (vsp), or None."""
+    if vtp == 1:
+        return None
+    if not program.dynamic_batch:  # the group's ranks run its samples together: another batch than captured
+        return f"the model was captured at a fixed batch ({program.static_batch_reason})"
+    config = SPConfig("vsp", vtp, 0, tuple(range(vtp)), batched_names(program), strict=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            parts = copy_layer_modules([program.prologue.module, program.epilogue.module])
+            for name, part in zip(("the embedding", "the head"), parts):
+                sequence_parallel(part, config, name)
+    except PlanError as error:
+        return error.cause
+    return None
+
+
 def lowering_obstacles(program: Program, max_tp: int) -> dict[str, dict[str, str]]:
     """Layer type → ``LayerStrategy.lowering_key`` → why it cannot be lowered, for tp degrees up to ``max_tp``;
-    the key ``"embedding"`` maps ``vtp{n}`` the same way."""
+    the key ``"embedding"`` maps ``vtp{n}`` and ``vsp{n}`` the same way."""
     first = {}
     for layer in program.body:
         first.setdefault(layer.layer_type, layer.index)
@@ -93,4 +114,7 @@ def lowering_obstacles(program: Program, max_tp: int) -> dict[str, dict[str, str
         reason = vocab_obstacle(program, vtp)
         if reason:
             out.setdefault("embedding", {})[f"vtp{vtp}"] = reason
+        reason = vsp_obstacle(program, vtp)
+        if reason:
+            out.setdefault("embedding", {})[f"vsp{vtp}"] = reason
     return out

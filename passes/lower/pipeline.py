@@ -9,7 +9,8 @@ process groups and is applied by the runtime afterwards.
 1. ``SetLocalBatches``: each layer's graph at its own local batch (``micro_batch / dp``);
 2. ``ApplyTensorParallel``: layers with ``tp > 1`` and sp "none" sharded for this rank (``graph.tensor_parallel``);
 3. ``ApplySequenceParallel``: Megatron-SP and Ulysses layers (``graph.sequence_parallel``);
-4. ``ApplyVocabParallel``: the embedding and head vocab-parallel when ``vtp > 1`` (``graph.vocab_parallel``);
+4. ``ApplyVocabParallel``: the embedding and head vocab-parallel when ``vtp > 1`` (``graph.vocab_parallel``), or
+   under vsp sequence-parallel over their vtp group (``graph.sequence_parallel``, mode "vsp");
 5. ``ApplyLayouts``: a ``redistribute`` node wherever a layer reads a value produced in another layout (also
    one received over a pipeline cut), gradients scaled where a layer sees more than the rank's own samples,
    and the stage's send/receive specs set to the blocks that actually travel (``layouts``);
@@ -29,7 +30,7 @@ import torch
 import torch.fx as fx
 
 from galvatron_fx.errors import PlanError
-from galvatron_fx.parallel_dims import ParallelDims, embedding_strategy, layout_strategy, tp_index
+from galvatron_fx.parallel_dims import ParallelDims, embedding_strategy, layout_strategy, tp_index, uses_vsp
 from galvatron_fx.passes.analysis.batch_dim import set_batch
 from galvatron_fx.passes.infra import Pass, PassFailure, run_passes
 from galvatron_fx.passes.lower.graph.random_streams import assign_streams, is_random
@@ -49,6 +50,7 @@ from galvatron_fx.passes.lower.layouts import (
     producer_layouts,
     scale_param_grads,
     sp_config,
+    vsp_config,
     with_shape,
 )
 from galvatron_fx.passes.lower.stage import (
@@ -67,7 +69,12 @@ PROLOGUE_AND_EPILOGUE = ("prologue", "epilogue")
 
 def layer_batch(plan: Plan, layer: StageLayer) -> int:
     """Samples of a micro-batch that ``layer`` runs on each rank: ``micro_batch / dp`` of its layout."""
-    return plan.micro_batch // layout_strategy(layer.kind, layer.strategy, plan.devices_per_stage).dp
+    return plan.micro_batch // _layout(plan, layer).dp
+
+
+def _layout(plan: Plan, layer: StageLayer):
+    """The strategy that decides where ``layer``'s activations live (``parallel_dims.layout_strategy``)."""
+    return layout_strategy(layer.kind, layer.strategy, plan.devices_per_stage, plan.embedding)
 
 
 def _graphs(stage: StageModule):
@@ -177,17 +184,26 @@ class ApplySequenceParallel(Pass[StageModule]):
 # -- 4 ------------------------------------------------------------------------------------------------------------
 class ApplyVocabParallel(Pass[StageModule]):
     """With ``vtp > 1``, the embedding and head (and a body layer that looks up their tied embedding, T5's
-    decoder input) vocab-parallel over this rank's vtp group."""
+    decoder input) vocab-parallel over this rank's vtp group; under vsp instead the embedding and head
+    sequence-parallel over that group with whole weights (a tied embedding stays whole for every layer).
+    ``strict`` (vsp): a part that cannot be rewritten is a PlanError (it always is)."""
+
+    def __init__(self, strict: bool = False):
+        self.strict = strict
 
     def __call__(self, stage, context):
         program, plan = context.program, context.plan
         if plan.embedding.vtp == 1:
             return stage
-        if plan.embedding.vsp:
-            warnings.warn(
-                "vsp is lowered as vocab tensor parallelism (sequence-sharded embedding/head is not implemented)",
-                stacklevel=2,
-            )
+        if uses_vsp(plan.embedding):
+            config = vsp_config(plan, context.position.rank, batched_names(program), self.strict)
+            for layer, graph in _graphs(stage):
+                if layer.kind in PROLOGUE_AND_EPILOGUE:
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        sequence_parallel(graph, config, f"{layer.name} ({layer.kind})")
+                    _emit_once(caught)
+            return stage
         vocab = vocab_size(program.epilogue.module)
         if vocab is None:
             raise PlanError(
@@ -227,7 +243,7 @@ class ApplyLayouts(Pass[StageModule]):
         program, plan = context.program, context.plan
         devices = plan.devices_per_stage
         producers = producer_layouts(program, plan)
-        layouts = [layout_strategy(layer.kind, layer.strategy, devices) for layer in stage.stage_layers]
+        layouts = [_layout(plan, layer) for layer in stage.stage_layers]
         if any(p.dp != devices or p.seq != 1 for p in producers.values()) or any(s.dp != devices for s in layouts):
             self._redistribute_inputs(stage, context, producers)
 
@@ -250,10 +266,15 @@ class ApplyLayouts(Pass[StageModule]):
         full_shapes = {
             spec.name: spec.shape for layer in program.layers for spec in (*layer.inputs, *layer.boundary_out)
         }
+        for node in program.graph_module.graph.find_nodes(op="placeholder"):  # the batch (vsp splits its tokens)
+            if isinstance(node.meta.get("val"), torch.Tensor):
+                full_shapes.setdefault(node.name, tuple(node.meta["val"].shape))
         stage_ranks = ParallelDims.of(plan).stage_ranks(position.stage)
         for layer, graph in _graphs(stage):
-            strategy = layout_strategy(layer.kind, layer.strategy, devices)
-            scale_param_grads(graph, strategy.dp / devices)
+            strategy = _layout(plan, layer)
+            # the embedding and head keep their own scaling: vocab-parallel parts scale theirs, and under vsp
+            # each rank's gradients cover its own tokens, summed over the stage by data parallelism
+            scale_param_grads(graph, 1.0 if layer.kind in PROLOGUE_AND_EPILOGUE else strategy.dp / devices)
             seq_inputs = layer_meta(graph).seq_inputs
             for name in layer.input_names:
                 if name in batched and name in producers:
@@ -278,8 +299,9 @@ class ApplyRandomStreams(Pass[StageModule]):
 
     def __call__(self, stage, context):
         for layer, graph in _graphs(stage):
-            sharded = layer.strategy.tp > 1 and layer.kind not in PROLOGUE_AND_EPILOGUE
-            assign_streams(graph, 1 + tp_index(layer.strategy, context.position.local) if sharded else 0)
+            layout = _layout(context.plan, layer)  # the embedding and head: tp > 1 only under vsp
+            sharded = layout.tp > 1
+            assign_streams(graph, 1 + tp_index(layout, context.position.local) if sharded else 0)
         return stage
 
     def ensures(self, stage, context):

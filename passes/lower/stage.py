@@ -223,7 +223,8 @@ def build_stage(context: LoweringContext) -> StageModule:
     for index in indices:
         layer = program.layers[index]
         strategy = plan.layers[body_position[index]] if index in body_position else embed
-        data_index = dp_index(layout_strategy(layer.kind, strategy, plan.devices_per_stage), position.local)
+        layout = layout_strategy(layer.kind, strategy, plan.devices_per_stage, plan.embedding)
+        data_index = dp_index(layout, position.local)
         layers.append(
             StageLayer(
                 index,

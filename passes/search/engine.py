@@ -42,6 +42,7 @@ import numpy as np
 
 from galvatron_fx.cost.memory import InFlight
 from galvatron_fx.errors import PlanError
+from galvatron_fx.parallel_dims import end_layout
 from galvatron_fx.passes.search.bounds import RestBound, StageBound, division_bound_s
 from galvatron_fx.passes.search.cost_contract import CostContract
 from galvatron_fx.passes.search.front import build_cost_table, folded, subset
@@ -320,6 +321,7 @@ class SearchEngine:
                     cost.transient_bound_bytes,
                     cost.grad_bytes,
                     cost.optimizer_temp_bytes,
+                    end_layout(embedding, devices) if s in (0, pp - 1) else None,  # middle stages share fronts
                 )
             out.append(self.embedding_parts[key])
         return out
@@ -396,9 +398,9 @@ class SearchEngine:
             if found is None:
                 continue
             time_s, division, (stages, picks) = found
-            layers = []
+            layers, parts = [], self.parts(setting, embedding)
             for s, ((front, a, b), pick) in enumerate(zip(stages, picks)):
-                layer_front = solver.layer_front(a, b, setting.in_flight[s], int(front.cap[pick]))
+                layer_front = solver.layer_front(a, b, setting.in_flight[s], int(front.cap[pick]), parts[s].layout)
                 layers += [
                     table.strategies[j]
                     for j in layer_front.backtrack(int(front.layout_class[pick]), int(front.index[pick]))

@@ -52,6 +52,7 @@ class SearchSpace:
     max_tp: int = 1 << 30
     max_pp: int = 1 << 30
     max_vtp: int = 1 << 30
+    max_vsp: int = 1 << 30  # vsp with vtp up to this; max_vtp caps vocab TP (vtp without vsp)
     only_max_tp: bool = False  # Galvatron's "tp" space: just the largest tp allowed
     only_max_pp: bool = False  # Galvatron's "pp" space: just the largest pp allowed
     disable_dp: bool = False  # no plain data parallelism: dp > 1 only with ZeRO-3
@@ -168,14 +169,16 @@ class SearchSpace:
         return out
 
     def embedding_strategies(self, devices: int, default_dp_type: str = "ddp") -> list[EmbeddingStrategy]:
-        """Embedding/head strategies: vocab TP degrees dividing the stage, Ulysses and ZeRO-3 variants; the
-        replicas otherwise use ``default_dp_type``, like the non-ZeRO-3 layers."""
-        vtps = [1] if self.disable_vtp else _powers_of_two_dividing(devices, self.max_vtp)
+        """Embedding/head strategies: vocab TP degrees dividing the stage, sequence-parallel (vsp) and ZeRO-3
+        variants; the replicas (``devices / vtp`` of each vocabulary shard, or under vsp every device of the
+        stage) otherwise use ``default_dp_type``, like the non-ZeRO-3 layers."""
         no_sdp = self.disable_embed_sdp or "zero3" not in self.dp_types
         out = []
-        for vtp in vtps:
-            for vsp in [False] if vtp == 1 or self.disable_vsp else [False, True]:
-                for sdp in [False] if devices // vtp == 1 or no_sdp else [False, True]:
+        for vtp in [1] if self.disable_vtp else _powers_of_two_dividing(devices, devices):
+            vsps = [True] if 1 < vtp <= self.max_vsp and not self.disable_vsp else []
+            for vsp in ([False] if vtp <= self.max_vtp else []) + vsps:
+                replicas = devices if vsp else devices // vtp
+                for sdp in [False] if replicas == 1 or no_sdp else [False, True]:
                     out.append(EmbeddingStrategy(vtp=vtp, vsp=vsp, embed_sdp=sdp, dp_type=default_dp_type))
         return out
 

@@ -23,13 +23,15 @@ from galvatron_fx.cost.memory import InFlight
 from galvatron_fx.parallel_dims import data_split
 from galvatron_fx.passes.search.bounds import RestBound
 from galvatron_fx.passes.search.front import Front, class_representatives, extend, pareto_indices, redistribution_matrix
+from galvatron_fx.plan import LayerStrategy
 
 _TOL = 1e-12
 
 
 @dataclass(frozen=True)
 class EmbeddingPart:
-    """The embedding/head share of one stage (zeros for middle stages)."""
+    """The embedding/head share of one stage (zeros for middle stages); ``layout``: where the embedding's
+    output and the head's input live (``parallel_dims.end_layout``; None: the data split)."""
 
     x_s: float
     g_s: float
@@ -38,6 +40,7 @@ class EmbeddingPart:
     peak_bytes: int
     grad_bytes: int
     optimizer_temp_bytes: int
+    layout: LayerStrategy | None = None
 
     def memory(self, in_flight) -> int:
         """Bytes with ``in_flight`` (cost/memory.py InFlight) micro-batches, transients left out."""
@@ -103,17 +106,10 @@ class StageSolver:
         self.caps = np.unique(peaks) if len(peaks) else np.zeros(0, np.int64)
         xmin = np.array([table.x[t][ok].min() if ok.any() else np.inf for t, ok in zip(self.types, usable)])
         self.rest_x = np.concatenate([np.cumsum(xmin[::-1])[::-1], [0.0]])  # Σ_{l >= a} fastest x
-        # the first body layer receives the embedding's output, the last one feeds the head: both parts lay
-        # activations out by the data split, so a layer of another layout class pays a move (cost contract)
-        split = data_split(engine.world_size // pp)
-        reps = class_representatives(table)
-        cost = engine.cost_model
-        self.entry_s = (
-            np.array([cost.redistribution_s(split, r, 0, micro_batch) for r in reps]) * table.redistribution_scale
-        )
-        self.exit_s = (
-            np.array([cost.redistribution_s(r, split, L, micro_batch) for r in reps]) * table.redistribution_scale
-        )
+        # the first body layer receives the embedding's output, the last one feeds the head: a layer of another
+        # layout class than those parts' (the data split, or vsp's) pays a move (cost contract)
+        self.split = data_split(engine.world_size // pp)
+        self._boundaries: dict[LayerStrategy, tuple[np.ndarray, np.ndarray]] = {}
         self.p2p = np.zeros((pp, L + 1))
         for s in range(pp - 1):
             for b in range(s + 1, L - (pp - 2 - s)):
@@ -129,10 +125,29 @@ class StageSolver:
             (sum(p.memory(self.least_in_flight) for p in parts) for parts in folded_parts), default=0
         )
 
+    def boundary_s(self, layout: LayerStrategy | None) -> tuple[np.ndarray, np.ndarray]:
+        """Per layout class: moving the embedding's output in ``layout`` (None: the data split) into the first
+        body layer, and the last body layer's output into the head's ``layout``."""
+        layout = layout or self.split
+        if layout not in self._boundaries:
+            reps, cost, L = class_representatives(self.table), self.engine.cost_model, len(self.types)
+            scale, mb = self.table.redistribution_scale, self.micro_batch
+            self._boundaries[layout] = (
+                np.array([cost.redistribution_s(layout, r, 0, mb) for r in reps]) * scale,
+                np.array([cost.redistribution_s(r, layout, L, mb) for r in reps]) * scale,
+            )
+        return self._boundaries[layout]
+
     # -- layer and stage fronts --------------------------------------------------------------------------
-    def layer_front(self, a: int, b: int, in_flight, cap_index: int) -> Front | None:
+    def layer_front(
+        self, a: int, b: int, in_flight, cap_index: int, entry: LayerStrategy | None = None
+    ) -> Front | None:
+        """The front of layers ``[a, b)``; the first layer of the model (``a == 0``) receives the embedding's
+        output in layout ``entry`` (None: the data split)."""
+        entry = (entry or self.split) if a == 0 else None
         key = (
             a == 0,
+            entry,
             self.types[a:b],
             self.engine.boundary_group[a + 1 : b],
             in_flight,
@@ -144,7 +159,7 @@ class StageSolver:
         bound_s = self.bound_s()
         if key in memo and memo[key][1] >= bound_s:
             return memo[key][0]
-        prev = self.layer_front(a, b - 1, in_flight, cap_index) if b - a > 1 else None
+        prev = self.layer_front(a, b - 1, in_flight, cap_index, entry) if b - a > 1 else None
         if b - a > 1 and (prev is None or not prev.M):
             memo[key] = (None, bound_s)
             return None
@@ -168,7 +183,7 @@ class StageSolver:
             cap,
             self.engine.budget - cap,
             promising,
-            self.entry_s if a == 0 else None,
+            self.boundary_s(entry)[0] if a == 0 else None,
         )
         memo[key] = (front, bound_s)
         return front
@@ -193,13 +208,14 @@ class StageSolver:
             return self._stage_cache[key]
         xs, gs, caps, cls, idx = [], [], [], [], []
         emb_bytes = part.memory(in_flight)
+        exit_s = self.boundary_s(part.layout)[1]
         for ci, cap in enumerate(self.caps):
-            front = self.layer_front(a, b, in_flight, ci)
+            front = self.layer_front(a, b, in_flight, ci, part.layout)
             if front is None or not front.M:
                 continue
             M, X, G, C, I = front.merged()  # noqa: E741 (the front's index column)
             ok = np.flatnonzero(M + emb_bytes + max(int(cap), part.peak_bytes) <= self.engine.budget)
-            xs.append(X[ok] + part.x_s + (self.exit_s[C[ok]] if last else 0.0)), gs.append(G[ok] + part.g_s)
+            xs.append(X[ok] + part.x_s + (exit_s[C[ok]] if last else 0.0)), gs.append(G[ok] + part.g_s)
             caps.append(np.full(len(ok), ci)), cls.append(C[ok]), idx.append(I[ok])
         result = None
         if xs and sum(map(len, xs)):

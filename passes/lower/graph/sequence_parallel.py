@@ -10,12 +10,21 @@ whole sequences are needed and what the group does with weights:
   dropout and residual adds run on sequence shards.
 - ``ulysses``: weights stay whole; everything runs on sequence shards except attention, whose q, k, v go
   from sequence to head sharding by an all-to-all (``seq_to_heads``) and back after it (``heads_to_seq``).
+- ``vsp``: Galvatron's vsp, for the embedding (prologue) and the head with its loss (epilogue) over their vtp
+  group: weights whole, everything on sequence shards, nothing that needs whole sequences (no attention, no
+  op that moves values along the sequence). The token ids arrive sequence-split like the hidden states; other
+  integer inputs (labels) arrive whole, so that a shift of the targets along the sequence (Hugging Face causal
+  LMs shift inside the loss) is computed on whole sequences; a cross-entropy over sharded rows takes the rows
+  of its target that match its logits (``sp_slice``) and becomes ``sequence_cross_entropy`` (the group's mean).
+  Whole values meeting shards are sliced with ``sp_slice`` and parameters get no ``tp_copy``: each rank's
+  gradients cover its own positions, and the runtime sums them over the stage as data parallelism does.
 
 How the sequence is found: the factor analysis of ``passes.analysis.dim_tracking`` follows the sequence dimension of
 the layer's first batched activation through views, transposes and merges (GPT-2's ``[batch * seq]``), so
 every value knows where its sequence factor sits. Which inputs arrive sharded: those with that factor that
 reach work outside the whole-sequence region (not only attention or the tensor-parallel region); inputs
-that are not batched (rotary tables) are split in the layer. States then propagate in graph order: a value
+that are not batched (rotary tables) are split in the layer. Under vsp the prologue's sequence is that of
+its token ids. States then propagate in graph order: a value
 computed from a sharded value is sharded, views of sharded values get the local sequence length, and whole
 values meeting sharded ones are split. Parameters used on sequence shards get ``tp_copy`` (their gradients
 are partial sums over the group). Ops that mix positions along the sequence outside attention are refused.
@@ -23,6 +32,7 @@ are partial sums over the group). Ops that mix positions along the sequence outs
 
 from __future__ import annotations
 
+import math
 import operator
 import warnings
 from dataclasses import dataclass, field
@@ -35,7 +45,7 @@ from galvatron_fx.errors import PlanError
 from galvatron_fx.fx_utils import get_attr_path
 from galvatron_fx.passes.analysis.batch_dim import is_size_node
 from galvatron_fx.passes.analysis.dim_factors import local_shape, rewrite_sizes
-from galvatron_fx.passes.analysis.dim_tracking import VIEWS, analyze, param_matmul, rewritten_meta
+from galvatron_fx.passes.analysis.dim_tracking import POINTWISE_EXTRA, VIEWS, analyze, param_matmul, rewritten_meta
 from galvatron_fx.passes.lower.graph.random_streams import mark_sharded
 from galvatron_fx.passes.lower.graph.tensor_parallel import TPConfig, TPResult, tensor_parallel
 from galvatron_fx.passes.lower.ops.collectives import (
@@ -43,15 +53,18 @@ from galvatron_fx.passes.lower.ops.collectives import (
     seq_to_heads,
     sp_gather,
     sp_reduce_scatter,
+    sp_slice,
     sp_split,
     tp_copy,
     tp_reduce,
     tp_scatter,
 )
+from galvatron_fx.passes.lower.ops.vocab import sequence_cross_entropy
 from galvatron_fx.program import set_layer_meta
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
+CROSS_ENTROPY = aten.cross_entropy_loss.default
 TRANSPARENT = VIEWS | {
     aten.expand.default,
     aten.unsqueeze.default,
@@ -85,8 +98,9 @@ REDUCTIONS = {
 
 @dataclass(frozen=True)
 class SPConfig:
-    """Sequence parallelism ``mode`` ("megatron" or "ulysses") over ``ranks`` (this process: ``tp_rank``);
-    ``batched``: placeholders whose dim 0 is the batch (they can arrive sharded by redistribution)."""
+    """Sequence parallelism ``mode`` ("megatron", "ulysses", or "vsp" for the embedding and head) over ``ranks``
+    (this process: ``tp_rank``); ``batched``: placeholders whose dim 0 is the batch (they can arrive sharded by
+    redistribution)."""
 
     mode: str
     tp: int
@@ -94,6 +108,10 @@ class SPConfig:
     ranks: tuple[int, ...]
     batched: frozenset[str] = frozenset()
     strict: bool = False
+
+    @property
+    def remedy(self) -> str:
+        return "use vsp=False" if self.mode == "vsp" else "use sp='none' for this layer"
 
 
 @dataclass
@@ -115,9 +133,12 @@ class _Sequence:
         )
         factors, dims = self.analysis.factors, self.analysis.dims
         self.cls, self.length = None, 0
-        for node in gm.graph.find_nodes(op="placeholder"):
-            value = node.meta.get("val")
-            if node.name in cfg.batched and _is_float(node) and value.dim() >= 3 and dims.get(node) and dims[node][1]:
+        placeholders = [n for n in gm.graph.find_nodes(op="placeholder") if n.name in cfg.batched and dims.get(n)]
+        sources = [n for n in placeholders if _is_float(n) and n.meta["val"].dim() >= 3]
+        if cfg.mode == "vsp":  # the embedding's sequence is that of its token ids, the head's that of [b, s, h]
+            sources = [n for n in placeholders if _is_token_ids(n)] + [n for n in sources if n.meta["val"].dim() == 3]
+        for node in sources:
+            if len(dims[node]) > 1 and dims[node][1]:
                 leaf = factors.leaves_of(dims[node][1])[0]
                 self.cls, self.length = factors.find(leaf), leaf.size
                 break
@@ -158,9 +179,42 @@ def _is_float(node) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point()
 
 
+def _is_token_ids(node: fx.Node) -> bool:
+    """An integer ``[batch, sequence, ...]`` value that an embedding looks up (through layout-neutral ops)."""
+    value = node.meta.get("val")
+    if not isinstance(value, torch.Tensor) or value.is_floating_point() or value.dim() < 2:
+        return False
+    stack, seen = list(node.users), set()
+    while stack:
+        user = stack.pop()
+        if user in seen or user.op != "call_function":
+            continue
+        seen.add(user)
+        if user.target is aten.embedding.default and user.args[1] in seen | {node}:
+            return True
+        if user.target in TRANSPARENT:
+            stack.extend(user.users)
+    return False
+
+
+def _keeps_positions(node: fx.Node, seq: "_Sequence", gm: fx.GraphModule) -> bool:
+    """Under vsp: whether ``node``, reading a sequence shard, computes each position from that position alone
+    (elementwise work, views, norms and reductions over other dims, projections, embedding lookups). Anything
+    else (indexing, slicing, padding, shifting along the sequence...) is refused rather than guessed."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags:
+        return True
+    if target in TRANSPARENT or target in POINTWISE_EXTRA or target in REDUCTIONS or param_matmul(gm, node):
+        return True
+    if target in (aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default):
+        where = seq.position(node.args[0], True)
+        return where is None or where[0] < node.args[0].meta["val"].dim() - len(node.args[1])
+    return target is aten.embedding.default
+
+
 def _whole_region(gm: fx.GraphModule, mode: str) -> set[fx.Node]:
-    """Nodes that need whole sequences: the tensor-parallel region (megatron) or attention (ulysses)."""
-    if mode == "ulysses":
+    """Nodes that need whole sequences: the tensor-parallel region (megatron) or attention (ulysses, vsp)."""
+    if mode != "megatron":
         return set(gm.graph.find_nodes(op="call_function", target=SDPA))
     region, stack = set(), [n for n in gm.graph.nodes if n.target in (tp_copy, tp_scatter)]
     while stack:
@@ -207,6 +261,38 @@ def _check_mixing(node: fx.Node, seq: _Sequence, gm: fx.GraphModule) -> None:
         )
 
 
+def _sequence_loss(gm: fx.GraphModule, loss: fx.Node, seq: _Sequence, cfg: SPConfig, sharded: set, what: str):
+    """Under vsp: replace the cross-entropy ``loss`` over sequence-sharded logits by ``sequence_cross_entropy``
+    over this rank's rows and their targets; returns the new node."""
+    logits, target, *rest = loss.args
+    weight, reduction, ignore_index, smoothing = (rest + [None, 1, -100, 0.0][len(rest) :])[:4]
+    if weight is not None or reduction != 1 or smoothing:
+        raise PlanError(
+            f"{what}: vsp supports a mean cross-entropy without class weights or label smoothing ({loss.name})",
+            cfg.remedy,
+        )
+    where = seq.position(logits, False)
+    if logits.meta["val"].dim() != 2 or where is None or where[0] != 0:
+        raise PlanError(
+            f"{what}: the logits of {loss.name} are not [rows, classes] with the sequence among the rows",
+            cfg.remedy,
+        )
+    graph = gm.graph
+    if target not in sharded:  # whole targets (labels shifted on whole sequences): this rank's rows
+        _, sizes, index = where
+        if target.meta["val"].shape[0] != math.prod(sizes):
+            raise PlanError(
+                f"{what}: the targets of {loss.name} do not match its {math.prod(sizes)} rows of logits", cfg.remedy
+            )
+        with graph.inserting_before(loss):
+            target = graph.call_function(sp_slice, (target, 0, sizes, index, cfg.ranks))
+    with graph.inserting_before(loss):
+        value = graph.call_function(sequence_cross_entropy, (logits, target, cfg.ranks, ignore_index))
+    loss.replace_all_uses_with(value)
+    graph.erase_node(loss)
+    return value
+
+
 def sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, layer_name: str = "layer") -> SPResult:
     """Requires: an ATen-level layer GraphModule with ``meta["val"]``, at the layer's local batch, full
     parameters. Ensures: ``gm`` rewritten for ``cfg.mode`` on rank ``cfg.tp_rank`` (megatron: tensor-parallel
@@ -214,15 +300,18 @@ def sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, layer_name: str = "laye
     sequence-sharded. Raises PlanError for sequences the group cannot split or ops that mix along them."""
     result = SPResult(gm)
     seq = _Sequence(gm, cfg)
+    vsp = cfg.mode == "vsp"
     if seq.cls is None:
         raise PlanError(
-            f"{layer_name}: sequence parallelism found no [batch, sequence, ...] activation among the layer's inputs",
-            "use sp='none' for this layer",
+            f"{layer_name}: sequence parallelism found no [batch, sequence, ...] "
+            f"{'activation or token ids' if vsp else 'activation'} among the layer's inputs",
+            cfg.remedy,
         )
     if seq.length % cfg.tp:
         raise PlanError(
-            f"{layer_name}: sequence length {seq.length} is not divisible by the group size {cfg.tp}",
-            f"use a sequence length divisible by {cfg.tp}, or sp='none'",
+            f"{layer_name}: sequence length {seq.length} is not divisible by the group size {cfg.tp}"
+            + (" (vsp splits the sequence over the vtp group)" if vsp else ""),
+            f"use a sequence length divisible by {cfg.tp}, or " + ("vsp=False" if vsp else "sp='none'"),
         )
     if cfg.mode == "megatron":
         with warnings.catch_warnings(record=True) as caught:
@@ -235,21 +324,25 @@ def sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, layer_name: str = "laye
     region = _whole_region(gm, cfg.mode)
     sharded: set[fx.Node] = set()
 
+    # Ulysses: a replicated value's slices have replicated gradients (all-gathered); vsp: each rank's own part
+    keep_part = sp_slice if vsp else sp_split
+
     def split(value: fx.Node, before: fx.Node) -> fx.Node:
         dim, sizes, index = seq.position(value, False)
         with graph.inserting_before(before):
-            return graph.call_function(sp_split, (value, dim, sizes, index, ranks))
+            return graph.call_function(keep_part, (value, dim, sizes, index, ranks))
 
     seq_inputs = set()
     for node in list(graph.find_nodes(op="placeholder")):
-        if not (_is_float(node) and seq.position(node, False) and _wants_shards(node, region)):
+        wanted = _is_float(node) and _wants_shards(node, region)
+        if not ((wanted or (vsp and _is_token_ids(node))) and seq.position(node, False)):
             continue
         if node.name in cfg.batched and seq.position(node, False)[0] == 1:
             seq_inputs.add(node.name)
             sharded.add(node)
         else:  # whole on every rank (a rotary table): keep this rank's part
             with graph.inserting_after(node):
-                part = graph.call_function(sp_split, (node, *seq.position(node, False), ranks))
+                part = graph.call_function(keep_part, (node, *seq.position(node, False), ranks))
             node.replace_all_uses_with(part, delete_user_cb=lambda user: user is not part)
             sharded.add(part)
 
@@ -273,6 +366,8 @@ def sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, layer_name: str = "laye
             node.replace_all_uses_with(part)
             graph.erase_node(node)
             sharded.add(part)
+        elif vsp and node.target is CROSS_ENTROPY and node.args[0] in sharded:
+            _sequence_loss(gm, node, seq, cfg, sharded, layer_name)
         elif node.target is SDPA and cfg.mode == "ulysses":
             for qkv in node.args[:3]:
                 if qkv not in sharded:
@@ -298,9 +393,15 @@ def sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, layer_name: str = "laye
                     f"{layer_name}: {node.name} needs the whole sequence but reads a sharded value",
                     "use sp='none' for this layer",
                 )
+            if vsp and not _keeps_positions(node, seq, gm):
+                raise PlanError(
+                    f"{layer_name}: {node.name} ({node.target}) may move values along the sequence, which vsp "
+                    "splits over the vtp group",
+                    cfg.remedy,
+                )
             _check_mixing(node, seq, gm)
             for arg in inputs:  # whole values with the sequence meet shards: keep this rank's part
-                if arg not in sharded and _is_float(arg) and seq.position(arg, False) and arg.op != "get_attr":
+                if arg not in sharded and (_is_float(arg) or vsp) and seq.position(arg, False) and arg.op != "get_attr":
                     node.replace_input_with(arg, split(arg, node))
             sharded.add(node)
             if node.target in VIEWS | {aten.expand.default} and seq.dims(node) is not None:
@@ -310,8 +411,9 @@ def sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, layer_name: str = "laye
                     *node.args[2:],
                 )
 
-    # parameters used on sequence shards: their gradients are partial over the group
-    for node in list(graph.find_nodes(op="get_attr")):
+    # parameters used on sequence shards: their gradients are partial over the group (vsp: the runtime sums
+    # them over the whole stage, as data parallelism does)
+    for node in list(graph.find_nodes(op="get_attr")) if not vsp else ():
         if isinstance(get_attr_path(gm, node.target), nn.Parameter) and any(u in sharded for u in node.users):
             with graph.inserting_after(node):
                 copy = graph.call_function(tp_copy, (node, ranks))
@@ -331,5 +433,5 @@ def sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, layer_name: str = "laye
     set_layer_meta(gm, seq_inputs=result.seq_inputs, seq_outputs=result.seq_outputs)
     graph.lint()
     gm.recompile()
-    rewritten_meta(gm, f"{layer_name}: sequence parallelism ({cfg.mode})", "use sp='none' for this layer")
+    rewritten_meta(gm, f"{layer_name}: sequence parallelism ({cfg.mode})", cfg.remedy)
     return result

@@ -298,6 +298,34 @@ def sp_split(x: torch.Tensor, dim: int, sizes: tuple, index: int, ranks: Ranks) 
     return _SeqShard.apply(x, dim, tuple(sizes), index, ranks, False) if len(ranks) > 1 else x
 
 
+class _SeqSlice(torch.autograd.Function):
+    """Forward: this rank's part of the sequence factor; backward: its gradient in place, zeros elsewhere."""
+
+    @staticmethod
+    def forward(ctx, x, dim, sizes, index, ranks):
+        ctx.args, ctx.shape = (dim, tuple(sizes), index, ranks), x.shape
+        return _factor_split(x, dim, sizes, index, ranks)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dim, sizes, index, ranks = ctx.args
+        shape = list(ctx.shape)
+        dim = dim % len(shape)
+        factored = shape[:dim] + list(sizes) + shape[dim + 1 :]
+        chunk = sizes[index] // len(ranks)
+        local = [chunk if i == dim + index else n for i, n in enumerate(factored)]
+        full = grad.new_zeros(factored)
+        full.narrow(dim + index, _my_index(ranks) * chunk, chunk).copy_(grad.reshape(local))
+        return full.reshape(shape), None, None, None, None
+
+
+def sp_slice(x: torch.Tensor, dim: int, sizes: tuple, index: int, ranks: Ranks) -> torch.Tensor:
+    """This rank's part of a whole value along the sequence factor (``sizes``: whole); backward the gradient of
+    that part alone, zeros elsewhere: each rank's gradient of the whole value covers its own positions, and
+    summing over the ranks (data parallelism does) gives the whole gradient. Integer values (targets) too."""
+    return _SeqSlice.apply(x, dim, tuple(sizes), index, ranks) if len(ranks) > 1 else x
+
+
 def _all_to_all(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     """Chunk i of dim 0 goes to rank i; the result's chunk j came from rank j."""
     if _is_fake(x):

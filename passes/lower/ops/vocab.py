@@ -1,12 +1,14 @@
 """The functions a vocab-parallel embedding and head call (``passes.lower.graph.vocab_parallel`` inserts them):
-a lookup in this rank's rows of the vocabulary, and the cross-entropy over logits split along the vocabulary."""
+a lookup in this rank's rows of the vocabulary, the cross-entropy over logits split along the vocabulary, and
+under vsp the cross-entropy over rows split along the sequence."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed._functional_collectives as funcol
 
-from galvatron_fx.passes.lower.ops.collectives import _is_fake, all_reduce_sum, completed
+from galvatron_fx.passes.lower.ops.collectives import _is_fake, all_reduce_sum, completed, tp_reduce
+from galvatron_fx.passes.lower.ops.redistribute import scale_grad
 
 
 def masked_embedding(weight: torch.Tensor, ids: torch.Tensor, start: int, padding_idx: int = -1) -> torch.Tensor:
@@ -59,3 +61,14 @@ def vocab_cross_entropy(
     """Mean cross-entropy of ``[rows, shard]`` logits whose columns are vocabulary entries ``start...``
     (entries at or past ``vocab`` are padding) against whole-vocabulary targets, over the group ``ranks``."""
     return _VocabCrossEntropy.apply(logits, target, start, vocab, ranks, ignore_index)
+
+
+def sequence_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ranks, ignore_index: int = -100):
+    """Under vsp: the mean cross-entropy of the group's rows, of which this rank holds ``[rows, vocab]`` logits
+    and their targets (its slice of the sequence). Each rank sums its rows' losses and divides by the group's
+    count of targets (all-reduced: slices hold different numbers of ignored targets); the value, all-reduced,
+    is the group's mean on every rank. Its gradient is scaled by the group size, as the vocab-parallel loss's
+    is: each row's gradient is the one the rank holding its sample alone would have produced."""
+    count = all_reduce_sum((target != ignore_index).sum().to(torch.float32), ranks).clamp(min=1)
+    local = torch.ops.aten.cross_entropy_loss(logits, target, None, 2, ignore_index) / count  # 2: sum
+    return scale_grad(tp_reduce(local, ranks), float(len(ranks)))
