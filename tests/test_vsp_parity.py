@@ -153,3 +153,14 @@ def test_cost_model_prices_vsp_as_it_is_lowered():
     expected = without.iteration_time_s - entry - cost.redistribution_s(layer, data_split(2), len(program.body), 8)
     assert with_vsp.iteration_time_s == pytest.approx(expected + a.fwd_s - b.fwd_s, rel=1e-12)
     assert with_vsp.memory_bytes_per_stage == without.memory_bytes_per_stage
+
+
+def test_train_command_takes_galvatrons_vsp_flag():
+    import argparse
+
+    from galvatron_fx.training.arguments import add_training_arguments
+    from galvatron_fx.training.run import _plan
+
+    args = add_training_arguments(argparse.ArgumentParser()).parse_args(["--tp", "2", "--vtp", "2", "--vsp", "1"])
+    plan = _plan(args).resolve(4, 2, GLOBAL_BATCH)
+    assert (plan.embedding.vtp, plan.embedding.vsp) == (2, True)

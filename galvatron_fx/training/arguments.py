@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 # Galvatron's global flags: one strategy for every layer, the alternative to --plan and to a search
-PLAN_FLAGS = ("pp", "tp", "tp_consecutive", "sdp", "chunks", "ckpt", "pipeline", "vtp")
+PLAN_FLAGS = ("pp", "tp", "tp_consecutive", "sdp", "chunks", "ckpt", "pipeline", "vtp", "vsp")
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -48,6 +48,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         "--pipeline", choices=("gpipe", "1f1b", "pipedream_flush"), default=None, help="pipeline schedule"
     )
     flags.add_argument("--vtp", type=int, default=None, help="vocab-parallel degree of embedding and head")
+    flags.add_argument(
+        "--vsp", type=int, choices=(0, 1), default=None, help="1: embedding and head sequence-parallel over --vtp ranks"
+    )
 
     train = parser.add_argument_group("training")
     train.add_argument("--global-batch", type=int, default=16, help="samples per optimizer step")

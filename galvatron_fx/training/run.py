@@ -132,7 +132,7 @@ def _plan(args: argparse.Namespace):
     flags = {name: getattr(args, name) for name in PLAN_FLAGS if getattr(args, name) is not None}
     if not flags:
         return args.plan
-    for name in ("tp_consecutive", "sdp", "ckpt"):
+    for name in ("tp_consecutive", "sdp", "ckpt", "vsp"):
         if name in flags:
             flags[name] = bool(flags[name])
     if flags.get("pipeline") == "pipedream_flush":  # Galvatron's name for 1F1B with a flush per step
