@@ -6,7 +6,10 @@ on 4 ranks, with Ulysses layers (whose layout is the embedding's: no move), and 
 4 ranks). The sequence, 12, differs from every other size (head dim 16); Hugging Face's causal LMs shift the
 labels inside the loss, which the slices of the sequence must neither drop nor double.
 
-One process (no spawn): what lowering refuses, and that the search prices and picks vsp."""
+The full tier adds T5 on 2 ranks (a body layer, the decoder's input, looks up the tied embedding).
+
+One process (no spawn): what lowering refuses (and the search leaves out), the cost model's vsp terms against
+what is lowered, and the train command's ``--vsp`` flag."""
 
 from __future__ import annotations
 
@@ -37,12 +40,7 @@ RECIPES = {
 }
 FAST = {2: [("gpt2", "vsp2+sgd"), ("llama", "vsp2"), ("bert", "vsp2+sgd")]}
 FULL = {
-    2: [
-        ("gpt2", "vsp2"),
-        ("llama", "vsp2+sgd"),
-        ("bert", "vsp2"),
-        ("t5", "vsp2+sgd"),
-    ],  # T5: a body layer reads the tied embedding
+    2: [("gpt2", "vsp2"), ("llama", "vsp2+sgd"), ("bert", "vsp2"), ("t5", "vsp2+sgd")],
     4: [(m, r) for m in MODELS for r in ("pp2_vsp2", "pp2_vsp2+sgd", "vsp2_zero3_4", "vsp2_ulysses_4")],
 }
 
