@@ -16,6 +16,13 @@ embedding and the head per vocab-TP degree; ``other_memory_pp_off[_sp]``: the ac
 stage, kept in ``ModelProfile.extra`` for stages that hold both: the two ``pp_on`` figures were measured on
 the first and last stage of a pipeline, and their sum exceeds it) and the model's YAML (hidden size, layers,
 heads).
+Profile modes, as Galvatron's: one sequence length in the computation file makes a ``static`` (one batch
+size) or ``batch`` profile (time linear in the batch); several (``layertype_{t}_bsz1_seq{s}``, Galvatron's
+``profile_mode sequence``) a ``sequence`` profile, fitted as Galvatron's search fits it: per-sample forward
+time ``a·s² + b·s + c`` for a layer (``b·s + c`` with two lengths), ``b·s + c`` for the embedding and head;
+memory from each length of the memory file (``layertype_{t}[_sp]/{s}``, ``other_memory_pp_on_*[_sp]/{s}``)
+into ``LayerTypeProfile.by_seq``, fitted against the length (``ModelProfile.at_seq``), and the profile's own
+length the largest there.
 Conventions taken from Galvatron: backward = 2 × forward; the head gets all of the "other" time (the
 embedding lookup is negligible); model states are 16 bytes per parameter in these files. The ``_sp``
 activation tables were measured with Megatron-SP; they serve for plain TP too (the files say nothing else).
@@ -39,7 +46,7 @@ from galvatron_fx.errors import ProfileError
 
 from .hardware import CommFit, HardwareProfile, fit_latency_bandwidth, read_json
 from .model import ONE_STAGE_ACTIVATION
-from .model_profile import LayerTypeProfile, ModelProfile, TimeFormula, fit_time_formula
+from .model_profile import LayerTypeProfile, ModelProfile, TimeFormula, fit_terms, fit_time_formula
 
 MiB = 2**20
 GB = 1e9
@@ -147,7 +154,12 @@ def _timed_fits(path: Path, data: dict) -> dict[tuple[str, int], CommFit]:
 
 
 def load_model(folder: str | Path, *, config: str | Path | None = None) -> ModelProfile:
-    """A ModelProfile from Galvatron's computation and memory profiles (and model YAML) in ``folder``."""
+    """A ModelProfile from Galvatron's computation and memory profiles (and model YAML) in ``folder``, in the
+    profile mode its files were measured in (module docstring)."""
+    return _with_profile_mode(_read_model(folder, config=config))
+
+
+def _read_model(folder: str | Path, *, config: str | Path | None = None) -> ModelProfile:
     folder = Path(folder)
     if not folder.is_dir():
         raise ProfileError(f"model profile folder {folder} does not exist", "check the path")
@@ -185,7 +197,7 @@ def load_model(folder: str | Path, *, config: str | Path | None = None) -> Model
             f"{compute_path}: key layertype_0_bsz<b>_seq<s> or layertype_other_... is missing",
             "profile the model with Galvatron's computation profiler",
         )
-    seq = max(s for _, s, _ in times["0"])
+    seq = _reference_seq(memory_path, times["0"])
     token_bytes = (2 if dtype in ("bf16", "fp16") else 4) * hidden
 
     memory = _object(memory_path)
@@ -204,7 +216,7 @@ def load_model(folder: str | Path, *, config: str | Path | None = None) -> Model
                 f"is malformed ({error})",
                 "re-run Galvatron's memory profiler",
             ) from None
-        fwd = fit_time_formula(times[type_name])
+        fwd = _fit_forward(times[type_name], quadratic=True)
         types[type_name] = LayerTypeProfile(
             type_name,
             fwd,
@@ -216,7 +228,7 @@ def load_model(folder: str | Path, *, config: str | Path | None = None) -> Model
             num_heads=heads,
             sp_activation_bytes_per_sample=dict(table),
         )
-    other = fit_time_formula(times["other"])
+    other = _fit_forward(times["other"], quadratic=False)
     prologue = _other(memory_path, memory, "first", seq, TimeFormula(), seq * token_bytes)
     epilogue = _other(memory_path, memory, "last", seq, other, seq * token_bytes)
     layer_types = ["0"] * layers if len(types) == 1 else _layer_types(types, layers)
@@ -237,6 +249,95 @@ def load_model(folder: str | Path, *, config: str | Path | None = None) -> Model
         source=str(compute_path),
         extra=extra,
     )
+
+
+def _fit_forward(samples: list[tuple[float, float, float]], quadratic: bool) -> TimeFormula:
+    """Forward time of ``(batch, seq, seconds)`` points: several sequence lengths as Galvatron's search fits
+    them (per sample ``c + b·s``, plus ``a·s²`` for a layer with three or more lengths), else linear in the
+    batch (``fit_time_formula``)."""
+    seqs = {s for _, s, _ in samples}
+    if len(seqs) < 2:
+        return fit_time_formula(samples)
+    powers = (0, 1, 2) if quadratic and len(seqs) >= 3 else (0, 1)
+    return fit_terms(samples, [((1, j, 1.0),) for j in powers])
+
+
+def _reference_seq(memory_path: Path, layer_times: list[tuple[float, float, float]]) -> int:
+    """The sequence length the profile's figures are read at: the computation file's (its largest); with
+    several (sequence mode), the largest the memory file has for layer type 0."""
+    seqs = sorted({int(s) for _, s, _ in layer_times})
+    if len(seqs) < 2:
+        return seqs[-1]
+    memory = _object(memory_path)
+    return max(_memory_seqs(memory, "layertype_0"), default=seqs[-1])
+
+
+def _memory_seqs(memory: dict, key: str) -> list[int]:
+    entry = memory.get(f"{key}_sp", memory.get(key))
+    return sorted(int(s) for s in entry if str(s).isdigit()) if isinstance(entry, dict) else []
+
+
+def _with_profile_mode(profile: ModelProfile) -> ModelProfile:
+    """``profile`` (read at one sequence length) with its profile mode and measured points; in sequence mode
+    with the memory figures of every length in the memory file (``by_seq``)."""
+    compute_path = Path(profile.source)
+    compute = _object(compute_path)
+    points = [re.fullmatch(r"layertype_0_bsz(\d+)_seq(\d+)", key) for key in compute]
+    batches = sorted({int(m.group(1)) for m in points if m})
+    seqs = sorted({int(m.group(2)) for m in points if m})
+    profile.profiled_batches, profile.profiled_seqs = batches, seqs
+    if len(seqs) < 2:
+        profile.profile_mode = "batch" if len(batches) >= 2 else "static"
+        return profile
+    profile.profile_mode = "sequence"
+    memory_path = compute_path.with_name(compute_path.name.replace("computation_profiling_", "memory_profiling_", 1))
+    memory = _object(memory_path)
+    token_bytes = profile.prologue.boundary_bytes_per_sample // profile.seq_length
+    for name, part in profile.types.items():
+        for seq in _memory_seqs(memory, f"layertype_{name}"):
+            table, ckpt = _layer_activation(memory_path, memory, name, seq)
+            figures = part.seq_figures()
+            figures.update(
+                activation_bytes_per_sample=table,
+                sp_activation_bytes_per_sample=dict(table),
+                ckpt_activation_bytes_per_sample=ckpt,
+                boundary_bytes_per_sample=seq * token_bytes,
+            )
+            part.by_seq[seq] = figures
+    for where, part in (("first", profile.prologue), ("last", profile.epilogue)):
+        for seq in _memory_seqs(memory, f"other_memory_pp_on_{where}"):
+            entry = _memory_entry(memory_path, memory, f"other_memory_pp_on_{where}", seq)
+            try:
+                table = {int(k): int(float(v) * MiB) for k, v in entry["activation"].items()}
+            except (KeyError, TypeError, ValueError, AttributeError) as error:
+                raise ProfileError(
+                    f"{memory_path}: key other_memory_pp_on_{where}/{seq}/activation is malformed ({error})",
+                    "re-run Galvatron's memory profiler",
+                ) from None
+            figures = part.seq_figures()
+            figures.update(
+                activation_bytes_per_sample=table,
+                sp_activation_bytes_per_sample=dict(table),
+                boundary_bytes_per_sample=seq * token_bytes,
+            )
+            part.by_seq[seq] = figures
+    for seq in profile.types[profile.layer_types[0]].by_seq:
+        profile.cut_bytes_by_seq[seq] = [seq * token_bytes] * len(profile.layer_types)
+    return profile
+
+
+def _layer_activation(path: Path, memory: dict, type_name: str, seq: int) -> tuple[dict[int, int], int]:
+    """(activation bytes per sample per TP degree, with checkpointing) of a layer type at ``seq``."""
+    entry = _memory_entry(path, memory, f"layertype_{type_name}", seq)
+    try:
+        per_bsz = entry["tp_activation_per_bsz_dict"]
+        table = {int(k): int(float(v) * MiB) for k, v in per_bsz.items() if k != "checkpoint"}
+        return table, int(float(per_bsz["checkpoint"]) * MiB)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ProfileError(
+            f"{path}: key layertype_{type_name}/{seq}/tp_activation_per_bsz_dict is malformed ({error})",
+            "re-run Galvatron's memory profiler",
+        ) from None
 
 
 def _memory_entry(path: Path, memory: dict, key: str, seq: int) -> dict:

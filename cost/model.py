@@ -101,11 +101,19 @@ class CostModel:
     """Predicts per-layer costs and whole-plan iteration time and memory (see module docstring)."""
 
     def __init__(
-        self, model: ModelProfile, hardware: HardwareProfile, *, mixed_precision: str = "fp32", optimizer: str = "adam"
+        self,
+        model: ModelProfile,
+        hardware: HardwareProfile,
+        *,
+        mixed_precision: str = "fp32",
+        optimizer: str = "adam",
+        seq: int | None = None,
     ):
         check_precision(mixed_precision)
         if optimizer != "adam":
             raise ConfigError(f"optimizer={optimizer!r} has no memory model", "use optimizer='adam'")
+        # seq: price another sequence length than the profile's own (a sequence-mode profile; ModelProfile.at_seq)
+        model = model.at_seq(seq) if seq is not None else model
         self.model, self.hardware = model, hardware
         self.mixed_precision, self.optimizer = mixed_precision, optimizer
         self.layer_types: list[str] = list(model.layer_types)

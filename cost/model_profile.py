@@ -7,11 +7,30 @@ throughput (``ModelProfile.from_program``, the analytic mode for clusters not at
 Galvatron's computation profile. Memory: parameters, saved activations per sample for every TP degree
 (with and without checkpointing), the bytes a pipeline cut after each body layer sends per sample.
 JSON stores the terms as numbers: loading a profile never evaluates text.
+
+Profile modes, as Galvatron's ``profile_mode`` (``ModelProfile.profile_mode``; the measured micro-batch sizes
+and sequence lengths are in ``profiled_batches`` / ``profiled_seqs``):
+- ``static``: one micro-batch size at one sequence length; time proportional to the batch.
+- ``batch``: several micro-batch sizes at one sequence length; time fitted linearly in the batch
+  (``1, b``); memory per sample is exact in the batch.
+- ``sequence``: several sequence lengths (at one or more batch sizes). Time is ``1, b·s, b·s²``: the
+  projections and MLP are linear in the tokens, attention's score and value products quadratic. With three
+  or more lengths the three terms are fitted freely; with two, the layer's FLOPs at the two lengths
+  (exact, from the graph) fix the ratio of the quadratic to the linear part, and the fit finds the
+  overhead and the throughput. Memory is kept per profiled length (``LayerTypeProfile.by_seq``) and fitted
+  per figure: linear in ``s``, plus ``s²`` where it grows faster (attention that materialises its
+  scores), or plus a constant where it grows slower (``fit_seq_terms``).
+A ``static`` or ``batch`` profile describes its ``seq_length`` only (``check_seq`` refuses another);
+``ModelProfile.at_seq`` evaluates a ``sequence`` profile at any length, with a ``SequenceRangeWarning``
+outside the profiled range.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -20,7 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 import sympy
 
-from galvatron_fx.errors import ProfileError
+from galvatron_fx.errors import ConfigError, ProfileError
 
 from .hardware import read_json
 from .memory import grad_working_bytes, tp_activation_split
@@ -28,6 +47,22 @@ from .memory import grad_working_bytes, tp_activation_split
 FORMAT = "galvatron_fx.model_profile/1"
 B, S = sympy.symbols("b s", positive=True)
 MAX_TP = 64
+PROFILE_MODES = ("static", "batch", "sequence")
+# the figures of a LayerTypeProfile that depend on the sequence length (``by_seq`` keeps them per length)
+SEQ_FIELDS = (
+    "activation_bytes_per_sample",
+    "sp_activation_bytes_per_sample",
+    "ckpt_activation_bytes_per_sample",
+    "boundary_bytes_per_sample",
+    "grad_working_bytes_per_sample",
+    "fwd_flops_per_sample",
+    "bwd_flops_per_sample",
+)
+_TABLE_FIELDS = ("activation_bytes_per_sample", "sp_activation_bytes_per_sample", "grad_working_bytes_per_sample")
+
+
+class SequenceRangeWarning(UserWarning):
+    """A sequence-mode profile evaluated at a sequence length outside the range it was measured over."""
 
 
 @dataclass(frozen=True)
@@ -65,12 +100,8 @@ class TimeFormula:
         return cls(terms)
 
 
-def fit_time_formula(samples: Sequence[tuple[float, float, float]]) -> TimeFormula:
-    """Least-squares fit of ``(batch, seq, seconds)`` samples with non-negative coefficients.
-
-    Basis: ``1, b`` when one sequence length was measured; ``1, b, b·s`` with two; ``1, b, b·s, b·s²``
-    (attention's quadratic part) with three or more. Terms that would come out negative are dropped.
-    """
+def _legacy_fit(samples: Sequence[tuple[float, float, float]]) -> TimeFormula:
+    """``fit_time_formula`` without a profile mode (see there)."""
     seqs = {s for _, s, _ in samples}
     basis = [(0, 0), (1, 0)] + ([(1, 1)] if len(seqs) >= 2 else []) + ([(1, 2)] if len(seqs) >= 3 else [])
     if len({b for b, _, _ in samples}) < 2 and len(seqs) < 2:
@@ -83,6 +114,144 @@ def fit_time_formula(samples: Sequence[tuple[float, float, float]]) -> TimeFormu
             break
         basis = [term for term, c in zip(basis, coefficients) if c >= 0] or [(1, 0)]
     return TimeFormula(tuple((i, j, float(max(c, 0.0))) for (i, j), c in zip(basis, coefficients)))
+
+
+# A column of a fit: ``Σ weight · b^i · s^j`` over its ``(i, j, weight)``; its coefficient scales every term.
+Column = tuple[tuple[int, int, float], ...]
+
+
+def _column_values(column: Column, samples: Sequence[tuple[float, float, float]]) -> np.ndarray:
+    return np.array([sum(w * b**i * s**j for i, j, w in column) for b, s, _ in samples], dtype=float)
+
+
+def fit_terms(samples: Sequence[tuple[float, float, float]], columns: Sequence[Column]) -> TimeFormula:
+    """Least squares of ``(batch, seq, seconds)`` samples on ``columns`` with non-negative coefficients:
+    columns whose coefficient comes out negative are dropped and the rest fitted again (columns are scaled
+    to unit norm first, so that ``1`` and ``b·s²`` solve together)."""
+    columns = [tuple(c) for c in columns]
+    target = np.array([t for _, _, t in samples], dtype=float)
+    while True:
+        matrix = np.stack([_column_values(c, samples) for c in columns], axis=1)
+        norms = np.linalg.norm(matrix, axis=0)
+        norms[norms == 0] = 1.0
+        coefficients = np.linalg.lstsq(matrix / norms, target, rcond=None)[0] / norms
+        if (coefficients >= 0).all() or len(columns) == 1:
+            break
+        columns = [c for c, value in zip(columns, coefficients) if value >= 0]
+    terms: dict[tuple[int, int], float] = {}
+    for column, value in zip(columns, coefficients):
+        for i, j, weight in column:
+            terms[(i, j)] = terms.get((i, j), 0.0) + float(max(value, 0.0)) * weight
+    return TimeFormula(tuple((i, j, c) for (i, j), c in sorted(terms.items()) if c > 0))
+
+
+def _identifiable(samples: Sequence[tuple[float, float, float]], columns: Sequence[Column]) -> bool:
+    matrix = np.stack([_column_values(c, samples) for c in columns], axis=1)
+    norms = np.linalg.norm(matrix, axis=0)
+    norms[norms == 0] = 1.0
+    return int(np.linalg.matrix_rank(matrix / norms, tol=1e-9)) == len(columns)
+
+
+def fit_time_formula(
+    samples: Sequence[tuple[float, float, float]],
+    profile_mode: str | None = None,
+    *,
+    seq_shape: Sequence[tuple[int, float]] | None = None,
+) -> TimeFormula:
+    """Least-squares fit of ``(batch, seq, seconds)`` samples with non-negative coefficients.
+
+    ``profile_mode`` None: basis ``1, b`` when one sequence length was measured; ``1, b, b·s`` with two;
+    ``1, b, b·s, b·s²`` (attention's quadratic part) with three or more. Terms that would come out negative
+    are dropped. ``"static"``: ``b``; ``"batch"``: ``1, b``; ``"sequence"``: with two lengths and
+    ``seq_shape`` (the layer's work per sample as ``(j, c)`` terms ``Σ c·s^j``, e.g. its FLOPs by
+    ``fit_seq_terms``), ``1, b·shape(s)``; otherwise ``1, b·s, b·s²`` where the samples determine all three
+    (three or more lengths, or two at two or more batch sizes), else ``1, b·s``.
+    """
+    if profile_mode is None:
+        return _legacy_fit(samples)
+    one = (((0, 0, 1.0),),)
+    if profile_mode == "static":
+        return fit_terms(samples, [((1, 0, 1.0),)])
+    if profile_mode == "batch":
+        columns = [*one, ((1, 0, 1.0),)]
+        return fit_terms(samples, columns if _identifiable(samples, columns) else columns[1:])
+    if profile_mode != "sequence":
+        raise ConfigError(f"profile mode {profile_mode!r} is unknown", f"use one of {', '.join(PROFILE_MODES)}")
+    linear, quadratic = ((1, 1, 1.0),), ((1, 2, 1.0),)
+    if len({s for _, s, _ in samples}) < 3 and seq_shape:
+        shape = tuple((1, int(j), float(c)) for j, c in seq_shape if c > 0)
+        if shape:
+            for columns in ([*one, shape], [shape]):
+                if _identifiable(samples, columns):
+                    return fit_terms(samples, columns)
+    for columns in ([*one, linear, quadratic], [*one, linear], [linear]):
+        if _identifiable(samples, columns):
+            return fit_terms(samples, columns)
+    return fit_terms(samples, [linear])
+
+
+def fit_seq_terms(points: Sequence[tuple[float, float]]) -> tuple[tuple[int, float], ...]:
+    """A figure against the sequence length, from ``(seq, value)`` points: ``(j, c)`` terms of ``Σ c·s^j``.
+
+    One length: proportional to ``s``. Two: proportional where the points say so; ``s, s²`` where the
+    figure grows faster than ``s`` (attention that materialises its ``s × s`` scores), ``1, s`` where it
+    grows slower (a per-sample part that does not scale, e.g. a classifier's). Three or more: ``1, s, s²``,
+    non-negative least squares. Memory figures are exact counts, so the fit recovers them exactly.
+    """
+    by_seq: dict[float, list[float]] = {}
+    for s, value in points:
+        by_seq.setdefault(float(s), []).append(float(value))
+    pts = sorted((s, sum(v) / len(v)) for s, v in by_seq.items())
+    if not pts or all(v == 0 for _, v in pts):
+        return ()
+    if len(pts) == 1:
+        return ((1, pts[0][1] / pts[0][0]),)
+    samples = [(1.0, s, v) for s, v in pts]
+    if len(pts) == 2:
+        (s1, v1), (s2, v2) = pts
+        excess = v2 * s1 - v1 * s2  # > 0: faster than linear
+        if abs(excess) <= 2.0 * s2 + 1e-9 * abs(v2 * s1):  # per-sample counts are rounded to whole bytes
+            powers: tuple[int, ...] = (1,)
+        else:
+            powers = (1, 2) if excess > 0 else (0, 1)
+    else:
+        powers = (0, 1, 2)
+    formula = fit_terms(samples, [((1, j, 1.0),) for j in powers])
+    return tuple((j, c) for _, j, c in formula.terms)
+
+
+def eval_seq_terms(terms: Sequence[tuple[int, float]], seq: float) -> float:
+    """``Σ c·s^j`` of ``fit_seq_terms``' terms at ``seq``."""
+    return float(sum(c * seq**j for j, c in terms))
+
+
+def resolve_profile_mode(profile_mode: str | None, batches: Sequence[int], seqs: Sequence[int]) -> str:
+    """The profile mode for measuring ``batches`` × ``seqs``: as given (checked against the lists), or, left
+    out, ``sequence`` with two or more sequence lengths, ``batch`` with two or more batch sizes, else
+    ``static``. Raises ConfigError where the lists do not fit the mode."""
+    batch_count, seq_count = len(set(batches)), len(set(seqs))
+    if profile_mode is None:
+        return "sequence" if seq_count >= 2 else "batch" if batch_count >= 2 else "static"
+    needs = {
+        "static": (batch_count == 1 and seq_count == 1, "one micro-batch size at one sequence length", "4", "64"),
+        "batch": (
+            batch_count >= 2 and seq_count == 1,
+            "two or more micro-batch sizes at one sequence length",
+            "2,4,8",
+            "64",
+        ),
+        "sequence": (seq_count >= 2, "two or more sequence lengths", "2,4,8", "32,64"),
+    }
+    if profile_mode not in needs:
+        raise ConfigError(f"profile mode {profile_mode!r} is unknown", f"use one of {', '.join(PROFILE_MODES)}")
+    fits, what, batches_example, seqs_example = needs[profile_mode]
+    if not fits:
+        raise ConfigError(
+            f"profile mode {profile_mode} measures {what}, but micro-batch sizes {sorted(set(batches))} and "
+            f"sequence lengths {sorted(set(seqs))} were given",
+            f"give e.g. --batches {batches_example} --seqs {seqs_example} with --profile-mode {profile_mode}",
+        )
+    return profile_mode
 
 
 @dataclass
@@ -113,6 +282,40 @@ class LayerTypeProfile:
     # ``LayerStrategy.lowering_key`` → why lowering cannot shard the layer so (passes.lower.obstacles);
     # for the embedding part, ``vtp{n}`` → why it cannot be vocab-parallel. Empty: nothing known against it
     lowering_obstacles: dict[str, str] = field(default_factory=dict)
+    # sequence mode: profiled sequence length → the figures of ``SEQ_FIELDS`` there (tables by TP degree);
+    # empty: the figures above are those of the profile's one sequence length
+    by_seq: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def seq_figures(self) -> dict[str, Any]:
+        """The figures of ``SEQ_FIELDS`` as this profile holds them (copies of the tables)."""
+        return {
+            name: dict(value) if isinstance(value, dict) else value
+            for name, value in ((name, getattr(self, name)) for name in SEQ_FIELDS)
+        }
+
+    def at_seq(self, seq: int, profiled_seq: int) -> "LayerTypeProfile":
+        """This part at sequence length ``seq``: each figure of ``SEQ_FIELDS`` fitted over ``by_seq``
+        (``fit_seq_terms``; without ``by_seq``, proportional to the length from ``profiled_seq``, the length
+        the figures were taken at). Times are formulas in the length already; the in-place times, measured
+        at one length, are left out."""
+        points = self.by_seq or {profiled_seq: self.seq_figures()}
+
+        def fitted(values: list[tuple[int, Any]]) -> int:
+            return max(0, round(eval_seq_terms(fit_seq_terms(values), seq)))
+
+        changes: dict[str, Any] = {}
+        for name in SEQ_FIELDS:
+            current = getattr(self, name)
+            if name in _TABLE_FIELDS:
+                if not current:
+                    continue
+                changes[name] = {
+                    tp: fitted([(s, fig[name][tp]) for s, fig in points.items() if fig.get(name) and tp in fig[name]])
+                    for tp in current
+                }
+            else:
+                changes[name] = fitted([(s, fig[name]) for s, fig in points.items() if fig.get(name) is not None])
+        return dataclasses.replace(self, **changes, in_place_times={})
 
     def activation_per_sample(self, tp: int, sequence_sharded: bool) -> float:
         table = (
@@ -166,6 +369,11 @@ class LayerTypeProfile:
                 for world, by_tp in self.in_place_times.items()
             },
             "lowering_obstacles": dict(self.lowering_obstacles),
+            **(
+                {"by_seq": {str(s): _figures_to_json(fig) for s, fig in sorted(self.by_seq.items())}}
+                if self.by_seq
+                else {}
+            ),
         }
 
     @classmethod
@@ -198,7 +406,26 @@ class LayerTypeProfile:
                 for world, by_tp in (data.get("in_place_times") or {}).items()
             },
             lowering_obstacles={str(k): str(v) for k, v in (data.get("lowering_obstacles") or {}).items()},
+            by_seq={int(s): _figures_from_json(fig) for s, fig in (data.get("by_seq") or {}).items()},
         )
+
+
+def _figures_to_json(figures: dict[str, Any]) -> dict[str, Any]:
+    return {
+        name: {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+        for name, value in figures.items()
+    }
+
+
+def _figures_from_json(figures: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in SEQ_FIELDS:
+        value = figures.get(name)
+        if name in _TABLE_FIELDS:
+            out[name] = {int(k): int(v) for k, v in value.items()} if value else None
+        else:
+            out[name] = int(value) if value is not None else None
+    return out
 
 
 @dataclass
@@ -208,8 +435,11 @@ class ModelProfile:
     ``layer_types`` lists the type of every body layer in order; ``types`` profiles each type once;
     ``prologue`` / ``epilogue`` are the embedding and head parts; ``cut_bytes_per_sample[i]`` is what a
     pipeline cut after body layer ``i`` sends per sample (every live activation). ``dtype`` is the
-    precision the times and activation bytes were taken in. ``unrecorded``: keys the file it was loaded from
-    lacks (their defaults stand in, are not checked against a run, and are not written back).
+    precision the times and activation bytes were taken in. ``profile_mode`` (module docstring): ``static``,
+    ``batch`` or ``sequence``; ``profiled_batches`` / ``profiled_seqs`` the micro-batch sizes and sequence
+    lengths measured (or captured, for an analytic profile); ``cut_bytes_by_seq`` the cut bytes per profiled
+    length (sequence mode). ``unrecorded``: keys the file it was loaded from lacks (their defaults stand in,
+    are not checked against a run, and are not written back).
     """
 
     name: str
@@ -228,6 +458,87 @@ class ModelProfile:
     extra: dict[str, Any] = field(default_factory=dict)
     tied_param_count: int = 0  # parameters the prologue and epilogue share (tied embedding and head)
     unrecorded: frozenset[str] = field(default_factory=frozenset, compare=False, repr=False)
+    profile_mode: str = "batch"
+    profiled_batches: list[int] = field(default_factory=list)
+    profiled_seqs: list[int] = field(default_factory=list)
+    cut_bytes_by_seq: dict[int, list[int]] = field(default_factory=dict)
+
+    def parts(self) -> dict[str, LayerTypeProfile]:
+        """Every profiled part by name: ``prologue``, each layer type, ``epilogue``."""
+        return {"prologue": self.prologue, **self.types, "epilogue": self.epilogue}
+
+    # -- sequence lengths ------------------------------------------------------------------------
+    def seq_range(self) -> tuple[int, int]:
+        """The sequence lengths the profile was measured over, as (shortest, longest): the lengths both its
+        times and its memory figures were taken at."""
+        sets = [set(self.profiled_seqs) or {self.seq_length}]
+        memory = {s for part in self.parts().values() for s in part.by_seq}
+        if memory:
+            sets.append(memory)
+        return max(min(s) for s in sets), min(max(s) for s in sets)
+
+    def check_seq(self, seq: int) -> None:
+        """Raise ProfileError if the profile cannot price sequence length ``seq``: a ``static`` or ``batch``
+        profile describes its own ``seq_length`` only."""
+        if seq == self.seq_length or self.profile_mode == "sequence":
+            if seq < 1:
+                raise ProfileError(f"sequence length {seq} is below 1", "give a positive sequence length")
+            return
+        where = self.source or "the model profile (in memory)"
+        raise ProfileError(
+            f"{where}: key seq_length is {self.seq_length} (a {self.profile_mode}-mode profile, measured at that "
+            f"sequence length only), but the run's sequence length is {seq}",
+            f"use sequence length {self.seq_length}, or profile the model again with galvatron-fx profile-model: "
+            f"--seqs {seq} (its only length), or --profile-mode sequence with --seqs around {seq}",
+        )
+
+    def at_seq(self, seq: int) -> "ModelProfile":
+        """This profile at sequence length ``seq`` (itself at its own ``seq_length``). A ``sequence`` profile's
+        memory figures are fitted over its profiled lengths (``LayerTypeProfile.at_seq``) and its times are
+        formulas in the length; outside the profiled range a ``SequenceRangeWarning`` names the range and the
+        length. Other modes raise ProfileError (``check_seq``)."""
+        self.check_seq(seq)
+        if seq == self.seq_length:
+            return self
+        low, high = self.seq_range()
+        if not low <= seq <= high:
+            warnings.warn(
+                f"{self.source or 'the model profile'} was profiled at sequence lengths {low}..{high}; sequence "
+                f"length {seq} is outside that range, so its times and memory are extrapolated",
+                SequenceRangeWarning,
+                stacklevel=2,
+            )
+        profiled = self.seq_length
+        cuts_by_seq = self.cut_bytes_by_seq or {profiled: list(self.cut_bytes_per_sample)}
+        cuts = [
+            max(0, round(eval_seq_terms(fit_seq_terms([(s, c[i]) for s, c in cuts_by_seq.items()]), seq)))
+            for i in range(len(self.cut_bytes_per_sample))
+        ]
+        return dataclasses.replace(
+            self,
+            types={name: part.at_seq(seq, profiled) for name, part in self.types.items()},
+            prologue=self.prologue.at_seq(seq, profiled),
+            epilogue=self.epilogue.at_seq(seq, profiled),
+            cut_bytes_per_sample=cuts,
+            seq_length=seq,
+        )
+
+    def record_seq_figures(self, by_seq: "dict[int, ModelProfile]") -> None:
+        """Keep the memory figures of ``by_seq`` (this model profiled from the graph at each sequence length,
+        e.g. ``from_program``) in each part's ``by_seq`` and in ``cut_bytes_by_seq`` (in place): what a
+        ``sequence`` profile fits against the length. Parts are matched by name; every profile must have
+        this one's parts and body layers."""
+        for seq, other in by_seq.items():
+            theirs = other.parts()
+            if set(theirs) != set(self.parts()) or len(other.cut_bytes_per_sample) != len(self.cut_bytes_per_sample):
+                raise ProfileError(
+                    f"the model has parts {sorted(theirs)} at sequence length {seq}, but {sorted(self.parts())} "
+                    f"at {self.seq_length}",
+                    "profile a model whose structure does not depend on the sequence length",
+                )
+            for name, part in self.parts().items():
+                part.by_seq[seq] = theirs[name].seq_figures()
+            self.cut_bytes_by_seq[seq] = list(other.cut_bytes_per_sample)
 
     def layer(self, layer_type: str) -> LayerTypeProfile:
         try:
@@ -277,6 +588,7 @@ class ModelProfile:
             mode="analytic",
             device=device,
             tied_param_count=_tied_param_count(program),
+            profiled_seqs=[seq],
         )
 
     def add_lowering_obstacles(self, obstacles: dict[str, dict[str, str]]) -> None:
@@ -305,7 +617,11 @@ class ModelProfile:
             "epilogue": self.epilogue.to_json_dict(),
             "extra": self.extra,
             "tied_param_count": self.tied_param_count,
+            "profile_mode": self.profile_mode,
+            "profiled": {"batches": list(self.profiled_batches), "seqs": list(self.profiled_seqs)},
         }
+        if self.cut_bytes_by_seq:
+            data["cut_bytes_by_seq"] = {str(s): list(c) for s, c in sorted(self.cut_bytes_by_seq.items())}
         return {key: value for key, value in data.items() if key not in self.unrecorded}
 
     def save(self, path: str | Path) -> None:
@@ -352,6 +668,17 @@ class ModelProfile:
                 raise ValueError(f"{len(cuts)} entries for {len(layer_types)} layers")
             key = "seq_length"
             scalars = {k: int(data[k]) for k in ("seq_length", "hidden_size", "num_heads")}
+            key = "profile_mode"
+            profile_mode = str(data.get("profile_mode", "batch"))
+            if profile_mode not in PROFILE_MODES:
+                raise ValueError(f"{profile_mode!r} is not one of {', '.join(PROFILE_MODES)}")
+            key = "profiled"
+            profiled = data.get("profiled") or {}
+            batches, seqs = [int(b) for b in profiled.get("batches", [])], [int(s) for s in profiled.get("seqs", [])]
+            key = "cut_bytes_by_seq"
+            cuts_by_seq = {int(s): [int(v) for v in c] for s, c in (data.get("cut_bytes_by_seq") or {}).items()}
+            if any(len(c) != len(layer_types) for c in cuts_by_seq.values()):
+                raise ValueError(f"an entry does not have {len(layer_types)} layers")
         except (KeyError, ValueError, TypeError, AttributeError) as error:
             raise ProfileError(
                 f"{source}: key {key} is missing or malformed ({type(error).__name__}: {error})",
@@ -371,8 +698,30 @@ class ModelProfile:
             source=source,
             extra=dict(data.get("extra") or {}),
             tied_param_count=int(data.get("tied_param_count", 0)),
-            unrecorded=frozenset(key for key in ("dtype", "device", "mode") if key not in data),
+            unrecorded=frozenset(
+                key for key in ("dtype", "device", "mode", "profile_mode", "profiled") if key not in data
+            ),
+            profile_mode=profile_mode,
+            profiled_batches=batches,
+            profiled_seqs=seqs,
+            cut_bytes_by_seq=cuts_by_seq,
         )
+
+
+def analytic_sequence_profile(by_seq: "dict[int, ModelProfile]", flops_per_s: float) -> ModelProfile:
+    """A ``sequence``-mode analytic profile from analytic profiles at several lengths (``from_program`` at each,
+    priced at ``flops_per_s``): each part's FLOPs fitted against the length (``fit_seq_terms``: linear, plus
+    quadratic where attention's are counted) ÷ the throughput, and the memory figures of every length."""
+    seqs = sorted(by_seq)
+    profile = copy.deepcopy(by_seq[seqs[-1]])
+    for name, part in profile.parts().items():
+        for pass_ in ("fwd", "bwd"):
+            flops = [(s, getattr(by_seq[s].parts()[name], f"{pass_}_flops_per_sample")) for s in seqs]
+            terms = fit_seq_terms(flops)
+            setattr(part, pass_, TimeFormula(tuple((1, j, c / flops_per_s) for j, c in terms)))
+    profile.record_seq_figures(by_seq)
+    profile.profile_mode, profile.profiled_seqs = "sequence", seqs
+    return profile
 
 
 # -- helpers shared with the measuring profiler ----------------------------------------------------

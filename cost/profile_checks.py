@@ -2,11 +2,12 @@
 
 A hardware profile describes ``world_size`` processes, ``devices_per_node`` of them per node, of one device
 kind; a model profile describes one model (its body layers and hidden size) at one sequence length
-(``seq_length``), on one device kind, in one precision (``dtype``: what a measured profile's times were
-taken in; an analytic profile is re-priced at any precision). Using a profile for anything else gives
-wrong prices without failing, so each of these recorded keys is compared with the run and a difference is
-refused with a ProfileError naming the file, the key, both values and a remedy. A key the file does not
-record (an older file; a hand-written one; ``ModelProfile.unrecorded``) is not compared.
+(``seq_length``; a ``sequence``-mode profile any length, fitted over the lengths it measured, with a warning
+outside them: ``ModelProfile.at_seq``), on one device kind, in one precision (``dtype``: what a measured
+profile's times were taken in; an analytic profile is re-priced at any precision). Using a profile for
+anything else gives wrong prices without failing, so each of these recorded keys is compared with the run
+and a difference is refused with a ProfileError naming the file, the key, both values and a remedy. A key
+the file does not record (an older file; a hand-written one; ``ModelProfile.unrecorded``) is not compared.
 
 ``profile_record`` is what a plan's provenance keeps of a profile: its path and sha256.
 """
@@ -77,8 +78,9 @@ def check_model_profile(
     num_layers: int | None = None,
     hidden_size: int | None = None,
 ) -> None:
-    """Raise ProfileError if ``profile`` describes another model (body layers, hidden size), sequence length,
-    device kind or, for a measured profile, precision than the run's."""
+    """Raise ProfileError if ``profile`` describes another model (body layers, hidden size), sequence length
+    (a ``static`` or ``batch`` profile: any but its own; ``ModelProfile.check_seq``), device kind or, for a
+    measured profile, precision than the run's."""
     where = _where(profile, "model")
     again = "profile the model again with galvatron-fx profile-model"
     if num_layers is not None and num_layers != len(profile.layer_types):
@@ -91,11 +93,8 @@ def check_model_profile(
             f"{where}: key hidden_size is {profile.hidden_size}, but the model's is {hidden_size}",
             f"{again} for this model and size (e.g. the same --size)",
         )
-    if seq is not None and seq != profile.seq_length:
-        raise ProfileError(
-            f"{where}: key seq_length is {profile.seq_length}, but the run's sequence length is {seq}",
-            f"use sequence length {profile.seq_length}, or {again} with {seq} among --seqs (the largest)",
-        )
+    if seq is not None:
+        profile.check_seq(seq)  # a sequence-mode profile prices any length (ModelProfile.at_seq)
     if device is not None and profile.device and device_kind(device) != device_kind(profile.device):
         raise ProfileError(
             f"{where}: key device is {profile.device!r}, but the run is on {device!r}",

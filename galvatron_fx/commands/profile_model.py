@@ -4,7 +4,13 @@ type's own graph here, and with --in-place N also lowered for each TP degree on 
 --mode analytic prices FLOPs at a cluster's sustained throughput, for hardware that is not at hand. It prints
 each part's times (ms), parameters and activations per sample, and the command to run next: search with this
 profile and the hardware profile where one is at hand, else profile-hardware first. The profile records the
-model's name and --size, which search takes when its own --size is left out."""
+model's name and --size, which search takes when its own --size is left out.
+
+--profile-mode, as Galvatron's: static (one micro-batch size at one sequence length), batch (several batch
+sizes at one length: time linear in the batch) or sequence (several lengths: time with linear terms for the
+projections and MLP and a quadratic one for attention, memory fitted per length, so that search prices other
+lengths, with a warning outside the profiled range). Left out, it follows --batches and --seqs (--mode analytic:
+batch, at the largest of --seqs); the file records the mode and the measured points."""
 
 from __future__ import annotations
 
@@ -29,9 +35,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mode", choices=("measured", "analytic"), default="measured", help="measure here, or FLOPs ÷ throughput"
     )
-    parser.add_argument("--batches", default="2,4,8", help="micro-batch sizes to measure (each ≥ 2)")
     parser.add_argument(
-        "--seqs", default="32,64", help="sequence lengths to measure (text models); the largest is the reference"
+        "--profile-mode",
+        choices=("static", "batch", "sequence"),  # cost.model_profile.PROFILE_MODES, not imported for --help
+        default=None,
+        help="static: one batch size and one sequence length; batch: several batch sizes (time linear in the "
+        "batch); sequence: several sequence lengths (time and memory fitted against the length, so other "
+        "lengths are priced too). Default: from --batches and --seqs",
+    )
+    parser.add_argument(
+        "--batches",
+        default=None,
+        help="micro-batch sizes to measure (default: 4 in static mode, else 2,4,8)",
+    )
+    parser.add_argument(
+        "--seqs",
+        default=None,
+        help="sequence lengths to measure (text models); the largest is the reference (default: 32,64 in "
+        "sequence mode and when no mode is given, else 64)",
     )
     parser.add_argument(
         "--cluster", default="A100-80GB", help="analytic mode: a device preset name or a cluster JSON file"
@@ -77,10 +98,14 @@ def run(args: argparse.Namespace) -> int:
     from galvatron_fx.cluster import Cluster
     from galvatron_fx.cost.in_place_profiler import measure_in_place
     from galvatron_fx.cost.layer_profiler import profile_model
-    from galvatron_fx.cost.model_profile import ModelProfile
+    from galvatron_fx.cost.model_profile import ModelProfile, analytic_sequence_profile, resolve_profile_mode
     from galvatron_fx.runtime.groups import default_backend
 
-    batches, seqs = _ints(args.batches, "--batches"), _ints(args.seqs, "--seqs")
+    default_batches = "4" if args.profile_mode == "static" else "2,4,8"
+    default_seqs = "32,64" if args.profile_mode in (None, "sequence") else "64"
+    batches = _ints(args.batches or default_batches, "--batches")
+    seqs = _ints(args.seqs or default_seqs, "--seqs")
+    resolve_profile_mode(args.profile_mode, batches, seqs)  # refused before anything is measured
     in_place_worlds = _ints(args.in_place, "--in-place") if args.in_place else []
     if in_place_worlds and args.mode != "measured":
         raise ConfigError(
@@ -95,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
                 build,
                 batches,
                 seqs,
+                profile_mode=args.profile_mode,
                 device=args.device,
                 repeats=args.repeats,
                 progress=not args.no_progress,
@@ -114,19 +140,31 @@ def run(args: argparse.Namespace) -> int:
             cluster = (
                 Cluster.load(args.cluster) if Path(args.cluster).suffix == ".json" else Cluster.preset(args.cluster)
             )
-            model, kwargs = build_model(args.model, size=args.size, batch=max(min(batches), 2), seq=max(seqs))
             flops = cluster.sustained_flops.get(args.dtype)
             if not flops:
                 raise ConfigError(
                     f"cluster {args.cluster} has no sustained throughput for {args.dtype}", "add it to the cluster JSON"
                 )
-            profile = ModelProfile.from_program(
-                capture(model, example_kwargs=kwargs),
-                flops_per_s=flops,
-                dtype=args.dtype,
-                device=cluster.device,
-                name=args.model,
-            )
+            # FLOPs ÷ throughput at each length captured (sequence mode), else at the largest
+            by_seq = {}
+            for seq in sorted(set(seqs)) if args.profile_mode == "sequence" else [max(seqs)]:
+                model, kwargs = build_model(args.model, size=args.size, batch=max(min(batches), 2), seq=seq)
+                part = ModelProfile.from_program(
+                    capture(model, example_kwargs=kwargs),
+                    flops_per_s=flops,
+                    dtype=args.dtype,
+                    device=cluster.device,
+                    name=args.model,
+                )
+                by_seq[part.seq_length] = part
+            if len(by_seq) == 1 and args.profile_mode == "sequence":
+                raise ProfileError(
+                    f"the model's sequence length is {sorted(by_seq)} at every length of --seqs",
+                    "profile it in batch mode (its inputs do not follow --seqs: e.g. an image model)",
+                )
+            profile = analytic_sequence_profile(by_seq, flops) if len(by_seq) > 1 else by_seq[max(by_seq)]
+            if len(by_seq) == 1:
+                profile.profile_mode = args.profile_mode or "batch"  # FLOPs ÷ throughput: linear in the batch
     if args.model in MODELS:
         profile.extra["size"] = args.size  # search takes it: the layers and widths it was profiled at
     replaced = Path(args.out).exists()
@@ -138,9 +176,27 @@ def run(args: argparse.Namespace) -> int:
         f"{len(profile.layer_types)} body layers of {kinds} type{'s' if kinds != 1 else ''}, "
         f"sequence length {profile.seq_length}, in {time.perf_counter() - start:.1f} s"
     )
+    print(f"  {_mode_line(profile)}")
     print("\n".join(model_summary(profile, max(batches))))
     _next(args, in_place_worlds)
     return 0
+
+
+def _mode_line(profile) -> str:
+    """The profile mode in words, with the points measured."""
+    batches = ",".join(str(b) for b in profile.profiled_batches) or "any (FLOPs)"
+    seqs = ",".join(str(s) for s in profile.profiled_seqs)
+    if profile.profile_mode == "sequence":
+        low, high = profile.seq_range()
+        return (
+            f"profile mode sequence: batches {batches} at sequence lengths {seqs}; prices any length "
+            f"(search warns outside {low}..{high})"
+        )
+    what = "time linear in the batch" if profile.profile_mode == "batch" else "time proportional to the batch"
+    return (
+        f"profile mode {profile.profile_mode}: batches {batches} at sequence length {profile.seq_length} ({what}); "
+        "search refuses other lengths"
+    )
 
 
 def _next(args: argparse.Namespace, in_place_worlds: list[int]) -> None:

@@ -81,7 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seq",
         type=int,
         default=None,
-        help=f"sequence length for built-in and HF models (default: the model profile's, else {DEFAULT_SEQ})",
+        help=f"sequence length for built-in and HF models (default: the model profile's, else {DEFAULT_SEQ}); "
+        "with a sequence-mode profile (ours or Galvatron's) any length, with a warning outside the profiled range",
     )
     parser.add_argument("--space", default="full", help="full, 3d, dp+tp, dp+pp, dp, sdp, tp or pp")
     parser.add_argument(
@@ -197,7 +198,10 @@ def _cost_model(args):
 
         folder = Path(args.galvatron_profiles)
         hardware = load_hardware(folder, memory_bytes=args.memory)
-        cost_model = CostModel(load_model(folder), hardware, mixed_precision=args.mixed_precision or "bf16")
+        # --seq: another length than the files' own (their sequence-mode profile; refused for static/batch)
+        cost_model = CostModel(
+            load_model(folder), hardware, mixed_precision=args.mixed_precision or "bf16", seq=args.seq
+        )
         provenance = {
             "model": f"galvatron:{folder.name}",
             "cluster": f"galvatron profiles {folder.name}",
