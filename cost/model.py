@@ -39,8 +39,8 @@ Terms of one layer, for a micro-batch of ``mb`` samples on a stage (each of the 
   recomputed activations; a DDP layer's backward that finds a stored gradient (every backward with
   persistent buckets, a step's later ones without) holds the new gradient of its largest weight before
   adding it. ZeRO-2 keeps the gathered parameters from forward to backward besides their
-  shard. The optimizer step's temporaries are one fp32 copy of the updated parameters with multi-tensor
-  Adam (GPUs' default), none on CPU.
+  shard. The default optimizer's step holds no temporaries: fused Adam on GPUs, and on CPU single-tensor
+  Adam, whose temporaries are one tensor's at a time.
 Precision: activation and hidden-state bytes are rescaled from the profile's dtype to the training
 dtype (bf16 halves fp32 bytes; so do pipeline messages, which travel in bf16); ZeRO gathers bf16
 parameters and reduces fp32 gradients; a replicated layer under bf16 autocast keeps a bf16 cast of its
@@ -263,13 +263,10 @@ class CostModel:
             grads = 0
         if dp_type == "zero2" and dp > 1:  # the shard stays besides the gathered parameters during a step
             states += int(params * STATE_BYTES_PER_PARAM[self.mixed_precision][0] / dp)
-        updated = params / dp if dp_type in ("zero2", "zero3") else params
-        temp = 4 * updated if self.hardware.device != "cpu" else 0.0  # multi-tensor Adam: one fp32 temporary
         return dataclasses.replace(
             cost,
             model_state_bytes=states,
             grad_bytes=grads,
-            optimizer_temp_bytes=int(temp),
             accumulate_bytes=int(accumulate),
         )
 
