@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 import torch.fx as fx
-from distributed import GLOBAL_BATCH, _config, _program, check_parity, optimizer_factory
+from distributed import GLOBAL_BATCH, _config, _program, build, check_parity, optimizer_factory
 
 from galvatron_fx.fx_utils import copy_layer_modules
 from galvatron_fx.passes.lower.ops.random import layer_seed
@@ -52,8 +52,10 @@ def _worker(rank: int, world_size: int, recipes: list[str]) -> dict:
             with torch.no_grad():
                 trainer.stage(env, seed=trainer._seeds()[0])
             outputs = {name: env[name] for layer in program.body for name in layer.output_names}
+        evaluated = [trainer.evaluate(batch) for batch in batches[:2]]  # dropout off, nothing updated
         losses = [trainer.step(batch) for batch in batches]
         out[recipe] = {
+            "evaluated": evaluated,
             "losses": losses,
             "params": trainer.full_parameters(),
             "outputs": outputs if recipe == "tp2" else {},
@@ -83,6 +85,20 @@ def test_training_equals_the_single_process_reference_that_draws_alike(results, 
         {"losses": [r[recipe]["losses"] for r in results], "params": [results[0][recipe]["params"]]},
         reference=reference,
     )
+
+
+@pytest.mark.parametrize("recipe", list(SP_OF))
+def test_evaluation_runs_without_dropout_like_the_models_eval(results, recipe):
+    model, batches = build(MODEL)
+    model.eval()
+    with torch.no_grad():
+        expected = [float(model(**batch).loss) for batch in batches[:2]]
+    model.train()
+    with torch.no_grad():
+        with_dropout = float(model(**batches[0]).loss)
+    assert abs(with_dropout - expected[0]) > 1e-3  # the dropout matters at this rate
+    for rank in results:
+        assert rank[recipe]["evaluated"] == pytest.approx(expected, abs=1e-5), (rank[recipe]["evaluated"], expected)
 
 
 def test_the_masks_matter():
