@@ -2,6 +2,7 @@
 given apart from the model, evaluation — each compared with single-process eager training."""
 
 import functools
+import json
 import tempfile
 from pathlib import Path
 
@@ -43,6 +44,32 @@ def _train(compiled, data, steps=STEPS):
     return [compiled.train_step(data[step % len(data)]) for step in range(steps)]
 
 
+def _galvatron_strategy_file(folder: Path) -> Path:
+    """Galvatron's strategy file for GPT-2 on 4 devices: 2 pipeline stages of 2 ZeRO-3 replicas (its
+    ``default_dp_type``, with no layer marked), PipeDream-flush (1F1B), checkpointing on every other layer."""
+    path = folder / "galvatron_strategy.json"
+    path.write_text(
+        json.dumps(
+            {
+                "pp_deg": 2,
+                "tp_sizes_enc": "1,1,1,1",
+                "tp_consecutive_flags": "1,1,1,1",
+                "dp_types_enc": "0,0,0,0",
+                "checkpoint": "0,1,0,1",
+                "global_bsz": GLOBAL_BATCH,
+                "chunks": 2,
+                "pp_division": "2,2",
+                "pipeline_type": "pipedream_flush",
+                "default_dp_type": "zero3",
+                "vtp": 1,
+                "vsp": 0,
+                "embed_sdp": 0,
+            }
+        )
+    )
+    return path
+
+
 def compile_worker(rank: int, world_size: int, cli_plan_path: str) -> dict:
     results = {}
     for name in ("gpt2", "t5"):
@@ -70,6 +97,15 @@ def compile_worker(rank: int, world_size: int, cli_plan_path: str) -> dict:
     model, data = _model_and_data("gpt2")
     compiled = galvatron_fx.compile(model, _cluster(), example_kwargs=data[0], optimizer=_adam, plan=cli_plan_path)
     results["cli_plan"] = {"pp": compiled.plan.pp, "losses": _train(compiled, data, 3)}
+
+    model, data = _model_and_data("gpt2")
+    path = _galvatron_strategy_file(Path(cli_plan_path).parent)
+    compiled = galvatron_fx.compile(model, _cluster(), example_kwargs=data[0], optimizer=_adam, plan=str(path))
+    plan = compiled.plan
+    results["galvatron_file"] = {
+        "layout": (plan.pp, plan.pipeline, plan.chunks, [layer.short() for layer in plan.layers]),
+        "losses": _train(compiled, data, 3),
+    }
 
     model, data = _model_and_data("nanogpt")
     data = [{"idx": batch["idx"]} for batch in data]
@@ -153,6 +189,12 @@ def test_global_flags_plan_and_eval_step():
 
 def test_plan_dumped_by_the_search_command():
     result = _distributed()[0]["cli_plan"]
+    _assert_close(result["losses"], _eager("gpt2", 3))
+
+
+def test_galvatron_strategy_file_with_zero3_default_and_pipedream_flush_trains_like_eager():
+    result = _distributed()[0]["galvatron_file"]
+    assert result["layout"] == (2, "1f1b", 2, ["dp2-zero3", "dp2-zero3 ckpt", "dp2-zero3", "dp2-zero3 ckpt"])
     _assert_close(result["losses"], _eager("gpt2", 3))
 
 
