@@ -56,8 +56,11 @@ def _divisors(n: int) -> list[int]:
     return [d for d in (1, 2, 4, 8, 16, 32, 64) if d <= n and n % d == 0]
 
 
-def uniform_grid(world: int, layers: int, global_batch: int) -> list[tuple[str, Plan]]:
-    """Every uniform plan whose micro-batches give each rank at least MIN_LOCAL_BATCH samples."""
+def uniform_grid(world: int, layers: int, global_batch: int, full: bool = False) -> list[tuple[str, Plan]]:
+    """Every uniform plan whose micro-batches give each rank at least MIN_LOCAL_BATCH samples. ``full``: the
+    whole uniform space the search considers (``searched_plan``): GPipe as well as 1F1B, strided TP groups
+    as well as consecutive ones, every chunk count; otherwise 1F1B, consecutive TP and ``pp`` or ``2·pp``
+    micro-batches."""
     out = []
     for pp in [d for d in _divisors(world) if d <= layers]:
         devices = world // pp
@@ -65,29 +68,33 @@ def uniform_grid(world: int, layers: int, global_batch: int) -> list[tuple[str, 
             dp = devices // tp
             for dp_type in ("ddp", "zero2", "zero3") if dp > 1 else ("ddp",):
                 for ckpt in (False, True):
-                    for chunks in (1,) if pp == 1 else (pp, 2 * pp):
+                    all_chunks = _divisors(global_batch) if full else ((1,) if pp == 1 else (pp, 2 * pp))
+                    for chunks in all_chunks:
                         if global_batch % chunks or global_batch // chunks // devices < MIN_LOCAL_BATCH:
                             continue
-                        layer = LayerStrategy(tp=tp, dp=dp, dp_type=dp_type, ckpt=ckpt)
-                        name = (
-                            f"pp{pp} tp{tp} dp{dp}"
-                            + (f" {dp_type}" if dp > 1 else "")
-                            + (" ckpt" if ckpt else "")
-                            + (f" c{chunks}" if pp > 1 else "")
-                        )
-                        out.append(
-                            (
-                                name,
-                                Plan(
-                                    world_size=world,
-                                    layers=(layer,) * layers,
-                                    pp=pp,
-                                    chunks=chunks,
-                                    pipeline="1f1b",
-                                    global_batch=global_batch,
-                                ),
-                            )
-                        )
+                        for pipeline in ("1f1b", "gpipe") if full and pp > 1 else ("1f1b",):
+                            for consecutive in (True, False) if full and 1 < tp < world and dp > 1 else (True,):
+                                layer = LayerStrategy(tp=tp, dp=dp, dp_type=dp_type, ckpt=ckpt, tp_consecutive=consecutive)
+                                name = (
+                                    f"pp{pp} tp{tp}{'' if consecutive else 's'} dp{dp}"
+                                    + (f" {dp_type}" if dp > 1 else "")
+                                    + (" ckpt" if ckpt else "")
+                                    + (f" c{chunks}" if pp > 1 or chunks > 1 else "")
+                                    + (" gpipe" if pipeline == "gpipe" else "")
+                                )
+                                out.append(
+                                    (
+                                        name,
+                                        Plan(
+                                            world_size=world,
+                                            layers=(layer,) * layers,
+                                            pp=pp,
+                                            chunks=chunks,
+                                            pipeline=pipeline,
+                                            global_batch=global_batch,
+                                        ),
+                                    )
+                                )
     return out
 
 
@@ -183,17 +190,36 @@ def main(argv=None) -> dict:
         help="profile the hardware and the model again first "
         "(profiles timed at another moment, under another load, mislead the search)",
     )
+    parser.add_argument(
+        "--out-of-sample",
+        default=None,
+        metavar="JSON",
+        help="price with the profiles of a cost_accuracy_oos run (its hardware profile and GPT-2 throughput; "
+        "LLaMA's analytic profile) instead of LLaMA's measured profile, and measure the full uniform space",
+    )
+    parser.add_argument("--full-grid", action="store_true", help="every uniform plan the search considers")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     from galvatron_fx.cost.model import CostModel
 
     folder = Path(args.out)
     world, gb = args.world, args.global_batch
-    profile = model_profile(MODEL, args.shape, folder, args.reprofile, [world])
-    cost = CostModel(profile, hardware_profile(world, folder, args.hardware, reprofile=args.reprofile))
+    if args.out_of_sample:
+        import json
+
+        from benchmarks.cost_accuracy_oos import analytic_profile, priced_hardware
+
+        hardware = priced_hardware(json.loads(Path(args.out_of_sample).read_text())["profile"])
+        if hardware.world_size != world:
+            raise SystemExit(f"{args.out_of_sample} profiled {hardware.world_size} processes, not {world}")
+        profile = analytic_profile(MODEL, hardware.flops_per_s["fp32"])
+        cost = CostModel(profile, hardware)
+    else:
+        profile = model_profile(MODEL, args.shape, folder, args.reprofile, [world])
+        cost = CostModel(profile, hardware_profile(world, folder, args.hardware, reprofile=args.reprofile))
     layers = len(profile.layer_types)
     searched = searched_plan(cost, world, layers, gb, args.memory_budget)
-    grid = uniform_grid(world, layers, gb)[: args.max_plans]
+    grid = uniform_grid(world, layers, gb, full=args.full_grid or bool(args.out_of_sample))[: args.max_plans]
     cases = grid + [("searched", searched)]
     chunks_pp = 2 * world if gb // (2 * world) >= 1 else world
     per_rank = spawn(measure, world, args.shape, cases, gb, args.warmup, args.repeats, chunks_pp)
@@ -279,6 +305,7 @@ def main(argv=None) -> dict:
         "ratio_to_best_plan": side["searched"] / best_plan,
         "ratio_to_best_native": side["searched"] / best_native,
         "best_uniform_by_prediction": best_uniform_predicted["plan"],
+        **_time_errors([r for r in rows if r["kind"] != "native"]),
         "targets": {"ratio_to_best_plan": 0.95, "ratio_to_best_native": 1.0},
     }
     print(
@@ -302,9 +329,24 @@ def main(argv=None) -> dict:
         "table": table,
         "failed": failed,
     }
-    path = write_json(f"plan_quality_w{world}", payload, folder)
+    payload["profiles"] = args.out_of_sample or "measured (model_profile_llama, hardware_profile)"
+    path = write_json(f"plan_quality_w{world}" + ("_oos" if args.out_of_sample else ""), payload, folder)
     print(f"wrote {path}")
     return payload
+
+
+def _time_errors(rows: list[dict]) -> dict:
+    """Predicted against measured step time over the sweep's plans (each measured once)."""
+    from benchmarks.cost_accuracy import spearman
+
+    errors = [r["samples_per_s"] / r["predicted_samples_per_s"] - 1 for r in rows]
+    return {
+        "sweep_median_time_error": median([abs(e) for e in errors]),
+        "sweep_worst_time_error": max(abs(e) for e in errors),
+        "sweep_spearman_time": spearman(
+            [1 / r["predicted_samples_per_s"] for r in rows], [1 / r["samples_per_s"] for r in rows]
+        ),
+    }
 
 
 def _describe(plan: Plan) -> str:

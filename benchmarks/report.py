@@ -207,6 +207,63 @@ def _environment(data: dict) -> str:
     )
 
 
+def out_of_sample_section(data: dict, quality_oos: dict | None) -> list[str]:
+    """The headline: cost-model accuracy out of sample (benchmarks/cost_accuracy_oos.py), per strategy kind."""
+    s, t = data["summary"], data["targets"]
+    loads = data.get("load_during_measurement") or {}
+    load = ", ".join(f"{k} {v[0]:.1f}/{v[1]:.1f}/{v[2]:.1f}" for k, v in loads.items() if v)
+    flops = data.get("priced_flops_per_s", {})
+    mark = lambda value, target: f"**{value:.1%}**" + ("" if value <= target else " (missed)")  # noqa: E731
+    parts = [
+        "## 0. Cost-model accuracy out of sample (headline)",
+        "",
+        f"Profiled and measured by `{data.get('measured_command') or data['command']}` (load average 1/5/15 min "
+        f"{load} of the measurement launches); priced by `{data['command']}` — {_environment(data)}.",
+        "",
+        "Protocol: " + " ".join(data["protocol"].split()),
+        "",
+        f"Priced throughput per process at {data['world']} processes: "
+        + ", ".join(f"{d} {v / 1e9:.1f} GFLOP/s" for d, v in flops.items())
+        + f"; {s['plans']} plans of LLaMA and BERT, global batch {data['global_batch']}.",
+        "",
+        f"Median |time error| {mark(s['median_time_error'], t['median_time_error'])} (target ≤ 10 %), worst "
+        f"{mark(s['worst_time_error'], t['worst_time_error'])} (≤ 25 %); Spearman of predicted and measured time "
+        f"**{s['spearman_time']:.3f}**; memory per rank: median |error| **{s['median_memory_error']:.1%}**, worst "
+        f"{mark(s['worst_memory_error'], t['memory_error'])} (≤ 10 %).",
+        "",
+        data["kind_table"],
+        "",
+        data["table"],
+        "",
+    ]
+    if data.get("failed"):
+        parts += ["Plans that failed (left out of the figures):", ""]
+        parts += [f"- {f['model']} {f['dtype']} {f['plan']}: {f['error']}" for f in data["failed"]] + [""]
+    pq = data.get("plan_quality_w4")
+    if pq:
+        parts += [
+            f"The stored plan-quality sweep (`{pq['file']}`, written {pq['written']}: LLaMA at 4 processes, "
+            "priced with the stored hardware profile and LLaMA's stored layer profile, each plan measured once) "
+            f"reads, as predicted against measured step time: median |error| **{pq['median_time_error']:.1%}**, "
+            f"worst **{pq['worst_time_error']:.1%}**, Spearman **{pq['spearman_time']:.3f}** over {pq['plans']} "
+            "plans.",
+            "",
+        ]
+    if quality_oos:
+        q = quality_oos["summary"]
+        parts += [
+            f"Plan quality out of sample (`{quality_oos['command']}` — {_environment(quality_oos)}): the search, "
+            f"priced with these profiles, chose {q['searched_description']}; side by side "
+            f"({q.get('side_by_side_rounds', '-')} alternated rounds) it ran at **{q['ratio_to_best_plan']:.3f}** × "
+            f"the best measured of {sum(1 for r in quality_oos['rows'] if r['kind'] == 'uniform')} uniform plans "
+            f"({q['best_measured_plan']}; target ≥ 0.95) and **{(q['ratio_to_best_native'] or 0):.3f}** × the best "
+            f"torch-native baseline ({q['best_native']}). In the sweep (each plan measured once, minutes apart) it "
+            f"read {q.get('sweep_ratio_to_best_plan', float('nan')):.3f} × the best. Section 3b lists the sweep.",
+            "",
+        ]
+    return parts
+
+
 def write_markdown(folder: Path, out: Path, search_speed: str | None, notes: str | None = None) -> str:
     cost = _load(folder, "cost_accuracy")
     overheads = [d for d in (_load(folder, f"runtime_overhead_w{w}") for w in (2, 4, 8)) if d]
@@ -222,6 +279,10 @@ def write_markdown(folder: Path, out: Path, search_speed: str | None, notes: str
     ]
     if notes:
         parts += [notes.strip(), ""]
+    oos = _load(folder, "cost_accuracy_oos")
+    quality_oos = _load(folder, "plan_quality_w4_oos")
+    if oos:
+        parts += out_of_sample_section(oos, quality_oos)
     if cost:
         plot = folder / "cost_accuracy.png"
         plot_cost_accuracy(cost, plot)
@@ -236,7 +297,11 @@ def write_markdown(folder: Path, out: Path, search_speed: str | None, notes: str
                 else f" — pricing the measurements in {cost['measured_by']}"
             )
         parts += [
-            "## 1. Cost-model accuracy",
+            "## 1. Cost-model accuracy in sample",
+            "",
+            "In sample: the profiles are taken in the same launch, at the same process counts, TP degrees and "
+            "batch sizes as the plans they price, and the terms were fitted on such runs. Section 0 is the "
+            "out-of-sample figure.",
             "",
             f"`{cost['command']}`{measured}",
             "",
@@ -293,6 +358,24 @@ def write_markdown(folder: Path, out: Path, search_speed: str | None, notes: str
             f"![plan quality]({rel(plot)})",
             "",
             data["table"],
+            "",
+        ]
+    if quality_oos:
+        s = quality_oos["summary"]
+        parts += [
+            "## 3b. Plan quality out of sample (4 processes)",
+            "",
+            f"`{quality_oos['command']}` — {_environment(quality_oos)}",
+            "",
+            f"Priced with {quality_oos.get('profiles')}. Searched plan: {s['searched_description']}: side by side "
+            f"**{s['ratio_to_best_plan']:.3f}** × the best measured plan ({s['best_measured_plan']}), "
+            f"**{(s['ratio_to_best_native'] or 0):.3f}** × the best native baseline ({s['best_native']}); in the "
+            f"sweep {s.get('sweep_ratio_to_best_plan', float('nan')):.3f}. The best uniform plan by prediction: "
+            f"{s.get('best_uniform_by_prediction')}. Predicted against measured step time over the sweep: median "
+            f"|error| {s.get('sweep_median_time_error', float('nan')):.1%}, worst "
+            f"{s.get('sweep_worst_time_error', float('nan')):.1%}, Spearman {s.get('sweep_spearman_time', float('nan')):.3f}.",
+            "",
+            quality_oos["table"],
             "",
         ]
     speed = _load(folder, "search_speed")

@@ -26,9 +26,10 @@ the optimizer step; the optimizer step holds gradients and its own temporaries. 
 Activation gradients: ``grad_working_bytes`` walks a layer's backward node by node, net of the activations
 it frees on the way; the cost model adds it to the layer's transient.
 
-Activations: ``tp_activation_split`` walks a layer's nodes and marks which saved tensors a Megatron
+Activations: ``tp_activation_parts`` walks a layer's nodes and marks which saved tensors a Megatron
 lowering would shard over the TP group — everything computed from a column-parallel projection's output
-until a row-parallel projection brings the result back to a replicated tensor. TP lowering is a later
+until a row-parallel projection brings the result back to a replicated tensor — and which are the
+column-parallel projections' own inputs, which Megatron-SP all-gathers and keeps whole. TP lowering is a later
 step: this is the analytic scaling the cost model uses until measured per-TP activations exist.
 """
 
@@ -171,23 +172,77 @@ def _tp_sharded_nodes(graph_module: fx.GraphModule, layer: Layer) -> set[str]:
     return sharded
 
 
-def tp_activation_split(graph_module: fx.GraphModule, layer: Layer) -> tuple[int, int]:
-    """(replicated, TP-sharded) saved-activation bytes of ``layer`` for the Program's example batch.
+def tp_activation_parts(graph_module: fx.GraphModule, layer: Layer) -> tuple[int, int, int]:
+    """(replicated, gathered, TP-sharded) saved-activation bytes of ``layer`` for the Program's example batch.
 
-    Requires node annotations (``node_meta(node).info.saved_bytes``) on ``graph_module``, the flat
-    graph; which values are sharded follows ``_tp_sharded_nodes``.
+    ``gathered``: the inputs the column-parallel projections save for their weight gradients. Autograd
+    attributes a saved tensor to the op that saves it, so these bytes sit on the projection's node, whose
+    own output is sharded, but the tensor itself is the projection's replicated input; under Megatron-SP it
+    is the all-gathered full-sequence input, which the lowered runtime keeps from forward to backward (it
+    does not gather again in backward as Megatron does). The other values outside the TP region are
+    ``replicated`` (sequence-sharded under Megatron-SP).
+
+    Requires node annotations (``node_meta(node).info``: ``saved_bytes``, shape, dtype) on ``graph_module``,
+    the flat graph; which values are sharded follows ``_tp_sharded_nodes``.
     """
     nodes = {n.name: n for n in graph_module.graph.nodes}
     sharded = _tp_sharded_nodes(graph_module, layer)
-    replicated_bytes = sharded_bytes = 0
+    replicated_bytes = gathered_bytes = sharded_bytes = 0
     for name in layer.node_names:
-        info = node_meta(nodes[name]).info
+        node = nodes[name]
+        info = node_meta(node).info
         saved = info.saved_bytes if info is not None else 0
-        if name in sharded:
-            sharded_bytes += saved
-        else:
+        if name not in sharded:
             replicated_bytes += saved
-    return replicated_bytes, sharded_bytes
+            continue
+        gathered = 0
+        if node.target in _LINEAR_OPS and _is_param_projection(graph_module, node):
+            inputs = [n for n in node.all_input_nodes if n.op != "get_attr" and n.name not in sharded]
+            gathered = min(saved, sum(_value_bytes(n) for n in inputs))
+        gathered_bytes += gathered
+        sharded_bytes += saved - gathered
+    return replicated_bytes, gathered_bytes, sharded_bytes
+
+
+def tp_activation_split(graph_module: fx.GraphModule, layer: Layer) -> tuple[int, int]:
+    """(replicated, TP-sharded) saved-activation bytes of ``layer`` under Megatron TP without SP, the
+    column-parallel projections' saved inputs counted with the sharded values, as autograd attributes them
+    (``tp_activation_parts``). Counting them whole instead over-predicts the lowered runtime: under the fake
+    process group a tp8 LLaMA layer keeps 34.9 MiB a micro-batch, this split gives 33.8, whole inputs 40.8."""
+    replicated, gathered, sharded = tp_activation_parts(graph_module, layer)
+    return replicated, gathered + sharded
+
+
+def megatron_sp_activation_bytes(graph_module: fx.GraphModule, layer: Layer, tp: int) -> int:
+    """Saved-activation bytes of ``layer`` on one of ``tp`` Megatron-SP ranks as the runtime lowers it: the
+    values outside the TP region sequence-sharded, the TP region sharded, and each column-parallel
+    projection's all-gathered input whole, once per projection. The runtime's sequence gather returns a
+    tensor that each projection flattens to (tokens, hidden) with a copy of its own, which it then saves:
+    LLaMA's q, k, v, gate and up projections keep five full-sequence copies of their two inputs
+    (measured under the fake process group, ``benchmarks/memory_terms.py``: 29.5 MiB a layer against 29.4
+    by this count; Megatron keeps none and gathers again in backward)."""
+    replicated, gathered, sharded = tp_activation_parts(graph_module, layer)
+    nodes = {n.name: n for n in graph_module.graph.nodes}
+    marked = _tp_sharded_nodes(graph_module, layer)
+    per_projection = 0
+    for name in layer.node_names:
+        node = nodes[name]
+        if name in marked and node.target in _LINEAR_OPS and _is_param_projection(graph_module, node):
+            per_projection += sum(
+                _value_bytes(n) for n in node.all_input_nodes if n.op != "get_attr" and n.name not in marked
+            )
+    return int(replicated / tp + max(gathered, per_projection) + sharded / tp)
+
+
+def _is_param_projection(graph_module: fx.GraphModule, node: fx.Node) -> bool:
+    return any(_is_param(graph_module, n) for n in node.all_input_nodes)
+
+
+def _value_bytes(node: fx.Node) -> int:
+    info = node_meta(node).info
+    if info is None or info.shape is None or info.dtype is None:
+        return 0
+    return math.prod(info.shape) * info.dtype.itemsize
 
 
 def _needs_grad(graph_module: fx.GraphModule) -> set[str]:

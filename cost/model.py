@@ -8,7 +8,11 @@ Terms of one layer, for a micro-batch of ``mb`` samples on a stage (each of the 
   was timed on one process: where processes share CPU cores they compute slower together than alone, by
   the hardware's ``compute_slowdown`` when every rank computes. A pipeline's ranks compute only for their
   ``busy_share`` = c / (c + pp − 1) of the step (the rest is bubble): that share of the ranks computes at
-  once on average and shares the cores, so the slowdown is max(1, compute_slowdown · busy_share).
+  once on average and shares the cores, so the slowdown is max(1, compute_slowdown · busy_share). An
+  analytic profile is priced at the hardware's sustained throughput, which profile-hardware measures on
+  every rank at once: its times hold the whole slowdown, and a pipeline's take max(1, compute_slowdown ·
+  busy_share) / compute_slowdown of them (before, they kept the whole slowdown in pipelines too, and an
+  out-of-sample LLaMA pp4 read +146 %).
 - TP collectives on the hidden state ``h`` = boundary bytes × ``mb / dp``: Megatron 2 all-reduces in
   forward and 2 in backward; Megatron-SP 2 all-gathers + 2 reduce-scatters each way; Ulysses 4
   all-to-alls of ``h / tp`` each way (q, k, v in, output back). Where the profile timed the lowered
@@ -127,7 +131,10 @@ class CostModel:
                 self.time_scale = have / want
         # processes sharing cores slow each other's compute (cost/hardware.py); analytic times already
         # describe one device of the cluster
-        self.compute_slowdown = hardware.compute_slowdown if model.mode == "measured" else 1.0
+        # analytic times (FLOPs over the throughput profile-hardware measures on every rank at once) hold the
+        # slowdown of all ranks computing; where fewer do (pipeline bubbles), they take the contention left
+        self.compute_slowdown = hardware.compute_slowdown if model.mode in ("measured", "analytic") else 1.0
+        self.throughput_slowdown = self.compute_slowdown if model.mode == "analytic" else 1.0
         self.seq = model.seq_length
         self.overlap = hardware.overlap_slowdown
         # redistribution_s depends only on the two layouts, the boundary's bytes and the micro-batch; its
@@ -149,7 +156,8 @@ class CostModel:
         """Seconds of ``formula`` at ``local`` samples on one of ``tp`` ranks: they split the work, but each
         pays the batch-independent part (per-call overhead) whole."""
         fixed = formula.fixed_s(self.seq)
-        return (fixed + (formula(local, self.seq) - fixed) / tp) * self.time_scale * self.contention(busy_share)
+        contention = self.contention(busy_share) / self.throughput_slowdown
+        return (fixed + (formula(local, self.seq) - fixed) / tp) * self.time_scale * contention
 
     # -- one layer ------------------------------------------------------------------------------
     def layer_cost(
@@ -193,7 +201,11 @@ class CostModel:
         bwd_s = own[1] + self._visible(gather_s, bwd_compute, strategy.dp_type) + self._ddp_drift_s(strategy, own)
         if strategy.ckpt:
             bwd_s += own[0]
-        full_activation = profile.activation_per_sample(strategy.tp, sharded_seq) * local * self.activation_scale
+        full_activation = (
+            profile.activation_per_sample(strategy.tp, sharded_seq, megatron=strategy.sp == "megatron")
+            * local
+            * self.activation_scale
+        )
         if strategy.ckpt:
             kept = (
                 profile.ckpt_activation_bytes_per_sample

@@ -110,3 +110,21 @@ def test_tied_embedding_and_head_count_once_on_one_stage(gpt2):
     apart = costs[True, False].model_state_bytes + costs[False, True].model_state_bytes
     tied_bytes = model_state_bytes(profile.tied_param_count, 4, "ddp", "fp32")
     assert costs[True, True].model_state_bytes == pytest.approx(apart - tied_bytes, abs=16)
+
+
+def test_analytic_times_take_the_contention_a_pipeline_leaves(gpt2):
+    """An analytic profile's throughput is measured with every rank computing (profile-hardware's matmul):
+    without a pipeline its times stand as they are; a pipeline's ranks compute for c / (c + pp − 1) of the
+    step, and share the cores with fewer others, so their compute takes max(1, slowdown · share) / slowdown."""
+    import dataclasses
+
+    _, profile, model = gpt2
+    hardware = dataclasses.replace(model.hardware, compute_slowdown=2.0)
+    shared = CostModel(profile, hardware)
+    kind, layer = profile.layer_types[0], S(tp=1, dp=1)
+    alone = model.layer_cost(kind, layer, micro_batch=8)
+    assert shared.layer_cost(kind, layer, micro_batch=8).fwd_s == pytest.approx(alone.fwd_s)
+    share = shared.busy_share(4, 4)
+    assert share == pytest.approx(4 / 7)
+    piped = shared.layer_cost(kind, layer, micro_batch=8, busy_share=share)
+    assert piped.fwd_s == pytest.approx(alone.fwd_s * max(1.0, 2.0 * share) / 2.0)

@@ -129,3 +129,120 @@ def test_measured_fused_adam_step_holds_no_copy_of_the_parameters():
     assert counts["foreach"] == pytest.approx(4.0, abs=0.01)  # one fp32 copy: why the default is not foreach
     assert counts["fused"] < 0.01  # the default on GPUs: CostModel prices no optimizer temporaries
     assert counts["single"] < 4.0
+
+
+# -- analytic profile: Megatron-SP activations and attention FLOPs on CPU --------------------------------
+SP_HIDDEN, SP_HEADS, SP_FFN, SP_VOCAB, SP_SEQ, SP_BATCH, SP_TP = 64, 4, 160, 128, 32, 4, 2
+
+
+def _sp_llama(layers: int):
+    import transformers
+
+    import galvatron_fx
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=SP_VOCAB,
+        hidden_size=SP_HIDDEN,
+        num_hidden_layers=layers,
+        num_attention_heads=SP_HEADS,
+        num_key_value_heads=SP_HEADS,
+        intermediate_size=SP_FFN,
+        max_position_embeddings=SP_SEQ,
+    )
+    ids = torch.randint(0, SP_VOCAB, (SP_BATCH, SP_SEQ))
+    batch = {"input_ids": ids, "labels": ids, "use_cache": False}
+    return galvatron_fx.capture(transformers.LlamaForCausalLM(config), example_kwargs=batch), batch
+
+
+def _saved_bytes_of_one_step(program, batch, layers: int) -> int:
+    """Bytes of the distinct storages (parameters left out) autograd saves in one training step of rank 0 of
+    a tp2 Megatron-SP plan, lowered and run under the fake process group (one micro-batch)."""
+    from galvatron_fx.runtime import TrainConfig, Trainer
+
+    plan = Plan(world_size=SP_TP, layers=[LayerStrategy(tp=SP_TP, dp=1, sp="megatron")] * layers, global_batch=SP_BATCH)
+    trainer = Trainer(program, plan, config=TrainConfig())
+    trainer.step(batch)
+    params = {p.untyped_storage().data_ptr() for p in trainer.stage.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen.setdefault(storage.data_ptr(), storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        trainer.step(batch)
+    return sum(seen.values())
+
+
+def test_analytic_megatron_sp_activations_keep_each_projections_gathered_input():
+    """The analytic profile's Megatron-SP figure: the values outside the TP region sequence-sharded, the TP
+    region sharded, and each of LLaMA's five column-parallel projections (q, k, v, gate, up) keeping a whole
+    copy of its all-gathered input, as the lowered runtime does; it was the TP total over tp, about a third."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from galvatron_fx.cost.memory import tp_activation_parts
+    from galvatron_fx.cost.model_profile import ModelProfile
+    from galvatron_fx.runtime import groups
+
+    programs = {n: _sp_llama(n) for n in (1, 2)}
+    program = programs[2][0]
+    profile = ModelProfile.from_program(program, flops_per_s=1e12)
+    layer = profile.types[profile.layer_types[0]]
+    replicated, gathered, sharded = tp_activation_parts(program.graph_module, program.body[0])
+    full_input = SP_BATCH * SP_SEQ * SP_HIDDEN * 4
+    assert gathered == 2 * full_input  # attention's and the MLP's normed inputs, saved once each in the capture
+    by_hand = (replicated / SP_TP + 5 * full_input + sharded / SP_TP) // SP_BATCH
+    assert layer.activation_per_sample(SP_TP, True, megatron=True) == pytest.approx(by_hand, abs=1)
+    assert layer.activation_per_sample(SP_TP, True, megatron=True) > 1.3 * layer.activation_per_sample(SP_TP, True)
+    # Ulysses shards every value: the total over tp, as before
+    assert layer.activation_per_sample(SP_TP, True) == pytest.approx(layer.activation_bytes_per_sample[1] / SP_TP)
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=SP_TP)
+    try:
+        saved = {}
+        for n, (prog, batch) in programs.items():
+            saved[n] = _saved_bytes_of_one_step(prog, batch, n)
+            groups.clear_cache()
+    finally:
+        dist.destroy_process_group()
+    measured_per_layer = saved[2] - saved[1]
+    predicted_per_layer = layer.activation_per_sample(SP_TP, True, megatron=True) * SP_BATCH
+    assert predicted_per_layer == pytest.approx(measured_per_layer, rel=0.10)
+
+
+def test_cpu_flash_attention_counts_its_flops():
+    """scaled_dot_product_attention on CPU (and on fake CPU tensors) runs the CPU flash kernel, for which
+    torch's counter has no formula: the capture counts 4·b·h·s²·d forward FLOPs for it, as for CUDA's."""
+    import galvatron_fx
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(32, 32)
+
+        def forward(self, x):
+            q = self.proj(x).view(2, 16, 4, 8).transpose(1, 2)
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum()
+
+    from galvatron_fx.passes.analysis.annotate import CPU_ATTENTION_FLOPS
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q = torch.randn(2, 4, 16, 8, requires_grad=True)
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
+    attention_fwd = 4 * 2 * 4 * 16 * 16 * 8
+    assert counter.get_total_flops() == attention_fwd * 3.5  # forward + backward (2.5 × forward)
+    program = galvatron_fx.capture(Attention(), (torch.randn(2, 16, 32),))
+    flops = sum(node_info.fwd_flops for node_info in _node_infos(program))
+    assert flops == 2 * 2 * 16 * 32 * 32 + attention_fwd
+
+
+def _node_infos(program):
+    from galvatron_fx.program import node_meta
+
+    return [node_meta(n).info for n in program.graph_module.graph.nodes if node_meta(n).info is not None]

@@ -18,9 +18,29 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from galvatron_fx.program import Layer, LayerStats, NodeInfo, node_meta, set_node_meta
+
+
+
+def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_flash_attention_backward_flops(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# torch's FLOP counter has formulas for the CUDA attention kernels but not for the CPU's flash attention,
+# which scaled_dot_product_attention dispatches to on CPU (and on fake CPU tensors): without these, a
+# capture on CPU counts attention as zero FLOPs and the analytic profile prices it as free.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_attention_backward_flops,
+}
 
 # Assertion ops pin the capture device and carry no cost.
 _SKIPPED_TARGETS = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size"}
@@ -104,7 +124,7 @@ def _fake_input(fake_mode: FakeTensorMode, node: fx.Node, example: Any) -> Any:
 def annotate_nodes(graph_module: fx.GraphModule, example_inputs: dict[str, Any]) -> None:
     """Annotate every call node of ``graph_module`` (see module docstring). ``example_inputs``: by placeholder."""
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
     interpreter = _CostInterpreter(graph_module, fake_mode, counter)
     placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
     inputs = [_fake_input(fake_mode, n, example_inputs.get(n.name)) for n in placeholders]
