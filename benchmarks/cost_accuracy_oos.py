@@ -328,7 +328,10 @@ def plan_quality_oos(folder: Path) -> dict | None:
     data = json.loads(path.read_text())
     rows = [r for r in data["rows"] if r.get("predicted_samples_per_s")]
     errors = [r["samples_per_s"] / r["predicted_samples_per_s"] - 1 for r in rows]  # predicted/measured time - 1
+    throughput = [abs(r["predicted_samples_per_s"] / r["samples_per_s"] - 1) for r in rows]
     return {
+        "median_throughput_error": median(throughput),
+        "worst_throughput_error": max(throughput),
         "file": str(path.relative_to(RESULTS.parent.parent)),
         "written": data.get("environment", {}).get("time"),
         "plans": len(rows),

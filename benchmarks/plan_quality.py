@@ -124,12 +124,20 @@ def searched_plan(cost_model, world: int, layers: int, global_batch: int, budget
 
 
 def measure(
-    rank: int, world: int, shape: str, cases, global_batch: int, warmup: int, repeats: int, chunks_pp: int
+    rank: int,
+    world: int,
+    shape: str,
+    cases,
+    global_batch: int,
+    warmup: int,
+    repeats: int,
+    chunks_pp: int,
+    measure_memory: bool = True,
 ) -> dict:
     """Spawned worker: our plans (cost_accuracy.run_plans), then the native runners."""
     from galvatron_fx.runtime import groups
 
-    ours = run_plans(rank, world, MODEL, shape, cases, warmup, repeats, global_batch)
+    ours = run_plans(rank, world, MODEL, shape, cases, warmup, repeats, global_batch, measure_memory)
     device = groups.current_device()
     native = {}
     for strategy in STRATEGIES:
@@ -198,6 +206,7 @@ def main(argv=None) -> dict:
         "LLaMA's analytic profile) instead of LLaMA's measured profile, and measure the full uniform space",
     )
     parser.add_argument("--full-grid", action="store_true", help="every uniform plan the search considers")
+    parser.add_argument("--no-memory", action="store_true", help="leave the (informational) peak-memory column out")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     from galvatron_fx.cost.model import CostModel
@@ -222,7 +231,7 @@ def main(argv=None) -> dict:
     grid = uniform_grid(world, layers, gb, full=args.full_grid or bool(args.out_of_sample))[: args.max_plans]
     cases = grid + [("searched", searched)]
     chunks_pp = 2 * world if gb // (2 * world) >= 1 else world
-    per_rank = spawn(measure, world, args.shape, cases, gb, args.warmup, args.repeats, chunks_pp)
+    per_rank = spawn(measure, world, args.shape, cases, gb, args.warmup, args.repeats, chunks_pp, not args.no_memory)
     flops_per_step = model_flops_per_sample(profile) * gb
     peak_flops, peak_source = device_peak_flops()
     rows, failed = [], []
@@ -232,7 +241,7 @@ def main(argv=None) -> dict:
             failed.append({"plan": name, "error": results[0].get("error")})
             continue
         measured = max(median(r["times_s"]) for r in results)
-        peak = max(r["peak_bytes"] for r in results)
+        peak = None if args.no_memory else max(r["peak_bytes"] for r in results)
         rows.append(
             {
                 "plan": name,
@@ -240,7 +249,7 @@ def main(argv=None) -> dict:
                 "measured_ms": measured * 1e3,
                 "samples_per_s": gb / measured,
                 "predicted_samples_per_s": cost.evaluate(plan).samples_per_s,
-                "peak_mib": peak / 2**20,
+                "peak_mib": peak / 2**20 if peak is not None else None,
                 "mfu_pct": 100 * mfu(flops_per_step, measured, world, peak_flops),
                 "plan_json": plan.to_json_dict(),
             }
