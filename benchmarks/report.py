@@ -239,6 +239,16 @@ def out_of_sample_section(data: dict, quality_oos: dict | None) -> list[str]:
     if data.get("failed"):
         parts += ["Plans that failed (left out of the figures):", ""]
         parts += [f"- {f['model']} {f['dtype']} {f['plan']}: {f['error']}" for f in data["failed"]] + [""]
+    again = _load(RESULTS, "cost_accuracy_oos_run2")
+    if again:
+        r = again["summary"]
+        parts += [
+            f"A second run (`{again.get('measured_command') or again['command']}`, {_environment(again)}): median "
+            f"|time error| **{r['median_time_error']:.1%}**, worst **{r['worst_time_error']:.1%}**, Spearman "
+            f"**{r['spearman_time']:.3f}**; memory median **{r['median_memory_error']:.1%}**, worst "
+            f"**{r['worst_memory_error']:.1%}** (benchmarks/results/cost_accuracy_oos_run2.json).",
+            "",
+        ]
     pq = data.get("plan_quality_w4")
     if pq:
         parts += [
