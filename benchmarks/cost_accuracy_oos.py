@@ -107,7 +107,12 @@ def plans(layers: int) -> list[tuple[str, str, Plan]]:
         p(
             "mixed-dp/zero3ckpt/tp2sp/tp4",
             "mixed",
-            [(1, "ddp", False, "none"), (1, "zero3", True, "none"), (2, "ddp", False, "megatron"), (4, "zero2", False, "none")],
+            [
+                (1, "ddp", False, "none"),
+                (1, "zero3", True, "none"),
+                (2, "ddp", False, "megatron"),
+                (4, "zero2", False, "none"),
+            ],
         ),
         p("pp2-mixed-c2", "mixed", [(2, "ddp", False, "megatron"), (1, "zero2", True, "none")], pp=2, chunks=2),
     ]
@@ -124,10 +129,9 @@ def _train_step(model, batch, dtype: str) -> None:
 def profile_throughput(rounds: int = 12) -> dict:
     """GPT-2 at PROFILE_BATCH, one thread: the fp32 and bf16 step's median seconds (alternated rounds) and
     its graph-counted FLOPs."""
+    from benchmarks.common import model_flops_per_sample
     from galvatron_fx import capture
     from galvatron_fx.cost.model_profile import ModelProfile
-
-    from benchmarks.common import model_flops_per_sample
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -167,10 +171,9 @@ def profile_launch(folder: Path) -> dict:
 def gpt2_flops_per_step() -> float:
     """Graph-counted forward + backward FLOPs of the profile model's step (counted now, so that a change of
     the FLOP count reaches the throughput and the profiles it prices alike)."""
+    from benchmarks.common import model_flops_per_sample
     from galvatron_fx import capture
     from galvatron_fx.cost.model_profile import ModelProfile
-
-    from benchmarks.common import model_flops_per_sample
 
     warnings.simplefilter("ignore")
     model, batch = build_model(PROFILE_MODEL, "bench", PROFILE_BATCH)
@@ -337,7 +340,9 @@ def plan_quality_oos(folder: Path) -> dict | None:
         "plans": len(rows),
         "median_time_error": median([abs(e) for e in errors]),
         "worst_time_error": max(abs(e) for e in errors),
-        "spearman_time": spearman([1 / r["predicted_samples_per_s"] for r in rows], [1 / r["samples_per_s"] for r in rows]),
+        "spearman_time": spearman(
+            [1 / r["predicted_samples_per_s"] for r in rows], [1 / r["samples_per_s"] for r in rows]
+        ),
     }
 
 
@@ -386,7 +391,8 @@ def report(rows, failed, profile, hardware, args, measured_load) -> dict:
     overall = summary_of(rows)
     pq = plan_quality_oos(Path(args.out))
     print(
-        f"\nout of sample: median |time error| {overall['median_time_error']:.1%}, worst {overall['worst_time_error']:.1%}, "
+        f"\nout of sample: median |time error| {overall['median_time_error']:.1%}, "
+        f"worst {overall['worst_time_error']:.1%}, "
         f"Spearman {overall['spearman_time']:.3f}, memory median {overall['median_memory_error']:.1%} worst "
         f"{overall['worst_memory_error']:.1%}; {len(rows)} plans, {len(failed)} failed"
     )
@@ -424,7 +430,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-plans", type=int, default=None)
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--name", default="cost_accuracy_oos")
-    parser.add_argument("--predict-only", default=None, metavar="JSON", help="price an earlier run's measurements again")
+    parser.add_argument(
+        "--predict-only", default=None, metavar="JSON", help="price an earlier run's measurements again"
+    )
     args = parser.parse_args(argv)
     folder = Path(args.out)
     models, dtypes = args.models.split(","), args.dtypes.split(",")

@@ -74,7 +74,9 @@ def uniform_grid(world: int, layers: int, global_batch: int, full: bool = False)
                             continue
                         for pipeline in ("1f1b", "gpipe") if full and pp > 1 else ("1f1b",):
                             for consecutive in (True, False) if full and 1 < tp < world and dp > 1 else (True,):
-                                layer = LayerStrategy(tp=tp, dp=dp, dp_type=dp_type, ckpt=ckpt, tp_consecutive=consecutive)
+                                layer = LayerStrategy(
+                                    tp=tp, dp=dp, dp_type=dp_type, ckpt=ckpt, tp_consecutive=consecutive
+                                )
                                 name = (
                                     f"pp{pp} tp{tp}{'' if consecutive else 's'} dp{dp}"
                                     + (f" {dp_type}" if dp > 1 else "")

@@ -257,7 +257,8 @@ def out_of_sample_section(data: dict, quality_oos: dict | None) -> list[str]:
             f"reads, as predicted against measured step time: median |error| **{pq['median_time_error']:.1%}**, "
             f"worst **{pq['worst_time_error']:.1%}**, Spearman **{pq['spearman_time']:.3f}** over {pq['plans']} "
             "plans; as predicted against measured samples/s, median "
-            f"{pq.get('median_throughput_error', float('nan')):.1%}, worst {pq.get('worst_throughput_error', float('nan')):.1%}. "
+            f"{pq.get('median_throughput_error', float('nan')):.1%}, "
+            f"worst {pq.get('worst_throughput_error', float('nan')):.1%}. "
             "Out of sample in time (a profile of another day) though not in model: it misses the time targets too.",
             "",
         ]
@@ -385,7 +386,8 @@ def write_markdown(folder: Path, out: Path, search_speed: str | None, notes: str
             f"sweep {s.get('sweep_ratio_to_best_plan', float('nan')):.3f}. The best uniform plan by prediction: "
             f"{s.get('best_uniform_by_prediction')}. Predicted against measured step time over the sweep: median "
             f"|error| {s.get('sweep_median_time_error', float('nan')):.1%}, worst "
-            f"{s.get('sweep_worst_time_error', float('nan')):.1%}, Spearman {s.get('sweep_spearman_time', float('nan')):.3f}.",
+            f"{s.get('sweep_worst_time_error', float('nan')):.1%}, "
+            f"Spearman {s.get('sweep_spearman_time', float('nan')):.3f}.",
             "",
             quality_oos["table"],
             "",

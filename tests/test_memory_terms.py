@@ -229,8 +229,9 @@ def test_cpu_flash_attention_counts_its_flops():
             q = self.proj(x).view(2, 16, 4, 8).transpose(1, 2)
             return torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum()
 
-    from galvatron_fx.passes.analysis.annotate import CPU_ATTENTION_FLOPS
     from torch.utils.flop_counter import FlopCounterMode
+
+    from galvatron_fx.passes.analysis.annotate import CPU_ATTENTION_FLOPS
 
     q = torch.randn(2, 4, 16, 8, requires_grad=True)
     with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:

@@ -23,7 +23,6 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from galvatron_fx.program import Layer, LayerStats, NodeInfo, node_meta, set_node_meta
 
 
-
 def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
