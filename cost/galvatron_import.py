@@ -46,7 +46,8 @@ from galvatron_fx.errors import ProfileError
 
 from .hardware import CommFit, HardwareProfile, fit_latency_bandwidth, read_json
 from .model import ONE_STAGE_ACTIVATION
-from .model_profile import LayerTypeProfile, ModelProfile, TimeFormula, fit_terms, fit_time_formula
+from .model_profile import LayerTypeProfile, ModelProfile
+from .time_formula import TimeFormula, fit_terms, fit_time_formula
 
 MiB = 2**20
 GB = 1e9

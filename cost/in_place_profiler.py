@@ -35,7 +35,8 @@ from galvatron_fx.errors import ProfileError
 from galvatron_fx.plan import LayerStrategy, Plan
 
 from .layer_profiler import median_times, time_layer_once
-from .model_profile import LayerTypeProfile, ModelProfile, fit_time_formula
+from .model_profile import LayerTypeProfile, ModelProfile
+from .time_formula import fit_time_formula
 
 Builder = Callable[[int, int], "tuple[torch.nn.Module, dict[str, Any]]"]
 ENDS = ("prologue", "epilogue")

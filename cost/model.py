@@ -74,7 +74,8 @@ from .memory import (
     check_precision,
     model_state_split,
 )
-from .model_profile import LayerTypeProfile, ModelProfile, TimeFormula
+from .model_profile import LayerTypeProfile, ModelProfile
+from .time_formula import TimeFormula
 
 # ModelProfile.extra key: vocab-TP degree → activation bytes per sample of the embedding and head on one stage
 ONE_STAGE_ACTIVATION = "one_stage_embedding_head_activation_bytes_per_sample"

@@ -10,7 +10,8 @@ from test_cost_model import per_sample, synthetic_profile, uniform_hardware
 from galvatron_fx.cli import main
 from galvatron_fx.cost.in_place_profiler import measure_in_place, running_mean, tp_degrees
 from galvatron_fx.cost.model import CostModel
-from galvatron_fx.cost.model_profile import ModelProfile, fit_time_formula
+from galvatron_fx.cost.model_profile import ModelProfile
+from galvatron_fx.cost.time_formula import fit_time_formula
 from galvatron_fx.errors import ProfileError
 from galvatron_fx.models import build_model
 from galvatron_fx.plan import EmbeddingStrategy

@@ -13,7 +13,8 @@ from galvatron_fx.cost.hardware import COLLECTIVES, HardwareProfile
 from galvatron_fx.cost.hardware_profiler import launch_local
 from galvatron_fx.cost.layer_profiler import profile_model
 from galvatron_fx.cost.model import CostModel
-from galvatron_fx.cost.model_profile import ModelProfile, TimeFormula, fit_time_formula
+from galvatron_fx.cost.model_profile import ModelProfile
+from galvatron_fx.cost.time_formula import TimeFormula, fit_time_formula
 from galvatron_fx.errors import ProfileError
 from galvatron_fx.models import build_model
 from galvatron_fx.plan import LayerStrategy, Plan

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--profile-mode",
-        choices=("static", "batch", "sequence"),  # cost.model_profile.PROFILE_MODES, not imported for --help
+        choices=("static", "batch", "sequence"),  # cost.time_formula.PROFILE_MODES, not imported for --help
         default=None,
         help="static: one batch size and one sequence length; batch: several batch sizes (time linear in the "
         "batch); sequence: several sequence lengths (time and memory fitted against the length, so other "
@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     from galvatron_fx.cluster import Cluster
     from galvatron_fx.cost.in_place_profiler import measure_in_place
     from galvatron_fx.cost.layer_profiler import profile_model
-    from galvatron_fx.cost.model_profile import ModelProfile, analytic_sequence_profile, resolve_profile_mode
+    from galvatron_fx.cost.model_profile import ModelProfile, analytic_sequence_profile
+    from galvatron_fx.cost.time_formula import resolve_profile_mode
     from galvatron_fx.runtime.groups import default_backend
 
     default_batches = "4" if args.profile_mode == "static" else "2,4,8"
