@@ -96,7 +96,6 @@ def test_a_killed_run_resumes_with_the_same_figures(tmp_path, corpus):
 
     runs, resumed = _records(tmp_path / "killed")
     assert [r["start_step"] for r in runs] == [0, 4], runs  # rank 1 died before step 6; the last checkpoint: 4
-    assert "restart" in killed.stderr.lower() or len(runs) == 2
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step, record in reference.items():  # exactly: same plan, same data order, same arithmetic
         for figure in ("loss", "grad_norm", "lr", "eval_loss"):
