@@ -10,7 +10,7 @@ memory and the time left. --steps is the total: with --resume auto a stopped run
 
 import argparse
 
-from galvatron_fx.training import add_training_arguments, train
+from galvatron_fx.training import add_training_arguments, train_example
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,5 +19,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    train(args.model, args)
+    train_example(args.model, args)
     return 0

@@ -103,8 +103,13 @@ def train(model_spec: str, args: argparse.Namespace) -> list[float]:
 
 
 def train_example(name: str, args: argparse.Namespace) -> list[float]:
-    """The examples' entry point: ``train`` for built-in model ``name``."""
-    return train(name, args)
+    """The examples' and ``galvatron-fx train``'s entry point: ``train`` model ``name``, then leave the process
+    group once every rank is done (a process that exits with its group alive can abort in the group's
+    destructor, after the run has succeeded)."""
+    losses = train(name, args)
+    dist.barrier()
+    runtime.shutdown()
+    return losses
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
