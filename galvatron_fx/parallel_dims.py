@@ -6,6 +6,12 @@ Inside a stage, a layer with ``tp × dp`` devices puts its tensor-parallel peers
 (``tp_consecutive``) or ``dp`` apart (strided), its data-parallel index varying the other way. The embedding
 and head keep the trainer's data split (each rank its own samples) whatever their vtp, except under vsp, where
 the ranks of a vtp group share their samples and split them along the sequence (``end_layout``).
+
+A grid tensor-parallel layer (``tp_mode`` 2d or 2.5d; ``LayerStrategy.grid_shape``) numbers its ``tp`` ranks
+``t = (depth index * q + row) * q + column``: the ranks of a *row* (q consecutive ranks) split the features and
+hold the same samples, those of a *column* split the weights' other dimension and hold different samples, and
+the depth splits the samples further. Between layers its activations live like those of a 1D layer of degree q
+whose ``dp`` is ``dp * depth * q`` (``activation_strategy``).
 Lowering, the runtime's process groups and the cost model's redistribution geometry all ask this module.
 """
 
@@ -49,6 +55,15 @@ def end_layout(embedding: EmbeddingStrategy, devices: int) -> LayerStrategy:
     return data_split(devices)
 
 
+def activation_strategy(strategy: LayerStrategy) -> LayerStrategy:
+    """Where a body layer's activations live, as a 1D strategy: its own, or for a grid ``tp_mode`` a 1D layer
+    over the grid's rows (q ranks sharing samples) with the samples split over every row of the stage."""
+    if strategy.tp_mode == "1d":
+        return strategy
+    q = strategy.grid_shape[0]
+    return LayerStrategy(tp=q, dp=strategy.devices // q)
+
+
 def layout_strategy(
     kind: str, strategy: LayerStrategy, devices: int, embedding: EmbeddingStrategy | None = None
 ) -> LayerStrategy:
@@ -56,7 +71,7 @@ def layout_strategy(
     (the data split when ``embedding`` is not given), the layer's own strategy for every other layer."""
     if kind in PROLOGUE_AND_EPILOGUE:
         return end_layout(embedding, devices) if embedding is not None else data_split(devices)
-    return strategy
+    return activation_strategy(strategy)
 
 
 def embedding_strategy(embedding: EmbeddingStrategy, devices: int) -> LayerStrategy:
@@ -92,6 +107,19 @@ class RankPosition:
 
 
 @dataclass(frozen=True)
+class GridGroups:
+    """One rank's groups in a grid tensor-parallel layer (global ranks, in index order): ``row`` splits the
+    features (all-gathers before projections, reduce-scatters after), ``column`` the weights (gathered before
+    use, gradients reduce-scattered), ``depth`` holds the same weight blocks on other samples (gradients summed);
+    ``grid`` is the whole tp group."""
+
+    grid: tuple[int, ...]
+    row: tuple[int, ...]
+    column: tuple[int, ...]
+    depth: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class ParallelDims:
     """The world of a plan: ``pp`` stages of ``world_size / pp`` devices each."""
 
@@ -120,6 +148,19 @@ class ParallelDims:
         if strategy.tp_consecutive:
             return tuple(base + (local // strategy.tp) * strategy.tp + j for j in range(strategy.tp))
         return tuple(base + j * strategy.dp + local % strategy.dp for j in range(strategy.tp))
+
+    def grid_groups(self, strategy: LayerStrategy, rank: int) -> GridGroups:
+        """``rank``'s row, column and depth groups under a grid ``tp_mode`` (see the module docstring)."""
+        q, depth, _ = strategy.grid_shape
+        grid = self.tp_group(strategy, rank)
+        t = grid.index(rank)
+        d, row, column = t // (q * q), t // q % q, t % q
+        return GridGroups(
+            grid=grid,
+            row=tuple(grid[(d * q + row) * q + j] for j in range(q)),
+            column=tuple(grid[(d * q + i) * q + column] for i in range(q)),
+            depth=tuple(grid[(k * q + row) * q + column] for k in range(depth)),
+        )
 
     def mesh_ranks(self, tp: int, tp_consecutive: bool) -> torch.Tensor:
         """Global ranks as a ``(pp, dp, tp)`` grid for one tp degree and order (a DeviceMesh's layout)."""

@@ -18,6 +18,7 @@ from .errors import PlanError
 
 DP_TYPES = ("ddp", "zero2", "zero3")
 SP_TYPES = ("none", "megatron", "ulysses")
+TP_MODES = ("1d", "2d", "2.5d", "3d")
 PIPELINES = ("gpipe", "1f1b")
 PIPELINE_ALIASES = {"pipedream_flush": "1f1b"}  # Galvatron's name for 1F1B with a flush per step
 FORMAT_VERSION = 1
@@ -47,6 +48,10 @@ class LayerStrategy:
     ``"megatron"``: the same plus Megatron sequence parallelism outside the TP region;
     ``"ulysses"``: weights replicated, sequence sharded, all-to-all around attention (Galvatron's use_sp).
     ``tp_consecutive``: the group is on consecutive ranks (within a node) rather than strided.
+    ``tp_mode``: how the ``tp`` ranks split the layer: ``"1d"`` (Megatron, above), or a process grid that
+    splits activations by samples and by features and weights in blocks: ``"2d"`` (SUMMA/Optimus, tp = q²),
+    ``"2.5d"`` (Tesseract, tp = q²·``tp_depth``, the depth splitting samples further) or ``"3d"`` (tp = q³);
+    see ``grid_shape``.
     ``dp_type``: how the ``dp`` replicas synchronise: ``ddp`` all-reduce, ``zero2`` (sharded gradients and
     optimizer states) or ``zero3`` (parameters sharded too). ``ckpt``: recompute activations in backward.
     """
@@ -57,6 +62,8 @@ class LayerStrategy:
     sp: str = "none"
     tp_consecutive: bool = True
     ckpt: bool = False
+    tp_mode: str = "1d"
+    tp_depth: int = 1
 
     def __post_init__(self):
         _require(
@@ -71,15 +78,58 @@ class LayerStrategy:
         for name in ("tp_consecutive", "ckpt"):
             value = getattr(self, name)
             _require(isinstance(value, bool), f"{name}={value!r} is not a boolean", f"write {name} as true or false")
+        _require(self.tp_mode in TP_MODES, f"tp_mode={self.tp_mode!r} is unknown", f"use one of {TP_MODES}")
+        _require(
+            isinstance(self.tp_depth, int) and self.tp_depth >= 1 and (self.tp_depth == 1 or self.tp_mode == "2.5d"),
+            f"tp_depth={self.tp_depth!r} with tp_mode={self.tp_mode!r}",
+            "give tp_depth (a positive integer) only with tp_mode '2.5d'",
+        )
+        if self.tp_mode != "1d":
+            _require(
+                self.grid_shape is not None,
+                f"tp={self.tp} is no {self.tp_mode} grid"
+                + (f" of depth {self.tp_depth}" if self.tp_mode == "2.5d" else ""),
+                {
+                    "2d": "use tp = q² (4, 16, 64)",
+                    "2.5d": "use tp = q²·tp_depth with q >= 2",
+                    "3d": "use tp = q³ (8, 64)",
+                }[self.tp_mode],
+            )
+            _require(
+                self.sp == "none",
+                f"sp={self.sp!r} with tp_mode={self.tp_mode!r}: a grid already splits the activations",
+                "use sp='none' with a grid tp_mode",
+            )
+            _require(
+                self.tp_consecutive,
+                f"tp_mode={self.tp_mode!r} on strided ranks",
+                "use tp_consecutive=True (a grid's ranks are consecutive)",
+            )
 
     @property
     def devices(self) -> int:
         return self.tp * self.dp
 
     @property
+    def grid_shape(self) -> tuple[int, int, int] | None:
+        """``(q, depth, cube)`` of a grid ``tp_mode``: the grid is ``depth × q × q`` ranks (``2d``: depth 1;
+        ``2.5d``: ``tp_depth``) or, for ``3d``, ``q × q × q`` (cube = q); None for ``1d`` or a ``tp`` that is
+        no such grid."""
+        if self.tp_mode == "1d":
+            return None
+        depth = self.tp_depth if self.tp_mode == "2.5d" else 1
+        power = 3 if self.tp_mode == "3d" else 2
+        q = round((self.tp / depth) ** (1 / power))
+        if q < 2 or q**power * depth != self.tp:
+            return None
+        return (q, depth, q if power == 3 else 1)
+
+    @property
     def lowering_key(self) -> str:
-        """What lowering a layer's graph depends on, ``tp{tp}/{sp}``: the key of its lowering obstacles."""
-        return f"tp{self.tp}/{self.sp}"
+        """What lowering a layer's graph depends on, ``tp{tp}/{sp}`` (and a grid ``tp_mode``): the key of its
+        lowering obstacles."""
+        grid = "" if self.tp_mode == "1d" else f"/{self.tp_mode}" + (f"x{self.tp_depth}" if self.tp_depth > 1 else "")
+        return f"tp{self.tp}/{self.sp}{grid}"
 
     def short(self) -> str:
         """A compact label such as ``tp2-megatron dp4 zero3 ckpt``."""
@@ -90,6 +140,8 @@ class LayerStrategy:
                 f"{kind}{self.tp}"
                 + ("-sp" if self.sp == "megatron" else "")
                 + ("" if self.tp_consecutive else "-strided")
+                + ("" if self.tp_mode == "1d" else f"-{self.tp_mode}")
+                + (f"-d{self.tp_depth}" if self.tp_depth > 1 else "")
             )
         if self.dp > 1 or not parts:
             parts.append(f"dp{self.dp}" + ("" if self.dp_type == "ddp" else f"-{self.dp_type}"))

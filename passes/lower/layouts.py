@@ -25,7 +25,15 @@ import torch
 import torch.fx as fx
 
 from galvatron_fx.fx_utils import copy_layer_modules, get_attr_path
-from galvatron_fx.parallel_dims import PROLOGUE_AND_EPILOGUE, ParallelDims, data_split, dp_index, end_layout, tp_index
+from galvatron_fx.parallel_dims import (
+    PROLOGUE_AND_EPILOGUE,
+    ParallelDims,
+    activation_strategy,
+    data_split,
+    dp_index,
+    end_layout,
+    tp_index,
+)
 from galvatron_fx.passes.lower.graph.sequence_parallel import SPConfig, sequence_parallel
 from galvatron_fx.passes.lower.ops.redistribute import redistribute, scale_grad
 from galvatron_fx.plan import LayerStrategy, Plan
@@ -200,7 +208,7 @@ def producer_layouts(program: Program, plan: Plan) -> dict[str, Layout]:
     trainer's data split; the embedding's and head's outputs: ``end_layout`` (the data split, or under vsp
     per output)."""
     devices = plan.devices_per_stage
-    strategies = {layer.index: strategy for layer, strategy in zip(program.body, plan.layers)}
+    strategies = {layer.index: activation_strategy(strategy) for layer, strategy in zip(program.body, plan.layers)}
     producers = {name: Layout(data_split(devices)) for name in program.placeholder_names}
     ends = end_layout(plan.embedding, devices)
     for layer in program.layers:
