@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import PlanError
 from .plan import EmbeddingStrategy, LayerStrategy, Plan
 
 PROLOGUE_AND_EPILOGUE = ("prologue", "epilogue")
@@ -151,7 +152,12 @@ class ParallelDims:
 
     def grid_groups(self, strategy: LayerStrategy, rank: int) -> GridGroups:
         """``rank``'s row, column and depth groups under a grid ``tp_mode`` (see the module docstring)."""
-        q, depth, _ = strategy.grid_shape
+        q, depth, cube = strategy.grid_shape
+        if cube > 1:
+            raise PlanError(
+                f"tp_mode '3d' (tp={strategy.tp}) cannot be lowered: its rotating layouts are not implemented",
+                "use tp_mode '2d' or '2.5d' (or '1d') for this layer",
+            )
         grid = self.tp_group(strategy, rank)
         t = grid.index(rank)
         d, row, column = t // (q * q), t // q % q, t % q

@@ -150,6 +150,20 @@ class LayerStrategy:
         return " ".join(parts)
 
 
+def tp_modes_for(tp: int, modes: tuple[str, ...] = TP_MODES) -> list[tuple[str, int]]:
+    """Every ``(tp_mode, tp_depth)`` among ``modes`` that ``tp`` ranks can form (1d always; 2.5d at each depth
+    d >= 2 with tp = q²·d, q >= 2)."""
+    out = []
+    for mode in modes:
+        for depth in [d for d in range(2, tp // 4 + 1) if tp % d == 0] if mode == "2.5d" else [1]:
+            try:
+                LayerStrategy(tp=tp, tp_mode=mode, tp_depth=depth)
+            except PlanError:  # no such grid
+                continue
+            out.append((mode, depth))
+    return out
+
+
 @dataclass(frozen=True)
 class EmbeddingStrategy:
     """The embedding and LM head: vocab tensor parallelism ``vtp``, their ``devices / vtp`` replicas

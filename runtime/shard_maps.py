@@ -111,9 +111,9 @@ def shard_map(param: torch.Tensor, record=None) -> ShardMap:
     ``record``) sits in the user's full parameter."""
     if record is not None:
         full = tuple(record.full_shape)
-        kept = select_local(torch.arange(full[record.dim]), ((0, record.factor_sizes, record.picks),))
         indices = [torch.arange(n) for n in full]
-        indices[record.dim] = kept
+        for dim, sizes, picks in record.entries:  # each cut keeps some indices of one dimension
+            indices[dim] = indices[dim][select_local(torch.arange(len(indices[dim])), ((0, sizes, picks),))]
         smap = ShardMap(full, tuple(indices))
     else:
         smap = ShardMap.whole(param.shape)

@@ -2,10 +2,10 @@
 
 Tensor and sequence parallelism depend on a layer's graph: heads and hidden sizes that a degree must divide,
 ops that mix along a sharded dimension, a sequence the group must split. ``lowering_obstacles`` lowers one
-layer of every type, for every degree and sequence-parallel mode, on a copy, for one rank (collective-free),
-in strict mode, and records why each one that fails cannot run. The cost model then leaves those strategies
-out, with the reason shown (``LayerTypeProfile.lowering_obstacles``); the same check decides whether the
-embedding and head can be vocab-parallel (``vtp{n}``) and sequence-parallel under vsp (``vsp{n}``: a loss
+layer of every type, for every degree, sequence-parallel mode and grid ``tp_mode``, on a copy, for one rank
+(collective-free), in strict mode, and records why each one that fails cannot run. The cost model then leaves
+those strategies out, with the reason shown (``LayerTypeProfile.lowering_obstacles``); the same check decides
+whether the embedding and head can be vocab-parallel (``vtp{n}``) and sequence-parallel under vsp (``vsp{n}``: a loss
 that is not a cross-entropy over the sequence's positions, a head that picks positions, as classifiers do, or a
 sequence the group cannot split). Results are cached per Program.
 """
@@ -16,11 +16,13 @@ import warnings
 
 from galvatron_fx.errors import PlanError
 from galvatron_fx.fx_utils import copy_layer_modules
+from galvatron_fx.parallel_dims import ParallelDims
+from galvatron_fx.passes.lower.graph.grid_parallel import GridConfig, grid_parallel
 from galvatron_fx.passes.lower.graph.sequence_parallel import SPConfig, sequence_parallel
 from galvatron_fx.passes.lower.graph.tensor_parallel import TPConfig, tensor_parallel
 from galvatron_fx.passes.lower.graph.vocab_parallel import VocabConfig, tied_vocab_names, vocab_parallel, vocab_size
 from galvatron_fx.passes.lower.layouts import batched_names
-from galvatron_fx.plan import SP_TYPES, LayerStrategy
+from galvatron_fx.plan import SP_TYPES, LayerStrategy, tp_modes_for
 from galvatron_fx.program import Program, node_meta
 
 
@@ -45,7 +47,10 @@ def layer_obstacle(program: Program, layer_index: int, strategy: LayerStrategy) 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if strategy.sp == "none":
+            if strategy.tp_mode != "1d":
+                groups = ParallelDims(strategy.tp, 1).grid_groups(strategy, 0)
+                grid_parallel(module, GridConfig(groups, 0, batched), f"layer{layer_index}")
+            elif strategy.sp == "none":
                 tensor_parallel(module, TPConfig(strategy.tp, 0, ranks, strict=True), f"layer{layer_index}")
             else:
                 sequence_parallel(
@@ -105,8 +110,10 @@ def lowering_obstacles(program: Program, max_tp: int) -> dict[str, dict[str, str
     out: dict[str, dict[str, str]] = {}
     for layer_type, index in first.items():
         for tp in _degrees(max_tp):
-            for sp in SP_TYPES:
-                strategy = LayerStrategy(tp=tp, sp=sp)
+            strategies = [LayerStrategy(tp=tp, sp=sp) for sp in SP_TYPES] + [
+                LayerStrategy(tp=tp, tp_mode=mode, tp_depth=depth) for mode, depth in tp_modes_for(tp)[1:]
+            ]
+            for strategy in strategies:
                 reason = layer_obstacle(program, index, strategy)
                 if reason:
                     out.setdefault(layer_type, {})[strategy.lowering_key] = reason

@@ -7,7 +7,8 @@ is collective-free, so a plan can be lowered for any rank of any world in one pr
 process groups and is applied by the runtime afterwards.
 
 1. ``SetLocalBatches``: each layer's graph at its own local batch (``micro_batch / dp``);
-2. ``ApplyTensorParallel``: layers with ``tp > 1`` and sp "none" sharded for this rank (``graph.tensor_parallel``);
+2. ``ApplyTensorParallel``: layers with ``tp > 1`` and sp "none" sharded for this rank (``graph.tensor_parallel``,
+   grids ``graph.grid_parallel``);
 3. ``ApplySequenceParallel``: Megatron-SP and Ulysses layers (``graph.sequence_parallel``);
 4. ``ApplyVocabParallel``: the embedding and head vocab-parallel when ``vtp > 1`` (``graph.vocab_parallel``), or
    under vsp sequence-parallel over their vtp group (``graph.sequence_parallel``, mode "vsp");
@@ -33,6 +34,7 @@ from galvatron_fx.errors import PlanError
 from galvatron_fx.parallel_dims import ParallelDims, embedding_strategy, layout_strategy, tp_index, uses_vsp
 from galvatron_fx.passes.analysis.batch_dim import set_batch
 from galvatron_fx.passes.infra import Pass, PassFailure, run_passes
+from galvatron_fx.passes.lower.graph.grid_parallel import GridConfig, grid_parallel
 from galvatron_fx.passes.lower.graph.random_streams import assign_streams, is_random
 from galvatron_fx.passes.lower.graph.sequence_parallel import sequence_parallel
 from galvatron_fx.passes.lower.graph.tensor_parallel import TPConfig, tensor_parallel
@@ -121,8 +123,9 @@ class SetLocalBatches(Pass[StageModule]):
 # -- 2 ------------------------------------------------------------------------------------------------------------
 class ApplyTensorParallel(Pass[StageModule]):
     """Every body layer with ``tp > 1`` and no sequence parallelism rewritten for this rank: sharded
-    parameters, local sizes, collectives over its tp group. ``strict``: a part that cannot be sharded is a
-    PlanError instead of staying replicated with a warning."""
+    parameters, local sizes, collectives over its tp group (``graph.tensor_parallel``; a grid ``tp_mode``:
+    ``graph.grid_parallel``). ``strict``: a part that cannot be sharded is a PlanError instead of staying
+    replicated with a warning."""
 
     def __init__(self, strict: bool = False):
         self.strict = strict
@@ -133,17 +136,19 @@ class ApplyTensorParallel(Pass[StageModule]):
 
     def __call__(self, stage, context):
         dims, rank = ParallelDims.of(context.plan), context.position.rank
+        batched = batched_names(context.program)
         for layer, graph in _graphs(stage):
-            if self._applies(layer):
-                ranks = dims.tp_group(layer.strategy, rank)
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    tensor_parallel(
-                        graph,
-                        TPConfig(layer.strategy.tp, ranks.index(rank), ranks, self.strict),
-                        f"{layer.name} ({layer.layer_type})",
-                    )
-                _emit_once(caught)
+            if not self._applies(layer):
+                continue
+            what = f"{layer.name} ({layer.layer_type})"
+            if layer.strategy.tp_mode != "1d":  # a grid: strict by construction (every part splits)
+                grid_parallel(graph, GridConfig(dims.grid_groups(layer.strategy, rank), rank, batched), what)
+                continue
+            ranks = dims.tp_group(layer.strategy, rank)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                tensor_parallel(graph, TPConfig(layer.strategy.tp, ranks.index(rank), ranks, self.strict), what)
+            _emit_once(caught)
         return stage
 
     def ensures(self, stage, context):

@@ -44,10 +44,11 @@ import torch.nn as nn
 from galvatron_fx.errors import PlanError
 from galvatron_fx.fx_utils import get_attr_path
 from galvatron_fx.passes.analysis.batch_dim import is_size_node
-from galvatron_fx.passes.analysis.dim_factors import local_shape, rewrite_sizes
-from galvatron_fx.passes.analysis.dim_tracking import POINTWISE_EXTRA, VIEWS, analyze, param_matmul, rewritten_meta
+from galvatron_fx.passes.analysis.dim_factors import rewrite_sizes
+from galvatron_fx.passes.analysis.dim_tracking import POINTWISE_EXTRA, VIEWS, param_matmul, rewritten_meta
 from galvatron_fx.passes.lower.graph.random_streams import mark_sharded
-from galvatron_fx.passes.lower.graph.tensor_parallel import TPConfig, TPResult, tensor_parallel
+from galvatron_fx.passes.lower.graph.tensor_parallel import TPConfig, TPResult, tensor_parallel, tp_region
+from galvatron_fx.passes.lower.graph.tracked_factor import TrackedFactor
 from galvatron_fx.passes.lower.ops.collectives import (
     heads_to_seq,
     seq_to_heads,
@@ -123,55 +124,13 @@ class SPResult:
     warnings: list[str] = field(default_factory=list)
 
 
-class _Sequence:
-    """Where the sequence factor sits in every value of the (pre-rewrite) graph."""
-
-    def __init__(self, gm: fx.GraphModule, cfg: SPConfig):
-        self.tp = cfg.tp
-        self.analysis = analyze(
-            gm, excluded={n for n in gm.graph.nodes if n.op == "call_function" and param_matmul(gm, n)}
-        )
-        factors, dims = self.analysis.factors, self.analysis.dims
-        self.cls, self.length = None, 0
-        placeholders = [n for n in gm.graph.find_nodes(op="placeholder") if n.name in cfg.batched and dims.get(n)]
-        sources = [n for n in placeholders if _is_float(n) and n.meta["val"].dim() >= 3]
-        if cfg.mode == "vsp":  # the embedding's sequence is that of its token ids, the head's that of [b, s, h]
-            sources = [n for n in placeholders if _is_token_ids(n)] + [n for n in sources if n.meta["val"].dim() == 3]
-        for node in sources:
-            if len(dims[node]) > 1 and dims[node][1]:
-                leaf = factors.leaves_of(dims[node][1])[0]
-                self.cls, self.length = factors.find(leaf), leaf.size
-                break
-
-    def dims(self, node: fx.Node):
-        while (
-            node not in self.analysis.dims
-            and node.op == "call_function"
-            and node.args
-            and isinstance(node.args[0], fx.Node)
-        ):
-            node = node.args[0]  # inserted collectives and bias adds keep their input's dims
-        dims = self.analysis.dims.get(node)
-        return dims if isinstance(dims, list) and all(isinstance(d, list) for d in dims) else None
-
-    def position(self, node: fx.Node, sharded: bool):
-        """``(dim, factor sizes, index)`` of the sequence factor in ``node`` (local sizes when ``sharded``)."""
-        dims = self.dims(node)
-        if self.cls is None or dims is None:
-            return None
-        factors = self.analysis.factors
-        for d, factor_list in enumerate(dims):
-            leaves = factors.leaves_of(factor_list)
-            for i, leaf in enumerate(leaves):
-                if factors.find(leaf) is self.cls:
-                    sizes = tuple(
-                        item.size // (self.tp if (j == i and sharded) else 1) for j, item in enumerate(leaves)
-                    )
-                    return d, sizes, i
-        return None
-
-    def local_sizes(self, node: fx.Node) -> list[int]:
-        return local_shape(self.analysis.factors, self.dims(node), {self.cls: self.tp})
+def _sequence(gm: fx.GraphModule, cfg: SPConfig) -> TrackedFactor:
+    """The sequence factor: dim 1 of the first batched activation (under vsp: of the token ids first)."""
+    placeholders = [n for n in gm.graph.find_nodes(op="placeholder") if n.name in cfg.batched]
+    sources = [n for n in placeholders if _is_float(n) and n.meta["val"].dim() >= 3]
+    if cfg.mode == "vsp":  # the embedding's sequence is that of its token ids, the head's that of [b, s, h]
+        sources = [n for n in placeholders if _is_token_ids(n)] + [n for n in sources if n.meta["val"].dim() == 3]
+    return TrackedFactor(gm, sources, 1, cfg.tp)
 
 
 def _is_float(node) -> bool:
@@ -197,7 +156,7 @@ def _is_token_ids(node: fx.Node) -> bool:
     return False
 
 
-def _keeps_positions(node: fx.Node, seq: "_Sequence", gm: fx.GraphModule) -> bool:
+def _keeps_positions(node: fx.Node, seq: TrackedFactor, gm: fx.GraphModule) -> bool:
     """Under vsp: whether ``node``, reading a sequence shard, computes each position from that position alone
     (elementwise work, views, norms and reductions over other dims, projections, embedding lookups). Anything
     else (indexing, slicing, padding, shifting along the sequence...) is refused rather than guessed."""
@@ -216,18 +175,11 @@ def _whole_region(gm: fx.GraphModule, mode: str) -> set[fx.Node]:
     """Nodes that need whole sequences: the tensor-parallel region (megatron) or attention (ulysses, vsp)."""
     if mode != "megatron":
         return set(gm.graph.find_nodes(op="call_function", target=SDPA))
-    region, stack = set(), [n for n in gm.graph.nodes if n.target in (tp_copy, tp_scatter)]
-    while stack:
-        node = stack.pop()
-        if node in region or node.target is tp_reduce:
-            continue
-        region.add(node)
-        stack.extend(node.users)
-    return region
+    return tp_region(gm)
 
 
-def _wants_shards(node: fx.Node, region: set[fx.Node]) -> bool:
-    """Does ``node`` reach work outside the whole-sequence region through layout-neutral ops?"""
+def wants_shards(node: fx.Node, region: set[fx.Node]) -> bool:
+    """Does ``node`` reach work outside ``region`` (where values must be whole) through layout-neutral ops?"""
     stack, seen = list(node.users), set()
     while stack:
         user = stack.pop()
@@ -243,7 +195,7 @@ def _wants_shards(node: fx.Node, region: set[fx.Node]) -> bool:
     return False
 
 
-def _check_mixing(node: fx.Node, seq: _Sequence, gm: fx.GraphModule) -> None:
+def _check_mixing(node: fx.Node, seq: TrackedFactor, gm: fx.GraphModule) -> None:
     """Refuse ops that combine positions along the sequence while it is sharded."""
     where = seq.position(node.args[0], True) if node.args and isinstance(node.args[0], fx.Node) else None
     mixes = node.target in (SDPA, aten.bmm.default) or (
@@ -261,7 +213,7 @@ def _check_mixing(node: fx.Node, seq: _Sequence, gm: fx.GraphModule) -> None:
         )
 
 
-def _sequence_loss(gm: fx.GraphModule, loss: fx.Node, seq: _Sequence, cfg: SPConfig, sharded: set, what: str):
+def _sequence_loss(gm: fx.GraphModule, loss: fx.Node, seq: TrackedFactor, cfg: SPConfig, sharded: set, what: str):
     """Under vsp: replace the cross-entropy ``loss`` over sequence-sharded logits by ``sequence_cross_entropy``
     over this rank's rows and their targets; returns the new node."""
     logits, target, *rest = loss.args
@@ -299,7 +251,7 @@ def sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, layer_name: str = "laye
     too); ``layer_meta(gm)`` and the result say which inputs arrive and which outputs leave
     sequence-sharded. Raises PlanError for sequences the group cannot split or ops that mix along them."""
     result = SPResult(gm)
-    seq = _Sequence(gm, cfg)
+    seq = _sequence(gm, cfg)
     vsp = cfg.mode == "vsp"
     if seq.cls is None:
         raise PlanError(
@@ -334,7 +286,7 @@ def sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, layer_name: str = "laye
 
     seq_inputs = set()
     for node in list(graph.find_nodes(op="placeholder")):
-        wanted = _is_float(node) and _wants_shards(node, region)
+        wanted = _is_float(node) and wants_shards(node, region)
         if not ((wanted or (vsp and _is_token_ids(node))) and seq.position(node, False)):
             continue
         if node.name in cfg.batched and seq.position(node, False)[0] == 1:

@@ -51,7 +51,8 @@ class TPConfig:
 @dataclass(frozen=True)
 class ShardRecord:
     """How a parameter was sharded: enough to reshard a checkpoint. ``dim`` of the full tensor is viewed as
-    ``factor_sizes`` (row-major); ``picks[i]`` is this rank's ``(start, length)`` on factor i, or None."""
+    ``factor_sizes`` (row-major); ``picks[i]`` is this rank's ``(start, length)`` on factor i, or None.
+    ``extra``: further ``(dim, factor_sizes, picks)`` cuts of that shard (a grid's column split)."""
 
     name: str
     full_shape: tuple[int, ...]
@@ -60,6 +61,12 @@ class ShardRecord:
     picks: tuple[tuple[int, int] | None, ...]
     replicas: int  # tp ranks holding this same shard (their gradients are summed)
     ranks: tuple[int, ...] = ()  # the tp group (global ranks) that holds the shards
+    extra: tuple = ()
+
+    @property
+    def entries(self) -> tuple:
+        """Every cut, in order, as ``select_local`` takes them."""
+        return ((self.dim, self.factor_sizes, self.picks), *self.extra)
 
     def positions(self) -> torch.Tensor:
         """Flat indices into the full tensor of this shard's elements, in the shard's order."""
@@ -68,7 +75,7 @@ class ShardRecord:
     def select(self, full: torch.Tensor) -> torch.Tensor:
         from galvatron_fx.passes.lower.ops.collectives import select_local
 
-        return select_local(full, ((self.dim, self.factor_sizes, self.picks),))
+        return select_local(full, self.entries)
 
 
 @dataclass
@@ -251,6 +258,19 @@ def _rewrite(
     graph.lint()
     gm.recompile()
     set_layer_meta(gm, shards=records)
+
+
+def tp_region(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes of a tensor-parallel graph that work on sharded or whole-group values: from where values enter
+    (``tp_copy``, ``tp_scatter``) up to the ``tp_reduce`` after the row-parallel projections."""
+    region, stack = set(), [n for n in gm.graph.nodes if n.target in (tp_copy, tp_scatter)]
+    while stack:
+        node = stack.pop()
+        if node in region or node.target is tp_reduce:
+            continue
+        region.add(node)
+        stack.extend(node.users)
+    return region
 
 
 def _is_float_tensor(node: fx.Node) -> bool:
