@@ -220,6 +220,8 @@ def prepare_groups(program: Program, plan: Plan) -> None:
     if plan.devices_per_stage > 1:
         for tp, consecutive in dict.fromkeys((layer.tp, layer.tp_consecutive) for layer in plan.layers):
             groups.world_mesh(plan, tp, consecutive)
+        for grid in dict.fromkeys(layer for layer in plan.layers if layer.tp_mode != "1d"):
+            groups.grid_mesh(plan, grid)
         groups.world_mesh(plan)  # prologue and epilogue
         groups.world_mesh(plan, plan.embedding.vtp)  # their vocab-parallel shards (the same mesh when vtp is 1)
     for stages in dict.fromkeys(tied_stages(program, plan).values()):

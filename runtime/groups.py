@@ -66,6 +66,20 @@ def world_mesh(plan: Plan, tp: int = 1, tp_consecutive: bool = True) -> DeviceMe
     return _cached(key, create)
 
 
+def grid_mesh(plan: Plan, strategy: LayerStrategy) -> DeviceMesh:
+    """The ``("pp", "dp", "depth", "column", "row")`` mesh of a grid ``tp_mode``: its last three dims are the
+    depth, column and row groups that ``ParallelDims.grid_groups`` names (a row's ranks vary along "row")."""
+    dims = ParallelDims.of(plan)
+    q, depth, _ = strategy.grid_shape
+    key = ("grid", dims.world_size, dims.pp, strategy.tp, depth)
+
+    def create() -> DeviceMesh:
+        ranks = torch.arange(dims.world_size).view(dims.pp, -1, depth, q, q)
+        return DeviceMesh(device_type(), ranks, mesh_dim_names=("pp", "dp", "depth", "column", "row"))
+
+    return _cached(key, create)
+
+
 def layer_mesh(plan: Plan, strategy: LayerStrategy) -> DeviceMesh:
     """The data-parallel mesh of a layer with ``strategy`` on this rank's stage (1-D, dim ``"dp"``)."""
     return world_mesh(plan, strategy.tp, strategy.tp_consecutive)["dp"]

@@ -106,14 +106,21 @@ def _hidden(gm: fx.GraphModule, cfg: GridConfig, layer_name: str) -> TrackedFact
     return hidden
 
 
+def _ndim(node: fx.Node) -> int:
+    """Dimensions of ``node``'s value; an inserted collective has its input's."""
+    while "val" not in node.meta and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node.meta["val"].dim()
+
+
 def _refuse(layer_name: str, node: fx.Node, why: str):
     raise PlanError(f"{layer_name}: {node.name} ({node.target}) {why}", REMEDY)
 
 
 def _reduced_dims(node: fx.Node) -> list[int]:
-    value = node.args[0].meta["val"]
-    dims = node.args[1] if len(node.args) > 1 and node.args[1] is not None else list(range(value.dim()))
-    return [d % value.dim() for d in ([dims] if isinstance(dims, int) else dims)]
+    ndim = _ndim(node.args[0])
+    dims = node.args[1] if len(node.args) > 1 and node.args[1] is not None else list(range(ndim))
+    return [d % ndim for d in ([dims] if isinstance(dims, int) else dims)]
 
 
 class _Rewrite:
@@ -187,7 +194,7 @@ class _Rewrite:
         if node.target is aten.layer_norm.default:
             x, shape, *rest = node.args
             weight, bias, eps = (list(rest) + [None, None, 1e-5])[:3]
-            if where is None or where[0] < x.meta["val"].dim() - len(shape):
+            if where is None or where[0] < _ndim(x) - len(shape):
                 _refuse(self.what, node, "normalises over dimensions without the split features")
             local = list(hidden.local_sizes(x)[-len(shape) :])
             params = [self.split(p, node) if isinstance(p, fx.Node) else p for p in (weight, bias)]

@@ -1,0 +1,84 @@
+"""Parity with single-process eager training for grid tensor parallelism (fp32, dropout 0, 5 steps, Adam and
+SGD): 2D on 4 ranks, 2.5D (q=2, depth 2) on 8, 2D under a 2-stage pipeline on 8, 2D with two data-parallel
+replicas under ZeRO-3, and a plan whose layers alternate 1D, 2D and plain data parallelism (redistribution
+between them). Sharded parameters come back whole and must equal eager's; SGD catches a wrong averaging
+factor over the grid's columns and depth (Adam's normalisation hides it).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+from distributed import (
+    GLOBAL_BATCH,
+    _config,
+    _program,
+    check_parity,
+    optimizer_factory,
+    shared_runs,
+    split_recipe,
+    tier_params,
+)
+
+from galvatron_fx.plan import LayerStrategy, Plan
+
+GRID_2D = dict(tp=4, tp_mode="2d")
+GRID_25D = dict(tp=8, tp_mode="2.5d", tp_depth=2)
+# name → (world size, pp, chunks, per-layer pattern of LayerStrategy keywords without dp)
+RECIPES = {
+    "2d": (4, 1, 1, (GRID_2D,)),
+    "2.5d": (8, 1, 1, (GRID_25D,)),
+    "pp2_2d": (8, 2, 2, (GRID_2D,)),
+    "2d_dp2_zero3": (8, 1, 1, ({**GRID_2D, "dp_type": "zero3"},)),
+    "mixed": (4, 1, 1, (GRID_2D, dict(tp=4), dict(tp=1), dict(tp=2), GRID_2D)),
+}
+
+
+def make_plan(recipe: str, num_layers: int, model: str) -> Plan:
+    world, pp, chunks, pattern = RECIPES[recipe]
+    devices = world // pp
+    layers = tuple(
+        LayerStrategy(dp=devices // pattern[i % len(pattern)]["tp"], **pattern[i % len(pattern)])
+        for i in range(num_layers)
+    )
+    return Plan(
+        world_size=world, layers=layers, pp=pp, chunks=chunks, global_batch=GLOBAL_BATCH, provenance={"model": model}
+    )
+
+
+def train_cases(rank: int, world_size: int, cases: list[tuple[str, str]]) -> dict:
+    from galvatron_fx.runtime import Trainer
+
+    warnings.simplefilter("ignore")
+    results = {}
+    for model_name, recipe in cases:
+        base, optimizer = split_recipe(recipe)
+        program, batches = _program(model_name)
+        plan = make_plan(base, len(program.body), program.model_name)
+        trainer = Trainer(
+            program, plan, config=_config(), optimizer=optimizer_factory(optimizer), model_name=program.model_name
+        )
+        losses = [trainer.step(batch) for batch in batches]
+        results[f"{model_name}/{recipe}"] = {"losses": losses, "params": trainer.full_parameters()}
+    return results
+
+
+MODELS = ("gpt2", "llama", "bert", "vit")
+FAST = {
+    4: [(m, "2d") for m in MODELS] + [(m, "2d+sgd") for m in ("gpt2", "llama")] + [("llama", "mixed+sgd")],
+    8: [("gpt2", "2.5d+sgd"), ("llama", "2.5d"), ("gpt2", "pp2_2d+sgd")],
+}
+FULL = {
+    4: [(m, "2d+sgd") for m in ("bert", "vit")] + [(m, "mixed") for m in ("gpt2", "bert")],
+    8: [(m, "2.5d") for m in ("gpt2", "bert", "vit")]
+    + [(m, "2.5d+sgd") for m in ("llama", "bert", "vit")]
+    + [(m, "pp2_2d") for m in ("llama", "vit")]
+    + [("gpt2", "2d_dp2_zero3+sgd"), ("llama", "2d_dp2_zero3")],
+}
+_results = shared_runs(lambda world_size, fast: (FAST if fast else FULL)[world_size], train_cases, timeout_s=1500)
+
+
+@pytest.mark.parametrize("world_size,fast,model,recipe", tier_params(FAST, FULL))
+def test_grid_parallel_parity_with_eager(world_size, fast, model, recipe):
+    check_parity(model, _results(world_size, fast)[f"{model}/{recipe}"], recipe)
