@@ -26,6 +26,7 @@ from .plan import EmbeddingStrategy, LayerStrategy, Plan, normalize_pipeline
 class UniformPlan:
     """Global flags for every layer. ``sdp``: ZeRO-3 (sharded data parallel) instead of ``dp_type``;
     ``tp_consecutive``: TP groups on consecutive ranks; ``sp``: ``none``, ``megatron`` or ``ulysses``;
+    ``tp_mode``: ``1d`` or a grid (``2d``, ``2.5d`` with ``tp_depth``, ``3d``; see ``LayerStrategy``);
     ``pipeline``: ``1f1b`` (or Galvatron's name for it, ``pipedream_flush``) or ``gpipe``; ``vtp``: the
     embedding's and head's vocab TP degree, or with ``vsp`` the group over which they run sequence-parallel;
     ``global_batch`` ``None`` takes the batch given to ``resolve``."""
@@ -33,6 +34,8 @@ class UniformPlan:
     pp: int = 1
     tp: int = 1
     tp_consecutive: bool = True
+    tp_mode: str = "1d"
+    tp_depth: int = 1
     sdp: bool = False
     dp_type: str = "ddp"
     sp: str = "none"
@@ -63,6 +66,8 @@ class UniformPlan:
             sp=self.sp,
             tp_consecutive=self.tp_consecutive,
             ckpt=self.ckpt,
+            tp_mode=self.tp_mode,
+            tp_depth=self.tp_depth,
         )
         return Plan(
             world_size=world_size,

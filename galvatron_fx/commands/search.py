@@ -96,6 +96,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sp-types", default="none,megatron,ulysses", help="allowed sequence-parallel kinds for TP groups"
     )
     parser.add_argument(
+        "--tp-modes",
+        default="1d,2d,2.5d,3d",
+        help="how a layer's tp ranks may split it: 1d (Megatron), 2d, 2.5d, 3d grids (per layer, like tp degrees)",
+    )
+    parser.add_argument(
         "--sequence-parallel",
         action="store_true",
         help="Megatron-SP on every tensor-parallel layer (Galvatron's --sequence_parallel): TP without SP is left out",
@@ -163,6 +168,7 @@ def _space(args):
         pipelines=("1f1b", "gpipe") if args.pipeline == "both" else (args.pipeline,),
         dp_types=tuple(args.dp_types.split(",")),
         sp_types=sp_types,
+        tp_modes=_tp_modes(args.tp_modes),
         max_tp=args.max_tp,
         max_pp=args.max_pp,
         disable_ckpt=args.disable_ckpt,
@@ -181,6 +187,21 @@ def _space(args):
         if flag:
             options[field] = True
     return SearchSpace.named(args.space, **options)
+
+
+def _tp_modes(text: str) -> tuple[str, ...]:
+    """``--tp-modes``: comma-separated names of ``plan.TP_MODES``."""
+    from galvatron_fx.errors import ConfigError
+    from galvatron_fx.plan import TP_MODES
+
+    modes = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    bad = [m for m in modes if m not in TP_MODES]
+    if bad or not modes:
+        raise ConfigError(
+            f"--tp-modes {text!r} names {bad or 'no mode'}",
+            f"give a comma-separated subset of {', '.join(TP_MODES)} (e.g. --tp-modes 1d,2d)",
+        )
+    return modes
 
 
 def _cost_model(args):

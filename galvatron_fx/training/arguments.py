@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 
-# Galvatron's global flags: one strategy for every layer, the alternative to --plan and to a search
-PLAN_FLAGS = ("pp", "tp", "tp_consecutive", "sdp", "chunks", "ckpt", "pipeline", "vtp", "vsp")
+from galvatron_fx.plan import TP_MODES
+
+# Galvatron's global flags (and the grid's): one strategy for every layer, the alternative to --plan and to a search
+PLAN_FLAGS = ("pp", "tp", "tp_consecutive", "tp_mode", "tp_depth", "sdp", "chunks", "ckpt", "pipeline", "vtp", "vsp")
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -41,6 +43,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     flags.add_argument(
         "--tp-consecutive", type=int, choices=(0, 1), default=None, help="1: TP groups on consecutive ranks"
     )
+    flags.add_argument(
+        "--tp-mode", choices=TP_MODES, default=None, help="1d (Megatron) or a grid: 2d (tp=q²), 2.5d, 3d (tp=q³)"
+    )
+    flags.add_argument("--tp-depth", type=int, default=None, help="2.5d: the grid's depth d (tp = q²·d)")
     flags.add_argument("--sdp", type=int, choices=(0, 1), default=None, help="1: ZeRO-3 instead of plain DP")
     flags.add_argument("--chunks", type=int, default=None, help="micro-batches per step")
     flags.add_argument("--ckpt", type=int, choices=(0, 1), default=None, help="1: activation checkpointing")
