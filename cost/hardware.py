@@ -5,7 +5,8 @@ layout), where ``nbytes`` is the size of the tensor handed to the collective: th
 and all-to-all, the gathered output for all-gather, the input for reduce-scatter. ``bandwidth_Bps`` is
 therefore an *algorithm* bandwidth (what a user sees), not NCCL's bus bandwidth. Layouts: a
 ``consecutive`` group holds ranks ``k*g .. k*g+g-1``; a strided one holds ranks ``k, k+w/g, k+2w/g, ...``
-(``w`` = world size), as in Galvatron's ``consec_1`` / ``consec_0``.
+(``w`` = world size), as in Galvatron's ``consec_1`` / ``consec_0``; a ``stride<s>`` one holds ranks ``k, k+s,
+k+2s, ...`` (the columns and depth groups of a grid-parallel layer; ``cost.grid_tp.group_fit``).
 
 Profiles come from a Cluster preset (datasheet figures), from the hardware profiler, or from Galvatron's
 hardware files (cost/galvatron_import.py), and serialise to JSON.
@@ -65,6 +66,14 @@ def ring_volume_factor(op: str, group: int) -> float:
     return 2.0 * (group - 1) / group if op == "all_reduce" else (group - 1) / group
 
 
+def _is_layout(layout: str) -> bool:
+    """``consecutive``, ``strided`` (``world / g`` apart), or ``stride<s>``: ranks ``s`` apart (a grid's columns
+    and depth groups, cost/grid_tp.py)."""
+    return layout in ("consecutive", "strided") or (
+        layout.startswith("stride") and layout[6:].isdigit() and int(layout[6:]) >= 2
+    )
+
+
 def _key(op: str, group: int, consecutive: bool) -> str:
     return f"{op}/{group}/{'consecutive' if consecutive else 'strided'}"
 
@@ -118,7 +127,11 @@ class HardwareProfile:
         for layout in (consecutive, not consecutive):
             if _key(op, group, layout) in self.collectives:
                 return self.collectives[_key(op, group, layout)]
-        measured = [(int(k.split("/")[1]), v) for k, v in self.collectives.items() if k.startswith(op + "/")]
+        measured = [
+            (int(k.split("/")[1]), v)
+            for k, v in self.collectives.items()
+            if k.startswith(op + "/") and k.split("/")[2] in ("consecutive", "strided")
+        ]
         if (
             not measured
             and op in ("all_gather", "reduce_scatter")
@@ -244,7 +257,7 @@ class HardwareProfile:
             collectives = {str(k): _comm_fit(v) for k, v in data["collectives"].items()}
             for name in collectives:
                 op, group, layout = name.split("/")
-                if op not in COLLECTIVES or int(group) < 2 or layout not in ("consecutive", "strided"):
+                if op not in COLLECTIVES or int(group) < 2 or not _is_layout(layout):
                     raise ValueError(f"bad entry {name!r}")
             key = "p2p"
             p2p = {int(k): _comm_fit(v) for k, v in data.get("p2p", {}).items()}

@@ -1,8 +1,9 @@
 """The hardware profiler: time the collectives the plans use, fit latency + bytes / bandwidth.
 
 Runs on every rank of an initialised process group (torchrun, or ``launch_local`` which starts CPU/GPU
-processes in-process). For every power-of-two group size ``g`` ≤ world size and both layouts
-(consecutive ranks, and ranks strided by ``world / g``), all groups of that shape run each collective at
+processes in-process). For every power-of-two group size ``g`` ≤ world size and every layout
+(consecutive ranks, ranks strided by ``world / g``, and the columns and depth groups of grid-parallel layers
+where those are other shapes), all groups of that shape run each collective at
 once (as in training, where every TP or DP group communicates together) over a few message sizes, with a
 warm-up and the median of the repetitions; the slowest rank's median counts. Then send/recv between the
 neighbouring stages of every pipeline degree, how much of an all-reduce stays visible next to compute,
@@ -130,14 +131,27 @@ def _collective(op: str, nbytes: int, group, group_size: int, device: torch.devi
     return lambda: dist.all_to_all_single(out, full, group=group)
 
 
-def _group_shapes(world: int) -> list[tuple[int, bool, list[list[int]]]]:
+def _group_shapes(world: int) -> list[tuple[int, str, list[list[int]]]]:
+    """(group size, layout, the groups) of every shape measured: consecutive and strided (``world / g`` apart)
+    groups of each power-of-two size, and the shapes of grid-parallel layers not among them (``stride<s>``): a
+    column of ``g`` ranks ``g`` apart and a depth group of ``g`` ranks ``q²`` apart (cost/grid_tp.py)."""
     shapes = []
     group = 2
     while group <= world:
         count = world // group
-        shapes.append((group, True, [[k * group + i for i in range(group)] for k in range(count)]))
+        shapes.append((group, "consecutive", [[k * group + i for i in range(group)] for k in range(count)]))
         if group < world:
-            shapes.append((group, False, [[k + i * count for i in range(group)] for k in range(count)]))
+            shapes.append((group, "strided", [[k + i * count for i in range(group)] for k in range(count)]))
+        strides = sorted({group} | {q * q for q in (2, 4, 8, 16, 32)})
+        for stride in (s for s in strides if 1 < s < world // group and world % (s * group) == 0):
+            span = stride * group  # each block of ``span`` ranks holds ``stride`` groups
+            shapes.append(
+                (
+                    group,
+                    f"stride{stride}",
+                    [[b + o + i * stride for i in range(group)] for b in range(0, world, span) for o in range(stride)],
+                )
+            )
         group *= 2
     return shapes
 
@@ -159,10 +173,9 @@ def profile_hardware(
     progress = _Progress(len(shapes) * len(COLLECTIVES) + len(pipelines) + 6, config.progress and rank == 0)
 
     keys, medians, consecutive_groups = [], [], {}
-    for group_size, consecutive, enumeration in shapes:
+    for group_size, layout, enumeration in shapes:
         group, _ = dist.new_subgroups_by_enumeration(enumeration)
-        layout = "consecutive" if consecutive else "strided"
-        if consecutive:
+        if layout == "consecutive":
             consecutive_groups[group_size] = group
         for op in COLLECTIVES:
             for nbytes in config.sizes_bytes:

@@ -13,18 +13,22 @@ from fractions import Fraction
 
 import numpy as np
 
+from galvatron_fx.parallel_dims import activation_strategy
 from galvatron_fx.parallel_dims import dp_index as dp_of
 from galvatron_fx.parallel_dims import tp_index as tp_of
 from galvatron_fx.plan import LayerStrategy
 
 
 def layout_of(strategy: LayerStrategy) -> tuple:
-    """What decides where an activation lives: equal for two strategies, no move between them."""
+    """What decides where an activation lives: equal for two strategies, no move between them. A grid layer's
+    activations live as a 1D layer's over its rows (``activation_strategy``)."""
+    strategy = activation_strategy(strategy)
     return (strategy.tp, strategy.dp, strategy.sp != "none", strategy.tp_consecutive or strategy.tp == 1)
 
 
 def move_key(strategy: LayerStrategy) -> tuple:
-    """Every field of a strategy that ``reference_move_s`` reads."""
+    """Every field of a strategy's activation layout (``activation_strategy``) that ``reference_move_s`` reads."""
+    strategy = activation_strategy(strategy)
     return (strategy.tp, strategy.dp, strategy.sp != "none", strategy.tp_consecutive)
 
 
@@ -95,6 +99,7 @@ def piece_area(piece) -> Fraction:
 def reference_move_s(hardware, src: LayerStrategy, dst: LayerStrategy, total_bytes: float) -> float:
     """Rank-by-rank reference of one direction of ``CostModel.redistribution_s`` on ``hardware`` (exact
     fractions; ``move_plan`` is the same geometry on integer arrays)."""
+    src, dst = activation_strategy(src), activation_strategy(dst)
     devices = src.devices
     held, needed = rank_pieces(src, devices), rank_pieces(dst, devices)
     missing = max(piece_area(n) - piece_area(piece_intersection(h, n)) for h, n in zip(held, needed))

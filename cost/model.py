@@ -63,6 +63,7 @@ from galvatron_fx.errors import ConfigError, PlanError, ProfileError
 from galvatron_fx.parallel_dims import data_split, end_layout, uses_vsp
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan, Prediction
 
+from .grid_tp import grid_layer_cost
 from .hardware import BLOCKING_PROBE_COMPUTE_S, HardwareProfile
 from .layouts import layout_of, move_key, move_plan
 from .memory import (
@@ -173,6 +174,8 @@ class CostModel:
         ``busy_share`` of the ranks compute (``busy_share(pp, chunks)``; 1 without a pipeline);
         ``deferred_sync``: gradients are synchronised after the step's last micro-batch only
         (``Plan.defers_grad_sync``)."""
+        if strategy.tp_mode != "1d":  # 2D, 2.5D, 3D: cost/grid_tp.py
+            return grid_layer_cost(self, layer_type, strategy, micro_batch, busy_share, deferred_sync)
         profile = self.model.layer(layer_type)
         local = micro_batch / strategy.dp
         sharded_seq = strategy.sp != "none"
@@ -583,11 +586,14 @@ class CostModel:
         """None if the layer can run ``strategy``; otherwise why not."""
         if layer_type not in self.model.types:
             return f"layer type {layer_type!r} is not in the model profile"
-        heads, tp = self.model.types[layer_type].num_heads, strategy.tp
+        # a grid splits the heads over its rows' q ranks (the samples over the rest)
+        heads, tp = self.model.types[layer_type].num_heads, (strategy.grid_shape or (strategy.tp,))[0]
         obstacle = self.model.types[layer_type].lowering_obstacles.get(strategy.lowering_key)
         if obstacle:
             return f"lowering: {obstacle}"
         if tp > 1 and heads and heads % tp:
+            if strategy.tp_mode != "1d":
+                return f"the rows of {tp} ranks of a {strategy.tp_mode} grid do not divide {heads} heads"
             return f"tp {tp} does not divide {heads} heads"
         if tp > 1 and strategy.sp != "none" and self.seq % tp:
             return f"tp {tp} does not divide sequence length {self.seq} ({strategy.sp} sequence parallelism)"

@@ -1,0 +1,280 @@
+"""Grid tensor parallelism (2D, 2.5D, 3D) in the cost model: its terms against hand-computed cases of the formulas
+(cost/grid_tp.py), the group placement on the hardware, the integration in CostModel, and the orderings at
+equal device counts."""
+
+import dataclasses
+
+import pytest
+
+from galvatron_fx import Cluster
+from galvatron_fx.cost.grid_tp import (
+    NORM_REDUCTIONS,
+    NORMS,
+    PARAM_TENSORS,
+    LayerShape,
+    collectives_s,
+    group_fit,
+    tp_terms,
+    transformer_linears,
+)
+from galvatron_fx.cost.hardware import COLLECTIVES, CommFit, HardwareProfile
+from galvatron_fx.cost.hardware_profiler import _group_shapes
+from galvatron_fx.cost.model import CostModel
+from galvatron_fx.cost.model_profile import LayerTypeProfile, ModelProfile
+from galvatron_fx.cost.time_formula import TimeFormula
+from galvatron_fx.plan import EmbeddingStrategy, Plan
+from galvatron_fx.plan import LayerStrategy as S
+
+BW = 1e9
+H, T, B = 256, 1024, 4  # hidden size, tokens of a micro-batch, bytes per element (fp32)
+W = 4 * H * H + 2 * H * 1024  # a block whose MLP is 4h wide: 786 432 parameters
+A = 8_000_000  # saved-activation bytes of the micro-batch on one device
+
+
+def grid(tp, mode, depth=1, **kw):
+    return S(tp=tp, tp_mode=mode, tp_depth=depth, **kw)
+
+
+def shape(tokens=T, activation=A) -> LayerShape:
+    return LayerShape(tokens=tokens, hidden=H, act_bytes=B, params=W, activation_bytes=activation)
+
+
+def by_key(collectives):
+    return {(c.op, c.group): c for c in collectives}
+
+
+def test_2d_collectives_and_memory_by_hand():
+    terms = tp_terms(grid(4, "2d"), shape())  # q = 2: two rows of 512 tokens
+    row = T / 2 * H * B  # one [tokens of a row, hidden] activation: 524 288 bytes
+    fwd, bwd = by_key(terms.forward), by_key(terms.backward)
+    assert fwd["all_gather", "row"].nbytes == 3 * row and fwd["all_gather", "row"].calls == 3  # 2 groups + exit
+    assert fwd["reduce_scatter", "row"].nbytes == 2 * row and fwd["reduce_scatter", "row"].calls == 2
+    norms = fwd["all_reduce", "row"]
+    assert norms.calls == NORMS * NORM_REDUCTIONS and norms.nbytes == NORMS * NORM_REDUCTIONS * 512 * 4
+    column = fwd["all_gather", "column"]
+    assert (column.size, column.stride, column.calls, column.nbytes) == (2, 2, PARAM_TENSORS, W / 2 * 4)
+    assert bwd["reduce_scatter", "row"].nbytes == 2 * row and bwd["all_gather", "row"].nbytes == 3 * row
+    assert bwd["reduce_scatter", "column"].nbytes == W / 2 * 4 and ("all_reduce", "depth") not in bwd
+    # per rank: 1/q² of the parameters stored, 1/q gathered; activations 1/P plus the two gathered inputs
+    assert terms.stored_params == W / 4 and terms.gathered_params == W / 2
+    assert terms.sharded_bytes == A / 4 and terms.gathered_input_bytes == 2 * row * (1 - 1 / 2)
+    # ring volume: (q − 1)/q of every gather and scatter, 2(q − 1)/q of every all-reduce
+    assert terms.volume_bytes == pytest.approx(0.5 * (10 * row + 2 * W / 2 * 4) + 2 * norms.nbytes)
+
+
+def test_2_5d_splits_samples_over_depth_and_all_reduces_the_blocks_over_it():
+    terms = tp_terms(grid(8, "2.5d", 2), shape())  # q = 2, d = 2: four rows of 256 tokens
+    row = T / 4 * H * B
+    fwd, bwd = by_key(terms.forward), by_key(terms.backward)
+    assert fwd["all_gather", "row"].nbytes == 3 * row and fwd["reduce_scatter", "row"].nbytes == 2 * row
+    depth = bwd["all_reduce", "depth"]
+    assert (depth.size, depth.stride, depth.nbytes) == (2, 4, W / 4 * 4)  # the W/q² blocks, q² ranks apart
+    assert terms.stored_params == W / 4 and terms.gathered_params == W / 2
+    assert terms.sharded_bytes == A / 8 and terms.gathered_input_bytes == 2 * row * 0.5
+
+
+def test_3d_follows_colossal_ai_linear_by_linear():
+    assert transformer_linears(H, W) == [(H, 3 * H), (H, H), (H, 1024), (1024, H)]
+    terms = tp_terms(grid(8, "3d"), shape())  # q = 2: blocks [T/q², f/q]
+    fwd, bwd = terms.forward, terms.backward
+    f_in, f_out = 3 * H + 1024, 3 * H + H + 1024 + H  # Σ input and output features over the four linears
+
+    def total(collectives, op, group):
+        return sum(c.nbytes for c in collectives if (c.op, c.group) == (op, group))
+
+    assert total(fwd, "all_gather", "input") == T * f_in / 4 * B  # the gathered inputs, 1/q² each
+    assert total(fwd, "all_gather", "weight") == W / 4 * B  # the gathered weights, 1/q² each
+    assert total(fwd, "reduce_scatter", "output") == T * f_out / 4 * B
+    assert total(bwd, "all_gather", "output") == T * f_out / 4 * B
+    assert total(bwd, "reduce_scatter", "input") == T * f_in / 4 * B
+    assert total(bwd, "reduce_scatter", "weight") == W / 4 * 4
+    assert total(fwd, "all_gather", "row") == T / 4 * H * B  # leaving in the rows' layout
+    assert sum(c.calls for c in fwd) == 4 * 3 + NORMS + 1  # three per linear, each norm's statistics, the exit
+    assert {c.stride for c in fwd if c.group == "weight"} == {2}
+    assert {c.stride for c in fwd if c.group in ("input", "output")} == {1, 4}
+    assert terms.stored_params == W / 8 and terms.gathered_params == W / 4
+    assert terms.sharded_bytes == A / 8 and terms.gathered_input_bytes == pytest.approx(T * f_in / 4 * B * 0.5)
+
+
+def hardware(world=16, per_node=4, strided_bw=BW / 10, extra=None) -> HardwareProfile:
+    collectives = {
+        f"{op}/{g}/{layout}": CommFit(0.0, BW if layout == "consecutive" else strided_bw)
+        for op in COLLECTIVES
+        for g in (2, 4, 8, 16)
+        for layout in ("consecutive", "strided")
+    }
+    collectives.update(extra or {})
+    p2p = {2: CommFit(0.0, BW)}
+    return HardwareProfile(world, per_node, "test", 80 * 2**30, collectives, p2p, 1.0, {"fp32": 1e12})
+
+
+def test_group_placement_picks_the_fit_of_the_group_shape():
+    hw = hardware()  # 4 devices per node: consecutive fits within a node, strided ones across nodes
+    assert group_fit(hw, "all_gather", 2, 1).bandwidth_Bps == BW  # a row
+    assert group_fit(hw, "all_gather", 2, 2).bandwidth_Bps == BW  # a column of q = 2: ranks 0, 2, one node
+    assert group_fit(hw, "all_gather", 2, 4).bandwidth_Bps == BW / 10  # a depth group q² = 4 apart: two nodes
+    assert group_fit(hw, "all_gather", 4, 4).bandwidth_Bps == BW / 10  # a column of q = 4 spans 4 nodes
+    measured = hardware(extra={"all_gather/2/stride4": CommFit(0.0, BW / 3)})
+    assert group_fit(measured, "all_gather", 2, 4).bandwidth_Bps == BW / 3
+    # on a preset of 8-device nodes, a 2D grid of 16 keeps its rows in a node and sends its columns across
+    preset = Cluster.preset("A100-80GB", nodes=2, devices_per_node=8).hardware_profile()
+    assert group_fit(preset, "all_gather", 4, 1) == preset.fit("all_gather", 4, True)
+    assert group_fit(preset, "all_gather", 4, 4) == preset.fit("all_gather", 4, False)
+    assert preset.fit("all_gather", 4, False).bandwidth_Bps < preset.fit("all_gather", 4, True).bandwidth_Bps
+
+
+def test_collective_seconds_are_calls_times_latency_plus_bytes_over_bandwidth():
+    hw = hardware(extra={"reduce_scatter/2/stride2": CommFit(1e-4, BW / 2)})
+    terms = tp_terms(grid(4, "2d"), shape())
+    expected = sum(
+        c.calls * group_fit(hw, c.op, c.size, c.stride).latency_s
+        + c.nbytes / group_fit(hw, c.op, c.size, c.stride).bandwidth_Bps
+        for c in terms.backward
+    )
+    assert collectives_s(hw, terms.backward) == pytest.approx(expected)
+    column = by_key(terms.backward)["reduce_scatter", "column"]
+    assert expected == pytest.approx(
+        sum(c.nbytes / BW for c in terms.backward if c.group == "row") + PARAM_TENSORS * 1e-4 + column.nbytes / (BW / 2)
+    )
+
+
+def test_the_profiler_measures_the_grid_group_shapes():
+    shapes = {(g, layout): groups for g, layout, groups in _group_shapes(16)}
+    assert shapes[2, "stride2"][:2] == [[0, 2], [1, 3]]  # columns of a 2×2 grid
+    assert shapes[2, "stride4"][:2] == [[0, 4], [1, 5]]  # depth groups of a 2×2×d grid
+    for groups in shapes.values():
+        assert sorted(r for group in groups for r in group) == list(range(16))
+    assert all(layout in ("consecutive", "strided") for _, layout, _ in _group_shapes(4))  # no new shape: as fast
+    data = hardware(extra={"all_gather/2/stride2": CommFit(1e-5, BW)}).to_json_dict()
+    data["format"] = "galvatron_fx.hardware_profile/1"
+    assert HardwareProfile.from_json_dict(data).collectives["all_gather/2/stride2"] == CommFit(1e-5, BW)
+
+
+# -- in the cost model -----------------------------------------------------------------------------------------
+
+
+def per_sample(seconds: float) -> TimeFormula:
+    return TimeFormula(((1, 0, seconds),))
+
+
+SEQ, HEADS = 64, 16
+
+
+def megatron_activation(tp: int) -> int:
+    """Megatron's activation bytes per sample of a Transformer block on one of ``tp`` ranks (fp32: twice the
+    fp16 figure s·h·(10 + 24/t) + 5·a·s²/t)."""
+    return int(2 * (SEQ * H * (10 + 24 / tp) + 5 * HEADS * SEQ * SEQ / tp))
+
+
+def profile() -> ModelProfile:
+    block = LayerTypeProfile(
+        "blk",
+        per_sample(1e-3),
+        per_sample(2e-3),
+        param_count=W,
+        activation_bytes_per_sample={t: megatron_activation(t) for t in (1, 2, 4, 8, 16, 32, 64)},
+        ckpt_activation_bytes_per_sample=SEQ * H * B,
+        boundary_bytes_per_sample=SEQ * H * B,
+        num_heads=HEADS,
+        largest_param_count=H * 1024,
+    )
+    ends = LayerTypeProfile("end", TimeFormula(), TimeFormula(), 1000, {1: 100}, 0, SEQ * H * B)
+    return ModelProfile("grid", ["blk"] * 4, {"blk": block}, ends, ends, [SEQ * H * B] * 4, SEQ, H, HEADS)
+
+
+def uniform(world: int) -> HardwareProfile:
+    return hardware(world=world, per_node=world, strided_bw=BW)
+
+
+def test_layer_cost_of_a_grid_layer_by_hand():
+    model = CostModel(profile(), uniform(8))
+    strategy = grid(4, "2d", dp=2)
+    cost = model.layer_cost("blk", strategy, micro_batch=16)  # 8 samples per grid, 4 per row
+    terms = tp_terms(strategy, LayerShape(8 * SEQ, H, B, W, megatron_activation(1) * 8))
+    assert cost.fwd_s == pytest.approx(8e-3 / 4 + sum(c.nbytes for c in terms.forward) / BW)
+    assert cost.bwd_s == pytest.approx(16e-3 / 4 + sum(c.nbytes for c in terms.backward) / BW)
+    assert cost.model_state_bytes == W / 4 * 16  # DDP over the 2 replicas of each block
+    assert cost.activation_bytes == int(terms.activation_bytes + W / 2 * 4)  # and the gathered weights
+    ckpt = model.layer_cost("blk", grid(4, "2d", dp=2, ckpt=True), micro_batch=16)
+    assert ckpt.activation_bytes == SEQ * H * B * 4  # its input: 4 samples, whole in features
+    assert ckpt.bwd_s == pytest.approx(cost.bwd_s + cost.fwd_s)  # forward again, collectives included
+    zero3 = model.layer_cost("blk", grid(4, "2d", dp=2, dp_type="zero3"), micro_batch=16)
+    assert zero3.model_state_bytes < cost.model_state_bytes
+
+
+def test_heads_split_over_the_row_and_obstacles_leave_modes_out():
+    p = profile()
+    p.types["blk"] = dataclasses.replace(p.types["blk"], num_heads=6, lowering_obstacles={})
+    model = CostModel(p, uniform(8))
+    assert model.unsupported_reason("blk", grid(4, "2d", dp=2)) is None  # rows of 2 split 6 heads
+    assert model.unsupported_reason("blk", S(tp=4, dp=2)) == "tp 4 does not divide 6 heads"
+    assert model.unsupported_reason("blk", grid(64, "3d")) == "the rows of 4 ranks of a 3d grid do not divide 6 heads"
+    p.types["blk"].lowering_obstacles["tp8/none/3d"] = "3d is not lowered"
+    assert model.unsupported_reason("blk", grid(8, "3d")) == "lowering: 3d is not lowered"
+
+
+def test_a_plan_mixing_1d_and_grid_layers_redistributes_between_their_layouts():
+    model = CostModel(profile(), uniform(4))
+    layers = (grid(4, "2d"), S(tp=2, dp=2), S(tp=4), grid(4, "2d"))
+    plan = Plan(world_size=4, layers=layers, global_batch=8, embedding=EmbeddingStrategy())
+    assert model.redistribution_s(layers[0], layers[1], 1, 8) == 0.0  # a 2D grid of 4 lives as tp2 dp2
+    assert model.redistribution_s(layers[1], layers[2], 2, 8) > 0.0
+    prediction = model.evaluate(plan)
+    assert prediction.iteration_time_s > 0 and prediction.memory_bytes_per_stage[0] > 0
+
+
+# -- orderings at equal device counts ---------------------------------------------------------------------------
+
+
+def activation(model: CostModel, strategy: S, micro_batch: int = 64) -> float:
+    """Saved-activation bytes per device of one micro-batch (the gathered weights left out: they are parameters)."""
+    if strategy.tp_mode == "1d":
+        return model.layer_cost("blk", strategy, micro_batch).activation_bytes
+    from galvatron_fx.cost.grid_tp import layer_shape
+
+    shape_ = layer_shape(model, model.model.layer("blk"), micro_batch / strategy.dp)
+    return tp_terms(strategy, shape_).activation_bytes
+
+
+def test_activation_memory_per_device_at_equal_device_counts():
+    """Per device at equal P: 2.5D < 2D < 1D, and 3D < 1D. Every grid mode shards what the layer computes 1/P
+    (the published O(1/P)); beyond that each keeps the inputs its projections gather: 2D and 2.5D one
+    ``[T/(d·q), h]`` per column-parallel group, 3D (Colossal-AI's ``_Linear3D`` saves its gathered input) one
+    ``[T/q², f_in/q]``·q per linear, the MLP's 4h-wide input too. So 3D keeps more than 2.5D at P = 8 and
+    than 2D at P = 64: the expectation 3D < 2.5D holds for the sharded part only, where they are equal."""
+    for P, grids in (
+        (8, [grid(8, "3d"), grid(8, "2.5d", 2)]),
+        (64, [grid(64, "3d"), grid(64, "2.5d", 4), grid(64, "2d")]),
+    ):
+        model = CostModel(profile(), uniform(P))
+        assert activation(model, grid(P, "3d")) < activation(model, S(tp=P))
+        assert {tp_terms(s, shape()).sharded_bytes for s in grids} == {A / P}
+    model = CostModel(profile(), uniform(8))
+    assert activation(model, grid(8, "2.5d", 2)) < activation(model, grid(8, "3d")) < activation(model, S(tp=8))
+    for P, depth in ((4, None), (16, 4), (64, 4)):
+        model = CostModel(profile(), uniform(P))
+        two_d, one_d = activation(model, grid(P, "2d")), activation(model, S(tp=P))
+        assert two_d < one_d
+        if depth:
+            assert activation(model, grid(P, "2.5d", depth)) < two_d
+    model = CostModel(profile(), uniform(64))
+    assert activation(model, grid(64, "2d")) < activation(model, grid(64, "3d"))
+
+
+def test_traffic_per_device_grows_with_p_under_1d_and_shrinks_under_grids():
+    """At a fixed model and micro-batch: 1D all-reduces the whole [T, h] activation (2(P−1)/P of it per rank),
+    2D and 3D move blocks of 1/q and 1/q² of it and 1/q, 1/q² of the weights."""
+    volume = {s.short(): tp_terms(s, shape()).volume_bytes for s in [S(tp=p) for p in (2, 4, 8, 16, 64)]}
+    one_d = [volume[f"tp{p}"] for p in (2, 4, 8, 16, 64)]
+    assert one_d == sorted(one_d) and len(set(one_d)) == 5
+    two_d = [tp_terms(grid(p, "2d"), shape()).volume_bytes for p in (4, 16, 64)]
+    assert two_d == sorted(two_d, reverse=True) and len(set(two_d)) == 3
+    three_d = [tp_terms(grid(p, "3d"), shape()).volume_bytes for p in (8, 64)]
+    assert three_d[1] < three_d[0]
+    two_half = [tp_terms(grid(p, "2.5d", 2), shape()).volume_bytes for p in (8, 32)]  # q = 2, 4 at d = 2
+    assert two_half[1] < two_half[0]
+    # at equal P, 2.5D moves smaller activation blocks than 2D (rows of T/(d·q) tokens) but larger weight blocks
+    # (W/q² per rank, and the depth's all-reduce of them): it moves less where activations dominate
+    for tokens, fewer in ((64 * T, True), (T, False)):
+        two_half, two = (tp_terms(s, shape(tokens)).volume_bytes for s in (grid(16, "2.5d", 4), grid(16, "2d")))
+        assert (two_half < two) == fewer
