@@ -278,3 +278,32 @@ def test_traffic_per_device_grows_with_p_under_1d_and_shrinks_under_grids():
     for tokens, fewer in ((64 * T, True), (T, False)):
         two_half, two = (tp_terms(s, shape(tokens)).volume_bytes for s in (grid(16, "2.5d", 4), grid(16, "2d")))
         assert (two_half < two) == fewer
+
+
+def test_search_with_grid_modes_equals_brute_force_on_the_real_cost_model():
+    from galvatron_fx.passes.search.brute_force import all_plans, brute_force_search
+    from galvatron_fx.passes.search.engine import search
+    from galvatron_fx.passes.search.space import SearchSpace
+
+    p = profile()
+    p = dataclasses.replace(p, layer_types=["blk"] * 2, cut_bytes_per_sample=[SEQ * H * B] * 2)
+    model = CostModel(p, Cluster.preset("A100-80GB", nodes=2, devices_per_node=4).hardware_profile())
+    space = SearchSpace(
+        global_batch=(16, 16, 1),
+        chunks=(1,),
+        sp_types=("none",),
+        dp_types=("ddp",),
+        disable_vsp=True,
+        disable_tp_strided=True,
+        pipelines=("1f1b",),
+    )
+    plans = list(all_plans(model, 8, space))
+    assert {s.tp_mode for plan in plans for s in plan.layers} == {"1d", "2d", "2.5d", "3d"}
+    chosen = set()
+    for budget in (16 * 2**20, 64 * 2**20):  # tight: a 3D layer beside a tp4 dp2 one; loose: dp8
+        expected, _ = brute_force_search(model, 8, budget, space)
+        plan = search(model, 8, budget, space)
+        assert plan.prediction.samples_per_s == pytest.approx(expected, rel=1e-9)
+        assert plan.prediction.budgeted_bytes <= budget
+        chosen |= {s.tp_mode for s in plan.layers}
+    assert chosen == {"1d", "3d"}

@@ -13,8 +13,8 @@ import pytest
 
 import galvatron_fx
 from galvatron_fx.cost.memory import InFlight
-from galvatron_fx.errors import PlanError
-from galvatron_fx.parallel_dims import end_layout
+from galvatron_fx.errors import ConfigError, PlanError
+from galvatron_fx.parallel_dims import activation_strategy, end_layout
 from galvatron_fx.passes.search.bounds import division_bound_s
 from galvatron_fx.passes.search.brute_force import all_plans, brute_force_search
 from galvatron_fx.passes.search.engine import SearchEngine, search
@@ -106,6 +106,8 @@ class ToyCostModel:
         )
 
     def redistribution_s(self, before, after, boundary_index, mb):
+        # the contract: a strategy's layout is its activation_strategy's (a grid layer's: a 1D layer's on its rows)
+        before, after = activation_strategy(before), activation_strategy(after)
         a, b = (before.tp, before.sp, before.tp_consecutive), (after.tp, after.sp, after.tp_consecutive)
         if a == b:
             return 0.0
@@ -225,6 +227,9 @@ def _space(**fields) -> SearchSpace:
             0.65,
             _space(global_batch=(4, 8, 4), chunks=(2, 4), disable_vsp=False, sp_types=("megatron",), max_tp=2),
         ),
+        # grid tensor parallelism: 2D on 4 devices, 2.5D and 3D on 8, per layer beside 1D; and grids only
+        (["a", "b"], 8, 16, 0.4, _space(global_batch=(8, 8, 1), chunks=(1, 2), dp_types=("ddp",))),
+        (["a", "b", "a"], 8, 17, 0.5, _space(global_batch=(16, 16, 1), chunks=(2,), tp_modes=("2d", "2.5d", "3d"))),
     ],
 )
 def test_search_equals_brute_force(types, world, seed, quantile, space):
@@ -236,6 +241,48 @@ def test_search_equals_brute_force(types, world, seed, quantile, space):
     assert plan.prediction.samples_per_s == pytest.approx(expected, rel=1e-9), (plan, reference)
     assert max(plan.prediction.memory_bytes_per_stage) <= budget
     assert plan.prediction == model.evaluate(plan)
+    if world == 8 and space.tp_modes != ("1d",):  # the grid cases: their space holds every mode
+        modes = {(s.tp_mode, s.tp_depth) for p in all_plans(model, world, space) for s in p.layers}
+        assert {("2d", 1), ("2.5d", 2), ("3d", 1)} <= modes
+
+
+def test_grid_modes_are_per_layer_choices_of_the_space():
+    full = SearchSpace().layer_strategies(64)
+    grids = {(s.tp, s.tp_mode, s.tp_depth) for s in full if s.tp_mode != "1d"}
+    assert grids == {
+        (4, "2d", 1),
+        (16, "2d", 1),
+        (64, "2d", 1),
+        (8, "2.5d", 2),
+        (16, "2.5d", 4),
+        (32, "2.5d", 2),
+        (32, "2.5d", 8),
+        (64, "2.5d", 4),
+        (64, "2.5d", 16),
+        (8, "3d", 1),
+        (64, "3d", 1),
+    }
+    assert all(s.sp == "none" and s.tp_consecutive for s in full if s.tp_mode != "1d")
+    assert len(full) == len(set(full))
+    assert all(s.tp_mode == "1d" for s in SearchSpace(tp_modes=("1d",)).layer_strategies(64))
+    # without consecutive groups a grid remains only where tp is the whole stage (no other order)
+    assert all(s.tp_mode == "1d" or s.tp == 64 for s in SearchSpace(disable_tp_consec=True).layer_strategies(64))
+    only = SearchSpace(tp_modes=("2d",)).layer_strategies(16)
+    assert {s.tp for s in only} == {1, 4, 16} and all(s.tp_mode == "2d" for s in only if s.tp > 1)
+    with pytest.raises(ConfigError, match="tp_modes"):
+        SearchSpace(tp_modes=("4d",))
+
+
+def test_tp_modes_on_the_command_line():
+    from galvatron_fx.cli import build_parser
+    from galvatron_fx.commands.search import _space, _tp_modes
+
+    args = build_parser().parse_args(["search", "gpt2"])
+    assert _space(args).tp_modes == ("1d", "2d", "2.5d", "3d")
+    assert _tp_modes(" 1d, 2.5d ") == ("1d", "2.5d")
+    with pytest.raises(ConfigError) as error:
+        _tp_modes("1d,4d")
+    assert "4d" in error.value.cause and "1d, 2d, 2.5d, 3d" in error.value.remedy
 
 
 def test_budget_exactly_at_a_plans_memory_is_feasible():

@@ -14,7 +14,16 @@ import dataclasses
 from dataclasses import dataclass
 
 from galvatron_fx.errors import ConfigError
-from galvatron_fx.plan import DP_TYPES, PIPELINES, SP_TYPES, EmbeddingStrategy, LayerStrategy, normalize_pipeline
+from galvatron_fx.plan import (
+    DP_TYPES,
+    PIPELINES,
+    SP_TYPES,
+    TP_MODES,
+    EmbeddingStrategy,
+    LayerStrategy,
+    normalize_pipeline,
+    tp_modes_for,
+)
 
 SPACE_NAMES = ("full", "3d", "dp+tp", "dp+pp", "dp", "sdp", "tp", "pp")
 
@@ -42,6 +51,9 @@ class SearchSpace:
     lets the search choose, per setting with several micro-batches and ZeRO allowed, between synchronising
     gradients once per step (less communication; ZeRO holds unsharded gradients until then) and after
     every micro-batch (Galvatron's ``no_async_grad_reduce`` off: less memory); a bool fixes it.
+    ``tp_modes``: how a layer's tp ranks may split it (``LayerStrategy.tp_mode``): ``1d`` (Megatron, with the
+    ``sp_types``), and the grids ``2d``, ``2.5d`` (at every depth that fits) and ``3d`` on consecutive ranks
+    without sequence parallelism, wherever the tp degree forms such a grid (``plan.tp_modes_for``).
     """
 
     global_batch: tuple[int, int, int] = (8, 8, 1)
@@ -67,6 +79,7 @@ class SearchSpace:
     disable_embed_sdp: bool = False
     uniform: bool = False
     grad_sync_every_micro_batch: bool | None = None
+    tp_modes: tuple[str, ...] = TP_MODES
 
     def __post_init__(self):
         lo, hi, step = self.global_batch
@@ -85,6 +98,7 @@ class SearchSpace:
             ("pipelines", self.pipelines, PIPELINES),
             ("dp_types", self.dp_types, DP_TYPES),
             ("sp_types", self.sp_types, SP_TYPES),
+            ("tp_modes", self.tp_modes, TP_MODES),
         ):
             bad = [v for v in values if v not in allowed]
             if bad or not values:
@@ -159,13 +173,34 @@ class SearchSpace:
             ]
             dps = [default_dp_type] if dp == 1 else allowed
             ckpts = [False] if self.disable_ckpt else [False, True]
-            for sp in sps:
-                for cons in consecutive:
-                    for dp_type in dps:
-                        for ckpt in ckpts:
-                            out.append(
-                                LayerStrategy(tp=tp, dp=dp, dp_type=dp_type, sp=sp, tp_consecutive=cons, ckpt=ckpt)
+            modes = tp_modes_for(tp, self.tp_modes) if tp > 1 else [("1d", 1)]
+            # a grid runs on consecutive ranks without sequence parallelism; 1D with every allowed sp and order
+            layouts = [
+                (mode, depth, sp, cons)
+                for mode, depth in modes
+                for sp, cons in (
+                    [(sp, cons) for sp in sps for cons in consecutive]
+                    if mode == "1d"
+                    else [("none", True)]
+                    if True in consecutive
+                    else []
+                )
+            ]
+            for mode, depth, sp, cons in layouts:
+                for dp_type in dps:
+                    for ckpt in ckpts:
+                        out.append(
+                            LayerStrategy(
+                                tp=tp,
+                                dp=dp,
+                                dp_type=dp_type,
+                                sp=sp,
+                                tp_consecutive=cons,
+                                ckpt=ckpt,
+                                tp_mode=mode,
+                                tp_depth=depth,
                             )
+                        )
         return out
 
     def embedding_strategies(self, devices: int, default_dp_type: str = "ddp") -> list[EmbeddingStrategy]:
