@@ -7,11 +7,11 @@ Inside a stage, a layer with ``tp × dp`` devices puts its tensor-parallel peers
 and head keep the trainer's data split (each rank its own samples) whatever their vtp, except under vsp, where
 the ranks of a vtp group share their samples and split them along the sequence (``end_layout``).
 
-A grid tensor-parallel layer (``tp_mode`` 2d or 2.5d; ``LayerStrategy.grid_shape``) numbers its ``tp`` ranks
-``t = (depth index * q + row) * q + column``: the ranks of a *row* (q consecutive ranks) split the features and
-hold the same samples, those of a *column* split the weights' other dimension and hold different samples, and
-the depth splits the samples further. Between layers its activations live like those of a 1D layer of degree q
-whose ``dp`` is ``dp * depth * q`` (``activation_strategy``).
+A grid tensor-parallel layer (``tp_mode`` 2d, 2.5d or 3d; ``LayerStrategy.grid_shape``) numbers its ``tp`` ranks
+``t = (outer * q + middle) * q + inner``: the ranks of a *row* (q consecutive ranks, ``inner`` varying) split
+the features and hold the same samples; the other two indices split the samples, and the weights' blocks are
+gathered over the *column* (``grid_groups``). Between layers its activations live like those of a 1D layer of
+degree q whose ``dp`` is ``dp * tp / q`` (``activation_strategy``).
 Lowering, the runtime's process groups and the cost model's redistribution geometry all ask this module.
 """
 
@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import PlanError
 from .plan import EmbeddingStrategy, LayerStrategy, Plan
 
 PROLOGUE_AND_EPILOGUE = ("prologue", "epilogue")
@@ -109,13 +108,14 @@ class RankPosition:
 
 @dataclass(frozen=True)
 class GridGroups:
-    """One rank's groups in a grid tensor-parallel layer (global ranks, in index order): ``row`` splits the
-    features (all-gathers before projections, reduce-scatters after), ``column`` the weights (gathered before
-    use, gradients reduce-scattered), ``depth`` holds the same weight blocks on other samples (gradients summed);
-    ``grid`` is the whole tp group."""
+    """One rank's groups in a grid tensor-parallel layer (global ranks, in index order). ``row``: splits the
+    residual features (norms reduce over it); ``pairs``: runs Megatron's column/row-parallel pairs (heads, MLP
+    columns; the row itself in 2D and 2.5D); ``column``: the weights are gathered over it before use;
+    ``depth``: holds the same weight blocks on other samples (2.5D). ``grid`` is the whole tp group."""
 
     grid: tuple[int, ...]
     row: tuple[int, ...]
+    pairs: tuple[int, ...]
     column: tuple[int, ...]
     depth: tuple[int, ...]
 
@@ -151,22 +151,19 @@ class ParallelDims:
         return tuple(base + j * strategy.dp + local % strategy.dp for j in range(strategy.tp))
 
     def grid_groups(self, strategy: LayerStrategy, rank: int) -> GridGroups:
-        """``rank``'s row, column and depth groups under a grid ``tp_mode`` (see the module docstring)."""
-        q, depth, cube = strategy.grid_shape
-        if cube > 1:
-            raise PlanError(
-                f"tp_mode '3d' (tp={strategy.tp}) cannot be lowered: its rotating layouts are not implemented",
-                "use tp_mode '2d' or '2.5d' (or '1d') for this layer",
-            )
+        """``rank``'s groups under a grid ``tp_mode`` (see the module docstring). The tp index is
+        ``t = (outer * q + middle) * q + inner``: the row varies ``inner``; in 2D and 2.5D the column varies
+        ``middle`` and the depth ``outer``; in 3D the pairs vary ``middle`` and the column ``outer``."""
+        q, _, cube = strategy.grid_shape
         grid = self.tp_group(strategy, rank)
         t = grid.index(rank)
-        d, row, column = t // (q * q), t // q % q, t % q
-        return GridGroups(
-            grid=grid,
-            row=tuple(grid[(d * q + row) * q + j] for j in range(q)),
-            column=tuple(grid[(d * q + i) * q + column] for i in range(q)),
-            depth=tuple(grid[(k * q + row) * q + column] for k in range(depth)),
-        )
+        outer, middle, inner = t // (q * q), t // q % q, t % q
+        row = tuple(grid[(outer * q + middle) * q + j] for j in range(q))
+        middles = tuple(grid[(outer * q + i) * q + inner] for i in range(q))
+        outers = tuple(grid[(k * q + middle) * q + inner] for k in range(len(grid) // (q * q)))
+        if cube > 1:
+            return GridGroups(grid=grid, row=row, pairs=middles, column=outers, depth=(rank,))
+        return GridGroups(grid=grid, row=row, pairs=row, column=middles, depth=outers)
 
     def mesh_ranks(self, tp: int, tp_consecutive: bool) -> torch.Tensor:
         """Global ranks as a ``(pp, dp, tp)`` grid for one tp degree and order (a DeviceMesh's layout)."""

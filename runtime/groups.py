@@ -67,15 +67,15 @@ def world_mesh(plan: Plan, tp: int = 1, tp_consecutive: bool = True) -> DeviceMe
 
 
 def grid_mesh(plan: Plan, strategy: LayerStrategy) -> DeviceMesh:
-    """The ``("pp", "dp", "depth", "column", "row")`` mesh of a grid ``tp_mode``: its last three dims are the
-    depth, column and row groups that ``ParallelDims.grid_groups`` names (a row's ranks vary along "row")."""
+    """The ``("pp", "dp", "outer", "middle", "inner")`` mesh of a grid ``tp_mode``: its last three dims are the
+    groups that ``ParallelDims.grid_groups`` names (a row's ranks vary along "inner")."""
     dims = ParallelDims.of(plan)
-    q, depth, _ = strategy.grid_shape
-    key = ("grid", dims.world_size, dims.pp, strategy.tp, depth)
+    q = strategy.grid_shape[0]
+    key = ("grid", dims.world_size, dims.pp, strategy.tp, q)
 
     def create() -> DeviceMesh:
-        ranks = torch.arange(dims.world_size).view(dims.pp, -1, depth, q, q)
-        return DeviceMesh(device_type(), ranks, mesh_dim_names=("pp", "dp", "depth", "column", "row"))
+        ranks = torch.arange(dims.world_size).view(dims.pp, -1, strategy.tp // (q * q), q, q)
+        return DeviceMesh(device_type(), ranks, mesh_dim_names=("pp", "dp", "outer", "middle", "inner"))
 
     return _cached(key, create)
 

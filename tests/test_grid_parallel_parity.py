@@ -1,8 +1,8 @@
 """Parity with single-process eager training for grid tensor parallelism (fp32, dropout 0, 5 steps, Adam and
-SGD): 2D on 4 ranks, 2.5D (q=2, depth 2) on 8, 2D under a 2-stage pipeline on 8, 2D with two data-parallel
-replicas under ZeRO-3, and a plan whose layers alternate 1D, 2D and plain data parallelism (redistribution
-between them). Sharded parameters come back whole and must equal eager's; SGD catches a wrong averaging
-factor over the grid's columns and depth (Adam's normalisation hides it).
+SGD) on GPT-2, LLaMA, BERT and ViT: 2D on 4 ranks, 2.5D (q=2, depth 2) and 3D (q=2) on 8, 2D under a 2-stage
+pipeline on 8, 2D with two data-parallel replicas under ZeRO-3, and a plan whose layers alternate 1D, 2D and
+plain data parallelism (redistribution between them). Sharded parameters come back whole and must equal
+eager's; SGD catches a wrong averaging factor over the grid's groups (Adam's normalisation hides it).
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ from galvatron_fx.plan import LayerStrategy, Plan
 
 GRID_2D = dict(tp=4, tp_mode="2d")
 GRID_25D = dict(tp=8, tp_mode="2.5d", tp_depth=2)
+GRID_3D = dict(tp=8, tp_mode="3d")
 # name → (world size, pp, chunks, per-layer pattern of LayerStrategy keywords without dp)
 RECIPES = {
     "2d": (4, 1, 1, (GRID_2D,)),
     "2.5d": (8, 1, 1, (GRID_25D,)),
+    "3d": (8, 1, 1, (GRID_3D,)),
     "pp2_2d": (8, 2, 2, (GRID_2D,)),
     "2d_dp2_zero3": (8, 1, 1, ({**GRID_2D, "dp_type": "zero3"},)),
     "mixed": (4, 1, 1, (GRID_2D, dict(tp=4), dict(tp=1), dict(tp=2), GRID_2D)),
@@ -66,13 +68,22 @@ def train_cases(rank: int, world_size: int, cases: list[tuple[str, str]]) -> dic
 
 MODELS = ("gpt2", "llama", "bert", "vit")
 FAST = {
-    4: [(m, "2d") for m in MODELS] + [(m, "2d+sgd") for m in ("gpt2", "llama")] + [("llama", "mixed+sgd")],
-    8: [("gpt2", "2.5d+sgd"), ("llama", "2.5d"), ("gpt2", "pp2_2d+sgd")],
+    4: [("gpt2", "2d+sgd"), ("llama", "2d"), ("bert", "2d"), ("vit", "2d"), ("llama", "mixed+sgd")],
+    8: [("gpt2", "2.5d+sgd"), ("llama", "3d+sgd"), ("gpt2", "pp2_2d+sgd")],
 }
 FULL = {
-    4: [(m, "2d+sgd") for m in ("bert", "vit")] + [(m, "mixed") for m in ("gpt2", "bert")],
-    8: [(m, "2.5d") for m in ("gpt2", "bert", "vit")]
+    4: [
+        ("gpt2", "2d"),
+        ("llama", "2d+sgd"),
+        ("bert", "2d+sgd"),
+        ("vit", "2d+sgd"),
+        ("gpt2", "mixed"),
+        ("bert", "mixed"),
+    ],
+    8: [(m, "2.5d") for m in MODELS]
     + [(m, "2.5d+sgd") for m in ("llama", "bert", "vit")]
+    + [(m, "3d") for m in MODELS]
+    + [(m, "3d+sgd") for m in ("gpt2", "bert", "vit")]
     + [(m, "pp2_2d") for m in ("llama", "vit")]
     + [("gpt2", "2d_dp2_zero3+sgd"), ("llama", "2d_dp2_zero3")],
 }

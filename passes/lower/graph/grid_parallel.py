@@ -106,6 +106,15 @@ def _hidden(gm: fx.GraphModule, cfg: GridConfig, layer_name: str) -> TrackedFact
     return hidden
 
 
+def _samples(gm: fx.GraphModule, cfg: GridConfig, layer_name: str) -> TrackedFactor:
+    """The samples (dim 0 of the batched activation), which a 3D grid moves between its groups."""
+    sources = [n for n in gm.graph.find_nodes(op="placeholder") if n.name in cfg.batched and _is_float(n)]
+    rows = TrackedFactor(gm, sources, 0, cfg.q)
+    if rows.cls is None:
+        raise PlanError(f"{layer_name}: a 3D grid found no batched activation among its inputs", REMEDY)
+    return rows
+
+
 def _ndim(node: fx.Node) -> int:
     """Dimensions of ``node``'s value; an inserted collective has its input's."""
     while "val" not in node.meta and node.args and isinstance(node.args[0], fx.Node):
@@ -162,28 +171,38 @@ class _Rewrite:
             graph.output_node().replace_input_with(value, whole)
 
     def visit(self, node: fx.Node, region: set[fx.Node]) -> None:
-        graph, hidden, inputs = self.graph, self.hidden, node.all_input_nodes
-        if node.target in (tp_copy, tp_scatter) and inputs[0] in self.sharded:  # entering a column-parallel pair
-            with graph.inserting_before(node):
-                whole = graph.call_function(
-                    sp_gather, (inputs[0], *hidden.position(inputs[0], True), self.row, node.target is tp_copy)
-                )
-            if node.target is tp_copy:
-                node.replace_all_uses_with(whole)
-                graph.erase_node(node)
-            else:
-                node.replace_input_with(inputs[0], whole)
-        elif node.target is tp_reduce:  # leaving a row-parallel projection: its partial sums, reduce-scattered
-            where = hidden.position(inputs[0], False)
-            if where is None:
-                _refuse(self.what, inputs[0], "ends a row-parallel projection on other features than the hidden ones")
-            with graph.inserting_before(node):
-                part = graph.call_function(sp_reduce_scatter, (inputs[0], *where, self.row))
-            node.replace_all_uses_with(part)
-            graph.erase_node(node)
-            self.sharded.add(part)
+        inputs = node.all_input_nodes
+        if node.target in (tp_copy, tp_scatter) and inputs[0] in self.sharded:
+            self.enter_pair(node)
+        elif node.target is tp_reduce:
+            self.leave_pair(node)
         elif any(a in self.sharded for a in inputs):
             self.on_blocks(node, region)
+
+    def enter_pair(self, node: fx.Node) -> None:
+        """A value with split features enters a column-parallel projection: its features, all-gathered."""
+        graph, value = self.graph, node.all_input_nodes[0]
+        with graph.inserting_before(node):
+            whole = graph.call_function(
+                sp_gather, (value, *self.hidden.position(value, True), self.row, node.target is tp_copy)
+            )
+        if node.target is tp_copy:
+            node.replace_all_uses_with(whole)
+            graph.erase_node(node)
+        else:
+            node.replace_input_with(value, whole)
+
+    def leave_pair(self, node: fx.Node) -> None:
+        """The partial sums of a row-parallel projection, reduce-scattered along the features."""
+        partial = node.all_input_nodes[0]
+        where = self.hidden.position(partial, False)
+        if where is None:
+            _refuse(self.what, partial, "ends a row-parallel projection on other features than the hidden ones")
+        with self.graph.inserting_before(node):
+            part = self.graph.call_function(sp_reduce_scatter, (partial, *where, self.row))
+        node.replace_all_uses_with(part)
+        self.graph.erase_node(node)
+        self.sharded.add(part)
 
     def on_blocks(self, node: fx.Node, region: set[fx.Node]) -> None:
         """``node`` reads feature blocks outside the tensor-parallel pairs."""
@@ -228,55 +247,168 @@ class _Rewrite:
             )
 
 
-def _block_parameters(gm: fx.GraphModule, cfg: GridConfig, result: GridResult) -> None:
-    """Step 3: every parameter split over the column group, gathered before use (``grid_param``)."""
+class _Rewrite3D(_Rewrite):
+    """3D (step 2'): at the pairs, samples move instead of features. A projection's input keeps its features
+    split over the row; its samples are all-gathered over the pairs before it (``sp_gather`` along the batch),
+    its weight is cut along the row too (contraction for a column-parallel projection, output for a
+    row-parallel one), and its partial sums are reduce-scattered along the samples (over the row after a
+    column-parallel projection, over the pairs after a row-parallel one), so the layouts rotate and come back:
+    inside the pairs a rank holds other samples than outside them, of the same count."""
+
+    def __init__(self, gm, cfg: GridConfig, hidden: TrackedFactor, rows: TrackedFactor, projections, layer_name):
+        super().__init__(gm, cfg, hidden, layer_name)
+        self.rows, self.pairs, self.projections = rows, cfg.groups.pairs, projections
+        self.sinks = {n for n in projections if any(u.target is tp_reduce for u in n.users)}
+        self.row_index = cfg.groups.row.index(cfg.rank)
+        self.root_biases: set[str] = set()
+        self.moved: set[fx.Node] = set()  # values this rewrite made: samples already where the pairs want them
+
+    def samples(self, node: fx.Node, gathered: bool = False):
+        """Where ``node`` carries the samples (their count over the pairs' block when ``gathered``)."""
+        where = self.rows.position(node, False)
+        if where is None:
+            _refuse(self.what, node, "carries no sample dimension for the 3D grid to move")
+        dim, sizes, index = where
+        return dim, tuple(n * (self.cfg.q if gathered and i == index else 1) for i, n in enumerate(sizes)), index
+
+    def cut(self, weight: fx.Node, dim: int) -> None:
+        """This rank's block of ``weight`` along ``dim`` over the row (recorded as a further cut)."""
+        param, q = get_attr_path(self.gm, weight.target), self.cfg.q
+        block = param.detach().chunk(q, dim)[self.row_index].clone().contiguous()
+        set_attr_path(self.gm, weight.target, nn.Parameter(block, requires_grad=param.requires_grad))
+        records = dict(layer_meta(self.gm).shards)
+        record, cut = records[weight.target], (dim, (q, param.shape[dim] // q), ((self.row_index, 1), None))
+        records[weight.target] = dataclasses.replace(record, extra=(*record.extra, cut))
+        set_layer_meta(self.gm, shards=records)
+
+    def visit(self, node: fx.Node, region: set[fx.Node]) -> None:
+        inputs = node.all_input_nodes
+        if node in self.sinks:  # a row-parallel projection: the samples of the pairs' block first
+            x, weight, _, _, w_out = self.projections[node]
+            with self.graph.inserting_before(node):
+                block = self.graph.call_function(sp_gather, (x, *self.samples(x), self.row, True))
+            node.replace_input_with(x, block)
+            self.moved.add(block)
+            self.cut(weight, w_out)
+            return
+        entering = node.target in (tp_copy, tp_scatter) and inputs[0] in self.sharded
+        if node in region and node not in self.projections and not entering:  # a whole value of this rank's
+            for arg in inputs:  # samples cannot meet the pairs, whose rows are other samples
+                outside = arg not in region and arg not in self.moved and arg.op != "get_attr"
+                if outside and not is_size_node(arg) and self.rows.position(arg, False):
+                    _refuse(self.what, node, f"reads {arg.name}, a value of the layer's samples, inside the pairs")
+        super().visit(node, region)
+
+    def enter_pair(self, node: fx.Node) -> None:
+        graph, value = self.graph, node.all_input_nodes[0]
+        roots = list(node.users)
+        if node.target is tp_scatter or not all(root in self.projections for root in roots):
+            _refuse(self.what, node, "brings split features into the pairs other than through a projection")
+        with graph.inserting_before(node):
+            block = graph.call_function(sp_gather, (value, *self.samples(value), self.pairs, True))
+        node.replace_all_uses_with(block)
+        graph.erase_node(node)
+        self.moved.add(block)
+        for root in roots:
+            self.finish_root(root, block)
+
+    def finish_root(self, root: fx.Node, block: fx.Node) -> None:
+        """A column-parallel projection on the block's samples and this rank's features: partial sums over the
+        row, reduce-scattered along the samples, then its bias."""
+        graph = self.graph
+        _, weight, bias, w_in, _ = self.projections[root]
+        self.cut(weight, w_in)
+        if bias is not None:  # added once, after the sum
+            bias = root.args[0] if root.target is aten.addmm.default else root.args[2]
+            if root.target is aten.addmm.default:
+                root.target, root.args = aten.mm.default, (root.args[1], root.args[2])
+            else:
+                root.args, root.kwargs = root.args[:2], {}
+            self.root_biases.add(self.projections[root][2].target)
+        with graph.inserting_after(root):
+            out = part = graph.call_function(sp_reduce_scatter, (root, *self.samples(block, True), self.row))
+        if bias is not None:
+            with graph.inserting_after(part):
+                out = graph.call_function(aten.add.Tensor, (part, bias))
+        root.replace_all_uses_with(out, delete_user_cb=lambda user: user is not part)
+        self.moved |= {part, out}
+
+    def leave_pair(self, node: fx.Node) -> None:
+        sink = node.all_input_nodes[0]
+        with self.graph.inserting_before(node):
+            part = self.graph.call_function(sp_reduce_scatter, (sink, *self.samples(sink.args[0], True), self.pairs))
+        node.replace_all_uses_with(part)
+        self.graph.erase_node(node)
+        self.sharded.add(part)  # the sink's output features were cut over the row
+
+    def gradient_sum(self, target: str) -> tuple[tuple[int, ...], int]:
+        """Who else holds a parameter's block for other samples, and the mean's divisor (see module docstring)."""
+        q = self.cfg.q
+        if target in {info[1].target for info in self.projections.values()}:
+            return (), q * q  # the pairs' block of samples already sums over the pairs
+        return (self.row if target in self.root_biases else self.pairs), q * q
+
+
+def _block_parameters(gm: fx.GraphModule, cfg: GridConfig, gradient_sum) -> list[str]:
+    """Step 3: every parameter split over the column group, gathered before use (``grid_param``); its gradient
+    also summed over ``gradient_sum(target)[0]`` and divided by ``[1]``. Returns the parameters cut."""
     groups, q = cfg.groups, cfg.q
     column_index = groups.column.index(cfg.rank)
-    records = dict(layer_meta(gm).shards)
+    records, cut_names = dict(layer_meta(gm).shards), []
     for node in list(gm.graph.find_nodes(op="get_attr")):
         param = get_attr_path(gm, node.target)
         if not isinstance(param, nn.Parameter):
             continue
         record = records.get(node.target)
-        candidates = [d for d in range(param.dim()) if record is None or d != record.dim]
-        dim = next((d for d in candidates if param.shape[d] % q == 0), None)
+        cut_dims = {entry[0] for entry in record.entries} if record else set()
+        order = [d for d in range(param.dim()) if d not in cut_dims] + sorted(cut_dims)  # SUMMA's blocks first
+        dim = next((d for d in order if param.shape[d] % q == 0), None)
         if dim is not None:
             block = param.detach().chunk(q, dim)[column_index].clone().contiguous()
             set_attr_path(gm, node.target, nn.Parameter(block, requires_grad=param.requires_grad))
             cut = (dim, (q, param.shape[dim] // q), ((column_index, 1), None))
-            full_shape = tuple(record.full_shape) if record else tuple(param.shape)
             records[node.target] = (
-                dataclasses.replace(
-                    record, extra=(*record.extra, cut), replicas=record.replicas * len(groups.depth), ranks=groups.grid
-                )
+                dataclasses.replace(record, extra=(*record.extra, cut))
                 if record
-                else ShardRecord(node.target, full_shape, *cut, replicas=q * len(groups.depth), ranks=groups.grid)
+                else ShardRecord(node.target, tuple(param.shape), *cut, replicas=1)
             )
-            result.sharded.append(node.target)
-        elif record is not None:  # a row shard that does not split further: whole over the column
-            records[node.target] = dataclasses.replace(
-                record, replicas=record.replicas * q * len(groups.depth), ranks=groups.grid
-            )
+            cut_names.append(node.target)
+        also, divisor = gradient_sum(node.target)
         with gm.graph.inserting_after(node):
-            gathered = gm.graph.call_function(grid_param, (node, dim, groups.column, groups.depth))
+            gathered = gm.graph.call_function(grid_param, (node, dim, groups.column, also, divisor))
         node.replace_all_uses_with(gathered, delete_user_cb=lambda user: user is not gathered)
+    for name, record in records.items():  # every shard is now a block of the grid
+        records[name] = dataclasses.replace(record, ranks=groups.grid)
     set_layer_meta(gm, shards=records)
+    return cut_names
 
 
 def grid_parallel(gm: fx.GraphModule, cfg: GridConfig, layer_name: str = "layer") -> GridResult:
-    """Requires: an ATen-level layer GraphModule with ``meta["val"]``, at the layer's local batch (its row's
-    samples), full parameters. Ensures: ``gm`` rewritten for global rank ``cfg.rank`` of the grid (see the
-    module docstring): parameters held as blocks (each with a ShardRecord over the grid), feature blocks inside,
-    whole features on its inputs and outputs. Raises PlanError naming what the grid cannot split."""
-    result = GridResult(gm)
+    """Requires: an ATen-level layer GraphModule with ``meta["val"]``, at the layer's local batch, full
+    parameters. Ensures: ``gm`` rewritten for global rank ``cfg.rank`` of the grid (see the module docstring):
+    parameters held as blocks (each with a ShardRecord over the grid), feature blocks inside, whole features on
+    its inputs and outputs. Raises PlanError naming what the grid cannot split."""
     hidden = _hidden(gm, cfg, layer_name)  # before the projections are rewritten
-    row_rank = cfg.groups.row.index(cfg.rank)
-    tensor_parallel(gm, TPConfig(cfg.q, row_rank, cfg.groups.row, strict=True), layer_name)
-    rewrite = _Rewrite(gm, cfg, hidden, layer_name)
+    cube = cfg.groups.pairs != cfg.groups.row
+    if cube:
+        rows = _samples(gm, cfg, layer_name)
+        projections = {
+            n: param_matmul(gm, n) for n in gm.graph.nodes if n.op == "call_function" and param_matmul(gm, n)
+        }
+    pairs = cfg.groups.pairs
+    tensor_parallel(gm, TPConfig(cfg.q, pairs.index(cfg.rank), pairs, strict=True), layer_name)
+    if cube:
+        rewrite = _Rewrite3D(gm, cfg, hidden, rows, projections, layer_name)
+        gradient_sum = rewrite.gradient_sum
+    else:
+        rewrite = _Rewrite(gm, cfg, hidden, layer_name)
+        depth = cfg.groups.depth
+        gradient_sum = lambda target: (depth, cfg.q * len(depth))  # noqa: E731
     rewrite.run(tp_region(gm))
-    _block_parameters(gm, cfg, result)
+    result = GridResult(gm, _block_parameters(gm, cfg, gradient_sum))
     mark_sharded(rewrite.sharded)
     gm.graph.lint()
     gm.recompile()
-    rewritten_meta(gm, f"{layer_name}: {cfg.q}×{cfg.q} grid tensor parallelism", REMEDY)
+    shape = "×".join([str(cfg.q)] * (3 if cube else 2))
+    rewritten_meta(gm, f"{layer_name}: {shape} grid tensor parallelism", REMEDY)
     return result

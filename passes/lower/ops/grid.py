@@ -2,11 +2,11 @@
 parallelism do not already have: a parameter held in blocks over the grid's column and depth groups, and the
 statistics of a norm over features split across the grid's row.
 
-``grid_param(w, dim, column, depth)``: each rank stores ``1/q`` of its row's shard of ``w`` (along ``dim``, or the
-whole of it when ``dim`` is None); forward all-gathers it over the ``column`` group. Backward the gradient is
-reduce-scattered over the column (all-reduced when whole), summed over the ``depth`` group (2.5D keeps one copy
-of each block per depth layer) and divided by the ranks it was summed over: those ranks ran other samples of
-the same micro-batch, so this is their mean, as data parallelism takes it.
+``grid_param(w, dim, column, also, divisor)``: each rank stores ``1/q`` of its part of ``w`` (along ``dim``, or
+the whole of it when ``dim`` is None); forward all-gathers it over the ``column`` group. Backward the gradient is
+reduce-scattered over the column (all-reduced when whole), summed over ``also`` (2.5D's depth: one copy of each
+block per depth layer) and divided by ``divisor``: those ranks ran other samples of the same micro-batch, so
+this is their mean, as data parallelism takes it.
 
 ``row_sum(x, ranks)``: sum over the row forward; backward the sum of the gradients (every rank of the row uses
 the sum with its own features). ``row_total``, ``row_mean`` and ``row_layer_norm`` are built from it.
@@ -18,8 +18,6 @@ import torch
 
 from galvatron_fx.passes.lower.ops.collectives import (
     Ranks,
-    _is_fake,
-    _my_index,
     all_gather_dim,
     all_reduce_sum,
     reduce_scatter_sum_dim,
@@ -28,8 +26,8 @@ from galvatron_fx.passes.lower.ops.collectives import (
 
 class _GridParam(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w, dim, column, depth):
-        ctx.dim, ctx.column, ctx.depth = dim, column, depth
+    def forward(ctx, w, dim, column, also, divisor):
+        ctx.dim, ctx.column, ctx.also, ctx.divisor = dim, column, also, divisor
         return w.view_as(w) if dim is None else all_gather_dim(w, dim, column)
 
     @staticmethod
@@ -39,20 +37,16 @@ class _GridParam(torch.autograd.Function):
             grad = all_reduce_sum(grad, ctx.column)
         else:
             grad = reduce_scatter_sum_dim(grad, ctx.dim, ctx.column)
-        if len(ctx.depth) > 1:
-            grad = all_reduce_sum(grad, ctx.depth)
-        return grad / (len(ctx.column) * len(ctx.depth)), None, None, None
+        if len(ctx.also) > 1:
+            grad = all_reduce_sum(grad, ctx.also)
+        return grad / ctx.divisor, None, None, None, None
 
 
-def grid_param(w: torch.Tensor, dim: int | None, column: Ranks, depth: Ranks) -> torch.Tensor:
-    """This rank's block of a parameter made its row's shard: all-gathered over ``column`` along ``dim`` (or
-    used whole when ``dim`` is None); backward the mean gradient over ``column`` and ``depth``."""
-    return _GridParam.apply(w, dim, column, depth)
-
-
-def grid_block(full: torch.Tensor, dim: int, column: Ranks) -> torch.Tensor:
-    """This rank's block along ``dim`` of a tensor that ``grid_param`` gathers over ``column`` (no autograd)."""
-    return full.chunk(len(column), dim)[0 if _is_fake(full) else _my_index(column)]
+def grid_param(w: torch.Tensor, dim: int | None, column: Ranks, also: Ranks, divisor: int) -> torch.Tensor:
+    """This rank's block of a parameter made whole over ``column``: all-gathered along ``dim`` (or used as it is
+    when ``dim`` is None). Backward: the gradient summed over ``column`` (reduce-scattered back to the block)
+    and over ``also`` (other ranks that hold the same block for other samples), divided by ``divisor``."""
+    return _GridParam.apply(w, dim, column, also, divisor)
 
 
 class _RowSum(torch.autograd.Function):
