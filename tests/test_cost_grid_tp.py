@@ -283,6 +283,7 @@ def test_traffic_per_device_grows_with_p_under_1d_and_shrinks_under_grids():
 def test_search_with_grid_modes_equals_brute_force_on_the_real_cost_model():
     from galvatron_fx.passes.search.brute_force import all_plans, brute_force_search
     from galvatron_fx.passes.search.engine import search
+    from galvatron_fx.passes.search.report import explain
     from galvatron_fx.passes.search.space import SearchSpace
 
     p = profile()
@@ -307,3 +308,7 @@ def test_search_with_grid_modes_equals_brute_force_on_the_real_cost_model():
         assert plan.prediction.budgeted_bytes <= budget
         chosen |= {s.tp_mode for s in plan.layers}
     assert chosen == {"1d", "3d"}
+    # --explain names the grid layers and what they send against 1D of the same degree (a budget string as the CLI
+    # passes it)
+    why = explain(search(model, 8, "16MiB", space), model, "16MiB", space)
+    assert "[tp8-3d] sends" in why and "(1D tp8:" in why and "under the 16.00 MiB budget" in why
