@@ -261,13 +261,25 @@ def collectives_s(hardware: HardwareProfile, collectives, compute_s: float | Non
     return seconds
 
 
-def grid_layer_cost(cost_model, layer_type: str, strategy: LayerStrategy, micro_batch: int, busy_share, deferred):
-    """``CostModel.layer_cost`` of a grid ``tp_mode``: compute over ``tp`` ranks, the grid's collectives
+@dataclass(frozen=True)
+class GridCost:
+    """A grid layer's ``LayerCost`` terms before its model states (``CostModel._with_states`` adds them from
+    ``params`` stored per rank, the largest gradient computed whole ``largest_param`` elements)."""
+
+    fwd_s: float
+    bwd_s: float
+    grad_sync_s: float
+    activation_bytes: int
+    peak_extra_bytes: int
+    params: float
+    largest_param: float
+
+
+def grid_layer_cost(cost_model, layer_type: str, strategy: LayerStrategy, micro_batch: int, busy_share) -> GridCost:
+    """``CostModel.layer_cost``'s terms for a grid ``tp_mode``: compute over ``tp`` ranks, the grid's collectives
     (``tp_terms``), data-parallel sync of the ``W / q²`` (3D: ``W / q³``) parameters a rank stores, and memory:
     the activations and gathered weights one micro-batch keeps (a checkpointed layer: its input, in the rows'
     layout), the backward's working set and, checkpointed, the recomputed activations and weights."""
-    from .model import LayerCost  # model imports this module
-
     cm, profile = cost_model, cost_model.model.layer(layer_type)
     P, local = strategy.tp, micro_batch / strategy.dp
     shape = layer_shape(cm, profile, local)
@@ -294,8 +306,7 @@ def grid_layer_cost(cost_model, layer_type: str, strategy: LayerStrategy, micro_
     else:
         kept, peak_extra = terms.activation_bytes + weights, transient + working
     sync_s = cm._visible(sync_s, compute[1], strategy.dp_type) + cm._optimizer_s(params, strategy.dp, strategy.dp_type)
-    cost = LayerCost(fwd_s, bwd_s, sync_s, 0, int(kept), int(peak_extra))
-    return cm._with_states(cost, params, strategy.dp, strategy.dp_type, largest, deferred)
+    return GridCost(fwd_s, bwd_s, sync_s, int(kept), int(peak_extra), params, largest)
 
 
 def layer_shape(cost_model, profile, local: float) -> LayerShape:

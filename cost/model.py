@@ -175,7 +175,9 @@ class CostModel:
         ``deferred_sync``: gradients are synchronised after the step's last micro-batch only
         (``Plan.defers_grad_sync``)."""
         if strategy.tp_mode != "1d":  # 2D, 2.5D, 3D: cost/grid_tp.py
-            return grid_layer_cost(self, layer_type, strategy, micro_batch, busy_share, deferred_sync)
+            g = grid_layer_cost(self, layer_type, strategy, micro_batch, busy_share)
+            cost = LayerCost(g.fwd_s, g.bwd_s, g.grad_sync_s, 0, g.activation_bytes, g.peak_extra_bytes)
+            return self._with_states(cost, g.params, strategy.dp, strategy.dp_type, g.largest_param, deferred_sync)
         profile = self.model.layer(layer_type)
         local = micro_batch / strategy.dp
         sharded_seq = strategy.sp != "none"
