@@ -87,9 +87,9 @@ def _shard(gm, node: fx.Node, dim: int, cfg: VocabConfig, shared: dict) -> None:
             dim,
             (cfg.rows * cfg.vtp,),
             ((cfg.start, cfg.rows),),
-            1,
-            cfg.ranks,
-            cfg.rows * cfg.vtp - cfg.vocab,
+            replicas=1,
+            ranks=cfg.ranks,
+            padded_rows=cfg.rows * cfg.vtp - cfg.vocab,
         )
         shared[id(full)] = (nn.Parameter(record.select(full.detach()).clone().contiguous(), full.requires_grad), record)
     param, record = shared[id(full)]
