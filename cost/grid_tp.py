@@ -24,27 +24,27 @@ parameter, all-gathered over the column before use (``grid_param``). With ``T_r 
   groups, which their projections save whole in features (``ROW_GATHERS × T_r·h·b·(1 − 1/q)`` more), plus the
   gathered ``W / q`` weights the projections save for backward (bf16 under autocast, like 1D's casts).
 
-3D (``P = q³``), priced from Colossal-AI's published algorithm (Bian et al., "Maximizing Parallelism in
-Distributed Training for Huge Neural Networks", arXiv 2105.14450, as implemented in Colossal-AI's
-``legacy/nn/layer/parallel_3d/_operation.py``: ``_Linear3D``, ``_Layernorm3D``): a linear ``X·A`` with
-``X: [T, f_in]`` and ``A: [f_in, f_out]`` keeps ``X`` in blocks ``[T/q², f_in/q]`` and ``A`` in blocks
-``[f_in/q², f_out/q]``; forward it all-gathers the input over one axis (``T·f_in/q²`` gathered) and the weight
-over another (``f_in·f_out/q²``), multiplies, and reduce-scatters the output over the third (``T·f_out/q²``);
-backward it all-gathers the output gradient and reduce-scatters the input and weight gradients on the same axes.
-``_Linear3D`` saves the gathered input and weight for backward. Each axis has ``q`` ranks: the weight's is the
-cube's stride-``q`` axis, the input's and output's alternate between stride 1 and stride ``q²`` (Colossal-AI
-swaps them after every linear). The layer's linears are a Transformer block's (``transformer_linears``:
-``h→3h``, ``h→h``, ``h→m``, ``m→h``, the MLP width ``m`` from the parameter count). Norms all-reduce their
-two statistics over the output axis once each way (``_Layernorm3D``). Activations enter and leave in the rows'
-layout (``parallel_dims.activation_strategy``: whole features on ``q`` ranks), so the exit gathers and the
-entry's gradient gathers ``[T/q², h]`` over the stride-1 axis, as 2D's do. Published per-device figures
+3D (``P = q³``), as ``grid_parallel`` lowers it, which moves what Colossal-AI's published algorithm moves per
+linear (Bian et al., "Maximizing Parallelism in Distributed Training for Huge Neural Networks", arXiv 2105.14450;
+Colossal-AI's ``legacy/nn/layer/parallel_3d/_operation.py``: ``_Linear3D``, ``_Layernorm3D``): a linear ``X·A``
+with ``X: [T, f_in]`` and ``A: [f_in, f_out]`` keeps ``X`` in blocks ``[T/q², f_in/q]`` and ``A`` in blocks of
+``f_in·f_out/q³``; forward it all-gathers the input's samples over one group (``T·f_in/q²`` gathered) and the
+weight over the column (``f_in·f_out/q²``), multiplies, and reduce-scatters the output's samples over another
+(``T·f_out/q²``); backward it all-gathers the output gradient and reduce-scatters the input and weight gradients
+over the same groups, and saves the gathered input and weight for backward. The groups (``grid_groups``): a
+column-parallel projection gathers over the pairs (ranks ``q`` apart) and scatters over the row (consecutive),
+a row-parallel one the reverse; the column's ranks are ``q²`` apart. The layer's linears are a Transformer
+block's (``transformer_linears``: ``h→3h``, ``h→h``, ``h→m``, ``m→h``, the MLP width ``m`` from the parameter
+count). Norms all-reduce two statistics over the row each way. Activations enter and leave in the rows' layout
+(``parallel_dims.activation_strategy``: whole features on ``q`` ranks), so the exit gathers and the entry's
+gradient gathers ``[T/q², h]`` over the row, as 2D's do. Published per-device figures
 (Colossal-AI's feature docs, ring algorithm): computation, parameters and activations ``O(1/q³)``, bandwidth
 ``O(6(q−1)/q³)``, latency ``O(6(q−1))``; for 2D ``O(1/q²)`` and ``O(6(q−1)/q)``, 2.5D ``O(1/(d·q²))`` and
 ``O(3(q−1)(d+1)/(d·q))``, 1D activations ``O(1)`` and bandwidth ``O(2(P−1)/P)``. The terms here are those
-asymptotics with the constants of the algorithms as lowered (or, for 3D, as published).
+asymptotics with the constants of the algorithms as lowered.
 
-Group placement: the grid sits on consecutive ranks, so a row is consecutive, a column strided by ``q`` and a
-depth group by ``q²``. A hardware profile may hold fits for such groups (``"<op>/<g>/stride<s>"``, measured by
+Group placement: the grid sits on consecutive ranks, so a row is consecutive; in 2D and 2.5D a column is strided
+by ``q`` and a depth group by ``q²``, in 3D the pairs by ``q`` and the column by ``q²``. A hardware profile may hold fits for such groups (``"<op>/<g>/stride<s>"``, measured by
 the hardware profiler); otherwise a group within a node uses the consecutive fit of its size and one across
 nodes the strided fit (``group_fit``).
 """
@@ -195,21 +195,23 @@ def _cube_terms(q: int, shape: LayerShape, weight_b: float, grad_b: float) -> TP
     backward: list[Collective] = []
     gathered_inputs = 0.0
     for i, (f_in, f_out) in enumerate(linears):
-        in_stride, out_stride = (1, q * q) if i % 2 == 0 else (q * q, 1)  # input and output axes swap per linear
+        # column-parallel (even): samples gathered over the pairs, partial sums scattered over the row; the
+        # row-parallel one after it the other way round (the layouts rotate and come back)
+        (gather, in_stride), (scatter, out_stride) = (("pairs", q), ("row", 1))[:: 1 if i % 2 == 0 else -1]
         x, y, a = T * f_in / q**2 * b, T * f_out / q**2 * b, f_in * f_out * scale / q**2
         forward += [
-            Collective("all_gather", "input", q, in_stride, x),
-            Collective("all_gather", "weight", q, q, a * weight_b),
-            Collective("reduce_scatter", "output", q, out_stride, y),
+            Collective("all_gather", gather, q, in_stride, x),
+            Collective("all_gather", "column", q, q * q, a * weight_b),
+            Collective("reduce_scatter", scatter, q, out_stride, y),
         ]
         backward += [
-            Collective("all_gather", "output", q, out_stride, y),
-            Collective("reduce_scatter", "input", q, in_stride, x),
-            Collective("reduce_scatter", "weight", q, q, a * grad_b),
+            Collective("all_gather", scatter, q, out_stride, y),
+            Collective("reduce_scatter", gather, q, in_stride, x),
+            Collective("reduce_scatter", "column", q, q * q, a * grad_b),
         ]
         gathered_inputs += x * (1 - 1 / q)  # saved whole over the input axis instead of this rank's block
     rows_tokens = T / q**2
-    norms = Collective("all_reduce", "output", q, 1, NORMS * rows_tokens * 2 * STAT_BYTES, NORMS)
+    norms = Collective("all_reduce", "row", q, 1, NORMS * rows_tokens * 2 * STAT_BYTES, NORMS)
     boundary = Collective("all_gather", "row", q, 1, rows_tokens * shape.hidden * b)
     return TPTerms(
         tuple(_merged(forward + [norms, boundary])),

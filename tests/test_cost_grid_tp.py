@@ -73,27 +73,30 @@ def test_2_5d_splits_samples_over_depth_and_all_reduces_the_blocks_over_it():
     assert terms.sharded_bytes == A / 8 and terms.gathered_input_bytes == 2 * row * 0.5
 
 
-def test_3d_follows_colossal_ai_linear_by_linear():
+def test_3d_moves_what_colossal_ai_moves_linear_by_linear_over_the_lowered_groups():
     assert transformer_linears(H, W) == [(H, 3 * H), (H, H), (H, 1024), (1024, H)]
     terms = tp_terms(grid(8, "3d"), shape())  # q = 2: blocks [T/q², f/q]
     fwd, bwd = terms.forward, terms.backward
-    f_in, f_out = 3 * H + 1024, 3 * H + H + 1024 + H  # Σ input and output features over the four linears
 
     def total(collectives, op, group):
         return sum(c.nbytes for c in collectives if (c.op, c.group) == (op, group))
 
-    assert total(fwd, "all_gather", "input") == T * f_in / 4 * B  # the gathered inputs, 1/q² each
-    assert total(fwd, "all_gather", "weight") == W / 4 * B  # the gathered weights, 1/q² each
-    assert total(fwd, "reduce_scatter", "output") == T * f_out / 4 * B
-    assert total(bwd, "all_gather", "output") == T * f_out / 4 * B
-    assert total(bwd, "reduce_scatter", "input") == T * f_in / 4 * B
-    assert total(bwd, "reduce_scatter", "weight") == W / 4 * 4
-    assert total(fwd, "all_gather", "row") == T / 4 * H * B  # leaving in the rows' layout
+    block = T / 4 * B  # one feature of a block of samples, 1/q² of the tokens
+    # column-parallel projections (h→3h, h→m): inputs gathered over the pairs, partial sums scattered over the row
+    assert total(fwd, "all_gather", "pairs") == (H + H) * block
+    assert total(fwd, "reduce_scatter", "row") == (3 * H + 1024) * block
+    # row-parallel ones (h→h, m→h): inputs gathered over the row (and the exit's gather), scattered over the pairs
+    assert total(fwd, "all_gather", "row") == (H + 1024) * block + H * block
+    assert total(fwd, "reduce_scatter", "pairs") == (H + H) * block
+    assert total(fwd, "all_gather", "column") == W / 4 * B  # the gathered weights, 1/q² each
+    assert total(bwd, "reduce_scatter", "column") == W / 4 * 4
+    assert total(bwd, "reduce_scatter", "pairs") == (H + H) * block  # the gathers' gradients
     assert sum(c.calls for c in fwd) == 4 * 3 + NORMS + 1  # three per linear, each norm's statistics, the exit
-    assert {c.stride for c in fwd if c.group == "weight"} == {2}
-    assert {c.stride for c in fwd if c.group in ("input", "output")} == {1, 4}
+    strides = {c.group: c.stride for c in fwd}
+    assert (strides["row"], strides["pairs"], strides["column"]) == (1, 2, 4)
     assert terms.stored_params == W / 8 and terms.gathered_params == W / 4
-    assert terms.sharded_bytes == A / 8 and terms.gathered_input_bytes == pytest.approx(T * f_in / 4 * B * 0.5)
+    assert terms.sharded_bytes == A / 8
+    assert terms.gathered_input_bytes == pytest.approx((H + H + H + 1024) * block * 0.5)
 
 
 def hardware(world=16, per_node=4, strided_bw=BW / 10, extra=None) -> HardwareProfile:
