@@ -1,7 +1,8 @@
 """The communication a plan implies: each layer's collectives, redistributions between layers, pipeline transfers.
 
 These mirror the cost model's terms (cost/model.py) so that what the page shows is what was priced:
-- TP (Megatron): 2 all-reduces of the hidden state in forward, 2 in backward;
+- TP (Megatron): 2 all-reduces of the hidden state in forward, 2 in backward; a grid ``tp_mode`` (2D, 2.5D, 3D):
+  its row, pairs, column and depth collectives as ``cost.grid_tp`` counts them;
 - Megatron-SP: 2 all-gathers + 2 reduce-scatters each way; Ulysses: 4 all-to-alls of ``hidden / tp`` each way;
 - gradient sync over the ``dp`` replicas, once per step: DDP all-reduce; ZeRO-2 reduce-scatter of gradients
   and all-gather of the updated parameters; ZeRO-3 the same, plus a parameter all-gather in forward and
@@ -19,7 +20,9 @@ import dataclasses
 from dataclasses import dataclass
 from fractions import Fraction
 
+from galvatron_fx.cost.grid_tp import LayerShape, group_fit, tp_terms
 from galvatron_fx.cost.memory import COMPUTE_BYTES_PER_PARAM, STATE_BYTES_PER_PARAM
+from galvatron_fx.parallel_dims import activation_strategy
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy
 
 SHORT_OP = {"all_reduce": "AR", "all_gather": "AG", "reduce_scatter": "RS", "all_to_all": "A2A", "send_recv": "P2P"}
@@ -109,15 +112,48 @@ def dp_collectives(
 
 
 def layer_collectives(
-    strategy: LayerStrategy, hidden_bytes: float, param_count: int, *, mixed_precision: str = "fp32", hardware=None
+    strategy: LayerStrategy,
+    hidden_bytes: float,
+    param_count: int,
+    *,
+    mixed_precision: str = "fp32",
+    hardware=None,
+    hidden_features: int | None = None,
 ) -> list[Collective]:
-    """Everything a body layer running ``strategy`` communicates (``hidden_bytes`` for one micro-batch)."""
+    """Everything a body layer running ``strategy`` communicates (``hidden_bytes`` for one micro-batch, of
+    ``hidden_features`` features per token: a grid ``tp_mode`` needs them)."""
     local_hidden = hidden_bytes / strategy.dp
+    if strategy.tp_mode != "1d":
+        return _grid_collectives(strategy, local_hidden, param_count, mixed_precision, hardware, hidden_features)
     params = param_count if strategy.sp == "ulysses" else param_count / strategy.tp
     dp_consecutive = not strategy.tp_consecutive or strategy.tp == 1
     return tp_collectives(strategy.tp, strategy.sp, strategy.tp_consecutive, local_hidden, hardware) + dp_collectives(
         strategy.dp, strategy.dp_type, dp_consecutive, params, mixed_precision, hardware
     )
+
+
+def _grid_collectives(
+    strategy: LayerStrategy, local_hidden: float, param_count: int, mixed_precision: str, hardware, features
+) -> list[Collective]:
+    """A grid layer's collectives as the cost model counts them (``cost.grid_tp.tp_terms``), by group."""
+    features = features or 1
+    shape = LayerShape(local_hidden / features, features, 1.0, float(param_count), 0.0)
+    terms = tp_terms(strategy, shape, mixed_precision)
+    found = []
+    for phase, collectives in (("forward", terms.forward), ("backward", terms.backward)):
+        for c in collectives:
+            if c.size <= 1 or c.nbytes <= 0:
+                continue
+            per_call = c.nbytes / c.calls
+            time_s = (
+                None if hardware is None else c.calls * group_fit(hardware, c.op, c.size, c.stride).time_s(per_call)
+            )
+            found.append(
+                Collective(
+                    c.op, f"{strategy.tp_mode}-{c.group}", c.size, c.stride == 1, phase, c.calls, int(per_call), time_s
+                )
+            )
+    return found + dp_collectives(strategy.dp, strategy.dp_type, False, terms.stored_params, mixed_precision, hardware)
 
 
 def embedding_collectives(
@@ -156,11 +192,13 @@ def embedding_collectives(
 # -- redistribution between layers --------------------------------------------------------------------
 def layout(strategy: LayerStrategy) -> tuple:
     """What decides where a boundary activation lives: (tp, dp, sequence sharded, consecutive)."""
+    strategy = activation_strategy(strategy)
     return (strategy.tp, strategy.dp, strategy.sp != "none", strategy.tp_consecutive or strategy.tp == 1)
 
 
 def _pieces(strategy: LayerStrategy) -> list[tuple[Fraction, Fraction, Fraction, Fraction]]:
     """Per rank of the stage: the (batch start, batch end, seq start, seq end) it holds of an activation."""
+    strategy = activation_strategy(strategy)
     tp, dp = strategy.tp, strategy.dp
     pieces = []
     for rank in range(strategy.devices):

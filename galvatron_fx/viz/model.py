@@ -165,6 +165,12 @@ def _hidden_bytes(layer: Layer, scale: float) -> int:
     return int(max((s.nbytes for s in outputs), default=0) * scale)
 
 
+def _hidden_features(layer: Layer) -> int | None:
+    """Features per token of the layer's largest batched floating-point output (its last dimension)."""
+    outputs = [s for s in layer.boundary_out if s.batched and s.dtype.is_floating_point and s.shape]
+    return max(outputs, key=lambda s: s.nbytes).shape[-1] if outputs else None
+
+
 def _vocab_param_count(program: Program, layer: Layer) -> int:
     """Parameters with the vocabulary dimension (the largest dimension among the layer's matrices)."""
     params = [program.graph_module.get_parameter(name) for name in layer.param_names]
@@ -205,7 +211,12 @@ def build_layer_graph(
         hidden = _hidden_bytes(layer if layer.kind != EPILOGUE else program.body[-1], scale) * act_scale
         if isinstance(strategy, LayerStrategy):
             comms = layer_collectives(
-                strategy, hidden, layer.stats.param_count, mixed_precision=precision, hardware=hardware
+                strategy,
+                hidden,
+                layer.stats.param_count,
+                mixed_precision=precision,
+                hardware=hardware,
+                hidden_features=_hidden_features(layer),
             )
         else:
             comms = embedding_collectives(
