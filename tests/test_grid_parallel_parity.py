@@ -93,3 +93,34 @@ _results = shared_runs(lambda world_size, fast: (FAST if fast else FULL)[world_s
 @pytest.mark.parametrize("world_size,fast,model,recipe", tier_params(FAST, FULL))
 def test_grid_parallel_parity_with_eager(world_size, fast, model, recipe):
     check_parity(model, _results(world_size, fast)[f"{model}/{recipe}"], recipe)
+
+
+def _dropout_worker(rank: int, world_size: int) -> dict:
+    from galvatron_fx.runtime import Trainer
+
+    warnings.simplefilter("ignore")
+    program, batches = _program("gpt2+dropout")
+    plan = make_plan("2d", len(program.body), program.model_name)
+    trainer = Trainer(program, plan, config=_config(), optimizer=optimizer_factory("sgd"))
+    evaluated = [trainer.evaluate(batch) for batch in batches[:2]]  # dropout off, nothing updated
+    return {"evaluated": evaluated, "losses": [trainer.step(batch) for batch in batches]}
+
+
+def test_a_grid_with_dropout_evaluates_like_the_models_eval_and_trains_with_its_masks():
+    import math
+
+    import torch
+    from distributed import build
+
+    from galvatron_fx.runtime import spawn
+
+    results = spawn(_dropout_worker, 4, timeout_s=600)
+    model, batches = build("gpt2+dropout")
+    model.eval()
+    with torch.no_grad():
+        expected = [float(model(**batch).loss) for batch in batches[:2]]
+    for rank in results:
+        assert rank["evaluated"] == pytest.approx(expected, abs=1e-5)
+        assert rank["losses"] == results[0]["losses"]  # the mean loss of the global batch, on every rank
+        assert all(math.isfinite(loss) for loss in rank["losses"])
+    assert abs(results[0]["losses"][0] - expected[0]) > 1e-3  # the first step trained with dropout's masks
