@@ -12,10 +12,11 @@ are split over the ``d·q`` rows, the features over the ``q`` ranks of a row (Me
 pairs on the row, activations between them feature-split); each rank stores ``1/q`` of its row's shard of every
 parameter, all-gathered over the column before use (``grid_param``). With ``T_r = T / (d·q)``, per layer:
 - row (``q`` consecutive ranks), forward: all-gather of ``[T_r, h]`` before each of the ``ROW_GATHERS``
-  column-parallel groups and on exit, reduce-scatter of ``[T_r, h]`` after each of the ``ROW_SCATTERS``
-  row-parallel projections, ``NORMS × NORM_REDUCTIONS`` all-reduces of ``[T_r, 1]`` norm statistics; backward
-  the same counts with the all-gathers and reduce-scatters swapped, the exit's gather replaced by the entry
-  split's (an all-gather of its gradient). Bytes moved per rank: ``5·(q−1)/q · T_r·h·b`` each way.
+  column-parallel groups, reduce-scatter of ``[T_r, h]`` after each of the ``ROW_SCATTERS`` row-parallel
+  projections, ``NORMS × NORM_REDUCTIONS`` all-reduces of ``[T_r, 1]`` norm statistics; backward the same counts
+  with the all-gathers and reduce-scatters swapped. Bytes moved per rank: ``4·(q−1)/q · T_r·h·b`` each way.
+  Between layers the activations stay split along the features (``cost.layouts``: no move between layers of
+  one grid, a redistribution to and from any other layout).
 - column (``q`` ranks ``q`` apart): forward the all-gather of ``W / q`` parameters (``PARAM_TENSORS`` calls),
   again in the recomputation of a checkpointed layer; backward the reduce-scatter of their ``W / q`` gradients.
 - depth (``d`` ranks ``q²`` apart, 2.5D): backward the all-reduce of the ``W / q²`` block gradients.
@@ -35,18 +36,17 @@ over the same groups, and saves the gathered input and weight for backward. The 
 column-parallel projection gathers over the pairs (ranks ``q`` apart) and scatters over the row (consecutive),
 a row-parallel one the reverse; the column's ranks are ``q²`` apart. The layer's linears are a Transformer
 block's (``transformer_linears``: ``h→3h``, ``h→h``, ``h→m``, ``m→h``, the MLP width ``m`` from the parameter
-count). Norms all-reduce two statistics over the row each way. Activations enter and leave in the rows' layout
-(``parallel_dims.activation_strategy``: whole features on ``q`` ranks), so the exit gathers and the entry's
-gradient gathers ``[T/q², h]`` over the row, as 2D's do. Published per-device figures
+count). Norms all-reduce two statistics over the row each way. Between layers the activations are in the rows'
+layout (``parallel_dims.activation_strategy``), split along the features, as 2D's are. Published per-device figures
 (Colossal-AI's feature docs, ring algorithm): computation, parameters and activations ``O(1/q³)``, bandwidth
 ``O(6(q−1)/q³)``, latency ``O(6(q−1))``; for 2D ``O(1/q²)`` and ``O(6(q−1)/q)``, 2.5D ``O(1/(d·q²))`` and
 ``O(3(q−1)(d+1)/(d·q))``, 1D activations ``O(1)`` and bandwidth ``O(2(P−1)/P)``. The terms here are those
 asymptotics with the constants of the algorithms as lowered.
 
-Group placement: the grid sits on consecutive ranks, so a row is consecutive; in 2D and 2.5D a column is strided
-by ``q`` and a depth group by ``q²``, in 3D the pairs by ``q`` and the column by ``q²``. A hardware profile may hold fits for such groups (``"<op>/<g>/stride<s>"``, measured by
-the hardware profiler); otherwise a group within a node uses the consecutive fit of its size and one across
-nodes the strided fit (``group_fit``).
+Group placement: the grid sits on consecutive ranks, so a row is consecutive; in 2D and 2.5D a column is strided by
+``q`` and a depth group by ``q²``, in 3D the pairs by ``q`` and the column by ``q²``. A hardware profile may hold
+fits for such groups (``"<op>/<g>/stride<s>"``, measured by the hardware profiler); otherwise a group within a node
+uses the consecutive fit of its size and one across nodes the strided fit (``group_fit``).
 """
 
 from __future__ import annotations
@@ -162,14 +162,14 @@ def tp_terms(strategy: LayerStrategy, shape: LayerShape, mixed_precision: str = 
     stats = shape.tokens / rows * STAT_BYTES
     norms = NORMS * NORM_REDUCTIONS
     forward = [
-        Collective("all_gather", "row", q, 1, (ROW_GATHERS + 1) * H_row, ROW_GATHERS + 1),
+        Collective("all_gather", "row", q, 1, ROW_GATHERS * H_row, ROW_GATHERS),
         Collective("reduce_scatter", "row", q, 1, ROW_SCATTERS * H_row, ROW_SCATTERS),
         Collective("all_reduce", "row", q, 1, norms * stats, norms),
         Collective("all_gather", "column", q, q, W / q * weight_b, PARAM_TENSORS),
     ]
     backward = [
         Collective("reduce_scatter", "row", q, 1, ROW_GATHERS * H_row, ROW_GATHERS),
-        Collective("all_gather", "row", q, 1, (ROW_SCATTERS + 1) * H_row, ROW_SCATTERS + 1),
+        Collective("all_gather", "row", q, 1, ROW_SCATTERS * H_row, ROW_SCATTERS),
         Collective("all_reduce", "row", q, 1, norms * stats, norms),
         Collective("reduce_scatter", "column", q, q, W / q * grad_b, PARAM_TENSORS),
     ]
@@ -212,10 +212,9 @@ def _cube_terms(q: int, shape: LayerShape, weight_b: float, grad_b: float) -> TP
         gathered_inputs += x * (1 - 1 / q)  # saved whole over the input axis instead of this rank's block
     rows_tokens = T / q**2
     norms = Collective("all_reduce", "row", q, 1, NORMS * rows_tokens * 2 * STAT_BYTES, NORMS)
-    boundary = Collective("all_gather", "row", q, 1, rows_tokens * shape.hidden * b)
     return TPTerms(
-        tuple(_merged(forward + [norms, boundary])),
-        tuple(_merged(backward + [norms, boundary])),
+        tuple(_merged(forward + [norms])),
+        tuple(_merged(backward + [norms])),
         stored_params=W / q**3,
         gathered_params=W / q**2,
         sharded_bytes=shape.activation_bytes / q**3,

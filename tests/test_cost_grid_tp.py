@@ -47,26 +47,26 @@ def test_2d_collectives_and_memory_by_hand():
     terms = tp_terms(grid(4, "2d"), shape())  # q = 2: two rows of 512 tokens
     row = T / 2 * H * B  # one [tokens of a row, hidden] activation: 524 288 bytes
     fwd, bwd = by_key(terms.forward), by_key(terms.backward)
-    assert fwd["all_gather", "row"].nbytes == 3 * row and fwd["all_gather", "row"].calls == 3  # 2 groups + exit
+    assert fwd["all_gather", "row"].nbytes == 2 * row and fwd["all_gather", "row"].calls == 2  # the 2 groups' inputs
     assert fwd["reduce_scatter", "row"].nbytes == 2 * row and fwd["reduce_scatter", "row"].calls == 2
     norms = fwd["all_reduce", "row"]
     assert norms.calls == NORMS * NORM_REDUCTIONS and norms.nbytes == NORMS * NORM_REDUCTIONS * 512 * 4
     column = fwd["all_gather", "column"]
     assert (column.size, column.stride, column.calls, column.nbytes) == (2, 2, PARAM_TENSORS, W / 2 * 4)
-    assert bwd["reduce_scatter", "row"].nbytes == 2 * row and bwd["all_gather", "row"].nbytes == 3 * row
+    assert bwd["reduce_scatter", "row"].nbytes == 2 * row and bwd["all_gather", "row"].nbytes == 2 * row
     assert bwd["reduce_scatter", "column"].nbytes == W / 2 * 4 and ("all_reduce", "depth") not in bwd
     # per rank: 1/q² of the parameters stored, 1/q gathered; activations 1/P plus the two gathered inputs
     assert terms.stored_params == W / 4 and terms.gathered_params == W / 2
     assert terms.sharded_bytes == A / 4 and terms.gathered_input_bytes == 2 * row * (1 - 1 / 2)
     # ring volume: (q − 1)/q of every gather and scatter, 2(q − 1)/q of every all-reduce
-    assert terms.volume_bytes == pytest.approx(0.5 * (10 * row + 2 * W / 2 * 4) + 2 * norms.nbytes)
+    assert terms.volume_bytes == pytest.approx(0.5 * (8 * row + 2 * W / 2 * 4) + 2 * norms.nbytes)
 
 
 def test_2_5d_splits_samples_over_depth_and_all_reduces_the_blocks_over_it():
     terms = tp_terms(grid(8, "2.5d", 2), shape())  # q = 2, d = 2: four rows of 256 tokens
     row = T / 4 * H * B
     fwd, bwd = by_key(terms.forward), by_key(terms.backward)
-    assert fwd["all_gather", "row"].nbytes == 3 * row and fwd["reduce_scatter", "row"].nbytes == 2 * row
+    assert fwd["all_gather", "row"].nbytes == 2 * row and fwd["reduce_scatter", "row"].nbytes == 2 * row
     depth = bwd["all_reduce", "depth"]
     assert (depth.size, depth.stride, depth.nbytes) == (2, 4, W / 4 * 4)  # the W/q² blocks, q² ranks apart
     assert terms.stored_params == W / 4 and terms.gathered_params == W / 2
@@ -85,13 +85,13 @@ def test_3d_moves_what_colossal_ai_moves_linear_by_linear_over_the_lowered_group
     # column-parallel projections (h→3h, h→m): inputs gathered over the pairs, partial sums scattered over the row
     assert total(fwd, "all_gather", "pairs") == (H + H) * block
     assert total(fwd, "reduce_scatter", "row") == (3 * H + 1024) * block
-    # row-parallel ones (h→h, m→h): inputs gathered over the row (and the exit's gather), scattered over the pairs
-    assert total(fwd, "all_gather", "row") == (H + 1024) * block + H * block
+    # row-parallel ones (h→h, m→h): inputs gathered over the row, scattered over the pairs
+    assert total(fwd, "all_gather", "row") == (H + 1024) * block
     assert total(fwd, "reduce_scatter", "pairs") == (H + H) * block
     assert total(fwd, "all_gather", "column") == W / 4 * B  # the gathered weights, 1/q² each
     assert total(bwd, "reduce_scatter", "column") == W / 4 * 4
     assert total(bwd, "reduce_scatter", "pairs") == (H + H) * block  # the gathers' gradients
-    assert sum(c.calls for c in fwd) == 4 * 3 + NORMS + 1  # three per linear, each norm's statistics, the exit
+    assert sum(c.calls for c in fwd) == 4 * 3 + NORMS  # three per linear, each norm's statistics
     strides = {c.group: c.stride for c in fwd}
     assert (strides["row"], strides["pairs"], strides["column"]) == (1, 2, 4)
     assert terms.stored_params == W / 8 and terms.gathered_params == W / 4
@@ -220,7 +220,9 @@ def test_a_plan_mixing_1d_and_grid_layers_redistributes_between_their_layouts():
     model = CostModel(profile(), uniform(4))
     layers = (grid(4, "2d"), S(tp=2, dp=2), S(tp=4), grid(4, "2d"))
     plan = Plan(world_size=4, layers=layers, global_batch=8, embedding=EmbeddingStrategy())
-    assert model.redistribution_s(layers[0], layers[1], 1, 8) == 0.0  # a 2D grid of 4 lives as tp2 dp2
+    # a 2D grid of 4 holds the samples as tp2 dp2 does, split along the features: a move to it, none to the same grid
+    assert model.redistribution_s(layers[0], layers[1], 1, 8) > 0.0
+    assert model.redistribution_s(layers[0], grid(4, "2d", ckpt=True), 1, 8) == 0.0
     assert model.redistribution_s(layers[1], layers[2], 2, 8) > 0.0
     prediction = model.evaluate(plan)
     assert prediction.iteration_time_s > 0 and prediction.memory_bytes_per_stage[0] > 0

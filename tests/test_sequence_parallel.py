@@ -136,47 +136,56 @@ def test_a_stage_converts_a_value_once_per_layout(monkeypatch):
     from galvatron_fx.passes.lower.ops import redistribute as R
 
     exchanges = []
-    monkeypatch.setattr(R, "_exchange", lambda x, sends, recvs, ranks, rows, cols: exchanges.append(x.shape) or x * 1.0)
+    monkeypatch.setattr(R, "_exchange", lambda x, sends, recvs, ranks, cut, out: exchanges.append(x.shape) or x * 1.0)
     x = torch.ones(4, 3, requires_grad=True)
     mask = torch.ones(4, 3, dtype=torch.bool)
-    plan, other = (((1, 0, 2, 0, 0),), ((1, 0, 2, 0, 0),)), (((2, 0, 2, 0, 0),), ((2, 0, 2, 0, 0),))
+    box = ((0, 2), (0, 1), (0, 1))
+    plan, other = (((1, box),), ((1, box),)), (((0, box),), ((0, box),))
+    cut, lengths = (True, False, False), (4, 1, 3)
     with R.shared_conversions():
-        first, again = (R.redistribute(x, plan, plan, (0, 1), 4, None) for _ in range(2))
-        elsewhere = R.redistribute(x, other, other, (0, 1), 4, None)
-        masks = [R.redistribute(mask, plan, plan, (0, 1), 4, None) for _ in range(3)]
+        first, again = (R.redistribute(x, plan, plan, (0, 1), cut, lengths) for _ in range(2))
+        elsewhere = R.redistribute(x, other, other, (0, 1), cut, lengths)
+        masks = [R.redistribute(mask, plan, plan, (0, 1), cut, lengths) for _ in range(3)]
     assert first is again and elsewhere is not first and masks[0] is masks[2]
     assert len(exchanges) == 3  # x twice (two layouts), the mask once
     (2 * first + 3 * again).sum().backward()
     assert len(exchanges) == 4 and torch.equal(x.grad, torch.full((4, 3), 5.0))
-    assert R.redistribute(x, plan, plan, (0, 1), 4, None) is not first and len(exchanges) == 5  # outside: no sharing
+    assert R.redistribute(x, plan, plan, (0, 1), cut, lengths) is not first and len(exchanges) == 5  # no sharing
 
 
 @pytest.mark.parametrize(
-    "src,dst", [(("megatron", 2), ("none", 1)), (("none", 1), ("ulysses", 2)), (("megatron", 2), ("none", 2))]
+    "src,dst",
+    [
+        (("megatron", 2), ("none", 1)),
+        (("none", 1), ("ulysses", 2)),
+        (("megatron", 2), ("none", 2)),
+        (("grid", 2), ("none", 1)),  # a grid's rows split the features: into the data split
+        (("megatron", 2), ("grid", 2)),
+        (("grid", 2), ("ulysses", 4)),
+    ],
 )
 def test_redistribution_moves_only_missing_blocks(src, dst):
+    from itertools import product
+
     from galvatron_fx.passes.lower.layouts import Layout, exchange_plan
 
-    devices, rows, seq = 4, 8, 16
+    devices, lengths = 4, (8, 16, 8)  # samples, positions, features
 
     def layout(spec):
         sp, tp = spec
-        return Layout(LayerStrategy(tp=tp, dp=devices // tp, sp=sp if tp > 1 else "none"), sp != "none")
+        strategy = LayerStrategy(tp=tp, dp=devices // tp, sp=sp if sp in ("megatron", "ulysses") else "none")
+        return Layout(strategy, sp in ("megatron", "ulysses"), sp == "grid")
+
+    def held(layout, me):
+        return {
+            point
+            for point in product(*(range(n) for n in lengths))
+            if all(i // (n // c) == k for i, n, c, k in zip(point, lengths, layout.chunks, layout.block(me)))
+        }
 
     a, b = layout(src), layout(dst)
     for me in range(devices):
-        sends, recvs = exchange_plan(a, b, devices, me, rows, seq)
-        moved = sum(nb * ns for peer, _, nb, _, ns in recvs if peer != me)
-        have = {
-            (i, j)
-            for i in range(rows)
-            for j in range(seq)
-            if i // (rows // a.dp) == a.block(me)[0] and j // (seq // a.seq) == a.block(me)[1]
-        }
-        need = {
-            (i, j)
-            for i in range(rows)
-            for j in range(seq)
-            if i // (rows // b.dp) == b.block(me)[0] and j // (seq // b.seq) == b.block(me)[1]
-        }
+        sends, recvs = exchange_plan(a, b, devices, me, lengths)
+        moved = sum(nb * ns * nf for peer, ((_, nb), (_, ns), (_, nf)) in recvs if peer != me)
+        have, need = held(a, me), held(b, me)
         assert moved == len(need - have)  # every element it lacks arrives once; nothing it holds is sent to it

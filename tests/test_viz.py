@@ -156,16 +156,17 @@ def test_grid_layers_show_their_groups_collectives(programs):
     _, grid, one_d, *_ = graph.layers
     assert grid.strategy_label == "tp4-2d"
     row = 8 // 2 * 32 * 64 * 4  # the samples of a row (global batch 8 over 2 rows) × seq 32 × hidden 64 × fp32
-    # forward: the two column-parallel groups' inputs and the exit gathered, the two row-parallel outputs scattered
-    assert ("all_gather", "2d-row", "forward", 3, 2) in _calls(grid)
+    # forward: the two column-parallel groups' inputs gathered, the two row-parallel outputs scattered
+    assert ("all_gather", "2d-row", "forward", 2, 2) in _calls(grid)
     assert ("reduce_scatter", "2d-row", "forward", 2, 2) in _calls(grid)
     assert {c.bytes_per_call for c in grid.collectives if c.purpose == "2d-row" and c.op != "all_reduce"} == {row}
     assert {c.group_size for c in grid.collectives if c.purpose == "2d-column"} == {2}
     assert all(c.time_s is not None and c.time_s > 0 for c in grid.collectives)
     assert _calls(one_d) == {("all_reduce", "tp", "forward", 2, 4), ("all_reduce", "tp", "backward", 2, 4)}
-    # between a grid and a 1D layer of the same degree the samples are split differently
+    # a grid's rows hold half the samples each, split along the features: the 1D layer gathers all samples
     assert redistribution_op(layers[0], layers[1]) == "all_gather"
-    assert redistribution_op(layers[0], layers[2]) is None
+    assert redistribution_op(layers[0], layers[2]) is None  # the same grid: nothing moves
+    assert redistribution_op(layers[0], S(tp=2, dp=2)) == "all_gather"  # its rows' samples, whole features
 
 
 def test_redistribution_ops():

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from fractions import Fraction
 
 from galvatron_fx.cost.grid_tp import LayerShape, group_fit, tp_terms
+from galvatron_fx.cost.layouts import layout_of, rank_pieces
 from galvatron_fx.cost.memory import COMPUTE_BYTES_PER_PARAM, STATE_BYTES_PER_PARAM
 from galvatron_fx.parallel_dims import activation_strategy
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy
@@ -190,40 +190,24 @@ def embedding_collectives(
 
 
 # -- redistribution between layers --------------------------------------------------------------------
-def layout(strategy: LayerStrategy) -> tuple:
-    """What decides where a boundary activation lives: (tp, dp, sequence sharded, consecutive)."""
-    strategy = activation_strategy(strategy)
-    return (strategy.tp, strategy.dp, strategy.sp != "none", strategy.tp_consecutive or strategy.tp == 1)
-
-
-def _pieces(strategy: LayerStrategy) -> list[tuple[Fraction, Fraction, Fraction, Fraction]]:
-    """Per rank of the stage: the (batch start, batch end, seq start, seq end) it holds of an activation."""
-    strategy = activation_strategy(strategy)
-    tp, dp = strategy.tp, strategy.dp
-    pieces = []
-    for rank in range(strategy.devices):
-        tp_index, dp_index = (rank % tp, rank // tp) if strategy.tp_consecutive else (rank // dp, rank % dp)
-        seq = (
-            (Fraction(tp_index, tp), Fraction(tp_index + 1, tp))
-            if strategy.sp != "none"
-            else (Fraction(0), Fraction(1))
-        )
-        pieces.append((Fraction(dp_index, dp), Fraction(dp_index + 1, dp), *seq))
-    return pieces
+def _pieces(strategy: LayerStrategy) -> list[tuple]:
+    """Per rank of the stage: the (batch, sequence, features) fractions it holds of an activation."""
+    rows = activation_strategy(strategy)
+    return rank_pieces(rows, rows.devices, strategy.tp_mode != "1d")
 
 
 def redistribution_op(before: LayerStrategy, after: LayerStrategy) -> str | None:
     """How activations move from ``before``'s layout to ``after``'s: None (every rank keeps the same piece),
     ``slice`` (every rank already holds what it needs), ``all_gather`` (every rank's piece grows) or
     ``all_to_all``."""
-    if layout(before) == layout(after):
+    if layout_of(before) == layout_of(after):
         return None
     held, needed = _pieces(before), _pieces(after)
     if held == needed:  # e.g. replicated activations under consecutive vs strided TP: nothing moves
         return None
 
     def inside(inner, outer):
-        return outer[0] <= inner[0] and inner[1] <= outer[1] and outer[2] <= inner[2] and inner[3] <= outer[3]
+        return all(o0 <= i0 and i1 <= o1 for (i0, i1), (o0, o1) in zip(inner, outer))
 
     if all(inside(n, h) for h, n in zip(held, needed)):
         return "slice"

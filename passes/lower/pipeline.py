@@ -48,6 +48,7 @@ from galvatron_fx.passes.lower.graph.vocab_parallel import (
 from galvatron_fx.passes.lower.layouts import (
     Layout,
     batched_names,
+    block_shape,
     insert_redistribute,
     producer_layouts,
     scale_param_grads,
@@ -249,15 +250,13 @@ class ApplyLayouts(Pass[StageModule]):
         devices = plan.devices_per_stage
         producers = producer_layouts(program, plan)
         layouts = [_layout(plan, layer) for layer in stage.stage_layers]
-        if any(p.dp != devices or p.seq != 1 for p in producers.values()) or any(s.dp != devices for s in layouts):
+        if any(p.chunks != (devices, 1, 1) for p in producers.values()) or any(s.dp != devices for s in layouts):
             self._redistribute_inputs(stage, context, producers)
 
         def local(spec):
             if not (spec.batched and spec.name in producers):
                 return spec
-            source = producers[spec.name]
-            rest = (spec.shape[1] // source.seq, *spec.shape[2:]) if len(spec.shape) > 1 else ()
-            return with_shape(spec, (plan.micro_batch // source.dp, *rest))
+            return with_shape(spec, block_shape((plan.micro_batch, *spec.shape[1:]), producers[spec.name]))
 
         stage.recv_specs = tuple(local(spec) for spec in stage.recv_specs)
         stage.send_specs = tuple(local(spec) for spec in stage.send_specs)
@@ -280,20 +279,18 @@ class ApplyLayouts(Pass[StageModule]):
             # the embedding and head keep their own scaling: vocab-parallel parts scale theirs, and under vsp
             # each rank's gradients cover its own tokens, summed over the stage by data parallelism
             scale_param_grads(graph, 1.0 if layer.kind in PROLOGUE_AND_EPILOGUE else strategy.dp / devices)
-            seq_inputs = layer_meta(graph).seq_inputs
+            meta = layer_meta(graph)
             for name in layer.input_names:
                 if name in batched and name in producers:
-                    seq_len = full_shapes[name][1] if len(full_shapes.get(name, ())) > 1 else 0
                     insert_redistribute(
                         graph,
                         name,
                         producers[name],
-                        Layout(strategy, name in seq_inputs),
+                        Layout(strategy, name in meta.seq_inputs, name in meta.feature_inputs),
                         devices,
                         position.local,
                         stage_ranks,
-                        plan.micro_batch,
-                        seq_len,
+                        (plan.micro_batch, *full_shapes[name][1:]),
                     )
 
 

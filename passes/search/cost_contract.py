@@ -8,7 +8,8 @@ micro-batch ``X_s`` is the sum of its layers' and its embedding part's ``fwd_s +
 between consecutive layers of different layouts (and on the first and last stage between the embedding's or
 head's layout, ``parallel_dims.end_layout``, and the first or last body layer's: boundaries 0 and L; a body
 layer's layout is that of ``parallel_dims.activation_strategy``, and ``redistribution_s`` may depend on a body
-layer's strategy only through its tp, sp and tp_consecutive there, the search's layout classes) and,
+layer's strategy only through its tp, sp and tp_consecutive there and whether it is a grid (whose rows split the
+features), the search's layout classes) and,
 before a cut, ``p2p_s``; its gradient sync ``G_s`` the
 sum of the ``grad_sync_s``. The iteration takes ``Σ_s X_s + (chunks − 1)·max_s X_s + max_s G_s``. A stage's
 memory is ``in_flight(...).layer_bytes(...)`` summed over its layers and part, plus the largest transient

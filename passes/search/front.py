@@ -80,7 +80,7 @@ class CostTable:
 
     strategies: list[LayerStrategy]
     layout: np.ndarray  # layout class of each strategy
-    layouts: list[tuple]  # layout_key per class: (tp, sp, tp_consecutive) of the activation layout
+    layouts: list[tuple]  # layout_key per class: (tp, sp, tp_consecutive, features split) of the activation layout
     allowed: dict[str, np.ndarray]  # per layer type: may the layer run the strategy
     ms: dict[str, np.ndarray]  # model-state bytes (int64)
     act: dict[str, np.ndarray]  # activation bytes of one micro-batch (int64)
@@ -161,9 +161,10 @@ def folded(table: CostTable, chunks: int, syncs: int = 1) -> CostTable:
 
 def layout_key(strategy: LayerStrategy) -> tuple:
     """The layout class of ``strategy``: where its activations live between layers (a grid layer's as a 1D
-    layer's over its rows, ``activation_strategy``); strategies of a class redistribute alike."""
-    strategy = activation_strategy(strategy)
-    return (strategy.tp, strategy.sp, strategy.tp_consecutive)
+    layer's over its rows, ``activation_strategy``, split along the features); strategies of a class
+    redistribute alike."""
+    rows = activation_strategy(strategy)
+    return (rows.tp, rows.sp, rows.tp_consecutive, strategy.tp_mode != "1d")
 
 
 def build_cost_table(

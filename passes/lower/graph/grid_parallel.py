@@ -55,7 +55,7 @@ from galvatron_fx.passes.lower.ops.collectives import (
     tp_scatter,
 )
 from galvatron_fx.passes.lower.ops.grid import grid_param, row_layer_norm, row_mean, row_total
-from galvatron_fx.program import layer_meta, set_layer_meta
+from galvatron_fx.program import layer_meta, node_meta, set_layer_meta
 
 aten = torch.ops.aten
 MATMULS = {aten.mm.default, aten.bmm.default, aten.matmul.default, aten.scaled_dot_product_attention.default}
@@ -117,9 +117,23 @@ def _samples(gm: fx.GraphModule, cfg: GridConfig, layer_name: str) -> TrackedFac
 
 def _ndim(node: fx.Node) -> int:
     """Dimensions of ``node``'s value; an inserted collective has its input's."""
+    return _origin(node).meta["val"].dim()
+
+
+def _origin(node: fx.Node) -> fx.Node:
+    """The captured node an inserted collective stands for (its first input, followed until one has a value)."""
     while "val" not in node.meta and node.args and isinstance(node.args[0], fx.Node):
         node = node.args[0]
-    return node.meta["val"].dim()
+    return node
+
+
+def _batched(node: fx.Node) -> bool:
+    return node_meta(_origin(node)).batched
+
+
+def _last_dim(node: fx.Node, where) -> bool:
+    """Whether the hidden features are the whole last dimension of ``node`` (``where``: their position)."""
+    return where is not None and where[0] == _ndim(node) - 1 and len(where[1]) == 1
 
 
 def _refuse(layer_name: str, node: fx.Node, why: str):
@@ -139,6 +153,8 @@ class _Rewrite:
         self.gm, self.graph, self.cfg, self.hidden, self.what = gm, gm.graph, cfg, hidden, layer_name
         self.row = cfg.groups.row
         self.sharded: set[fx.Node] = set()
+        self.feature_inputs: set[str] = set()  # placeholders that arrive split along the features
+        self.feature_outputs: list[bool] = []  # per output: leaves split along the features?
 
     def whole_position(self, value: fx.Node):
         """Where a whole value carries the hidden features: as the factor analysis says, or, for a value the
@@ -155,20 +171,45 @@ class _Rewrite:
             return self.graph.call_function(sp_split, (value, *self.whole_position(value), self.row))
 
     def run(self, region: set[fx.Node]) -> None:
+        """Inputs with the hidden features as their last dimension arrive split along them (the stage's layouts
+        move them so), outputs leave so; other values with the features are split and gathered in the graph."""
         graph, hidden = self.graph, self.hidden
         for node in list(graph.find_nodes(op="placeholder")):
-            if _is_float(node) and hidden.position(node, False) and wants_shards(node, region):
-                with graph.inserting_after(node):
-                    part = graph.call_function(sp_split, (node, *hidden.position(node, False), self.row))
-                node.replace_all_uses_with(part, delete_user_cb=lambda user: user is not part)
-                self.sharded.add(part)
+            where = hidden.position(node, False)
+            if not (_is_float(node) and where and wants_shards(node, region)):
+                continue
+            if node.name in self.cfg.batched and _last_dim(node, where):
+                self.feature_inputs.add(node.name)
+                self.sharded.add(node)
+                continue
+            with graph.inserting_after(node):
+                part = graph.call_function(sp_split, (node, *where, self.row))
+            node.replace_all_uses_with(part, delete_user_cb=lambda user: user is not part)
+            self.sharded.add(part)
         for node in list(graph.nodes):
             if node.op == "call_function" and node not in self.sharded and not is_size_node(node):
                 self.visit(node, region)
-        for value in [o for o in graph.output_node().args[0] if isinstance(o, fx.Node) and o in self.sharded]:
+        outputs = list(graph.output_node().args[0])
+        self.feature_outputs = [False] * len(outputs)
+        for i, value in enumerate(outputs):
+            if not (isinstance(value, fx.Node) and value in self.sharded):
+                continue
+            where = hidden.position(value, True)
+            if _batched(value) and _last_dim(value, where):
+                self.feature_outputs[i] = True
+                continue
             with graph.inserting_before(graph.output_node()):
-                whole = graph.call_function(sp_gather, (value, *hidden.position(value, True), self.row, False))
+                whole = graph.call_function(sp_gather, (value, *where, self.row, False))
             graph.output_node().replace_input_with(value, whole)
+
+    def local_placeholders(self) -> None:
+        """The placeholders that arrive split hold this rank's features."""
+        for node in self.graph.find_nodes(op="placeholder"):
+            if node.name in self.feature_inputs:
+                value = node.meta["val"]
+                node.meta["val"] = torch.empty(
+                    (*value.shape[:-1], value.shape[-1] // self.cfg.q), dtype=value.dtype, device="meta"
+                )
 
     def visit(self, node: fx.Node, region: set[fx.Node]) -> None:
         inputs = node.all_input_nodes
@@ -406,6 +447,8 @@ def grid_parallel(gm: fx.GraphModule, cfg: GridConfig, layer_name: str = "layer"
         gradient_sum = lambda target: (depth, cfg.q * len(depth))  # noqa: E731
     rewrite.run(tp_region(gm))
     result = GridResult(gm, _block_parameters(gm, cfg, gradient_sum))
+    rewrite.local_placeholders()
+    set_layer_meta(gm, feature_inputs=frozenset(rewrite.feature_inputs), feature_outputs=tuple(rewrite.feature_outputs))
     mark_sharded(rewrite.sharded)
     gm.graph.lint()
     gm.recompile()

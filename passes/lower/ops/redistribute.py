@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 
 import torch
 import torch.distributed._functional_collectives as funcol
@@ -17,51 +16,52 @@ import torch.distributed._functional_collectives as funcol
 from galvatron_fx.passes.lower.ops.collectives import _is_fake, completed
 
 
-def _exchange(
-    x: torch.Tensor, sends, recvs, ranks: tuple[int, ...], out_rows: int, out_cols: int | None
-) -> torch.Tensor:
+def _box(t: torch.Tensor, box, cut: tuple[bool, bool, bool]) -> torch.Tensor:
+    """The part of ``t`` that ``box`` ((start, length) of batch, sequence, features) names on the axes ``cut``."""
+    (b, nb), (s, ns), (f, nf) = box
+    view = t.narrow(0, b, nb)
+    if cut[1]:
+        view = view.narrow(1, s, ns)
+    if cut[2]:
+        view = view.narrow(-1, f, nf)
+    return view
+
+
+def _exchange(x: torch.Tensor, sends, recvs, ranks: tuple[int, ...], cut, out_lengths) -> torch.Tensor:
     shape = list(x.shape)
-    shape[0] = out_rows
-    if out_cols is not None:
-        shape[1] = out_cols
+    for axis, dim in ((0, 0), (1, 1), (2, -1)):
+        if cut[axis]:
+            shape[dim] = out_lengths[axis]
+    out = x.new_empty(shape)
     if _is_fake(x):
-        return x.new_empty(shape)
-    pieces = [
-        (x[b : b + nb] if out_cols is None else x[b : b + nb, s : s + ns]).reshape(-1) for _, b, nb, s, ns in sends
-    ]
-    inner = math.prod(x.shape[2 if out_cols is not None else 1 :])
-    per_piece = lambda nb, ns: nb * (ns if out_cols is not None else 1) * inner  # noqa: E731
-    in_splits = [sum(per_piece(nb, ns) for p, _, nb, _, ns in sends if p == peer) for peer in range(len(ranks))]
-    out_splits = [sum(per_piece(nb, ns) for p, _, nb, _, ns in recvs if p == peer) for peer in range(len(ranks))]
+        return out
+    pieces = [_box(x, box, cut).reshape(-1) for _, box in sends]
+    targets = [_box(out, box, cut) for _, box in recvs]  # sorted by peer, then position: the order senders packed
+    in_splits = [sum(p.numel() for (peer, _), p in zip(sends, pieces) if peer == r) for r in range(len(ranks))]
+    out_splits = [sum(t.numel() for (peer, _), t in zip(recvs, targets) if peer == r) for r in range(len(ranks))]
     flat = torch.cat(pieces) if pieces else x.new_empty(0)
     received = completed(funcol.all_to_all_single(flat.contiguous(), out_splits, in_splits, list(ranks)))
-    out = x.new_empty(shape)
     offset = 0
-    for _, b, nb, s, ns in recvs:  # sorted by peer, then position: the order senders packed them
-        n = per_piece(nb, ns)
-        target = out[b : b + nb] if out_cols is None else out[b : b + nb, s : s + ns]
-        target.copy_(received[offset : offset + n].view(target.shape))
-        offset += n
+    for target in targets:
+        target.copy_(received[offset : offset + target.numel()].view(target.shape))
+        offset += target.numel()
     return out
+
+
+def _lengths(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.shape[0], x.shape[1] if x.dim() > 1 else 1, x.shape[-1]
 
 
 class _Redistribute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, forward_plan, backward_plan, ranks, out_rows, out_cols):
-        ctx.backward_plan, ctx.ranks, ctx.in_rows = backward_plan, ranks, x.shape[0]
-        ctx.in_cols = x.shape[1] if out_cols is not None else None
-        return _exchange(x, *forward_plan, ranks, out_rows, out_cols)
+    def forward(ctx, x, forward_plan, backward_plan, ranks, cut, out_lengths):
+        ctx.backward_plan, ctx.ranks, ctx.cut, ctx.in_lengths = backward_plan, ranks, cut, _lengths(x)
+        return _exchange(x, *forward_plan, ranks, cut, out_lengths)
 
     @staticmethod
     def backward(ctx, grad):
-        return (
-            _exchange(grad.contiguous(), *ctx.backward_plan, ctx.ranks, ctx.in_rows, ctx.in_cols),
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        moved = _exchange(grad.contiguous(), *ctx.backward_plan, ctx.ranks, ctx.cut, ctx.in_lengths)
+        return moved, None, None, None, None, None
 
 
 _conversions: contextvars.ContextVar[dict | None] = contextvars.ContextVar("galvatron_fx_conversions", default=None)
@@ -84,18 +84,19 @@ def redistribute(
     forward_plan: tuple,
     backward_plan: tuple,
     ranks: tuple[int, ...],
-    out_rows: int,
-    out_cols: int | None,
+    cut: tuple[bool, bool, bool],
+    out_lengths: tuple[int, int, int],
 ) -> torch.Tensor:
-    """Exchange blocks of ``x`` over ``ranks`` (see ``exchange_plan``); non-float tensors get no backward."""
+    """Exchange blocks of ``x`` over ``ranks`` (see ``exchange_plan``) along the axes ``cut`` (batch, sequence,
+    features), into a block of ``out_lengths`` on them; non-float tensors get no backward."""
     done = _conversions.get()
-    key = (id(x), forward_plan, backward_plan, ranks, out_rows, out_cols)
+    key = (id(x), forward_plan, backward_plan, ranks, cut, out_lengths)
     if done is not None and key in done and done[key][0] is x:
         return done[key][1]
     if not x.is_floating_point():
-        moved = _exchange(x, *forward_plan, ranks, out_rows, out_cols)
+        moved = _exchange(x, *forward_plan, ranks, cut, out_lengths)
     else:
-        moved = _Redistribute.apply(x, forward_plan, backward_plan, ranks, out_rows, out_cols)
+        moved = _Redistribute.apply(x, forward_plan, backward_plan, ranks, cut, out_lengths)
     if done is not None:
         done[key] = (x, moved)  # holding x keeps its id from being reused within the context
     return moved
