@@ -48,6 +48,8 @@ CASES = [
     ("Galvatron sp flag -1", _galvatron, ("use_sp",), "0,-1,0", "'use_sp' has values [-1]"),
     ("Galvatron vsp as a word", _galvatron, ("vsp",), "false", "'vsp'"),
     ("Galvatron pipeline type unknown", _galvatron, ("pipeline_type",), "zero_bubble", "'pipeline_type'"),
+    ("tp_mode unknown", _ours, ("galvatron_fx", "layers", 0, "tp_mode"), "4d", "tp_mode='4d' is unknown"),
+    ("tp_depth without 2.5d", _ours, ("galvatron_fx", "layers", 0, "tp_depth"), 2, "tp_depth=2"),
 ]
 
 
@@ -68,3 +70,25 @@ def test_good_files_still_load(tmp_path):
         assert plan.chunks == 2 and plan.global_batch == 8 and len(plan.layers) == 3
     file.write_text(json.dumps(_edit(_galvatron(), ("global_bsz",), 8.0)))  # an integral float is a whole number
     assert Plan.load(file, world_size=2).global_batch == 8
+
+
+def test_grid_layers_round_trip_and_keep_galvatrons_keys(tmp_path):
+    layers = (
+        LayerStrategy(tp=8, tp_mode="2.5d", tp_depth=2),
+        LayerStrategy(tp=8, tp_mode="3d", ckpt=True),
+        LayerStrategy(tp=4, dp=2, tp_mode="2d", dp_type="zero3"),
+        LayerStrategy(tp=2, dp=4),
+    )
+    plan = Plan(world_size=8, layers=layers, global_batch=16)
+    file = tmp_path / "plan.json"
+    plan.save(file)
+    assert Plan.load(file).layers == layers
+    data = json.loads(file.read_text())
+    assert data["tp_sizes_enc"] == "8,8,4,2"  # Galvatron reads the degrees; the modes are ours alone
+    assert [layer["tp_mode"] for layer in data["galvatron_fx"]["layers"]] == ["2.5d", "3d", "2d", "1d"]
+    # a grid the degree cannot form is refused with the file named
+    data["galvatron_fx"]["layers"][2]["tp_mode"] = "3d"
+    file.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match="tp=4 is no 3d grid") as raised:
+        Plan.load(file)
+    assert str(file) in str(raised.value)
