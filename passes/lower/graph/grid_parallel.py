@@ -1,452 +1,82 @@
-"""Grid tensor parallelism in a layer's graph: 2D (SUMMA / Optimus) and 2.5D (Tesseract), with no per-model code.
+"""Grid tensor parallelism in a layer's graph: 2D (SUMMA / Optimus), 2.5D (Tesseract) and 3D, with no per-model
+code.
 
-A grid layer's ``tp`` ranks form ``depth × q × q`` (``parallel_dims``): the q ranks of a *row* split the features
-and hold the same samples; the samples are split over the ``depth × q`` rows. Inside the layer every activation
-is one block (its samples split over the rows, its features — hidden size, attention heads, MLP columns — over
-the row), and every parameter is one block (split over the row as Megatron splits it, and over the *column*).
+A 2D or 2.5D layer's ``tp`` ranks form ``depth × q × q`` (``parallel_dims``): the q ranks of a *row* split the
+features and hold the same samples; the samples are split over the ``depth × q`` rows. Inside the layer every
+activation is one block (its samples split over the rows, its features — hidden size, attention heads, MLP
+columns — over the row), and every parameter is one block (split over the row as Megatron splits it, and over
+the *column*).
 
-How the graph is rewritten, in order:
+How the graph is rewritten, in order (``grid_rewrite``):
 
 1. The projections become tensor-parallel over the row (``tensor_parallel``, strict): Megatron's column- and
    row-parallel pairs found from the graph, ``tp_copy`` where values enter them, ``tp_reduce`` after them.
-2. The hidden features are split over the row everywhere else. They are the last dimension of the layer's
-   activation input, followed through adds, norms and views by the factor analysis (``TrackedFactor``). Inputs
-   that carry them are split on entry (``sp_split``); a value entering a column-parallel projection is
-   all-gathered along the features instead of copied (``sp_gather``: its gradient is reduce-scattered); the
-   partial sums after a row-parallel projection are reduce-scattered along the features instead of
-   all-reduced (``sp_reduce_scatter``); norms take their statistics over the row (``row_layer_norm``,
-   ``row_mean``); parameters and whole values that meet feature blocks keep this rank's slice; outputs are
-   gathered on exit.
+2. The hidden features are split over the row everywhere else (``FeatureRewrite``). They are the last dimension
+   of the layer's activation input, followed through adds, norms and views by the factor analysis
+   (``TrackedFactor``). Batched inputs whose last dimension they are arrive split, and such outputs leave split
+   (``layer_meta(gm).feature_inputs`` / ``feature_outputs``: the stage's layouts move them so, and between layers
+   of one grid nothing moves); other values that carry them are split in the graph (``sp_split``). A value
+   entering a column-parallel projection is all-gathered along the features instead of copied (``sp_gather``:
+   its gradient is reduce-scattered); the partial sums after a row-parallel projection are reduce-scattered
+   along the features instead of all-reduced (``sp_reduce_scatter``); norms take their statistics over the row
+   (``row_layer_norm``, ``row_mean``); parameters and whole values that meet feature blocks keep this rank's
+   slice.
 3. Every parameter is split once more over the column group and all-gathered before use (``grid_param``, a
    visible node per parameter): 1/q² of each weight per rank, its gradient the mean over the column and depth
    groups, which ran other samples.
 
-Between layers a grid layer's activations are whole in features and split over its rows in samples
-(``parallel_dims.activation_strategy``): the stage's layouts convert them like any other layer's. Ops that would
-mix the split features in another way (a softmax over the hidden size, a projection left whole) are refused with
-the op named, and the search leaves the mode out for that layer.
-"""
+3D (q × q × q) adds one move (``grid3d.CubeRewrite``): at the pairs the samples move instead of the features.
+
+Between layers a grid layer's activations are split over its rows in samples (``parallel_dims.activation_strategy``)
+and along the features as step 2 says. Ops that would mix the split features in another way (a softmax over the
+hidden size, a projection left whole) are refused with the op named, and the search leaves the mode out for that
+layer."""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-
-import torch
 import torch.fx as fx
-import torch.nn as nn
 
-from galvatron_fx.errors import PlanError
-from galvatron_fx.fx_utils import get_attr_path, set_attr_path
-from galvatron_fx.parallel_dims import GridGroups
-from galvatron_fx.passes.analysis.batch_dim import is_size_node
-from galvatron_fx.passes.analysis.dim_factors import rewrite_sizes
-from galvatron_fx.passes.analysis.dim_tracking import VIEWS, param_matmul, rewritten_meta
-from galvatron_fx.passes.lower.graph.random_streams import mark_sharded
-from galvatron_fx.passes.lower.graph.sequence_parallel import REDUCTIONS, wants_shards
-from galvatron_fx.passes.lower.graph.tensor_parallel import ShardRecord, TPConfig, tensor_parallel, tp_region
-from galvatron_fx.passes.lower.graph.tracked_factor import TrackedFactor
-from galvatron_fx.passes.lower.ops.collectives import (
-    sp_gather,
-    sp_reduce_scatter,
-    sp_split,
-    tp_copy,
-    tp_reduce,
-    tp_scatter,
+from galvatron_fx.passes.analysis.dim_tracking import param_matmul, rewritten_meta
+from galvatron_fx.passes.lower.graph.grid3d import CubeRewrite
+from galvatron_fx.passes.lower.graph.grid_rewrite import (
+    REMEDY,
+    FeatureRewrite,
+    GridConfig,
+    GridResult,
+    block_parameters,
+    hidden_features,
+    sample_rows,
 )
-from galvatron_fx.passes.lower.ops.grid import grid_param, row_layer_norm, row_mean, row_total
-from galvatron_fx.program import layer_meta, node_meta, set_layer_meta
+from galvatron_fx.passes.lower.graph.random_streams import mark_sharded
+from galvatron_fx.passes.lower.graph.tensor_parallel import TPConfig, tensor_parallel, tp_region
+from galvatron_fx.program import set_layer_meta
 
-aten = torch.ops.aten
-MATMULS = {aten.mm.default, aten.bmm.default, aten.matmul.default, aten.scaled_dot_product_attention.default}
-ROW_REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList}
-REMEDY = "use tp_mode '1d' for this layer"
-
-
-@dataclass(frozen=True)
-class GridConfig:
-    """The grid's groups as seen from global rank ``rank``; ``batched``: placeholders whose dim 0 is the batch."""
-
-    groups: GridGroups
-    rank: int
-    batched: frozenset[str] = frozenset()
-
-    @property
-    def q(self) -> int:
-        return len(self.groups.row)
-
-
-@dataclass
-class GridResult:
-    module: fx.GraphModule
-    sharded: list[str] = field(default_factory=list)  # parameters held as blocks
-
-
-def _is_float(node) -> bool:
-    value = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return isinstance(value, torch.Tensor) and value.is_floating_point()
-
-
-def _hidden(gm: fx.GraphModule, cfg: GridConfig, layer_name: str) -> TrackedFactor:
-    sources = [
-        n
-        for n in gm.graph.find_nodes(op="placeholder")
-        if n.name in cfg.batched and _is_float(n) and n.meta["val"].dim() >= 2
-    ]
-    hidden = TrackedFactor(gm, sources, -1, cfg.q)
-    if hidden.cls is None:
-        raise PlanError(
-            f"{layer_name}: a grid found no batched activation [batch, ..., hidden] among its inputs", REMEDY
-        )
-    if hidden.length % cfg.q:
-        raise PlanError(
-            f"{layer_name}: hidden size {hidden.length} is not divisible by the grid's row of {cfg.q}",
-            f"{REMEDY}, or a grid whose q divides {hidden.length}",
-        )
-    return hidden
-
-
-def _samples(gm: fx.GraphModule, cfg: GridConfig, layer_name: str) -> TrackedFactor:
-    """The samples (dim 0 of the batched activation), which a 3D grid moves between its groups."""
-    sources = [n for n in gm.graph.find_nodes(op="placeholder") if n.name in cfg.batched and _is_float(n)]
-    rows = TrackedFactor(gm, sources, 0, cfg.q)
-    if rows.cls is None:
-        raise PlanError(f"{layer_name}: a 3D grid found no batched activation among its inputs", REMEDY)
-    return rows
-
-
-def _ndim(node: fx.Node) -> int:
-    """Dimensions of ``node``'s value; an inserted collective has its input's."""
-    return _origin(node).meta["val"].dim()
-
-
-def _origin(node: fx.Node) -> fx.Node:
-    """The captured node an inserted collective stands for (its first input, followed until one has a value)."""
-    while "val" not in node.meta and node.args and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
-
-
-def _batched(node: fx.Node) -> bool:
-    return node_meta(_origin(node)).batched
-
-
-def _last_dim(node: fx.Node, where) -> bool:
-    """Whether the hidden features are the whole last dimension of ``node`` (``where``: their position)."""
-    return where is not None and where[0] == _ndim(node) - 1 and len(where[1]) == 1
-
-
-def _refuse(layer_name: str, node: fx.Node, why: str):
-    raise PlanError(f"{layer_name}: {node.name} ({node.target}) {why}", REMEDY)
-
-
-def _reduced_dims(node: fx.Node) -> list[int]:
-    ndim = _ndim(node.args[0])
-    dims = node.args[1] if len(node.args) > 1 and node.args[1] is not None else list(range(ndim))
-    return [d % ndim for d in ([dims] if isinstance(dims, int) else dims)]
-
-
-class _Rewrite:
-    """Step 2 of the module docstring over one graph, in graph order."""
-
-    def __init__(self, gm: fx.GraphModule, cfg: GridConfig, hidden: TrackedFactor, layer_name: str):
-        self.gm, self.graph, self.cfg, self.hidden, self.what = gm, gm.graph, cfg, hidden, layer_name
-        self.row = cfg.groups.row
-        self.sharded: set[fx.Node] = set()
-        self.feature_inputs: set[str] = set()  # placeholders that arrive split along the features
-        self.feature_outputs: list[bool] = []  # per output: leaves split along the features?
-
-    def whole_position(self, value: fx.Node):
-        """Where a whole value carries the hidden features: as the factor analysis says, or, for a value the
-        analysis did not align (a bias added after a projection), a last dimension of the hidden size."""
-        where = self.hidden.position(value, False)
-        shape = value.meta["val"].shape if _is_float(value) else ()
-        if where is None and len(shape) and shape[-1] == self.hidden.length:
-            where = (len(shape) - 1, (self.hidden.length,), 0)
-        return where
-
-    def split(self, value: fx.Node, before: fx.Node) -> fx.Node:
-        """This rank's feature slice of a whole value (its gradient all-gathered back)."""
-        with self.graph.inserting_before(before):
-            return self.graph.call_function(sp_split, (value, *self.whole_position(value), self.row))
-
-    def run(self, region: set[fx.Node]) -> None:
-        """Inputs with the hidden features as their last dimension arrive split along them (the stage's layouts
-        move them so), outputs leave so; other values with the features are split and gathered in the graph."""
-        graph, hidden = self.graph, self.hidden
-        for node in list(graph.find_nodes(op="placeholder")):
-            where = hidden.position(node, False)
-            if not (_is_float(node) and where and wants_shards(node, region)):
-                continue
-            if node.name in self.cfg.batched and _last_dim(node, where):
-                self.feature_inputs.add(node.name)
-                self.sharded.add(node)
-                continue
-            with graph.inserting_after(node):
-                part = graph.call_function(sp_split, (node, *where, self.row))
-            node.replace_all_uses_with(part, delete_user_cb=lambda user: user is not part)
-            self.sharded.add(part)
-        for node in list(graph.nodes):
-            if node.op == "call_function" and node not in self.sharded and not is_size_node(node):
-                self.visit(node, region)
-        outputs = list(graph.output_node().args[0])
-        self.feature_outputs = [False] * len(outputs)
-        for i, value in enumerate(outputs):
-            if not (isinstance(value, fx.Node) and value in self.sharded):
-                continue
-            where = hidden.position(value, True)
-            if _batched(value) and _last_dim(value, where):
-                self.feature_outputs[i] = True
-                continue
-            with graph.inserting_before(graph.output_node()):
-                whole = graph.call_function(sp_gather, (value, *where, self.row, False))
-            graph.output_node().replace_input_with(value, whole)
-
-    def local_placeholders(self) -> None:
-        """The placeholders that arrive split hold this rank's features."""
-        for node in self.graph.find_nodes(op="placeholder"):
-            if node.name in self.feature_inputs:
-                value = node.meta["val"]
-                node.meta["val"] = torch.empty(
-                    (*value.shape[:-1], value.shape[-1] // self.cfg.q), dtype=value.dtype, device="meta"
-                )
-
-    def visit(self, node: fx.Node, region: set[fx.Node]) -> None:
-        inputs = node.all_input_nodes
-        if node.target in (tp_copy, tp_scatter) and inputs[0] in self.sharded:
-            self.enter_pair(node)
-        elif node.target is tp_reduce:
-            self.leave_pair(node)
-        elif any(a in self.sharded for a in inputs):
-            self.on_blocks(node, region)
-
-    def enter_pair(self, node: fx.Node) -> None:
-        """A value with split features enters a column-parallel projection: its features, all-gathered."""
-        graph, value = self.graph, node.all_input_nodes[0]
-        with graph.inserting_before(node):
-            whole = graph.call_function(
-                sp_gather, (value, *self.hidden.position(value, True), self.row, node.target is tp_copy)
-            )
-        if node.target is tp_copy:
-            node.replace_all_uses_with(whole)
-            graph.erase_node(node)
-        else:
-            node.replace_input_with(value, whole)
-
-    def leave_pair(self, node: fx.Node) -> None:
-        """The partial sums of a row-parallel projection, reduce-scattered along the features."""
-        partial = node.all_input_nodes[0]
-        where = self.hidden.position(partial, False)
-        if where is None:
-            _refuse(self.what, partial, "ends a row-parallel projection on other features than the hidden ones")
-        with self.graph.inserting_before(node):
-            part = self.graph.call_function(sp_reduce_scatter, (partial, *where, self.row))
-        node.replace_all_uses_with(part)
-        self.graph.erase_node(node)
-        self.sharded.add(part)
-
-    def on_blocks(self, node: fx.Node, region: set[fx.Node]) -> None:
-        """``node`` reads feature blocks outside the tensor-parallel pairs."""
-        graph, hidden = self.graph, self.hidden
-        where = hidden.position(node.args[0], True) if isinstance(node.args[0], fx.Node) else None
-        if node in region or param_matmul(self.gm, node) or node.target in MATMULS:
-            _refuse(self.what, node, "would multiply along the hidden features that the grid's row splits")
-        if node.target is aten.layer_norm.default:
-            x, shape, *rest = node.args
-            weight, bias, eps = (list(rest) + [None, None, 1e-5])[:3]
-            if where is None or where[0] < _ndim(x) - len(shape):
-                _refuse(self.what, node, "normalises over dimensions without the split features")
-            local = list(hidden.local_sizes(x)[-len(shape) :])
-            params = [self.split(p, node) if isinstance(p, fx.Node) else p for p in (weight, bias)]
-            with graph.inserting_before(node):
-                normed = graph.call_function(row_layer_norm, (x, local, *params, eps, self.row))
-            node.replace_all_uses_with(normed)
-            graph.erase_node(node)
-            self.sharded.add(normed)
-            return
-        if node.target in REDUCTIONS and where is not None and where[0] in _reduced_dims(node):
-            if node.target not in ROW_REDUCTIONS or len(where[1]) != 1:
-                _refuse(self.what, node, "reduces over the hidden features in a way a row cannot split")
-            keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-            fn = row_mean if node.target is aten.mean.dim else row_total
-            with graph.inserting_before(node):
-                total = graph.call_function(
-                    fn, (node.args[0], _reduced_dims(node), keepdim, self.row, node.kwargs.get("dtype"))
-                )
-            node.replace_all_uses_with(total)
-            graph.erase_node(node)
-            return  # the total is whole on every rank of the row
-        for arg in node.all_input_nodes:  # whole values (parameters too) meeting blocks: this rank's slice
-            if arg not in self.sharded and _is_float(arg) and self.whole_position(arg):
-                node.replace_input_with(arg, self.split(arg, node))
-        self.sharded.add(node)
-        if node.target in VIEWS | {aten.expand.default} and hidden.dims(node) is not None:
-            node.args = (
-                node.args[0],
-                rewrite_sizes(node.args[1], hidden.local_sizes(node), list(node.meta["val"].shape)),
-                *node.args[2:],
-            )
-
-
-class _Rewrite3D(_Rewrite):
-    """3D (step 2'): at the pairs, samples move instead of features. A projection's input keeps its features
-    split over the row; its samples are all-gathered over the pairs before it (``sp_gather`` along the batch),
-    its weight is cut along the row too (contraction for a column-parallel projection, output for a
-    row-parallel one), and its partial sums are reduce-scattered along the samples (over the row after a
-    column-parallel projection, over the pairs after a row-parallel one), so the layouts rotate and come back:
-    inside the pairs a rank holds other samples than outside them, of the same count."""
-
-    def __init__(self, gm, cfg: GridConfig, hidden: TrackedFactor, rows: TrackedFactor, projections, layer_name):
-        super().__init__(gm, cfg, hidden, layer_name)
-        self.rows, self.pairs, self.projections = rows, cfg.groups.pairs, projections
-        self.sinks = {n for n in projections if any(u.target is tp_reduce for u in n.users)}
-        self.row_index = cfg.groups.row.index(cfg.rank)
-        self.root_biases: set[str] = set()
-        self.moved: set[fx.Node] = set()  # values this rewrite made: samples already where the pairs want them
-
-    def samples(self, node: fx.Node, gathered: bool = False):
-        """Where ``node`` carries the samples (their count over the pairs' block when ``gathered``)."""
-        where = self.rows.position(node, False)
-        if where is None:
-            _refuse(self.what, node, "carries no sample dimension for the 3D grid to move")
-        dim, sizes, index = where
-        return dim, tuple(n * (self.cfg.q if gathered and i == index else 1) for i, n in enumerate(sizes)), index
-
-    def cut(self, weight: fx.Node, dim: int) -> None:
-        """This rank's block of ``weight`` along ``dim`` over the row (recorded as a further cut)."""
-        param, q = get_attr_path(self.gm, weight.target), self.cfg.q
-        block = param.detach().chunk(q, dim)[self.row_index].clone().contiguous()
-        set_attr_path(self.gm, weight.target, nn.Parameter(block, requires_grad=param.requires_grad))
-        records = dict(layer_meta(self.gm).shards)
-        record, cut = records[weight.target], (dim, (q, param.shape[dim] // q), ((self.row_index, 1), None))
-        records[weight.target] = dataclasses.replace(record, extra=(*record.extra, cut))
-        set_layer_meta(self.gm, shards=records)
-
-    def visit(self, node: fx.Node, region: set[fx.Node]) -> None:
-        inputs = node.all_input_nodes
-        if node in self.sinks:  # a row-parallel projection: the samples of the pairs' block first
-            x, weight, _, _, w_out = self.projections[node]
-            with self.graph.inserting_before(node):
-                block = self.graph.call_function(sp_gather, (x, *self.samples(x), self.row, True))
-            node.replace_input_with(x, block)
-            self.moved.add(block)
-            self.cut(weight, w_out)
-            return
-        entering = node.target in (tp_copy, tp_scatter) and inputs[0] in self.sharded
-        if node in region and node not in self.projections and not entering:  # a whole value of this rank's
-            for arg in inputs:  # samples cannot meet the pairs, whose rows are other samples
-                outside = arg not in region and arg not in self.moved and arg.op != "get_attr"
-                if outside and not is_size_node(arg) and self.rows.position(arg, False):
-                    _refuse(self.what, node, f"reads {arg.name}, a value of the layer's samples, inside the pairs")
-        super().visit(node, region)
-
-    def enter_pair(self, node: fx.Node) -> None:
-        graph, value = self.graph, node.all_input_nodes[0]
-        roots = list(node.users)
-        if node.target is tp_scatter or not all(root in self.projections for root in roots):
-            _refuse(self.what, node, "brings split features into the pairs other than through a projection")
-        with graph.inserting_before(node):
-            block = graph.call_function(sp_gather, (value, *self.samples(value), self.pairs, True))
-        node.replace_all_uses_with(block)
-        graph.erase_node(node)
-        self.moved.add(block)
-        for root in roots:
-            self.finish_root(root, block)
-
-    def finish_root(self, root: fx.Node, block: fx.Node) -> None:
-        """A column-parallel projection on the block's samples and this rank's features: partial sums over the
-        row, reduce-scattered along the samples, then its bias."""
-        graph = self.graph
-        _, weight, bias, w_in, _ = self.projections[root]
-        self.cut(weight, w_in)
-        if bias is not None:  # added once, after the sum
-            bias = root.args[0] if root.target is aten.addmm.default else root.args[2]
-            if root.target is aten.addmm.default:
-                root.target, root.args = aten.mm.default, (root.args[1], root.args[2])
-            else:
-                root.args, root.kwargs = root.args[:2], {}
-            self.root_biases.add(self.projections[root][2].target)
-        with graph.inserting_after(root):
-            out = part = graph.call_function(sp_reduce_scatter, (root, *self.samples(block, True), self.row))
-        if bias is not None:
-            with graph.inserting_after(part):
-                out = graph.call_function(aten.add.Tensor, (part, bias))
-        root.replace_all_uses_with(out, delete_user_cb=lambda user: user is not part)
-        self.moved |= {part, out}
-
-    def leave_pair(self, node: fx.Node) -> None:
-        sink = node.all_input_nodes[0]
-        with self.graph.inserting_before(node):
-            part = self.graph.call_function(sp_reduce_scatter, (sink, *self.samples(sink.args[0], True), self.pairs))
-        node.replace_all_uses_with(part)
-        self.graph.erase_node(node)
-        self.sharded.add(part)  # the sink's output features were cut over the row
-
-    def gradient_sum(self, target: str) -> tuple[tuple[int, ...], int]:
-        """Who else holds a parameter's block for other samples, and the mean's divisor (see module docstring)."""
-        q = self.cfg.q
-        if target in {info[1].target for info in self.projections.values()}:
-            return (), q * q  # the pairs' block of samples already sums over the pairs
-        return (self.row if target in self.root_biases else self.pairs), q * q
-
-
-def _block_parameters(gm: fx.GraphModule, cfg: GridConfig, gradient_sum) -> list[str]:
-    """Step 3: every parameter split over the column group, gathered before use (``grid_param``); its gradient
-    also summed over ``gradient_sum(target)[0]`` and divided by ``[1]``. Returns the parameters cut."""
-    groups, q = cfg.groups, cfg.q
-    column_index = groups.column.index(cfg.rank)
-    records, cut_names = dict(layer_meta(gm).shards), []
-    for node in list(gm.graph.find_nodes(op="get_attr")):
-        param = get_attr_path(gm, node.target)
-        if not isinstance(param, nn.Parameter):
-            continue
-        record = records.get(node.target)
-        cut_dims = {entry[0] for entry in record.entries} if record else set()
-        order = [d for d in range(param.dim()) if d not in cut_dims] + sorted(cut_dims)  # SUMMA's blocks first
-        dim = next((d for d in order if param.shape[d] % q == 0), None)
-        if dim is not None:
-            block = param.detach().chunk(q, dim)[column_index].clone().contiguous()
-            set_attr_path(gm, node.target, nn.Parameter(block, requires_grad=param.requires_grad))
-            cut = (dim, (q, param.shape[dim] // q), ((column_index, 1), None))
-            records[node.target] = (
-                dataclasses.replace(record, extra=(*record.extra, cut))
-                if record
-                else ShardRecord(node.target, tuple(param.shape), *cut, replicas=1)
-            )
-            cut_names.append(node.target)
-        also, divisor = gradient_sum(node.target)
-        with gm.graph.inserting_after(node):
-            gathered = gm.graph.call_function(grid_param, (node, dim, groups.column, also, divisor))
-        node.replace_all_uses_with(gathered, delete_user_cb=lambda user: user is not gathered)
-    for name, record in records.items():  # every shard is now a block of the grid
-        records[name] = dataclasses.replace(record, ranks=groups.grid)
-    set_layer_meta(gm, shards=records)
-    return cut_names
+__all__ = ["GridConfig", "GridResult", "grid_parallel"]
 
 
 def grid_parallel(gm: fx.GraphModule, cfg: GridConfig, layer_name: str = "layer") -> GridResult:
     """Requires: an ATen-level layer GraphModule with ``meta["val"]``, at the layer's local batch, full
     parameters. Ensures: ``gm`` rewritten for global rank ``cfg.rank`` of the grid (see the module docstring):
-    parameters held as blocks (each with a ShardRecord over the grid), feature blocks inside, whole features on
-    its inputs and outputs. Raises PlanError naming what the grid cannot split."""
-    hidden = _hidden(gm, cfg, layer_name)  # before the projections are rewritten
+    parameters held as blocks (each with a ShardRecord over the grid), feature blocks inside and on the inputs and
+    outputs that ``layer_meta(gm)`` names. Raises PlanError naming what the grid cannot split."""
+    hidden = hidden_features(gm, cfg, layer_name)  # before the projections are rewritten
     cube = cfg.groups.pairs != cfg.groups.row
     if cube:
-        rows = _samples(gm, cfg, layer_name)
+        rows = sample_rows(gm, cfg, layer_name)
         projections = {
             n: param_matmul(gm, n) for n in gm.graph.nodes if n.op == "call_function" and param_matmul(gm, n)
         }
     pairs = cfg.groups.pairs
     tensor_parallel(gm, TPConfig(cfg.q, pairs.index(cfg.rank), pairs, strict=True), layer_name)
     if cube:
-        rewrite = _Rewrite3D(gm, cfg, hidden, rows, projections, layer_name)
+        rewrite = CubeRewrite(gm, cfg, hidden, rows, projections, layer_name)
         gradient_sum = rewrite.gradient_sum
     else:
-        rewrite = _Rewrite(gm, cfg, hidden, layer_name)
+        rewrite = FeatureRewrite(gm, cfg, hidden, layer_name)
         depth = cfg.groups.depth
         gradient_sum = lambda target: (depth, cfg.q * len(depth))  # noqa: E731
     rewrite.run(tp_region(gm))
-    result = GridResult(gm, _block_parameters(gm, cfg, gradient_sum))
+    result = GridResult(gm, block_parameters(gm, cfg, gradient_sum))
     rewrite.local_placeholders()
     set_layer_meta(gm, feature_inputs=frozenset(rewrite.feature_inputs), feature_outputs=tuple(rewrite.feature_outputs))
     mark_sharded(rewrite.sharded)
