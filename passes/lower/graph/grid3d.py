@@ -20,10 +20,10 @@ aten = torch.ops.aten
 
 
 class CubeRewrite(FeatureRewrite):
-    """3D (step 2'): at the pairs, samples move instead of features. A projection's input keeps its features
-    split over the row; its samples are all-gathered over the pairs before it (``sp_gather`` along the batch),
-    its weight is cut along the row too (contraction for a column-parallel projection, output for a
-    row-parallel one), and its partial sums are reduce-scattered along the samples (over the row after a
+    """3D: ``FeatureRewrite``, except that at the pairs samples move instead of features. A projection's input
+    keeps its features split over the row; its samples are all-gathered over the pairs before it (``sp_gather``
+    along the batch), its weight is cut along the row too (contraction for a column-parallel projection, output
+    for a row-parallel one), and its partial sums are reduce-scattered along the samples (over the row after a
     column-parallel projection, over the pairs after a row-parallel one), so the layouts rotate and come back:
     inside the pairs a rank holds other samples than outside them, of the same count."""
 

@@ -62,6 +62,7 @@ def is_float(node) -> bool:
 
 
 def hidden_features(gm: fx.GraphModule, cfg: GridConfig, layer_name: str) -> TrackedFactor:
+    """The hidden features (the last dim of the batched activation), which the grid's row splits."""
     sources = [
         n
         for n in gm.graph.find_nodes(op="placeholder")
@@ -121,7 +122,8 @@ def _reduced_dims(node: fx.Node) -> list[int]:
 
 
 class FeatureRewrite:
-    """Step 2 of the module docstring over one graph, in graph order."""
+    """Step 2 of ``grid_parallel``'s docstring over one graph, in graph order: the hidden features split over the
+    row outside the Megatron pairs, gathered into them and scattered out of them."""
 
     def __init__(self, gm: fx.GraphModule, cfg: GridConfig, hidden: TrackedFactor, layer_name: str):
         self.gm, self.graph, self.cfg, self.hidden, self.what = gm, gm.graph, cfg, hidden, layer_name
