@@ -397,6 +397,7 @@ def write_markdown(folder: Path, out: Path, search_speed: str | None, notes: str
         parts += search_speed_section(speed, folder, rel)
     elif search_speed:
         parts += ["## 4. Search scaling", "", search_speed.strip(), ""]
+    grid = folder / "grid_tp.md"  # written by hand from grid_tp.py's results: its tables need their explanations
     parts += [
         "## 5. Throughput and MFU",
         "",
@@ -406,6 +407,8 @@ def write_markdown(folder: Path, out: Path, search_speed: str | None, notes: str
         "100 GFLOP/s per process, so CPU MFU figures only compare runs with each other).",
         "",
     ]
+    if grid.exists():
+        parts += [grid.read_text().strip(), ""]
     text = "\n".join(parts)
     out.write_text(text)
     return text
