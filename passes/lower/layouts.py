@@ -190,7 +190,7 @@ def vsp_config(plan: Plan, rank: int, batched: frozenset[str], strict: bool = Fa
     return sp_config(ParallelDims.of(plan), layout, rank, batched, strict, mode="vsp")
 
 
-_SEQUENCE_FLAGS: "weakref.WeakKeyDictionary[fx.GraphModule, dict]" = weakref.WeakKeyDictionary()
+_LAYOUT_FLAGS: "weakref.WeakKeyDictionary[fx.GraphModule, dict]" = weakref.WeakKeyDictionary()
 
 
 def sequence_flags(program: Program, plan: Plan, layer_index: int, strategy: LayerStrategy) -> LayerMeta:
@@ -199,7 +199,7 @@ def sequence_flags(program: Program, plan: Plan, layer_index: int, strategy: Lay
     copy, once per process."""
     original = program.layers[layer_index].module
     mode = "vsp" if program.layers[layer_index].kind in PROLOGUE_AND_EPILOGUE else strategy.sp
-    cache = _SEQUENCE_FLAGS.setdefault(original, {})
+    cache = _LAYOUT_FLAGS.setdefault(original, {})
     if (strategy, mode) not in cache:
         module = copy_layer_modules([original])[0]
         dims = ParallelDims.of(plan)  # any rank of the stage gives the same layout: rank 0
@@ -215,7 +215,7 @@ def grid_flags(program: Program, plan: Plan, layer_index: int, strategy: LayerSt
     """Which inputs of body layer ``layer_index`` arrive and which outputs leave split along the features under
     a grid ``strategy``, without lowering its stage: the rewrite runs on a copy, once per process."""
     original = program.layers[layer_index].module
-    cache = _SEQUENCE_FLAGS.setdefault(original, {})
+    cache = _LAYOUT_FLAGS.setdefault(original, {})
     if (strategy, "grid") not in cache:
         module = copy_layer_modules([original])[0]
         groups = ParallelDims(strategy.tp, 1).grid_groups(strategy, 0)  # any rank gives the same flags: rank 0
