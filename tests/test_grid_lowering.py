@@ -113,7 +113,7 @@ def test_64_rank_grid_plan_lowers_with_checked_blocks_and_groups(layers, fake_wo
                 assert record.ranks == groups.grid
                 positions = record.positions()
                 assert positions.numel() == params[name].numel()  # the record describes exactly the block held
-                coverage.setdefault(name, (record.full_shape, Counter()))[1].update(positions.tolist())
+                coverage.setdefault(name, (record.full_shape, record.replicas, Counter()))[2].update(positions.tolist())
             # collectives: samples or features over the row and pairs, weights over the column
             gathers = {n.args[-2] for n in _calls(module, sp_gather)}
             scatters = {n.args[-1] for n in _calls(module, sp_reduce_scatter)}
@@ -128,9 +128,9 @@ def test_64_rank_grid_plan_lowers_with_checked_blocks_and_groups(layers, fake_wo
             # a layer after another layout converts its input (its samples split another way); the same grid's not
             assert bool(_calls(module, redistribute)) == (previous != strategy)
             previous = strategy
-    for name, (full_shape, counts) in coverage.items():  # over the 64 ranks, every element equally often
+    for name, (full_shape, replicas, counts) in coverage.items():  # over the 64 ranks, every element as often
         assert set(counts) == set(range(torch.Size(full_shape).numel())), name
-        assert len(set(counts.values())) == 1, name
+        assert set(counts.values()) == {replicas}, name  # as many ranks as the record says hold each block
 
 
 def test_a_grid_that_cannot_split_a_layer_is_refused_and_left_out_of_the_search(fake_world):

@@ -285,14 +285,16 @@ def block_parameters(gm: fx.GraphModule, cfg: GridConfig, gradient_sum) -> list[
             records[node.target] = (
                 dataclasses.replace(record, extra=(*record.extra, cut))
                 if record
-                else ShardRecord(node.target, tuple(param.shape), *cut, replicas=1)
+                else ShardRecord(node.target, tuple(param.shape), *cut, replicas=0)  # counted below
             )
             cut_names.append(node.target)
         also, divisor = gradient_sum(node.target)
         with gm.graph.inserting_after(node):
             gathered = gm.graph.call_function(grid_param, (node, dim, groups.column, also, divisor))
         node.replace_all_uses_with(gathered, delete_user_cb=lambda user: user is not gathered)
-    for name, record in records.items():  # every shard is now a block of the grid
-        records[name] = dataclasses.replace(record, ranks=groups.grid)
+    for name, record in records.items():  # every shard is now a block of the grid, held by grid / blocks ranks
+        fresh = record.replicas == 0  # cut by the grid alone; else first by the 1D pairs (record.replicas of them)
+        blocks = q ** len(record.entries) if fresh else len(groups.pairs) // record.replicas * q ** len(record.extra)
+        records[name] = dataclasses.replace(record, ranks=groups.grid, replicas=len(groups.grid) // blocks)
     set_layer_meta(gm, shards=records)
     return cut_names
