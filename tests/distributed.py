@@ -12,6 +12,7 @@ normalisation hides it).
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -167,15 +168,17 @@ def _program(model_name: str, micro_batch: int = 2):
     return galvatron_fx.capture(model, example_kwargs=example), batches
 
 
-def train_cases(rank: int, world_size: int, cases: list[tuple[str, str]]) -> dict[str, dict]:
-    """Spawned worker: train each (model, recipe name) case; return losses and local-0 parameters."""
+def train_cases(rank: int, world_size: int, cases: list[tuple[str, str]], make_plan=None) -> dict[str, dict]:
+    """Spawned worker: train each (model, recipe name) case; return losses and local-0 parameters. The plan is
+    ``make_plan(recipe without its optimizer, number of body layers, model name)``, by default RECIPES'."""
     from galvatron_fx.runtime import Trainer
 
+    warnings.simplefilter("ignore")
     results = {}
     for model_name, recipe_name in cases:
         base, optimizer = split_recipe(recipe_name)
         program, batches = _program(model_name)
-        plan = RECIPES[base].plan(len(program.body), program.model_name)
+        plan = (make_plan or _recipe_plan)(base, len(program.body), program.model_name)
         trainer = Trainer(
             program, plan, config=_config(), optimizer=optimizer_factory(optimizer), model_name=program.model_name
         )
@@ -188,6 +191,10 @@ def train_cases(rank: int, world_size: int, cases: list[tuple[str, str]]) -> dic
             "describe": trainer.describe(),
         }
     return results
+
+
+def _recipe_plan(name: str, num_layers: int, model: str) -> Plan:
+    return RECIPES[name].plan(num_layers, model)
 
 
 def _adam(params):

@@ -7,6 +7,7 @@ eager's; SGD catches a wrong averaging factor over the grid's groups (Adam's nor
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -17,8 +18,8 @@ from distributed import (
     check_parity,
     optimizer_factory,
     shared_runs,
-    split_recipe,
     tier_params,
+    train_cases,
 )
 
 from galvatron_fx.plan import LayerStrategy, Plan
@@ -49,23 +50,6 @@ def make_plan(recipe: str, num_layers: int, model: str) -> Plan:
     )
 
 
-def train_cases(rank: int, world_size: int, cases: list[tuple[str, str]]) -> dict:
-    from galvatron_fx.runtime import Trainer
-
-    warnings.simplefilter("ignore")
-    results = {}
-    for model_name, recipe in cases:
-        base, optimizer = split_recipe(recipe)
-        program, batches = _program(model_name)
-        plan = make_plan(base, len(program.body), program.model_name)
-        trainer = Trainer(
-            program, plan, config=_config(), optimizer=optimizer_factory(optimizer), model_name=program.model_name
-        )
-        losses = [trainer.step(batch) for batch in batches]
-        results[f"{model_name}/{recipe}"] = {"losses": losses, "params": trainer.full_parameters()}
-    return results
-
-
 MODELS = ("gpt2", "llama", "bert", "vit")
 FAST = {
     4: [("gpt2", "2d+sgd"), ("llama", "2d"), ("bert", "2d"), ("vit", "2d"), ("llama", "mixed+sgd")],
@@ -87,7 +71,11 @@ FULL = {
     + [(m, "pp2_2d") for m in ("llama", "vit")]
     + [("gpt2", "2d_dp2_zero3+sgd"), ("llama", "2d_dp2_zero3")],
 }
-_results = shared_runs(lambda world_size, fast: (FAST if fast else FULL)[world_size], train_cases, timeout_s=1500)
+_results = shared_runs(
+    lambda world_size, fast: (FAST if fast else FULL)[world_size],
+    functools.partial(train_cases, make_plan=make_plan),
+    timeout_s=1500,
+)
 
 
 @pytest.mark.parametrize("world_size,fast,model,recipe", tier_params(FAST, FULL))

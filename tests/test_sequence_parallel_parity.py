@@ -8,18 +8,15 @@ One spawned group per world size runs its cases one after another. The default t
 
 from __future__ import annotations
 
-import warnings
+import functools
 
 import pytest
 from distributed import (
     GLOBAL_BATCH,
-    _config,
-    _program,
     check_parity,
-    optimizer_factory,
     shared_runs,
-    split_recipe,
     tier_params,
+    train_cases,
 )
 
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan
@@ -65,23 +62,6 @@ def make_plan(recipe: str, num_layers: int, model: str = "") -> Plan:
     )
 
 
-def train_cases(rank: int, world_size: int, cases: list[tuple[str, str]]) -> dict:
-    from galvatron_fx.runtime import Trainer
-
-    warnings.simplefilter("ignore")
-    results = {}
-    for model_name, recipe in cases:
-        base, optimizer = split_recipe(recipe)
-        program, batches = _program(model_name)
-        plan = make_plan(base, len(program.body), program.model_name)
-        trainer = Trainer(
-            program, plan, config=_config(), optimizer=optimizer_factory(optimizer), model_name=program.model_name
-        )
-        losses = [trainer.step(batch) for batch in batches]
-        results[f"{model_name}/{recipe}"] = {"losses": losses, "params": trainer.full_parameters()}
-    return results
-
-
 MODELS = ("gpt2", "llama", "bert")
 # one 2-rank group also runs the vocab-parallel fast cases (tests/test_vocab_parallel_parity.py): one capture per model
 FAST = {
@@ -93,7 +73,11 @@ FULL = {
     2: [("gpt2", "mixed_sp"), ("bert", "mixed_sp")],
     4: [(m, r) for m in MODELS for r in ("pp2_mixed_sp", "tp2_sp_dp2", "ulysses4", "pp2_sp_cut")],
 }
-_results = shared_runs(lambda world_size, fast: (FAST if fast else FULL)[world_size], train_cases, timeout_s=1200)
+_results = shared_runs(
+    lambda world_size, fast: (FAST if fast else FULL)[world_size],
+    functools.partial(train_cases, make_plan=make_plan),
+    timeout_s=1200,
+)
 
 
 @pytest.mark.parametrize("world_size,fast,model,recipe", tier_params(FAST, FULL))
