@@ -4,15 +4,19 @@ weights on two stages). The default tier covers GPT-2 (tied weights), LLaMA and 
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import test_sequence_parallel_parity as sp
-from distributed import check_parity, shared_runs, tier_params, train_eager
+from distributed import check_parity, shared_runs, tier_params, train_cases, train_eager
 
 MODELS = ("gpt2", "llama", "bert")
 # run by the sequence-parallel tests' 2-rank group; SGD on every model (classifiers shard their classes)
 FAST = {2: [(m, "vtp2") for m in MODELS] + [(m, "vtp2+sgd") for m in ("gpt2", "llama", "bert", "t5", "vit", "swin")]}
 FULL = {2: [(m, "vtp2_tp2_sp") for m in MODELS], 4: [(m, r) for m in MODELS for r in ("pp2_vtp2", "vtp4")]}
-_full_results = shared_runs(lambda world_size, fast: FULL[world_size], sp.train_cases, timeout_s=1200)
+_full_results = shared_runs(
+    lambda world_size, fast: FULL[world_size], functools.partial(train_cases, make_plan=sp.make_plan), timeout_s=1200
+)
 
 
 def _results(world_size: int, fast: bool) -> dict:
