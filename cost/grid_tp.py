@@ -14,16 +14,20 @@ parameter, all-gathered over the column before use (``grid_param``). With ``T_r 
 - row (``q`` consecutive ranks), forward: all-gather of ``[T_r, h]`` before each of the ``ROW_GATHERS``
   column-parallel groups, reduce-scatter of ``[T_r, h]`` after each of the ``ROW_SCATTERS`` row-parallel
   projections, ``NORMS × NORM_REDUCTIONS`` all-reduces of ``[T_r, 1]`` norm statistics; backward the same counts
-  with the all-gathers and reduce-scatters swapped. Bytes moved per rank: ``4·(q−1)/q · T_r·h·b`` each way.
+  with the all-gathers and reduce-scatters swapped, and the ``ROW_GATHERS`` all-gathers again (the projections
+  saved their inputs as blocks: ``passes.lower.ops.regather``; a checkpointed layer's recomputation keeps them
+  whole instead). Bytes moved per rank: ``4·(q−1)/q · T_r·h·b`` forward, ``6·(q−1)/q · T_r·h·b`` backward.
   Between layers the activations stay split along the features (``cost.layouts``: no move between layers of
   one grid, a redistribution to and from any other layout).
 - column (``q`` ranks ``q`` apart): forward the all-gather of ``W / q`` parameters (``PARAM_TENSORS`` calls),
-  again in the recomputation of a checkpointed layer; backward the reduce-scatter of their ``W / q`` gradients.
+  again in backward (saved as blocks, like the inputs) or in the recomputation of a checkpointed layer; backward
+  the reduce-scatter of their ``W / q`` gradients.
 - depth (``d`` ranks ``q²`` apart, 2.5D): backward the all-reduce of the ``W / q²`` block gradients.
 - memory: ``W / q²`` parameters (2.5D: one copy per depth layer) with their gradients and optimizer states, then
-  sharded over ``dp`` by ZeRO as usual; activations ``A / P`` plus the gathered inputs of the column-parallel
-  groups, which their projections save whole in features (``ROW_GATHERS × T_r·h·b·(1 − 1/q)`` more), plus the
-  gathered ``W / q`` weights the projections save for backward (bf16 under autocast, like 1D's casts).
+  sharded over ``dp`` by ZeRO as usual; activations ``A / P`` from forward to backward, every gathered input and
+  weight saved as its block; while the layer computes, one gathered input ``[T_r, h]`` and its ``W / q`` weights
+  (bf16 under autocast, like 1D's casts); a checkpointed layer's recomputation keeps its gathered inputs whole
+  (``ROW_GATHERS × T_r·h·b·(1 − 1/q)`` more) until its backward is done.
 
 3D (``P = q³``), as ``grid_parallel`` lowers it, which moves what Colossal-AI's published algorithm moves per
 linear (Bian et al., "Maximizing Parallelism in Distributed Training for Huge Neural Networks", arXiv 2105.14450;
@@ -32,7 +36,8 @@ with ``X: [T, f_in]`` and ``A: [f_in, f_out]`` keeps ``X`` in blocks ``[T/q², f
 ``f_in·f_out/q³``; forward it all-gathers the input's samples over one group (``T·f_in/q²`` gathered) and the
 weight over the column (``f_in·f_out/q²``), multiplies, and reduce-scatters the output's samples over another
 (``T·f_out/q²``); backward it all-gathers the output gradient and reduce-scatters the input and weight gradients
-over the same groups, and saves the gathered input and weight for backward. The groups (``grid_groups``): a
+over the same groups, and all-gathers the input and weight again (saved as blocks, ``passes.lower.ops.regather``;
+not in a checkpointed layer, whose recomputation keeps them whole). The groups (``grid_groups``): a
 column-parallel projection gathers over the pairs (ranks ``q`` apart) and scatters over the row (consecutive),
 a row-parallel one the reverse; the column's ranks are ``q²`` apart. The layer's linears are a Transformer
 block's (``transformer_linears``: ``h→3h``, ``h→h``, ``h→m``, ``m→h``, the MLP width ``m`` from the parameter
@@ -108,20 +113,20 @@ class LayerShape:
 
 @dataclass(frozen=True)
 class TPTerms:
-    """One layer's tensor-parallel terms on one rank: the collectives of its forward and backward, the parameters
-    it stores (before ZeRO) and holds gathered while computing, and its saved activations of one micro-batch
-    (without the gathered weights): ``activation_bytes`` = ``sharded_bytes`` + ``gathered_input_bytes``."""
+    """One layer's tensor-parallel terms on one rank: the collectives of its forward and backward (a checkpointed
+    layer's backward without its recomputation), the parameters it stores (before ZeRO) and holds gathered while
+    computing, the activation bytes one micro-batch keeps from forward to backward (``activation_bytes``), the
+    largest input a projection gathers (``largest_gathered_bytes``, alive while it computes) and how much more the
+    gathered inputs hold than their blocks (``gathered_input_bytes``: kept by a checkpointed layer's
+    recomputation until its backward is done)."""
 
     forward: tuple[Collective, ...]
     backward: tuple[Collective, ...]
     stored_params: float
     gathered_params: float
-    sharded_bytes: float
-    gathered_input_bytes: float
-
-    @property
-    def activation_bytes(self) -> float:
-        return self.sharded_bytes + self.gathered_input_bytes
+    activation_bytes: float
+    gathered_input_bytes: float = 0.0
+    largest_gathered_bytes: float = 0.0
 
     @property
     def volume_bytes(self) -> float:
@@ -144,7 +149,8 @@ def transformer_linears(hidden: int, params: float) -> list[tuple[float, float]]
 def tp_terms(strategy: LayerStrategy, shape: LayerShape, mixed_precision: str = "fp32") -> TPTerms:
     """The terms of ``strategy``'s tensor parallelism for a layer of ``shape`` (see the module docstring): a grid
     ``tp_mode``, or 1D Megatron without sequence parallelism (2 all-reduces of ``[T, h]`` each way over ``tp``,
-    activations not sharded here: the reference the orderings are checked against)."""
+    activations not sharded here: the reference the orderings are checked against). A checkpointed strategy
+    gathers nothing again in backward."""
     weight_b = STATE_BYTES_PER_PARAM[mixed_precision][0]  # the fp32 parameter is what grid_param gathers
     grad_b = STATE_BYTES_PER_PARAM[mixed_precision][1]
     P, H, W = strategy.tp, shape.hidden_bytes, shape.params
@@ -153,10 +159,10 @@ def tp_terms(strategy: LayerStrategy, shape: LayerShape, mixed_precision: str = 
             raise ValueError("tp_terms prices 1D tensor parallelism without sequence parallelism only")
         stride = 1 if strategy.tp_consecutive else strategy.dp
         ar = (Collective("all_reduce", "tp", P, stride, 2 * H, 2),) if P > 1 else ()
-        return TPTerms(ar, ar, W / P, W / P, shape.activation_bytes, 0.0)
+        return TPTerms(ar, ar, W / P, W / P, shape.activation_bytes)
     q, depth, cube = strategy.grid_shape
     if cube > 1:
-        return _cube_terms(q, shape, weight_b, grad_b)
+        return _cube_terms(q, shape, weight_b, grad_b, strategy.ckpt)
     rows = depth * q
     H_row = H / rows
     stats = shape.tokens / rows * STAT_BYTES
@@ -173,19 +179,22 @@ def tp_terms(strategy: LayerStrategy, shape: LayerShape, mixed_precision: str = 
         Collective("all_reduce", "row", q, 1, norms * stats, norms),
         Collective("reduce_scatter", "column", q, q, W / q * grad_b, PARAM_TENSORS),
     ]
+    if not strategy.ckpt:  # what forward gathered, gathered again from the saved blocks
+        backward += [forward[0], forward[3]]
     if depth > 1:
         backward.append(Collective("all_reduce", "depth", depth, q * q, W / (q * q) * grad_b, PARAM_TENSORS))
     return TPTerms(
         tuple(forward),
-        tuple(backward),
+        tuple(_merged(backward)),
         stored_params=W / (q * q),
         gathered_params=W / q,
-        sharded_bytes=shape.activation_bytes / P,
+        activation_bytes=shape.activation_bytes / P,
         gathered_input_bytes=ROW_GATHERS * H_row * (1 - 1 / q),
+        largest_gathered_bytes=H_row,
     )
 
 
-def _cube_terms(q: int, shape: LayerShape, weight_b: float, grad_b: float) -> TPTerms:
+def _cube_terms(q: int, shape: LayerShape, weight_b: float, grad_b: float, ckpt: bool) -> TPTerms:
     """3D on ``q³`` ranks (Colossal-AI's ``_Linear3D`` per linear; see the module docstring)."""
     T, b, W = shape.tokens, shape.act_bytes, shape.params
     linears = transformer_linears(shape.hidden, W)
@@ -199,17 +208,18 @@ def _cube_terms(q: int, shape: LayerShape, weight_b: float, grad_b: float) -> TP
         # row-parallel one after it the other way round (the layouts rotate and come back)
         (gather, in_stride), (scatter, out_stride) = (("pairs", q), ("row", 1))[:: 1 if i % 2 == 0 else -1]
         x, y, a = T * f_in / q**2 * b, T * f_out / q**2 * b, f_in * f_out * scale / q**2
-        forward += [
+        gathers = [
             Collective("all_gather", gather, q, in_stride, x),
             Collective("all_gather", "column", q, q * q, a * weight_b),
-            Collective("reduce_scatter", scatter, q, out_stride, y),
         ]
+        forward += [*gathers, Collective("reduce_scatter", scatter, q, out_stride, y)]
         backward += [
             Collective("all_gather", scatter, q, out_stride, y),
             Collective("reduce_scatter", gather, q, in_stride, x),
             Collective("reduce_scatter", "column", q, q * q, a * grad_b),
         ]
-        gathered_inputs += x * (1 - 1 / q)  # saved whole over the input axis instead of this rank's block
+        backward += [] if ckpt else gathers  # again, from the saved blocks
+        gathered_inputs += x * (1 - 1 / q)  # kept whole by a checkpointed layer's recomputation
     rows_tokens = T / q**2
     norms = Collective("all_reduce", "row", q, 1, NORMS * rows_tokens * 2 * STAT_BYTES, NORMS)
     return TPTerms(
@@ -217,8 +227,9 @@ def _cube_terms(q: int, shape: LayerShape, weight_b: float, grad_b: float) -> TP
         tuple(_merged(backward + [norms])),
         stored_params=W / q**3,
         gathered_params=W / q**2,
-        sharded_bytes=shape.activation_bytes / q**3,
+        activation_bytes=shape.activation_bytes / q**3,
         gathered_input_bytes=gathered_inputs,
+        largest_gathered_bytes=max(T * f_in / q**2 * b for f_in, _ in linears),
     )
 
 
@@ -279,8 +290,8 @@ class GridCost:
 def grid_layer_cost(cost_model, layer_type: str, strategy: LayerStrategy, micro_batch: int, busy_share) -> GridCost:
     """``CostModel.layer_cost``'s terms for a grid ``tp_mode``: compute over ``tp`` ranks, the grid's collectives
     (``tp_terms``), data-parallel sync of the ``W / q²`` (3D: ``W / q³``) parameters a rank stores, and memory:
-    the activations and gathered weights one micro-batch keeps (a checkpointed layer: its input, in the rows'
-    layout), the backward's working set and, checkpointed, the recomputed activations and weights."""
+    the activations one micro-batch keeps (a checkpointed layer: its input, in the rows' layout), the backward's
+    working set with one gathered input and weight and, checkpointed, the recomputed activations and weights."""
     cm, profile = cost_model, cost_model.model.layer(layer_type)
     P, local = strategy.tp, micro_batch / strategy.dp
     shape = layer_shape(cm, profile, local)
@@ -299,13 +310,15 @@ def grid_layer_cost(cost_model, layer_type: str, strategy: LayerStrategy, micro_
     gather_s, sync_s, transient = cm._dp_comm(params, strategy.dp, strategy.dp_type, False, compute)
     fwd_s = own[0] + cm._visible(gather_s, compute[0], strategy.dp_type)
     bwd_s = own[1] + cm._visible(gather_s, compute[1], strategy.dp_type) + (own[0] if strategy.ckpt else 0.0)
-    weights = terms.gathered_params * COMPUTE_BYTES_PER_PARAM[cm.mixed_precision]
-    working = profile.grad_working_per_sample(P, True) * local * cm.activation_scale
-    if strategy.ckpt:  # its input, whole in features on the rows' samples (activation_strategy)
+    compute_b = COMPUTE_BYTES_PER_PARAM[cm.mixed_precision]
+    working = transient + profile.grad_working_per_sample(P, True) * local * cm.activation_scale
+    if strategy.ckpt:  # its input, whole in features on the rows' samples (activation_strategy); recomputed, the
+        # layer keeps its gathered inputs and weights whole until its backward is done
         kept = profile.ckpt_activation_bytes_per_sample * local * cm.activation_scale * q / P
-        peak_extra = transient + working + terms.activation_bytes + weights
-    else:
-        kept, peak_extra = terms.activation_bytes + weights, transient + working
+        recomputed = terms.activation_bytes + terms.gathered_input_bytes + terms.gathered_params * compute_b
+        peak_extra = working + recomputed
+    else:  # everything gathered is saved as its block: one gathered input and weight alive at a time
+        kept, peak_extra = terms.activation_bytes, working + terms.largest_gathered_bytes + largest * compute_b
     sync_s = cm._visible(sync_s, compute[1], strategy.dp_type) + cm._optimizer_s(params, strategy.dp, strategy.dp_type)
     return GridCost(fwd_s, bwd_s, sync_s, int(kept), int(peak_extra), params, largest)
 

@@ -69,6 +69,7 @@ def compile(
     memory_budget: "int | str | None" = None,
     plan: "Plan | UniformPlan | str | Path | None" = None,
     search_space: str = "full",
+    search_options: "dict[str, Any] | None" = None,
     profile: "str | Path | ModelProfile" = "analytic",
     hardware_profile: "str | Path | HardwareProfile | None" = None,
     mixed_precision: str | None = None,
@@ -90,7 +91,8 @@ def compile(
     ``clip_grad_norm``: clip gradients by their global norm over all shards; ``lr_schedule``: the rate of each
     step (``runtime.LRSchedule``: warm-up, cosine or linear decay). ``plan``:
     ``None`` searches (in ``search_space`` under ``memory_budget``, default ``cluster.default_budget_bytes``:
-    the device memory less headroom), or a plan JSON path (Galvatron's too), ``uniform_plan(...)``, or a
+    the device memory less headroom; ``search_options`` set fields of ``SearchSpace``, as the CLI's flags do,
+    e.g. ``{"tp_modes": ("1d", "2d")}``), or a plan JSON path (Galvatron's too), ``uniform_plan(...)``, or a
     ``Plan``; a given plan is checked against the run (``check_plan_settings``: world size, global batch,
     sequence length, precision), and PlanError names the key that differs. ``cluster=None`` detects the cluster
     from the launcher's environment. ``profile``: ``"analytic"`` (FLOPs ÷ the hardware's sustained throughput,
@@ -106,6 +108,13 @@ def compile(
     ``compile_layers``: each kind of layer graph compiled once with ``torch.compile`` and shared by the layers
     that have it (default: on CUDA).
     """
+    options = dict(search_options or {})
+    if "global_batch" in options:
+        raise ConfigError(
+            "search_options sets global_batch, which compile() takes from the example batch",
+            "give example_args / example_kwargs of the global batch to train",
+        )
+    SearchSpace.named(search_space, **options)  # an unknown space or option: ConfigError before any collective
     device = runtime.init_distributed()
     cluster = _check_cluster(cluster or Cluster.detect(), dist.get_world_size())
     init = _check_init(model, init)  # before any collective
@@ -132,9 +141,8 @@ def compile(
             "cluster": f"{cluster.nodes}x{cluster.devices_per_node} {cluster.device}",
             **searched_for(cost_model, profile=profile, hardware_profile=hardware_profile),
         }
-        plan, space = _search_on_rank0(
-            cost_model, program, memory_budget or cluster.default_budget_bytes, search_space, global_batch, provenance
-        )
+        budget = memory_budget or cluster.default_budget_bytes
+        plan, space = _search_on_rank0(cost_model, program, budget, (search_space, options), global_batch, provenance)
     else:
         space = None
         plan = given
@@ -244,10 +252,16 @@ def build_cost_model(
 
 
 def _search_on_rank0(
-    cost_model, program: Program, memory_budget, search_space: str, global_batch: int, provenance: dict[str, Any]
+    cost_model,
+    program: Program,
+    memory_budget,
+    search_space: tuple[str, dict[str, Any]],
+    global_batch: int,
+    provenance: dict[str, Any],
 ) -> "tuple[Plan, SearchSpace | None]":
-    """Rank 0 searches, over the strategies this Program lowers; the others receive the plan as JSON text
-    (never pickled). Returns the plan and, on rank 0, the space it was searched in."""
+    """Rank 0 searches, over the strategies this Program lowers (``search_space``: a named space and the fields
+    it overrides); the others receive the plan as JSON text (never pickled). Returns the plan and, on rank 0,
+    the space it was searched in."""
     world_size = dist.get_world_size()
     text, space = "", None
     if dist.get_rank() == 0:
@@ -257,12 +271,12 @@ def _search_on_rank0(
             blocked = obstacles.get("embedding", {})
             blocked_vtp = [int(key.removeprefix("vtp")) for key in blocked if key.startswith("vtp")]
             blocked_vsp = [int(key.removeprefix("vsp")) for key in blocked if key.startswith("vsp")]
-            space = SearchSpace.named(
-                search_space,
-                global_batch=(global_batch, global_batch, 1),
-                max_vtp=min(blocked_vtp) // 2 if blocked_vtp else 1 << 30,
-                max_vsp=min(blocked_vsp) // 2 if blocked_vsp else 1 << 30,
-            )
+            name, options = search_space
+            limits = {  # what the user allows and this Program lowers
+                "max_vtp": min([options.get("max_vtp", 1 << 30)] + [v // 2 for v in blocked_vtp]),
+                "max_vsp": min([options.get("max_vsp", 1 << 30)] + [v // 2 for v in blocked_vsp]),
+            }
+            space = SearchSpace.named(name, **{**options, **limits}, global_batch=(global_batch, global_batch, 1))
             provenance = {**provenance, "lowering_left_out": {t: dict(r) for t, r in obstacles.items()}}
             text = json.dumps(
                 search(cost_model, world_size, memory_budget, space, provenance=provenance).to_json_dict()

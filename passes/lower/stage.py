@@ -8,6 +8,7 @@ stage's layer graphs (the Program is never modified) and records what crosses it
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,6 +22,7 @@ from galvatron_fx.fx_utils import copy_layer_modules
 from galvatron_fx.parallel_dims import RankPosition, dp_index, embedding_strategy, layout_strategy
 from galvatron_fx.passes.lower.ops.random import layer_seed, seed_generators
 from galvatron_fx.passes.lower.ops.redistribute import shared_conversions
+from galvatron_fx.passes.lower.ops.regather import regather_saved
 from galvatron_fx.plan import LayerStrategy, Plan
 from galvatron_fx.program import Program, TensorSpec
 
@@ -130,7 +132,10 @@ class StageModule(nn.Module):
             for layer in self.stage_layers:
                 if seed is not None:  # random draws depend on (seed, layer, samples held), not on the stage
                     seed_generators(layer_seed(seed, layer.index, layer.data_index), self.device)
-                outputs = self.layers[layer.name](*[env[name] for name in layer.input_names])
+                # a grid layer's gathered blocks are saved as the blocks and gathered again in backward
+                regather = regather_saved() if layer.strategy.tp_mode != "1d" else contextlib.nullcontext()
+                with regather:
+                    outputs = self.layers[layer.name](*[env[name] for name in layer.input_names])
                 env.update(zip(layer.output_names, outputs))
         if self.loss_name is not None:
             return [env[self.loss_name]]

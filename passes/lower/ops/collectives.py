@@ -16,9 +16,13 @@ other's backward) and ``reduce_scatter_dim`` reduce-scatters (backward: all-gath
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed._functional_collectives as funcol
 from torch._subclasses.fake_tensor import FakeTensor
+
+from galvatron_fx.passes.lower.ops.regather import note_gathered
 
 Ranks = tuple[int, ...]
 
@@ -258,7 +262,9 @@ class _SeqGather(torch.autograd.Function):
             (dim, tuple(s * len(ranks) if i == index else s for i, s in enumerate(sizes)), index, ranks),
             sum_grad,
         )
-        return _factor_gather(x, dim, sizes, index, ranks)
+        full = _factor_gather(x, dim, sizes, index, ranks)
+        note_gathered(full, x, functools.partial(_factor_gather, dim=dim, sizes=sizes, index=index, ranks=ranks))
+        return full
 
     @staticmethod
     def backward(ctx, grad):

@@ -14,6 +14,8 @@ the sum with its own features). ``row_total``, ``row_mean`` and ``row_layer_norm
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from galvatron_fx.passes.lower.ops.collectives import (
@@ -22,13 +24,18 @@ from galvatron_fx.passes.lower.ops.collectives import (
     all_reduce_sum,
     reduce_scatter_sum_dim,
 )
+from galvatron_fx.passes.lower.ops.regather import note_gathered
 
 
 class _GridParam(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, dim, column, also, divisor):
         ctx.dim, ctx.column, ctx.also, ctx.divisor = dim, column, also, divisor
-        return w.view_as(w) if dim is None else all_gather_dim(w, dim, column)
+        if dim is None:
+            return w.view_as(w)
+        full = all_gather_dim(w, dim, column)
+        note_gathered(full, w, functools.partial(all_gather_dim, dim=dim, ranks=column))
+        return full
 
     @staticmethod
     def backward(ctx, grad):

@@ -1,0 +1,115 @@
+"""What a grid layer keeps for backward, measured on 8 gloo ranks: every tensor autograd saves in one training step,
+counted once per storage (parameters left out), per body layer.
+
+Grid layers save their gathered inputs and weights as blocks (passes/lower/ops/regather.py), so 2.5D (q 2, d 2) and
+3D (q 2) keep what data parallelism over 8 keeps of the layer, 1/8 of one device's (up to what the row replicates:
+norm statistics, attention masks), the same for both modes, and much less than 1D tp8, which replicates the
+activations outside its projections. This is the cost model's ``TPTerms.activation_bytes`` (``A / P``)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from distributed import GLOBAL_BATCH, _config, _program, optimizer_factory
+
+from galvatron_fx.plan import LayerStrategy, Plan
+
+WORLD = 8
+STRATEGIES = {
+    "dp8": dict(dp=8),
+    "1d": dict(tp=8, dp=1),
+    "2.5d": dict(tp=8, dp=1, tp_mode="2.5d", tp_depth=2),
+    "3d": dict(tp=8, dp=1, tp_mode="3d"),
+}
+
+
+class Metered(torch.nn.Module):
+    """A layer whose forward counts the bytes autograd keeps (through the runtime's own pack hook, so that what
+    the grid saves as blocks counts as the blocks)."""
+
+    def __init__(self, layer: torch.nn.Module, params: set[int]):
+        super().__init__()
+        self.layer, self.params, self.kept_bytes = layer, params, 0
+
+    def forward(self, *args):
+        from galvatron_fx.passes.lower.ops import regather
+
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            kept = regather._pack(t)
+            held = kept.gathered.shard if isinstance(kept, regather._Packed) else kept
+            ptr = held.untyped_storage().data_ptr()
+            if ptr not in self.params:
+                storages[ptr] = held.untyped_storage().nbytes()
+            return kept
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, regather._unpack):
+            out = self.layer(*args)
+        self.kept_bytes = sum(storages.values())
+        return out
+
+
+def kept_worker(rank: int, world_size: int, models: list[str]) -> dict[str, list[int]]:
+    """Per model and strategy: the bytes each body layer keeps on this rank in one step."""
+    from galvatron_fx.runtime import Trainer
+
+    warnings.simplefilter("ignore")
+    out = {}
+    for model_name in models:
+        program, batches = _program(model_name)
+        for name, kw in STRATEGIES.items():
+            layers = tuple(LayerStrategy(**kw) for _ in program.body)
+            plan = Plan(
+                world_size=world_size,
+                layers=layers,
+                global_batch=GLOBAL_BATCH,
+                provenance={"model": program.model_name},
+            )
+            trainer = Trainer(
+                program, plan, config=_config(), optimizer=optimizer_factory("sgd"), model_name=program.model_name
+            )
+            stage = trainer.stage
+            params = {p.untyped_storage().data_ptr() for p in stage.parameters()}
+            body = [layer.name for layer in stage.stage_layers if layer.kind == "body"]
+            for name_ in body:
+                stage.layers[name_] = Metered(stage.layers[name_], params)
+            trainer.step(batches[0])
+            out[f"{model_name}/{name}"] = [stage.layers[n].kept_bytes for n in body]
+    return out
+
+
+@pytest.fixture(scope="module")
+def measured():
+    from galvatron_fx.runtime import spawn
+
+    cache = {}
+
+    def get(fast: bool) -> list[dict]:
+        if fast not in cache:
+            cache[fast] = spawn(kept_worker, WORLD, ["llama", "bert"] if fast else ["gpt2", "vit"], timeout_s=900)
+        return cache[fast]
+
+    return get
+
+
+@pytest.mark.parametrize(
+    "fast,model",
+    [
+        pytest.param(True, "llama", id="llama"),
+        pytest.param(True, "bert", id="bert"),
+        pytest.param(False, "gpt2", id="gpt2", marks=pytest.mark.full),
+        pytest.param(False, "vit", id="vit", marks=pytest.mark.full),
+    ],
+)
+def test_grid_layers_keep_one_eighth_of_the_layer(measured, fast, model):
+    per_rank = measured(fast)
+    for rank, result in enumerate(per_rank):
+        kept = {name: result[f"{model}/{name}"] for name in STRATEGIES}
+        assert kept["2.5d"] == kept["3d"], f"rank {rank}: {kept}"
+        for grid, data in zip(kept["3d"], kept["dp8"]):
+            assert data * 0.9 <= grid <= data * 1.25, f"rank {rank}: 3D keeps {grid} bytes, dp8 {data}"
+        for grid, one_d in zip(kept["3d"], kept["1d"]):
+            assert 2.5 * grid < one_d, f"rank {rank}: 3D keeps {grid} bytes, 1D tp8 {one_d}"
