@@ -44,8 +44,8 @@ import yaml
 
 from galvatron_fx.errors import ProfileError
 
+from .embedding_cost import ONE_STAGE_ACTIVATION
 from .hardware import CommFit, HardwareProfile, fit_latency_bandwidth, read_json
-from .model import ONE_STAGE_ACTIVATION
 from .model_profile import LayerTypeProfile, ModelProfile
 from .time_formula import TimeFormula, fit_terms, fit_time_formula
 

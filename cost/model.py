@@ -51,7 +51,7 @@ parameters and reduces fp32 gradients; a replicated layer under bf16 autocast ke
 weights per micro-batch in flight (``autocast_cast_bytes``), unless it is checkpointed: then the casts are
 made again by its recomputation and count with that transient. Tied weights shared by embedding and head
 count once per stage. A stage holding both the embedding and the head takes their activations from the
-profile's one-stage figure where it has one (``embedding_activation_per_sample``).
+profile's one-stage figure where it has one (``cost.embedding_cost.embedding_activation_per_sample``).
 """
 
 from __future__ import annotations
@@ -60,9 +60,11 @@ import dataclasses
 from dataclasses import dataclass
 
 from galvatron_fx.errors import ConfigError, PlanError, ProfileError
-from galvatron_fx.parallel_dims import data_split, end_layout, uses_vsp
+from galvatron_fx.parallel_dims import end_layout
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan, Prediction
 
+from .embedding_cost import ONE_STAGE_ACTIVATION as ONE_STAGE_ACTIVATION  # also importable from here, as before
+from .embedding_cost import ends_cost, head_working_bytes
 from .grid_tp import grid_layer_cost
 from .hardware import BLOCKING_PROBE_COMPUTE_S, HardwareProfile
 from .layouts import layout_of, move_key, move_plan
@@ -77,9 +79,6 @@ from .memory import (
 )
 from .model_profile import LayerTypeProfile, ModelProfile
 from .time_formula import TimeFormula
-
-# ModelProfile.extra key: vocab-TP degree → activation bytes per sample of the embedding and head on one stage
-ONE_STAGE_ACTIVATION = "one_stage_embedding_head_activation_bytes_per_sample"
 
 
 @dataclass(frozen=True)
@@ -394,7 +393,7 @@ class CostModel:
         hidden = min(comm_s, compute_s)
         return (comm_s - hidden) + hidden * (self.overlap - 1.0)
 
-    # -- embedding and head ------------------------------------------------------------------------
+    # -- embedding and head: cost/embedding_cost.py ------------------------------------------------------
     def embedding_cost(
         self,
         embedding: EmbeddingStrategy,
@@ -406,131 +405,13 @@ class CostModel:
         busy_share: float = 1.0,
         deferred_sync: bool = False,
     ) -> LayerCost:
-        """The prologue (embedding, on the first stage) and/or epilogue (head and loss, on the last stage).
-
-        Vocab TP ``vtp`` splits the vocabulary-sized weights and the head's compute; the embedding's output
-        and the head's input gradient are all-reduced over the ``vtp`` group. The ``devices // vtp`` replicas
-        use ``embedding.data_parallel_type``.
-
-        Under vsp (``vtp > 1``, as lowered by ``passes.lower.graph.sequence_parallel``, mode "vsp") the weights
-        stay whole, replicated over the stage (``devices`` replicas synchronise them), and each rank of a vtp
-        group computes the group's samples on ``1 / vtp`` of the sequence: the compute, activations and
-        working set of the data split (vtp 1). Its collectives are small: the token ids move to that layout
-        (first stage), the labels to the group's samples, and the loss's target count and value are
-        all-reduced over the group (last stage). The hidden states move between that layout and the body
-        layers' at the boundaries (``evaluate``: ``end_layout``), not here.
-        """
-        vtp, vsp = embedding.vtp, uses_vsp(embedding)
-        split = 1 if vsp else vtp  # how many ways the vocabulary-sized weights and the head's compute are split
-        dp = devices if vsp else max(devices // vtp, 1)  # replicas of the weights
-        local = micro_batch / max(devices // vtp, 1)  # samples of a rank's layout (vsp: on 1 / vtp of the sequence)
-        work = micro_batch / devices if vsp else local  # samples' worth of compute on a rank, split ``split`` ways
-        # A sharded embedding/head stays gathered from forward to backward (as FSDP2's root does): it gathers
-        # once per step and keeps its gradients and states sharded, which is ZeRO-2's price
-        kind = "zero2" if embedding.data_parallel_type == "zero3" else embedding.data_parallel_type
-        hidden_bytes = self.model.prologue.boundary_bytes_per_sample * local * self.activation_scale
-        strategy = LayerStrategy(tp=split, dp=dp, dp_type=kind)
-        half_comm = self._tp_comm_s(strategy, hidden_bytes) / 2  # one collective, not Megatron's two
-        parts = [
-            part for part, wanted in ((self.model.prologue, first_stage), (self.model.epilogue, last_stage)) if wanted
-        ]
-        if not parts:
+        """The prologue (embedding, on the first stage) and/or epilogue (head and loss, on the last stage), with
+        their model states (``ends_cost`` says how vocab TP and vsp split them)."""
+        ends = ends_cost(self, embedding, devices, micro_batch, first_stage, last_stage, busy_share)
+        if ends is None:
             return LayerCost(0.0, 0.0, 0.0, 0, 0, 0)
-        own = [self._in_place_s(part, 1, work, busy_share) if split == 1 else None for part in parts]
-        own = [
-            times
-            or (self._compute_s(part.fwd, work, split, busy_share), self._compute_s(part.bwd, work, split, busy_share))
-            for part, times in zip(parts, own)
-        ]
-        fwd_compute = sum(fwd for fwd, _ in own)
-        bwd_parts = [bwd for _, bwd in own]
-        bwd_compute = sum(bwd_parts)
-        vsp_s = self._vsp_comm_s(embedding, devices, micro_batch, first_stage, last_stage) if vsp else 0.0
-        # vtp splits the vocabulary-sized weights; a tied embedding/head weight lives once on a stage with both
-        tied = self.model.tied_param_count if first_stage and last_stage else 0
-        params = (
-            sum(part.param_count - part.vocab_param_count + part.vocab_param_count / split for part in parts)
-            - tied / split
-        )
-        largest = max(part.largest_param_count / (split if part.vocab_param_count else 1) for part in parts)
-        # the parts of a stage synchronise as one unit (FSDP2 shards them together; DDP: one share of a bucket),
-        # once the first part's backward (the last to run) is done: like a layer's, it hides behind that one
-        gather_s, sync_s, transient = self._dp_comm(params, dp, kind, split == 1)
-        activation = self.embedding_activation_per_sample(parts, vtp, vsp) * local
-        if last_stage:  # the head's matmul casts its weight; the embedding's lookup casts nothing
-            head = self.model.epilogue
-            head_params = head.param_count - head.vocab_param_count + head.vocab_param_count / split
-            activation += self.autocast_cast_bytes(head_params, dp, kind)
-        transient += self._part_working_bytes(parts, vtp, vsp, local)
-        cost = LayerCost(
-            fwd_compute + vsp_s + (half_comm if first_stage else 0.0) + self._visible(gather_s, fwd_compute, kind),
-            bwd_compute + (half_comm if last_stage else 0.0) + self._visible(gather_s, bwd_compute, kind),
-            self._visible(sync_s, bwd_parts[0], kind)
-            + self._optimizer_s(params, dp, kind)
-            + self._step_collectives_s(split, pipelined=not (first_stage and last_stage)),
-            0,
-            int(activation),
-            int(transient),
-        )
-        return self._with_states(cost, params, dp, kind, largest, deferred_sync)
-
-    def _vsp_comm_s(
-        self, embedding: EmbeddingStrategy, devices: int, micro_batch: int, first_stage: bool, last_stage: bool
-    ) -> float:
-        """The embedding's and head's own collectives of one micro-batch under vsp (forward only): the token ids
-        (int64) moved from the data split to the group's samples on its slice of the sequence, the labels to
-        the group's samples (whole sequences: their shift is computed whole), and two scalar all-reduces over
-        the vtp group (the loss's target count and value)."""
-        ids_bytes = micro_batch * self.seq * 8
-        split, ends = data_split(devices), end_layout(embedding, devices)
-        seconds = 0.0
-        if first_stage:
-            seconds += self._collective_s(move_plan(move_key(split), move_key(ends)), ids_bytes)
-        if last_stage:
-            whole = dataclasses.replace(ends, sp="none")
-            seconds += self._collective_s(move_plan(move_key(split), move_key(whole)), ids_bytes)
-            hw = self.hardware
-            seconds += 2 * (hw.collective_s("all_reduce", 4, embedding.vtp) + hw.blocking_s(embedding.vtp))
-        return seconds
-
-    def embedding_activation_per_sample(self, parts: list[LayerTypeProfile], vtp: int, vsp: bool) -> float:
-        """Activation bytes per sample (training dtype) the embedding and head ``parts`` of one stage keep on
-        one of ``vtp`` ranks. A stage holding both uses the profile's figure measured that way where it has
-        one (``ModelProfile.extra[ONE_STAGE_ACTIVATION]``: Galvatron's ``other_memory_pp_off``): each part's
-        own figure there was measured on the first or last stage of a pipeline, with what a cut adds on
-        either side, and their sum exceeds the one-stage measurement (by 68 MiB per sample at vtp 2 for
-        LLaMA-2-7B)."""
-        table = self.model.extra.get(ONE_STAGE_ACTIVATION) if len(parts) == 2 else None
-        if table:
-            per_sample = LayerTypeProfile._lookup({int(k): int(v) for k, v in table.items()}, vtp)
-        else:
-            per_sample = sum(part.activation_per_sample(vtp, vsp) for part in parts)
-        return per_sample * self.activation_scale
-
-    def _step_collectives_s(self, vtp: int, pipelined: bool) -> float:
-        """Collectives a stage holding the embedding or the head runs once per step after its gradient sync,
-        each waiting for its slowest peer: the all-reduce of the loss over the world (every rank returns the
-        global mean), and in a pipeline the all-reduce of a tied embedding/head weight's gradient between
-        the first and the last stage. They count with the gradient sync (with ``grad_sync_every_micro_batch``,
-        once per micro-batch: a small over-count kept so that the search and ``evaluate`` agree)."""
-        hw, world = self.hardware, self.hardware.world_size
-        seconds = hw.collective_s("all_reduce", 4, world) + hw.blocking_s(world)
-        if pipelined and self.model.tied_param_count:
-            grad_bytes = self.model.tied_param_count / vtp * STATE_BYTES_PER_PARAM[self.mixed_precision][1]
-            seconds += hw.collective_s("all_reduce", grad_bytes, 2) + hw.blocking_s(2)
-        return seconds
-
-    def _part_working_bytes(self, parts, vtp: int, vsp: bool, local: float) -> float:
-        """The largest activation-gradient working set among the embedding's and the head's backward (they
-        run at different times) on one of ``vtp`` ranks at ``local`` samples."""
-        return max(part.grad_working_per_sample(vtp, vsp) for part in parts) * local * self.activation_scale
-
-    def head_working_bytes(self, embedding: EmbeddingStrategy, devices: int, micro_batch: int) -> float:
-        """The head's activation-gradient working set (its backward is a stage's first)."""
-        local = micro_batch / max(devices // embedding.vtp, 1)
-        return self._part_working_bytes(
-            [self.model.epilogue], embedding.vtp, embedding.vsp and embedding.vtp > 1, local
-        )
+        cost = LayerCost(ends.fwd_s, ends.bwd_s, ends.grad_sync_s, 0, ends.activation_bytes, ends.peak_extra_bytes)
+        return self._with_states(cost, ends.params, ends.dp, ends.dp_type, ends.largest_param, deferred_sync)
 
     # -- between layers and stages ---------------------------------------------------------------------
     def redistribution_s(
@@ -644,7 +525,7 @@ class CostModel:
                 x += self.p2p_s(stage, pp, plan.devices_per_stage, mb, indices[-1])
             g = sum(c.grad_sync_s for c in costs) * (chunks if plan.grad_sync_every_micro_batch else 1)
             held = self.in_flight(plan.pipeline, pp, stage, chunks)
-            head_working = self.head_working_bytes(plan.embedding, plan.devices_per_stage, mb)
+            head_working = head_working_bytes(self, plan.embedding, plan.devices_per_stage, mb)
             memory.append(held.stage_peak(_forward_order(body, part, stage == 0, stage == pp - 1, head_working)))
             bound.append(
                 sum(
