@@ -1,7 +1,8 @@
 """Parity with single-process eager training for grid tensor parallelism (fp32, dropout 0, 5 steps, Adam and
 SGD) on GPT-2, LLaMA, BERT and ViT: 2D on 4 ranks, 2.5D (q=2, depth 2) and 3D (q=2) on 8, 2D under a 2-stage
-pipeline on 8, 2D with two data-parallel replicas under ZeRO-3, and a plan whose layers alternate 1D, 2D and
-plain data parallelism (redistribution between them). Sharded parameters come back whole and must equal
+pipeline on 8, 2D with two data-parallel replicas under ZeRO-3, a plan whose layers alternate 1D, 2D and
+plain data parallelism (redistribution between them), and 2D and 3D layers recomputed beside ones that are not
+(what a layer gathers is saved as blocks unless it is recomputed). Sharded parameters come back whole and must equal
 eager's; SGD catches a wrong averaging factor over the grid's groups (Adam's normalisation hides it).
 """
 
@@ -35,6 +36,9 @@ RECIPES = {
     "pp2_2d": (8, 2, 2, (GRID_2D,)),
     "2d_dp2_zero3": (8, 1, 1, ({**GRID_2D, "dp_type": "zero3"},)),
     "mixed": (4, 1, 1, (GRID_2D, dict(tp=4), dict(tp=1), dict(tp=2), GRID_2D)),
+    # recomputed layers beside ones that save their gathered blocks (passes/lower/ops/regather.py)
+    "2d_ckpt": (4, 1, 1, ({**GRID_2D, "ckpt": True}, GRID_2D)),
+    "3d_ckpt": (8, 1, 1, ({**GRID_3D, "ckpt": True}, GRID_3D)),
 }
 
 
@@ -52,7 +56,14 @@ def make_plan(recipe: str, num_layers: int, model: str) -> Plan:
 
 MODELS = ("gpt2", "llama", "bert", "vit")
 FAST = {
-    4: [("gpt2", "2d+sgd"), ("llama", "2d"), ("bert", "2d"), ("vit", "2d"), ("llama", "mixed+sgd")],
+    4: [
+        ("gpt2", "2d+sgd"),
+        ("llama", "2d"),
+        ("bert", "2d"),
+        ("vit", "2d"),
+        ("llama", "mixed+sgd"),
+        ("gpt2", "2d_ckpt+sgd"),
+    ],
     8: [("gpt2", "2.5d+sgd"), ("llama", "3d+sgd"), ("gpt2", "pp2_2d+sgd")],
 }
 FULL = {
@@ -69,7 +80,8 @@ FULL = {
     + [(m, "3d") for m in MODELS]
     + [(m, "3d+sgd") for m in ("gpt2", "bert", "vit")]
     + [(m, "pp2_2d") for m in ("llama", "vit")]
-    + [("gpt2", "2d_dp2_zero3+sgd"), ("llama", "2d_dp2_zero3")],
+    + [("gpt2", "2d_dp2_zero3+sgd"), ("llama", "2d_dp2_zero3")]
+    + [("llama", "3d_ckpt+sgd"), ("bert", "3d_ckpt")],
 }
 _results = shared_runs(
     lambda world_size, fast: (FAST if fast else FULL)[world_size],
