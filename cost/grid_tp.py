@@ -19,15 +19,17 @@ parameter, all-gathered over the column before use (``grid_param``). With ``T_r 
   whole instead). Bytes moved per rank: ``4·(q−1)/q · T_r·h·b`` forward, ``6·(q−1)/q · T_r·h·b`` backward.
   Between layers the activations stay split along the features (``cost.layouts``: no move between layers of
   one grid, a redistribution to and from any other layout).
-- column (``q`` ranks ``q`` apart): forward the all-gather of ``W / q`` parameters (``PARAM_TENSORS`` calls),
-  again in backward (saved as blocks, like the inputs) or in the recomputation of a checkpointed layer; backward
-  the reduce-scatter of their ``W / q`` gradients.
+- column (``q`` ranks ``q`` apart): forward the all-gather of ``W / q`` parameters (``PARAM_TENSORS`` calls; in
+  autocast's dtype, as the projections use them), again in backward (saved as blocks, like the inputs) or in the
+  recomputation of a checkpointed layer; backward the reduce-scatter of their ``W / q`` gradients (in the
+  parameters' dtype).
 - depth (``d`` ranks ``q²`` apart, 2.5D): backward the all-reduce of the ``W / q²`` block gradients.
 - memory: ``W / q²`` parameters (2.5D: one copy per depth layer) with their gradients and optimizer states, then
   sharded over ``dp`` by ZeRO as usual; activations ``A / P`` from forward to backward, every gathered input and
-  weight saved as its block; while the layer computes, one gathered input ``[T_r, h]`` and its ``W / q`` weights
-  (bf16 under autocast, like 1D's casts); a checkpointed layer's recomputation keeps its gathered inputs whole
-  (``ROW_GATHERS × T_r·h·b·(1 − 1/q)`` more) until its backward is done.
+  weight saved as its block (under bf16 autocast the blocks' casts, ``W / q²`` in bf16); while the layer
+  computes, one gathered input ``[T_r, h]`` and its ``W / q`` weights (bf16 under autocast); a checkpointed
+  layer's recomputation keeps its gathered inputs whole (``ROW_GATHERS × T_r·h·b·(1 − 1/q)`` more) until its
+  backward is done.
 
 3D (``P = q³``), as ``grid_parallel`` lowers it, which moves what Colossal-AI's published algorithm moves per
 linear (Bian et al., "Maximizing Parallelism in Distributed Training for Huge Neural Networks", arXiv 2105.14450;
@@ -151,8 +153,8 @@ def tp_terms(strategy: LayerStrategy, shape: LayerShape, mixed_precision: str = 
     ``tp_mode``, or 1D Megatron without sequence parallelism (2 all-reduces of ``[T, h]`` each way over ``tp``,
     activations not sharded here: the reference the orderings are checked against). A checkpointed strategy
     gathers nothing again in backward."""
-    weight_b = STATE_BYTES_PER_PARAM[mixed_precision][0]  # the fp32 parameter is what grid_param gathers
-    grad_b = STATE_BYTES_PER_PARAM[mixed_precision][1]
+    weight_b = COMPUTE_BYTES_PER_PARAM[mixed_precision]  # grid_param gathers the blocks in autocast's dtype
+    grad_b = STATE_BYTES_PER_PARAM[mixed_precision][1]  # and sums their gradients in the parameters' dtype
     P, H, W = strategy.tp, shape.hidden_bytes, shape.params
     if strategy.tp_mode == "1d":
         if strategy.sp != "none":
@@ -317,8 +319,10 @@ def grid_layer_cost(cost_model, layer_type: str, strategy: LayerStrategy, micro_
         kept = profile.ckpt_activation_bytes_per_sample * local * cm.activation_scale * q / P
         recomputed = terms.activation_bytes + terms.gathered_input_bytes + terms.gathered_params * compute_b
         peak_extra = working + recomputed
-    else:  # everything gathered is saved as its block: one gathered input and weight alive at a time
-        kept, peak_extra = terms.activation_bytes, working + terms.largest_gathered_bytes + largest * compute_b
+    else:  # everything gathered is saved as its block (under bf16 autocast the weight blocks' casts): one
+        # gathered input and weight alive at a time
+        kept = terms.activation_bytes + cm.autocast_cast_bytes(params, strategy.dp, strategy.dp_type)
+        peak_extra = working + terms.largest_gathered_bytes + largest * compute_b
     sync_s = cm._visible(sync_s, compute[1], strategy.dp_type) + cm._optimizer_s(params, strategy.dp, strategy.dp_type)
     return GridCost(fwd_s, bwd_s, sync_s, int(kept), int(peak_extra), params, largest)
 

@@ -63,6 +63,9 @@ def test_2d_collectives_and_memory_by_hand():
     assert terms.gathered_input_bytes == 2 * row * (1 - 1 / 2)  # more, while a recomputed layer keeps them whole
     # ring volume: (q − 1)/q of every gather and scatter, 2(q − 1)/q of every all-reduce
     assert terms.volume_bytes == pytest.approx(0.5 * (10 * row + 3 * W / 2 * 4) + 2 * norms.nbytes)
+    bf16 = by_key(tp_terms(grid(4, "2d"), shape(), "bf16").forward)  # blocks gathered as the projections use them
+    assert bf16["all_gather", "column"].nbytes == W / 2 * 2
+    assert by_key(tp_terms(grid(4, "2d"), shape(), "bf16").backward)["reduce_scatter", "column"].nbytes == W / 2 * 4
     ckpt = tp_terms(grid(4, "2d", ckpt=True), shape())  # recomputation gathers them: backward does not again
     assert by_key(ckpt.backward)["all_gather", "row"].nbytes == 2 * row
     assert ("all_gather", "column") not in by_key(ckpt.backward)

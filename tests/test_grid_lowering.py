@@ -115,7 +115,7 @@ def test_64_rank_grid_plan_lowers_with_checked_blocks_and_groups(layers, fake_wo
                 assert positions.numel() == params[name].numel()  # the record describes exactly the block held
                 coverage.setdefault(name, (record.full_shape, record.replicas, Counter()))[2].update(positions.tolist())
             # collectives: samples or features over the row and pairs, weights over the column
-            gathers = {n.args[-2] for n in _calls(module, sp_gather)}
+            gathers = {n.args[4] for n in _calls(module, sp_gather)}  # (x, dim, sizes, index, ranks, ...)
             scatters = {n.args[-1] for n in _calls(module, sp_reduce_scatter)}
             if strategy.tp_mode == "3d":
                 assert gathers == {groups.pairs, groups.row} and scatters == {groups.row, groups.pairs}

@@ -160,10 +160,11 @@ def test_bf16_trains_like_eager_autocast(results):
     for rank in results:
         got = rank["bf16/gpt2"]["losses"]
         assert max(abs(a - b) for a, b in zip(got, ref_losses)) <= BF16_TOLERANCE, (got, ref_losses)
-        # the projections' partial sums leave in bf16; parameter blocks are gathered in fp32 and cast where used,
-        # as the cost model prices them (cost/grid_tp.py)
+        # what the projections read is gathered in bf16 (inputs and weight blocks) and their partial sums leave in
+        # bf16; weight gradients are summed in fp32: as the cost model prices them (cost/grid_tp.py)
         moved = {tuple(m) for m in rank["bf16/gpt2"]["moved"]}
-        assert ("reduce_scatter_tensor", "bfloat16") in moved and ("all_gather_tensor", "float32") in moved
+        assert {("all_gather_tensor", "bfloat16"), ("reduce_scatter_tensor", "bfloat16")} <= moved
+        assert ("reduce_scatter_tensor", "float32") in moved
 
 
 def test_compile_searches_the_tp_modes_it_is_given(results):

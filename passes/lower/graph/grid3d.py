@@ -13,7 +13,14 @@ from galvatron_fx.fx_utils import get_attr_path, set_attr_path
 from galvatron_fx.passes.analysis.batch_dim import is_size_node
 from galvatron_fx.passes.lower.graph.grid_rewrite import FeatureRewrite, GridConfig, refuse
 from galvatron_fx.passes.lower.graph.tracked_factor import TrackedFactor
-from galvatron_fx.passes.lower.ops.collectives import sp_gather, sp_reduce_scatter, tp_copy, tp_reduce, tp_scatter
+from galvatron_fx.passes.lower.ops.collectives import (
+    autocast_cast,
+    sp_gather,
+    sp_reduce_scatter,
+    tp_copy,
+    tp_reduce,
+    tp_scatter,
+)
 from galvatron_fx.program import layer_meta, set_layer_meta
 
 aten = torch.ops.aten
@@ -58,7 +65,7 @@ class CubeRewrite(FeatureRewrite):
         if node in self.sinks:  # a row-parallel projection: the samples of the pairs' block first
             x, weight, _, _, w_out = self.projections[node]
             with self.graph.inserting_before(node):
-                block = self.graph.call_function(sp_gather, (x, *self.samples(x), self.row, True))
+                block = self.graph.call_function(sp_gather, (x, *self.samples(x), self.row, True, True))
             node.replace_input_with(x, block)
             self.moved.add(block)
             self.cut(weight, w_out)
@@ -77,7 +84,7 @@ class CubeRewrite(FeatureRewrite):
         if node.target is tp_scatter or not all(root in self.projections for root in roots):
             refuse(self.what, node, "brings split features into the pairs other than through a projection")
         with graph.inserting_before(node):
-            block = graph.call_function(sp_gather, (value, *self.samples(value), self.pairs, True))
+            block = graph.call_function(sp_gather, (value, *self.samples(value), self.pairs, True, True))
         node.replace_all_uses_with(block)
         graph.erase_node(node)
         self.moved.add(block)
@@ -99,11 +106,13 @@ class CubeRewrite(FeatureRewrite):
             self.root_biases.add(self.projections[root][2].target)
         with graph.inserting_after(root):
             out = part = graph.call_function(sp_reduce_scatter, (root, *self.samples(block, True), self.row))
-        if bias is not None:
+        if bias is not None:  # in the dtype the projection computed in, as its addmm would add it
             with graph.inserting_after(part):
-                out = graph.call_function(aten.add.Tensor, (part, bias))
+                cast = graph.call_function(autocast_cast, (bias,))
+            with graph.inserting_after(cast):
+                out = graph.call_function(aten.add.Tensor, (part, cast))
         root.replace_all_uses_with(out, delete_user_cb=lambda user: user is not part)
-        self.moved |= {part, out}
+        self.moved |= {part, cast, out} if bias is not None else {part, out}
 
     def leave_pair(self, node: fx.Node) -> None:
         sink = node.all_input_nodes[0]

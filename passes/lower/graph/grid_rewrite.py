@@ -35,6 +35,9 @@ aten = torch.ops.aten
 MATMULS = {aten.mm.default, aten.bmm.default, aten.matmul.default, aten.scaled_dot_product_attention.default}
 ROW_REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList}
 REMEDY = "use tp_mode '1d' for this layer"
+# ops autocast runs in its lower precision, casting every floating input (bias included), and the views between
+AUTOCAST_MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.matmul.default, aten.linear.default}
+PASS_THROUGH = VIEWS | {aten.t.default, aten.transpose.int, aten.permute.default, aten.expand.default}
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,15 @@ def _batched(node: fx.Node) -> bool:
 def _last_dim(node: fx.Node, where) -> bool:
     """Whether the hidden features are the whole last dimension of ``node`` (``where``: their position)."""
     return where is not None and where[0] == ndim_of(node) - 1 and len(where[1]) == 1
+
+
+def feeds_only_matmuls(node: fx.Node) -> bool:
+    """Whether only matrix multiplications read ``node`` (through views and transposes): what autocast would
+    cast to its dtype anyway, so it can be gathered in that dtype (``sp_gather``, ``grid_param``)."""
+    users = list(node.users)
+    return bool(users) and all(
+        user.target in AUTOCAST_MATMULS or (user.target in PASS_THROUGH and feeds_only_matmuls(user)) for user in users
+    )
 
 
 def refuse(layer_name: str, node: fx.Node, why: str):
@@ -199,11 +211,11 @@ class FeatureRewrite:
     def enter_pair(self, node: fx.Node) -> None:
         """A value with split features enters a column-parallel projection: its features, all-gathered."""
         graph, value = self.graph, node.all_input_nodes[0]
+        copy = node.target is tp_copy
+        args = (value, *self.hidden.position(value, True), self.row, copy, copy and feeds_only_matmuls(node))
         with graph.inserting_before(node):
-            whole = graph.call_function(
-                sp_gather, (value, *self.hidden.position(value, True), self.row, node.target is tp_copy)
-            )
-        if node.target is tp_copy:
+            whole = graph.call_function(sp_gather, args)
+        if copy:
             node.replace_all_uses_with(whole)
             graph.erase_node(node)
         else:
@@ -289,8 +301,9 @@ def block_parameters(gm: fx.GraphModule, cfg: GridConfig, gradient_sum) -> list[
             )
             cut_names.append(node.target)
         also, divisor = gradient_sum(node.target)
+        into_matmul = feeds_only_matmuls(node)
         with gm.graph.inserting_after(node):
-            gathered = gm.graph.call_function(grid_param, (node, dim, groups.column, also, divisor))
+            gathered = gm.graph.call_function(grid_param, (node, dim, groups.column, also, divisor, into_matmul))
         node.replace_all_uses_with(gathered, delete_user_cb=lambda user: user is not gathered)
     for name, record in records.items():  # every shard is now a block of the grid, held by grid / blocks ranks
         fresh = record.replicas == 0  # cut by the grid alone; else first by the 1D pairs (record.replicas of them)

@@ -36,6 +36,14 @@ def completed(out: torch.Tensor) -> torch.Tensor:
     return out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else funcol.wait_tensor(out)
 
 
+def autocast_cast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the dtype autocast runs matrix multiplications in on its device (as it is without autocast)."""
+    device = x.device.type
+    if x.is_floating_point() and device != "meta" and torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
 def all_reduce_sum(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     """Sum of ``x`` over ``ranks`` (no autograd)."""
     if len(ranks) == 1 or _is_fake(x):
@@ -257,11 +265,14 @@ def _factor_split(x, dim, sizes, index, ranks):
 
 class _SeqGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, sizes, index, ranks, sum_grad):
-        ctx.args, ctx.sum_grad = (
+    def forward(ctx, x, dim, sizes, index, ranks, sum_grad, into_matmul):
+        ctx.args, ctx.sum_grad, ctx.dtype = (
             (dim, tuple(s * len(ranks) if i == index else s for i, s in enumerate(sizes)), index, ranks),
             sum_grad,
+            x.dtype,
         )
+        if into_matmul:
+            x = autocast_cast(x)
         full = _factor_gather(x, dim, sizes, index, ranks)
         note_gathered(full, x, functools.partial(_factor_gather, dim=dim, sizes=sizes, index=index, ranks=ranks))
         return full
@@ -269,7 +280,7 @@ class _SeqGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         op = _factor_reduce_scatter if ctx.sum_grad else _factor_split
-        return op(grad.contiguous(), *ctx.args), None, None, None, None, None
+        return op(grad.contiguous(), *ctx.args).to(ctx.dtype), None, None, None, None, None, None
 
 
 class _SeqShard(torch.autograd.Function):
@@ -286,11 +297,23 @@ class _SeqShard(torch.autograd.Function):
         return _factor_gather(grad.contiguous(), *ctx.args), None, None, None, None, None
 
 
-def sp_gather(x: torch.Tensor, dim: int, sizes: tuple, index: int, ranks: Ranks, sum_grad: bool = True) -> torch.Tensor:
+def sp_gather(
+    x: torch.Tensor,
+    dim: int,
+    sizes: tuple,
+    index: int,
+    ranks: Ranks,
+    sum_grad: bool = True,
+    into_matmul: bool = False,
+) -> torch.Tensor:
     """All-gather the sequence factor (``sizes``: this rank's) forward; backward reduce-scatter the gradient
     (``sum_grad``: Megatron-SP before column-parallel work, whose input gradients are partial) or keep this
-    rank's part of it (the gradient is already whole)."""
-    return _SeqGather.apply(x, dim, tuple(sizes), index, ranks, sum_grad) if len(ranks) > 1 else x
+    rank's part of it (the gradient is already whole). ``into_matmul``: only matrix multiplications read the
+    gathered value, so under autocast it is gathered in autocast's dtype, the one they would cast it to (the
+    same values, half the bytes moved, and what they save for backward is the gathered value itself)."""
+    if len(ranks) == 1:
+        return x
+    return _SeqGather.apply(x, dim, tuple(sizes), index, ranks, sum_grad, into_matmul)
 
 
 def sp_reduce_scatter(x: torch.Tensor, dim: int, sizes: tuple, index: int, ranks: Ranks) -> torch.Tensor:

@@ -22,6 +22,7 @@ from galvatron_fx.passes.lower.ops.collectives import (
     Ranks,
     all_gather_dim,
     all_reduce_sum,
+    autocast_cast,
     reduce_scatter_sum_dim,
 )
 from galvatron_fx.passes.lower.ops.regather import note_gathered
@@ -29,31 +30,36 @@ from galvatron_fx.passes.lower.ops.regather import note_gathered
 
 class _GridParam(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w, dim, column, also, divisor):
-        ctx.dim, ctx.column, ctx.also, ctx.divisor = dim, column, also, divisor
+    def forward(ctx, w, dim, column, also, divisor, into_matmul):
+        ctx.dim, ctx.column, ctx.also, ctx.divisor, ctx.dtype = dim, column, also, divisor, w.dtype
         if dim is None:
             return w.view_as(w)
-        full = all_gather_dim(w, dim, column)
-        note_gathered(full, w, functools.partial(all_gather_dim, dim=dim, ranks=column))
+        block = autocast_cast(w) if into_matmul else w
+        full = all_gather_dim(block, dim, column)
+        note_gathered(full, block, functools.partial(all_gather_dim, dim=dim, ranks=column))
         return full
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
+        grad = grad.contiguous().to(ctx.dtype)  # summed in the parameter's dtype
         if ctx.dim is None:
             grad = all_reduce_sum(grad, ctx.column)
         else:
             grad = reduce_scatter_sum_dim(grad, ctx.dim, ctx.column)
         if len(ctx.also) > 1:
             grad = all_reduce_sum(grad, ctx.also)
-        return grad / ctx.divisor, None, None, None, None
+        return grad / ctx.divisor, None, None, None, None, None
 
 
-def grid_param(w: torch.Tensor, dim: int | None, column: Ranks, also: Ranks, divisor: int) -> torch.Tensor:
+def grid_param(
+    w: torch.Tensor, dim: int | None, column: Ranks, also: Ranks, divisor: int, into_matmul: bool = False
+) -> torch.Tensor:
     """This rank's block of a parameter made whole over ``column``: all-gathered along ``dim`` (or used as it is
     when ``dim`` is None). Backward: the gradient summed over ``column`` (reduce-scattered back to the block)
-    and over ``also`` (other ranks that hold the same block for other samples), divided by ``divisor``."""
-    return _GridParam.apply(w, dim, column, also, divisor)
+    and over ``also`` (other ranks that hold the same block for other samples), divided by ``divisor``.
+    ``into_matmul``: only matrix multiplications read it, so under autocast the block is gathered in autocast's
+    dtype (``sp_gather``'s reason); its gradient is summed in the parameter's."""
+    return _GridParam.apply(w, dim, column, also, divisor, into_matmul)
 
 
 class _RowSum(torch.autograd.Function):
