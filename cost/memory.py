@@ -213,27 +213,6 @@ def tp_activation_split(graph_module: fx.GraphModule, layer: Layer) -> tuple[int
     return replicated, gathered + sharded
 
 
-def megatron_sp_activation_bytes(graph_module: fx.GraphModule, layer: Layer, tp: int) -> int:
-    """Saved-activation bytes of ``layer`` on one of ``tp`` Megatron-SP ranks as the runtime lowers it: the
-    values outside the TP region sequence-sharded, the TP region sharded, and each column-parallel
-    projection's all-gathered input whole, once per projection. The runtime's sequence gather returns a
-    tensor that each projection flattens to (tokens, hidden) with a copy of its own, which it then saves:
-    LLaMA's q, k, v, gate and up projections keep five full-sequence copies of their two inputs
-    (measured under the fake process group, ``benchmarks/memory_terms.py``: 29.5 MiB a layer against 29.4
-    by this count; Megatron keeps none and gathers again in backward)."""
-    replicated, gathered, sharded = tp_activation_parts(graph_module, layer)
-    nodes = {n.name: n for n in graph_module.graph.nodes}
-    marked = _tp_sharded_nodes(graph_module, layer)
-    per_projection = 0
-    for name in layer.node_names:
-        node = nodes[name]
-        if name in marked and node.target in _LINEAR_OPS and _is_param_projection(graph_module, node):
-            per_projection += sum(
-                _value_bytes(n) for n in node.all_input_nodes if n.op != "get_attr" and n.name not in marked
-            )
-    return int(replicated / tp + max(gathered, per_projection) + sharded / tp)
-
-
 def _is_param_projection(graph_module: fx.GraphModule, node: fx.Node) -> bool:
     return any(_is_param(graph_module, n) for n in node.all_input_nodes)
 

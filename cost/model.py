@@ -65,7 +65,7 @@ from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan, Prediction
 
 from .embedding_cost import ONE_STAGE_ACTIVATION as ONE_STAGE_ACTIVATION  # also importable from here, as before
 from .embedding_cost import ends_cost, head_working_bytes
-from .grid_tp import grid_layer_cost
+from .grid_tp import ROW_GATHERS, grid_layer_cost
 from .hardware import BLOCKING_PROBE_COMPUTE_S, HardwareProfile
 from .layouts import layout_of, move_key, move_plan
 from .memory import (
@@ -190,8 +190,9 @@ class CostModel:
         )
         if own is None:
             hidden_bytes = profile.boundary_bytes_per_sample * local * self.activation_scale
-            own = tuple(
-                compute + self._tp_comm_s(strategy, hidden_bytes, compute) for compute in (fwd_compute, bwd_compute)
+            own = (
+                fwd_compute + self._tp_comm_s(strategy, hidden_bytes, fwd_compute),
+                bwd_compute + self._tp_comm_s(strategy, hidden_bytes, bwd_compute, backward=True),
             )
         split = 1 if strategy.sp == "ulysses" else strategy.tp  # Ulysses keeps whole weights
         params, largest = profile.param_count / split, profile.largest_param_count / split
@@ -206,11 +207,7 @@ class CostModel:
         bwd_s = own[1] + self._visible(gather_s, bwd_compute, strategy.dp_type) + self._ddp_drift_s(strategy, own)
         if strategy.ckpt:
             bwd_s += own[0]
-        full_activation = (
-            profile.activation_per_sample(strategy.tp, sharded_seq, megatron=strategy.sp == "megatron")
-            * local
-            * self.activation_scale
-        )
+        full_activation = profile.activation_per_sample(strategy.tp, sharded_seq) * local * self.activation_scale
         if strategy.ckpt:
             kept = (
                 profile.ckpt_activation_bytes_per_sample
@@ -226,6 +223,10 @@ class CostModel:
         working = profile.grad_working_per_sample(strategy.tp, sharded_seq) * local * self.activation_scale
         if strategy.ckpt:
             peak_extra = transient_bytes + working + full_activation + cast
+            if strategy.sp == "megatron":  # its recomputation keeps what it gathers whole (no regather there):
+                # a Transformer block's two column-parallel groups, each reading a whole [seq, hidden] input
+                whole_input = profile.ckpt_activation_bytes_per_sample * local * self.activation_scale
+                peak_extra += ROW_GATHERS * whole_input * (1 - 1 / strategy.tp)
         else:
             kept += cast
             peak_extra = transient_bytes + working
@@ -307,22 +308,27 @@ class CostModel:
         scale = self.time_scale * self.contention(busy_share) / self.compute_slowdown
         return times[0](local, self.seq) * scale, times[1](local, self.seq) * scale
 
-    def _tp_comm_s(self, strategy: LayerStrategy, hidden_bytes: float, compute_s: float | None = None) -> float:
-        """TP/SP/Ulysses collectives of one direction (forward or backward) of one layer, whose ``compute_s``
-        of compute they split (None: as much as the profiler's skew probe computes between two)."""
+    def _tp_comm_s(
+        self, strategy: LayerStrategy, hidden_bytes: float, compute_s: float | None = None, backward: bool = False
+    ) -> float:
+        """TP/SP/Ulysses collectives of one direction (forward or ``backward``) of one layer, whose ``compute_s``
+        of compute they split (None: as much as the profiler's skew probe computes between two). Megatron-SP's
+        backward gathers its projections' inputs again (saved as sequence shards), unless it recomputes them."""
         tp, hw, cons = strategy.tp, self.hardware, strategy.tp_consecutive
         if tp == 1:
             return 0.0
-        calls = 2 if strategy.sp == "none" else 4
+        regather = strategy.sp == "megatron" and backward and not strategy.ckpt
+        calls = (2 if strategy.sp == "none" else 4) + (2 if regather else 0)
         # compute waits for each: the ranks must arrive together, and drift apart as they compute in between
         wait = hw.blocking_s(tp) if compute_s is None else hw.blocking_s(tp, compute_s / calls)
         if strategy.sp == "none":
             return 2 * (hw.collective_s("all_reduce", hidden_bytes, tp, cons) + wait)
         if strategy.sp == "megatron":
-            return 2 * (
-                hw.collective_s("all_gather", hidden_bytes, tp, cons)
-                + hw.collective_s("reduce_scatter", hidden_bytes, tp, cons)
-                + 2 * wait
+            gathers = 4 if regather else 2
+            return (
+                gathers * hw.collective_s("all_gather", hidden_bytes, tp, cons)
+                + 2 * hw.collective_s("reduce_scatter", hidden_bytes, tp, cons)
+                + calls * wait
             )
         return 4 * (hw.collective_s("all_to_all", hidden_bytes / tp, tp, cons) + wait)
 

@@ -39,7 +39,7 @@ from typing import Any
 from galvatron_fx.errors import ProfileError
 
 from .hardware import read_json
-from .memory import grad_working_bytes, megatron_sp_activation_bytes, tp_activation_split
+from .memory import grad_working_bytes, tp_activation_split
 from .time_formula import (
     PROFILE_MODES,
     TimeFormula,
@@ -53,7 +53,6 @@ MAX_TP = 64
 SEQ_FIELDS = (
     "activation_bytes_per_sample",
     "sp_activation_bytes_per_sample",
-    "megatron_sp_activation_bytes_per_sample",
     "ckpt_activation_bytes_per_sample",
     "boundary_bytes_per_sample",
     "grad_working_bytes_per_sample",
@@ -63,7 +62,6 @@ SEQ_FIELDS = (
 _TABLE_FIELDS = (
     "activation_bytes_per_sample",
     "sp_activation_bytes_per_sample",
-    "megatron_sp_activation_bytes_per_sample",
     "grad_working_bytes_per_sample",
 )
 
@@ -103,10 +101,6 @@ class LayerTypeProfile:
     # sequence mode: profiled sequence length → the figures of ``SEQ_FIELDS`` there (tables by TP degree);
     # empty: the figures above are those of the profile's one sequence length
     by_seq: dict[int, dict[str, Any]] = field(default_factory=dict)
-    # TP degree → saved bytes under Megatron-SP as the runtime lowers it: the values outside the TP region
-    # sequence-sharded, the column-parallel projections' all-gathered inputs whole (cost/memory.py
-    # ``megatron_sp_activation_bytes``); None: ``sp_activation_bytes_per_sample`` or total / tp
-    megatron_sp_activation_bytes_per_sample: dict[int, int] | None = None
 
     def seq_figures(self) -> dict[str, Any]:
         """The figures of ``SEQ_FIELDS`` as this profile holds them (copies of the tables)."""
@@ -139,14 +133,13 @@ class LayerTypeProfile:
                 changes[name] = fitted([(s, fig[name]) for s, fig in points.items() if fig.get(name) is not None])
         return dataclasses.replace(self, **changes, in_place_times={})
 
-    def activation_per_sample(self, tp: int, sequence_sharded: bool, megatron: bool = False) -> float:
-        """Saved bytes per sample on one of ``tp`` ranks; ``sequence_sharded`` with Megatron-SP or Ulysses,
-        ``megatron``: Megatron-SP (its projections keep their all-gathered inputs whole)."""
+    def activation_per_sample(self, tp: int, sequence_sharded: bool) -> float:
+        """Saved bytes per sample on one of ``tp`` ranks; ``sequence_sharded`` with Megatron-SP or Ulysses, which
+        split every value (Megatron-SP's projections save their all-gathered inputs as the sequence shards they
+        were gathered from: ``passes/lower/ops/regather.py``)."""
         table = (
             self.sp_activation_bytes_per_sample if sequence_sharded and self.sp_activation_bytes_per_sample else None
         )
-        if table is None and sequence_sharded and megatron and self.megatron_sp_activation_bytes_per_sample:
-            table = self.megatron_sp_activation_bytes_per_sample
         if table is None and sequence_sharded:
             return self._lookup(self.activation_bytes_per_sample, 1) / tp
         return self._lookup(table or self.activation_bytes_per_sample, tp)
@@ -180,11 +173,6 @@ class LayerTypeProfile:
                 if self.sp_activation_bytes_per_sample
                 else None
             ),
-            "megatron_sp_activation_bytes_per_sample": (
-                {str(k): v for k, v in self.megatron_sp_activation_bytes_per_sample.items()}
-                if self.megatron_sp_activation_bytes_per_sample
-                else None
-            ),
             "ckpt_activation_bytes_per_sample": self.ckpt_activation_bytes_per_sample,
             "boundary_bytes_per_sample": self.boundary_bytes_per_sample,
             "num_heads": self.num_heads,
@@ -210,7 +198,6 @@ class LayerTypeProfile:
     @classmethod
     def from_json_dict(cls, data: dict[str, Any]) -> "LayerTypeProfile":
         sp = data.get("sp_activation_bytes_per_sample")
-        megatron_sp = data.get("megatron_sp_activation_bytes_per_sample")
         working = data.get("grad_working_bytes_per_sample")
         activation = {int(k): int(v) for k, v in data["activation_bytes_per_sample"].items()}
         if 1 not in activation:
@@ -227,9 +214,6 @@ class LayerTypeProfile:
             vocab_param_count=int(data.get("vocab_param_count", 0)),
             largest_param_count=int(data.get("largest_param_count", 0)),
             sp_activation_bytes_per_sample={int(k): int(v) for k, v in sp.items()} if sp else None,
-            megatron_sp_activation_bytes_per_sample=(
-                {int(k): int(v) for k, v in megatron_sp.items()} if megatron_sp else None
-            ),
             fwd_flops_per_sample=int(data.get("fwd_flops_per_sample", 0)),
             bwd_flops_per_sample=int(data.get("bwd_flops_per_sample", 0)),
             grad_working_bytes_per_sample={int(k): int(v) for k, v in working.items()} if working else None,
@@ -569,11 +553,10 @@ def layer_type_profile(program, layer, flops_per_s: float, heads: int, vocab: bo
     batch = program.batch_size
     stats = layer.stats
     replicated, sharded = tp_activation_split(program.graph_module, layer)
-    per_tp, working, megatron_sp = {}, {}, {}
+    per_tp, working = {}, {}
     tp = 1
     while tp <= MAX_TP:
         per_tp[tp] = int((replicated + sharded / tp) / batch)
-        megatron_sp[tp] = megatron_sp_activation_bytes(program.graph_module, layer, tp) // batch
         working[tp] = grad_working_bytes(program.graph_module, layer, tp) // batch
         tp *= 2
     outputs = [
@@ -597,7 +580,6 @@ def layer_type_profile(program, layer, flops_per_s: float, heads: int, vocab: bo
         fwd_flops_per_sample=fwd_flops,
         bwd_flops_per_sample=bwd_flops,
         grad_working_bytes_per_sample=working,
-        megatron_sp_activation_bytes_per_sample=megatron_sp,
     )
 
 

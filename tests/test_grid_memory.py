@@ -12,8 +12,8 @@ from __future__ import annotations
 import warnings
 
 import pytest
-import torch
 from distributed import GLOBAL_BATCH, _config, _program, optimizer_factory
+from saved_memory import meter_body_layers
 
 from galvatron_fx.plan import LayerStrategy, Plan
 
@@ -25,33 +25,6 @@ STRATEGIES = {
     "3d": dict(tp=8, dp=1, tp_mode="3d"),
 }
 RUNS = [(name, "fp32") for name in STRATEGIES] + [(name, "bf16") for name in ("1d", "2.5d", "3d")]
-
-
-class Metered(torch.nn.Module):
-    """A layer whose forward counts the bytes autograd keeps (through the runtime's own pack hook, so that what
-    the grid saves as blocks counts as the blocks)."""
-
-    def __init__(self, layer: torch.nn.Module, params: set[int]):
-        super().__init__()
-        self.layer, self.params, self.kept_bytes = layer, params, 0
-
-    def forward(self, *args):
-        from galvatron_fx.passes.lower.ops import regather
-
-        storages: dict[int, int] = {}
-
-        def pack(t):
-            kept = regather._pack(t)
-            held = kept.gathered.shard if isinstance(kept, regather._Packed) else kept
-            ptr = held.untyped_storage().data_ptr()
-            if ptr not in self.params:
-                storages[ptr] = held.untyped_storage().nbytes()
-            return kept
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, regather._unpack):
-            out = self.layer(*args)
-        self.kept_bytes = sum(storages.values())
-        return out
 
 
 def kept_worker(rank: int, world_size: int, models: list[str]) -> dict[str, list[int]]:
@@ -74,13 +47,9 @@ def kept_worker(rank: int, world_size: int, models: list[str]) -> dict[str, list
             trainer = Trainer(
                 program, plan, config=config, optimizer=optimizer_factory("sgd"), model_name=program.model_name
             )
-            stage = trainer.stage
-            params = {p.untyped_storage().data_ptr() for p in stage.parameters()}
-            body = [layer.name for layer in stage.stage_layers if layer.kind == "body"]
-            for name_ in body:
-                stage.layers[name_] = Metered(stage.layers[name_], params)
+            meters = meter_body_layers(trainer.stage)
             trainer.step(batches[0])
-            out[f"{model_name}/{name}/{precision}"] = [stage.layers[n].kept_bytes for n in body]
+            out[f"{model_name}/{name}/{precision}"] = [meter.kept_bytes for meter in meters]
     return out
 
 
@@ -111,6 +80,7 @@ def test_grid_layers_keep_one_eighth_of_the_layer(measured, fast, model):
     per_rank = measured(fast)
     for rank, result in enumerate(per_rank):
         kept = {f"{name}/{precision}": result[f"{model}/{name}/{precision}"] for name, precision in RUNS}
+        assert all(len(layers) == len(kept["dp8/fp32"]) > 0 and min(layers) > 0 for layers in kept.values()), kept
         assert kept["2.5d/fp32"] == kept["3d/fp32"], f"rank {rank}: {kept}"
         for grid, data in zip(kept["3d/fp32"], kept["dp8/fp32"]):
             assert data * 0.9 <= grid <= data * 1.25, f"rank {rank}: 3D keeps {grid} bytes, dp8 {data}"

@@ -54,9 +54,16 @@ def _timed(hardware, op: str, nbytes: float, group: int, consecutive: bool, coun
 
 
 def tp_collectives(
-    tp: int, sp: str, consecutive: bool, hidden_bytes: float, hardware=None, calls_per_pass: int = 2
+    tp: int,
+    sp: str,
+    consecutive: bool,
+    hidden_bytes: float,
+    hardware=None,
+    calls_per_pass: int = 2,
+    recomputed: bool = False,
 ) -> list[Collective]:
-    """Intra-layer collectives of a TP / Megatron-SP / Ulysses group on a hidden state of ``hidden_bytes``."""
+    """Intra-layer collectives of a TP / Megatron-SP / Ulysses group on a hidden state of ``hidden_bytes``
+    (Megatron-SP's backward gathers its projections' inputs again, unless the layer is ``recomputed``)."""
     if tp <= 1:
         return []
     if sp == "none":
@@ -68,6 +75,11 @@ def tp_collectives(
         ]
     else:
         plan = [("all_to_all", "ulysses", hidden_bytes / tp, 2 * calls_per_pass)]
+    regathers = 0 if sp != "megatron" or recomputed else calls_per_pass
+    plan_of = {
+        "forward": plan,
+        "backward": [(op, p, b, n + (regathers if op == "all_gather" else 0)) for op, p, b, n in plan],
+    }
     return [
         Collective(
             op,
@@ -80,7 +92,7 @@ def tp_collectives(
             _timed(hardware, op, nbytes, tp, consecutive, count),
         )
         for phase in ("forward", "backward")
-        for op, purpose, nbytes, count in plan
+        for op, purpose, nbytes, count in plan_of[phase]
     ]
 
 
@@ -127,9 +139,8 @@ def layer_collectives(
         return _grid_collectives(strategy, local_hidden, param_count, mixed_precision, hardware, hidden_features)
     params = param_count if strategy.sp == "ulysses" else param_count / strategy.tp
     dp_consecutive = not strategy.tp_consecutive or strategy.tp == 1
-    return tp_collectives(strategy.tp, strategy.sp, strategy.tp_consecutive, local_hidden, hardware) + dp_collectives(
-        strategy.dp, strategy.dp_type, dp_consecutive, params, mixed_precision, hardware
-    )
+    tp = tp_collectives(strategy.tp, strategy.sp, strategy.tp_consecutive, local_hidden, hardware, 2, strategy.ckpt)
+    return tp + dp_collectives(strategy.dp, strategy.dp_type, dp_consecutive, params, mixed_precision, hardware)
 
 
 def _grid_collectives(

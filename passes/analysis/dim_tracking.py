@@ -132,6 +132,18 @@ POINTWISE_EXTRA = {
     aten.masked_fill.Tensor,
 }
 VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+# ops autocast runs in its lower precision, casting every floating input (bias included), and the views between
+AUTOCAST_MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.matmul.default, aten.linear.default}
+PASS_THROUGH = VIEWS | {aten.t.default, aten.transpose.int, aten.permute.default, aten.expand.default}
+
+
+def feeds_only_matmuls(node: fx.Node) -> bool:
+    """Whether only matrix multiplications read ``node`` (through views and transposes): what autocast would
+    cast to its dtype anyway, so it can be gathered in that dtype (the lowering's ``sp_gather``, ``grid_param``)."""
+    users = list(node.users)
+    return bool(users) and all(
+        user.target in AUTOCAST_MATMULS or (user.target in PASS_THROUGH and feeds_only_matmuls(user)) for user in users
+    )
 
 
 def _tensor_args(node):

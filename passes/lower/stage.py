@@ -132,8 +132,9 @@ class StageModule(nn.Module):
             for layer in self.stage_layers:
                 if seed is not None:  # random draws depend on (seed, layer, samples held), not on the stage
                     seed_generators(layer_seed(seed, layer.index, layer.data_index), self.device)
-                # a grid layer's gathered blocks are saved as the blocks and gathered again in backward
-                regather = regather_saved() if layer.strategy.tp_mode != "1d" else contextlib.nullcontext()
+                # what a grid or Megatron-SP layer gathers is saved as the blocks and gathered again in backward
+                gathers = layer.strategy.tp_mode != "1d" or layer.strategy.sp == "megatron"
+                regather = regather_saved() if gathers else contextlib.nullcontext()
                 with regather:
                     outputs = self.layers[layer.name](*[env[name] for name in layer.input_names])
                 env.update(zip(layer.output_names, outputs))

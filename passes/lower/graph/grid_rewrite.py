@@ -16,7 +16,7 @@ from galvatron_fx.fx_utils import get_attr_path, set_attr_path
 from galvatron_fx.parallel_dims import GridGroups
 from galvatron_fx.passes.analysis.batch_dim import is_size_node
 from galvatron_fx.passes.analysis.dim_factors import rewrite_sizes
-from galvatron_fx.passes.analysis.dim_tracking import VIEWS, param_matmul
+from galvatron_fx.passes.analysis.dim_tracking import VIEWS, feeds_only_matmuls, param_matmul
 from galvatron_fx.passes.lower.graph.sequence_parallel import REDUCTIONS, wants_shards
 from galvatron_fx.passes.lower.graph.tensor_parallel import ShardRecord
 from galvatron_fx.passes.lower.graph.tracked_factor import TrackedFactor
@@ -35,9 +35,6 @@ aten = torch.ops.aten
 MATMULS = {aten.mm.default, aten.bmm.default, aten.matmul.default, aten.scaled_dot_product_attention.default}
 ROW_REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList}
 REMEDY = "use tp_mode '1d' for this layer"
-# ops autocast runs in its lower precision, casting every floating input (bias included), and the views between
-AUTOCAST_MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.matmul.default, aten.linear.default}
-PASS_THROUGH = VIEWS | {aten.t.default, aten.transpose.int, aten.permute.default, aten.expand.default}
 
 
 @dataclass(frozen=True)
@@ -112,15 +109,6 @@ def _batched(node: fx.Node) -> bool:
 def _last_dim(node: fx.Node, where) -> bool:
     """Whether the hidden features are the whole last dimension of ``node`` (``where``: their position)."""
     return where is not None and where[0] == ndim_of(node) - 1 and len(where[1]) == 1
-
-
-def feeds_only_matmuls(node: fx.Node) -> bool:
-    """Whether only matrix multiplications read ``node`` (through views and transposes): what autocast would
-    cast to its dtype anyway, so it can be gathered in that dtype (``sp_gather``, ``grid_param``)."""
-    users = list(node.users)
-    return bool(users) and all(
-        user.target in AUTOCAST_MATMULS or (user.target in PASS_THROUGH and feeds_only_matmuls(user)) for user in users
-    )
 
 
 def refuse(layer_name: str, node: fx.Node, why: str):

@@ -45,7 +45,13 @@ from galvatron_fx.errors import PlanError
 from galvatron_fx.fx_utils import get_attr_path
 from galvatron_fx.passes.analysis.batch_dim import is_size_node
 from galvatron_fx.passes.analysis.dim_factors import rewrite_sizes
-from galvatron_fx.passes.analysis.dim_tracking import POINTWISE_EXTRA, VIEWS, param_matmul, rewritten_meta
+from galvatron_fx.passes.analysis.dim_tracking import (
+    POINTWISE_EXTRA,
+    VIEWS,
+    feeds_only_matmuls,
+    param_matmul,
+    rewritten_meta,
+)
 from galvatron_fx.passes.lower.graph.random_streams import mark_sharded
 from galvatron_fx.passes.lower.graph.tensor_parallel import TPConfig, TPResult, tensor_parallel, tp_region
 from galvatron_fx.passes.lower.graph.tracked_factor import TrackedFactor
@@ -305,7 +311,8 @@ def sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, layer_name: str = "laye
         inputs = node.all_input_nodes
         if node.target is tp_copy and inputs[0] in sharded:  # entering the TP region: gather the sequence
             with graph.inserting_before(node):
-                whole = graph.call_function(sp_gather, (inputs[0], *seq.position(inputs[0], True), ranks, True))
+                args = (inputs[0], *seq.position(inputs[0], True), ranks, True, feeds_only_matmuls(node))
+                whole = graph.call_function(sp_gather, args)
             node.replace_all_uses_with(whole)
             graph.erase_node(node)
         elif node.target is tp_scatter and inputs[0] in sharded:

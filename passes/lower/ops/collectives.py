@@ -263,6 +263,12 @@ def _factor_split(x, dim, sizes, index, ranks):
     )
 
 
+def _contiguous_gather(x, dim, sizes, index, ranks):
+    """``_factor_gather``, contiguous: each projection that reads it flattens it to (tokens, features), a view of
+    this one tensor (of a sequence gathered in the middle dimension, a copy of its own per projection)."""
+    return _factor_gather(x, dim, sizes, index, ranks).contiguous()
+
+
 class _SeqGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, sizes, index, ranks, sum_grad, into_matmul):
@@ -271,10 +277,13 @@ class _SeqGather(torch.autograd.Function):
             sum_grad,
             x.dtype,
         )
+        gather = functools.partial(
+            _contiguous_gather if into_matmul else _factor_gather, dim=dim, sizes=sizes, index=index, ranks=ranks
+        )
         if into_matmul:
             x = autocast_cast(x)
-        full = _factor_gather(x, dim, sizes, index, ranks)
-        note_gathered(full, x, functools.partial(_factor_gather, dim=dim, sizes=sizes, index=index, ranks=ranks))
+        full = gather(x)
+        note_gathered(full, x, gather)
         return full
 
     @staticmethod

@@ -2,19 +2,22 @@
 them: what Megatron's sequence parallelism does for a column-parallel projection's input, and what SUMMA and
 Colossal-AI's 3D linear do for their blocks.
 
-A grid layer (``passes.lower.graph.grid_parallel``) all-gathers a feature block before each column-parallel
-projection and every parameter block over its column before use. The projection saves its inputs for backward,
-so without this the whole gathered value would stay alive until backward: ``q`` times the block, per projection
-and per layer of the stage, and the gathered weights of every layer at once. Under ``regather_saved()`` (entered
-by ``StageModule`` around a grid layer's forward) the gathering ops announce their outputs (``note_gathered``);
+A Megatron-SP layer all-gathers the sequence before each column-parallel group (``sequence_parallel``); a grid
+layer (``grid_parallel``) gathers a feature or sample block before each projection and every parameter block
+over its column before use. The projections save their inputs for backward, so without this the whole gathered
+value would stay alive until backward: ``tp`` (or ``q``) times the shard, per projection and per layer of the
+stage, and a grid's gathered weights of every layer at once. Under ``regather_saved()`` (entered by
+``StageModule`` around such a layer's forward) the gathering ops announce their outputs (``note_gathered``);
 when autograd saves such an output, or a view of it, the pack hook keeps the shard and how to gather it, and the
 unpack hook gathers it again in backward (once for all the projections that saved it). The gathered value itself
 is freed as soon as forward no longer reads it. The cost is one more all-gather per announced value in
 backward, the same collective forward issued, over the same group, in the same order on every rank of it
-(backward visits the same graph everywhere).
+(backward visits the same graph everywhere). Under autocast the gathers that only projections read run in
+autocast's dtype (``sp_gather``'s ``into_matmul``), so what the projections save is the gathered value, not a
+cast of it of their own.
 
-Nothing changes where the context is not active (a 1D layer, or inside ``torch.utils.checkpoint``, whose own
-hooks take precedence: a checkpointed layer saves only its inputs).
+Nothing changes where the context is not active (other layers, or inside ``torch.utils.checkpoint``, whose own
+hooks take precedence: a checkpointed layer saves only its inputs and its recomputation keeps what it gathers).
 """
 
 from __future__ import annotations
