@@ -264,8 +264,9 @@ def _factor_split(x, dim, sizes, index, ranks):
 
 
 def _contiguous_gather(x, dim, sizes, index, ranks):
-    """``_factor_gather``, contiguous: each projection that reads it flattens it to (tokens, features), a view of
-    this one tensor (of a sequence gathered in the middle dimension, a copy of its own per projection)."""
+    """``_factor_gather``, contiguous, so that each projection reading it flattens it to (tokens, features) as a
+    view of this one tensor: a sequence gathered in the middle dimension is not contiguous, and each projection
+    would flatten it with a copy of its own (and save that)."""
     return _factor_gather(x, dim, sizes, index, ranks).contiguous()
 
 
