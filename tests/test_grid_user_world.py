@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
+from tiny_hf import tiny_hf_model
 
 import galvatron_fx
 from galvatron_fx.models import example_batch
@@ -23,44 +24,8 @@ BF16_TOLERANCE = 2e-3  # bf16 rounds at other places when features are split and
 GRID = dict(tp=4, tp_mode="2d")
 
 
-def _config(name: str):
-    import transformers as T
-
-    if name == "llama":
-        return T.LlamaForCausalLM, T.LlamaConfig(
-            vocab_size=128,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=96,
-            max_position_embeddings=32,
-        )
-    if name == "gpt2":
-        return T.GPT2LMHeadModel, T.GPT2Config(
-            vocab_size=128,
-            n_embd=64,
-            n_layer=2,
-            n_head=4,
-            n_positions=32,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
-    return T.BertForMaskedLM, T.BertConfig(
-        vocab_size=128,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=96,
-        max_position_embeddings=32,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-
-
 def _eager(name: str, batch: int, folder: str | None = None):
-    cls, config = _config(name)
+    cls, config = tiny_hf_model(name)
     torch.manual_seed(3)
     model = cls(config)
     if folder is not None:
@@ -88,7 +53,7 @@ def _worker(rank: int, world_size: int, folder: str) -> dict:
     for name in ("llama", "bert"):  # meta device, one sample per device (global batch 4)
         _, batches = _eager(name, 4, f"{folder}/{name}" if rank == 0 else None)
         dist.barrier()
-        cls, config = _config(name)
+        cls, config = tiny_hf_model(name)
         with torch.device("meta"):
             model = cls(config)
         compiled = galvatron_fx.compile(

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from tiny_hf import tiny_hf_model
 
 import galvatron_fx
 from galvatron_fx.errors import ConfigError
@@ -20,46 +21,8 @@ BATCH, SEQ, STEPS, LR, TOLERANCE = 4, 12, 3, 0.1, 1e-4
 PLANS = {"pp2": dict(pp=2, chunks=2), "tp2": dict(tp=2), "zero3": dict(sdp=True), "vtp2": dict(vtp=2)}
 
 
-def _config(name: str):
-    import transformers as T
-
-    if name == "llama":
-        return T.LlamaForCausalLM, T.LlamaConfig(
-            vocab_size=128,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=96,
-            max_position_embeddings=32,
-        )
-    if name == "bert":
-        return T.BertForMaskedLM, T.BertConfig(
-            vocab_size=128,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=96,
-            max_position_embeddings=32,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
-    return T.SwinForImageClassification, T.SwinConfig(
-        image_size=32,
-        patch_size=2,
-        embed_dim=16,
-        depths=[2, 2],
-        num_heads=[2, 4],
-        window_size=4,
-        num_labels=10,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        drop_path_rate=0.0,
-    )
-
-
 def _eager(name: str, folder: str | None = None):
-    cls, config = _config(name)
+    cls, config = tiny_hf_model(name)
     torch.manual_seed(3)
     model = cls(config)
     if folder is not None:
@@ -88,7 +51,7 @@ def _worker(rank: int, world_size: int, folder: str) -> dict:
     for name in ("llama", "bert", "swin"):
         _, batches = _eager(name, f"{folder}/{name}" if rank == 0 else None)
         dist.barrier()
-        cls, config = _config(name)
+        cls, config = tiny_hf_model(name)
         for plan_name, flags in PLANS.items():
             with torch.device("meta"):
                 model = cls(config)
