@@ -57,6 +57,7 @@ def ends_cost(
     first_stage: bool,
     last_stage: bool,
     busy_share: float = 1.0,
+    deferred_sync: bool = False,
 ) -> EndsCost | None:
     """The prologue (embedding, on the first stage) and/or epilogue (head and loss, on the last stage); None on a
     stage with neither.
@@ -105,7 +106,7 @@ def ends_cost(
     largest = max(part.largest_param_count / (split if part.vocab_param_count else 1) for part in parts)
     # the parts of a stage synchronise as one unit (FSDP2 shards them together; DDP: one share of a bucket),
     # once the first part's backward (the last to run) is done: like a layer's, it hides behind that one
-    gather_s, sync_s, transient = cm._dp_comm(params, dp, kind, split == 1)
+    gather_s, sync_s, transient = cm._dp_comm(params, dp, kind, split == 1, deferred_sync=deferred_sync)
     activation = embedding_activation_per_sample(cm, parts, vtp, vsp) * local
     if last_stage:  # the head's matmul casts its weight; the embedding's lookup casts nothing
         head = cm.model.epilogue

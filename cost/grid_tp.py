@@ -289,7 +289,9 @@ class GridCost:
     largest_param: float
 
 
-def grid_layer_cost(cost_model, layer_type: str, strategy: LayerStrategy, micro_batch: int, busy_share) -> GridCost:
+def grid_layer_cost(
+    cost_model, layer_type: str, strategy: LayerStrategy, micro_batch: int, busy_share, deferred_sync: bool = False
+) -> GridCost:
     """``CostModel.layer_cost``'s terms for a grid ``tp_mode``: compute over ``tp`` ranks, the grid's collectives
     (``tp_terms``), data-parallel sync of the ``W / q²`` (3D: ``W / q³``) parameters a rank stores, and memory:
     the activations one micro-batch keeps (a checkpointed layer: its input, in the rows' layout), the backward's
@@ -309,7 +311,7 @@ def grid_layer_cost(cost_model, layer_type: str, strategy: LayerStrategy, micro_
     q, _, cube = strategy.grid_shape
     # a weight's gradient is computed whole over its gathered block before the reduce-scatter adds it to the stored one
     params, largest = terms.stored_params, profile.largest_param_count / (q if cube == 1 else q * q)
-    gather_s, sync_s, transient = cm._dp_comm(params, strategy.dp, strategy.dp_type, False, compute)
+    gather_s, sync_s, transient = cm._dp_comm(params, strategy.dp, strategy.dp_type, False, compute, deferred_sync)
     fwd_s = own[0] + cm._visible(gather_s, compute[0], strategy.dp_type)
     bwd_s = own[1] + cm._visible(gather_s, compute[1], strategy.dp_type) + (own[0] if strategy.ckpt else 0.0)
     compute_b = COMPUTE_BYTES_PER_PARAM[cm.mixed_precision]

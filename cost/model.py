@@ -174,7 +174,7 @@ class CostModel:
         ``deferred_sync``: gradients are synchronised after the step's last micro-batch only
         (``Plan.defers_grad_sync``)."""
         if strategy.tp_mode != "1d":  # 2D, 2.5D, 3D: cost/grid_tp.py
-            g = grid_layer_cost(self, layer_type, strategy, micro_batch, busy_share)
+            g = grid_layer_cost(self, layer_type, strategy, micro_batch, busy_share, deferred_sync)
             cost = LayerCost(g.fwd_s, g.bwd_s, g.grad_sync_s, 0, g.activation_bytes, g.peak_extra_bytes)
             return self._with_states(cost, g.params, strategy.dp, strategy.dp_type, g.largest_param, deferred_sync)
         profile = self.model.layer(layer_type)
@@ -202,6 +202,7 @@ class CostModel:
             strategy.dp_type,
             not strategy.tp_consecutive or strategy.tp == 1,
             (fwd_compute, bwd_compute),
+            deferred_sync,
         )
         fwd_s = own[0] + self._visible(gather_s, fwd_compute, strategy.dp_type)
         bwd_s = own[1] + self._visible(gather_s, bwd_compute, strategy.dp_type) + self._ddp_drift_s(strategy, own)
@@ -274,9 +275,10 @@ class CostModel:
             # layer's gradient bytes are the unsharded ones (an over-count in the optimizer step, by then gone)
             unsharded = int(params * STATE_BYTES_PER_PARAM[self.mixed_precision][1])
             states, grads = states + unsharded - grads, unsharded
-        # autograd computes a weight's gradient whole, then adds it to a stored one; ZeRO's unsharded
-        # gradients are new in every backward (they are in the layer's transient), so only DDP's accumulate
-        accumulate = largest_param * STATE_BYTES_PER_PARAM[self.mixed_precision][1] if dp_type == "ddp" else 0.0
+        # autograd computes a weight's gradient whole, then adds it to a stored one: DDP's, and ZeRO's unsharded
+        # ones held over a step's micro-batches; otherwise ZeRO's are new in every backward (in the transient)
+        accumulates = dp_type == "ddp" or (deferred_sync and dp > 1)
+        accumulate = largest_param * STATE_BYTES_PER_PARAM[self.mixed_precision][1] if accumulates else 0.0
         if dp_type == "ddp" and dp > 1:  # DDP's gradient buckets persist: no phase of the step is without them
             grads = 0
         if dp_type == "zero2" and dp > 1:  # the shard stays besides the gathered parameters during a step
@@ -339,26 +341,30 @@ class CostModel:
         dp_type: str,
         consecutive: bool,
         compute_s: tuple[float, float] = (BLOCKING_PROBE_COMPUTE_S, BLOCKING_PROBE_COMPUTE_S),
+        deferred_sync: bool = False,
     ) -> tuple[float, float, float]:
         """(ZeRO-3 parameter gather per pass, gradient sync per step, transient bytes in backward) on
         ``params`` parameters, next to ``compute_s`` = (forward, backward) seconds of the layer's compute. The
         transient bytes are FSDP2's: the layer's unsharded gradients and the previous layer's, whose
         reduce-scatter is in flight (ZeRO-2 and -3), and with ZeRO-3 the layer's gathered parameters and the
-        next layer's, prefetched."""
+        next layer's, prefetched. With ``deferred_sync`` the unsharded gradients are held from the step's first
+        backward to its last (model states, ``_with_states``): a backward then adds only the shards the
+        reduce-scatters write."""
         if dp == 1 or params <= 0:
             return 0.0, 0.0, 0.0
         grad_b, weight_b = STATE_BYTES_PER_PARAM[self.mixed_precision][1], COMPUTE_BYTES_PER_PARAM[self.mixed_precision]
         hw = self.hardware
         grads, weights = params * grad_b, params * weight_b  # fp32 gradients reduced; bf16 parameters gathered
+        new_grads = grads / dp if deferred_sync else grads  # what a backward allocates for the reduce-scatter
         if dp_type == "ddp":  # the layer's share of a bucket's all-reduce: one latency per bucket
             fit = hw.fit("all_reduce", dp, consecutive)
             return 0.0, fit.latency_s * min(1.0, grads / GRAD_BUCKET_CAP_BYTES) + grads / fit.bandwidth_Bps, 0.0
         scatter_s = hw.collective_s("reduce_scatter", grads, dp, consecutive)
         gather_s = hw.collective_s("all_gather", weights, dp, consecutive)
         if dp_type == "zero2":  # reduce-scatter, then the all-gather of the updated parameters
-            gather, sync, calls, transient = 0.0, scatter_s + gather_s, (0, 2), 2 * grads
+            gather, sync, calls, transient = 0.0, scatter_s + gather_s, (0, 2), 2 * new_grads
         else:
-            gather, sync, calls, transient = gather_s, scatter_s, (1, 1), 2 * (weights + grads)
+            gather, sync, calls, transient = gather_s, scatter_s, (1, 1), 2 * (weights + new_grads)
         if not hw.comm_streams:
             gather, sync = self._in_place(dp_type, params * 4, dp, gather, sync, calls, compute_s)
         return gather, sync, transient
@@ -413,7 +419,7 @@ class CostModel:
     ) -> LayerCost:
         """The prologue (embedding, on the first stage) and/or epilogue (head and loss, on the last stage), with
         their model states (``ends_cost`` says how vocab TP and vsp split them)."""
-        ends = ends_cost(self, embedding, devices, micro_batch, first_stage, last_stage, busy_share)
+        ends = ends_cost(self, embedding, devices, micro_batch, first_stage, last_stage, busy_share, deferred_sync)
         if ends is None:
             return LayerCost(0.0, 0.0, 0.0, 0, 0, 0)
         cost = LayerCost(ends.fwd_s, ends.bwd_s, ends.grad_sync_s, 0, ends.activation_bytes, ends.peak_extra_bytes)

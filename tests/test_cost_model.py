@@ -200,7 +200,7 @@ def test_single_micro_batch_plans_count_gradients_only_where_they_peak():
                 )
                 for c in [cost] * 4 + [embedding]
             )
-            + transient
+            + cost.transient_bound_bytes
         )
 
     transient = cost.peak_extra_bytes  # the unsharded gradients in backward
@@ -224,6 +224,9 @@ def test_single_micro_batch_plans_count_gradients_only_where_they_peak():
     assert deferred.grad_bytes == 2 * cost.grad_bytes  # the whole fp32 gradient, not its half
     assert deferred.model_state_bytes - deferred.grad_bytes == cost.model_state_bytes - cost.grad_bytes
     assert two.memory_bound_bytes_per_stage == (expected(1, 1, deferred),)
+    # held from the first backward, the unsharded gradients are not new in a backward: it adds the shards the
+    # reduce-scatters write (this layer's and the previous one's: 1 / dp of what a synced backward makes)
+    assert deferred.peak_extra_bytes == transient // 2
     assert two.memory_bound_bytes_per_stage[0] > one.memory_bound_bytes_per_stage[0]
     # the predicted peak: the last layer's backward, the head's activations freed and its gradients made;
     # below the bound, which counts the head's activations there too

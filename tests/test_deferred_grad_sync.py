@@ -1,6 +1,7 @@
 """ZeRO with gradients accumulated over micro-batches: FSDP2 holds each layer's unsharded gradient from the
 first backward to the last, and the cost model prices it (``Plan.defers_grad_sync``). Predicted against
-measured peak memory on 2 gloo processes, 4 micro-batches, fp32, and with a sync after every micro-batch."""
+measured peak memory on 2 gloo processes, 4 micro-batches, fp32 (ZeRO-2 also checkpointed), and with a sync
+after every micro-batch."""
 
 from __future__ import annotations
 
@@ -17,10 +18,13 @@ from galvatron_fx.compile import build_cost_model
 from galvatron_fx.models import build_model, example_batch
 
 WORLD, BATCH, SEQ, CHUNKS = 2, 8, 24, 4
-PEAK_TOLERANCE = 0.10
+# peaks are deterministic: within 4 %, where counting the unsharded gradients twice under deferred sync (once
+# held, once in the backward's transient) read 4.7 to 5.9 % over
+PEAK_TOLERANCE = 0.045
 CASES = {
     "zero2": dict(dp_type="zero2", every=False),
     "zero3": dict(dp_type="zero3", every=False),
+    "zero2_ckpt": dict(dp_type="zero2", every=False, ckpt=True),
     "zero3_sync_every_micro_batch": dict(dp_type="zero3", every=True),
 }
 
@@ -37,7 +41,7 @@ def peak_worker(rank: int, world_size: int) -> dict:
     cost_model = build_cost_model(program, Cluster.detect(), "analytic", "fp32")
     out = {}
     for name, case in CASES.items():
-        layers = (LayerStrategy(dp=WORLD, dp_type=case["dp_type"]),) * len(program.body)
+        layers = (LayerStrategy(dp=WORLD, dp_type=case["dp_type"], ckpt=case.get("ckpt", False)),) * len(program.body)
         plan = Plan(
             world_size=WORLD,
             layers=layers,
