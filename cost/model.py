@@ -208,7 +208,8 @@ class CostModel:
         bwd_s = own[1] + self._visible(gather_s, bwd_compute, strategy.dp_type) + self._ddp_drift_s(strategy, own)
         if strategy.ckpt:
             bwd_s += own[0]
-        full_activation = profile.activation_per_sample(strategy.tp, sharded_seq) * local * self.activation_scale
+        scale = self.kept_activation_scale(profile, strategy.dp, strategy.dp_type)
+        full_activation = profile.activation_per_sample(strategy.tp, sharded_seq) * local * scale
         if strategy.ckpt:
             kept = (
                 profile.ckpt_activation_bytes_per_sample
@@ -221,7 +222,7 @@ class CostModel:
         # autocast's weight casts: saved for backward by a layer that is not checkpointed; a checkpointed one
         # keeps only its inputs and makes the casts again when it recomputes (docs/memory-7b.md)
         cast = self.autocast_cast_bytes(params, strategy.dp, strategy.dp_type)
-        working = profile.grad_working_per_sample(strategy.tp, sharded_seq) * local * self.activation_scale
+        working = profile.grad_working_per_sample(strategy.tp, sharded_seq) * local * scale
         if strategy.ckpt:
             peak_extra = transient_bytes + working + full_activation + cast
             if strategy.sp == "megatron":  # its recomputation keeps what it gathers whole (no regather there):
@@ -242,6 +243,16 @@ class CostModel:
             largest,
             deferred_sync,
         )
+
+    def kept_activation_scale(self, profile: LayerTypeProfile, dp: int, dp_type: str) -> float:
+        """Bytes a layer keeps for backward at the training dtype per byte its profile counts. Under bf16
+        autocast on fp32 weights (DDP, TP) its residual stream, norms and softmax stay fp32: what the profile
+        measured under autocast, where it did. A ZeRO layer computes on FSDP2's bf16 parameters and inputs,
+        its residual stream included: half, as every other figure."""
+        zero = dp > 1 and dp_type != "ddp"
+        if self.mixed_precision == "bf16" and self.model.dtype == "fp32" and profile.bf16_activation_scale and not zero:
+            return profile.bf16_activation_scale
+        return self.activation_scale
 
     def autocast_cast_bytes(self, params: float, dp: int, dp_type: str) -> float:
         """Bytes one micro-batch keeps of a layer's weights cast by bf16 autocast: the forward casts every

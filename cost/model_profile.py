@@ -37,9 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from galvatron_fx.errors import ProfileError
+from galvatron_fx.passes.analysis.annotate import saved_bytes_under_autocast
 
 from .hardware import read_json
-from .memory import grad_working_bytes, tp_activation_split
+from .memory import DTYPE_BYTES, grad_working_bytes, tp_activation_split
 from .time_formula import (
     PROFILE_MODES,
     TimeFormula,
@@ -98,6 +99,9 @@ class LayerTypeProfile:
     # ``LayerStrategy.lowering_key`` → why lowering cannot shard the layer so (passes.lower.obstacles);
     # for the embedding part, ``vtp{n}`` → why it cannot be vocab-parallel. Empty: nothing known against it
     lowering_obstacles: dict[str, str] = field(default_factory=dict)
+    # bytes a layer saves under bf16 autocast per byte it saves in fp32, its weights' casts not included (the
+    # residual stream, norms and softmax stay fp32); None: not in the profile, counted as 0.5
+    bf16_activation_scale: float | None = None
     # sequence mode: profiled sequence length → the figures of ``SEQ_FIELDS`` there (tables by TP degree);
     # empty: the figures above are those of the profile's one sequence length
     by_seq: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -188,6 +192,7 @@ class LayerTypeProfile:
                 for world, by_tp in self.in_place_times.items()
             },
             "lowering_obstacles": dict(self.lowering_obstacles),
+            **({"bf16_activation_scale": self.bf16_activation_scale} if self.bf16_activation_scale else {}),
             **(
                 {"by_seq": {str(s): _figures_to_json(fig) for s, fig in sorted(self.by_seq.items())}}
                 if self.by_seq
@@ -225,8 +230,17 @@ class LayerTypeProfile:
                 for world, by_tp in (data.get("in_place_times") or {}).items()
             },
             lowering_obstacles={str(k): str(v) for k, v in (data.get("lowering_obstacles") or {}).items()},
+            bf16_activation_scale=_fraction(data.get("bf16_activation_scale")),
             by_seq={int(s): _figures_from_json(fig) for s, fig in (data.get("by_seq") or {}).items()},
         )
+
+
+def _fraction(value: Any) -> float | None:
+    if value is None:
+        return None
+    if not 0.0 < float(value) <= 2.0:
+        raise ValueError(f"{value!r} is not a ratio of bytes")
+    return float(value)
 
 
 def _figures_to_json(figures: dict[str, Any]) -> dict[str, Any]:
@@ -388,10 +402,12 @@ class ModelProfile:
         """
         heads = num_heads if num_heads is not None else infer_num_heads(program)
         batch = program.batch_size
+        autocast_saved = saved_bytes_under_autocast(program.graph_module, {})
         types: dict[str, LayerTypeProfile] = {}
         for layer in program.body:
             if layer.layer_type not in types:
                 types[layer.layer_type] = layer_type_profile(program, layer, flops_per_s, heads)
+                types[layer.layer_type].bf16_activation_scale = bf16_activation_scale(program, layer, autocast_saved)
         seq, hidden = infer_seq_hidden(program)
         return cls(
             name=name or program.model_name,
@@ -581,6 +597,17 @@ def layer_type_profile(program, layer, flops_per_s: float, heads: int, vocab: bo
         bwd_flops_per_sample=bwd_flops,
         grad_working_bytes_per_sample=working,
     )
+
+
+def bf16_activation_scale(program, layer, autocast_saved: dict[str, int] | None) -> float | None:
+    """What ``layer`` saves under bf16 autocast (``saved_bytes_under_autocast``) less its weights' casts (the
+    cost model adds those itself: ``CostModel.autocast_cast_bytes``), per byte it saves in fp32; None where it
+    saves nothing in fp32 or was not run under autocast (a model on the meta device)."""
+    fp32 = layer.stats.saved_activation_bytes
+    if autocast_saved is None or fp32 <= 0:
+        return None
+    casts = layer.stats.param_count * DTYPE_BYTES["bf16"]
+    return max(sum(autocast_saved.get(name, 0) for name in layer.node_names) - casts, 1) / fp32
 
 
 def _tied_param_count(program) -> int:

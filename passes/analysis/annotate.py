@@ -6,11 +6,13 @@ in its ``NodeMeta`` (``program.node_meta(node).info``): output shape and dtype, 
 of its backward (torch.utils.flop_counter's formulas, attributed through autograd hooks on the node's
 grad_fn), and the activation bytes autograd saves for backward (storages first saved by this node,
 parameters excluded); get_attr nodes of parameters carry their bytes. ``sum_layer_stats`` requires
-annotated nodes and ensures every layer's ``stats``.
+annotated nodes and ensures every layer's ``stats``. ``saved_bytes_under_autocast`` counts the saved bytes
+again under bf16 autocast, for the memory of mixed-precision training, and leaves the annotations alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -120,21 +122,53 @@ def _fake_input(fake_mode: FakeTensorMode, node: fx.Node, example: Any) -> Any:
         return torch.empty(tuple(value.shape), dtype=value.dtype, device=value.device)
 
 
-def annotate_nodes(graph_module: fx.GraphModule, example_inputs: dict[str, Any]) -> None:
-    """Annotate every call node of ``graph_module`` (see module docstring). ``example_inputs``: by placeholder."""
+def _run_fake(
+    graph_module: fx.GraphModule, example_inputs: dict[str, Any], autocast_dtype: torch.dtype | None = None
+) -> _CostInterpreter:
+    """Forward and backward of ``graph_module`` on fake tensors, counted by a ``_CostInterpreter``; with
+    ``autocast_dtype``, under autocast for the device of the graph's parameters."""
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
     interpreter = _CostInterpreter(graph_module, fake_mode, counter)
     placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
     inputs = [_fake_input(fake_mode, n, example_inputs.get(n.name)) for n in placeholders]
+    autocast = (
+        torch.autocast(_parameter_device(graph_module), dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
     with fake_mode, counter:
         with torch.autograd.graph.saved_tensors_hooks(interpreter.pack_saved, lambda t: t):
-            with torch.enable_grad():
+            with torch.enable_grad(), autocast:
                 outputs = interpreter.run(*inputs)
         interpreter.current = None
         differentiable = [o for o in pytree.tree_leaves(outputs) if isinstance(o, torch.Tensor) and o.requires_grad]
         if differentiable:
             torch.autograd.backward(differentiable, [torch.ones_like(o) for o in differentiable])
+    return interpreter
+
+
+def _parameter_device(graph_module: fx.GraphModule) -> str:
+    return next((p.device.type for p in graph_module.parameters()), "cpu")
+
+
+def saved_bytes_under_autocast(
+    graph_module: fx.GraphModule, example_inputs: dict[str, Any], dtype: torch.dtype = torch.bfloat16
+) -> dict[str, int] | None:
+    """Node name → the bytes autograd saves for backward first at that node when the graph runs under autocast
+    to ``dtype`` (autocast's casts of weights included): ``NodeInfo.saved_bytes`` at mixed precision, where
+    the residual stream, norms and softmax stay fp32 and matmuls save bf16. None for a model on a device
+    without autocast (the meta device: its constants live there, so the graph cannot run on another).
+    Node meta is left as it is."""
+    if _parameter_device(graph_module) not in ("cpu", "cuda"):
+        return None
+    interpreter = _run_fake(graph_module, example_inputs, dtype)
+    return {node.name: info.saved_bytes for node, info in interpreter.info.items()}
+
+
+def annotate_nodes(graph_module: fx.GraphModule, example_inputs: dict[str, Any]) -> None:
+    """Annotate every call node of ``graph_module`` (see module docstring). ``example_inputs``: by placeholder."""
+    interpreter = _run_fake(graph_module, example_inputs)
 
     parameters = dict(graph_module.named_parameters(remove_duplicate=False))
     for node in graph_module.graph.nodes:
