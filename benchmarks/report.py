@@ -243,7 +243,9 @@ def out_of_sample_section(data: dict, quality_oos: dict | None) -> list[str]:
     if again:
         r = again["summary"]
         parts += [
-            f"A second run (`{again.get('measured_command') or again['command']}`, {_environment(again)}): median "
+            f"An earlier run (`{again.get('measured_command') or again['command']}`, {_environment(again)}; "
+            "taken beside the test suite and priced by the code of its day, which its memory measurements "
+            "also predate): median "
             f"|time error| **{r['median_time_error']:.1%}**, worst **{r['worst_time_error']:.1%}**, Spearman "
             f"**{r['spearman_time']:.3f}**; memory median **{r['median_memory_error']:.1%}**, worst "
             f"**{r['worst_memory_error']:.1%}** (benchmarks/results/cost_accuracy_oos_run2.json).",
