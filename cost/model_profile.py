@@ -398,7 +398,8 @@ class ModelProfile:
 
         Times are linear in the micro-batch at the captured sequence length (one capture cannot separate
         the sequence terms; profile-model measures them). Activation bytes per TP degree are derived from
-        the graph (``tp_activation_split``), not measured: TP lowering is a later step.
+        the graph (``tp_activation_split``), not measured: TP lowering is a later step. What a layer keeps
+        under bf16 autocast is counted on a second fake run (``bf16_activation_scale``).
         """
         heads = num_heads if num_heads is not None else infer_num_heads(program)
         batch = program.batch_size
@@ -406,8 +407,10 @@ class ModelProfile:
         types: dict[str, LayerTypeProfile] = {}
         for layer in program.body:
             if layer.layer_type not in types:
-                types[layer.layer_type] = layer_type_profile(program, layer, flops_per_s, heads)
-                types[layer.layer_type].bf16_activation_scale = bf16_activation_scale(program, layer, autocast_saved)
+                types[layer.layer_type] = dataclasses.replace(
+                    layer_type_profile(program, layer, flops_per_s, heads),
+                    bf16_activation_scale=bf16_activation_scale(layer, autocast_saved),
+                )
         seq, hidden = infer_seq_hidden(program)
         return cls(
             name=name or program.model_name,
@@ -599,7 +602,7 @@ def layer_type_profile(program, layer, flops_per_s: float, heads: int, vocab: bo
     )
 
 
-def bf16_activation_scale(program, layer, autocast_saved: dict[str, int] | None) -> float | None:
+def bf16_activation_scale(layer, autocast_saved: dict[str, int] | None) -> float | None:
     """What ``layer`` saves under bf16 autocast (``saved_bytes_under_autocast``) less its weights' casts (the
     cost model adds those itself: ``CostModel.autocast_cast_bytes``), per byte it saves in fp32; None where it
     saves nothing in fp32 or was not run under autocast (a model on the meta device)."""
