@@ -393,17 +393,19 @@ class ModelProfile:
         num_heads: int | None = None,
         device: str = "",
         name: str | None = None,
+        bf16_activations: bool = True,
     ) -> "ModelProfile":
         """Analytic profile: time = FLOPs ÷ ``flops_per_s`` (sustained), memory from the graph's annotations.
 
         Times are linear in the micro-batch at the captured sequence length (one capture cannot separate
         the sequence terms; profile-model measures them). Activation bytes per TP degree are derived from
         the graph (``tp_activation_split``), not measured: TP lowering is a later step. What a layer keeps
-        under bf16 autocast is counted on a second fake run (``bf16_activation_scale``).
+        under bf16 autocast is counted on a second fake run (``bf16_activation_scale``), unless
+        ``bf16_activations`` is False (a profile that prices fp32 training only: then counted as half).
         """
         heads = num_heads if num_heads is not None else infer_num_heads(program)
         batch = program.batch_size
-        autocast_saved = saved_bytes_under_autocast(program.graph_module, {})
+        autocast_saved = saved_bytes_under_autocast(program.graph_module, {}) if bf16_activations else None
         types: dict[str, LayerTypeProfile] = {}
         for layer in program.body:
             if layer.layer_type not in types:

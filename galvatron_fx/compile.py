@@ -234,7 +234,9 @@ def build_cost_model(
         flops_per_s = (
             flops["fp32"] if rescaled else flops.get(mixed_precision) or cluster.sustained_flops[mixed_precision]
         )
-        model_profile = ModelProfile.from_program(program, flops_per_s=flops_per_s, dtype="fp32")
+        model_profile = ModelProfile.from_program(
+            program, flops_per_s=flops_per_s, dtype="fp32", bf16_activations=mixed_precision == "bf16"
+        )
     else:
         model_profile = load_model_profile(profile)
         seq, hidden = infer_seq_hidden(program)
