@@ -162,17 +162,24 @@ def _sp_llama(layers: int):
     return galvatron_fx.capture(transformers.LlamaForCausalLM(config), example_kwargs=batch), batch
 
 
-def _kept_bytes_of_a_layer(program, batch) -> int:
-    """What rank 0's first body layer keeps for backward under a tp2 Megatron-SP plan, lowered and run under the
-    fake process group (one micro-batch): ``saved_memory.Metered``."""
-    from galvatron_fx.runtime import TrainConfig, Trainer
+def _kept_bytes_of_a_layer(program, batch, strategy: LayerStrategy, mixed_precision: str = "fp32") -> int:
+    """What rank 0's first body layer keeps for backward with every layer under ``strategy`` (tp ``SP_TP``),
+    lowered and run under the fake process group (one micro-batch): ``saved_memory.Metered``."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    layers = len(program.body)
-    plan = Plan(world_size=SP_TP, layers=[LayerStrategy(tp=SP_TP, dp=1, sp="megatron")] * layers, global_batch=SP_BATCH)
-    trainer = Trainer(program, plan, config=TrainConfig())
-    meters = meter_body_layers(trainer.stage)
-    trainer.step(batch)
-    return meters[0].kept_bytes
+    from galvatron_fx.runtime import TrainConfig, Trainer, groups
+
+    plan = Plan(world_size=SP_TP, layers=[strategy] * len(program.body), global_batch=SP_BATCH)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=SP_TP)
+    try:
+        trainer = Trainer(program, plan, config=TrainConfig(mixed_precision=mixed_precision))
+        meters = meter_body_layers(trainer.stage)
+        trainer.step(batch)
+        groups.clear_cache()
+        return meters[0].kept_bytes
+    finally:
+        dist.destroy_process_group()
 
 
 def test_megatron_sp_keeps_its_projections_gathered_inputs_as_sequence_shards():
@@ -180,12 +187,8 @@ def test_megatron_sp_keeps_its_projections_gathered_inputs_as_sequence_shards():
     gathered from, and gather it again in backward (passes/lower/ops/regather.py), as Megatron-LM does: a layer
     keeps the total over tp, the analytic profile's figure. (Before, each of LLaMA's five projections, q, k, v,
     gate and up, kept a whole copy: about 1.3 times more here.)"""
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
     from galvatron_fx.cost.memory import tp_activation_parts
     from galvatron_fx.cost.model_profile import ModelProfile
-    from galvatron_fx.runtime import groups
 
     program, batch = _sp_llama(2)
     profile = ModelProfile.from_program(program, flops_per_s=1e12)
@@ -197,12 +200,7 @@ def test_megatron_sp_keeps_its_projections_gathered_inputs_as_sequence_shards():
     assert layer.activation_per_sample(SP_TP, True) == pytest.approx(by_hand, abs=1)
     copies = (replicated / SP_TP + 5 * full_input + sharded / SP_TP) / SP_BATCH  # one whole input per projection
 
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=SP_TP)
-    try:
-        measured = _kept_bytes_of_a_layer(program, batch)
-        groups.clear_cache()
-    finally:
-        dist.destroy_process_group()
+    measured = _kept_bytes_of_a_layer(program, batch, LayerStrategy(tp=SP_TP, dp=1, sp="megatron"))
     assert measured == pytest.approx(by_hand * SP_BATCH, rel=0.10)
     assert measured < copies * SP_BATCH / 1.2
 
@@ -245,13 +243,9 @@ def test_bf16_autocast_keeps_what_the_analytic_profile_measured_under_autocast()
     """Under bf16 autocast on fp32 weights a layer keeps more than half its fp32 activations: its residual
     stream, norms and softmax stay fp32. The analytic profile measures the ratio on fake tensors under autocast
     (``bf16_activation_scale``); a tp2 LLaMA layer run under the fake process group keeps that, its weights'
-    casts besides, within 10 % (half the fp32 figure read about 20 % under)."""
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
+    casts besides, within 10 % (half the fp32 figure read 30 % under)."""
     from galvatron_fx.cluster import Cluster
     from galvatron_fx.cost.model_profile import ModelProfile
-    from galvatron_fx.runtime import TrainConfig, Trainer, groups
 
     program, batch = _sp_llama(2)
     profile = ModelProfile.from_program(program, flops_per_s=1e12)
@@ -263,16 +257,7 @@ def test_bf16_autocast_keeps_what_the_analytic_profile_measured_under_autocast()
     predicted = cost.layer_cost(profile.layer_types[0], strategy, SP_BATCH).activation_bytes
     half = layer.activation_per_sample(SP_TP, False) * SP_BATCH * 0.5 + layer.param_count / SP_TP * 2
 
-    plan = Plan(world_size=SP_TP, layers=[strategy] * len(program.body), global_batch=SP_BATCH)
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=SP_TP)
-    try:
-        trainer = Trainer(program, plan, config=TrainConfig(mixed_precision="bf16"))
-        meters = meter_body_layers(trainer.stage)
-        trainer.step(batch)
-        measured = meters[0].kept_bytes
-        groups.clear_cache()
-    finally:
-        dist.destroy_process_group()
+    measured = _kept_bytes_of_a_layer(program, batch, strategy, "bf16")
     print(f"kept by a tp2 layer under bf16: measured {measured}, predicted {predicted:.0f}, half of fp32 {half:.0f}")
     assert predicted == pytest.approx(measured, rel=0.10)
     assert half < measured / 1.1
