@@ -24,6 +24,7 @@ Peak memory per rank (``peak_step_bytes``):
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -194,10 +195,18 @@ def peak_step_bytes(step: Callable[[], Any], device: torch.device, state: Callab
 
     _count_cpu_frees_on_every_thread()
     before = tensor_bytes(state())
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-        with record_function(_MEASURED):
+    # The readings are the allocator's total against its total when profiling began: garbage of earlier work
+    # (a previous trainer's reference cycles) collected inside the window would lower every reading by its
+    # bytes, by chance. Collect it first, and let no collection run while profiling.
+    gc.collect()
+    gc.disable()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             step()
+            with record_function(_MEASURED):
+                step()
+    finally:
+        gc.enable()
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "trace.json"
         prof.export_chrome_trace(str(path))
