@@ -90,9 +90,14 @@ def ends_cost(
     if not parts:
         return None
     own = [cm._in_place_s(part, 1, work, busy_share) if split == 1 else None for part in parts]
+    casts = [cm.cast_params(part, split, dp, kind) for part in parts]
     own = [
-        times or (cm._compute_s(part.fwd, work, split, busy_share), cm._compute_s(part.bwd, work, split, busy_share))
-        for part, times in zip(parts, own)
+        times
+        or (
+            cm._compute_s(part.fwd, work, split, busy_share, cast),
+            cm._compute_s(part.bwd, work, split, busy_share, cast),
+        )
+        for part, times, cast in zip(parts, own, casts)
     ]
     fwd_compute = sum(fwd for fwd, _ in own)
     bwd_parts = [bwd for _, bwd in own]

@@ -300,9 +300,10 @@ def grid_layer_cost(
     P, local = strategy.tp, micro_batch / strategy.dp
     shape = layer_shape(cm, profile, local)
     terms = tp_terms(strategy, shape, cm.mixed_precision)
+    casts = cm.cast_params(profile, P, strategy.dp, strategy.dp_type)
     compute = (
-        cm._compute_s(profile.fwd, local, P, busy_share),
-        cm._compute_s(profile.bwd, local, P, busy_share),
+        cm._compute_s(profile.fwd, local, P, busy_share, casts),
+        cm._compute_s(profile.bwd, local, P, busy_share, casts),
     )
     own = (
         compute[0] + collectives_s(cm.hardware, terms.forward, compute[0]),

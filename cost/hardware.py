@@ -100,6 +100,9 @@ class HardwareProfile:
     ``sharded_units`` maps ``"<zero2|zero3>/<group>"`` to the CommFit of what one FSDP2 unit of ``nbytes``
     of fp32 parameters costs a training step beyond its compute (every gather, reduce-scatter, copy and
     wait), measured where collectives are waited for in place (CPUs); empty elsewhere.
+    ``op_overhead_s``: the batch-independent seconds of a training step per operator its forward and backward
+    dispatch (launch and dispatch; ``cost/step_probe.py``), and ``autocast_cast_s_per_param`` what bf16
+    autocast's weight casts add per parameter cast, both at the contention of ``flops_per_s`` (0: not measured).
     """
 
     world_size: int
@@ -118,6 +121,8 @@ class HardwareProfile:
     blocking_by_group_s: dict[int, float] = field(default_factory=dict)
     sharded_units: dict[str, CommFit] = field(default_factory=dict)
     blocking_growth_by_group: dict[int, float] = field(default_factory=dict)
+    op_overhead_s: float = 0.0
+    autocast_cast_s_per_param: float = 0.0
 
     # -- queries -------------------------------------------------------------------------------
     def fit(self, op: str, group: int, consecutive: bool = True) -> CommFit:
@@ -222,6 +227,8 @@ class HardwareProfile:
             "overlap_slowdown": self.overlap_slowdown,
             "flops_per_s": dict(self.flops_per_s),
             "optimizer_s_per_param": self.optimizer_s_per_param,
+            "op_overhead_s": self.op_overhead_s,
+            "autocast_cast_s_per_param": self.autocast_cast_s_per_param,
             "compute_slowdown": self.compute_slowdown,
             "blocking_collective_s": self.blocking_collective_s,
             "blocking_by_group_s": {str(k): v for k, v in sorted(self.blocking_by_group_s.items())},
@@ -271,6 +278,14 @@ class HardwareProfile:
             optimizer_s = float(data.get("optimizer_s_per_param", 0.0))
             if not optimizer_s >= 0.0:
                 raise ValueError(f"{optimizer_s} < 0")
+            key = "op_overhead_s"
+            op_overhead_s = float(data.get("op_overhead_s", 0.0))
+            if not op_overhead_s >= 0.0:
+                raise ValueError(f"{op_overhead_s} < 0")
+            key = "autocast_cast_s_per_param"
+            cast_s = float(data.get("autocast_cast_s_per_param", 0.0))
+            if not cast_s >= 0.0:
+                raise ValueError(f"{cast_s} < 0")
             key = "compute_slowdown"
             compute_slowdown = float(data.get("compute_slowdown", 1.0))
             if not compute_slowdown >= 1.0:
@@ -324,6 +339,8 @@ class HardwareProfile:
             blocking_by_group,
             sharded_units,
             blocking_growth,
+            op_overhead_s,
+            cast_s,
         )
 
 
@@ -375,6 +392,8 @@ def mean_profile(passes: Sequence[HardwareProfile]) -> HardwareProfile:
         overlap_slowdown=mean("overlap_slowdown"),
         flops_per_s=means("flops_per_s"),
         optimizer_s_per_param=mean("optimizer_s_per_param"),
+        op_overhead_s=mean("op_overhead_s"),
+        autocast_cast_s_per_param=mean("autocast_cast_s_per_param"),
         compute_slowdown=mean("compute_slowdown"),
         blocking_collective_s=mean("blocking_collective_s"),
         blocking_by_group_s=means("blocking_by_group_s"),

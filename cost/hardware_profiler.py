@@ -7,7 +7,8 @@ where those are other shapes), all groups of that shape run each collective at
 once (as in training, where every TP or DP group communicates together) over a few message sizes, with a
 warm-up and the median of the repetitions; the slowest rank's median counts. Then send/recv between the
 neighbouring stages of every pipeline degree, how much of an all-reduce stays visible next to compute,
-the sustained matmul throughput, the slowdown of a Transformer block when every rank computes at once
+what a Transformer block's training step costs per FLOP, per operator and per bf16 weight cast
+(cost/step_probe.py), the slowdown of a Transformer block when every rank computes at once
 (processes sharing CPU cores), the time of an Adam step per parameter, and on CPUs what an FSDP2 unit
 costs a step (cost/fsdp_probe.py). Time and memory are bounded by the message sizes and repetitions
 (``ProfilerConfig``); the defaults on CPU keep 4 gloo processes on 2 cores well under a minute.
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 
 from .fsdp_probe import sharded_unit_times
 from .hardware import BLOCKING_PROBE_COMPUTE_S, COLLECTIVES, HardwareProfile, fit_latency_bandwidth
+from .step_probe import PROBE_DTYPES, measure_step_costs
 
 KiB, MiB = 2**10, 2**20
 
@@ -188,8 +190,9 @@ def profile_hardware(
             medians.append(_ping_pong(nbytes, world // pp, rank, device, config) if rank < 2 * (world // pp) else 0.0)
             dist.barrier()
         progress.step(f"send/recv pp={pp}")
-    flops_per_s = _matmul_flops(device, config)
-    progress.step("matmul throughput")
+    probe_config = dataclasses.replace(config, repeats=max(3, config.repeats // 2))
+    step = measure_step_costs(device, config.matmul_dim, lambda run: _median_time(run, device, probe_config))
+    progress.step("Transformer step: FLOPs, operators, casts")
     slowdown = _overlap_slowdown(device, config)
     progress.step("compute/communication overlap")
     compute_slowdown = _compute_slowdown(device, config)
@@ -220,6 +223,8 @@ def profile_hardware(
         + list(units.values())
         + list(skew_s.values())
         + list(skew_long_s.values())
+        + [1 / step.flops_per_s[d] for d in PROBE_DTYPES]
+        + [step.op_overhead_s, step.autocast_cast_s_per_param]
         + [optimizer_s, compute_slowdown, slowdown],
         dtype=torch.float64,
         device=device,
@@ -246,7 +251,7 @@ def profile_hardware(
         for g in blocking_s
     }
     cluster = Cluster.detect()
-    dtype = "bf16" if device.type == "cuda" else "fp32"
+    s_per_flop = values[-7 : -7 + len(PROBE_DTYPES)]
     return HardwareProfile(
         world_size=world,
         devices_per_node=min(cluster.devices_per_node, world),
@@ -255,7 +260,7 @@ def profile_hardware(
         collectives={k: v for k, v in fits.items() if not k.startswith("p2p/")},
         p2p={int(k.split("/")[1]): v for k, v in fits.items() if k.startswith("p2p/")},
         overlap_slowdown=max(1.0, values[-1]),
-        flops_per_s={dtype: flops_per_s},
+        flops_per_s={d: 1 / s for d, s in zip(PROBE_DTYPES, s_per_flop)},
         backend=dist.get_backend(),
         source="profile-hardware",
         optimizer_s_per_param=values[-3],
@@ -264,6 +269,8 @@ def profile_hardware(
         blocking_by_group_s=blocking_s,
         blocking_growth_by_group=growth,
         sharded_units=unit_fits,
+        op_overhead_s=values[-5],
+        autocast_cast_s_per_param=values[-4],
     )
 
 
@@ -289,14 +296,6 @@ def _ping_pong(nbytes: int, step: int, rank: int, device: torch.device, config: 
         _sync(device)
         times.append((time.perf_counter() - start) / 2)
     return statistics.median(times)
-
-
-def _matmul_flops(device: torch.device, config: ProfilerConfig) -> float:
-    n = config.matmul_dim
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    seconds = _median_time(lambda: a @ b, device, config)
-    return 2 * n**3 / max(seconds, 1e-9)
 
 
 def _transformer_block(dim: int, device: torch.device) -> Callable[[], None]:

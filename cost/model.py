@@ -125,11 +125,13 @@ class CostModel:
         compute_dtype = "bf16" if mixed_precision == "bf16" else "fp32"
         self.activation_scale = DTYPE_BYTES[compute_dtype] / DTYPE_BYTES.get(model.dtype, 4)
         # An analytic profile priced in one dtype is re-priced at the training dtype's throughput.
-        self.time_scale = 1.0
+        self.time_scale, self.cast_s_per_param = 1.0, 0.0
         if model.mode == "analytic" and model.dtype != compute_dtype:
             have, want = hardware.flops_per_s.get(model.dtype), hardware.flops_per_s.get(compute_dtype)
             if have and want:
                 self.time_scale = have / want
+            if compute_dtype == "bf16":  # autocast casts the weights at each forward, which FLOPs do not count
+                self.cast_s_per_param = hardware.autocast_cast_s_per_param
         # processes sharing cores slow each other's compute (cost/hardware.py); analytic times already
         # describe one device of the cluster
         # analytic times (FLOPs over the throughput profile-hardware measures on every rank at once) hold the
@@ -153,12 +155,21 @@ class CostModel:
         """How much slower a rank computes while ``busy_share`` of the ranks compute, on average, than alone."""
         return max(1.0, self.compute_slowdown * busy_share)
 
-    def _compute_s(self, formula: TimeFormula, local: float, tp: int, busy_share: float) -> float:
+    def _compute_s(
+        self, formula: TimeFormula, local: float, tp: int, busy_share: float, cast_params: float = 0.0
+    ) -> float:
         """Seconds of ``formula`` at ``local`` samples on one of ``tp`` ranks: they split the work, but each
-        pays the batch-independent part (per-call overhead) whole."""
+        pays the batch-independent part (per-operator overhead, which the dtype does not change) whole;
+        ``cast_params``: the parameters this rank's autocast casts, half of their cost in each pass."""
         fixed = formula.fixed_s(self.seq)
-        contention = self.contention(busy_share) / self.throughput_slowdown
-        return (fixed + (formula(local, self.seq) - fixed) / tp) * self.time_scale * contention
+        marginal = (formula(local, self.seq) - fixed) / tp * self.time_scale
+        casts = self.cast_s_per_param * cast_params / 2
+        return (fixed + casts + marginal) * self.contention(busy_share) / self.throughput_slowdown
+
+    def cast_params(self, profile: LayerTypeProfile, split: float, dp: int, dp_type: str) -> float:
+        """Parameters one rank's bf16 autocast casts of a layer whose weights are split ``split`` ways (a ZeRO
+        layer's FSDP2 casts its shard)."""
+        return profile.autocast_cast_param_count / split / (dp if dp > 1 and dp_type != "ddp" else 1)
 
     # -- one layer ------------------------------------------------------------------------------
     def layer_cost(
@@ -180,8 +191,10 @@ class CostModel:
         profile = self.model.layer(layer_type)
         local = micro_batch / strategy.dp
         sharded_seq = strategy.sp != "none"
-        fwd_compute = self._compute_s(profile.fwd, local, strategy.tp, busy_share)
-        bwd_compute = self._compute_s(profile.bwd, local, strategy.tp, busy_share)
+        split = 1 if strategy.sp == "ulysses" else strategy.tp  # Ulysses keeps whole weights
+        casts = self.cast_params(profile, split, strategy.dp, strategy.dp_type)
+        fwd_compute = self._compute_s(profile.fwd, local, strategy.tp, busy_share, casts)
+        bwd_compute = self._compute_s(profile.bwd, local, strategy.tp, busy_share, casts)
         # the layer's own time, compute and TP collectives: timed in place where the profile has it
         own = (
             self._in_place_s(profile, strategy.tp, local, busy_share)
@@ -194,7 +207,6 @@ class CostModel:
                 fwd_compute + self._tp_comm_s(strategy, hidden_bytes, fwd_compute),
                 bwd_compute + self._tp_comm_s(strategy, hidden_bytes, bwd_compute, backward=True),
             )
-        split = 1 if strategy.sp == "ulysses" else strategy.tp  # Ulysses keeps whole weights
         params, largest = profile.param_count / split, profile.largest_param_count / split
         gather_s, sync_s, transient_bytes = self._dp_comm(
             params,

@@ -102,6 +102,9 @@ class LayerTypeProfile:
     # bytes a layer saves under bf16 autocast per byte it saves in fp32, its weights' casts not included (the
     # residual stream, norms and softmax stay fp32); None: not in the profile, counted as 0.5
     bf16_activation_scale: float | None = None
+    # parameters bf16 autocast casts at each forward (the weights and biases matrix multiplications read;
+    # cast_param_count); 0: not counted (measured profiles, whose times hold the casts where measured in bf16)
+    autocast_cast_param_count: int = 0
     # sequence mode: profiled sequence length → the figures of ``SEQ_FIELDS`` there (tables by TP degree);
     # empty: the figures above are those of the profile's one sequence length
     by_seq: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -193,6 +196,7 @@ class LayerTypeProfile:
             },
             "lowering_obstacles": dict(self.lowering_obstacles),
             **({"bf16_activation_scale": self.bf16_activation_scale} if self.bf16_activation_scale else {}),
+            **({"autocast_cast_param_count": self.autocast_cast_param_count} if self.autocast_cast_param_count else {}),
             **(
                 {"by_seq": {str(s): _figures_to_json(fig) for s, fig in sorted(self.by_seq.items())}}
                 if self.by_seq
@@ -231,6 +235,7 @@ class LayerTypeProfile:
             },
             lowering_obstacles={str(k): str(v) for k, v in (data.get("lowering_obstacles") or {}).items()},
             bf16_activation_scale=_fraction(data.get("bf16_activation_scale")),
+            autocast_cast_param_count=int(data.get("autocast_cast_param_count", 0)),
             by_seq={int(s): _figures_from_json(fig) for s, fig in (data.get("by_seq") or {}).items()},
         )
 
@@ -394,8 +399,10 @@ class ModelProfile:
         device: str = "",
         name: str | None = None,
         bf16_activations: bool = True,
+        op_overhead_s: float = 0.0,
     ) -> "ModelProfile":
-        """Analytic profile: time = FLOPs ÷ ``flops_per_s`` (sustained), memory from the graph's annotations.
+        """Analytic profile: time = the operators dispatched × ``op_overhead_s`` (whatever the batch) + FLOPs ÷
+        ``flops_per_s`` (sustained; both from ``HardwareProfile``), memory from the graph's annotations.
 
         Times are linear in the micro-batch at the captured sequence length (one capture cannot separate
         the sequence terms; profile-model measures them). Activation bytes per TP degree are derived from
@@ -410,7 +417,7 @@ class ModelProfile:
         for layer in program.body:
             if layer.layer_type not in types:
                 types[layer.layer_type] = dataclasses.replace(
-                    layer_type_profile(program, layer, flops_per_s, heads),
+                    layer_type_profile(program, layer, flops_per_s, heads, op_overhead_s=op_overhead_s),
                     bf16_activation_scale=bf16_activation_scale(layer, autocast_saved),
                 )
         seq, hidden = infer_seq_hidden(program)
@@ -418,8 +425,8 @@ class ModelProfile:
             name=name or program.model_name,
             layer_types=[layer.layer_type for layer in program.body],
             types=types,
-            prologue=layer_type_profile(program, program.prologue, flops_per_s, 0, vocab=True),
-            epilogue=layer_type_profile(program, program.epilogue, flops_per_s, 0, vocab=True),
+            prologue=layer_type_profile(program, program.prologue, flops_per_s, 0, True, op_overhead_s),
+            epilogue=layer_type_profile(program, program.epilogue, flops_per_s, 0, True, op_overhead_s),
             cut_bytes_per_sample=[_batched_bytes(layer.boundary_out) // batch for layer in program.body],
             seq_length=seq,
             hidden_size=hidden,
@@ -569,8 +576,11 @@ def _batched_bytes(specs) -> int:
     return sum(spec.nbytes for spec in specs if spec.batched)
 
 
-def layer_type_profile(program, layer, flops_per_s: float, heads: int, vocab: bool = False) -> LayerTypeProfile:
-    """A LayerTypeProfile of ``layer`` with analytic times (FLOPs ÷ ``flops_per_s``) and graph memory."""
+def layer_type_profile(
+    program, layer, flops_per_s: float, heads: int, vocab: bool = False, op_overhead_s: float = 0.0
+) -> LayerTypeProfile:
+    """A LayerTypeProfile of ``layer`` with analytic times (operators × ``op_overhead_s`` + FLOPs ÷
+    ``flops_per_s``) and graph memory."""
     batch = program.batch_size
     stats = layer.stats
     replicated, sharded = tp_activation_split(program.graph_module, layer)
@@ -589,8 +599,8 @@ def layer_type_profile(program, layer, flops_per_s: float, heads: int, vocab: bo
     fwd_flops, bwd_flops = stats.fwd_flops // batch, stats.bwd_flops // batch
     return LayerTypeProfile(
         layer_type=layer.layer_type if layer.kind not in ("prologue", "epilogue") else layer.kind,
-        fwd=TimeFormula(((1, 0, fwd_flops / flops_per_s),)) if fwd_flops else TimeFormula(),
-        bwd=TimeFormula(((1, 0, bwd_flops / flops_per_s),)) if bwd_flops else TimeFormula(),
+        fwd=_analytic_time(stats.fwd_ops * op_overhead_s, fwd_flops / flops_per_s),
+        bwd=_analytic_time(stats.bwd_ops * op_overhead_s, bwd_flops / flops_per_s),
         param_count=stats.param_count,
         activation_bytes_per_sample=per_tp,
         ckpt_activation_bytes_per_sample=_batched_bytes(layer.inputs) // batch,
@@ -601,6 +611,37 @@ def layer_type_profile(program, layer, flops_per_s: float, heads: int, vocab: bo
         fwd_flops_per_sample=fwd_flops,
         bwd_flops_per_sample=bwd_flops,
         grad_working_bytes_per_sample=working,
+        autocast_cast_param_count=cast_param_count(program, layer),
+    )
+
+
+def _analytic_time(fixed_s: float, s_per_sample: float) -> TimeFormula:
+    return TimeFormula(tuple(term for term in ((0, 0, fixed_s), (1, 0, s_per_sample)) if term[2]))
+
+
+# operators that multiply by a weight (autocast runs them in bf16, casting the weight), and the views between
+_MATMULS = ("linear", "addmm", "mm", "bmm", "matmul", "baddbmm", "einsum", "conv1d", "conv2d", "conv3d")
+_VIEWS = ("t", "transpose", "permute", "view", "reshape", "expand", "alias", "_to_copy", "to")
+
+
+def cast_param_count(program, layer) -> int:
+    """Parameters of ``layer`` that bf16 autocast casts at each forward: those a matrix multiplication of the
+    layer reads, directly or through views (an embedding table only indexed is not cast; one tied to the head
+    is cast by the head's layer)."""
+    own = set(layer.node_names)
+
+    def op(node) -> str:
+        return getattr(node.target, "__name__", str(node.target)).split(".")[0]
+
+    def multiplied(node) -> bool:
+        users = [user for user in node.users if user.name in own and user.op == "call_function"]
+        return any(op(user) in _MATMULS or (op(user) in _VIEWS and multiplied(user)) for user in users)
+
+    nodes = {n.target: n for n in program.graph_module.graph.nodes if n.op == "get_attr"}
+    return sum(
+        program.graph_module.get_parameter(name).numel()
+        for name in layer.param_names
+        if name in nodes and multiplied(nodes[name])
     )
 
 

@@ -235,7 +235,11 @@ def build_cost_model(
             flops["fp32"] if rescaled else flops.get(mixed_precision) or cluster.sustained_flops[mixed_precision]
         )
         model_profile = ModelProfile.from_program(
-            program, flops_per_s=flops_per_s, dtype="fp32", bf16_activations=mixed_precision == "bf16"
+            program,
+            flops_per_s=flops_per_s,
+            dtype="fp32",
+            bf16_activations=mixed_precision == "bf16",
+            op_overhead_s=hardware.op_overhead_s,
         )
     else:
         model_profile = load_model_profile(profile)

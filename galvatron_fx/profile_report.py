@@ -61,7 +61,13 @@ def hardware_summary(profile) -> list[str]:
             f"{format_rate(fit.bandwidth_Bps)} per step"
         )
     for dtype, flops in sorted(profile.flops_per_s.items()):
-        lines.append(f"  {'matmul':<15} {dtype}: {format_flops(flops)}")
+        lines.append(f"  {'compute':<15} {dtype}: {format_flops(flops)}")
+    if profile.op_overhead_s:
+        lines.append(f"  {'per operator':<15} {format_seconds(profile.op_overhead_s)} whatever the batch")
+    if profile.autocast_cast_s_per_param:
+        lines.append(
+            f"  {'bf16 casts':<15} {format_seconds(profile.autocast_cast_s_per_param * 1e6)} per million parameters"
+        )
     lines.append(
         f"  {'overlap':<15} {profile.overlap_slowdown:.2f}× (1: communication hidden by compute; 2: taking turns)"
     )

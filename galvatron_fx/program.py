@@ -45,6 +45,8 @@ class NodeInfo:
     dtype: torch.dtype | None = None
     fwd_flops: int = 0
     bwd_flops: int = 0
+    fwd_ops: int = 0  # operators dispatched (passes.analysis.annotate.DispatchCounter)
+    bwd_ops: int = 0
     saved_bytes: int = 0  # activation bytes autograd saves for backward, first saved by this node
     param_bytes: int = 0  # for get_attr nodes that fetch a parameter
 
@@ -100,6 +102,8 @@ class LayerStats:
     param_bytes: int = 0
     fwd_flops: int = 0
     bwd_flops: int = 0
+    fwd_ops: int = 0  # operators dispatched forward and backward: per-operator overhead scales with them
+    bwd_ops: int = 0
     saved_activation_bytes: int = 0
 
 

@@ -52,6 +52,11 @@ def test_json_round_trip_and_bad_files(tmp_path):
     loaded = HardwareProfile.load(path, world_size=8, device="H100-80GB")
     assert loaded.collectives == _profile().collectives and loaded.p2p == _profile().p2p
     assert loaded.overlap_slowdown == 1.2 and loaded.source == str(path)
+    timed = dataclasses.replace(_profile(), op_overhead_s=8e-6, autocast_cast_s_per_param=3e-9)
+    timed.save(path)
+    loaded = HardwareProfile.load(path)
+    assert (loaded.op_overhead_s, loaded.autocast_cast_s_per_param) == (8e-6, 3e-9)
+    assert mean_profile([timed, dataclasses.replace(timed, op_overhead_s=4e-6)]).op_overhead_s == 6e-6
 
     with pytest.raises(ProfileError) as error:
         HardwareProfile.load(path, world_size=16)

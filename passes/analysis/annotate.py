@@ -4,8 +4,9 @@
 forward and once backward on fake tensors (no memory, no compute) and ensures every node has a ``NodeInfo``
 in its ``NodeMeta`` (``program.node_meta(node).info``): output shape and dtype, forward FLOPs and the FLOPs
 of its backward (torch.utils.flop_counter's formulas, attributed through autograd hooks on the node's
-grad_fn), and the activation bytes autograd saves for backward (storages first saved by this node,
-parameters excluded); get_attr nodes of parameters carry their bytes. ``sum_layer_stats`` requires
+grad_fn), the operators it dispatches forward and backward (what per-operator overhead scales with:
+``cost/step_probe.py``), and the activation bytes autograd saves for backward (storages first saved by this
+node, parameters excluded); get_attr nodes of parameters carry their bytes. ``sum_layer_stats`` requires
 annotated nodes and ensures every layer's ``stats``. ``saved_bytes_under_autocast`` counts the saved bytes
 again under bf16 autocast, for the memory of mixed-precision training, and leaves the annotations alone.
 """
@@ -20,6 +21,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from galvatron_fx.program import Layer, LayerStats, NodeInfo, node_meta, set_node_meta
@@ -47,13 +49,38 @@ CPU_ATTENTION_FLOPS = {
 _SKIPPED_TARGETS = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size"}
 
 
+class DispatchCounter(TorchDispatchMode):
+    """Counts the ATen operators dispatched under it that launch work (after autograd and autocast: the calls a
+    step pays for); views and ``prim`` queries launch none. ``paused`` leaves out the fake tensors the
+    counting itself creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.paused = 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused and func.namespace == "aten" and not func.is_view:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _Counters:
+    """FLOPs and dispatched operators so far, read together."""
+
+    def __init__(self, flops: FlopCounterMode, ops: DispatchCounter):
+        self.flops, self.ops = flops, ops
+
+    def read(self) -> tuple[int, int]:
+        return self.flops.get_total_flops(), self.ops.count
+
+
 class _CostInterpreter(fx.Interpreter):
     """Runs the graph on fake tensors and records per-node FLOPs and saved bytes."""
 
-    def __init__(self, graph_module: fx.GraphModule, fake_mode: FakeTensorMode, counter: FlopCounterMode):
+    def __init__(self, graph_module: fx.GraphModule, fake_mode: FakeTensorMode, counters: _Counters):
         super().__init__(graph_module)
         self.fake_mode = fake_mode
-        self.counter = counter
+        self.counters = counters
         self.info: dict[fx.Node, NodeInfo] = {}
         self.current: fx.Node | None = None
         self.seen_storages: set[StorageWeakRef] = set()
@@ -67,9 +94,11 @@ class _CostInterpreter(fx.Interpreter):
             real = super().fetch_attr(target)
             if not isinstance(real, torch.Tensor):  # submodules of higher-order ops
                 return real
+            self.counters.ops.paused = True
             with self.fake_mode:
                 fake = torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device=real.device)
             fake.requires_grad_(real.requires_grad)
+            self.counters.ops.paused = False
             if isinstance(real, torch.nn.Parameter):
                 self.seen_storages.add(StorageWeakRef(fake.untyped_storage()))
             self.fake_attrs[target] = fake
@@ -80,10 +109,12 @@ class _CostInterpreter(fx.Interpreter):
         if node.op == "call_function" and getattr(node.target, "__name__", "").split(".")[0] in _SKIPPED_TARGETS:
             return None
         self.current = node
-        before = self.counter.get_total_flops()
+        flops, ops = self.counters.read()
         result = super().run_node(node)
         info = self.info.setdefault(node, NodeInfo())
-        info.fwd_flops += self.counter.get_total_flops() - before
+        flops_after, ops_after = self.counters.read()
+        info.fwd_flops += flops_after - flops
+        info.fwd_ops += ops_after - ops
         self._hook_backward(node, result)
         return result
 
@@ -96,8 +127,8 @@ class _CostInterpreter(fx.Interpreter):
         return tensor
 
     def _hook_backward(self, node: fx.Node, result: Any) -> None:
-        """Attribute to this node the FLOPs of every autograd node it created (one op can create several,
-        e.g. linear = view(addmm)): count between each one's pre- and post-hook."""
+        """Attribute to this node the FLOPs and operators of every autograd node it created (one op can create
+        several, e.g. linear = view(addmm)): count between each one's pre- and post-hook."""
         frontier = [getattr(v, "grad_fn", None) for v in pytree.tree_leaves(result)]
         while frontier:
             grad_fn = frontier.pop()
@@ -105,11 +136,14 @@ class _CostInterpreter(fx.Interpreter):
                 continue
             self.known_grad_fns.add(grad_fn)  # also keeps the wrapper alive, so identity is stable
             frontier.extend(fn for fn, _ in grad_fn.next_functions)
-            start: list[int] = []
-            grad_fn.register_prehook(lambda grads, start=start: start.append(self.counter.get_total_flops()))
+            start: list[tuple[int, int]] = []
+            grad_fn.register_prehook(lambda grads, start=start: start.append(self.counters.read()))
 
             def after(grad_inputs, grad_outputs, node=node, start=start):
-                self.info.setdefault(node, NodeInfo()).bwd_flops += self.counter.get_total_flops() - start.pop()
+                (flops, ops), (flops_after, ops_after) = start.pop(), self.counters.read()
+                info = self.info.setdefault(node, NodeInfo())
+                info.bwd_flops += flops_after - flops
+                info.bwd_ops += ops_after - ops
 
             grad_fn.register_hook(after)
 
@@ -128,8 +162,8 @@ def _run_fake(
     """Forward and backward of ``graph_module`` on fake tensors, counted by a ``_CostInterpreter``; with
     ``autocast_dtype``, under autocast for the device of the graph's parameters."""
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
-    interpreter = _CostInterpreter(graph_module, fake_mode, counter)
+    counter, ops = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS), DispatchCounter()
+    interpreter = _CostInterpreter(graph_module, fake_mode, _Counters(counter, ops))
     placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
     inputs = [_fake_input(fake_mode, n, example_inputs.get(n.name)) for n in placeholders]
     autocast = (
@@ -137,7 +171,7 @@ def _run_fake(
         if autocast_dtype is not None
         else contextlib.nullcontext()
     )
-    with fake_mode, counter:
+    with fake_mode, counter, ops:
         with torch.autograd.graph.saved_tensors_hooks(interpreter.pack_saved, lambda t: t):
             with torch.enable_grad(), autocast:
                 outputs = interpreter.run(*inputs)
@@ -195,5 +229,7 @@ def sum_layer_stats(graph_module: fx.GraphModule, layers: list[Layer]) -> None:
             param_bytes=sum(p.numel() * p.element_size() for p in params),
             fwd_flops=sum(i.fwd_flops for i in infos),
             bwd_flops=sum(i.bwd_flops for i in infos),
+            fwd_ops=sum(i.fwd_ops for i in infos),
+            bwd_ops=sum(i.bwd_ops for i in infos),
             saved_activation_bytes=sum(i.saved_bytes for i in infos),
         )
