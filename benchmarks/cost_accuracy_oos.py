@@ -4,16 +4,14 @@
 counts, TP degrees and batch sizes as the plans it predicts. Here nothing the prediction uses saw the
 plans, their models or their batch size:
 
-1. *Profile launch* (first, once): ``galvatron-fx profile-hardware`` on 4 processes (collectives, p2p,
-   overlap, Adam step, compute slowdown), and GPT-2 — the only model profiled — at batch 4 on one process:
-   its forward + backward step timed in fp32 and under bf16 autocast (alternated rounds, one thread, as each
-   rank runs), whose graph-counted FLOPs over that time give the sustained throughput of a Transformer
-   step on this machine per dtype. A measured layer profile cannot transfer to another model
-   (``cost/profile_checks.py`` refuses other layer counts and hidden sizes, and its layer types are
-   GPT-2's), so the models predicted are priced with the *analytic* profile of their own capture
-   (``ModelProfile.from_program``: FLOPs and graph memory), at that throughput divided by the measured
-   compute slowdown of 4 processes sharing the cores.
-2. *Measurement launches*: LLaMA and BERT (not GPT-2), 4 processes, global batch 8 (not 4), fp32 and bf16
+1. *Profile launch* (first, once): ``galvatron-fx profile-hardware`` on 4 processes: collectives, p2p,
+   overlap, Adam step, compute slowdown, and its step probe (cost/step_probe.py: a Transformer block that
+   is none of the models, trained at several batch sizes on every rank at once, fp32 and bf16 autocast),
+   which gives the marginal throughput per dtype, the time per dispatched operator and per parameter that
+   autocast casts. No model is profiled: the models predicted are priced with the *analytic* profile of
+   their own capture (``ModelProfile.from_program``: FLOPs, dispatched operators, cast parameters and
+   graph memory) at those figures, as ``compile(profile="analytic", hardware_profile=...)`` prices them.
+2. *Measurement launches*: LLaMA and BERT, 4 processes, global batch 8 (not 4), fp32 and bf16
    (autocast), one launch per model, dtype and round with its plans in turn (every other round reversed);
    the slowest rank's median step.
    Peak memory per rank with ``benchmarks.common.trainer_peak_bytes`` in the first round.
@@ -59,7 +57,6 @@ from galvatron_fx.plan import LayerStrategy, Plan
 
 WORLD = 4
 GLOBAL_BATCH = 8
-PROFILE_MODEL, PROFILE_BATCH = "gpt2", 4
 MODELS = ("llama", "bert")
 DTYPES = ("fp32", "bf16")
 
@@ -119,79 +116,18 @@ def plans(layers: int) -> list[tuple[str, str, Plan]]:
 
 
 # -- profile launch ------------------------------------------------------------------------------------
-def _train_step(model, batch, dtype: str) -> None:
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-        loss = model(**batch).loss
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-
-
-def profile_throughput(rounds: int = 12) -> dict:
-    """GPT-2 at PROFILE_BATCH, one thread: the fp32 and bf16 step's median seconds (alternated rounds) and
-    its graph-counted FLOPs."""
-    from benchmarks.common import model_flops_per_sample
-    from galvatron_fx import capture
-    from galvatron_fx.cost.model_profile import ModelProfile
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
-    model, batch = build_model(PROFILE_MODEL, "bench", PROFILE_BATCH)
-    program = capture(model, example_kwargs=batch)
-    flops = model_flops_per_sample(ModelProfile.from_program(program, flops_per_s=1.0)) * PROFILE_BATCH
-    times = {d: [] for d in DTYPES}
-    for d in DTYPES:
-        for _ in range(2):
-            _train_step(model, batch, d)
-    for i in range(rounds):
-        for d in DTYPES if i % 2 == 0 else DTYPES[::-1]:
-            start = time.perf_counter()
-            _train_step(model, batch, d)
-            times[d].append(time.perf_counter() - start)
-    torch.set_num_threads(threads)
-    return {
-        "model": PROFILE_MODEL,
-        "batch": PROFILE_BATCH,
-        "flops_per_step": flops,
-        "step_s": {d: median(t) for d, t in times.items()},
-        "step_s_all": times,
-        "flops_per_s": {d: flops / median(t) for d, t in times.items()},
-    }
-
-
 def profile_launch(folder: Path) -> dict:
     from galvatron_fx.cost.hardware import HardwareProfile
 
     path = folder / f"oos_hardware_profile_{WORLD}.json"
     _profile_hardware(WORLD, path)
-    throughput = profile_throughput()
-    return {"hardware_path": str(path), "hardware": HardwareProfile.load(path).to_json_dict(), "throughput": throughput}
-
-
-def gpt2_flops_per_step() -> float:
-    """Graph-counted forward + backward FLOPs of the profile model's step (counted now, so that a change of
-    the FLOP count reaches the throughput and the profiles it prices alike)."""
-    from benchmarks.common import model_flops_per_sample
-    from galvatron_fx import capture
-    from galvatron_fx.cost.model_profile import ModelProfile
-
-    warnings.simplefilter("ignore")
-    model, batch = build_model(PROFILE_MODEL, "bench", PROFILE_BATCH)
-    profile = ModelProfile.from_program(capture(model, example_kwargs=batch), flops_per_s=1.0)
-    return model_flops_per_sample(profile) * PROFILE_BATCH
+    return {"hardware_path": str(path), "hardware": HardwareProfile.load(path).to_json_dict()}
 
 
 def priced_hardware(profile: dict):
-    """The measured hardware profile with the sustained throughput of a Transformer step per dtype, per
-    process when all WORLD processes compute (the single-process figure over the measured compute slowdown)."""
     from galvatron_fx.cost.hardware import HardwareProfile
 
-    hardware = HardwareProfile.from_json_dict(copy.deepcopy(profile["hardware"]), source=profile["hardware_path"])
-    flops = gpt2_flops_per_step()
-    hardware.flops_per_s = {
-        d: flops / seconds / hardware.compute_slowdown for d, seconds in profile["throughput"]["step_s"].items()
-    }
-    return hardware
+    return HardwareProfile.from_json_dict(copy.deepcopy(profile["hardware"]), source=profile["hardware_path"])
 
 
 # -- measurement launches ------------------------------------------------------------------------------
@@ -254,13 +190,18 @@ def measure(models, dtypes, cases_by_model, warmup, repeats, rounds) -> dict:
 
 
 # -- prediction and report -----------------------------------------------------------------------------
-def analytic_profile(model_name: str, flops_per_s: float):
+def analytic_profile(model_name: str, hardware):
     from galvatron_fx import capture
     from galvatron_fx.cost.model_profile import ModelProfile
 
     warnings.simplefilter("ignore")
     model, batch = build_model(model_name, "bench", GLOBAL_BATCH)
-    return ModelProfile.from_program(capture(model, example_kwargs=batch), flops_per_s=flops_per_s, dtype="fp32")
+    return ModelProfile.from_program(
+        capture(model, example_kwargs=batch),
+        flops_per_s=hardware.flops_per_s["fp32"],
+        dtype="fp32",
+        op_overhead_s=hardware.op_overhead_s,
+    )
 
 
 def predict_rows(models, dtypes, cases_by_model, measured, hardware) -> tuple[list[dict], list[dict]]:
@@ -268,7 +209,7 @@ def predict_rows(models, dtypes, cases_by_model, measured, hardware) -> tuple[li
 
     rows, failed = [], []
     for m in models:
-        profile = analytic_profile(m, hardware.flops_per_s["fp32"])
+        profile = analytic_profile(m, hardware)
         for d in dtypes:
             cost = CostModel(profile, hardware, mixed_precision=d)
             for name, kind, plan in cases_by_model[m]:
@@ -453,7 +394,7 @@ def main(argv=None) -> dict:
             measured[f"{f['model']}/{f['dtype']}/{f['plan']}"] = [{"error": f["error"]}]
     else:
         profile = profile_launch(folder)
-        print(f"profile: {json.dumps(profile['throughput']['flops_per_s'])}", flush=True)
+        print(f"profile: {json.dumps(profile['hardware']['flops_per_s'])}", flush=True)
         before = os.getloadavg()
         measured = measure(models, dtypes, cases, args.warmup, args.repeats, args.rounds)
         loads = {"before": before, "after": os.getloadavg()}

@@ -204,7 +204,7 @@ def main(argv=None) -> dict:
         "--out-of-sample",
         default=None,
         metavar="JSON",
-        help="price with the profiles of a cost_accuracy_oos run (its hardware profile and GPT-2 throughput; "
+        help="price with the profile of a cost_accuracy_oos run (its hardware profile, step probe included; "
         "LLaMA's analytic profile) instead of LLaMA's measured profile, and measure the full uniform space",
     )
     parser.add_argument("--full-grid", action="store_true", help="every uniform plan the search considers")
@@ -223,7 +223,7 @@ def main(argv=None) -> dict:
         hardware = priced_hardware(json.loads(Path(args.out_of_sample).read_text())["profile"])
         if hardware.world_size != world:
             raise SystemExit(f"{args.out_of_sample} profiled {hardware.world_size} processes, not {world}")
-        profile = analytic_profile(MODEL, hardware.flops_per_s["fp32"])
+        profile = analytic_profile(MODEL, hardware)
         cost = CostModel(profile, hardware)
     else:
         profile = model_profile(MODEL, args.shape, folder, args.reprofile, [world])

@@ -207,6 +207,14 @@ def _environment(data: dict) -> str:
     )
 
 
+def _step_overheads(data: dict) -> str:
+    hardware = data["profile"]["hardware"]
+    op_s, cast_s = hardware.get("op_overhead_s", 0.0), hardware.get("autocast_cast_s_per_param", 0.0)
+    if not op_s:
+        return " (FLOPs only: no per-operator time in the profile)"
+    return f", {op_s * 1e6:.1f} µs per dispatched operator, {cast_s * 1e9:.2f} ns per parameter autocast casts"
+
+
 def out_of_sample_section(data: dict, quality_oos: dict | None) -> list[str]:
     """The headline: cost-model accuracy out of sample (benchmarks/cost_accuracy_oos.py), per strategy kind."""
     s, t = data["summary"], data["targets"]
@@ -224,6 +232,7 @@ def out_of_sample_section(data: dict, quality_oos: dict | None) -> list[str]:
         "",
         f"Priced throughput per process at {data['world']} processes: "
         + ", ".join(f"{d} {v / 1e9:.1f} GFLOP/s" for d, v in flops.items())
+        + _step_overheads(data)
         + f"; {s['plans']} plans of LLaMA and BERT, global batch {data['global_batch']}.",
         "",
         f"Median |time error| {mark(s['median_time_error'], t['median_time_error'])} (target ≤ 10 %), worst "
