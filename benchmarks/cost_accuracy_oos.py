@@ -117,11 +117,15 @@ def plans(layers: int) -> list[tuple[str, str, Plan]]:
 
 # -- profile launch ------------------------------------------------------------------------------------
 def profile_launch(folder: Path) -> dict:
-    from galvatron_fx.cost.hardware import HardwareProfile
-
     path = folder / f"oos_hardware_profile_{WORLD}.json"
     _profile_hardware(WORLD, path)
-    return {"hardware_path": str(path), "hardware": HardwareProfile.load(path).to_json_dict()}
+    return profile_of(path)
+
+
+def profile_of(path: Path) -> dict:
+    from galvatron_fx.cost.hardware import HardwareProfile
+
+    return {"hardware_path": str(path), "hardware": HardwareProfile.load(path, world_size=WORLD).to_json_dict()}
 
 
 def priced_hardware(profile: dict):
@@ -374,6 +378,12 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--predict-only", default=None, metavar="JSON", help="price an earlier run's measurements again"
     )
+    parser.add_argument(
+        "--hardware-profile",
+        default=None,
+        metavar="JSON",
+        help="with --predict-only: price with this profile-hardware file (a launch of its own) instead of the run's",
+    )
     args = parser.parse_args(argv)
     folder = Path(args.out)
     models, dtypes = args.models.split(","), args.dtypes.split(",")
@@ -392,6 +402,8 @@ def main(argv=None) -> dict:
         }
         for f in previous.get("failed", []):
             measured[f"{f['model']}/{f['dtype']}/{f['plan']}"] = [{"error": f["error"]}]
+        if args.hardware_profile:
+            profile = profile_of(Path(args.hardware_profile))
     else:
         profile = profile_launch(folder)
         print(f"profile: {json.dumps(profile['hardware']['flops_per_s'])}", flush=True)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .fsdp_probe import sharded_unit_times
 from .hardware import BLOCKING_PROBE_COMPUTE_S, COLLECTIVES, HardwareProfile, fit_latency_bandwidth
-from .step_probe import PROBE_DTYPES, measure_step_costs
+from .step_probe import PROBE_DTYPES, StepCosts, measure_step_costs
 
 KiB, MiB = 2**10, 2**20
 
@@ -190,8 +190,13 @@ def profile_hardware(
             medians.append(_ping_pong(nbytes, world // pp, rank, device, config) if rank < 2 * (world // pp) else 0.0)
             dist.barrier()
         progress.step(f"send/recv pp={pp}")
-    probe_config = dataclasses.replace(config, repeats=max(3, config.repeats // 2))
-    step = measure_step_costs(device, config.matmul_dim, lambda run: _median_time(run, device, probe_config))
+    # rank 0 alone (the others wait): scaled below by the slowdown of every rank computing at once
+    step = (
+        measure_step_costs(device, config.matmul_dim, lambda run: _local_median_time(run, device, config))
+        if rank == 0
+        else StepCosts({d: math.inf for d in PROBE_DTYPES}, 0.0, 0.0)  # no figure: rank 0's reach the MAX below
+    )
+    dist.barrier()
     progress.step("Transformer step: FLOPs, operators, casts")
     slowdown = _overlap_slowdown(device, config)
     progress.step("compute/communication overlap")
@@ -251,7 +256,11 @@ def profile_hardware(
         for g in blocking_s
     }
     cluster = Cluster.detect()
+    compute_slowdown = max(1.0, values[-2])
     s_per_flop = values[-7 : -7 + len(PROBE_DTYPES)]
+    step = StepCosts({d: 1 / s for d, s in zip(PROBE_DTYPES, s_per_flop)}, values[-5], values[-4]).slowed(
+        compute_slowdown
+    )
     return HardwareProfile(
         world_size=world,
         devices_per_node=min(cluster.devices_per_node, world),
@@ -260,17 +269,17 @@ def profile_hardware(
         collectives={k: v for k, v in fits.items() if not k.startswith("p2p/")},
         p2p={int(k.split("/")[1]): v for k, v in fits.items() if k.startswith("p2p/")},
         overlap_slowdown=max(1.0, values[-1]),
-        flops_per_s={d: 1 / s for d, s in zip(PROBE_DTYPES, s_per_flop)},
+        flops_per_s=step.flops_per_s,
         backend=dist.get_backend(),
         source="profile-hardware",
         optimizer_s_per_param=values[-3],
-        compute_slowdown=max(1.0, values[-2]),
+        compute_slowdown=compute_slowdown,
         blocking_collective_s=blocking_s.get(world, 0.0),
         blocking_by_group_s=blocking_s,
         blocking_growth_by_group=growth,
         sharded_units=unit_fits,
-        op_overhead_s=values[-5],
-        autocast_cast_s_per_param=values[-4],
+        op_overhead_s=step.op_overhead_s,
+        autocast_cast_s_per_param=step.autocast_cast_s_per_param,
     )
 
 

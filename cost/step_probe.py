@@ -7,8 +7,10 @@ forward. At the small micro-batches of a pipeline, or a tensor-parallel rank's s
 large share of the step, and FLOPs alone price bf16 as faster than fp32 where it is not.
 
 The probe is a pre-norm Transformer block (attention and a GELU MLP, as GPT-2's and BERT's layers are),
-trained forward and backward at several batch sizes on every rank at once (the contention of training),
-in fp32 and under bf16 autocast. A line through (FLOPs, seconds) per dtype gives:
+trained forward and backward at several batch sizes in fp32 and under bf16 autocast, on one process while
+the others wait: where processes share cores, timings taken among them are too noisy for a line's intercept
+(it came out at 0 and at 67 µs per operator on two runs), so the profiler scales the figures by the compute
+slowdown it measures apart. A line through (FLOPs, seconds) per dtype gives:
 
 - ``flops_per_s[dtype]``: the marginal throughput of a Transformer step (its slope);
 - ``op_overhead_s``: the fp32 intercept per operator the probe's forward and backward dispatch, counted as
@@ -64,6 +66,14 @@ class StepCosts:
     op_overhead_s: float
     autocast_cast_s_per_param: float
 
+    def slowed(self, factor: float) -> "StepCosts":
+        """The figures when compute runs ``factor`` times slower (every rank computing at once)."""
+        return StepCosts(
+            {d: f / factor for d, f in self.flops_per_s.items()},
+            self.op_overhead_s * factor,
+            self.autocast_cast_s_per_param * factor,
+        )
+
 
 def _autocast(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
@@ -94,13 +104,12 @@ def cast_param_count(module: nn.Module) -> int:
 def measure_step_costs(
     device: torch.device,
     dim: int,
-    time_all_ranks: Callable[[Callable[[], None]], float],
+    time_s: Callable[[Callable[[], None]], float],
     batches: tuple[int, ...] = (1, 2, 8),
     seq: int = 32,
 ) -> StepCosts:
-    """The probe's figures on this rank. ``time_all_ranks(run)``: the median seconds of ``run`` while every
-    rank runs it at once (the profiler's barrier-synchronised timer). Batches and dtypes alternate, so that a
-    drift of the machine reaches every point alike."""
+    """The probe's figures on this process. ``time_s(run)``: the median seconds of ``run``. Batches and dtypes
+    alternate, so that a drift of the machine reaches every point alike."""
     torch.manual_seed(0)
     block = ProbeBlock(dim, heads=4).to(device)
     inputs = {b: torch.randn(b, seq, dim, device=device) for b in batches}
@@ -110,7 +119,7 @@ def measure_step_costs(
     for round_ in range(3):
         order = [(d, b) for d in PROBE_DTYPES for b in batches]
         for d, b in order if round_ % 2 == 0 else order[::-1]:
-            seconds[d][b].append(time_all_ranks(lambda: _step(block, inputs[b], device, d)))
+            seconds[d][b].append(time_s(lambda: _step(block, inputs[b], device, d)))
     fits = {
         d: fit_latency_bandwidth([flops[b] for b in batches], [statistics.median(seconds[d][b]) for b in batches])
         for d in PROBE_DTYPES

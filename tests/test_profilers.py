@@ -32,7 +32,7 @@ def test_hardware_profiler_on_two_gloo_processes(tmp_path):
     assert sorted(profile.collectives) == sorted(f"{op}/2/consecutive" for op in COLLECTIVES)
     assert set(profile.p2p) == {2} and profile.overlap_slowdown >= 1.0 and profile.flops_per_s["fp32"] > 0
     # the step probe: a Transformer block's throughput per dtype, its per-operator time, bf16's weight casts
-    assert profile.flops_per_s["bf16"] > 0 and 0 < profile.op_overhead_s < 1e-3
+    assert profile.flops_per_s["bf16"] > 0 and 0 <= profile.op_overhead_s < 1e-3
     assert 0 <= profile.autocast_cast_s_per_param < 1e-6
     assert all(fit.bandwidth_Bps > 0 and fit.latency_s >= 0 for fit in profile.collectives.values())
     assert (
