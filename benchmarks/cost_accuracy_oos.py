@@ -6,11 +6,12 @@ plans, their models or their batch size:
 
 1. *Profile launch* (first, once): ``galvatron-fx profile-hardware`` on 4 processes: collectives, p2p,
    overlap, Adam step, compute slowdown, and its step probe (cost/step_probe.py: a Transformer block that
-   is none of the models, trained at several batch sizes on rank 0 alone, fp32 and bf16 autocast, its figures
-   scaled by the measured compute slowdown of all ranks at once), which gives the marginal throughput per dtype, the time per dispatched operator and per parameter that
-   autocast casts. No model is profiled: the models predicted are priced with the *analytic* profile of
-   their own capture (``ModelProfile.from_program``: FLOPs, dispatched operators, cast parameters and
-   graph memory) at those figures, as ``compile(profile="analytic", hardware_profile=...)`` prices them.
+   is none of the models, trained at several batch sizes on rank 0 alone, fp32 and bf16 autocast, its
+   figures scaled by the measured compute slowdown of all ranks at once), which gives the marginal throughput
+   per dtype, the time per dispatched operator and per parameter that autocast casts. No model is
+   profiled: the models predicted are priced with the *analytic* profile of their own capture
+   (``ModelProfile.from_program``: FLOPs, dispatched operators, cast parameters and graph memory) at those
+   figures, as ``compile(profile="analytic", hardware_profile=...)`` prices them.
 2. *Measurement launches*: LLaMA and BERT, 4 processes, global batch 8 (not 4), fp32 and bf16
    (autocast), one launch per model, dtype and round with its plans in turn (every other round reversed);
    the slowest rank's median step.
