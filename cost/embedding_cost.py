@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from galvatron_fx.parallel_dims import data_split, end_layout, uses_vsp
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy
 
+from .layer_type_profile import LayerTypeProfile
 from .layouts import move_key, move_plan
 from .memory import STATE_BYTES_PER_PARAM
-from .model_profile import LayerTypeProfile
 
 # ModelProfile.extra key: vocab-TP degree → activation bytes per sample of the embedding and head on one stage
 ONE_STAGE_ACTIVATION = "one_stage_embedding_head_activation_bytes_per_sample"

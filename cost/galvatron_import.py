@@ -46,7 +46,8 @@ from galvatron_fx.errors import ProfileError
 
 from .embedding_cost import ONE_STAGE_ACTIVATION
 from .hardware import CommFit, HardwareProfile, fit_latency_bandwidth, read_json
-from .model_profile import LayerTypeProfile, ModelProfile
+from .layer_type_profile import LayerTypeProfile
+from .model_profile import ModelProfile
 from .time_formula import TimeFormula, fit_terms, fit_time_formula
 
 MiB = 2**20

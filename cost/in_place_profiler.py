@@ -35,7 +35,8 @@ from galvatron_fx.errors import ProfileError
 from galvatron_fx.plan import LayerStrategy, Plan
 
 from .layer_profiler import median_times, time_layer_once
-from .model_profile import LayerTypeProfile, ModelProfile
+from .layer_type_profile import LayerTypeProfile
+from .model_profile import ModelProfile
 from .time_formula import fit_time_formula
 
 Builder = Callable[[int, int], "tuple[torch.nn.Module, dict[str, Any]]"]

@@ -31,7 +31,8 @@ from galvatron_fx.errors import ProfileError
 from galvatron_fx.fx_utils import LAYER_COMPILE_OPTIONS
 from galvatron_fx.program import run_layer
 
-from .model_profile import ModelProfile, infer_seq_hidden
+from .analytic_layer import infer_seq_hidden
+from .model_profile import ModelProfile
 from .time_formula import fit_seq_terms, fit_time_formula, resolve_profile_mode
 
 Builder = Callable[[int, int], "tuple[torch.nn.Module, dict[str, Any]]"]

@@ -67,6 +67,7 @@ from .embedding_cost import ONE_STAGE_ACTIVATION as ONE_STAGE_ACTIVATION  # also
 from .embedding_cost import ends_cost, head_working_bytes
 from .grid_tp import ROW_GATHERS, grid_layer_cost
 from .hardware import BLOCKING_PROBE_COMPUTE_S, HardwareProfile
+from .layer_type_profile import LayerTypeProfile
 from .layouts import layout_of, move_key, move_plan
 from .memory import (
     COMPUTE_BYTES_PER_PARAM,
@@ -77,7 +78,7 @@ from .memory import (
     check_precision,
     model_state_split,
 )
-from .model_profile import LayerTypeProfile, ModelProfile
+from .model_profile import ModelProfile
 from .time_formula import TimeFormula
 
 

@@ -39,231 +39,23 @@ from typing import Any
 from galvatron_fx.errors import ProfileError
 from galvatron_fx.passes.analysis.annotate import saved_bytes_under_autocast
 
-from .hardware import read_json
-from .memory import DTYPE_BYTES, grad_working_bytes, tp_activation_split
-from .time_formula import (
-    PROFILE_MODES,
-    TimeFormula,
-    eval_seq_terms,
-    fit_seq_terms,
+from .analytic_layer import (
+    batched_bytes,
+    bf16_activation_scale,
+    infer_num_heads,
+    infer_seq_hidden,
+    layer_type_profile,
+    tied_param_count,
 )
+from .hardware import read_json
+from .layer_type_profile import LayerTypeProfile
+from .time_formula import PROFILE_MODES, TimeFormula, eval_seq_terms, fit_seq_terms
 
 FORMAT = "galvatron_fx.model_profile/1"
-MAX_TP = 64
-# the figures of a LayerTypeProfile that depend on the sequence length (``by_seq`` keeps them per length)
-SEQ_FIELDS = (
-    "activation_bytes_per_sample",
-    "sp_activation_bytes_per_sample",
-    "ckpt_activation_bytes_per_sample",
-    "boundary_bytes_per_sample",
-    "grad_working_bytes_per_sample",
-    "fwd_flops_per_sample",
-    "bwd_flops_per_sample",
-)
-_TABLE_FIELDS = (
-    "activation_bytes_per_sample",
-    "sp_activation_bytes_per_sample",
-    "grad_working_bytes_per_sample",
-)
 
 
 class SequenceRangeWarning(UserWarning):
     """A sequence-mode profile evaluated at a sequence length outside the range it was measured over."""
-
-
-@dataclass
-class LayerTypeProfile:
-    """One layer type on one device (also used for the prologue = embedding and epilogue = head)."""
-
-    layer_type: str
-    fwd: TimeFormula
-    bwd: TimeFormula
-    param_count: int
-    activation_bytes_per_sample: dict[int, int]  # TP degree → saved bytes, Megatron TP without SP
-    ckpt_activation_bytes_per_sample: int  # what a checkpointed layer keeps: its inputs
-    boundary_bytes_per_sample: int  # the hidden-state tensor TP/SP collectives move
-    num_heads: int = 0  # 0: no attention (any TP degree the projections allow)
-    vocab_param_count: int = 0  # parameters split by vocab TP (embedding / head)
-    sp_activation_bytes_per_sample: dict[int, int] | None = None  # with Megatron-SP/Ulysses; None: total / tp
-    fwd_flops_per_sample: int = 0
-    bwd_flops_per_sample: int = 0
-    # TP degree → the activation gradients its backward holds net of the activations it has freed
-    # (cost/memory.py grad_working_bytes); None: not in the profile (Galvatron's files), counted as 0
-    grad_working_bytes_per_sample: dict[int, int] | None = None
-    # world size → TP degree → (forward, backward) of the lowered layer (collectives included) timed on
-    # every rank of that world at once (cost/in_place_profiler.py), in samples per TP group; empty: not measured
-    in_place_times: dict[int, dict[int, tuple[TimeFormula, TimeFormula]]] = field(default_factory=dict)
-    # elements of the largest parameter: a backward adding to a stored gradient first computes this one whole
-    # (0: not in the profile, Galvatron's files)
-    largest_param_count: int = 0
-    # ``LayerStrategy.lowering_key`` → why lowering cannot shard the layer so (passes.lower.obstacles);
-    # for the embedding part, ``vtp{n}`` → why it cannot be vocab-parallel. Empty: nothing known against it
-    lowering_obstacles: dict[str, str] = field(default_factory=dict)
-    # bytes a layer saves under bf16 autocast per byte it saves in fp32, its weights' casts not included (the
-    # residual stream, norms and softmax stay fp32); None: not in the profile, counted as 0.5
-    bf16_activation_scale: float | None = None
-    # parameters bf16 autocast casts at each forward (the weights and biases matrix multiplications read;
-    # cast_param_count); 0: not counted (measured profiles, whose times hold the casts where measured in bf16)
-    autocast_cast_param_count: int = 0
-    # sequence mode: profiled sequence length → the figures of ``SEQ_FIELDS`` there (tables by TP degree);
-    # empty: the figures above are those of the profile's one sequence length
-    by_seq: dict[int, dict[str, Any]] = field(default_factory=dict)
-
-    def seq_figures(self) -> dict[str, Any]:
-        """The figures of ``SEQ_FIELDS`` as this profile holds them (copies of the tables)."""
-        return {
-            name: dict(value) if isinstance(value, dict) else value
-            for name, value in ((name, getattr(self, name)) for name in SEQ_FIELDS)
-        }
-
-    def at_seq(self, seq: int, profiled_seq: int) -> "LayerTypeProfile":
-        """This part at sequence length ``seq``: each figure of ``SEQ_FIELDS`` fitted over ``by_seq``
-        (``fit_seq_terms``; without ``by_seq``, proportional to the length from ``profiled_seq``, the length
-        the figures were taken at). Times are formulas in the length already; the in-place times, measured
-        at one length, are left out."""
-        points = self.by_seq or {profiled_seq: self.seq_figures()}
-
-        def fitted(values: list[tuple[int, Any]]) -> int:
-            return max(0, round(eval_seq_terms(fit_seq_terms(values), seq)))
-
-        changes: dict[str, Any] = {}
-        for name in SEQ_FIELDS:
-            current = getattr(self, name)
-            if name in _TABLE_FIELDS:
-                if not current:
-                    continue
-                changes[name] = {
-                    tp: fitted([(s, fig[name][tp]) for s, fig in points.items() if fig.get(name) and tp in fig[name]])
-                    for tp in current
-                }
-            else:
-                changes[name] = fitted([(s, fig[name]) for s, fig in points.items() if fig.get(name) is not None])
-        return dataclasses.replace(self, **changes, in_place_times={})
-
-    def activation_per_sample(self, tp: int, sequence_sharded: bool) -> float:
-        """Saved bytes per sample on one of ``tp`` ranks; ``sequence_sharded`` with Megatron-SP or Ulysses, which
-        split every value (Megatron-SP's projections save their all-gathered inputs as the sequence shards they
-        were gathered from: ``passes/lower/ops/regather.py``)."""
-        table = (
-            self.sp_activation_bytes_per_sample if sequence_sharded and self.sp_activation_bytes_per_sample else None
-        )
-        if table is None and sequence_sharded:
-            return self._lookup(self.activation_bytes_per_sample, 1) / tp
-        return self._lookup(table or self.activation_bytes_per_sample, tp)
-
-    def grad_working_per_sample(self, tp: int, sequence_sharded: bool) -> float:
-        """Backward's activation-gradient working set per sample on one of ``tp`` ranks (sequence-sharded:
-        every value is split, so tp 1's over ``tp``)."""
-        table = self.grad_working_bytes_per_sample
-        if not table:
-            return 0.0
-        return self._lookup(table, 1) / tp if sequence_sharded else self._lookup(table, tp)
-
-    @staticmethod
-    def _lookup(table: dict[int, int], tp: int) -> float:
-        if tp in table:
-            return float(table[tp])
-        below = max((k for k in table if k <= tp), default=min(table))
-        return table[below] * below / tp  # beyond the table: assume the rest shards perfectly
-
-    def to_json_dict(self) -> dict[str, Any]:
-        return {
-            "layer_type": self.layer_type,
-            "fwd": self.fwd.to_json(),
-            "bwd": self.bwd.to_json(),
-            "param_count": self.param_count,
-            "vocab_param_count": self.vocab_param_count,
-            "largest_param_count": self.largest_param_count,
-            "activation_bytes_per_sample": {str(k): v for k, v in self.activation_bytes_per_sample.items()},
-            "sp_activation_bytes_per_sample": (
-                {str(k): v for k, v in self.sp_activation_bytes_per_sample.items()}
-                if self.sp_activation_bytes_per_sample
-                else None
-            ),
-            "ckpt_activation_bytes_per_sample": self.ckpt_activation_bytes_per_sample,
-            "boundary_bytes_per_sample": self.boundary_bytes_per_sample,
-            "num_heads": self.num_heads,
-            "fwd_flops_per_sample": self.fwd_flops_per_sample,
-            "bwd_flops_per_sample": self.bwd_flops_per_sample,
-            "grad_working_bytes_per_sample": (
-                {str(k): v for k, v in self.grad_working_bytes_per_sample.items()}
-                if self.grad_working_bytes_per_sample
-                else None
-            ),
-            "in_place_times": {
-                str(world): {str(tp): {"fwd": fwd.to_json(), "bwd": bwd.to_json()} for tp, (fwd, bwd) in by_tp.items()}
-                for world, by_tp in self.in_place_times.items()
-            },
-            "lowering_obstacles": dict(self.lowering_obstacles),
-            **({"bf16_activation_scale": self.bf16_activation_scale} if self.bf16_activation_scale else {}),
-            **({"autocast_cast_param_count": self.autocast_cast_param_count} if self.autocast_cast_param_count else {}),
-            **(
-                {"by_seq": {str(s): _figures_to_json(fig) for s, fig in sorted(self.by_seq.items())}}
-                if self.by_seq
-                else {}
-            ),
-        }
-
-    @classmethod
-    def from_json_dict(cls, data: dict[str, Any]) -> "LayerTypeProfile":
-        sp = data.get("sp_activation_bytes_per_sample")
-        working = data.get("grad_working_bytes_per_sample")
-        activation = {int(k): int(v) for k, v in data["activation_bytes_per_sample"].items()}
-        if 1 not in activation:
-            raise ValueError("activation_bytes_per_sample has no entry for tp 1")
-        return cls(
-            layer_type=str(data["layer_type"]),
-            fwd=TimeFormula.from_json(data["fwd"]),
-            bwd=TimeFormula.from_json(data["bwd"]),
-            param_count=int(data["param_count"]),
-            activation_bytes_per_sample=activation,
-            ckpt_activation_bytes_per_sample=int(data["ckpt_activation_bytes_per_sample"]),
-            boundary_bytes_per_sample=int(data["boundary_bytes_per_sample"]),
-            num_heads=int(data.get("num_heads", 0)),
-            vocab_param_count=int(data.get("vocab_param_count", 0)),
-            largest_param_count=int(data.get("largest_param_count", 0)),
-            sp_activation_bytes_per_sample={int(k): int(v) for k, v in sp.items()} if sp else None,
-            fwd_flops_per_sample=int(data.get("fwd_flops_per_sample", 0)),
-            bwd_flops_per_sample=int(data.get("bwd_flops_per_sample", 0)),
-            grad_working_bytes_per_sample={int(k): int(v) for k, v in working.items()} if working else None,
-            in_place_times={
-                int(world): {
-                    int(tp): (TimeFormula.from_json(times["fwd"]), TimeFormula.from_json(times["bwd"]))
-                    for tp, times in by_tp.items()
-                }
-                for world, by_tp in (data.get("in_place_times") or {}).items()
-            },
-            lowering_obstacles={str(k): str(v) for k, v in (data.get("lowering_obstacles") or {}).items()},
-            bf16_activation_scale=_fraction(data.get("bf16_activation_scale")),
-            autocast_cast_param_count=int(data.get("autocast_cast_param_count", 0)),
-            by_seq={int(s): _figures_from_json(fig) for s, fig in (data.get("by_seq") or {}).items()},
-        )
-
-
-def _fraction(value: Any) -> float | None:
-    if value is None:
-        return None
-    if not 0.0 < float(value) <= 2.0:
-        raise ValueError(f"{value!r} is not a ratio of bytes")
-    return float(value)
-
-
-def _figures_to_json(figures: dict[str, Any]) -> dict[str, Any]:
-    return {
-        name: {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
-        for name, value in figures.items()
-    }
-
-
-def _figures_from_json(figures: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name in SEQ_FIELDS:
-        value = figures.get(name)
-        if name in _TABLE_FIELDS:
-            out[name] = {int(k): int(v) for k, v in value.items()} if value else None
-        else:
-            out[name] = int(value) if value is not None else None
-    return out
 
 
 @dataclass
@@ -427,14 +219,14 @@ class ModelProfile:
             types=types,
             prologue=layer_type_profile(program, program.prologue, flops_per_s, 0, True, op_overhead_s),
             epilogue=layer_type_profile(program, program.epilogue, flops_per_s, 0, True, op_overhead_s),
-            cut_bytes_per_sample=[_batched_bytes(layer.boundary_out) // batch for layer in program.body],
+            cut_bytes_per_sample=[batched_bytes(layer.boundary_out) // batch for layer in program.body],
             seq_length=seq,
             hidden_size=hidden,
             num_heads=heads,
             dtype=dtype,
             mode="analytic",
             device=device,
-            tied_param_count=_tied_param_count(program),
+            tied_param_count=tied_param_count(program),
             profiled_seqs=[seq],
         )
 
@@ -569,129 +361,3 @@ def analytic_sequence_profile(by_seq: "dict[int, ModelProfile]", flops_per_s: fl
     profile.record_seq_figures(by_seq)
     profile.profile_mode, profile.profiled_seqs = "sequence", seqs
     return profile
-
-
-# -- helpers shared with the measuring profiler ----------------------------------------------------
-def _batched_bytes(specs) -> int:
-    return sum(spec.nbytes for spec in specs if spec.batched)
-
-
-def layer_type_profile(
-    program, layer, flops_per_s: float, heads: int, vocab: bool = False, op_overhead_s: float = 0.0
-) -> LayerTypeProfile:
-    """A LayerTypeProfile of ``layer`` with analytic times (operators × ``op_overhead_s`` + FLOPs ÷
-    ``flops_per_s``) and graph memory."""
-    batch = program.batch_size
-    stats = layer.stats
-    replicated, sharded = tp_activation_split(program.graph_module, layer)
-    per_tp, working = {}, {}
-    tp = 1
-    while tp <= MAX_TP:
-        per_tp[tp] = int((replicated + sharded / tp) / batch)
-        working[tp] = grad_working_bytes(program.graph_module, layer, tp) // batch
-        tp *= 2
-    outputs = [
-        spec
-        for spec in layer.boundary_out
-        if spec.name in layer.output_names and spec.batched and spec.dtype.is_floating_point
-    ]
-    hidden_bytes = max((spec.nbytes for spec in outputs), default=0) // batch
-    fwd_flops, bwd_flops = stats.fwd_flops // batch, stats.bwd_flops // batch
-    return LayerTypeProfile(
-        layer_type=layer.layer_type if layer.kind not in ("prologue", "epilogue") else layer.kind,
-        fwd=_analytic_time(stats.fwd_ops * op_overhead_s, fwd_flops / flops_per_s),
-        bwd=_analytic_time(stats.bwd_ops * op_overhead_s, bwd_flops / flops_per_s),
-        param_count=stats.param_count,
-        activation_bytes_per_sample=per_tp,
-        ckpt_activation_bytes_per_sample=_batched_bytes(layer.inputs) // batch,
-        boundary_bytes_per_sample=hidden_bytes,
-        num_heads=heads,
-        vocab_param_count=_vocab_params(program, layer) if vocab else 0,
-        largest_param_count=max((program.graph_module.get_parameter(n).numel() for n in layer.param_names), default=0),
-        fwd_flops_per_sample=fwd_flops,
-        bwd_flops_per_sample=bwd_flops,
-        grad_working_bytes_per_sample=working,
-        autocast_cast_param_count=cast_param_count(program, layer),
-    )
-
-
-def _analytic_time(fixed_s: float, s_per_sample: float) -> TimeFormula:
-    return TimeFormula(tuple(term for term in ((0, 0, fixed_s), (1, 0, s_per_sample)) if term[2]))
-
-
-# operators that multiply by a weight (autocast runs them in bf16, casting the weight), and the views between
-_MATMULS = ("linear", "addmm", "mm", "bmm", "matmul", "baddbmm", "einsum", "conv1d", "conv2d", "conv3d")
-_VIEWS = ("t", "transpose", "permute", "view", "reshape", "expand", "alias", "_to_copy", "to")
-
-
-def cast_param_count(program, layer) -> int:
-    """Parameters of ``layer`` that bf16 autocast casts at each forward: those a matrix multiplication of the
-    layer reads, directly or through views (an embedding table only indexed is not cast; one tied to the head
-    is cast by the head's layer)."""
-    own = set(layer.node_names)
-
-    def op(node) -> str:
-        return getattr(node.target, "__name__", str(node.target)).split(".")[0]
-
-    def multiplied(node) -> bool:
-        users = [user for user in node.users if user.name in own and user.op == "call_function"]
-        return any(op(user) in _MATMULS or (op(user) in _VIEWS and multiplied(user)) for user in users)
-
-    nodes = {n.target: n for n in program.graph_module.graph.nodes if n.op == "get_attr"}
-    return sum(
-        program.graph_module.get_parameter(name).numel()
-        for name in layer.param_names
-        if name in nodes and multiplied(nodes[name])
-    )
-
-
-def bf16_activation_scale(layer, autocast_saved: dict[str, int] | None) -> float | None:
-    """What ``layer`` saves under bf16 autocast (``saved_bytes_under_autocast``) less its weights' casts (the
-    cost model adds those itself: ``CostModel.autocast_cast_bytes``), per byte it saves in fp32; None where it
-    saves nothing in fp32 or was not run under autocast (a model on the meta device)."""
-    fp32 = layer.stats.saved_activation_bytes
-    if autocast_saved is None or fp32 <= 0:
-        return None
-    casts = layer.stats.param_count * DTYPE_BYTES["bf16"]
-    return max(sum(autocast_saved.get(name, 0) for name in layer.node_names) - casts, 1) / fp32
-
-
-def _tied_param_count(program) -> int:
-    """Parameters used by both the prologue and the epilogue (a tied embedding and LM head)."""
-    shared = set(program.prologue.param_names) & set(program.epilogue.param_names)
-    return sum(program.graph_module.get_parameter(name).numel() for name in shared)
-
-
-def _vocab_params(program, layer) -> int:
-    """Parameters of ``layer`` with a vocabulary dimension (the largest dimension among its 2-D weights)."""
-    params = [program.graph_module.get_parameter(n) for n in layer.param_names]  # tied names too
-    matrices = [p for p in params if p.dim() == 2]
-    if not matrices:
-        return 0
-    vocab = max(max(p.shape) for p in matrices)
-    return sum(p.numel() for p in matrices if vocab in p.shape)
-
-
-def infer_num_heads(program) -> int:
-    """Attention heads, read from the first scaled-dot-product attention (or 4-D score) in the body."""
-    names = {name for layer in program.body for name in layer.node_names}
-    for node in program.graph_module.graph.nodes:
-        if node.name in names and "scaled_dot_product" in str(node.target):
-            value = node.args[0].meta.get("val")
-            if value is not None and value.dim() == 4:
-                return int(value.shape[1])
-    for node in program.graph_module.graph.nodes:  # eager attention: softmax over a [b, h, s, s] tensor
-        if node.name in names and "softmax" in str(node.target):
-            value = node.meta.get("val")
-            if value is not None and value.dim() == 4:
-                return int(value.shape[1])
-    return 0
-
-
-def infer_seq_hidden(program) -> tuple[int, int]:
-    """(sequence length, hidden size) from the first body layer's 3-D batched outputs."""
-    for layer in program.body:
-        for spec in layer.boundary_out:
-            if spec.batched and len(spec.shape) == 3 and spec.dtype.is_floating_point:
-                return spec.shape[1], spec.shape[2]
-    return 1, 0

@@ -19,9 +19,10 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from galvatron_fx import runtime
+from galvatron_fx.cost.analytic_layer import infer_seq_hidden
 from galvatron_fx.cost.hardware import HardwareProfile
 from galvatron_fx.cost.model import CostModel
-from galvatron_fx.cost.model_profile import ModelProfile, infer_seq_hidden
+from galvatron_fx.cost.model_profile import ModelProfile
 from galvatron_fx.cost.profile_checks import (
     check_hardware_profile,
     check_model_profile,

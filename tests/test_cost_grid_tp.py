@@ -19,8 +19,9 @@ from galvatron_fx.cost.grid_tp import (
 )
 from galvatron_fx.cost.hardware import COLLECTIVES, CommFit, HardwareProfile
 from galvatron_fx.cost.hardware_profiler import _group_shapes
+from galvatron_fx.cost.layer_type_profile import LayerTypeProfile
 from galvatron_fx.cost.model import CostModel
-from galvatron_fx.cost.model_profile import LayerTypeProfile, ModelProfile
+from galvatron_fx.cost.model_profile import ModelProfile
 from galvatron_fx.cost.time_formula import TimeFormula
 from galvatron_fx.plan import EmbeddingStrategy, Plan
 from galvatron_fx.plan import LayerStrategy as S

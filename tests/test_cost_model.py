@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from galvatron_fx.cost.hardware import COLLECTIVES, CommFit, HardwareProfile
+from galvatron_fx.cost.layer_type_profile import LayerTypeProfile
 from galvatron_fx.cost.layouts import reference_move_s
 from galvatron_fx.cost.memory import InFlight
 from galvatron_fx.cost.model import CostModel, LayerCost
-from galvatron_fx.cost.model_profile import LayerTypeProfile, ModelProfile
+from galvatron_fx.cost.model_profile import ModelProfile
 from galvatron_fx.cost.time_formula import TimeFormula
 from galvatron_fx.errors import ConfigError, PlanError, ProfileError
 from galvatron_fx.plan import EmbeddingStrategy, Plan

@@ -18,8 +18,9 @@ from galvatron_fx.cluster import Cluster
 from galvatron_fx.compile import build_cost_model
 from galvatron_fx.cost.galvatron_import import load_hardware, load_model
 from galvatron_fx.cost.layer_profiler import fit_profile, measure_layers
+from galvatron_fx.cost.layer_type_profile import SEQ_FIELDS
 from galvatron_fx.cost.model import CostModel
-from galvatron_fx.cost.model_profile import SEQ_FIELDS, ModelProfile, SequenceRangeWarning, analytic_sequence_profile
+from galvatron_fx.cost.model_profile import ModelProfile, SequenceRangeWarning, analytic_sequence_profile
 from galvatron_fx.cost.profile_checks import check_model_profile
 from galvatron_fx.cost.time_formula import eval_seq_terms, fit_seq_terms, fit_time_formula, resolve_profile_mode
 from galvatron_fx.errors import ConfigError, ProfileError
