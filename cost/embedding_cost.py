@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from galvatron_fx.parallel_dims import data_split, end_layout, uses_vsp
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy
 
+from .data_parallel_cost import dp_comm, optimizer_s, visible_s
 from .layer_type_profile import LayerTypeProfile
 from .layouts import move_key, move_plan
 from .memory import STATE_BYTES_PER_PARAM
@@ -111,7 +112,7 @@ def ends_cost(
     largest = max(part.largest_param_count / (split if part.vocab_param_count else 1) for part in parts)
     # the parts of a stage synchronise as one unit (FSDP2 shards them together; DDP: one share of a bucket),
     # once the first part's backward (the last to run) is done: like a layer's, it hides behind that one
-    gather_s, sync_s, transient = cm._dp_comm(params, dp, kind, split == 1, deferred_sync=deferred_sync)
+    gather_s, sync_s, transient = dp_comm(cm, params, dp, kind, split == 1, deferred_sync=deferred_sync)
     activation = embedding_activation_per_sample(cm, parts, vtp, vsp) * local
     if last_stage:  # the head's matmul casts its weight; the embedding's lookup casts nothing
         head = cm.model.epilogue
@@ -119,10 +120,10 @@ def ends_cost(
         activation += cm.autocast_cast_bytes(head_params, dp, kind)
     transient += _part_working_bytes(cm, parts, vtp, vsp, local)
     return EndsCost(
-        fwd_compute + vsp_s + (half_comm if first_stage else 0.0) + cm._visible(gather_s, fwd_compute, kind),
-        bwd_compute + (half_comm if last_stage else 0.0) + cm._visible(gather_s, bwd_compute, kind),
-        cm._visible(sync_s, bwd_parts[0], kind)
-        + cm._optimizer_s(params, dp, kind)
+        fwd_compute + vsp_s + (half_comm if first_stage else 0.0) + visible_s(cm, gather_s, fwd_compute, kind),
+        bwd_compute + (half_comm if last_stage else 0.0) + visible_s(cm, gather_s, bwd_compute, kind),
+        visible_s(cm, sync_s, bwd_parts[0], kind)
+        + optimizer_s(cm, params, dp, kind)
         + _step_collectives_s(cm, split, pipelined=not (first_stage and last_stage)),
         int(activation),
         int(transient),

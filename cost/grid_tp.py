@@ -63,6 +63,7 @@ from dataclasses import dataclass
 
 from galvatron_fx.plan import LayerStrategy
 
+from .data_parallel_cost import dp_comm, optimizer_s, visible_s
 from .hardware import HardwareProfile, ring_volume_factor
 from .memory import COMPUTE_BYTES_PER_PARAM, DTYPE_BYTES, STATE_BYTES_PER_PARAM
 
@@ -312,9 +313,9 @@ def grid_layer_cost(
     q, _, cube = strategy.grid_shape
     # a weight's gradient is computed whole over its gathered block before the reduce-scatter adds it to the stored one
     params, largest = terms.stored_params, profile.largest_param_count / (q if cube == 1 else q * q)
-    gather_s, sync_s, transient = cm._dp_comm(params, strategy.dp, strategy.dp_type, False, compute, deferred_sync)
-    fwd_s = own[0] + cm._visible(gather_s, compute[0], strategy.dp_type)
-    bwd_s = own[1] + cm._visible(gather_s, compute[1], strategy.dp_type) + (own[0] if strategy.ckpt else 0.0)
+    gather_s, sync_s, transient = dp_comm(cm, params, strategy.dp, strategy.dp_type, False, compute, deferred_sync)
+    fwd_s = own[0] + visible_s(cm, gather_s, compute[0], strategy.dp_type)
+    bwd_s = own[1] + visible_s(cm, gather_s, compute[1], strategy.dp_type) + (own[0] if strategy.ckpt else 0.0)
     compute_b = COMPUTE_BYTES_PER_PARAM[cm.mixed_precision]
     working = transient + profile.grad_working_per_sample(P, True) * local * cm.activation_scale
     if strategy.ckpt:  # its input, whole in features on the rows' samples (activation_strategy); recomputed, the
@@ -326,7 +327,9 @@ def grid_layer_cost(
         # gathered input and weight alive at a time
         kept = terms.activation_bytes + cm.autocast_cast_bytes(params, strategy.dp, strategy.dp_type)
         peak_extra = working + terms.largest_gathered_bytes + largest * compute_b
-    sync_s = cm._visible(sync_s, compute[1], strategy.dp_type) + cm._optimizer_s(params, strategy.dp, strategy.dp_type)
+    sync_s = visible_s(cm, sync_s, compute[1], strategy.dp_type) + optimizer_s(
+        cm, params, strategy.dp, strategy.dp_type
+    )
     return GridCost(fwd_s, bwd_s, sync_s, int(kept), int(peak_extra), params, largest)
 
 

@@ -63,20 +63,18 @@ from galvatron_fx.errors import ConfigError, PlanError, ProfileError
 from galvatron_fx.parallel_dims import end_layout
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan, Prediction
 
+from .data_parallel_cost import ddp_drift_s, dp_comm, model_states, optimizer_s, visible_s
 from .embedding_cost import ONE_STAGE_ACTIVATION as ONE_STAGE_ACTIVATION  # also importable from here, as before
 from .embedding_cost import ends_cost, head_working_bytes
 from .grid_tp import ROW_GATHERS, grid_layer_cost
-from .hardware import BLOCKING_PROBE_COMPUTE_S, HardwareProfile
+from .hardware import HardwareProfile
 from .layer_type_profile import LayerTypeProfile
 from .layouts import layout_of, move_key, move_plan
 from .memory import (
     COMPUTE_BYTES_PER_PARAM,
     DTYPE_BYTES,
-    GRAD_BUCKET_CAP_BYTES,
-    STATE_BYTES_PER_PARAM,
     InFlight,
     check_precision,
-    model_state_split,
 )
 from .model_profile import ModelProfile
 from .time_formula import TimeFormula
@@ -209,7 +207,8 @@ class CostModel:
                 bwd_compute + self._tp_comm_s(strategy, hidden_bytes, bwd_compute, backward=True),
             )
         params, largest = profile.param_count / split, profile.largest_param_count / split
-        gather_s, sync_s, transient_bytes = self._dp_comm(
+        gather_s, sync_s, transient_bytes = dp_comm(
+            self,
             params,
             strategy.dp,
             strategy.dp_type,
@@ -217,8 +216,8 @@ class CostModel:
             (fwd_compute, bwd_compute),
             deferred_sync,
         )
-        fwd_s = own[0] + self._visible(gather_s, fwd_compute, strategy.dp_type)
-        bwd_s = own[1] + self._visible(gather_s, bwd_compute, strategy.dp_type) + self._ddp_drift_s(strategy, own)
+        fwd_s = own[0] + visible_s(self, gather_s, fwd_compute, strategy.dp_type)
+        bwd_s = own[1] + visible_s(self, gather_s, bwd_compute, strategy.dp_type) + ddp_drift_s(self, strategy, own)
         if strategy.ckpt:
             bwd_s += own[0]
         scale = self.kept_activation_scale(profile, strategy.dp, strategy.dp_type)
@@ -245,8 +244,8 @@ class CostModel:
         else:
             kept += cast
             peak_extra = transient_bytes + working
-        sync_s = self._visible(sync_s, bwd_compute, strategy.dp_type) + self._optimizer_s(
-            params, strategy.dp, strategy.dp_type
+        sync_s = visible_s(self, sync_s, bwd_compute, strategy.dp_type) + optimizer_s(
+            self, params, strategy.dp, strategy.dp_type
         )
         return self._with_states(
             LayerCost(fwd_s, bwd_s, sync_s, 0, int(kept), int(peak_extra)),
@@ -276,48 +275,13 @@ class CostModel:
             return 0.0
         return params * COMPUTE_BYTES_PER_PARAM["bf16"]
 
-    def _ddp_drift_s(self, strategy: LayerStrategy, own_s: tuple[float, float]) -> float:
-        """A DDP layer without TP runs no collective the ranks wait for until the gradient all-reduce after
-        the step's backward, so they drift apart while it computes (ranks sharing cores; the hardware's
-        skew growth): the slowest rank's lag, which the others wait out at that all-reduce, grows by the
-        drift over this layer's forward and backward ``own_s``, for every micro-batch."""
-        if strategy.tp > 1 or strategy.dp == 1 or strategy.dp_type != "ddp":
-            return 0.0
-        return self.hardware.blocking_s(strategy.dp, BLOCKING_PROBE_COMPUTE_S + sum(own_s)) - self.hardware.blocking_s(
-            strategy.dp
-        )
-
     def _with_states(
         self, cost: LayerCost, params: float, dp: int, dp_type: str, largest_param: float, deferred_sync: bool
     ) -> LayerCost:
         """``cost`` with the model states of ``params`` parameters on a ``dp``-way ``dp_type`` group, the
-        largest of them ``largest_param`` elements."""
-        states, grads = model_state_split(params, dp, dp_type, self.mixed_precision)
-        if deferred_sync and dp > 1 and dp_type in ("zero2", "zero3"):
-            # FSDP2 with gradient sync paused accumulates each layer's unsharded fp32 gradient from the
-            # step's first backward to its last, which reduce-scatters it into the shard: until then the
-            # layer's gradient bytes are the unsharded ones (an over-count in the optimizer step, by then gone)
-            unsharded = int(params * STATE_BYTES_PER_PARAM[self.mixed_precision][1])
-            states, grads = states + unsharded - grads, unsharded
-        # autograd computes a weight's gradient whole, then adds it to a stored one: DDP's, and ZeRO's unsharded
-        # ones held over a step's micro-batches; otherwise ZeRO's are new in every backward (in the transient)
-        accumulates = dp_type == "ddp" or (deferred_sync and dp > 1)
-        accumulate = largest_param * STATE_BYTES_PER_PARAM[self.mixed_precision][1] if accumulates else 0.0
-        if dp_type == "ddp" and dp > 1:  # DDP's gradient buckets persist: no phase of the step is without them
-            grads = 0
-        if dp_type == "zero2" and dp > 1:  # the shard stays besides the gathered parameters during a step
-            states += int(params * STATE_BYTES_PER_PARAM[self.mixed_precision][0] / dp)
-        return dataclasses.replace(
-            cost,
-            model_state_bytes=states,
-            grad_bytes=grads,
-            accumulate_bytes=int(accumulate),
-        )
-
-    def _optimizer_s(self, params: float, dp: int, dp_type: str) -> float:
-        """One optimizer step over the parameters this device updates (a ZeRO shard, or all of them)."""
-        updated = params / dp if dp_type in ("zero2", "zero3") else params
-        return updated * self.hardware.optimizer_s_per_param
+        largest of them ``largest_param`` elements (cost/data_parallel_cost.py)."""
+        states, grads, accumulate = model_states(self, params, dp, dp_type, largest_param, deferred_sync)
+        return dataclasses.replace(cost, model_state_bytes=states, grad_bytes=grads, accumulate_bytes=accumulate)
 
     def _in_place_s(
         self, part: LayerTypeProfile, tp: int, local: float, busy_share: float
@@ -357,77 +321,6 @@ class CostModel:
                 + calls * wait
             )
         return 4 * (hw.collective_s("all_to_all", hidden_bytes / tp, tp, cons) + wait)
-
-    def _dp_comm(
-        self,
-        params: float,
-        dp: int,
-        dp_type: str,
-        consecutive: bool,
-        compute_s: tuple[float, float] = (BLOCKING_PROBE_COMPUTE_S, BLOCKING_PROBE_COMPUTE_S),
-        deferred_sync: bool = False,
-    ) -> tuple[float, float, float]:
-        """(ZeRO-3 parameter gather per pass, gradient sync per step, transient bytes in backward) on
-        ``params`` parameters, next to ``compute_s`` = (forward, backward) seconds of the layer's compute. The
-        transient bytes are FSDP2's: the layer's unsharded gradients and the previous layer's, whose
-        reduce-scatter is in flight (ZeRO-2 and -3), and with ZeRO-3 the layer's gathered parameters and the
-        next layer's, prefetched. With ``deferred_sync`` the unsharded gradients are held from the step's first
-        backward to its last (model states, ``_with_states``): a backward then adds only the shards the
-        reduce-scatters write."""
-        if dp == 1 or params <= 0:
-            return 0.0, 0.0, 0.0
-        grad_b, weight_b = STATE_BYTES_PER_PARAM[self.mixed_precision][1], COMPUTE_BYTES_PER_PARAM[self.mixed_precision]
-        hw = self.hardware
-        grads, weights = params * grad_b, params * weight_b  # fp32 gradients reduced; bf16 parameters gathered
-        new_grads = grads / dp if deferred_sync else grads  # what a backward allocates for the reduce-scatter
-        if dp_type == "ddp":  # the layer's share of a bucket's all-reduce: one latency per bucket
-            fit = hw.fit("all_reduce", dp, consecutive)
-            return 0.0, fit.latency_s * min(1.0, grads / GRAD_BUCKET_CAP_BYTES) + grads / fit.bandwidth_Bps, 0.0
-        scatter_s = hw.collective_s("reduce_scatter", grads, dp, consecutive)
-        gather_s = hw.collective_s("all_gather", weights, dp, consecutive)
-        if dp_type == "zero2":  # reduce-scatter, then the all-gather of the updated parameters
-            gather, sync, calls, transient = 0.0, scatter_s + gather_s, (0, 2), 2 * new_grads
-        else:
-            gather, sync, calls, transient = gather_s, scatter_s, (1, 1), 2 * (weights + new_grads)
-        if not hw.comm_streams:
-            gather, sync = self._in_place(dp_type, params * 4, dp, gather, sync, calls, compute_s)
-        return gather, sync, transient
-
-    def _in_place(
-        self,
-        dp_type: str,
-        fp32_bytes: float,
-        dp: int,
-        gather_s: float,
-        sync_s: float,
-        calls: tuple[int, int],
-        compute_s: tuple[float, float],
-    ) -> tuple[float, float]:
-        """(gather, sync) of a ZeRO unit whose collectives are waited for in place (no communication
-        streams): FSDP2's measured cost of a unit of this size (every collective, copy and wait of a step),
-        split as the collectives' times, or without that measurement the collectives' own times; and each
-        of the ``calls`` (gather, sync) collectives pays the ranks' arrival skew after the layer's forward
-        (gather) or backward (sync) compute."""
-        skew = [self.hardware.blocking_s(dp, c) for c in compute_s]
-        unit_s = self.hardware.sharded_unit_s(dp_type, fp32_bytes, dp)
-        if unit_s is not None:  # the probe's ranks arrive together (nothing computes between): add the skew
-            collectives_s = (2 if dp_type == "zero3" else 0) * gather_s + sync_s  # ZeRO-3 gathers in both passes
-            gather_s, sync_s = gather_s * unit_s / collectives_s, sync_s * unit_s / collectives_s
-        return gather_s + calls[0] * skew[0], sync_s + calls[1] * skew[1]
-
-    def _visible(self, comm_s: float, compute_s: float, dp_type: str) -> float:
-        """Visible cost of data-parallel communication next to ``compute_s``. DDP's all-reduce is started as
-        asynchronous work from backward hooks, so it overlaps on every device; FSDP2 (ZeRO) overlaps its
-        collectives by running them on their own streams, which only GPUs have: on CPU it waits for each
-        in place (``_in_place`` priced that)."""
-        if dp_type != "ddp" and not self.hardware.comm_streams:
-            return comm_s
-        return self._overlapped(comm_s, compute_s)
-
-    def _overlapped(self, comm_s: float, compute_s: float) -> float:
-        """Visible cost of ``comm_s`` overlapped with ``compute_s``: the excess, plus the slowdown of the overlap."""
-        hidden = min(comm_s, compute_s)
-        return (comm_s - hidden) + hidden * (self.overlap - 1.0)
 
     # -- embedding and head: cost/embedding_cost.py ------------------------------------------------------
     def embedding_cost(

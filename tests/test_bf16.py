@@ -141,7 +141,7 @@ def test_bf16_plans_train_like_eager_autocast(plan):
 
 def test_zero3_gathers_bf16_and_reduces_fp32_as_priced():
     """Every all-gather moves bf16 and every reduce-scatter fp32; a step's bytes are what the cost model's
-    collectives (``viz.collectives.dp_collectives``, the terms of ``CostModel._dp_comm``) say."""
+    collectives (``viz.collectives.dp_collectives``, the terms of ``cost.data_parallel_cost.dp_comm``) say."""
     model, batches = _model_and_batches()
     program = capture(model, example_kwargs=batches[0])
     priced = {"forward": 0, "backward": 0, "step": 0}

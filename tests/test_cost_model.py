@@ -5,6 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from galvatron_fx.cost.data_parallel_cost import dp_comm
 from galvatron_fx.cost.hardware import COLLECTIVES, CommFit, HardwareProfile
 from galvatron_fx.cost.layer_type_profile import LayerTypeProfile
 from galvatron_fx.cost.layouts import reference_move_s
@@ -261,9 +262,9 @@ def test_ddp_gradients_live_in_persistent_buckets_that_pay_one_latency_each():
     assert one.memory_bytes_per_stage == two.memory_bytes_per_stage
     # a 4 MB gradient pays 4 MB / 25 MiB of the all-reduce latency (the rest of its bucket pays the rest)
     fit = model.hardware.fit("all_reduce", 2)
-    sync = model._dp_comm(1_000_000, 2, "ddp", True)[1]
+    sync = dp_comm(model, 1_000_000, 2, "ddp", True)[1]
     assert sync == pytest.approx(fit.latency_s * 4e6 / GRAD_BUCKET_CAP_BYTES + 4e6 / fit.bandwidth_Bps)
-    assert model._dp_comm(100_000_000, 2, "ddp", True)[1] == pytest.approx(
+    assert dp_comm(model, 100_000_000, 2, "ddp", True)[1] == pytest.approx(
         fit.time_s(4e8)
     )  # above the cap: its own bucket
 
@@ -280,9 +281,9 @@ def test_bf16_mixed_precision_bytes():
     zero2 = bf16.layer_cost("blk", S(dp=4, dp_type="zero2"), 8)
     assert zero2.model_state_bytes == 1_000_000 * (2 + 4 / 4 + 12 / 4) and zero2.activation_bytes == 8000 * 2 // 2
     hw = bf16.hardware
-    gather, _, transient = bf16._dp_comm(1_000_000, 4, "zero3", True)
+    gather, _, transient = dp_comm(bf16, 1_000_000, 4, "zero3", True)
     assert gather == pytest.approx(hw.collective_s("all_gather", 2e6, 4, True))
-    assert transient == 2 * (2e6 + 4e6) and fp32._dp_comm(1_000_000, 4, "zero3", True)[2] == 2 * (4e6 + 4e6)
+    assert transient == 2 * (2e6 + 4e6) and dp_comm(fp32, 1_000_000, 4, "zero3", True)[2] == 2 * (4e6 + 4e6)
     with pytest.raises(ConfigError, match="mixed_precision"):
         CostModel(synthetic_profile(), uniform_hardware(), mixed_precision="fp8")
 
