@@ -269,31 +269,19 @@ class HardwareProfile:
             key = "p2p"
             p2p = {int(k): _comm_fit(v) for k, v in data.get("p2p", {}).items()}
             key = "overlap_slowdown"
-            overlap = float(data.get("overlap_slowdown", 1.0))
-            if not overlap >= 1.0:
-                raise ValueError(f"{overlap} < 1")
+            overlap = _scalar(data, key, floor=1.0)
             key = "flops_per_s"
             flops = {str(k): float(v) for k, v in (data.get("flops_per_s") or {}).items()}
             key = "optimizer_s_per_param"
-            optimizer_s = float(data.get("optimizer_s_per_param", 0.0))
-            if not optimizer_s >= 0.0:
-                raise ValueError(f"{optimizer_s} < 0")
+            optimizer_s = _scalar(data, key, floor=0.0)
             key = "op_overhead_s"
-            op_overhead_s = float(data.get("op_overhead_s", 0.0))
-            if not op_overhead_s >= 0.0:
-                raise ValueError(f"{op_overhead_s} < 0")
+            op_overhead_s = _scalar(data, key, floor=0.0)
             key = "autocast_cast_s_per_param"
-            cast_s = float(data.get("autocast_cast_s_per_param", 0.0))
-            if not cast_s >= 0.0:
-                raise ValueError(f"{cast_s} < 0")
+            cast_s = _scalar(data, key, floor=0.0)
             key = "compute_slowdown"
-            compute_slowdown = float(data.get("compute_slowdown", 1.0))
-            if not compute_slowdown >= 1.0:
-                raise ValueError(f"{compute_slowdown} < 1")
+            compute_slowdown = _scalar(data, key, floor=1.0)
             key = "blocking_collective_s"
-            blocking_s = float(data.get("blocking_collective_s", 0.0))
-            if not blocking_s >= 0.0:
-                raise ValueError(f"{blocking_s} < 0")
+            blocking_s = _scalar(data, key, floor=0.0)
             key = "blocking_by_group_s"
             blocking_by_group = {int(k): float(v) for k, v in (data.get("blocking_by_group_s") or {}).items()}
             if any(not (k >= 2 and v >= 0.0) for k, v in blocking_by_group.items()):
@@ -400,6 +388,14 @@ def mean_profile(passes: Sequence[HardwareProfile]) -> HardwareProfile:
         blocking_growth_by_group=means("blocking_growth_by_group"),
         source=f"mean of {len(passes)} passes of {first.source or 'profile-hardware'}",
     )
+
+
+def _scalar(data: dict, key: str, floor: float) -> float:
+    """``data[key]`` as a float of at least ``floor`` (``floor`` where the key is absent: not measured)."""
+    value = float(data.get(key, floor))
+    if not value >= floor:
+        raise ValueError(f"{value} < {floor:g}")
+    return value
 
 
 def _comm_fit(value: Any) -> CommFit:
