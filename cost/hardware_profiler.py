@@ -45,6 +45,7 @@ class ProfilerConfig:
     repeats: int = 3
     warmup: int = 1
     matmul_dim: int = 256
+    probe_seq: int = 32  # the step probe's sequence (cost/step_probe.py): its batches are 1, 2 and 8 of these
     progress: bool = True
     optimizer_params: int = 4 * 2**20  # beyond the caches, as a model's parameters are
 
@@ -56,6 +57,7 @@ class ProfilerConfig:
                 repeats=5,
                 warmup=2,
                 matmul_dim=4096,
+                probe_seq=512,  # a GPU's throughput needs thousands of tokens per matmul
                 progress=progress,
                 optimizer_params=64 * 2**20,
             )
@@ -192,7 +194,9 @@ def profile_hardware(
         progress.step(f"send/recv pp={pp}")
     # rank 0 alone (the others wait): scaled below by the slowdown of every rank computing at once
     step = (
-        measure_step_costs(device, config.matmul_dim, lambda run: _local_median_time(run, device, config))
+        measure_step_costs(
+            device, config.matmul_dim, lambda run: _local_median_time(run, device, config), seq=config.probe_seq
+        )
         if rank == 0
         else StepCosts({d: math.inf for d in PROBE_DTYPES}, 0.0, 0.0)  # no figure: rank 0's reach the MAX below
     )

@@ -111,7 +111,7 @@ def measure_step_costs(
     """The probe's figures on this process. ``time_s(run)``: the median seconds of ``run``. Batches and dtypes
     alternate, so that a drift of the machine reaches every point alike."""
     torch.manual_seed(0)
-    block = ProbeBlock(dim, heads=4).to(device)
+    block = ProbeBlock(dim, heads=max(1, dim // 64)).to(device)  # heads of 64, as most models have
     inputs = {b: torch.randn(b, seq, dim, device=device) for b in batches}
     counts = {b: _step_counts(block, x) for b, x in inputs.items()}
     flops = {b: f for b, (f, _) in counts.items()}
