@@ -9,8 +9,8 @@ large share of the step, and FLOPs alone price bf16 as faster than fp32 where it
 The probe is a pre-norm Transformer block (attention and a GELU MLP, as GPT-2's and BERT's layers are),
 trained forward and backward at several batch sizes in fp32 and under bf16 autocast, on one process while
 the others wait: where processes share cores, timings taken among them are too noisy for a line's intercept
-(it came out at 0 and at 67 µs per operator on two runs), so the profiler scales the figures by the compute
-slowdown it measures apart. A line through (FLOPs, seconds) per dtype gives:
+(from 0 to 67 µs per operator between two launches on 2 cores), so the profiler scales the figures by the
+compute slowdown it measures apart. A line through (FLOPs, seconds) per dtype gives:
 
 - ``flops_per_s[dtype]``: the marginal throughput of a Transformer step (its slope);
 - ``op_overhead_s``: the fp32 intercept per operator the probe's forward and backward dispatch, counted as
