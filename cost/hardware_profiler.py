@@ -8,67 +8,31 @@ once (as in training, where every TP or DP group communicates together) over a f
 warm-up and the median of the repetitions; the slowest rank's median counts. Then send/recv between the
 neighbouring stages of every pipeline degree, how much of an all-reduce stays visible next to compute,
 what a Transformer block's training step costs per FLOP, per operator and per bf16 weight cast
-(cost/step_probe.py), the slowdown of a Transformer block when every rank computes at once
-(processes sharing CPU cores), the time of an Adam step per parameter, and on CPUs what an FSDP2 unit
+(cost/step_probe.py), the slowdown of that block when every rank computes at once (processes sharing CPU
+cores), the time of an Adam step per parameter (cost/compute_probes.py), and on CPUs what an FSDP2 unit
 costs a step (cost/fsdp_probe.py). Time and memory are bounded by the message sizes and repetitions
-(``ProfilerConfig``); the defaults on CPU keep 4 gloo processes on 2 cores well under a minute.
+(``ProfilerConfig``, cost/profiler_timing.py); the defaults on CPU keep 4 gloo processes on 2 cores well
+under a minute.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import socket
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+from . import compute_probes
 from .fsdp_probe import sharded_unit_times
 from .hardware import BLOCKING_PROBE_COMPUTE_S, COLLECTIVES, HardwareProfile, fit_latency_bandwidth
+from .profiler_timing import ProfilerConfig, local_median_time, median_time, sync
 from .step_probe import PROBE_DTYPES, StepCosts, measure_step_costs
-
-KiB, MiB = 2**10, 2**20
-
-
-@dataclass(frozen=True)
-class ProfilerConfig:
-    """Message sizes (bytes), repetitions and the overlap test's matrix size."""
-
-    sizes_bytes: tuple[int, ...] = (64 * KiB, 512 * KiB, 2 * MiB)
-    repeats: int = 3
-    warmup: int = 1
-    matmul_dim: int = 256
-    probe_seq: int = 32  # the step probe's sequence (cost/step_probe.py): its batches are 1, 2 and 8 of these
-    progress: bool = True
-    optimizer_params: int = 4 * 2**20  # beyond the caches, as a model's parameters are
-
-    @classmethod
-    def for_device(cls, device: torch.device, progress: bool = True) -> "ProfilerConfig":
-        if device.type == "cuda":
-            return cls(
-                (1 * MiB, 16 * MiB, 64 * MiB, 256 * MiB),
-                repeats=5,
-                warmup=2,
-                matmul_dim=4096,
-                probe_seq=512,  # a GPU's throughput needs thousands of tokens per matmul
-                progress=progress,
-                optimizer_params=64 * 2**20,
-            )
-        # CPU timings are noisy (other processes, shared cores): more sizes and repetitions, medians of them
-        # up to 8 MiB: DDP's buckets reach tens of MiB, so the bandwidth must come from large messages
-        return cls((16 * KiB, 64 * KiB, 256 * KiB, MiB, 4 * MiB, 8 * MiB), repeats=10, warmup=2, progress=progress)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class _Progress:
@@ -88,34 +52,6 @@ class _Progress:
             if self.done == self.total:
                 sys.stderr.write("\n")
             sys.stderr.flush()
-
-
-def _median_time(run: Callable[[], None], device: torch.device, config: ProfilerConfig, group=None) -> float:
-    for _ in range(config.warmup):
-        run()
-    _sync(device)
-    times = []
-    for _ in range(config.repeats):
-        dist.barrier(group=group)
-        start = time.perf_counter()
-        run()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _local_median_time(run: Callable[[], None], device: torch.device, config: ProfilerConfig) -> float:
-    """Like ``_median_time`` without the barriers: for timing one rank while the others wait."""
-    for _ in range(config.warmup):
-        run()
-    times = []
-    for _ in range(config.repeats):
-        _sync(device)
-        start = time.perf_counter()
-        run()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _collective(op: str, nbytes: int, group, group_size: int, device: torch.device) -> Callable[[], None]:
@@ -184,7 +120,7 @@ def profile_hardware(
         for op in COLLECTIVES:
             for nbytes in config.sizes_bytes:
                 keys.append((f"{op}/{group_size}/{layout}", nbytes))
-                medians.append(_median_time(_collective(op, nbytes, group, group_size, device), device, config, group))
+                medians.append(median_time(_collective(op, nbytes, group, group_size, device), device, config, group))
             progress.step(f"{op} g={group_size} {layout}")
     for pp in pipelines:
         for nbytes in config.sizes_bytes:
@@ -195,32 +131,33 @@ def profile_hardware(
     # rank 0 alone (the others wait): scaled below by the slowdown of every rank computing at once
     step = (
         measure_step_costs(
-            device, config.matmul_dim, lambda run: _local_median_time(run, device, config), seq=config.probe_seq
+            device, config.matmul_dim, lambda run: local_median_time(run, device, config), seq=config.probe_seq
         )
         if rank == 0
         else StepCosts({d: math.inf for d in PROBE_DTYPES}, 0.0, 0.0)  # no figure: rank 0's reach the MAX below
     )
     dist.barrier()
     progress.step("Transformer step: FLOPs, operators, casts")
-    slowdown = _overlap_slowdown(device, config)
+    slowdown = compute_probes.overlap_slowdown(device, config)
     progress.step("compute/communication overlap")
-    compute_slowdown = _compute_slowdown(device, config)
+    compute_slowdown = compute_probes.compute_slowdown(device, config)
     progress.step("compute of all ranks at once")
-    optimizer_s = _optimizer_s_per_param(device, config)
+    optimizer_s = compute_probes.optimizer_s_per_param(device, config)
     progress.step("optimizer step")
     skew_s = {
-        size: _arrival_skew_s(device, config, group, BLOCKING_PROBE_COMPUTE_S)
+        size: compute_probes.arrival_skew_s(device, config, group, BLOCKING_PROBE_COMPUTE_S)
         for size, group in consecutive_groups.items()
     }
     # again after longer compute: how the skew grows with the work since the ranks last met
     long_compute_s = 4 * BLOCKING_PROBE_COMPUTE_S
     skew_long_s = {
-        size: _arrival_skew_s(device, config, group, long_compute_s) for size, group in consecutive_groups.items()
+        size: compute_probes.arrival_skew_s(device, config, group, long_compute_s)
+        for size, group in consecutive_groups.items()
     }
     progress.step("collectives between compute")
     # FSDP2 waits for its collectives in place where there are no communication streams: time it there
     units = (
-        sharded_unit_times(config.sizes_bytes[-3:], lambda run: _median_time(run, device, config), device)
+        sharded_unit_times(config.sizes_bytes[-3:], lambda run: median_time(run, device, config), device)
         if device.type != "cuda"
         else {}
     )
@@ -306,136 +243,9 @@ def _ping_pong(nbytes: int, step: int, rank: int, device: torch.device, config: 
     for _ in range(config.repeats):
         start = time.perf_counter()
         round_trip()
-        _sync(device)
+        sync(device)
         times.append((time.perf_counter() - start) / 2)
     return statistics.median(times)
-
-
-def _transformer_block(dim: int, device: torch.device) -> Callable[[], None]:
-    """Forward and backward of a small pre-norm Transformer block (attention and MLP) on ``dim`` tokens of
-    width ``dim``: the mix of matmuls and memory-bound kernels (layer norm, softmax, GELU) that a model's
-    layers run, which slow down differently when processes share cores (a matmul alone hides that)."""
-    heads, tokens = 4, dim
-    scale = 1.0 / math.sqrt(dim // heads)
-    x = torch.randn(tokens, dim, device=device, requires_grad=True)
-    w_qkv, w_out = (torch.randn(dim, n * dim, device=device, requires_grad=True) for n in (3, 1))
-    w_up, w_down = (
-        torch.randn(dim, 4 * dim, device=device, requires_grad=True),
-        torch.randn(4 * dim, dim, device=device, requires_grad=True),
-    )
-
-    def step():
-        q, k, v = (F.layer_norm(x, (dim,)) @ w_qkv).view(tokens, 3, heads, dim // heads).unbind(1)
-        scores = torch.softmax(q.transpose(0, 1) @ k.permute(1, 2, 0) * scale, dim=-1)
-        y = x + (scores @ v.transpose(0, 1)).transpose(0, 1).reshape(tokens, dim) @ w_out
-        (y + F.gelu(F.layer_norm(y, (dim,)) @ w_up) @ w_down).sum().backward()
-
-    return step
-
-
-def _compute_slowdown(device: torch.device, config: ProfilerConfig, work_s: float = 25e-3) -> float:
-    """≥ 1: the wall time until every rank has run ``work_s`` of a Transformer block's forward and backward,
-    all at once, over rank 0's time running it alone (about 1 on GPUs, the oversubscription factor when
-    ranks share fewer CPU cores). A training step waits for its slowest rank, so the slowest one counts;
-    the work is long enough (as between a step's synchronisations) that the scheduler's time slices even
-    out; alone and together alternate, so that drifts of the machine cancel. Rank 0's ratio; the others
-    return 1."""
-    step = _transformer_block(config.matmul_dim, device)
-    steps = torch.tensor([max(1, round(work_s / max(_local_median_time(step, device, config), 1e-9)))], device=device)
-    dist.broadcast(steps, src=0)  # every rank runs the same work
-
-    def run() -> float:
-        start = time.perf_counter()
-        for _ in range(int(steps)):
-            step()
-        _sync(device)
-        return time.perf_counter() - start
-
-    alone, together = [], []
-    for _ in range(config.repeats):
-        dist.barrier()
-        if dist.get_rank() == 0:  # the others wait
-            alone.append(run())
-        dist.barrier()
-        slowest = torch.tensor([run()], dtype=torch.float64, device=device)
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        together.append(slowest.item())
-    return max(1.0, statistics.median(together) / statistics.median(alone)) if dist.get_rank() == 0 else 1.0
-
-
-def _arrival_skew_s(device: torch.device, config: ProfilerConfig, group, compute_s: float, rounds: int = 8) -> float:
-    """What a small all-reduce (1 KiB) over ``group`` costs beyond its back-to-back time when every rank
-    computes ``compute_s`` before it, as between tensor-parallel collectives: rounds of compute + all-reduce,
-    minus the same compute alone and the all-reduces alone, run back to back; the median of these
-    differences. The ranks of a larger group wait for more of each other, and the longer they computed
-    since they last met, the further apart they arrive."""
-    n = config.matmul_dim
-    a = torch.randn(n, n, device=device)
-    token = torch.ones(256, device=device)
-    single = _local_median_time(lambda: a @ a, device, config)
-    repeats = torch.tensor([max(1, min(2000, int(compute_s / max(single, 1e-9))))], device=device)
-    dist.broadcast(repeats, src=0)  # every rank computes the same between collectives, as TP ranks do
-
-    def run(compute: bool, collective: bool) -> float:
-        dist.barrier()
-        start = time.perf_counter()
-        for _ in range(rounds):
-            for _ in range(int(repeats) if compute else 0):
-                a @ a
-            if collective:
-                dist.all_reduce(token, group=group)
-        _sync(device)
-        return time.perf_counter() - start
-
-    run(True, True)
-    extra_s = []  # each from three runs back to back: a drift of the machine hits all three alike
-    for _ in range(max(3, 2 * config.repeats)):
-        extra_s.append(run(True, True) - run(True, False) - run(False, True))
-    return max(0.0, statistics.median(extra_s)) / rounds
-
-
-def _optimizer_s_per_param(device: torch.device, config: ProfilerConfig) -> float:
-    """Seconds of one ``torch.optim.Adam`` step per parameter, on ``config.optimizer_params`` parameters
-    in a few tensors, every rank at once (as in training)."""
-    params = [torch.nn.Parameter(torch.zeros(config.optimizer_params // 8, device=device)) for _ in range(8)]
-    for param in params:
-        param.grad = torch.ones_like(param)
-    optimizer = torch.optim.Adam(params)
-    optimizer.step()  # creates the states
-    seconds = _median_time(optimizer.step, device, config)
-    return seconds / (len(params) * (config.optimizer_params // 8))
-
-
-def _overlap_slowdown(device: torch.device, config: ProfilerConfig) -> float:
-    """1 + the share of an all-reduce (of the largest message) that stays visible next to compute of the
-    same length: (time for both to finish − compute alone) / communication alone. 1 when the
-    communication hides completely (its own stream and engine), 2 when compute and communication only
-    take turns (gloo's threads and the compute sharing the same cores), more when they also slow each
-    other down. Timing compute alone would miss the communication's own slowdown."""
-    n = config.matmul_dim
-    a = torch.randn(n, n, device=device)
-    comm = torch.ones(config.sizes_bytes[-1] // 4, device=device)
-    alone = _median_time(lambda: a @ a, device, config)
-    comm_s = _median_time(lambda: dist.all_reduce(comm), device, config)
-    repeats = max(1, min(200, int(comm_s / max(alone, 1e-9))))  # compute about as long as the communication
-
-    def compute():
-        for _ in range(repeats):
-            a @ a
-
-    def both():
-        work = dist.all_reduce(comm, async_op=True)
-        compute()
-        work.wait()
-
-    runs = {"comm": lambda: dist.all_reduce(comm), "compute": compute, "both": both}
-    samples: dict[str, list[float]] = {name: [] for name in runs}
-    once = dataclasses.replace(config, repeats=1, warmup=0)
-    for _ in range(3 * config.repeats):  # alternated, so that drifts of the machine cancel (the noisiest figure)
-        for name, run in runs.items():
-            samples[name].append(_median_time(run, device, once))
-    comm_s, compute_s, both_s = (statistics.median(samples[name]) for name in runs)
-    return max(1.0, 1.0 + (both_s - compute_s) / max(comm_s, 1e-9))
 
 
 # -- launching without torchrun ----------------------------------------------------------------------

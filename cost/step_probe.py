@@ -86,6 +86,15 @@ def _step(block: ProbeBlock, x: torch.Tensor, device: torch.device, dtype: str) 
     block.zero_grad(set_to_none=True)
 
 
+def probe_step(dim: int, tokens: int, device: torch.device) -> Callable[[], None]:
+    """One fp32 forward and backward of the probe block on ``tokens`` tokens of width ``dim``: the mix of
+    matmuls and memory-bound kernels (norms, attention, GELU) that a model's layers run, which slow down
+    differently from a matmul alone when processes share cores (``cost.compute_probes.compute_slowdown``)."""
+    block = ProbeBlock(dim, heads=max(1, dim // 64)).to(device)
+    x = torch.randn(1, tokens, dim, device=device)
+    return lambda: _step(block, x, device, "fp32")
+
+
 def _step_counts(block: ProbeBlock, x: torch.Tensor) -> tuple[int, int]:
     """FLOPs and dispatched operators of the block's fp32 forward and backward, counted as a captured layer's
     are (``passes.analysis.annotate``)."""
