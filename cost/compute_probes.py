@@ -77,14 +77,22 @@ def arrival_skew_s(device: torch.device, config: ProfilerConfig, group, compute_
 
 
 def optimizer_s_per_param(device: torch.device, config: ProfilerConfig) -> float:
-    """Seconds of one ``torch.optim.Adam`` step per parameter, on ``config.optimizer_params`` parameters
-    in a few tensors, every rank at once (as in training)."""
+    """Seconds per parameter of what the trainer does to each parameter after the gradient sync: the pass
+    of the global gradient norm over its gradient (every step computes it, clipped or not) and one
+    ``torch.optim.Adam`` step; on ``config.optimizer_params`` parameters in a few tensors, every rank at
+    once (as in training)."""
     params = [torch.nn.Parameter(torch.zeros(config.optimizer_params // 8, device=device)) for _ in range(8)]
     for param in params:
         param.grad = torch.ones_like(param)
+    grads = [param.grad for param in params]
     optimizer = torch.optim.Adam(params)
     optimizer.step()  # creates the states
-    seconds = median_time(optimizer.step, device, config)
+
+    def update() -> None:
+        torch.stack(torch._foreach_norm(grads, 2)).pow(2).sum()  # as runtime.grad_norm.GlobalGradNorm.norm
+        optimizer.step()
+
+    seconds = median_time(update, device, config)
     return seconds / (len(params) * (config.optimizer_params // 8))
 
 

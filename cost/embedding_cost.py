@@ -171,12 +171,13 @@ def embedding_activation_per_sample(cost_model, parts: list[LayerTypeProfile], v
 
 def _step_collectives_s(cost_model, vtp: int, pipelined: bool) -> float:
     """Collectives a stage holding the embedding or the head runs once per step after its gradient sync,
-    each waiting for its slowest peer: the all-reduce of the loss over the world (every rank returns the
+    each waiting for its slowest peer: two scalar all-reduces over the world, the global gradient norm's
+    (every step computes it, clipped or not: runtime/grad_norm.py) and the loss's (every rank returns the
     global mean), and in a pipeline the all-reduce of a tied embedding/head weight's gradient between
     the first and the last stage. They count with the gradient sync (with ``grad_sync_every_micro_batch``,
     once per micro-batch: a small over-count kept so that the search and ``evaluate`` agree)."""
     hw, world = cost_model.hardware, cost_model.hardware.world_size
-    seconds = hw.collective_s("all_reduce", 4, world) + hw.blocking_s(world)
+    seconds = 2 * (hw.collective_s("all_reduce", 4, world) + hw.blocking_s(world))
     if pipelined and cost_model.model.tied_param_count:
         grad_bytes = cost_model.model.tied_param_count / vtp * STATE_BYTES_PER_PARAM[cost_model.mixed_precision][1]
         seconds += hw.collective_s("all_reduce", grad_bytes, 2) + hw.blocking_s(2)

@@ -88,13 +88,13 @@ class HardwareProfile:
     (1: hidden on a stream of its own; 2: they only take turns, as where gloo shares the cores with
     compute); ``flops_per_s`` is the sustained throughput per dtype ("fp32", "bf16", "fp16");
     ``memory_bytes`` per device.
-    ``optimizer_s_per_param``: seconds of one Adam step per parameter the device updates (0: not
-    measured); ``compute_slowdown`` (≥ 1): how much slower a process computes while every process of the
-    node computes than alone (processes sharing CPU cores; 1 on GPUs), which a layer profile timed on one
-    process does not see. ``blocking_collective_s``: what a collective the ranks wait for in the middle of
-    compute (tensor parallelism; FSDP without streams) costs beyond its own time, for the ranks to arrive
-    together (0 on dedicated devices; the scheduler's time slices where ranks share CPU cores), for a group of
-    all ranks; ``blocking_by_group_s`` the same per group size where measured, after
+    ``optimizer_s_per_param``: seconds per parameter the device updates of its gradient-norm pass and
+    Adam step (0: not measured); ``compute_slowdown`` (≥ 1): how much slower a process computes while
+    every process of the node computes than alone (processes sharing CPU cores; 1 on GPUs), which a layer
+    profile timed on one process does not see. ``blocking_collective_s``: what a collective the ranks wait
+    for in the middle of compute (tensor parallelism; FSDP without streams) costs beyond its own time, for
+    the ranks to arrive together (0 on dedicated devices; the scheduler's time slices where ranks share CPU
+    cores), for a group of all ranks; ``blocking_by_group_s`` the same per group size where measured, after
     ``BLOCKING_PROBE_COMPUTE_S`` of compute; ``blocking_growth_by_group`` how much it grows per second of
     compute beyond that (ranks that share cores drift apart as they work; ``blocking_s``).
     ``sharded_units`` maps ``"<zero2|zero3>/<group>"`` to the CommFit of what one FSDP2 unit of ``nbytes``

@@ -143,7 +143,7 @@ def profile_hardware(
     compute_slowdown = compute_probes.compute_slowdown(device, config)
     progress.step("compute of all ranks at once")
     optimizer_s = compute_probes.optimizer_s_per_param(device, config)
-    progress.step("optimizer step")
+    progress.step("gradient norm and optimizer step")
     skew_s = {
         size: compute_probes.arrival_skew_s(device, config, group, BLOCKING_PROBE_COMPUTE_S)
         for size, group in consecutive_groups.items()

@@ -19,6 +19,8 @@ Terms of one layer, for a micro-batch of ``mb`` samples on a stage (each of the 
   layer on every rank of this world at once (``LayerTypeProfile.in_place_times``: Megatron TP, or none,
   the embedding and the head without vocab TP), that one figure replaces the layer's compute and
   collectives: it holds the contention and the waits for peers that processes sharing cores add.
+- a sequence-parallel layer's gradients computed on sequence shards (norms and biases; under Ulysses every
+  weight) are partial sums over its tp group: one all-reduce of them per step, after the gradient sync.
 - gradient sync over the ``dp`` group on the device's gradient bytes: DDP all-reduce (buckets span layers:
   a layer pays its share of a bucket's latency, and the ranks' drift over its compute, which they wait out
   at that all-reduce: they meet nowhere else in the step); ZeRO-2 reduce-scatter plus the all-gather of updated
@@ -27,10 +29,10 @@ Terms of one layer, for a micro-batch of ``mb`` samples on a stage (each of the 
   compute, as with prefetching) is hidden up to the compute time, and the hidden part costs
   ``overlap_slowdown − 1`` of itself.
 - optimizer step: the parameters the device updates (its ZeRO shard) × the hardware's measured
-  ``optimizer_s_per_param``; it follows the gradient sync, so it is counted in ``grad_sync_s`` (0 for
-  profiles without the figure: presets and Galvatron's files). So are the step's blocking collectives
-  after it: the loss all-reduce over the world, and a tied embedding/head gradient between a pipeline's
-  first and last stages.
+  ``optimizer_s_per_param`` (the gradient norm's pass and the Adam step); it follows the gradient sync, so it
+  is counted in ``grad_sync_s`` (0 for profiles without the figure: presets and Galvatron's files). So are the
+  step's blocking collectives after it: the gradient norm's and the loss's all-reduces over the world, and a
+  tied embedding/head gradient between a pipeline's first and last stages.
 - memory: model states (cost/memory.py: 16 bytes/param, fp32 masters under bf16 too; ZeRO shards), the
   activations one micro-batch keeps (the layer's inputs only, if checkpointed), by phase of the step
   (cost/memory.py ``InFlight``: gradients do not exist before the first backward, except in DDP's
@@ -73,6 +75,7 @@ from .layouts import layout_of, move_key, move_plan
 from .memory import (
     COMPUTE_BYTES_PER_PARAM,
     DTYPE_BYTES,
+    STATE_BYTES_PER_PARAM,
     InFlight,
     check_precision,
 )
@@ -244,8 +247,10 @@ class CostModel:
         else:
             kept += cast
             peak_extra = transient_bytes + working
-        sync_s = visible_s(self, sync_s, bwd_compute, strategy.dp_type) + optimizer_s(
-            self, params, strategy.dp, strategy.dp_type
+        sync_s = (
+            visible_s(self, sync_s, bwd_compute, strategy.dp_type)
+            + self._partial_grad_sum_s(profile, strategy)
+            + optimizer_s(self, params, strategy.dp, strategy.dp_type)
         )
         return self._with_states(
             LayerCost(fwd_s, bwd_s, sync_s, 0, int(kept), int(peak_extra)),
@@ -297,6 +302,18 @@ class CostModel:
             return None
         scale = self.time_scale * self.contention(busy_share) / self.compute_slowdown
         return times[0](local, self.seq) * scale, times[1](local, self.seq) * scale
+
+    def _partial_grad_sum_s(self, profile: LayerTypeProfile, strategy: LayerStrategy) -> float:
+        """The all-reduce over the tp group, once per step after the gradient sync, of a sequence-parallel
+        layer's gradients that each rank computed on its sequence shard (``runtime.data_parallel.PartialGradSum``):
+        under Ulysses every weight's (a ZeRO layer's shard of them), under Megatron-SP its norms' and biases',
+        whose few bytes cost the collective's latency."""
+        if strategy.sp == "none" or strategy.tp == 1:
+            return 0.0
+        params = profile.param_count / (strategy.dp if strategy.dp_type != "ddp" else 1)
+        nbytes = params * STATE_BYTES_PER_PARAM[self.mixed_precision][1] if strategy.sp == "ulysses" else 1
+        tp, consecutive = strategy.tp, strategy.tp_consecutive
+        return self.hardware.collective_s("all_reduce", nbytes, tp, consecutive) + self.hardware.blocking_s(tp)
 
     def _tp_comm_s(
         self, strategy: LayerStrategy, hidden_bytes: float, compute_s: float | None = None, backward: bool = False

@@ -74,7 +74,8 @@ def hardware_summary(profile) -> list[str]:
     if profile.compute_slowdown > 1.0:
         lines.append(f"  {'compute':<15} {profile.compute_slowdown:.2f}× slower with every process computing at once")
     if profile.optimizer_s_per_param:
-        lines.append(f"  {'optimizer step':<15} {format_seconds(profile.optimizer_s_per_param)} per parameter (Adam)")
+        per_param = format_seconds(profile.optimizer_s_per_param)
+        lines.append(f"  {'optimizer step':<15} {per_param} per parameter (gradient norm and Adam)")
     for group, skew in sorted(profile.blocking_by_group_s.items()):
         growth = profile.blocking_growth_by_group.get(group, 0.0)
         lines.append(

@@ -73,14 +73,17 @@ def set_node_meta(node: fx.Node, **changes: Any) -> None:
 @dataclass(frozen=True)
 class LayerMeta:
     """What lowering records on one layer's GraphModule, under ``gm.meta[META_KEY]``: the shards of its
-    parameters (tensor and vocab parallelism: target → ShardRecord) and which of its inputs arrive and which
-    outputs leave split along the sequence (sequence parallelism) or along the features (a grid's rows)."""
+    parameters (tensor and vocab parallelism: target → ShardRecord), which of its inputs arrive and which
+    outputs leave split along the sequence (sequence parallelism) or along the features (a grid's rows), and
+    which parameters' gradients are partial sums the runtime adds up after backward (sequence parallelism)."""
 
     shards: dict[str, Any] = field(default_factory=dict)
     seq_inputs: frozenset[str] = frozenset()
     seq_outputs: tuple[bool, ...] = ()
     feature_inputs: frozenset[str] = frozenset()
     feature_outputs: tuple[bool, ...] = ()
+    # sequence parallelism: parameter target → the ranks over which its gradient is a partial sum
+    partial_grads: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def layer_meta(gm: fx.GraphModule) -> LayerMeta:

@@ -45,12 +45,11 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-from torch.distributed.tensor import DTensor
 
 from galvatron_fx.errors import GalvatronError
 
 from . import groups
-from .shard_maps import LocalShard, ShardMap, local_shards
+from .shard_maps import LocalShard, ShardMap, local_shards, local_tensor
 
 FORMAT = "galvatron-fx-checkpoint/1"
 MANIFEST = "galvatron_checkpoint.json"
@@ -63,7 +62,7 @@ class CheckpointError(GalvatronError):
 
 # -- what each rank holds ------------------------------------------------------------------------------------
 def _local(value: torch.Tensor) -> torch.Tensor:
-    return (value.to_local() if isinstance(value, DTensor) else value).detach()
+    return local_tensor(value).detach()
 
 
 def _rng_states(device: torch.device) -> dict[str, torch.Tensor]:

@@ -15,6 +15,9 @@ One root shares one communication context across the layers: each layer's reduce
 unsharded gradient) is freed once the next layer's reduce-scatter is issued rather than at the end of
 backward, and the next layer's all-gather is prefetched during the current layer's compute.
 
+Sequence-parallel layers compute some gradients on sequence shards (their norms, say): partial sums over the
+layer's tensor-parallel group, added up after the gradient synchronisation (``PartialGradSum``).
+
 Weights that several layers use (GPT-2's ``wte``/``lm_head``, T5's shared embedding) are left out of
 sharding and kept replicated where they may sit in layers with different strategies or on different
 stages; a weight only the embedding and head of one stage use is sharded with them.
@@ -31,16 +34,18 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch._utils import _unflatten_dense_tensors
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from galvatron_fx.cost.memory import GRAD_BUCKET_CAP_BYTES
-from galvatron_fx.passes.lower.stage import StageModule, stage_layer_indices
+from galvatron_fx.passes.lower.ops.collectives import all_reduce_sum
+from galvatron_fx.passes.lower.stage import StageModule, stage_layer_indices, unwrap
 from galvatron_fx.plan import Plan
-from galvatron_fx.program import EPILOGUE, PROLOGUE, Program
+from galvatron_fx.program import EPILOGUE, PROLOGUE, Program, layer_meta
 
 from . import groups
+from .shard_maps import local_tensor
 
 
 class ReplicatedBucket:
@@ -130,6 +135,29 @@ class ReplicatedBucket:
             self.flat.zero_()
 
 
+class PartialGradSum:
+    """The parameters of one sequence-parallel layer whose gradients each rank computed on its own sequence
+    shard (``LayerMeta.partial_grads``: norms, biases after row-parallel projections; under Ulysses every
+    weight): partial sums over the layer's tensor-parallel ``ranks``, added up by one all-reduce of their
+    flattened gradients after the step's gradient synchronisation (Megatron-LM's sum of sequence-parallel
+    gradients), rather than one all-reduce per parameter and micro-batch inside backward. The data-parallel
+    mean taken before is linear, so the order does not matter; a ZeRO layer's peers hold the same shard."""
+
+    def __init__(self, ranks: tuple[int, ...], params: list[nn.Parameter]):
+        self.ranks, self.params = ranks, params
+
+    def sum_(self) -> None:
+        for param in self.params:
+            if param.grad is None:  # no gradient in this step (on every rank alike): sum zeros
+                param.grad = torch.zeros_like(param)
+        grads = [local_tensor(param.grad) for param in self.params]
+        for dtype in dict.fromkeys(g.dtype for g in grads):
+            same = [g for g in grads if g.dtype == dtype]
+            summed = all_reduce_sum(_flatten_dense_tensors(same), self.ranks)
+            for grad, total in zip(same, _unflatten_dense_tensors(summed, same)):
+                grad.copy_(total)
+
+
 @dataclass
 class TiedWeight:
     name: str
@@ -147,10 +175,12 @@ class GradSync:
         buckets: list[ReplicatedBucket],
         tied: list[TiedWeight],
         every_micro_batch: bool,
+        partial: list[PartialGradSum] = (),
     ):
         self.fsdp_units = fsdp_units
         self.buckets = buckets
         self.tied = tied
+        self.partial = list(partial)
         self.every_micro_batch = every_micro_batch
 
     def before_backward(self, last: bool) -> None:
@@ -171,6 +201,8 @@ class GradSync:
         if not self.every_micro_batch:
             for bucket in self.buckets:
                 bucket.wait()
+        for layer in self.partial:
+            layer.sum_()
         for weight in self.tied:
             if weight.param.grad is None:
                 weight.param.grad = torch.zeros_like(weight.param)
@@ -191,7 +223,8 @@ class GradSync:
     def describe(self) -> str:
         return (
             f"{len(self.fsdp_units)} sharded units, {sum(len(b.params) for b in self.buckets)} replicated "
-            f"parameters in {len(self.buckets)} all-reduce buckets, tied: {[w.name for w in self.tied]}"
+            f"parameters in {len(self.buckets)} all-reduce buckets, tied: {[w.name for w in self.tied]}, "
+            f"sequence-parallel partial gradients of {len(self.partial)} layers"
         )
 
 
@@ -278,7 +311,19 @@ def apply_data_parallel(stage: StageModule, program: Program, plan: Plan, mixed_
         for name, stages in sorted(tied_stages(program, plan).items())
         if name in params
     ]
-    return GradSync(fsdp_units, bucket_layers(replicated), tied, plan.grad_sync_every_micro_batch)
+    return GradSync(fsdp_units, bucket_layers(replicated), tied, plan.grad_sync_every_micro_batch, _partial_sums(stage))
+
+
+def _partial_sums(stage: StageModule) -> list[PartialGradSum]:
+    """The sequence-parallel layers' partial gradients, as their parameters are after sharding (FSDP2 registers
+    its DTensors under the same names)."""
+    out = []
+    for layer in stage.stage_layers:
+        module = unwrap(stage.layers[layer.name])
+        partial = layer_meta(module).partial_grads
+        for ranks in dict.fromkeys(partial.values()):
+            out.append(PartialGradSum(ranks, [module.get_parameter(t) for t, r in partial.items() if r == ranks]))
+    return out
 
 
 # bf16 ZeRO, as the cost model prices it (cost/memory.py): the fp32 shards are the master copy, all-gathers

@@ -20,17 +20,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from .shard_maps import tp_records
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+from .shard_maps import local_tensor, tp_records
 
 
 def _held_fraction(param: torch.Tensor, record) -> float:
     """The fraction of the user's full parameter this rank holds: its FSDP2 block of its tensor-parallel
     shard, not counting the padding rows of a vocabulary that does not divide by the group."""
-    fraction = _local(param).numel() / param.numel() if isinstance(param, DTensor) else 1.0
+    fraction = local_tensor(param).numel() / param.numel() if isinstance(param, DTensor) else 1.0
     if record is not None:
         fraction *= float((record.positions() >= 0).sum()) / math.prod(record.full_shape)
     return fraction
@@ -55,7 +51,7 @@ class GlobalGradNorm:
         self.device = device
 
     def _grads(self, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
-        return [_local(p.grad) for p in params if p.grad is not None]
+        return [local_tensor(p.grad) for p in params if p.grad is not None]
 
     def norm(self) -> torch.Tensor:
         """The global L2 norm of the gradients as they are now (after gradient synchronisation). Collective."""

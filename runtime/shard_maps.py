@@ -125,13 +125,17 @@ def shard_map(param: torch.Tensor, record=None) -> ShardMap:
     return smap
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of ``tensor``: an FSDP2 DTensor's local shard (a view of it), or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def local_shards(stage) -> dict[str, LocalShard]:
     """User parameter name → this rank's piece of it, for every parameter of ``stage``."""
     records = tp_records(stage)
     out = {}
     for name, param in stage.user_parameters().items():
-        local = param.to_local() if isinstance(param, DTensor) else param
-        out[name] = LocalShard(local.detach(), shard_map(param, records.get(name)))
+        out[name] = LocalShard(local_tensor(param).detach(), shard_map(param, records.get(name)))
     return out
 
 

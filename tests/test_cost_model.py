@@ -97,7 +97,19 @@ def test_sequence_parallel_variants(model):
     ulysses = model.layer_cost("blk", S(tp=2, dp=2, sp="ulysses"), 8)
     assert ulysses.fwd_s == pytest.approx(2e-3 + 4 * 2000 / BW)  # 4 all-to-alls of the local half
     assert ulysses.model_state_bytes == 1_000_000 * 16  # weights are not split
-    assert ulysses.grad_sync_s == pytest.approx(4e-3 * 0.25)  # 4 MB all-reduce, hidden behind 4 ms
+    # the DP all-reduce of its 4 MB of gradients, hidden behind 4 ms; then the same 4 MB summed over the tp
+    # group (each rank computed them on its sequence shard), after the backward
+    assert ulysses.grad_sync_s == pytest.approx(4e-3 * 0.25 + 4e-3)
+
+
+def test_sequence_parallel_partial_gradients_cost_one_all_reduce_per_step():
+    """Megatron-SP's norms and biases compute their gradients on sequence shards: one all-reduce over the tp
+    group per step, after the gradient sync, whose few bytes cost its latency (and the ranks' arrival)."""
+    hardware = uniform_hardware()
+    slow = {k: CommFit(1e-3, BW) if k.startswith("all_reduce/2/") else v for k, v in hardware.collectives.items()}
+    model = CostModel(synthetic_profile(), dataclasses.replace(hardware, collectives=slow))
+    plain, sp = (model.layer_cost("blk", S(tp=2, dp=2, sp=mode), 8) for mode in ("none", "megatron"))
+    assert sp.grad_sync_s == pytest.approx(plain.grad_sync_s + 1e-3, abs=1e-8)
 
 
 def test_zero_stages(model):
@@ -388,11 +400,12 @@ def test_embedding_and_head_with_vocab_tp(model):
     assert cost.fwd_s == pytest.approx(4000 / BW + 5e-4 * 4 / 2)  # embedding all-reduce + head compute
     assert cost.bwd_s == pytest.approx(1e-3 * 4 / 2 + 4000 / BW)  # head backward + its input-gradient all-reduce
     # one unit of 100k + 400k/2 (embedding) + 200k (head) params: a 2 MB all-reduce after the embedding's
-    # backward, the last to run, which takes no time: nothing hides it; then the loss's all-reduce (4 bytes)
-    assert cost.grad_sync_s == pytest.approx(2e-3 + 4 / BW)
+    # backward, the last to run, which takes no time: nothing hides it; then the gradient norm's and the loss's
+    # all-reduces (4 bytes each)
+    assert cost.grad_sync_s == pytest.approx(2e-3 + 2 * 4 / BW)
     head_only = model.embedding_cost(EmbeddingStrategy(vtp=2), 4, 8, first_stage=False, last_stage=True)
     assert head_only.grad_sync_s == pytest.approx(
-        0.8e-3 * 0.25 + 4 / BW
+        0.8e-3 * 0.25 + 2 * 4 / BW
     )  # 0.8 ms hidden behind the head's 2 ms backward
     assert cost.model_state_bytes == (300_000 + 200_000) * 16
     assert cost.activation_bytes == (600 + 2000) * 4
@@ -400,12 +413,13 @@ def test_embedding_and_head_with_vocab_tp(model):
 
 
 def test_stages_with_the_embedding_or_head_pay_the_steps_blocking_collectives():
-    """After the gradient sync every rank all-reduces the loss over the world, and a pipeline's first and
-    last stages all-reduce a tied embedding/head weight's gradient; each waits for the slowest peer."""
+    """After the gradient sync every rank all-reduces the gradient norm and the loss over the world, and a
+    pipeline's first and last stages all-reduce a tied embedding/head weight's gradient; each waits for the
+    slowest peer."""
     hardware = dataclasses.replace(uniform_hardware(), blocking_by_group_s={2: 1e-3, 8: 2e-3})
     tied = CostModel(dataclasses.replace(synthetic_profile(), tied_param_count=100_000), hardware)
     untied = CostModel(synthetic_profile(), hardware)
-    loss_s = 4 / BW + 2e-3
+    norm_and_loss_s = 2 * (4 / BW + 2e-3)
     tied_s = 100_000 * 4 / 2 / BW + 1e-3  # the vtp 2 shard's fp32 gradient between 2 ranks
 
     def sync_s(model, first, last):
@@ -415,7 +429,9 @@ def test_stages_with_the_embedding_or_head_pay_the_steps_blocking_collectives():
     assert sync_s(tied, True, False) - sync_s(untied, True, False) == pytest.approx(tied_s)
     assert sync_s(tied, True, True) <= sync_s(untied, True, True)  # one stage holds the weight once: no tied all-reduce
     no_dp = EmbeddingStrategy(vtp=8)  # nothing to synchronise but the step's collectives
-    assert untied.embedding_cost(no_dp, 8, 8, first_stage=False, last_stage=True).grad_sync_s == pytest.approx(loss_s)
+    assert untied.embedding_cost(no_dp, 8, 8, first_stage=False, last_stage=True).grad_sync_s == pytest.approx(
+        norm_and_loss_s
+    )
 
 
 def test_evaluate_follows_the_pipeline_formula(model):

@@ -55,12 +55,14 @@ def test_megatron_sp_layer_collectives_and_shapes(name):
     # the layer runs the tp group's samples (dp 1: all 4 ranks'), with a quarter of the sequence each
     assert tuple(out.meta["val"].shape)[:2] == (program.batch_size * 4, 16 // 4)
     assert hidden.name in layer_meta(gm).seq_inputs
-    # norms' weights are replicated: their gradients are summed over the group
+    # norms' weights are replicated and used on sequence shards: their gradients are partial sums over the group,
+    # summed once per step after backward (runtime.data_parallel.PartialGradSum), not inside backward
     norm_params = [n for n in gm.graph.find_nodes(op="get_attr") if "norm" in n.target.lower() or "ln_" in n.target]
-    assert norm_params and all(
-        any(u.target is C.tp_copy for u in n.users) or any(v.target is C.tp_copy for u in n.users for v in u.users)
-        for n in norm_params
-    )
+    partial = layer_meta(gm).partial_grads
+    assert norm_params and all(partial.get(n.target) == (0, 1, 2, 3) for n in norm_params)
+    assert not any(u.target is C.tp_copy for n in norm_params for u in n.users)
+    sharded_weights = set(layer_meta(gm).shards)  # the projections' shards have whole gradients of their own
+    assert sharded_weights and not sharded_weights & set(partial)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
@@ -73,6 +75,9 @@ def test_ulysses_layer_all_to_alls(name):
     params = stage.user_parameters()
     full = {n: p for layer in program.layers for n, p in layer.module.named_parameters()}
     assert all(params[n].shape == full[n].shape for n in params)  # Ulysses keeps weights whole
+    # every weight computes on sequence shards: each one's gradient is a partial sum over the group
+    gm = unwrap(stage.layers[f"layer{program.body[-1].index}"])
+    assert set(layer_meta(gm).partial_grads) == {t for t, _ in gm.named_parameters()}
 
 
 def test_ulysses_degree_must_divide_heads():

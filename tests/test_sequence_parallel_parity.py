@@ -67,6 +67,9 @@ MODELS = ("gpt2", "llama", "bert")
 FAST = {
     2: [(m, r) for m in MODELS for r in ("tp2_sp", "ulysses2", "vtp2")]
     + [("llama", "mixed_sp")]
+    # SGD's update is proportional to the gradient: a partial sum over the group added up twice, or not at
+    # all, shows (Adam's normalised update hides a constant factor)
+    + [("bert", "tp2_sp+sgd"), ("llama", "ulysses2+sgd")]
     + [(m, "vtp2+sgd") for m in ("gpt2", "llama", "bert", "t5", "vit", "swin")]
 }
 FULL = {

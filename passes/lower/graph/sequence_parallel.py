@@ -26,8 +26,9 @@ reach work outside the whole-sequence region (not only attention or the tensor-p
 that are not batched (rotary tables) are split in the layer. Under vsp the prologue's sequence is that of
 its token ids. States then propagate in graph order: a value
 computed from a sharded value is sharded, views of sharded values get the local sequence length, and whole
-values meeting sharded ones are split. Parameters used on sequence shards get ``tp_copy`` (their gradients
-are partial sums over the group). Ops that mix positions along the sequence outside attention are refused.
+values meeting sharded ones are split. Parameters used on sequence shards have gradients that are partial
+sums over the group: the layer's meta lists them (``partial_grads``) and the runtime adds them up once per
+step after backward. Ops that mix positions along the sequence outside attention are refused.
 """
 
 from __future__ import annotations
@@ -251,6 +252,31 @@ def _sequence_loss(gm: fx.GraphModule, loss: fx.Node, seq: TrackedFactor, cfg: S
     return value
 
 
+def _partial_grad_params(gm: fx.GraphModule, sharded: set[fx.Node], ranks: tuple[int, ...]) -> dict[str, tuple]:
+    """Parameters used on sequence shards only: each rank's gradient is a partial sum over ``ranks``, which the
+    runtime adds up once per step after backward (``runtime.data_parallel.PartialGradSum``), one all-reduce per
+    layer, not one per parameter and micro-batch inside backward. A parameter also used on whole values gets
+    ``tp_copy`` on its sharded uses instead (only their gradient is partial). vsp's embedding and head need
+    neither: the runtime sums their gradients over the whole stage, as data parallelism does."""
+    uses: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.find_nodes(op="get_attr"):
+        if isinstance(get_attr_path(gm, node.target), nn.Parameter):
+            uses.setdefault(node.target, []).append(node)
+    partial = {}
+    for target, nodes in uses.items():
+        users = {user for node in nodes for user in node.users}
+        if not users & sharded:
+            continue
+        if users <= sharded:
+            partial[target] = ranks
+            continue
+        for node in nodes:
+            with gm.graph.inserting_after(node):
+                copy = gm.graph.call_function(tp_copy, (node, ranks))
+            node.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy and user in sharded)
+    return partial
+
+
 def sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, layer_name: str = "layer") -> SPResult:
     """Requires: an ATen-level layer GraphModule with ``meta["val"]``, at the layer's local batch, full
     parameters. Ensures: ``gm`` rewritten for ``cfg.mode`` on rank ``cfg.tp_rank`` (megatron: tensor-parallel
@@ -370,13 +396,7 @@ def sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, layer_name: str = "laye
                     *node.args[2:],
                 )
 
-    # parameters used on sequence shards: their gradients are partial over the group (vsp: the runtime sums
-    # them over the whole stage, as data parallelism does)
-    for node in list(graph.find_nodes(op="get_attr")) if not vsp else ():
-        if isinstance(get_attr_path(gm, node.target), nn.Parameter) and any(u in sharded for u in node.users):
-            with graph.inserting_after(node):
-                copy = graph.call_function(tp_copy, (node, ranks))
-            node.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy and user in sharded)
+    partial_grads = {} if vsp else _partial_grad_params(gm, sharded, ranks)
 
     heads = set(graph.find_nodes(op="call_function", target=SDPA)) if cfg.mode == "ulysses" else set()
     mark_sharded(sharded | heads)  # sequence shards; Ulysses' attention runs on head shards
@@ -389,7 +409,7 @@ def sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, layer_name: str = "laye
     outputs = graph.output_node().args[0]
     result.seq_inputs = frozenset(seq_inputs)
     result.seq_outputs = tuple(isinstance(o, fx.Node) and o in sharded for o in outputs)
-    set_layer_meta(gm, seq_inputs=result.seq_inputs, seq_outputs=result.seq_outputs)
+    set_layer_meta(gm, seq_inputs=result.seq_inputs, seq_outputs=result.seq_outputs, partial_grads=partial_grads)
     graph.lint()
     gm.recompile()
     rewritten_meta(gm, f"{layer_name}: sequence parallelism ({cfg.mode})", cfg.remedy)
