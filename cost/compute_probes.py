@@ -45,34 +45,41 @@ def compute_slowdown(device: torch.device, config: ProfilerConfig, work_s: float
     return max(1.0, statistics.median(together) / statistics.median(alone)) if dist.get_rank() == 0 else 1.0
 
 
-def arrival_skew_s(device: torch.device, config: ProfilerConfig, group, compute_s: float, rounds: int = 8) -> float:
-    """What a small all-reduce (1 KiB) over ``group`` costs beyond its back-to-back time when every rank
-    computes ``compute_s`` before it, as between tensor-parallel collectives: rounds of compute + all-reduce,
-    minus the same compute alone and the all-reduces alone, run back to back; the median of these
-    differences. The ranks of a larger group wait for more of each other, and the longer they computed
-    since they last met, the further apart they arrive."""
+TOKEN_BYTES = 1024  # the all-reduce of ``collective_between_compute_s``: its own time is its latency
+
+
+def collective_between_compute_s(
+    device: torch.device, config: ProfilerConfig, group, compute_s: float, rounds: int = 8
+) -> float:
+    """What a small all-reduce (``TOKEN_BYTES``) over ``group`` costs when every rank computes ``compute_s``
+    before it, as between tensor-parallel collectives: rounds of compute + all-reduce, minus the same compute
+    alone, run back to back; the median of these differences. Beyond the collective's own time it holds the
+    ranks' arrival skew: the ranks of a larger group wait for more of each other, and the longer they computed
+    since they last met, the further apart they arrive. (Back-to-back all-reduces without compute are no
+    baseline for it: where processes share cores they cost more than one timed after a barrier, as the
+    collective sweep times them.)"""
     n = config.matmul_dim
     a = torch.randn(n, n, device=device)
-    token = torch.ones(256, device=device)
+    token = torch.ones(TOKEN_BYTES // 4, device=device)
     single = local_median_time(lambda: a @ a, device, config)
     repeats = torch.tensor([max(1, min(2000, int(compute_s / max(single, 1e-9))))], device=device)
     dist.broadcast(repeats, src=0)  # every rank computes the same between collectives, as TP ranks do
 
-    def run(compute: bool, collective: bool) -> float:
+    def run(collective: bool) -> float:
         dist.barrier()
         start = time.perf_counter()
         for _ in range(rounds):
-            for _ in range(int(repeats) if compute else 0):
+            for _ in range(int(repeats)):
                 a @ a
             if collective:
                 dist.all_reduce(token, group=group)
         sync(device)
         return time.perf_counter() - start
 
-    run(True, True)
-    extra_s = []  # each from three runs back to back: a drift of the machine hits all three alike
+    run(True)
+    extra_s = []  # each from two runs back to back: a drift of the machine hits both alike
     for _ in range(max(3, 2 * config.repeats)):
-        extra_s.append(run(True, True) - run(True, False) - run(False, True))
+        extra_s.append(run(True) - run(False))
     return max(0.0, statistics.median(extra_s)) / rounds
 
 

@@ -9,8 +9,9 @@ warm-up and the median of the repetitions; the slowest rank's median counts. The
 neighbouring stages of every pipeline degree, how much of an all-reduce stays visible next to compute,
 what a Transformer block's training step costs per FLOP, per operator and per bf16 weight cast
 (cost/step_probe.py), the slowdown of that block when every rank computes at once (processes sharing CPU
-cores), the time of an Adam step per parameter (cost/compute_probes.py), and on CPUs what an FSDP2 unit
-costs a step (cost/fsdp_probe.py). Time and memory are bounded by the message sizes and repetitions
+cores), the time of the gradient norm and an Adam step per parameter, what an all-reduce between compute
+costs beyond its time in the sweep (the ranks' arrival skew; cost/compute_probes.py), and on CPUs what an
+FSDP2 unit costs a step (cost/fsdp_probe.py). Time and memory are bounded by the message sizes and repetitions
 (``ProfilerConfig``, cost/profiler_timing.py); the defaults on CPU keep 4 gloo processes on 2 cores well
 under a minute.
 """
@@ -144,14 +145,14 @@ def profile_hardware(
     progress.step("compute of all ranks at once")
     optimizer_s = compute_probes.optimizer_s_per_param(device, config)
     progress.step("gradient norm and optimizer step")
-    skew_s = {
-        size: compute_probes.arrival_skew_s(device, config, group, BLOCKING_PROBE_COMPUTE_S)
+    between_s = {
+        size: compute_probes.collective_between_compute_s(device, config, group, BLOCKING_PROBE_COMPUTE_S)
         for size, group in consecutive_groups.items()
     }
     # again after longer compute: how the skew grows with the work since the ranks last met
     long_compute_s = 4 * BLOCKING_PROBE_COMPUTE_S
-    skew_long_s = {
-        size: compute_probes.arrival_skew_s(device, config, group, long_compute_s)
+    between_long_s = {
+        size: compute_probes.collective_between_compute_s(device, config, group, long_compute_s)
         for size, group in consecutive_groups.items()
     }
     progress.step("collectives between compute")
@@ -167,8 +168,8 @@ def profile_hardware(
     table = torch.tensor(
         medians
         + list(units.values())
-        + list(skew_s.values())
-        + list(skew_long_s.values())
+        + list(between_s.values())
+        + list(between_long_s.values())
         + [1 / step.flops_per_s[d] for d in PROBE_DTYPES]
         + [step.op_overhead_s, step.autocast_cast_s_per_param]
         + [optimizer_s, compute_slowdown, slowdown],
@@ -189,9 +190,13 @@ def profile_hardware(
     unit_fits = {
         key: fit_latency_bandwidth([b for b, _ in pts], [t for _, t in pts]) for key, pts in unit_samples.items()
     }
-    skew_at = len(medians) + len(units)
-    blocking_s = dict(zip(skew_s, values[skew_at : skew_at + len(skew_s)]))
-    blocking_long_s = dict(zip(skew_s, values[skew_at + len(skew_s) : skew_at + 2 * len(skew_s)]))
+    # the arrival skew: what an all-reduce between compute costs beyond its time in the sweep (after a barrier)
+    at, groups = len(medians) + len(units), list(between_s)
+    own_s = {g: fits[f"all_reduce/{g}/consecutive"].time_s(compute_probes.TOKEN_BYTES) for g in groups}
+    blocking_s = {g: max(0.0, t - own_s[g]) for g, t in zip(groups, values[at : at + len(groups)])}
+    blocking_long_s = {
+        g: max(0.0, t - own_s[g]) for g, t in zip(groups, values[at + len(groups) : at + 2 * len(groups)])
+    }
     growth = {
         g: max(0.0, (blocking_long_s[g] - blocking_s[g]) / (long_compute_s - BLOCKING_PROBE_COMPUTE_S))
         for g in blocking_s
