@@ -3,6 +3,8 @@ each layer gets, local shapes, and plans the graph cannot follow refused with a 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import warnings
 
@@ -60,7 +62,7 @@ def test_megatron_sp_layer_collectives_and_shapes(name):
     norm_params = [n for n in gm.graph.find_nodes(op="get_attr") if "norm" in n.target.lower() or "ln_" in n.target]
     partial = layer_meta(gm).partial_grads
     assert norm_params and all(partial.get(n.target) == (0, 1, 2, 3) for n in norm_params)
-    assert not any(u.target is C.tp_copy for n in norm_params for u in n.users)
+    assert not any(C.tp_copy in {u.target, *(v.target for v in u.users)} for n in norm_params for u in n.users)
     sharded_weights = set(layer_meta(gm).shards)  # the projections' shards have whole gradients of their own
     assert sharded_weights and not sharded_weights & set(partial)
 
@@ -194,3 +196,22 @@ def test_redistribution_moves_only_missing_blocks(src, dst):
         moved = sum(nb * ns * nf for peer, ((_, nb), (_, ns), (_, nf)) in recvs if peer != me)
         have, need = held(a, me), held(b, me)
         assert moved == len(need - have)  # every element it lacks arrives once; nothing it holds is sent to it
+
+
+def test_a_parameter_other_layers_use_keeps_its_sum_inside_backward():
+    """A step's sum of a layer's partial gradients would add another layer's whole gradient of a shared weight
+    as well: such a weight's sequence-shard uses get ``tp_copy`` (their gradient summed inside backward)."""
+    program = _program("llama")
+    block, other = program.body[0], program.body[1]
+    shared = next(n for n in block.param_names if "input_layernorm" in n)
+    own = next(n for n in block.param_names if "post_attention_layernorm" in n)
+    tied = dataclasses.replace(other, param_names=other.param_names + (shared,))  # as if layer 2 used it too
+    changed = copy.copy(program)
+    changed.layers = [tied if layer is other else layer for layer in program.layers]
+    stage = lower(changed, _plan(program, 2, "megatron"), rank=0)
+    gm = unwrap(stage.layers[f"layer{block.index}"])
+    partial = layer_meta(gm).partial_grads
+    assert own in partial and shared not in partial
+    uses = [n for n in gm.graph.find_nodes(op="get_attr") if n.target == shared]
+    # (through the data-parallel gradient scaling lowering puts on every parameter fetch)
+    assert uses and all(C.tp_copy in {u.target, *(v.target for v in u.users)} for n in uses for u in n.users)

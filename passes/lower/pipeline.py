@@ -24,7 +24,9 @@ process groups and is applied by the runtime afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from collections import Counter
 from typing import Any, Sequence
 
 import torch
@@ -171,9 +173,12 @@ class ApplySequenceParallel(Pass[StageModule]):
 
     def __call__(self, stage, context):
         dims, batched = ParallelDims.of(context.plan), batched_names(context.program)
+        uses = Counter(name for layer in context.program.layers for name in layer.param_names)
+        shared = frozenset(name for name, count in uses.items() if count > 1)
         for layer, graph in _graphs(stage):
             if layer.strategy.sp != "none":
                 config = sp_config(dims, layer.strategy, context.position.rank, batched, self.strict)
+                config = dataclasses.replace(config, shared_params=shared)
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     sequence_parallel(graph, config, f"{layer.name} ({layer.layer_type})")

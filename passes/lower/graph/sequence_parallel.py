@@ -116,6 +116,8 @@ class SPConfig:
     ranks: tuple[int, ...]
     batched: frozenset[str] = frozenset()
     strict: bool = False
+    # parameters other layers use too: a step's sum of this layer's partial gradients would add theirs as well
+    shared_params: frozenset[str] = frozenset()
 
     @property
     def remedy(self) -> str:
@@ -252,12 +254,14 @@ def _sequence_loss(gm: fx.GraphModule, loss: fx.Node, seq: TrackedFactor, cfg: S
     return value
 
 
-def _partial_grad_params(gm: fx.GraphModule, sharded: set[fx.Node], ranks: tuple[int, ...]) -> dict[str, tuple]:
-    """Parameters used on sequence shards only: each rank's gradient is a partial sum over ``ranks``, which the
-    runtime adds up once per step after backward (``runtime.data_parallel.PartialGradSum``), one all-reduce per
-    layer, not one per parameter and micro-batch inside backward. A parameter also used on whole values gets
-    ``tp_copy`` on its sharded uses instead (only their gradient is partial). vsp's embedding and head need
-    neither: the runtime sums their gradients over the whole stage, as data parallelism does."""
+def _partial_grad_params(gm: fx.GraphModule, sharded: set[fx.Node], cfg: SPConfig) -> dict[str, tuple]:
+    """Parameters used on sequence shards only: each rank's gradient is a partial sum over ``cfg.ranks``, which
+    the runtime adds up once per step after backward (``runtime.data_parallel.PartialGradSum``), one all-reduce
+    per layer, not one per parameter and micro-batch inside backward. A parameter also used on whole values, or
+    by other layers (``cfg.shared_params``), gets ``tp_copy`` on its sharded uses instead: only their gradient is
+    partial. vsp's embedding and head need neither: the runtime sums their gradients over the whole stage, as
+    data parallelism does."""
+    ranks = cfg.ranks
     uses: dict[str, list[fx.Node]] = {}
     for node in gm.graph.find_nodes(op="get_attr"):
         if isinstance(get_attr_path(gm, node.target), nn.Parameter):
@@ -267,7 +271,7 @@ def _partial_grad_params(gm: fx.GraphModule, sharded: set[fx.Node], ranks: tuple
         users = {user for node in nodes for user in node.users}
         if not users & sharded:
             continue
-        if users <= sharded:
+        if users <= sharded and target not in cfg.shared_params:
             partial[target] = ranks
             continue
         for node in nodes:
@@ -396,7 +400,7 @@ def sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, layer_name: str = "laye
                     *node.args[2:],
                 )
 
-    partial_grads = {} if vsp else _partial_grad_params(gm, sharded, ranks)
+    partial_grads = {} if vsp else _partial_grad_params(gm, sharded, cfg)
 
     heads = set(graph.find_nodes(op="call_function", target=SDPA)) if cfg.mode == "ulysses" else set()
     mark_sharded(sharded | heads)  # sequence shards; Ulysses' attention runs on head shards
