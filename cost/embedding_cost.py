@@ -3,8 +3,8 @@ first stage) and epilogue (the head and the loss, on the last stage) compute, mo
 
 ``CostModel.embedding_cost`` prices them with ``ends_cost`` here, as ``CostModel.layer_cost`` prices a grid layer
 with ``cost/grid_tp.py``: every function takes the cost model as its first argument and reads from it the model
-profile, the hardware, the training dtype and the terms it shares with body layers (``_compute_s``,
-``_in_place_s``, ``_tp_comm_s``, ``_dp_comm``, ``_visible``, ``_optimizer_s``). ``ends_cost`` returns the terms
+profile, the hardware, the training dtype and the terms it shares with body layers (``compute_s``, and
+cost/tensor_parallel_cost.py's and cost/data_parallel_cost.py's functions). ``ends_cost`` returns the terms
 before the model states (``EndsCost``); the cost model adds those (``CostModel._with_states``), as for any layer.
 
 Read ``ends_cost`` first: its docstring says how vocab TP (``vtp``) and vsp split the two parts. The functions after
@@ -26,8 +26,9 @@ from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy
 
 from .data_parallel_cost import dp_comm, optimizer_s, visible_s
 from .layer_type_profile import LayerTypeProfile
-from .layouts import move_key, move_plan
+from .layouts import move_key, move_plan, move_s
 from .memory import STATE_BYTES_PER_PARAM
+from .tensor_parallel_cost import in_place_s, tp_comm_s
 
 # ModelProfile.extra key: vocab-TP degree → activation bytes per sample of the embedding and head on one stage
 ONE_STAGE_ACTIVATION = "one_stage_embedding_head_activation_bytes_per_sample"
@@ -86,17 +87,17 @@ def ends_cost(
     kind = "zero2" if embedding.data_parallel_type == "zero3" else embedding.data_parallel_type
     hidden_bytes = cm.model.prologue.boundary_bytes_per_sample * local * cm.activation_scale
     strategy = LayerStrategy(tp=split, dp=dp, dp_type=kind)
-    half_comm = cm._tp_comm_s(strategy, hidden_bytes) / 2  # one collective, not Megatron's two
+    half_comm = tp_comm_s(cm, strategy, hidden_bytes) / 2  # one collective, not Megatron's two
     parts = [part for part, wanted in ((cm.model.prologue, first_stage), (cm.model.epilogue, last_stage)) if wanted]
     if not parts:
         return None
-    own = [cm._in_place_s(part, 1, work, busy_share) if split == 1 else None for part in parts]
+    own = [in_place_s(cm, part, 1, work, busy_share) if split == 1 else None for part in parts]
     casts = [cm.cast_params(part, split, dp, kind) for part in parts]
     own = [
         times
         or (
-            cm._compute_s(part.fwd, work, split, busy_share, cast),
-            cm._compute_s(part.bwd, work, split, busy_share, cast),
+            cm.compute_s(part.fwd, work, split, busy_share, cast),
+            cm.compute_s(part.bwd, work, split, busy_share, cast),
         )
         for part, times, cast in zip(parts, own, casts)
     ]
@@ -145,10 +146,10 @@ def _vsp_comm_s(
     split, ends = data_split(devices), end_layout(embedding, devices)
     seconds = 0.0
     if first_stage:
-        seconds += cost_model._collective_s(move_plan(move_key(split), move_key(ends)), ids_bytes)
+        seconds += move_s(cost_model.hardware, move_plan(move_key(split), move_key(ends)), ids_bytes)
     if last_stage:
         whole = dataclasses.replace(ends, sp="none")
-        seconds += cost_model._collective_s(move_plan(move_key(split), move_key(whole)), ids_bytes)
+        seconds += move_s(cost_model.hardware, move_plan(move_key(split), move_key(whole)), ids_bytes)
         hw = cost_model.hardware
         seconds += 2 * (hw.collective_s("all_reduce", 4, embedding.vtp) + hw.blocking_s(embedding.vtp))
     return seconds

@@ -1,7 +1,7 @@
 """Grid tensor parallelism in the cost model: what a 2D, 2.5D or 3D layer computes, moves and keeps on one device.
 
 A grid layer's ``tp = P`` ranks (``LayerStrategy.grid_shape``) split its FLOPs ``P`` ways, as 1D TP does: the
-profile's compute formula at the replica's samples over ``P`` (``CostModel._compute_s``). What differs is the
+profile's compute formula at the replica's samples over ``P`` (``CostModel.compute_s``). What differs is the
 communication, by group, and what a rank keeps. ``T`` is the tokens of one micro-batch on a data-parallel replica
 (``micro_batch / dp`` samples × sequence length), ``h`` the hidden size (the profile's boundary bytes per token),
 ``b`` bytes per activation element (training dtype), ``W`` the layer's parameters, ``A`` the saved-activation
@@ -303,8 +303,8 @@ def grid_layer_cost(
     terms = tp_terms(strategy, shape, cm.mixed_precision)
     casts = cm.cast_params(profile, P, strategy.dp, strategy.dp_type)
     compute = (
-        cm._compute_s(profile.fwd, local, P, busy_share, casts),
-        cm._compute_s(profile.bwd, local, P, busy_share, casts),
+        cm.compute_s(profile.fwd, local, P, busy_share, casts),
+        cm.compute_s(profile.bwd, local, P, busy_share, casts),
     )
     own = (
         compute[0] + collectives_s(cm.hardware, terms.forward, compute[0]),

@@ -109,3 +109,12 @@ def reference_move_s(hardware, src: LayerStrategy, dst: LayerStrategy, total_byt
         return hardware.collective_s("all_gather", float(dst_area) * total_bytes, group, dst.tp_consecutive)
     group = max(src.tp, dst.tp, 2)
     return hardware.collective_s("all_to_all", float(max(src_area, dst_area)) * total_bytes, group, True)
+
+
+def move_s(hardware, plan: tuple | None, total_bytes: float) -> float:
+    """Seconds of one move of ``move_plan`` on ``hardware`` (a HardwareProfile) for ``total_bytes`` of activations;
+    compute waits for it, so it pays the ranks' arrival skew too."""
+    if plan is None:
+        return 0.0
+    op, fraction, group, consecutive = plan
+    return hardware.collective_s(op, fraction * total_bytes, group, consecutive) + hardware.blocking_s(group)

@@ -59,49 +59,27 @@ profile's one-stage figure where it has one (``cost.embedding_cost.embedding_act
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
-from galvatron_fx.errors import ConfigError, PlanError, ProfileError
-from galvatron_fx.parallel_dims import end_layout
+from galvatron_fx.errors import ConfigError
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan, Prediction
 
 from .data_parallel_cost import ddp_drift_s, dp_comm, model_states, optimizer_s, visible_s
 from .embedding_cost import ONE_STAGE_ACTIVATION as ONE_STAGE_ACTIVATION  # also importable from here, as before
-from .embedding_cost import ends_cost, head_working_bytes
+from .embedding_cost import ends_cost
 from .grid_tp import ROW_GATHERS, grid_layer_cost
 from .hardware import HardwareProfile
+from .layer_cost import LayerCost as LayerCost  # also importable from here, as before
 from .layer_type_profile import LayerTypeProfile
-from .layouts import layout_of, move_key, move_plan
 from .memory import (
     COMPUTE_BYTES_PER_PARAM,
     DTYPE_BYTES,
-    STATE_BYTES_PER_PARAM,
     InFlight,
     check_precision,
 )
 from .model_profile import ModelProfile
+from .plan_cost import evaluate_plan, p2p_s, redistribution_s
+from .tensor_parallel_cost import in_place_s, partial_grad_sum_s, tp_comm_s
 from .time_formula import TimeFormula
-
-
-@dataclass(frozen=True)
-class LayerCost:
-    """One layer (or the embedding/head part of a stage) on ONE device; see the cost contract."""
-
-    fwd_s: float
-    bwd_s: float
-    grad_sync_s: float
-    model_state_bytes: int
-    activation_bytes: int
-    peak_extra_bytes: int = 0
-    grad_bytes: int = 0  # the part of model_state_bytes that exists only after a step's first backward
-    optimizer_temp_bytes: int = 0  # the optimizer step's temporaries
-    # a weight gradient computed whole before it is added to the stored one, in a backward that finds one
-    accumulate_bytes: int = 0
-
-    @property
-    def transient_bound_bytes(self) -> int:
-        """The largest transient of any of the layer's backwards (for additive memory bounds)."""
-        return self.peak_extra_bytes + self.accumulate_bytes
 
 
 class CostModel:
@@ -144,7 +122,7 @@ class CostModel:
         self.overlap = hardware.overlap_slowdown
         # redistribution_s depends only on the two layouts, the boundary's bytes and the micro-batch; its
         # rank-by-rank geometry costs ~1 ms, and the search asks for the same pairs many times.
-        self._redistribution_cache: dict[tuple, float] = {}
+        self.redistribution_cache: dict[tuple, float] = {}
 
     # -- contention ------------------------------------------------------------------------------
     def busy_share(self, pp: int, chunks: int) -> float:
@@ -157,7 +135,7 @@ class CostModel:
         """How much slower a rank computes while ``busy_share`` of the ranks compute, on average, than alone."""
         return max(1.0, self.compute_slowdown * busy_share)
 
-    def _compute_s(
+    def compute_s(
         self, formula: TimeFormula, local: float, tp: int, busy_share: float, cast_params: float = 0.0
     ) -> float:
         """Seconds of ``formula`` at ``local`` samples on one of ``tp`` ranks: they split the work, but each
@@ -195,19 +173,19 @@ class CostModel:
         sharded_seq = strategy.sp != "none"
         split = 1 if strategy.sp == "ulysses" else strategy.tp  # Ulysses keeps whole weights
         casts = self.cast_params(profile, split, strategy.dp, strategy.dp_type)
-        fwd_compute = self._compute_s(profile.fwd, local, strategy.tp, busy_share, casts)
-        bwd_compute = self._compute_s(profile.bwd, local, strategy.tp, busy_share, casts)
+        fwd_compute = self.compute_s(profile.fwd, local, strategy.tp, busy_share, casts)
+        bwd_compute = self.compute_s(profile.bwd, local, strategy.tp, busy_share, casts)
         # the layer's own time, compute and TP collectives: timed in place where the profile has it
         own = (
-            self._in_place_s(profile, strategy.tp, local, busy_share)
+            in_place_s(self, profile, strategy.tp, local, busy_share)
             if strategy.tp == 1 or strategy.sp == "none"
             else None
         )
         if own is None:
             hidden_bytes = profile.boundary_bytes_per_sample * local * self.activation_scale
             own = (
-                fwd_compute + self._tp_comm_s(strategy, hidden_bytes, fwd_compute),
-                bwd_compute + self._tp_comm_s(strategy, hidden_bytes, bwd_compute, backward=True),
+                fwd_compute + tp_comm_s(self, strategy, hidden_bytes, fwd_compute),
+                bwd_compute + tp_comm_s(self, strategy, hidden_bytes, bwd_compute, backward=True),
             )
         params, largest = profile.param_count / split, profile.largest_param_count / split
         gather_s, sync_s, transient_bytes = dp_comm(
@@ -249,7 +227,7 @@ class CostModel:
             peak_extra = transient_bytes + working
         sync_s = (
             visible_s(self, sync_s, bwd_compute, strategy.dp_type)
-            + self._partial_grad_sum_s(profile, strategy)
+            + partial_grad_sum_s(self, profile, strategy)
             + optimizer_s(self, params, strategy.dp, strategy.dp_type)
         )
         return self._with_states(
@@ -288,57 +266,6 @@ class CostModel:
         states, grads, accumulate = model_states(self, params, dp, dp_type, largest_param, deferred_sync)
         return dataclasses.replace(cost, model_state_bytes=states, grad_bytes=grads, accumulate_bytes=accumulate)
 
-    def _in_place_s(
-        self, part: LayerTypeProfile, tp: int, local: float, busy_share: float
-    ) -> tuple[float, float] | None:
-        """(forward, backward) seconds of ``part`` on one of ``tp`` ranks (Megatron TP) at ``local`` samples per
-        TP group, where the profile timed the lowered layer on every rank of this world at once
-        (cost/in_place_profiler.py): compute, contention, collectives and the waits between them in one
-        figure; None where it did not. The figure was taken with every rank computing; a pipeline's ranks
-        compute for their ``busy_share`` only, so it is rescaled to the contention that share leaves, as
-        ``_compute_s`` rescales one process's times."""
-        times = part.in_place_times.get(self.hardware.world_size, {}).get(tp) if self.model.mode == "measured" else None
-        if times is None:
-            return None
-        scale = self.time_scale * self.contention(busy_share) / self.compute_slowdown
-        return times[0](local, self.seq) * scale, times[1](local, self.seq) * scale
-
-    def _partial_grad_sum_s(self, profile: LayerTypeProfile, strategy: LayerStrategy) -> float:
-        """The all-reduce over the tp group, once per step after the gradient sync, of a sequence-parallel
-        layer's gradients that each rank computed on its sequence shard (``runtime.data_parallel.PartialGradSum``):
-        under Ulysses every weight's (a ZeRO layer's shard of them), under Megatron-SP its norms' and biases',
-        whose few bytes cost the collective's latency."""
-        if strategy.sp == "none" or strategy.tp == 1:
-            return 0.0
-        params = profile.param_count / (strategy.dp if strategy.dp_type != "ddp" else 1)
-        nbytes = params * STATE_BYTES_PER_PARAM[self.mixed_precision][1] if strategy.sp == "ulysses" else 1
-        tp, consecutive = strategy.tp, strategy.tp_consecutive
-        return self.hardware.collective_s("all_reduce", nbytes, tp, consecutive) + self.hardware.blocking_s(tp)
-
-    def _tp_comm_s(
-        self, strategy: LayerStrategy, hidden_bytes: float, compute_s: float | None = None, backward: bool = False
-    ) -> float:
-        """TP/SP/Ulysses collectives of one direction (forward or ``backward``) of one layer, whose ``compute_s``
-        of compute they split (None: as much as the profiler's skew probe computes between two). Megatron-SP's
-        backward gathers its projections' inputs again (saved as sequence shards), unless it recomputes them."""
-        tp, hw, cons = strategy.tp, self.hardware, strategy.tp_consecutive
-        if tp == 1:
-            return 0.0
-        regather = strategy.sp == "megatron" and backward and not strategy.ckpt
-        calls = (2 if strategy.sp == "none" else 4) + (2 if regather else 0)
-        # compute waits for each: the ranks must arrive together, and drift apart as they compute in between
-        wait = hw.blocking_s(tp) if compute_s is None else hw.blocking_s(tp, compute_s / calls)
-        if strategy.sp == "none":
-            return 2 * (hw.collective_s("all_reduce", hidden_bytes, tp, cons) + wait)
-        if strategy.sp == "megatron":
-            gathers = 4 if regather else 2
-            return (
-                gathers * hw.collective_s("all_gather", hidden_bytes, tp, cons)
-                + 2 * hw.collective_s("reduce_scatter", hidden_bytes, tp, cons)
-                + calls * wait
-            )
-        return 4 * (hw.collective_s("all_to_all", hidden_bytes / tp, tp, cons) + wait)
-
     # -- embedding and head: cost/embedding_cost.py ------------------------------------------------------
     def embedding_cost(
         self,
@@ -359,49 +286,23 @@ class CostModel:
         cost = LayerCost(ends.fwd_s, ends.bwd_s, ends.grad_sync_s, 0, ends.activation_bytes, ends.peak_extra_bytes)
         return self._with_states(cost, ends.params, ends.dp, ends.dp_type, ends.largest_param, deferred_sync)
 
-    # -- between layers and stages ---------------------------------------------------------------------
+    # -- between layers and stages, the whole plan: cost/plan_cost.py ------------------------------------
     def redistribution_s(
         self, before: LayerStrategy, after: LayerStrategy, boundary_index: int, micro_batch: int
     ) -> float:
-        """Moving the activations live between body layers ``boundary_index - 1`` and ``boundary_index`` from
-        ``before``'s layout to ``after``'s (forward), and their gradients back (backward). 0 when equal.
-        Boundary 0 is the embedding's output entering the first body layer, boundary L (the number of body
-        layers) the last layer's output entering the head: both parts lay activations out by
-        ``end_layout`` (the data split, or under vsp the vtp group's samples split along the sequence); the
-        embedding's outputs are the values that cross the first cut."""
-        if layout_of(before) == layout_of(after):
-            return 0.0
-        per_sample = self.model.cut_bytes_per_sample[max(boundary_index - 1, 0)]
-        key = (move_key(before), move_key(after), per_sample, micro_batch)
-        if key not in self._redistribution_cache:
-            total = per_sample * micro_batch * self.activation_scale
-            self._redistribution_cache[key] = sum(
-                self._collective_s(move_plan(a, b), total) for a, b in ((key[0], key[1]), (key[1], key[0]))
-            )
-        return self._redistribution_cache[key]
-
-    def _collective_s(self, plan: tuple | None, total_bytes: float) -> float:
-        """One move of ``move_plan``; compute waits for it, so it pays the ranks' arrival skew too."""
-        if plan is None:
-            return 0.0
-        op, fraction, group, consecutive = plan
-        return self.hardware.collective_s(op, fraction * total_bytes, group, consecutive) + self.hardware.blocking_s(
-            group
-        )
+        """Moving the activations between body layers ``boundary_index - 1`` and ``boundary_index`` from
+        ``before``'s layout to ``after``'s and their gradients back (``plan_cost.redistribution_s``)."""
+        return redistribution_s(self, before, after, boundary_index, micro_batch)
 
     def p2p_s(
         self, stage: int, plan_pp: int, devices_per_stage: int, micro_batch: int, cut_after_body_index: int
     ) -> float:
-        """Send/recv of one micro-batch's activations at the cut after ``cut_after_body_index`` (forward) and of
-        their gradients (backward); each of the stage's devices sends ``1 / devices_per_stage`` of them. The
-        receiver waits for its sender, so each transfer also pays a pair's arrival skew."""
-        nbytes = (
-            self.model.cut_bytes_per_sample[cut_after_body_index]
-            * micro_batch
-            * self.activation_scale
-            / devices_per_stage
-        )
-        return 2 * (self.hardware.p2p_s(nbytes, plan_pp) + self.hardware.blocking_s(2))
+        """Send/recv of one micro-batch's activations and gradients at a cut (``plan_cost.p2p_s``)."""
+        return p2p_s(self, stage, plan_pp, devices_per_stage, micro_batch, cut_after_body_index)
+
+    def evaluate(self, plan: Plan) -> Prediction:
+        """Iteration time, samples/s and peak bytes per stage of ``plan`` (``plan_cost.evaluate_plan``)."""
+        return evaluate_plan(self, plan)
 
     def in_flight(self, pipeline: str, pp: int, stage: int, chunks: int) -> InFlight:
         """Micro-batches whose activations a stage holds, before and after its first backward (cost/memory.py)."""
@@ -427,81 +328,3 @@ class CostModel:
         if tp > 1 and strategy.sp != "none" and self.seq % tp:
             return f"tp {tp} does not divide sequence length {self.seq} ({strategy.sp} sequence parallelism)"
         return None
-
-    # -- the whole plan ----------------------------------------------------------------------------
-    def evaluate(self, plan: Plan) -> Prediction:
-        """Iteration time, samples/s and peak bytes per stage of ``plan`` (formula in the cost contract)."""
-        if len(plan.layers) != len(self.layer_types):
-            raise PlanError(
-                f"the plan has {len(plan.layers)} layer strategies, the model profile {len(self.layer_types)} body "
-                "layers",
-                "use a plan made for this model",
-            )
-        if plan.world_size != self.hardware.world_size:
-            raise ProfileError(
-                f"{self.hardware.source or 'hardware profile'}: key world_size is {self.hardware.world_size}, "
-                f"but the plan is for {plan.world_size} devices",
-                f"use a hardware profile or Cluster preset of {plan.world_size} devices",
-            )
-        mb, chunks, pp = plan.micro_batch, plan.chunks, plan.pp
-        share = self.busy_share(pp, chunks)
-        busy, sync, memory, bound = [], [], [], []
-        for stage in range(pp):
-            indices = list(plan.stage_layers(stage))
-            deferred = plan.defers_grad_sync
-            body = [self.layer_cost(self.layer_types[i], plan.layers[i], mb, share, deferred) for i in indices]
-            part = self.embedding_cost(
-                plan.embedding,
-                plan.devices_per_stage,
-                mb,
-                first_stage=stage == 0,
-                last_stage=stage == pp - 1,
-                busy_share=share,
-                deferred_sync=deferred,
-            )
-            costs = body + [part]
-            x = sum(c.fwd_s + c.bwd_s for c in costs)
-            x += sum(self.redistribution_s(plan.layers[i - 1], plan.layers[i], i, mb) for i in indices[1:])
-            ends = end_layout(plan.embedding, plan.devices_per_stage)  # the data split, or vsp's layout
-            if stage == 0:
-                x += self.redistribution_s(ends, plan.layers[0], 0, mb)
-            if stage == pp - 1:
-                x += self.redistribution_s(plan.layers[-1], ends, len(plan.layers), mb)
-            if stage < pp - 1:
-                x += self.p2p_s(stage, pp, plan.devices_per_stage, mb, indices[-1])
-            g = sum(c.grad_sync_s for c in costs) * (chunks if plan.grad_sync_every_micro_batch else 1)
-            held = self.in_flight(plan.pipeline, pp, stage, chunks)
-            head_working = head_working_bytes(self, plan.embedding, plan.devices_per_stage, mb)
-            memory.append(held.stage_peak(_forward_order(body, part, stage == 0, stage == pp - 1, head_working)))
-            bound.append(
-                sum(
-                    int(held.layer_bytes(c.model_state_bytes, c.activation_bytes, c.grad_bytes, c.optimizer_temp_bytes))
-                    for c in costs
-                )
-                + max(c.transient_bound_bytes for c in costs)
-            )
-            busy.append(x)
-            sync.append(g)
-        iteration_s = sum(busy) + (chunks - 1) * max(busy) + max(sync)
-        return Prediction(
-            iteration_s,
-            plan.global_batch / iteration_s if iteration_s > 0 else float("inf"),
-            tuple(memory),
-            tuple(int(b) for b in bound),
-        )
-
-
-def _forward_order(
-    body: list[LayerCost], part: LayerCost, first_stage: bool, last_stage: bool, head_working_bytes: float
-) -> list[LayerCost]:
-    """A stage's costs in forward order, for the memory walk: the embedding before the body layers, the head
-    after them. A stage with both holds them as one unit: its states and activations count with the head,
-    whose backward runs first with its own activation gradients, and its transient (the unit's gradient
-    sync) after the embedding's backward, the last of the step."""
-    if first_stage and last_stage:
-        return [
-            LayerCost(0.0, 0.0, 0.0, 0, 0, part.peak_extra_bytes),
-            *body,
-            dataclasses.replace(part, peak_extra_bytes=int(head_working_bytes)),
-        ]
-    return ([part] if first_stage else []) + body + ([part] if last_stage else [])

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence, runtime_checkable
 
+from galvatron_fx.cost.layer_cost import LayerCost
 from galvatron_fx.cost.memory import InFlight
-from galvatron_fx.cost.model import LayerCost
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan, Prediction
 
 
