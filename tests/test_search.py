@@ -6,12 +6,12 @@ import dataclasses
 import functools
 import hashlib
 import json
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
 import galvatron_fx
+from galvatron_fx.cost.layer_cost import LayerCost
 from galvatron_fx.cost.memory import InFlight
 from galvatron_fx.errors import ConfigError, PlanError
 from galvatron_fx.parallel_dims import activation_strategy, end_layout
@@ -22,23 +22,6 @@ from galvatron_fx.passes.search.front import pareto_indices
 from galvatron_fx.passes.search.space import SearchSpace
 from galvatron_fx.plan import LayerStrategy as S
 from galvatron_fx.plan import Plan, Prediction
-
-
-@dataclass(frozen=True)
-class ToyLayerCost:
-    fwd_s: float
-    bwd_s: float
-    grad_sync_s: float
-    model_state_bytes: int
-    activation_bytes: int
-    peak_extra_bytes: int = 0
-    grad_bytes: int = 0  # part of model_state_bytes
-    optimizer_temp_bytes: int = 0
-    accumulate_bytes: int = 0
-
-    @property
-    def transient_bound_bytes(self) -> int:
-        return self.peak_extra_bytes + self.accumulate_bytes
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,15 +69,15 @@ class ToyCostModel:
         sync = 0.0 if s.dp == 1 else float(r.random()) * (0.5 if s.dp_type == "ddp" else 1.0)
         peak = int(self.peak_values[int(r.integers(len(self.peak_values)))]) if (s.ckpt or s.dp_type == "zero3") else 0
         grad = int(state * r.random() * 0.5)
-        return ToyLayerCost(work, work * ckpt * 2, sync, state, act, peak, grad, int(grad * r.random()))
+        return LayerCost(work, work * ckpt * 2, sync, state, act, peak, grad, int(grad * r.random()))
 
     def embedding_cost(self, e, devices, mb, *, first_stage, last_stage, busy_share=1.0, deferred_sync=False):
         if not (first_stage or last_stage):
-            return ToyLayerCost(0.0, 0.0, 0.0, 0, 0, 0)
+            return LayerCost(0.0, 0.0, 0.0, 0, 0, 0)
         r = _rand(self.seed, "emb", e, devices, mb, first_stage, last_stage)
         state = int(r.integers(5_000, 30_000) / e.vtp / (devices // e.vtp if e.embed_sdp else 1))
         work = mb / e.vtp * (0.5 + busy_share)
-        return ToyLayerCost(
+        return LayerCost(
             float(r.random()) * work,
             float(r.random()) * work,
             float(r.random()) * 0.3,
