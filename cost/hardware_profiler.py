@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from . import compute_probes
 from .fsdp_probe import sharded_unit_times
-from .hardware import BLOCKING_PROBE_COMPUTE_S, COLLECTIVES, HardwareProfile, fit_latency_bandwidth
+from .hardware import BLOCKING_PROBE_COMPUTE_S, COLLECTIVES, CommFit, HardwareProfile, fit_latency_bandwidth
 from .profiler_timing import ProfilerConfig, local_median_time, median_time, sync
 from .step_probe import PROBE_DTYPES, StepCosts, measure_step_costs
 
@@ -190,13 +190,9 @@ def profile_hardware(
     unit_fits = {
         key: fit_latency_bandwidth([b for b, _ in pts], [t for _, t in pts]) for key, pts in unit_samples.items()
     }
-    # the arrival skew: what an all-reduce between compute costs beyond its time in the sweep (after a barrier)
     at, groups = len(medians) + len(units), list(between_s)
-    own_s = {g: fits[f"all_reduce/{g}/consecutive"].time_s(compute_probes.TOKEN_BYTES) for g in groups}
-    blocking_s = {g: max(0.0, t - own_s[g]) for g, t in zip(groups, values[at : at + len(groups)])}
-    blocking_long_s = {
-        g: max(0.0, t - own_s[g]) for g, t in zip(groups, values[at + len(groups) : at + 2 * len(groups)])
-    }
+    blocking_s = skew_beyond_sweep(dict(zip(groups, values[at : at + len(groups)])), fits)
+    blocking_long_s = skew_beyond_sweep(dict(zip(groups, values[at + len(groups) : at + 2 * len(groups)])), fits)
     growth = {
         g: max(0.0, (blocking_long_s[g] - blocking_s[g]) / (long_compute_s - BLOCKING_PROBE_COMPUTE_S))
         for g in blocking_s
@@ -227,6 +223,17 @@ def profile_hardware(
         op_overhead_s=step.op_overhead_s,
         autocast_cast_s_per_param=step.autocast_cast_s_per_param,
     )
+
+
+def skew_beyond_sweep(between_s: dict[int, float], fits: dict[str, CommFit]) -> dict[int, float]:
+    """The ranks' arrival skew per group size: what the small all-reduce between compute cost
+    (``compute_probes.collective_between_compute_s``) beyond its time in the sweep, where every rank starts
+    it together after a barrier (the group's consecutive all-reduce fit), so that the fit plus the skew prices
+    a collective between compute. Latency and skew trade places between launches; their sum does not."""
+    return {
+        g: max(0.0, t - fits[f"all_reduce/{g}/consecutive"].time_s(compute_probes.TOKEN_BYTES))
+        for g, t in between_s.items()
+    }
 
 
 def _ping_pong(nbytes: int, step: int, rank: int, device: torch.device, config: ProfilerConfig) -> float:

@@ -113,3 +113,17 @@ def test_mean_of_passes_averages_every_figure_and_each_fit_pointwise():
         mean_profile([slow, dataclasses.replace(fast, world_size=4)])
     with pytest.raises(ProfileError, match="not a pass over the cluster"):
         mean_profile([slow, dataclasses.replace(fast, p2p={})])
+
+
+def test_the_skew_is_what_an_all_reduce_between_compute_costs_beyond_its_swept_time():
+    """The sweep times a collective every rank starts together; between compute the ranks arrive apart. The skew
+    is the difference, so that the sweep's fit plus the skew prices a collective between compute whatever
+    share of it a launch's fit put in its latency."""
+    from galvatron_fx.cost.compute_probes import TOKEN_BYTES
+    from galvatron_fx.cost.hardware_profiler import skew_beyond_sweep
+
+    fits = {"all_reduce/2/consecutive": CommFit(1e-3, 1e9), "all_reduce/4/consecutive": CommFit(0.0, 1e9)}
+    skew = skew_beyond_sweep({2: 3e-3, 4: 5e-3}, fits)
+    assert skew[2] == pytest.approx(3e-3 - 1e-3 - TOKEN_BYTES / 1e9)
+    assert skew[4] == pytest.approx(5e-3 - TOKEN_BYTES / 1e9)
+    assert skew_beyond_sweep({2: 0.5e-3}, fits) == {2: 0.0}  # faster than the sweep: no skew, never negative
