@@ -54,6 +54,11 @@ weights per micro-batch in flight (``autocast_cast_bytes``), unless it is checkp
 made again by its recomputation and count with that transient. Tied weights shared by embedding and head
 count once per stage. A stage holding both the embedding and the head takes their activations from the
 profile's one-stage figure where it has one (``cost.embedding_cost.embedding_activation_per_sample``).
+
+Where the terms live: this module prices a layer's compute and puts its terms together (``layer_cost``); data
+parallelism's in cost/data_parallel_cost.py, tensor and sequence parallelism's in cost/tensor_parallel_cost.py,
+grid layers' in cost/grid_tp.py, the embedding's and head's in cost/embedding_cost.py, and the whole plan's
+(pipeline formula, moves between layers and stages, the memory walk) in cost/plan_cost.py.
 """
 
 from __future__ import annotations
