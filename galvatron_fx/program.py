@@ -260,3 +260,12 @@ def run_layer(layer: Layer, env: dict[str, Any]) -> None:
     """Run one layer's module on values from ``env`` and store what it returns back into ``env``."""
     outputs = layer.module(*[env[name] for name in layer.input_names])
     env.update(zip(layer.output_names, outputs))
+
+
+def layers_using(program: Program) -> dict[str, list[int]]:
+    """Parameter name → indices of the Program layers that use it (a tied weight: several)."""
+    users: dict[str, list[int]] = {}
+    for layer in program.layers:
+        for name in layer.param_names:
+            users.setdefault(name, []).append(layer.index)
+    return users

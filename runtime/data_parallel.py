@@ -28,7 +28,6 @@ once per step, or after every micro-batch when ``plan.grad_sync_every_micro_batc
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +41,7 @@ from galvatron_fx.cost.memory import GRAD_BUCKET_CAP_BYTES
 from galvatron_fx.passes.lower.ops.collectives import all_reduce_sum
 from galvatron_fx.passes.lower.stage import StageModule, stage_layer_indices, unwrap
 from galvatron_fx.plan import Plan
-from galvatron_fx.program import EPILOGUE, PROLOGUE, Program, layer_meta
+from galvatron_fx.program import EPILOGUE, PROLOGUE, Program, layer_meta, layers_using
 
 from . import groups
 from .shard_maps import local_tensor
@@ -226,15 +225,6 @@ class GradSync:
             f"parameters in {len(self.buckets)} all-reduce buckets, tied: {[w.name for w in self.tied]}, "
             f"sequence-parallel partial gradients of {len(self.partial)} layers"
         )
-
-
-def layers_using(program: Program) -> dict[str, list[int]]:
-    """Parameter name → indices of the Program layers that use it."""
-    users: dict[str, list[int]] = defaultdict(list)
-    for layer in program.layers:
-        for name in layer.param_names:
-            users[name].append(layer.index)
-    return users
 
 
 def tied_stages(program: Program, plan: Plan) -> dict[str, tuple[int, ...]]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections import Counter
 from typing import Any, Sequence
 
 import torch
@@ -67,7 +66,7 @@ from galvatron_fx.passes.lower.stage import (
     unwrap,
 )
 from galvatron_fx.plan import Plan
-from galvatron_fx.program import Program, layer_meta, node_meta
+from galvatron_fx.program import Program, layer_meta, layers_using, node_meta
 
 PROLOGUE_AND_EPILOGUE = ("prologue", "epilogue")
 
@@ -173,8 +172,7 @@ class ApplySequenceParallel(Pass[StageModule]):
 
     def __call__(self, stage, context):
         dims, batched = ParallelDims.of(context.plan), batched_names(context.program)
-        uses = Counter(name for layer in context.program.layers for name in layer.param_names)
-        shared = frozenset(name for name, count in uses.items() if count > 1)
+        shared = frozenset(name for name, users in layers_using(context.program).items() if len(users) > 1)
         for layer, graph in _graphs(stage):
             if layer.strategy.sp != "none":
                 config = sp_config(dims, layer.strategy, context.position.rank, batched, self.strict)
