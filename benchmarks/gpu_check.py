@@ -116,7 +116,7 @@ def check(name: str, ckpt: bool, steps: int, warmup: int) -> dict:
         compile_layers=True,
         lr=1e-5,
     )
-    first = ours.train_step(batch)
+    first = float(ours.train_step(batch))
     for _ in range(warmup):
         ours.train_step(batch)
     torch.cuda.reset_peak_memory_stats()

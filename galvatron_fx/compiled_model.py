@@ -55,9 +55,10 @@ class CompiledModel:
         names = self.program.placeholder_names
         return dict(zip(names, batch if isinstance(batch, (tuple, list)) else (batch,)))
 
-    def train_step(self, batch) -> float:
+    def train_step(self, batch) -> torch.Tensor:
         """One optimizer step on ``batch`` (a dict of kwargs or a tuple of args: the global batch, or this
-        rank's share); returns the global batch's mean loss on every rank."""
+        rank's share); returns the global batch's mean loss on every rank, a 0-dim tensor on the device
+        (reading it waits for the step: see ``runtime.Trainer.step``)."""
         return self.trainer.step(self._kwargs(batch))
 
     def eval_step(self, batch) -> float:

@@ -215,10 +215,13 @@ class Trainer:
         return [layer_seed(self.config.seed, self.steps_done, i) for i in range(self.plan.chunks)]
 
     # -- step --------------------------------------------------------------------------------------------
-    def step(self, batch: dict[str, Any]) -> float:
+    def step(self, batch: dict[str, Any]) -> torch.Tensor:
         """One optimizer step on ``batch`` (the global batch or this rank's share of it); returns the mean loss
-        of the global batch (the same on every rank). The gradient's global norm before clipping is left in
-        ``last_grad_norm`` (a device tensor: reading it synchronises) and the rate used in ``last_lr``."""
+        of the global batch (the same on every rank) as a 0-dim float32 tensor on the device. Nothing in the
+        step waits for the device, so the host queues the next step while this one runs; reading the loss
+        (``float``, ``.item()``) waits for it, so read it every few steps, as ``galvatron-fx train`` does at
+        ``--log-every``. The gradient's global norm before clipping is left in ``last_grad_norm`` (a device
+        tensor too) and the rate used in ``last_lr``."""
         micro_batches = self.micro_batches(batch)  # user errors surface here, before any communication
         config = self.config
         with self._communication_errors():
@@ -252,7 +255,7 @@ class Trainer:
         with self._communication_errors(), torch.no_grad(), without_dropout():
             losses = self.executor.run(forwards, micro_batches, self._seeds())
             self.sync.reshard()
-            return self._global_loss(losses)
+            return float(self._global_loss(losses))
 
     @contextlib.contextmanager
     def _communication_errors(self):
@@ -269,13 +272,13 @@ class Trainer:
                 "names the cause"
             ) from error
 
-    def _global_loss(self, losses: list[torch.Tensor]) -> float:
+    def _global_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
         # the last stage's ranks each hold the mean over their slice; one world all-reduce gives everyone the mean
         total = torch.zeros((), device=self.device)
         if losses:
             total += torch.stack(losses).mean() / self.plan.devices_per_stage
         dist.all_reduce(total)
-        return float(total)
+        return total
 
     # -- inspection ----------------------------------------------------------------------------------------
     def full_parameters(self) -> dict[str, torch.Tensor]:

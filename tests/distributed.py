@@ -182,7 +182,7 @@ def train_cases(rank: int, world_size: int, cases: list[tuple[str, str]], make_p
         trainer = Trainer(
             program, plan, config=_config(), optimizer=optimizer_factory(optimizer), model_name=program.model_name
         )
-        losses = [trainer.step(batch) for batch in batches]
+        losses = [float(trainer.step(batch)) for batch in batches]
         params = trainer.full_parameters()
         results[f"{model_name}/{recipe_name}"] = {
             "losses": losses,
@@ -312,7 +312,7 @@ def dying_rank_worker(rank: int, world_size: int, recipe_name: str, die_in_step:
             return result
 
         trainer.executor._forward = forward_then_die
-    return [trainer.step(batch) for batch in batches]
+    return [float(trainer.step(batch)) for batch in batches]
 
 
 def bf16_worker(rank: int, world_size: int, recipe_name: str) -> dict:
@@ -323,5 +323,5 @@ def bf16_worker(rank: int, world_size: int, recipe_name: str) -> dict:
     trainer = Trainer(
         program, RECIPES[recipe_name].plan(len(program.body)), config=TrainConfig(lr=LR, mixed_precision="bf16")
     )
-    losses = [trainer.step(batch) for batch in batches]
+    losses = [float(trainer.step(batch)) for batch in batches]
     return {"losses": losses, "dtypes": sorted({str(p.dtype) for p in trainer.stage.parameters()})}

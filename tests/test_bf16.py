@@ -86,9 +86,9 @@ def bf16_worker(rank: int, world_size: int) -> dict:
         config = runtime.TrainConfig(seed=None, mixed_precision="bf16")
         trainer = runtime.Trainer(program, plan, config=config, optimizer=lambda p: torch.optim.SGD(p, lr=LR))
         recorder.gathers.clear(), recorder.scatters.clear(), recorder.messages.clear()
-        losses = [trainer.step(batches[0])]
+        losses = [float(trainer.step(batches[0]))]
         traffic = (list(recorder.gathers), list(recorder.scatters), list(recorder.messages))
-        losses += [trainer.step(batch) for batch in batches[1:]]
+        losses += [float(trainer.step(batch)) for batch in batches[1:]]
         trainer = runtime.Trainer(program, plan, config=config)  # Adam, whose states the cost model prices
         trainer.step(batches[0])
         peak = trainer_peak_bytes(trainer, batches[0])

@@ -48,11 +48,11 @@ def _save_and_reshard(rank: int, world: int, folder: str) -> dict:
     first = galvatron_fx.compile(
         model, example_kwargs=batches[0], plan=galvatron_fx.uniform_plan(tp=2), optimizer=_adam
     )
-    before = [first.train_step(b) for b in batches[:STEPS_BEFORE]]
+    before = [float(first.train_step(b)) for b in batches[:STEPS_BEFORE]]
     target = Path(folder) / "step2"
     first.save_checkpoint(target)
     full = {k: v for k, v in first.trainer.full_parameters().items()}
-    reference = [first.train_step(b) for b in batches[STEPS_BEFORE:]]
+    reference = [float(first.train_step(b)) for b in batches[STEPS_BEFORE:]]
     out = {"before": before, "reference": reference, "files": sorted(p.name for p in target.iterdir())}
     for name, flags in (("zero3", dict(sdp=True)), ("pp2", dict(pp=2, chunks=2))):
         other = _compile_other(flags, batches[0])
@@ -61,7 +61,7 @@ def _save_and_reshard(rank: int, world: int, folder: str) -> dict:
         if name == "zero3":  # right after loading, the parameters are those that were saved
             loaded = other.trainer.full_parameters()
             out["max_param_diff"] = max(float((loaded[k] - full[k]).abs().max()) for k in full)
-        out[name] = [other.train_step(b) for b in batches[STEPS_BEFORE:]]
+        out[name] = [float(other.train_step(b)) for b in batches[STEPS_BEFORE:]]
         out["manifest_world"] = manifest["world_size"]
     out["errors"] = _bad_checkpoints(target, batches[0])
     return out
@@ -120,7 +120,7 @@ def _load_on_four(rank: int, world: int, folder: str) -> dict:
     _, batches = _batches()
     other = _compile_other(dict(pp=2, sdp=True, chunks=2), batches[0])
     other.load_checkpoint(Path(folder) / "step2")
-    return {"losses": [other.train_step(b) for b in batches[STEPS_BEFORE:]]}
+    return {"losses": [float(other.train_step(b)) for b in batches[STEPS_BEFORE:]]}
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ def _next_token_loss(logits, batch):
 
 
 def _train(compiled, data, steps=STEPS):
-    return [compiled.train_step(data[step % len(data)]) for step in range(steps)]
+    return [float(compiled.train_step(data[step % len(data)])) for step in range(steps)]
 
 
 def _galvatron_strategy_file(folder: Path) -> Path:

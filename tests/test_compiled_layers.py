@@ -59,14 +59,14 @@ def compiled_cases(rank: int, world_size: int, cases: list[tuple[str, str]]) -> 
         counters.clear()
         config = TrainConfig(lr=_config().lr, compile_layers=True)
         trainer = Trainer(program, plan, config=config, optimizer=optimizer_factory("adam"))
-        losses = [trainer.step(batch) for batch in batches]
+        losses = [float(trainer.step(batch)) for batch in batches]
         params = trainer.full_parameters()  # collective over the stage: every rank calls it
         entry = {"losses": losses, "params": params if trainer.stage.position.local == 0 else {}}
         entry["graphs"] = int(counters["stats"]["unique_graphs"])
         entry["layers"] = len(trainer.stage.stage_layers)
         if model_name.endswith("+dropout"):  # the same plan uncompiled: the same masks, so the same losses
             eager = Trainer(program, plan, config=_config(), optimizer=optimizer_factory("adam"))
-            entry["uncompiled_losses"] = [eager.step(batch) for batch in batches]
+            entry["uncompiled_losses"] = [float(eager.step(batch)) for batch in batches]
         results[f"{model_name}/{recipe}"] = entry
     return results
 

@@ -112,7 +112,7 @@ def _mixed_kinds_worker(rank: int, world_size: int) -> dict:
         optimizer=lambda groups: torch.optim.Adam(groups, lr=LR, eps=ADAM_EPS, foreach=True),
     )
     kinds_per_group = [{isinstance(p, DTensor) for p in group["params"]} for group in trainer.optimizer.param_groups]
-    return {"kinds": kinds_per_group, "losses": [trainer.step(batch) for batch in batches]}
+    return {"kinds": kinds_per_group, "losses": [float(trainer.step(batch)) for batch in batches]}
 
 
 def test_one_optimizer_takes_every_parameter_kind_on_its_foreach_path():

@@ -39,10 +39,14 @@ def _compile(flags: dict, batch, model=None):
 
 def _train_save_continue(flags: dict, folder: Path, model, batches) -> dict:
     compiled = _compile(flags, batches[0], model)
-    before = [compiled.train_step(b) for b in batches[:STEPS_BEFORE]]
+    before = [float(compiled.train_step(b)) for b in batches[:STEPS_BEFORE]]
     compiled.save_checkpoint(folder)
     saved = compiled.trainer.full_parameters()
-    return {"before": before, "saved": saved, "reference": [compiled.train_step(b) for b in batches[STEPS_BEFORE:]]}
+    return {
+        "before": before,
+        "saved": saved,
+        "reference": [float(compiled.train_step(b)) for b in batches[STEPS_BEFORE:]],
+    }
 
 
 def _across_modes(rank: int, world: int, root: str) -> dict:
@@ -54,13 +58,13 @@ def _across_modes(rank: int, world: int, root: str) -> dict:
         loaded = other.trainer.full_parameters()
         out[name] = {
             "max_param_diff": max(float((loaded[k] - out["grid"]["saved"][k]).abs().max()) for k in loaded),
-            "losses": [other.train_step(b) for b in batches[STEPS_BEFORE:]],
+            "losses": [float(other.train_step(b)) for b in batches[STEPS_BEFORE:]],
         }
     model, batches = _batches()
     out["tp4"]["reference"] = _train_save_continue(dict(tp=4), Path(root) / "tp4", model, batches)["reference"]
     grid = _compile(GRID, batches[0])
     grid.load_checkpoint(Path(root) / "tp4")
-    out["grid_from_tp4"] = [grid.train_step(b) for b in batches[STEPS_BEFORE:]]
+    out["grid_from_tp4"] = [float(grid.train_step(b)) for b in batches[STEPS_BEFORE:]]
     return out
 
 

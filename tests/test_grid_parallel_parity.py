@@ -103,7 +103,7 @@ def _dropout_worker(rank: int, world_size: int) -> dict:
     plan = make_plan("2d", len(program.body), program.model_name)
     trainer = Trainer(program, plan, config=_config(), optimizer=optimizer_factory("sgd"))
     evaluated = [trainer.evaluate(batch) for batch in batches[:2]]  # dropout off, nothing updated
-    return {"evaluated": evaluated, "losses": [trainer.step(batch) for batch in batches]}
+    return {"evaluated": evaluated, "losses": [float(trainer.step(batch)) for batch in batches]}
 
 
 def test_a_grid_with_dropout_evaluates_like_the_models_eval_and_trains_with_its_masks():

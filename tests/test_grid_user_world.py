@@ -63,7 +63,7 @@ def _worker(rank: int, world_size: int, folder: str) -> dict:
             init=f"safetensors:{folder}/{name}",
             optimizer=lambda params: torch.optim.SGD(params, lr=LR),
         )
-        losses = [compiled.train_step(batch) for batch in batches]
+        losses = [float(compiled.train_step(batch)) for batch in batches]
         params = compiled.trainer.full_parameters()
         out[f"meta/{name}"] = {"losses": losses, "params": params if rank == 0 else {}}
     model, batches = _eager("gpt2", 4)
@@ -76,12 +76,15 @@ def _worker(rank: int, world_size: int, folder: str) -> dict:
         optimizer=lambda params: torch.optim.SGD(params, lr=LR),
     )
     moved.clear()
-    losses = [compiled.train_step(batch) for batch in batches]
+    losses = [float(compiled.train_step(batch)) for batch in batches]
     out["bf16/gpt2"] = {"losses": losses, "moved": sorted(moved)}
     searched = galvatron_fx.compile(  # the search restricted to grids, as `galvatron-fx search --tp-modes 2d`
         model, example_kwargs=batches[0], search_space="tp", search_options={"tp_modes": ("2d",)}
     )
-    out["searched"] = {"layers": [s.short() for s in searched.plan.layers], "loss": searched.train_step(batches[0])}
+    out["searched"] = {
+        "layers": [s.short() for s in searched.plan.layers],
+        "loss": float(searched.train_step(batches[0])),
+    }
     return out
 
 

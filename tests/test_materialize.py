@@ -83,7 +83,7 @@ def _meta_worker(rank: int, world: int, folder: str) -> dict:
         local[name] = piece.untyped_storage().nbytes() // piece.element_size()
     out["largest_allocation"] = meter.numel
     out["full"], out["local"] = full, local
-    out["losses"] = [compiled.train_step(batch) for _ in range(3)]
+    out["losses"] = [float(compiled.train_step(batch)) for _ in range(3)]
 
     # 2. an eager model's safetensors checkpoint (tied head left out, as Hugging Face stores it)
     torch.manual_seed(7)

@@ -65,7 +65,7 @@ def _worker(rank: int, world_size: int, folder: str) -> dict:
             buffers = {
                 n: b.clone() for layer in compiled.trainer.stage.layers.values() for n, b in layer.named_buffers()
             }
-            losses = [compiled.train_step(batch) for batch in batches]
+            losses = [float(compiled.train_step(batch)) for batch in batches]
             params = compiled.trainer.full_parameters()
             out[f"{name}/{plan_name}"] = {
                 "losses": losses,

@@ -53,7 +53,7 @@ def _worker(rank: int, world_size: int) -> dict:
             plan = _plan(recipe, len(program.body))
             trainer = Trainer(program, plan, config=_config(), optimizer=optimizer_factory("sgd"))
             assert trainer.stage.micro_batch == 1  # each rank's own samples per micro-batch
-            losses = [trainer.step(batch) for batch in batches]
+            losses = [float(trainer.step(batch)) for batch in batches]
             params = trainer.full_parameters()
             out[f"{name}/{recipe}"] = {"losses": losses, "params": params if trainer.stage.position.local == 0 else {}}
     return out

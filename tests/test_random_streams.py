@@ -53,7 +53,7 @@ def _worker(rank: int, world_size: int, recipes: list[str]) -> dict:
                 trainer.stage(env, seed=trainer._seeds()[0])
             outputs = {name: env[name] for layer in program.body for name in layer.output_names}
         evaluated = [trainer.evaluate(batch) for batch in batches[:2]]  # dropout off, nothing updated
-        losses = [trainer.step(batch) for batch in batches]
+        losses = [float(trainer.step(batch)) for batch in batches]
         out[recipe] = {
             "evaluated": evaluated,
             "losses": losses,

@@ -216,7 +216,7 @@ def _instrumented_worker(rank: int, world_size: int, schedule: str) -> dict:
             global_batch=8,
         )
         trainer = Trainer(program, plan, config=_config())
-        losses = [trainer.step(b) for b in batches[:2]]
+        losses = [float(trainer.step(b)) for b in batches[:2]]
     finally:
         dist.isend, dist.irecv, dist.batch_isend_irecv = isend, irecv, batch
     return {"counts": counts, "losses": losses}

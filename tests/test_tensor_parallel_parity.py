@@ -69,7 +69,7 @@ def train_cases(rank: int, world_size: int, cases: list[tuple[str, str]]) -> dic
         trainer = Trainer(
             program, plan, config=_config(), optimizer=optimizer_factory(optimizer), model_name=program.model_name
         )
-        losses = [trainer.step(batch) for batch in batches]
+        losses = [float(trainer.step(batch)) for batch in batches]
         params = trainer.full_parameters()
         results[f"{model_name}/{recipe}"] = {
             "losses": losses,

@@ -94,7 +94,9 @@ def _worker(rank: int, world: int, names: list[str]) -> dict:
         losses, norms, lrs, seen = [], [], [], []
         for batch in compiled.data_loader(dataset, seed=3, stop_step=STEPS):
             seen.append(batch.pop("index").tolist())
-            losses.append(compiled.train_step(batch))
+            loss = compiled.train_step(batch)  # left on the device: no step waits for it
+            assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and not loss.requires_grad
+            losses.append(float(loss))
             norms.append(float(compiled.trainer.last_grad_norm))
             lrs.append(compiled.trainer.last_lr)
         full = compiled.trainer.full_parameters()  # collective over the stage: every rank calls it

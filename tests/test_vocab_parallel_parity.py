@@ -89,7 +89,7 @@ def _odd_worker(rank: int, world_size: int, cases) -> dict:
         program = galvatron_fx.capture(model, example_kwargs=batches[0])
         trainer = Trainer(program, sp.make_plan(recipe, len(program.body)), config=_config(), optimizer=_adam)
         out[f"{name}/{recipe}"] = {
-            "losses": [trainer.step(b) for b in batches],
+            "losses": [float(trainer.step(b)) for b in batches],
             "params": trainer.full_parameters(),
             "shapes": {n: tuple(p.shape) for n, p in trainer.stage.user_parameters().items()},
         }

@@ -80,14 +80,15 @@ def train(model_spec: str, args: argparse.Namespace) -> list[float]:
         flops_per_token(run_model.model, len(compiled.program.body), args.seq),
         compiled.cluster.peak_flops.get(precision, 0.0) * world_size,
     )
-    losses, since_log = [], 0
+    losses, since_log = [], 0  # device tensors: only a logged step waits for the device
     for batch in compiled.data_loader(train_set, seed=args.seed, stop_step=args.steps):
         losses.append(compiled.train_step(batch))
         step, since_log = compiled.trainer.steps_done, since_log + 1
         evaluating = bool(eval_set) and args.eval_every > 0 and step % args.eval_every == 0
         eval_loss = _evaluate(compiled, eval_set, args) if evaluating else None
         if step % args.log_every == 0 or step == args.steps or evaluating:
-            figures = _figures(compiled, timer, step, args.steps, losses[-1], since_log, eval_loss, device)
+            loss = float(losses[-1])  # waits for the steps since the last log, before the timer reads the clock
+            figures = _figures(compiled, timer, step, args.steps, loss, since_log, eval_loss, device)
             for sink in sinks:
                 sink(figures)
             since_log = 0
@@ -99,7 +100,7 @@ def train(model_spec: str, args: argparse.Namespace) -> list[float]:
         compiled.export_pretrained(args.export)
         if rank == 0:
             print(f"exported the trained weights to {args.export} (from_pretrained loads them)", flush=True)
-    return losses
+    return torch.stack(losses).tolist() if losses else []
 
 
 def train_example(name: str, args: argparse.Namespace) -> list[float]:
