@@ -23,10 +23,6 @@ The folder must be visible to all ranks.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,30 +30,33 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     Metadata,
     MetadataIndex,
-    StorageMeta,
     TensorProperties,
 )
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from galvatron_fx.errors import GalvatronError
-
 from . import groups
+from .checkpoint_files import (
+    MANIFEST,
+    NOT_HYPERPARAMETERS,
+    CheckpointError,
+    SafeReader,
+    check_hash,
+    hash_own_files,
+    latest,
+    read_manifest,
+    replace_folder,
+    write_manifest,
+)
 from .shard_maps import LocalShard, ShardMap, local_shards, local_tensor
 
-FORMAT = "galvatron-fx-checkpoint/1"
-MANIFEST = "galvatron_checkpoint.json"
-_NOT_HYPERPARAMETERS = ("params", "param_names")  # which tensors a group holds depends on the plan
-
-
-class CheckpointError(GalvatronError):
-    """A checkpoint is half-written, corrupt, or belongs to another model."""
+__all__ = ["MANIFEST", "CheckpointError", "latest", "load", "read_manifest", "save", "state_shards"]
 
 
 # -- what each rank holds ------------------------------------------------------------------------------------
@@ -160,175 +159,16 @@ class _BoxLoadPlanner(DefaultLoadPlanner):
         pass  # resolve_tensor returned a view of the live tensor: the data is already in place
 
 
-_METADATA_CLASSES = {
-    ("torch.distributed.checkpoint.metadata", n)
-    for n in (
-        "Metadata",
-        "TensorStorageMetadata",
-        "BytesStorageMetadata",
-        "ChunkStorageMetadata",
-        "TensorProperties",
-        "MetadataIndex",
-        "StorageMeta",
-        "_MEM_FORMAT_ENCODING",
-    )
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("collections", "OrderedDict"),
-    ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "PurePosixPath"),
-    ("torch.distributed.checkpoint.planner", "WriteItemType"),
-    ("torch.distributed.checkpoint.planner", "LoadItemType"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admits DCP's metadata classes and torch dtypes/layouts/memory formats, nothing else."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in _METADATA_CLASSES:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(
-            getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)
-        ):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of checkpoint metadata")
-
-
-class _SafeReader(FileSystemReader):
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        with open(Path(self.path) / ".metadata", "rb") as handle:
-            metadata = _MetadataUnpickler(handle).load()
-        if not isinstance(metadata, Metadata):
-            raise CheckpointError(f"{self.path}/.metadata is not checkpoint metadata", "save the checkpoint again")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-# -- manifest ------------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, (tuple, list)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    return value if isinstance(value, (int, float, str, bool, type(None))) else repr(value)
-
-
-def _own_files(folder: Path, rank: int, world_size: int) -> list[Path]:
-    """The files of a saved checkpoint that ``rank`` hashes: those DCP wrote for it (``__{rank}_*``); rank 0
-    also takes the ones no rank's prefix claims (``.metadata``). Spreads the hashing over the ranks."""
-    claimed = {f"__{r}_" for r in range(world_size)}
-    files = sorted(p for p in folder.iterdir() if p.is_file())
-    return [
-        p
-        for p in files
-        if p.name.startswith(f"__{rank}_") or (rank == 0 and not any(p.name.startswith(c) for c in claimed))
-    ]
-
-
-def _hash_own_files(folder: Path) -> dict[str, dict[str, Any]]:
-    """Every saved file with its size and SHA-256, each hashed by one rank (collective)."""
-    mine = {
-        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-        for p in _own_files(folder, dist.get_rank(), dist.get_world_size())
-    }
-    files: dict[str, dict[str, Any]] = {}
-    for text in groups.gather_text(json.dumps(mine)):
-        files.update(json.loads(text))
-    return dict(sorted(files.items()))
-
-
-def _write_manifest(folder: Path, metadata: Metadata, trainer, files: dict[str, dict[str, Any]]) -> None:
-    tensors = {
-        key: {"shape": list(md.size), "dtype": str(md.properties.dtype).removeprefix("torch.")}
-        for key, md in sorted(metadata.state_dict_metadata.items())
-    }
-    groups = [
-        {k: _json_safe(v) for k, v in group.items() if k not in _NOT_HYPERPARAMETERS}
-        for group in trainer.optimizer.param_groups
-    ]
-    manifest = {
-        "format": FORMAT,
-        "model": trainer.program.model_name,
-        "step": trainer.steps_done,
-        "world_size": dist.get_world_size(),
-        "plan": trainer.plan.to_json_dict(),
-        "optimizer": {"class": type(trainer.optimizer).__name__, "param_groups": groups},
-        "tensors": tensors,
-        "files": files,
-    }
-    temporary = folder / (MANIFEST + ".tmp")
-    with open(temporary, "w") as handle:
-        json.dump(manifest, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, folder / MANIFEST)
-
-
-def read_manifest(folder: str | Path, verify_files: bool = True) -> dict[str, Any]:
-    """The manifest of a complete checkpoint; CheckpointError if the folder is missing, half-written, not a
-    galvatron_fx checkpoint, a file's size differs from the manifest, or (``verify_files``) its SHA-256."""
-    folder = Path(folder)
-    path = folder / MANIFEST
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder {folder} does not exist", "pass the folder save_checkpoint wrote")
-    if not path.is_file():
-        raise CheckpointError(
-            f"{folder} has no {MANIFEST}: it is half-written or not a galvatron_fx checkpoint",
-            "load a checkpoint that save_checkpoint completed",
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as error:
-        raise CheckpointError(
-            f"{path} is not valid JSON ({error})", "the checkpoint is corrupt: load another one"
-        ) from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a {FORMAT} manifest", "load a checkpoint written by save_checkpoint")
-    for name, entry in manifest["files"].items():
-        file = folder / name
-        if not file.is_file() or file.stat().st_size != entry["bytes"]:
-            raise CheckpointError(
-                f"checkpoint file {file} is missing or has the wrong size",
-                "the checkpoint is corrupt: load another one",
-            )
-        if verify_files and _sha256(file) != entry["sha256"]:
-            raise CheckpointError(
-                f"checkpoint file {file} does not match its SHA-256", "the checkpoint is corrupt: load another one"
-            )
-    return manifest
-
-
 def _verify_what_is_read(folder: Path, manifest: dict[str, Any], shards: dict[str, LocalShard]) -> None:
     """SHA-256 of the metadata and of the files this rank's shards are read from (DCP's read plan, made
     locally), against the manifest: no rank hashes a file it does not read."""
-    _check_hash(folder / ".metadata", manifest)
+    check_hash(folder / ".metadata", manifest)
     planner = _BoxLoadPlanner(shards)
-    metadata = _SafeReader(folder).read_metadata()
+    metadata = SafeReader(folder).read_metadata()
     planner.set_up_planner({}, metadata)
     read = {metadata.storage_data[item.storage_index].relative_path for item in planner.create_local_plan().items}
     for name in sorted(read):
-        _check_hash(folder / name, manifest)
-
-
-def _check_hash(file: Path, manifest: dict[str, Any]) -> None:
-    entry = manifest["files"].get(file.name)
-    if entry is None or _sha256(file) != entry["sha256"]:
-        raise CheckpointError(
-            f"checkpoint file {file} does not match its SHA-256", "the checkpoint is corrupt: load another one"
-        )
+        check_hash(folder / name, manifest)
 
 
 def _check_fits(manifest: dict[str, Any], trainer, shards: dict[str, LocalShard], folder: Path) -> None:
@@ -409,12 +249,12 @@ def save(trainer, folder: str | Path) -> Path:
     dist.barrier()
     planner = _BoxSavePlanner(state_shards(trainer))
     dcp.save({}, storage_writer=FileSystemWriter(partial), planner=planner)
-    files = _hash_own_files(partial)
+    files = hash_own_files(partial)
     error = ""
     if dist.get_rank() == 0:
         try:
-            _write_manifest(partial, planner.metadata, trainer, files)
-            _replace(partial, folder)
+            write_manifest(partial, planner.metadata, trainer, files)
+            replace_folder(partial, folder)
         except OSError as failure:
             error = f"{type(failure).__name__}: {failure}"
     error = groups.broadcast_text(error or "ok").removeprefix("ok")
@@ -423,20 +263,6 @@ def save(trainer, folder: str | Path) -> Path:
             f"writing checkpoint {folder} failed on rank 0: {error}", "check the folder's space and permissions"
         )
     return folder
-
-
-def _replace(partial: Path, folder: Path) -> None:
-    old = folder.with_name(f".{folder.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(partial, folder)
-    shutil.rmtree(old, ignore_errors=True)
-    descriptor = os.open(folder.parent, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)  # the rename itself is durable
-    finally:
-        os.close(descriptor)
 
 
 def load(trainer, folder: str | Path, verify_files: bool = True) -> dict[str, Any]:
@@ -461,7 +287,7 @@ def load(trainer, folder: str | Path, verify_files: bool = True) -> dict[str, An
     failures = [text for text in groups.gather_text(error) if text]
     if failures:
         raise CheckpointError("; ".join(failures), "the checkpoint is corrupt or of another model: load another one")
-    dcp.load({}, storage_reader=_SafeReader(folder), planner=_BoxLoadPlanner(shards))
+    dcp.load({}, storage_reader=SafeReader(folder), planner=_BoxLoadPlanner(shards))
     for key, shard in rng.items():
         if key.endswith("/cpu"):
             torch.set_rng_state(shard.tensor)
@@ -474,25 +300,8 @@ def load(trainer, folder: str | Path, verify_files: bool = True) -> dict[str, An
                 {
                     k: tuple(v) if isinstance(group.get(k), tuple) else v
                     for k, v in saved.items()
-                    if k in group and k not in _NOT_HYPERPARAMETERS and not isinstance(group[k], torch.Tensor)
+                    if k in group and k not in NOT_HYPERPARAMETERS and not isinstance(group[k], torch.Tensor)
                 }
             )
     trainer.steps_done = int(manifest["step"])
     return manifest
-
-
-def latest(root: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step among the folders of ``root`` (None if there is none).
-    Folders being written (``.name.partial``) and folders without a valid manifest are skipped."""
-    best: tuple[int, str] | None = None
-    root = Path(root)
-    for child in sorted(root.iterdir()) if root.is_dir() else ():
-        if child.name.startswith(".") or not (child / MANIFEST).is_file():
-            continue
-        try:
-            manifest = read_manifest(child, verify_files=False)
-        except CheckpointError:
-            continue
-        key = (int(manifest["step"]), child.name)
-        best = max(best, key) if best else key
-    return root / best[1] if best else None

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from galvatron_fx.errors import ConfigError
 
 from . import groups
-from .checkpoint import _replace
+from .checkpoint_files import replace_folder
 from .shard_maps import local_buffers
 
 INDEX = "model.safetensors.index.json"
@@ -137,7 +137,7 @@ def export_pretrained(trainer, directory: str | Path, config=None, dtype: torch.
                     (partial / INDEX).write_text(json.dumps(index, indent=2) + "\n")
                 if config is not None:
                     config.save_pretrained(partial)
-                _replace(partial, directory)
+                replace_folder(partial, directory)
         except Exception as failure:  # any: the other ranks wait for rank 0's word
             error = f"rank 0: {type(failure).__name__}: {failure}"
     _agree("; ".join(failures) or error, directory)  # no rank returns before the folder is complete

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import galvatron_fx
 from galvatron_fx.models import build_model, example_batch
 from galvatron_fx.runtime import checkpoint as ckpt
+from galvatron_fx.runtime import checkpoint_files
 from galvatron_fx.runtime import spawn
 
 STEPS_BEFORE, STEPS_AFTER = 2, 3
@@ -170,7 +171,7 @@ def test_metadata_unpickler_refuses_foreign_classes(tmp_path):
 
     path = tmp_path / ".metadata"
     path.write_bytes(pickle.dumps(os.system))  # unpickling it would hand out a way to run commands
-    reader = ckpt._SafeReader(tmp_path)
+    reader = checkpoint_files.SafeReader(tmp_path)
     with pytest.raises(pickle.UnpicklingError):
         reader.read_metadata()
 
@@ -179,13 +180,13 @@ def _hashes_worker(rank: int, world: int, folder: str) -> dict:
     """Save and load a PP2 checkpoint of LLaMA (no tied weights: each stage's parameters in its own rank's
     file), recording which files each rank hashes."""
     hashed: list[str] = []
-    original = ckpt._sha256
+    original = checkpoint_files.sha256
 
     def recording(path):
         hashed.append(Path(path).name)
         return original(path)
 
-    ckpt._sha256 = recording
+    checkpoint_files.sha256 = recording
     try:
         torch.manual_seed(0)
         model, _ = build_model("llama")
@@ -197,7 +198,7 @@ def _hashes_worker(rank: int, world: int, folder: str) -> dict:
         compiled.load_checkpoint(f"{folder}/pp2")
         loaded = sorted(hashed)
     finally:
-        ckpt._sha256 = original
+        checkpoint_files.sha256 = original
     return {"saved": saved, "loaded": loaded, "files": sorted(p.name for p in Path(f"{folder}/pp2").iterdir())}
 
 
