@@ -62,27 +62,21 @@ MODELS = ("llama", "bert")
 DTYPES = ("fp32", "bf16")
 
 
-def _layers(pattern, n: int) -> tuple[LayerStrategy, ...]:
-    out = []
-    for i in range(n):
-        tp, dp_type, ckpt, sp = pattern[i % len(pattern)]
-        dp = WORLD // tp
-        out.append(LayerStrategy(tp=tp, dp=dp, dp_type=dp_type if dp > 1 else "ddp", ckpt=ckpt, sp=sp))
-    return tuple(out)
-
-
-def plans(layers: int) -> list[tuple[str, str, Plan]]:
-    """(name, kind, plan) for 4 processes: each strategy kind, uniform, plus pipelines and a mixed plan."""
+def plans(layers: int, world: int = WORLD) -> list[tuple[str, str, Plan]]:
+    """(name, kind, plan) for ``world`` processes (4 or 2): each strategy kind, uniform, plus pipelines and
+    mixed plans; at 2 processes the plans that need 4 become their 2-process counterparts."""
+    half = world // 2
 
     def p(name, kind, pattern, *, pp=1, chunks=1, pipeline="1f1b"):
-        devices = WORLD // pp
+        devices = world // pp
         strategies = []
         for i in range(layers):
             tp, dp_type, ckpt, sp = pattern[i % len(pattern)]
+            tp = min(tp, devices)
             dp = devices // tp
             strategies.append(LayerStrategy(tp=tp, dp=dp, dp_type=dp_type if dp > 1 else "ddp", ckpt=ckpt, sp=sp))
         plan = Plan(
-            world_size=WORLD,
+            world_size=world,
             layers=tuple(strategies),
             pp=pp,
             chunks=chunks,
@@ -91,42 +85,42 @@ def plans(layers: int) -> list[tuple[str, str, Plan]]:
         )
         return name, kind, plan
 
-    return [
-        p("dp4", "DP", [(1, "ddp", False, "none")]),
-        p("dp4-zero2", "ZeRO-2", [(1, "zero2", False, "none")]),
-        p("dp4-zero3", "ZeRO-3", [(1, "zero3", False, "none")]),
-        p("dp4-zero3-ckpt", "ZeRO-3", [(1, "zero3", True, "none")]),
-        p("tp2-dp2", "TP", [(2, "ddp", False, "none")]),
-        p("tp4", "TP", [(4, "ddp", False, "none")]),
-        p("tp2-sp-dp2", "TP+SP", [(2, "ddp", False, "megatron")]),
-        p("tp4-sp", "TP+SP", [(4, "ddp", False, "megatron")]),
-        p("pp2-dp2-1f1b-c2", "PP", [(1, "ddp", False, "none")], pp=2, chunks=2),
-        p("pp4-gpipe-c4", "PP", [(1, "ddp", False, "none")], pp=4, chunks=4, pipeline="gpipe"),
+    dp, sp = (1, "ddp", False, "none"), "megatron"
+    cases = [
+        p(f"dp{world}", "DP", [dp]),
+        p(f"dp{world}-zero2", "ZeRO-2", [(1, "zero2", False, "none")]),
+        p(f"dp{world}-zero3", "ZeRO-3", [(1, "zero3", False, "none")]),
+        p(f"dp{world}-zero3-ckpt", "ZeRO-3", [(1, "zero3", True, "none")]),
+        p(f"tp2-dp{half}" if half > 1 else "tp2", "TP", [(2, "ddp", False, "none")]),
+        p(f"tp{world}", "TP", [(world, "ddp", False, "none")]),
+        p(f"tp2-sp-dp{half}" if half > 1 else "tp2-sp", "TP+SP", [(2, "ddp", False, sp)]),
+        p(f"tp{world}-sp", "TP+SP", [(world, "ddp", False, sp)]),
+        p(f"pp2-dp{half}-1f1b-c2" if half > 1 else "pp2-1f1b-c2", "PP", [dp], pp=2, chunks=2),
+        p(f"pp{world}-gpipe-c4", "PP", [dp], pp=world, chunks=4, pipeline="gpipe"),
         p(
-            "mixed-dp/zero3ckpt/tp2sp/tp4",
+            f"mixed-dp/zero3ckpt/tp2sp/tp{world}",
             "mixed",
-            [
-                (1, "ddp", False, "none"),
-                (1, "zero3", True, "none"),
-                (2, "ddp", False, "megatron"),
-                (4, "zero2", False, "none"),
-            ],
+            [dp, (1, "zero3", True, "none"), (2, "ddp", False, sp), (world, "zero2", False, "none")],
         ),
-        p("pp2-mixed-c2", "mixed", [(2, "ddp", False, "megatron"), (1, "zero2", True, "none")], pp=2, chunks=2),
     ]
+    if half > 1:
+        cases.append(p("pp2-mixed-c2", "mixed", [(2, "ddp", False, sp), (1, "zero2", True, "none")], pp=2, chunks=2))
+    else:  # a stage of one process: checkpointed and plain layers alternating
+        cases.append(p("pp2-ckpt-c2", "mixed", [dp, (1, "ddp", True, "none")], pp=2, chunks=2))
+    return list({name: (name, kind, plan) for name, kind, plan in cases}.values())  # tp2 is tp{world} at 2
 
 
 # -- profile launch ------------------------------------------------------------------------------------
-def profile_launch(folder: Path) -> dict:
-    path = folder / f"oos_hardware_profile_{WORLD}.json"
-    _profile_hardware(WORLD, path)
-    return profile_of(path)
+def profile_launch(folder: Path, world: int) -> dict:
+    path = folder / f"oos_hardware_profile_{world}.json"
+    _profile_hardware(world, path)
+    return profile_of(path, world)
 
 
-def profile_of(path: Path) -> dict:
+def profile_of(path: Path, world: int) -> dict:
     from galvatron_fx.cost.hardware import HardwareProfile
 
-    return {"hardware_path": str(path), "hardware": HardwareProfile.load(path, world_size=WORLD).to_json_dict()}
+    return {"hardware_path": str(path), "hardware": HardwareProfile.load(path, world_size=world).to_json_dict()}
 
 
 def priced_hardware(profile: dict):
@@ -167,7 +161,7 @@ def run_plans(rank: int, world: int, model_name: str, dtype: str, cases, warmup:
     return out
 
 
-def measure(models, dtypes, cases_by_model, warmup, repeats, rounds) -> dict:
+def measure(models, dtypes, cases_by_model, warmup, repeats, rounds, world: int) -> dict:
     """One launch per model, dtype and round, its plans in turn; every other round in reverse order, and the
     (model, dtype) launches rotated, so that each plan's measurements centre on the middle of the run."""
     launches = [(m, d) for m in models for d in dtypes]
@@ -179,7 +173,7 @@ def measure(models, dtypes, cases_by_model, warmup, repeats, rounds) -> dict:
             cases = cases if r % 2 == 0 else cases[::-1]
             start = time.perf_counter()
             try:
-                ranks = spawn(run_plans, WORLD, m, d, cases, warmup, repeats, r == 0)
+                ranks = spawn(run_plans, world, m, d, cases, warmup, repeats, r == 0)
             except Exception as error:  # a failed launch is reported, the run goes on
                 print(f"round {r} {m}/{d} failed: {error}", flush=True)
                 continue
@@ -346,7 +340,7 @@ def report(rows, failed, profile, hardware, args, measured_load) -> dict:
         "command": command_line(),
         "protocol": " ".join(__doc__.split("\n\n")[2].split()),
         "measured_command": args.measured_command,
-        "world": WORLD,
+        "world": args.world,
         "global_batch": GLOBAL_BATCH,
         "shape": SHAPES["bench"],
         "profile": profile,
@@ -366,16 +360,23 @@ def report(rows, failed, profile, hardware, args, measured_load) -> dict:
     return payload
 
 
+def cases_of(models, args) -> dict:
+    return {m: plans(SHAPES["bench"]["layers"], args.world)[: args.max_plans] for m in models}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument(
+        "--world", type=int, choices=(2, 4), default=WORLD, help="processes (2: one per core of this machine)"
+    )
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--max-plans", type=int, default=None)
     parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--name", default="cost_accuracy_oos")
+    parser.add_argument("--name", default=None)
     parser.add_argument(
         "--predict-only", default=None, metavar="JSON", help="price an earlier run's measurements again"
     )
@@ -388,10 +389,11 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     folder = Path(args.out)
     models, dtypes = args.models.split(","), args.dtypes.split(",")
-    layers = SHAPES["bench"]["layers"]
-    cases = {m: plans(layers)[: args.max_plans] for m in models}
+    if args.name is None:  # the 4-process run keeps its historical name
+        args.name = "cost_accuracy_oos" if args.world == WORLD else f"cost_accuracy_oos_w{args.world}"
     if args.predict_only:
         previous = json.loads(Path(args.predict_only).read_text())
+        args.world = previous.get("world", WORLD)
         profile, loads = previous["profile"], previous.get("load_during_measurement")
         args.measured_command = previous.get("measured_command") or previous["command"]
         measured = {
@@ -404,16 +406,16 @@ def main(argv=None) -> dict:
         for f in previous.get("failed", []):
             measured[f"{f['model']}/{f['dtype']}/{f['plan']}"] = [{"error": f["error"]}]
         if args.hardware_profile:
-            profile = profile_of(Path(args.hardware_profile))
+            profile = profile_of(Path(args.hardware_profile), args.world)
     else:
-        profile = profile_launch(folder)
+        profile = profile_launch(folder, args.world)
         print(f"profile: {json.dumps(profile['hardware']['flops_per_s'])}", flush=True)
         before = os.getloadavg()
-        measured = measure(models, dtypes, cases, args.warmup, args.repeats, args.rounds)
+        measured = measure(models, dtypes, cases_of(models, args), args.warmup, args.repeats, args.rounds, args.world)
         loads = {"before": before, "after": os.getloadavg()}
         args.measured_command = command_line()
     hardware = priced_hardware(profile)
-    rows, failed = predict_rows(models, dtypes, cases, measured, hardware)
+    rows, failed = predict_rows(models, dtypes, cases_of(models, args), measured, hardware)
     return report(rows, failed, profile, hardware, args, loads)
 
 

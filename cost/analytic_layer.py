@@ -52,6 +52,9 @@ def layer_type_profile(
         largest_param_count=max((program.graph_module.get_parameter(n).numel() for n in layer.param_names), default=0),
         fwd_flops_per_sample=fwd_flops,
         bwd_flops_per_sample=bwd_flops,
+        attention_calls=stats.attention_calls,
+        fwd_attention_flops_per_sample=stats.fwd_attention_flops // batch,
+        bwd_attention_flops_per_sample=stats.bwd_attention_flops // batch,
         grad_working_bytes_per_sample=working,
         autocast_cast_param_count=cast_param_count(program, layer),
     )

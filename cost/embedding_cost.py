@@ -96,8 +96,8 @@ def ends_cost(
     own = [
         times
         or (
-            cm.compute_s(part.fwd, work, split, busy_share, cast),
-            cm.compute_s(part.bwd, work, split, busy_share, cast),
+            cm.compute_s(part, "fwd", work, split, busy_share, cast),
+            cm.compute_s(part, "bwd", work, split, busy_share, cast),
         )
         for part, times, cast in zip(parts, own, casts)
     ]

@@ -303,8 +303,8 @@ def grid_layer_cost(
     terms = tp_terms(strategy, shape, cm.mixed_precision)
     casts = cm.cast_params(profile, P, strategy.dp, strategy.dp_type)
     compute = (
-        cm.compute_s(profile.fwd, local, P, busy_share, casts),
-        cm.compute_s(profile.bwd, local, P, busy_share, casts),
+        cm.compute_s(profile, "fwd", local, P, busy_share, casts),
+        cm.compute_s(profile, "bwd", local, P, busy_share, casts),
     )
     own = (
         compute[0] + collectives_s(cm.hardware, terms.forward, compute[0]),

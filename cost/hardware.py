@@ -23,40 +23,14 @@ from typing import Any, Sequence
 
 from galvatron_fx.errors import ProfileError
 
+from .fits import AttentionFit as AttentionFit  # also importable from here, as before
+from .fits import CommFit as CommFit
+from .fits import fit_latency_bandwidth as fit_latency_bandwidth
+
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 FORMAT = "galvatron_fx.hardware_profile/1"
 # the compute between collectives at which the profiler measures the arrival skew (blocking_by_group_s)
 BLOCKING_PROBE_COMPUTE_S = 4e-3
-
-
-@dataclass(frozen=True)
-class CommFit:
-    """``time_s(nbytes) = latency_s + nbytes / bandwidth_Bps``."""
-
-    latency_s: float
-    bandwidth_Bps: float
-
-    def time_s(self, nbytes: float) -> float:
-        return self.latency_s + nbytes / self.bandwidth_Bps if nbytes > 0 else 0.0
-
-
-def fit_latency_bandwidth(sizes_bytes: Sequence[float], times_s: Sequence[float]) -> CommFit:
-    """Least-squares line through (bytes, seconds); latency clamped at 0, bandwidth kept positive."""
-    n = len(sizes_bytes)
-    if n == 0:
-        raise ValueError("no measurements to fit")
-    if n == 1 or max(sizes_bytes) == min(sizes_bytes):
-        return CommFit(0.0, max(sizes_bytes) / max(max(times_s), 1e-12))
-    mean_x, mean_y = sum(sizes_bytes) / n, sum(times_s) / n
-    sxx = sum((x - mean_x) ** 2 for x in sizes_bytes)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(sizes_bytes, times_s)) / sxx
-    intercept = mean_y - slope * mean_x
-    if slope <= 0:  # noise dominates: fall back to the largest message's average rate
-        return CommFit(0.0, max(sizes_bytes) / max(max(times_s), 1e-12))
-    if intercept < 0:  # a negative latency is noise too: refit through the origin
-        slope = sum(x * y for x, y in zip(sizes_bytes, times_s)) / sum(x * x for x in sizes_bytes)
-        intercept = 0.0
-    return CommFit(intercept, 1.0 / slope)
 
 
 def ring_volume_factor(op: str, group: int) -> float:
@@ -103,6 +77,8 @@ class HardwareProfile:
     ``op_overhead_s``: the batch-independent seconds of a training step per operator its forward and backward
     dispatch (launch and dispatch; ``cost/step_probe.py``), and ``autocast_cast_s_per_param`` what bf16
     autocast's weight casts add per parameter cast, both at the contention of ``flops_per_s`` (0: not measured).
+    ``attention`` maps ``"<fwd|bwd>/<dtype>"`` to the AttentionFit of the fused attention kernel in that pass
+    and dtype, at the same contention (empty: not measured; attention is then priced at ``flops_per_s``).
     """
 
     world_size: int
@@ -123,6 +99,7 @@ class HardwareProfile:
     blocking_growth_by_group: dict[int, float] = field(default_factory=dict)
     op_overhead_s: float = 0.0
     autocast_cast_s_per_param: float = 0.0
+    attention: dict[str, AttentionFit] = field(default_factory=dict)
 
     # -- queries -------------------------------------------------------------------------------
     def fit(self, op: str, group: int, consecutive: bool = True) -> CommFit:
@@ -236,6 +213,7 @@ class HardwareProfile:
             "collectives": {k: [v.latency_s, v.bandwidth_Bps] for k, v in sorted(self.collectives.items())},
             "p2p": {str(k): [v.latency_s, v.bandwidth_Bps] for k, v in sorted(self.p2p.items())},
             "sharded_units": {k: [v.latency_s, v.bandwidth_Bps] for k, v in sorted(self.sharded_units.items())},
+            "attention": {k: [v.per_call_s, v.flops_per_s] for k, v in sorted(self.attention.items())},
         }
 
     def save(self, path: str | Path) -> None:
@@ -296,6 +274,12 @@ class HardwareProfile:
                 kind, group = name.split("/")
                 if kind not in ("zero2", "zero3") or int(group) < 2:
                     raise ValueError(f"bad entry {name!r}")
+            key = "attention"
+            attention = {str(k): _attention_fit(v) for k, v in (data.get("attention") or {}).items()}
+            for name in attention:
+                pass_, dtype = name.split("/")
+                if pass_ not in ("fwd", "bwd") or not dtype:
+                    raise ValueError(f"bad entry {name!r}")
             key = "memory_bytes"
             memory = data.get("memory_bytes")
             memory = int(memory) if memory is not None else None
@@ -329,6 +313,7 @@ class HardwareProfile:
             blocking_growth,
             op_overhead_s,
             cast_s,
+            attention,
         )
 
 
@@ -345,6 +330,7 @@ def mean_profile(passes: Sequence[HardwareProfile]) -> HardwareProfile:
             "flops_per_s",
             "blocking_by_group_s",
             "blocking_growth_by_group",
+            "attention",
         )
         return (p.world_size, p.devices_per_node, p.device, p.backend, *(sorted(getattr(p, name)) for name in keyed))
 
@@ -382,6 +368,13 @@ def mean_profile(passes: Sequence[HardwareProfile]) -> HardwareProfile:
         optimizer_s_per_param=mean("optimizer_s_per_param"),
         op_overhead_s=mean("op_overhead_s"),
         autocast_cast_s_per_param=mean("autocast_cast_s_per_param"),
+        attention={
+            key: AttentionFit(
+                statistics.fmean(p.attention[key].per_call_s for p in passes),
+                1 / statistics.fmean(1 / p.attention[key].flops_per_s for p in passes),
+            )
+            for key in first.attention
+        },
         compute_slowdown=mean("compute_slowdown"),
         blocking_collective_s=mean("blocking_collective_s"),
         blocking_by_group_s=means("blocking_by_group_s"),
@@ -403,6 +396,13 @@ def _comm_fit(value: Any) -> CommFit:
     if latency < 0 or not bandwidth > 0 or math.isinf(bandwidth):
         raise ValueError(f"latency {latency} / bandwidth {bandwidth} out of range")
     return CommFit(latency, bandwidth)
+
+
+def _attention_fit(value: Any) -> AttentionFit:
+    per_call, rate = (float(v) for v in value)
+    if per_call < 0 or not rate > 0 or math.isinf(rate):
+        raise ValueError(f"per call {per_call} s / {rate} FLOP/s out of range")
+    return AttentionFit(per_call, rate)
 
 
 def read_json(path: str | Path) -> Any:

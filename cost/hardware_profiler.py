@@ -18,7 +18,6 @@ under a minute.
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import statistics
@@ -33,7 +32,7 @@ from . import compute_probes
 from .fsdp_probe import sharded_unit_times
 from .hardware import BLOCKING_PROBE_COMPUTE_S, COLLECTIVES, CommFit, HardwareProfile, fit_latency_bandwidth
 from .profiler_timing import ProfilerConfig, local_median_time, median_time, sync
-from .step_probe import PROBE_DTYPES, StepCosts, measure_step_costs
+from .step_probe import StepCosts, measure_step_costs
 
 
 class _Progress:
@@ -135,7 +134,7 @@ def profile_hardware(
             device, config.matmul_dim, lambda run: local_median_time(run, device, config), seq=config.probe_seq
         )
         if rank == 0
-        else StepCosts({d: math.inf for d in PROBE_DTYPES}, 0.0, 0.0)  # no figure: rank 0's reach the MAX below
+        else StepCosts.unmeasured()  # no figure: rank 0's reach the MAX below
     )
     dist.barrier()
     progress.step("Transformer step: FLOPs, operators, casts")
@@ -170,9 +169,8 @@ def profile_hardware(
         + list(units.values())
         + list(between_s.values())
         + list(between_long_s.values())
-        + [1 / step.flops_per_s[d] for d in PROBE_DTYPES]
-        + [step.op_overhead_s, step.autocast_cast_s_per_param]
-        + [optimizer_s, compute_slowdown, slowdown],
+        + [optimizer_s, compute_slowdown, slowdown]
+        + step.to_values(),
         dtype=torch.float64,
         device=device,
     )
@@ -198,11 +196,9 @@ def profile_hardware(
         for g in blocking_s
     }
     cluster = Cluster.detect()
-    compute_slowdown = max(1.0, values[-2])
-    s_per_flop = values[-7 : -7 + len(PROBE_DTYPES)]
-    step = StepCosts({d: 1 / s for d, s in zip(PROBE_DTYPES, s_per_flop)}, values[-5], values[-4]).slowed(
-        compute_slowdown
-    )
+    at += 2 * len(groups)
+    optimizer_s, compute_slowdown, slowdown = values[at], max(1.0, values[at + 1]), max(1.0, values[at + 2])
+    step = StepCosts.from_values(values[at + 3 :]).slowed(compute_slowdown)
     return HardwareProfile(
         world_size=world,
         devices_per_node=min(cluster.devices_per_node, world),
@@ -210,11 +206,11 @@ def profile_hardware(
         memory_bytes=cluster.memory_bytes,
         collectives={k: v for k, v in fits.items() if not k.startswith("p2p/")},
         p2p={int(k.split("/")[1]): v for k, v in fits.items() if k.startswith("p2p/")},
-        overlap_slowdown=max(1.0, values[-1]),
+        overlap_slowdown=slowdown,
         flops_per_s=step.flops_per_s,
         backend=dist.get_backend(),
         source="profile-hardware",
-        optimizer_s_per_param=values[-3],
+        optimizer_s_per_param=optimizer_s,
         compute_slowdown=compute_slowdown,
         blocking_collective_s=blocking_s.get(world, 0.0),
         blocking_by_group_s=blocking_s,
@@ -222,6 +218,7 @@ def profile_hardware(
         sharded_units=unit_fits,
         op_overhead_s=step.op_overhead_s,
         autocast_cast_s_per_param=step.autocast_cast_s_per_param,
+        attention=step.attention,
     )
 
 

@@ -22,6 +22,8 @@ SEQ_FIELDS = (
     "grad_working_bytes_per_sample",
     "fwd_flops_per_sample",
     "bwd_flops_per_sample",
+    "fwd_attention_flops_per_sample",
+    "bwd_attention_flops_per_sample",
 )
 _TABLE_FIELDS = (
     "activation_bytes_per_sample",
@@ -46,6 +48,12 @@ class LayerTypeProfile:
     sp_activation_bytes_per_sample: dict[int, int] | None = None  # with Megatron-SP/Ulysses; None: total / tp
     fwd_flops_per_sample: int = 0
     bwd_flops_per_sample: int = 0
+    # fused attention (scaled_dot_product_attention): calls per layer and their part of the FLOPs, which an
+    # analytic profile's times price at the matmul rate and the cost model prices again at attention's own
+    # (CostModel.attention_repriced_s); 0: not counted (measured profiles time attention as it runs)
+    attention_calls: int = 0
+    fwd_attention_flops_per_sample: int = 0
+    bwd_attention_flops_per_sample: int = 0
     # TP degree → the activation gradients its backward holds net of the activations it has freed
     # (cost/memory.py grad_working_bytes); None: not in the profile (Galvatron's files), counted as 0
     grad_working_bytes_per_sample: dict[int, int] | None = None
@@ -144,6 +152,15 @@ class LayerTypeProfile:
             "num_heads": self.num_heads,
             "fwd_flops_per_sample": self.fwd_flops_per_sample,
             "bwd_flops_per_sample": self.bwd_flops_per_sample,
+            **(
+                {
+                    "attention_calls": self.attention_calls,
+                    "fwd_attention_flops_per_sample": self.fwd_attention_flops_per_sample,
+                    "bwd_attention_flops_per_sample": self.bwd_attention_flops_per_sample,
+                }
+                if self.attention_calls
+                else {}
+            ),
             "grad_working_bytes_per_sample": (
                 {str(k): v for k, v in self.grad_working_bytes_per_sample.items()}
                 if self.grad_working_bytes_per_sample
@@ -184,6 +201,9 @@ class LayerTypeProfile:
             sp_activation_bytes_per_sample={int(k): int(v) for k, v in sp.items()} if sp else None,
             fwd_flops_per_sample=int(data.get("fwd_flops_per_sample", 0)),
             bwd_flops_per_sample=int(data.get("bwd_flops_per_sample", 0)),
+            attention_calls=int(data.get("attention_calls", 0)),
+            fwd_attention_flops_per_sample=int(data.get("fwd_attention_flops_per_sample", 0)),
+            bwd_attention_flops_per_sample=int(data.get("bwd_attention_flops_per_sample", 0)),
             grad_working_bytes_per_sample={int(k): int(v) for k, v in working.items()} if working else None,
             in_place_times={
                 int(world): {

@@ -12,7 +12,10 @@ Terms of one layer, for a micro-batch of ``mb`` samples on a stage (each of the 
   analytic profile is priced at the hardware's sustained throughput, which profile-hardware measures on
   every rank at once: its times hold the whole slowdown, and a pipeline's take max(1, compute_slowdown ·
   busy_share) / compute_slowdown of them (before, they kept the whole slowdown in pipelines too, and an
-  out-of-sample LLaMA pp4 read +146 %).
+  out-of-sample LLaMA pp4 read +146 %). An analytic profile's formulas price fused attention's FLOPs at the
+  matmuls' rate; where the hardware profile has attention's own line (a cost per call and a rate, per pass
+  and dtype: cost/step_probe.py) they are priced on it instead (``attention_repriced_s``): on CPUs the bf16
+  attention backward runs at a fraction of fp32's rate, where a bf16 matmul rate priced it faster.
 - TP collectives on the hidden state ``h`` = boundary bytes × ``mb / dp``: Megatron 2 all-reduces in
   forward and 2 in backward; Megatron-SP 2 all-gathers + 2 reduce-scatters each way; Ulysses 4
   all-to-alls of ``h / tp`` each way (q, k, v in, output back). Where the profile timed the lowered
@@ -64,6 +67,7 @@ grid layers' in cost/grid_tp.py, the embedding's and head's in cost/embedding_co
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from galvatron_fx.errors import ConfigError
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan, Prediction
@@ -84,7 +88,6 @@ from .memory import (
 from .model_profile import ModelProfile
 from .plan_cost import evaluate_plan, p2p_s, redistribution_s
 from .tensor_parallel_cost import in_place_s, partial_grad_sum_s, tp_comm_s
-from .time_formula import TimeFormula
 
 
 class CostModel:
@@ -107,7 +110,7 @@ class CostModel:
         self.model, self.hardware = model, hardware
         self.mixed_precision, self.optimizer = mixed_precision, optimizer
         self.layer_types: list[str] = list(model.layer_types)
-        compute_dtype = "bf16" if mixed_precision == "bf16" else "fp32"
+        self.compute_dtype = compute_dtype = "bf16" if mixed_precision == "bf16" else "fp32"
         self.activation_scale = DTYPE_BYTES[compute_dtype] / DTYPE_BYTES.get(model.dtype, 4)
         # An analytic profile priced in one dtype is re-priced at the training dtype's throughput.
         self.time_scale, self.cast_s_per_param = 1.0, 0.0
@@ -141,15 +144,34 @@ class CostModel:
         return max(1.0, self.compute_slowdown * busy_share)
 
     def compute_s(
-        self, formula: TimeFormula, local: float, tp: int, busy_share: float, cast_params: float = 0.0
+        self,
+        part: LayerTypeProfile,
+        pass_: Literal["fwd", "bwd"],
+        local: float,
+        tp: int,
+        busy_share: float,
+        cast_params: float = 0.0,
     ) -> float:
-        """Seconds of ``formula`` at ``local`` samples on one of ``tp`` ranks: they split the work, but each
-        pays the batch-independent part (per-operator overhead, which the dtype does not change) whole;
-        ``cast_params``: the parameters this rank's autocast casts, half of their cost in each pass."""
+        """Seconds of ``part``'s forward or backward at ``local`` samples on one of ``tp`` ranks: they split the
+        work, but each pays the batch-independent part (per-operator overhead, which the dtype does not change)
+        whole; ``cast_params``: the parameters this rank's autocast casts, half of their cost in each pass."""
+        formula = getattr(part, pass_)
         fixed = formula.fixed_s(self.seq)
         marginal = (formula(local, self.seq) - fixed) / tp * self.time_scale
         casts = self.cast_s_per_param * cast_params / 2
-        return (fixed + casts + marginal) * self.contention(busy_share) / self.throughput_slowdown
+        attention = self.attention_repriced_s(part, pass_, local / tp)
+        return (fixed + casts + marginal + attention) * self.contention(busy_share) / self.throughput_slowdown
+
+    def attention_repriced_s(self, part: LayerTypeProfile, pass_: Literal["fwd", "bwd"], samples: float) -> float:
+        """What an analytic profile's time for ``part`` misses of its fused attention at ``samples`` samples'
+        share of the work: its formula prices attention's FLOPs at the matmuls' rate; the hardware's
+        attention line (``HardwareProfile.attention``: a cost per call, its own rate) prices them instead.
+        0 for measured profiles (their times hold attention as it ran) and where either side lacks the figures."""
+        fit = self.hardware.attention.get(f"{pass_}/{self.compute_dtype}")
+        if self.model.mode != "analytic" or not part.attention_calls or not self.model.priced_flops_per_s or not fit:
+            return 0.0
+        flops = getattr(part, f"{pass_}_attention_flops_per_sample") * samples
+        return fit.time_s(part.attention_calls, flops) - flops * self.time_scale / self.model.priced_flops_per_s
 
     def cast_params(self, profile: LayerTypeProfile, split: float, dp: int, dp_type: str) -> float:
         """Parameters one rank's bf16 autocast casts of a layer whose weights are split ``split`` ways (a ZeRO
@@ -178,8 +200,8 @@ class CostModel:
         sharded_seq = strategy.sp != "none"
         split = 1 if strategy.sp == "ulysses" else strategy.tp  # Ulysses keeps whole weights
         casts = self.cast_params(profile, split, strategy.dp, strategy.dp_type)
-        fwd_compute = self.compute_s(profile.fwd, local, strategy.tp, busy_share, casts)
-        bwd_compute = self.compute_s(profile.bwd, local, strategy.tp, busy_share, casts)
+        fwd_compute = self.compute_s(profile, "fwd", local, strategy.tp, busy_share, casts)
+        bwd_compute = self.compute_s(profile, "bwd", local, strategy.tp, busy_share, casts)
         # the layer's own time, compute and TP collectives: timed in place where the profile has it
         own = (
             in_place_s(self, profile, strategy.tp, local, busy_share)

@@ -87,6 +87,8 @@ class ModelProfile:
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     tied_param_count: int = 0  # parameters the prologue and epilogue share (tied embedding and head)
+    # the FLOP rate an analytic profile's times divide by (``from_program``'s ``flops_per_s``); 0: not recorded
+    priced_flops_per_s: float = 0.0
     unrecorded: frozenset[str] = field(default_factory=frozenset, compare=False, repr=False)
     profile_mode: str = "batch"
     profiled_batches: list[int] = field(default_factory=list)
@@ -227,6 +229,7 @@ class ModelProfile:
             mode="analytic",
             device=device,
             tied_param_count=tied_param_count(program),
+            priced_flops_per_s=flops_per_s,
             profiled_seqs=[seq],
         )
 
@@ -256,6 +259,7 @@ class ModelProfile:
             "epilogue": self.epilogue.to_json_dict(),
             "extra": self.extra,
             "tied_param_count": self.tied_param_count,
+            **({"priced_flops_per_s": self.priced_flops_per_s} if self.priced_flops_per_s else {}),
             "profile_mode": self.profile_mode,
             "profiled": {"batches": list(self.profiled_batches), "seqs": list(self.profiled_seqs)},
         }
@@ -337,6 +341,7 @@ class ModelProfile:
             source=source,
             extra=dict(data.get("extra") or {}),
             tied_param_count=int(data.get("tied_param_count", 0)),
+            priced_flops_per_s=float(data.get("priced_flops_per_s", 0.0)),
             unrecorded=frozenset(
                 key for key in ("dtype", "device", "mode", "profile_mode", "profiled") if key not in data
             ),
@@ -360,4 +365,5 @@ def analytic_sequence_profile(by_seq: "dict[int, ModelProfile]", flops_per_s: fl
             setattr(part, pass_, TimeFormula(tuple((1, j, c / flops_per_s) for j, c in terms)))
     profile.record_seq_figures(by_seq)
     profile.profile_mode, profile.profiled_seqs = "sequence", seqs
+    profile.priced_flops_per_s = flops_per_s
     return profile

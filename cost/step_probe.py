@@ -16,7 +16,10 @@ compute slowdown it measures apart. A line through (FLOPs, seconds) per dtype gi
 - ``op_overhead_s``: the fp32 intercept per operator the probe's forward and backward dispatch, counted as
   the analytic profile counts a layer's (``DispatchCounter``), so that a layer's fixed time is its operator
   count times this;
-- ``autocast_cast_s_per_param``: what the bf16 intercept adds, per parameter autocast casts.
+- ``autocast_cast_s_per_param``: what the bf16 intercept adds, per parameter autocast casts;
+- ``attention``: fused attention's own line per pass and dtype (``measure_attention``): the block's slope
+  blends its few attention FLOPs into the matmuls' rate, but a model's attention runs at a rate of its own
+  (on this machine's CPU, bf16 attention's backward runs at a fifth of fp32's rate).
 
 The probe's operators and parameters are not any model's: the figures transfer to the models the analytic
 profile prices by their own counts.
@@ -24,20 +27,22 @@ profile prices by their own counts.
 
 from __future__ import annotations
 
+import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from galvatron_fx.passes.analysis.annotate import CPU_ATTENTION_FLOPS, DispatchCounter
 
-from .hardware import fit_latency_bandwidth
+from .fits import AttentionFit, fit_latency_bandwidth
 
 PROBE_DTYPES = ("fp32", "bf16")
+ATTENTION_KEYS = tuple(f"{pass_}/{dtype}" for dtype in PROBE_DTYPES for pass_ in ("fwd", "bwd"))
 
 
 class ProbeBlock(nn.Module):
@@ -65,6 +70,39 @@ class StepCosts:
     flops_per_s: dict[str, float]
     op_overhead_s: float
     autocast_cast_s_per_param: float
+    attention: dict[str, AttentionFit] = field(default_factory=dict)  # "<fwd|bwd>/<dtype>" → its line
+
+    def to_values(self) -> list[float]:
+        """The figures as one list of floats (seconds per FLOP, per operator, per call...), in which a figure
+        this rank did not measure is 0: an all-reduce (MAX) of the lists gives every rank the measuring rank's."""
+        return (
+            [1 / self.flops_per_s[d] for d in PROBE_DTYPES]
+            + [self.op_overhead_s, self.autocast_cast_s_per_param]
+            + [
+                x
+                for fit in (self.attention[key] for key in ATTENTION_KEYS)
+                for x in (fit.per_call_s, 1 / fit.flops_per_s)
+            ]
+        )
+
+    @classmethod
+    def from_values(cls, values: list[float]) -> "StepCosts":
+        """The figures ``to_values`` listed."""
+        n = len(PROBE_DTYPES)
+        attention = values[n + 2 :]
+        return cls(
+            {d: 1 / s for d, s in zip(PROBE_DTYPES, values[:n])},
+            values[n],
+            values[n + 1],
+            {key: AttentionFit(attention[2 * i], 1 / attention[2 * i + 1]) for i, key in enumerate(ATTENTION_KEYS)},
+        )
+
+    @classmethod
+    def unmeasured(cls) -> "StepCosts":
+        """A rank's figures where another rank measures: every value 0 in ``to_values``."""
+        return cls(
+            {d: math.inf for d in PROBE_DTYPES}, 0.0, 0.0, {key: AttentionFit(0.0, math.inf) for key in ATTENTION_KEYS}
+        )
 
     def slowed(self, factor: float) -> "StepCosts":
         """The figures when compute runs ``factor`` times slower (every rank computing at once)."""
@@ -72,6 +110,7 @@ class StepCosts:
             {d: f / factor for d, f in self.flops_per_s.items()},
             self.op_overhead_s * factor,
             self.autocast_cast_s_per_param * factor,
+            {key: fit.slowed(factor) for key, fit in self.attention.items()},
         )
 
 
@@ -139,4 +178,36 @@ def measure_step_costs(
         flops_per_s={d: fits[d].bandwidth_Bps for d in PROBE_DTYPES},
         op_overhead_s=fixed["fp32"] / ops,
         autocast_cast_s_per_param=max(0.0, fixed["bf16"] - fixed["fp32"]) / cast_param_count(block),
+        attention=measure_attention(device, time_s, seq=2 * seq),
     )
+
+
+ATTENTION_HEAD_DIM, ATTENTION_HEADS = 64, 4
+
+
+def measure_attention(
+    device: torch.device, time_s: Callable[[Callable[[], None]], float], seq: int, batches: tuple[int, ...] = (1, 4)
+) -> dict[str, AttentionFit]:
+    """Fused causal attention (``scaled_dot_product_attention``) at ``batches`` × ``ATTENTION_HEADS`` heads of
+    ``ATTENTION_HEAD_DIM`` over ``seq`` tokens, forward and backward apart, in each dtype: a line through
+    (FLOPs, seconds) per pass and dtype, whose intercept is the kernel's cost per call. The inputs are in the
+    dtype itself, as a model's projections hand them to attention under autocast."""
+    shapes = {b: (b, ATTENTION_HEADS, seq, ATTENTION_HEAD_DIM) for b in batches}
+    flops = {
+        "fwd": {b: sdpa_flop_count(shape, shape, shape) for b, shape in shapes.items()},
+        "bwd": {b: sdpa_backward_flop_count(shape, shape, shape, shape) for b, shape in shapes.items()},
+    }
+    fits = {}
+    for dtype in PROBE_DTYPES:
+        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        seconds: dict[str, list[float]] = {"fwd": [], "bwd": []}
+        for shape in shapes.values():
+            q, k, v = (torch.randn(shape, device=device, dtype=torch_dtype, requires_grad=True) for _ in range(3))
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            grad = torch.ones_like(out)
+            seconds["fwd"].append(time_s(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
+            seconds["bwd"].append(time_s(lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)))
+        for pass_ in ("fwd", "bwd"):
+            line = fit_latency_bandwidth([flops[pass_][b] for b in batches], seconds[pass_])
+            fits[f"{pass_}/{dtype}"] = AttentionFit(line.latency_s, line.bandwidth_Bps)
+    return fits

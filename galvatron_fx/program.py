@@ -47,6 +47,8 @@ class NodeInfo:
     bwd_flops: int = 0
     fwd_ops: int = 0  # operators dispatched (passes.analysis.annotate.DispatchCounter)
     bwd_ops: int = 0
+    fwd_attention_flops: int = 0  # the part of the FLOPs in fused attention kernels (scaled_dot_product_attention)
+    bwd_attention_flops: int = 0
     saved_bytes: int = 0  # activation bytes autograd saves for backward, first saved by this node
     param_bytes: int = 0  # for get_attr nodes that fetch a parameter
 
@@ -107,6 +109,11 @@ class LayerStats:
     bwd_flops: int = 0
     fwd_ops: int = 0  # operators dispatched forward and backward: per-operator overhead scales with them
     bwd_ops: int = 0
+    # fused attention (scaled_dot_product_attention): its calls and its part of the FLOPs, which run at their own
+    # rate, not the matrix multiplications' (cost.step_probe)
+    attention_calls: int = 0
+    fwd_attention_flops: int = 0
+    bwd_attention_flops: int = 0
     saved_activation_bytes: int = 0
 
 

@@ -159,7 +159,7 @@ def test_the_arrival_skew_grows_with_the_compute_between_collectives():
     profile, mb = grows.model.layer("blk"), 64
     # TP: each of a direction's 2 all-reduces waits for the skew after half of the direction's compute
     tp = S(tp=2, dp=1)
-    fwd, bwd = (grows.compute_s(formula, mb, 2, 1.0) for formula in (profile.fwd, profile.bwd))
+    fwd, bwd = (grows.compute_s(profile, pass_, mb, 2, 1.0) for pass_ in ("fwd", "bwd"))
     assert fwd / 2 > BLOCKING_PROBE_COMPUTE_S and bwd / 2 > BLOCKING_PROBE_COMPUTE_S
     assert grows.layer_cost("blk", tp, mb).fwd_s - flat.layer_cost("blk", tp, mb).fwd_s == pytest.approx(
         2 * 0.1 * (fwd / 2 - BLOCKING_PROBE_COMPUTE_S)
@@ -169,13 +169,13 @@ def test_the_arrival_skew_grows_with_the_compute_between_collectives():
     )
     # ZeRO in place (CPU): the reduce-scatter waits for the skew after the layer's whole backward
     zero3 = S(tp=1, dp=2, dp_type="zero3")
-    bwd = grows.compute_s(profile.bwd, mb / 2, 1, 1.0)
+    bwd = grows.compute_s(profile, "bwd", mb / 2, 1, 1.0)
     assert grows.layer_cost("blk", zero3, mb).grad_sync_s - flat.layer_cost(
         "blk", zero3, mb
     ).grad_sync_s == pytest.approx(0.1 * (bwd - BLOCKING_PROBE_COMPUTE_S))
     # DDP: the ranks meet only at the all-reduce after the step's backward; they drift over all of its compute
     ddp = S(tp=1, dp=2)
-    work = sum(grows.compute_s(formula, mb / 2, 1, 1.0) for formula in (profile.fwd, profile.bwd))
+    work = sum(grows.compute_s(profile, pass_, mb / 2, 1, 1.0) for pass_ in ("fwd", "bwd"))
     assert grows.layer_cost("blk", ddp, mb).bwd_s - flat.layer_cost("blk", ddp, mb).bwd_s == pytest.approx(0.1 * work)
     assert grows.layer_cost("blk", ddp, mb).fwd_s == flat.layer_cost("blk", ddp, mb).fwd_s
 

@@ -1,17 +1,21 @@
 """cost/step_probe.py and the counts the analytic profile prices with it: dispatched operators per layer,
 parameters autocast casts, and how the cost model charges both."""
 
+import dataclasses
+
+import pytest
 import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from galvatron_fx import capture
 from galvatron_fx.cluster import Cluster
+from galvatron_fx.cost.hardware import AttentionFit, HardwareProfile
 from galvatron_fx.cost.model import CostModel
 from galvatron_fx.cost.model_profile import ModelProfile
-from galvatron_fx.cost.step_probe import ProbeBlock, cast_param_count, measure_step_costs
-from galvatron_fx.passes.analysis.annotate import CPU_ATTENTION_FLOPS, DispatchCounter
+from galvatron_fx.cost.step_probe import ProbeBlock, cast_param_count, measure_attention, measure_step_costs
+from galvatron_fx.passes.analysis.annotate import ATTENTION_OPS, CPU_ATTENTION_FLOPS, DispatchCounter
 from galvatron_fx.plan import LayerStrategy
 from tests.tiny_hf import tiny_hf_model
 
@@ -127,3 +131,99 @@ def test_cost_model_charges_operators_whole_per_tp_rank_and_casts_per_shard():
     assert cost.cast_params(part, 2, 4, "ddp") == casts / 2  # a TP rank casts its shard of the weights
     assert cost.cast_params(part, 1, 8, "zero3") == casts / 8  # FSDP2 casts the shard before gathering it
     assert CostModel(profile, hardware, mixed_precision="fp32").cast_s_per_param == 0.0
+
+
+# -- fused attention: counted apart, probed on its own line, priced on it --------------------------------------
+ATTENTION_LINES = {
+    "fwd/fp32": (4e-5, 6e10),
+    "bwd/fp32": (1e-5, 5e10),
+    "fwd/bf16": (3e-5, 9e10),
+    "bwd/bf16": (2e-3, 1e9),
+}
+
+
+class _AttentionCalls(TorchDispatchMode):
+    """Counts the fused attention kernels dispatched under it, by pass, and whether they ran in bf16."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = {"fwd": 0, "bwd": 0}
+        self.bf16 = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in ATTENTION_OPS:
+            self.calls["bwd" if func.__name__.split(".")[0].endswith("_backward") else "fwd"] += 1
+            self.bf16 = self.bf16 or args[0].dtype == torch.bfloat16
+        return func(*args, **(kwargs or {}))
+
+
+def _attention_timer(run) -> float:
+    """What a device whose attention kernels follow ``ATTENTION_LINES`` takes for ``run``."""
+    flops, calls = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS), _AttentionCalls()
+    with flops, calls:
+        run()
+    dtype = "bf16" if calls.bf16 else "fp32"
+    counts = flops.get_flop_counts()["Global"]
+    total = 0.0
+    for pass_, n in calls.calls.items():
+        per_call_s, rate = ATTENTION_LINES[f"{pass_}/{dtype}"]
+        pass_flops = sum(f for op, f in counts.items() if (str(op).endswith("_backward")) == (pass_ == "bwd"))
+        total += n * per_call_s + pass_flops / rate if n else 0.0
+    return total
+
+
+def test_attention_probe_gives_back_each_pass_and_dtype_line():
+    fits = measure_attention(torch.device("cpu"), _attention_timer, seq=16)
+    assert sorted(fits) == sorted(ATTENTION_LINES)
+    for key, (per_call_s, rate) in ATTENTION_LINES.items():
+        assert fits[key].per_call_s == pytest.approx(per_call_s, rel=1e-6, abs=1e-12), key
+        assert fits[key].flops_per_s == pytest.approx(rate, rel=1e-6), key
+
+
+def test_capture_counts_attention_flops_and_calls_apart():
+    model_class, config = tiny_hf_model("gpt2")
+    model = model_class(config)
+    batch, seq = 3, 10  # a head_dim (16) unlike the sequence
+    ids = torch.randint(0, 128, (batch, seq))
+    stats = capture(model, example_kwargs={"input_ids": ids, "labels": ids, "use_cache": False}).body[0].stats
+    heads = config.n_head
+    shape = (batch, heads, seq, config.n_embd // heads)
+    assert stats.attention_calls == 1
+    assert stats.fwd_attention_flops == sdpa_flop_count(shape, shape, shape)
+    assert stats.bwd_attention_flops == sdpa_backward_flop_count(shape, shape, shape, shape)
+    assert stats.fwd_attention_flops < stats.fwd_flops and stats.bwd_attention_flops < stats.bwd_flops
+
+
+def test_cost_model_prices_attention_on_its_own_line_and_only_for_analytic_profiles():
+    model_class, config = tiny_hf_model("gpt2")
+    model = model_class(config)
+    ids = torch.randint(0, 128, (4, 16))
+    program = capture(model, example_kwargs={"input_ids": ids, "labels": ids, "use_cache": False})
+    rate = 1e10
+    profile = ModelProfile.from_program(program, flops_per_s=rate, bf16_activations=False)
+    profile = ModelProfile.from_json_dict(profile.to_json_dict())  # what a saved profile prices
+    hardware = Cluster.preset("A100-80GB", nodes=1).hardware_profile()
+    hardware.flops_per_s = {"fp32": rate, "bf16": 4 * rate}
+    lines = dataclasses.replace(
+        hardware, attention={k: AttentionFit(*v) for k, v in ATTENTION_LINES.items() if k.endswith("bf16")}
+    )
+    lines = HardwareProfile.from_json_dict(lines.to_json_dict())  # the lines survive the file
+    part = profile.layer(profile.layer_types[0])
+    assert part.attention_calls == 1 and profile.priced_flops_per_s == rate
+    for pass_ in ("fwd", "bwd"):
+        per_call_s, attention_rate = ATTENTION_LINES[f"{pass_}/bf16"]
+        for local, tp in ((8, 1), (8, 2), (2, 1)):
+            with_lines, without = (
+                CostModel(profile, hw, mixed_precision="bf16").compute_s(part, pass_, local, tp, 1.0)
+                for hw in (lines, hardware)
+            )
+            flops = getattr(part, f"{pass_}_attention_flops_per_sample") * local / tp  # heads split over tp
+            # the formula priced them at bf16's matmul rate; the line prices them per call and at its own rate
+            expected = per_call_s + flops / attention_rate - flops / (4 * rate)
+            assert with_lines - without == pytest.approx(expected, rel=1e-9), (pass_, local, tp)
+        # fp32 has no line here: priced as before; a measured profile timed attention as it ran
+        assert CostModel(profile, lines).compute_s(part, pass_, 8, 1, 1.0) == CostModel(profile, hardware).compute_s(
+            part, pass_, 8, 1, 1.0
+        )
+        measured = dataclasses.replace(profile, mode="measured")
+        assert CostModel(measured, lines, mixed_precision="bf16").attention_repriced_s(part, pass_, 8) == 0.0

@@ -45,6 +45,30 @@ CPU_ATTENTION_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_attention_backward_flops,
 }
 
+# The fused attention kernels (forward and backward) scaled_dot_product_attention dispatches to, on CPU and GPU:
+# their FLOPs run at a rate of their own (cost.step_probe times it), counted apart.
+ATTENTION_OPS = frozenset(
+    getattr(torch.ops.aten, name)
+    for name in (
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention_for_cpu_backward",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_backward",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_efficient_attention_backward",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_cudnn_attention_backward",
+    )
+    if hasattr(torch.ops.aten, name)
+)
+
+
+def attention_flops(counter: FlopCounterMode) -> int:
+    """The FLOPs ``counter`` has counted in fused attention kernels (``ATTENTION_OPS``)."""
+    counts = counter.get_flop_counts().get("Global", {})
+    return sum(flops for op, flops in counts.items() if op in ATTENTION_OPS)
+
+
 # Assertion ops pin the capture device and carry no cost.
 _SKIPPED_TARGETS = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size"}
 
@@ -65,13 +89,13 @@ class DispatchCounter(TorchDispatchMode):
 
 
 class _Counters:
-    """FLOPs and dispatched operators so far, read together."""
+    """FLOPs, dispatched operators and the FLOPs of fused attention so far, read together."""
 
     def __init__(self, flops: FlopCounterMode, ops: DispatchCounter):
         self.flops, self.ops = flops, ops
 
-    def read(self) -> tuple[int, int]:
-        return self.flops.get_total_flops(), self.ops.count
+    def read(self) -> tuple[int, int, int]:
+        return self.flops.get_total_flops(), self.ops.count, attention_flops(self.flops)
 
 
 class _CostInterpreter(fx.Interpreter):
@@ -109,12 +133,13 @@ class _CostInterpreter(fx.Interpreter):
         if node.op == "call_function" and getattr(node.target, "__name__", "").split(".")[0] in _SKIPPED_TARGETS:
             return None
         self.current = node
-        flops, ops = self.counters.read()
+        flops, ops, attention = self.counters.read()
         result = super().run_node(node)
         info = self.info.setdefault(node, NodeInfo())
-        flops_after, ops_after = self.counters.read()
+        flops_after, ops_after, attention_after = self.counters.read()
         info.fwd_flops += flops_after - flops
         info.fwd_ops += ops_after - ops
+        info.fwd_attention_flops += attention_after - attention
         self._hook_backward(node, result)
         return result
 
@@ -136,14 +161,15 @@ class _CostInterpreter(fx.Interpreter):
                 continue
             self.known_grad_fns.add(grad_fn)  # also keeps the wrapper alive, so identity is stable
             frontier.extend(fn for fn, _ in grad_fn.next_functions)
-            start: list[tuple[int, int]] = []
+            start: list[tuple[int, int, int]] = []
             grad_fn.register_prehook(lambda grads, start=start: start.append(self.counters.read()))
 
             def after(grad_inputs, grad_outputs, node=node, start=start):
-                (flops, ops), (flops_after, ops_after) = start.pop(), self.counters.read()
+                (flops, ops, attention), (flops_after, ops_after, attention_after) = start.pop(), self.counters.read()
                 info = self.info.setdefault(node, NodeInfo())
                 info.bwd_flops += flops_after - flops
                 info.bwd_ops += ops_after - ops
+                info.bwd_attention_flops += attention_after - attention
 
             grad_fn.register_hook(after)
 
@@ -231,5 +257,8 @@ def sum_layer_stats(graph_module: fx.GraphModule, layers: list[Layer]) -> None:
             bwd_flops=sum(i.bwd_flops for i in infos),
             fwd_ops=sum(i.fwd_ops for i in infos),
             bwd_ops=sum(i.bwd_ops for i in infos),
+            attention_calls=sum(1 for i in infos if i.fwd_attention_flops),
+            fwd_attention_flops=sum(i.fwd_attention_flops for i in infos),
+            bwd_attention_flops=sum(i.bwd_attention_flops for i in infos),
             saved_activation_bytes=sum(i.saved_bytes for i in infos),
         )
