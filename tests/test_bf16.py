@@ -1,7 +1,8 @@
 """bf16 mixed precision as it runs and as it is priced, on 2 gloo processes (CPU runs bf16).
 
-GPT-2 trains under DDP, ZeRO-3 and a two-stage 1F1B pipeline with ``mixed_precision="bf16"``; each run is
-compared with single-process eager training under bf16 autocast (SGD: a wrong averaging factor shows),
+GPT-2 trains under DDP, ZeRO-3, a two-stage 1F1B pipeline and TP2 with Megatron-SP with
+``mixed_precision="bf16"``; each run is compared with single-process eager training under bf16 autocast (SGD: a
+wrong averaging factor shows),
 its FSDP2 all-gathers and pipeline messages are recorded (dtype and bytes) and set against what the
 cost model prices, and its measured peak memory against the predicted peak."""
 
@@ -36,6 +37,8 @@ def _plans(layers: int) -> dict[str, Plan]:
         "zero3": uniform(dp=2, dp_type="zero3"),
         "zero3_one_chunk": dataclasses.replace(uniform(dp=2, dp_type="zero3"), chunks=1),
         "pp2": Plan(world_size=WORLD, layers=(LayerStrategy(),) * layers, pp=2, chunks=2, global_batch=BATCH),
+        # Megatron-SP: norms' and biases' gradients are partial sums over the sequence shards, summed per step
+        "tp2_sp": uniform(tp=2, dp=1, sp="megatron"),
     }
 
 
@@ -128,7 +131,7 @@ def _eager_losses() -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("plan", ["ddp", "zero3", "pp2"])
+@pytest.mark.parametrize("plan", ["ddp", "zero3", "pp2", "tp2_sp"])
 def test_bf16_plans_train_like_eager_autocast(plan):
     eager = _eager_losses()
     assert eager[2] < eager[0]  # the first batch again, after two steps
@@ -169,7 +172,7 @@ def test_pipeline_messages_are_bf16_as_priced():
         assert nbytes == pytest.approx(first["pp2"]["priced_message_bytes"], rel=0.01)
 
 
-@pytest.mark.parametrize("plan", ["ddp", "zero3", "zero3_one_chunk", "pp2"])
+@pytest.mark.parametrize("plan", ["ddp", "zero3", "zero3_one_chunk", "pp2", "tp2_sp"])
 def test_bf16_predicted_peak_matches_the_measured_one(plan):
     for rank in _results():
         measured, predicted = rank[plan]["peak"], rank[plan]["predicted_peak"]
