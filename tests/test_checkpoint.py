@@ -19,8 +19,7 @@ import torch.distributed as dist
 import galvatron_fx
 from galvatron_fx.models import build_model, example_batch
 from galvatron_fx.runtime import checkpoint as ckpt
-from galvatron_fx.runtime import checkpoint_files
-from galvatron_fx.runtime import spawn
+from galvatron_fx.runtime import checkpoint_files, spawn
 
 STEPS_BEFORE, STEPS_AFTER = 2, 3
 BATCH, SEQ = 8, 16
