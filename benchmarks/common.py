@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -325,3 +326,20 @@ def command_line() -> str:
         [str(Path(sys.argv[0]).resolve().relative_to(REPO)) if Path(sys.argv[0]).exists() else sys.argv[0]]
         + sys.argv[1:]
     )
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+
+    def ranks(values):
+        values = np.asarray(values, dtype=float)
+        order = values.argsort()
+        r = np.empty(len(values))
+        r[order] = np.arange(len(values))
+        for v in np.unique(values):  # ties share their mean rank
+            r[values == v] = r[values == v].mean()
+        return r
+
+    if len(x) < 2:
+        return float("nan")
+    return float(np.corrcoef(ranks(x), ranks(y))[0, 1])

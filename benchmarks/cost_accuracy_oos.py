@@ -49,11 +49,12 @@ from benchmarks.common import (
     median,
     print_table,
     spawn,
+    spearman,
     time_steps,
     trainer_peak_bytes,
     write_json,
 )
-from benchmarks.cost_accuracy import _profile_hardware, spearman
+from benchmarks.profiles import profile_hardware
 from galvatron_fx.plan import LayerStrategy, Plan
 
 WORLD = 4
@@ -113,7 +114,7 @@ def plans(layers: int, world: int = WORLD) -> list[tuple[str, str, Plan]]:
 # -- profile launch ------------------------------------------------------------------------------------
 def profile_launch(folder: Path, world: int) -> dict:
     path = folder / f"oos_hardware_profile_{world}.json"
-    _profile_hardware(world, path)
+    profile_hardware(world, path)
     return profile_of(path, world)
 
 

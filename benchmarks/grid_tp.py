@@ -46,7 +46,8 @@ from benchmarks.common import (
     print_table,
     write_json,
 )
-from benchmarks.cost_accuracy import GLOBAL_BATCH, compare_row, hardware_profile, measure_in_rounds, model_profile
+from benchmarks.cost_accuracy import GLOBAL_BATCH, compare_row, measure_in_rounds
+from benchmarks.profiles import hardware_profile, model_profile
 from galvatron_fx.plan import LayerStrategy, Plan
 
 MODEL, SHAPE = "gpt2", "bench"

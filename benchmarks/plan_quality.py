@@ -44,8 +44,9 @@ from benchmarks.common import (
     time_steps,
     write_json,
 )
-from benchmarks.cost_accuracy import Trainers, hardware_profile, model_profile, run_plans
+from benchmarks.cost_accuracy import Trainers, run_plans
 from benchmarks.native import STRATEGIES, NativeConfig, NativeRunner
+from benchmarks.profiles import hardware_profile, model_profile
 from galvatron_fx.plan import LayerStrategy, Plan
 
 MODEL = "llama"
@@ -348,7 +349,7 @@ def main(argv=None) -> dict:
 
 def _time_errors(rows: list[dict]) -> dict:
     """Predicted against measured step time over the sweep's plans (each measured once)."""
-    from benchmarks.cost_accuracy import spearman
+    from benchmarks.common import spearman
 
     errors = [r["samples_per_s"] / r["predicted_samples_per_s"] - 1 for r in rows]
     return {

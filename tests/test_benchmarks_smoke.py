@@ -72,8 +72,8 @@ def test_tensor_bytes_counts_shared_storage_once():
 
 
 def test_spearman_and_summary():
-    assert cost_accuracy.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert cost_accuracy.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert common.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert common.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     rows = [
         {"time_error": e, "memory_errors_per_rank": [m], "predicted_s": p, "measured_s": q}
         for e, m, p, q in ((0.1, -0.05, 1, 1.1), (-0.3, 0.2, 2, 1.5), (0.05, 0.0, 3, 3.2))
