@@ -390,11 +390,12 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     folder = Path(args.out)
     models, dtypes = args.models.split(","), args.dtypes.split(",")
+    previous = json.loads(Path(args.predict_only).read_text()) if args.predict_only else None
+    if previous:
+        args.world = previous.get("world", WORLD)
     if args.name is None:  # the 4-process run keeps its historical name
         args.name = "cost_accuracy_oos" if args.world == WORLD else f"cost_accuracy_oos_w{args.world}"
-    if args.predict_only:
-        previous = json.loads(Path(args.predict_only).read_text())
-        args.world = previous.get("world", WORLD)
+    if previous:
         profile, loads = previous["profile"], previous.get("load_during_measurement")
         args.measured_command = previous.get("measured_command") or previous["command"]
         measured = {

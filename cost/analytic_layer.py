@@ -8,7 +8,13 @@ and vocabulary-sized weights).
 from __future__ import annotations
 
 from .layer_type_profile import LayerTypeProfile
-from .memory import DTYPE_BYTES, grad_working_bytes, tp_activation_split
+from .memory import (
+    DTYPE_BYTES,
+    grad_working_bytes,
+    saved_without_weight_casts,
+    tp_activation_parts,
+    tp_activation_split,
+)
 from .time_formula import TimeFormula
 
 MAX_TP = 64
@@ -99,6 +105,21 @@ def bf16_activation_scale(layer, autocast_saved: dict[str, int] | None) -> float
         return None
     casts = layer.stats.param_count * DTYPE_BYTES["bf16"]
     return max(sum(autocast_saved.get(name, 0) for name in layer.node_names) - casts, 1) / fp32
+
+
+def bf16_activation_table(program, layer, autocast_saved: dict[str, int] | None) -> dict[int, int] | None:
+    """TP degree → bytes per sample ``layer`` saves under bf16 autocast (``saved_bytes_under_autocast``), its
+    weights' casts left out, split over a Megatron TP group as ``tp_activation_parts`` splits the fp32 bytes;
+    None where it was not run under autocast."""
+    if autocast_saved is None:
+        return None
+    saved = saved_without_weight_casts(program.graph_module, layer, autocast_saved)
+    replicated, gathered, sharded = tp_activation_parts(program.graph_module, layer, saved)
+    return {tp: int((replicated + gathered + sharded / tp) / program.batch_size) for tp in _tp_degrees()}
+
+
+def _tp_degrees() -> list[int]:
+    return [2**k for k in range(MAX_TP.bit_length())]
 
 
 def tied_param_count(program) -> int:

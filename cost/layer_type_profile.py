@@ -16,6 +16,7 @@ from .time_formula import TimeFormula, eval_seq_terms, fit_seq_terms
 # the figures of a LayerTypeProfile that depend on the sequence length (``by_seq`` keeps them per length)
 SEQ_FIELDS = (
     "activation_bytes_per_sample",
+    "bf16_activation_bytes_per_sample",
     "sp_activation_bytes_per_sample",
     "ckpt_activation_bytes_per_sample",
     "boundary_bytes_per_sample",
@@ -27,6 +28,7 @@ SEQ_FIELDS = (
 )
 _TABLE_FIELDS = (
     "activation_bytes_per_sample",
+    "bf16_activation_bytes_per_sample",
     "sp_activation_bytes_per_sample",
     "grad_working_bytes_per_sample",
 )
@@ -69,6 +71,10 @@ class LayerTypeProfile:
     # bytes a layer saves under bf16 autocast per byte it saves in fp32, its weights' casts not included (the
     # residual stream, norms and softmax stay fp32); None: not in the profile, counted as 0.5
     bf16_activation_scale: float | None = None
+    # TP degree → saved bytes under bf16 autocast, Megatron TP without SP, weights' casts not included: what
+    # stays fp32 (the residual stream, norms) sits mostly outside the TP region and is not split, so the
+    # scale above, taken whole, under-prices a TP rank. None: not in the profile (the scale stands in)
+    bf16_activation_bytes_per_sample: dict[int, int] | None = None
     # parameters bf16 autocast casts at each forward (the weights and biases matrix multiplications read;
     # cast_param_count); 0: not counted (measured profiles, whose times hold the casts where measured in bf16)
     autocast_cast_param_count: int = 0
@@ -107,10 +113,14 @@ class LayerTypeProfile:
                 changes[name] = fitted([(s, fig[name]) for s, fig in points.items() if fig.get(name) is not None])
         return dataclasses.replace(self, **changes, in_place_times={})
 
-    def activation_per_sample(self, tp: int, sequence_sharded: bool) -> float:
+    def activation_per_sample(self, tp: int, sequence_sharded: bool, autocast: bool = False) -> float:
         """Saved bytes per sample on one of ``tp`` ranks; ``sequence_sharded`` with Megatron-SP or Ulysses, which
         split every value (Megatron-SP's projections save their all-gathered inputs as the sequence shards they
-        were gathered from: ``passes/lower/ops/regather.py``)."""
+        were gathered from: ``passes/lower/ops/regather.py``); ``autocast``: under bf16 autocast, from
+        ``bf16_activation_bytes_per_sample`` (which must be present)."""
+        if autocast:
+            table = self.bf16_activation_bytes_per_sample
+            return self._lookup(table, 1) / tp if sequence_sharded else self._lookup(table, tp)
         table = (
             self.sp_activation_bytes_per_sample if sequence_sharded and self.sp_activation_bytes_per_sample else None
         )
@@ -172,6 +182,15 @@ class LayerTypeProfile:
             },
             "lowering_obstacles": dict(self.lowering_obstacles),
             **({"bf16_activation_scale": self.bf16_activation_scale} if self.bf16_activation_scale else {}),
+            **(
+                {
+                    "bf16_activation_bytes_per_sample": {
+                        str(k): v for k, v in self.bf16_activation_bytes_per_sample.items()
+                    }
+                }
+                if self.bf16_activation_bytes_per_sample
+                else {}
+            ),
             **({"autocast_cast_param_count": self.autocast_cast_param_count} if self.autocast_cast_param_count else {}),
             **(
                 {"by_seq": {str(s): _figures_to_json(fig) for s, fig in sorted(self.by_seq.items())}}
@@ -214,9 +233,18 @@ class LayerTypeProfile:
             },
             lowering_obstacles={str(k): str(v) for k, v in (data.get("lowering_obstacles") or {}).items()},
             bf16_activation_scale=_fraction(data.get("bf16_activation_scale")),
+            bf16_activation_bytes_per_sample=(
+                {int(k): int(v) for k, v in bf16.items()}
+                if (bf16 := data.get("bf16_activation_bytes_per_sample"))
+                else None
+            ),
             autocast_cast_param_count=int(data.get("autocast_cast_param_count", 0)),
             by_seq={int(s): _figures_from_json(fig) for s, fig in (data.get("by_seq") or {}).items()},
         )
+
+
+def _table(value: Any) -> dict[int, int] | None:
+    return {int(k): int(v) for k, v in value.items()} if value else None
 
 
 def _fraction(value: Any) -> float | None:

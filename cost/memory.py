@@ -28,9 +28,10 @@ it frees on the way; the cost model adds it to the layer's transient.
 
 Activations: ``tp_activation_parts`` walks a layer's nodes and marks which saved tensors a Megatron
 lowering would shard over the TP group — everything computed from a column-parallel projection's output
-until a row-parallel projection brings the result back to a replicated tensor — and which are the
-column-parallel projections' own inputs, which Megatron-SP all-gathers and keeps whole. TP lowering is a later
-step: this is the analytic scaling the cost model uses until measured per-TP activations exist.
+until a row-parallel projection brings the result back to a replicated tensor, the row-parallel projection's
+saved input included — and which are the column-parallel projections' own inputs, whole under Megatron TP and
+kept as sequence shards under Megatron-SP. TP lowering is a later step: this is the analytic scaling the cost
+model uses until measured per-TP activations exist.
 """
 
 from __future__ import annotations
@@ -172,15 +173,19 @@ def _tp_sharded_nodes(graph_module: fx.GraphModule, layer: Layer) -> set[str]:
     return sharded
 
 
-def tp_activation_parts(graph_module: fx.GraphModule, layer: Layer) -> tuple[int, int, int]:
-    """(replicated, gathered, TP-sharded) saved-activation bytes of ``layer`` for the Program's example batch.
+def tp_activation_parts(
+    graph_module: fx.GraphModule, layer: Layer, saved_bytes: dict[str, int] | None = None
+) -> tuple[int, int, int]:
+    """(replicated, gathered, TP-sharded) saved-activation bytes of ``layer`` for the Program's example batch;
+    ``saved_bytes``: node name → the bytes it saves, where not the annotation's (a run under autocast).
 
-    ``gathered``: the inputs the column-parallel projections save for their weight gradients. Autograd
-    attributes a saved tensor to the op that saves it, so these bytes sit on the projection's node, whose
-    own output is sharded, but the tensor itself is the projection's replicated input; under Megatron-SP it
-    is the all-gathered full-sequence input, which the lowered runtime keeps from forward to backward (it
-    does not gather again in backward as Megatron does). The other values outside the TP region are
-    ``replicated`` (sequence-sharded under Megatron-SP).
+    Autograd attributes a saved tensor to the op that saves it, and a projection saves its input, whose
+    layout is not its output's: a column-parallel projection (replicated input, sharded output) saves a
+    replicated value — ``gathered``: whole under Megatron TP; under Megatron-SP the all-gathered input, which
+    the lowered runtime keeps as the sequence shard it was gathered from (passes/lower/ops/regather.py) — and a
+    row-parallel one (sharded input, replicated output after the all-reduce) saves a sharded value. Any other
+    op's saved bytes follow its output's layout: ``replicated`` outside the TP region (sequence-sharded under
+    Megatron-SP), sharded inside it.
 
     Requires node annotations (``node_meta(node).info``: ``saved_bytes``, shape, dtype) on ``graph_module``,
     the flat graph; which values are sharded follows ``_tp_sharded_nodes``.
@@ -191,26 +196,49 @@ def tp_activation_parts(graph_module: fx.GraphModule, layer: Layer) -> tuple[int
     for name in layer.node_names:
         node = nodes[name]
         info = node_meta(node).info
-        saved = info.saved_bytes if info is not None else 0
-        if name not in sharded:
-            replicated_bytes += saved
-            continue
-        gathered = 0
+        saved = saved_bytes.get(name, 0) if saved_bytes is not None else info.saved_bytes if info is not None else 0
         if node.target in _LINEAR_OPS and _is_param_projection(graph_module, node):
-            inputs = [n for n in node.all_input_nodes if n.op != "get_attr" and n.name not in sharded]
-            gathered = min(saved, sum(_value_bytes(n) for n in inputs))
-        gathered_bytes += gathered
-        sharded_bytes += saved - gathered
+            inputs = [n for n in node.all_input_nodes if n.op != "get_attr"]
+            whole_inputs = sum(_value_bytes(n) for n in inputs if n.name not in sharded)
+            gathered = min(saved, whole_inputs)
+            gathered_bytes += gathered
+            sharded_bytes += saved - gathered
+        elif name in sharded:
+            sharded_bytes += saved
+        else:
+            replicated_bytes += saved
     return replicated_bytes, gathered_bytes, sharded_bytes
 
 
 def tp_activation_split(graph_module: fx.GraphModule, layer: Layer) -> tuple[int, int]:
-    """(replicated, TP-sharded) saved-activation bytes of ``layer`` under Megatron TP without SP, the
-    column-parallel projections' saved inputs counted with the sharded values, as autograd attributes them
-    (``tp_activation_parts``). Counting them whole instead over-predicts the lowered runtime: under the fake
-    process group a tp8 LLaMA layer keeps 34.9 MiB a micro-batch, this split gives 33.8, whole inputs 40.8."""
+    """(replicated, TP-sharded) saved-activation bytes of ``layer`` under Megatron TP without SP: the
+    column-parallel projections' saved inputs are whole on every rank (``tp_activation_parts``). Under the fake
+    process group a BERT layer at tp4 (fp32, 8 samples) keeps 449 KiB a sample, as this split gives; before, a
+    row-parallel projection's saved input counted as replicated and a column-parallel one's as sharded: 545."""
     replicated, gathered, sharded = tp_activation_parts(graph_module, layer)
-    return replicated, gathered + sharded
+    return replicated + gathered, sharded
+
+
+def saved_without_weight_casts(
+    graph_module: fx.GraphModule, layer: Layer, saved_bytes: dict[str, int]
+) -> dict[str, int]:
+    """``saved_bytes`` (node → bytes it saves under bf16 autocast) less the bf16 casts of the weights the layer's
+    projections save with their inputs, each weight once (autocast casts it once per forward), which the cost
+    model counts apart (``CostModel.autocast_cast_bytes``)."""
+    out, cast = {}, set()
+    for node in graph_module.graph.nodes:
+        if node.name not in layer.node_names:
+            continue
+        weights = [
+            n
+            for n in node.all_input_nodes
+            if node.target in _LINEAR_OPS and _is_param(graph_module, n) and n.target not in cast
+        ]
+        cast.update(n.target for n in weights)
+        matrices = [graph_module.get_parameter(n.target) for n in weights]
+        casts = sum(w.numel() for w in matrices if w.dim() >= 2)  # a bias's cast is not saved
+        out[node.name] = max(0, saved_bytes.get(node.name, 0) - casts * DTYPE_BYTES["bf16"])
+    return out
 
 
 def _is_param_projection(graph_module: fx.GraphModule, node: fx.Node) -> bool:

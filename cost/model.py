@@ -228,8 +228,7 @@ class CostModel:
         bwd_s = own[1] + visible_s(self, gather_s, bwd_compute, strategy.dp_type) + ddp_drift_s(self, strategy, own)
         if strategy.ckpt:
             bwd_s += own[0]
-        scale = self.kept_activation_scale(profile, strategy.dp, strategy.dp_type)
-        full_activation = profile.activation_per_sample(strategy.tp, sharded_seq) * local * scale
+        full_activation = self.kept_activation_per_sample(profile, strategy, sharded_seq) * local
         if strategy.ckpt:
             kept = (
                 profile.ckpt_activation_bytes_per_sample
@@ -242,6 +241,7 @@ class CostModel:
         # autocast's weight casts: saved for backward by a layer that is not checkpointed; a checkpointed one
         # keeps only its inputs and makes the casts again when it recomputes (docs/memory-7b.md)
         cast = self.autocast_cast_bytes(params, strategy.dp, strategy.dp_type)
+        scale = self.kept_activation_scale(profile, strategy.dp, strategy.dp_type)
         working = profile.grad_working_per_sample(strategy.tp, sharded_seq) * local * scale
         if strategy.ckpt:
             peak_extra = transient_bytes + working + full_activation + cast
@@ -265,6 +265,19 @@ class CostModel:
             largest,
             deferred_sync,
         )
+
+    def kept_activation_per_sample(
+        self, profile: LayerTypeProfile, strategy: LayerStrategy, sharded_seq: bool
+    ) -> float:
+        """Bytes per sample a layer keeps for backward on one of its ``strategy.tp`` ranks at the training dtype:
+        under bf16 autocast on fp32 weights, the profile's autocast table where it has one (what stays fp32 is
+        mostly replicated over the TP group, so one scale for every degree under-prices a TP rank)."""
+        zero = strategy.dp > 1 and strategy.dp_type != "ddp"
+        autocast = self.mixed_precision == "bf16" and self.model.dtype == "fp32" and not zero
+        if autocast and profile.bf16_activation_bytes_per_sample:
+            return profile.activation_per_sample(strategy.tp, sharded_seq, autocast=True)
+        scale = self.kept_activation_scale(profile, strategy.dp, strategy.dp_type)
+        return profile.activation_per_sample(strategy.tp, sharded_seq) * scale
 
     def kept_activation_scale(self, profile: LayerTypeProfile, dp: int, dp_type: str) -> float:
         """Bytes a layer keeps for backward at the training dtype per byte its profile counts. Under bf16

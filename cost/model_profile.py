@@ -42,6 +42,7 @@ from galvatron_fx.passes.analysis.annotate import saved_bytes_under_autocast
 from .analytic_layer import (
     batched_bytes,
     bf16_activation_scale,
+    bf16_activation_table,
     infer_num_heads,
     infer_seq_hidden,
     layer_type_profile,
@@ -213,6 +214,7 @@ class ModelProfile:
                 types[layer.layer_type] = dataclasses.replace(
                     layer_type_profile(program, layer, flops_per_s, heads, op_overhead_s=op_overhead_s),
                     bf16_activation_scale=bf16_activation_scale(layer, autocast_saved),
+                    bf16_activation_bytes_per_sample=bf16_activation_table(program, layer, autocast_saved),
                 )
         seq, hidden = infer_seq_hidden(program)
         return cls(
