@@ -17,7 +17,7 @@ from .memory import (
 )
 from .time_formula import TimeFormula
 
-MAX_TP = 64
+TP_DEGREES = (1, 2, 4, 8, 16, 32, 64)  # the degrees a profile's tables hold
 
 
 def batched_bytes(specs) -> int:
@@ -32,12 +32,8 @@ def layer_type_profile(
     batch = program.batch_size
     stats = layer.stats
     replicated, sharded = tp_activation_split(program.graph_module, layer)
-    per_tp, working = {}, {}
-    tp = 1
-    while tp <= MAX_TP:
-        per_tp[tp] = int((replicated + sharded / tp) / batch)
-        working[tp] = grad_working_bytes(program.graph_module, layer, tp) // batch
-        tp *= 2
+    per_tp = {tp: int((replicated + sharded / tp) / batch) for tp in TP_DEGREES}
+    working = {tp: grad_working_bytes(program.graph_module, layer, tp) // batch for tp in TP_DEGREES}
     outputs = [
         spec
         for spec in layer.boundary_out
@@ -115,11 +111,7 @@ def bf16_activation_table(program, layer, autocast_saved: dict[str, int] | None)
         return None
     saved = saved_without_weight_casts(program.graph_module, layer, autocast_saved)
     replicated, gathered, sharded = tp_activation_parts(program.graph_module, layer, saved)
-    return {tp: int((replicated + gathered + sharded / tp) / program.batch_size) for tp in _tp_degrees()}
-
-
-def _tp_degrees() -> list[int]:
-    return [2**k for k in range(MAX_TP.bit_length())]
+    return {tp: int((replicated + gathered + sharded / tp) / program.batch_size) for tp in TP_DEGREES}
 
 
 def tied_param_count(program) -> int:

@@ -225,9 +225,9 @@ def saved_without_weight_casts(
     """``saved_bytes`` (node → bytes it saves under bf16 autocast) less the bf16 casts of the weights the layer's
     projections save with their inputs, each weight once (autocast casts it once per forward), which the cost
     model counts apart (``CostModel.autocast_cast_bytes``)."""
-    out, cast = {}, set()
+    out, cast, own = {}, set(), set(layer.node_names)
     for node in graph_module.graph.nodes:
-        if node.name not in layer.node_names:
+        if node.name not in own:
             continue
         weights = [
             n
