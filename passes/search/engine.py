@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -47,44 +46,13 @@ from galvatron_fx.passes.search.bounds import RestBound, StageBound, division_bo
 from galvatron_fx.passes.search.cost_contract import CostContract
 from galvatron_fx.passes.search.front import build_cost_table, folded, subset
 from galvatron_fx.passes.search.seed_plan import seed_plan
+from galvatron_fx.passes.search.setting import Setting
 from galvatron_fx.passes.search.space import SearchSpace
 from galvatron_fx.passes.search.stage_solver import EmbeddingPart, StageSolver
 from galvatron_fx.plan import Plan
 from galvatron_fx.units import format_bytes, parse_bytes
 
 Progress = Callable[[int, int, float], None]  # (settings done, settings total, best samples/s so far)
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One point of the outer search: ``pp`` stages of ``devices`` devices, ``chunks`` micro-batches of the
-    global batch under ``pipeline``, the micro-batches each stage holds in flight (``cost.memory.InFlight``),
-    and the dp type every layer that is not ZeRO-3 shares (Galvatron's ``default_dp_type``); ``upper_bound``:
-    samples/s no plan of this setting exceeds (0 until computed)."""
-
-    upper_bound: float
-    pp: int
-    devices: int
-    global_batch: int
-    chunks: int
-    pipeline: str
-    in_flight: tuple[InFlight, ...]
-    dp_mode: str
-    sync_every_micro_batch: bool = False  # Plan.grad_sync_every_micro_batch
-
-    @property
-    def syncs(self) -> int:
-        """Gradient synchronisations per step."""
-        return self.chunks if self.sync_every_micro_batch else 1
-
-    @property
-    def defers_grad_sync(self) -> bool:
-        """``Plan.defers_grad_sync`` of the setting's plans."""
-        return self.syncs == 1 and self.chunks > 1
-
-    @property
-    def micro_batch(self) -> int:
-        return self.global_batch // self.chunks
 
 
 def search(

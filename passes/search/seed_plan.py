@@ -59,7 +59,7 @@ def _stage_candidates(engine, table, a: int, b: int, in_flight, micro_batch: int
 
 
 def seed_plan(engine, table, solver, setting, embeddings, parts_of):
-    """The best seeded plan of ``setting`` (``search.engine.Setting``) over ``embeddings`` (``parts_of(e)`` gives
+    """The best seeded plan of ``setting`` (``search.setting.Setting``) over ``embeddings`` (``parts_of(e)`` gives
     its per-stage parts), or None."""
     pp, c, in_flight = setting.pp, setting.chunks, setting.in_flight
     L = len(engine.types)
