@@ -16,16 +16,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from galvatron_fx.cost.memory import InFlight, model_state_bytes
+from galvatron_fx.cost.memory import InFlight
 from galvatron_fx.plan import EmbeddingStrategy, LayerStrategy, Plan
 from galvatron_fx.program import BLOCK, EPILOGUE, PROLOGUE, TRANSITION, Layer, Program
 
 from .collectives import Collective, embedding_collectives, layer_collectives, redistribution_op
+from .layer_costs import NOMINAL_FLOPS_PER_S as NOMINAL_FLOPS_PER_S  # also importable from here, as before
+from .layer_costs import annotated_cost, batched_bytes, priced_cost
 from .schedule import ScheduleOp, makespan_s, simulate_schedule
 
 # Tableau 10: distinct hues that stay apart for colour-blind readers and on grey backgrounds
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
-NOMINAL_FLOPS_PER_S = 1e12
 SOURCE_COST_MODEL, SOURCE_PLAN, SOURCE_ANNOTATIONS = "cost model", "plan prediction", "annotations"
 
 
@@ -153,10 +154,6 @@ def strategy_label(strategy: LayerStrategy | EmbeddingStrategy, devices: int) ->
     )
 
 
-def _batched_bytes(specs, scale: float) -> int:
-    return int(sum(spec.nbytes * (scale if spec.batched else 1) for spec in specs))
-
-
 def _hidden_bytes(layer: Layer, scale: float) -> int:
     """The hidden state TP collectives move: the layer's largest batched floating-point output."""
     outputs = [
@@ -230,9 +227,9 @@ def build_layer_graph(
                 hardware=hardware,
             )
         cost = (
-            _layer_cost(cost_model, plan, layer, bi, strategy, stage)
+            priced_cost(cost_model, plan, layer, bi, strategy)
             if cost_model
-            else _annotated_cost(layer, strategy, scale, devices)
+            else annotated_cost(layer, strategy, scale, devices)
         )
         nodes.append(
             LayerNode(
@@ -250,7 +247,7 @@ def build_layer_graph(
                 fwd_flops=int(layer.stats.fwd_flops * scale),
                 bwd_flops=int(layer.stats.bwd_flops * scale),
                 saved_activation_bytes=int(layer.stats.saved_activation_bytes * scale),
-                boundary_bytes=_batched_bytes(layer.boundary_out, scale),
+                boundary_bytes=batched_bytes(layer.boundary_out, scale),
                 inputs=tuple(layer.input_names),
                 outputs=tuple(layer.output_names),
                 producers=tuple(
@@ -299,66 +296,13 @@ def build_layer_graph(
     )
 
 
-def _layer_cost(cost_model, plan: Plan, layer: Layer, bi: int | None, strategy, stage: int) -> dict:
-    share = cost_model.busy_share(plan.pp, plan.chunks)
-    if bi is not None:
-        cost = cost_model.layer_cost(
-            cost_model.layer_types[bi], strategy, plan.micro_batch, share, plan.defers_grad_sync
-        )
-    else:
-        first = layer.kind == PROLOGUE
-        cost = cost_model.embedding_cost(
-            strategy,
-            plan.devices_per_stage,
-            plan.micro_batch,
-            first_stage=first,
-            last_stage=not first,
-            busy_share=share,
-            deferred_sync=plan.defers_grad_sync,
-        )
-    sync = cost.grad_sync_s * (plan.chunks if plan.grad_sync_every_micro_batch else 1)
-    return dict(
-        fwd_s=cost.fwd_s,
-        bwd_s=cost.bwd_s,
-        grad_sync_s=sync,
-        model_state_bytes=int(cost.model_state_bytes),
-        activation_bytes=int(cost.activation_bytes),
-        peak_extra_bytes=int(cost.peak_extra_bytes),
-    )
-
-
-def _annotated_cost(layer: Layer, strategy, scale: float, devices: int) -> dict:
-    """Memory from the annotations (fp32 Adam states, sharded as the strategy says); times as FLOPs at the
-    nominal rate, rescaled later to the plan's predicted iteration time when it has one."""
-    if isinstance(strategy, LayerStrategy):
-        tp, dp, dp_type, ckpt = strategy.tp, strategy.dp, strategy.dp_type, strategy.ckpt
-        params = layer.stats.param_count / (1 if strategy.sp == "ulysses" else tp)
-    else:
-        tp, ckpt = strategy.vtp, False
-        dp, dp_type = max(devices // tp, 1), "zero3" if strategy.embed_sdp else "ddp"
-        params = layer.stats.param_count / tp
-    per_device = scale / (tp * dp)
-    fwd_s = layer.stats.fwd_flops * per_device / NOMINAL_FLOPS_PER_S
-    bwd_s = layer.stats.bwd_flops * per_device / NOMINAL_FLOPS_PER_S + (fwd_s if ckpt else 0.0)
-    saved = layer.stats.saved_activation_bytes * per_device
-    kept = _batched_bytes(layer.inputs, scale / dp) if ckpt else saved
-    return dict(
-        fwd_s=fwd_s,
-        bwd_s=bwd_s,
-        grad_sync_s=0.0,
-        model_state_bytes=model_state_bytes(params, dp, dp_type, "fp32"),
-        activation_bytes=int(kept),
-        peak_extra_bytes=int(saved if ckpt else 0),
-    )
-
-
 def _boundaries(program: Program, plan: Plan, cost_model, nodes: list[LayerNode], scale: float):
     """Redistributions inside stages and send/recv at stage cuts, between consecutive body layers."""
     body = program.body
     redistributions, transfers = [], []
     for bi in range(len(body)):
         stage = plan.stage_of_layer(bi)
-        cut_bytes = _batched_bytes([s for s in body[bi].boundary_out if s.batched], scale)
+        cut_bytes = batched_bytes([s for s in body[bi].boundary_out if s.batched], scale)
         if bi + 1 < len(body) and plan.stage_of_layer(bi + 1) == stage:
             before, after = plan.layers[bi], plan.layers[bi + 1]
             op = redistribution_op(before, after)
