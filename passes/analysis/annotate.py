@@ -65,8 +65,8 @@ ATTENTION_OPS = frozenset(
 
 def attention_flops(counter: FlopCounterMode) -> int:
     """The FLOPs ``counter`` has counted in fused attention kernels (``ATTENTION_OPS``)."""
-    counts = counter.get_flop_counts().get("Global", {})
-    return sum(flops for op, flops in counts.items() if op in ATTENTION_OPS)
+    counts = counter.flop_counts.get("Global", {})  # read in place: get_flop_counts copies every module's table
+    return sum(counts.get(op, 0) for op in ATTENTION_OPS)
 
 
 # Assertion ops pin the capture device and carry no cost.
