@@ -4,15 +4,16 @@
 counts, TP degrees and batch sizes as the plans it predicts. Here nothing the prediction uses saw the
 plans, their models or their batch size:
 
-1. *Profile launch* (first, once): ``galvatron-fx profile-hardware`` on 4 processes: collectives, p2p,
-   overlap, Adam step, compute slowdown, and its step probe (cost/step_probe.py: a Transformer block that
-   is none of the models, trained at several batch sizes on rank 0 alone, fp32 and bf16 autocast, its
-   figures scaled by the measured compute slowdown of all ranks at once), which gives the marginal throughput
-   per dtype, the time per dispatched operator and per parameter that autocast casts. No model is
+1. *Profile launch* (first, once): ``galvatron-fx profile-hardware`` on 4 processes (2 with ``--world 2``):
+   collectives, p2p, overlap, Adam step, compute slowdown, and its step probe (cost/step_probe.py: a
+   Transformer block that is none of the models, trained at several batch sizes on rank 0 alone, fp32 and bf16
+   autocast, its figures scaled by the measured compute slowdown of all ranks at once), which gives the
+   marginal throughput per dtype, the time per dispatched operator and per parameter that autocast casts, and
+   fused attention's own line per pass and dtype. No model is
    profiled: the models predicted are priced with the *analytic* profile of their own capture
    (``ModelProfile.from_program``: FLOPs, dispatched operators, cast parameters and graph memory) at those
    figures, as ``compile(profile="analytic", hardware_profile=...)`` prices them.
-2. *Measurement launches*: LLaMA and BERT, 4 processes, global batch 8 (not 4), fp32 and bf16
+2. *Measurement launches*: LLaMA and BERT, as many processes, global batch 8 (not 4), fp32 and bf16
    (autocast), one launch per model, dtype and round with its plans in turn (every other round reversed);
    the slowest rank's median step.
    Peak memory per rank with ``benchmarks.common.trainer_peak_bytes`` in the first round.
@@ -20,7 +21,8 @@ plans, their models or their batch size:
    |time error|, Spearman of predicted and measured time, memory error per rank. The stored
    ``plan_quality_w4.json`` (LLaMA at 4 processes priced from stored profiles) is summarised alongside.
 
-    python benchmarks/cost_accuracy_oos.py                   # profile, then measure (about 20 minutes)
+    python benchmarks/cost_accuracy_oos.py                   # profile, then measure (about 11 minutes)
+    python benchmarks/cost_accuracy_oos.py --world 2         # the same on 2 processes, one per core (about 6)
     python benchmarks/cost_accuracy_oos.py --predict-only benchmarks/results/cost_accuracy_oos.json
 """
 
