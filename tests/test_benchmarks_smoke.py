@@ -93,6 +93,20 @@ def test_cost_accuracy_plans_cover_the_strategies():
     assert any(len(set(p.layers)) > 1 for p in plans) and any(len(set(p.pp_division)) > 1 for p in plans)
 
 
+def test_out_of_sample_plans_cover_every_kind_at_both_world_sizes():
+    from benchmarks.cost_accuracy_oos import plans
+
+    for world in (2, 4):
+        cases = plans(4, world)
+        names = [name for name, _, _ in cases]
+        assert len(names) == len(set(names)), names
+        assert {kind for _, kind, _ in cases} == {"DP", "ZeRO-2", "ZeRO-3", "TP", "TP+SP", "PP", "mixed"}
+        for _, _, plan in cases:
+            assert plan.world_size == world and all(s.tp * s.dp * plan.pp == world for s in plan.layers)
+    # the 4-process names are those of the stored results (--predict-only finds their measurements by name)
+    assert {"dp4", "tp2-dp2", "tp4-sp", "pp4-gpipe-c4", "pp2-mixed-c2"} <= {name for name, _, _ in plans(4)}
+
+
 def test_paired_ratio_compares_each_round_within_itself():
     # the machine slows down between the two sides of round 2: pooled medians read 1.5, the rounds 1.0
     ours = [[100, 100, 100, 100, 150, 150, 150, 150, 150, 150], [90] * 10]  # rank 0 is the slowest
