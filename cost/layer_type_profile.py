@@ -201,8 +201,6 @@ class LayerTypeProfile:
 
     @classmethod
     def from_json_dict(cls, data: dict[str, Any]) -> "LayerTypeProfile":
-        sp = data.get("sp_activation_bytes_per_sample")
-        working = data.get("grad_working_bytes_per_sample")
         activation = {int(k): int(v) for k, v in data["activation_bytes_per_sample"].items()}
         if 1 not in activation:
             raise ValueError("activation_bytes_per_sample has no entry for tp 1")
@@ -217,13 +215,13 @@ class LayerTypeProfile:
             num_heads=int(data.get("num_heads", 0)),
             vocab_param_count=int(data.get("vocab_param_count", 0)),
             largest_param_count=int(data.get("largest_param_count", 0)),
-            sp_activation_bytes_per_sample={int(k): int(v) for k, v in sp.items()} if sp else None,
+            sp_activation_bytes_per_sample=_table(data.get("sp_activation_bytes_per_sample")),
             fwd_flops_per_sample=int(data.get("fwd_flops_per_sample", 0)),
             bwd_flops_per_sample=int(data.get("bwd_flops_per_sample", 0)),
             attention_calls=int(data.get("attention_calls", 0)),
             fwd_attention_flops_per_sample=int(data.get("fwd_attention_flops_per_sample", 0)),
             bwd_attention_flops_per_sample=int(data.get("bwd_attention_flops_per_sample", 0)),
-            grad_working_bytes_per_sample={int(k): int(v) for k, v in working.items()} if working else None,
+            grad_working_bytes_per_sample=_table(data.get("grad_working_bytes_per_sample")),
             in_place_times={
                 int(world): {
                     int(tp): (TimeFormula.from_json(times["fwd"]), TimeFormula.from_json(times["bwd"]))
@@ -233,17 +231,14 @@ class LayerTypeProfile:
             },
             lowering_obstacles={str(k): str(v) for k, v in (data.get("lowering_obstacles") or {}).items()},
             bf16_activation_scale=_fraction(data.get("bf16_activation_scale")),
-            bf16_activation_bytes_per_sample=(
-                {int(k): int(v) for k, v in bf16.items()}
-                if (bf16 := data.get("bf16_activation_bytes_per_sample"))
-                else None
-            ),
+            bf16_activation_bytes_per_sample=_table(data.get("bf16_activation_bytes_per_sample")),
             autocast_cast_param_count=int(data.get("autocast_cast_param_count", 0)),
             by_seq={int(s): _figures_from_json(fig) for s, fig in (data.get("by_seq") or {}).items()},
         )
 
 
 def _table(value: Any) -> dict[int, int] | None:
+    """A JSON table by TP degree (string keys) as ints; None where absent or empty."""
     return {int(k): int(v) for k, v in value.items()} if value else None
 
 
