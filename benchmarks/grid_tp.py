@@ -5,7 +5,7 @@ predictions, and offline searches that show where the search picks each mode.
 both), global batch 8, fp32, every body layer under one strategy: on 4 processes tp4 1D and tp4 2D, on 8
 processes tp8 1D, tp8 2.5D (q = 2, depth 2) and tp8 3D (q = 2), with pure data parallelism of each world as a
 reference. Every plan of every world is trained in alternating rounds of fresh launches
-(``cost_accuracy.measure_in_rounds``) and priced by ``CostModel.evaluate`` from the measured hardware profile of
+(``measure_plans.measure_in_rounds``) and priced by ``CostModel.evaluate`` from the measured hardware profile of
 its world (benchmarks/results/hardware_profile_{world}.json, made with profile-hardware where missing) and the
 stored GPT-2 model profile. Per plan: median step time (the slowest rank), predicted time, peak memory per rank
 measured and predicted, and the speed relative to the 1D plan of the same world, measured and predicted.
@@ -46,7 +46,8 @@ from benchmarks.common import (
     print_table,
     write_json,
 )
-from benchmarks.cost_accuracy import GLOBAL_BATCH, compare_row, measure_in_rounds
+from benchmarks.cost_accuracy import compare_row
+from benchmarks.measure_plans import GLOBAL_BATCH, measure_in_rounds
 from benchmarks.profiles import hardware_profile, model_profile
 from galvatron_fx.plan import LayerStrategy, Plan
 

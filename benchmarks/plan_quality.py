@@ -44,7 +44,7 @@ from benchmarks.common import (
     time_steps,
     write_json,
 )
-from benchmarks.cost_accuracy import Trainers, run_plans
+from benchmarks.measure_plans import Trainers, run_plans
 from benchmarks.native import STRATEGIES, NativeConfig, NativeRunner
 from benchmarks.profiles import hardware_profile, model_profile
 from galvatron_fx.plan import LayerStrategy, Plan
@@ -137,7 +137,7 @@ def measure(
     chunks_pp: int,
     measure_memory: bool = True,
 ) -> dict:
-    """Spawned worker: our plans (cost_accuracy.run_plans), then the native runners."""
+    """Spawned worker: our plans (measure_plans.run_plans), then the native runners."""
     from galvatron_fx.runtime import groups
 
     ours = run_plans(rank, world, MODEL, shape, cases, warmup, repeats, global_batch, measure_memory)

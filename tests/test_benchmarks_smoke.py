@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import common, cost_accuracy, plan_quality, runtime_overhead  # noqa: E402
+from benchmarks import common, cost_accuracy, measure_plans, plan_quality, runtime_overhead  # noqa: E402
 from galvatron_fx.plan import LayerStrategy, Plan  # noqa: E402
 
 MiB = 2**20
@@ -136,9 +136,9 @@ def test_measuring_in_rounds_alternates_the_order_and_pools_step_times(monkeypat
             for rank in range(world)
         ]
 
-    monkeypatch.setattr(cost_accuracy, "spawn", fake_spawn)
+    monkeypatch.setattr(measure_plans, "spawn", fake_spawn)
     by_world = {w: cost_accuracy.plans(w, 4, "gpt2")[:2] for w in (2, 4)}
-    measured = cost_accuracy.measure_in_rounds("gpt2", "tiny", by_world, 1, 1, rounds=3)
+    measured = measure_plans.measure_in_rounds("gpt2", "tiny", by_world, 1, 1, rounds=3)
     first = [(w, name) for w, cases in by_world.items() for name, _ in cases]
     assert [(w, n) for w, n, _ in launched] == first + first[::-1] + first  # every other round reversed
     assert [m for *_, m in launched] == [True] * 4 + [False] * 8  # memory in the first round only
@@ -173,7 +173,7 @@ def _workers(rank: int, world: int) -> dict:
     hetero = Plan(
         world_size=2, layers=(LayerStrategy(dp=2, dp_type="zero3", ckpt=True), LayerStrategy(tp=2)), global_batch=8
     )
-    ours = cost_accuracy.run_plans(rank, world, "gpt2", "tiny", [("hetero", hetero)], 1, 1)
+    ours = measure_plans.run_plans(rank, world, "gpt2", "tiny", [("hetero", hetero)], 1, 1)
     compared = runtime_overhead.compare(rank, world, "tiny", ["ddp", "pp"], 2, 1, 1, 1)
     ddp = Plan(world_size=2, layers=(LayerStrategy(dp=2),) * 2, global_batch=8)
     side = plan_quality.side_by_side(rank, world, "tiny", [("searched", hetero), ("best", ddp)], "ddp", 8, 1, 1, 2, 4)
