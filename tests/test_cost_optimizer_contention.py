@@ -6,7 +6,7 @@ import dataclasses
 import json
 
 import pytest
-from test_cost_model import synthetic_profile, uniform_hardware
+from cost_fixtures import synthetic_profile, uniform_hardware
 
 from galvatron_fx.cost.hardware import CommFit, HardwareProfile
 from galvatron_fx.cost.model import CostModel

@@ -5,7 +5,7 @@ import dataclasses
 import functools
 
 import pytest
-from test_cost_model import per_sample, synthetic_profile, uniform_hardware
+from cost_fixtures import per_sample, synthetic_profile, uniform_hardware
 
 from galvatron_fx.cli import main
 from galvatron_fx.cost.in_place_profiler import measure_in_place, running_mean, tp_degrees
